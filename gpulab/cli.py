@@ -1,0 +1,160 @@
+"""The ``gpulab`` command: ``gpulab up`` runs the platform, ``gpulab config show`` prints its config."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from traitlets.config import Config
+
+from .config import config_path, effective_config, instances, load_config
+from .errors import ConfigError
+from .net import port_in_use
+
+CONFIG_TEMPLATE = '''\
+# gpulab configuration: one file for the hub, the services and the server extension.
+# Every setting and its default: `gpulab config show`.  Examples:
+#
+# c.Platform.port = 8000
+# c.Login.method = "oidc"
+# c.OIDC.issuer = "https://idp.example.org/realms/ml"
+# c.OIDC.client_id = "gpulab"
+# c.OIDC.client_secret_file = "/etc/gpulab/oidc-client-secret"   # mode 0600
+# c.OIDC.allowed_groups = {"ml"}
+# c.OIDC.admin_groups = {"ml-admins"}
+# c.Roles.group_roles = {"ml-gpu": ["gpulab-gpu"], "ml-deploy": ["gpulab-deployer"]}
+'''
+
+
+def hub_config_file() -> Path:
+    """``jupyterhub_config.py``: inside the installed package, or the checkout's ``hub_config/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "hub_config" / "jupyterhub_config.py", here.parent / "hub_config" / "jupyterhub_config.py"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError("jupyterhub_config.py not found: reinstall gpulab")
+
+
+def _overrides(args) -> dict:
+    platform = {}
+    if args.ip:
+        platform["ip"] = args.ip
+    if args.port:
+        platform["port"] = args.port
+    if args.data_dir:
+        platform["data_dir"] = str(Path(args.data_dir).expanduser().resolve())
+    return {"Platform": platform} if platform else {}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, started: float, message: str) -> None:
+    """Print ``message`` once the hub answers at ``url``."""
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                print(f"gpulab: up in {time.monotonic() - started:.1f}s. {message}", flush=True)
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
+def _stop_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, whatever is left in the hub's process group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def up(args) -> int:
+    """Start the platform in the foreground; SIGINT/SIGTERM stop everything it started."""
+    from .hub_config import configure
+
+    started = time.monotonic()
+    overrides = _overrides(args)
+    if overrides:
+        os.environ["GPULAB_CONFIG_OVERRIDES"] = json.dumps(overrides)
+    if args.data_dir:
+        os.environ["GPULAB_DATA_DIR"] = overrides["Platform"]["data_dir"]
+    path = config_path()
+    platform = instances(load_config(path))["Platform"]
+    data_dir = Path(platform.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists() and not os.environ.get("GPULAB_CONFIG"):
+        path.write_text(CONFIG_TEMPLATE)
+    os.environ["GPULAB_CONFIG"] = str(path)
+    if port_in_use(platform.ip, platform.port):
+        raise ConfigError(f"Platform.port: {platform.ip}:{platform.port} is already in use (choose another with --port)")
+
+    admin_file = data_dir / "secrets" / "admin-password"
+    first_run = not admin_file.exists()
+    configure(Config(), path)  # validates everything; creates secrets and the proxy on first run
+    login = instances(load_config(path))["Login"]
+    if login.method == "password":
+        if first_run:
+            print(f"gpulab: admin password (also in {admin_file}): {admin_file.read_text().strip()}", flush=True)
+        message = f"Sign in at {platform.public_url} as {', '.join(sorted(login.admin_users))} (password in {admin_file})."
+    else:
+        message = f"Sign in at {platform.public_url}."
+
+    hub_dir = data_dir / "hub"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterhub", "-f", str(hub_config_file())],
+        cwd=hub_dir,
+        start_new_session=True,
+    )
+
+    def forward(signum, _frame):
+        proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    health = f"http://{platform.ip}:{platform.port}/hub/health"
+    threading.Thread(target=_wait_ready, args=(health, proc, started, message), daemon=True).start()
+    code = proc.wait()
+    _stop_group(proc.pid)
+    return 0 if code in (0, -signal.SIGTERM) else code
+
+
+def config_show(_args) -> int:
+    """Print the effective configuration, secrets redacted."""
+    path = config_path()
+    print(f"# {path}{'' if path.exists() else ' (absent: defaults)'}")
+    print(json.dumps(effective_config(load_config(path)), indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gpulab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the platform in the foreground")
+    p_up.add_argument("--ip", help="address to listen on (default 127.0.0.1)")
+    p_up.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p_up.add_argument("--data-dir", help="where the platform keeps its state")
+    p_up.set_defaults(func=up)
+    p_config = sub.add_parser("config", help="configuration")
+    config_sub = p_config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("show", help="print the effective config, secrets redacted").set_defaults(func=config_show)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"gpulab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The one traitlets configuration file, ``gpulab_config.py``, read by hub, services and extension.
+
+Its path comes from ``$GPULAB_CONFIG`` (default ``<data dir>/gpulab_config.py``).
+``gpulab up`` passes command-line overrides in ``$GPULAB_CONFIG_OVERRIDES`` (JSON),
+applied on top of the file.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from traitlets import Bool, CaselessStrEnum, Dict, Integer, List, Set, Unicode, default
+from traitlets.config import Config, Configurable
+from traitlets.config.loader import PyFileConfigLoader
+
+from .errors import ConfigError
+
+DEFAULT_DATA_DIR = "~/.local/share/gpulab"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("GPULAB_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+
+
+class Platform(Configurable):
+    """Where the platform runs and keeps its state."""
+
+    data_dir = Unicode(help="Directory for all platform state (hub DB, user homes, secrets).").tag(config=True)
+    ip = Unicode("127.0.0.1", help="Address the public proxy listens on.").tag(config=True)
+    port = Integer(8000, help="Port the public proxy listens on.").tag(config=True)
+    public_url = Unicode(
+        help="URL users reach the hub at (default http://<ip>:<port>); used for OAuth callbacks."
+    ).tag(config=True)
+    proxy_command = List(
+        Unicode(),
+        help="configurable-http-proxy command; default: found on PATH or installed into the data dir.",
+    ).tag(config=True)
+    services = List(
+        Dict(),
+        help="Extra hub-managed services, as JupyterHub service dicts. "
+        "A service with 'command' and no 'url' gets a free port on 127.0.0.1.",
+    ).tag(config=True)
+    event_subscribers = List(
+        Unicode(),
+        help="Names of hub-managed services that receive user lifecycle events at <service url>/services/<name>/events.",
+    ).tag(config=True)
+
+    @default("data_dir")
+    def _default_data_dir(self):
+        return str(default_data_dir())
+
+    @default("public_url")
+    def _default_public_url(self):
+        return f"http://{self.ip}:{self.port}"
+
+
+class Login(Configurable):
+    """How users sign in."""
+
+    method = CaselessStrEnum(
+        ["password", "oidc"],
+        default_value="password",
+        help="'password': built-in shared-password login (embedded default); 'oidc': an OpenID Connect provider.",
+    ).tag(config=True)
+    admin_users = Set(Unicode(), {"admin"}, help="Hub admins (password login).").tag(config=True)
+    user_password_file = Unicode(
+        help="0600 file with the shared password for non-admin users (password login); generated if unset."
+    ).tag(config=True)
+
+
+class OIDC(Configurable):
+    """An OpenID Connect identity provider (used when ``Login.method = 'oidc'``)."""
+
+    issuer = Unicode(help="Issuer URL; endpoints come from <issuer>/.well-known/openid-configuration.").tag(
+        config=True
+    )
+    authorize_url = Unicode(help="Override the discovered authorization endpoint.").tag(config=True)
+    token_url = Unicode(help="Override the discovered token endpoint.").tag(config=True)
+    userdata_url = Unicode(help="Override the discovered userinfo endpoint.").tag(config=True)
+    client_id = Unicode(help="OAuth client id of the hub at the provider.").tag(config=True)
+    client_secret_file = Unicode(
+        help="0600 file holding the client secret (else $GPULAB_OIDC_CLIENT_SECRET)."
+    ).tag(config=True)
+    scope = List(Unicode(), ["openid", "profile", "email", "groups"]).tag(config=True)
+    username_claim = Unicode("preferred_username").tag(config=True)
+    groups_claim = Unicode("groups", help="Userinfo claim holding the user's groups.").tag(config=True)
+    allowed_groups = Set(Unicode(), help="Only members of these groups may sign in.").tag(config=True)
+    admin_groups = Set(Unicode(), help="Members of these groups are hub and gpulab admins.").tag(config=True)
+    allow_all = Bool(False, help="Let every user the provider authenticates sign in.").tag(config=True)
+
+
+class Roles(Configurable):
+    """Which gpulab roles users get."""
+
+    everyone = List(Unicode(), ["gpulab-user"], help="Roles every signed-in user holds.").tag(config=True)
+    group_roles = Dict(
+        value_trait=List(Unicode()),
+        key_trait=Unicode(),
+        help="Hub (IdP) group name -> gpulab role names, e.g. {'ml-gpu': ['gpulab-user', 'gpulab-gpu']}.",
+    ).tag(config=True)
+    extra_roles = List(
+        Dict(), help="Additional JupyterHub roles ({'name', 'scopes', 'groups'?, 'users'?})."
+    ).tag(config=True)
+
+
+CONFIGURABLES = [Platform, Login, OIDC, Roles]
+SECRET_NAME_PARTS = ("secret", "password", "token", "key")
+
+
+def config_path() -> Path:
+    """The config file in force."""
+    env = os.environ.get("GPULAB_CONFIG")
+    return Path(env).expanduser() if env else default_data_dir() / "gpulab_config.py"
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load ``gpulab_config.py`` (absent file = defaults) plus ``$GPULAB_CONFIG_OVERRIDES``."""
+    path = Path(path) if path else config_path()
+    cfg = Config()
+    if path.exists():
+        loader = PyFileConfigLoader(path.name, str(path.parent))
+        try:
+            cfg.merge(loader.load_config())
+        except Exception as e:  # a user's Python file: any error is a config error
+            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    overrides = os.environ.get("GPULAB_CONFIG_OVERRIDES")
+    if overrides:
+        cfg.merge(Config(json.loads(overrides)))
+    return cfg
+
+
+def instances(cfg: Config) -> dict[str, Configurable]:
+    """One instance of each gpulab configurable, keyed by class name."""
+    out = {}
+    for cls in CONFIGURABLES:
+        try:
+            out[cls.__name__] = cls(config=cfg)
+        except Exception as e:
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+    return out
+
+
+def _redact(name: str, value):
+    if isinstance(value, dict):
+        return {k: _redact(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(name, v) for v in value]
+    lowered = name.lower()
+    if value and any(p in lowered for p in SECRET_NAME_PARTS) and not lowered.endswith("_file"):
+        return "<redacted>"
+    return value
+
+
+def effective_config(cfg: Config, extra: list[type[Configurable]] = ()) -> dict:
+    """Every setting of every gpulab configurable, with secret values redacted."""
+    out = {}
+    for cls in [*CONFIGURABLES, *extra]:
+        obj = cls(config=cfg)
+        values = {}
+        for name in sorted(obj.class_trait_names(config=True)):
+            value = getattr(obj, name)
+            if isinstance(value, set):
+                value = sorted(value)
+            values[name] = _redact(name, value)
+        out[cls.__name__] = values
+    return out

@@ -1,0 +1,131 @@
+"""Build JupyterHub's configuration from ``gpulab_config.py``.
+
+``hub_config/jupyterhub_config.py`` calls :func:`configure` with the hub's ``c``.
+"""
+
+import secrets as _random
+import sys
+from pathlib import Path
+
+from jupyterhub.spawner import SimpleLocalProcessSpawner
+
+from .. import scopes
+from ..config import config_path, instances, load_config
+from ..errors import ConfigError
+from ..net import free_port
+from ..secrets import read_secret_file, secret_from, write_secret_file
+from ..tracing import setup_tracing
+from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
+from .oidc import discover
+from .proxy import proxy_command
+from .roles import load_roles
+from .services import managed_services
+
+AUTHORIZER = "gpulab.server_extension.authorizer.GpulabAuthorizer"
+
+
+def _persistent_secret(path: Path, nbytes: int = 32) -> str:
+    """A random secret kept in a 0600 file under the data dir, created on first use."""
+    if path.exists():
+        return read_secret_file(path, str(path)).reveal()
+    value = _random.token_urlsafe(nbytes)
+    write_secret_file(path, value)
+    return value
+
+
+def _configure_password_login(c, login, data_dir: Path) -> None:
+    c.JupyterHub.authenticator_class = GpulabPasswordAuthenticator
+    c.Authenticator.admin_users = set(login.admin_users)
+    c.SharedPasswordAuthenticator.admin_password = _persistent_secret(data_dir / "secrets" / "admin-password")
+    if login.user_password_file:
+        user_password = read_secret_file(login.user_password_file, "Login.user_password_file").reveal()
+    else:
+        user_password = _persistent_secret(data_dir / "secrets" / "user-password", 12)
+    c.SharedPasswordAuthenticator.user_password = user_password
+    c.Authenticator.allow_all = True
+
+
+def _configure_oidc_login(c, oidc, platform) -> None:
+    if not oidc.client_id:
+        raise ConfigError("OIDC.client_id is not set")
+    secret = secret_from(oidc.client_secret_file, "GPULAB_OIDC_CLIENT_SECRET", "OIDC.client_secret_file")
+    if secret is None:
+        raise ConfigError("OIDC.client_secret_file is not set (nor $GPULAB_OIDC_CLIENT_SECRET)")
+    if not (oidc.allowed_groups or oidc.allow_all):
+        raise ConfigError("OIDC: set OIDC.allowed_groups, or OIDC.allow_all = True to admit every user")
+    endpoints = discover(oidc)
+    c.JupyterHub.authenticator_class = GpulabOIDCAuthenticator
+    g = c.GenericOAuthenticator
+    g.client_id = oidc.client_id
+    g.client_secret = secret.reveal()
+    g.oauth_callback_url = platform.public_url.rstrip("/") + "/hub/oauth_callback"
+    g.authorize_url = endpoints["authorization_endpoint"]
+    g.token_url = endpoints["token_endpoint"]
+    g.userdata_url = endpoints["userinfo_endpoint"]
+    g.scope = list(oidc.scope)
+    g.username_claim = oidc.username_claim
+    g.login_service = "your organisation"
+    g.manage_groups = True
+    g.auth_state_groups_key = f"oauth_user.{oidc.groups_claim}"
+    g.allowed_groups = set(oidc.allowed_groups)
+    g.admin_groups = set(oidc.admin_groups)
+    g.allow_all = oidc.allow_all
+
+
+def configure(c, config_file: Path | None = None) -> None:
+    """Fill the hub's config ``c`` from gpulab's config."""
+    cfg = load_config(config_file)
+    conf = instances(cfg)
+    platform, login, oidc, roles_cfg = conf["Platform"], conf["Login"], conf["OIDC"], conf["Roles"]
+    data_dir = Path(platform.data_dir).expanduser().resolve()
+    hub_dir = data_dir / "hub"
+    hub_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    setup_tracing("gpulab-hub")
+
+    j = c.JupyterHub
+    j.ip, j.port = platform.ip, platform.port
+    j.hub_ip = "127.0.0.1"
+    j.hub_port = free_port()
+    j.db_url = f"sqlite:///{hub_dir / 'jupyterhub.sqlite'}"
+    j.cookie_secret_file = str(hub_dir / "jupyterhub_cookie_secret")
+    j.pid_file = str(hub_dir / "jupyterhub.pid")
+    j.custom_scopes = scopes.CUSTOM_SCOPES
+    c.ConfigurableHTTPProxy.command = proxy_command(platform.proxy_command, data_dir)
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{free_port()}"
+    c.ConfigurableHTTPProxy.auth_token = _persistent_secret(hub_dir / "proxy-token")
+    c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
+
+    if login.method == "oidc":
+        _configure_oidc_login(c, oidc, platform)
+        admin_users, admin_groups = set(), set(oidc.admin_groups)
+    else:
+        _configure_password_login(c, login, data_dir)
+        admin_users, admin_groups = set(login.admin_users), set()
+    j.load_roles = load_roles(roles_cfg, admin_users, admin_groups)
+
+    services = managed_services(
+        platform, data_dir, lambda name: _persistent_secret(hub_dir / "services" / f"{name}.token")
+    )
+    j.services = services
+    by_name = {s["name"]: s for s in services}
+    missing = [n for n in platform.event_subscribers if n not in by_name]
+    if missing:
+        raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")
+    c.UserEventsMixin.events_url = f"sqlite:///{hub_dir / 'events.sqlite'}"
+    c.UserEventsMixin.event_subscribers = [
+        {"name": n, "url": by_name[n]["url"].rstrip("/") + f"/services/{n}/events", "token": by_name[n]["api_token"]}
+        for n in platform.event_subscribers
+    ]
+
+    s = c.Spawner
+    j.spawner_class = SimpleLocalProcessSpawner
+    c.SimpleLocalProcessSpawner.home_dir_template = str(data_dir / "users" / "{username}")
+    s.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
+    s.args = [f"--ServerApp.authorizer_class={AUTHORIZER}"]
+    s.default_url = "/lab"
+    s.http_timeout = 60
+    s.environment = {"GPULAB_CONFIG": str(Path(config_file) if config_file else config_path())}
+    service_access = [f"access:services!service={s['name']}" for s in services]
+    s.server_token_scopes = ["users:activity!user", "access:servers!server", *scopes.ALL, *service_access]
+    s.oauth_client_allowed_scopes = [*scopes.ALL, *service_access]
+

@@ -1,0 +1,41 @@
+"""gpulab's custom JupyterHub scopes and the roles that bundle them."""
+
+JOBS = "custom:gpulab:jobs"
+GPU = "custom:gpulab:gpu"
+DEPLOY = "custom:gpulab:deploy"
+INFER = "custom:gpulab:infer"
+ATTEST = "custom:gpulab:attest"
+ADMIN = "custom:gpulab:admin"
+
+CUSTOM_SCOPES = {
+    JOBS: {"description": "Submit and manage your own training jobs."},
+    GPU: {"description": "Request GPUs for jobs."},
+    DEPLOY: {"description": "Deploy, load and unload models on Triton."},
+    INFER: {"description": "Call deployed models."},
+    ATTEST: {"description": "Request nonces and verify GPU attestation."},
+    ADMIN: {
+        "description": "Administer gpulab: every user's jobs, quotas and models.",
+        "subscopes": [JOBS, GPU, DEPLOY, INFER, ATTEST],
+    },
+}
+ALL = tuple(CUSTOM_SCOPES)
+
+ROLES = {
+    "gpulab-user": [JOBS, INFER, ATTEST],
+    "gpulab-gpu": [GPU],
+    "gpulab-deployer": [DEPLOY],
+    "gpulab-admin": [ADMIN],
+}
+
+
+def expand(scopes) -> set[str]:
+    """Scopes plus the gpulab subscopes they imply."""
+    out = set(scopes)
+    for scope in scopes:
+        out.update(CUSTOM_SCOPES.get(scope, {}).get("subscopes", ()))
+    return out
+
+
+def gpulab_scopes(scopes) -> list[str]:
+    """The gpulab custom scopes among ``scopes`` (expanded, sorted)."""
+    return sorted(s for s in expand(scopes) if s in CUSTOM_SCOPES)

@@ -1,0 +1,70 @@
+"""REST handlers of the gpulab server extension, under ``/gpulab/api/v1/``."""
+
+import json
+
+from jupyter_server.base.handlers import APIHandler
+from opentelemetry import trace
+from tornado import web
+
+from .. import tracing
+from .authorizer import RESOURCE_SCOPES, user_scopes
+
+API_PREFIX = "gpulab/api/v1"
+
+
+class GpulabHandler(APIHandler):
+    """Base: traced, authenticated (401), scope-checked (403), errors as ``{"error": {...}}``."""
+
+    auth_resource = "gpulab"
+
+    async def prepare(self):
+        self._span = tracing.tracer("gpulab.server_extension").start_span(
+            f"{self.request.method} {self.request.path}",
+            context=tracing.extract(self.request.headers),
+            kind=trace.SpanKind.SERVER,
+        )
+        await super().prepare()
+        if self.current_user is None:
+            raise web.HTTPError(401, "authentication required: sign in or send 'Authorization: token <hub token>'")
+        action = "read" if self.request.method in ("GET", "HEAD") else "write"
+        if not self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource):
+            needed = " or ".join(RESOURCE_SCOPES.get(self.auth_resource, ("an unknown scope",)))
+            raise web.HTTPError(403, f"this needs the {needed} scope, which {self.current_user.username} lacks")
+
+    def on_finish(self):
+        span = getattr(self, "_span", None)
+        if span is not None:
+            span.set_attribute("http.status_code", self.get_status())
+            span.end()
+        super().on_finish()
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        if status_code >= 500:
+            message = "internal error; see the server log"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"code": status_code, "message": message, "field": getattr(exc, "field", None)}}))
+
+
+class WhoAmIHandler(GpulabHandler):
+    """The signed-in user and the gpulab scopes this request carries."""
+
+    @web.authenticated
+    def get(self):
+        user = self.current_user
+        hub_user = getattr(user, "hub_user", None) or {}
+        self.finish(
+            {
+                "name": user.username,
+                "admin": bool(hub_user.get("admin", False)),
+                "groups": sorted(hub_user.get("groups") or []),
+                "scopes": user_scopes(user),
+            }
+        )
+
+
+def handlers(base_url: str) -> list:
+    """Route table, joined to the server's base URL."""
+    prefix = base_url.rstrip("/") + "/" + API_PREFIX
+    return [(prefix + "/whoami", WhoAmIHandler)]

@@ -1,0 +1,130 @@
+"""Run a real gpulab platform (`gpulab up`: hub + proxy + services) for tests, and talk to it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from gpulab.net import free_port
+
+TEST_ADMIN_SERVICE = "test-admin"
+
+
+class Platform:
+    """A `gpulab up` subprocess on its own loopback host and a free port; stopped by PID."""
+
+    def __init__(self, data_dir: Path, host: str, config: str = "", admin_token: str | None = None):
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.admin_token = admin_token or os.urandom(16).hex()
+        self.config_file = self.data_dir / "gpulab_config.py"
+        self.log_path = self.data_dir / "gpulab-up.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(
+            f"""
+c.Platform.services = [{{"name": "{TEST_ADMIN_SERVICE}", "api_token": "{self.admin_token}"}}]
+c.Roles.extra_roles = [{{
+    "name": "{TEST_ADMIN_SERVICE}",
+    "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens", "read:roles"],
+    "services": ["{TEST_ADMIN_SERVICE}"],
+}}]
+"""
+            + config
+        )
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["GPULAB_CONFIG"] = str(self.config_file)
+        env.pop("GPULAB_CONFIG_OVERRIDES", None)
+        return env
+
+    def start(self, timeout: float = 60) -> "Platform":
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpulab", "up", "--ip", self.host, "--port", str(self.port),
+             "--data-dir", str(self.data_dir)],
+            env=self.env(),
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gpulab up exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/hub/login", timeout=2).status_code == 200:
+                    self.startup_seconds = time.monotonic() - started
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"gpulab up did not answer in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 40) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc and self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    # --- hub API -----------------------------------------------------------------
+    def api(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        headers["Authorization"] = f"token {token or self.admin_token}"
+        if method in ("POST", "PUT", "PATCH") and "json" not in kwargs and "data" not in kwargs:
+            kwargs["json"] = {}
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs)
+
+    def create_user(self, name: str, groups=()) -> None:
+        r = self.api("POST", f"/users/{name}")
+        assert r.status_code in (201, 409), r.text
+        for group in groups:
+            self.api("POST", f"/groups/{group}")
+            r = self.api("POST", f"/groups/{group}/users", json={"users": [name]})
+            assert r.status_code == 200, r.text
+
+    def token(self, user: str, scopes: list[str] | None = None) -> str:
+        body = {"note": "test"}
+        if scopes is not None:
+            body["scopes"] = scopes
+        r = self.api("POST", f"/users/{user}/tokens", json=body)
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    def spawn(self, user: str, timeout: float = 90) -> str:
+        """Start the user's server; return its URL once it answers."""
+        r = self.api("POST", f"/users/{user}/server")
+        assert r.status_code in (201, 202, 400), r.text
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            model = self.api("GET", f"/users/{user}").json()
+            server = model.get("servers", {}).get("", {})
+            if server.get("ready"):
+                return f"{self.url}/user/{user}/"
+            time.sleep(0.3)
+        raise RuntimeError(f"server for {user} not ready in {timeout}s:\n{self.log_tail()}")
+
+
