@@ -3,6 +3,7 @@
 ``hub_config/jupyterhub_config.py`` calls :func:`configure` with the hub's ``c``.
 """
 
+import os
 import secrets as _random
 import sys
 from pathlib import Path
@@ -122,6 +123,8 @@ def configure(c, config_file: Path | None = None) -> None:
     c.SimpleLocalProcessSpawner.home_dir_template = str(data_dir / "users" / "{username}")
     s.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
     s.args = [f"--ServerApp.authorizer_class={AUTHORIZER}"]
+    if os.geteuid() == 0:  # containers and CI run as root
+        s.args.append("--allow-root")
     s.default_url = "/lab"
     s.http_timeout = 60
     s.environment = {"GPULAB_CONFIG": str(Path(config_file) if config_file else config_path())}

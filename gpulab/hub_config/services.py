@@ -21,6 +21,7 @@ def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
         if service.get("command") and not service.get("url"):
             service["url"] = f"http://127.0.0.1:{free_port()}"
         service.setdefault("api_token", token_for(name))
-        service.setdefault("oauth_no_confirm", True)
+        if service.get("url"):
+            service.setdefault("oauth_no_confirm", True)
         out.append(service)
     return out

@@ -1,0 +1,63 @@
+"""`gpulab up` end to end: the embedded default starts, a user signs in and spawns, and it all stops."""
+
+import signal
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.support.login import api_session_token, password_login, wait_for_lab
+from tests.support.platform import Platform
+
+
+@pytest.fixture
+def platform(tmp_path):
+    p = Platform(tmp_path / "data", host="127.0.0.4").start()
+    yield p
+    p.stop()
+
+
+def test_up_login_spawn_whoami_and_clean_stop(platform):
+    print(f"startup to login page: {platform.startup_seconds:.1f}s")
+    password_file = platform.data_dir / "secrets" / "admin-password"
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    password = password_file.read_text().strip()
+    assert len(password) >= 32
+    assert password in platform.log_tail(200)  # printed once, on first start
+
+    with pytest.raises(PermissionError):
+        password_login(platform.url, "admin", "not-the-password")
+    t0 = time.monotonic()
+    session = password_login(platform.url, "admin", password)
+    wait_for_lab(session, platform.url, "admin")
+    print(f"login + spawn to JupyterLab: {time.monotonic() - t0:.1f}s")
+
+    token = api_session_token(session, platform.url, "admin")
+    r = requests.get(f"{platform.url}/user/admin/gpulab/api/v1/whoami",
+                     headers={"Authorization": f"token {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["name"] == "admin" and body["admin"] is True
+    assert "custom:gpulab:admin" in body["scopes"] and "custom:gpulab:jobs" in body["scopes"]
+
+    started = platform.descendants()
+    names = " ".join(" ".join(p.cmdline()) for p in started)
+    assert "jupyterhub" in names and "configurable-http-proxy" in names and "singleuser" in names
+    assert platform.stop() == 0
+    time.sleep(0.5)
+    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running: {[p.cmdline() for p in left]}"
+
+
+def test_second_start_reuses_password_without_printing_it(tmp_path):
+    first = Platform(tmp_path / "data", host="127.0.0.4").start()
+    first.stop()
+    password = (first.data_dir / "secrets" / "admin-password").read_text().strip()
+    first.log_path.unlink()
+    second = Platform(tmp_path / "data", host="127.0.0.4", admin_token=first.admin_token).start()
+    try:
+        assert password not in second.log_tail(400)
+        password_login(second.url, "admin", password)
+    finally:
+        assert second.stop() in (0, -signal.SIGTERM)
