@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.support.login import api_session_token, password_login, wait_for_lab
-from tests.support.platform import Platform
+from tests.support.gpulab_up import Platform
 
 
 @pytest.fixture

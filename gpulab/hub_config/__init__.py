@@ -22,6 +22,10 @@ from .proxy import proxy_command
 from .roles import load_roles
 from .services import managed_services
 
+NOT_ALLOWED_MESSAGE = (
+    "You signed in, but your account is not in a group allowed to use gpulab. "
+    "Ask your gpulab administrator for access."
+)
 AUTHORIZER = "gpulab.server_extension.authorizer.GpulabAuthorizer"
 
 
@@ -71,6 +75,7 @@ def _configure_oidc_login(c, oidc, platform) -> None:
     g.allowed_groups = set(oidc.allowed_groups)
     g.admin_groups = set(oidc.admin_groups)
     g.allow_all = oidc.allow_all
+    g.custom_403_message = NOT_ALLOWED_MESSAGE
 
 
 def configure(c, config_file: Path | None = None) -> None:
@@ -131,4 +136,7 @@ def configure(c, config_file: Path | None = None) -> None:
     service_access = [f"access:services!service={s['name']}" for s in services]
     s.server_token_scopes = ["users:activity!user", "access:servers!server", *scopes.ALL, *service_access]
     s.oauth_client_allowed_scopes = [*scopes.ALL, *service_access]
+    # gpulab's own sections (Roles, ...) for hub-side code, and any JupyterHub/Spawner/... settings
+    # the admin wrote in gpulab_config.py, which win over the ones above
+    c.merge(cfg)
 

@@ -10,6 +10,7 @@ from traitlets import Dict, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..config import Roles
+from ..events import make_engine
 from ..events.delivery import Deliverer
 from ..events.outbox import UserEvents
 from .roles import roles_for
@@ -38,7 +39,7 @@ class UserEventsMixin(LoggingConfigurable):
         self.events = UserEvents(url=self.events_url, parent=self)
         for sub in self.event_subscribers:
             self.events.add_subscriber(sub["name"], sub["url"], sub["token"])
-        self._engine = sa.create_engine(self.events_url)
+        self._engine = make_engine(self.events_url)
         _metadata.create_all(self._engine)
         self._roles_cfg = Roles(parent=self)
         self.deliverer = Deliverer(self.events)
@@ -48,7 +49,7 @@ class UserEventsMixin(LoggingConfigurable):
             return  # not inside the hub (e.g. config checks)
         self.deliverer.start()
 
-    def _sync(self, name: str, groups, admin: bool) -> None:
+    def _sync(self, name: str, groups, admin: bool, create_only: bool = False) -> None:
         state = {
             "groups": sorted(groups),
             "roles": roles_for(groups, admin, self._roles_cfg),
@@ -56,7 +57,7 @@ class UserEventsMixin(LoggingConfigurable):
         }
         with self._engine.begin() as conn:
             row = conn.execute(sa.select(known_users.c.state).where(known_users.c.name == name)).first()
-            if row and json.loads(row.state) == state:
+            if row and (create_only or json.loads(row.state) == state):
                 return
             kind = "user.updated" if row else "user.created"
             self.events.emit(kind, name, **state)
@@ -81,8 +82,10 @@ class UserEventsMixin(LoggingConfigurable):
         return authentication
 
     def add_user(self, user):
+        # also called for every user at hub start, and mid-login before groups are synced:
+        # only a user gpulab has never seen is news here
         super().add_user(user)
-        self._sync(user.name, [g.name for g in user.groups], user.admin)
+        self._sync(user.name, [g.name for g in user.groups], user.admin, create_only=True)
 
     def delete_user(self, user):
         super().delete_user(user)

@@ -1,6 +1,5 @@
 """Run a real gpulab platform (`gpulab up`: hub + proxy + services) for tests, and talk to it."""
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ TEST_ADMIN_SERVICE = "test-admin"
 class Platform:
     """A `gpulab up` subprocess on its own loopback host and a free port; stopped by PID."""
 
-    def __init__(self, data_dir: Path, host: str, config: str = "", admin_token: str | None = None):
+    def __init__(self, data_dir: Path, host: str, admin_token: str | None = None):
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = free_port(host)
@@ -27,20 +26,21 @@ class Platform:
         self.admin_token = admin_token or os.urandom(16).hex()
         self.config_file = self.data_dir / "gpulab_config.py"
         self.log_path = self.data_dir / "gpulab-up.log"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(
-            f"""
-c.Platform.services = [{{"name": "{TEST_ADMIN_SERVICE}", "api_token": "{self.admin_token}"}}]
-c.Roles.extra_roles = [{{
-    "name": "{TEST_ADMIN_SERVICE}",
-    "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens", "read:roles"],
-    "services": ["{TEST_ADMIN_SERVICE}"],
-}}]
-"""
-            + config
-        )
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+
+    def write_config(self, config: str = "", services: list[dict] = ()) -> None:
+        """gpulab_config.py: an admin service for the tests' API calls, extra services, then ``config``."""
+        admin = {"name": TEST_ADMIN_SERVICE, "api_token": self.admin_token}
+        role = {
+            "name": TEST_ADMIN_SERVICE,
+            "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens", "read:roles"],
+            "services": [TEST_ADMIN_SERVICE],
+        }
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(
+            f"c.Platform.services = {[admin, *services]!r}\nc.Roles.extra_roles = {[role]!r}\n{config}\n"
+        )
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -48,7 +48,8 @@ c.Roles.extra_roles = [{{
         env.pop("GPULAB_CONFIG_OVERRIDES", None)
         return env
 
-    def start(self, timeout: float = 60) -> "Platform":
+    def start(self, config: str = "", services: list[dict] = (), timeout: float = 60) -> "Platform":
+        self.write_config(config, services)
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpulab", "up", "--ip", self.host, "--port", str(self.port),
@@ -127,4 +128,12 @@ c.Roles.extra_roles = [{{
             time.sleep(0.3)
         raise RuntimeError(f"server for {user} not ready in {timeout}s:\n{self.log_tail()}")
 
-
+    def stop_server(self, user: str, timeout: float = 60) -> None:
+        """Stop the user's server and wait until the hub has let go of it."""
+        self.api("DELETE", f"/users/{user}/server")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.api("GET", f"/users/{user}").json().get("servers"):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"server for {user} still active after {timeout}s")
