@@ -25,6 +25,7 @@ USERS = {  # name: groups at the provider
     "carol": ["ml", "ml-admins"],
     "dave": ["sales"],
     "erin": ["ml"],
+    "frank": ["ml"],
 }
 PASSWORD = "correct horse battery"
 
@@ -172,3 +173,28 @@ def test_group_change_at_provider_updates_hub_and_emits_event(stack):
     assert hub.api("DELETE", "/users/erin").status_code == 204
     events = received_events(events_db, "erin", count=3)
     assert [e["type"] for e in events] == ["user.created", "user.updated", "user.deleted"]
+
+
+@pytest.mark.browser
+def test_browser_sign_in_lands_in_lab_and_runs_a_cell(stack, output_dir):
+    from tests.support.browser import chromium_page
+
+    hub, idp, _ = stack
+    with chromium_page() as page:
+        try:
+            page.goto(hub.url)
+            page.wait_for_url(f"{idp.url}/accounts/login/**", timeout=30_000)  # redirected to the provider
+            page.fill("input[name=username]", "frank")
+            page.fill("input[name=password]", PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{hub.url}/user/frank/lab**", timeout=90_000)
+            page.locator(".jp-LauncherCard[data-category='Notebook']").first.click(timeout=60_000)
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
+            page.locator(".jp-Cell .cm-content").first.click()
+            page.keyboard.type("import os; print('user is', os.environ['JUPYTERHUB_USER'])")
+            page.keyboard.press("Shift+Enter")
+            page.locator(".jp-OutputArea-output", has_text="user is frank").wait_for(timeout=60_000)
+        except Exception:
+            page.screenshot(path=str(output_dir / "oidc-login-failure.png"))
+            raise AssertionError(f"browser stopped at {page.url}")
+        page.screenshot(path=str(output_dir / "oidc-login-lab.png"))

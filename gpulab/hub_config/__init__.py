@@ -70,6 +70,7 @@ def _configure_oidc_login(c, oidc, platform) -> None:
     g.scope = list(oidc.scope)
     g.username_claim = oidc.username_claim
     g.login_service = "your organisation"
+    g.auto_login = True  # the hub's login page sends users straight to the provider
     g.manage_groups = True
     g.auth_state_groups_key = f"oauth_user.{oidc.groups_claim}"
     g.allowed_groups = set(oidc.allowed_groups)

@@ -1,0 +1,1 @@
+"""Hub-managed services: the training job queue, MLflow tracking, the inference gateway."""

@@ -1,0 +1,1 @@
+"""``gpulab-jobs``: a persistent, quota- and GPU-aware training job queue behind JupyterHub."""

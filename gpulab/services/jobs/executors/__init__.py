@@ -1,0 +1,1 @@
+"""Executors run dispatched jobs: ``local`` (subprocesses) or ``ray`` (a Ray cluster)."""

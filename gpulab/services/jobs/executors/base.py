@@ -1,0 +1,86 @@
+"""What the job queue needs from an executor."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from traitlets.config import LoggingConfigurable
+
+
+@dataclass
+class PoolCapacity:
+    """Total resources a pool offers (free = total minus what the queue has dispatched)."""
+
+    gpus: int
+    cpus: float
+    memory: int | None = None  # bytes; None = not limited
+
+
+@dataclass
+class Launch:
+    """One dispatched attempt of a job, as the queue hands it to an executor."""
+
+    job_id: str
+    attempt: int
+    owner: str
+    argv: list[str]
+    working_dir: str
+    env: dict[str, str]
+    gpus: int
+    cpus: float
+    memory: int | None
+    pool: str
+    log_path: Path  # the attempt's log file, in the job's directory
+    gpu_ids: list[int] = field(default_factory=list)  # chosen by the queue where the executor owns GPUs
+
+
+@dataclass
+class Handle:
+    """How to find a running attempt again, also after a service restart (stored with the job)."""
+
+    executor: str
+    ref: str  # local: "<pid>:<process start time>"; ray: the submission id
+    gpu_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """Where an attempt stands."""
+
+    state: str  # "running" | "succeeded" | "failed" | "lost"
+    exit_code: int | None = None
+    reason: str = ""
+    retryable: bool = False  # a failure of the platform (node lost, executor error), not of the job's code
+
+
+class ExecutorUnavailable(Exception):
+    """The executor's backend cannot be reached; the queue keeps jobs queued and shows this message."""
+
+
+class Executor(LoggingConfigurable):
+    """Base class; subclasses are chosen by ``c.JobQueue.executor_class``."""
+
+    name = "base"
+    owns_gpu_ids = False  # True: the queue picks GPU ids (local); False: the backend does (Ray)
+
+    async def capacity(self) -> dict[str, PoolCapacity]:
+        """Capacity per pool name."""
+        raise NotImplementedError
+
+    async def start(self, launch: Launch) -> Handle:
+        """Start the attempt; return as soon as it is running (or raise ExecutorUnavailable)."""
+        raise NotImplementedError
+
+    async def poll(self, handle: Handle) -> Outcome:
+        """Current state of a started attempt (``lost`` if the executor no longer knows it)."""
+        raise NotImplementedError
+
+    async def cancel(self, handle: Handle, grace: float) -> None:
+        """Stop it: SIGTERM (or equivalent), then kill after ``grace`` seconds."""
+        raise NotImplementedError
+
+    async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the attempt's log from ``offset``."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections; running attempts keep running."""

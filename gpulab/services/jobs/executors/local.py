@@ -1,0 +1,211 @@
+"""Run attempts as local subprocesses, each in its own session (process group).
+
+Each attempt runs under a small supervisor (the group leader, ``python -I -c``) that waits
+for the job and writes its exit status to ``<state_dir>/<pid>-<start time>.exit``, so the
+outcome is known even when the attempt ends while the service is down (it is then no
+longer the service's child). The handle's ref is ``"<pid>:<start time>"``, so a recycled
+pid is never taken for the attempt.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+from traitlets import Float, Integer, Unicode, default
+
+from gpulab.config import default_data_dir
+
+from .base import Executor, Handle, Launch, Outcome, PoolCapacity
+
+_SUPERVISOR = """
+import os, signal, subprocess, sys
+import psutil
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: None)  # the whole group gets it: outlive the job, record its exit
+path = os.path.join(sys.argv[1], "%d-%.2f.exit" % (os.getpid(), psutil.Process().create_time()))
+try:
+    rc = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL).wait()
+except OSError as e:
+    print("gpulab: cannot start %r: %s" % (sys.argv[2], e), file=sys.stderr, flush=True)
+    rc = 127
+with open(path + ".tmp", "w") as f:
+    f.write(str(rc))
+os.replace(path + ".tmp", path)
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
+
+def handle_file(log_path: Path) -> Path:
+    """Where an executor records an attempt's handle before ``start`` returns (next to its log).
+
+    The queue re-attaches a ``dispatching`` job from it after a restart instead of starting
+    the attempt twice.
+    """
+    return log_path.with_suffix(".handle")
+
+
+def _ref(proc: psutil.Process) -> str:
+    return f"{proc.pid}:{proc.create_time():.2f}"
+
+
+def _alive(ref: str) -> bool:
+    """Whether the process named by ``ref`` still runs (a zombie does not)."""
+    try:
+        proc = psutil.Process(int(ref.split(":")[0]))
+        return _ref(proc) == ref and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
+
+
+def _describe(rc: int) -> str:
+    return f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+
+
+def _count_gpus() -> int:
+    try:
+        import pynvml
+    except ImportError:
+        smi = shutil.which("nvidia-smi")
+        if not smi:
+            return 0
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return sum(line.startswith("GPU ") for line in out.splitlines())
+    try:
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return 0
+
+
+class LocalExecutor(Executor):
+    """Subprocesses on this machine: one pool, GPUs assigned by the queue via ``CUDA_VISIBLE_DEVICES``."""
+
+    name = "local"
+    owns_gpu_ids = True
+
+    pool = Unicode("default", help="Name of the one pool this machine forms.").tag(config=True)
+    gpus = Integer(
+        None, allow_none=True, help="GPUs to offer (default: counted with NVML or nvidia-smi, else 0)."
+    ).tag(config=True)
+    cpus = Float(help="CPUs to offer (default: os.cpu_count()).").tag(config=True)
+    state_dir = Unicode(
+        help="Directory for the attempts' exit-status files (default <data_dir>/jobs/.local-executor)."
+    ).tag(config=True)
+
+    @default("cpus")
+    def _default_cpus(self):
+        return float(os.cpu_count() or 1)
+
+    @default("state_dir")
+    def _default_state_dir(self):
+        data_dir = getattr(self.parent, "data_dir", "") or default_data_dir()
+        return str(Path(data_dir) / "jobs" / ".local-executor")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._procs: dict[str, subprocess.Popen] = {}  # ref -> our child, to reap it
+
+    async def capacity(self) -> dict[str, PoolCapacity]:
+        if self.gpus is None:
+            self.gpus = await asyncio.to_thread(_count_gpus)
+        return {self.pool: PoolCapacity(self.gpus, self.cpus, psutil.virtual_memory().total)}
+
+    async def start(self, launch: Launch) -> Handle:
+        os.makedirs(self.state_dir, exist_ok=True)
+        env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))}
+        argv = [sys.executable, "-I", "-c", _SUPERVISOR, self.state_dir, *launch.argv]
+        with open(launch.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                cwd=launch.working_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        ref = _ref(psutil.Process(proc.pid))
+        self._procs[ref] = proc
+        handle = Handle(executor=self.name, ref=ref, gpu_ids=list(launch.gpu_ids))
+        handle_file(launch.log_path).write_text(json.dumps(asdict(handle)))
+        return handle
+
+    def _exit_file(self, ref: str) -> Path:
+        return Path(self.state_dir) / f"{ref.replace(':', '-')}.exit"
+
+    async def poll(self, handle: Handle) -> Outcome:
+        proc = self._procs.get(handle.ref)
+        if proc.poll() is None if proc else _alive(handle.ref):
+            return Outcome("running")
+        self._procs.pop(handle.ref, None)
+        try:
+            rc = int(self._exit_file(handle.ref).read_text())
+        except FileNotFoundError:
+            rc = None if proc is None else proc.returncode  # the supervisor itself was killed
+        if rc is None:
+            return Outcome("lost", reason="process gone", retryable=True)
+        return Outcome("succeeded" if rc == 0 else "failed", exit_code=rc, reason=_describe(rc))
+
+    async def cancel(self, handle: Handle, grace: float) -> None:
+        pid = int(handle.ref.split(":")[0])
+        try:
+            if _ref(psutil.Process(pid)) != handle.ref:
+                return  # pid recycled: our group (whose id is that pid) is gone
+        except psutil.NoSuchProcess:
+            pass  # leader gone; members may remain, and the group id is not reused while they do
+        deadline = time.monotonic() + grace
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            while self._reap(handle.ref) or _group_alive(pid):
+                if sig == signal.SIGTERM and time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                return
+
+    def _reap(self, ref: str) -> bool:
+        """Reap our child if it exited; always False (for use in a loop condition)."""
+        proc = self._procs.get(ref)
+        if proc is not None:
+            proc.poll()
+        return False
+
+    async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""

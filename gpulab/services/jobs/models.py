@@ -1,0 +1,272 @@
+"""Pydantic bodies of the jobs API: submission (:class:`JobSpec`), responses, errors."""
+
+import fnmatch
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
+ACTIVE_STATES = ("dispatching", "running")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
+
+DENIED_ENV = (
+    "JUPYTERHUB_*",
+    "GPULAB_*",
+    "*_TOKEN",
+    "*_SECRET",
+    "*_KEY",
+    "*PASSWORD*",
+    "AWS_*",
+    "WANDB_API_KEY",
+)
+MAX_SOURCE_BYTES = 1024 * 1024
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|k|M|G|T)?")
+_UNITS = {None: 1, "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40})
+
+
+def _error(code: str, message: str, **ctx) -> PydanticCustomError:
+    return PydanticCustomError(code, message, ctx or None)
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise _error("nul_byte", "must not contain NUL bytes")
+    return value
+
+
+Arg = Annotated[str, Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Body):
+    """What one attempt needs; ``memory`` accepts bytes or "4Gi"/"512Mi"/"2G" and is stored as bytes."""
+
+    gpus: int = Field(0, ge=0, le=64)
+    cpus: float = Field(1.0, gt=0)
+    memory: int | None = None
+    pool: str = Field("default", min_length=1, max_length=64)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_bytes(cls, value):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise _error("memory", "must be a number of bytes or a string like '4Gi' or '512Mi'")
+        if isinstance(value, str):
+            match = _MEMORY.fullmatch(value.strip())
+            if not match:
+                raise _error("memory", "must be a number of bytes or a string like '4Gi' or '512Mi'")
+            value = int(float(match[1]) * _UNITS[match[2]])
+        if value <= 0:
+            raise _error("memory", "must be greater than 0")
+        return value
+
+
+class Tracking(_Body):
+    experiment: str | None = Field(None, min_length=1, max_length=200)
+    wandb_project: str | None = Field(None, min_length=1, max_length=200)
+
+
+class JobSpec(_Body):
+    """A job submission: ``entrypoint`` (argv) or ``source`` (Python code), exactly one."""
+
+    name: str = Field(min_length=1, max_length=200)
+    kind: Literal["train", "preprocess"] = "train"
+    entrypoint: list[Arg] | None = Field(None, min_length=1)
+    source: str | None = None
+    working_dir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    priority: int = Field(0, ge=-100, le=100)
+    max_runtime: int | None = Field(None, gt=0)
+    retries: int = Field(0, ge=0, le=10)
+    tracking: Tracking = Field(default_factory=Tracking)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    attestation: Literal["none", "required"] = "none"
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value):
+        return None if value is None else [_no_nul(arg) for arg in value]
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value):
+        if value is not None and len(value.encode()) > MAX_SOURCE_BYTES:
+            raise _error("source_too_large", "must be at most 1 MiB (UTF-8)")
+        return value
+
+    @field_validator("working_dir")
+    @classmethod
+    def _working_dir(cls, value):
+        if value is not None and not value.startswith("/"):
+            raise _error("working_dir", "must be an absolute path")
+        return None if value is None else _no_nul(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value):
+        for name, val in value.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise _error("env_name", "env variable name '{name}' is not valid", name=name)
+            for pattern in DENIED_ENV:
+                if fnmatch.fnmatchcase(name.upper(), pattern):
+                    raise _error(
+                        "env_denied",
+                        "env variable '{name}' is not allowed (matches {pattern})",
+                        name=name,
+                        pattern=pattern,
+                    )
+            _no_nul(val)
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value):
+        for key, val in value.items():
+            if not _LABEL_KEY.fullmatch(key):
+                raise _error(
+                    "label_key",
+                    "label key '{key}' must be 1-63 characters of letters, digits and _ . / -, "
+                    "starting with a letter or digit",
+                    key=key,
+                )
+            if len(val) > 256:
+                raise _error("label_value", "label '{key}': value longer than 256 characters", key=key)
+        return value
+
+    @model_validator(mode="after")
+    def _entrypoint_xor_source(self):
+        if (self.entrypoint is None) == (self.source is None):
+            field = "source" if self.source is not None else "entrypoint"
+            raise _error(
+                "entrypoint_xor_source", "give exactly one of 'entrypoint' or 'source'", field=field
+            )
+        return self
+
+
+class Progress(BaseModel):
+    step: int | None = None
+    total: int | None = None
+    fraction: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProgressUpdate(_Body):
+    """Body of ``POST /jobs/{id}/progress`` (from the runner)."""
+
+    step: int = Field(ge=0)
+    total: int | None = Field(None, gt=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class TrackingUpdate(_Body):
+    """Body of ``POST /jobs/{id}/tracking`` (from the runner)."""
+
+    mlflow_run_id: str | None = Field(None, max_length=64)
+    mlflow_experiment_id: str | None = Field(None, max_length=64)
+    wandb_run_path: str | None = Field(None, max_length=255)
+
+
+class Job(BaseModel):
+    """A job as the API returns it; times are ISO 8601 UTC strings ("...Z")."""
+
+    id: str
+    owner: str
+    name: str
+    kind: str
+    state: JobState
+    state_reason: str
+    spec: JobSpec
+    priority: int
+    pool: str
+    resources: Resources
+    attempt: int
+    max_retries: int
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    exit_code: int | None
+    progress: Progress
+    mlflow_run_id: str | None
+    wandb_run_path: str | None
+    labels: dict[str, str]
+    log_size: int
+
+
+class JobEvent(BaseModel):
+    job_id: str
+    at: str
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class PoolResources(BaseModel):
+    gpus: int
+    cpus: float
+
+
+class PoolStatus(BaseModel):
+    name: str
+    capacity: PoolResources
+    used: PoolResources
+    queued: int
+
+
+class QuotaLimits(BaseModel):
+    """``None`` = no limit."""
+
+    max_jobs: int | None
+    max_gpus: int | None
+
+
+class QuotaUsage(BaseModel):
+    """Running and dispatching jobs."""
+
+    jobs: int
+    gpus: int
+
+
+class QuotaStatus(BaseModel):
+    limits: QuotaLimits
+    usage: QuotaUsage
+
+
+class Quota(QuotaStatus):
+    """The owner's quota, and that of each of the owner's groups that has one."""
+
+    groups: dict[str, QuotaStatus] = Field(default_factory=dict)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def validation_error_body(exc: ValidationError) -> tuple[str, str]:
+    """The first error's dotted field path ("resources.gpus", "entrypoint.0") and message."""
+    err = exc.errors(include_url=False)[0]
+    loc = err["loc"] or ((err.get("ctx") or {}).get("field", ""),)
+    return ".".join(str(part) for part in loc), err["msg"]

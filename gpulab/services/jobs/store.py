@@ -1,0 +1,416 @@
+"""Persistent job state: the ``jobs`` and ``job_events`` tables (SQLite WAL or PostgreSQL).
+
+The schema is managed by alembic (``migrations/``); :class:`JobStore` upgrades it on start.
+Times are naive UTC (:func:`gpulab.events.utcnow`). Every state change goes through
+:meth:`JobStore.transition`, which writes the ``job_events`` row in the same transaction.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String, Text, UniqueConstraint, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from traitlets import Unicode
+from traitlets.config import LoggingConfigurable
+
+from gpulab.events import make_engine, utcnow
+
+from .models import ACTIVE_STATES, TERMINAL_STATES, Job, JobEvent, JobSpec, Progress, Resources
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "gpulab_jobs_alembic_version"
+TRANSITIONS = {
+    "queued": {"dispatching", "cancelled"},
+    "dispatching": {"running", "queued", "failed", "cancelled"},
+    "running": {"succeeded", "failed", "cancelled", "timed_out", "queued"},
+}
+
+
+class JobNotFound(LookupError):
+    """No job with this id."""
+
+
+class JobStateError(ValueError):
+    """The job's state does not allow this (illegal transition, deleting an unfinished job)."""
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the job tables."""
+
+
+class JobRow(Base):
+    """One job (see docs/jobs.md); ``spec`` is the JSON of its :class:`JobSpec`."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index("ix_jobs_state", "state"),
+        Index("ix_jobs_created", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    groups: Mapped[list] = mapped_column(JSON)  # the owner's groups at submission (group quotas)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    state_reason: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int]
+    pool: Mapped[str] = mapped_column(String(64))
+    gpus: Mapped[int]
+    cpus: Mapped[float] = mapped_column(Float)
+    memory: Mapped[int | None] = mapped_column(BigInteger)
+    attempt: Mapped[int]
+    max_retries: Mapped[int]
+    not_before: Mapped[datetime | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    labels: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]  # start of the latest attempt
+    finished_at: Mapped[datetime | None]
+    exit_code: Mapped[int | None]
+    executor: Mapped[str | None] = mapped_column(String(32))
+    handle: Mapped[dict | None] = mapped_column(JSON)  # the latest attempt's executors.base.Handle
+    heartbeat_at: Mapped[datetime | None]
+    progress: Mapped[dict | None] = mapped_column(JSON)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    wandb_run_path: Mapped[str | None] = mapped_column(String(255))
+    traceparent: Mapped[str | None] = mapped_column(String(64))
+    attestation_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    job_token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex; set while active
+
+    def to_model(self, log_size: int = 0) -> Job:
+        """The API view of this row."""
+        progress = self.progress or {}
+        step, total = progress.get("step"), progress.get("total")
+        return Job(
+            id=self.id,
+            owner=self.owner,
+            name=self.name,
+            kind=self.kind,
+            state=self.state,
+            state_reason=self.state_reason,
+            spec=JobSpec.model_validate(self.spec),
+            priority=self.priority,
+            pool=self.pool,
+            resources=Resources(gpus=self.gpus, cpus=self.cpus, memory=self.memory, pool=self.pool),
+            attempt=self.attempt,
+            max_retries=self.max_retries,
+            created_at=iso(self.created_at),
+            updated_at=iso(self.updated_at),
+            started_at=iso(self.started_at),
+            finished_at=iso(self.finished_at),
+            exit_code=self.exit_code,
+            progress=Progress(
+                step=step,
+                total=total,
+                fraction=step / total if step is not None and total else None,
+                metrics=progress.get("metrics") or {},
+            ),
+            mlflow_run_id=self.mlflow_run_id,
+            wandb_run_path=self.wandb_run_path,
+            labels=self.labels,
+            log_size=log_size,
+        )
+
+
+class JobEventRow(Base):
+    """One state transition of a job."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime]
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+@dataclass
+class Usage:
+    """Resources of running + dispatching jobs."""
+
+    jobs: int = 0
+    gpus: int = 0
+    cpus: float = 0.0
+    memory: int = 0
+
+
+def iso(dt: datetime | None) -> str | None:
+    """Naive UTC -> ISO 8601 with "Z"."""
+    return None if dt is None else dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _encode_cursor(row: JobRow) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row.created_at.isoformat(), row.id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as e:
+        raise ValueError("invalid cursor") from e
+
+
+def upgrade(engine) -> None:
+    """Bring the schema to the newest migration (no alembic.ini needed)."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+class JobStore(LoggingConfigurable):
+    """Jobs and their events in SQL; short transactions, detached rows returned."""
+
+    url = Unicode(
+        help="SQLAlchemy URL of the jobs database (default sqlite:///<data_dir>/jobs/jobs.sqlite).",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs):
+        """Connect and run the migrations."""
+        super().__init__(**kwargs)
+        if not self.url:
+            raise ValueError("JobStore.url (the jobs database URL) must be set")
+        self.engine = make_engine(self.url)
+        upgrade(self.engine)
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def create_job(
+        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None
+    ) -> tuple[JobRow, bool]:
+        """Insert a queued job; with ``spec.idempotency_key`` an existing job of the owner wins.
+
+        Returns ``(row, created)``.
+        """
+        if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
+            return existing, False
+        now = utcnow()
+        row = JobRow(
+            id=uuid.uuid4().hex,
+            owner=owner,
+            groups=sorted(set(groups)),
+            name=spec.name,
+            kind=spec.kind,
+            spec=spec.model_dump(mode="json"),
+            state="queued",
+            state_reason="submitted",
+            priority=spec.priority,
+            pool=spec.resources.pool,
+            gpus=spec.resources.gpus,
+            cpus=spec.resources.cpus,
+            memory=spec.resources.memory,
+            attempt=0,
+            max_retries=spec.retries,
+            idempotency_key=spec.idempotency_key,
+            labels=spec.labels,
+            created_at=now,
+            updated_at=now,
+            traceparent=traceparent,
+        )
+        try:
+            with self._session() as session, session.begin():
+                session.add(row)
+                session.flush()
+                session.add(JobEventRow(job_id=row.id, at=now, to_state="queued", reason="submitted"))
+        except IntegrityError:
+            if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
+                return existing, False  # a concurrent submission with the same key won
+            raise
+        return row, True
+
+    def _by_key(self, owner: str, key: str) -> JobRow | None:
+        with self._session() as session:
+            return session.scalar(
+                select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)
+            )
+
+    def get_job(self, job_id: str) -> JobRow:
+        with self._session() as session:
+            row = session.get(JobRow, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return row
+
+    def list_jobs(
+        self,
+        owner: str | None = None,
+        state: str | list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[JobRow], str | None]:
+        """Newest first; returns ``(rows, next_cursor)`` (``None`` on the last page).
+
+        Raises ``ValueError`` for a cursor this method did not produce.
+        """
+        query = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
+        if state:
+            query = query.where(JobRow.state.in_([state] if isinstance(state, str) else state))
+        for key, value in (labels or {}).items():
+            query = query.where(JobRow.labels[key].as_string() == value)
+        if cursor:
+            created, job_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(JobRow.created_at < created, and_(JobRow.created_at == created, JobRow.id < job_id))
+            )
+        with self._session() as session:
+            rows = list(session.scalars(query.limit(limit + 1)))
+        if len(rows) > limit:
+            return rows[:limit], _encode_cursor(rows[limit - 1])
+        return rows, None
+
+    def transition(self, job_id: str, to_state: str, reason: str, **fields: Any) -> JobRow:
+        """Move the job to ``to_state``, setting ``fields`` (column values), and record the event.
+
+        Sets ``started_at`` on ``running`` and ``finished_at`` on final states, and clears the
+        job token hash when the job leaves ``dispatching``/``running``. Raises
+        :class:`JobStateError` for a transition the state machine does not allow (also when
+        another writer changed the state first) and :class:`JobNotFound`.
+        """
+        now = utcnow()
+        values = {"state": to_state, "state_reason": reason, "updated_at": now, **fields}
+        if to_state == "running":
+            values.setdefault("started_at", now)
+        if to_state in TERMINAL_STATES:
+            values.setdefault("finished_at", now)
+        if to_state not in ACTIVE_STATES:
+            values["job_token_hash"] = None
+        with self._session() as session, session.begin():
+            current = session.scalar(select(JobRow.state).where(JobRow.id == job_id))
+            if current is None:
+                raise JobNotFound(job_id)
+            if to_state not in TRANSITIONS.get(current, ()):
+                raise JobStateError(f"job {job_id} is {current}: cannot change to {to_state}")
+            changed = session.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.state == current).values(**values)
+            ).rowcount
+            if changed != 1:
+                raise JobStateError(f"job {job_id} changed state concurrently; not moved to {to_state}")
+            session.add(
+                JobEventRow(job_id=job_id, at=now, from_state=current, to_state=to_state, reason=reason)
+            )
+            return session.get(JobRow, job_id)
+
+    def set_reason(self, job_id: str, reason: str) -> None:
+        """Update the reason of a queued job (why it waits) without a transition."""
+        with self._session() as session, session.begin():
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == "queued")
+                .values(state_reason=reason, updated_at=utcnow())
+            )
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        """The job's transitions, oldest first."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+            )
+            return [
+                JobEvent(job_id=r.job_id, at=iso(r.at), from_state=r.from_state, to_state=r.to_state, reason=r.reason)
+                for r in rows
+            ]
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job and its events; :class:`JobStateError` if it is not finished."""
+        with self._session() as session, session.begin():
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            if row.state not in TERMINAL_STATES:
+                raise JobStateError(f"job {job_id} is {row.state}: only finished jobs can be deleted")
+            session.delete(row)
+
+    def _update_active(self, job_id: str, **values: Any) -> bool:
+        with self._session() as session, session.begin():
+            return (
+                session.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id, JobRow.state.in_(ACTIVE_STATES))
+                    .values(**values)
+                ).rowcount
+                == 1
+            )
+
+    def update_progress(self, job_id: str, step: int, total: int | None, metrics: dict) -> bool:
+        """Store the runner's progress (and count it as a heartbeat); False unless the job is active."""
+        now = utcnow()
+        progress = {"step": step, "total": total, "metrics": metrics}
+        return self._update_active(job_id, progress=progress, heartbeat_at=now, updated_at=now)
+
+    def heartbeat(self, job_id: str) -> bool:
+        return self._update_active(job_id, heartbeat_at=utcnow())
+
+    def set_tracking(self, job_id: str, mlflow_run_id: str | None, wandb_run_path: str | None) -> bool:
+        values = {"mlflow_run_id": mlflow_run_id, "wandb_run_path": wandb_run_path}
+        return self._update_active(job_id, **{k: v for k, v in values.items() if v is not None})
+
+    def check_job_token(self, job_id: str, token: str) -> bool:
+        """Whether ``token`` is the current attempt's job token (valid only while it is active)."""
+        with self._session() as session:
+            stored = session.scalar(select(JobRow.job_token_hash).where(JobRow.id == job_id))
+        return stored is not None and hmac.compare_digest(stored, token_hash(token))
+
+    def active_jobs(self) -> list[JobRow]:
+        """Dispatching and running jobs."""
+        with self._session() as session:
+            return list(session.scalars(select(JobRow).where(JobRow.state.in_(ACTIVE_STATES))))
+
+    def queued_jobs(self, due_only: bool = True) -> list[JobRow]:
+        """Queued jobs (with ``due_only``: those whose retry backoff has passed)."""
+        query = select(JobRow).where(JobRow.state == "queued")
+        if due_only:
+            query = query.where(or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow()))
+        with self._session() as session:
+            return list(session.scalars(query.order_by(JobRow.created_at)))
+
+    def usage(self, by: Literal["owner", "pool"]) -> dict[str, Usage]:
+        """Resources of running + dispatching jobs per owner or per pool."""
+        column = JobRow.owner if by == "owner" else JobRow.pool
+        query = (
+            select(
+                column,
+                func.count(),
+                func.coalesce(func.sum(JobRow.gpus), 0),
+                func.coalesce(func.sum(JobRow.cpus), 0),
+                func.coalesce(func.sum(JobRow.memory), 0),
+            )
+            .where(JobRow.state.in_(ACTIVE_STATES))
+            .group_by(column)
+        )
+        with self._session() as session:
+            return {
+                key: Usage(int(jobs), int(gpus), float(cpus), int(memory))
+                for key, jobs, gpus, cpus, memory in session.execute(query)
+            }
+
+    def queued_count(self) -> dict[str, int]:
+        """Queued jobs per pool."""
+        query = select(JobRow.pool, func.count()).where(JobRow.state == "queued").group_by(JobRow.pool)
+        with self._session() as session:
+            return {pool: int(n) for pool, n in session.execute(query)}

@@ -1,0 +1,125 @@
+"""Configuration: one file, secrets from 0600 files, redacted display, one clear line per mistake."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from gpulab.config import effective_config, load_config
+from gpulab.errors import ConfigError
+from gpulab.net import free_port
+from gpulab.secrets import Secret, read_secret_file, write_secret_file
+
+
+def run_gpulab(tmp_path, config: str, *args, env=None):
+    cfg = tmp_path / "gpulab_config.py"
+    cfg.write_text(config)
+    full_env = {**os.environ, "GPULAB_CONFIG": str(cfg), **(env or {})}
+    full_env.pop("GPULAB_CONFIG_OVERRIDES", None)
+    return subprocess.run([sys.executable, "-m", "gpulab", *args], env=full_env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def up(tmp_path, config: str, port: int | None = None, env=None):
+    port = port or free_port("127.0.0.6")
+    return run_gpulab(tmp_path, config, "up", "--ip", "127.0.0.6", "--port", str(port),
+                      "--data-dir", str(tmp_path / "data"), env=env)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpulab: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+OIDC = """
+c.Login.method = "oidc"
+c.OIDC.issuer = "http://127.0.0.1:9/o"
+c.OIDC.client_id = "gpulab"
+c.OIDC.allowed_groups = {"ml"}
+"""
+
+
+def test_missing_client_secret_file(tmp_path):
+    line = one_line_error(up(tmp_path, OIDC + f"c.OIDC.client_secret_file = '{tmp_path}/nope'\n"))
+    assert "OIDC.client_secret_file" in line and "does not exist" in line
+
+
+def test_world_readable_client_secret_file(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-value")
+    secret.chmod(0o644)
+    line = one_line_error(up(tmp_path, OIDC + f"c.OIDC.client_secret_file = '{secret}'\n"))
+    assert "readable by group or others" in line and "chmod 600" in line
+    assert "s3cr3t-value" not in line
+
+
+def test_no_client_secret_at_all(tmp_path):
+    line = one_line_error(up(tmp_path, OIDC))
+    assert "OIDC.client_secret_file is not set" in line
+
+
+def test_unreachable_provider(tmp_path):
+    secret = tmp_path / "secret"
+    write_secret_file(secret, "s3cr3t-value")
+    line = one_line_error(up(tmp_path, OIDC + f"c.OIDC.client_secret_file = '{secret}'\n"))
+    assert "OIDC.issuer: cannot read the discovery document" in line
+
+
+def test_unknown_scope_in_role(tmp_path):
+    config = "c.Roles.extra_roles = [{'name': 'readers', 'scopes': ['custom:gpulab:everything']}]\n"
+    line = one_line_error(up(tmp_path, config))
+    assert "unknown scope 'custom:gpulab:everything'" in line and "readers" in line
+
+
+def test_unknown_role_in_group_mapping(tmp_path):
+    line = one_line_error(up(tmp_path, "c.Roles.group_roles = {'ml': ['gpulab-superuser']}\n"))
+    assert "Roles.group_roles['ml']" in line and "gpulab-superuser" in line
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.6", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        line = one_line_error(up(tmp_path, "", port=port))
+    assert f"127.0.0.6:{port} is already in use" in line
+
+
+def test_broken_config_file(tmp_path):
+    line = one_line_error(up(tmp_path, "c.Platform.port = \n"))
+    assert "gpulab_config.py" in line and "SyntaxError" in line
+
+
+def test_config_show_redacts_secrets(tmp_path):
+    config = "c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n"
+    result = run_gpulab(tmp_path, config, "config", "show", env={"GPULAB_OIDC_CLIENT_SECRET": "env-SECRET"})
+    assert result.returncode == 0, result.stderr
+    assert "SUPERSECRET" not in result.stdout and "env-SECRET" not in result.stdout
+    assert "<redacted>" in result.stdout and '"port": 8123' in result.stdout
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path, monkeypatch):
+    cfg = tmp_path / "gpulab_config.py"
+    cfg.write_text("c.Platform.port = 8123\nc.Platform.ip = '127.0.0.9'\n")
+    monkeypatch.setenv("GPULAB_CONFIG_OVERRIDES", '{"Platform": {"port": 9000}}')
+    shown = effective_config(load_config(cfg))["Platform"]
+    assert shown["port"] == 9000 and shown["ip"] == "127.0.0.9"
+    assert shown["public_url"] == "http://127.0.0.9:9000"
+
+
+def test_secret_files(tmp_path):
+    path = tmp_path / "key"
+    write_secret_file(path, "value-123")
+    assert path.stat().st_mode & 0o777 == 0o600
+    secret = read_secret_file(path, "X.key_file")
+    assert secret.reveal() == "value-123"
+    assert "value-123" not in repr(secret) and "value-123" not in str(secret) and "value-123" not in f"{secret}"
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="X.key_file: secret file .* is readable by group or others"):
+        read_secret_file(path, "X.key_file")
+    assert isinstance(secret, Secret)
