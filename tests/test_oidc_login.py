@@ -17,6 +17,9 @@ from gpulab.secrets import write_secret_file
 from tests.support.gpulab_up import Platform
 from tests.support.login import oidc_login
 from tests.support.oidc import OIDCProvider
+from tests.support.openapi import Spec
+
+SPEC = Spec(Path(__file__).parent.parent / "gpulab" / "server_extension" / "openapi.yaml")
 
 RECORDER = Path(__file__).parent / "support" / "event_recorder.py"
 USERS = {  # name: groups at the provider
@@ -121,12 +124,14 @@ def test_rbac_matrix(stack):
     assert whoami(hub, "alice").status_code in (401, 302, 403)  # anonymous
     r = whoami(hub, "alice", alice)
     assert r.status_code == 200, r.text
+    SPEC.validate("/whoami", "GET", 200, r.json())
     assert r.json()["scopes"] == ["custom:gpulab:attest", "custom:gpulab:gpu", "custom:gpulab:infer",
                                   "custom:gpulab:jobs"]
     assert r.json()["groups"] == ["ml", "ml-gpu"]
     r = whoami(hub, "bob", bob)  # signed in, own server, but no gpulab role
     assert r.status_code == 403, r.text
     assert r.json()["error"]["message"].startswith("this needs the custom:gpulab:")
+    SPEC.validate("/whoami", "GET", 403, r.json())
     narrowed = hub.token("alice", scopes=["access:servers!user=alice"])
     assert whoami(hub, "alice", narrowed).status_code == 403
     assert whoami(hub, "alice", bob).status_code in (401, 403)  # someone else's server: not its user

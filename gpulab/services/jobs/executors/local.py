@@ -133,11 +133,12 @@ class LocalExecutor(Executor):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._procs: dict[str, subprocess.Popen] = {}  # ref -> our child, to reap it
+        self._gpus: int | None = None
 
     async def capacity(self) -> dict[str, PoolCapacity]:
-        if self.gpus is None:
-            self.gpus = await asyncio.to_thread(_count_gpus)
-        return {self.pool: PoolCapacity(self.gpus, self.cpus, psutil.virtual_memory().total)}
+        if self._gpus is None:
+            self._gpus = self.gpus if self.gpus is not None else await asyncio.to_thread(_count_gpus)
+        return {self.pool: PoolCapacity(self._gpus, self.cpus, psutil.virtual_memory().total)}
 
     async def start(self, launch: Launch) -> Handle:
         os.makedirs(self.state_dir, exist_ok=True)
@@ -164,7 +165,8 @@ class LocalExecutor(Executor):
 
     async def poll(self, handle: Handle) -> Outcome:
         proc = self._procs.get(handle.ref)
-        if proc.poll() is None if proc else _alive(handle.ref):
+        running = proc.poll() is None if proc is not None else _alive(handle.ref)
+        if running:
             return Outcome("running")
         self._procs.pop(handle.ref, None)
         try:
@@ -182,25 +184,26 @@ class LocalExecutor(Executor):
                 return  # pid recycled: our group (whose id is that pid) is gone
         except psutil.NoSuchProcess:
             pass  # leader gone; members may remain, and the group id is not reused while they do
-        deadline = time.monotonic() + grace
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:
                 return
-            while self._reap(handle.ref) or _group_alive(pid):
-                if sig == signal.SIGTERM and time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(0.05)
-            else:
+            if await self._wait_group(pid, handle.ref, wait):
                 return
+        self.log.warning("process group %d survived SIGKILL", pid)
 
-    def _reap(self, ref: str) -> bool:
-        """Reap our child if it exited; always False (for use in a loop condition)."""
-        proc = self._procs.get(ref)
-        if proc is not None:
-            proc.poll()
-        return False
+    async def _wait_group(self, pgid: int, ref: str, timeout: float) -> bool:
+        """Wait until process group ``pgid`` is gone (reaping our child); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if (proc := self._procs.get(ref)) is not None:
+                proc.poll()
+            if not _group_alive(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
         try:

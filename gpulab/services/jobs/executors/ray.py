@@ -9,6 +9,7 @@ of pool ``gpu`` asks for a sliver of ``gpu_worker``, so Ray places it on a node 
 import json
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +25,21 @@ POOL_SLIVER = 0.001  # pool resources are node markers: any number of jobs share
 # Failures of the platform (supervisor actor or its node died, never started), not of the job's code.
 RETRYABLE_ERRORS = {"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"}
 DIED = re.compile(r"\b(died|node .*(dead|removed|failed))\b", re.I)
+
+
+Benign = Callable[[HTTPResponse], bool]  # is this 5xx about one job rather than the cluster?
+
+
+def _never(response: HTTPResponse) -> bool:
+    return False
+
+
+def _always(response: HTTPResponse) -> bool:
+    return True
+
+
+def _exists(response: HTTPResponse) -> bool:
+    return b"already exists" in (response.body or b"")
 
 
 class RayExecutor(Executor):
@@ -48,7 +64,7 @@ class RayExecutor(Executor):
                                       self.recovery_timeout)
         self._http: AsyncHTTPClient | None = None
 
-    async def _fetch(self, method: str, path: str, body: dict | None = None) -> HTTPResponse:
+    async def _fetch(self, method: str, path: str, body: dict | None, benign_5xx: Benign) -> HTTPResponse:
         """One request through the breaker; a 5xx answer counts as a failure of the cluster."""
         if self._http is None:
             self._http = AsyncHTTPClient(force_instance=True)
@@ -59,18 +75,19 @@ class RayExecutor(Executor):
                 headers={"Content-Type": "application/json"},
                 connect_timeout=self.request_timeout, request_timeout=self.request_timeout,
             )
-            if response.code >= 500 and b"already exists" not in (response.body or b""):
-                raise HTTPClientError(response.code, (response.body or b"").decode(errors="replace")[-300:], response)
+            if response.code >= 500 and not benign_5xx(response):
+                raise HTTPClientError(response.code, _text(response)[-300:], response)
             return response
 
-    async def _request(self, method: str, path: str, body: dict | None = None) -> HTTPResponse:
+    async def _request(self, method: str, path: str, body: dict | None = None,
+                       benign_5xx: Benign = _never) -> HTTPResponse:
         """``_fetch``, retried when idempotent (GET); an outage becomes ``ExecutorUnavailable``."""
         try:
             if method != "GET":
-                return await self._fetch(method, path, body)
+                return await self._fetch(method, path, body, benign_5xx)
             async for attempt in retrying():
                 with attempt:
-                    return await self._fetch(method, path)
+                    return await self._fetch(method, path, None, benign_5xx)
         except CircuitOpenError as e:
             raise ExecutorUnavailable(str(e)) from e
         except Exception as e:
@@ -123,9 +140,9 @@ class RayExecutor(Executor):
             body["entrypoint_resources"] = {resource: POOL_SLIVER}
         elif launch.pool != DEFAULT_POOL:
             raise ValueError(f"pool {launch.pool!r} has no Ray resource in RayExecutor.pool_resources")
-        response = await self._request("POST", "/api/jobs/", body)
-        if response.code != 200 and b"already exists" not in (response.body or b""):
-            _check(response, "/api/jobs/")
+        response = await self._request("POST", "/api/jobs/", body, benign_5xx=_exists)
+        if response.code != 200 and not _exists(response):  # exists: started before, same attempt
+            _check(response, "submit")
         return Handle(executor=self.name, ref=submission_id)
 
     async def poll(self, handle: Handle) -> Outcome:
@@ -143,8 +160,8 @@ class RayExecutor(Executor):
         error_type = job.get("error_type") or ""
         retryable = error_type in RETRYABLE_ERRORS or (
             error_type != "JOB_ENTRYPOINT_COMMAND_ERROR" and bool(DIED.search(message)))
-        return Outcome("failed", exit_code=exit_code, reason=message.splitlines()[0] if message else status,
-                       retryable=retryable)
+        reason = message.splitlines()[0].split(", last available logs")[0] if message else status
+        return Outcome("failed", exit_code=exit_code, reason=reason, retryable=retryable)
 
     async def cancel(self, handle: Handle, grace: float) -> None:
         """Ray sends SIGTERM, then SIGKILL after the cluster's ``RAY_JOB_STOP_WAIT_TIME_S`` (not ``grace``)."""
@@ -153,9 +170,12 @@ class RayExecutor(Executor):
             _check(response, "stop")
 
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
-        data = await self._get_json(f"/api/jobs/{quote(handle.ref)}/logs")
-        logs = (data or {}).get("logs", "").encode()
-        return logs[offset:offset + limit]
+        # A 5xx here means the logs are out of reach (their node died), not that the cluster is down.
+        response = await self._request("GET", f"/api/jobs/{quote(handle.ref)}/logs", benign_5xx=_always)
+        if response.code != 200:
+            self.log.warning("ray logs of %s: HTTP %s", handle.ref, response.code)
+            return b""
+        return json.loads(response.body)["logs"].encode()[offset:offset + limit]
 
     async def close(self) -> None:
         if self._http is not None:
@@ -163,7 +183,11 @@ class RayExecutor(Executor):
             self._http = None
 
 
+def _text(response: HTTPResponse) -> str:
+    return (response.body or b"").decode(errors="replace").strip()
+
+
 def _check(response: HTTPResponse, what: str) -> None:
     if response.code >= 400:
-        body = (response.body or b"").decode(errors="replace").strip().splitlines()
-        raise RuntimeError(f"ray {what}: HTTP {response.code}: {body[-1] if body else response.reason}")
+        lines = _text(response).splitlines()
+        raise RuntimeError(f"ray {what}: HTTP {response.code}: {lines[-1] if lines else response.reason}")

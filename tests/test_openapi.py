@@ -1,0 +1,24 @@
+"""Every route a handler serves is in its OpenAPI spec, and the other way round."""
+
+import re
+from pathlib import Path
+
+from gpulab.server_extension.handlers import handlers
+from tests.support.openapi import Spec
+
+ROOT = Path(__file__).parent.parent
+
+
+def spec_path_pattern(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "{}", path)
+
+
+def route_pattern(route: str, prefix: str) -> str:
+    return re.sub(r"\(\?P<[^>]+>[^)]+\)|\([^)]+\)", "{}", route[len(prefix):]).rstrip("$")
+
+
+def test_server_extension_routes_match_spec():
+    prefix = "/gpulab/api/v1"
+    routes = {route_pattern(r[0], prefix) for r in handlers("/")}
+    spec = {spec_path_pattern(p) for p in Spec(ROOT / "gpulab" / "server_extension" / "openapi.yaml").paths()}
+    assert routes == spec
