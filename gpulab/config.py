@@ -40,6 +40,8 @@ class Platform(Configurable):
         help="Extra hub-managed services, as JupyterHub service dicts. "
         "A service with 'command' and no 'url' gets a free port on 127.0.0.1.",
     ).tag(config=True)
+    jobs_service = Bool(True, help="Run the training job service gpulab-jobs.").tag(config=True)
+    mlflow_service = Bool(True, help="Run MLflow tracking as the hub-managed service 'mlflow'.").tag(config=True)
     event_subscribers = List(
         Unicode(),
         help="Names of hub-managed services that receive user lifecycle events at <service url>/services/<name>/events.",

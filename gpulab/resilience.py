@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 from tornado.httpclient import HTTPClientError
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -38,7 +38,8 @@ class CircuitOpenError(Exception):
 
 class CircuitBreaker:
     """Opens after ``failure_threshold`` consecutive failures; after ``recovery_timeout`` s one probe
-    call goes through (half-open): success closes the circuit, failure opens it again."""
+    call goes through (half-open): success closes the circuit, failure opens it again. An exception
+    that ``is_failure`` rejects counts as success (the dependency answered)."""
 
     def __init__(self, name: str, failure_threshold: int = 5, recovery_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
@@ -98,7 +99,7 @@ def retrying(attempts: int = 3, initial: float = 0.2, maximum: float = 2.0,
     only. A ``CircuitOpenError`` is never retried."""
     return AsyncRetrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=initial, max=maximum, jitter=initial),
+        wait=wait_exponential(multiplier=initial, max=maximum) + wait_random(0, initial),
         retry=retry_if_exception(lambda exc: not isinstance(exc, CircuitOpenError) and retry_on(exc)),
         reraise=True,
     )

@@ -67,7 +67,7 @@ class Runner:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         child_env = dict(os.environ)
-        child_env["TRACEPARENT"] = inject({})["traceparent"]
+        child_env.update(TRACEPARENT=inject({}).get("traceparent", ""))
         # the runner retries MLflow itself; MLflow's own retries would stall the job's start for minutes
         os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="20")
         tracking = {"mlflow_run_id": None, "mlflow_experiment_id": None, "wandb_run_path": self._wandb_env(child_env)}
@@ -89,8 +89,8 @@ class Runner:
         return code
 
     def _run_child(self, env: dict) -> int:
-        if self.signalled:
-            return 128 + self.signalled
+        if self.signalled:  # stopped before the child started: end as if it had been killed
+            return -self.signalled
         try:
             self.child = subprocess.Popen(self.argv, env=env)
         except OSError as exc:

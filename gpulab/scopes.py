@@ -20,11 +20,15 @@ CUSTOM_SCOPES = {
 }
 ALL = tuple(CUSTOM_SCOPES)
 
+JOBS_SERVICE = "gpulab-jobs"
+MLFLOW_SERVICE = "mlflow"
+SERVICE_ACCESS = [f"access:services!service={name}" for name in (JOBS_SERVICE, MLFLOW_SERVICE)]
+
 ROLES = {
-    "gpulab-user": [JOBS, INFER, ATTEST],
+    "gpulab-user": [JOBS, INFER, ATTEST, *SERVICE_ACCESS],
     "gpulab-gpu": [GPU],
     "gpulab-deployer": [DEPLOY],
-    "gpulab-admin": [ADMIN],
+    "gpulab-admin": [ADMIN, *SERVICE_ACCESS],
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
 from .. import scopes
+from ..scopes import JOBS_SERVICE
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
@@ -20,7 +21,7 @@ from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
 from .oidc import discover
 from .proxy import proxy_command
 from .roles import load_roles
-from .services import managed_services
+from .services import builtin_services, managed_services
 
 NOT_ALLOWED_MESSAGE = (
     "You signed in, but your account is not in a group allowed to use gpulab. "
@@ -110,18 +111,23 @@ def configure(c, config_file: Path | None = None) -> None:
         admin_users, admin_groups = set(login.admin_users), set()
     j.load_roles = load_roles(roles_cfg, admin_users, admin_groups)
 
-    services = managed_services(
-        platform, data_dir, lambda name: _persistent_secret(hub_dir / "services" / f"{name}.token")
-    )
+    config_file = Path(config_file) if config_file else config_path()
+
+    def token_for(name: str) -> str:
+        return _persistent_secret(hub_dir / "services" / f"{name}.token")
+
+    services = builtin_services(platform, data_dir, config_file, token_for)
+    services += managed_services(platform, data_dir, token_for)
+    subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
     j.services = services
     by_name = {s["name"]: s for s in services}
-    missing = [n for n in platform.event_subscribers if n not in by_name]
+    missing = [n for n in subscribers if n not in by_name]
     if missing:
         raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")
     c.UserEventsMixin.events_url = f"sqlite:///{hub_dir / 'events.sqlite'}"
     c.UserEventsMixin.event_subscribers = [
         {"name": n, "url": by_name[n]["url"].rstrip("/") + f"/services/{n}/events", "token": by_name[n]["api_token"]}
-        for n in platform.event_subscribers
+        for n in subscribers
     ]
 
     s = c.Spawner
@@ -133,9 +139,12 @@ def configure(c, config_file: Path | None = None) -> None:
         s.args.append("--allow-root")
     s.default_url = "/lab"
     s.http_timeout = 60
-    s.environment = {"GPULAB_CONFIG": str(Path(config_file) if config_file else config_path())}
+    s.environment = {"GPULAB_CONFIG": str(config_file)}
     service_access = [f"access:services!service={s['name']}" for s in services]
-    s.server_token_scopes = ["users:activity!user", "access:servers!server", *scopes.ALL, *service_access]
+    s.server_token_scopes = [
+        "users:activity!user", "access:servers!server", "read:users:name!user", "read:users:groups!user",
+        *scopes.ALL, *service_access,
+    ]
     s.oauth_client_allowed_scopes = [*scopes.ALL, *service_access]
     # gpulab's own sections (Roles, ...) for hub-side code, and any JupyterHub/Spawner/... settings
     # the admin wrote in gpulab_config.py, which win over the ones above

@@ -1,9 +1,11 @@
 """Hub-managed services from config: each gets an address and a persistent API token."""
 
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..net import free_port
+from ..scopes import JOBS_SERVICE, MLFLOW_SERVICE
 
 
 def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
@@ -24,4 +26,39 @@ def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
         if service.get("url"):
             service.setdefault("oauth_no_confirm", True)
         out.append(service)
+    return out
+
+
+def builtin_services(platform, data_dir: Path, config_file: Path, token_for) -> list[dict]:
+    """The platform's own services: ``gpulab-jobs`` and ``mlflow`` (each can be turned off)."""
+    out = []
+    env = {"GPULAB_CONFIG": str(config_file), "GPULAB_DATA_DIR": str(data_dir)}
+    if platform.mlflow_service:
+        internal_port = free_port()
+        mlflow_dir = data_dir / "mlflow"
+        out.append({
+            "name": MLFLOW_SERVICE,
+            "display": True,
+            "command": [sys.executable, "-m", "gpulab.services.mlflow"],
+            "url": f"http://127.0.0.1:{free_port()}",
+            "api_token": token_for(MLFLOW_SERVICE),
+            "oauth_no_confirm": True,
+            "environment": {
+                **env,
+                "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_dir / 'mlflow.sqlite'}",
+                "GPULAB_MLFLOW_ARTIFACTS": str(mlflow_dir / "artifacts"),
+                "GPULAB_MLFLOW_INTERNAL_PORT": str(internal_port),
+            },
+        })
+        # jobs on this host log to MLflow directly (trusted, internal); users go through the hub
+        env["GPULAB_MLFLOW_URL"] = f"http://127.0.0.1:{internal_port}/services/{MLFLOW_SERVICE}"
+    if platform.jobs_service:
+        out.append({
+            "name": JOBS_SERVICE,
+            "command": [sys.executable, "-m", "gpulab.services.jobs"],
+            "url": f"http://127.0.0.1:{free_port()}",
+            "api_token": token_for(JOBS_SERVICE),
+            "oauth_no_confirm": True,
+            "environment": env,
+        })
     return out

@@ -122,6 +122,13 @@ class RayCluster:
         self.get("/api/jobs/")
         return True
 
+    def kill_raylet(self, node: int) -> None:
+        """SIGKILL the raylet of node ``node`` (0: head), as if its machine died."""
+        self._record()
+        for p in psutil.Process(self.procs[node].pid).children(recursive=True):
+            if p.name() == "raylet":
+                p.kill()
+
     def _record(self) -> None:
         """Remember every process of the cluster's trees, so that stop() can reap orphans too."""
         for proc in self.procs:

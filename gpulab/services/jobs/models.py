@@ -149,9 +149,7 @@ class JobSpec(_Body):
     def _entrypoint_xor_source(self):
         if (self.entrypoint is None) == (self.source is None):
             field = "source" if self.source is not None else "entrypoint"
-            raise _error(
-                "entrypoint_xor_source", "give exactly one of 'entrypoint' or 'source'", field=field
-            )
+            raise _error("entrypoint_xor_source", "give exactly one of 'entrypoint' or 'source'", field=field)
         return self
 
 

@@ -17,7 +17,22 @@ from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String, Text, UniqueConstraint, and_, func, or_, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from traitlets import Unicode
@@ -188,10 +203,13 @@ class JobStore(LoggingConfigurable):
     ).tag(config=True)
 
     def __init__(self, **kwargs):
-        """Connect and run the migrations."""
+        """Connect (creating a SQLite file's directory) and run the migrations."""
         super().__init__(**kwargs)
         if not self.url:
             raise ValueError("JobStore.url (the jobs database URL) must be set")
+        url = make_url(self.url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.url)
         upgrade(self.engine)
 
@@ -243,9 +261,7 @@ class JobStore(LoggingConfigurable):
 
     def _by_key(self, owner: str, key: str) -> JobRow | None:
         with self._session() as session:
-            return session.scalar(
-                select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)
-            )
+            return session.scalar(select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key))
 
     def get_job(self, job_id: str) -> JobRow:
         with self._session() as session:
@@ -293,7 +309,7 @@ class JobStore(LoggingConfigurable):
         another writer changed the state first) and :class:`JobNotFound`.
         """
         now = utcnow()
-        values = {"state": to_state, "state_reason": reason, "updated_at": now, **fields}
+        values = {**fields, "state": to_state, "state_reason": reason, "updated_at": now}
         if to_state == "running":
             values.setdefault("started_at", now)
         if to_state in TERMINAL_STATES:
@@ -332,7 +348,13 @@ class JobStore(LoggingConfigurable):
                 select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
             )
             return [
-                JobEvent(job_id=r.job_id, at=iso(r.at), from_state=r.from_state, to_state=r.to_state, reason=r.reason)
+                JobEvent(
+                    job_id=r.job_id,
+                    at=iso(r.at),
+                    from_state=r.from_state,
+                    to_state=r.to_state,
+                    reason=r.reason,
+                )
                 for r in rows
             ]
 

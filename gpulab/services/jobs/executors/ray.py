@@ -71,7 +71,7 @@ class RayExecutor(Executor):
         async with self.breaker:
             response = await self._http.fetch(
                 self.address + path, method=method, raise_error=False,
-                body=None if body is None else json.dumps(body),
+                body=None if method == "GET" else json.dumps(body or {}),
                 headers={"Content-Type": "application/json"},
                 connect_timeout=self.request_timeout, request_timeout=self.request_timeout,
             )

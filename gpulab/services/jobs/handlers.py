@@ -1,0 +1,319 @@
+"""REST handlers of ``gpulab-jobs`` under ``<service prefix>api/v1/``."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import yaml
+from jupyterhub.services.auth import HubOAuthenticated, check_scopes
+from pydantic import BaseModel, ValidationError
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from ... import scopes, tracing
+from .models import TERMINAL_STATES, JobList, JobSpec, ProgressUpdate, TrackingUpdate, validation_error_body
+from .store import JobNotFound, JobStateError
+
+MAX_BODY = 1024 * 1024  # bytes; larger bodies get 413
+MAX_LIST = 500
+SPEC_PATH = Path(__file__).with_name("openapi.yaml")
+
+
+class APIError(web.HTTPError):
+    """An HTTP error whose body names the offending field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
+        super().__init__(status, message)
+        self.field = field
+        self.code = code
+
+
+class BaseHandler(web.RequestHandler):
+    """JSON bodies, ``{"error": {...}}`` errors, body size cap, tracing."""
+
+    @property
+    def queue(self):
+        return self.settings["queue"]
+
+    @property
+    def store(self):
+        return self.settings["queue"].store
+
+    def prepare(self):
+        length = int(self.request.headers.get("Content-Length") or len(self.request.body or b""))
+        if length > MAX_BODY:
+            raise APIError(413, f"request body is {length} bytes; the limit is {MAX_BODY}", code="too_large")
+        self._span = tracing.tracer("gpulab.jobs").start_span(
+            f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers)
+        )
+
+    def on_finish(self):
+        if getattr(self, "_span", None) is not None:
+            self._span.set_attribute("http.status_code", self.get_status())
+            self._span.end()
+
+    def write_json(self, obj, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        if isinstance(obj, BaseModel):
+            self.finish(obj.model_dump_json())
+        else:
+            self.finish(json.dumps(obj))
+
+    def parse(self, model: type[BaseModel]):
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError as e:
+            raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            field, message = validation_error_body(e)
+            raise APIError(422, f"{field}: {message}" if field else message, field=field or None,
+                           code="invalid") from None
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = getattr(exc, "log_message", None) or self._reason
+        if status_code >= 500:
+            message = "internal error; see the gpulab-jobs log"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {
+            "code": getattr(exc, "code", None) or self._reason.lower().replace(" ", "_"),
+            "message": message,
+            "field": getattr(exc, "field", None),
+        }}))
+
+
+class UserHandler(HubOAuthenticated, BaseHandler):
+    """A request from a hub user (token header or browser cookie) with gpulab scopes."""
+
+    def prepare(self):
+        super().prepare()
+        if self.current_user is None:
+            raise APIError(401, "authentication required: send 'Authorization: token <hub token>'",
+                           code="unauthenticated")
+        if not self.has(scopes.JOBS):
+            raise APIError(403, f"this needs the {scopes.JOBS} scope, which {self.user_name} lacks", code="forbidden")
+
+    @property
+    def user_name(self) -> str:
+        return self.current_user["name"]
+
+    def has(self, scope: str) -> bool:
+        return bool(check_scopes([scope], set(self.current_user.get("scopes", ()))))
+
+    @property
+    def is_admin(self) -> bool:
+        return self.has(scopes.ADMIN)
+
+    def job(self, job_id: str):
+        """The job, if the caller may see it (owner or admin); 404 otherwise."""
+        try:
+            row = self.store.get_job(job_id)
+        except JobNotFound:
+            row = None
+        if row is None or (row.owner != self.user_name and not self.is_admin):
+            raise APIError(404, f"no job {job_id}", field="id", code="not_found")
+        return row
+
+
+class JobsHandler(UserHandler):
+    async def post(self):
+        spec = self.parse(JobSpec)
+        if spec.resources.gpus > 0 and not self.has(scopes.GPU):
+            raise APIError(403, f"requesting GPUs needs the {scopes.GPU} scope", field="resources.gpus",
+                           code="forbidden")
+        groups = self.current_user.get("groups") or []
+        row, created = await self.queue.submit(self.user_name, groups, spec,
+                                               traceparent=self.request.headers.get("traceparent"))
+        self.write_json(self.queue.job_model(row), 201 if created else 200)
+
+    async def get(self):
+        owner = self.get_argument("owner", None)
+        if owner and owner != self.user_name and not self.is_admin:
+            raise APIError(403, "only admins may list other users' jobs", field="owner", code="forbidden")
+        if not owner and not (self.is_admin and self.get_argument("all", "") in ("1", "true")):
+            owner = self.user_name
+        try:
+            limit = int(self.get_argument("limit", "50"))
+        except ValueError:
+            raise APIError(400, "limit must be an integer", field="limit") from None
+        if not 1 <= limit <= MAX_LIST:
+            raise APIError(400, f"limit must be between 1 and {MAX_LIST}", field="limit")
+        labels = {}
+        for item in self.get_arguments("label"):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise APIError(400, f"label filter {item!r} must be key=value", field="label")
+            labels[key] = value
+        try:
+            rows, cursor = await asyncio.to_thread(
+                self.store.list_jobs, owner=owner, state=self.get_arguments("state") or None,
+                labels=labels, limit=limit, cursor=self.get_argument("cursor", None),
+            )
+        except ValueError:
+            raise APIError(400, "cursor is not one this API returned", field="cursor") from None
+        self.write_json(JobList(jobs=[self.queue.job_model(r) for r in rows], next_cursor=cursor))
+
+
+class JobHandler(UserHandler):
+    def get(self, job_id):
+        self.write_json(self.queue.job_model(self.job(job_id)))
+
+    def delete(self, job_id):
+        row = self.job(job_id)
+        if row.state not in TERMINAL_STATES:
+            raise APIError(409, f"job {job_id} is {row.state}; cancel it first", field="state", code="conflict")
+        self.store.delete_job(job_id)
+        self.set_status(204)
+        self.finish()
+
+
+class JobEventsHandler(UserHandler):
+    def get(self, job_id):
+        self.job(job_id)
+        self.write_json({"events": [e.model_dump() for e in self.store.events(job_id)]})
+
+
+class CancelHandler(UserHandler):
+    async def post(self, job_id):
+        row = self.job(job_id)
+        try:
+            row = await self.queue.cancel(job_id, by=self.user_name)
+        except JobStateError:
+            raise APIError(409, f"job {job_id} already finished ({row.state})", field="state", code="conflict")
+        self.write_json(self.queue.job_model(row))
+
+
+class LogsHandler(UserHandler):
+    """The job's log: a byte range (``offset``/``limit``), the ``tail`` lines, or ``follow=true`` as SSE."""
+
+    async def get(self, job_id):
+        row = self.job(job_id)
+        offset = self._int("offset", 0)
+        limit = self._int("limit", 1024 * 1024)
+        tail = self.get_argument("tail", None)
+        if self.get_argument("follow", "false") in ("1", "true"):
+            return await self._follow(job_id, offset)
+        data = await self.queue.read_logs(row, offset, limit)
+        if tail is not None:
+            data = b"\n".join(data.splitlines()[-self._int("tail", 0):])
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("X-Log-Offset", str(offset + len(data)))
+        self.finish(data)
+
+    def _int(self, name: str, default: int) -> int:
+        try:
+            value = int(self.get_argument(name, str(default)))
+        except ValueError:
+            raise APIError(400, f"{name} must be an integer", field=name) from None
+        if value < 0:
+            raise APIError(400, f"{name} must be >= 0", field=name)
+        return value
+
+    async def _follow(self, job_id: str, offset: int) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        while True:
+            row = self.store.get_job(job_id)
+            data = await self.queue.read_logs(row, offset, 64 * 1024)
+            try:
+                if data:
+                    offset += len(data)
+                    payload = json.dumps({"offset": offset, "text": data.decode(errors="replace")})
+                    self.write(f"event: log\ndata: {payload}\n\n")
+                    await self.flush()
+                    continue
+                if row.state in TERMINAL_STATES:
+                    self.write(f"event: end\ndata: {json.dumps({'state': row.state})}\n\n")
+                    break
+                await self.flush()
+            except StreamClosedError:
+                return
+            await asyncio.sleep(0.5)
+        self.finish()
+
+
+class PoolsHandler(UserHandler):
+    async def get(self):
+        self.write_json({"pools": [p.model_dump() for p in await self.queue.pools()]})
+
+
+class QuotaHandler(UserHandler):
+    def get(self):
+        self.write_json(self.queue.quota(self.user_name, self.current_user.get("groups") or []))
+
+
+class JobCallbackHandler(BaseHandler):
+    """Calls from a running job's runner, authenticated with its per-job token."""
+
+    def check_xsrf_cookie(self):
+        """Token-authenticated; no cookies involved."""
+
+    def authorize(self, job_id: str) -> None:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "job-token" or not token:
+            raise APIError(401, "send 'Authorization: job-token <GPULAB_JOB_TOKEN>'", code="unauthenticated")
+        try:
+            ok = self.store.check_job_token(job_id, token.strip())
+        except JobNotFound:
+            ok = False
+        if not ok:
+            raise APIError(403, "job token is not valid for this job", code="forbidden")
+
+
+class ProgressHandler(JobCallbackHandler):
+    def post(self, job_id):
+        self.authorize(job_id)
+        update = self.parse(ProgressUpdate)
+        self.store.update_progress(job_id, update.step, update.total, update.metrics)
+        self.set_status(204)
+        self.finish()
+
+
+class HeartbeatHandler(JobCallbackHandler):
+    def post(self, job_id):
+        self.authorize(job_id)
+        self.store.heartbeat(job_id)
+        self.set_status(204)
+        self.finish()
+
+
+class TrackingHandler(JobCallbackHandler):
+    def post(self, job_id):
+        self.authorize(job_id)
+        update = self.parse(TrackingUpdate)
+        self.store.set_tracking(job_id, update.mlflow_run_id, update.wandb_run_path)
+        self.set_status(204)
+        self.finish()
+
+
+class OpenAPIHandler(BaseHandler):
+    def get(self):
+        self.write_json(self.settings["openapi"])
+
+
+def load_openapi() -> dict:
+    return yaml.safe_load(SPEC_PATH.read_text())
+
+
+def handlers(prefix: str) -> list:
+    """Routes under the service prefix (e.g. ``/services/gpulab-jobs/``)."""
+    api = prefix.rstrip("/") + "/api/v1"
+    job = r"/jobs/(?P<job_id>[0-9a-f]{32})"
+    return [
+        (api + "/openapi.json", OpenAPIHandler),
+        (api + "/jobs", JobsHandler),
+        (api + job, JobHandler),
+        (api + job + "/events", JobEventsHandler),
+        (api + job + "/logs", LogsHandler),
+        (api + job + "/cancel", CancelHandler),
+        (api + job + "/progress", ProgressHandler),
+        (api + job + "/heartbeat", HeartbeatHandler),
+        (api + job + "/tracking", TrackingHandler),
+        (api + "/pools", PoolsHandler),
+        (api + "/quota", QuotaHandler),
+    ]

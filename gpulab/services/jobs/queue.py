@@ -1,0 +1,489 @@
+"""The job queue: priority, fair share, quotas, pool capacity, dispatch, retries, timeouts, recovery.
+
+One :meth:`JobQueue.tick` (every ``tick_interval`` s and after :meth:`JobQueue.kick`) polls
+running attempts, then dispatches due queued jobs; see docs/jobs.md "Scheduling".
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections import defaultdict, deque
+from contextlib import suppress
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from traitlets import Bool, Dict, Float, Instance, List, Type, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from gpulab import tracing
+from gpulab.config import default_data_dir
+from gpulab.events import utcnow
+
+from .executors.base import Executor, ExecutorUnavailable, Handle, Launch, Outcome, PoolCapacity
+from .executors.local import handle_file
+from .models import Job, JobSpec, PoolResources, PoolStatus, Quota, QuotaLimits, QuotaStatus, QuotaUsage
+from .store import JobRow, JobStateError, JobStore, Usage, token_hash
+
+EXECUTORS = {
+    "local": "gpulab.services.jobs.executors.local.LocalExecutor",
+    "ray": "gpulab.services.jobs.executors.ray.RayExecutor",
+}
+DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
+
+
+class ExecutorClass(Type):
+    """A ``Type`` trait that also accepts the short names in :data:`EXECUTORS`."""
+
+    def validate(self, obj, value):
+        return super().validate(obj, EXECUTORS.get(value, value) if isinstance(value, str) else value)
+
+
+def _charge(usage: Usage, row: JobRow) -> None:
+    usage.jobs += 1
+    usage.gpus += row.gpus
+    usage.cpus += row.cpus
+    usage.memory += row.memory or 0
+
+
+class JobQueue(LoggingConfigurable):
+    """Schedules the jobs in a :class:`JobStore` onto an :class:`Executor`."""
+
+    executor_class = ExecutorClass(
+        EXECUTORS["local"],
+        klass=Executor,
+        help="Executor: 'local', 'ray', or an Executor subclass (or its dotted name).",
+    ).tag(config=True)
+    tick_interval = Float(1.0, help="Seconds between scheduling passes.").tag(config=True)
+    user_quota = Dict(
+        DEFAULT_USER_QUOTA,
+        help="Per-user limits on running+dispatching jobs: {'max_jobs': 8, 'max_gpus': 4}; "
+        "keys left out keep their default.",
+    ).tag(config=True)
+    group_quotas = Dict(
+        value_trait=Dict(),
+        help="Group name -> {'max_jobs', 'max_gpus'} over all its members' jobs; keys left out = no limit.",
+    ).tag(config=True)
+    retry_backoff = Float(5.0, help="Delay before retry n is retry_backoff * 2**(n-1) s.").tag(config=True)
+    retry_backoff_max = Float(300.0, help="Upper bound of the retry delay (s).").tag(config=True)
+    cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(
+        config=True
+    )
+    data_dir = Unicode(help="Platform data dir; job directories are <data_dir>/jobs/<owner>/<id>.").tag(
+        config=True
+    )
+    mlflow_tracking_uri = Unicode(help="MLFLOW_TRACKING_URI given to jobs.").tag(config=True)
+    jobs_api_url = Unicode(help="GPULAB_JOBS_URL given to jobs (this service's API, for the runner).").tag(
+        config=True
+    )
+    wandb_env = Dict(
+        value_trait=Unicode(),
+        help="W&B settings given to jobs, e.g. {'WANDB_MODE': 'online', 'WANDB_BASE_URL': ...}; "
+        "default offline.",
+    ).tag(config=True)
+    inherit_env = List(
+        Unicode(),
+        ["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME"],
+        help="Variables of the service's environment that jobs inherit (nothing else is).",
+    ).tag(config=True)
+    wrap_with_runner = Bool(True, help="Run each attempt under `python -m gpulab.runner`.").tag(config=True)
+
+    store = Instance(JobStore)
+    executor = Instance(Executor)
+
+    @default("data_dir")
+    def _default_data_dir(self):
+        return str(default_data_dir())
+
+    @default("executor")
+    def _default_executor(self):
+        return self.executor_class(parent=self)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._lock = asyncio.Lock()  # one tick, recovery or cancel decision at a time
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout in progress
+        self._background: set[asyncio.Task] = set()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Recover jobs left active by a previous run, then schedule in the background."""
+        async with self._lock:
+            for row in self.store.active_jobs():
+                if row.state == "dispatching":
+                    self._recover_dispatching(row)
+                    continue
+                try:
+                    outcome = await self.executor.poll(Handle(**row.handle))
+                except ExecutorUnavailable as e:
+                    self.log.warning("cannot re-attach job %s yet: %s", row.id, e)
+                    continue
+                if outcome.state == "lost":
+                    outcome.reason = "process gone after service restart"
+                self._settle(row, outcome)
+        self._task = asyncio.create_task(self._loop())
+
+    def _recover_dispatching(self, row: JobRow) -> None:
+        path = handle_file(self.log_path(row))
+        if not path.exists():
+            self.store.transition(row.id, "queued", "requeued after service restart", attempt=row.attempt - 1)
+            return
+        started = datetime.fromtimestamp(path.stat().st_mtime, UTC).replace(tzinfo=None)
+        self.store.transition(
+            row.id,
+            "running",
+            "re-attached after service restart",
+            handle=json.loads(path.read_text()),
+            started_at=started,
+        )
+
+    async def stop(self) -> None:
+        """Stop scheduling (running attempts keep running; a restart re-attaches them)."""
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await asyncio.gather(*self._background, *self._stopping.values(), return_exceptions=True)
+        await self.executor.close()
+
+    def kick(self) -> None:
+        """Schedule now instead of at the next interval."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:
+                self.log.exception("job queue tick failed")
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_interval)
+
+    # -- API
+
+    async def submit(
+        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None
+    ) -> tuple[JobRow, bool]:
+        """Queue a job for ``owner`` (``groups``: the owner's groups, for group quotas).
+
+        ``traceparent`` (default: the current span's) becomes the parent of each attempt's
+        trace. Returns ``(row, created)``; ``created`` is False when ``spec.idempotency_key``
+        matched an existing job of the owner, which is returned.
+        """
+        if not owner or "/" in owner or owner.startswith("."):
+            raise ValueError(f"owner {owner!r} cannot name a job directory")
+        traceparent = traceparent or tracing.inject({}).get("traceparent")
+        row, created = self.store.create_job(owner, groups, spec, traceparent)
+        if created:
+            self.kick()
+        return row, created
+
+    async def cancel(self, job_id: str, by: str) -> JobRow:
+        """Cancel a queued job, or stop a running one (SIGTERM, ``cancel_grace``, SIGKILL) and wait.
+
+        Raises ``JobNotFound``, or ``JobStateError`` if the job has already finished.
+        """
+        return await self._cancel(job_id, f"cancelled by {by}")
+
+    async def _cancel(self, job_id: str, reason: str) -> JobRow:
+        async with self._lock:
+            row = self.store.get_job(job_id)
+            if row.state in ("queued", "dispatching"):
+                return self.store.transition(job_id, "cancelled", reason)
+            if row.state != "running":
+                raise JobStateError(f"job {job_id} is {row.state}: nothing to cancel")
+            task = self._begin_stop(row, "cancelled", reason)
+        await task
+        return self.store.get_job(job_id)
+
+    def cancel_all_of(self, owner: str, reason: str) -> asyncio.Task:
+        """Cancel every unfinished job of ``owner`` (a deleted user) in the background.
+
+        Callable from synchronous code running in the event loop; returns the task.
+        """
+        task = asyncio.ensure_future(self._cancel_all(owner, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _cancel_all(self, owner: str, reason: str) -> None:
+        rows, _ = self.store.list_jobs(owner=owner, state=["queued", "dispatching", "running"], limit=100_000)
+        results = await asyncio.gather(*(self._cancel(r.id, reason) for r in rows), return_exceptions=True)
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, Exception) and not isinstance(result, JobStateError):
+                self.log.error("could not cancel job %s of %s: %s", row.id, owner, result)
+
+    def job_dir(self, row: JobRow) -> Path:
+        return Path(self.data_dir) / "jobs" / row.owner / row.id
+
+    def log_path(self, row: JobRow, attempt: int | None = None) -> Path:
+        return self.job_dir(row) / f"attempt-{attempt or row.attempt}.log"
+
+    def job_model(self, row: JobRow) -> Job:
+        """The API view of ``row``; ``log_size`` is that of the latest attempt's log."""
+        try:
+            size = self.log_path(row).stat().st_size if row.attempt else 0
+        except FileNotFoundError:
+            size = 0
+        return row.to_model(log_size=size)
+
+    async def read_logs(self, row: JobRow, offset: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the latest attempt's log from ``offset``."""
+        if not row.handle:
+            return b""
+        return await self.executor.read_logs(Handle(**row.handle), self.log_path(row), offset, limit)
+
+    async def pools(self) -> list[PoolStatus]:
+        """Capacity, use and queue length per pool (raises ``ExecutorUnavailable``)."""
+        capacity = await self.executor.capacity()
+        used, queued = self.store.usage("pool"), self.store.queued_count()
+        return [
+            PoolStatus(
+                name=name,
+                capacity=PoolResources(gpus=cap.gpus, cpus=cap.cpus),
+                used=PoolResources(gpus=used.get(name, Usage()).gpus, cpus=used.get(name, Usage()).cpus),
+                queued=queued.get(name, 0),
+            )
+            for name, cap in sorted(capacity.items())
+        ]
+
+    def quota(self, owner: str, groups: list[str]) -> Quota:
+        """The owner's limits and usage, and those of each of ``groups`` with a quota."""
+        mine = self.store.usage("owner").get(owner, Usage())
+        active = self.store.active_jobs()
+        group_status = {}
+        for group in sorted(set(groups) & set(self.group_quotas)):
+            rows = [r for r in active if group in r.groups]
+            group_status[group] = QuotaStatus(
+                limits=self._limits(self.group_quotas[group]),
+                usage=QuotaUsage(jobs=len(rows), gpus=sum(r.gpus for r in rows)),
+            )
+        return Quota(
+            limits=self._limits({**DEFAULT_USER_QUOTA, **self.user_quota}),
+            usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus),
+            groups=group_status,
+        )
+
+    @staticmethod
+    def _limits(quota: dict) -> QuotaLimits:
+        return QuotaLimits(max_jobs=quota.get("max_jobs"), max_gpus=quota.get("max_gpus"))
+
+    # -- scheduling
+
+    async def tick(self) -> None:
+        """Poll running attempts, then dispatch what fits."""
+        async with self._lock:
+            for row in self.store.active_jobs():
+                if row.state != "running" or row.id in self._stopping:
+                    continue
+                try:
+                    outcome = await self.executor.poll(Handle(**row.handle))
+                except ExecutorUnavailable as e:
+                    self.log.warning("cannot poll job %s: %s", row.id, e)
+                    continue
+                self._settle(row, outcome)
+            await self._dispatch_queued()
+
+    def _settle(self, row: JobRow, outcome: Outcome) -> None:
+        """Apply a polled outcome: finish, retry with backoff, or enforce ``max_runtime``."""
+        if outcome.state == "running":
+            limit = row.spec.get("max_runtime")
+            if limit and utcnow() - row.started_at > timedelta(seconds=limit):
+                self._begin_stop(row, "timed_out", f"max_runtime of {limit}s exceeded")
+            return
+        why = outcome.reason or outcome.state
+        if outcome.state == "succeeded":
+            self.store.transition(row.id, "succeeded", why, exit_code=outcome.exit_code)
+        elif row.attempt <= row.max_retries:
+            delay = min(self.retry_backoff * 2 ** (row.attempt - 1), self.retry_backoff_max)
+            self.store.transition(
+                row.id,
+                "queued",
+                f"retry {row.attempt + 1}/{row.max_retries + 1} after: {why}",
+                exit_code=outcome.exit_code,
+                not_before=utcnow() + timedelta(seconds=delay),
+            )
+        else:
+            self.store.transition(row.id, "failed", why, exit_code=outcome.exit_code)
+
+    def _begin_stop(self, row: JobRow, state: str, reason: str) -> asyncio.Task:
+        if row.id not in self._stopping:
+            task = asyncio.create_task(self._stop(row, state, reason))
+            task.add_done_callback(self._stop_done)
+            self._stopping[row.id] = task
+        return self._stopping[row.id]
+
+    async def _stop(self, row: JobRow, state: str, reason: str) -> None:
+        try:
+            await self.executor.cancel(Handle(**row.handle), self.cancel_grace)
+            self.store.transition(row.id, state, reason)
+        finally:
+            del self._stopping[row.id]
+            self.kick()
+
+    def _stop_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("stopping a job failed: %s", task.exception())
+
+    async def _dispatch_queued(self) -> None:
+        queued = self.store.queued_jobs()
+        if not queued:
+            return
+        try:
+            capacity = await self.executor.capacity()
+        except ExecutorUnavailable as e:
+            for row in queued:
+                self._wait(row, f"waiting: executor unavailable: {e}")
+            return
+        owners, groups, pools = defaultdict(Usage), defaultdict(Usage), defaultdict(Usage)
+        busy_gpus = defaultdict(set)
+        for row in self.store.active_jobs():
+            self._account(row, owners, groups, pools)
+            busy_gpus[row.pool].update((row.handle or {}).get("gpu_ids", []))
+        heads: dict[str, deque[JobRow]] = {}
+        for row in sorted(queued, key=lambda r: (-r.priority, r.created_at)):
+            heads.setdefault(row.owner, deque()).append(row)
+        while heads:
+            # priority, then the owner with the fewest running GPUs, then jobs, then age
+            owner = min(
+                heads,
+                key=lambda o: (-heads[o][0].priority, owners[o].gpus, owners[o].jobs, heads[o][0].created_at),
+            )
+            row = heads[owner].popleft()
+            if not heads[owner]:
+                del heads[owner]
+            blocker = self._blocker(row, capacity, owners, groups, pools)
+            if blocker:
+                self._wait(row, blocker)
+                continue
+            gpu_ids = []
+            if self.executor.owns_gpu_ids and row.gpus:
+                free = [i for i in range(capacity[row.pool].gpus) if i not in busy_gpus[row.pool]]
+                gpu_ids = free[: row.gpus]
+            if await self._dispatch(row, gpu_ids):
+                self._account(row, owners, groups, pools)
+                busy_gpus[row.pool].update(gpu_ids)
+
+    @staticmethod
+    def _account(row: JobRow, owners: dict, groups: dict, pools: dict) -> None:
+        _charge(owners[row.owner], row)
+        _charge(pools[row.pool], row)
+        for group in row.groups:
+            _charge(groups[group], row)
+
+    def _wait(self, row: JobRow, reason: str) -> None:
+        if row.state_reason != reason:
+            self.store.set_reason(row.id, reason)
+
+    def _blocker(
+        self, row: JobRow, capacity: dict[str, PoolCapacity], owners: dict, groups: dict, pools: dict
+    ) -> str | None:
+        """Why ``row`` cannot start now (quota or capacity), or None."""
+        scopes = [("", {**DEFAULT_USER_QUOTA, **self.user_quota}, owners[row.owner])]
+        scopes += [
+            (f"group '{g}' ", self.group_quotas[g], groups[g]) for g in row.groups if g in self.group_quotas
+        ]
+        for scope, limits, used in scopes:
+            max_jobs, max_gpus = limits.get("max_jobs"), limits.get("max_gpus")
+            if max_jobs is not None and used.jobs + 1 > max_jobs:
+                return f"waiting: {scope}quota max_jobs={max_jobs} reached"
+            if max_gpus is not None and used.gpus + row.gpus > max_gpus:
+                detail = f"{used.gpus} in use, job needs {row.gpus}"
+                return f"waiting: {scope}quota max_gpus={max_gpus} reached ({detail})"
+        cap = capacity.get(row.pool)
+        if cap is None:
+            return f"waiting: no pool '{row.pool}' (pools: {', '.join(sorted(capacity))})"
+        used = pools[row.pool]
+        if row.gpus > cap.gpus - used.gpus:
+            return (
+                f"waiting: no GPU capacity in pool '{row.pool}' ({cap.gpus - used.gpus} of {cap.gpus} free)"
+            )
+        free_cpus = cap.cpus - used.cpus
+        if row.cpus > free_cpus + 1e-9:
+            return f"waiting: no CPU capacity in pool '{row.pool}' ({free_cpus:g} of {cap.cpus:g} free)"
+        if cap.memory is not None and (row.memory or 0) > cap.memory - used.memory:
+            return f"waiting: not enough memory in pool '{row.pool}'"
+        return None
+
+    async def _dispatch(self, row: JobRow, gpu_ids: list[int]) -> bool:
+        """queued -> dispatching (committed) -> executor.start -> running; False if it did not start."""
+        attempt = row.attempt + 1
+        token = secrets.token_urlsafe(32)
+        row = self.store.transition(
+            row.id,
+            "dispatching",
+            f"starting attempt {attempt}",
+            attempt=attempt,
+            executor=self.executor.name,
+            handle=None,
+            not_before=None,
+            job_token_hash=token_hash(token),
+        )
+        spec = JobSpec.model_validate(row.spec)
+        job_dir = self.job_dir(row)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        argv = spec.entrypoint
+        if spec.source is not None:
+            (job_dir / "source.py").write_text(spec.source)
+            argv = [sys.executable, str(job_dir / "source.py")]
+        if self.wrap_with_runner:
+            argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
+        env = self._env(row, spec, token)
+        parent = tracing.extract({"traceparent": row.traceparent} if row.traceparent else {})
+        with tracing.tracer(__name__).start_as_current_span("job.dispatch", context=parent) as span:
+            span.set_attribute("gpulab.job_id", row.id)
+            if traceparent := tracing.inject({}).get("traceparent"):
+                env["TRACEPARENT"] = traceparent
+            launch = Launch(
+                job_id=row.id,
+                attempt=attempt,
+                owner=row.owner,
+                argv=argv,
+                working_dir=spec.working_dir or str(job_dir),
+                env=env,
+                gpus=row.gpus,
+                cpus=row.cpus,
+                memory=row.memory,
+                pool=row.pool,
+                log_path=self.log_path(row),
+                gpu_ids=gpu_ids,
+            )
+            try:
+                handle = await self.executor.start(launch)
+            except ExecutorUnavailable as e:
+                self.store.transition(
+                    row.id, "queued", f"waiting: executor unavailable: {e}", attempt=row.attempt - 1
+                )
+                return False
+            except Exception as e:
+                self.log.exception("could not start job %s", row.id)
+                self.store.transition(row.id, "failed", f"could not start: {e}")
+                return False
+        self.store.transition(row.id, "running", f"attempt {attempt} started", handle=asdict(handle))
+        return True
+
+    def _env(self, row: JobRow, spec: JobSpec, token: str) -> dict[str, str]:
+        """The attempt's environment (docs/jobs.md "Job environment"); the executor adds GPU ids."""
+        env = {name: os.environ[name] for name in self.inherit_env if name in os.environ}
+        env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **self.wandb_env, **spec.env})
+        env.update(
+            WANDB_DIR=str(self.job_dir(row)),  # W&B writes <WANDB_DIR>/wandb/
+            MLFLOW_EXPERIMENT_NAME=spec.tracking.experiment or row.name,
+            GPULAB_JOB_ID=row.id,
+            GPULAB_JOB_OWNER=row.owner,
+            GPULAB_JOB_TOKEN=token,
+        )
+        if spec.tracking.wandb_project:
+            env["WANDB_PROJECT"] = spec.tracking.wandb_project
+        if self.mlflow_tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
+        if self.jobs_api_url:
+            env["GPULAB_JOBS_URL"] = self.jobs_api_url
+        return env

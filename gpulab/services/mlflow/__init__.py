@@ -1,0 +1,195 @@
+"""MLflow tracking as a hub-managed service, behind hub auth: ``python -m gpulab.services.mlflow``.
+
+Runs ``mlflow server`` on ``127.0.0.1:$GPULAB_MLFLOW_INTERNAL_PORT`` (a free port if unset;
+store ``$GPULAB_MLFLOW_BACKEND_URI``, served artifacts in ``$GPULAB_MLFLOW_ARTIFACTS``, UI
+and API under ``$JUPYTERHUB_SERVICE_PREFIX``) and a streaming reverse proxy to it on
+``$JUPYTERHUB_SERVICE_URL``. The proxy lets through only hub-authenticated requests holding
+``access:services!service=<name>``: a browser's OAuth cookie (login via the hub, callback
+at ``<prefix>oauth_callback``) or ``Authorization: token|bearer <hub token>`` (the MLflow
+client sends ``$MLFLOW_TRACKING_TOKEN`` that way). Hub credentials are not passed on.
+
+Tracking URIs: clients, jobs included, use ``<hub public URL><prefix>`` with a hub token.
+``http://127.0.0.1:$GPULAB_MLFLOW_INTERNAL_PORT<prefix without trailing slash>`` is the
+unauthenticated internal URL, for trusted processes on this host only (the job service
+when configured with ``GPULAB_MLFLOW_TRUSTED_INTERNAL=1``).
+"""
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from tornado import httputil, web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from ...net import free_port
+
+MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade"}
+# Hub credentials stay here; Origin too: CSRF is checked here, MLflow would reject the hub's public origin.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "origin", "expect"}
+
+
+@web.stream_request_body
+class ProxyHandler(HubOAuthenticated, web.RequestHandler):
+    """Authenticate with the hub, then stream the request to ``upstream`` and its response back."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def initialize(self, upstream: str):
+        self.upstream = upstream
+        self.body: asyncio.Queue | None = None
+        self.headers_sent = False
+
+    def check_xsrf_cookie(self):
+        """Cookie-authenticated requests: same-origin fetches (Fetch Metadata, e.g. the MLflow UI's) need no token."""
+        if self.request.headers.get("Sec-Fetch-Site") != "same-origin":
+            super().check_xsrf_cookie()
+
+    def compute_etag(self):
+        return None  # the body was streamed, not buffered
+
+    async def prepare(self):
+        identified = await self.hub_auth.get_user(self, sync=False)  # cached for current_user
+        if not self.current_user:
+            if identified:
+                raise web.HTTPError(403, "missing scope %s", ",".join(sorted(self.hub_scopes or ())))
+            if self.request.method in ("GET", "HEAD") and "text/html" in self.request.headers.get("Accept", ""):
+                self.redirect(self.get_login_url())  # a browser: log in via the hub
+                return
+            raise web.HTTPError(401)
+        headers = self.request.headers
+        if int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers:
+            self.body = asyncio.Queue(maxsize=4)
+        self.response = asyncio.ensure_future(self.forward())
+        self.response.add_done_callback(self.drop_body)
+
+    async def data_received(self, chunk: bytes):
+        if self.body and not self.response.done():
+            await self.body.put(chunk)
+
+    def drop_body(self, _response):
+        """The upstream exchange ended (early, on errors): unblock ``data_received``; the rest goes unread."""
+        while self.body and not self.body.empty():
+            self.body.get_nowait()
+
+    async def forward(self):
+        headers = httputil.HTTPHeaders()
+        for name, value in self.request.headers.get_all():
+            if name.lower() not in NOT_FORWARDED:
+                headers.add(name, value)
+        headers["X-Forwarded-For"] = self.request.remote_ip
+        headers["X-Forwarded-Proto"] = self.request.protocol
+
+        async def produce(write):
+            while (chunk := await self.body.get()) is not None:
+                await write(chunk)
+
+        request = HTTPRequest(
+            self.upstream + self.request.uri, method=self.request.method, headers=headers,
+            body_producer=produce if self.body else None, allow_nonstandard_methods=True,
+            follow_redirects=False, decompress_response=False, connect_timeout=10, request_timeout=24 * 3600,
+            header_callback=self.on_upstream_header, streaming_callback=self.on_upstream_chunk,
+        )
+        return await AsyncHTTPClient().fetch(request, raise_error=False)
+
+    def on_upstream_header(self, line: str):
+        if line.startswith("HTTP/"):
+            start = httputil.parse_response_start_line(line.strip())
+            self.set_status(start.code, start.reason)
+            for name in ("Content-Type", "Server", "Date"):
+                self.clear_header(name)
+        elif line.strip():
+            name, value = line.split(":", 1)
+            if name.strip().lower() not in HOP_BY_HOP:
+                self.add_header(name.strip(), value.strip())
+        else:
+            self.headers_sent = True
+
+    def on_upstream_chunk(self, chunk: bytes):
+        self.write(chunk)
+        self.flush().add_done_callback(lambda done: done.exception())  # a client gone is not an error here
+
+    async def relay(self):
+        if self.body:
+            await self.body.put(None)
+        try:
+            error = (await self.response).error
+        except OSError as exc:  # no connection (HTTP errors are responses, relayed as they are)
+            error = exc
+        if not self.headers_sent:
+            raise web.HTTPError(502, "MLflow server unavailable: %s", error)
+        self.finish()
+
+    get = head = post = put = patch = delete = options = relay
+
+
+def mlflow_command(backend_uri: str, artifacts: str, port: int, prefix: str) -> list[str]:
+    """``mlflow server`` on 127.0.0.1:``port``, serving UI and API under ``prefix``."""
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+            "--artifacts-destination", artifacts, "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", f"127.0.0.1:{port}"]
+
+
+def make_app(upstream: str, prefix: str) -> web.Application:
+    """The proxy application for ``prefix``, authenticating with the hub from the service environment."""
+    auth = HubOAuth.instance()
+    if not auth.access_scopes:  # never fall back to "any hub user"
+        auth.access_scopes = {f"access:services!service={os.environ.get('JUPYTERHUB_SERVICE_NAME', 'mlflow')}"}
+    # stable across restarts (a browser's cookies stay valid) and secret: derived from the service's hub token
+    secret = hashlib.sha256(b"gpulab-mlflow-cookies\0" + auth.api_token.encode()).digest()
+    return web.Application(
+        [(prefix + "oauth_callback", HubOAuthCallbackHandler), (r".*", ProxyHandler, {"upstream": upstream})],
+        cookie_secret=secret,
+    )
+
+
+def main() -> None:
+    env = os.environ
+    try:
+        backend_uri, artifacts = env["GPULAB_MLFLOW_BACKEND_URI"], env["GPULAB_MLFLOW_ARTIFACTS"]
+        listen = urlsplit(env["JUPYTERHUB_SERVICE_URL"])
+    except KeyError as missing:
+        sys.exit(f"gpulab.services.mlflow: {missing} is not set")
+    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlflow/")
+    port = int(env.get("GPULAB_MLFLOW_INTERNAL_PORT") or free_port())
+    mlflow_env = {k: v for k, v in env.items() if not k.startswith("JUPYTERHUB_")}
+    mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    mlflow = subprocess.Popen(mlflow_command(backend_uri, artifacts, port, prefix), env=mlflow_env)
+
+    AsyncHTTPClient.configure(None, max_clients=64, max_body_size=MAX_BODY)
+    server = HTTPServer(make_app(f"http://127.0.0.1:{port}", prefix), max_body_size=MAX_BODY, xheaders=True)
+    server.listen(listen.port, listen.hostname)
+    loop = IOLoop.current()
+    exit_code = 0
+
+    def stop(code: int = 0):
+        nonlocal exit_code
+        exit_code = code
+        loop.stop()
+
+    def check_mlflow():
+        if mlflow.poll() is not None:
+            print(f"gpulab.services.mlflow: mlflow server exited with {mlflow.returncode}", file=sys.stderr)
+            stop(1)
+
+    signal.signal(signal.SIGTERM, lambda *_: loop.add_callback_from_signal(stop))
+    signal.signal(signal.SIGINT, lambda *_: loop.add_callback_from_signal(stop))
+    PeriodicCallback(check_mlflow, 1000).start()
+    loop.start()
+    server.stop()
+    if mlflow.poll() is None:
+        mlflow.send_signal(signal.SIGTERM)
+        try:
+            mlflow.wait(20)
+        except subprocess.TimeoutExpired:
+            mlflow.kill()
+            mlflow.wait()
+    sys.exit(exit_code)

@@ -1,0 +1,483 @@
+"""JobQueue + LocalExecutor with real subprocesses (no runner): outcomes, logs, retries,
+timeouts, cancellation of process groups, priority, fair share, quotas, GPU capacity,
+and recovery after the service dies (a real service process, killed with SIGKILL)."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+from traitlets.config import Config
+
+from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch
+from gpulab.services.jobs.executors.local import LocalExecutor
+from gpulab.services.jobs.models import JobSpec
+from gpulab.services.jobs.queue import JobQueue
+from gpulab.services.jobs.store import JobStateError, JobStore
+
+FINAL = ("succeeded", "failed", "cancelled", "timed_out")
+
+# A job that records each run, publishes its token and waits for a release file.
+GATED = """
+import os, sys, time
+from pathlib import Path
+d = Path(sys.argv[1])
+with open(d / "runs", "a") as f:
+    f.write(os.environ["GPULAB_JOB_ID"] + "\\n")
+(d / ("token-" + os.environ["GPULAB_JOB_ID"])).write_text(os.environ["GPULAB_JOB_TOKEN"])
+print("CVD=[%s]" % os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+while not (d / "release").exists():
+    time.sleep(0.02)
+"""
+
+# A job with a child process; both pids go to a file. IGNORE=1: both ignore SIGTERM.
+FAMILY = """
+import os, signal, subprocess, sys, time
+if os.environ.get("IGNORE"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["sleep", "120"])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write("%d %d" % (os.getpid(), child.pid))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+# The service: a queue on the given DB, optionally submitting one job; runs until killed.
+SERVICE = """
+import asyncio, sys
+from gpulab.services.jobs.models import JobSpec
+from gpulab.services.jobs.queue import JobQueue
+from gpulab.services.jobs.store import JobStore
+
+async def main(db, data_dir, spec):
+    queue = JobQueue(store=JobStore(url=db), data_dir=data_dir, wrap_with_runner=False, tick_interval=0.05)
+    await queue.start()
+    await queue.submit("alice", [], JobSpec.model_validate_json(spec))
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def py(code: str, *args) -> list[str]:
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def until(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return result
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = JobStore(url=f"sqlite:///{tmp_path / 'jobs' / 'jobs.sqlite'}")
+    yield store
+    store.engine.dispose()
+
+
+@pytest.fixture
+async def make_queue(tmp_path, store):
+    """Queues on the test's store; ``start=False`` leaves scheduling to the test. Active jobs are
+    cancelled at the end so no process outlives the test."""
+    queues = []
+
+    async def make(start=True, queue=None, executor=None, cls=JobQueue):
+        cfg = Config(
+            {
+                "JobQueue": {
+                    "tick_interval": 0.05,
+                    "retry_backoff": 0.05,
+                    "cancel_grace": 1.0,
+                    **(queue or {}),
+                },
+                "LocalExecutor": {"cpus": 8.0, **(executor or {})},
+            }
+        )
+        q = cls(config=cfg, store=store, data_dir=str(tmp_path), wrap_with_runner=False)
+        queues.append(q)
+        if start:
+            await q.start()
+        return q
+
+    yield make
+    for q in queues:
+        await q.stop()
+    for row in store.active_jobs():
+        if row.state == "running":
+            await queues[-1].executor.cancel(Handle(**row.handle), 0.5)
+
+
+async def submit(q: JobQueue, owner="alice", groups=(), **spec):
+    spec.setdefault("name", "job")
+    row, created = await q.submit(owner, list(groups), JobSpec.model_validate(spec))
+    assert created
+    return row.id
+
+
+async def finished(store: JobStore, job_id: str, timeout=20.0):
+    return await until(
+        lambda: (r := store.get_job(job_id)).state in FINAL and r, timeout, f"job {job_id} to finish"
+    )
+
+
+async def state_is(store: JobStore, job_id: str, state: str, timeout=20.0):
+    return await until(
+        lambda: (r := store.get_job(job_id)).state == state and r, timeout, f"job {job_id} to be {state}"
+    )
+
+
+def events(store, job_id):
+    return [(e.from_state, e.to_state, e.reason) for e in store.events(job_id)]
+
+
+async def test_job_succeeds_with_log_env_and_token(make_queue, store, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "service-secret")
+    q = await make_queue(queue={"mlflow_tracking_uri": "http://mlflow", "jobs_api_url": "http://jobs/api/v1"})
+    code = """
+import os, sys
+print("hello from the job")
+print("stderr line", file=sys.stderr)
+keys = ["FOO", "GPULAB_JOB_OWNER", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "GPULAB_JOBS_URL",
+        "WANDB_MODE", "CUDA_VISIBLE_DEVICES"]
+print({k: os.environ.get(k) for k in keys})
+print("leaked" if "JUPYTERHUB_API_TOKEN" in os.environ else "clean", os.getcwd())
+"""
+    job_id = await submit(q, entrypoint=py(code), env={"FOO": "bar"}, tracking={"experiment": "exp1"})
+    row = await finished(store, job_id)
+    assert (row.state, row.exit_code, row.attempt, row.state_reason) == ("succeeded", 0, 1, "exit code 0")
+    log = q.log_path(row).read_text()
+    assert "hello from the job" in log and "stderr line" in log
+    env = {
+        "FOO": "bar",
+        "GPULAB_JOB_OWNER": "alice",
+        "MLFLOW_TRACKING_URI": "http://mlflow",
+        "MLFLOW_EXPERIMENT_NAME": "exp1",
+        "GPULAB_JOBS_URL": "http://jobs/api/v1",
+        "WANDB_MODE": "offline",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    assert repr(env) in log
+    assert f"clean {q.job_dir(row)}" in log
+    job = q.job_model(row)
+    assert job.log_size == len(log.encode()) and job.finished_at and job.started_at
+    assert await q.read_logs(row, 6, 4) == b"from"
+    assert [e[1] for e in events(store, job_id)] == ["queued", "dispatching", "running", "succeeded"]
+
+    gated = await submit(q, entrypoint=py(GATED, tmp_path))
+    token_file = tmp_path / f"token-{gated}"
+    await until(token_file.exists, what="the job's token")
+    token = token_file.read_text()
+    assert store.check_job_token(gated, token) and not store.check_job_token(gated, token + "x")
+    assert not store.check_job_token(job_id, token)  # only for its own job
+    (tmp_path / "release").touch()
+    assert (await finished(store, gated)).state == "succeeded"
+    assert not store.check_job_token(gated, token)
+
+
+async def test_cell_job_runs_source_in_job_dir(make_queue, store):
+    q = await make_queue()
+    job_id = await submit(q, source="import os\nprint('cwd', os.getcwd())\nprint('file', __file__)\n")
+    row = await finished(store, job_id)
+    assert row.state == "succeeded"
+    log = q.log_path(row).read_text()
+    assert f"cwd {q.job_dir(row)}" in log and f"file {q.job_dir(row) / 'source.py'}" in log
+
+
+async def test_failing_job_fails_with_exit_code(make_queue, store):
+    q = await make_queue()
+    job_id = await submit(q, entrypoint=py("import sys; print('boom'); sys.exit(3)"))
+    row = await finished(store, job_id)
+    assert (row.state, row.exit_code, row.state_reason, row.attempt) == ("failed", 3, "exit code 3", 1)
+    assert "boom" in q.log_path(row).read_text()
+    missing = await submit(q, entrypoint=["/nonexistent/train"])
+    row = await finished(store, missing)
+    assert (row.state, row.exit_code) == ("failed", 127)
+    assert "cannot start '/nonexistent/train'" in q.log_path(row).read_text()
+
+
+async def test_bad_working_dir_fails_to_start(make_queue, store, tmp_path):
+    q = await make_queue()
+    job_id = await submit(q, entrypoint=["true"], working_dir=str(tmp_path / "missing"))
+    row = await finished(store, job_id)
+    assert row.state == "failed" and row.state_reason.startswith("could not start:")
+
+
+async def test_retries_with_backoff_then_fail(make_queue, store):
+    q = await make_queue(queue={"retry_backoff": 0.3})
+    job_id = await submit(q, entrypoint=py("import os, sys; print('attempt'); sys.exit(1)"), retries=2)
+    row = await finished(store, job_id)
+    assert (row.state, row.attempt, row.exit_code) == ("failed", 3, 1)
+    evs = store.events(job_id)
+    assert [e.to_state for e in evs] == ["queued"] + ["dispatching", "running", "queued"] * 2 + [
+        "dispatching",
+        "running",
+        "failed",
+    ]
+    retries = [i for i, e in enumerate(evs) if e.from_state == "running" and e.to_state == "queued"]
+    assert [evs[i].reason for i in retries] == [
+        "retry 2/3 after: exit code 1",
+        "retry 3/3 after: exit code 1",
+    ]
+    at = [datetime.fromisoformat(e.at.rstrip("Z")) for e in evs]
+    gaps = [(at[i + 1] - at[i]).total_seconds() for i in retries]
+    assert gaps[0] >= 0.3 and gaps[1] >= 0.6  # retry_backoff * 2**(n-1)
+    assert all(q.log_path(row, n).read_text() == "attempt\n" for n in (1, 2, 3))
+
+
+async def test_max_runtime_times_out_and_kills_the_group(make_queue, store, tmp_path):
+    q = await make_queue()
+    pids_file = tmp_path / "pids"
+    job_id = await submit(q, entrypoint=py(FAMILY, pids_file), max_runtime=1)
+    await until(pids_file.exists, what="the job's pids")
+    pids = [int(p) for p in pids_file.read_text().split()]
+    row = await finished(store, job_id, timeout=10)
+    assert (row.state, row.state_reason) == ("timed_out", "max_runtime of 1s exceeded")
+    assert 1 <= (row.finished_at - row.started_at).total_seconds() < 5
+    assert all(gone(p) for p in pids)
+
+
+async def test_cancel_kills_the_process_group(make_queue, store, tmp_path):
+    q = await make_queue(queue={"cancel_grace": 1.5})
+    stubborn = await submit(q, entrypoint=py(FAMILY, tmp_path / "stubborn"), env={"IGNORE": "1"})
+    polite = await submit(q, entrypoint=py(FAMILY, tmp_path / "polite"))
+    for name in ("stubborn", "polite"):
+        await until((tmp_path / name).exists, what=f"{name} pids")
+    for job_id, name, slow in ((stubborn, "stubborn", True), (polite, "polite", False)):
+        pids = [int(p) for p in (tmp_path / name).read_text().split()]
+        t0 = time.monotonic()
+        row = await q.cancel(job_id, by="alice")
+        elapsed = time.monotonic() - t0
+        assert (row.state, row.state_reason) == ("cancelled", "cancelled by alice")
+        assert all(gone(p) for p in pids), name
+        assert elapsed >= 1.5 if slow else elapsed < 1.5, (name, elapsed)  # SIGKILL only after the grace
+    with pytest.raises(JobStateError):
+        await q.cancel(polite, by="alice")
+    queued = await submit(q, entrypoint=["true"], resources={"gpus": 1})
+    assert (await q.cancel(queued, by="admin")).state == "cancelled"
+
+
+async def test_cancel_all_of_a_deleted_user(make_queue, store, tmp_path):
+    q = await make_queue()
+    running = await submit(q, "alice", entrypoint=py(GATED, tmp_path))
+    bobs = await submit(q, "bob", entrypoint=py(GATED, tmp_path))
+    await state_is(store, running, "running")
+    queued = await submit(q, "alice", entrypoint=["true"], resources={"gpus": 1})
+    await q.cancel_all_of("alice", reason="user alice was deleted")
+    for job_id in (running, queued):
+        row = store.get_job(job_id)
+        assert (row.state, row.state_reason) == ("cancelled", "user alice was deleted")
+    assert store.get_job(bobs).state == "running"
+
+
+async def test_priority_order(make_queue, store):
+    q = await make_queue(start=False, executor={"cpus": 1.0})
+    ids = {p: await submit(q, name=f"p{p}", entrypoint=["true"], priority=p) for p in (0, 10, -5, 5)}
+    await q.start()
+    rows = {p: await finished(store, i) for p, i in ids.items()}
+    order = sorted(rows, key=lambda p: rows[p].started_at)
+    assert order == [10, 5, 0, -5]
+
+
+async def test_fair_share_between_users(make_queue, store, tmp_path):
+    q = await make_queue(start=False, executor={"cpus": 2.0})
+    alice = [await submit(q, "alice", entrypoint=py(GATED, tmp_path)) for _ in range(3)]
+    bob = [await submit(q, "bob", entrypoint=py(GATED, tmp_path)) for _ in range(2)]
+    await q.start()
+    await until(
+        lambda: len(store.active_jobs()) == 2 and all(r.state == "running" for r in store.active_jobs())
+    )
+    await asyncio.sleep(0.2)
+    assert {r.id for r in store.active_jobs()} == {alice[0], bob[0]}
+    waiting = store.get_job(alice[1])
+    assert (
+        waiting.state == "queued"
+        and waiting.state_reason == "waiting: no CPU capacity in pool 'default' (0 of 2 free)"
+    )
+    (tmp_path / "release").touch()
+    for job_id in alice + bob:
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
+async def test_user_and_group_quotas_keep_jobs_queued(make_queue, store, tmp_path):
+    q = await make_queue(queue={"user_quota": {"max_jobs": 1}, "group_quotas": {"ml": {"max_jobs": 1}}})
+    a1 = await submit(q, "alice", ["ml"], entrypoint=py(GATED, tmp_path))
+    await state_is(store, a1, "running")
+    a2 = await submit(q, "alice", ["ml"], entrypoint=py(GATED, tmp_path))
+    c1 = await submit(q, "carol", ["ml"], entrypoint=py(GATED, tmp_path))
+    b1 = await submit(q, "bob", entrypoint=py(GATED, tmp_path))
+    await state_is(store, b1, "running")
+    await until(lambda: store.get_job(c1).state_reason != "submitted")
+    assert store.get_job(a2).state_reason == "waiting: quota max_jobs=1 reached"
+    assert store.get_job(c1).state_reason == "waiting: group 'ml' quota max_jobs=1 reached"
+    assert {store.get_job(i).state for i in (a2, c1)} == {"queued"}
+    quota = q.quota("alice", ["ml", "other"])
+    assert (quota.limits.max_jobs, quota.limits.max_gpus, quota.usage.jobs) == (1, 4, 1)
+    assert list(quota.groups) == ["ml"] and quota.groups["ml"].usage.jobs == 1
+    (tmp_path / "release").touch()
+    for job_id in (a1, a2, c1, b1):
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
+async def test_gpu_job_waits_on_a_machine_without_gpus(make_queue, store):
+    q = await make_queue()
+    assert (await q.executor.capacity())["default"].gpus == 0  # no NVML, no nvidia-smi here
+    gpu = await submit(q, entrypoint=["true"], resources={"gpus": 1})
+    cpu = await submit(q, entrypoint=["true"])
+    assert (await finished(store, cpu)).state == "succeeded"  # a job that fits is not held up
+    row = store.get_job(gpu)
+    assert (row.state, row.state_reason) == (
+        "queued",
+        "waiting: no GPU capacity in pool 'default' (0 of 0 free)",
+    )
+    [pool] = await q.pools()
+    assert (pool.name, pool.capacity.gpus, pool.queued) == ("default", 0, 1)
+    other = await submit(q, entrypoint=["true"], resources={"pool": "big"})
+    await until(lambda: store.get_job(other).state_reason != "submitted")
+    assert store.get_job(other).state_reason == "waiting: no pool 'big' (pools: default)"
+
+
+async def test_queue_assigns_gpu_ids(make_queue, store, tmp_path):
+    q = await make_queue(executor={"gpus": 2})
+    ids = [await submit(q, entrypoint=py(GATED, tmp_path), resources={"gpus": 1}) for _ in range(3)]
+    await until(lambda: len([r for r in store.active_jobs() if r.state == "running"]) == 2)
+    third = await until(lambda: (r := store.get_job(ids[2])).state_reason.startswith("waiting") and r)
+    assert third.state_reason == "waiting: no GPU capacity in pool 'default' (0 of 2 free)"
+    running = [store.get_job(i) for i in ids[:2]]
+    await until(lambda: all("CVD=" in q.log_path(r).read_text() for r in running))
+    assert sorted(q.log_path(r).read_text().strip() for r in running) == ["CVD=[0]", "CVD=[1]"]
+    assert sorted(r.handle["gpu_ids"] for r in running) == [[0], [1]]
+    (tmp_path / "release").touch()
+    for job_id in ids:
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
+class UnreachableExecutor(LocalExecutor):
+    """A backend that is down (as a Ray cluster can be)."""
+
+    async def capacity(self):
+        raise ExecutorUnavailable("connection refused")
+
+
+async def test_unavailable_executor_keeps_jobs_queued(make_queue, store):
+    q = await make_queue(queue={"executor_class": UnreachableExecutor})
+    job_id = await submit(q, entrypoint=["true"])
+    await until(lambda: store.get_job(job_id).state_reason != "submitted")
+    row = store.get_job(job_id)
+    assert (row.state, row.state_reason) == ("queued", "waiting: executor unavailable: connection refused")
+
+
+async def test_executor_class_names(make_queue):
+    q = await make_queue(start=False, queue={"executor_class": "local"})
+    assert type(q.executor) is LocalExecutor and q.executor.parent is q
+    assert q.executor.state_dir == str(Path(q.data_dir) / "jobs" / ".local-executor")
+
+
+async def test_idempotent_submit(make_queue, store):
+    q = await make_queue(start=False)
+    spec = JobSpec(name="j", entrypoint=["true"], idempotency_key="key-1")
+    first, created = await q.submit("alice", [], spec)
+    again, created_again = await q.submit("alice", [], spec)
+    assert created and not created_again and again.id == first.id
+
+
+def start_service(tmp_path: Path, store: JobStore, spec: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        py(SERVICE, store.url, tmp_path, json.dumps(spec)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def kill_service(service: subprocess.Popen) -> None:
+    service.send_signal(signal.SIGKILL)
+    await until(lambda: service.poll() is not None, what="the service to die")
+
+
+async def test_restart_reattaches_running_job(make_queue, store, tmp_path):
+    service = start_service(tmp_path, store, {"name": "long", "entrypoint": py(GATED, tmp_path)})
+    try:
+        [row] = await until(lambda: [r for r in store.active_jobs() if r.state == "running"], 30, "the job")
+        await until((tmp_path / "runs").exists)
+    finally:
+        await kill_service(service)
+    q = await make_queue()  # the restarted service
+    await asyncio.sleep(0.3)
+    assert store.get_job(row.id).state == "running"
+    (tmp_path / "release").touch()
+    done = await finished(store, row.id)
+    assert (done.state, done.attempt, done.exit_code) == ("succeeded", 1, 0)
+    assert (tmp_path / "runs").read_text().splitlines() == [row.id]
+    assert [e[1] for e in events(store, row.id)].count("dispatching") == 1
+    assert q.log_path(done).read_text().strip() == "CVD=[]"
+
+
+async def test_job_killed_while_service_down_is_lost_and_retried(make_queue, store, tmp_path):
+    service = start_service(
+        tmp_path, store, {"name": "long", "entrypoint": py(GATED, tmp_path), "retries": 1}
+    )
+    try:
+        [row] = await until(lambda: [r for r in store.active_jobs() if r.state == "running"], 30, "the job")
+        await until((tmp_path / "runs").exists)
+    finally:
+        await kill_service(service)
+    pgid = int(row.handle["ref"].split(":")[0])
+    os.killpg(pgid, signal.SIGKILL)
+    await until(lambda: gone(pgid), what="the job to die")
+    (tmp_path / "release").touch()  # the retry may finish
+    await make_queue()
+    done = await finished(store, row.id)
+    assert (done.state, done.attempt) == ("succeeded", 2)
+    assert ("running", "queued", "retry 2/2 after: process gone after service restart") in events(
+        store, row.id
+    )
+    assert (tmp_path / "runs").read_text().splitlines() == [row.id, row.id]
+
+
+async def test_restart_requeues_or_reattaches_dispatching_jobs(make_queue, store, tmp_path):
+    q = await make_queue(start=False)
+    spec = {"entrypoint": py(GATED, tmp_path)}
+    # died after committing 'dispatching', before starting: requeued, started once
+    lost = await submit(q, name="not started", **spec)
+    store.transition(lost, "dispatching", "starting attempt 1", attempt=1)
+    # died after the executor started it, before storing the handle: re-attached from the handle file
+    started = await submit(q, name="started", **spec)
+    row = store.transition(started, "dispatching", "starting attempt 1", attempt=1)
+    q.job_dir(row).mkdir(parents=True)
+    launch = Launch(
+        job_id=row.id,
+        attempt=1,
+        owner="alice",
+        argv=spec["entrypoint"],
+        working_dir=str(tmp_path),
+        env={"GPULAB_JOB_ID": row.id, "GPULAB_JOB_TOKEN": "t"},
+        gpus=0,
+        cpus=1,
+        memory=None,
+        pool="default",
+        log_path=q.log_path(row),
+    )
+    await q.executor.start(launch)
+    await q.start()
+    assert ("dispatching", "queued", "requeued after service restart") in events(store, lost)
+    assert events(store, started)[-1][1:] == ("running", "re-attached after service restart")
+    (tmp_path / "release").touch()
+    for job_id in (lost, started):
+        assert ((await finished(store, job_id)).state, store.get_job(job_id).attempt) == ("succeeded", 1)
+    assert sorted((tmp_path / "runs").read_text().splitlines()) == sorted([lost, started])

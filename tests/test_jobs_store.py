@@ -1,0 +1,215 @@
+"""JobStore on SQLite and PostgreSQL: migrations, idempotency, transitions and events,
+pagination, deletion, tokens, usage. A throwaway PostgreSQL database per module."""
+
+import secrets
+import threading
+from datetime import timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, select, text, update
+from sqlalchemy.orm import Session
+
+from gpulab.events import utcnow
+from gpulab.services.jobs.models import JobSpec
+from gpulab.services.jobs.store import (
+    VERSION_TABLE,
+    Base,
+    JobNotFound,
+    JobRow,
+    JobStateError,
+    JobStore,
+    token_hash,
+)
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    psycopg = pytest.importorskip("psycopg")
+    name = f"gpulab_test_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        yield PG + name
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """An empty database (tables dropped afterwards, so each test runs the migrations)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+        return
+    url = request.getfixturevalue("pg_url")
+    yield url
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS job_events, jobs, {VERSION_TABLE}"))
+    engine.dispose()
+
+
+@pytest.fixture
+def store(url):
+    store = JobStore(url=url)
+    yield store
+    store.engine.dispose()
+
+
+def spec(name="job", **kw) -> JobSpec:
+    return JobSpec(name=name, entrypoint=["python", "train.py"], **kw)
+
+
+def test_migrations_create_the_schema_once(url):
+    first = JobStore(url=url)
+    second = JobStore(url=url)  # upgrading an up-to-date database is a no-op
+    with second.engine.connect() as conn:
+        assert {"jobs", "job_events", VERSION_TABLE} <= set(inspect(conn).get_table_names())
+        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0001"
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
+    first.engine.dispose()
+    second.engine.dispose()
+
+
+def test_create_is_idempotent_per_owner_and_key(store):
+    row, created = store.create_job("alice", ["ml"], spec(idempotency_key="k1", labels={"team": "a"}))
+    assert created and row.state == "queued" and row.attempt == 0 and row.groups == ["ml"]
+    again, created = store.create_job("alice", ["ml"], spec("other name", idempotency_key="k1"))
+    assert not created and again.id == row.id and again.name == "job"
+    bobs, created = store.create_job("bob", [], spec(idempotency_key="k1"))
+    assert created and bobs.id != row.id
+    a, _ = store.create_job("alice", [], spec())
+    b, _ = store.create_job("alice", [], spec())
+    assert a.id != b.id
+    assert [e.to_state for e in store.events(row.id)] == ["queued"]
+    job = store.get_job(row.id).to_model()
+    assert job.spec.idempotency_key == "k1" and job.labels == {"team": "a"} and job.created_at.endswith("Z")
+
+
+def test_transitions_record_events_and_refuse_illegal_ones(store):
+    row, _ = store.create_job("alice", [], spec(resources={"gpus": 0, "memory": "1Gi"}))
+    store.transition(row.id, "dispatching", "starting attempt 1", attempt=1, job_token_hash=token_hash("t"))
+    assert store.check_job_token(row.id, "t") and not store.check_job_token(row.id, "u")
+    running = store.transition(row.id, "running", "started", handle={"executor": "local", "ref": "1:2.00"})
+    assert (
+        running.started_at is not None and running.finished_at is None and running.handle["ref"] == "1:2.00"
+    )
+    done = store.transition(row.id, "succeeded", "exit code 0", exit_code=0)
+    assert done.finished_at is not None and done.exit_code == 0 and done.memory == 2**30
+    assert not store.check_job_token(row.id, "t")  # token hashes are cleared on leaving the active states
+    events = store.events(row.id)
+    assert [(e.from_state, e.to_state, e.reason) for e in events] == [
+        (None, "queued", "submitted"),
+        ("queued", "dispatching", "starting attempt 1"),
+        ("dispatching", "running", "started"),
+        ("running", "succeeded", "exit code 0"),
+    ]
+    with pytest.raises(JobStateError, match="is succeeded: cannot change to running"):
+        store.transition(row.id, "running", "again")
+    other, _ = store.create_job("alice", [], spec())
+    with pytest.raises(JobStateError, match="is queued: cannot change to running"):
+        store.transition(other.id, "running", "skipping dispatch")
+    assert len(store.events(row.id)) == 4 and len(store.events(other.id)) == 1
+    assert store.get_job(other.id).state == "queued"
+    with pytest.raises(JobNotFound):
+        store.transition("nope", "dispatching", "x")
+    with pytest.raises(JobNotFound):
+        store.get_job("nope")
+
+
+def test_concurrent_transitions_let_exactly_one_win(store, url):
+    if url.startswith("sqlite"):
+        pytest.skip("the service writes SQLite from one thread; the race matters with PostgreSQL")
+    row, _ = store.create_job("alice", [], spec())
+    results, barrier = [], threading.Barrier(8)
+
+    def attempt():
+        barrier.wait()
+        try:
+            store.transition(row.id, "dispatching", "race")
+            results.append("won")
+        except JobStateError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused"] * 7 + ["won"]
+    assert [e.to_state for e in store.events(row.id)] == ["queued", "dispatching"]
+
+
+def test_cursor_pagination_newest_first(store):
+    ids = [
+        store.create_job("alice" if i % 2 else "bob", [], spec(f"j{i}", labels={"n": str(i % 3)}))[0].id
+        for i in range(120)
+    ]
+    with Session(store.engine) as session, session.begin():  # ties on created_at order by id
+        session.execute(update(JobRow).where(JobRow.id.in_(ids[40:60])).values(created_at=utcnow()))
+    with Session(store.engine) as session:
+        expected = list(
+            session.scalars(select(JobRow.id).order_by(JobRow.created_at.desc(), JobRow.id.desc()))
+        )
+
+    def pages(**filters):
+        seen, cursor, n = [], None, 0
+        while True:
+            rows, cursor = store.list_jobs(cursor=cursor, **filters)
+            seen += [r.id for r in rows]
+            n += 1
+            if cursor is None:
+                return seen, n
+
+    seen, n = pages(limit=25)
+    assert seen == expected and n == 5
+    seen, _ = pages(limit=7, owner="alice", labels={"n": "0"})
+    assert seen == [i for i in expected if int(store.get_job(i).name[1:]) % 6 == 3]
+    assert pages(limit=120)[1] == 1
+    rows, cursor = store.list_jobs(limit=10, state=["queued", "running"])
+    assert len(rows) == 10 and cursor
+    assert store.list_jobs(state="running") == ([], None)
+    with pytest.raises(ValueError, match="invalid cursor"):
+        store.list_jobs(cursor="not-a-cursor")
+
+
+def test_delete_only_finished_jobs(store):
+    row, _ = store.create_job("alice", [], spec())
+    with pytest.raises(JobStateError, match="only finished jobs"):
+        store.delete_job(row.id)
+    store.transition(row.id, "cancelled", "cancelled by alice")
+    store.delete_job(row.id)
+    assert store.events(row.id) == []
+    with pytest.raises(JobNotFound):
+        store.delete_job(row.id)
+
+
+def test_progress_tracking_and_usage(store):
+    a, _ = store.create_job("alice", ["ml"], spec(resources={"gpus": 2, "cpus": 4, "pool": "gpu"}))
+    b, _ = store.create_job("alice", [], spec())
+    c, _ = store.create_job("bob", [], spec(resources={"pool": "gpu"}))
+    assert not store.update_progress(a.id, 1, 10, {})  # queued jobs report no progress
+    for row in (a, c):
+        store.transition(row.id, "dispatching", "go", attempt=1)
+    store.transition(a.id, "running", "started")
+    assert store.update_progress(a.id, 5, 10, {"loss": 0.5})
+    assert store.set_tracking(a.id, "run123", None) and store.heartbeat(a.id)
+    job = store.get_job(a.id).to_model()
+    assert (job.progress.step, job.progress.fraction, job.progress.metrics) == (5, 0.5, {"loss": 0.5})
+    assert job.mlflow_run_id == "run123" and job.wandb_run_path is None
+    by_owner, by_pool = store.usage("owner"), store.usage("pool")
+    assert (by_owner["alice"].jobs, by_owner["alice"].gpus, by_owner["bob"].jobs) == (1, 2, 1)
+    assert (by_pool["gpu"].jobs, by_pool["gpu"].gpus, by_pool["gpu"].cpus) == (2, 2, 5.0)
+    assert store.queued_count() == {"default": 1}
+    assert {r.id for r in store.active_jobs()} == {a.id, c.id}
+    store.transition(b.id, "dispatching", "go", attempt=1)
+    store.transition(b.id, "queued", "retry", not_before=utcnow() + timedelta(hours=1))
+    assert [r.id for r in store.queued_jobs()] == [] and [
+        r.id for r in store.queued_jobs(due_only=False)
+    ] == [b.id]

@@ -1,0 +1,125 @@
+"""The MLflow service behind hub auth: a real `gpulab up` (hub + proxy) manages `python -m gpulab.services.mlflow`.
+
+Clients go through the hub's proxy, as users and jobs do: API tokens, the browser OAuth flow
+with the MLflow UI's same-origin fetches, streamed artifact uploads and downloads.
+"""
+
+import hashlib
+import os
+import sys
+import time
+from urllib.parse import urljoin
+
+import mlflow
+import psutil
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from gpulab.net import free_port
+from tests.support.gpulab_up import Platform
+from tests.support.login import password_login
+
+PREFIX = "/services/mlflow"
+SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mlflow-service")
+    service = {
+        "name": "mlflow",
+        "command": [sys.executable, "-m", "gpulab.services.mlflow"],
+        "environment": {
+            "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{work / 'mlflow.db'}",
+            "GPULAB_MLFLOW_ARTIFACTS": str(work / "artifacts"),
+            "GPULAB_MLFLOW_INTERNAL_PORT": str(free_port()),
+        },
+    }
+    platform = Platform(work / "data", host="127.0.0.11").start(services=[service])
+    platform.create_user("alice")
+    platform.mlflow_token = platform.token("alice", scopes=["access:services!service=mlflow"])
+    started = time.monotonic()
+    while time.monotonic() - started < 90:
+        r = requests.get(f"{platform.url}{PREFIX}/health", headers=auth(platform.mlflow_token), timeout=10)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 502, r.text  # the proxy is up; MLflow is starting
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"MLflow behind the hub not ready:\n{platform.log_tail()}")
+    print(f"hub up in {platform.startup_seconds:.1f}s, MLflow through it {time.monotonic() - started:.1f}s later")
+    processes = platform.descendants()
+    yield platform
+    assert platform.stop() == 0
+    time.sleep(0.5)
+    left = [p.cmdline() for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running: {left}"
+
+
+def auth(token: str, kind: str = "token") -> dict:
+    return {"Authorization": f"{kind} {token}"}
+
+
+def test_requests_without_valid_hub_credentials_are_refused(hub):
+    api = f"{hub.url}{PREFIX}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(api, timeout=10).status_code == 401
+    assert requests.post(api, json={}, timeout=10).status_code == 401
+    assert requests.get(api, headers=auth("not-a-token"), timeout=10).status_code == 401
+    no_scope = hub.token("alice", scopes=["read:users:name!user=alice"])
+    assert requests.get(api, headers=auth(no_scope), timeout=10).status_code == 403
+
+    page = requests.get(f"{hub.url}{PREFIX}/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10)
+    assert page.status_code == 302
+    location = urljoin(page.url, page.headers["Location"])
+    assert location.startswith(f"{hub.url}/hub/api/oauth2/authorize?client_id=service-mlflow&"), location
+
+
+def test_mlflow_client_with_a_hub_token(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", hub.mlflow_token)  # sent as "Authorization: Bearer"
+    client = MlflowClient(f"{hub.url}{PREFIX}")
+    experiment_id = client.create_experiment("through-the-hub")
+    run = client.create_run(experiment_id, run_name="r1", tags={"gpulab.user": "alice"})
+    for step in range(3):
+        client.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(6 * 2**20))
+    client.log_artifact(run.info.run_id, str(model), "weights")
+    client.set_terminated(run.info.run_id)
+
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5, 1 / 3]
+    back = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="weights/model.bin", dst_path=str(tmp_path / "back"),
+        tracking_uri=f"{hub.url}{PREFIX}",
+    )
+    assert hashlib.sha256(open(back, "rb").read()).digest() == hashlib.sha256(model.read_bytes()).digest()
+
+
+def test_chunked_upload_and_head_are_streamed_through(hub):
+    headers = auth(hub.mlflow_token, "Bearer")
+    url = f"{hub.url}{PREFIX}/api/2.0/mlflow-artifacts/artifacts/chunked/data.bin"
+    chunks = [os.urandom(2**20) for _ in range(5)]
+    r = requests.put(url, data=iter(chunks), headers=headers, timeout=60)  # a generator: chunked encoding
+    assert r.status_code == 200, r.text
+    r = requests.get(url, headers=headers, stream=True, timeout=60)
+    assert r.status_code == 200 and b"".join(r.iter_content(2**16)) == b"".join(chunks)
+    r = requests.head(f"{hub.url}{PREFIX}/health", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_browser_logs_in_via_the_hub_and_uses_the_ui(hub):
+    password = (hub.data_dir / "secrets" / "admin-password").read_text().strip()
+    browser = password_login(hub.url, "admin", password)
+    page = browser.get(f"{hub.url}{PREFIX}/", headers={"Accept": "text/html"}, timeout=30)
+    assert page.status_code == 200 and page.url == f"{hub.url}{PREFIX}/", page.url
+    assert "static-files/" in page.text
+    assert any(c.path == f"{PREFIX}/" for c in browser.cookies)  # the service's OAuth cookie
+
+    search = f"{hub.url}{PREFIX}/ajax-api/2.0/mlflow/experiments/search"
+    r = browser.post(search, json={"max_results": 10}, headers=SAME_ORIGIN, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "Default" in {e["name"] for e in r.json()["experiments"]}
+    # cookie auth without an XSRF token: only same-origin fetches
+    assert browser.post(search, json={}, timeout=30).status_code == 401
+    cross = {**SAME_ORIGIN, "Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+    assert browser.post(search, json={}, headers=cross, timeout=30).status_code == 401

@@ -1,0 +1,178 @@
+"""RayExecutor against a real two-node Ray cluster (the second node has a fake GPU)."""
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpulab.net import free_port
+from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch
+from gpulab.services.jobs.executors.ray import RayExecutor
+from tests.support.ray_cluster import GPU_RESOURCE, RayCluster
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = RayCluster.start(tmp_path_factory.mktemp("ray"), gpu_node=True, timeout=90)
+    yield cluster
+    cluster.stop()
+    assert cluster.leftovers() == []
+
+
+@pytest.fixture
+async def executor(cluster):
+    executor = RayExecutor(address=cluster.address, pool_resources={"gpu": GPU_RESOURCE})
+    yield executor
+    await executor.close()
+
+
+def launch(code: str, tmp_path: Path, *, pool: str = "default", gpus: int = 0, env: dict | None = None,
+           job_id: str | None = None) -> Launch:
+    return Launch(
+        job_id=job_id or os.urandom(6).hex(), attempt=1, owner="alice", argv=[sys.executable, "-c", code],
+        working_dir=str(tmp_path), env=env or {}, gpus=gpus, cpus=1, memory=None, pool=pool,
+        log_path=tmp_path / "attempt-1.log",
+    )
+
+
+async def wait_done(executor: RayExecutor, handle: Handle, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while (outcome := await executor.poll(handle)).state == "running":
+        assert time.monotonic() < deadline, f"{handle.ref} still running after {timeout}s"
+        await asyncio.sleep(0.3)
+    return outcome
+
+
+async def wait_for_log(executor: RayExecutor, handle: Handle, text: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (logs := (await executor.read_logs(handle, Path(), 0, 1 << 20)).decode()):
+        assert time.monotonic() < deadline, f"{text!r} not in the log of {handle.ref}:\n{logs}"
+        await asyncio.sleep(0.3)
+    return logs
+
+
+async def test_capacity_per_pool(executor):
+    capacity = await executor.capacity()
+    assert set(capacity) == {"default", "gpu"}
+    assert (capacity["gpu"].gpus, capacity["gpu"].cpus) == (1, 2)
+    assert (capacity["default"].gpus, capacity["default"].cpus) == (0, 2)  # nodes without a pool resource
+    assert capacity["gpu"].memory > 0
+
+
+async def test_cpu_job_succeeds_and_logs_its_output(executor, tmp_path):
+    code = ("import os; print('hello from gpulab', os.environ['GREETING'],"
+            " repr(os.environ['CUDA_VISIBLE_DEVICES']), os.environ['GPULAB_WORKING_DIR'])")
+    handle = await executor.start(launch(code, tmp_path, env={"GREETING": "hi there"}))
+    assert handle.executor == "ray" and handle.ref.startswith("gpulab-")
+    outcome = await wait_done(executor, handle)
+    assert (outcome.state, outcome.exit_code) == ("succeeded", 0)
+    logs = await executor.read_logs(handle, Path(), 0, 1 << 20)
+    assert f"hello from gpulab hi there '' {tmp_path}" in logs.decode()
+    assert await executor.read_logs(handle, Path(), 5, 10) == logs[5:15]
+
+
+async def test_gpu_job_runs_on_the_gpu_node_with_cuda_visible_devices(executor, cluster, tmp_path):
+    code = "import os; print('CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'])"
+    handle = await executor.start(launch(code, tmp_path, pool="gpu", gpus=1))
+    assert (await wait_done(executor, handle)).state == "succeeded"
+    assert "CUDA_VISIBLE_DEVICES=0" in (await executor.read_logs(handle, Path(), 0, 1 << 20)).decode()
+    [gpu_node] = [n["node_id"] for n in cluster.nodes() if GPU_RESOURCE in n["resources_total"]]
+    assert cluster.get(f"/api/jobs/{handle.ref}")["driver_node_id"] == gpu_node
+
+
+async def test_cancel_stops_a_sleeping_job(executor, tmp_path):
+    handle = await executor.start(launch("import time; print('sleeping', flush=True); time.sleep(300)", tmp_path))
+    await wait_for_log(executor, handle, "sleeping")
+    started = time.monotonic()
+    await executor.cancel(handle, grace=5)
+    outcome = await wait_done(executor, handle, timeout=30)
+    assert (outcome.state, outcome.reason, outcome.retryable) == ("failed", "stopped", False)
+    assert time.monotonic() - started < 20
+    await executor.cancel(handle, grace=5)  # stopping a stopped job is fine
+
+
+async def test_same_attempt_submitted_twice_runs_once(executor, tmp_path):
+    marker = tmp_path / "runs"
+    attempt = launch(f"open({str(marker)!r}, 'a').write('ran\\n')", tmp_path)
+    first = await executor.start(attempt)
+    assert await executor.start(attempt) == first
+    assert (await wait_done(executor, first)).state == "succeeded"
+    assert await executor.start(attempt) == first  # also after it finished
+    assert marker.read_text() == "ran\n"
+
+
+async def test_failing_job_reports_its_exit_code(executor, tmp_path):
+    handle = await executor.start(launch("import sys; print('about to fail'); sys.exit(3)", tmp_path))
+    outcome = await wait_done(executor, handle)
+    assert (outcome.state, outcome.exit_code, outcome.retryable) == ("failed", 3, False)
+    assert "exit code 3" in outcome.reason
+    assert "about to fail" in (await executor.read_logs(handle, Path(), 0, 1 << 20)).decode()
+
+
+async def test_unknown_job_is_lost(executor):
+    outcome = await executor.poll(Handle(executor="ray", ref="gpulab-nosuchjob-1"))
+    assert outcome.state == "lost"
+
+
+async def forward(port: int, target_port: int) -> asyncio.Server:
+    """A TCP proxy 127.0.0.1:port -> 127.0.0.1:target_port: the dashboard coming back at ``port``."""
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer), return_exceptions=True)
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+async def test_unreachable_dashboard_opens_the_circuit_then_a_probe_recovers(cluster, tmp_path):
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    executor = RayExecutor(address=address, pool_resources={"gpu": GPU_RESOURCE},
+                           failure_threshold=3, recovery_timeout=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ExecutorUnavailable, match=f"ray at {address} is unavailable"):
+            await executor.capacity()  # 3 retried GETs, refused: the circuit opens
+        assert time.monotonic() - started < 3
+        assert executor.breaker.state == "open"
+
+        for call in (executor.capacity(), executor.start(launch("print(1)", tmp_path))):
+            started = time.monotonic()
+            with pytest.raises(ExecutorUnavailable) as err:
+                await call
+            assert time.monotonic() - started < 0.010
+            assert str(err.value) == f"ray at {address} is unavailable (circuit open, retry in 1 s)"
+
+        server = await forward(port, int(cluster.address.rsplit(":", 1)[1]))
+        try:
+            await asyncio.sleep(1.0)
+            assert executor.breaker.state == "half_open"
+            assert (await executor.capacity())["gpu"].gpus == 1
+            assert executor.breaker.snapshot()["state"] == "closed"
+        finally:
+            server.close()
+    finally:
+        await executor.close()
+
+
+async def test_node_death_is_a_retryable_failure(executor, cluster, tmp_path):
+    """Last: it kills the fake-GPU node."""
+    handle = await executor.start(launch("import time; print('up', flush=True); time.sleep(300)", tmp_path,
+                                         pool="gpu", gpus=1))
+    await wait_for_log(executor, handle, "up")
+    cluster.kill_raylet(1)
+    outcome = await wait_done(executor, handle, timeout=90)
+    assert (outcome.state, outcome.retryable) == ("failed", True), outcome
+    assert "died" in outcome.reason
