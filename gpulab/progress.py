@@ -15,6 +15,7 @@ once, as one line on stderr with secrets masked.
 
 import atexit
 import json
+import math
 import os
 import sys
 import threading
@@ -62,14 +63,16 @@ class _Reporter(threading.Thread):
         self._failing: set[str] = set()
         self._post = bool(os.environ.get("GPULAB_JOBS_URL"))
         self._tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        self._run_id = self._tracking_uri and (os.environ.get("GPULAB_MLFLOW_RUN_ID") or os.environ.get("MLFLOW_RUN_ID"))
+        run_id = os.environ.get("GPULAB_MLFLOW_RUN_ID") or os.environ.get("MLFLOW_RUN_ID")
+        self._run_id = run_id if self._tracking_uri else None
         atexit.register(self.close)
         self.start()
 
     def add(self, step: int, total: int | None, metrics: dict[str, float]) -> None:
         with self._cond:
             if self._post:
-                self._latest = {"step": step, "total": total, "metrics": metrics}
+                finite = {name: value if math.isfinite(value) else None for name, value in metrics.items()}
+                self._latest = {"step": step, "total": total, "metrics": finite}  # JSON has no NaN
             if self._run_id and metrics:
                 self._metrics.append((step, metrics, int(time.time() * 1000)))
             self._cond.notify()

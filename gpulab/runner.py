@@ -107,8 +107,7 @@ class Runner:
 
     def _forward(self) -> None:
         self.forwarded = True
-        if self.child.poll() is None:
-            self.child.send_signal(self.signalled)
+        self.child.send_signal(self.signalled)  # a no-op once the child has been reaped
 
     def _wandb_env(self, env: dict) -> str | None:
         """Set W&B's mode and dirs in ``env``; with ``WANDB_PROJECT``, the run id and path."""

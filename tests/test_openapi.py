@@ -22,3 +22,20 @@ def test_server_extension_routes_match_spec():
     routes = {route_pattern(r[0], prefix) for r in handlers("/")}
     spec = {spec_path_pattern(p) for p in Spec(ROOT / "gpulab" / "server_extension" / "openapi.yaml").paths()}
     assert routes == spec
+
+
+def test_job_service_routes_match_spec():
+    from gpulab.services.jobs.handlers import handlers as job_handlers
+
+    prefix = "/services/gpulab-jobs/api/v1"
+    routes = {route_pattern(r[0], prefix) for r in job_handlers("/services/gpulab-jobs/")}
+    spec = {spec_path_pattern(p) for p in Spec(ROOT / "gpulab" / "services" / "jobs" / "openapi.yaml").paths()}
+    assert routes == spec
+
+
+def test_job_service_spec_schemas_match_models():
+    from gpulab.services.jobs import openapi
+
+    assert openapi.load()["components"]["schemas"] == openapi.component_schemas(), (
+        "run: python -m gpulab.services.jobs.openapi"
+    )

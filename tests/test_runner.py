@@ -1,4 +1,4 @@
-"""gpulab.runner and gpulab.progress: real job processes, a real MLflow server, W&B offline, a recording jobs service."""
+"""gpulab.runner and gpulab.progress: real job processes, a real MLflow server, W&B offline, a recording service."""
 
 import asyncio
 import json
@@ -220,6 +220,18 @@ async def test_job_succeeds_with_the_service_down(tmp_path, mlflow_server):
     assert token not in out + err
     _, run = the_run(mlflow_server, env["GPULAB_JOB_ID"])
     assert run.info.status == "FINISHED"
+
+
+async def test_job_succeeds_with_mlflow_down(tmp_path, jobs_service):
+    env = job_env(tmp_path, jobs_service.url, jobs_service.token, f"http://127.0.0.1:{free_port()}")
+    (tmp_path / "work" / "train.py").write_text("import gpulab.progress\ngpulab.progress(1, 1, loss=0.5)\n")
+    code, _, err = await run_job(env)
+    assert code == 0, err
+    runner_lines = [line for line in err.splitlines() if line.startswith("gpulab.runner")]
+    assert len(runner_lines) == 1 and runner_lines[0].startswith("gpulab.runner: opening the MLflow run failed ("), err
+    assert jobs_service.bodies("progress") == [{"step": 1, "total": 1, "metrics": {"loss": 0.5}}]
+    assert jobs_service.bodies("tracking") == [{"mlflow_run_id": None, "mlflow_experiment_id": None,
+                                                "wandb_run_path": f"gpulab-tests/{env['GPULAB_JOB_ID']}-1"}]
 
 
 async def test_progress_is_throttled_and_sends_the_last_step(tmp_path, jobs_service):

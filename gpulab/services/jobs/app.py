@@ -17,7 +17,8 @@ from tornado import web
 from ...config import instances, load_config
 from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...tracing import setup_tracing
-from .handlers import APIError, BaseHandler, handlers, load_openapi
+from . import openapi
+from .handlers import APIError, BaseHandler, handlers
 from .queue import JobQueue
 from .store import JobStore
 
@@ -41,7 +42,7 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
     return web.Application(
         routes,
         queue=queue,
-        openapi=load_openapi(),
+        openapi=openapi.load(),
         cookie_secret=os.urandom(32),
         default_handler_class=NotFoundHandler,
     )

@@ -2,9 +2,7 @@
 
 import asyncio
 import json
-from pathlib import Path
 
-import yaml
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from pydantic import BaseModel, ValidationError
 from tornado import web
@@ -12,11 +10,11 @@ from tornado.iostream import StreamClosedError
 
 from ... import scopes, tracing
 from .models import TERMINAL_STATES, JobList, JobSpec, ProgressUpdate, TrackingUpdate, validation_error_body
+from .executors.base import ExecutorUnavailable
 from .store import JobNotFound, JobStateError
 
 MAX_BODY = 1024 * 1024  # bytes; larger bodies get 413
 MAX_LIST = 500
-SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 
 
 class APIError(web.HTTPError):
@@ -239,7 +237,11 @@ class LogsHandler(UserHandler):
 
 class PoolsHandler(UserHandler):
     async def get(self):
-        self.write_json({"pools": [p.model_dump() for p in await self.queue.pools()]})
+        try:
+            pools = await self.queue.pools()
+        except ExecutorUnavailable as e:
+            raise APIError(503, str(e), code="unavailable") from None
+        self.write_json({"pools": [p.model_dump() for p in pools]})
 
 
 class QuotaHandler(UserHandler):
@@ -294,10 +296,6 @@ class TrackingHandler(JobCallbackHandler):
 class OpenAPIHandler(BaseHandler):
     def get(self):
         self.write_json(self.settings["openapi"])
-
-
-def load_openapi() -> dict:
-    return yaml.safe_load(SPEC_PATH.read_text())
 
 
 def handlers(prefix: str) -> list:

@@ -46,7 +46,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
     def initialize(self, upstream: str):
         self.upstream = upstream
         self.body: asyncio.Queue | None = None
-        self.headers_sent = False
+        self.response_started = False
 
     def check_xsrf_cookie(self):
         """Cookie-authenticated requests: same-origin fetches (Fetch Metadata, e.g. the MLflow UI's) need no token."""
@@ -111,7 +111,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
             if name.strip().lower() not in HOP_BY_HOP:
                 self.add_header(name.strip(), value.strip())
         else:
-            self.headers_sent = True
+            self.response_started = True
 
     def on_upstream_chunk(self, chunk: bytes):
         self.write(chunk)
@@ -124,7 +124,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
             error = (await self.response).error
         except OSError as exc:  # no connection (HTTP errors are responses, relayed as they are)
             error = exc
-        if not self.headers_sent:
+        if not self.response_started:
             raise web.HTTPError(502, "MLflow server unavailable: %s", error)
         self.finish()
 

@@ -1,0 +1,261 @@
+"""gpulab-jobs behind a real hub: submit, run, follow, cancel, quotas, RBAC, bad input, restarts.
+
+Real parts: `gpulab up` (JupyterHub, configurable-http-proxy, the gpulab-jobs service), the
+local executor running jobs under `python -m gpulab.runner`.
+"""
+
+import json
+import signal
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.support.gpulab_up import Platform
+from tests.support.openapi import Spec
+from gpulab.services.jobs.openapi import SPEC_PATH
+
+SPEC = Spec(SPEC_PATH)
+PY = "import sys, time; "
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    work = tmp_path_factory.mktemp("jobs")
+    hub = Platform(work / "data", host="127.0.0.7")
+    config = """
+c.Platform.mlflow_service = False
+c.Login.admin_users = {"carol"}
+c.Roles.everyone = ["gpulab-user"]
+c.Roles.group_roles = {"gpu": ["gpulab-gpu"]}
+c.JobQueue.user_quota = {"max_jobs": 1, "max_gpus": 1}
+c.JobQueue.tick_interval = 0.2
+c.JobQueue.cancel_grace = 2
+"""
+    hub.start(config)
+    hub.create_user("alice", groups=["gpu"])
+    hub.create_user("bob")
+    hub.create_user("carol")
+    hub.create_user("dave")
+    yield hub
+    hub.stop()
+
+
+class Client:
+    """A user of the job API with their own hub token."""
+
+    def __init__(self, hub: Platform, user: str, token: str | None = None):
+        self.base = f"{hub.url}/services/gpulab-jobs/api/v1"
+        self.headers = {"Authorization": f"token {token or hub.token(user)}"}
+
+    def request(self, method, path, **kwargs):
+        return requests.request(method, self.base + path, headers=self.headers, timeout=30, **kwargs)
+
+    def submit(self, expect=201, **spec):
+        spec.setdefault("name", "test")
+        r = self.request("POST", "/jobs", json=spec)
+        assert r.status_code == expect, r.text
+        return r.json()
+
+    def wait(self, job_id, states=("succeeded", "failed", "cancelled", "timed_out"), timeout=60):
+        deadline = time.monotonic() + timeout
+        job = {}
+        while time.monotonic() < deadline:
+            r = self.request("GET", f"/jobs/{job_id}")
+            if r.status_code == 200:  # (the service may be restarting)
+                job = r.json()
+                if job["state"] in states:
+                    return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not reach {states}: {job}")
+
+
+@pytest.fixture(scope="module")
+def alice(hub):
+    return Client(hub, "alice")
+
+
+@pytest.fixture(scope="module")
+def bob(hub):
+    return Client(hub, "bob")
+
+
+def test_job_runs_with_progress_logs_and_events(alice):
+    code = PY + "print('hello from the job', flush=True); import gpulab\n" \
+        "for i in range(1, 4):\n    gpulab.progress(i, 3, loss=1.0 / i); time.sleep(0.3)\n"
+    job = alice.submit(entrypoint=["python", "-c", code], labels={"suite": "service"})
+    SPEC.validate("/jobs", "POST", 201, job)
+    assert job["state"] == "queued" and job["owner"] == "alice"
+    done = alice.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    SPEC.validate("/jobs/{job_id}", "GET", 200, done)
+    assert done["progress"]["step"] == 3 and done["progress"]["fraction"] == 1.0
+    assert done["progress"]["metrics"]["loss"] == pytest.approx(1 / 3)
+    logs = alice.request("GET", f"/jobs/{job['id']}/logs")
+    assert "hello from the job" in logs.text
+    events = alice.request("GET", f"/jobs/{job['id']}/events").json()["events"]
+    assert [e["to_state"] for e in events] == ["queued", "dispatching", "running", "succeeded"]
+    listed = alice.request("GET", "/jobs", params={"label": "suite=service"}).json()
+    SPEC.validate("/jobs", "GET", 200, listed)
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+
+
+def test_idempotency_key_returns_the_same_job(alice):
+    first = alice.submit(entrypoint=["true"], idempotency_key="k-1")
+    again = alice.submit(expect=200, entrypoint=["true"], idempotency_key="k-1")
+    assert again["id"] == first["id"]
+
+
+def test_follow_logs_streams_until_the_end(alice):
+    code = PY + "[print('line', i, flush=True) or time.sleep(0.2) for i in range(5)]"
+    job = alice.submit(entrypoint=["python", "-c", code])
+    r = requests.get(f"{alice.base}/jobs/{job['id']}/logs", params={"follow": "true"}, headers=alice.headers,
+                     stream=True, timeout=60)
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    text, end = "", None
+    event = None
+    for line in r.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+            if event == "log":
+                text += data["text"]
+            elif event == "end":
+                end = data
+                break
+    assert end == {"state": "succeeded"}
+    assert all(f"line {i}" in text for i in range(5))
+
+
+def test_cancel_stops_the_process_group(alice, tmp_path):
+    pidfile = tmp_path / "pid"
+    code = PY + f"import os; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    job = alice.submit(entrypoint=["python", "-c", code])
+    alice.wait(job["id"], states=("running",))
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    r = alice.request("POST", f"/jobs/{job['id']}/cancel")
+    assert r.status_code == 200, r.text
+    assert alice.wait(job["id"])["state"] == "cancelled"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert alice.request("POST", f"/jobs/{job['id']}/cancel").status_code == 409
+    assert alice.request("DELETE", f"/jobs/{job['id']}").status_code == 204
+    assert alice.request("GET", f"/jobs/{job['id']}").status_code == 404
+
+
+def test_quota_keeps_a_second_job_queued_while_another_user_runs(alice, bob):
+    first = alice.submit(entrypoint=["sleep", "30"])
+    alice.wait(first["id"], states=("running",))
+    second = alice.submit(entrypoint=["true"])
+    theirs = bob.submit(entrypoint=["true"])
+    assert bob.wait(theirs["id"])["state"] == "succeeded"
+    waiting = alice.request("GET", f"/jobs/{second['id']}").json()
+    assert waiting["state"] == "queued" and "quota" in waiting["state_reason"], waiting
+    quota = alice.request("GET", "/quota").json()
+    assert quota["limits"]["max_jobs"] == 1 and quota["usage"]["jobs"] == 1
+    alice.request("POST", f"/jobs/{first['id']}/cancel")
+    assert alice.wait(second["id"])["state"] == "succeeded"
+
+
+def test_gpu_jobs_need_the_gpu_scope_and_wait_for_capacity(alice, bob):
+    r = bob.request("POST", "/jobs", json={"name": "g", "entrypoint": ["true"], "resources": {"gpus": 1}})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "resources.gpus"
+    job = alice.submit(entrypoint=["true"], resources={"gpus": 1})
+    time.sleep(1)
+    waiting = alice.request("GET", f"/jobs/{job['id']}").json()
+    assert waiting["state"] == "queued" and "no GPU capacity in pool 'default'" in waiting["state_reason"]
+    pools = alice.request("GET", "/pools").json()
+    assert pools["pools"][0]["capacity"]["gpus"] == 0
+    alice.request("POST", f"/jobs/{job['id']}/cancel")
+
+
+def test_rbac(hub, alice, bob):
+    job = alice.submit(entrypoint=["true"])
+    assert bob.request("GET", f"/jobs/{job['id']}").status_code == 404
+    assert bob.request("POST", f"/jobs/{job['id']}/cancel").status_code == 404
+    assert job["id"] not in [j["id"] for j in bob.request("GET", "/jobs").json()["jobs"]]
+    r = bob.request("GET", "/jobs", params={"owner": "alice"})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "owner"
+    carol = Client(hub, "carol")
+    assert carol.request("GET", f"/jobs/{job['id']}").json()["owner"] == "alice"
+    everyone = carol.request("GET", "/jobs", params={"all": "true", "limit": 500}).json()["jobs"]
+    assert {"alice", "bob"} <= {j["owner"] for j in everyone}
+    assert requests.get(f"{alice.base}/jobs", timeout=30).status_code == 401
+    narrowed = Client(hub, "alice", hub.token("alice", scopes=["access:services!service=gpulab-jobs"]))
+    r = narrowed.request("GET", "/jobs")
+    assert r.status_code == 403 and "custom:gpulab:jobs" in r.json()["error"]["message"]
+    other_job_token = {"Authorization": "job-token not-a-token"}
+    r = requests.post(f"{alice.base}/jobs/{job['id']}/progress", json={"step": 1}, headers=other_job_token,
+                      timeout=30)
+    assert r.status_code == 403
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"entrypoint": ["true"]}, "name"),
+    ({"name": "x"}, "entrypoint"),
+    ({"name": "x", "entrypoint": []}, "entrypoint"),
+    ({"name": "x", "entrypoint": ["true"], "source": "print(1)"}, "source"),
+    ({"name": "x", "entrypoint": ["true"], "resources": {"gpus": -1}}, "resources.gpus"),
+    ({"name": "x", "entrypoint": ["true"], "resources": {"memory": "lots"}}, "resources.memory"),
+    ({"name": "x", "entrypoint": ["true"], "env": {"JUPYTERHUB_API_TOKEN": "x"}}, "env"),
+    ({"name": "x", "entrypoint": ["true"], "priority": 1000}, "priority"),
+    ({"name": "x", "entrypoint": ["true"], "surprise": 1}, "surprise"),
+])
+def test_bad_input_names_the_field_and_stores_nothing(alice, spec, field):
+    before = len(alice.request("GET", "/jobs", params={"limit": 500}).json()["jobs"])
+    r = alice.request("POST", "/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    SPEC.validate("/jobs", "POST", 422, r.json())
+    assert r.json()["error"]["field"].startswith(field), r.json()
+    assert len(alice.request("GET", "/jobs", params={"limit": 500}).json()["jobs"]) == before
+
+
+def test_oversized_and_malformed_bodies(alice):
+    r = alice.request("POST", "/jobs", data=b"x" * (1024 * 1024 + 10))
+    assert r.status_code == 413, r.text
+    assert "limit" in r.json()["error"]["message"]
+    r = alice.request("POST", "/jobs", data=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert alice.request("GET", "/jobs", params={"limit": 0}).status_code == 400
+    assert alice.request("GET", "/jobs", params={"cursor": "garbage"}).status_code == 400
+    assert alice.request("GET", "/jobs/" + "0" * 32).status_code == 404
+    assert alice.request("GET", "/nope").status_code == 404
+
+
+def test_deleting_a_user_cancels_their_jobs(hub):
+    dave = Client(hub, "dave")
+    job = dave.submit(entrypoint=["sleep", "60"])
+    dave.wait(job["id"], states=("running",))
+    assert hub.api("DELETE", "/users/dave").status_code == 204  # -> user.deleted event
+    carol = Client(hub, "carol")
+    assert carol.wait(job["id"])["state"] == "cancelled"
+
+
+def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alice, tmp_path):
+    marker = tmp_path / "runs"
+    code = PY + f"open({str(marker)!r}, 'a').write('run\\n'); time.sleep(4)"
+    job = alice.submit(entrypoint=["python", "-c", code])
+    alice.wait(job["id"], states=("running",))
+    def service_pids():
+        pids = set()
+        for p in hub.descendants():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "gpulab.services.jobs" in " ".join(p.cmdline()):
+                    pids.add(p.pid)
+            except psutil.Error:
+                pass
+        return pids
+
+    (old_pid,) = service_pids()
+    psutil.Process(old_pid).send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 60  # the hub restarts managed services
+    while time.monotonic() < deadline and not (service_pids() - {old_pid}):
+        time.sleep(0.5)
+    assert service_pids() - {old_pid}, "the hub did not restart gpulab-jobs"
+    done = alice.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    assert marker.read_text() == "run\n"
