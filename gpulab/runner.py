@@ -4,7 +4,7 @@ It continues the trace in ``TRACEPARENT``, changes to ``GPULAB_WORKING_DIR``, op
 MLflow run for the attempt (when ``MLFLOW_TRACKING_URI`` is set) in
 ``MLFLOW_EXPERIMENT_NAME`` (default "Default"), prepares W&B's environment (offline
 unless ``WANDB_API_KEY`` and ``WANDB_BASE_URL`` are set; all dirs under
-``GPULAB_JOB_DIR``), reports the run ids to the job service, runs ``argv`` as a child in
+``GPULAB_JOB_DIR``, else ``WANDB_DIR``), reports the run ids to the job service, runs ``argv`` as a child in
 its process group (SIGTERM and SIGINT are forwarded to it), heartbeats every 10 s, ends
 the MLflow run FINISHED, FAILED or KILLED (signalled) and exits as the child did (a
 child killed by signal N kills the runner with N).
@@ -113,9 +113,9 @@ class Runner:
         """Set W&B's mode and dirs in ``env``; with ``WANDB_PROJECT``, the run id and path."""
         if env.get("WANDB_MODE") != "disabled" and not (env.get("WANDB_API_KEY") and env.get("WANDB_BASE_URL")):
             env["WANDB_MODE"] = "offline"
-        if job_dir := env.get("GPULAB_JOB_DIR"):
+        if job_dir := env.get("GPULAB_JOB_DIR") or env.get("WANDB_DIR"):
             env.setdefault("WANDB_DIR", job_dir)  # runs go to <job dir>/wandb/
-            for name in ("cache", "data", "config", "artifacts"):
+            for name in ("cache", "data", "config", "artifacts"):  # not under $HOME
                 env.setdefault(f"WANDB_{name.upper()}_DIR", str(Path(job_dir, "wandb", name)))
         if not (project := env.get("WANDB_PROJECT")):
             return None

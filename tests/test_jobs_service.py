@@ -259,3 +259,35 @@ def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alic
     done = alice.wait(job["id"])
     assert done["state"] == "succeeded", done
     assert marker.read_text() == "run\n"
+
+
+def test_server_extension_acts_for_the_user(hub, alice):
+    from tests.support.openapi import Spec as _Spec
+    from pathlib import Path
+
+    ext = _Spec(Path(__file__).parent.parent / "gpulab" / "server_extension" / "openapi.yaml")
+    hub.spawn("alice")
+    base = f"{hub.url}/user/alice/gpulab/api/v1"
+    headers = alice.headers
+    r = requests.get(f"{base}/status", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    ext.validate("/status", "GET", 200, r.json())
+    assert r.json()["gpus"] == "none" and r.json()["services"]["jobs"].endswith("/services/gpulab-jobs/api/v1")
+
+    r = requests.post(f"{base}/jobs", json={"name": "via-ext", "entrypoint": ["python", "-c", "print('ext')"]},
+                      headers=headers, timeout=30)
+    assert r.status_code == 201, r.text
+    ext.validate("/jobs", "POST", 201, r.json())
+    job_id = r.json()["id"]
+    assert r.json()["owner"] == "alice"
+    assert alice.wait(job_id)["state"] == "succeeded"
+    r = requests.get(f"{base}/jobs/{job_id}/logs", headers=headers, timeout=30)
+    assert r.status_code == 200 and "ext" in r.text
+    r = requests.get(f"{base}/jobs", headers=headers, timeout=30)
+    ext.validate("/jobs", "GET", 200, r.json())
+    assert job_id in [j["id"] for j in r.json()["jobs"]]
+    r = requests.post(f"{base}/jobs", json={"name": "bad", "entrypoint": []}, headers=headers, timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "entrypoint"
+    ext.validate("/jobs", "POST", 422, r.json())
+    assert requests.post(f"{base}/jobs/{job_id}/cancel", headers=headers, timeout=30).status_code == 409
+    assert requests.get(f"{base}/jobs/{'0' * 32}", headers=headers, timeout=30).status_code == 404

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from gpulab.server_extension.handlers import handlers
+from gpulab.server_extension.routes import handlers
 from tests.support.openapi import Spec
 
 ROOT = Path(__file__).parent.parent

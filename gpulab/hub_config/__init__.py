@@ -11,7 +11,7 @@ from pathlib import Path
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
 from .. import scopes
-from ..scopes import JOBS_SERVICE
+from ..scopes import JOBS_SERVICE, MLFLOW_SERVICE
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
@@ -80,6 +80,16 @@ def _configure_oidc_login(c, oidc, platform) -> None:
     g.custom_403_message = NOT_ALLOWED_MESSAGE
 
 
+def _service_env(platform, services: dict) -> dict:
+    """Where user servers and kernels find the platform's services (no secrets)."""
+    env = {}
+    if JOBS_SERVICE in services:
+        env["GPULAB_JOBS_URL"] = f"{services[JOBS_SERVICE]['url']}/services/{JOBS_SERVICE}/api/v1"
+    if MLFLOW_SERVICE in services:
+        env["GPULAB_MLFLOW_UI_URL"] = f"{platform.public_url.rstrip('/')}/services/{MLFLOW_SERVICE}/"
+    return env
+
+
 def configure(c, config_file: Path | None = None) -> None:
     """Fill the hub's config ``c`` from gpulab's config."""
     cfg = load_config(config_file)
@@ -139,7 +149,7 @@ def configure(c, config_file: Path | None = None) -> None:
         s.args.append("--allow-root")
     s.default_url = "/lab"
     s.http_timeout = 60
-    s.environment = {"GPULAB_CONFIG": str(config_file)}
+    s.environment = {"GPULAB_CONFIG": str(config_file), **_service_env(platform, by_name)}
     service_access = [f"access:services!service={s['name']}" for s in services]
     s.server_token_scopes = [
         "users:activity!user", "access:servers!server", "read:users:name!user", "read:users:groups!user",

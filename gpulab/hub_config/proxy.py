@@ -22,7 +22,7 @@ def proxy_command(configured: list[str], data_dir: Path) -> list[str]:
         if not npm:
             raise ConfigError(
                 "configurable-http-proxy is not installed and npm is missing: install Node.js and npm "
-                f"(e.g. apt-get install -y nodejs npm), or set Platform.proxy_command"
+                "(e.g. apt-get install -y nodejs npm), or set Platform.proxy_command"
             )
         print(f"gpulab: installing {CHP_PACKAGE} into {local.parent.parent.parent} (first run)", flush=True)
         result = subprocess.run(

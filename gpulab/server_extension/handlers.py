@@ -1,15 +1,16 @@
 """REST handlers of the gpulab server extension, under ``/gpulab/api/v1/``."""
 
 import json
+import os
 
 from jupyter_server.base.handlers import APIHandler
 from opentelemetry import trace
 from tornado import web
 
 from .. import tracing
+from ..gpus import list_gpus
 from .authorizer import RESOURCE_SCOPES, user_scopes
 
-API_PREFIX = "gpulab/api/v1"
 
 
 class GpulabHandler(APIHandler):
@@ -64,7 +65,21 @@ class WhoAmIHandler(GpulabHandler):
         )
 
 
-def handlers(base_url: str) -> list:
-    """Route table, joined to the server's base URL."""
-    prefix = base_url.rstrip("/") + "/" + API_PREFIX
-    return [(prefix + "/whoami", WhoAmIHandler)]
+class StatusHandler(GpulabHandler):
+    """Where the platform's services are, this server's GPUs, and the state of its circuit breakers."""
+
+    @web.authenticated
+    def get(self):
+        jobs = self.settings.get("gpulab_jobs")
+        gpus = list_gpus()
+        self.finish(
+            {
+                "user": self.current_user.username,
+                "gpus": gpus or "none",
+                "services": {
+                    "jobs": jobs.url if jobs else None,
+                    "mlflow_ui": os.environ.get("GPULAB_MLFLOW_UI_URL"),
+                },
+                "breakers": [jobs.breaker.snapshot()] if jobs else [],
+            }
+        )

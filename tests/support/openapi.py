@@ -1,31 +1,51 @@
-"""Check API responses against the OpenAPI specs in the repo."""
+"""Check API responses against the OpenAPI specs in the repo (local and relative-file ``$ref``s)."""
 
 from pathlib import Path
 
 import jsonschema
 import yaml
+from referencing import Registry, Resource
 
 
 class Spec:
     """An OpenAPI 3.1 document; validates response bodies against its schemas."""
 
     def __init__(self, path: Path):
-        self.doc = yaml.safe_load(Path(path).read_text())
+        self.path = Path(path).resolve()
+        self.doc = yaml.safe_load(self.path.read_text())
 
     def paths(self) -> set[str]:
         return set(self.doc["paths"])
 
     def validate(self, path: str, method: str, status: int, body) -> None:
-        op = self.doc["paths"][path][method.lower()]
-        response = op["responses"][str(status)]
+        response = self.doc["paths"][path][method.lower()]["responses"][str(status)]
         if "$ref" in response:
-            response = self._resolve(response["$ref"])
-        schema = response["content"]["application/json"]["schema"]
-        jsonschema.validate(body, {**schema, "components": self.doc["components"]},
-                            cls=jsonschema.Draft202012Validator)
+            response = self._local(response["$ref"])
+        schema = self._absolute(response["content"]["application/json"]["schema"])
+        schema["$id"] = self.path.with_name("__response__.json").as_uri()
+        jsonschema.Draft202012Validator(schema, registry=self._registry()).validate(body)
 
-    def _resolve(self, ref: str):
+    def _absolute(self, node):
+        """A copy of ``node`` whose "#/..." refs point into this file, so it can be validated alone."""
+        if isinstance(node, dict):
+            return {k: (self.path.as_uri() + v if k == "$ref" and v.startswith("#") else self._absolute(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._absolute(v) for v in node]
+        return node
+
+    def _local(self, ref: str):
         node = self.doc
         for part in ref.lstrip("#/").split("/"):
             node = node[part]
         return node
+
+    def _registry(self) -> Registry:
+        """Resolves "#/..." against this file and "other.yaml#/..." against files beside it."""
+
+        def retrieve(uri: str) -> Resource:
+            target = Path(uri.removeprefix("file://"))
+            return Resource.opaque(yaml.safe_load(target.read_text()))
+
+        base = self.path.as_uri()
+        return Registry(retrieve=retrieve).with_resource(base, Resource.opaque(self.doc))

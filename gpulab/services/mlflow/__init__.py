@@ -8,10 +8,10 @@ and API under ``$JUPYTERHUB_SERVICE_PREFIX``) and a streaming reverse proxy to i
 at ``<prefix>oauth_callback``) or ``Authorization: token|bearer <hub token>`` (the MLflow
 client sends ``$MLFLOW_TRACKING_TOKEN`` that way). Hub credentials are not passed on.
 
-Tracking URIs: clients, jobs included, use ``<hub public URL><prefix>`` with a hub token.
+Tracking URIs: users' clients use ``<hub public URL><prefix>`` with a hub token.
 ``http://127.0.0.1:$GPULAB_MLFLOW_INTERNAL_PORT<prefix without trailing slash>`` is the
-unauthenticated internal URL, for trusted processes on this host only (the job service
-when configured with ``GPULAB_MLFLOW_TRUSTED_INTERNAL=1``).
+internal URL, for trusted processes on this host (hub_config gives it to the job service as
+``GPULAB_MLFLOW_URL``); it has no authentication, so any local process that finds the port can use it.
 """
 
 import asyncio

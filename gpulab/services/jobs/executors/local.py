@@ -10,7 +10,6 @@ pid is never taken for the attempt.
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import psutil
 from traitlets import Float, Integer, Unicode, default
 
 from gpulab.config import default_data_dir
+from gpulab.gpus import list_gpus
 
 from .base import Executor, Handle, Launch, Outcome, PoolCapacity
 
@@ -84,28 +84,6 @@ def _describe(rc: int) -> str:
     return f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
 
 
-def _count_gpus() -> int:
-    try:
-        import pynvml
-    except ImportError:
-        smi = shutil.which("nvidia-smi")
-        if not smi:
-            return 0
-        try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return 0
-        return sum(line.startswith("GPU ") for line in out.splitlines())
-    try:
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount()
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return 0
-
-
 class LocalExecutor(Executor):
     """Subprocesses on this machine: one pool, GPUs assigned by the queue via ``CUDA_VISIBLE_DEVICES``."""
 
@@ -137,7 +115,7 @@ class LocalExecutor(Executor):
 
     async def capacity(self) -> dict[str, PoolCapacity]:
         if self._gpus is None:
-            self._gpus = self.gpus if self.gpus is not None else await asyncio.to_thread(_count_gpus)
+            self._gpus = self.gpus if self.gpus is not None else len(await asyncio.to_thread(list_gpus))
         return {self.pool: PoolCapacity(self._gpus, self.cpus, psutil.virtual_memory().total)}
 
     async def start(self, launch: Launch) -> Handle:

@@ -1,0 +1,129 @@
+"""``/gpulab/api/v1/jobs...`` in the user's server: the job service, acting for this server's user.
+
+Requests go to ``gpulab-jobs`` with the server's own hub token (``JUPYTERHUB_API_TOKEN``, which
+carries the user's gpulab scopes), through one circuit breaker.
+"""
+
+import os
+from urllib.parse import urlencode
+
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from .. import tracing
+from ..resilience import CircuitBreaker, CircuitOpenError
+from .handlers import GpulabHandler
+
+FORWARDED_HEADERS = ("Content-Type",)
+
+
+class JobsBackend:
+    """The job service as this server sees it: URL, token, breaker."""
+
+    def __init__(self, url: str, token: str):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.breaker = CircuitBreaker(f"gpulab-jobs at {self.url}", failure_threshold=5, recovery_timeout=10)
+
+    @classmethod
+    def from_env(cls) -> "JobsBackend | None":
+        url = os.environ.get("GPULAB_JOBS_URL")
+        return cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", "")) if url else None
+
+
+class JobsProxyHandler(GpulabHandler):
+    """Forward the request to the job service and its answer back (status, JSON body)."""
+
+    auth_resource = "gpulab:jobs"
+
+    @property
+    def backend(self) -> JobsBackend:
+        backend = self.settings.get("gpulab_jobs")
+        if backend is None:
+            raise web.HTTPError(503, "the job service is not configured (GPULAB_JOBS_URL is not set)")
+        return backend
+
+    async def forward(self, path: str, streaming: bool = False) -> None:
+        backend = self.backend
+        query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
+        headers = {"Authorization": f"token {backend.token}"}
+        headers.update({h: self.request.headers[h] for h in FORWARDED_HEADERS if h in self.request.headers})
+        tracing.inject(headers)
+        request = HTTPRequest(
+            f"{backend.url}{path}" + (f"?{query}" if query else ""),
+            method=self.request.method,
+            headers=headers,
+            body=self.request.body if self.request.method == "POST" else None,
+            request_timeout=0 if streaming else 60,
+            streaming_callback=self._stream if streaming else None,
+            header_callback=self._stream_headers if streaming else None,
+        )
+        try:
+            async with backend.breaker:
+                response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except CircuitOpenError as e:
+            raise web.HTTPError(503, str(e)) from None
+        except OSError as e:
+            raise web.HTTPError(503, f"gpulab-jobs is unreachable: {e}") from None
+        if streaming:
+            self.finish()
+            return
+        self.set_status(response.code)
+        if response.code == 204:
+            self.finish()
+            return
+        for name in ("Content-Type", "X-Log-Offset"):
+            if name in response.headers:
+                self.set_header(name, response.headers[name])
+        self.finish(response.body)
+
+    def _stream_headers(self, line: str) -> None:
+        if line.lower().startswith("http/"):
+            self.set_status(int(line.split()[1]))
+        elif line.lower().startswith("content-type:"):
+            self.set_header("Content-Type", line.split(":", 1)[1].strip())
+
+    def _stream(self, chunk: bytes) -> None:
+        self.write(chunk)
+        self.flush()
+
+
+class JobsHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self):
+        await self.forward("/jobs")
+
+    @web.authenticated
+    async def post(self):
+        await self.forward("/jobs")
+
+
+class JobHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self, job_id):
+        await self.forward(f"/jobs/{job_id}")
+
+    @web.authenticated
+    async def delete(self, job_id):
+        await self.forward(f"/jobs/{job_id}")
+
+
+class JobLogsHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self, job_id):
+        await self.forward(f"/jobs/{job_id}/logs", streaming=self.get_argument("follow", "") in ("1", "true"))
+
+
+class JobCancelHandler(JobsProxyHandler):
+    @web.authenticated
+    async def post(self, job_id):
+        await self.forward(f"/jobs/{job_id}/cancel")
+
+
+JOB_ID = r"(?P<job_id>[0-9a-f]{32})"
+ROUTES = [
+    ("/jobs", JobsHandler),
+    (f"/jobs/{JOB_ID}", JobHandler),
+    (f"/jobs/{JOB_ID}/logs", JobLogsHandler),
+    (f"/jobs/{JOB_ID}/cancel", JobCancelHandler),
+]
