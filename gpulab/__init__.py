@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def progress(step: int, total: int | None = None, **metrics) -> None:
     """Report a running job's progress and metrics (to the job service, MLflow and W&B)."""
-    from .progress import progress as report
+    from .reporting import progress as report
 
     report(step, total, **metrics)

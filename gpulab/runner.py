@@ -14,7 +14,7 @@ the attempt's run), ``GPULAB_MLFLOW_RUN_ID`` (the same id, which mlflow does not
 consume), ``MLFLOW_EXPERIMENT_ID``, ``TRACEPARENT`` of the runner's span and, with
 ``WANDB_PROJECT`` set, ``WANDB_RUN_ID`` and ``WANDB_NAME``: the runner starts no W&B run
 itself (offline runs cannot be shared between processes); the child's ``wandb.init()``
-or :func:`gpulab.progress.progress` makes it.
+or :func:`gpulab.progress` makes it.
 
 Unreachable service or MLflow never fails the job: calls are retried with backoff,
 then one line goes to stderr. Other inputs: ``GPULAB_JOB_ID``, ``GPULAB_JOB_OWNER``,
@@ -31,7 +31,7 @@ from pathlib import Path
 from opentelemetry import trace
 from tenacity import retry, stop_after_attempt, wait_exponential
 
-from .progress import post_to_service, warn
+from .reporting import post_to_service, warn
 from .tracing import extract, inject, setup_tracing, tracer
 
 HEARTBEAT_INTERVAL = 10.0

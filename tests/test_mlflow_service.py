@@ -73,6 +73,9 @@ def test_requests_without_valid_hub_credentials_are_refused(hub):
     no_scope = hub.token("alice", scopes=["read:users:name!user=alice"])
     assert requests.get(api, headers=auth(no_scope), timeout=10).status_code == 403
 
+    with requests.Session() as session:  # refusals close the connection cleanly: no 503s from the hub's proxy
+        assert [session.post(api, json={"x": i}, timeout=10).status_code for i in range(30)] == [401] * 30
+
     page = requests.get(f"{hub.url}{PREFIX}/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10)
     assert page.status_code == 302
     location = urljoin(page.url, page.headers["Location"])

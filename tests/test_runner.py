@@ -23,7 +23,7 @@ TRAIN = """\
 import os, signal, sys, time
 import numpy as np
 import mlflow
-import gpulab.progress
+import gpulab
 
 mode = sys.argv[1]
 run = mlflow.start_run()  # resumes the runner's run from MLFLOW_RUN_ID
@@ -224,7 +224,7 @@ async def test_job_succeeds_with_the_service_down(tmp_path, mlflow_server):
 
 async def test_job_succeeds_with_mlflow_down(tmp_path, jobs_service):
     env = job_env(tmp_path, jobs_service.url, jobs_service.token, f"http://127.0.0.1:{free_port()}")
-    (tmp_path / "work" / "train.py").write_text("import gpulab.progress\ngpulab.progress(1, 1, loss=0.5)\n")
+    (tmp_path / "work" / "train.py").write_text("import gpulab\ngpulab.progress(1, 1, loss=0.5)\n")
     code, _, err = await run_job(env)
     assert code == 0, err
     runner_lines = [line for line in err.splitlines() if line.startswith("gpulab.runner")]
@@ -237,7 +237,7 @@ async def test_job_succeeds_with_mlflow_down(tmp_path, jobs_service):
 async def test_progress_is_throttled_and_sends_the_last_step(tmp_path, jobs_service):
     env = job_env(tmp_path, jobs_service.url, jobs_service.token)
     del env["WANDB_PROJECT"]
-    loop = "import time, gpulab.progress as p\nt = time.monotonic()\nfor i in range(1, 20001): p(i, 20000, x=i)\n" \
+    loop = "import time, gpulab\np = gpulab.progress\nt = time.monotonic()\nfor i in range(1, 20001): p(i, 20000, x=i)\n" \
            "print(time.monotonic() - t)"
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", loop, env=env, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
@@ -249,6 +249,6 @@ async def test_progress_is_throttled_and_sends_the_last_step(tmp_path, jobs_serv
 
 def test_progress_outside_a_job_prints_one_line():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPULAB_", "MLFLOW_", "WANDB_"))}
-    out = subprocess.run([sys.executable, "-c", "import gpulab.progress as p; p(3, 10, loss=0.25, acc=1)"],
+    out = subprocess.run([sys.executable, "-c", "import gpulab; gpulab.progress(3, 10, loss=0.25, acc=1)"],
                          env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout == "progress: step 3/10 loss=0.25 acc=1\n" and out.stderr == ""

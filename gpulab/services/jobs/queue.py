@@ -436,6 +436,7 @@ class JobQueue(LoggingConfigurable):
         if self.wrap_with_runner:
             argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
         env = self._env(row, spec, token)
+        env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(job_dir))
         parent = tracing.extract({"traceparent": row.traceparent} if row.traceparent else {})
         with tracing.tracer(__name__).start_as_current_span("job.dispatch", context=parent) as span:
             span.set_attribute("gpulab.job_id", row.id)
@@ -477,7 +478,9 @@ class JobQueue(LoggingConfigurable):
             WANDB_DIR=str(self.job_dir(row)),  # W&B writes <WANDB_DIR>/wandb/
             MLFLOW_EXPERIMENT_NAME=spec.tracking.experiment or row.name,
             GPULAB_JOB_ID=row.id,
+            GPULAB_JOB_NAME=row.name,
             GPULAB_JOB_OWNER=row.owner,
+            GPULAB_JOB_DIR=str(self.job_dir(row)),
             GPULAB_JOB_TOKEN=token,
         )
         if spec.tracking.wandb_project:

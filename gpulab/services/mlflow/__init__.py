@@ -45,8 +45,17 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
 
     def initialize(self, upstream: str):
         self.upstream = upstream
+        headers = self.request.headers
+        self.has_body = int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers
         self.body: asyncio.Queue | None = None
         self.response_started = False
+
+    def write_error(self, status_code: int, **kwargs):
+        if self.has_body and self.body is None:
+            # refused before reading the body: tornado closes the connection, so say so (else a
+            # keep-alive client such as the hub's proxy may send the next request into the closing socket)
+            self.set_header("Connection", "close")
+        super().write_error(status_code, **kwargs)
 
     def check_xsrf_cookie(self):
         """Cookie-authenticated requests: same-origin fetches (Fetch Metadata, e.g. the MLflow UI's) need no token."""
@@ -65,8 +74,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
                 self.redirect(self.get_login_url())  # a browser: log in via the hub
                 return
             raise web.HTTPError(401)
-        headers = self.request.headers
-        if int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers:
+        if self.has_body:
             self.body = asyncio.Queue(maxsize=4)
         self.response = asyncio.ensure_future(self.forward())
         self.response.add_done_callback(self.drop_body)

@@ -20,7 +20,6 @@ import os
 import sys
 import threading
 import time
-import types
 import urllib.request
 
 MIN_INTERVAL = 0.25  # seconds between progress posts: at most ~4 per second
@@ -151,13 +150,3 @@ def progress(step: int, total: int | None = None, **metrics: float) -> None:
             _reporter = _Reporter()
     _reporter.add(step, total, metrics)
     _log_wandb(step, metrics)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``gpulab.progress(...)`` work whether the name is bound to this module or the function."""
-
-    def __call__(self, step: int, total: int | None = None, **metrics: float) -> None:
-        progress(step, total, **metrics)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,727 @@
+#!/usr/bin/env python
+"""Benchmark of the gpulab-jobs service against real parts (hub + proxy + service, PostgreSQL, Ray).
+
+    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray] [--json out.json]
+
+Sections (goals from issue 3, "Benchmark"), each with a baseline measured in the same run:
+
+1. throughput: POST /jobs through the hub proxy with a user token, N threads each with its own
+   ``requests.Session``; SQLite and PostgreSQL. Jobs go to pool "parked", which no executor
+   offers, so they stay queued and nothing runs. Baselines: the same load on GET openapi.json
+   (no auth, no DB: the framework + proxy ceiling), GET /quota (auth + 2 small queries), and the
+   store alone (``JobStore.create_job`` in this process). Goal: >= 200 submissions/s on SQLite.
+2. latency: submit -> running with the local executor, sequential trivial jobs (``sleep 0.2``).
+   "running" = the job's stored ``started_at`` (the service sets it once ``Popen`` returned);
+   "exec" = when the user's command itself began (it writes its start time). Baseline: a bare
+   ``subprocess.Popen`` of the same runner command, measured the same way. Goal: p50 <= 100 ms.
+3. list: GET /jobs?limit=50 (first page, a deep cursor page 5,000 rows in, and two filters) with
+   10,000 jobs stored, vs GET openapi.json and GET /quota on the same server. Goal: p95 <= 50 ms.
+4. ray: submit -> RUNNING (as Ray reports it) for the raw Ray Jobs API vs gpulab-on-Ray, same
+   trivial entrypoint, rotating, sequential; a third variant sends Ray the exact request body
+   gpulab's RayExecutor sends, to split gpulab's own overhead from what its request costs Ray.
+   Goal: gpulab adds <= 10%.
+
+The machine may be shared: compare ratios within one run, not absolute numbers across runs.
+Everything started here is stopped by PID at the end (also on error or Ctrl-C).
+"""
+
+import argparse
+import base64
+import json
+import math
+import os
+import platform as pyplatform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil
+import psycopg
+import requests
+
+from tests.support.gpulab_up import Platform
+from tests.support.ray_cluster import RayCluster
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+USER = "bench"
+TICK = 1.0  # c.JobQueue.tick_interval on every platform here (the default); submits kick the queue
+PARKED = {"name": "bench", "entrypoint": ["true"], "resources": {"pool": "parked"}}
+# the user's command records when it actually began, then does the trivial work
+EXEC_MARK = ".bench-exec"
+TRIVIAL = ["sh", "-c", f"date +%s.%N > {EXEC_MARK}; exec sleep 0.2"]
+RAY_SLEEP = 0.5
+
+SIZES = {
+    "full": {"threads": 4, "per_thread": 250, "store_n": 1000, "latency_n": 50, "list_rounds": 300, "ray_n": 10},
+    "quick": {"threads": 4, "per_thread": 60, "store_n": 300, "latency_n": 15, "list_rounds": 60, "ray_n": 3},
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    """Percentile with linear interpolation (numpy's default)."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def epoch(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+class Tracker:
+    """Everything this run starts, so that it can all be stopped by PID (never by name)."""
+
+    def __init__(self):
+        self.platforms: list[Platform] = []
+        self.clusters: list[RayCluster] = []
+        self.procs: dict[int, psutil.Process] = {}
+        self.databases: list[str] = []
+
+    def record(self) -> None:
+        for p in self.platforms:
+            if p.proc is None:
+                continue
+            try:
+                root = psutil.Process(p.proc.pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    self.procs.setdefault(proc.pid, proc)
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop_all(self) -> None:
+        self.record()
+        for p in reversed(self.platforms):
+            try:
+                p.stop()
+            except Exception as e:  # noqa: BLE001
+                log(f"stopping platform {p.url}: {e}")
+        for c in reversed(self.clusters):
+            try:
+                c.stop()
+            except Exception as e:  # noqa: BLE001
+                log(f"stopping ray cluster: {e}")
+        left = [p for p in self.procs.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for proc in left:  # psutil checks the create time: a recycled PID is never signalled
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(left, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for db in self.databases:
+            try:
+                with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            except Exception as e:  # noqa: BLE001
+                log(f"dropping database {db}: {e}")
+
+
+def create_database(tracker: Tracker) -> str:
+    db = f"gpulab_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    tracker.databases.append(db)
+    return PG_URL.format(db=db)
+
+
+CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
+
+
+def platform_config(store_url: str, extra: str = "") -> str:
+    proxy = f"c.Platform.proxy_command = {[str(CHP)]!r}" if CHP.exists() else ""  # else npm installs one
+    return f"""
+{proxy}
+c.Platform.mlflow_service = False
+c.Roles.everyone = ["gpulab-user"]
+c.JobQueue.tick_interval = {TICK}
+c.JobStore.url = {store_url!r}
+{extra}
+"""
+
+
+class Bench:
+    """A started platform with the bench user and a token; the API base through the proxy."""
+
+    def __init__(self, tracker: Tracker, work: Path, host: str, store_url: str, extra: str = ""):
+        self.data_dir = work / f"platform-{host}"
+        self.platform = Platform(self.data_dir, host=host)
+        tracker.platforms.append(self.platform)
+        started = time.monotonic()
+        self.platform.start(platform_config(store_url, extra), timeout=120)
+        tracker.record()
+        self.base = f"{self.platform.url}/services/gpulab-jobs/api/v1"
+        deadline = time.monotonic() + 60
+        while True:  # the hub routes the service before it necessarily listens
+            try:
+                if requests.get(self.base + "/openapi.json", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gpulab-jobs never answered at {self.base}:\n{self.platform.log_tail()}")
+            time.sleep(0.2)
+        self.platform.create_user(USER)
+        self.token = self.platform.token(USER)
+        self.headers = {"Authorization": f"token {self.token}"}
+        tracker.record()
+        log(f"platform {host} up in {time.monotonic() - started:.1f}s ({store_url.split(':')[0]})")
+
+    def session(self) -> requests.Session:
+        s = requests.Session()
+        s.headers.update(self.headers)
+        return s
+
+    def service_pid(self) -> int | None:
+        for p in self.platform.descendants():
+            try:
+                if "gpulab.services.jobs" in " ".join(p.cmdline()):
+                    return p.pid
+            except psutil.Error:
+                pass
+        return None
+
+    def direct_base(self) -> str | None:
+        """The service's own address (bypassing the proxy), from its listening socket."""
+        pid = self.service_pid()
+        if pid is None:
+            return None
+        proc = psutil.Process(pid)
+        conns = proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                return f"http://{c.laddr.ip}:{c.laddr.port}/services/gpulab-jobs/api/v1"
+        return None
+
+
+# --------------------------------------------------------------------------- 1. throughput
+
+def hammer(make_session, method: str, url: str, body: dict | None, threads: int, per_thread: int,
+           expect: int) -> dict:
+    """``threads`` clients, each ``per_thread`` sequential requests; the rate over the whole burst."""
+    sessions = [make_session() for _ in range(threads)]
+    for s in sessions:  # connect and warm the service's token cache outside the timed part
+        for _ in range(3):
+            s.request(method, url, json=body, timeout=30)
+    barrier = threading.Barrier(threads + 1)
+    lat: list[list[float]] = [[] for _ in range(threads)]
+    done_at: list[list[float]] = [[] for _ in range(threads)]
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        s = sessions[i]
+        barrier.wait()
+        for _ in range(per_thread):
+            t0 = time.perf_counter()
+            try:
+                r = s.request(method, url, json=body, timeout=60)
+                ok = r.status_code == expect
+                if not ok:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+            except requests.RequestException as e:
+                ok = False
+                errors.append(repr(e))
+            t1 = time.perf_counter()
+            if ok:
+                lat[i].append(t1 - t0)
+                done_at[i].append(t1)
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    for s in sessions:
+        s.close()
+    all_lat = [x for xs in lat for x in xs]
+    ends = sorted(x for xs in done_at for x in xs)
+    half = len(ends) // 2
+    first_half = half / (ends[half - 1] - start) if half else math.nan
+    second_half = (len(ends) - half) / (ends[-1] - ends[half - 1]) if half and len(ends) > half else math.nan
+    return {
+        "n": len(all_lat), "errors": len(errors), "first_error": errors[0] if errors else None,
+        "rate": len(all_lat) / wall, "wall_s": wall, "p50_ms": ms(pct(all_lat, 50)), "p99_ms": ms(pct(all_lat, 99)),
+        "rate_first_half": first_half, "rate_second_half": second_half,
+    }
+
+
+def store_only_rate(url: str, n: int) -> dict:
+    """``JobStore.create_job`` in this process, one thread (the service is one thread too)."""
+    from gpulab.services.jobs.models import JobSpec
+    from gpulab.services.jobs.store import JobStore
+
+    store = JobStore(url=url)
+    spec = JobSpec.model_validate(PARKED)
+    for _ in range(20):
+        store.create_job("warmup", [], spec)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        store.create_job(USER, [], spec)
+    wall = time.perf_counter() - t0
+    store.engine.dispose()
+    return {"n": n, "rate": n / wall, "wall_s": wall, "p50_ms": ms(wall / n)}
+
+
+def throughput(bench: Bench, size: dict, label: str, store_url: str, direct: bool) -> dict:
+    t, k = size["threads"], size["per_thread"]
+    out = {}
+    log(f"[{label}] store-only baseline ({size['store_n']} create_job)")
+    out["store_only"] = store_only_rate(store_url, size["store_n"])
+    log(f"[{label}] GET openapi.json x {t}x{k}")
+    out["openapi"] = hammer(bench.session, "GET", bench.base + "/openapi.json", None, t, k, 200)
+    log(f"[{label}] GET /quota x {t}x{k}")
+    out["quota"] = hammer(bench.session, "GET", bench.base + "/quota", None, t, k, 200)
+    log(f"[{label}] POST /jobs x {t}x{k}")
+    out["submit"] = hammer(bench.session, "POST", bench.base + "/jobs", PARKED, t, k, 201)
+    if direct and (base := bench.direct_base()):
+        log(f"[{label}] POST /jobs direct to the service (no proxy) x {t}x{k}")
+        out["submit_direct"] = hammer(bench.session, "POST", base + "/jobs", PARKED, t, k, 201)
+    return out
+
+
+# --------------------------------------------------------------------------- 2. latency
+
+def latency_local(bench: Bench, n: int) -> dict:
+    jobs_dir = bench.data_dir / "jobs" / USER
+    s = bench.session()
+    rows = []
+    for i in range(n + 2):  # 2 warm-ups
+        t_send = time.time()
+        r = s.post(bench.base + "/jobs", json={"name": "lat", "entrypoint": TRIVIAL}, timeout=30)
+        t_ret = time.time()
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while True:
+            job = s.get(f"{bench.base}/jobs/{job_id}", timeout=30).json()
+            if job["state"] in ("succeeded", "failed", "cancelled", "timed_out"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job_id} stuck: {job}")
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+        started = epoch(job["started_at"])
+        exec_at = float((jobs_dir / job_id / EXEC_MARK).read_text())
+        if i >= 2:
+            rows.append({"send_to_running": started - t_send, "return_to_running": started - t_ret,
+                         "post_rtt": t_ret - t_send, "send_to_exec": exec_at - t_send})
+    s.close()
+    return summarize(rows)
+
+
+def latency_popen(workdir: Path, n: int) -> dict:
+    """The same runner command started by a bare ``Popen``: time to Popen's return and to exec."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "gpulab.runner", "--", *TRIVIAL]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPULAB_", "JUPYTERHUB_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    rows = []
+    for i in range(n + 2):
+        mark = workdir / EXEC_MARK
+        mark.unlink(missing_ok=True)
+        t0 = time.time()
+        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        t1 = time.time()
+        proc.wait(60)
+        if i >= 2:
+            rows.append({"send_to_running": t1 - t0, "send_to_exec": float(mark.read_text()) - t0})
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {"n": len(rows)}
+    for key in rows[0]:
+        xs = [r[key] for r in rows]
+        out[key] = {"p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99)),
+                    "mean_ms": ms(statistics.fmean(xs))}
+    return out
+
+
+# --------------------------------------------------------------------------- 3. list
+
+def preload_jobs(store_url: str, n: int) -> list[tuple[datetime, str]]:
+    """``n`` finished jobs of the bench user straight into the service's DB (before it starts).
+
+    Most succeeded; 1% failed (the ``state=failed`` filter) and 1% carry label team=rare.
+    Returns (created_at, id) newest first, the API's order.
+    """
+    from sqlalchemy import insert
+
+    from gpulab.services.jobs.models import JobSpec
+    from gpulab.services.jobs.store import JobRow, JobStore
+
+    store = JobStore(url=store_url)
+    spec = JobSpec.model_validate({"name": "history", "entrypoint": ["python", "train.py"]}).model_dump(mode="json")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows, keys = [], []
+    for i in range(n):
+        created = now - timedelta(days=10) + timedelta(seconds=i * 80, microseconds=i)
+        job_id = uuid.uuid4().hex
+        state = "failed" if i % 100 == 7 else "succeeded"
+        labels = {"team": "rare" if i % 100 == 3 else "common"}
+        rows.append({
+            "id": job_id, "owner": USER, "groups": [], "name": "history", "kind": "train", "spec": spec, "state": state,
+            "state_reason": "exit code 0" if state == "succeeded" else "exit code 1", "priority": 0,
+            "pool": "default", "gpus": 0, "cpus": 1.0, "memory": None, "attempt": 1, "max_retries": 0, "not_before": None,
+            "idempotency_key": None, "labels": labels, "created_at": created, "updated_at": created + timedelta(seconds=30),
+            "started_at": created + timedelta(seconds=1), "finished_at": created + timedelta(seconds=30),
+            "exit_code": 0 if state == "succeeded" else 1, "executor": "local",
+            "handle": {"executor": "local", "ref": f"{1000 + i}:1.00", "gpu_ids": []},
+            "heartbeat_at": None, "progress": {"step": 10, "total": 10, "metrics": {"loss": 0.1}},
+        })
+        keys.append((created, job_id))
+    with store.engine.begin() as conn:
+        conn.execute(insert(JobRow.__table__), rows)
+    store.engine.dispose()
+    keys.sort(reverse=True)
+    return keys
+
+
+def cursor_after(created: datetime, job_id: str) -> str:
+    """The API's cursor (store._encode_cursor) pointing just past this row."""
+    return base64.urlsafe_b64encode(json.dumps([created.isoformat(), job_id]).encode()).decode()
+
+
+def list_latency(bench: Bench, keys: list[tuple[datetime, str]], rounds: int) -> dict:
+    deep = len(keys) // 2
+    endpoints = {
+        "openapi": (bench.base + "/openapi.json", {}),
+        "quota": (bench.base + "/quota", {}),
+        "list_first": (bench.base + "/jobs", {"limit": 50}),
+        "list_deep": (bench.base + "/jobs", {"limit": 50, "cursor": cursor_after(*keys[deep - 1])}),
+        "list_state_failed": (bench.base + "/jobs", {"limit": 50, "state": "failed"}),
+        "list_label_rare": (bench.base + "/jobs", {"limit": 50, "label": "team=rare"}),
+    }
+    s = bench.session()
+    # sanity: the deep page starts where it should and pages are full
+    page = s.get(endpoints["list_deep"][0], params=endpoints["list_deep"][1], timeout=30).json()
+    assert page["jobs"][0]["id"] == keys[deep][1] and len(page["jobs"]) == 50, page.get("jobs", [])[:1]
+    first = s.get(endpoints["list_first"][0], params=endpoints["list_first"][1], timeout=30).json()
+    assert len(first["jobs"]) == 50 and first["next_cursor"]
+    lat = {name: [] for name in endpoints}
+    for r in range(rounds + 5):  # interleaved so that background noise hits every endpoint alike
+        for name, (url, params) in endpoints.items():
+            t0 = time.perf_counter()
+            resp = s.get(url, params=params, timeout=30)
+            dt = time.perf_counter() - t0
+            assert resp.status_code == 200, (name, resp.status_code, resp.text[:200])
+            if r >= 5:
+                lat[name].append(dt)
+    s.close()
+    return {name: {"n": len(xs), "p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99))}
+            for name, xs in lat.items()}
+
+
+# --------------------------------------------------------------------------- 4. ray
+
+def ray_job(address: str, submission_id: str) -> dict | None:
+    r = requests.get(f"{address}/api/jobs/{submission_id}", timeout=10)
+    return None if r.status_code == 404 else r.json()
+
+
+DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def wait_ray(address: str, submission_id: str, want: set[str], t0: float, timeout: float = 120) -> tuple[float, dict]:
+    """Poll every 20 ms until the job's status is in ``want``; (seconds since t0, job info)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = ray_job(address, submission_id)
+        if job and job["status"] in want:
+            return time.time() - t0, job
+        time.sleep(0.02)
+    raise RuntimeError(f"ray job {submission_id} not {want} in {timeout}s")
+
+
+def ray_measure(address: str, sid: str, t0: float, rtt: float) -> dict:
+    running, job = wait_ray(address, sid, {"RUNNING"} | DONE, t0)
+    _, final = wait_ray(address, sid, DONE, t0)
+    assert final["status"] == "SUCCEEDED", final
+    accepted = job["start_time"] / 1000 - t0  # Ray's own record of when it took the submission
+    return {"send_to_ray_running": running, "send_to_ray_accepted": accepted,
+            "ray_accepted_to_running": running - accepted, "post_rtt": rtt, "saw_running": job["status"] == "RUNNING"}
+
+
+def gpulab_like_env(job_id: str) -> dict:
+    """The kind of runtime_env env_vars RayExecutor sends: inherited vars plus per-job values."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+                                      "LD_LIBRARY_PATH", "CUDA_HOME") if k in os.environ}
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=f"/tmp/gpulab-bench/{job_id}",
+               MLFLOW_EXPERIMENT_NAME="ray-lat", GPULAB_JOB_ID=job_id, GPULAB_JOB_OWNER=USER,
+               GPULAB_JOB_TOKEN=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+               TRACEPARENT=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", CUDA_VISIBLE_DEVICES="",
+               GPULAB_WORKING_DIR=f"/tmp/gpulab-bench/{job_id}")
+    return env
+
+
+def ray_raw_once(address: str, gpulab_shape: bool) -> dict:
+    """Straight to Ray: the plain trivial job, or the same request body gpulab's RayExecutor sends."""
+    job_id = uuid.uuid4().hex
+    sid = f"raw-{job_id[:12]}"
+    body = {"submission_id": sid, "entrypoint": f"sleep {RAY_SLEEP}", "entrypoint_num_cpus": 1}
+    if gpulab_shape:
+        body.update(entrypoint=f"{sys.executable} -m gpulab.runner -- sleep {RAY_SLEEP}", entrypoint_num_gpus=0,
+                    runtime_env={"env_vars": gpulab_like_env(job_id)},
+                    metadata={"gpulab_job_id": job_id, "gpulab_owner": USER, "gpulab_attempt": "1"})
+    t0 = time.time()
+    r = requests.post(f"{address}/api/jobs/", json=body, timeout=30)
+    rtt = time.time() - t0
+    assert r.status_code == 200, r.text
+    return ray_measure(address, sid, t0, rtt)
+
+
+def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> dict:
+    t0 = time.time()
+    r = session.post(bench.base + "/jobs", json={"name": "ray-lat", "entrypoint": ["sleep", str(RAY_SLEEP)]},
+                     timeout=30)
+    rtt = time.time() - t0
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    out = ray_measure(address, f"gpulab-{job_id}-1", t0, rtt)
+    deadline = time.monotonic() + 60
+    while (job := session.get(f"{bench.base}/jobs/{job_id}", timeout=30).json())["state"] not in (
+            "succeeded", "failed", "cancelled", "timed_out"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["state"] == "succeeded", job
+    out["send_to_gpulab_running"] = epoch(job["started_at"]) - t0
+    return out
+
+
+def ray_compare(bench: Bench, address: str, n: int) -> dict:
+    s = bench.session()
+    runs = {"raw": [], "raw_gpulab_body": [], "gpulab": []}
+    for i in range(n + 1):  # 1 warm-up each; rotate so that noise hits all alike
+        one = {"raw": lambda: ray_raw_once(address, False),
+               "raw_gpulab_body": lambda: ray_raw_once(address, True),
+               "gpulab": lambda: ray_gpulab_once(bench, s, address)}
+        order = list(one)[i % 3:] + list(one)[:i % 3]
+        for name in order:
+            x = one[name]()
+            if i >= 1:
+                runs[name].append(x)
+    s.close()
+    out = {}
+    for name, xs in runs.items():
+        out[name] = summarize([{k: v for k, v in x.items() if k != "saw_running"} for x in xs])
+        out[name]["saw_running"] = sum(x["saw_running"] for x in xs)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+def ratio(a: float, b: float) -> str:
+    return "n/a" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
+
+
+def report(res: dict) -> str:
+    lines = [f"gpulab-jobs benchmark ({res['mode']}) {res['date']} on {res['machine']}",
+             f"load average at start: {res['loadavg_start']}, at end: {res.get('loadavg_end')}",
+             f"c.JobQueue.tick_interval = {TICK} s", ""]
+    goals = []
+    if "throughput" in res:
+        lines += [("## 1. Submission throughput (through the hub proxy, "
+                  f"{res['size']['threads']} clients x {res['size']['per_thread']} requests)"), "",
+                  "| backend | request | req/s | p50 ms | p99 ms | errors | vs openapi.json | vs store-only |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for backend, t in res["throughput"].items():
+            base, store = t["openapi"]["rate"], t["store_only"]["rate"]
+            lines.append(f"| {backend} | store-only `JobStore.create_job` (1 thread, in-process) | {store:.0f} | "
+                         f"{t['store_only']['p50_ms']} | | 0 | {ratio(store, base)} | 1.00x |")
+            for key, what in (("openapi", "GET openapi.json (no auth, no DB)"), ("quota", "GET /quota"),
+                              ("submit", "POST /jobs"), ("submit_direct", "POST /jobs direct to the service")):
+                if key in t:
+                    x = t[key]
+                    lines.append(f"| {backend} | {what} | {x['rate']:.0f} | {x['p50_ms']} | {x['p99_ms']} | "
+                                 f"{x['errors']} | {ratio(x['rate'], base)} | {ratio(x['rate'], store)} |")
+            sub = t["submit"]
+            lines.append(f"| {backend} | POST /jobs rate, first vs second half of the burst | "
+                         f"{sub['rate_first_half']:.0f} / {sub['rate_second_half']:.0f} | | | | | |")
+        sq = res["throughput"].get("sqlite")
+        if sq:
+            goals.append(("SQLite submissions/s >= 200", f"{sq['submit']['rate']:.0f}/s", sq["submit"]["rate"] >= 200))
+        lines.append("")
+    if "latency" in res:
+        lat, base = res["latency"]["gpulab"], res["latency"]["popen"]
+        lines += [f"## 2. Submit -> running, local executor ({lat['n']} sequential jobs `sleep 0.2`)", "",
+                  "| measure | gpulab p50 | p95 | p99 | bare Popen p50 | p99 | ratio p50 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for key, what in (("send_to_running", "POST sent -> started_at (Popen returned)"),
+                          ("return_to_running", "POST returned -> started_at"),
+                          ("send_to_exec", "POST sent -> user command executing"),
+                          ("post_rtt", "POST round trip")):
+            g = lat[key]
+            b = base.get(key)
+            lines.append(f"| {what} | {g['p50_ms']} | {g['p95_ms']} | {g['p99_ms']} | "
+                         f"{b['p50_ms'] if b else ''} | {b['p99_ms'] if b else ''} | "
+                         f"{ratio(g['p50_ms'], b['p50_ms']) if b else ''} |")
+        p50 = lat["send_to_running"]["p50_ms"]
+        goals.append(("local submit->running p50 <= 100 ms", f"{p50} ms (exec {lat['send_to_exec']['p50_ms']} ms)",
+                      p50 <= 100))
+        lines.append("")
+    if "list" in res:
+        li = res["list"]
+        lines += [(f"## 3. List latency with {res['list_jobs']} jobs stored (sequential, interleaved, "
+                  f"{li['openapi']['n']} rounds)"), "",
+                  "| request | p50 ms | p95 ms | p99 ms | p95 vs openapi.json | p95 vs /quota |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, what in (("openapi", "GET openapi.json"), ("quota", "GET /quota"),
+                           ("list_first", "GET /jobs?limit=50 (first page)"),
+                           ("list_deep", "GET /jobs?limit=50&cursor=<row 5,000>"),
+                           ("list_state_failed", "GET /jobs?limit=50&state=failed (1%)"),
+                           ("list_label_rare", "GET /jobs?limit=50&label=team=rare (1%)")):
+            x = li[name]
+            lines.append(f"| {what} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | "
+                         f"{ratio(x['p95_ms'], li['openapi']['p95_ms'])} | {ratio(x['p95_ms'], li['quota']['p95_ms'])} |")
+        worst = max(li["list_first"]["p95_ms"], li["list_deep"]["p95_ms"])
+        goals.append(("list p95 <= 50 ms at 10,000 jobs (first and deep page)", f"{worst} ms", worst <= 50))
+        lines.append("")
+    if "ray" in res:
+        ray = res["ray"]
+        raw, body, gl = ray["raw"], ray["raw_gpulab_body"], ray["gpulab"]
+        lines += [f"## 4. Ray: submit -> RUNNING ({raw['n']} jobs per variant, rotating, `sleep {RAY_SLEEP:g}`)", "",
+                  ("raw = POST /api/jobs/ with the trivial entrypoint; raw+body = the same POST with the body "
+                  "gpulab's RayExecutor sends (runner-wrapped entrypoint, per-job runtime_env env_vars, "
+                  "metadata); gpulab = POST /jobs to gpulab-jobs (which then does that POST)."), "",
+                  "| measure (p50 / p99 ms) | raw | raw+body | gpulab | gpulab / raw | gpulab / raw+body |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for key, what in (("send_to_ray_running", "POST sent -> Ray says RUNNING"),
+                          ("send_to_ray_accepted", "POST sent -> Ray job created (its start_time)"),
+                          ("ray_accepted_to_running", "Ray job created -> RUNNING"),
+                          ("post_rtt", "POST round trip")):
+            cells = [f"{v[key]['p50_ms']} / {v[key]['p99_ms']}" for v in (raw, body, gl)]
+            lines.append(f"| {what} | {' | '.join(cells)} | {ratio(gl[key]['p50_ms'], raw[key]['p50_ms'])} | "
+                         f"{ratio(gl[key]['p50_ms'], body[key]['p50_ms'])} |")
+        g = gl["send_to_gpulab_running"]
+        lines.append(f"| POST sent -> gpulab `started_at` (state running) | | | {g['p50_ms']} / {g['p99_ms']} | | |")
+        lines.append(f"\nRUNNING seen (not only a final state) by 20 ms polls: raw {raw['saw_running']}/{raw['n']}, "
+                     f"raw+body {body['saw_running']}/{body['n']}, gpulab {gl['saw_running']}/{gl['n']}")
+        over = gl["send_to_ray_running"]["p50_ms"] / raw["send_to_ray_running"]["p50_ms"] - 1
+        goals.append(("gpulab-on-Ray adds <= 10% to Ray's submit->RUNNING", f"{over * 100:+.0f}% (p50)", over <= 0.10))
+        lines.append("")
+    if goals:
+        lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
+        lines += [f"| {g} | {m} | {'yes' if ok else 'NO'} |" for g, m, ok in goals]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (well under 90 s)")
+    ap.add_argument("--only", default="throughput,latency,list,ray",
+                    help="comma-separated sections: throughput, latency, list, ray")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
+    ap.add_argument("--hold", type=float, default=0,
+                    help="seconds to wait after each platform starts (to attach a profiler to the service)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    mode = "quick" if args.quick else "full"
+    size = SIZES[mode]
+    res: dict = {"mode": mode, "size": size, "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                 "machine": f"{os.cpu_count()} cores, {pyplatform.processor() or pyplatform.machine()}, "
+                            f"Python {pyplatform.python_version()}",
+                 "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    work = Path(tempfile.mkdtemp(prefix="gpulab-bench-"))
+    tracker = Tracker()
+    started = time.monotonic()
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        # SQLite platform: list (10k finished jobs preloaded), then latency, then throughput last
+        # (the throughput run leaves ~1000 parked jobs queued, which every later tick would scan).
+        if only & {"throughput", "latency", "list"}:
+            sqlite_url = f"sqlite:///{work / 'sqlite-service' / 'jobs.sqlite'}"
+            keys = None
+            if "list" in only:
+                log("preloading 10,000 jobs into the SQLite store")
+                keys = preload_jobs(sqlite_url, 10_000)
+                res["list_jobs"] = len(keys)
+            bench = Bench(tracker, work, "127.0.0.20", sqlite_url)
+            if args.hold:
+                log(f"jobs service PID {bench.service_pid()}; holding {args.hold}s")
+                time.sleep(args.hold)
+            if keys:
+                log(f"list latency ({size['list_rounds']} rounds)")
+                res["list"] = list_latency(bench, keys, size["list_rounds"])
+            if "latency" in only:
+                log(f"local submit->running ({size['latency_n']} jobs) and bare Popen baseline")
+                res["latency"] = {"popen": latency_popen(work / "popen", size["latency_n"]),
+                                  "gpulab": latency_local(bench, size["latency_n"])}
+            if "throughput" in only:
+                res["throughput"] = {"sqlite": throughput(bench, size, "sqlite",
+                                                          f"sqlite:///{work / 'store-only' / 'jobs.sqlite'}",
+                                                          direct=True)}
+                tracker.record()
+                pg_url = create_database(tracker)
+                pg_store_url = create_database(tracker)
+                pg = Bench(tracker, work, "127.0.0.21", pg_url)
+                res["throughput"]["postgresql"] = throughput(pg, size, "postgresql", pg_store_url, direct=False)
+        if "ray" in only:
+            log("starting a Ray cluster (head node only)")
+            cluster = RayCluster.start(work / "ray", gpu_node=False, timeout=120)
+            tracker.clusters.append(cluster)
+            log(f"ray up in {cluster.startup_seconds:.1f}s at {cluster.address}")
+            ray_url = f"sqlite:///{work / 'ray-service' / 'jobs.sqlite'}"
+            rb = Bench(tracker, work, "127.0.0.22", ray_url,
+                       f'c.JobQueue.executor_class = "ray"\nc.RayExecutor.address = {cluster.address!r}')
+            log(f"ray submit->running ({size['ray_n']} each)")
+            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"])
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        raise
+    finally:
+        res["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        tracker.stop_all()
+        if args.keep:
+            log(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    res["elapsed_s"] = round(time.monotonic() - started, 1)
+    text = report(res)
+    print(text)
+    print(f"\n(total run time {res['elapsed_s']} s)")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: the Triton Inference Server gpulab manages, and its model repository."""

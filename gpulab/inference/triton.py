@@ -1,0 +1,220 @@
+"""A Triton Inference Server process managed by gpulab, and ONNX entries for its model repository.
+
+The server is the Triton 2.51 binary bundled in ``nvidia-pytriton`` (its own venv, made by
+``scripts/setup-triton``; Python backend only). It listens on 127.0.0.1, loads models only when told
+(``--model-control-mode=explicit``) and answers the restricted protocols only to callers that send
+the platform's secret header, which only the inference gateway holds::
+
+    server = TritonServer(config=cfg, model_repository="/data/models").start()
+    server.grpc_address, server.grpc_headers   # for the gateway
+    server.stop()
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from traitlets import Integer, List, Unicode, default
+from traitlets.config import Configurable
+
+from ..errors import ConfigError
+from ..net import free_port
+
+GRPC_KEY_PREFIX = "triton-grpc-protocol-"
+PROTOCOLS = ["health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+             "statistics", "trace", "logging"]
+_PROBE = """import json, pathlib, sys, sysconfig, pytriton
+print(json.dumps({"pytriton": str(pathlib.Path(pytriton.__file__).parent), "libdir": sysconfig.get_config_var("LIBDIR"),
+                  "version": "%d.%d" % sys.version_info[:2]}))"""
+
+
+class TritonServer(Configurable):
+    """One ``tritonserver`` process (``c.TritonServer.*``); ports chosen at the first start are kept on restart."""
+
+    python = Unicode(help="Python of the Triton venv (scripts/setup-triton); default $GPULAB_TRITON_PYTHON, "
+                          "else .venv-triton/bin/python in the gpulab checkout.").tag(config=True)
+    model_repository = Unicode(help="Model repository directory.").tag(config=True)
+    host = Unicode("127.0.0.1", help="Address all three endpoints bind to.").tag(config=True)
+    grpc_port = Integer(0, help="gRPC port (0: a free one).").tag(config=True)
+    http_port = Integer(0, help="HTTP port (0: a free one).").tag(config=True)
+    metrics_port = Integer(0, help="Prometheus metrics port (0: a free one).").tag(config=True)
+    restricted_header = Unicode("gpulab-triton-key", help="Header (gRPC metadata key) that unlocks restricted "
+                                "protocols; lowercase.").tag(config=True)
+    restricted_key = Unicode(help="Its secret value; random per process if unset.").tag(config=True)
+    restricted_protocols = List(Unicode(), PROTOCOLS, help="Protocols only the key holder may use (default: all, so "
+                                "users reach Triton only through the gateway).").tag(config=True)
+    load_models = List(Unicode(), ["*"], help="Models loaded at start ('*': every model in the repository).").tag(
+        config=True)
+    log_path = Unicode(help="Server log file (default: tritonserver.log in its work dir).").tag(config=True)
+
+    @default("python")
+    def _default_python(self):
+        return os.environ.get("GPULAB_TRITON_PYTHON") or str(
+            Path(__file__).resolve().parents[2] / ".venv-triton" / "bin" / "python")
+
+    @default("restricted_key")
+    def _default_key(self):
+        return secrets.token_urlsafe(32)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.proc: subprocess.Popen | None = None
+        self.workdir: Path | None = None
+
+    def __repr__(self):
+        return f"<TritonServer {self.host}:{self.grpc_port} pid={self.proc and self.proc.pid}>"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """HTTP headers that unlock the restricted APIs."""
+        return {self.restricted_header: self.restricted_key}
+
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        """gRPC metadata that unlocks the restricted protocols (Triton prefixes the key)."""
+        return {GRPC_KEY_PREFIX + self.restricted_header: self.restricted_key}
+
+    def _prepare(self) -> tuple[list[str], dict]:
+        """Backend dir with the stub for the venv's Python, argv and env."""
+        if not Path(self.python).exists():
+            raise ConfigError(f"TritonServer.python: {self.python} does not exist (run scripts/setup-triton)")
+        if not self.model_repository:
+            raise ConfigError("TritonServer.model_repository is not set")
+        probe = json.loads(subprocess.run([self.python, "-c", _PROBE], check=True, capture_output=True,
+                                          text=True).stdout)
+        dist = Path(probe["pytriton"]) / "tritonserver"
+        self.workdir = Path(tempfile.mkdtemp(prefix="gpulab-triton-"))
+        backend = self.workdir / "backends" / "python"
+        backend.mkdir(parents=True)
+        for item in (dist / "backends" / "python").iterdir():
+            if item.is_file():
+                (backend / item.name).symlink_to(item)
+        (backend / "triton_python_backend_stub").symlink_to(
+            dist / "python_backend_stubs" / probe["version"] / "triton_python_backend_stub")
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            if not getattr(self, name):
+                setattr(self, name, free_port(self.host))
+        restricted = f"{','.join(self.restricted_protocols)}:{self.restricted_header}={self.restricted_key}"
+        argv = [
+            str(dist / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load_models),
+            f"--backend-directory={self.workdir / 'backends'}", f"--cache-directory={dist / 'caches'}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
+        ]
+        if self.restricted_protocols:
+            argv += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+        env = dict(os.environ)
+        libs = [probe["libdir"], str(dist.parent.parent / "nvidia_pytriton.libs")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+        env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
+        env.pop("PYTHONPATH", None)
+        return argv, env
+
+    def start(self, timeout: float = 60) -> "TritonServer":
+        """Start the server and wait until it is ready (models in ``load_models`` loaded)."""
+        argv, env = self._prepare()
+        log = Path(self.log_path or self.workdir / "tritonserver.log")
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{_tail(log)}")
+            if self.ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready in {timeout} s:\n{_tail(log)}")
+
+    def ready(self) -> bool:
+        """Whether the server answers ready on HTTP."""
+        request = urllib.request.Request(self.http_url + "/v2/health/ready", headers=self.http_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; the server's process group goes with it (Python stubs)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+ONNX_TO_TRITON = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
+                  9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16"}
+
+
+def onnx_signature(model) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs of an ``onnx.ModelProto`` as ``{"name", "data_type", "dims"}`` (-1 for a dynamic dim)."""
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(value) -> dict:
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in ONNX_TO_TRITON:
+            raise ValueError(f"tensor '{value.name}': ONNX element type {tensor.elem_type} has no Triton type")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        return {"name": value.name, "data_type": "TYPE_" + ONNX_TO_TRITON[tensor.elem_type], "dims": dims}
+
+    return ([spec(v) for v in model.graph.input if v.name not in initializers],
+            [spec(v) for v in model.graph.output])
+
+
+def _pbtxt_tensors(kind: str, tensors: list[dict]) -> str:
+    items = ",\n".join(f'  {{ name: "{t["name"]}", data_type: {t["data_type"]}, dims: {t["dims"]} }}' for t in tensors)
+    return f"{kind} [\n{items}\n]\n"
+
+
+def write_onnx_model(repository: Path | str, name: str, onnx_path: Path | str, version: int = 1) -> Path:
+    """Write ``<repository>/<name>/{config.pbtxt, <version>/model.onnx, <version>/model.py}``: a Python-backend
+    model running the ONNX file with onnxruntime, its inputs and outputs taken from the ONNX graph
+    (no batching: dims exactly as in the graph). Returns the model directory."""
+    import onnx
+
+    inputs, outputs = onnx_signature(onnx.load(str(onnx_path), load_external_data=False))
+    model_dir = Path(repository) / name
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, version_dir / "model.onnx")
+    shutil.copyfile(Path(__file__).with_name("onnx_model.py"), version_dir / "model.py")
+    config = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+              + _pbtxt_tensors("input", inputs) + _pbtxt_tensors("output", outputs)
+              + "instance_group [ { kind: KIND_CPU, count: 1 } ]\n")
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir

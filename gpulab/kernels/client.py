@@ -1,0 +1,365 @@
+"""The Python API over the gpulab-jobs service, used by the magics and widgets and usable directly.
+
+Configuration comes from the environment the hub gives every user server and kernel:
+``GPULAB_JOBS_URL`` (the service's ``/api/v1``), ``JUPYTERHUB_API_TOKEN`` (sent as
+``Authorization: token ...``), ``JUPYTERHUB_API_URL`` (to read the token's scopes) and
+``GPULAB_MLFLOW_UI_URL`` (MLflow through the hub). Every call carries a W3C ``traceparent``.
+Failures raise :class:`GpulabError` subclasses whose message says what to do.
+"""
+
+from __future__ import annotations  # JobsClient.list shadows the builtin in annotations
+
+import html
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+from opentelemetry import trace
+
+from .. import scopes, tracing
+
+FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
+STATES = ("queued", "dispatching", "running", *FINAL_STATES)
+_HINTS = {
+    (401, None): "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
+    (403, "resources.gpus"): "ask an admin for GPU access, or request no GPUs",
+    (503, None): "try again in a minute; if it persists, tell your admin",
+}
+
+
+class GpulabError(Exception):
+    """A gpulab call failed; the message says what to do."""
+
+
+class NotConfigured(GpulabError):
+    """This process is not running in a gpulab server (an environment variable is missing)."""
+
+
+class APIError(GpulabError):
+    """The job service refused a request: ``status``, and its ``code``, ``message`` and ``field``."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, field: str | None = None):
+        self.status, self.message, self.code, self.field = status, message, code, field
+        hint = _HINTS.get((status, field)) or _HINTS.get((status, None))
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+    @classmethod
+    def from_response(cls, response: requests.Response) -> "APIError":
+        try:
+            error = response.json()["error"]
+            return cls(response.status_code, error["message"], error.get("code"), error.get("field"))
+        except (ValueError, KeyError, TypeError):
+            return cls(response.status_code, f"HTTP {response.status_code} from {response.url}")
+
+
+class NoCapacity(GpulabError):
+    """The job asks for more GPUs than its pool has; it stays queued."""
+
+
+class WaitTimeout(GpulabError, TimeoutError):
+    """``Job.wait`` ran out of time; the job goes on."""
+
+
+class JobFailed(GpulabError):
+    """The job ended without succeeding; ``job`` is its final state, ``log_tail`` its last log lines."""
+
+    def __init__(self, job: "Job", log_tail: str):
+        self.job, self.log_tail = job, log_tail
+        exit_code = f" (exit code {job.data['exit_code']})" if job.data.get("exit_code") is not None else ""
+        message = f"job '{job.name}' ({job.id}) {job.state}: {job.state_reason}{exit_code}"
+        if log_tail.strip():
+            message += "\nlast log lines:\n" + "\n".join("  " + line for line in log_tail.splitlines())
+        super().__init__(message)
+
+
+def _env(name: str, what: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise NotConfigured(f"not running in a gpulab server: {name} is not set ({what})")
+    return value
+
+
+class JobsClient:
+    """Calls to gpulab-jobs (and the hub and MLflow) for the user whose token this process holds."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
+        self.url = (url or _env("GPULAB_JOBS_URL", "the job service's address")).rstrip("/")
+        self.token = token or _env("JUPYTERHUB_API_TOKEN", "your server's hub token")
+        self.timeout = timeout
+        self.session = requests.Session()
+        tracing.setup_tracing("gpulab-kernel")
+
+    def request(self, method: str, url: str, **kwargs) -> requests.Response:
+        """An authenticated, traced request to ``url`` (relative: under the job service); API errors raise."""
+        url = url if url.startswith("http") else self.url + url
+        with tracing.tracer(__name__).start_as_current_span(
+            f"{method} {url.split('?')[0]}", kind=trace.SpanKind.CLIENT
+        ):
+            headers = tracing.inject({"Authorization": f"token {self.token}"})
+            try:
+                response = self.session.request(method, url, headers=headers,
+                                                timeout=kwargs.pop("timeout", self.timeout), **kwargs)
+            except requests.RequestException as exc:
+                raise GpulabError(f"cannot reach {url.split('?')[0]} ({type(exc).__name__}); "
+                                  "is the platform running? Try again, or restart your server") from None
+        if response.status_code >= 400:
+            raise APIError.from_response(response)
+        return response
+
+    def submit(self, spec: dict | None = None, **fields) -> "Job":
+        """Submit a job: a JobSpec dict, or :func:`job_spec` keyword arguments."""
+        body = spec if spec is not None else job_spec(**fields)
+        return Job(self, self.request("POST", "/jobs", json=body).json())
+
+    def list(self, state: str | None = None, all: bool = False, limit: int = 50) -> "JobTable":
+        """The newest ``limit`` jobs (``all``: every user's, admins only), optionally in one ``state``."""
+        params = {"limit": limit, "state": state, "all": "true" if all else None}
+        data = self.request("GET", "/jobs", params=params).json()
+        return JobTable(Job(self, item) for item in data["jobs"])
+
+    def get(self, job_id: str) -> "Job":
+        """One job, by its id or a unique prefix of it (as ``%jobs`` shows)."""
+        job_id = job_id.strip().lower()
+        if len(job_id) != 32:
+            matches = [j for j in self.list(limit=500) if j.id.startswith(job_id)] if job_id else []
+            if len(matches) != 1:
+                found = "no job" if not matches else f"{len(matches)} jobs"
+                raise GpulabError(f"{found} of yours starts with {job_id!r}; give the id %jobs shows")
+            return matches[0]
+        return Job(self, self.request("GET", f"/jobs/{job_id}").json())
+
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        """The latest attempt's log (the last ``tail`` lines)."""
+        return self.request("GET", f"/jobs/{job_id}/logs", params={"tail": tail}).text
+
+    def log_from(self, job_id: str, offset: int) -> tuple[str, int]:
+        """Log text from byte ``offset``, and the offset to continue from."""
+        response = self.request("GET", f"/jobs/{job_id}/logs", params={"offset": offset})
+        return response.text, int(response.headers.get("X-Log-Offset", offset + len(response.content)))
+
+    def follow(self, job_id: str) -> Iterator[str]:
+        """Yield the log as it grows, until the job ends."""
+        response = self.request("GET", f"/jobs/{job_id}/logs", params={"follow": "true"}, stream=True,
+                                timeout=(self.timeout, None))
+        with response:
+            event = None
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "log":
+                    yield json.loads(line[6:])["text"]
+                elif line.startswith("data: ") and event == "end":
+                    return
+
+    def cancel(self, job_id: str) -> "Job":
+        """Cancel a queued or running job (waits until it has stopped)."""
+        return Job(self, self.request("POST", f"/jobs/{job_id}/cancel", timeout=max(self.timeout, 120)).json())
+
+    def pools(self) -> list[dict]:
+        """Capacity and use per pool: ``[{"name", "capacity", "used", "queued"}]``."""
+        return self.request("GET", "/pools").json()["pools"]
+
+    def quota(self) -> dict:
+        """The user's limits and usage, and those of their groups: ``{"limits", "usage", "groups"}``."""
+        return self.request("GET", "/quota").json()
+
+    def token_scopes(self) -> set[str]:
+        """The scopes the token holds (from the hub), with gpulab's subscopes."""
+        hub = _env("JUPYTERHUB_API_URL", "the hub's API address").rstrip("/")
+        return scopes.expand(self.request("GET", f"{hub}/user").json().get("scopes", []))
+
+    def gpu_limit(self, pool: str = "default") -> tuple[int, str]:
+        """The most GPUs a job of this user may ask for in ``pool``, and why no more."""
+        if scopes.GPU not in self.token_scopes():
+            return 0, f"your account may not request GPUs (needs {scopes.GPU}); ask an admin"
+        capacity = {p["name"]: p["capacity"]["gpus"] for p in self.pools()}.get(pool, 0)
+        quota = self.quota()
+        caps = [q["limits"]["max_gpus"] for q in (quota, *quota.get("groups", {}).values())]
+        caps = [c for c in caps if c is not None]
+        if caps and min(caps) < capacity:
+            return min(caps), f"your GPU quota is {min(caps)}"
+        return capacity, f"pool '{pool}' has {capacity} GPUs"
+
+    def mlflow_run(self, run_id: str) -> dict:
+        """The MLflow run (``{"info", "data", ...}``), read through the hub."""
+        base = _env("GPULAB_MLFLOW_UI_URL", "MLflow's address").rstrip("/")
+        return self.request("GET", f"{base}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
+
+
+def job_spec(source: str | None = None, entrypoint: list[str] | None = None, *, name: str | None = None,
+             kind: str = "train", gpus: int = 0, cpus: float = 1.0, memory: str | int | None = None,
+             pool: str = "default", experiment: str | None = None, priority: int = 0,
+             working_dir: str | None = None, **extra) -> dict:
+    """A JobSpec dict: Python ``source`` or an argv ``entrypoint``, run in ``working_dir`` (default: cwd).
+
+    ``extra`` fields (``env``, ``labels``, ``max_runtime``, ``retries``, ``idempotency_key``, ...)
+    pass through as they are.
+    """
+    if (source is None) == (entrypoint is None):
+        raise GpulabError("give exactly one of source= (Python code) or entrypoint= (a command as a list)")
+    if name is None and entrypoint is not None:
+        script = next((a for a in entrypoint if a.endswith(".py")), entrypoint[0])
+        name = Path(script).stem or "job"
+    elif name is None:
+        name = Path(os.environ.get("JPY_SESSION_NAME") or "cell").stem or "cell"
+    resources = {"gpus": gpus, "cpus": cpus, "pool": pool}
+    if memory is not None:
+        resources["memory"] = memory
+    spec = {"name": name, "kind": kind, "working_dir": working_dir or os.getcwd(), "resources": resources,
+            "priority": priority, **extra}
+    spec["source" if source is not None else "entrypoint"] = source if source is not None else list(entrypoint)
+    if experiment:
+        spec["tracking"] = {"experiment": experiment}
+    return spec
+
+
+class Job:
+    """A handle on one job; ``data`` is the service's latest view of it (refresh with :meth:`refresh`)."""
+
+    def __init__(self, client: JobsClient, data: dict):
+        self.client, self.data = client, data
+        self._experiment_id: str | None = None
+
+    id = property(lambda self: self.data["id"])
+    name = property(lambda self: self.data["name"])
+    state = property(lambda self: self.data["state"])
+    state_reason = property(lambda self: self.data["state_reason"])
+    progress = property(lambda self: self.data["progress"])
+    mlflow_run_id = property(lambda self: self.data.get("mlflow_run_id"))
+    wandb_run_path = property(lambda self: self.data.get("wandb_run_path"))
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def refresh(self) -> "Job":
+        self.data = self.client.request("GET", f"/jobs/{self.id}").json()
+        return self
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0, raise_on_failure: bool = True) -> "Job":
+        """Block until the job ends; return it. Raises :class:`JobFailed` unless it succeeded
+        (with ``raise_on_failure``), :class:`WaitTimeout` after ``timeout`` s, and
+        :class:`NoCapacity` if it waits for GPUs its pool does not have."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        checked_capacity = False
+        while not self.refresh().done:
+            if not checked_capacity and self.state_reason.startswith("waiting: no GPU capacity"):
+                checked_capacity = True
+                self._check_capacity()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job '{self.name}' ({self.id}) is still {self.state} after {timeout:g}s; "
+                                  "wait again, or cancel it")
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+        if raise_on_failure and self.state != "succeeded":
+            raise JobFailed(self, self.logs(tail=20))
+        return self
+
+    def _check_capacity(self) -> None:
+        pool, gpus = self.data["pool"], self.data["resources"]["gpus"]
+        have = {p["name"]: p["capacity"]["gpus"] for p in self.client.pools()}.get(pool, 0)
+        if have < gpus:
+            raise NoCapacity(f"no GPU capacity in pool '{pool}' ({have} GPUs, {gpus} requested); job {self.id} "
+                             "stays queued: cancel it, or submit it to a pool with GPUs")
+
+    def logs(self, tail: int | None = None) -> str:
+        return self.client.logs(self.id, tail)
+
+    def follow(self) -> Iterator[str]:
+        return self.client.follow(self.id)
+
+    def cancel(self) -> "Job":
+        self.data = self.client.cancel(self.id).data
+        return self
+
+    def monitor(self):
+        """A live :class:`~gpulab.kernels.widgets.Monitor` of this job."""
+        from .widgets import Monitor
+
+        return Monitor(self)
+
+    def mlflow_run(self) -> dict | None:
+        """The job's MLflow run (``{"info", "data", ...}``), or None before the job has one."""
+        return self.client.mlflow_run(self.mlflow_run_id) if self.mlflow_run_id else None
+
+    @property
+    def mlflow_url(self) -> str | None:
+        """The MLflow UI page of the job's run, through the hub."""
+        base = os.environ.get("GPULAB_MLFLOW_UI_URL")
+        if not (base and self.mlflow_run_id):
+            return None
+        if self._experiment_id is None:
+            try:
+                self._experiment_id = self.mlflow_run()["info"]["experiment_id"]
+            except GpulabError:
+                return f"{base.rstrip('/')}/#/runs/{self.mlflow_run_id}"  # MLflow finds the experiment
+        return f"{base.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self.mlflow_run_id}"
+
+    @property
+    def percent(self) -> str:
+        fraction = self.progress.get("fraction")
+        return "" if fraction is None else f"{fraction:.0%}"
+
+    def __repr__(self) -> str:
+        return f"<gpulab Job {self.id[:8]} '{self.name}' {self.state}{' ' + self.percent if self.percent else ''}>"
+
+    def _repr_html_(self) -> str:
+        return JobTable([self])._repr_html_()
+
+
+class JobTable(list):
+    """A list of :class:`Job` that shows as a table (HTML in notebooks, text elsewhere)."""
+
+    COLUMNS = ("id", "name", "kind", "state", "progress", "gpus", "created", "reason")
+
+    def rows(self) -> list[tuple[str, ...]]:
+        return [(j.id[:8], j.name, j.data["kind"], j.state, j.percent, str(j.data["resources"]["gpus"]),
+                 j.data["created_at"][:19].replace("T", " "), j.state_reason) for j in self]
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no jobs"
+        table = [self.COLUMNS, *self.rows()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(self.COLUMNS) - 1)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
+
+    def _repr_html_(self) -> str:
+        if not self:
+            return "<p>no jobs</p>"
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        body = []
+        for job, row in zip(self, self.rows()):
+            cells = [f'<td title="{job.id}"><code>{row[0]}</code></td>']
+            cells += [f"<td>{html.escape(c)}</td>" for c in row[1:]]
+            body.append(f'<tr class="gpulab-job gpulab-{job.state}">{"".join(cells)}</tr>')
+        return f'<table class="gpulab-jobs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+_default: JobsClient | None = None
+
+
+def default_client() -> JobsClient:
+    """The client for the current environment (made again when its variables change)."""
+    global _default
+    if _default is None or (_default.url, _default.token) != (
+        os.environ.get("GPULAB_JOBS_URL", "").rstrip("/"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    ):
+        _default = JobsClient()
+    return _default
+
+
+def submit(source: str | None = None, entrypoint: list[str] | None = None, **fields) -> Job:
+    """Submit a job: ``submit(entrypoint=["python", "train.py"], gpus=1, experiment="digits")``."""
+    return default_client().submit(job_spec(source, entrypoint, **fields))
+
+
+def jobs(state: str | None = None, all: bool = False, limit: int = 50) -> JobTable:
+    """Your newest jobs (every user's with ``all=True``, admins only)."""
+    return default_client().list(state=state, all=all, limit=limit)
+
+
+def job(job_id: str) -> Job:
+    """The job with this id (or unique id prefix)."""
+    return default_client().get(job_id)

@@ -1,0 +1,169 @@
+"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``.
+
+Wrong options and failed calls print one line (argparse style) to stderr and return None:
+never a traceback.
+"""
+
+import argparse
+import functools
+import os
+import shlex
+import sys
+
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.display import display
+
+from .client import STATES, GpulabError, default_client, job_spec
+
+
+class _Stop(Exception):
+    """Parsing ended: an option error (the message) or ``--help`` (no message)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Stop(f"{self.prog}: error: {message} (see {self.prog}?)")
+
+    def exit(self, status=0, message=None):
+        raise _Stop(message)
+
+
+def _one_line(func):
+    """Run the magic; print option and gpulab errors as one line, return None for them."""
+
+    @functools.wraps(func)
+    def wrapper(self, line, cell=None):
+        prog = f"%{'%' * (cell is not None)}{func.__name__}"
+        try:
+            return func(self, prog, shlex_split(prog, line), cell)
+        except _Stop as stop:
+            if stop.args[0]:
+                print(stop.args[0].strip(), file=sys.stderr, flush=True)
+        except GpulabError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+    return wrapper
+
+
+def shlex_split(prog: str, line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as exc:
+        raise _Stop(f"{prog}: error: {exc}") from None
+
+
+def _job_parser(prog: str, cell: bool) -> _Parser:
+    parser = _Parser(prog=prog, description="Submit a job; returns its handle and shows its live monitor.")
+    parser.add_argument("--gpus", type=int, default=0, metavar="N")
+    parser.add_argument("--cpus", type=float, default=1.0, metavar="N")
+    parser.add_argument("--memory", metavar="M", help="e.g. 4Gi")
+    parser.add_argument("--pool", default="default", metavar="P")
+    parser.add_argument("--experiment", metavar="E", help="MLflow experiment (default: the job name)")
+    parser.add_argument("--name", metavar="N")
+    parser.add_argument("--priority", type=int, default=0, metavar="P", help="-100..100")
+    parser.add_argument("--wait", action="store_true", help="block until the job ends")
+    parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not show the monitor")
+    if not cell:
+        parser.add_argument("script", nargs="?", help="a Python file; options go before it")
+        parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    return parser
+
+
+def _id_parser(prog: str, **flags) -> _Parser:
+    parser = _Parser(prog=prog)
+    parser.add_argument("id", help="a job id, or a unique prefix as %%jobs shows")
+    for flag, kwargs in flags.items():
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+@magics_class
+class GpulabMagics(Magics):
+    """Train, preprocess and follow jobs on the gpulab job service."""
+
+    def _submit(self, kind: str, prog: str, argv: list[str], cell: str | None):
+        parser = _job_parser(prog, cell is not None)
+        args = parser.parse_args(argv)
+        if cell is None and not args.script:
+            parser.error(f"give the script to run: {prog} [options] script.py [args...]")
+        fields = {"name": args.name, "kind": kind, "gpus": args.gpus, "cpus": args.cpus, "memory": args.memory,
+                  "pool": args.pool, "experiment": args.experiment, "priority": args.priority,
+                  "working_dir": os.getcwd()}
+        if cell is not None:
+            if kind == "preprocess":
+                cell = "from gpulab.kernels.rapids import activate as _a; print(_a()); del _a\n" + cell
+            spec = job_spec(source=cell, **fields)
+        else:
+            runner = ["-m", "gpulab.kernels.rapids"] if kind == "preprocess" else []
+            spec = job_spec(entrypoint=["python", *runner, args.script, *args.args], **fields)
+        job = default_client().submit(spec)
+        if args.monitor:
+            display(job.monitor())
+        else:
+            print(f"submitted job {job.id} ({job.name}): {job.state}", flush=True)
+        if args.wait:
+            try:
+                job.wait()
+            except KeyboardInterrupt:
+                print(f"stopped waiting; job {job.id} goes on (%cancel {job.id[:8]} stops it)", file=sys.stderr)
+            else:
+                if not args.monitor:
+                    print(f"job {job.id} {job.state}", flush=True)
+        return job
+
+    @line_cell_magic
+    @_one_line
+    def train(self, prog, argv, cell=None):
+        """Submit a training job: ``%%train [options]`` runs the cell's code; ``%train [options] script.py
+        [args...]`` runs a file. Both run in the notebook's working directory. Options: --gpus N, --cpus N,
+        --memory M, --pool P, --experiment E, --name N, --priority P, --wait, --no-monitor.
+        Returns the job (``job = %train ...``)."""
+        return self._submit("train", prog, argv, cell)
+
+    @line_cell_magic
+    @_one_line
+    def preprocess(self, prog, argv, cell=None):
+        """Submit a preprocessing job (like ``%train``): pandas in it is cudf.pandas when its node has a GPU."""
+        return self._submit("preprocess", prog, argv, cell)
+
+    @line_magic
+    @_one_line
+    def jobs(self, prog, argv, cell=None):
+        """List your jobs: ``%jobs [--all] [--state S] [--limit N]`` (``--all``: everyone's, admins only)."""
+        parser = _Parser(prog=prog)
+        parser.add_argument("--all", action="store_true")
+        parser.add_argument("--state", choices=STATES)
+        parser.add_argument("--limit", type=int, default=50)
+        args = parser.parse_args(argv)
+        display(default_client().list(state=args.state, all=args.all, limit=args.limit))
+
+    @line_magic
+    @_one_line
+    def job(self, prog, argv, cell=None):
+        """Show a job's live monitor: ``%job ID``."""
+        display(default_client().get(_id_parser(prog).parse_args(argv).id).monitor())
+
+    @line_magic
+    @_one_line
+    def logs(self, prog, argv, cell=None):
+        """Print a job's log: ``%logs ID [--tail N] [--follow]`` (``--follow``: until the job ends)."""
+        args = _id_parser(prog, **{"--tail": {"type": int, "metavar": "N"},
+                                   "--follow": {"action": "store_true"}}).parse_args(argv)
+        client = default_client()
+        job = client.get(args.id)
+        if not args.follow:
+            print(client.logs(job.id, args.tail), end="", flush=True)
+            return
+        try:
+            for text in client.follow(job.id):
+                print(text, end="", flush=True)
+        except KeyboardInterrupt:
+            pass
+
+    @line_magic
+    @_one_line
+    def cancel(self, prog, argv, cell=None):
+        """Cancel a queued or running job: ``%cancel ID``."""
+        job = default_client().get(_id_parser(prog).parse_args(argv).id).cancel()
+        print(f"job {job.id} ({job.name}): {job.state}", flush=True)

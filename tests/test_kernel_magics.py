@@ -1,0 +1,146 @@
+"""The gpulab magics in a real IPython kernel against a real platform.
+
+Real parts: `gpulab up` (JupyterHub, configurable-http-proxy, gpulab-jobs running jobs on the
+local executor) and a jupyter_client kernel with a user server's environment
+(GPULAB_JOBS_URL, JUPYTERHUB_API_TOKEN, JUPYTERHUB_API_URL).
+"""
+
+import os
+
+import pytest
+
+from gpulab.kernels.client import JobsClient, NoCapacity, job_spec
+from tests.support.gpulab_up import Platform
+from tests.support.kernel import Kernel
+
+CONFIG = """
+c.Platform.mlflow_service = False
+c.Roles.group_roles = {"gpu": ["gpulab-gpu"]}
+c.JobQueue.tick_interval = 0.2
+c.JobQueue.cancel_grace = 2
+"""
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    hub = Platform(tmp_path_factory.mktemp("magics") / "data", host="127.0.0.8").start(CONFIG)
+    hub.create_user("kim")
+    hub.create_user("lee", groups=["gpu"])
+    yield hub
+    hub.stop()
+
+
+def user_env(hub: Platform, user: str) -> dict:
+    return {"GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1", "JUPYTERHUB_API_TOKEN": hub.token(user),
+            "JUPYTERHUB_API_URL": f"{hub.url}/hub/api"}
+
+
+@pytest.fixture(scope="module")
+def kernel(hub, tmp_path_factory):
+    """kim's plain Python kernel with the extension loaded; ``kernel.cwd`` is the notebook directory."""
+    cwd = tmp_path_factory.mktemp("notebook")
+    kernel = Kernel("python3", env={**os.environ, **user_env(hub, "kim")}, cwd=str(cwd))
+    kernel.cwd = cwd
+    loaded = kernel.run("%load_ext gpulab.kernels")
+    assert loaded.reply["status"] == "ok" and not loaded.stderr, loaded.messages
+    yield kernel
+    kernel.stop()
+
+
+def one_line_error(result) -> str:
+    """The stderr line a failed magic printed, after checking there was no traceback."""
+    assert result.reply["status"] == "ok" and not result.errors, result.messages
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr.strip()
+
+
+def test_train_cell_runs_in_the_notebook_dir_and_is_listed(kernel):
+    cell = kernel.run(
+        "%%train --name cell-job\nimport gpulab, time\nfor i in range(1, 4):\n"
+        "    gpulab.progress(i, 3, loss=1.0 / i)\n    time.sleep(0.2)\n"
+        "open('written-by-job.txt', 'w').write('hi')\nprint('trained', flush=True)\n")
+    assert cell.reply["status"] == "ok" and not cell.errors and not cell.stderr, cell.messages
+    assert cell.data(WIDGET), "the monitor was not displayed"
+    assert "'cell-job'" in cell.data("text/plain")[-1]  # the returned job handle
+    done = kernel.run("job = _\ndone = job.wait(timeout=60)\nprint(done.state, done.id, done.progress['fraction'])")
+    state, job_id, fraction = done.stdout.split()
+    assert (state, float(fraction)) == ("succeeded", 1.0), done.messages
+    assert (kernel.cwd / "written-by-job.txt").read_text() == "hi"
+
+    listed = kernel.run("%jobs")
+    assert job_id[:8] in listed.data("text/html")[0] and "succeeded" in listed.data("text/html")[0]
+    assert job_id[:8] in listed.data("text/plain")[0]
+    assert "trained" in kernel.run(f"%logs {job_id[:8]}").stdout
+
+
+def test_train_script_with_arguments_and_wait(kernel):
+    (kernel.cwd / "args.py").write_text("import sys\nprint('argv', sys.argv[1:])\n")
+    result = kernel.run("job = %train --wait --no-monitor --name with-args args.py --epochs 2 -v\n"
+                        "print(job.state)\nprint(job.logs())")
+    assert result.reply["status"] == "ok" and not result.stderr, result.messages
+    assert "succeeded" in result.stdout and "argv ['--epochs', '2', '-v']" in result.stdout
+
+
+def test_cancel_stops_a_long_job(kernel):
+    kernel.run("%%train --no-monitor --name sleeper\nimport time\nprint('sleeping', flush=True)\ntime.sleep(300)")
+    started = kernel.run("import time\nsleeper = _\nwhile 'sleeping' not in sleeper.logs():\n"
+                         "    time.sleep(0.2)\nprint(sleeper.id)", timeout=60)
+    job_id = started.stdout.strip()
+    cancelled = kernel.run(f"%cancel {job_id[:10]}")
+    assert f"job {job_id} (sleeper): cancelled" in cancelled.stdout, cancelled.messages
+    waited = kernel.run("from gpulab.kernels.client import JobFailed\ntry:\n    sleeper.wait()\n"
+                        "except JobFailed as e:\n    print(e)")
+    assert f"job 'sleeper' ({job_id}) cancelled: cancelled by kim" in waited.stdout
+    assert "sleeping" in waited.stdout  # the log tail
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%train --gpus two x.py", "%train: error: argument --gpus: invalid int value: 'two'"),
+    ("%train --wait", "%train: error: give the script to run"),
+    ("%%train --bogus\nprint(1)", "%%train: error: unrecognized arguments: --bogus"),
+    ("%%train x.py\nprint(1)", "%%train: error: unrecognized arguments: x.py"),
+    ("%jobs --state nope", "%jobs: error: argument --state: invalid choice: 'nope'"),
+    ("%job", "%job: error: the following arguments are required: id"),
+    ("%logs abc --tail x", "%logs: error: argument --tail: invalid int value: 'x'"),
+    ("%cancel 'unbalanced", "%cancel: error: No closing quotation"),
+    ("%cancel 0123abc", "%cancel: no job of yours starts with '0123abc'"),
+    ("%train --priority 1000 x.py", "%train: priority: Input should be less than or equal to 100"),
+])
+def test_option_errors_are_one_line_without_traceback(kernel, line, message):
+    assert one_line_error(kernel.run(line)).startswith(message)
+
+
+def test_gpu_request_without_the_gpu_scope_is_one_line(kernel):
+    error = one_line_error(kernel.run("%train --gpus 1 x.py"))
+    assert error == ("%train: requesting GPUs needs the custom:gpulab:gpu scope; "
+                     "ask an admin for GPU access, or request no GPUs")
+
+
+def test_a_failing_job_with_wait_prints_its_reason_and_log_tail(kernel):
+    result = kernel.run("%%train --wait --no-monitor --name failing\nprint('about to fail')\nraise SystemExit(3)")
+    assert result.reply["status"] == "ok" and not result.errors and "Traceback" not in result.stderr
+    assert "job 'failing' (" in result.stderr and "exit code 3" in result.stderr
+    assert "about to fail" in result.stderr
+
+
+def test_the_monitor_updates_while_another_cell_runs(kernel):
+    submitted = kernel.run("%%train --name slow\nimport gpulab, time\nfor i in range(1, 9):\n"
+                           "    gpulab.progress(i, 8)\n    time.sleep(0.5)\n")
+    bars = [m["content"]["comm_id"] for m in submitted.messages if m["msg_type"] == "comm_open"
+            and m["content"]["data"]["state"].get("_model_name") == "FloatProgressModel"]
+    assert len(bars) == 1, submitted.messages
+    busy = kernel.run("import time\ntime.sleep(7)")
+    values = [m["content"]["data"]["state"]["value"] for m in busy.messages
+              if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bars[0]
+              and "value" in m["content"]["data"].get("state", {})]
+    assert len(set(values)) >= 3 and values[-1] == 1.0, values
+
+
+def test_waiting_for_gpus_no_pool_has_raises(hub):
+    env = user_env(hub, "lee")
+    client = JobsClient(env["GPULAB_JOBS_URL"], env["JUPYTERHUB_API_TOKEN"])
+    job = client.submit(job_spec(source="print(1)", gpus=1))
+    with pytest.raises(NoCapacity, match=r"no GPU capacity in pool 'default' \(0 GPUs, 1 requested\); job "):
+        job.wait(timeout=30, poll=0.2)
+    assert job.cancel().state == "cancelled"
