@@ -474,26 +474,27 @@ def ray_measure(address: str, sid: str, t0: float, rtt: float) -> dict:
             "ray_accepted_to_running": running - accepted, "post_rtt": rtt, "saw_running": job["status"] == "RUNNING"}
 
 
-def gpulab_like_env(job_id: str) -> dict:
+def gpulab_like_env(job_id: str, job_dir: Path) -> dict:
     """The kind of runtime_env env_vars RayExecutor sends: inherited vars plus per-job values."""
+    job_dir.mkdir(parents=True, exist_ok=True)
     env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
                                       "LD_LIBRARY_PATH", "CUDA_HOME") if k in os.environ}
-    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=f"/tmp/gpulab-bench/{job_id}",
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(job_dir),
                MLFLOW_EXPERIMENT_NAME="ray-lat", GPULAB_JOB_ID=job_id, GPULAB_JOB_OWNER=USER,
                GPULAB_JOB_TOKEN=base64.urlsafe_b64encode(os.urandom(32)).decode(),
                TRACEPARENT=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", CUDA_VISIBLE_DEVICES="",
-               GPULAB_WORKING_DIR=f"/tmp/gpulab-bench/{job_id}")
+               GPULAB_WORKING_DIR=str(job_dir))
     return env
 
 
-def ray_raw_once(address: str, gpulab_shape: bool) -> dict:
+def ray_raw_once(address: str, gpulab_shape: bool, work: Path) -> dict:
     """Straight to Ray: the plain trivial job, or the same request body gpulab's RayExecutor sends."""
     job_id = uuid.uuid4().hex
     sid = f"raw-{job_id[:12]}"
     body = {"submission_id": sid, "entrypoint": f"sleep {RAY_SLEEP}", "entrypoint_num_cpus": 1}
     if gpulab_shape:
         body.update(entrypoint=f"{sys.executable} -m gpulab.runner -- sleep {RAY_SLEEP}", entrypoint_num_gpus=0,
-                    runtime_env={"env_vars": gpulab_like_env(job_id)},
+                    runtime_env={"env_vars": gpulab_like_env(job_id, work / job_id)},
                     metadata={"gpulab_job_id": job_id, "gpulab_owner": USER, "gpulab_attempt": "1"})
     t0 = time.time()
     r = requests.post(f"{address}/api/jobs/", json=body, timeout=30)
@@ -520,12 +521,12 @@ def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> di
     return out
 
 
-def ray_compare(bench: Bench, address: str, n: int) -> dict:
+def ray_compare(bench: Bench, address: str, n: int, work: Path) -> dict:
     s = bench.session()
     runs = {"raw": [], "raw_gpulab_body": [], "gpulab": []}
     for i in range(n + 1):  # 1 warm-up each; rotate so that noise hits all alike
-        one = {"raw": lambda: ray_raw_once(address, False),
-               "raw_gpulab_body": lambda: ray_raw_once(address, True),
+        one = {"raw": lambda: ray_raw_once(address, False, work),
+               "raw_gpulab_body": lambda: ray_raw_once(address, True, work),
                "gpulab": lambda: ray_gpulab_once(bench, s, address)}
         order = list(one)[i % 3:] + list(one)[:i % 3]
         for name in order:
@@ -703,7 +704,7 @@ def main() -> int:
             rb = Bench(tracker, work, "127.0.0.22", ray_url,
                        f'c.JobQueue.executor_class = "ray"\nc.RayExecutor.address = {cluster.address!r}')
             log(f"ray submit->running ({size['ray_n']} each)")
-            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"])
+            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"], work / "ray-raw-jobs")
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         raise

@@ -104,15 +104,18 @@ class JwksServer:
 
 
 def sign(claims: dict, key: NrasKey, *, alg: str = "ES384", kid: str | None = None, header: dict | None = None) -> str:
-    """A compact JWS over ``claims``; ``alg``/``kid``/``header`` override NRAS's ``{"kid", "alg"}`` header."""
-    head = {"kid": kid or key.kid, "alg": alg, **(header or {})}
+    """A compact JWS over ``claims``; ``alg``/``kid``/``header`` override NRAS's ``{"kid", "alg"}`` header
+    (a ``None`` header value drops that parameter). ``HS*`` signs with the public key as HMAC secret
+    (the key-confusion attack), ``none`` leaves the signature empty."""
+    head = {k: v for k, v in {"kid": kid or key.kid, "alg": alg, **(header or {})}.items() if v is not None}
+    signing_input = f"{_b64json(head)}.{_b64json(claims)}"
     if alg == "none":
-        return f"{_b64json(head)}.{_b64json(claims)}."
-    if alg.startswith("HS"):  # the key-confusion attack: the public key as the HMAC secret
-        signing_input = f"{_b64json(head)}.{_b64json(claims)}"
-        mac = hmac.new(key.pem, signing_input.encode(), getattr(hashlib, f"sha{alg[2:]}")).digest()
-        return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
-    return jwt.encode(claims, key.private, algorithm=alg, headers=head)
+        signature = b""
+    elif alg.startswith("HS"):
+        signature = hmac.new(key.pem, signing_input.encode(), getattr(hashlib, f"sha{alg[2:]}")).digest()
+    else:
+        signature = ECAlgorithm(getattr(ECAlgorithm, f"SHA{alg[2:]}")).sign(signing_input.encode(), key.private)
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
 
 
 def _b64json(obj) -> str:

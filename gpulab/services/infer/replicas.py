@@ -1,0 +1,179 @@
+"""Triton replicas behind the gateway: health checks, a circuit breaker each, least-outstanding-requests.
+
+Requests travel as serialized bytes (identity serializers): tensors are never decoded or re-encoded.
+"""
+
+import asyncio
+import math
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from ...resilience import OPEN, CircuitBreaker, CircuitOpenError, is_outage, retrying
+
+SERVICE = "/inference.GRPCInferenceService/"
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+    # reconnect soon after a replica comes back (gRPC's default backoff grows to 120 s)
+    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_TRANSPORT = ("failed to connect", "connection refused", "socket closed", "connection reset", "broken pipe",
+              "goaway", "endpoint read failed", "keepalive watchdog")
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """The replica was unreachable or dropped the call; not an answer from Triton (which also uses UNAVAILABLE)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        details = (exc.details() or "").lower()
+        return exc.code() == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _TRANSPORT)
+    return is_outage(exc)
+
+
+def not_sent(exc: BaseException) -> bool:
+    """The request never reached the replica, so it may go to another one."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        details = (exc.details() or "").lower()
+        return exc.code() == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in details
+                                                              or "connection refused" in details)
+    return isinstance(exc, ConnectionRefusedError)
+
+
+class NoReplicaError(Exception):
+    """No replica can take the request; the message says why for each one."""
+
+
+class Replica:
+    """One Triton gRPC endpoint."""
+
+    def __init__(self, address: str, failure_threshold: int, recovery_timeout: float):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.breaker = CircuitBreaker(f"Triton replica {address}", failure_threshold, recovery_timeout,
+                                      is_failure=is_transport_error)
+        self.healthy = True  # until a check or a call says otherwise
+        self.outstanding = 0
+        self.requests = 0
+        self.last_error = ""
+        self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def method(self, name: str):
+        if name not in self._methods:
+            self._methods[name] = self.channel.unary_unary(SERVICE + name)
+        return self._methods[name]
+
+    def stream(self, metadata) -> grpc.aio.StreamStreamCall:
+        return self.channel.stream_stream(SERVICE + "ModelStreamInfer")(metadata=metadata)
+
+    def status(self) -> str:
+        if self.breaker.state == OPEN:
+            retry_in = math.ceil(self.breaker.snapshot()["retry_in"])
+            return f"{self.breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
+        return f"{self.breaker.name} is {'ready' if self.healthy else 'not ready'}" + (
+            "" if self.healthy else f" ({self.last_error or 'not checked yet'})")
+
+    def _failed(self, exc: BaseException) -> None:
+        self.healthy = False
+        self.last_error = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else f"{type(exc).__name__}: {exc}"
+
+    async def call(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
+        self.outstanding += 1
+        self.requests += 1
+        try:
+            async with self.breaker:
+                return await self.method(name)(request, metadata=metadata, timeout=timeout)
+        except Exception as exc:
+            if is_transport_error(exc):
+                self._failed(exc)
+            raise
+        finally:
+            self.outstanding -= 1
+
+    async def check(self, metadata, timeout: float) -> None:
+        """ServerReady through the breaker (the probe when half-open); skipped while open."""
+        try:
+            async with self.breaker:
+                reply = await asyncio.wait_for(self.method("ServerReady")(b"", metadata=metadata), timeout)
+        except CircuitOpenError:
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure makes the replica unhealthy
+            self._failed(exc)
+            return
+        self.healthy = service_pb2.ServerReadyResponse.FromString(reply).ready
+        self.last_error = "" if self.healthy else "server not ready"
+
+
+class ReplicaPool:
+    """Picks the healthy replica with the fewest outstanding requests (round robin among equals)."""
+
+    def __init__(self, addresses: list[str], metadata, failure_threshold: int = 3, recovery_timeout: float = 5.0,
+                 health_interval: float = 2.0):
+        self.replicas = [Replica(a, failure_threshold, recovery_timeout) for a in addresses]
+        self.metadata = metadata
+        self.health_interval = health_interval
+        self._next = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for replica in self.replicas:
+            await replica.channel.close()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(r.check(self.metadata, self.health_interval) for r in self.replicas))
+            await asyncio.sleep(self.health_interval)
+
+    def ready(self) -> bool:
+        return any(r.healthy and r.breaker.state != OPEN for r in self.replicas)
+
+    def describe(self) -> str:
+        return "; ".join(r.status() for r in self.replicas) or "no Triton replicas configured"
+
+    def pick(self, exclude=()) -> Replica:
+        count = len(self.replicas)
+        start, best = self._next, None
+        self._next = (start + 1) % max(count, 1)
+        for i in range(count):
+            replica = self.replicas[(start + i) % count]
+            if replica.healthy and replica not in exclude and replica.breaker.state != OPEN and (
+                    best is None or replica.outstanding < best.outstanding):
+                best = replica
+        if best is None:
+            raise NoReplicaError(f"no Triton replica available: {self.describe()}")
+        return best
+
+    async def forward(self, name: str, request: bytes, metadata, timeout: float | None, idempotent: bool) -> bytes:
+        """Send to one replica; on failure try others only where safe: any transport failure for idempotent
+        RPCs, and for the rest only a request that was never sent (connection refused)."""
+        replica = self.pick()
+        retry_on = is_transport_error if idempotent else not_sent
+        try:
+            return await replica.call(name, request, metadata, timeout)
+        except Exception as exc:
+            if not retry_on(exc) or len(self.replicas) < 2:
+                raise
+        tried = {replica}
+        async for attempt in retrying(attempts=len(self.replicas) - 1, initial=0.005, maximum=0.05, retry_on=retry_on):
+            with attempt:
+                replica = self.pick(exclude=tried)
+                tried.add(replica)
+                return await replica.call(name, request, metadata, timeout)
+
+    async def broadcast(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
+        """Send to every healthy replica (model control); Triton's own errors win, unreachable replicas are
+        skipped (they load the repository's models when they start)."""
+        targets = [r for r in self.replicas if r.healthy and r.breaker.state != OPEN]
+        if not targets:
+            raise NoReplicaError(f"no Triton replica available: {self.describe()}")
+        results = await asyncio.gather(*(r.call(name, request, metadata, timeout) for r in targets),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        answered = [e for e in errors if not is_transport_error(e)]
+        if answered or len(errors) == len(results):
+            raise (answered or errors)[0]
+        return next(r for r in results if not isinstance(r, BaseException))

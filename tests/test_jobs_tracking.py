@@ -1,0 +1,91 @@
+"""A training job tracked end to end: real hub, gpulab-jobs, the MLflow service, W&B offline.
+
+W&B runs offline (wandb.ai cannot be reached from here); its run directory is checked on disk.
+"""
+
+import os
+import time
+
+import pytest
+import requests
+
+from tests.support.gpulab_up import Platform
+
+TRAIN = """
+import mlflow, mlflow.sklearn, numpy as np, gpulab
+from sklearn.datasets import load_digits
+from sklearn.linear_model import SGDClassifier
+
+X, y = load_digits(return_X_y=True)
+X = X / 16.0
+model = SGDClassifier(loss="log_loss", random_state=0)
+with mlflow.start_run():
+    mlflow.log_params({"epochs": 5, "model": "sgd"})
+    for epoch in range(1, 6):
+        model.partial_fit(X, y, classes=np.arange(10))
+        gpulab.progress(epoch, 5, accuracy=float(model.score(X, y)))
+    mlflow.sklearn.log_model(model, name="model", input_example=X[:2])
+print("trained")
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    hub = Platform(tmp_path_factory.mktemp("tracking") / "data", host="127.0.0.12")
+    hub.start("c.JobQueue.tick_interval = 0.2\n")
+    hub.create_user("alice")
+    yield hub
+    hub.stop()
+
+
+def wait_for_mlflow(hub, token, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{hub.url}/services/mlflow/health", headers={"Authorization": f"token {token}"},
+                             timeout=10)
+            if r.status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"MLflow not up through the hub:\n{hub.log_tail()}")
+
+
+def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
+    token = hub.token("alice")
+    wait_for_mlflow(hub, token)
+    api = f"{hub.url}/services/gpulab-jobs/api/v1"
+    headers = {"Authorization": f"token {token}"}
+    spec = {"name": "digits-sgd", "source": TRAIN, "tracking": {"experiment": "digits", "wandb_project": "digits"}}
+    r = requests.post(f"{api}/jobs", json=spec, headers=headers, timeout=30)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        job = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=30).json()
+        if job["state"] in ("succeeded", "failed", "cancelled", "timed_out"):
+            break
+        time.sleep(0.5)
+    log = requests.get(f"{api}/jobs/{job_id}/logs", headers=headers, timeout=30).text
+    assert job["state"] == "succeeded", log
+    assert job["progress"]["fraction"] == 1.0 and job["progress"]["metrics"]["accuracy"] > 0.8
+    assert job["mlflow_run_id"]
+
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+    client = MlflowClient(tracking_uri=f"{hub.url}/services/mlflow")
+    run = client.get_run(job["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["gpulab.job_id"] == job_id and run.data.tags["gpulab.user"] == "alice"
+    assert client.get_experiment(run.info.experiment_id).name == "digits"
+    assert run.data.params == {"epochs": "5", "model": "sgd"}
+    history = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5]
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id and m.name == "model" for m in models)
+
+    job_dir = hub.data_dir / "jobs" / "alice" / job_id
+    runs = list((job_dir / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir()), os.listdir(job_dir)
