@@ -291,3 +291,12 @@ def test_server_extension_acts_for_the_user(hub, alice):
     ext.validate("/jobs", "POST", 422, r.json())
     assert requests.post(f"{base}/jobs/{job_id}/cancel", headers=headers, timeout=30).status_code == 409
     assert requests.get(f"{base}/jobs/{'0' * 32}", headers=headers, timeout=30).status_code == 404
+
+
+def test_metrics_need_read_metrics(hub, alice):
+    url = f"{hub.url}/services/gpulab-jobs/metrics"
+    assert requests.get(url, headers=alice.headers, timeout=30).status_code == 403
+    r = requests.get(url, headers={"Authorization": f"token {hub.token('carol')}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert 'gpulab_jobs_submitted_total{pool="default"}' in r.text
+    assert "gpulab_jobs_request_duration_seconds_count" in r.text

@@ -19,6 +19,7 @@ from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...tracing import setup_tracing
 from . import openapi
 from .handlers import APIError, BaseHandler, handlers
+from .metrics import MetricsHandler
 from .queue import JobQueue
 from .store import JobStore
 
@@ -37,6 +38,7 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
 
     routes = handlers(prefix) + [
         (prefix + "oauth_callback", HubOAuthCallbackHandler),
+        (prefix + "metrics", MetricsHandler),
         (prefix + "events", UserEventsHandler, {"token": service_token, "applied": events, "apply": apply_event}),
     ]
     return web.Application(

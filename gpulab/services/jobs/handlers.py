@@ -11,6 +11,7 @@ from tornado.iostream import StreamClosedError
 from ... import scopes, tracing
 from .models import TERMINAL_STATES, JobList, JobSpec, ProgressUpdate, TrackingUpdate, validation_error_body
 from .executors.base import ExecutorUnavailable
+from .metrics import REQUESTS, SUBMITTED
 from .store import JobNotFound, JobStateError
 
 MAX_BODY = 1024 * 1024  # bytes; larger bodies get 413
@@ -46,6 +47,8 @@ class BaseHandler(web.RequestHandler):
         )
 
     def on_finish(self):
+        handler = type(self).__name__.removesuffix("Handler")
+        REQUESTS.labels(self.request.method, handler, str(self.get_status())).observe(self.request.request_time())
         if getattr(self, "_span", None) is not None:
             self._span.set_attribute("http.status_code", self.get_status())
             self._span.end()
@@ -127,6 +130,8 @@ class JobsHandler(UserHandler):
         groups = self.current_user.get("groups") or []
         row, created = await self.queue.submit(self.user_name, groups, spec,
                                                traceparent=self.request.headers.get("traceparent"))
+        if created:
+            SUBMITTED.labels(row.pool).inc()
         self.write_json(self.queue.job_model(row), 201 if created else 200)
 
     async def get(self):

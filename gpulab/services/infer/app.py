@@ -1,0 +1,100 @@
+"""``python -m gpulab.services.infer``: the hub-managed inference gateway ``gpulab-infer``.
+
+Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, ``JUPYTERHUB_API_TOKEN``;
+``JUPYTERHUB_SERVICE_URL`` is where ``/metrics`` is served), ``GPULAB_INFER_ADDRESS`` (gRPC listen
+address) and ``GPULAB_TRITON_KEY`` (the restricted-protocol key), plus ``c.InferenceGateway`` in
+``gpulab_config.py``.
+"""
+
+import asyncio
+import os
+import signal
+from urllib.parse import urlsplit
+
+import grpc
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from traitlets import Dict, Float, Integer, List, Unicode, default
+from traitlets.config import Configurable
+from tornado import web
+
+from ...config import load_config
+from ...errors import ConfigError
+from ...inference.triton import GRPC_KEY_PREFIX
+from ...tracing import setup_tracing
+from .auth import HubTokenAuth
+from .gateway import Gateway
+from .replicas import ReplicaPool
+
+
+class InferenceGateway(Configurable):
+    """``c.InferenceGateway.*``: where the gateway listens and which Triton replicas it serves."""
+
+    address = Unicode(help="gRPC listen address host:port (default $GPULAB_INFER_ADDRESS).").tag(config=True)
+    replicas = List(Unicode(), help="Triton gRPC endpoints, host:port.").tag(config=True)
+    restricted_header = Unicode("gpulab-triton-key", help="Triton's restricted-protocol header (without Triton's "
+                                "'triton-grpc-protocol-' prefix), as TritonServer.restricted_header.").tag(config=True)
+    restricted_key = Unicode(help="Its secret value (default $GPULAB_TRITON_KEY).").tag(config=True)
+    model_allow = Dict(value_trait=List(Unicode()), help="Model -> users and 'group:<name>' entries allowed to call "
+                       "it; models not listed are open to every holder of custom:gpulab:infer.").tag(config=True)
+    max_request_bytes = Integer(64 * 1024 * 1024, help="Larger requests fail with RESOURCE_EXHAUSTED.").tag(
+        config=True)
+    token_cache_seconds = Float(30.0, help="How long a token lookup is trusted.").tag(config=True)
+    health_interval = Float(2.0, help="Seconds between ServerReady checks of each replica.").tag(config=True)
+    failure_threshold = Integer(3, help="Consecutive failures that open a replica's circuit.").tag(config=True)
+    recovery_timeout = Float(5.0, help="Seconds an open circuit waits before a probe.").tag(config=True)
+
+    @default("address")
+    def _default_address(self):
+        return os.environ.get("GPULAB_INFER_ADDRESS", "127.0.0.1:8101")
+
+    @default("restricted_key")
+    def _default_key(self):
+        return os.environ.get("GPULAB_TRITON_KEY", "")
+
+
+class MetricsHandler(web.RequestHandler):
+    def get(self):
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.settings["registry"]))
+
+
+def build(cfg, api_url: str, api_token: str) -> tuple[InferenceGateway, Gateway]:
+    """The configured gateway (not yet serving)."""
+    conf = InferenceGateway(config=cfg)
+    if not conf.replicas:
+        raise ConfigError("InferenceGateway.replicas: no Triton replica configured")
+    metadata = ((GRPC_KEY_PREFIX + conf.restricted_header, conf.restricted_key),) if conf.restricted_key else ()
+    pool = ReplicaPool(conf.replicas, metadata, conf.failure_threshold, conf.recovery_timeout, conf.health_interval)
+    need_groups = any(entry.startswith("group:") for names in conf.model_allow.values() for entry in names)
+    auth = HubTokenAuth(api_url, api_token, ttl=conf.token_cache_seconds, need_groups=need_groups)
+    trace_all = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return conf, Gateway(pool, auth, conf.model_allow, trace_all=trace_all)
+
+
+async def main() -> None:
+    setup_tracing("gpulab-infer")
+    conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
+                                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((gateway.handler(),))
+    if not server.add_insecure_port(conf.address):
+        raise ConfigError(f"InferenceGateway.address: cannot listen on {conf.address}")
+    await server.start()
+    gateway.pool.start()
+    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+    if service_url:
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
+        app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler)],
+                              registry=gateway.metrics.registry)
+        url = urlsplit(service_url)
+        app.listen(url.port, url.hostname or "127.0.0.1")
+    print(f"gpulab-infer: serving gRPC on {conf.address} for {', '.join(conf.replicas)}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    await gateway.pool.close()
