@@ -31,8 +31,10 @@ from gpulab.attestation.config import check_url
 from gpulab.attestation.jwks import JwksCache, parse_jwks
 from gpulab.attestation.nras import ENV_VAR, NrasClient, load_api_key
 from gpulab.attestation.policy import Appraiser, Policy
+from gpulab.attestation.reasons import http_status
 from gpulab.attestation.state import NodeStates
 from gpulab.attestation.verifier import check_submods, sha256_hex, split_jws
+from gpulab.config import effective_config
 from gpulab.errors import ConfigError
 from gpulab.events import make_engine
 from gpulab.net import free_port
@@ -44,7 +46,6 @@ from tests.support.attestation import (
     JwksServer,
     NrasKey,
     sample,
-    sign,
 )
 
 DENIED_UEID = "123456789"
@@ -168,6 +169,7 @@ CASES = [
     ("no-kid", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall_sign={"header": {"kid": None}})),
     ("crit-header", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall_sign={"header": {"crit": ["x"], "x": 1}})),
     ("missing-exp", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall={"exp": None})),
+    ("non-finite-exp", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall={"exp": float("inf")})),
     ("missing-jti", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall={"jti": None})),
     ("bad-submods-entry", Reason.MALFORMED,
      lambda m, n, o: m.mint(n, overall={"submods": {"GPU-0": ["DIGEST", ["SHA-1", "ab" * 10]]}})),
@@ -203,7 +205,8 @@ CASES = [
      lambda m, n, o: m.mint(n, names=("GPU-0", "GPU-1"), tokens=lambda g: {"GPU-0": g["GPU-1"], "GPU-1": g["GPU-0"]})),
     ("overall-result-false [SDK catches]", Reason.OVERALL_RESULT_FALSE,
      lambda m, n, o: m.mint(n, overall={"x-nvidia-overall-att-result": False})),
-    ("dbgstat-enabled [SDK accepts]", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"dbgstat": "enabled"})),
+    ("dbgstat-enabled [SDK accepts]", Reason.POLICY_VIOLATION,
+     lambda m, n, o: m.mint(n, device={"dbgstat": "enabled"})),
     ("secboot-false [SDK accepts]", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"secboot": False})),
     ("secboot-string-true", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"secboot": "true"})),
     ("measres-missing", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"measres": None})),
@@ -246,10 +249,13 @@ async def test_jwks_500_fails_closed(verifier, jwks_server, minter, nonce):
     assert info.value.reason == Reason.JWKS_UNAVAILABLE and jwks_server.requests == 1
 
 
-def test_every_reason_has_a_test():
+def test_every_reason_has_a_test_and_a_status():
     elsewhere = {Reason.REPLAYED_JTI, Reason.JWKS_UNAVAILABLE, Reason.NONCE_UNKNOWN, Reason.RATE_LIMITED,
                  Reason.LOCKED_OUT, Reason.NRAS_UNAVAILABLE, Reason.NRAS_REJECTED}
     assert {c[1] for c in CASES} | elsewhere == set(Reason)
+    assert {r.value: http_status(r) for r in (Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.TOO_LARGE,
+                                              Reason.BAD_SIGNATURE)} == {
+        "locked_out": 429, "jwks_unavailable": 503, "too_large": 413, "bad_signature": 422}
 
 
 # --- JWKS cache: fetch counting --------------------------------------------------------------------
@@ -330,6 +336,12 @@ def test_service_urls_must_be_allow_listed(url, insecure_ok):
         Attestation(config=Config({"Attestation": {"jwks_url": url, "allow_insecure_localhost": insecure_ok}})).check()
 
 
+def test_config_show_lists_attestation_without_secrets():
+    shown = effective_config(Config({"Attestation": {"api_key_file": "/etc/gpulab/nras.key"}}), extra=[Attestation])
+    assert shown["Attestation"]["api_key_file"] == "/etc/gpulab/nras.key"
+    assert shown["Attestation"]["max_eat_bytes"] == 131072 and shown["Attestation"]["nonce_ttl"] == 300
+
+
 def test_default_urls_pass_the_allow_list():
     s = Attestation()
     s.check()
@@ -349,7 +361,7 @@ async def test_nvidia_samples_parse_digests_and_policy(eat_file, decoded_file, n
     overall_jwt, devices = verifier.parse(text)
     assert list(devices) == [name]
     overall, device = split_jws(overall_jwt), split_jws(devices[name])
-    assert overall.header["alg"] == "ES384" and overall.header["kid"].startswith("nv-eat-kid-")
+    assert overall.kid.startswith("nv-eat-kid-prod-" if name == "GPU-0" else "nv-eat-kid-stg-")
     overall_claims = json.loads(base64.urlsafe_b64decode(overall.payload + "=="))
     device_claims = json.loads(base64.urlsafe_b64decode(device.payload + "=="))
     assert device_claims == sample(decoded_file)[name]
@@ -467,11 +479,13 @@ async def test_service_flow_and_node_state(jwks_server, clock, db_url, minter):
     service = make_service(jwks_server, clock, db_url)
     nonce = service.issue_nonce(**WHO)
     verified = await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
-    state = service.nodes.attested("gpu-1", max_age=600)
-    assert state.fingerprint == verified.fingerprint and state.summary["devices"]["GPU-0"]["hwmodel"] == HOPPER
+    assert service.nodes.gate("gpu-2", max_age=600) == (None, "node never attested")
+    state, problem = service.nodes.gate("gpu-1", max_age=600)
+    assert problem is None and state.fingerprint == verified.fingerprint
+    assert state.summary["devices"]["GPU-0"]["hwmodel"] == HOPPER and state.user == "ana"
     assert [s.node for s in service.nodes.all()] == ["gpu-1"]
     clock.advance(601)
-    assert service.nodes.attested("gpu-1", max_age=600) is None  # stale for the gate
+    assert service.nodes.gate("gpu-1", max_age=600)[1] == "attestation older than 600 s"
     with pytest.raises(AttestationError) as info:  # nonce used up
         await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
     assert info.value.reason == Reason.NONCE_UNKNOWN
@@ -499,12 +513,12 @@ async def test_genuine_failure_revokes_node_garbage_does_not(jwks_server, clock,
     nonce = service.issue_nonce(**WHO)
     with pytest.raises(AttestationError):
         await service.verify("garbage", nonce=nonce.value, **WHO)
-    assert service.nodes.attested("gpu-1", 600).last_reason == "malformed"
+    state, problem = service.nodes.gate("gpu-1", 600)
+    assert problem is None and state.last_reason == "malformed"
     nonce = service.issue_nonce(**WHO)
     with pytest.raises(AttestationError):
         await service.verify(minter.mint(nonce.value, device={"secboot": False}), nonce=nonce.value, **WHO)
-    assert service.nodes.attested("gpu-1", 600) is None
-    assert service.nodes.get("gpu-1").last_reason == "policy_violation"
+    assert service.nodes.gate("gpu-1", 600)[1] == "attestation revoked (policy_violation)"
 
 
 async def test_rate_limit_and_lockout(jwks_server, clock, db_url, minter):

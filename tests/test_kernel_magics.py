@@ -1,12 +1,12 @@
 """The gpulab magics in a real IPython kernel against a real platform.
 
 Real parts: `gpulab up` (JupyterHub, configurable-http-proxy, gpulab-jobs running jobs on the
-local executor) and a jupyter_client kernel with a user server's environment
-(GPULAB_JOBS_URL, JUPYTERHUB_API_TOKEN, JUPYTERHUB_API_URL).
+local executor), kim's server spawned by the hub, and a jupyter_client kernel started with that
+server's environment (GPULAB_JOBS_URL, JUPYTERHUB_API_TOKEN with the server token's scopes,
+JUPYTERHUB_API_URL), as the server gives its kernels.
 """
 
-import os
-
+import psutil
 import pytest
 
 from gpulab.kernels.client import JobsClient, NoCapacity, job_spec
@@ -36,11 +36,25 @@ def user_env(hub: Platform, user: str) -> dict:
             "JUPYTERHUB_API_URL": f"{hub.url}/hub/api"}
 
 
+def server_env(hub: Platform, user: str) -> dict:
+    """The environment of ``user``'s server, spawned by the hub."""
+    hub.spawn(user)
+    for proc in hub.descendants():
+        try:
+            if "jupyterhub.singleuser" in proc.cmdline() and proc.environ().get("JUPYTERHUB_USER") == user:
+                return proc.environ()
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no server process for {user}")
+
+
 @pytest.fixture(scope="module")
 def kernel(hub, tmp_path_factory):
-    """kim's plain Python kernel with the extension loaded; ``kernel.cwd`` is the notebook directory."""
+    """A plain Python kernel in kim's server environment with the extension loaded, in ``kernel.cwd``."""
     cwd = tmp_path_factory.mktemp("notebook")
-    kernel = Kernel("python3", env={**os.environ, **user_env(hub, "kim")}, cwd=str(cwd))
+    env = server_env(hub, "kim")
+    assert env["GPULAB_JOBS_URL"].startswith("http://127.0.0.1:")  # the service's direct address
+    kernel = Kernel("python3", env=env, cwd=str(cwd))
     kernel.cwd = cwd
     loaded = kernel.run("%load_ext gpulab.kernels")
     assert loaded.reply["status"] == "ok" and not loaded.stderr, loaded.messages
@@ -72,6 +86,28 @@ def test_train_cell_runs_in_the_notebook_dir_and_is_listed(kernel):
     assert job_id[:8] in listed.data("text/html")[0] and "succeeded" in listed.data("text/html")[0]
     assert job_id[:8] in listed.data("text/plain")[0]
     assert "trained" in kernel.run(f"%logs {job_id[:8]}").stdout
+    assert "trained" in kernel.run(f"%logs {job_id} --follow").stdout
+    assert kernel.run(f"%job {job_id[:8]}").data(WIDGET)
+
+
+def test_preprocess_jobs_run_with_the_rapids_runner(kernel):
+    (kernel.cwd / "prep.py").write_text("import sys, pandas\nprint('prepared', sys.argv[1:])\n")
+    result = kernel.run("job = %preprocess --wait --no-monitor prep.py --rows 3\nprint(job.data['kind'])\n"
+                        "print(job.logs())")
+    assert result.reply["status"] == "ok" and not result.stderr, result.messages
+    assert "preprocess" in result.stdout and "prepared ['--rows', '3']" in result.stdout
+    assert "gpulab: no GPU found; pandas runs on the CPU" in result.stdout
+    cell = kernel.run("%%preprocess --wait --no-monitor\nimport pandas\nprint('cell prepared')")
+    assert cell.reply["status"] == "ok" and not cell.stderr, cell.messages
+    log = kernel.run("print(_.logs())").stdout
+    assert "gpulab: no GPU found" in log and "cell prepared" in log
+
+
+def test_the_server_token_holds_the_users_gpulab_scopes(kernel):
+    result = kernel.run("from gpulab.kernels.client import default_client\nc = default_client()\n"
+                        "print(sorted(s for s in c.token_scopes() if s.startswith('custom:')))\nprint(c.gpu_limit())")
+    assert "'custom:gpulab:jobs'" in result.stdout and "custom:gpulab:gpu'" not in result.stdout, result.messages
+    assert "(0, 'your account may not request GPUs" in result.stdout
 
 
 def test_train_script_with_arguments_and_wait(kernel):

@@ -43,10 +43,10 @@ def auth(token: str) -> dict:
 
 def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_path, monkeypatch, output_dir):
     shutil.copytree(ROOT / "jupyter-kernels" / "gpulab-rapids", tmp_path / "jupyter" / "kernels" / "gpulab-rapids")
-    for name, value in {"JUPYTER_PATH": tmp_path / "jupyter", "GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1",
-                        "JUPYTERHUB_API_TOKEN": hub.user_token, "JUPYTERHUB_API_URL": f"{hub.url}/hub/api",
-                        "GPULAB_MLFLOW_UI_URL": f"{hub.url}/services/mlflow/"}.items():
-        monkeypatch.setenv(name, str(value))  # the kernel inherits the environment of a user server
+    server_env = {"GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1", "JUPYTERHUB_API_TOKEN": hub.user_token,
+                  "JUPYTERHUB_API_URL": f"{hub.url}/hub/api", "GPULAB_MLFLOW_UI_URL": f"{hub.url}/services/mlflow/"}
+    for name, value in {**server_env, "JUPYTER_PATH": str(tmp_path / "jupyter")}.items():
+        monkeypatch.setenv(name, value)  # the kernel inherits them
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     started = time.monotonic()
@@ -59,7 +59,12 @@ def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_pat
     assert "no GPU found" in text[0] + text[1]
     assert (tmp_path / "digits-prepared.parquet").exists()
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs[2])  # the monitor
-    assert text[3].startswith("succeeded {") and "test_accuracy" in text[3] and "test accuracy" in text[3]
+    widgets = [w["state"] for w in notebook.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+               .values()]  # as the monitor ended
+    (bar,) = [(w["value"], w["description"]) for w in widgets if w["_model_name"] == "FloatProgressModel"]
+    texts = [w["value"] for w in widgets if w["_model_name"] == "HTMLModel"]
+    assert bar == (1.0, "30/30") and any(t.startswith("<b>succeeded</b>") for t in texts), widgets
+    assert text[3].startswith("succeeded {") and "'test_accuracy': " in text[3], text[3]
 
     api = f"{hub.url}/services/mlflow/api/2.0/mlflow"
     headers = auth(hub.user_token)
@@ -74,6 +79,7 @@ def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_pat
     assert {t["key"]: t["value"] for t in run["data"]["tags"]}["gpulab.user"] == "nia"
     link = f"/services/mlflow/#/experiments/{experiment['experiment_id']}/runs/{run['info']['run_id']}"
     assert link in outputs[3][-1]["data"]["text/html"]
+    assert any(link in text for text in texts), texts  # the monitor's MLflow link
     models = requests.post(f"{api}/logged-models/search", json={"experiment_ids": [experiment["experiment_id"]]},
                            headers=headers, timeout=10).json()["models"]
     assert [m["info"]["source_run_id"] for m in models] == [run["info"]["run_id"]], models

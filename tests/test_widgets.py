@@ -6,9 +6,11 @@ The pool offers 2 (unused) GPUs; gia may use GPUs (quota 1), hal may not.
 import time
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gpulab.kernels.client import GpulabError, JobsClient, NotConfigured, default_client, job_spec
 from gpulab.kernels.widgets import JobList, Launcher, Monitor
+from gpulab.tracing import setup_tracing
 from tests.support.gpulab_up import Platform
 
 CONFIG = """
@@ -59,7 +61,8 @@ def test_launcher_builds_the_spec_within_scopes_and_quota(as_user, tmp_path):
     assert (launcher.gpus.max, launcher.gpus.disabled) == (1, False)
     assert "quota is 1" in launcher.gpu_note.value
     launcher.script.value, launcher.args.value = "train.py", "--epochs 5 --lr '0.1'"
-    launcher.gpus.value, launcher.cpus.value = 3, 2.0  # clamped to the quota
+    assert launcher.cpus.max == launcher.pools["default"]["capacity"]["cpus"] > 1
+    launcher.gpus.value, launcher.cpus.value = 3, 2.0  # GPUs clamped to the quota
     launcher.experiment.value, launcher.name.value, launcher.priority.value = "digits", "l1", 5
     assert launcher.spec() == {
         "name": "l1", "kind": "train", "working_dir": str(tmp_path), "entrypoint": ["python", "train.py",
@@ -91,8 +94,7 @@ def test_monitor_progress_bar_reaches_100_percent(as_user):
     job = as_user("gia").submit(job_spec(source=PROGRESS_JOB.format(n=4, pause=0.3), name="progress"))
     monitor = Monitor(job, interval=0.2)
     seen = record(monitor)
-    monitor._thread.join(60)
-    assert not monitor._thread.is_alive() and job.state == "succeeded"
+    assert monitor.join(60) and job.state == "succeeded"
     assert any(0 < value < 1 for _, _, value in seen), seen
     assert ("running", 1.0) in [(state, value) for _, state, value in seen], seen  # reported, not assumed
     assert monitor.bar.description == "4/4" and monitor.bar.bar_style == "success"
@@ -120,8 +122,7 @@ def test_monitor_cancel_button_stops_the_job(as_user):
     while "up" not in monitor.log_tail.value and time.monotonic() < deadline:
         time.sleep(0.1)
     monitor.cancel_button.click()
-    monitor._thread.join(30)
-    assert job.state == "cancelled" and monitor.bar.bar_style == "warning", job.data
+    assert monitor.join(30) and job.state == "cancelled" and monitor.bar.bar_style == "warning", job.data
 
 
 def test_job_list_refreshes(as_user):
@@ -135,6 +136,14 @@ def test_job_list_refreshes(as_user):
     job_list.close()
     job_list._thread.join(5)
     assert not job_list._thread.is_alive()
+
+
+def test_calls_carry_a_traceparent_into_the_job(as_user):
+    exporter = InMemorySpanExporter()
+    setup_tracing("gpulab-kernel", exporter)
+    job = as_user("hal").submit(job_spec(source="import os\nprint(os.environ['TRACEPARENT'])"))
+    (submit,) = [s for s in exporter.get_finished_spans() if s.name.startswith("POST ") and s.name.endswith("/jobs")]
+    assert f"-{submit.context.trace_id:032x}-" in job.wait(timeout=60).logs()
 
 
 def test_outside_a_gpulab_server_the_client_says_so(monkeypatch):

@@ -9,10 +9,10 @@
 
 from .config import Attestation
 from .nonces import IssuedNonce, NonceStore
-from .reasons import AttestationError, Reason
+from .reasons import AttestationError, Reason, http_status
 from .service import AttestationService
 from .state import NodeState, NodeStates
 from .verifier import DeviceSummary, Verified, Verifier
 
 __all__ = ["Attestation", "AttestationError", "AttestationService", "DeviceSummary", "IssuedNonce", "NodeState",
-           "NodeStates", "NonceStore", "Reason", "Verified", "Verifier"]
+           "NodeStates", "NonceStore", "Reason", "Verified", "Verifier", "http_status"]

@@ -33,7 +33,7 @@ class Attestation(Configurable):
     max_eat_bytes = Integer(131072, help="Largest detached EAT (JSON text) accepted.").tag(config=True)
     max_devices = Integer(16, help="Most device tokens (GPUs, NVSwitches) in one EAT.").tag(config=True)
     jwks_ttl = Float(900.0, help="Seconds a fetched JWKS is trusted.").tag(config=True)
-    jwks_refresh_cooldown = Float(60.0, help="Least seconds between JWKS refreshes forced by an unknown kid.").tag(
+    jwks_refresh_cooldown = Float(30.0, help="Least seconds between JWKS refreshes forced by an unknown kid.").tag(
         config=True
     )
     http_timeout = Float(10.0, help="Timeout (s) of JWKS fetches; NRAS calls get three times this.").tag(config=True)

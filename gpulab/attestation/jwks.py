@@ -3,7 +3,8 @@
 - A fetched JWKS is trusted for ``ttl`` seconds; after that the next lookup fetches it again.
 - An unknown ``kid`` forces at most one refresh per ``refresh_cooldown`` seconds (keys rotate daily,
   so a new ``kid`` is normal; a flood of random ``kid`` values must not become a flood of fetches).
-- A failed fetch (network, 5xx, open circuit, bad JSON) raises ``jwks_unavailable``: no stale keys.
+- A failed fetch (network, 5xx, open circuit, bad JSON) raises ``jwks_unavailable``; keys past
+  their TTL are never used.
 - Only EC P-384 keys are kept; a key with an ``x5c`` certificate must match it and be within its validity.
 """
 
@@ -17,7 +18,8 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from jwt.exceptions import InvalidKeyError
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from ..resilience import CircuitBreaker, CircuitOpenError
 from .config import check_url
@@ -31,7 +33,7 @@ class JwksCache:
     """ES384 public keys by ``kid`` from ``url``. ``fetches`` counts HTTP requests made (tests, bench)."""
 
     def __init__(self, url: str, *, allowed_hosts: set[str], allow_insecure_localhost: bool = False,
-                 ttl: float = 900.0, refresh_cooldown: float = 60.0, timeout: float = 10.0,
+                 ttl: float = 900.0, refresh_cooldown: float = 30.0, timeout: float = 10.0,
                  clock: Callable[[], float] = time.time, breaker: CircuitBreaker | None = None):
         self.url = check_url(url, allowed_hosts, allow_insecure_localhost, "Attestation.jwks_url")
         self.ttl = ttl
@@ -73,7 +75,7 @@ class JwksCache:
             keys = parse_jwks(body, self.clock())
         except CircuitOpenError as e:
             raise AttestationError(Reason.JWKS_UNAVAILABLE, str(e)) from None
-        except Exception as e:  # network, HTTP status, JSON: all fail closed
+        except (HTTPClientError, OSError, TimeoutError, ValueError, TypeError) as e:  # all fail closed
             raise AttestationError(Reason.JWKS_UNAVAILABLE, f"fetching the JWKS failed: {type(e).__name__}") from None
         self._keys, self._fetched_at = keys, self.clock()
 
@@ -91,22 +93,28 @@ def parse_jwks(body: bytes, now: float) -> dict[str, ec.EllipticCurvePublicKey]:
     """``kid`` -> key for every usable EC P-384 signing key in a JWKS document; others are skipped."""
     doc = json.loads(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-        raise ValueError("not a JWKS")
+        raise TypeError("not a JWKS")
     keys = {}
     for jwk in doc["keys"][:MAX_KEYS]:
-        if not isinstance(jwk, dict) or jwk.get("kty") != "EC" or jwk.get("crv") != "P-384":
-            continue
-        kid = jwk.get("kid")
-        if not isinstance(kid, str) or jwk.get("use", "sig") != "sig" or jwk.get("alg", "ES384") != "ES384":
-            continue
-        try:
-            key = ECAlgorithm.from_jwk(jwk)
-            if not isinstance(key, ec.EllipticCurvePublicKey) or not _x5c_matches(jwk, key, now):
-                continue
-        except Exception:
-            continue
-        keys[kid] = key
+        key = _load_key(jwk, now)
+        if key is not None:
+            keys[jwk["kid"]] = key
     return keys
+
+
+def _load_key(jwk: object, now: float) -> ec.EllipticCurvePublicKey | None:
+    """The key of one usable JWK (EC P-384 ES384 signing key with a ``kid``), else None."""
+    if not (isinstance(jwk, dict) and jwk.get("kty") == "EC" and jwk.get("crv") == "P-384"
+            and isinstance(jwk.get("kid"), str) and jwk.get("use", "sig") == "sig"
+            and jwk.get("alg", "ES384") == "ES384"):
+        return None
+    try:
+        key = ECAlgorithm.from_jwk(jwk)
+        if isinstance(key, ec.EllipticCurvePublicKey) and _x5c_matches(jwk, key, now):
+            return key
+    except (InvalidKeyError, ValueError, TypeError, KeyError, IndexError):
+        pass
+    return None
 
 
 def _x5c_matches(jwk: dict, key: ec.EllipticCurvePublicKey, now: float) -> bool:

@@ -65,10 +65,10 @@ def _builtin(kind: str, version: str) -> dict:
 
 @dataclass(frozen=True)
 class Policy:
-    """One appraisal policy in NVIDIA's format."""
+    """One appraisal policy in NVIDIA's format, flattened into (claim path, expected value) checks."""
 
-    overall: dict[str, Any]
-    detached: dict[str, Any]
+    overall: tuple[tuple[tuple[str, ...], Any], ...]
+    detached: tuple[tuple[tuple[str, ...], Any], ...]
     version: str = ""
 
     @classmethod
@@ -79,7 +79,10 @@ class Policy:
         overall, detached = rules.get("overall-claims", {}), rules.get("detached-claims", {})
         if not isinstance(overall, dict) or not isinstance(detached, dict) or not detached:
             raise ConfigError(f"{source}: 'overall-claims' must be an object and 'detached-claims' a non-empty one")
-        return cls(overall, detached, str(doc.get("version", "")))
+        try:
+            return cls(_flatten(overall), _flatten(detached), str(doc.get("version", "")))
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str, setting: str) -> "Policy":
@@ -100,19 +103,35 @@ class Policy:
         return mismatches(self.detached, claims)
 
 
-def mismatches(expected: dict, actual: Any, path: str = "") -> list[str]:
-    """Claim paths in ``actual`` that are missing or differ from ``expected`` (strict, typed)."""
-    if not isinstance(actual, dict):
-        return [path.rstrip(".") or "<claims>"]
+_MISSING = object()
+
+
+def _flatten(expected: dict, prefix: tuple[str, ...] = ()) -> tuple:
     out = []
     for name, want in expected.items():
-        where = f"{path}{name}"
-        if name not in actual:
-            out.append(f"{where} missing")
-        elif isinstance(want, dict):
-            out.extend(mismatches(want, actual[name], where + "."))
-        elif type(want) is not type(actual[name]) or want != actual[name]:
-            out.append(f"{where} != {json.dumps(want)}")
+        if isinstance(want, dict):
+            if not want:
+                raise ValueError(f"empty object for claim {'.'.join((*prefix, name))}")
+            out.extend(_flatten(want, (*prefix, name)))
+        else:
+            out.append(((*prefix, name), want))
+    return tuple(out)
+
+
+def mismatches(checks: tuple, claims: dict) -> list[str]:
+    """The checks ``claims`` fails: a claim missing, or not equal to the expected value and type
+    (``true`` is neither ``1`` nor ``"true"``)."""
+    out = []
+    for path, want in checks:
+        value = claims.get(path[0], _MISSING)
+        for name in path[1:]:
+            value = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is want or (type(value) is type(want) and value == want):
+            continue
+        if value is _MISSING:
+            out.append(f"{'.'.join(path)} missing")
+        else:
+            out.append(f"{'.'.join(path)} != {json.dumps(want)}")
     return out
 
 

@@ -35,6 +35,16 @@ class Reason(StrEnum):
 SERVER_SIDE = frozenset({Reason.JWKS_UNAVAILABLE, Reason.NRAS_UNAVAILABLE})
 
 
+def http_status(reason: Reason) -> int:
+    """The HTTP status for a refusal: 429 throttled, 503 dependency down, 413 too large,
+    502 NRAS refused the evidence, else 422 (the request was understood and the token refused)."""
+    if reason in (Reason.RATE_LIMITED, Reason.LOCKED_OUT):
+        return 429
+    if reason in SERVER_SIDE:
+        return 503
+    return {Reason.TOO_LARGE: 413, Reason.NRAS_REJECTED: 502}.get(reason, 422)
+
+
 class AttestationError(Exception):
     """A refused attestation. ``detail`` is safe to log and return: it never holds a token or key.
 

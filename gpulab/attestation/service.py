@@ -71,7 +71,7 @@ class AttestationService:
         self.audit.record("nonce", "ok", **who)
         return nonce
 
-    async def verify(self, eat: str | bytes, *, nonce: str, user: str, node: str, client_ip: str,
+    async def verify(self, eat: str | bytes | list, *, nonce: str, user: str, node: str, client_ip: str,
                      purpose: str = PURPOSE) -> Verified:
         """Verify a detached EAT from NRAS that answers ``nonce``; records the node's new state."""
         return await self._run("verify", user, node, client_ip, nonce, purpose,

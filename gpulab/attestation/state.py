@@ -48,9 +48,17 @@ class NodeState:
     last_checked_at: float
     last_reason: str
 
-    def attested(self, max_age: float, now: float) -> bool:
-        return (not self.revoked and self.verified_at is not None and now - self.verified_at <= max_age
-                and (self.expires_at or 0) > now)
+    def problem(self, max_age: float, now: float) -> str | None:
+        """Why the node may not run attestation-required jobs now, or None if it may."""
+        if self.revoked:
+            return f"attestation revoked ({self.last_reason})"
+        if self.verified_at is None:
+            return f"never attested successfully (last: {self.last_reason})"
+        if now - self.verified_at > max_age:
+            return f"attestation older than {max_age:.0f} s"
+        if (self.expires_at or 0) <= now:
+            return "attestation token expired"
+        return None
 
 
 class NodeStates:
@@ -85,10 +93,13 @@ class NodeStates:
         with Session(self.engine) as session:
             return [_state(r) for r in session.scalars(select(NodeRow).order_by(NodeRow.node))]
 
-    def attested(self, node: str, max_age: float) -> NodeState | None:
-        """The node's state if it is attested now and verified within ``max_age`` s (job gating), else None."""
+    def gate(self, node: str, max_age: float) -> tuple[NodeState | None, str | None]:
+        """For job gating: ``(state, None)`` if ``node`` is attested and verified within ``max_age`` s,
+        else ``(state or None, why not)``. ``state.fingerprint`` is what to store with the job."""
         state = self.get(node)
-        return state if state and state.attested(max_age, self.clock()) else None
+        if state is None:
+            return None, "node never attested"
+        return state, state.problem(max_age, self.clock())
 
 
 def _state(row: NodeRow) -> NodeState:

@@ -4,19 +4,19 @@ Steps, in order (DESIGN.md §4); the first that fails raises ``AttestationError`
 
 1. size and shape caps (``too_large``, ``malformed``);
 2. every JWS header: ``alg`` exactly ES384 (``alg_not_allowed``) and a ``kid`` — before any key lookup;
-3. overall token: key from the JWKS cache (``unknown_kid``, ``jwks_unavailable``), ES384 signature
-   (``bad_signature``), ``iss`` (``wrong_issuer``), ``iat``/``nbf``/``exp`` with leeway and max age
+3. every token (overall first): key from the JWKS cache (``unknown_kid``, ``jwks_unavailable``) and
+   ES384 signature (``bad_signature``) — nothing of a payload is read before all signatures verify;
+4. overall claims: ``iss`` (``wrong_issuer``), ``iat``/``nbf``/``exp`` with leeway and max age
    (``expired``, ``not_yet_valid``, ``too_old``), claims version 2.0/3.0 (``unsupported_version``),
    ``eat_nonce`` (``nonce_mismatch``), ``jti`` not seen before (``replayed_jti``);
-4. ``submods`` names exactly the device tokens (``submods_mismatch``) with each one's SHA-256
-   (``digest_mismatch``);
-5. every device token: signature, ``iss``, time claims and ``eat_nonce`` as in 3;
+5. ``submods`` names exactly the device tokens (``submods_mismatch``) with each one's SHA-256
+   (``digest_mismatch``); then every device token's ``iss``, time claims and ``eat_nonce`` as in 4;
 6. ``x-nvidia-overall-att-result`` is ``true`` (``overall_result_false``);
 7. the appraisal policy and allow-lists per device (``policy_violation``, ``device_denied``).
 """
 
-import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -35,7 +35,7 @@ from .policy import CLAIMS_VERSIONS, Appraiser, Policy, device_kind
 from .reasons import AttestationError, Reason
 
 ALLOWED_ALG = "ES384"
-_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # empty signature: alg "none"
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ES384 = ECAlgorithm(ECAlgorithm.SHA384)
 
@@ -84,7 +84,7 @@ class Verified:
 
 @dataclass(frozen=True)
 class _Jws:
-    header: dict
+    kid: str
     signing_input: bytes
     payload: str
     signature: str
@@ -145,19 +145,22 @@ class Verifier:
                    max_eat_bytes=s.max_eat_bytes, max_devices=s.max_devices, jti_cache_size=s.jti_cache_size,
                    clock=clock)
 
-    async def verify(self, eat: str | bytes, expected_nonce: str) -> Verified:
-        """Verify the detached EAT ``eat`` (JSON text) issued for ``expected_nonce``; raise ``AttestationError``."""
+    async def verify(self, eat: str | bytes | list, expected_nonce: str) -> Verified:
+        """Verify the detached EAT ``eat`` (JSON text, or its parsed list) issued for ``expected_nonce``;
+        raise ``AttestationError``."""
         overall_jwt, device_jwts = self.parse(eat)
         ids = {"fingerprint": sha256_hex(overall_jwt)}
         try:
             overall = split_jws(overall_jwt)
-            ids["kid"] = overall.header["kid"]
+            ids["kid"] = overall.kid
             devices = {name: split_jws(jwt) for name, jwt in device_jwts.items()}
-            claims = await self._verified_claims(overall)
+            for jws in (overall, *devices.values()):  # authenticate every token before reading any
+                await self._check_signature(jws)
+            claims = self._claims(overall)
             ids["jti"] = claims.get("jti") if isinstance(claims.get("jti"), str) else None
             version = self._check_overall(claims, expected_nonce)
             check_submods(claims.get("submods"), device_jwts)
-            device_claims = {name: await self._verified_claims(jws) for name, jws in devices.items()}
+            device_claims = {name: self._claims(jws) for name, jws in devices.items()}
             for dc in device_claims.values():
                 self._check_nonce(dc, expected_nonce)
             if claims.get("x-nvidia-overall-att-result") is not True:
@@ -173,14 +176,16 @@ class Verifier:
                         fingerprint=ids["fingerprint"], issued_at=claims["iat"], expires_at=claims["exp"],
                         devices={n: DeviceSummary.from_claims(n, dc) for n, dc in device_claims.items()})
 
-    def parse(self, eat: str | bytes) -> tuple[str, dict[str, str]]:
+    def parse(self, eat: str | bytes | list) -> tuple[str, dict[str, str]]:
         """The overall JWT and the device JWTs by name, after the size and shape checks."""
+        if isinstance(eat, list):
+            eat = json.dumps(eat, separators=(",", ":"))
         if not isinstance(eat, str | bytes):
             raise AttestationError(Reason.MALFORMED, "the EAT must be JSON text")
         if len(eat) > self.max_eat_bytes:
             raise AttestationError(Reason.TOO_LARGE, f"EAT larger than {self.max_eat_bytes} bytes")
         try:
-            doc = json.loads(eat)
+            doc = json.loads(eat, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             raise AttestationError(Reason.MALFORMED, "the EAT is not JSON") from None
         if not (isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], list) and len(doc[0]) == 2
@@ -194,14 +199,17 @@ class Verifier:
         kinds = {device_kind(name) for name in devices}
         if None in kinds or len(kinds) != 1:
             raise AttestationError(Reason.MALFORMED, "device names must be all GPU-<n> or all SWITCH-<n>")
-        if not all(isinstance(t, str) and _JWS.fullmatch(t) for t in (doc[0][1], *devices.values())):
+        if not all(isinstance(t, str) and t.count(".") == 2 for t in (doc[0][1], *devices.values())):
             raise AttestationError(Reason.MALFORMED, "a token is not a compact JWS")
         return doc[0][1], devices
 
-    async def _verified_claims(self, jws: _Jws) -> dict:
-        key = await self.jwks.get_key(jws.header["kid"])
+    async def _check_signature(self, jws: _Jws) -> None:
+        key = await self.jwks.get_key(jws.kid)
         if not _ES384.verify(jws.signing_input, key, _b64(jws.signature)):
             raise AttestationError(Reason.BAD_SIGNATURE, "ES384 signature does not verify")
+
+    def _claims(self, jws: _Jws) -> dict:
+        """The payload of an authenticated token, after the ``iss`` and time checks."""
         claims = _json_object(jws.payload, "payload")
         if claims.get("iss") != self.issuer:
             raise AttestationError(Reason.WRONG_ISSUER, "iss is not the configured issuer")
@@ -238,6 +246,7 @@ class Verifier:
         if now - iat > self.max_age + self.leeway:
             raise AttestationError(Reason.TOO_OLD, f"issued more than {self.max_age:.0f} s ago")
 
+
 def check_submods(submods: Any, device_jwts: dict[str, str]) -> None:
     """``submods`` must name exactly the device tokens, each with ``["DIGEST", ["SHA-256", sha256 hex]]``."""
     if not isinstance(submods, dict) or set(submods) != set(device_jwts):
@@ -252,8 +261,14 @@ def check_submods(submods: Any, device_jwts: dict[str, str]) -> None:
 
 
 def split_jws(token: str) -> _Jws:
-    """A compact JWS's parsed header (``alg`` ES384 and ``kid`` required, no ``crit``) and its parts."""
+    """A compact JWS's ``kid`` (header: ``alg`` ES384 and ``kid`` required, no ``crit``) and its parts."""
     header_b64, payload, signature = token.split(".")
+    return _Jws(_header_kid(header_b64), f"{header_b64}.{payload}".encode(), payload, signature)
+
+
+@functools.lru_cache(maxsize=256)
+def _header_kid(header_b64: str) -> str:
+    """The ``kid`` of a valid header; cached, as NRAS uses one header for all tokens of a day."""
     header = _json_object(header_b64, "header")
     if header.get("alg") != ALLOWED_ALG:
         raise AttestationError(Reason.ALG_NOT_ALLOWED, f"alg must be {ALLOWED_ALG}")
@@ -262,19 +277,27 @@ def split_jws(token: str) -> _Jws:
         raise AttestationError(Reason.MALFORMED, "header has no kid")
     if "crit" in header:
         raise AttestationError(Reason.MALFORMED, "critical header extensions are not supported")
-    return _Jws(header, f"{header_b64}.{payload}".encode(), payload, signature)
+    return kid
 
 
 def _b64(segment: str) -> bytes:
+    """Strict base64url (RFC 7515: no padding, nothing outside the alphabet)."""
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        data = segment.encode("ascii")
+        if b"+" in data or b"/" in data or b"=" in data:
+            raise ValueError("not base64url")
+        return binascii.a2b_base64(data.translate(_FROM_URLSAFE) + b"=" * (-len(data) % 4), strict_mode=True)
     except (binascii.Error, ValueError):
         raise AttestationError(Reason.MALFORMED, "bad base64url") from None
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json_object(segment: str, what: str) -> dict:
     try:
-        value = json.loads(_b64(segment))
+        value = json.loads(_b64(segment).decode(), parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise AttestationError(Reason.MALFORMED, f"JWS {what} is not JSON") from None
     if not isinstance(value, dict):

@@ -47,7 +47,7 @@ class APIError(GpulabError):
         super().__init__(f"{message}; {hint}" if hint else message)
 
     @classmethod
-    def from_response(cls, response: requests.Response) -> "APIError":
+    def from_response(cls, response: requests.Response) -> APIError:
         try:
             error = response.json()["error"]
             return cls(response.status_code, error["message"], error.get("code"), error.get("field"))
@@ -66,10 +66,9 @@ class WaitTimeout(GpulabError, TimeoutError):
 class JobFailed(GpulabError):
     """The job ended without succeeding; ``job`` is its final state, ``log_tail`` its last log lines."""
 
-    def __init__(self, job: "Job", log_tail: str):
+    def __init__(self, job: Job, log_tail: str):
         self.job, self.log_tail = job, log_tail
-        exit_code = f" (exit code {job.data['exit_code']})" if job.data.get("exit_code") is not None else ""
-        message = f"job '{job.name}' ({job.id}) {job.state}: {job.state_reason}{exit_code}"
+        message = f"job '{job.name}' ({job.id}) {job.state}: {job.state_reason}"
         if log_tail.strip():
             message += "\nlast log lines:\n" + "\n".join("  " + line for line in log_tail.splitlines())
         super().__init__(message)
@@ -109,25 +108,26 @@ class JobsClient:
             raise APIError.from_response(response)
         return response
 
-    def submit(self, spec: dict | None = None, **fields) -> "Job":
+    def submit(self, spec: dict | None = None, **fields) -> Job:
         """Submit a job: a JobSpec dict, or :func:`job_spec` keyword arguments."""
         body = spec if spec is not None else job_spec(**fields)
         return Job(self, self.request("POST", "/jobs", json=body).json())
 
-    def list(self, state: str | None = None, all: bool = False, limit: int = 50) -> "JobTable":
+    def list(self, state: str | None = None, all: bool = False, limit: int = 50) -> JobTable:
         """The newest ``limit`` jobs (``all``: every user's, admins only), optionally in one ``state``."""
         params = {"limit": limit, "state": state, "all": "true" if all else None}
         data = self.request("GET", "/jobs", params=params).json()
         return JobTable(Job(self, item) for item in data["jobs"])
 
-    def get(self, job_id: str) -> "Job":
+    def get(self, job_id: str) -> Job:
         """One job, by its id or a unique prefix of it (as ``%jobs`` shows)."""
         job_id = job_id.strip().lower()
         if len(job_id) != 32:
             matches = [j for j in self.list(limit=500) if j.id.startswith(job_id)] if job_id else []
-            if len(matches) != 1:
-                found = "no job" if not matches else f"{len(matches)} jobs"
-                raise GpulabError(f"{found} of yours starts with {job_id!r}; give the id %jobs shows")
+            if not matches:
+                raise GpulabError(f"no job of yours starts with {job_id!r}; %jobs lists your jobs")
+            if len(matches) > 1:
+                raise GpulabError(f"{job_id!r} starts {len(matches)} of your jobs' ids; give more of the id")
             return matches[0]
         return Job(self, self.request("GET", f"/jobs/{job_id}").json())
 
@@ -144,6 +144,7 @@ class JobsClient:
         """Yield the log as it grows, until the job ends."""
         response = self.request("GET", f"/jobs/{job_id}/logs", params={"follow": "true"}, stream=True,
                                 timeout=(self.timeout, None))
+        response.encoding = "utf-8"
         with response:
             event = None
             for line in response.iter_lines(decode_unicode=True):
@@ -154,7 +155,7 @@ class JobsClient:
                 elif line.startswith("data: ") and event == "end":
                     return
 
-    def cancel(self, job_id: str) -> "Job":
+    def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (waits until it has stopped)."""
         return Job(self, self.request("POST", f"/jobs/{job_id}/cancel", timeout=max(self.timeout, 120)).json())
 
@@ -235,11 +236,11 @@ class Job:
     def done(self) -> bool:
         return self.state in FINAL_STATES
 
-    def refresh(self) -> "Job":
+    def refresh(self) -> Job:
         self.data = self.client.request("GET", f"/jobs/{self.id}").json()
         return self
 
-    def wait(self, timeout: float | None = None, poll: float = 1.0, raise_on_failure: bool = True) -> "Job":
+    def wait(self, timeout: float | None = None, poll: float = 1.0, raise_on_failure: bool = True) -> Job:
         """Block until the job ends; return it. Raises :class:`JobFailed` unless it succeeded
         (with ``raise_on_failure``), :class:`WaitTimeout` after ``timeout`` s, and
         :class:`NoCapacity` if it waits for GPUs its pool does not have."""
@@ -270,7 +271,7 @@ class Job:
     def follow(self) -> Iterator[str]:
         return self.client.follow(self.id)
 
-    def cancel(self) -> "Job":
+    def cancel(self) -> Job:
         self.data = self.client.cancel(self.id).data
         return self
 

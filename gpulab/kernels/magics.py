@@ -98,18 +98,22 @@ class GpulabMagics(Magics):
             runner = ["-m", "gpulab.kernels.rapids"] if kind == "preprocess" else []
             spec = job_spec(entrypoint=["python", *runner, args.script, *args.args], **fields)
         job = default_client().submit(spec)
-        if args.monitor:
-            display(job.monitor())
+        monitor = job.monitor() if args.monitor else None
+        if monitor:
+            display(monitor)
         else:
             print(f"submitted job {job.id} ({job.name}): {job.state}", flush=True)
         if args.wait:
             try:
-                job.wait()
+                job.wait(raise_on_failure=False)
             except KeyboardInterrupt:
                 print(f"stopped waiting; job {job.id} goes on (%cancel {job.id[:8]} stops it)", file=sys.stderr)
+                return job
+            if monitor:
+                monitor.join(10)  # the monitor shows the final state before the cell ends
             else:
-                if not args.monitor:
-                    print(f"job {job.id} {job.state}", flush=True)
+                print(f"job {job.id} {job.state}", flush=True)
+            job.wait()  # ended: raises JobFailed unless it succeeded
         return job
 
     @line_cell_magic

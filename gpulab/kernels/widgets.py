@@ -36,8 +36,8 @@ class Monitor(widgets.VBox):
                           self.log_tail, self.cancel_button])
         self._log_text, self._offset, self._tracking = "", 0, None
         self._stop = threading.Event()
-        self._render()
         self._thread = threading.Thread(target=self._run, name=f"gpulab-monitor-{job.id[:8]}", daemon=True)
+        self._render()
         self._thread.start()
 
     def _run(self) -> None:
@@ -96,6 +96,11 @@ class Monitor(widgets.VBox):
 
         threading.Thread(target=cancel, name="gpulab-cancel", daemon=True).start()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the monitor has shown the job's final state (at most ``timeout`` s); whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         super().close()
@@ -110,12 +115,12 @@ class Launcher(widgets.VBox):
 
     def __init__(self, code: str = "", client: JobsClient | None = None):
         self.client = client or default_client()
-        pools = [p["name"] for p in self.client.pools()] or ["default"]
+        self.pools = {p["name"]: p for p in self.client.pools()}
         self.what = widgets.ToggleButtons(options=[("Script", "script"), ("Code", "code")], description="Run")
         self.script = widgets.Text(description="Script", placeholder="train.py")
         self.args = widgets.Text(description="Arguments", placeholder="--epochs 5")
         self.code = widgets.Textarea(code, description="Code", layout=widgets.Layout(width="100%", height="10em"))
-        self.pool = widgets.Dropdown(options=pools, description="Pool")
+        self.pool = widgets.Dropdown(options=sorted(self.pools) or ["default"], description="Pool")
         self.gpus = widgets.BoundedIntText(0, min=0, max=0, description="GPUs")
         self.gpu_note = widgets.HTML()
         self.cpus = widgets.BoundedFloatText(1.0, min=0.1, max=1024.0, step=0.5, description="CPUs")
@@ -126,20 +131,22 @@ class Launcher(widgets.VBox):
         self.message = widgets.HTML()
         self.output = widgets.Output()
         self.what.observe(self._show_fields, "value")
-        self.pool.observe(self._limit_gpus, "value")
+        self.pool.observe(self._limit_resources, "value")
         self.submit_button.on_click(lambda _: self._on_submit())
         super().__init__([self.what, self.script, self.args, self.code, self.pool,
                           widgets.HBox([self.gpus, self.gpu_note]), self.cpus, self.experiment, self.name,
                           self.priority, widgets.HBox([self.submit_button, self.message]), self.output])
         self._show_fields()
-        self._limit_gpus()
+        self._limit_resources()
 
     def _show_fields(self, _change=None) -> None:
         script = self.what.value == "script"
         self.script.layout.display = self.args.layout.display = None if script else "none"
         self.code.layout.display = "none" if script else None
 
-    def _limit_gpus(self, _change=None) -> None:
+    def _limit_resources(self, _change=None) -> None:
+        if pool := self.pools.get(self.pool.value):
+            self.cpus.max = pool["capacity"]["cpus"]
         limit, why = self.client.gpu_limit(self.pool.value)
         self.gpus.max = limit
         self.gpus.disabled = limit == 0

@@ -2,8 +2,8 @@
 
 Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, ``JUPYTERHUB_API_TOKEN``;
 ``JUPYTERHUB_SERVICE_URL`` is where ``/metrics`` is served), ``GPULAB_INFER_ADDRESS`` (gRPC listen
-address) and ``GPULAB_TRITON_KEY`` (the restricted-protocol key), plus ``c.InferenceGateway`` in
-``gpulab_config.py``.
+address), ``GPULAB_TRITON_REPLICAS`` and ``GPULAB_TRITON_KEY`` (the restricted-protocol key), each
+overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
 """
 
 import asyncio
@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 import grpc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from tornado import web
 from traitlets import Dict, Float, Integer, List, Unicode, default
 from traitlets.config import Configurable
-from tornado import web
 
 from ...config import load_config
 from ...errors import ConfigError
@@ -30,7 +30,8 @@ class InferenceGateway(Configurable):
     """``c.InferenceGateway.*``: where the gateway listens and which Triton replicas it serves."""
 
     address = Unicode(help="gRPC listen address host:port (default $GPULAB_INFER_ADDRESS).").tag(config=True)
-    replicas = List(Unicode(), help="Triton gRPC endpoints, host:port.").tag(config=True)
+    replicas = List(Unicode(), help="Triton gRPC endpoints, host:port (default: $GPULAB_TRITON_REPLICAS, "
+                    "comma-separated).").tag(config=True)
     restricted_header = Unicode("gpulab-triton-key", help="Triton's restricted-protocol header (without Triton's "
                                 "'triton-grpc-protocol-' prefix), as TritonServer.restricted_header.").tag(config=True)
     restricted_key = Unicode(help="Its secret value (default $GPULAB_TRITON_KEY).").tag(config=True)
@@ -46,6 +47,10 @@ class InferenceGateway(Configurable):
     @default("address")
     def _default_address(self):
         return os.environ.get("GPULAB_INFER_ADDRESS", "127.0.0.1:8101")
+
+    @default("replicas")
+    def _default_replicas(self):
+        return [r for r in os.environ.get("GPULAB_TRITON_REPLICAS", "").split(",") if r]
 
     @default("restricted_key")
     def _default_key(self):

@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2
 
 from ...resilience import CircuitOpenError
 from ...scopes import ADMIN, DEPLOY, INFER
+from ...tracing import inject
 from .auth import HubTokenAuth, Identity, InvalidToken, token_from_metadata
 from .replicas import NoReplicaError, ReplicaPool
 
@@ -151,13 +152,16 @@ class Gateway:
         except (CircuitOpenError, HTTPClientError, OSError) as e:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, f"cannot check the token: {e}") from None
 
-    def authorize(self, who: Identity, scope: str, model: str) -> None:
+    def authorize(self, who: Identity, scope: str, model: str | None) -> None:
+        """``model``: None for RPCs about no model, "" for RPCs about all models (ModelStatistics)."""
         if scope not in who.scopes:
             raise GatewayError(grpc.StatusCode.PERMISSION_DENIED, f"{who.name} lacks the scope {scope}")
-        allowed = self.model_allow.get(model)
-        if allowed is not None and ADMIN not in who.scopes and who.name not in allowed and not any(
-                f"group:{g}" in allowed for g in who.groups):
-            raise GatewayError(grpc.StatusCode.PERMISSION_DENIED, f"{who.name} may not use model '{model}'")
+        if model is None or not self.model_allow or ADMIN in who.scopes:
+            return
+        allowed = self.model_allow.get(model) if model else ()
+        if allowed is not None and who.name not in allowed and not any(f"group:{g}" in allowed for g in who.groups):
+            raise GatewayError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{who.name} may not use model '{model}'" if model else "name a model")
 
     def _trace(self, rpc: str, metadata) -> tuple:
         """The span for this call (when the caller sent ``traceparent`` or tracing is on) and outgoing metadata."""
@@ -170,27 +174,27 @@ class Gateway:
 
     async def unary(self, rpc: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         scope, field, how = RPCS[rpc]
-        started, model, code = time.perf_counter(), "", grpc.StatusCode.OK
+        started, model, code = time.perf_counter(), None, grpc.StatusCode.OK
         metadata = context.invocation_metadata()
         try:
             who = await self.authenticate(metadata)
-            model = model_name(request, field, rpc) if field else ""
+            model = model_name(request, field, rpc) if field else None
             self.authorize(who, scope, model)
             if how == LOCAL:
                 return _LIVE if rpc == "ServerLive" else _READY[self.pool.ready()]
             span, outgoing = self._trace(rpc, metadata)
             with span:
                 if outgoing is None:
-                    outgoing = (*self.pool.metadata, *propagate.inject({}).items())
+                    outgoing = (*self.pool.metadata, *inject({}).items())
                 timeout = context.time_remaining()
                 if how == BROADCAST:
                     return await self.pool.broadcast(rpc, request, outgoing, timeout)
                 return await self.pool.forward(rpc, request, outgoing, timeout, idempotent=how == IDEMPOTENT)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - status_of re-raises what has no status
             code, message = status_of(e)
             await context.abort(code, message)
         finally:
-            label = model if code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND) else ""
+            label = model if model and code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND) else ""
             self.metrics.requests.labels(rpc, label, code.name).inc()
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
@@ -200,7 +204,7 @@ class Gateway:
         code = grpc.StatusCode.OK
         try:
             who = await self.authenticate(context.invocation_metadata())
-            self.authorize(who, INFER, "")
+            self.authorize(who, INFER, None)
             replica = self.pool.pick()
             call = replica.stream(self.pool.metadata)
             pump = asyncio.create_task(self._pump(who, requests, call))
@@ -218,7 +222,7 @@ class Gateway:
                     pump.cancel()
             if not pump.cancelled():
                 pump.result()  # a request the caller may not send
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - status_of re-raises what has no status
             code, message = status_of(e)
             await context.abort(code, message)
         finally:

@@ -69,7 +69,7 @@ class Replica:
         if self.breaker.state == OPEN:
             retry_in = math.ceil(self.breaker.snapshot()["retry_in"])
             return f"{self.breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
-        return f"{self.breaker.name} is {'ready' if self.healthy else 'not ready'}" + (
+        return f"{self.breaker.name} is {'up' if self.healthy else 'down'}" + (
             "" if self.healthy else f" ({self.last_error or 'not checked yet'})")
 
     def _failed(self, exc: BaseException) -> None:
@@ -90,17 +90,19 @@ class Replica:
             self.outstanding -= 1
 
     async def check(self, metadata, timeout: float) -> None:
-        """ServerReady through the breaker (the probe when half-open); skipped while open."""
+        """ServerLive through the breaker (the probe when half-open); skipped while open. Not ServerReady: with
+        Triton's default strict readiness it is false while any model loads, which would drain every replica
+        on each deploy."""
         try:
             async with self.breaker:
-                reply = await asyncio.wait_for(self.method("ServerReady")(b"", metadata=metadata), timeout)
+                reply = await asyncio.wait_for(self.method("ServerLive")(b"", metadata=metadata), timeout)
         except CircuitOpenError:
             return
         except Exception as exc:  # noqa: BLE001 - any failure makes the replica unhealthy
             self._failed(exc)
             return
-        self.healthy = service_pb2.ServerReadyResponse.FromString(reply).ready
-        self.last_error = "" if self.healthy else "server not ready"
+        self.healthy = service_pb2.ServerLiveResponse.FromString(reply).live
+        self.last_error = "" if self.healthy else "server not live"
 
 
 class ReplicaPool:

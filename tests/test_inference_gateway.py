@@ -1,0 +1,350 @@
+"""gpulab-infer in front of real Triton servers, behind a real hub.
+
+Real parts: `gpulab up` (JupyterHub, proxy) running the gateway as the hub-managed service
+`gpulab-infer`, two Triton 2.51 servers (bundled binary, Python-backend ONNX model), hub tokens,
+and the stock `tritonclient.grpc` client.
+"""
+
+import asyncio
+import queue
+import re
+import secrets
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from gpulab.inference.triton import write_onnx_model
+from gpulab.net import free_port
+from gpulab.services.infer.app import build
+from tests.support.gpulab_up import Platform
+from tests.support.triton import crash, linear_onnx, start_tritons
+
+HOST = "127.0.0.20"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A model repository with ``digits`` and ``private`` (the same [1,4] -> [1,3] linear model)."""
+    work = tmp_path_factory.mktemp("models")
+    w, b = linear_onnx(work / "linear.onnx")
+    for name in ("digits", "private"):
+        write_onnx_model(work / "repo", name, work / "linear.onnx")
+    return {"repo": work / "repo", "onnx": work / "linear.onnx", "w": w, "b": b}
+
+
+@pytest.fixture(scope="module")
+def tritons(models, tmp_path_factory):
+    key = secrets.token_urlsafe(24)
+    servers = start_tritons(2, models["repo"], tmp_path_factory.mktemp("triton"), key)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def hub(tritons, tmp_path_factory):
+    hub = Platform(tmp_path_factory.mktemp("infer") / "data", host=HOST)
+    address = f"127.0.0.1:{free_port()}"
+    replicas = [t.grpc_address for t in tritons]
+    config = """
+c.Platform.mlflow_service = False
+c.Platform.jobs_service = False
+c.Roles.group_roles = {"deployers": ["gpulab-deployer"]}
+c.Roles.extra_roles = c.Roles.extra_roles + [
+    {"name": "gpulab-infer", "scopes": ["read:users:groups"], "services": ["gpulab-infer"]},
+    {"name": "test-services", "scopes": ["read:services"], "services": ["test-admin"]}]
+c.InferenceGateway.model_allow = {"private": ["bob", "group:ml"]}
+c.InferenceGateway.max_request_bytes = 1024 * 1024
+c.InferenceGateway.health_interval = 0.5
+c.InferenceGateway.failure_threshold = 2
+c.InferenceGateway.recovery_timeout = 3
+"""
+    service = {"name": "gpulab-infer", "command": [sys.executable, "-m", "gpulab.services.infer"],
+               "info": {"grpc_address": address},
+               "environment": {"GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_KEY": tritons[0].restricted_key,
+                               "GPULAB_TRITON_REPLICAS": ",".join(replicas), "GPULAB_CONFIG": str(hub.config_file)}}
+    hub.start(config, services=[service])
+    hub.gateway = address
+    for user, groups in [("alice", []), ("bob", []), ("carol", ["ml"]), ("dave", ["deployers"])]:
+        hub.create_user(user, groups=groups)
+    client = triton.InferenceServerClient(address)
+    deadline = time.monotonic() + 30
+    while True:  # the service starts after the hub answers
+        try:
+            client.is_server_ready(headers=auth(hub.token("alice")))
+            break
+        except InferenceServerException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(hub):
+    return {"alice": hub.token("alice"), "bob": hub.token("bob"), "dave": hub.token("dave"),
+            "carol": hub.token("carol", scopes=["custom:gpulab:infer"]),  # cannot read its own groups
+            "noscope": hub.token("alice", scopes=["read:users:name!user=alice"])}
+
+
+@pytest.fixture
+def client(hub):
+    return triton.InferenceServerClient(hub.gateway)
+
+
+def auth(token: str, scheme: str = "token") -> dict:
+    return {"authorization": f"{scheme} {token}"}
+
+
+def infer(client, token, model="digits", x=None, name="x", datatype="FP32", scheme="token"):
+    x = np.random.default_rng().standard_normal((1, 4)).astype(np.float32) if x is None else x
+    tensor = triton.InferInput(name, list(x.shape), datatype)
+    tensor.set_data_from_numpy(x)
+    return x, client.infer(model, [tensor], headers=auth(token, scheme) if token else None).as_numpy("y")
+
+
+def error(call, *args, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def gateway_metrics(hub) -> str:
+    r = requests.get(f"{hub.url}/services/gpulab-infer/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    values = [float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", text, re.MULTILINE)
+              if all(f'{k}="{v}"' in m.group(1) for k, v in labels.items())]
+    assert values, f"no {name}{{{want}}}"
+    return sum(values)
+
+
+def test_gateway_address_is_in_the_hub_services_api(hub):
+    service = hub.api("GET", "/services/gpulab-infer").json()
+    assert service["info"] == {"grpc_address": hub.gateway}
+
+
+def test_infer_through_gateway_matches_numpy(client, tokens, models):
+    for scheme in ("token", "bearer"):
+        x, y = infer(client, tokens["alice"], scheme=scheme)
+        np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5, atol=1e-6)
+    headers = auth(tokens["alice"])
+    assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+    assert client.is_model_ready("digits", headers=headers)
+    meta = client.get_model_metadata("digits", headers=headers, as_json=True)
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["1", "4"]}]
+    assert client.get_model_config("digits", headers=headers, as_json=True)["config"]["backend"] == "python"
+
+
+def test_missing_or_bad_token_is_unauthenticated(client, tokens):
+    e = error(infer, client, None)
+    assert e.status() == "StatusCode.UNAUTHENTICATED" and "authorization" in e.message()
+    assert error(infer, client, "not-a-token").status() == "StatusCode.UNAUTHENTICATED"
+    e = error(client.is_server_live, headers={"authorization": "basic abc"})
+    assert e.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_token_without_infer_scope_is_denied(client, tokens):
+    e = error(infer, client, tokens["noscope"])
+    assert e.status() == "StatusCode.PERMISSION_DENIED" and "custom:gpulab:infer" in e.message()
+
+
+def test_bad_input_names_the_tensor(client, tokens):
+    e = error(infer, client, tokens["alice"], x=np.ones((1, 5), np.float32))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT" and "'x'" in e.message() and "[1,4]" in e.message()
+    e = error(infer, client, tokens["alice"], x=np.ones((1, 4), np.float64), datatype="FP64")
+    assert e.status() == "StatusCode.INVALID_ARGUMENT" and "'x'" in e.message() and "FP32" in e.message()
+    e = error(infer, client, tokens["alice"], name="z")
+    assert e.status() == "StatusCode.INVALID_ARGUMENT" and "'z'" in e.message()
+
+
+def test_unknown_model_is_not_found(client, tokens):
+    e = error(infer, client, tokens["alice"], model="nope")
+    assert e.status() == "StatusCode.NOT_FOUND" and "nope" in e.message()
+
+
+def test_oversized_request_is_resource_exhausted(client, tokens):
+    e = error(infer, client, tokens["alice"], x=np.ones((1, 300_000), np.float32))
+    assert e.status() == "StatusCode.RESOURCE_EXHAUSTED"
+
+
+def test_model_allow_list(client, tokens):
+    e = error(infer, client, tokens["alice"], model="private")
+    assert e.status() == "StatusCode.PERMISSION_DENIED" and "private" in e.message()
+    infer(client, tokens["bob"], model="private")  # listed by name
+    infer(client, tokens["carol"], model="private")  # member of group:ml (looked up by the service)
+    alice = auth(tokens["alice"])
+    assert client.get_inference_statistics("digits", headers=alice).model_stats[0].name == "digits"
+    e = error(client.get_inference_statistics, headers=alice)  # every model's statistics: private's too
+    assert e.status() == "StatusCode.PERMISSION_DENIED"
+
+
+def test_model_control_needs_deploy_scope_and_the_platform_key(client, tokens, tritons, models):
+    write_onnx_model(models["repo"], "fresh", models["onnx"])
+    alice = auth(tokens["alice"])
+    for call in (lambda: client.load_model("fresh", headers=alice), lambda: client.unload_model("digits", headers=alice),
+                 lambda: client.get_model_repository_index(headers=alice)):
+        e = error(call)
+        assert e.status() == "StatusCode.PERMISSION_DENIED" and "custom:gpulab:deploy" in e.message()
+    direct = triton.InferenceServerClient(tritons[0].grpc_address)
+    for call in (lambda: direct.load_model("fresh"), lambda: direct.unload_model("digits"),
+                 lambda: direct.load_model("fresh", headers={"gpulab-triton-key": tritons[0].restricted_key})):
+        assert "restricted" in error(call).message()
+    assert not direct.is_model_ready("fresh", headers=tritons[0].grpc_headers)
+
+    dave = auth(tokens["dave"])
+    client.load_model("fresh", headers=dave)
+    for server in tritons:  # loaded on every replica
+        assert triton.InferenceServerClient(server.grpc_address).is_model_ready("fresh", headers=server.grpc_headers)
+    index = client.get_model_repository_index(headers=dave, as_json=True)["models"]
+    assert {m["name"] for m in index} == {"digits", "private", "fresh"}
+    infer(client, tokens["alice"], model="fresh")
+    client.unload_model("fresh", headers=dave)
+    assert error(infer, client, tokens["alice"], model="fresh").status() == "StatusCode.NOT_FOUND"
+
+
+def test_stream_infer(client, tokens, models):
+    results = queue.Queue()
+    client.start_stream(lambda result, error: results.put((result, error)), headers=auth(tokens["alice"]))
+    try:
+        xs = [np.full((1, 4), i, np.float32) for i in range(3)]
+        for x in xs:
+            tensor = triton.InferInput("x", [1, 4], "FP32")
+            tensor.set_data_from_numpy(x)
+            client.async_stream_infer("digits", [tensor])
+        for x in xs:
+            result, err = results.get(timeout=10)
+            assert err is None
+            np.testing.assert_allclose(result.as_numpy("y"), x @ models["w"] + models["b"], rtol=1e-5, atol=1e-5)
+    finally:
+        client.stop_stream()
+
+
+async def test_traceparent_and_platform_key_reach_the_replica(hub, tokens):
+    """An in-process gateway in front of a recording replica: the caller's ``traceparent`` continues, the
+    platform key is added and the caller's token is not passed on."""
+    seen = []
+
+    async def record(request: bytes, context) -> bytes:
+        seen.append(dict(context.invocation_metadata()))
+        return b""
+
+    replica = grpc.aio.server()
+    replica.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(record)}),))
+    replica_port = replica.add_insecure_port("127.0.0.1:0")
+    await replica.start()
+    from traitlets.config import Config
+    cfg = Config()
+    cfg.InferenceGateway.replicas = [f"127.0.0.1:{replica_port}"]
+    cfg.InferenceGateway.restricted_key = "k3y"
+    _, gateway = build(cfg, hub.url + "/hub/api", hub.admin_token)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((gateway.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        trace_id = secrets.token_hex(16)
+        tensor = triton.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+        client = triton_aio.InferenceServerClient(f"127.0.0.1:{port}")
+        await client.infer("digits", [tensor], headers={
+            **auth(tokens["alice"]), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        await client.close()
+    finally:
+        await server.stop(0)
+        await gateway.pool.close()
+        await replica.stop(0)
+    [metadata] = seen
+    assert metadata["triton-grpc-protocol-gpulab-triton-key"] == "k3y"
+    assert metadata["traceparent"].split("-")[1] == trace_id
+    assert "authorization" not in metadata
+
+
+def test_requests_spread_over_replicas(hub, client, tokens, tritons):
+    before = gateway_metrics(hub)
+    for _ in range(40):
+        infer(client, tokens["alice"])
+    after = gateway_metrics(hub)
+    for server in tritons:
+        sent = (metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
+                - metric(before, "gpulab_infer_replica_requests_total", replica=server.grpc_address))
+        assert 10 <= sent <= 30, (server.grpc_address, sent)
+        triton_metrics = requests.get(server.metrics_url, timeout=5).text
+        assert metric(triton_metrics, "nv_inference_request_success", model="digits") >= 10
+    assert metric(after, "gpulab_infer_requests_total", rpc="ModelInfer", model="digits", code="OK") >= 40
+
+
+async def test_replica_failures_breakers_and_recovery(hub, tokens, tritons):
+    """Kill one replica under load, then both, then bring one back."""
+    client = triton_aio.InferenceServerClient(hub.gateway)
+    headers = auth(tokens["alice"])
+    x = np.ones((1, 4), np.float32)
+    log = []  # (time the call started, error or None)
+
+    async def call():
+        tensor = triton.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(x)
+        try:
+            await client.infer("digits", [tensor], headers=headers)
+            return None
+        except InferenceServerException as e:
+            return e
+
+    async def worker(stop: asyncio.Event):
+        while not stop.is_set():
+            log.append((time.monotonic(), await call()))
+
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(worker(stop)) for _ in range(4)]
+    await asyncio.sleep(1.5)
+    killed_at = time.monotonic()
+    await asyncio.to_thread(crash, tritons[0])
+    await asyncio.sleep(3)
+    stop.set()
+    await asyncio.gather(*workers)
+    failures = [(t, e) for t, e in log if e is not None]
+    assert len(log) > 200
+    assert len(failures) <= 4, [str(e) for _, e in failures]  # at most the 4 calls in flight on the killed one
+    assert all(t < killed_at + 0.5 and e.status() == "StatusCode.UNAVAILABLE" for t, e in failures), [
+        str(e) for _, e in failures]
+    assert sum(1 for t, e in log if t > killed_at + 0.5 and e is None) > 100
+
+    await asyncio.to_thread(crash, tritons[1])
+    deadline = time.monotonic() + 10
+    while metric(gateway_metrics(hub), "gpulab_infer_breaker_state", state="open") < 2:
+        assert time.monotonic() < deadline, gateway_metrics(hub)
+        await asyncio.sleep(0.2)
+    elapsed = []
+    for _ in range(20):
+        started = time.perf_counter()
+        e = await call()
+        elapsed.append(time.perf_counter() - started)
+        assert e is not None and e.status() == "StatusCode.UNAVAILABLE"
+    # fail fast: the gateway answers without trying the replicas (allowing for a busy shared machine's outliers)
+    assert sorted(elapsed)[17] < 0.010 and max(elapsed) < 0.1, elapsed
+    message = e.message()
+    assert "circuit open" in message
+    assert all(f"Triton replica {t.grpc_address}" in message for t in tritons), message
+
+    for server in tritons:
+        server.stop()  # clean up after the crash
+    await asyncio.to_thread(tritons[0].start)
+    deadline = time.monotonic() + 15
+    while (e := await call()) is not None:
+        assert time.monotonic() < deadline, str(e)
+        await asyncio.sleep(0.2)
+    assert all([await call() is None for _ in range(20)])
+    await client.close()
