@@ -2,21 +2,25 @@
 
 One Triton (the bundled 2.51 binary, Python-backend ONNX models), one real platform (hub + gateway as a
 hub-managed service), one client process. For a [1,4] FP32 tensor and a 1 MiB one: sequential latency
-(p50, p99) and throughput at concurrency 1, 8 and 32 (threads, one client each), then ratios.
+(p50, p99) and throughput at concurrency 1, 8 and 32 (threads, one client each), the gateway's CPU time
+per request, then ratios.
 
-    python bench/inference_bench.py [--seconds 5] [--requests 2000]
+    python bench/inference_bench.py [--seconds 3] [--requests 1000] [--rounds 3]
 """
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpulab.inference.triton import TritonServer, write_onnx_model
@@ -49,7 +53,7 @@ def request(model: str) -> list:
 
 def sequential(address: str, headers: dict, model: str, count: int) -> dict:
     client, inputs = triton.InferenceServerClient(address), request(model)
-    for _ in range(min(200, count)):  # warm up
+    for _ in range(min(100, count)):  # warm up
         client.infer(model, inputs, headers=headers)
     latencies = []
     for _ in range(count):
@@ -58,7 +62,7 @@ def sequential(address: str, headers: dict, model: str, count: int) -> dict:
         latencies.append(time.perf_counter() - started)
     latencies.sort()
     return {"p50": latencies[len(latencies) // 2] * 1e3, "p99": latencies[int(len(latencies) * 0.99)] * 1e3,
-            "rps": count / sum(latencies)}
+            "c1": count / sum(latencies)}
 
 
 def concurrent(address: str, headers: dict, model: str, threads: int, seconds: float) -> float:
@@ -66,7 +70,6 @@ def concurrent(address: str, headers: dict, model: str, threads: int, seconds: f
 
     def work(i: int) -> None:
         client, inputs = triton.InferenceServerClient(address), request(model)
-        client.infer(model, inputs, headers=headers)
         while not stop.is_set():
             client.infer(model, inputs, headers=headers)
             done[i] += 1
@@ -74,7 +77,7 @@ def concurrent(address: str, headers: dict, model: str, threads: int, seconds: f
     workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
-    time.sleep(1)  # warm up
+    time.sleep(0.5)  # warm up
     start_count, started = sum(done), time.perf_counter()
     time.sleep(seconds)
     rps = (sum(done) - start_count) / (time.perf_counter() - started)
@@ -84,10 +87,37 @@ def concurrent(address: str, headers: dict, model: str, threads: int, seconds: f
     return rps
 
 
+class GatewayProbe:
+    """CPU time and forwarded requests of the gateway process."""
+
+    def __init__(self, hub: Platform):
+        self.proc = next(p for p in hub.descendants() if "gpulab.services.infer" in " ".join(p.cmdline()))
+        self.metrics_url = f"{hub.url}/services/gpulab-infer/metrics"
+
+    def sample(self) -> tuple[float, float]:
+        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        forwarded = sum(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith("gpulab_infer_replica_requests_total{"))
+        return sum(self.proc.cpu_times()[:2]), forwarded
+
+
+def measure(address: str, headers: dict, model: str, count: int, seconds: float, probe) -> dict:
+    """One round for one target; with a ``probe``, the gateway's CPU time per request."""
+    before = probe.sample() if probe else None
+    row = sequential(address, headers, model, count)
+    for threads in (8, 32):
+        row[f"c{threads}"] = concurrent(address, headers, model, threads, seconds)
+    if probe:
+        after = probe.sample()
+        row["cpu_us"] = (after[0] - before[0]) / (after[1] - before[1]) * 1e6
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
-    parser.add_argument("--requests", type=int, default=2000, help="sequential requests (small tensor)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per round (small tensor)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway rounds; medians reported")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpulab-bench-"))
     linear_onnx(work / "small.onnx")
@@ -100,11 +130,9 @@ def main() -> None:
     gateway = f"127.0.0.1:{free_port()}"
     service = {"name": "gpulab-infer", "command": [sys.executable, "-m", "gpulab.services.infer"],
                "environment": {"GPULAB_INFER_ADDRESS": gateway, "GPULAB_TRITON_KEY": server.restricted_key,
-                               "GPULAB_CONFIG": str(hub.config_file)}}
-    config = (f"c.Platform.mlflow_service = False\nc.Platform.jobs_service = False\n"
-              f"c.InferenceGateway.replicas = [{server.grpc_address!r}]\n")
+                               "GPULAB_TRITON_REPLICAS": server.grpc_address, "GPULAB_CONFIG": str(hub.config_file)}}
     try:
-        hub.start(config, services=[service])
+        hub.start("c.Platform.mlflow_service = False\nc.Platform.jobs_service = False\n", services=[service])
         hub.create_user("bench")
         targets = {"direct": (server.grpc_address, server.grpc_headers),
                    "gateway": (gateway, {"authorization": f"token {hub.token('bench')}"})}
@@ -113,25 +141,31 @@ def main() -> None:
             try:
                 triton.InferenceServerClient(gateway).infer("small", request("small"), headers=targets["gateway"][1])
                 break
-            except Exception:
+            except InferenceServerException:  # the service is still starting
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
-        print(f"{'model':6} {'target':8} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}")
-        rows = {}
-        for model, count in (("small", args.requests), ("big", max(args.requests // 10, 100))):
-            for target in ("direct", "gateway"):
-                address, headers = targets[target]
-                row = sequential(address, headers, model, count)
-                for threads in (8, 32):
-                    row[f"c{threads}"] = concurrent(address, headers, model, threads, args.seconds)
-                rows[model, target] = row
-                print(f"{model:6} {target:8} {row['p50']:8.3f} {row['p99']:8.3f} {row['rps']:8.0f} "
-                      f"{row['c8']:8.0f} {row['c32']:8.0f}", flush=True)
-            d, g = rows[model, "direct"], rows[model, "gateway"]
-            print(f"{model:6} {'ratio':8} +{g['p50'] - d['p50']:.3f} ms p50; throughput gateway/direct: "
-                  f"c=1 {g['rps'] / d['rps']:.2f}, c=8 {g['c8'] / d['c8']:.2f}, c=32 {g['c32'] / d['c32']:.2f}")
-        print(f"({args.seconds:g} s per throughput run; client, gateway and Triton share {os.cpu_count()} cores)")
+        probe = GatewayProbe(hub)
+        print(f"{'model':6} {'target':8} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
+              f" {'gw cpu/req':>10}")
+        for model, count in (("small", args.requests), ("big", max(args.requests // 10, 50))):
+            rounds = {"direct": [], "gateway": []}
+            for i in range(args.rounds):
+                for target in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
+                    address, headers = targets[target]
+                    rounds[target].append(measure(address, headers, model, count, args.seconds,
+                                                  probe if target == "gateway" else None))
+            rows = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in rounds.items()}
+            for target, row in rows.items():
+                cpu = f"{row['cpu_us']:8.0f} us" if "cpu_us" in row else ""
+                print(f"{model:6} {target:8} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
+                      f"{row['c32']:8.0f} {cpu:>10}")
+            d, g = rows["direct"], rows["gateway"]
+            print(f"{model:6} gateway vs direct: p50 {g['p50'] - d['p50']:+.3f} ms; throughput "
+                  f"c=1 {g['c1'] / d['c1']:.2f}x, c=8 {g['c8'] / d['c8']:.2f}x, c=32 {g['c32'] / d['c32']:.2f}x",
+                  flush=True)
+        print(f"(medians of {args.rounds} alternating rounds; {args.seconds:g} s per throughput run; client, gateway "
+              f"and Triton share {os.cpu_count()} cores)")
     finally:
         hub.stop()
         server.stop()

@@ -1,4 +1,8 @@
-"""gpulab: a Jupyter-centric platform for GPU machine learning."""
+"""gpulab: a Jupyter-centric platform for GPU machine learning.
+
+In a notebook: ``%load_ext gpulab``, then ``%%train``, ``%jobs``, or ``gpulab.submit(...)``.
+In a job: ``gpulab.progress(step, total, **metrics)``.
+"""
 
 __version__ = "0.1.0"
 
@@ -8,3 +12,31 @@ def progress(step: int, total: int | None = None, **metrics) -> None:
     from .reporting import progress as report
 
     report(step, total, **metrics)
+
+
+def submit(source: str | None = None, entrypoint: list[str] | None = None, **fields):
+    """Submit a job (cell ``source`` or an ``entrypoint`` argv); returns a :class:`Job` handle."""
+    from .kernels.client import submit as _submit
+
+    return _submit(source, entrypoint, **fields)
+
+
+def jobs(state: str | None = None, all: bool = False, limit: int = 50):
+    """Your jobs (every user's with ``all=True`` for admins), newest first."""
+    from .kernels.client import jobs as _jobs
+
+    return _jobs(state=state, all=all, limit=limit)
+
+
+def job(job_id: str):
+    """The job with this id (or unique id prefix)."""
+    from .kernels.client import job as _job
+
+    return _job(job_id)
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext gpulab``: the magics (%train, %jobs, %job, %logs, %cancel, %preprocess)."""
+    from .kernels import load_ipython_extension as load
+
+    load(ipython)

@@ -56,7 +56,7 @@ def kernel(hub, tmp_path_factory):
     assert env["GPULAB_JOBS_URL"].startswith("http://127.0.0.1:")  # the service's direct address
     kernel = Kernel("python3", env=env, cwd=str(cwd))
     kernel.cwd = cwd
-    loaded = kernel.run("%load_ext gpulab.kernels")
+    loaded = kernel.run("%load_ext gpulab")
     assert loaded.reply["status"] == "ok" and not loaded.stderr, loaded.messages
     yield kernel
     kernel.stop()

@@ -40,7 +40,7 @@ def test_pandas_works_with_one_notice_and_the_magics_are_loaded(kernel):
     first = kernel.run("import pandas\nprint(pandas.DataFrame({'a': [1, 2, 2]}).groupby('a').size().to_dict())")
     assert first.reply["status"] == "ok", first.messages
     assert first.stdout == f"{rapids.NO_GPU}\n{{1: 1, 2: 2}}\n"
-    second = kernel.run("import sys\nprint('cudf' in sys.modules)\n%load_ext gpulab.kernels\n%jobs")
+    second = kernel.run("import sys\nprint('cudf' in sys.modules)\n%load_ext gpulab\n%jobs")
     assert second.stdout == "False\n", second.messages  # plain pandas, and no second notice
     assert second.stderr.startswith("%jobs: not running in a gpulab server: GPULAB_JOBS_URL is not set")
 

@@ -167,6 +167,45 @@ async def test_unreachable_dashboard_opens_the_circuit_then_a_probe_recovers(clu
         await executor.close()
 
 
+def test_gpu_job_through_the_platform_runs_on_the_gpu_node(cluster, tmp_path):
+    """gpulab-on-Ray end to end: hub, gpulab-jobs with the Ray executor, a GPU job in pool 'gpu'."""
+    import requests
+
+    from tests.support.gpulab_up import Platform
+
+    hub = Platform(tmp_path / "data", host="127.0.0.13")
+    hub.start(f"""
+c.Platform.mlflow_service = False
+c.Roles.everyone = ["gpulab-user", "gpulab-gpu"]
+c.JobQueue.executor_class = "ray"
+c.JobQueue.tick_interval = 0.2
+c.RayExecutor.address = {cluster.address!r}
+c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
+""")
+    try:
+        hub.create_user("alice")
+        api = f"{hub.url}/services/gpulab-jobs/api/v1"
+        headers = {"Authorization": f"token {hub.token('alice')}"}
+        code = "import os; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES'])"
+        spec = {"name": "on-ray", "entrypoint": [sys.executable, "-c", code], "resources": {"gpus": 1, "pool": "gpu"}}
+        r = requests.post(f"{api}/jobs", json=spec, headers=headers, timeout=30)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=30).json()
+            if job["state"] in ("succeeded", "failed", "cancelled", "timed_out"):
+                break
+            time.sleep(0.5)
+        logs = requests.get(f"{api}/jobs/{job_id}/logs", headers=headers, timeout=30).text
+        assert job["state"] == "succeeded", (job, logs)
+        assert "CVD=0" in logs
+        pools = {p["name"]: p for p in requests.get(f"{api}/pools", headers=headers, timeout=30).json()["pools"]}
+        assert pools["gpu"]["capacity"]["gpus"] == 1 and pools["default"]["capacity"]["gpus"] == 0
+    finally:
+        hub.stop()
+
+
 async def test_node_death_is_a_retryable_failure(executor, cluster, tmp_path):
     """Last: it kills the fake-GPU node."""
     handle = await executor.start(launch("import time; print('up', flush=True); time.sleep(300)", tmp_path,
