@@ -13,6 +13,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Integer, List, Set, Unicode, 
 from traitlets.config import Config, Configurable
 from traitlets.config.loader import PyFileConfigLoader
 
+from .attestation.config import Attestation
 from .errors import ConfigError
 
 DEFAULT_DATA_DIR = "~/.local/share/gpulab"
@@ -105,7 +106,7 @@ class Roles(Configurable):
     ).tag(config=True)
 
 
-CONFIGURABLES = [Platform, Login, OIDC, Roles]
+CONFIGURABLES = [Platform, Login, OIDC, Roles, Attestation]
 SECRET_NAME_PARTS = ("secret", "password", "token", "key")
 
 

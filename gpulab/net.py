@@ -1,6 +1,7 @@
-"""Small network helpers: free ports and port checks."""
+"""Small network helpers: free ports, port checks, the client address behind the hub's proxy."""
 
 import errno
+import ipaddress
 import socket
 
 
@@ -19,3 +20,19 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError as e:
             return e.errno == errno.EADDRINUSE
     return False
+
+
+def client_ip(remote_ip: str, forwarded_for: str | None) -> str:
+    """The address of the client behind a request that arrived from ``remote_ip``.
+
+    From a local proxy (loopback: the hub's proxy, or a user's server forwarding), the last
+    ``X-Forwarded-For`` entry, the address that proxy saw (earlier entries are the client's own
+    and could be forged); otherwise, or if that entry is not an IP address, ``remote_ip``.
+    """
+    try:
+        if not forwarded_for or not ipaddress.ip_address(remote_ip).is_loopback:
+            return remote_ip
+        hop = ipaddress.ip_address(forwarded_for.rsplit(",", 1)[-1].strip())
+    except ValueError:
+        return remote_ip
+    return str(getattr(hop, "ipv4_mapped", None) or hop)

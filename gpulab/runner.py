@@ -18,7 +18,9 @@ or :func:`gpulab.progress` makes it.
 
 Unreachable service or MLflow never fails the job: calls are retried with backoff,
 then one line goes to stderr. Other inputs: ``GPULAB_JOB_ID``, ``GPULAB_JOB_OWNER``,
-``GPULAB_JOB_NAME``, ``GPULAB_JOB_ATTEMPT``, ``GPULAB_JOBS_URL``, ``GPULAB_JOB_TOKEN``.
+``GPULAB_JOB_NAME``, ``GPULAB_JOB_ATTEMPT``, ``GPULAB_JOBS_URL``, ``GPULAB_JOB_TOKEN`` and, for
+attestation-gated jobs, ``GPULAB_ATTESTATION_FINGERPRINT`` (tagged on the MLflow run as
+``gpulab.attestation_fingerprint``).
 """
 
 import os
@@ -133,7 +135,8 @@ class Runner:
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         owner = os.environ.get("GPULAB_JOB_OWNER", "")
         tags = {"gpulab.job_id": self.job_id, "gpulab.user": owner, "gpulab.trace_id": trace_id,
-                "gpulab.attempt": self.attempt, MLFLOW_USER: owner}
+                "gpulab.attempt": self.attempt, MLFLOW_USER: owner,
+                "gpulab.attestation_fingerprint": os.environ.get("GPULAB_ATTESTATION_FINGERPRINT")}
         return client.create_run(experiment_id, run_name=self.name or None, tags={k: v for k, v in tags.items() if v})
 
     @staticmethod

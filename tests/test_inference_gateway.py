@@ -18,11 +18,13 @@ import pytest
 import requests
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from tornado import web
 from tritonclient.utils import InferenceServerException
 
 from gpulab.inference.triton import write_onnx_model
 from gpulab.net import free_port
 from gpulab.services.infer.app import build
+from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from tests.support.gpulab_up import Platform
 from tests.support.triton import crash, linear_onnx, start_tritons
 
@@ -131,6 +133,58 @@ def metric(text: str, name: str, **labels) -> float:
     return sum(values)
 
 
+def test_onnx_signature_and_repository_entry(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["out"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", 8])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    model_dir = write_onnx_model(tmp_path / "repo", "ids", tmp_path / "m.onnx", version=3)
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config
+    assert '{ name: "ids", data_type: TYPE_INT64, dims: [-1, 8] }' in config
+    assert '{ name: "out", data_type: TYPE_INT64, dims: [-1, 8] }' in config
+    assert sorted(p.name for p in (model_dir / "3").iterdir()) == ["model.onnx", "model.py"]
+
+
+async def test_token_lookups_are_cached():
+    """One hub request per token per TTL, shared by concurrent callers; unknown tokens are cached too; the
+    cache is bounded (least recently used out)."""
+    calls = []
+
+    class User(web.RequestHandler):
+        async def get(self):
+            calls.append(self.request.headers["Authorization"])
+            await asyncio.sleep(0.05)
+            if self.request.headers["Authorization"] != "token good":
+                raise web.HTTPError(403)
+            self.finish({"name": "alice", "kind": "user", "scopes": ["custom:gpulab:admin"], "groups": ["ml"]})
+
+    port = free_port()
+    server = web.Application([("/hub/api/user", User)]).listen(port, "127.0.0.1")
+    try:
+        hub_auth = HubTokenAuth(f"http://127.0.0.1:{port}/hub/api", "service-token", ttl=0.5, max_entries=2)
+        who = await asyncio.gather(*(hub_auth.identify("good") for _ in range(10)))
+        assert len(calls) == 1 and who[0].name == "alice" and who[0].groups == {"ml"}
+        assert "custom:gpulab:infer" in who[0].scopes  # the admin scope's subscopes
+        for _ in range(2):
+            with pytest.raises(InvalidToken):
+                await hub_auth.identify("bad")
+        assert len(calls) == 2
+        await asyncio.sleep(0.6)
+        await hub_auth.identify("good")
+        assert len(calls) == 3  # expired
+        for token in ("bad", "worse"):
+            with pytest.raises(InvalidToken):
+                await hub_auth.identify(token)
+        await hub_auth.identify("good")
+        assert len(calls) == 6  # evicted
+    finally:
+        server.stop()
+
+
 def test_gateway_address_is_in_the_hub_services_api(hub):
     service = hub.api("GET", "/services/gpulab-infer").json()
     assert service["info"] == {"grpc_address": hub.gateway}
@@ -205,6 +259,8 @@ def test_model_control_needs_deploy_scope_and_the_platform_key(client, tokens, t
     assert not direct.is_model_ready("fresh", headers=tritons[0].grpc_headers)
 
     dave = auth(tokens["dave"])
+    e = error(client.load_model, "fresh", headers=dave, files={"file:1/model.py": b"import os"})
+    assert e.status() == "StatusCode.PERMISSION_DENIED" and "override" in e.message()
     client.load_model("fresh", headers=dave)
     for server in tritons:  # loaded on every replica
         assert triton.InferenceServerClient(server.grpc_address).is_model_ready("fresh", headers=server.grpc_headers)

@@ -5,7 +5,6 @@ from urllib.parse import urlsplit
 from traitlets import Bool, Float, Integer, Set, Unicode, default
 from traitlets.config import Configurable
 
-from ..config import default_data_dir
 from ..errors import ConfigError
 
 NRAS_URL = "https://nras.attestation.nvidia.com"
@@ -75,6 +74,8 @@ class Attestation(Configurable):
 
     @default("db_url")
     def _default_db_url(self):
+        from ..config import default_data_dir  # here: gpulab.config imports this module (CONFIGURABLES)
+
         return f"sqlite:///{default_data_dir() / 'attestation.sqlite'}"
 
     def check(self) -> None:

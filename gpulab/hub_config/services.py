@@ -1,8 +1,10 @@
 """Hub-managed services from config: each gets an address and a persistent API token."""
 
+import os
 import sys
 from pathlib import Path
 
+from ..attestation.nras import ENV_VAR as NRAS_KEY_VAR
 from ..errors import ConfigError
 from ..net import free_port
 from ..scopes import JOBS_SERVICE, MLFLOW_SERVICE
@@ -30,8 +32,13 @@ def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
 
 
 def builtin_services(platform, data_dir: Path, config_file: Path, token_for) -> list[dict]:
-    """The platform's own services: ``gpulab-jobs`` and ``mlflow`` (each can be turned off)."""
+    """The platform's own services: ``gpulab-jobs`` and ``mlflow`` (each can be turned off).
+
+    ``$GPULAB_NRAS_API_KEY`` moves from the hub's environment to gpulab-jobs' alone (the attestation
+    service lives there), so neither the proxy nor a user server or kernel can inherit it from the hub.
+    """
     out = []
+    nras_key = os.environ.pop(NRAS_KEY_VAR, "")
     env = {"GPULAB_CONFIG": str(config_file), "GPULAB_DATA_DIR": str(data_dir)}
     if platform.mlflow_service:
         internal_port = free_port()
@@ -59,6 +66,6 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for) -> 
             "url": f"http://127.0.0.1:{free_port()}",
             "api_token": token_for(JOBS_SERVICE),
             "oauth_no_confirm": True,
-            "environment": env,
+            "environment": {**env, NRAS_KEY_VAR: nras_key} if nras_key else env,
         })
     return out

@@ -1,7 +1,8 @@
 """``/gpulab/api/v1/jobs...`` in the user's server: the job service, acting for this server's user.
 
 Requests go to ``gpulab-jobs`` with the server's own hub token (``JUPYTERHUB_API_TOKEN``, which
-carries the user's gpulab scopes), through one circuit breaker.
+carries the user's gpulab scopes) and the client's address in ``X-Forwarded-For``, through one
+circuit breaker. :class:`ServiceProxyHandler` is the forwarding base, also of ``attestation.py``.
 """
 
 import os
@@ -11,6 +12,7 @@ from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from .. import tracing
+from ..net import client_ip
 from ..resilience import CircuitBreaker, CircuitOpenError
 from .handlers import GpulabHandler
 
@@ -31,10 +33,11 @@ class JobsBackend:
         return cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", "")) if url else None
 
 
-class JobsProxyHandler(GpulabHandler):
-    """Forward the request to the job service and its answer back (status, JSON body)."""
+class ServiceProxyHandler(GpulabHandler):
+    """Forward the request to the job service and its answer back (status, JSON body).
 
-    auth_resource = "gpulab:jobs"
+    Subclasses set ``auth_resource``, checked here before anything is forwarded.
+    """
 
     @property
     def backend(self) -> JobsBackend:
@@ -46,7 +49,10 @@ class JobsProxyHandler(GpulabHandler):
     async def forward(self, path: str, streaming: bool = False) -> None:
         backend = self.backend
         query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
-        headers = {"Authorization": f"token {backend.token}"}
+        headers = {
+            "Authorization": f"token {backend.token}",
+            "X-Forwarded-For": client_ip(self.request.remote_ip, self.request.headers.get("X-Forwarded-For")),
+        }
         headers.update({h: self.request.headers[h] for h in FORWARDED_HEADERS if h in self.request.headers})
         tracing.inject(headers)
         request = HTTPRequest(
@@ -72,7 +78,7 @@ class JobsProxyHandler(GpulabHandler):
         if response.code == 204:
             self.finish()
             return
-        for name in ("Content-Type", "X-Log-Offset"):
+        for name in ("Content-Type", "X-Log-Offset", "Retry-After"):
             if name in response.headers:
                 self.set_header(name, response.headers[name])
         self.finish(response.body)
@@ -86,6 +92,10 @@ class JobsProxyHandler(GpulabHandler):
     def _stream(self, chunk: bytes) -> None:
         self.write(chunk)
         self.flush()
+
+
+class JobsProxyHandler(ServiceProxyHandler):
+    auth_resource = "gpulab:jobs"
 
 
 class JobsHandler(JobsProxyHandler):

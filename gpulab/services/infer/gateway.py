@@ -11,6 +11,7 @@ import time
 from contextlib import nullcontext
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -180,6 +181,8 @@ class Gateway:
             who = await self.authenticate(metadata)
             model = model_name(request, field, rpc) if field else None
             self.authorize(who, scope, model)
+            if rpc == "RepositoryModelLoad" and ADMIN not in who.scopes:
+                refuse_overrides(request)
             if how == LOCAL:
                 return _LIVE if rpc == "ServerLive" else _READY[self.pool.ready()]
             span, outgoing = self._trace(rpc, metadata)
@@ -244,6 +247,18 @@ def model_name(request: bytes, field: int, rpc: str) -> str:
         return wire_string(request, field)
     except (ValueError, IndexError, UnicodeDecodeError):
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {rpc} request") from None
+
+
+def refuse_overrides(request: bytes) -> None:
+    """A load may bring its own config or files (``config``, ``file:<path>`` parameters): code for the
+    Python backend, run by Triton. Only admins may; everyone else loads what the repository holds."""
+    try:
+        parameters = service_pb2.RepositoryModelLoadRequest.FromString(request).parameters
+    except DecodeError:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "malformed RepositoryModelLoad request") from None
+    if any(key == "config" or key.startswith("file:") for key in parameters):
+        raise GatewayError(grpc.StatusCode.PERMISSION_DENIED,
+                           "loading with a config or file override needs custom:gpulab:admin")
 
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:

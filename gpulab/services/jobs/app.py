@@ -2,19 +2,25 @@
 
 Configured like any hub-managed service (``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_SERVICE_PREFIX``,
 ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``) plus ``gpulab_config.py`` (``c.JobQueue``,
-``c.JobStore``, executor settings).
+``c.JobStore``, executor settings, ``c.Attestation``). The attestation service, and with it the NRAS
+API key (``c.Attestation.api_key_file`` or ``$GPULAB_NRAS_API_KEY`` in this service's environment),
+lives here and never in users' servers.
 """
 
 import asyncio
+import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 
+from ...attestation import AttestationService
 from ...config import instances, load_config
+from ...errors import ConfigError
 from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...tracing import setup_tracing
 from . import openapi
@@ -22,6 +28,8 @@ from .handlers import APIError, BaseHandler, handlers
 from .metrics import MetricsHandler
 from .queue import JobQueue
 from .store import JobStore
+
+log = logging.getLogger("gpulab.jobs")
 
 
 class NotFoundHandler(BaseHandler):
@@ -64,13 +72,28 @@ def build_queue(cfg, service_url: str, prefix: str) -> JobQueue:
     return queue
 
 
+def build_attestation(cfg) -> AttestationService:
+    """The attestation service from ``c.Attestation``; logs where the NRAS API key came from (never the key)."""
+    service = AttestationService.from_config(cfg)
+    key = service.nras.api_key
+    log.info("attestation: %s", f"NRAS API key from {key.source}" if key else "no NRAS API key configured")
+    return service
+
+
 async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
     setup_tracing("gpulab-jobs")
     service_url = os.environ["JUPYTERHUB_SERVICE_URL"]
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-jobs/")
     token = os.environ["JUPYTERHUB_API_TOKEN"]
     HubOAuth.instance(api_token=token, cache_max_age=60)
-    queue = build_queue(load_config(), service_url, prefix)
+    try:
+        cfg = load_config()
+        queue = build_queue(cfg, service_url, prefix)
+        queue.attestation = build_attestation(cfg)
+    except ConfigError as e:
+        sys.exit(f"gpulab-jobs: error: {e}")
     app = make_app(queue, prefix, AppliedEvents(queue.store.url), token)
     address = urlsplit(service_url)
     server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=4 * 1024 * 1024)

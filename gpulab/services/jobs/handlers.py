@@ -19,12 +19,14 @@ MAX_LIST = 500
 
 
 class APIError(web.HTTPError):
-    """An HTTP error whose body names the offending field."""
+    """An HTTP error whose body names the offending field; ``headers`` are sent with it."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(status, message)
         self.field = field
         self.code = code
+        self.headers = headers or {}
 
 
 class BaseHandler(web.RequestHandler):
@@ -78,8 +80,10 @@ class BaseHandler(web.RequestHandler):
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = getattr(exc, "log_message", None) or self._reason
-        if status_code >= 500:
+        if status_code >= 500 and not isinstance(exc, APIError):
             message = "internal error; see the gpulab-jobs log"
+        for name, value in getattr(exc, "headers", {}).items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {
             "code": getattr(exc, "code", None) or self._reason.lower().replace(" ", "_"),
@@ -89,15 +93,18 @@ class BaseHandler(web.RequestHandler):
 
 
 class UserHandler(HubOAuthenticated, BaseHandler):
-    """A request from a hub user (token header or browser cookie) with gpulab scopes."""
+    """A request from a hub user (token header or browser cookie) with the gpulab scope ``required_scope``."""
+
+    required_scope = scopes.JOBS
 
     def prepare(self):
         super().prepare()
         if self.current_user is None:
             raise APIError(401, "authentication required: send 'Authorization: token <hub token>'",
                            code="unauthenticated")
-        if not self.has(scopes.JOBS):
-            raise APIError(403, f"this needs the {scopes.JOBS} scope, which {self.user_name} lacks", code="forbidden")
+        if not self.has(self.required_scope):
+            raise APIError(403, f"this needs the {self.required_scope} scope, which {self.user_name} lacks",
+                           code="forbidden")
 
     @property
     def user_name(self) -> str:
@@ -304,7 +311,9 @@ class OpenAPIHandler(BaseHandler):
 
 
 def handlers(prefix: str) -> list:
-    """Routes under the service prefix (e.g. ``/services/gpulab-jobs/``)."""
+    """Routes under the service prefix (e.g. ``/services/gpulab-jobs/``), attestation included."""
+    from . import attestation_api  # it builds on UserHandler above
+
     api = prefix.rstrip("/") + "/api/v1"
     job = r"/jobs/(?P<job_id>[0-9a-f]{32})"
     return [
@@ -319,4 +328,5 @@ def handlers(prefix: str) -> list:
         (api + job + "/tracking", TrackingHandler),
         (api + "/pools", PoolsHandler),
         (api + "/quota", QuotaHandler),
+        *attestation_api.handlers(api),
     ]

@@ -1,4 +1,4 @@
-"""Pydantic bodies of the jobs API: submission (:class:`JobSpec`), responses, errors."""
+"""Pydantic bodies of the jobs API: submission (:class:`JobSpec`), responses, errors, attestation."""
 
 import fnmatch
 import re
@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from gpulab.attestation.service import NODE_NAME, PURPOSE
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
 ACTIVE_STATES = ("dispatching", "running")
@@ -201,6 +203,11 @@ class Job(BaseModel):
     wandb_run_path: str | None
     labels: dict[str, str]
     log_size: int
+    attestation_fingerprint: str | None = Field(
+        description="SHA-256 hex of the NRAS token that attested the node of the latest dispatch "
+        "(attestation: required jobs)"
+    )
+    attestation_node: str | None = Field(description="The node whose attestation let the latest attempt start")
 
 
 class JobEvent(BaseModel):
@@ -251,6 +258,86 @@ class Quota(QuotaStatus):
     """The owner's quota, and that of each of the owner's groups that has one."""
 
     groups: dict[str, QuotaStatus] = Field(default_factory=dict)
+
+
+Node = Annotated[str, Field(pattern=f"^{NODE_NAME.pattern}$", description="GPU node name")]
+Purpose = Annotated[str, Field(PURPOSE, pattern=r"^[a-z0-9._-]{1,64}$", description="What the nonce is for")]
+
+
+class NonceRequest(_Body):
+    """Body of ``POST /attestation/nonce``."""
+
+    node: Node
+    purpose: Purpose
+
+
+class AttestationNonce(BaseModel):
+    """A single-use nonce (64 hex digits) for one (user, node, purpose); times are ISO 8601 UTC."""
+
+    nonce: str
+    expires_at: str
+
+
+class VerifyRequest(_Body):
+    """Body of ``POST /attestation/verify``: NRAS's detached EAT answering ``nonce``."""
+
+    node: Node
+    nonce: str = Field(min_length=1, max_length=128)
+    purpose: Purpose
+    token: str | list[Any] = Field(
+        description='The detached EAT [["JWT", overall], {"GPU-0": jwt, ...}], as JSON or as its JSON text'
+    )
+
+
+class AttestedDevice(BaseModel):
+    """What a verified device token says about one GPU (kind GPU) or NVSwitch (kind SWITCH)."""
+
+    kind: str
+    hwmodel: str | None
+    driver_version: str | None
+    vbios_version: str | None
+    ueid: str | None
+    secboot: bool | None
+    dbgstat: str | None
+    measres: str | None
+    oemid: str | None
+
+
+class AttestationResult(BaseModel):
+    """A verified attestation (refusals are errors whose code is the reason)."""
+
+    verdict: Literal[True]
+    reason: Literal["ok"]
+    node: str
+    fingerprint: str = Field(description="SHA-256 hex of the overall token")
+    claims_version: str
+    issuer: str
+    kid: str
+    jti: str
+    issued_at: str
+    expires_at: str
+    devices: dict[str, AttestedDevice]
+
+
+class AttestationNode(BaseModel):
+    """A node's last attestation state; valid: it may run attestation-required jobs now."""
+
+    node: str
+    valid: bool
+    problem: str | None = Field(description="Why the node is not valid")
+    user: str | None = Field(description="Who made the last successful verification")
+    verified_at: str | None
+    expires_at: str | None
+    fingerprint: str | None
+    revoked: bool
+    last_checked_at: str
+    last_reason: str = Field(description='"ok" or the reason code of the last verification')
+    devices: dict[str, AttestedDevice]
+
+
+class AttestationNodeList(BaseModel):
+    nodes: list[AttestationNode]
+    max_age: float = Field(description="Seconds a verification stays valid for job gating")
 
 
 class ErrorDetail(BaseModel):

@@ -9,11 +9,27 @@ from pathlib import Path
 import yaml
 from pydantic.json_schema import models_json_schema
 
-from .models import ErrorBody, Job, JobEvent, JobList, JobSpec, PoolStatus, ProgressUpdate, Quota, TrackingUpdate
+from .models import (
+    AttestationNodeList,
+    AttestationNonce,
+    AttestationResult,
+    ErrorBody,
+    Job,
+    JobEvent,
+    JobList,
+    JobSpec,
+    NonceRequest,
+    PoolStatus,
+    ProgressUpdate,
+    Quota,
+    TrackingUpdate,
+    VerifyRequest,
+)
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
-REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate)
-RESPONSES = (Job, JobEvent, JobList, PoolStatus, Quota, ErrorBody)
+REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest)
+RESPONSES = (Job, JobEvent, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
+             AttestationNodeList)
 
 
 def component_schemas() -> dict:

@@ -1,4 +1,5 @@
-"""The job queue: priority, fair share, quotas, pool capacity, dispatch, retries, timeouts, recovery.
+"""The job queue: priority, fair share, quotas, pool capacity, attestation gating, dispatch, retries,
+timeouts, recovery.
 
 One :meth:`JobQueue.tick` (every ``tick_interval`` s and after :meth:`JobQueue.kick`) polls
 running attempts, then dispatches due queued jobs; see docs/jobs.md "Scheduling".
@@ -19,6 +20,7 @@ from traitlets import Bool, Dict, Float, Instance, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from gpulab import tracing
+from gpulab.attestation import AttestationService, NodeState
 from gpulab.config import default_data_dir
 from gpulab.events import utcnow
 
@@ -89,9 +91,17 @@ class JobQueue(LoggingConfigurable):
         help="Variables of the service's environment that jobs inherit (nothing else is).",
     ).tag(config=True)
     wrap_with_runner = Bool(True, help="Run each attempt under `python -m gpulab.runner`.").tag(config=True)
+    attestation_max_age = Float(
+        3600.0, help="An `attestation: required` job starts only on a node verified within this many seconds."
+    ).tag(config=True)
 
     store = Instance(JobStore)
     executor = Instance(Executor)
+    attestation = Instance(
+        AttestationService,
+        allow_none=True,
+        help="Whose node states gate `attestation: required` jobs; None: such jobs wait.",
+    )
 
     @default("data_dir")
     def _default_data_dir(self):
@@ -359,7 +369,9 @@ class JobQueue(LoggingConfigurable):
             row = heads[owner].popleft()
             if not heads[owner]:
                 del heads[owner]
-            blocker = self._blocker(row, capacity, owners, groups, pools)
+            attested, blocker = None, self._blocker(row, capacity, owners, groups, pools)
+            if not blocker and row.spec.get("attestation") == "required":
+                attested, blocker = self._attested(row)
             if blocker:
                 self._wait(row, blocker)
                 continue
@@ -367,7 +379,7 @@ class JobQueue(LoggingConfigurable):
             if self.executor.owns_gpu_ids and row.gpus:
                 free = [i for i in range(capacity[row.pool].gpus) if i not in busy_gpus[row.pool]]
                 gpu_ids = free[: row.gpus]
-            if await self._dispatch(row, gpu_ids):
+            if await self._dispatch(row, gpu_ids, attested):
                 self._account(row, owners, groups, pools)
                 busy_gpus[row.pool].update(gpu_ids)
 
@@ -412,10 +424,30 @@ class JobQueue(LoggingConfigurable):
             return f"waiting: not enough memory in pool '{row.pool}'"
         return None
 
-    async def _dispatch(self, row: JobRow, gpu_ids: list[int]) -> bool:
-        """queued -> dispatching (committed) -> executor.start -> running; False if it did not start."""
+    def _attested(self, row: JobRow) -> tuple[NodeState | None, str | None]:
+        """For an ``attestation: required`` job: ``(node state, None)`` if the node it would run on
+        is attested and fresh, else ``(None, why it waits)``."""
+        node = self.executor.node_name
+        if node is None:
+            why = f"attestation gating is not supported on the {self.executor.name} executor yet"
+        elif self.attestation is None:
+            why = "no attestation service is configured"
+        else:
+            state, why = self.attestation.nodes.gate(node, self.attestation_max_age)
+            if why is None:
+                return state, None
+            why = f"node {node}: {why}"
+        return None, f"waiting: attestation required: {why}"
+
+    async def _dispatch(self, row: JobRow, gpu_ids: list[int], attested: NodeState | None = None) -> bool:
+        """queued -> dispatching (committed) -> executor.start -> running; False if it did not start.
+
+        ``attested``: the node state that let an ``attestation: required`` job through; its token's
+        fingerprint is stored with the job and given to the attempt as ``GPULAB_ATTESTATION_FINGERPRINT``.
+        """
         attempt = row.attempt + 1
         token = secrets.token_urlsafe(32)
+        gate = {"attestation_fingerprint": attested.fingerprint, "attestation_node": attested.node} if attested else {}
         row = self.store.transition(
             row.id,
             "dispatching",
@@ -425,6 +457,7 @@ class JobQueue(LoggingConfigurable):
             handle=None,
             not_before=None,
             job_token_hash=token_hash(token),
+            **gate,
         )
         spec = JobSpec.model_validate(row.spec)
         job_dir = self.job_dir(row)
@@ -437,6 +470,8 @@ class JobQueue(LoggingConfigurable):
             argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
         env = self._env(row, spec, token)
         env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(job_dir))
+        if attested:
+            env["GPULAB_ATTESTATION_FINGERPRINT"] = attested.fingerprint
         parent = tracing.extract({"traceparent": row.traceparent} if row.traceparent else {})
         with tracing.tracer(__name__).start_as_current_span("job.dispatch", context=parent) as span:
             span.set_attribute("gpulab.job_id", row.id)

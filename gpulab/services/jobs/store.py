@@ -104,7 +104,8 @@ class JobRow(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     wandb_run_path: Mapped[str | None] = mapped_column(String(255))
     traceparent: Mapped[str | None] = mapped_column(String(64))
-    attestation_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    attestation_fingerprint: Mapped[str | None] = mapped_column(String(128))  # of the latest dispatch
+    attestation_node: Mapped[str | None] = mapped_column(String(255))
     job_token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex; set while active
 
     def to_model(self, log_size: int = 0) -> Job:
@@ -139,6 +140,8 @@ class JobRow(Base):
             wandb_run_path=self.wandb_run_path,
             labels=self.labels,
             log_size=log_size,
+            attestation_fingerprint=self.attestation_fingerprint,
+            attestation_node=self.attestation_node,
         )
 
 

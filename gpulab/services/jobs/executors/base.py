@@ -61,6 +61,7 @@ class Executor(LoggingConfigurable):
 
     name = "base"
     owns_gpu_ids = False  # True: the queue picks GPU ids (local); False: the backend does (Ray)
+    node_name: str | None = None  # the node jobs run on, for attestation gating; None: not known (no gating)
 
     async def capacity(self) -> dict[str, PoolCapacity]:
         """Capacity per pool name."""

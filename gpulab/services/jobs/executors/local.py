@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,10 +99,17 @@ class LocalExecutor(Executor):
     state_dir = Unicode(
         help="Directory for the attempts' exit-status files (default <data_dir>/jobs/.local-executor)."
     ).tag(config=True)
+    node_name = Unicode(
+        help="This machine's node name for attestation gating (default: its hostname)."
+    ).tag(config=True)
 
     @default("cpus")
     def _default_cpus(self):
         return float(os.cpu_count() or 1)
+
+    @default("node_name")
+    def _default_node_name(self):
+        return socket.gethostname()
 
     @default("state_dir")
     def _default_state_dir(self):
