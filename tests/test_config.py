@@ -96,11 +96,18 @@ def test_broken_config_file(tmp_path):
 
 
 def test_config_show_redacts_secrets(tmp_path):
-    config = "c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n"
-    result = run_gpulab(tmp_path, config, "config", "show", env={"GPULAB_OIDC_CLIENT_SECRET": "env-SECRET"})
+    nras_key = tmp_path / "nras-api-key"
+    write_secret_file(nras_key, "nras-KEYFILE-SECRET")
+    config = "c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n" \
+        f"c.Attestation.api_key_file = {str(nras_key)!r}\n"
+    env = {"GPULAB_OIDC_CLIENT_SECRET": "env-SECRET", "GPULAB_NRAS_API_KEY": "env-NRAS-SECRET"}
+    result = run_gpulab(tmp_path, config, "config", "show", env=env)
     assert result.returncode == 0, result.stderr
     assert "SUPERSECRET" not in result.stdout and "env-SECRET" not in result.stdout
     assert "<redacted>" in result.stdout and '"port": 8123' in result.stdout
+    assert f'"api_key_file": "{nras_key}"' in result.stdout  # the Attestation section lists the path...
+    assert "KEYFILE-SECRET" not in result.stdout + result.stderr  # ...never the key
+    assert "env-NRAS-SECRET" not in result.stdout + result.stderr
 
 
 def test_overrides_apply_on_top_of_the_file(tmp_path, monkeypatch):

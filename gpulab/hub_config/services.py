@@ -34,11 +34,11 @@ def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
 def builtin_services(platform, data_dir: Path, config_file: Path, token_for) -> list[dict]:
     """The platform's own services: ``gpulab-jobs`` and ``mlflow`` (each can be turned off).
 
-    ``$GPULAB_NRAS_API_KEY`` moves from the hub's environment to gpulab-jobs' alone (the attestation
-    service lives there), so neither the proxy nor a user server or kernel can inherit it from the hub.
+    Of the services, only gpulab-jobs (which holds the attestation service) gets the hub's
+    ``$GPULAB_NRAS_API_KEY``; user servers never do (it is not in ``Spawner.env_keep``).
     """
     out = []
-    nras_key = os.environ.pop(NRAS_KEY_VAR, "")
+    nras_key = os.environ.get(NRAS_KEY_VAR, "")
     env = {"GPULAB_CONFIG": str(config_file), "GPULAB_DATA_DIR": str(data_dir)}
     if platform.mlflow_service:
         internal_port = free_port()

@@ -109,8 +109,10 @@ class TritonServer(Configurable):
         for item in (dist / "backends" / "python").iterdir():
             if item.is_file():
                 (backend / item.name).symlink_to(item)
-        (backend / "triton_python_backend_stub").symlink_to(
-            dist / "python_backend_stubs" / probe["version"] / "triton_python_backend_stub")
+        stub = dist / "python_backend_stubs" / probe["version"] / "triton_python_backend_stub"
+        if not stub.exists():
+            raise ConfigError(f"TritonServer.python: no Triton Python stub for Python {probe['version']}")
+        (backend / "triton_python_backend_stub").symlink_to(stub)
         for name in ("grpc_port", "http_port", "metrics_port"):
             if not getattr(self, name):
                 setattr(self, name, free_port(self.host))

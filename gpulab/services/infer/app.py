@@ -1,7 +1,7 @@
 """``python -m gpulab.services.infer``: the hub-managed inference gateway ``gpulab-infer``.
 
-Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, ``JUPYTERHUB_API_TOKEN``;
-``JUPYTERHUB_SERVICE_URL`` is where ``/metrics`` is served), ``GPULAB_INFER_ADDRESS`` (gRPC listen
+Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, where callers' tokens are looked
+up with the tokens themselves; ``JUPYTERHUB_SERVICE_URL``, where ``/metrics`` is served), ``GPULAB_INFER_ADDRESS`` (gRPC listen
 address), ``GPULAB_TRITON_REPLICAS`` and ``GPULAB_TRITON_KEY`` (the restricted-protocol key), each
 overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
 """
@@ -63,15 +63,14 @@ class MetricsHandler(web.RequestHandler):
         self.finish(generate_latest(self.settings["registry"]))
 
 
-def build(cfg, api_url: str, api_token: str) -> tuple[InferenceGateway, Gateway]:
+def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
     """The configured gateway (not yet serving)."""
     conf = InferenceGateway(config=cfg)
     if not conf.replicas:
         raise ConfigError("InferenceGateway.replicas: no Triton replica configured")
     metadata = ((GRPC_KEY_PREFIX + conf.restricted_header, conf.restricted_key),) if conf.restricted_key else ()
     pool = ReplicaPool(conf.replicas, metadata, conf.failure_threshold, conf.recovery_timeout, conf.health_interval)
-    need_groups = any(entry.startswith("group:") for names in conf.model_allow.values() for entry in names)
-    auth = HubTokenAuth(api_url, api_token, ttl=conf.token_cache_seconds, need_groups=need_groups)
+    auth = HubTokenAuth(api_url, ttl=conf.token_cache_seconds)
     trace_all = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
     return conf, Gateway(pool, auth, conf.model_allow, trace_all=trace_all)
@@ -79,7 +78,7 @@ def build(cfg, api_url: str, api_token: str) -> tuple[InferenceGateway, Gateway]
 
 async def main() -> None:
     setup_tracing("gpulab-infer")
-    conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
+    conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"])
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
                                       ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((gateway.handler(),))

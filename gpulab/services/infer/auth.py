@@ -11,7 +11,6 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -43,16 +42,13 @@ def token_from_metadata(metadata) -> str:
 
 
 class HubTokenAuth:
-    """Resolves hub tokens to :class:`Identity` via the hub API (``service_token`` fetches groups the
-    caller's token cannot read, when ``need_groups``)."""
+    """Resolves hub tokens to :class:`Identity` via the hub API (``/user`` shows a token its owner's groups
+    whatever its scopes)."""
 
-    def __init__(self, api_url: str, service_token: str, ttl: float = 30.0, max_entries: int = 4096,
-                 need_groups: bool = False):
+    def __init__(self, api_url: str, ttl: float = 30.0, max_entries: int = 4096):
         self.api_url = api_url.rstrip("/")
-        self.service_token = service_token
         self.ttl = ttl
         self.max_entries = max_entries
-        self.need_groups = need_groups
         self.breaker = CircuitBreaker(f"JupyterHub API at {self.api_url}", failure_threshold=5, recovery_timeout=10)
         self._cache: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()
         self._http = AsyncHTTPClient()
@@ -79,9 +75,8 @@ class HubTokenAuth:
                 del self._cache[token]
             raise
 
-    async def _get(self, path: str, token: str) -> dict | None:
-        """GET a hub API path with ``token``; None when the hub refuses the token."""
-        request = HTTPRequest(self.api_url + path, headers={"Authorization": f"token {token}"},
+    async def _lookup(self, token: str) -> Identity:
+        request = HTTPRequest(self.api_url + "/user", headers={"Authorization": f"token {token}"},
                               request_timeout=5, connect_timeout=2)
         async for attempt in retrying(attempts=3, initial=0.1, maximum=1.0):
             with attempt:
@@ -89,16 +84,8 @@ class HubTokenAuth:
                     response = await self.breaker.call(self._http.fetch, request)
                 except HTTPClientError as e:
                     if e.code in (401, 403, 404):
-                        return None
+                        raise InvalidToken("invalid or expired hub token") from None
                     raise
-        return json.loads(response.body)
-
-    async def _lookup(self, token: str) -> Identity:
-        model = await self._get("/user", token)
-        if not model or not model.get("name"):
-            raise InvalidToken("invalid or expired hub token")
-        groups = model.get("groups")
-        if groups is None and self.need_groups and model.get("kind", "user") == "user":
-            groups = (await self._get(f"/users/{quote(model['name'])}", self.service_token) or {}).get("groups")
+        model = json.loads(response.body)
         return Identity(model["name"], model.get("kind", "user"), frozenset(expand(model.get("scopes", ()))),
-                        frozenset(groups or ()))
+                        frozenset(model.get("groups") or ()))

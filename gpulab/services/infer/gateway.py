@@ -46,6 +46,7 @@ UNOFFERED = ["SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSh
 _LIVE = service_pb2.ServerLiveResponse(live=True).SerializeToString()
 _READY = {ready: service_pb2.ServerReadyResponse(ready=ready).SerializeToString() for ready in (True, False)}
 _tracer = trace.get_tracer("gpulab.services.infer")
+TRACE_KEYS = ("traceparent", "tracestate")
 
 
 class GatewayError(Exception):
@@ -166,7 +167,7 @@ class Gateway:
 
     def _trace(self, rpc: str, metadata) -> tuple:
         """The span for this call (when the caller sent ``traceparent`` or tracing is on) and outgoing metadata."""
-        carrier = {key: value for key, value in metadata if key in ("traceparent", "tracestate")}
+        carrier = {key: value for key, value in metadata if key in TRACE_KEYS}
         if not (carrier or self.trace_all):
             return nullcontext(), self.pool.metadata
         span = _tracer.start_as_current_span(f"infer {rpc}", context=propagate.extract(carrier),
@@ -203,13 +204,14 @@ class Gateway:
 
     async def stream_infer(self, requests, context: grpc.aio.ServicerContext):
         """ModelStreamInfer: one replica per stream; each request's model is authorised before it is sent,
-        and responses flow back as the replica sends them."""
+        and responses flow back as the replica sends them. The caller's ``traceparent`` is passed on as is."""
         code = grpc.StatusCode.OK
         try:
-            who = await self.authenticate(context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            who = await self.authenticate(metadata)
             self.authorize(who, INFER, None)
             replica = self.pool.pick()
-            call = replica.stream(self.pool.metadata)
+            call = replica.stream((*self.pool.metadata, *((k, v) for k, v in metadata if k in TRACE_KEYS)))
             pump = asyncio.create_task(self._pump(who, requests, call))
             replica.outstanding += 1
             replica.requests += 1

@@ -1,0 +1,296 @@
+"""GPU node attestation through a real hub: gpulab-jobs' /attestation API, the server extension
+forwarding to it, attestation-gated jobs, and the NRAS API key kept out of users' servers and kernels.
+
+Real parts: `gpulab up` (JupyterHub, configurable-http-proxy, gpulab-jobs holding the attestation
+service), a user's Jupyter server and kernel, the local executor and runner, MLflow on SQLite.
+Tokens are minted by tests/support/attestation.py; its JWKS is served on 127.0.0.1.
+"""
+
+import hashlib
+import json
+import secrets
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from traitlets.config import Config
+
+from gpulab.secrets import write_secret_file
+from gpulab.services.jobs.executors.base import PoolCapacity
+from gpulab.services.jobs.executors.ray import RayExecutor
+from gpulab.services.jobs.models import JobSpec
+from gpulab.services.jobs.openapi import SPEC_PATH
+from gpulab.services.jobs.queue import JobQueue
+from gpulab.services.jobs.store import JobStore
+from tests.support.attestation import EatMinter, JwksServer, NrasKey
+from tests.support.gpulab_up import Platform
+from tests.support.openapi import Spec
+from tests.test_jobs_service import Client
+
+SPEC = Spec(SPEC_PATH)
+EXT_SPEC = Spec(Path(__file__).parent.parent / "gpulab" / "server_extension" / "openapi.yaml")
+GATED_NODE = "gpu-gated-0"  # the local executor's node name
+MAX_FAILURES = 8
+NRAS_KEY_VAR = "GPULAB_NRAS_API_KEY"
+FILE_KEY = "nras-file-key-" + secrets.token_hex(8)
+ENV_KEY = "nras-env-key-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def minter():
+    key = NrasKey()
+    jwks = JwksServer([key])
+    minter = EatMinter(key, time.time)
+    minter.jwks_url = jwks.url
+    yield minter
+    jwks.close()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("attest")
+
+
+@pytest.fixture(scope="module")
+def hub(work, minter):
+    key_file = work / "nras-api-key"
+    write_secret_file(key_file, FILE_KEY)
+    hub = Platform(work / "data", host="127.0.0.15")
+    config = f"""
+c.Platform.mlflow_service = False
+c.Login.admin_users = {{"carol"}}
+c.Roles.everyone = []
+c.Roles.group_roles = {{"ml": ["gpulab-user"]}}
+c.JobQueue.tick_interval = 0.2
+c.JobQueue.mlflow_tracking_uri = "sqlite:///{work / 'mlflow.sqlite'}"
+c.LocalExecutor.node_name = "{GATED_NODE}"
+c.Attestation.jwks_url = "{minter.jwks_url}"
+c.Attestation.allow_insecure_localhost = True
+c.Attestation.api_key_file = "{key_file}"
+c.Attestation.nonce_rate = c.Attestation.verify_rate = 10.0
+c.Attestation.nonce_burst = c.Attestation.verify_burst = 50
+c.Attestation.max_failures = {MAX_FAILURES}
+"""
+    with pytest.MonkeyPatch.context() as env:  # the key in `gpulab up`'s environment too
+        env.setenv(NRAS_KEY_VAR, ENV_KEY)
+        hub.start(config)
+    hub.create_user("alice", groups=["ml"])
+    hub.create_user("carol")
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(hub):
+    return Client(hub, "alice")
+
+
+def nonce_for(client: Client, node: str) -> str:
+    r = client.request("POST", "/attestation/nonce", json={"node": node})
+    assert r.status_code == 200, r.text
+    SPEC.validate("/attestation/nonce", "POST", 200, r.json())
+    assert len(r.json()["nonce"]) == 64 and r.json()["expires_at"].endswith("Z")
+    return r.json()["nonce"]
+
+
+def attest(client: Client, minter: EatMinter, node: str) -> tuple[requests.Response, list]:
+    """Nonce for ``node`` -> NRAS's answer to it (minted) -> verify; the response and the EAT."""
+    nonce = nonce_for(client, node)
+    eat = json.loads(minter.mint(nonce))
+    return client.request("POST", "/attestation/verify", json={"node": node, "nonce": nonce, "token": eat}), eat
+
+
+def fingerprint(eat: list) -> str:
+    return hashlib.sha256(eat[0][1].encode()).hexdigest()
+
+
+def processes(hub: Platform, marker: str) -> list[psutil.Process]:
+    """The platform's live processes whose command line contains ``marker``."""
+    found = []
+    for p in hub.descendants():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_nonce_verify_and_node_state(alice, minter):
+    r, eat = attest(alice, minter, "gpu-a-0")
+    assert r.status_code == 200, r.text
+    SPEC.validate("/attestation/verify", "POST", 200, r.json())
+    result = r.json()
+    assert result["verdict"] is True and result["reason"] == "ok" and result["node"] == "gpu-a-0"
+    assert result["fingerprint"] == fingerprint(eat) and result["kid"] == minter.key.kid
+    assert result["devices"]["GPU-0"]["kind"] == "GPU" and result["devices"]["GPU-0"]["secboot"] is True
+
+    r = alice.request("GET", "/attestation/nodes")
+    assert r.status_code == 200, r.text
+    SPEC.validate("/attestation/nodes", "GET", 200, r.json())
+    node = next(n for n in r.json()["nodes"] if n["node"] == "gpu-a-0")
+    assert node["valid"] and node["problem"] is None and node["user"] == "alice"
+    assert node["fingerprint"] == fingerprint(eat) and node["last_reason"] == "ok"
+    assert node["devices"]["GPU-0"] == result["devices"]["GPU-0"]
+
+    nonce = nonce_for(alice, "gpu-a-0")  # the EAT may also come as its JSON text
+    r = alice.request("POST", "/attestation/verify",
+                      json={"node": "gpu-a-0", "nonce": nonce, "token": minter.mint(nonce)})
+    assert r.status_code == 200, r.text
+
+
+def test_wrong_or_used_nonces_are_refused_with_their_reason(alice, minter):
+    nonce = nonce_for(alice, "gpu-b-0")
+    eat = json.loads(minter.mint(secrets.token_hex(32)))  # NRAS answered another nonce
+    r = alice.request("POST", "/attestation/verify", json={"node": "gpu-b-0", "nonce": nonce, "token": eat})
+    assert r.status_code == 422, r.text
+    SPEC.validate("/attestation/verify", "POST", 422, r.json())
+    assert r.json()["error"]["code"] == "nonce_mismatch" and r.json()["error"]["field"] == "token"
+
+    eat = json.loads(minter.mint(nonce))  # the right answer, but the nonce was used up by the refusal
+    r = alice.request("POST", "/attestation/verify", json={"node": "gpu-b-0", "nonce": nonce, "token": eat})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
+    assert r.json()["error"]["field"] == "nonce"
+
+    nonce = nonce_for(alice, "gpu-b-0")  # a nonce is bound to its node
+    eat = json.loads(minter.mint(nonce))
+    r = alice.request("POST", "/attestation/verify", json={"node": "gpu-b-1", "nonce": nonce, "token": eat})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
+
+    node = next(n for n in alice.request("GET", "/attestation/nodes").json()["nodes"] if n["node"] == "gpu-b-0")
+    assert not node["valid"] and node["last_reason"] == "nonce_mismatch"
+
+    r = alice.request("POST", "/attestation/nonce", json={"node": "no spaces/allowed"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "node", r.text
+    r = alice.request("POST", "/attestation/verify", json={"node": "gpu-b-0", "nonce": nonce})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "token", r.text
+
+
+def test_attest_scope_is_required_and_admins_have_it(hub, alice):
+    narrowed = Client(hub, "alice", hub.token("alice", scopes=["access:services!service=gpulab-jobs",
+                                                              "custom:gpulab:jobs"]))
+    for method, path in (("POST", "/attestation/nonce"), ("POST", "/attestation/verify"),
+                         ("GET", "/attestation/nodes")):
+        r = narrowed.request(method, path, json={"node": "gpu-a-0"})
+        assert r.status_code == 403 and "custom:gpulab:attest" in r.json()["error"]["message"], r.text
+    assert narrowed.request("GET", "/jobs").status_code == 200
+    carol = Client(hub, "carol")  # gpulab-admin only: custom:gpulab:attest as a subscope of custom:gpulab:admin
+    assert carol.request("GET", "/attestation/nodes").status_code == 200
+    assert carol.request("POST", "/attestation/nonce", json={"node": "gpu-c-0"}).status_code == 200
+
+
+def test_lockout_is_per_client_address_and_the_proxy_address_cannot_be_forged(hub, alice):
+    (service,) = processes(hub, "gpulab.services.jobs")
+    direct = service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/") + "/services/gpulab-jobs/api/v1"
+    elsewhere = {**alice.headers, "X-Forwarded-For": "198.51.100.7"}  # trusted: the request comes from loopback
+    body = {"node": "gpu-d-0", "nonce": "0" * 64, "token": "[]"}
+    for _ in range(MAX_FAILURES):
+        r = requests.post(f"{direct}/attestation/verify", json=body, headers=elsewhere, timeout=30)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
+    r = requests.post(f"{direct}/attestation/nonce", json={"node": "gpu-d-0"}, headers=elsewhere, timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "locked_out", r.text
+    SPEC.validate("/attestation/nonce", "POST", 429, r.json())
+    assert int(r.headers["Retry-After"]) > 0
+    # through the hub's proxy, the same header is only the client's claim: the proxy appends what it saw
+    r = requests.post(f"{alice.base}/attestation/nonce", json={"node": "gpu-d-0"}, headers=elsewhere, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_server_extension_forwards_attestation(hub, alice, minter):
+    hub.spawn("alice")
+    base = f"{hub.url}/user/alice/gpulab/api/v1/attestation"
+    r = requests.post(f"{base}/nonce", json={"node": "gpu-e-0"}, headers=alice.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    EXT_SPEC.validate("/attestation/nonce", "POST", 200, r.json())
+    nonce = r.json()["nonce"]
+    eat = json.loads(minter.mint(nonce))
+    r = requests.post(f"{base}/verify", json={"node": "gpu-e-0", "nonce": nonce, "token": eat},
+                      headers=alice.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    EXT_SPEC.validate("/attestation/verify", "POST", 200, r.json())
+    assert r.json()["fingerprint"] == fingerprint(eat)
+    r = requests.post(f"{base}/verify", json={"node": "gpu-e-0", "nonce": nonce, "token": eat},
+                      headers=alice.headers, timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
+    EXT_SPEC.validate("/attestation/verify", "POST", 422, r.json())
+    r = requests.get(f"{base}/nodes", headers=alice.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    EXT_SPEC.validate("/attestation/nodes", "GET", 200, r.json())
+    assert next(n for n in r.json()["nodes"] if n["node"] == "gpu-e-0")["valid"]
+
+    no_attest = {"Authorization": f"token {hub.token('alice', scopes=['access:servers!user=alice'])}"}
+    r = requests.get(f"{base}/nodes", headers=no_attest, timeout=30)
+    assert r.status_code == 403 and "custom:gpulab:attest" in r.json()["error"]["message"], r.text
+    EXT_SPEC.validate("/attestation/nodes", "GET", 403, r.json())
+
+
+def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(alice, minter, work):
+    from mlflow import MlflowClient
+
+    code = "import os; print('fingerprint=' + os.environ['GPULAB_ATTESTATION_FINGERPRINT'], flush=True)"
+    job = alice.submit(entrypoint=["python", "-c", code], attestation="required")
+    deadline = time.monotonic() + 20
+    while "attestation" not in (waiting := alice.request("GET", f"/jobs/{job['id']}").json())["state_reason"]:
+        assert time.monotonic() < deadline, waiting
+        time.sleep(0.2)
+    assert waiting["state"] == "queued" and waiting["attestation_fingerprint"] is None
+    assert waiting["state_reason"] == f"waiting: attestation required: node {GATED_NODE}: node never attested"
+
+    r, eat = attest(alice, minter, GATED_NODE)
+    assert r.status_code == 200, r.text
+    done = alice.wait(job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    SPEC.validate("/jobs/{job_id}", "GET", 200, done)
+    assert done["attestation_fingerprint"] == fingerprint(eat) and done["attestation_node"] == GATED_NODE
+    assert f"fingerprint={fingerprint(eat)}" in alice.request("GET", f"/jobs/{job['id']}/logs").text
+    run = MlflowClient(f"sqlite:///{work / 'mlflow.sqlite'}").get_run(done["mlflow_run_id"])
+    assert run.data.tags["gpulab.attestation_fingerprint"] == fingerprint(eat)
+
+
+def test_the_api_key_stays_in_gpulab_jobs(hub, alice):
+    hub.spawn("alice")
+    (service,) = processes(hub, "gpulab.services.jobs")
+    assert service.environ().get(NRAS_KEY_VAR) == ENV_KEY  # handed to gpulab-jobs alone, which read the file
+    assert f"attestation: NRAS API key from {hub.data_dir.parent / 'nras-api-key'}" in hub.log_path.read_text()
+
+    kernel = requests.post(f"{hub.url}/user/alice/api/kernels", json={"name": "python3"}, headers=alice.headers,
+                           timeout=60)
+    assert kernel.status_code == 201, kernel.text
+    try:
+        deadline = time.monotonic() + 30
+        while not (kernels := processes(hub, "ipykernel")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        user_side = processes(hub, "jupyterhub.singleuser") + kernels
+        assert len(user_side) >= 2 and kernels
+        for proc in user_side:
+            env = proc.environ()
+            assert NRAS_KEY_VAR not in env, proc.cmdline()
+            assert not [k for k, v in env.items() if FILE_KEY in v or ENV_KEY in v], proc.cmdline()
+    finally:
+        requests.delete(f"{hub.url}/user/alice/api/kernels/{kernel.json()['id']}", headers=alice.headers, timeout=30)
+    log = hub.log_path.read_text()
+    assert FILE_KEY not in log and ENV_KEY not in log
+
+
+class OfflineRay(RayExecutor):
+    """The Ray executor with a fixed capacity instead of a cluster."""
+
+    async def capacity(self):
+        return {"default": PoolCapacity(gpus=0, cpus=4.0)}
+
+
+@pytest.mark.parametrize("executor_class, why", [
+    (OfflineRay, "attestation gating is not supported on the ray executor yet"),
+    ("local", "no attestation service is configured"),
+])
+async def test_gated_jobs_wait_where_gating_is_impossible(tmp_path, executor_class, why):
+    store = JobStore(url=f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    queue = JobQueue(config=Config({"JobQueue": {"executor_class": executor_class}}), store=store,
+                     data_dir=str(tmp_path))
+    row, _ = await queue.submit("alice", [], JobSpec(name="g", entrypoint=["true"], attestation="required"))
+    await queue.tick()
+    row = store.get_job(row.id)
+    assert (row.state, row.state_reason) == ("queued", f"waiting: attestation required: {why}")
+    store.engine.dispose()
