@@ -1,25 +1,28 @@
 #!/usr/bin/env python
 """Benchmark of the gpulab-jobs service against real parts (hub + proxy + service, PostgreSQL, Ray).
 
-    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray] [--json out.json]
+    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray] [--ray-body]
+                               [--json out.json] [--profile DIR] [--keep]
 
 Sections (goals from issue 3, "Benchmark"), each with a baseline measured in the same run:
 
 1. throughput: POST /jobs through the hub proxy with a user token, N threads each with its own
    ``requests.Session``; SQLite and PostgreSQL. Jobs go to pool "parked", which no executor
    offers, so they stay queued and nothing runs. Baselines: the same load on GET openapi.json
-   (no auth, no DB: the framework + proxy ceiling), GET /quota (auth + 2 small queries), and the
-   store alone (``JobStore.create_job`` in this process). Goal: >= 200 submissions/s on SQLite.
+   (no auth, no DB: the framework + proxy ceiling; also straight to the service port), GET /quota
+   (auth + 2 small queries), and the store alone (``JobStore.create_job`` in this process).
+   Goal: >= 200 submissions/s on SQLite.
 2. latency: submit -> running with the local executor, sequential trivial jobs (``sleep 0.2``).
    "running" = the job's stored ``started_at`` (the service sets it once ``Popen`` returned);
    "exec" = when the user's command itself began (it writes its start time). Baseline: a bare
    ``subprocess.Popen`` of the same runner command, measured the same way. Goal: p50 <= 100 ms.
 3. list: GET /jobs?limit=50 (first page, a deep cursor page 5,000 rows in, and two filters) with
-   10,000 jobs stored, vs GET openapi.json and GET /quota on the same server. Goal: p95 <= 50 ms.
+   10,000 jobs stored, vs GET openapi.json and GET /quota on the same server; repeated once the
+   throughput run has left ~1,000 jobs queued. Goal: p95 <= 50 ms.
 4. ray: submit -> RUNNING (as Ray reports it) for the raw Ray Jobs API vs gpulab-on-Ray, same
-   trivial entrypoint, rotating, sequential; a third variant sends Ray the exact request body
-   gpulab's RayExecutor sends, to split gpulab's own overhead from what its request costs Ray.
-   Goal: gpulab adds <= 10%.
+   trivial entrypoint, rotating, sequential; Ray's own job ``start_time`` splits gpulab's time
+   before Ray has the job from Ray's time to start it. ``--ray-body`` adds a third variant: raw
+   Ray with the exact request body gpulab's RayExecutor sends. Goal: gpulab adds <= 10%.
 
 The machine may be shared: compare ratios within one run, not absolute numbers across runs.
 Everything started here is stopped by PID at the end (also on error or Ctrl-C).
@@ -67,9 +70,9 @@ HOSTS = ("127.0.0.120", "127.0.0.121", "127.0.0.122")
 
 SIZES = {
     "full": {"threads": 4, "per_thread": 250, "store_n": 1000, "latency_n": 50, "list_rounds": 300, "ray_n": 10,
-             "ray_warmup": "round", "ray_variants": ["raw", "raw_gpulab_body", "gpulab"]},
-    "quick": {"threads": 4, "per_thread": 50, "store_n": 300, "latency_n": 10, "list_rounds": 40, "ray_n": 2,
-              "ray_warmup": "raw", "ray_variants": ["raw", "gpulab"]},
+             "ray_variants": ["raw", "gpulab"]},
+    "quick": {"threads": 4, "per_thread": 40, "store_n": 200, "latency_n": 8, "list_rounds": 30, "ray_n": 2,
+              "ray_variants": ["raw", "gpulab"]},
 }
 
 
@@ -389,14 +392,14 @@ def throughput(bench: Bench, size: dict, label: str, store_url: str, direct: boo
     out["store_only"] = store_only_rate(store_url, size["store_n"])
     log(f"[{label}] GET openapi.json x {t}x{k}")
     out["openapi"] = hammer(bench.session, "GET", bench.base + "/openapi.json", None, t, k, 200)
+    if direct and (base := bench.direct_base()):
+        log(f"[{label}] GET openapi.json direct to the service (no proxy) x {t}x{k}")
+        out["openapi_direct"] = hammer(bench.session, "GET", base + "/openapi.json", None, t, k, 200)
     log(f"[{label}] GET /quota x {t}x{k}")
     out["quota"] = hammer(bench.session, "GET", bench.base + "/quota", None, t, k, 200)
     log(f"[{label}] POST /jobs x {t}x{k}")
     with Profiler(profile, f"submit-{label}", bench.service_pid()):
         out["submit"] = hammer(bench.session, "POST", bench.base + "/jobs", PARKED, t, k, 201)
-    if direct and (base := bench.direct_base()):
-        log(f"[{label}] POST /jobs direct to the service (no proxy) x {t}x{k}")
-        out["submit_direct"] = hammer(bench.session, "POST", base + "/jobs", PARKED, t, k, 201)
     return out
 
 
@@ -530,8 +533,8 @@ def list_latency(bench: Bench, keys: list[tuple[datetime, str]], rounds: int) ->
             if r >= 5:
                 lat[name].append(dt)
     s.close()
-    return {name: {"n": len(xs), "p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99))}
-            for name, xs in lat.items()}
+    return {name: {"n": len(xs), "p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99)),
+                   "max_ms": ms(max(xs))} for name, xs in lat.items()}
 
 
 # --------------------------------------------------------------------------- 4. ray
@@ -611,16 +614,17 @@ def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> di
     return out
 
 
-def ray_compare(bench: Bench, address: str, n: int, warmup: str, variants: list[str], work: Path) -> dict:
+def ray_compare(bench: Bench, address: str, n: int, variants: list[str], work: Path) -> dict:
     s = bench.session()
     every = {"raw": lambda: ray_raw_once(address, False, work),
              "raw_gpulab_body": lambda: ray_raw_once(address, True, work),
              "gpulab": lambda: ray_gpulab_once(bench, s, address)}
     one = {name: every[name] for name in variants}
     runs = {name: [] for name in one}
-    # warm-up: the first job on a fresh cluster is slow ("raw": one raw job, "round": one of each)
-    for name in (["raw"] if warmup == "raw" else list(one)):
-        one[name]()
+    # warm-up, one job of each variant: the first job on a fresh cluster is slow, and gpulab's first
+    # submission pays for the cold token cache, its first Ray connection and capacity query
+    for run_one in one.values():
+        run_one()
     k = len(one)
     for i in range(n):  # rotate the order so that noise hits every variant alike
         for name in list(one)[i % k:] + list(one)[:i % k]:
@@ -653,8 +657,9 @@ def report(res: dict) -> str:
             base, store = t["openapi"]["rate"], t["store_only"]["rate"]
             lines.append(f"| {backend} | store-only `JobStore.create_job` (1 thread, in-process) | {store:.0f} | "
                          f"{t['store_only']['p50_ms']} | | 0 | {ratio(store, base)} | 1.00x |")
-            for key, what in (("openapi", "GET openapi.json (no auth, no DB)"), ("quota", "GET /quota"),
-                              ("submit", "POST /jobs"), ("submit_direct", "POST /jobs direct to the service")):
+            for key, what in (("openapi", "GET openapi.json (no auth, no DB)"),
+                              ("openapi_direct", "GET openapi.json straight to the service port (no proxy)"),
+                              ("quota", "GET /quota"), ("submit", "POST /jobs")):
                 if key in t:
                     x = t[key]
                     lines.append(f"| {backend} | {what} | {x['rate']:.0f} | {x['p50_ms']} | {x['p99_ms']} | "
@@ -688,25 +693,26 @@ def report(res: dict) -> str:
         li = res["list"]
         lines += [(f"## 3. List latency with {res['list_jobs']} jobs stored (sequential, interleaved, "
                   f"{li['openapi']['n']} rounds)"), "",
-                  "| request | p50 ms | p95 ms | p99 ms | p95 vs openapi.json | p95 vs /quota |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| request | p50 ms | p95 ms | p99 ms | max ms | p95 vs openapi.json | p95 vs /quota |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, what in (("openapi", "GET openapi.json"), ("quota", "GET /quota"),
                            ("list_first", "GET /jobs?limit=50 (first page)"),
                            ("list_deep", "GET /jobs?limit=50&cursor=<row 5,000>"),
                            ("list_state_failed", "GET /jobs?limit=50&state=failed (1%)"),
                            ("list_label_rare", "GET /jobs?limit=50&label=team=rare (1%)")):
             x = li[name]
-            lines.append(f"| {what} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | "
+            lines.append(f"| {what} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
                          f"{ratio(x['p95_ms'], li['openapi']['p95_ms'])} | {ratio(x['p95_ms'], li['quota']['p95_ms'])} |")
         if "list_queued" in res:
             lq = res["list_queued"]
             lines += ["", (f"Same requests ({lq['openapi']['n']} rounds) after the throughput run left "
                       f"~{res['list_queued_n']} jobs queued (every scheduling pass scans them all, on the event loop):"),
-                      "", "| request | p50 ms | p95 ms | p99 ms | p95 vs the run above |", "| --- | ---: | ---: | ---: | ---: |"]
+                      "", "| request | p50 ms | p95 ms | p99 ms | max ms | p99 vs the run above |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for name in ("openapi", "quota", "list_first", "list_deep"):
                 x = lq[name]
-                lines.append(f"| {name} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | "
-                             f"{ratio(x['p95_ms'], li[name]['p95_ms'])} |")
+                lines.append(f"| {name} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
+                             f"{ratio(x['p99_ms'], li[name]['p99_ms'])} |")
         worst = max(li["list_first"]["p95_ms"], li["list_deep"]["p95_ms"])
         goals.append(("list p95 <= 50 ms at 10,000 jobs (first and deep page)", f"{worst} ms", worst <= 50))
         lines.append("")
@@ -755,6 +761,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (well under 90 s)")
     ap.add_argument("--only", default="throughput,latency,list,ray",
                     help="comma-separated sections: throughput, latency, list, ray")
+    ap.add_argument("--ray-body", action="store_true",
+                    help="ray: also time raw Ray with the exact request body gpulab sends (a third variant)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
@@ -763,7 +771,9 @@ def main() -> int:
     args = ap.parse_args()
     only = set(args.only.split(","))
     mode = "quick" if args.quick else "full"
-    size = SIZES[mode]
+    size = dict(SIZES[mode])
+    if args.ray_body:
+        size["ray_variants"] = ["raw", "raw_gpulab_body", "gpulab"]
     res: dict = {"mode": mode, "size": size, "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                  "machine": f"{os.cpu_count()} cores, {pyplatform.processor() or pyplatform.machine()}, "
                             f"Python {pyplatform.python_version()}",
@@ -777,16 +787,56 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
+        sqlite_part = bool(only & {"throughput", "latency", "list"})
+        sqlite_url = f"sqlite:///{work / 'sqlite-service' / 'jobs.sqlite'}"
+        keys = None
+        if "list" in only:
+            log("preloading 10,000 jobs into the SQLite store")
+            keys = preload_jobs(sqlite_url, 10_000)
+            res["list_jobs"] = len(keys)
+        pg_url = pg_store_url = cluster = None
+        if "throughput" in only:
+            pg_url, pg_store_url = create_database(tracker), create_database(tracker)
+
+        def start_pg():
+            return Bench(tracker, work, HOSTS[1], pg_url)
+
+        def start_ray():
+            nonlocal cluster
+            for attempt in (1, 2):  # a loaded machine can make the head node miss Ray's own start timeout
+                # what RayCluster.start() does, but tracked from the start so that it is always stopped
+                cluster = RayCluster(work / f"ray-{attempt}", gpu_node=False)
+                tracker.clusters.append(cluster)
+                log(f"starting a Ray cluster (head node only), attempt {attempt}")
+                try:
+                    cluster._start(150)
+                    break
+                except RuntimeError as e:
+                    cluster.stop()
+                    if attempt == 2:
+                        raise
+                    log(f"ray did not start ({str(e).splitlines()[0]}); retrying")
+            log(f"ray up in {cluster.startup_seconds:.1f}s at {cluster.address}")
+            ray_url = f"sqlite:///{work / 'ray-service' / 'jobs.sqlite'}"
+            return Bench(tracker, work, HOSTS[2], ray_url,
+                         f'c.JobQueue.executor_class = "ray"\nc.RayExecutor.address = {cluster.address!r}')
+
+        # Start-ups run side by side, but never while something is measured: full mode starts the
+        # PostgreSQL and Ray platforms after the SQLite part, quick mode starts everything up front
+        # (the idle platforms and Ray then sit beside the SQLite measurements).
+        def start_others() -> dict:
+            return {name: Starter(tracker, fn) for name, fn in (("pg", start_pg), ("ray", start_ray))
+                    if name == "ray" and "ray" in only or name == "pg" and "throughput" in only}
+
+        sq = Starter(tracker, lambda: Bench(tracker, work, HOSTS[0], sqlite_url)) if sqlite_part else None
+        others = start_others() if args.quick else {}
+        bench = sq.result() if sq else None
+        for st in others.values():
+            st.join()
+
         # SQLite platform: list (10k finished jobs preloaded), then latency, then throughput last
-        # (the throughput run leaves ~1000 parked jobs queued, which every later tick would scan).
-        if only & {"throughput", "latency", "list"}:
-            sqlite_url = f"sqlite:///{work / 'sqlite-service' / 'jobs.sqlite'}"
-            keys = None
-            if "list" in only:
-                log("preloading 10,000 jobs into the SQLite store")
-                keys = preload_jobs(sqlite_url, 10_000)
-                res["list_jobs"] = len(keys)
-            bench = Bench(tracker, work, HOSTS[0], sqlite_url)
+        # (the throughput run leaves ~1000 parked jobs queued, which every later tick scans).
+        if bench is not None:
             if keys:
                 log(f"list latency ({size['list_rounds']} rounds)")
                 with Profiler(args.profile, "list-sqlite", bench.service_pid()):
@@ -799,53 +849,25 @@ def main() -> int:
                 res["throughput"] = {"sqlite": throughput(bench, size, "sqlite",
                                                           f"sqlite:///{work / 'store-only' / 'jobs.sqlite'}",
                                                           direct=True, profile=args.profile)}
-                if keys:  # the same list run again, now that ~1000 parked jobs wait in the queue
+                if keys:  # the same list run again, now that the parked jobs wait in the queue
                     log("list latency again, with the parked jobs queued")
                     res["list_queued"] = list_latency(bench, keys, max(20, size["list_rounds"] // 3))
-                    res["list_queued_n"] = res["throughput"]["sqlite"]["submit"]["n"] + \
-                        res["throughput"]["sqlite"].get("submit_direct", {}).get("n", 0) + 6 * size["threads"]
-            stop_platform(tracker, bench)  # its ~1000 parked jobs would be scanned every tick from now on
+                    res["list_queued_n"] = res["throughput"]["sqlite"]["submit"]["n"] + 3 * size["threads"]
+            stop_platform(tracker, bench)
 
-        # Start the PostgreSQL platform and Ray (+ its platform) side by side; nothing is measured
-        # meanwhile. Then Ray is measured and stopped before the PostgreSQL throughput run.
-        starters, pg, rb, cluster = [], None, None, None
-        if "throughput" in only:
-            pg_url, pg_store_url = create_database(tracker), create_database(tracker)
-            starters.append(Starter(tracker, lambda: Bench(tracker, work, HOSTS[1], pg_url)))
-        if "ray" in only:
-            def start_ray():
-                nonlocal cluster
-                for attempt in (1, 2):  # a loaded machine can make the head node miss Ray's own start timeout
-                    # what RayCluster.start() does, but tracked from the start so that it is always stopped
-                    cluster = RayCluster(work / f"ray-{attempt}", gpu_node=False)
-                    tracker.clusters.append(cluster)
-                    log(f"starting a Ray cluster (head node only), attempt {attempt}")
-                    try:
-                        cluster._start(150)
-                        break
-                    except RuntimeError as e:
-                        cluster.stop()
-                        if attempt == 2:
-                            raise
-                        log(f"ray did not start ({str(e).splitlines()[0]}); retrying")
-                log(f"ray up in {cluster.startup_seconds:.1f}s at {cluster.address}")
-                ray_url = f"sqlite:///{work / 'ray-service' / 'jobs.sqlite'}"
-                return Bench(tracker, work, HOSTS[2], ray_url,
-                             f'c.JobQueue.executor_class = "ray"\nc.RayExecutor.address = {cluster.address!r}')
-
-            starters.append(Starter(tracker, start_ray))
-        started_benches = [st.result() for st in starters]
-        if "throughput" in only:
-            pg = started_benches.pop(0)
-        if "ray" in only:
-            rb = started_benches.pop(0)
+        if not args.quick:
+            others = start_others()
+        if "ray" in others:  # Ray is measured and stopped before the PostgreSQL throughput run
+            rb = others["ray"].result()
             log(f"ray submit->running ({size['ray_n']} per variant)")
-            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"], size["ray_warmup"], size["ray_variants"],
+            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"], size["ray_variants"],
                                      work / "ray-raw-jobs")
             stop_platform(tracker, rb)
             cluster.stop()
-        if pg is not None:
-            res["throughput"]["postgresql"] = throughput(pg, size, "postgresql", pg_store_url, direct=False)
+        if "pg" in others:
+            pg = others["pg"].result()
+            res.setdefault("throughput", {})["postgresql"] = throughput(pg, size, "postgresql", pg_store_url,
+                                                                        direct=False)
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         raise

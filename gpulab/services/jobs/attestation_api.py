@@ -23,13 +23,14 @@ from .models import (
     NonceRequest,
     VerifyRequest,
 )
+from .store import iso as iso_utc
 
 NO_FIELD = frozenset({Reason.RATE_LIMITED, Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.NRAS_UNAVAILABLE})
 
 
 def iso(ts: float | None) -> str | None:
     """Epoch seconds -> ISO 8601 UTC with "Z", as the rest of the API."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return None if ts is None else iso_utc(datetime.fromtimestamp(ts, UTC))
 
 
 def node_model(state: NodeState, max_age: float, now: float) -> AttestationNode:
