@@ -43,6 +43,10 @@ class Platform(Configurable):
     ).tag(config=True)
     jobs_service = Bool(True, help="Run the training job service gpulab-jobs.").tag(config=True)
     mlflow_service = Bool(True, help="Run MLflow tracking as the hub-managed service 'mlflow'.").tag(config=True)
+    inference_service = Bool(
+        True, help="Run the inference gateway gpulab-infer, and an embedded Triton unless InferenceGateway.replicas "
+        "names external ones."
+    ).tag(config=True)
     event_subscribers = List(
         Unicode(),
         help="Names of hub-managed services that receive user lifecycle events at <service url>/services/<name>/events.",

@@ -22,7 +22,9 @@ ALL = tuple(CUSTOM_SCOPES)
 
 JOBS_SERVICE = "gpulab-jobs"
 MLFLOW_SERVICE = "mlflow"
-SERVICE_ACCESS = [f"access:services!service={name}" for name in (JOBS_SERVICE, MLFLOW_SERVICE)]
+INFER_SERVICE = "gpulab-infer"
+TRITON_SERVICE = "triton"
+SERVICE_ACCESS = [f"access:services!service={name}" for name in (JOBS_SERVICE, MLFLOW_SERVICE, INFER_SERVICE)]
 
 ROLES = {
     "gpulab-user": [JOBS, INFER, ATTEST, *SERVICE_ACCESS],

@@ -13,7 +13,7 @@ from tests.support.gpulab_up import Platform
 
 @pytest.fixture
 def platform(tmp_path):
-    p = Platform(tmp_path / "data", host="127.0.0.4").start()
+    p = Platform(tmp_path / "data", host="127.0.0.4").start("c.Platform.inference_service = True\n")
     yield p
     p.stop()
 
@@ -41,9 +41,25 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     assert body["name"] == "admin" and body["admin"] is True
     assert "custom:gpulab:admin" in body["scopes"] and "custom:gpulab:jobs" in body["scopes"]
 
+    gateway = requests.get(f"{platform.url}/hub/api/services/gpulab-infer", headers={"Authorization": f"token {token}"},
+                           timeout=30).json()["info"]["grpc_address"]
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(gateway)
+    deadline = time.monotonic() + 120  # the embedded Triton starts beside the hub
+    while time.monotonic() < deadline:
+        try:
+            if client.is_server_ready(headers={"authorization": f"token {token}"}):
+                break
+        except Exception:
+            time.sleep(1)
+    assert client.is_server_ready(headers={"authorization": f"token {token}"})
+
     started = platform.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in started)
-    assert "jupyterhub" in names and "configurable-http-proxy" in names and "singleuser" in names
+    for part in ("jupyterhub", "configurable-http-proxy", "singleuser", "gpulab.services.jobs", "gpulab.services.mlflow",
+                 "gpulab.services.infer", "tritonserver"):
+        assert part in names, part
     assert platform.stop() == 0
     time.sleep(0.5)
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

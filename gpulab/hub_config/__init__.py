@@ -11,7 +11,7 @@ from pathlib import Path
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
 from .. import scopes
-from ..scopes import JOBS_SERVICE, MLFLOW_SERVICE
+from ..scopes import INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
@@ -85,6 +85,10 @@ def _service_env(platform, services: dict) -> dict:
     env = {}
     if JOBS_SERVICE in services:
         env["GPULAB_JOBS_URL"] = f"{services[JOBS_SERVICE]['url']}/services/{JOBS_SERVICE}/api/v1"
+    if INFER_SERVICE in services:
+        infer = services[INFER_SERVICE]
+        env["GPULAB_INFER_URL"] = f"{infer['url']}/services/{INFER_SERVICE}/api/v1"
+        env["GPULAB_INFER_ADDRESS"] = infer["environment"]["GPULAB_INFER_ADDRESS"]
     if MLFLOW_SERVICE in services:
         env["GPULAB_MLFLOW_UI_URL"] = f"{platform.public_url.rstrip('/')}/services/{MLFLOW_SERVICE}/"
     return env
@@ -126,7 +130,8 @@ def configure(c, config_file: Path | None = None) -> None:
     def token_for(name: str) -> str:
         return _persistent_secret(hub_dir / "services" / f"{name}.token")
 
-    services = builtin_services(platform, data_dir, config_file, token_for)
+    services = builtin_services(platform, data_dir, config_file, token_for,
+                                cfg.InferenceGateway.get("replicas") or ())
     services += managed_services(platform, data_dir, token_for)
     subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
     j.services = services

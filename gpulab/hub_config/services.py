@@ -7,7 +7,7 @@ from pathlib import Path
 from ..attestation.nras import ENV_VAR as NRAS_KEY_VAR
 from ..errors import ConfigError
 from ..net import free_port
-from ..scopes import JOBS_SERVICE, MLFLOW_SERVICE
+from ..scopes import INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE, TRITON_SERVICE
 
 
 def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
@@ -31,7 +31,7 @@ def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
     return out
 
 
-def builtin_services(platform, data_dir: Path, config_file: Path, token_for) -> list[dict]:
+def builtin_services(platform, data_dir: Path, config_file: Path, token_for, triton_replicas=()) -> list[dict]:
     """The platform's own services: ``gpulab-jobs`` and ``mlflow`` (each can be turned off).
 
     Of the services, only gpulab-jobs (which holds the attestation service) gets the hub's
@@ -68,4 +68,36 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for) -> 
             "oauth_no_confirm": True,
             "environment": {**env, NRAS_KEY_VAR: nras_key} if nras_key else env,
         })
+    if platform.inference_service:
+        out += inference_services(data_dir, env, token_for, triton_replicas)
+    return out
+
+
+def inference_services(data_dir: Path, env: dict, token_for, triton_replicas=()) -> list[dict]:
+    """``gpulab-infer`` (the gRPC gateway) and, unless Triton replicas are configured, an embedded Triton."""
+    key = token_for("triton-restricted-key")
+    out = []
+    gateway_env = {**env, "GPULAB_INFER_ADDRESS": f"127.0.0.1:{free_port()}", "GPULAB_TRITON_KEY": key}
+    if triton_replicas:
+        gateway_env["GPULAB_TRITON_REPLICAS"] = ",".join(triton_replicas)
+    else:
+        ports = {name: str(free_port()) for name in ("GRPC", "HTTP", "METRICS")}
+        repository = str(data_dir / "models")
+        out.append({
+            "name": TRITON_SERVICE,
+            "command": [sys.executable, "-m", "gpulab.inference.serve"],
+            "api_token": token_for(TRITON_SERVICE),
+            "environment": {**env, "GPULAB_MODEL_REPOSITORY": repository, "GPULAB_TRITON_KEY": key,
+                            **{f"GPULAB_TRITON_{name}_PORT": port for name, port in ports.items()}},
+        })
+        gateway_env.update(GPULAB_TRITON_REPLICAS=f"127.0.0.1:{ports['GRPC']}", GPULAB_MODEL_REPOSITORY=repository)
+    out.append({
+        "name": INFER_SERVICE,
+        "command": [sys.executable, "-m", "gpulab.services.infer"],
+        "url": f"http://127.0.0.1:{free_port()}",
+        "api_token": token_for(INFER_SERVICE),
+        "oauth_no_confirm": True,
+        "info": {"grpc_address": gateway_env["GPULAB_INFER_ADDRESS"]},
+        "environment": gateway_env,
+    })
     return out

@@ -39,7 +39,9 @@ class Platform:
         }
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(
-            f"c.Platform.services = {[admin, *services]!r}\nc.Roles.extra_roles = {[role]!r}\n{config}\n"
+            f"c.Platform.services = {[admin, *services]!r}\nc.Roles.extra_roles = {[role]!r}\n"
+            # tests that need inference turn it back on
+            f"c.Platform.inference_service = False\n{config}\n"
         )
 
     def env(self) -> dict:
