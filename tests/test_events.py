@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import sqlite3
@@ -31,7 +30,6 @@ from gpulab.tracing import setup_tracing
 
 RECORDER = Path(__file__).parent / "support" / "event_recorder.py"
 TOKEN = "recorder-service-token"
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 
 
 def free_port() -> int:
@@ -106,23 +104,6 @@ def recorder(tmp_path):
     recorder.start()
     yield recorder
     recorder.stop()
-
-
-@pytest.fixture(scope="session")
-def pg_database():
-    """A throwaway PostgreSQL database for this test run, dropped at the end."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"gpulab_test_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(
-            "host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True
-        )
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        yield PG + name
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,7 +1,6 @@
 """JobStore on SQLite and PostgreSQL: migrations, idempotency, transitions and events,
 pagination, deletion, tokens, usage. A throwaway PostgreSQL database per module."""
 
-import secrets
 import threading
 from datetime import timedelta
 
@@ -23,21 +22,6 @@ from gpulab.services.jobs.store import (
     token_hash,
 )
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/"
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"gpulab_test_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        yield PG + name
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -46,7 +30,7 @@ def url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
         return
-    url = request.getfixturevalue("pg_url")
+    url = request.getfixturevalue("pg_database")
     yield url
     engine = create_engine(url)
     with engine.begin() as conn:

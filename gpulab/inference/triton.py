@@ -203,20 +203,47 @@ def _pbtxt_tensors(kind: str, tensors: list[dict]) -> str:
     return f"{kind} [\n{items}\n]\n"
 
 
-def write_onnx_model(repository: Path | str, name: str, onnx_path: Path | str, version: int = 1) -> Path:
-    """Write ``<repository>/<name>/{config.pbtxt, <version>/model.onnx, <version>/model.py}``: a Python-backend
-    model running the ONNX file with onnxruntime, its inputs and outputs taken from the ONNX graph
-    (no batching: dims exactly as in the graph). Returns the model directory."""
+# backend -> (config.pbtxt lines besides name, tensors and version policy; files in each version dir)
+BACKENDS = {
+    # CPU: a Python-backend model.py running the ONNX file with onnxruntime (the bundled Triton has no other backend)
+    "python-onnx": ('backend: "python"\ninstance_group [ { kind: KIND_CPU, count: 1 } ]\n', ("model.onnx", "model.py")),
+    # GPU: Triton's stock onnxruntime backend
+    "onnxruntime": ('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n', ("model.onnx",)),
+    # GPU: the onnxruntime backend with its TensorRT execution provider, which builds (and caches) the engine for
+    # the node's GPU and TensorRT on first load; a model.plan would have to be built on the serving GPU beforehand
+    "tensorrt": ('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n'
+                 "optimization { execution_accelerators { gpu_execution_accelerator: [ { name: \"tensorrt\" } ] } }\n",
+                 ("model.onnx",)),
+}
+
+
+def model_config(name: str, inputs: list[dict], outputs: list[dict], backend: str = "python-onnx") -> str:
+    """``config.pbtxt`` for an ONNX model: no batching (dims exactly as given), only the newest version served
+    (Triton's ``latest 1``: a new version replaces the old one once it is ready, in-flight requests finish)."""
+    return (f'name: "{name}"\n{BACKENDS[backend][0]}max_batch_size: 0\n'
+            "version_policy: { latest: { num_versions: 1 } }\n"
+            + _pbtxt_tensors("input", inputs) + _pbtxt_tensors("output", outputs))
+
+
+def write_onnx_model(repository: Path | str, name: str, onnx_path: Path | str, version: int = 1,
+                     backend: str = "python-onnx") -> Path:
+    """Write ``<repository>/<name>/{config.pbtxt, <version>/model.onnx}`` (and ``model.py``, the Python-backend
+    model running the ONNX file with onnxruntime, for ``python-onnx``), inputs and outputs taken from the ONNX
+    graph. The version directory appears complete (written aside, then renamed), so a server scanning the
+    repository never sees half of it. Returns the model directory."""
     import onnx
 
     inputs, outputs = onnx_signature(onnx.load(str(onnx_path), load_external_data=False))
     model_dir = Path(repository) / name
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, version_dir / "model.onnx")
-    shutil.copyfile(Path(__file__).with_name("onnx_model.py"), version_dir / "model.py")
-    config = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
-              + _pbtxt_tensors("input", inputs) + _pbtxt_tensors("output", outputs)
-              + "instance_group [ { kind: KIND_CPU, count: 1 } ]\n")
-    (model_dir / "config.pbtxt").write_text(config)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    for file in BACKENDS[backend][1]:
+        source = onnx_path if file == "model.onnx" else Path(__file__).with_name("onnx_model.py")
+        shutil.copyfile(source, staging / file)
+    staging.chmod(0o755)
+    shutil.rmtree(model_dir / str(version), ignore_errors=True)
+    staging.rename(model_dir / str(version))
+    config = model_dir / ".config.pbtxt.tmp"
+    config.write_text(model_config(name, inputs, outputs, backend))
+    config.replace(model_dir / "config.pbtxt")
     return model_dir
