@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the gpulab-jobs service against real parts (hub + proxy + service, PostgreSQL, Ray).
 
-    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray] [--ray-body]
+    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray,tick] [--ray-body]
                                [--json out.json] [--profile DIR] [--keep]
 
 Sections (goals from issue 3, "Benchmark"), each with a baseline measured in the same run:
@@ -23,6 +23,8 @@ Sections (goals from issue 3, "Benchmark"), each with a baseline measured in the
    trivial entrypoint, rotating, sequential; Ray's own job ``start_time`` splits gpulab's time
    before Ray has the job from Ray's time to start it. ``--ray-body`` adds a third variant: raw
    Ray with the exact request body gpulab's RayExecutor sends. Goal: gpulab adds <= 10%.
+5. tick (diagnostic): one scheduling pass in-process vs the number of queued jobs; baseline:
+   the same pass with an empty queue.
 
 The machine may be shared: compare ratios within one run, not absolute numbers across runs.
 Everything started here is stopped by PID at the end (also on error or Ctrl-C).
@@ -70,9 +72,9 @@ HOSTS = ("127.0.0.120", "127.0.0.121", "127.0.0.122")
 
 SIZES = {
     "full": {"threads": 4, "per_thread": 250, "store_n": 1000, "latency_n": 50, "list_rounds": 300, "ray_n": 10,
-             "ray_variants": ["raw", "gpulab"]},
+             "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000, 10000]},
     "quick": {"threads": 4, "per_thread": 40, "store_n": 200, "latency_n": 8, "list_rounds": 30, "ray_n": 2,
-              "ray_variants": ["raw", "gpulab"]},
+              "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000]},
 }
 
 
@@ -637,6 +639,52 @@ def ray_compare(bench: Bench, address: str, n: int, variants: list[str], work: P
     return out
 
 
+# --------------------------------------------------------------------------- 5. scheduling pass (diagnostic)
+
+def tick_cost(work: Path, depths: list[int], reps: int) -> dict:
+    """In-process: one ``JobQueue.tick()`` with N jobs queued in a pool nobody offers (as in section 1).
+
+    The service runs this pass on its event loop after every submission and every tick_interval, so
+    its cost is time no request is served. Baseline: the same pass with nothing queued.
+    """
+    import asyncio
+
+    from sqlalchemy import insert
+
+    from gpulab.services.jobs.models import JobSpec
+    from gpulab.services.jobs.queue import JobQueue
+    from gpulab.services.jobs.store import JobRow, JobStore
+
+    spec = JobSpec.model_validate(PARKED).model_dump(mode="json")
+    # what the queue records for them (stored up front: the first pass would otherwise update every row)
+    reason = "waiting: no pool 'parked' (pools: default)"
+
+    async def one(depth: int) -> float:
+        d = work / f"tick-{depth}"
+        store = JobStore(url=f"sqlite:///{d / 'jobs.sqlite'}")
+        now = datetime.now(UTC).replace(tzinfo=None)
+        rows = [{"id": uuid.uuid4().hex, "owner": f"user{i % 4}", "groups": [], "name": "bench", "kind": "train",
+                 "spec": spec, "state": "queued", "state_reason": reason, "priority": 0, "pool": "parked",
+                 "gpus": 0, "cpus": 1.0, "memory": None, "attempt": 0, "max_retries": 0, "not_before": None,
+                 "idempotency_key": None, "labels": {}, "created_at": now - timedelta(seconds=depth - i),
+                 "updated_at": now} for i in range(depth)]
+        if rows:
+            with store.engine.begin() as conn:
+                conn.execute(insert(JobRow.__table__), rows)
+        queue = JobQueue(store=store, data_dir=str(d))
+        await queue.tick()
+        times = []
+        for _ in range(reps if depth < 5000 else 3):
+            t0 = time.perf_counter()
+            await queue.tick()
+            times.append(time.perf_counter() - t0)
+        await queue.executor.close()
+        store.engine.dispose()
+        return statistics.median(times)
+
+    return {depth: ms(asyncio.run(one(depth))) for depth in depths}
+
+
 # --------------------------------------------------------------------------- report
 
 def ratio(a: float, b: float) -> str:
@@ -748,6 +796,14 @@ def report(res: dict) -> str:
                       f"{over * 100:+.0f}% end to end (p50); gpulab's own part {100 * own / total:.1f}%",
                       over <= 0.10))
         lines.append("")
+    if "tick" in res:
+        t = res["tick"]
+        base = t.get(0) or t.get("0")
+        lines += ["## 5. One scheduling pass (`JobQueue.tick()`) vs queued jobs (diagnostic, in-process, SQLite)", "",
+                  "The service runs it on its event loop after every submission and every tick_interval.", "",
+                  "| jobs queued | median ms | vs 0 queued |", "| ---: | ---: | ---: |"]
+        lines += [f"| {depth} | {v} | {ratio(v, base)} |" for depth, v in t.items()]
+        lines.append("")
     if goals:
         lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
         lines += [f"| {g} | {m} | {'yes' if ok else 'NO'} |" for g, m, ok in goals]
@@ -759,8 +815,8 @@ def report(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (well under 90 s)")
-    ap.add_argument("--only", default="throughput,latency,list,ray",
-                    help="comma-separated sections: throughput, latency, list, ray")
+    ap.add_argument("--only", default="throughput,latency,list,ray,tick",
+                    help="comma-separated sections: throughput, latency, list, ray, tick")
     ap.add_argument("--ray-body", action="store_true",
                     help="ray: also time raw Ray with the exact request body gpulab sends (a third variant)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -864,6 +920,9 @@ def main() -> int:
                                      work / "ray-raw-jobs")
             stop_platform(tracker, rb)
             cluster.stop()
+        if "tick" in only:
+            log("scheduling pass cost vs queue depth (in-process)")
+            res["tick"] = tick_cost(work, size["tick_depths"], 5)
         if "pg" in others:
             pg = others["pg"].result()
             res.setdefault("throughput", {})["postgresql"] = throughput(pg, size, "postgresql", pg_store_url,

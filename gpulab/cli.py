@@ -1,4 +1,5 @@
-"""The ``gpulab`` command: ``gpulab up`` runs the platform, ``gpulab config show`` prints its config."""
+"""The ``gpulab`` command: ``gpulab up`` runs the platform, ``gpulab config show`` prints its config,
+``gpulab attest collect`` attests a GPU node."""
 
 import argparse
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from traitlets.config import Config
 
+from .attestation.collect import collect as attest_collect
 from .config import config_path, effective_config, instances, load_config
 from .errors import ConfigError
 from .net import port_in_use
@@ -148,6 +150,21 @@ def main(argv=None) -> int:
     p_config = sub.add_parser("config", help="configuration")
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("show", help="print the effective config, secrets redacted").set_defaults(func=config_show)
+    p_attest = sub.add_parser("attest", help="GPU node attestation")
+    attest_sub = p_attest.add_subparsers(dest="attest_command", required=True)
+    p_collect = attest_sub.add_parser(
+        "collect", help="attest this GPU node: NVIDIA's evidence, verified by the platform (exit 0: valid)")
+    p_collect.add_argument("--node", required=True, help="this node's name, as jobs are gated on it")
+    p_collect.add_argument("--url", help="the job service's API (default $GPULAB_JOBS_URL)")
+    p_collect.add_argument("--token-file", help="0600 file with a hub token that has custom:gpulab:attest "
+                           "(default $JUPYTERHUB_API_TOKEN)")
+    p_collect.add_argument("--device", choices=("gpu", "switch"), default="gpu", help="what to attest (default gpu)")
+    p_collect.add_argument("--direct-token", action="store_true",
+                           help="the collector gets NRAS's token itself (a node with its own NRAS access)")
+    p_collect.add_argument("--collector", nargs=argparse.REMAINDER, metavar="CMD",
+                           help="collector argv, {nonce} and {device} filled in (default c.Attestation."
+                           "collector_command); must come last")
+    p_collect.set_defaults(func=attest_collect)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -33,6 +33,15 @@ def test_job_service_routes_match_spec():
     assert routes == spec
 
 
+def test_inference_service_routes_match_spec():
+    from gpulab.services.infer.api import handlers as infer_handlers
+
+    prefix = "/services/gpulab-infer/api/v1"
+    routes = {route_pattern(r[0], prefix) for r in infer_handlers("/services/gpulab-infer/")}
+    spec = {spec_path_pattern(p) for p in Spec(ROOT / "gpulab" / "services" / "infer" / "openapi.yaml").paths()}
+    assert routes == spec
+
+
 def test_job_service_spec_schemas_match_models():
     from gpulab.services.jobs import openapi
 

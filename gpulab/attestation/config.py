@@ -2,7 +2,7 @@
 
 from urllib.parse import urlsplit
 
-from traitlets import Bool, Float, Integer, Set, Unicode, default
+from traitlets import Bool, Float, Integer, List, Set, Unicode, default
 from traitlets.config import Configurable
 
 from ..errors import ConfigError
@@ -67,6 +67,18 @@ class Attestation(Configurable):
         config=True
     )
     audit_window = Float(60.0, help="Seconds of the audit rate-limit window.").tag(config=True)
+    collector_command = List(
+        Unicode(), ["nvattest", "collect-evidence", "--device", "{device}", "--nonce", "{nonce}", "--format", "json"],
+        help="`gpulab attest collect` on a GPU node: the evidence collector's argv; {nonce} and {device} "
+        "(nvattest's name: gpu or nvswitch) are filled in. It prints nvattest's JSON evidence document.",
+    ).tag(config=True)
+    direct_collector_command = List(
+        Unicode(), ["nvattest", "attest", "--device", "{device}", "--verifier", "remote", "--nonce", "{nonce}",
+                    "--format", "json"],
+        help="`gpulab attest collect --direct-token`: a command that gets NRAS's detached EAT itself (a node "
+        "with its own NRAS access) and prints nvattest's attest JSON (or the bare EAT).",
+    ).tag(config=True)
+    collector_timeout = Float(120.0, help="Seconds the collector may run before it is killed.").tag(config=True)
 
     @default("jwks_url")
     def _default_jwks_url(self):

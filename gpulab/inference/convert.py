@@ -3,7 +3,7 @@
 gpulab-infer runs this in a child process with a scrubbed environment (``MLFLOW_TRACKING_URI`` and little
 else: no hub token, no Triton key), so that loading a user's model, which can run code from the model
 file, never happens inside the gateway. It writes ``OUT_DIR/model.onnx`` and prints one JSON line:
-``{"flavor": ...}``, or ``{"error": {"status", "message", "field"}}`` (and exits 1).
+``{"flavor", "inputs", "outputs"}`` (tensors as ``{"name", "datatype", "shape"}``), or ``{"error": {"status", "message", "field"}}`` (and exits 1).
 
 Flavors: ``onnx`` (used as is), ``sklearn`` (skl2onnx; the skops format loads only the types skops trusts
 by default, pickled formats only when ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) and ``pytorch``
@@ -77,9 +77,9 @@ def _allow_pickle(what: str) -> None:
 
 
 def sklearn_to_onnx(model_dir: Path, flavor: dict, specs: list, out: Path) -> None:
-    from sklearn.base import is_classifier
     from skl2onnx import to_onnx
     from skl2onnx.common import data_types
+    from sklearn.base import is_classifier
 
     fmt = flavor.get("serialization_format", "cloudpickle")
     if fmt == "skops":
@@ -161,15 +161,30 @@ def convert(model_dir: Path, out: Path, float32: bool = False) -> str:
                             "gpulab deploys scikit-learn, PyTorch and ONNX models")
 
 
+def signature(path: Path) -> tuple[list[dict], list[dict]]:
+    """The ONNX model's inputs and outputs as Triton will serve them (KServe v2 datatype names)."""
+    import onnx
+
+    from .triton import onnx_signature
+
+    try:
+        tensors = onnx_signature(onnx.load(str(path), load_external_data=False))
+    except ValueError as e:
+        raise ConvertError(422, f"Triton cannot serve this ONNX model: {e}") from None
+    return tuple([{"name": t["name"], "datatype": t["data_type"].removeprefix("TYPE_"), "shape": t["dims"]}
+                  for t in specs] for specs in tensors)
+
+
 def main(argv: list[str]) -> int:
     source, out_dir = argv[0], Path(argv[1])
     try:
         with tempfile.TemporaryDirectory(prefix="gpulab-mlflow-") as tmp:
             flavor = convert(fetch(source, Path(tmp)), out_dir / "model.onnx", float32="--float32" in argv)
+        inputs, outputs = signature(out_dir / "model.onnx")
     except ConvertError as e:
         print(json.dumps({"error": {"status": e.status, "message": e.message, "field": e.field}}), flush=True)
         return 1
-    print(json.dumps({"flavor": flavor}), flush=True)
+    print(json.dumps({"flavor": flavor, "inputs": inputs, "outputs": outputs}), flush=True)
     return 0
 
 

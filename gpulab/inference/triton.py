@@ -211,8 +211,8 @@ BACKENDS = {
     "onnxruntime": ('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n', ("model.onnx",)),
     # GPU: the onnxruntime backend with its TensorRT execution provider, which builds (and caches) the engine for
     # the node's GPU and TensorRT on first load; a model.plan would have to be built on the serving GPU beforehand
-    "tensorrt": ('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n'
-                 "optimization { execution_accelerators { gpu_execution_accelerator: [ { name: \"tensorrt\" } ] } }\n",
+    "tensorrt": (('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n'
+                  'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" } ] } }\n'),
                  ("model.onnx",)),
 }
 

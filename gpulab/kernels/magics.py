@@ -1,4 +1,5 @@
-"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``.
+"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``,
+``%deploy``, ``%infer``.
 
 Wrong options and failed calls print one line (argparse style) to stderr and return None:
 never a traceback.
@@ -13,6 +14,7 @@ import sys
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
+from ..inference.triton import BACKENDS
 from .client import STATES, GpulabError, default_client, job_spec
 
 
@@ -36,6 +38,24 @@ def _one_line(func):
         prog = f"%{'%' * (cell is not None)}{func.__name__}"
         try:
             return func(self, prog, shlex_split(prog, line), cell)
+        except _Stop as stop:
+            if stop.args[0]:
+                print(stop.args[0].strip(), file=sys.stderr, flush=True)
+        except GpulabError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+    return wrapper
+
+
+def _one_line_raw(func):
+    """:func:`_one_line` for magics that take their line as it is (a Python expression)."""
+
+    @functools.wraps(func)
+    def wrapper(self, line):
+        prog = f"%{func.__name__}"
+        try:
+            return func(self, prog, line)
         except _Stop as stop:
             if stop.args[0]:
                 print(stop.args[0].strip(), file=sys.stderr, flush=True)
@@ -171,3 +191,33 @@ class GpulabMagics(Magics):
         """Cancel a queued or running job: ``%cancel ID``."""
         job = default_client().get(_id_parser(prog).parse_args(argv).id).cancel()
         print(f"job {job.id} ({job.name}): {job.state}", flush=True)
+
+    @line_magic
+    @_one_line
+    def deploy(self, prog, argv, cell=None):
+        """Serve an MLflow model: ``%deploy SOURCE --name N [--backend B]``; SOURCE is runs:/<run_id>/model,
+        models:/<name>/<version> or a run id. Returns the model (``model = %deploy ...``)."""
+        parser = _Parser(prog=prog)
+        parser.add_argument("source", help="runs:/<run_id>/model, models:/<name>/<version> or a run id")
+        parser.add_argument("--name", required=True, metavar="N")
+        parser.add_argument("--backend", choices=list(BACKENDS))
+        args = parser.parse_args(argv)
+        from .inference import default_client as inference_client  # tritonclient loads on first use
+
+        return inference_client().deploy(args.source, args.name, args.backend)
+
+    @line_magic
+    @_one_line_raw
+    def infer(self, prog, line):
+        """Call a deployed model: ``%infer MODEL EXPRESSION``, the expression (evaluated in the notebook) giving
+        the input array, or a dict of them. Returns ``{output: array}`` (``y = %infer digits X[:5]``)."""
+        model, _, expression = line.strip().partition(" ")
+        if not model or not expression.strip():
+            raise _Stop(f"{prog}: error: give the model and the input: {prog} MODEL EXPRESSION")
+        try:
+            inputs = eval(expression, self.shell.user_ns)  # the user's own code, in their kernel
+        except Exception as exc:  # noqa: BLE001 - any error in the expression is the user's to fix
+            raise _Stop(f"{prog}: error: {expression.strip()}: {type(exc).__name__}: {exc}") from None
+        from .inference import default_client as inference_client
+
+        return inference_client().infer(model, inputs)

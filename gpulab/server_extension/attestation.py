@@ -25,6 +25,12 @@ class VerifyHandler(AttestationProxyHandler):
         await self.forward("/attestation/verify")
 
 
+class EvidenceHandler(AttestationProxyHandler):
+    @web.authenticated
+    async def post(self):
+        await self.forward("/attestation/evidence")
+
+
 class NodesHandler(AttestationProxyHandler):
     @web.authenticated
     async def get(self):
@@ -34,5 +40,6 @@ class NodesHandler(AttestationProxyHandler):
 ROUTES = [
     ("/attestation/nonce", NonceHandler),
     ("/attestation/verify", VerifyHandler),
+    ("/attestation/evidence", EvidenceHandler),
     ("/attestation/nodes", NodesHandler),
 ]

@@ -20,12 +20,15 @@ FORWARDED_HEADERS = ("Content-Type",)
 
 
 class JobsBackend:
-    """The job service as this server sees it: URL, token, breaker."""
+    """The job service as this server sees it: URL, token, breaker (``name`` for messages: subclasses for other
+    services set theirs)."""
+
+    name = "gpulab-jobs"
 
     def __init__(self, url: str, token: str):
         self.url = url.rstrip("/")
         self.token = token
-        self.breaker = CircuitBreaker(f"gpulab-jobs at {self.url}", failure_threshold=5, recovery_timeout=10)
+        self.breaker = CircuitBreaker(f"{self.name} at {self.url}", failure_threshold=5, recovery_timeout=10)
 
     @classmethod
     def from_env(cls) -> "JobsBackend | None":
@@ -70,7 +73,7 @@ class ServiceProxyHandler(GpulabHandler):
         except CircuitOpenError as e:
             raise web.HTTPError(503, str(e)) from None
         except OSError as e:
-            raise web.HTTPError(503, f"gpulab-jobs is unreachable: {e}") from None
+            raise web.HTTPError(503, f"{backend.name} is unreachable: {e}") from None
         if streaming:
             self.finish()
             return

@@ -1,9 +1,11 @@
 """``python -m gpulab.services.infer``: the hub-managed inference gateway ``gpulab-infer``.
 
 Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, where callers' tokens are looked
-up with the tokens themselves; ``JUPYTERHUB_SERVICE_URL``, where ``/metrics`` is served), ``GPULAB_INFER_ADDRESS`` (gRPC listen
-address), ``GPULAB_TRITON_REPLICAS`` and ``GPULAB_TRITON_KEY`` (the restricted-protocol key), each
-overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
+up with the tokens themselves; ``JUPYTERHUB_SERVICE_URL``, where ``/metrics`` and the deploy API
+``<prefix>api/v1/models`` are served), ``GPULAB_INFER_ADDRESS`` (gRPC listen address),
+``GPULAB_TRITON_REPLICAS`` and ``GPULAB_TRITON_KEY`` (the restricted-protocol key),
+``GPULAB_MODEL_REPOSITORY`` (the embedded Triton's model repository) and ``GPULAB_MLFLOW_URL`` (MLflow's
+internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
 """
 
 import asyncio
@@ -14,15 +16,17 @@ from urllib.parse import urlsplit
 import grpc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
-from traitlets import Dict, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import Configurable
 
 from ...config import load_config
 from ...errors import ConfigError
-from ...inference.triton import GRPC_KEY_PREFIX
+from ...inference.triton import BACKENDS, GRPC_KEY_PREFIX
 from ...tracing import setup_tracing
+from . import api
 from .auth import HubTokenAuth
 from .gateway import Gateway
+from .models import Deployments
 from .replicas import ReplicaPool
 
 
@@ -43,6 +47,17 @@ class InferenceGateway(Configurable):
     health_interval = Float(2.0, help="Seconds between ServerReady checks of each replica.").tag(config=True)
     failure_threshold = Integer(3, help="Consecutive failures that open a replica's circuit.").tag(config=True)
     recovery_timeout = Float(5.0, help="Seconds an open circuit waits before a probe.").tag(config=True)
+    model_repository = Unicode(help="Model repository deploys write to, shared with every replica (default "
+                               "$GPULAB_MODEL_REPOSITORY: the embedded Triton's; unset: deploying is refused).").tag(
+        config=True)
+    mlflow_url = Unicode(help="MLflow tracking URL models are fetched from (default $GPULAB_MLFLOW_URL).").tag(
+        config=True)
+    default_backend = Enum(list(BACKENDS), "python-onnx", help="Backend of deploys that name none: python-onnx "
+                           "(CPU, Python backend + onnxruntime), onnxruntime or tensorrt (GPU).").tag(config=True)
+    allow_pickle = Bool(False, help="Deploy pickled models (scikit-learn pickle/cloudpickle, PyTorch): loading "
+                        "one runs code from it, in the converter process.").tag(config=True)
+    deploy_timeout = Float(600.0, help="Seconds a conversion, and a load on the replicas, may take.").tag(
+        config=True)
 
     @default("address")
     def _default_address(self):
@@ -55,6 +70,14 @@ class InferenceGateway(Configurable):
     @default("restricted_key")
     def _default_key(self):
         return os.environ.get("GPULAB_TRITON_KEY", "")
+
+    @default("model_repository")
+    def _default_repository(self):
+        return os.environ.get("GPULAB_MODEL_REPOSITORY", "")
+
+    @default("mlflow_url")
+    def _default_mlflow(self):
+        return os.environ.get("GPULAB_MLFLOW_URL", "")
 
 
 class MetricsHandler(web.RequestHandler):
@@ -89,7 +112,10 @@ async def main() -> None:
     service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
     if service_url:
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
-        app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler)],
+        deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
+                                  conf.deploy_timeout)
+        routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
+        app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler), *routes],
                               registry=gateway.metrics.registry)
         url = urlsplit(service_url)
         app.listen(url.port, url.hostname or "127.0.0.1")

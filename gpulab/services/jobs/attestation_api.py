@@ -1,5 +1,8 @@
 """``<prefix>api/v1/attestation/...``: GPU node attestation nonces, verification and node state.
 
+``/evidence`` takes a node's raw evidence and relays it to NRAS with the platform's API key, so
+GPU nodes (``gpulab attest collect``) never hold the key; ``/verify`` takes an EAT a node got itself.
+
 The :class:`~gpulab.attestation.AttestationService` (and the NRAS API key) lives only in this
 hub-managed service; users' servers forward to it (``gpulab/server_extension/attestation.py``).
 Refusals are ``{"error": {"code": <reason code>, ...}}`` with the status of ``http_status(reason)``,
@@ -20,12 +23,14 @@ from .models import (
     AttestationNodeList,
     AttestationNonce,
     AttestationResult,
+    EvidenceRequest,
     NonceRequest,
     VerifyRequest,
 )
 from .store import iso as iso_utc
 
 NO_FIELD = frozenset({Reason.RATE_LIMITED, Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.NRAS_UNAVAILABLE})
+FIELDS = {Reason.NONCE_UNKNOWN: "nonce", Reason.NRAS_REJECTED: "evidence_list"}  # else "token"
 
 
 def iso(ts: float | None) -> str | None:
@@ -71,7 +76,7 @@ class AttestationHandler(UserHandler):
     @staticmethod
     def refusal(e: AttestationError) -> APIError:
         """The API error for a refused request."""
-        field = None if e.reason in NO_FIELD else "nonce" if e.reason == Reason.NONCE_UNKNOWN else "token"
+        field = None if e.reason in NO_FIELD else FIELDS.get(e.reason, "token")
         headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else None
         return APIError(http_status(e.reason), e.detail or e.reason.value, field=field, code=e.reason.value,
                         headers=headers)
@@ -99,6 +104,18 @@ class VerifyHandler(AttestationHandler):
         self.write_json(result_model(body.node, verified))
 
 
+class EvidenceHandler(AttestationHandler):
+    async def post(self):
+        body = self.parse(EvidenceRequest)
+        try:
+            verified = await self.attestation.attest_evidence(
+                [e.model_dump() for e in body.evidence_list], nonce=body.nonce, user=self.user_name, node=body.node,
+                client_ip=self.client_ip, device=body.device, arch=body.arch, purpose=body.purpose)
+        except AttestationError as e:
+            raise self.refusal(e) from None
+        self.write_json(result_model(body.node, verified))
+
+
 class NodesHandler(AttestationHandler):
     def get(self):
         nodes = self.attestation.nodes
@@ -111,5 +128,6 @@ def handlers(api: str) -> list:
     return [
         (api + "/attestation/nonce", NonceHandler),
         (api + "/attestation/verify", VerifyHandler),
+        (api + "/attestation/evidence", EvidenceHandler),
         (api + "/attestation/nodes", NodesHandler),
     ]

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gpulab.attestation.nras import ARCHES, DEVICES
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
@@ -287,6 +288,24 @@ class VerifyRequest(_Body):
     token: str | list[Any] = Field(
         description='The detached EAT [["JWT", overall], {"GPU-0": jwt, ...}], as JSON or as its JSON text'
     )
+
+
+class Evidence(_Body):
+    """One device's evidence as NVIDIA's tools collect it (base64 SPDM report and certificate chain)."""
+
+    evidence: str = Field(min_length=1, max_length=256 * 1024)
+    certificate: str = Field(min_length=1, max_length=256 * 1024)
+
+
+class EvidenceRequest(_Body):
+    """Body of ``POST /attestation/evidence``: a node's evidence answering ``nonce``, relayed to NRAS."""
+
+    node: Node
+    nonce: str = Field(min_length=1, max_length=128)
+    purpose: Purpose
+    evidence_list: list[Evidence] = Field(min_length=1, max_length=16)
+    device: Literal[DEVICES] = "gpu"
+    arch: Literal[ARCHES] = "HOPPER"
 
 
 class AttestedDevice(BaseModel):

@@ -14,6 +14,7 @@ from .models import (
     AttestationNonce,
     AttestationResult,
     ErrorBody,
+    EvidenceRequest,
     Job,
     JobEvent,
     JobList,
@@ -27,7 +28,7 @@ from .models import (
 )
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
-REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest)
+REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest)
 RESPONSES = (Job, JobEvent, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
              AttestationNodeList)
 

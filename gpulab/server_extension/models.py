@@ -1,0 +1,192 @@
+"""``/gpulab/api/v1/models...`` in the user's server: deploy, list and delete models (forwarded to gpulab-infer's
+HTTP API) and call them (``/models/{name}/infer``, over gRPC to the gateway), acting for this server's user
+with the server's token.
+
+Reading and inference need ``custom:gpulab:infer``, deploying and deleting ``custom:gpulab:deploy``. Inference
+bodies are ``{"inputs": {"x": [[...]]}, "outputs": [...], "version": 2}`` (answered with ``{"outputs":
+{"y": [[...]]}}``) or KServe v2 JSON (``{"inputs": [{"name", "shape", "datatype", "data"}]}``, answered in
+kind). Triton's errors keep their message: bad input 400 naming the tensor and its expected shape, unknown
+model 404, oversized 413.
+"""
+
+import json
+import os
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from opentelemetry import trace
+from tornado import web
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+from ..inference.client import (
+    HTTP_STATUS,
+    BadInput,
+    HubAuth,
+    infer_inputs,
+    message_of,
+    outputs_of,
+    status_of,
+    tensor_of,
+    to_arrays,
+)
+from .handlers import GpulabHandler
+from .jobs import JobsBackend, ServiceProxyHandler
+
+
+class InferBackend(JobsBackend):
+    """gpulab-infer as this server sees it: its HTTP API (URL, token, breaker) and gRPC address."""
+
+    name = "gpulab-infer"
+
+    def __init__(self, url: str, token: str, address: str | None):
+        super().__init__(url, token)
+        self.address = address
+        self._client: triton_aio.InferenceServerClient | None = None
+        self.metadata: dict[tuple[str, str], dict] = {}
+
+    @classmethod
+    def from_env(cls) -> "InferBackend | None":
+        url = os.environ.get("GPULAB_INFER_URL")
+        return cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", ""), os.environ.get("GPULAB_INFER_ADDRESS")) if url \
+            else None
+
+    @property
+    def client(self) -> triton_aio.InferenceServerClient:
+        """One aio client on the server's event loop, sending the server's token with every call."""
+        if not self.address:
+            raise web.HTTPError(503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)")
+        if self._client is None:
+            self._client = triton_aio.InferenceServerClient(self.address)
+            self._client.register_plugin(HubAuth(self.token))
+        return self._client
+
+
+def _backend(handler) -> InferBackend:
+    backend = handler.settings.get("gpulab_infer")
+    if backend is None:
+        raise web.HTTPError(503, "the inference service is not configured (GPULAB_INFER_URL is not set)")
+    return backend
+
+
+class RequestError(web.HTTPError):
+    """An HTTP error naming the request ``field`` at fault."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(status, message.replace("%", "%%"))
+        self.field = field
+
+
+class ModelsProxyHandler(ServiceProxyHandler):
+    @property
+    def auth_resource(self) -> str:
+        return "gpulab:infer" if self.request.method == "GET" else "gpulab:deploy"
+
+    @property
+    def backend(self) -> InferBackend:
+        return _backend(self)
+
+
+class ModelsHandler(ModelsProxyHandler):
+    @web.authenticated
+    async def get(self):
+        await self.forward("/models")
+
+    @web.authenticated
+    async def post(self):
+        await self.forward("/models")
+
+
+class ModelHandler(ModelsProxyHandler):
+    @web.authenticated
+    async def get(self, name):
+        await self.forward(f"/models/{name}")
+
+    @web.authenticated
+    async def delete(self, name):
+        await self.forward(f"/models/{name}")
+
+
+def kserve_arrays(inputs: list) -> dict[str, np.ndarray]:
+    """KServe v2 JSON tensors (``{"name", "shape", "datatype", "data"}``, data flat or nested) as arrays."""
+    arrays = {}
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= tensor.keys():
+            raise BadInput("each KServe v2 input needs name, shape, datatype and data", f"inputs[{i}]")
+        name = tensor["name"]
+        try:
+            arrays[name] = np.asarray(tensor["data"], dtype=triton_to_np_dtype(tensor["datatype"])).reshape(
+                tensor["shape"])
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"input '{name}': {e}", f"inputs.{name}") from None
+    return arrays
+
+
+def json_array(array: np.ndarray) -> list:
+    if array.dtype == np.object_:  # BYTES
+        array = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v, otypes=[object])(
+            array)
+    return array.tolist()
+
+
+class InferHandler(GpulabHandler):
+    """``POST /models/{name}/infer``: one inference through the gateway."""
+
+    auth_resource = "gpulab:infer"
+
+    @web.authenticated
+    async def post(self, name):
+        backend = _backend(self)
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError as e:
+            raise RequestError(400, f"body is not valid JSON: {e}") from None
+        inputs = body.get("inputs") if isinstance(body, dict) else None
+        if not isinstance(inputs, dict | list) or not inputs:
+            raise RequestError(400, 'give "inputs": {"<tensor>": [...]} or KServe v2 input tensors', "inputs")
+        version = str(body.get("version") or "")
+        kserve = isinstance(inputs, list)
+        requested = [o["name"] if isinstance(o, dict) else o for o in body.get("outputs") or []]
+        key = (name, version)
+        try:
+            with trace.use_span(self._span, end_on_exit=False):  # the request's span: its traceparent goes along
+                if kserve:
+                    arrays = kserve_arrays(inputs)
+                else:
+                    if key not in backend.metadata:
+                        backend.metadata[key] = await backend.client.get_model_metadata(name, version, as_json=True)
+                    arrays = to_arrays(backend.metadata[key], inputs)
+                result = await backend.client.infer(name, infer_inputs(triton_aio, arrays), version,
+                                                    [triton_aio.InferRequestedOutput(o) for o in requested] or None,
+                                                    client_timeout=60)
+        except BadInput as e:
+            raise RequestError(400, e.message, e.field) from None
+        except InferenceServerException as e:
+            backend.metadata.pop(key, None)  # it may have been redeployed with other inputs
+            message = message_of(e)
+            tensor = tensor_of(message)
+            raise RequestError(HTTP_STATUS.get(status_of(e), 502), message,
+                               f"inputs.{tensor}" if tensor else None) from None
+        response = result.get_response()
+        arrays = outputs_of(result)
+        if kserve:
+            outputs = [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
+                        "data": json_array(arrays[o.name].ravel())} for o in response.outputs]
+        else:
+            outputs = {o: json_array(a) for o, a in arrays.items()}
+        self.finish({"model_name": response.model_name, "model_version": response.model_version, "outputs": outputs})
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if not isinstance(exc, RequestError):
+            return super().write_error(status_code, **kwargs)
+        self.set_header("Content-Type", "application/json")  # the gateway's 5xx messages say what is wrong
+        self.finish(json.dumps({"error": {"code": status_code, "message": exc.log_message.replace("%%", "%"),
+                                          "field": exc.field}}))
+
+
+MODEL = r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+ROUTES = [
+    ("/models", ModelsHandler),
+    (f"/models/{MODEL}", ModelHandler),
+    (f"/models/{MODEL}/infer", InferHandler),
+]

@@ -1,0 +1,377 @@
+"""From a trained model to predictions: deploy through gpulab-infer, infer over REST and from a real kernel.
+
+Real parts: `gpulab up` with its built-in services (JupyterHub, proxy, MLflow, the embedded Triton 2.51 and
+the gateway gpulab-infer), an SGD classifier on the digits data set logged to the platform's MLflow through
+the hub with the user's token, alice's server (the gpulab server extension) spawned by the hub, and a
+jupyter_client kernel with that server's environment.
+"""
+
+import json
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import tritonclient.grpc as triton
+from sklearn.datasets import load_digits
+from sklearn.linear_model import SGDClassifier
+from tritonclient.utils import InferenceServerException
+
+from gpulab.inference.client import HubAuth
+from gpulab.inference.triton import write_onnx_model
+from gpulab.kernels.inference import InferenceClient, InferenceError
+from tests.support.gpulab_up import Platform
+from tests.support.kernel import Kernel
+from tests.support.openapi import Spec
+from tests.support.triton import linear_onnx, triton_python
+from tests.test_openapi import ROOT
+
+pytestmark = pytest.mark.timeout(900)
+HOST = "127.0.0.21"
+CONFIG = """
+c.Platform.inference_service = True
+c.Platform.jobs_service = False
+c.Roles.group_roles = {"deployers": ["gpulab-deployer"]}
+c.Roles.extra_roles = c.Roles.extra_roles + [
+    {"name": "test-services", "scopes": ["read:services"], "services": ["test-admin"]}]
+c.InferenceGateway.max_request_bytes = 1024 * 1024
+c.InferenceGateway.health_interval = 0.5
+"""
+EXTENSION = Spec(ROOT / "gpulab" / "server_extension" / "openapi.yaml")
+SERVICE = Spec(ROOT / "gpulab" / "services" / "infer" / "openapi.yaml")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    triton_python()  # skips without the Triton venv
+    hub = Platform(tmp_path_factory.mktemp("deploy") / "data", host=HOST).start(CONFIG)
+    for user, groups in [("alice", ["deployers"]), ("bob", []), ("carol", ["deployers"])]:
+        hub.create_user(user, groups=groups)
+    hub.tokens = {user: hub.token(user) for user in ("alice", "bob", "carol")}
+    hub.gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]["grpc_address"]
+    client = triton.InferenceServerClient(hub.gateway)
+    client.register_plugin(HubAuth(hub.tokens["alice"]))
+    deadline = time.monotonic() + 180  # the embedded Triton starts beside the hub
+    while True:
+        try:
+            if client.is_server_ready():
+                break
+        except InferenceServerException:
+            pass
+        assert time.monotonic() < deadline, hub.log_tail()
+        time.sleep(0.5)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(hub, tmp_path_factory):
+    """The model, trained here and logged to the platform's MLflow through the hub with alice's token (also
+    registered as ``digits``), plus a fake model of an unsupported flavor."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"{hub.url}/services/mlflow")
+    mp.setenv("MLFLOW_TRACKING_TOKEN", hub.tokens["alice"])
+    try:
+        import mlflow
+        import mlflow.sklearn
+
+        X, y = load_digits(return_X_y=True)
+        X = X / 16.0
+        model = SGDClassifier(loss="log_loss", random_state=0)
+        for _ in range(5):
+            model.partial_fit(X, y, classes=np.arange(10))
+        fake = tmp_path_factory.mktemp("fake")
+        (fake / "MLmodel").write_text("flavors:\n  xgboost:\n    data: model.xgb\n")
+        with mlflow.start_run() as run:
+            mlflow.sklearn.log_model(model, name="model", input_example=X[:2], registered_model_name="digits")
+            mlflow.log_artifacts(str(fake), "fake")
+    finally:
+        mp.undo()
+    return {"run_id": run.info.run_id, "model": model, "X": X}
+
+
+@pytest.fixture(scope="module")
+def rest(hub):
+    """POST/GET/DELETE on alice's server's /gpulab/api/v1 (her server is spawned by the hub)."""
+    hub.spawn("alice")
+
+    def call(method, path, token=None, **kwargs):
+        return requests.request(method, f"{hub.url}/user/alice/gpulab/api/v1{path}", timeout=300,
+                                headers={"Authorization": f"token {token or hub.tokens['alice']}"}, **kwargs)
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def deployed(rest, trained):
+    """``digits`` version 1, deployed through the server extension from the bare run id."""
+    r = rest("POST", "/models", json={"source": trained["run_id"], "name": "digits"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def server_env(hub, user: str) -> dict:
+    """The environment of ``user``'s server, as it gives its kernels."""
+    for proc in hub.descendants():
+        try:
+            if "jupyterhub.singleuser" in proc.cmdline() and proc.environ().get("JUPYTERHUB_USER") == user:
+                return proc.environ()
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no server process for {user}")
+
+
+@pytest.fixture(scope="module")
+def kernel(hub, rest, deployed, tmp_path_factory):
+    kernel = Kernel("python3", env=server_env(hub, "alice"), cwd=str(tmp_path_factory.mktemp("notebook")))
+    setup = kernel.run("%load_ext gpulab\nimport json, numpy as np\nfrom gpulab.kernels import inference as gi\n"
+                       "from sklearn.datasets import load_digits\nX = load_digits().data / 16.0")
+    assert setup.reply["status"] == "ok" and not setup.stderr, setup.messages
+    yield kernel
+    kernel.stop()
+
+
+def error(r: requests.Response, status: int, spec_path: str, method: str, spec: Spec = EXTENSION) -> dict:
+    assert r.status_code == status, r.text
+    spec.validate(spec_path, method, status, r.json())
+    return r.json()["error"]
+
+
+@pytest.mark.parametrize("backend, config, files", [
+    ("python-onnx", ['backend: "python"', "KIND_CPU"], {"model.onnx", "model.py"}),
+    ("onnxruntime", ['backend: "onnxruntime"', "KIND_GPU"], {"model.onnx"}),
+    ("tensorrt", ['backend: "onnxruntime"', "KIND_GPU", 'gpu_execution_accelerator: [ { name: "tensorrt" } ]'],
+     {"model.onnx"}),
+])
+def test_repository_entry_per_backend(tmp_path, backend, config, files):
+    linear_onnx(tmp_path / "m.onnx")
+    model_dir = write_onnx_model(tmp_path / "repo", "m", tmp_path / "m.onnx", version=2, backend=backend)
+    text = (model_dir / "config.pbtxt").read_text()
+    assert all(line in text for line in config) and "version_policy: { latest: { num_versions: 1 } }" in text
+    assert '{ name: "x", data_type: TYPE_FP32, dims: [1, 4] }' in text
+    assert {p.name for p in model_dir.iterdir()} == {"config.pbtxt", "2"}  # nothing staged left behind
+    assert {p.name for p in (model_dir / "2").iterdir()} == files
+
+
+def test_deploy_from_a_run_lists_the_model_with_its_signature(rest, deployed, hub):
+    EXTENSION.validate("/models", "post", 201, deployed)
+    assert deployed["name"] == "digits" and deployed["owner"] == "alice" and deployed["ready"]
+    assert deployed["backend"] == "python-onnx"
+    assert deployed["inputs"] == [{"name": "input", "datatype": "FP64", "shape": [-1, 64]}]
+    assert deployed["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [-1]},
+                                   {"name": "probabilities", "datatype": "FP64", "shape": [-1, 10]}]
+    [v1] = deployed["versions"]
+    assert v1["version"] == 1 and v1["state"] == "READY" and v1["flavor"] == "sklearn"
+    assert v1["source"].startswith("runs:/") and v1["deployed_by"] == "alice"
+
+    listed = rest("GET", "/models")
+    assert listed.status_code == 200, listed.text
+    EXTENSION.validate("/models", "get", 200, listed.json())
+    assert [m["name"] for m in listed.json()["models"]] == ["digits"]
+    one = rest("GET", "/models/digits", token=hub.tokens["alice"])
+    assert one.status_code == 200 and one.json()["versions"] == deployed["versions"]
+    repo = hub.data_dir / "models"
+    assert {"model.onnx", "model.py"} <= {p.name for p in (repo / "digits" / "1").iterdir()}
+    assert json.loads((repo / "gpulab-models.json").read_text())["digits"]["owner"] == "alice"
+
+
+def test_rest_predictions_match_the_model_in_process(rest, deployed, trained):
+    X, model = trained["X"][:40], trained["model"]
+    r = rest("POST", "/models/digits/infer", json={"inputs": {"input": X.tolist()}})
+    assert r.status_code == 200, r.text
+    EXTENSION.validate("/models/{name}/infer", "post", 200, r.json())
+    body = r.json()
+    assert body["model_name"] == "digits" and body["model_version"] == "1"
+    assert body["outputs"]["label"] == model.predict(X).tolist()
+    np.testing.assert_allclose(body["outputs"]["probabilities"], model.predict_proba(X), rtol=1e-9, atol=1e-12)
+
+    kserve = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP64", "data": X[:2].ravel().tolist()}],
+              "outputs": [{"name": "label"}]}
+    r = rest("POST", "/models/digits/infer", json=kserve)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [2],
+                                    "data": model.predict(X[:2]).tolist()}]
+
+
+def test_rest_bad_input_unknown_model_and_oversized(rest, deployed):
+    path, method = "/models/{name}/infer", "post"
+    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"input": [[0.5] * 65]}}), 400, path, method)
+    assert "'input'" in e["message"] and "[-1,64]" in e["message"] and e["field"] == "inputs.input", e
+    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"z": [[0.5] * 64]}}), 400, path, method)
+    assert e["field"] == "inputs.z" and "no input 'z'" in e["message"] and "input" in e["message"]
+    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"input": [["a"] * 64]}}), 400, path, method)
+    assert e["field"] == "inputs.input" and "FP64" in e["message"]
+    e = error(rest("POST", "/models/nope/infer", json={"inputs": {"input": [[0.5] * 64]}}), 404, path, method)
+    assert "nope" in e["message"]
+    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"input": [[0.5] * 64] * 2500}}), 413, path,
+              method)  # 1.28 MB of FP64 over the gateway's 1 MiB
+    assert e["message"]
+
+
+def test_deploy_errors_name_the_field(rest, trained, hub):
+    run = trained["run_id"]
+    cases = [
+        ({"source": f"runs:/{'0' * 32}/model", "name": "x"}, 404, "source", f"runs:/{'0' * 32}/model"),
+        ({"source": f"runs:/{run}/nothing", "name": "x"}, 404, "source", f"runs:/{run}/nothing"),
+        ({"source": "models:/nope/1", "name": "x"}, 404, "source", "models:/nope/1"),
+        ({"source": f"runs:/{run}/fake", "name": "x"}, 422, "source", "xgboost"),
+        ({"source": "s3://bucket/model", "name": "x"}, 400, "source", "s3://bucket/model"),
+        ({"source": run, "name": "../etc"}, 400, "name", "name"),
+        ({"source": run, "name": "x", "backend": "tensorflow"}, 400, "backend", "python-onnx"),
+    ]
+    for body, status, field, mentioned in cases:
+        e = error(rest("POST", "/models", json=body), status, "/models", "post")
+        assert e["field"] == field and mentioned in e["message"], (body, e)
+    assert not (hub.data_dir / "models" / "x").exists()
+
+
+def test_deploy_needs_the_deploy_scope_and_ownership(rest, deployed, trained, hub):
+    service = f"{hub.url}/services/gpulab-infer/api/v1"
+    body = {"source": trained["run_id"], "name": "bobs"}
+    r = requests.post(f"{service}/models", json=body, headers={"Authorization": f"token {hub.tokens['bob']}"},
+                      timeout=60)
+    e = error(r, 403, "/models", "post", SERVICE)
+    assert "custom:gpulab:deploy" in e["message"]
+    infer_only = hub.token("alice", scopes=["access:servers!user=alice", "custom:gpulab:infer"])
+    e = error(rest("POST", "/models", token=infer_only, json=body), 403, "/models", "post")
+    assert "custom:gpulab:deploy" in e["message"]
+    assert rest("GET", "/models", token=infer_only).status_code == 200
+    assert error(rest("DELETE", "/models/digits", token=infer_only), 403, "/models/{name}", "delete")
+
+    carol = {"Authorization": f"token {hub.tokens['carol']}"}  # a deployer, but digits is alice's
+    r = requests.post(f"{service}/models", json={**body, "name": "digits"}, headers=carol, timeout=60)
+    assert "belongs to alice" in error(r, 403, "/models", "post", SERVICE)["message"]
+    r = requests.delete(f"{service}/models/digits", headers=carol, timeout=60)
+    assert "belongs to alice" in error(r, 403, "/models/{name}", "delete", SERVICE)["message"]
+    r = requests.get(f"{service}/models", timeout=60)
+    assert error(r, 401, "/models", "get", SERVICE)["code"] == "unauthenticated"
+
+
+def test_infer_from_a_kernel(kernel, deployed, trained):
+    X, model = trained["X"], trained["model"]
+    result = kernel.run("y = gi.infer('digits', X[:50])\nprint(json.dumps(y['label'].tolist()))\n"
+                        "print(json.dumps(y['probabilities'].tolist()))")
+    assert result.reply["status"] == "ok" and not result.stderr, result.messages
+    labels, probabilities = (json.loads(line) for line in result.stdout.splitlines())
+    assert labels == model.predict(X[:50]).tolist()
+    np.testing.assert_allclose(probabilities, model.predict_proba(X[:50]), rtol=1e-9, atol=1e-12)
+
+    magic = kernel.run("out = %infer digits X[100:110]\nprint(json.dumps(out['label'].tolist()))")
+    assert magic.reply["status"] == "ok" and not magic.stderr, magic.messages
+    assert json.loads(magic.stdout) == model.predict(X[100:110]).tolist()
+    asynchronous = kernel.run("import asyncio\nys = await asyncio.gather(*(gi.infer_async('digits', X[i:i + 1]) "
+                              "for i in range(8)))\nprint(json.dumps([int(y['label'][0]) for y in ys]))")
+    assert asynchronous.reply["status"] == "ok" and not asynchronous.stderr, asynchronous.messages
+    assert json.loads(asynchronous.stdout) == model.predict(X[:8]).tolist()
+    stock = kernel.run("import tritonclient.grpc as tg\nc = gi.triton_client()\nt = tg.InferInput('input', [3, 64], 'FP64')\n"
+                       "t.set_data_from_numpy(X[:3])\nprint(c.infer('digits', [t]).as_numpy('label').tolist())\n"
+                       "print(gi.models())")
+    assert stock.reply["status"] == "ok" and not stock.stderr, stock.messages
+    assert stock.stdout.splitlines()[0] == str(model.predict(X[:3]).tolist())
+    assert "digits" in stock.stdout and "input FP64[-1,64] -> label INT64[-1]" in stock.stdout
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%infer digits X[:2, :10]", "%infer: unexpected shape for input 'input' for model 'digits'. Expected [-1,64]"),
+    ("%infer nope X[:2]", "%infer: Request for unknown model: 'nope' is not found"),
+    ("%infer digits", "%infer: error: give the model and the input"),
+    ("%infer digits undefined_name", "%infer: error: undefined_name: NameError"),
+    ("%infer digits {'z': X[:1]}", "%infer: model 'digits' has no input 'z' (its inputs: input)"),
+    ("%deploy runs:/abc/model", "%deploy: error: the following arguments are required: --name"),
+    ("%deploy x --name y --backend tf", "%deploy: error: argument --backend: invalid choice: 'tf'"),
+    ("%deploy 0123 --name y", "%deploy: source '0123' is not runs:/<run_id>/<path>"),
+])
+def test_magic_errors_are_one_line(kernel, line, message):
+    result = kernel.run(line)
+    assert result.reply["status"] == "ok" and not result.errors, result.messages
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.strip().startswith(message), result.stderr
+
+
+def test_deploy_magic_and_undeploy_from_a_kernel(kernel, trained, hub):
+    result = kernel.run(f"m = %deploy runs:/{trained['run_id']}/model --name digits-k\nprint(repr(m))\n"
+                        "print(gi.infer(m, X[:1])['label'].tolist())\ngi.undeploy('digits-k')\n"
+                        "print([m.name for m in gi.models()])")
+    assert result.reply["status"] == "ok" and not result.stderr, result.messages
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("<gpulab Model 'digits-k' v1 ready: input FP64[-1,64] -> label INT64[-1]")
+    assert lines[1] == str(trained["model"].predict(trained["X"][:1]).tolist())
+    assert lines[2] == "['digits']"
+    assert not (hub.data_dir / "models" / "digits-k").exists()
+    assert "digits-k" not in json.loads((hub.data_dir / "models" / "gpulab-models.json").read_text())
+
+
+def test_new_version_loads_without_failed_requests(rest, deployed, trained, hub):
+    """Four clients loop on inference while version 2 deploys: every request succeeds, and they move to v2."""
+    X = trained["X"][:4]
+    seen, failures, stop = [], [], threading.Event()
+
+    def loop():
+        client = triton.InferenceServerClient(hub.gateway)
+        client.register_plugin(HubAuth(hub.tokens["alice"]))
+        tensor = triton.InferInput("input", [4, 64], "FP64")
+        tensor.set_data_from_numpy(X)
+        while not stop.is_set():
+            try:
+                seen.append((time.monotonic(), client.infer("digits", [tensor]).get_response().model_version))
+            except InferenceServerException as e:
+                failures.append(str(e))
+        client.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        r = rest("POST", "/models", json={"source": "models:/digits/1", "name": "digits"})
+        deployed_at = time.monotonic()
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert r.status_code == 201, r.text
+    assert not failures, failures[:5]
+    versions = [v for _, v in seen]
+    assert versions[0] == "1" and {"1", "2"} <= set(versions), set(versions)
+    assert all(v == "2" for t, v in seen if t > deployed_at), "version 1 served after the deploy answered"
+    assert len(seen) > 100
+    model = r.json()
+    assert [v["version"] for v in model["versions"]] == [1, 2] and model["versions"][1]["state"] == "READY"
+    assert model["versions"][0]["state"] in ("UNLOADING", "UNAVAILABLE")  # retired once its requests finished
+    assert model["versions"][1]["source"] == "models:/digits/1"
+
+
+def test_a_version_triton_cannot_load_is_rolled_back(rest, deployed, trained, hub):
+    """The bundled Triton has no onnxruntime backend: the GPU entry is written, Triton refuses it, and the version
+    is removed while the one before goes on serving."""
+    before = rest("GET", "/models/digits").json()
+    served = max(v["version"] for v in before["versions"] if v["state"] == "READY")
+    r = rest("POST", "/models", json={"source": trained["run_id"], "name": "digits", "backend": "onnxruntime"})
+    e = error(r, 422, "/models", "post")
+    assert e["code"] == "load_failed" and e["field"] == "source" and "onnxruntime" in e["message"], e
+    after = rest("GET", "/models/digits").json()
+    assert [v["version"] for v in after["versions"]] == [v["version"] for v in before["versions"]]
+    assert after["ready"] and after["backend"] == "python-onnx"
+    model_dir = hub.data_dir / "models" / "digits"
+    assert not (model_dir / str(served + 1)).exists() and 'backend: "python"' in (model_dir / "config.pbtxt").read_text()
+    r = rest("POST", "/models/digits/infer", json={"inputs": {"input": trained["X"][:3].tolist()}})
+    assert r.status_code == 200 and r.json()["model_version"] == str(served), r.text
+    assert r.json()["outputs"]["label"] == trained["model"].predict(trained["X"][:3]).tolist()
+
+
+def test_delete_unloads_and_removes_the_model(rest, trained, hub):
+    r = rest("POST", "/models", json={"source": f"runs:/{trained['run_id']}/model", "name": "scratch"})
+    assert r.status_code == 201, r.text
+    client = InferenceClient(f"{hub.url}/services/gpulab-infer/api/v1", hub.gateway, hub.tokens["alice"])
+    assert client.infer("scratch", trained["X"][:1])["label"].shape == (1,)
+    r = rest("DELETE", "/models/scratch")
+    assert r.status_code == 204, r.text
+    error(rest("GET", "/models/scratch"), 404, "/models/{name}", "get")
+    with pytest.raises(InferenceError) as info:
+        client.infer("scratch", trained["X"][:1])
+    assert info.value.status == "NOT_FOUND" and "scratch" in str(info.value)  # unloaded
+    assert not (hub.data_dir / "models" / "scratch").exists()  # a restarted Triton will not load it again
+    error(rest("DELETE", "/models/scratch"), 404, "/models/{name}", "delete")
