@@ -137,7 +137,7 @@ class Tracker:
                 c.stop()
             except Exception as e:  # noqa: BLE001
                 log(f"stopping ray cluster: {e}")
-        left = [p for p in self.procs.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in self.procs.values() if _alive(p)]
         for proc in left:  # psutil checks the create time: a recycled PID is never signalled
             try:
                 proc.terminate()
@@ -155,6 +155,13 @@ class Tracker:
                     conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
             except Exception as e:  # noqa: BLE001
                 log(f"dropping database {db}: {e}")
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class Starter(threading.Thread):
@@ -216,7 +223,7 @@ class Profiler:
             if folded.exists():
                 log(f"py-spy {self.phase}: {self.out_dir / (self.phase + '.svg')}\n" + hot_frames(folded))
 
-    
+
 def hot_frames(folded: Path, top: int = 20) -> str:
     """Inclusive share of the samples per function (file:function), from py-spy's folded stacks."""
     incl, total = {}, 0
@@ -487,10 +494,11 @@ def preload_jobs(store_url: str, n: int) -> list[tuple[datetime, str]]:
         state = "failed" if i % 100 == 7 else "succeeded"
         labels = {"team": "rare" if i % 100 == 3 else "common"}
         rows.append({
-            "id": job_id, "owner": USER, "groups": [], "name": "history", "kind": "train", "spec": spec, "state": state,
-            "state_reason": "exit code 0" if state == "succeeded" else "exit code 1", "priority": 0,
-            "pool": "default", "gpus": 0, "cpus": 1.0, "memory": None, "attempt": 1, "max_retries": 0, "not_before": None,
-            "idempotency_key": None, "labels": labels, "created_at": created, "updated_at": created + timedelta(seconds=30),
+            "id": job_id, "owner": USER, "groups": [], "name": "history", "kind": "train", "spec": spec,
+            "state": state, "state_reason": "exit code 0" if state == "succeeded" else "exit code 1", "priority": 0,
+            "pool": "default", "gpus": 0, "cpus": 1.0, "memory": None, "attempt": 1, "max_retries": 0,
+            "not_before": None, "idempotency_key": None, "labels": labels, "created_at": created,
+            "updated_at": created + timedelta(seconds=30),
             "started_at": created + timedelta(seconds=1), "finished_at": created + timedelta(seconds=30),
             "exit_code": 0 if state == "succeeded" else 1, "executor": "local",
             "handle": {"executor": "local", "ref": f"{1000 + i}:1.00", "gpu_ids": []},
@@ -750,11 +758,13 @@ def report(res: dict) -> str:
                            ("list_label_rare", "GET /jobs?limit=50&label=team=rare (1%)")):
             x = li[name]
             lines.append(f"| {what} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
-                         f"{ratio(x['p95_ms'], li['openapi']['p95_ms'])} | {ratio(x['p95_ms'], li['quota']['p95_ms'])} |")
+                         f"{ratio(x['p95_ms'], li['openapi']['p95_ms'])} | "
+                         f"{ratio(x['p95_ms'], li['quota']['p95_ms'])} |")
         if "list_queued" in res:
             lq = res["list_queued"]
             lines += ["", (f"Same requests ({lq['openapi']['n']} rounds) after the throughput run left "
-                      f"~{res['list_queued_n']} jobs queued (every scheduling pass scans them all, on the event loop):"),
+                           f"~{res['list_queued_n']} jobs queued (every scheduling pass scans them all, "
+                           "on the event loop):"),
                       "", "| request | p50 ms | p95 ms | p99 ms | max ms | p99 vs the run above |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for name in ("openapi", "quota", "list_first", "list_deep"):

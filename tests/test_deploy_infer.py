@@ -9,6 +9,7 @@ jupyter_client kernel with that server's environment.
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -26,9 +27,9 @@ from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
 from tests.support.openapi import Spec
 from tests.support.triton import linear_onnx, triton_python
-from tests.test_openapi import ROOT
 
 pytestmark = pytest.mark.timeout(900)
+ROOT = Path(__file__).parent.parent
 HOST = "127.0.0.21"
 CONFIG = """
 c.Platform.inference_service = True

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.support.browser import chromium_page
+from tests.support.browser import chromium_page, new_notebook, run_cell
 from tests.support.gpulab_up import Platform
 
 pytestmark = pytest.mark.browser
@@ -27,15 +27,11 @@ def test_train_in_lab_shows_the_monitor_until_succeeded(hub, output_dir):
             page.fill("input[name=password]", password)
             page.click("input[type=submit], button[type=submit]")
             page.wait_for_url(f"{hub.url}/user/lena/lab**", timeout=120_000)
-            page.locator(".jp-LauncherCard[title='Python 3 (GPU, RAPIDS)']").first.click(timeout=120_000)
-            page.get_by_text("Python 3 (GPU, RAPIDS) | Idle").wait_for(timeout=180_000)
-            page.locator(".jp-Cell .cm-content").first.click()
-            page.keyboard.type("%load_ext gpulab")
-            page.keyboard.press("Shift+Enter")
-            page.locator(".jp-InputPrompt", has_text="[1]").wait_for(timeout=60_000)
-            page.locator(".jp-Cell .cm-content").nth(1).click()
-            page.keyboard.type(CELL)
-            page.keyboard.press("Shift+Enter")
+            new_notebook(page, "Python 3 (GPU, RAPIDS)")
+            run_cell(page, 0, "%load_ext gpulab")
+            page.locator(".jp-OutputArea-output", has_text="no GPU found").first.wait_for(timeout=60_000)
+            page.locator(".jp-NotebookPanel-toolbar [data-command='notebook:insert-cell-below']").click()
+            run_cell(page, 1, CELL)
             page.locator(".widget-html", has_text="succeeded").first.wait_for(timeout=180_000)
             page.get_by_text("3/3", exact=True).first.wait_for(timeout=10_000)
         except Exception:

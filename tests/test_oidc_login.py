@@ -182,7 +182,7 @@ def test_group_change_at_provider_updates_hub_and_emits_event(stack):
 
 @pytest.mark.browser
 def test_browser_sign_in_lands_in_lab_and_runs_a_cell(stack, output_dir):
-    from tests.support.browser import chromium_page
+    from tests.support.browser import chromium_page, new_notebook, run_cell
 
     hub, idp, _ = stack
     with chromium_page() as page:
@@ -193,11 +193,8 @@ def test_browser_sign_in_lands_in_lab_and_runs_a_cell(stack, output_dir):
             page.fill("input[name=password]", PASSWORD)
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(f"{hub.url}/user/frank/lab**", timeout=90_000)
-            page.locator(".jp-LauncherCard[data-category='Notebook']").first.click(timeout=120_000)
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=180_000)
-            page.locator(".jp-Cell .cm-content").first.click()
-            page.keyboard.type("import os; print('user is', os.environ['JUPYTERHUB_USER'])")
-            page.keyboard.press("Shift+Enter")
+            new_notebook(page, "Python 3 (ipykernel)")
+            run_cell(page, 0, "import os; print('user is', os.environ['JUPYTERHUB_USER'])")
             page.locator(".jp-OutputArea-output", has_text="user is frank").wait_for(timeout=120_000)
         except Exception:
             page.screenshot(path=str(output_dir / "oidc-login-failure.png"))

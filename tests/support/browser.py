@@ -1,5 +1,6 @@
 """Debian's Chromium driven by Playwright (never a downloaded browser)."""
 
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -29,3 +30,29 @@ def chromium_page():
             yield context.pages[0] if context.pages else context.new_page()
         finally:
             context.close()
+
+
+def new_notebook(page, kernel_display_name: str, timeout: float = 180_000) -> None:
+    """Open a notebook on the kernel from the Launcher and wait until the kernel is idle."""
+    page.locator(f".jp-LauncherCard[title='{kernel_display_name}']").first.click(timeout=timeout)
+    page.get_by_text(f"{kernel_display_name} | Idle").wait_for(timeout=timeout)
+
+
+def run_cell(page, index: int, code: str, attempts: int = 3) -> None:
+    """Type ``code`` into cell ``index`` and run it, until its prompt shows it ran.
+
+    JupyterLab can drop an execute request sent while the kernel connection settles, so an
+    unexecuted cell is run again (Ctrl+Enter) before giving up.
+    """
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell.locator(".cm-content").click()
+    page.keyboard.type(code)
+    page.keyboard.press("Control+Enter")
+    for _ in range(attempts):
+        try:
+            cell.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\d+|\*)\]")).wait_for(timeout=20_000)
+            return
+        except Exception:
+            cell.locator(".cm-content").click()
+            page.keyboard.press("Control+Enter")
+    raise AssertionError(f"cell {index} never ran")

@@ -51,14 +51,17 @@ class RayCluster:
         self.startup_seconds: float | None = None
 
     @classmethod
-    def start(cls, workdir: Path, gpu_node: bool = True, timeout: float = 90) -> "RayCluster":
-        cluster = cls(workdir, gpu_node)
-        try:
-            cluster._start(timeout)
-        except BaseException:
-            cluster.stop()
-            raise
-        return cluster
+    def start(cls, workdir: Path, gpu_node: bool = True, timeout: float = 90, attempts: int = 2) -> "RayCluster":
+        """Start the cluster; a start that times out on a loaded machine is tried once more on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            cluster = cls(Path(workdir) / f"try-{attempt}", gpu_node)
+            try:
+                cluster._start(timeout)
+                return cluster
+            except BaseException:
+                cluster.stop()
+                if attempt == attempts:
+                    raise
 
     def _env(self) -> dict:
         return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
