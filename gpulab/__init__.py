@@ -35,8 +35,36 @@ def job(job_id: str):
     return _job(job_id)
 
 
+def deploy(source: str, name: str, backend: str | None = None):
+    """Deploy an MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>`` or a run id) to Triton."""
+    from .kernels.inference import deploy as _deploy
+
+    return _deploy(source, name, backend)
+
+
+def models():
+    """The deployed models: versions, readiness, inputs and outputs."""
+    from .kernels.inference import models as _models
+
+    return _models()
+
+
+def infer(model, inputs, outputs: list[str] | None = None, version: int | None = None):
+    """Call a deployed model over gRPC through the platform's gateway; returns {output name: array}."""
+    from .kernels.inference import infer as _infer
+
+    return _infer(model, inputs, outputs, version)
+
+
+def triton_client(aio: bool = False):
+    """A stock ``tritonclient.grpc`` client for the gateway that sends your token on every call."""
+    from .kernels.inference import triton_client as _client
+
+    return _client(aio)
+
+
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext gpulab``: the magics (%train, %jobs, %job, %logs, %cancel, %preprocess)."""
+    """``%load_ext gpulab``: %train, %jobs, %job, %logs, %cancel, %preprocess, %deploy, %infer."""
     from .kernels import load_ipython_extension as load
 
     load(ipython)

@@ -21,7 +21,7 @@ def utcnow() -> datetime:
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine for an event table database; SQLite gets WAL and foreign keys."""
+    """Create an engine for a gpulab database; SQLite gets WAL (synchronous=NORMAL) and foreign keys."""
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
@@ -29,6 +29,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

@@ -42,7 +42,7 @@ class GpulabHandler(APIHandler):
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = getattr(exc, "log_message", None) or self._reason
-        if status_code >= 500:
+        if status_code >= 500 and not isinstance(exc, web.HTTPError):  # our 502/503 messages name the dependency
             message = "internal error; see the server log"
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"code": status_code, "message": message, "field": getattr(exc, "field", None)}}))

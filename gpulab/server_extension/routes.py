@@ -1,10 +1,10 @@
 """The route table of the server extension, under ``<base url>gpulab/api/v1``."""
 
-from . import attestation, jobs
+from . import attestation, jobs, models
 from .handlers import StatusHandler, WhoAmIHandler
 
 API_PREFIX = "gpulab/api/v1"
-ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs.ROUTES, *attestation.ROUTES]
+ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs.ROUTES, *attestation.ROUTES, *models.ROUTES]
 
 
 def handlers(base_url: str) -> list:

@@ -59,6 +59,9 @@ class JobQueue(LoggingConfigurable):
         help="Executor: 'local', 'ray', or an Executor subclass (or its dotted name).",
     ).tag(config=True)
     tick_interval = Float(1.0, help="Seconds between scheduling passes.").tag(config=True)
+    kick_delay = Float(
+        0.02, help="Seconds a submission or finish waits for others before the scheduling pass it triggers."
+    ).tag(config=True)
     user_quota = Dict(
         DEFAULT_USER_QUOTA,
         help="Per-user limits on running+dispatching jobs: {'max_jobs': 8, 'max_gpus': 4}; "
@@ -115,6 +118,7 @@ class JobQueue(LoggingConfigurable):
         super().__init__(**kwargs)
         self._lock = asyncio.Lock()  # one tick, recovery or cancel decision at a time
         self._wake = asyncio.Event()
+        self._kick_pending = False
         self._task: asyncio.Task | None = None
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout in progress
         self._background: set[asyncio.Task] = set()
@@ -163,7 +167,19 @@ class JobQueue(LoggingConfigurable):
         await self.executor.close()
 
     def kick(self) -> None:
-        """Schedule now instead of at the next interval."""
+        """Schedule soon instead of at the next interval; a burst of kicks within ``kick_delay`` makes one pass."""
+        if self._kick_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._wake.set()
+            return
+        self._kick_pending = True
+        loop.call_later(self.kick_delay, self._fire_kick)
+
+    def _fire_kick(self) -> None:
+        self._kick_pending = False
         self._wake.set()
 
     async def _loop(self) -> None:
