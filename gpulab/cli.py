@@ -135,7 +135,15 @@ def config_show(_args) -> int:
     """Print the effective configuration, secrets redacted."""
     path = config_path()
     print(f"# {path}{'' if path.exists() else ' (absent: defaults)'}")
-    print(json.dumps(effective_config(load_config(path)), indent=2, sort_keys=True))
+    from .inference.triton import TritonServer
+    from .services.infer.app import InferenceGateway
+    from .services.jobs.executors.local import LocalExecutor
+    from .services.jobs.executors.ray import RayExecutor
+    from .services.jobs.queue import JobQueue
+    from .services.jobs.store import JobStore
+
+    services = [JobStore, JobQueue, LocalExecutor, RayExecutor, InferenceGateway, TritonServer]
+    print(json.dumps(effective_config(load_config(path), services), indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -7,6 +7,7 @@ applied on top of the file.
 
 import json
 import os
+import re
 from pathlib import Path
 
 from traitlets import Bool, CaselessStrEnum, Dict, Integer, List, Set, Unicode, default
@@ -112,6 +113,7 @@ class Roles(Configurable):
 
 CONFIGURABLES = [Platform, Login, OIDC, Roles, Attestation]
 SECRET_NAME_PARTS = ("secret", "password", "token", "key")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # user:password@ in database URLs
 
 
 def config_path() -> Path:
@@ -155,19 +157,29 @@ def _redact(name: str, value):
     lowered = name.lower()
     if value and any(p in lowered for p in SECRET_NAME_PARTS) and not lowered.endswith("_file"):
         return "<redacted>"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1<redacted>@", value)
     return value
 
 
-def effective_config(cfg: Config, extra: list[type[Configurable]] = ()) -> dict:
-    """Every setting of every gpulab configurable, with secret values redacted."""
+def effective_config(cfg: Config, services: list[type[Configurable]] = ()) -> dict:
+    """Every setting of every gpulab configurable, with secret values redacted.
+
+    ``services`` are configurables that connect to something when built (stores, executors):
+    their settings are read from ``cfg`` and their declared defaults, without instantiating them.
+    """
     out = {}
-    for cls in [*CONFIGURABLES, *extra]:
+    for cls in CONFIGURABLES:
         obj = cls(config=cfg)
-        values = {}
-        for name in sorted(obj.class_trait_names(config=True)):
-            value = getattr(obj, name)
-            if isinstance(value, set):
-                value = sorted(value)
-            values[name] = _redact(name, value)
-        out[cls.__name__] = values
+        out[cls.__name__] = {name: _shown(name, getattr(obj, name)) for name in sorted(cls.class_trait_names(config=True))}
+    for cls in services:
+        section = cfg[cls.__name__] if cls.__name__ in cfg else {}
+        out[cls.__name__] = {
+            name: _shown(name, section[name]) if name in section else trait.default_value_repr()
+            for name, trait in sorted(cls.class_traits(config=True).items())
+        }
     return out
+
+
+def _shown(name: str, value):
+    return _redact(name, sorted(value) if isinstance(value, set) else value)

@@ -98,13 +98,17 @@ def test_broken_config_file(tmp_path):
 def test_config_show_redacts_secrets(tmp_path):
     nras_key = tmp_path / "nras-api-key"
     write_secret_file(nras_key, "nras-KEYFILE-SECRET")
-    config = "c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n" \
-        f"c.Attestation.api_key_file = {str(nras_key)!r}\n"
+    config = ("c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n"
+              "c.JobStore.url = 'postgresql+psycopg://gpulab:db-SUPERSECRET@db.example/jobs'\n"
+              "c.TritonServer.restricted_key = 'key-SUPERSECRET'\nc.JobQueue.user_quota = {'max_jobs': 3}\n"
+              f"c.Attestation.api_key_file = {str(nras_key)!r}\n")
     env = {"GPULAB_OIDC_CLIENT_SECRET": "env-SECRET", "GPULAB_NRAS_API_KEY": "env-NRAS-SECRET"}
     result = run_gpulab(tmp_path, config, "config", "show", env=env)
     assert result.returncode == 0, result.stderr
     assert "SUPERSECRET" not in result.stdout and "env-SECRET" not in result.stdout
     assert "<redacted>" in result.stdout and '"port": 8123' in result.stdout
+    assert "postgresql+psycopg://gpulab:<redacted>@db.example/jobs" in result.stdout
+    assert '"max_jobs": 3' in result.stdout  # service settings are shown too
     assert f'"api_key_file": "{nras_key}"' in result.stdout  # the Attestation section lists the path...
     assert "KEYFILE-SECRET" not in result.stdout + result.stderr  # ...never the key
     assert "env-NRAS-SECRET" not in result.stdout + result.stderr
