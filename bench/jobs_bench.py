@@ -108,53 +108,87 @@ class Tracker:
     def __init__(self):
         self.platforms: list[Platform] = []
         self.clusters: list[RayCluster] = []
-        self.procs: dict[int, psutil.Process] = {}
+        self.procs: dict[int, dict[int, psutil.Process]] = {}  # id(platform) -> pid -> process
         self.databases: list[str] = []
         self.starters: list[threading.Thread] = []
 
     def record(self) -> None:
+        """Remember every process of each platform's tree (psutil keeps the create time with the PID)."""
         for p in self.platforms:
             if p.proc is None:
                 continue
             try:
                 root = psutil.Process(p.proc.pid)
                 for proc in [root, *root.children(recursive=True)]:
-                    self.procs.setdefault(proc.pid, proc)
+                    self.procs.setdefault(id(p), {}).setdefault(proc.pid, proc)
             except psutil.NoSuchProcess:
                 pass
+
+    def stop_platform(self, p: Platform) -> None:
+        """``Platform.stop()``, then whatever of its tree is left: the hub first, so that it cannot restart
+        the proxy meanwhile, then the rest, then a proxy the hub did restart while stopping (it runs in a
+        session of its own: found through the hub's pid file, checked against this platform's address)."""
+        self.record()
+        started = time.monotonic()
+        try:
+            p.stop()
+        except Exception as e:  # noqa: BLE001
+            log(f"stopping platform {p.url}: {e}")
+        if (took := time.monotonic() - started) > 10:
+            log(f"platform {p.url} took {took:.0f}s to stop")
+        procs = list(self.procs.get(id(p), {}).values())
+        hubs = [x for x in procs if "jupyterhub" in _cmdline(x)]
+        _terminate([x for x in hubs if _alive(x)], 10)
+        _terminate([x for x in procs if _alive(x)], 5)
+        pid_file = p.data_dir / "hub" / "jupyterhub-proxy.pid"
+        try:
+            proxy = psutil.Process(int(pid_file.read_text().strip()))
+        except (OSError, ValueError, psutil.NoSuchProcess):
+            return
+        cmd = _cmdline(proxy)
+        if f"--ip {p.host} " in cmd and f"--port {p.port} " in cmd + " ":
+            log(f"stopping a proxy the hub restarted while stopping (pid {proxy.pid})")
+            _terminate([proxy], 5)
 
     def stop_all(self) -> None:
         for starter in self.starters:  # a platform or cluster still starting is stopped once it is up
             starter.join(180)
-        self.record()
         for p in reversed(self.platforms):
-            try:
-                p.stop()
-            except Exception as e:  # noqa: BLE001
-                log(f"stopping platform {p.url}: {e}")
+            self.stop_platform(p)
         for c in reversed(self.clusters):
             try:
                 c.stop()
             except Exception as e:  # noqa: BLE001
                 log(f"stopping ray cluster: {e}")
-        left = [p for p in self.procs.values() if _alive(p)]
-        for proc in left:  # psutil checks the create time: a recycled PID is never signalled
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(left, timeout=5)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
         for db in self.databases:
             try:
                 with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
             except Exception as e:  # noqa: BLE001
                 log(f"dropping database {db}: {e}")
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` s (psutil checks the create time: no recycled PID is hit)."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -241,8 +275,7 @@ def hot_frames(folded: Path, top: int = 20) -> str:
 
 
 def stop_platform(tracker: Tracker, bench: "Bench") -> None:
-    tracker.record()
-    bench.platform.stop()
+    tracker.stop_platform(bench.platform)
 
 
 def create_database(tracker: Tracker) -> str:
