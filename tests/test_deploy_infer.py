@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import requests
 import tritonclient.grpc as triton
@@ -113,20 +112,9 @@ def deployed(rest, trained):
     return r.json()
 
 
-def server_env(hub, user: str) -> dict:
-    """The environment of ``user``'s server, as it gives its kernels."""
-    for proc in hub.descendants():
-        try:
-            if "jupyterhub.singleuser" in proc.cmdline() and proc.environ().get("JUPYTERHUB_USER") == user:
-                return proc.environ()
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no server process for {user}")
-
-
 @pytest.fixture(scope="module")
 def kernel(hub, rest, deployed, tmp_path_factory):
-    kernel = Kernel("python3", env=server_env(hub, "alice"), cwd=str(tmp_path_factory.mktemp("notebook")))
+    kernel = Kernel("python3", env=hub.server_env("alice"), cwd=str(tmp_path_factory.mktemp("notebook")))
     setup = kernel.run("%load_ext gpulab\nimport json, numpy as np\nfrom gpulab.kernels import inference as gi\n"
                        "from sklearn.datasets import load_digits\nX = load_digits().data / 16.0")
     assert setup.reply["status"] == "ok" and not setup.stderr, setup.messages

@@ -6,7 +6,6 @@ server's environment (GPULAB_JOBS_URL, JUPYTERHUB_API_TOKEN with the server toke
 JUPYTERHUB_API_URL), as the server gives its kernels.
 """
 
-import psutil
 import pytest
 
 from gpulab.kernels.client import JobsClient, NoCapacity, job_spec
@@ -36,23 +35,11 @@ def user_env(hub: Platform, user: str) -> dict:
             "JUPYTERHUB_API_URL": f"{hub.url}/hub/api"}
 
 
-def server_env(hub: Platform, user: str) -> dict:
-    """The environment of ``user``'s server, spawned by the hub."""
-    hub.spawn(user)
-    for proc in hub.descendants():
-        try:
-            if "jupyterhub.singleuser" in proc.cmdline() and proc.environ().get("JUPYTERHUB_USER") == user:
-                return proc.environ()
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no server process for {user}")
-
-
 @pytest.fixture(scope="module")
 def kernel(hub, tmp_path_factory):
     """A plain Python kernel in kim's server environment with the extension loaded, in ``kernel.cwd``."""
     cwd = tmp_path_factory.mktemp("notebook")
-    env = server_env(hub, "kim")
+    env = hub.server_env("kim")
     assert env["GPULAB_JOBS_URL"].startswith("http://127.0.0.1:")  # the service's direct address
     kernel = Kernel("python3", env=env, cwd=str(cwd))
     kernel.cwd = cwd

@@ -139,3 +139,14 @@ class Platform:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"server for {user} still active after {timeout}s")
+
+    def server_env(self, user: str) -> dict:
+        """The environment of ``user``'s server (spawned if needed), as it gives its kernels."""
+        self.spawn(user)
+        for proc in self.descendants():
+            try:
+                if "jupyterhub.singleuser" in proc.cmdline() and proc.environ().get("JUPYTERHUB_USER") == user:
+                    return proc.environ()
+            except psutil.Error:
+                continue
+        raise RuntimeError(f"no server process for {user}")
