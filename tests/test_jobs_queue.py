@@ -368,6 +368,36 @@ async def test_queue_assigns_gpu_ids(make_queue, store, tmp_path):
         assert (await finished(store, job_id)).state == "succeeded"
 
 
+async def test_one_pass_reads_more_of_an_owner_when_the_first_candidates_cannot_start(make_queue, store, tmp_path):
+    q = await make_queue(start=False, queue={"user_quota": {"max_jobs": 1}}, executor={"gpus": 1})
+    bob = await submit(q, "bob", entrypoint=py(GATED, tmp_path), resources={"gpus": 1})
+    gpu = await submit(q, "alice", entrypoint=py(GATED, tmp_path), resources={"gpus": 1})
+    cpu = await submit(q, "alice", entrypoint=py(GATED, tmp_path))
+    await q.tick()  # alice's first candidate loses the GPU to bob; her next job starts in the same pass
+    assert [store.get_job(i).state for i in (bob, gpu, cpu)] == ["running", "queued", "running"]
+    assert store.get_job(gpu).state_reason == "waiting: quota max_jobs=1 reached"
+    await q.start()
+    (tmp_path / "release").touch()
+    for job_id in (bob, gpu, cpu):
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
+async def test_waiting_reasons_of_jobs_never_read_follow_the_checks_order(make_queue, store, tmp_path):
+    q = await make_queue(start=False, queue={"user_quota": {"max_jobs": 1}})
+    running = await submit(q, "alice", entrypoint=py(GATED, tmp_path))
+    await q.tick()
+    assert store.get_job(running).state == "running"
+    more = [await submit(q, "alice", entrypoint=["true"], resources=r) for r in ({}, {}, {"pool": "big"})]
+    bobs = await submit(q, "bob", entrypoint=["true"], resources={"pool": "big"})
+    await q.tick()
+    assert {store.get_job(i).state_reason for i in more} == {"waiting: quota max_jobs=1 reached"}
+    assert store.get_job(bobs).state_reason == "waiting: no pool 'big' (pools: default)"
+    await q.start()
+    (tmp_path / "release").touch()
+    for job_id in (running, *more[:2]):
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
 class UnreachableExecutor(LocalExecutor):
     """A backend that is down (as a Ray cluster can be)."""
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select, text, update
+from sqlalchemy import case, create_engine, inspect, select, text, update
 from sqlalchemy.orm import Session
 
 from gpulab.events import utcnow
@@ -21,7 +21,6 @@ from gpulab.services.jobs.store import (
     JobStore,
     token_hash,
 )
-
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -54,7 +53,7 @@ def test_migrations_create_the_schema_once(url):
     second = JobStore(url=url)  # upgrading an up-to-date database is a no-op
     with second.engine.connect() as conn:
         assert {"jobs", "job_events", VERSION_TABLE} <= set(inspect(conn).get_table_names())
-        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0002"
+        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0003"
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
     first.engine.dispose()
@@ -107,9 +106,7 @@ def test_transitions_record_events_and_refuse_illegal_ones(store):
         store.get_job("nope")
 
 
-def test_concurrent_transitions_let_exactly_one_win(store, url):
-    if url.startswith("sqlite"):
-        pytest.skip("the service writes SQLite from one thread; the race matters with PostgreSQL")
+def test_concurrent_transitions_let_exactly_one_win(store):
     row, _ = store.create_job("alice", [], spec())
     results, barrier = [], threading.Barrier(8)
 
@@ -197,3 +194,51 @@ def test_progress_tracking_and_usage(store):
     assert [r.id for r in store.queued_jobs()] == [] and [
         r.id for r in store.queued_jobs(due_only=False)
     ] == [b.id]
+
+
+def test_queued_jobs_scheduling_columns_filters_and_per_owner_limit(store):
+    ids = {}
+    for name, owner, prio, extra in [
+        ("a1", "alice", 0, {}),
+        ("a2", "alice", 5, {"attestation": "required"}),
+        ("a3", "alice", 0, {"resources": {"pool": "big"}}),
+        ("b1", "bob", 1, {}),
+        ("b2", "bob", 1, {}),
+    ]:
+        ids[name] = store.create_job(owner, ["ml"], spec(name, priority=prio, **extra))[0].id
+    rows = store.queued_jobs()
+    assert [r.id for r in rows] == [ids[n] for n in ("a2", "b1", "b2", "a1", "a3")]
+    assert (rows[0].groups, rows[0].attestation_required, rows[3].attestation_required) == (["ml"], True, False)
+    assert not hasattr(rows[0], "spec")
+    default = store.queued_jobs(where=[JobRow.pool == "default"], per_owner=1)
+    assert [r.id for r in default] == [ids["a2"], ids["b1"]]
+    limits = case({"alice": 2}, value=JobRow.owner, else_=0)
+    assert [r.id for r in store.queued_jobs(per_owner=limits)] == [ids["a2"], ids["a1"]]
+
+
+def test_waiting_reasons_are_set_in_bulk_where_they_differ(store):
+    jobs = [
+        store.create_job(owner, groups, spec(resources={"pool": pool}))[0]
+        for owner, groups, pool in [("alice", ["ml"], "default"), ("alice", [], "default"), ("bob", [], "big")]
+        + [("bob", [], "big")]
+    ]
+    store.transition(jobs[3].id, "dispatching", "go", attempt=1)
+    store.transition(jobs[3].id, "queued", "retry 2/2", not_before=utcnow() + timedelta(hours=1))
+    seen = []
+
+    def reason_for(job):
+        seen.append((job.owner, job.groups, job.pool, job.gpus, job.cpus, job.memory, job.state_reason))
+        return None if job.groups else f"waiting: {job.owner} in {job.pool}"
+
+    store.set_waiting_reasons(reason_for)
+    assert sorted(seen) == [
+        ("alice", [], "default", 0, 1.0, None, "submitted"),
+        ("alice", ["ml"], "default", 0, 1.0, None, "submitted"),
+        ("bob", [], "big", 0, 1.0, None, "submitted"),
+    ]
+    reasons = [store.get_job(j.id).state_reason for j in jobs]
+    assert reasons == ["submitted", "waiting: alice in default", "waiting: bob in big", "retry 2/2"]
+    updated = store.get_job(jobs[1].id).updated_at
+    store.set_waiting_reasons(reason_for)  # unchanged reasons are not written again
+    assert store.get_job(jobs[1].id).updated_at == updated
+    assert [e.to_state for e in store.events(jobs[1].id)] == ["queued"]

@@ -14,8 +14,10 @@ from collections import defaultdict, deque
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
+from sqlalchemy import and_, case, false, func, or_
 from traitlets import Bool, Dict, Float, Instance, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
@@ -34,6 +36,7 @@ EXECUTORS = {
     "ray": "gpulab.services.jobs.executors.ray.RayExecutor",
 }
 DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
+BATCH = 64  # queued jobs fetched per owner at a time when the user quota has no max_jobs
 
 
 class ExecutorClass(Type):
@@ -139,7 +142,7 @@ class JobQueue(LoggingConfigurable):
                     continue
                 if outcome.state == "lost":
                     outcome.reason = "process gone after service restart"
-                self._settle(row, outcome)
+                await self._settle(row, outcome)
         self._task = asyncio.create_task(self._loop())
 
     def _recover_dispatching(self, row: JobRow) -> None:
@@ -304,9 +307,9 @@ class JobQueue(LoggingConfigurable):
     # -- scheduling
 
     async def tick(self) -> None:
-        """Poll running attempts, then dispatch what fits."""
+        """Poll running attempts, then dispatch what fits; database work runs in a thread."""
         async with self._lock:
-            for row in self.store.active_jobs():
+            for row in await asyncio.to_thread(self.store.active_jobs):
                 if row.state != "running" or row.id in self._stopping:
                     continue
                 try:
@@ -314,30 +317,24 @@ class JobQueue(LoggingConfigurable):
                 except ExecutorUnavailable as e:
                     self.log.warning("cannot poll job %s: %s", row.id, e)
                     continue
-                self._settle(row, outcome)
+                await self._settle(row, outcome)
             await self._dispatch_queued()
 
-    def _settle(self, row: JobRow, outcome: Outcome) -> None:
+    async def _settle(self, row: JobRow, outcome: Outcome) -> None:
         """Apply a polled outcome: finish, retry with backoff, or enforce ``max_runtime``."""
         if outcome.state == "running":
             limit = row.spec.get("max_runtime")
             if limit and utcnow() - row.started_at > timedelta(seconds=limit):
                 self._begin_stop(row, "timed_out", f"max_runtime of {limit}s exceeded")
             return
-        why = outcome.reason or outcome.state
-        if outcome.state == "succeeded":
-            self.store.transition(row.id, "succeeded", why, exit_code=outcome.exit_code)
-        elif row.attempt <= row.max_retries:
+        to, why, fields = outcome.state, outcome.reason or outcome.state, {}
+        if to != "succeeded" and row.attempt <= row.max_retries:
             delay = min(self.retry_backoff * 2 ** (row.attempt - 1), self.retry_backoff_max)
-            self.store.transition(
-                row.id,
-                "queued",
-                f"retry {row.attempt + 1}/{row.max_retries + 1} after: {why}",
-                exit_code=outcome.exit_code,
-                not_before=utcnow() + timedelta(seconds=delay),
-            )
-        else:
-            self.store.transition(row.id, "failed", why, exit_code=outcome.exit_code)
+            to, why = "queued", f"retry {row.attempt + 1}/{row.max_retries + 1} after: {why}"
+            fields = {"not_before": utcnow() + timedelta(seconds=delay)}
+        elif to != "succeeded":
+            to = "failed"
+        await asyncio.to_thread(self.store.transition, row.id, to, why, exit_code=outcome.exit_code, **fields)
 
     def _begin_stop(self, row: JobRow, state: str, reason: str) -> asyncio.Task:
         if row.id not in self._stopping:
@@ -359,23 +356,33 @@ class JobQueue(LoggingConfigurable):
             self.log.error("stopping a job failed: %s", task.exception())
 
     async def _dispatch_queued(self) -> None:
-        queued = self.store.queued_jobs()
-        if not queued:
+        """Dispatch due queued jobs in order (priority, then fair share, then age) while they fit, then
+        record why the others wait.
+
+        Only candidates are read: jobs that fit their pool's free capacity and their owner's GPU quota,
+        at most as many per owner as the owner's ``max_jobs`` allows (more are read when those run
+        out). Usage only grows during a pass, so a job left out could not have started in it either.
+        """
+        if not await asyncio.to_thread(self.store.any_queued):
             return
         try:
             capacity = await self.executor.capacity()
         except ExecutorUnavailable as e:
-            for row in queued:
-                self._wait(row, f"waiting: executor unavailable: {e}")
+            why = f"waiting: executor unavailable: {e}"
+            await asyncio.to_thread(self.store.set_waiting_reasons, lambda job: why)
             return
         owners, groups, pools = defaultdict(Usage), defaultdict(Usage), defaultdict(Usage)
         busy_gpus = defaultdict(set)
-        for row in self.store.active_jobs():
+        for row in await asyncio.to_thread(self.store.active_jobs):
             self._account(row, owners, groups, pools)
             busy_gpus[row.pool].update((row.handle or {}).get("gpu_ids", []))
-        heads: dict[str, deque[JobRow]] = {}
-        for row in sorted(queued, key=lambda r: (-r.priority, r.created_at)):
+        gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
+        heads: dict[str, deque] = {}
+        more = set()  # owners who may have more candidates than read so far
+        rows = await self._candidates(capacity, owners, pools)
+        for row in rows:
             heads.setdefault(row.owner, deque()).append(row)
+        more.update(o for o, queue in heads.items() if len(queue) == self._room(owners[o]))
         while heads:
             # priority, then the owner with the fewest running GPUs, then jobs, then age
             owner = min(
@@ -386,18 +393,78 @@ class JobQueue(LoggingConfigurable):
             if not heads[owner]:
                 del heads[owner]
             attested, blocker = None, self._blocker(row, capacity, owners, groups, pools)
-            if not blocker and row.spec.get("attestation") == "required":
-                attested, blocker = self._attested(row)
-            if blocker:
-                self._wait(row, blocker)
-                continue
-            gpu_ids = []
-            if self.executor.owns_gpu_ids and row.gpus:
-                free = [i for i in range(capacity[row.pool].gpus) if i not in busy_gpus[row.pool]]
-                gpu_ids = free[: row.gpus]
-            if await self._dispatch(row, gpu_ids, attested):
-                self._account(row, owners, groups, pools)
-                busy_gpus[row.pool].update(gpu_ids)
+            if not blocker and row.attestation_required:
+                attested, blocker = gate()
+            if not blocker:
+                gpu_ids = []
+                if self.executor.owns_gpu_ids and row.gpus:
+                    free = [i for i in range(capacity[row.pool].gpus) if i not in busy_gpus[row.pool]]
+                    gpu_ids = free[: row.gpus]
+                if await self._dispatch(row, gpu_ids, attested):
+                    self._account(row, owners, groups, pools)
+                    busy_gpus[row.pool].update(gpu_ids)
+            if owner in more and owner not in heads:
+                more.discard(owner)
+                room = self._room(owners[owner])
+                if room and (rows := await self._candidates(capacity, owners, pools, owner, row)):
+                    heads[owner] = deque(rows)
+                    if len(rows) == room:
+                        more.add(owner)
+
+        def reason(job) -> str | None:
+            blocker = self._blocker(job, capacity, owners, groups, pools)
+            return blocker or (gate()[1] if job.attestation_required else None)
+
+        await asyncio.to_thread(self.store.set_waiting_reasons, reason)
+
+    def _room(self, used: Usage) -> int:
+        """How many more jobs an owner using ``used`` may start (:data:`BATCH` without a ``max_jobs``)."""
+        max_jobs = {**DEFAULT_USER_QUOTA, **self.user_quota}.get("max_jobs")
+        return BATCH if max_jobs is None else max(max_jobs - used.jobs, 0)
+
+    async def _candidates(
+        self,
+        capacity: dict[str, PoolCapacity],
+        owners: dict,
+        pools: dict,
+        owner: str | None = None,
+        after=None,
+    ) -> list:
+        """Due queued jobs that fit the current free capacity and user GPU quota, the first
+        :meth:`_room` of each owner (of ``owner`` only, after the job ``after``, if given)."""
+        fits = []
+        for name, cap in capacity.items():
+            used = pools[name]
+            cond = [
+                JobRow.pool == name,
+                JobRow.gpus <= cap.gpus - used.gpus,
+                JobRow.cpus <= cap.cpus - used.cpus + 1e-9,
+            ]
+            if cap.memory is not None:
+                cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
+            fits.append(and_(*cond))
+        where = [or_(false(), *fits)]
+        max_gpus = {**DEFAULT_USER_QUOTA, **self.user_quota}.get("max_gpus")
+        if max_gpus is not None:
+            gpus_used = {o: u.gpus for o, u in owners.items() if u.gpus}
+            where.append(JobRow.gpus <= max_gpus - (case(gpus_used, value=JobRow.owner, else_=0) if gpus_used else 0))
+        if owner is None:
+            rooms = {o: self._room(u) for o, u in owners.items()}
+            per_owner = case(rooms, value=JobRow.owner, else_=self._room(Usage())) if rooms else self._room(Usage())
+        else:
+            per_owner = self._room(owners[owner])
+            p, c = after.priority, after.created_at
+            where += [
+                JobRow.owner == owner,
+                or_(
+                    JobRow.priority < p,
+                    and_(
+                        JobRow.priority == p,
+                        or_(JobRow.created_at > c, and_(JobRow.created_at == c, JobRow.id > after.id)),
+                    ),
+                ),
+            ]
+        return await asyncio.to_thread(self.store.queued_jobs, where=where, per_owner=per_owner)
 
     @staticmethod
     def _account(row: JobRow, owners: dict, groups: dict, pools: dict) -> None:
@@ -405,10 +472,6 @@ class JobQueue(LoggingConfigurable):
         _charge(pools[row.pool], row)
         for group in row.groups:
             _charge(groups[group], row)
-
-    def _wait(self, row: JobRow, reason: str) -> None:
-        if row.state_reason != reason:
-            self.store.set_reason(row.id, reason)
 
     def _blocker(
         self, row: JobRow, capacity: dict[str, PoolCapacity], owners: dict, groups: dict, pools: dict
@@ -440,9 +503,9 @@ class JobQueue(LoggingConfigurable):
             return f"waiting: not enough memory in pool '{row.pool}'"
         return None
 
-    def _attested(self, row: JobRow) -> tuple[NodeState | None, str | None]:
-        """For an ``attestation: required`` job: ``(node state, None)`` if the node it would run on
-        is attested and fresh, else ``(None, why it waits)``."""
+    def _attested(self) -> tuple[NodeState | None, str | None]:
+        """For ``attestation: required`` jobs: ``(node state, None)`` if the node they would run on
+        is attested and fresh, else ``(None, why they wait)``."""
         node = self.executor.node_name
         if node is None:
             why = f"attestation gating is not supported on the {self.executor.name} executor yet"
@@ -464,7 +527,8 @@ class JobQueue(LoggingConfigurable):
         attempt = row.attempt + 1
         token = secrets.token_urlsafe(32)
         gate = {"attestation_fingerprint": attested.fingerprint, "attestation_node": attested.node} if attested else {}
-        row = self.store.transition(
+        row = await asyncio.to_thread(
+            self.store.transition,
             row.id,
             "dispatching",
             f"starting attempt {attempt}",
@@ -510,15 +574,21 @@ class JobQueue(LoggingConfigurable):
             try:
                 handle = await self.executor.start(launch)
             except ExecutorUnavailable as e:
-                self.store.transition(
-                    row.id, "queued", f"waiting: executor unavailable: {e}", attempt=row.attempt - 1
+                await asyncio.to_thread(
+                    self.store.transition,
+                    row.id,
+                    "queued",
+                    f"waiting: executor unavailable: {e}",
+                    attempt=row.attempt - 1,
                 )
                 return False
             except Exception as e:
                 self.log.exception("could not start job %s", row.id)
-                self.store.transition(row.id, "failed", f"could not start: {e}")
+                await asyncio.to_thread(self.store.transition, row.id, "failed", f"could not start: {e}")
                 return False
-        self.store.transition(row.id, "running", f"attempt {attempt} started", handle=asdict(handle))
+        await asyncio.to_thread(
+            self.store.transition, row.id, "running", f"attempt {attempt} started", handle=asdict(handle)
+        )
         return True
 
     def _env(self, row: JobRow, spec: JobSpec, token: str) -> dict[str, str]:

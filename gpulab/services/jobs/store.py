@@ -10,9 +10,11 @@ import hashlib
 import hmac
 import json
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from alembic import command
@@ -27,14 +29,16 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    cast,
     func,
     or_,
     select,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.sql import ColumnElement
 from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
 
@@ -107,6 +111,7 @@ class JobRow(Base):
     attestation_fingerprint: Mapped[str | None] = mapped_column(String(128))  # of the latest dispatch
     attestation_node: Mapped[str | None] = mapped_column(String(255))
     job_token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex; set while active
+    attestation_required: Mapped[bool] = mapped_column(default=False)  # spec["attestation"] == "required"
 
     def to_model(self, log_size: int = 0) -> Job:
         """The API view of this row."""
@@ -189,6 +194,38 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("invalid cursor") from e
 
 
+SCHEDULING_COLUMNS = (
+    JobRow.id,
+    JobRow.owner,
+    JobRow.groups,
+    JobRow.priority,
+    JobRow.pool,
+    JobRow.gpus,
+    JobRow.cpus,
+    JobRow.memory,
+    JobRow.created_at,
+    JobRow.attempt,
+    JobRow.attestation_required,
+)
+"""What the scheduler reads of a queued job (no spec, labels or other JSON but the owner's groups)."""
+
+REASON_COLUMNS = (
+    JobRow.owner,
+    cast(JobRow.groups, Text),
+    JobRow.pool,
+    JobRow.gpus,
+    JobRow.cpus,
+    JobRow.memory,
+    JobRow.attestation_required,
+)
+"""What a queued job's waiting reason depends on (``groups`` as JSON text, comparable in SQL)."""
+
+
+def _due() -> list[ColumnElement]:
+    """Conditions of a queued job whose retry backoff has passed."""
+    return [JobRow.state == "queued", or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow())]
+
+
 def upgrade(engine) -> None:
     """Bring the schema to the newest migration (no alembic.ini needed)."""
     cfg = AlembicConfig()
@@ -247,6 +284,7 @@ class JobStore(LoggingConfigurable):
             max_retries=spec.retries,
             idempotency_key=spec.idempotency_key,
             labels=spec.labels,
+            attestation_required=spec.attestation == "required",
             created_at=now,
             updated_at=now,
             traceparent=traceparent,
@@ -335,14 +373,30 @@ class JobStore(LoggingConfigurable):
             )
             return session.get(JobRow, job_id)
 
-    def set_reason(self, job_id: str, reason: str) -> None:
-        """Update the reason of a queued job (why it waits) without a transition."""
+    def set_waiting_reasons(self, reason_for: Callable[[SimpleNamespace], str | None]) -> None:
+        """Set each due queued job's reason (why it waits) to ``reason_for(job)`` where that is not None
+        and differs, without a transition.
+
+        ``job`` has the columns a reason depends on (:data:`REASON_COLUMNS`); one UPDATE per distinct
+        combination of them and the old reason, so the cost is in SQL, not per job.
+        """
+        key = [*REASON_COLUMNS, JobRow.state_reason]
+        with self._session() as session:
+            combos = session.execute(select(*key).where(*_due()).group_by(*key)).all()
+        changes = []
+        for combo in combos:
+            job = SimpleNamespace(**combo._mapping)
+            job.groups = json.loads(job.groups)
+            reason = reason_for(job)
+            if reason is not None and reason != combo.state_reason:
+                where = [col.is_(v) if v is None else col == v for col, v in zip(key, combo, strict=True)]
+                changes.append((where, reason))
+        if not changes:
+            return
+        now = utcnow()
         with self._session() as session, session.begin():
-            session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state == "queued")
-                .values(state_reason=reason, updated_at=utcnow())
-            )
+            for where, reason in changes:
+                session.execute(update(JobRow).where(*_due(), *where).values(state_reason=reason, updated_at=now))
 
     def events(self, job_id: str) -> list[JobEvent]:
         """The job's transitions, oldest first."""
@@ -406,13 +460,35 @@ class JobStore(LoggingConfigurable):
         with self._session() as session:
             return list(session.scalars(select(JobRow).where(JobRow.state.in_(ACTIVE_STATES))))
 
-    def queued_jobs(self, due_only: bool = True) -> list[JobRow]:
-        """Queued jobs (with ``due_only``: those whose retry backoff has passed)."""
-        query = select(JobRow).where(JobRow.state == "queued")
-        if due_only:
-            query = query.where(or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow()))
+    def any_queued(self) -> bool:
+        """Whether a queued job is due (its retry backoff has passed)."""
         with self._session() as session:
-            return list(session.scalars(query.order_by(JobRow.created_at)))
+            return session.scalar(select(JobRow.id).where(*_due()).limit(1)) is not None
+
+    def queued_jobs(
+        self,
+        due_only: bool = True,
+        where: Iterable[ColumnElement] = (),
+        per_owner: ColumnElement | int | None = None,
+    ) -> list[Row]:
+        """The :data:`SCHEDULING_COLUMNS` of queued jobs, by priority (highest first), then age.
+
+        ``due_only``: only jobs whose retry backoff has passed; ``where``: more conditions on
+        ``JobRow`` columns; ``per_owner``: at most this many jobs of each owner (an int, or an
+        expression over ``JobRow`` columns giving each row's owner's limit).
+        """
+        order = (JobRow.priority.desc(), JobRow.created_at, JobRow.id)
+        query = select(*SCHEDULING_COLUMNS).where(
+            *(_due() if due_only else [JobRow.state == "queued"]), *where
+        )
+        if per_owner is not None:
+            rank = func.row_number().over(partition_by=JobRow.owner, order_by=order)
+            ranked = query.add_columns(rank.label("rank"), cast(per_owner, BigInteger).label("room")).subquery()
+            columns = [ranked.c[c.key] for c in SCHEDULING_COLUMNS]
+            query = select(*columns).where(ranked.c.rank <= ranked.c.room)
+            order = (ranked.c.priority.desc(), ranked.c.created_at, ranked.c.id)
+        with self._session() as session:
+            return list(session.execute(query.order_by(*order)))
 
     def usage(self, by: Literal["owner", "pool"]) -> dict[str, Usage]:
         """Resources of running + dispatching jobs per owner or per pool."""
