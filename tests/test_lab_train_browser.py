@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.support.browser import chromium_page, new_notebook, run_cell
+from tests.support.browser import chromium_page, hub_login, new_notebook, run_cell
 from tests.support.gpulab_up import Platform
 
 pytestmark = pytest.mark.browser
@@ -19,14 +19,9 @@ def hub(tmp_path_factory):
 
 
 def test_train_in_lab_shows_the_monitor_until_succeeded(hub, output_dir):
-    password = (hub.data_dir / "secrets" / "user-password").read_text().strip()
     with chromium_page() as page:
         try:
-            page.goto(f"{hub.url}/hub/login")
-            page.fill("input[name=username]", "lena")
-            page.fill("input[name=password]", password)
-            page.click("input[type=submit], button[type=submit]")
-            page.wait_for_url(f"{hub.url}/user/lena/lab**", timeout=120_000)
+            hub_login(page, hub, "lena")
             new_notebook(page, "Python 3 (GPU, RAPIDS)")
             run_cell(page, 0, "%load_ext gpulab")
             page.locator(".jp-OutputArea-output", has_text="no GPU found").first.wait_for(timeout=60_000)

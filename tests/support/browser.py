@@ -56,3 +56,14 @@ def run_cell(page, index: int, code: str, attempts: int = 3) -> None:
             cell.locator(".cm-content").click()
             page.keyboard.press("Control+Enter")
     raise AssertionError(f"cell {index} never ran")
+
+
+def hub_login(page, hub, user: str) -> None:
+    """Log in to ``hub`` (a tests.support.gpulab_up.Platform) with its generated user password and
+    wait for the user's JupyterLab."""
+    password = (hub.data_dir / "secrets" / "user-password").read_text().strip()
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", password)
+    page.click("input[type=submit], button[type=submit]")
+    page.wait_for_url(f"{hub.url}/user/{user}/lab**", timeout=120_000)

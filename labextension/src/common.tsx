@@ -1,0 +1,67 @@
+/** Pieces the tabs share: polling a resource while the panel is visible, errors, relative times. */
+
+import * as React from 'react';
+
+import { APIError } from './api';
+
+export const POLL_MS = 2000;
+
+/**
+ * `[value, error, refresh]` of `load()`, run now and every {@link POLL_MS} while `visible()`;
+ * reloads when `deps` change.
+ */
+export function usePolling<T>(
+  load: () => Promise<T>,
+  visible: () => boolean,
+  deps: React.DependencyList = []
+): [T | null, string | null, () => void] {
+  const [value, setValue] = React.useState<T | null>(null);
+  const [error, setError] = React.useState<string | null>(null);
+  const [tick, setTick] = React.useState(0);
+  React.useEffect(() => {
+    let live = true;
+    const run = async () => {
+      try {
+        const result = await load();
+        if (live) {
+          setValue(result);
+          setError(null);
+        }
+      } catch (e) {
+        if (live) {
+          setError(e instanceof APIError ? e.message : String(e));
+        }
+      }
+    };
+    run();
+    const timer = setInterval(() => visible() && run(), POLL_MS);
+    return () => {
+      live = false;
+      clearInterval(timer);
+    };
+  }, [...deps, tick]);
+  return [value, error, () => setTick(t => t + 1)];
+}
+
+export function ErrorLine(props: { error: string | null }): JSX.Element | null {
+  return props.error ? (
+    <div className="jp-gpulab-error" role="alert">
+      {props.error}
+    </div>
+  ) : null;
+}
+
+/** "5s ago", "3m ago", "2h ago", "4d ago". */
+export function ago(iso: string): string {
+  const seconds = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  for (const [unit, size] of [
+    ['d', 86400],
+    ['h', 3600],
+    ['m', 60]
+  ] as [string, number][]) {
+    if (seconds >= size) {
+      return `${Math.floor(seconds / size)}${unit} ago`;
+    }
+  }
+  return `${Math.floor(seconds)}s ago`;
+}

@@ -1,0 +1,123 @@
+/** The Jobs tab: the user's training jobs, live, with logs, cancel and delete. */
+
+import * as React from 'react';
+
+import { APIError, getJSON, IJob, send, TERMINAL_STATES } from './api';
+import { ago, ErrorLine, usePolling } from './common';
+
+export interface IJobsProps {
+  visible: () => boolean;
+  openLogs: (job: IJob) => void;
+  mlflowUrl: string | null;
+}
+
+export function JobsView(props: IJobsProps): JSX.Element {
+  const [state, setState] = React.useState('');
+  const [error, setError] = React.useState<string | null>(null);
+  const query = state ? `jobs?limit=50&state=${state}` : 'jobs?limit=50';
+  const [jobs, loadError, refresh] = usePolling(async () => (await getJSON<{ jobs: IJob[] }>(query)).jobs, props.visible, [
+    query
+  ]);
+
+  const act = async (what: string, method: 'POST' | 'DELETE', path: string) => {
+    setError(null);
+    try {
+      await send(method, path);
+    } catch (e) {
+      setError(`${what}: ${e instanceof APIError ? e.message : e}`);
+    }
+    refresh();
+  };
+
+  return (
+    <div className="jp-gpulab-section">
+      <div className="jp-gpulab-toolbar">
+        <label>
+          State{' '}
+          <select aria-label="Filter jobs by state" value={state} onChange={e => setState(e.target.value)}>
+            <option value="">all</option>
+            {['queued', 'running', ...TERMINAL_STATES].map(s => (
+              <option key={s} value={s}>
+                {s}
+              </option>
+            ))}
+          </select>
+        </label>
+        <button className="jp-gpulab-button" onClick={refresh} title="Refresh now">
+          Refresh
+        </button>
+      </div>
+      <ErrorLine error={error ?? loadError} />
+      {jobs && jobs.length === 0 && (
+        <p className="jp-gpulab-empty">
+          {state ? `No ${state} jobs.` : 'No jobs yet. Submit one with %%train or gpulab.submit().'}
+        </p>
+      )}
+      {jobs && jobs.length > 0 && (
+        <ul className="jp-gpulab-list jp-gpulab-jobs">
+          {jobs.map(job => (
+            <JobCard key={job.id} job={job} act={act} openLogs={props.openLogs} mlflowUrl={props.mlflowUrl} />
+          ))}
+        </ul>
+      )}
+    </div>
+  );
+}
+
+function JobCard(props: {
+  job: IJob;
+  act: (what: string, method: 'POST' | 'DELETE', path: string) => void;
+  openLogs: (job: IJob) => void;
+  mlflowUrl: string | null;
+}): JSX.Element {
+  const { job, act } = props;
+  const finished = TERMINAL_STATES.includes(job.state);
+  const { step, total, metrics } = job.progress;
+  const metricText = Object.entries(metrics)
+    .map(([k, v]) => `${k}=${typeof v === 'number' ? +v.toPrecision(4) : v}`)
+    .join(' ');
+  const gpus = { 0: 'CPU', 1: '1 GPU' }[job.resources.gpus] ?? `${job.resources.gpus} GPUs`;
+  return (
+    <li className="jp-gpulab-card" data-job-id={job.id} title={job.id}>
+      <div className="jp-gpulab-card-head">
+        <span className="jp-gpulab-name">{job.name}</span>
+        <span className={`jp-gpulab-state jp-gpulab-state-${job.state}`} title={job.state_reason}>
+          {job.state}
+        </span>
+      </div>
+      {['queued', 'failed', 'timed_out'].includes(job.state) && job.state_reason && (
+        <div className="jp-gpulab-reason">{job.state_reason}</div>
+      )}
+      {step !== null && (
+        <div className="jp-gpulab-progress">
+          {total ? <progress value={step} max={total} /> : null}
+          <span>{total ? `${step}/${total}` : `step ${step}`}</span> <span className="jp-gpulab-reason">{metricText}</span>
+        </div>
+      )}
+      <div className="jp-gpulab-card-foot">
+        <span className="jp-gpulab-reason" title={job.created_at}>
+          {gpus} · {ago(job.created_at)}
+        </span>
+        <span className="jp-gpulab-actions">
+          {job.mlflow_run_id && props.mlflowUrl && (
+            <a href={`${props.mlflowUrl.replace(/\/$/, '')}/#/runs/${job.mlflow_run_id}`} target="_blank" rel="noreferrer">
+              MLflow
+            </a>
+          )}
+          <button className="jp-gpulab-button" onClick={() => props.openLogs(job)}>
+            Logs
+          </button>
+          {finished ? (
+            <button className="jp-gpulab-button" onClick={() => act(`Delete ${job.name}`, 'DELETE', `jobs/${job.id}`)}>
+              Delete
+            </button>
+          ) : (
+            <button className="jp-gpulab-button" onClick={() => act(`Cancel ${job.name}`, 'POST', `jobs/${job.id}/cancel`)}>
+              Cancel
+            </button>
+          )}
+        </span>
+      </div>
+    </li>
+  );
+}

@@ -1,0 +1,76 @@
+/** The gpulab side panel: who and where (GPUs, services), then Jobs, Models and Attestation tabs. */
+
+import { ReactWidget } from '@jupyterlab/ui-components';
+import * as React from 'react';
+
+import { getJSON, IJob, IStatus, IWhoAmI } from './api';
+import { AttestationView } from './attestation';
+import { ErrorLine, usePolling } from './common';
+import { JobsView } from './jobs';
+import { ModelsView } from './models';
+
+const TABS = [
+  { id: 'jobs', label: 'Jobs', scope: 'custom:gpulab:jobs' },
+  { id: 'models', label: 'Models', scope: 'custom:gpulab:infer' },
+  { id: 'attestation', label: 'Attestation', scope: 'custom:gpulab:attest' }
+];
+
+export class GpulabPanel extends ReactWidget {
+  constructor(private readonly openLogs: (job: IJob) => void) {
+    super();
+    this.id = 'gpulab-panel';
+    this.addClass('jp-gpulab-Panel');
+  }
+
+  render(): JSX.Element {
+    return <Panel visible={() => this.isVisible} openLogs={this.openLogs} />;
+  }
+}
+
+function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void }): JSX.Element {
+  const [chosen, setTab] = React.useState('jobs');
+  const [who, whoError] = usePolling(() => getJSON<IWhoAmI>('whoami'), () => false);
+  const [status] = usePolling(() => getJSON<IStatus>('status'), props.visible);
+  const tabs = who ? TABS.filter(t => who.scopes.includes(t.scope)) : [];
+  const tab = tabs.some(t => t.id === chosen) ? chosen : tabs[0]?.id;
+  const gpus = status ? (status.gpus === 'none' ? 'no GPU' : status.gpus.map(g => g.name).join(', ')) : '';
+  const open = status?.breakers.filter(b => b.state !== 'closed') ?? [];
+  return (
+    <div className="jp-gpulab-body">
+      <header className="jp-gpulab-header">
+        <h2>gpulab</h2>
+        {who && (
+          <div className="jp-gpulab-who">
+            {who.name}
+            {who.admin ? ' (admin)' : ''} · {gpus}
+          </div>
+        )}
+        {open.map(b => (
+          <div key={b.name} className="jp-gpulab-error" role="alert">
+            {b.name} unavailable ({b.state}){b.last_error ? `: ${b.last_error}` : ''}
+          </div>
+        ))}
+      </header>
+      <ErrorLine error={whoError} />
+      {who && tabs.length === 0 && <p className="jp-gpulab-empty">Your account has no gpulab scopes.</p>}
+      <nav className="jp-gpulab-tabs" role="tablist">
+        {tabs.map(t => (
+          <button
+            key={t.id}
+            role="tab"
+            aria-selected={tab === t.id}
+            className={`jp-gpulab-tab${tab === t.id ? ' jp-mod-current' : ''}`}
+            onClick={() => setTab(t.id)}
+          >
+            {t.label}
+          </button>
+        ))}
+      </nav>
+      {tab === 'jobs' && (
+        <JobsView visible={props.visible} openLogs={props.openLogs} mlflowUrl={status?.services.mlflow_ui ?? null} />
+      )}
+      {tab === 'models' && <ModelsView visible={props.visible} />}
+      {tab === 'attestation' && <AttestationView visible={props.visible} />}
+    </div>
+  );
+}

@@ -1,0 +1,102 @@
+"""The gpulab JupyterLab extension in real Chromium against a real hub, job service and JupyterLab:
+the side panel lists the user's jobs live, follows a log, cancels and deletes through the UI, and
+shows the Models and Attestation tabs."""
+
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.support.browser import chromium_page, hub_login
+from tests.support.gpulab_up import Platform
+
+pytestmark = pytest.mark.browser
+
+TICKER = """
+import gpulab, time
+for i in range(600):
+    print('tick', i, flush=True)
+    gpulab.progress(i + 1, 600, loss=1 / (i + 1))
+    time.sleep(0.2)
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    hub = Platform(tmp_path_factory.mktemp("labext") / "data", host="127.0.0.15")
+    hub.start("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n")
+    yield hub
+    hub.stop()
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (found := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
+def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
+    with chromium_page() as page:
+        try:
+            hub_login(page, hub, "nora")
+
+            jobs_api = f"{hub.url}/services/gpulab-jobs/api/v1"
+            auth = {"Authorization": f"token {hub.token('nora')}"}
+
+            def submit(name, code):
+                spec = {"name": name, "entrypoint": [sys.executable, "-c", code]}
+                r = requests.post(f"{jobs_api}/jobs", json=spec, headers=auth, timeout=30)
+                assert r.status_code == 201, r.text
+                return r.json()["id"]
+
+            def job(job_id):
+                return requests.get(f"{jobs_api}/jobs/{job_id}", headers=auth, timeout=30)
+
+            ticker, quick = submit("ticker", TICKER), submit("quick", "print('done')")
+
+            page.locator(".jp-SideBar [data-id='gpulab-panel']").click(timeout=60_000)
+            panel = page.locator(".jp-gpulab-Panel")
+            panel.locator(".jp-gpulab-who", has_text="nora").wait_for(timeout=30_000)
+            assert panel.get_by_role("tab").all_inner_texts() == ["Jobs", "Models", "Attestation"]
+
+            ticker_row = panel.locator(f"[data-job-id='{ticker}']")
+            quick_row = panel.locator(f"[data-job-id='{quick}']")
+            ticker_row.locator(".jp-gpulab-state-running").wait_for(timeout=60_000)
+            ticker_row.locator(".jp-gpulab-progress", has_text="/600").wait_for(timeout=30_000)
+            assert "loss=" in ticker_row.locator(".jp-gpulab-progress").inner_text()
+            quick_row.locator(".jp-gpulab-state-succeeded").wait_for(timeout=60_000)
+
+            # The log tab follows the running job live.
+            ticker_row.get_by_role("button", name="Logs").click()
+            log = page.locator(".jp-gpulab-Log")
+            log.get_by_text("tick 5").wait_for(timeout=30_000)
+
+            ticker_row.get_by_role("button", name="Cancel").click()
+            wait_for(lambda: job(ticker).json()["state"] == "cancelled", "the job to be cancelled")
+            ticker_row.locator(".jp-gpulab-state-cancelled").wait_for(timeout=30_000)
+            log.locator(".jp-gpulab-log-status", has_text="ticker: cancelled").wait_for(timeout=30_000)
+
+            quick_row.get_by_role("button", name="Delete").click()
+            wait_for(lambda: job(quick).status_code == 404, "the job to be deleted")
+            quick_row.wait_for(state="detached", timeout=30_000)
+            assert ticker_row.get_by_role("button", name="Cancel").count() == 0  # finished: Delete only
+
+            # Filtering by state asks the API for that state only.
+            panel.get_by_label("Filter jobs by state").select_option("running")
+            panel.get_by_text("No running jobs.").wait_for(timeout=30_000)
+            panel.get_by_label("Filter jobs by state").select_option("")
+            ticker_row.wait_for(timeout=30_000)
+            page.screenshot(path=str(output_dir / "lab-gpulab-panel.png"))
+
+            # This platform runs no inference service: the Models tab says so instead of failing.
+            panel.get_by_role("tab", name="Models").click()
+            panel.get_by_role("alert").filter(has_text="inference").wait_for(timeout=30_000)
+
+            panel.get_by_role("tab", name="Attestation").click()
+            panel.get_by_text("No GPU node has been attested").wait_for(timeout=30_000)
+        except Exception:
+            page.screenshot(path=str(output_dir / "lab-gpulab-panel-failure.png"))
+            raise
