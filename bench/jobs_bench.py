@@ -685,8 +685,8 @@ def ray_compare(bench: Bench, address: str, n: int, variants: list[str], work: P
 def tick_cost(work: Path, depths: list[int], reps: int) -> dict:
     """In-process: one ``JobQueue.tick()`` with N jobs queued in a pool nobody offers (as in section 1).
 
-    The service runs this pass on its event loop after every submission and every tick_interval, so
-    its cost is time no request is served. Baseline: the same pass with nothing queued.
+    The service runs this pass (its database work in a thread) after a burst of submissions and every
+    tick_interval. Baseline: the same pass with nothing queued.
     """
     import asyncio
 
@@ -796,8 +796,8 @@ def report(res: dict) -> str:
         if "list_queued" in res:
             lq = res["list_queued"]
             lines += ["", (f"Same requests ({lq['openapi']['n']} rounds) after the throughput run left "
-                           f"~{res['list_queued_n']} jobs queued (every scheduling pass scans them all, "
-                           "on the event loop):"),
+                           f"~{res['list_queued_n']} jobs queued (each scheduling pass records their waiting "
+                           "reasons):"),
                       "", "| request | p50 ms | p95 ms | p99 ms | max ms | p99 vs the run above |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for name in ("openapi", "quota", "list_first", "list_deep"):
@@ -843,7 +843,7 @@ def report(res: dict) -> str:
         t = res["tick"]
         base = t.get(0) or t.get("0")
         lines += ["## 5. One scheduling pass (`JobQueue.tick()`) vs queued jobs (diagnostic, in-process, SQLite)", "",
-                  "The service runs it on its event loop after every submission and every tick_interval.", "",
+                  "The service runs it after a burst of submissions and every tick_interval.", "",
                   "| jobs queued | median ms | vs 0 queued |", "| ---: | ---: | ---: |"]
         lines += [f"| {depth} | {v} | {ratio(v, base)} |" for depth, v in t.items()]
         lines.append("")
