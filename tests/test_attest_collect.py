@@ -33,7 +33,7 @@ import requests
 
 from gpulab.secrets import write_secret_file
 from gpulab.services.jobs.openapi import SPEC_PATH
-from tests.support.attestation import EatMinter, JwksServer, NrasKey
+from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
 from tests.support.gpulab_up import Platform
 from tests.support.openapi import Spec
 from tests.test_jobs_service import Client
@@ -148,12 +148,8 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minter():
-    key = NrasKey()
-    jwks = JwksServer([key])
-    minter = EatMinter(key, time.time)
-    minter.jwks_url = jwks.url
-    yield minter
-    jwks.close()
+    with served_minter() as minter:
+        yield minter
 
 
 @pytest.fixture(scope="module")
@@ -168,21 +164,8 @@ def hub(work, minter, nras):
     key_file = work / "nras-api-key"
     write_secret_file(key_file, PLATFORM_KEY)
     hub = Platform(work / "data", host="127.0.0.21")
-    hub.start(f"""
-c.Platform.mlflow_service = False
-c.Roles.everyone = []
-c.Roles.group_roles = {{"ml": ["gpulab-user"]}}
-c.JobQueue.tick_interval = 0.2
-c.JobQueue.mlflow_tracking_uri = "sqlite:///{work / 'mlflow.sqlite'}"
-c.LocalExecutor.node_name = "{GATED_NODE}"
-c.Attestation.nras_url = "{nras.url}"
-c.Attestation.jwks_url = "{minter.jwks_url}"
-c.Attestation.allow_insecure_localhost = True
-c.Attestation.api_key_file = "{key_file}"
-c.Attestation.nonce_rate = c.Attestation.verify_rate = 10.0
-c.Attestation.nonce_burst = c.Attestation.verify_burst = 50
-c.Attestation.max_failures = 50
-""")
+    config = attestation_hub_config(work, minter, key_file, GATED_NODE, max_failures=50)
+    hub.start(config + f'c.Attestation.nras_url = "{nras.url}"\n')
     hub.create_user("alice", groups=["ml"])
     yield hub
     hub.stop()

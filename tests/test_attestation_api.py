@@ -24,7 +24,7 @@ from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.openapi import SPEC_PATH
 from gpulab.services.jobs.queue import JobQueue
 from gpulab.services.jobs.store import JobStore
-from tests.support.attestation import EatMinter, JwksServer, NrasKey
+from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
 from tests.support.gpulab_up import Platform
 from tests.support.openapi import Spec
 from tests.test_jobs_service import Client
@@ -40,12 +40,8 @@ ENV_KEY = "nras-env-key-" + secrets.token_hex(8)
 
 @pytest.fixture(scope="module")
 def minter():
-    key = NrasKey()
-    jwks = JwksServer([key])
-    minter = EatMinter(key, time.time)
-    minter.jwks_url = jwks.url
-    yield minter
-    jwks.close()
+    with served_minter() as minter:
+        yield minter
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +54,8 @@ def hub(work, minter):
     key_file = work / "nras-api-key"
     write_secret_file(key_file, FILE_KEY)
     hub = Platform(work / "data", host="127.0.0.15")
-    config = f"""
-c.Platform.mlflow_service = False
-c.Login.admin_users = {{"carol"}}
-c.Roles.everyone = []
-c.Roles.group_roles = {{"ml": ["gpulab-user"]}}
-c.JobQueue.tick_interval = 0.2
-c.JobQueue.mlflow_tracking_uri = "sqlite:///{work / 'mlflow.sqlite'}"
-c.LocalExecutor.node_name = "{GATED_NODE}"
-c.Attestation.jwks_url = "{minter.jwks_url}"
-c.Attestation.allow_insecure_localhost = True
-c.Attestation.api_key_file = "{key_file}"
-c.Attestation.nonce_rate = c.Attestation.verify_rate = 10.0
-c.Attestation.nonce_burst = c.Attestation.verify_burst = 50
-c.Attestation.max_failures = {MAX_FAILURES}
-"""
+    config = attestation_hub_config(work, minter, key_file, GATED_NODE, MAX_FAILURES)
+    config += 'c.Login.admin_users = {"carol"}\n'
     with pytest.MonkeyPatch.context() as env:  # the key in `gpulab up`'s environment too
         env.setenv(NRAS_KEY_VAR, ENV_KEY)
         hub.start(config)

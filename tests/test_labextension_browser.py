@@ -24,7 +24,7 @@ for i in range(600):
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("labext") / "data", host="127.0.0.15")
+    hub = Platform(tmp_path_factory.mktemp("labext") / "data", host="127.0.0.16")
     hub.start("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n")
     yield hub
     hub.stop()

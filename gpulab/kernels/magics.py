@@ -30,38 +30,36 @@ class _Parser(argparse.ArgumentParser):
         raise _Stop(message)
 
 
+def _reporting(prog: str, call):
+    """``call()``; option and gpulab errors are printed as one line and give None."""
+    try:
+        return call()
+    except _Stop as stop:
+        if stop.args[0]:
+            print(stop.args[0].strip(), file=sys.stderr, flush=True)
+    except GpulabError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+    return None
+
+
 def _one_line(func):
-    """Run the magic; print option and gpulab errors as one line, return None for them."""
+    """A magic whose line is shell-like options: ``func(self, prog, argv, cell)``, errors as one line."""
 
     @functools.wraps(func)
     def wrapper(self, line, cell=None):
         prog = f"%{'%' * (cell is not None)}{func.__name__}"
-        try:
-            return func(self, prog, shlex_split(prog, line), cell)
-        except _Stop as stop:
-            if stop.args[0]:
-                print(stop.args[0].strip(), file=sys.stderr, flush=True)
-        except GpulabError as exc:
-            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
-        return None
+        return _reporting(prog, lambda: func(self, prog, shlex_split(prog, line), cell))
 
     return wrapper
 
 
 def _one_line_raw(func):
-    """:func:`_one_line` for magics that take their line as it is (a Python expression)."""
+    """A magic that takes its line as it is (a Python expression): ``func(self, prog, line)``."""
 
     @functools.wraps(func)
     def wrapper(self, line):
         prog = f"%{func.__name__}"
-        try:
-            return func(self, prog, line)
-        except _Stop as stop:
-            if stop.args[0]:
-                print(stop.args[0].strip(), file=sys.stderr, flush=True)
-        except GpulabError as exc:
-            print(f"{prog}: {exc}", file=sys.stderr, flush=True)
-        return None
+        return _reporting(prog, lambda: func(self, prog, line))
 
     return wrapper
 

@@ -15,7 +15,9 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 import uuid
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -172,3 +174,36 @@ def _apply(claims: dict, changes: dict | None) -> dict:
         else:
             claims[name] = value
     return claims
+
+
+@contextmanager
+def served_minter():
+    """An :class:`EatMinter` on the real clock whose signing key is served by a :class:`JwksServer`."""
+    key = NrasKey()
+    jwks = JwksServer([key])
+    minter = EatMinter(key, time.time)
+    minter.jwks_url = jwks.url
+    try:
+        yield minter
+    finally:
+        jwks.close()
+
+
+def attestation_hub_config(work: Path, minter: EatMinter, key_file: Path, node: str, max_failures: int) -> str:
+    """gpulab_config.py lines for a hub whose gpulab-jobs verifies ``minter``'s tokens for the local
+    node ``node``, with the NRAS key in ``key_file``, members of group "ml" as users, and fast,
+    generous rate limits."""
+    return f"""
+c.Platform.mlflow_service = False
+c.Roles.everyone = []
+c.Roles.group_roles = {{"ml": ["gpulab-user"]}}
+c.JobQueue.tick_interval = 0.2
+c.JobQueue.mlflow_tracking_uri = "sqlite:///{work / 'mlflow.sqlite'}"
+c.LocalExecutor.node_name = "{node}"
+c.Attestation.jwks_url = "{minter.jwks_url}"
+c.Attestation.allow_insecure_localhost = True
+c.Attestation.api_key_file = "{key_file}"
+c.Attestation.nonce_rate = c.Attestation.verify_rate = 10.0
+c.Attestation.nonce_burst = c.Attestation.verify_burst = 50
+c.Attestation.max_failures = {max_failures}
+"""
