@@ -101,6 +101,15 @@ class Metrics:
                                  registry=self.registry)
         self.pool = pool
         self.registry.register(self)
+        self._requests = {}  # (rpc, model, code) -> its counter: labels() takes a lock and builds a key each time
+        self._latency = {rpc: self.latency.labels(rpc) for rpc in RPCS}
+
+    def observe(self, rpc: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
+        counter = self._requests.get((rpc, model, code))
+        if counter is None:
+            counter = self._requests[rpc, model, code] = self.requests.labels(rpc, model, code.name)
+        counter.inc()
+        self._latency[rpc].observe(seconds)
 
     def collect(self):
         requests = CounterMetricFamily("gpulab_infer_replica_requests", "Requests sent to each replica",
@@ -199,8 +208,7 @@ class Gateway:
             await context.abort(code, message)
         finally:
             label = model if model and code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND) else ""
-            self.metrics.requests.labels(rpc, label, code.name).inc()
-            self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
+            self.metrics.observe(rpc, label, code, time.perf_counter() - started)
 
     async def stream_infer(self, requests, context: grpc.aio.ServicerContext):
         """ModelStreamInfer: one replica per stream; each request's model is authorised before it is sent,
