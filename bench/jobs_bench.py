@@ -498,7 +498,9 @@ def latency_popen(workdir: Path, n: int) -> dict:
 def summarize(rows: list[dict]) -> dict:
     out = {"n": len(rows)}
     for key in rows[0]:
-        xs = [r[key] for r in rows]
+        xs = [r[key] for r in rows if r[key] is not None]
+        if not xs:
+            continue
         out[key] = {"p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99)),
                     "mean_ms": ms(statistics.fmean(xs))}
     return out
@@ -653,7 +655,8 @@ def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> di
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     assert job["state"] == "succeeded", job
-    out["send_to_gpulab_running"] = epoch(job["started_at"]) - t0
+    # None: the job ended before a scheduling pass saw Ray's RUNNING (gpulab records `running` only then)
+    out["send_to_gpulab_running"] = epoch(job["started_at"]) - t0 if job["started_at"] else None
     return out
 
 
@@ -825,9 +828,9 @@ def report(res: dict) -> str:
                           ("post_rtt", "POST round trip")):
             cells = [f"{ray[n][key]['p50_ms']} / {ray[n][key]['p99_ms']}" for n in names]
             lines.append(f"| {what} | {' | '.join(cells)} | {ratio(gl[key]['p50_ms'], raw[key]['p50_ms'])} |")
-        g = gl["send_to_gpulab_running"]
-        lines.append(f"| POST sent -> gpulab `started_at` (state running) |{' |' * (len(names) - 1)} "
-                     f"{g['p50_ms']} / {g['p99_ms']} | |")
+        if g := gl.get("send_to_gpulab_running"):  # seen by a pass (every tick_interval) after Ray's RUNNING
+            lines.append(f"| POST sent -> gpulab `started_at` (state running) |{' |' * (len(names) - 1)} "
+                         f"{g['p50_ms']} / {g['p99_ms']} | |")
         seen = ", ".join(f"{titles[n]} {ray[n]['saw_running']}/{ray[n]['n']}" for n in names)
         own = (gl["send_to_ray_accepted"]["p50_ms"] - raw["send_to_ray_accepted"]["p50_ms"])
         total = raw["send_to_ray_running"]["p50_ms"]

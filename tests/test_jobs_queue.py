@@ -16,7 +16,7 @@ import psutil
 import pytest
 from traitlets.config import Config
 
-from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch
+from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch, Outcome
 from gpulab.services.jobs.executors.local import LocalExecutor
 from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.queue import JobQueue
@@ -396,6 +396,58 @@ async def test_waiting_reasons_of_jobs_never_read_follow_the_checks_order(make_q
     (tmp_path / "release").touch()
     for job_id in (running, *more[:2]):
         assert (await finished(store, job_id)).state == "succeeded"
+
+
+class PendingExecutor(LocalExecutor):
+    """Like Ray: an accepted attempt is "starting" until it runs (here: until the file ``go`` exists),
+    and the log is copied into the job's log file when the attempt ends."""
+
+    start_pending = True
+    go: Path
+
+    async def poll(self, handle):
+        outcome = await super().poll(handle)
+        if outcome.state == "running" and not self.go.exists():
+            return Outcome("starting", reason="PENDING: waiting for resources")
+        return outcome
+
+    async def save_logs(self, handle, log_path):
+        log_path.write_bytes(log_path.read_bytes() + b"saved by the executor\n")
+
+
+async def test_pending_attempt_runs_only_once_the_executor_says_so(make_queue, store, tmp_path):
+    q = await make_queue(start=False, queue={"executor_class": PendingExecutor})
+    q.executor.go = tmp_path / "go"
+    await q.start()
+    job_id = await submit(q, entrypoint=py(GATED, tmp_path))
+    pending = "attempt 1 submitted to local: PENDING: waiting for resources"
+    row = await until(lambda: (r := store.get_job(job_id)).state_reason == pending and r)
+    assert (row.state, row.started_at, row.handle is not None) == ("dispatching", None, True)
+    q.executor.go.touch()
+    row = await state_is(store, job_id, "running")
+    assert row.started_at is not None and row.state_reason == "attempt 1 started"
+    (tmp_path / "release").touch()
+    assert (await finished(store, job_id)).state == "succeeded"
+    assert events(store, job_id)[1:] == [
+        ("queued", "dispatching", "starting attempt 1"),
+        ("dispatching", "running", "attempt 1 started"),
+        ("running", "succeeded", "exit code 0"),
+    ]
+    assert q.log_path(row).read_text().endswith("saved by the executor\n")
+
+
+async def test_cancel_stops_a_pending_attempt(make_queue, store, tmp_path):
+    q = await make_queue(start=False, queue={"executor_class": PendingExecutor})
+    q.executor.go = tmp_path / "go"
+    await q.start()
+    job_id = await submit(q, entrypoint=py(FAMILY, tmp_path / "pids"))
+    await until(lambda: (tmp_path / "pids").exists())
+    pids = map(int, (tmp_path / "pids").read_text().split())
+    assert store.get_job(job_id).state == "dispatching"
+    row = await q.cancel(job_id, by="alice")
+    assert (row.state, row.state_reason) == ("cancelled", "cancelled by alice")
+    assert all(gone(pid) for pid in pids)
+    assert q.log_path(row).read_text().endswith("saved by the executor\n")
 
 
 class UnreachableExecutor(LocalExecutor):

@@ -14,6 +14,7 @@ from gpulab.services.jobs.executors.ray import RayExecutor
 from tests.support.ray_cluster import GPU_RESOURCE, RayCluster
 
 pytestmark = pytest.mark.timeout(240)
+FROM_RAY = Path("/nonexistent/attempt-1.log")  # no saved log: read_logs asks Ray
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def launch(code: str, tmp_path: Path, *, pool: str = "default", gpus: int = 0, e
 
 async def wait_done(executor: RayExecutor, handle: Handle, timeout: float = 90):
     deadline = time.monotonic() + timeout
-    while (outcome := await executor.poll(handle)).state == "running":
+    while (outcome := await executor.poll(handle)).state in ("starting", "running"):
         assert time.monotonic() < deadline, f"{handle.ref} still running after {timeout}s"
         await asyncio.sleep(0.3)
     return outcome
@@ -50,7 +51,7 @@ async def wait_done(executor: RayExecutor, handle: Handle, timeout: float = 90):
 
 async def wait_for_log(executor: RayExecutor, handle: Handle, text: str, timeout: float = 90) -> str:
     deadline = time.monotonic() + timeout
-    while text not in (logs := (await executor.read_logs(handle, Path(), 0, 1 << 20)).decode()):
+    while text not in (logs := (await executor.read_logs(handle, FROM_RAY, 0, 1 << 20)).decode()):
         assert time.monotonic() < deadline, f"{text!r} not in the log of {handle.ref}:\n{logs}"
         await asyncio.sleep(0.3)
     return logs
@@ -71,16 +72,34 @@ async def test_cpu_job_succeeds_and_logs_its_output(executor, tmp_path):
     assert handle.executor == "ray" and handle.ref.startswith("gpulab-")
     outcome = await wait_done(executor, handle)
     assert (outcome.state, outcome.exit_code) == ("succeeded", 0)
-    logs = await executor.read_logs(handle, Path(), 0, 1 << 20)
+    log_path = tmp_path / "attempt-1.log"
+    logs = await executor.read_logs(handle, log_path, 0, 1 << 20)  # from Ray: no file yet
     assert f"hello from gpulab hi there '' {tmp_path}" in logs.decode()
-    assert await executor.read_logs(handle, Path(), 5, 10) == logs[5:15]
+    assert await executor.read_logs(handle, log_path, 5, 10) == logs[5:15]
+    await executor.save_logs(handle, log_path)
+    assert log_path.read_bytes() == logs
+    log_path.write_bytes(b"from the file")
+    assert await executor.read_logs(handle, log_path, 5, 3) == b"the"
+
+
+async def test_job_waiting_for_resources_is_starting(cluster, tmp_path):
+    executor = RayExecutor(address=cluster.address, pool_resources={"nowhere": "no_node_has_this"})
+    try:
+        handle = await executor.start(launch("print('never')", tmp_path, pool="nowhere"))
+        outcome = await executor.poll(handle)
+        assert outcome.state == "starting" and outcome.reason.startswith("PENDING: Job has not started yet")
+        started = time.monotonic()
+        await executor.cancel(handle, grace=0.5)  # Ray keeps it PENDING (stopped once it starts)
+        assert time.monotonic() - started < 5
+    finally:
+        await executor.close()
 
 
 async def test_gpu_job_runs_on_the_gpu_node_with_cuda_visible_devices(executor, cluster, tmp_path):
     code = "import os; print('CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'])"
     handle = await executor.start(launch(code, tmp_path, pool="gpu", gpus=1))
     assert (await wait_done(executor, handle)).state == "succeeded"
-    assert "CUDA_VISIBLE_DEVICES=0" in (await executor.read_logs(handle, Path(), 0, 1 << 20)).decode()
+    assert "CUDA_VISIBLE_DEVICES=0" in (await executor.read_logs(handle, FROM_RAY, 0, 1 << 20)).decode()
     [gpu_node] = [n["node_id"] for n in cluster.nodes() if GPU_RESOURCE in n["resources_total"]]
     assert cluster.get(f"/api/jobs/{handle.ref}")["driver_node_id"] == gpu_node
 
@@ -111,7 +130,7 @@ async def test_failing_job_reports_its_exit_code(executor, tmp_path):
     outcome = await wait_done(executor, handle)
     assert (outcome.state, outcome.exit_code, outcome.retryable) == ("failed", 3, False)
     assert "exit code 3" in outcome.reason
-    assert "about to fail" in (await executor.read_logs(handle, Path(), 0, 1 << 20)).decode()
+    assert "about to fail" in (await executor.read_logs(handle, FROM_RAY, 0, 1 << 20)).decode()
 
 
 async def test_unknown_job_is_lost(executor):
@@ -199,7 +218,10 @@ c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
             time.sleep(0.5)
         logs = requests.get(f"{api}/jobs/{job_id}/logs", headers=headers, timeout=30).text
         assert job["state"] == "succeeded", (job, logs)
-        assert "CVD=0" in logs
+        assert "CVD=0" in logs and job["log_size"] == len(logs.encode())  # copied into the job's log file
+        events = requests.get(f"{api}/jobs/{job_id}/events", headers=headers, timeout=30).json()["events"]
+        states = [e["to_state"] for e in events]  # `running` only if a poll saw Ray's RUNNING
+        assert states in (["queued", "dispatching", "running", "succeeded"], ["queued", "dispatching", "succeeded"])
         pools = {p["name"]: p for p in requests.get(f"{api}/pools", headers=headers, timeout=30).json()["pools"]}
         assert pools["gpu"]["capacity"]["gpus"] == 1 and pools["default"]["capacity"]["gpus"] == 0
     finally:

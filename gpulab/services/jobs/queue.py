@@ -132,7 +132,7 @@ class JobQueue(LoggingConfigurable):
         """Recover jobs left active by a previous run, then schedule in the background."""
         async with self._lock:
             for row in self.store.active_jobs():
-                if row.state == "dispatching":
+                if not row.handle:
                     self._recover_dispatching(row)
                     continue
                 try:
@@ -192,8 +192,9 @@ class JobQueue(LoggingConfigurable):
                 await self.tick()
             except Exception:
                 self.log.exception("job queue tick failed")
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_interval)
+            with suppress(TimeoutError):  # not wait_for: in 3.11 it can swallow stop()'s cancel
+                async with asyncio.timeout(self.tick_interval):
+                    await self._wake.wait()
 
     # -- API
 
@@ -224,9 +225,9 @@ class JobQueue(LoggingConfigurable):
     async def _cancel(self, job_id: str, reason: str) -> JobRow:
         async with self._lock:
             row = self.store.get_job(job_id)
-            if row.state in ("queued", "dispatching"):
+            if row.state == "queued" or (row.state == "dispatching" and not row.handle):
                 return self.store.transition(job_id, "cancelled", reason)
-            if row.state != "running":
+            if row.state not in ("dispatching", "running"):
                 raise JobStateError(f"job {job_id} is {row.state}: nothing to cancel")
             task = self._begin_stop(row, "cancelled", reason)
         await task
@@ -310,7 +311,7 @@ class JobQueue(LoggingConfigurable):
         """Poll running attempts, then dispatch what fits; database work runs in a thread."""
         async with self._lock:
             for row in await asyncio.to_thread(self.store.active_jobs):
-                if row.state != "running" or row.id in self._stopping:
+                if not row.handle or row.id in self._stopping:
                     continue
                 try:
                     outcome = await self.executor.poll(Handle(**row.handle))
@@ -321,12 +322,22 @@ class JobQueue(LoggingConfigurable):
             await self._dispatch_queued()
 
     async def _settle(self, row: JobRow, outcome: Outcome) -> None:
-        """Apply a polled outcome: finish, retry with backoff, or enforce ``max_runtime``."""
+        """Apply a polled outcome: note a pending attempt's progress or start, enforce ``max_runtime``,
+        or save the ended attempt's log and finish or retry with backoff."""
+        if outcome.state == "starting":
+            reason = f"attempt {row.attempt} submitted to {self.executor.name}: {outcome.reason}"
+            if row.state_reason != reason:
+                await asyncio.to_thread(self.store.annotate, row.id, reason)
+            return
+        if outcome.state == "running" and row.state == "dispatching":
+            await asyncio.to_thread(self.store.transition, row.id, "running", f"attempt {row.attempt} started")
+            return
         if outcome.state == "running":
             limit = row.spec.get("max_runtime")
             if limit and utcnow() - row.started_at > timedelta(seconds=limit):
                 self._begin_stop(row, "timed_out", f"max_runtime of {limit}s exceeded")
             return
+        await self._save_logs(row)
         to, why, fields = outcome.state, outcome.reason or outcome.state, {}
         if to != "succeeded" and row.attempt <= row.max_retries:
             delay = min(self.retry_backoff * 2 ** (row.attempt - 1), self.retry_backoff_max)
@@ -346,10 +357,17 @@ class JobQueue(LoggingConfigurable):
     async def _stop(self, row: JobRow, state: str, reason: str) -> None:
         try:
             await self.executor.cancel(Handle(**row.handle), self.cancel_grace)
+            await self._save_logs(row)
             self.store.transition(row.id, state, reason)
         finally:
             del self._stopping[row.id]
             self.kick()
+
+    async def _save_logs(self, row: JobRow) -> None:
+        try:
+            await self.executor.save_logs(Handle(**row.handle), self.log_path(row))
+        except (ExecutorUnavailable, OSError, ValueError) as e:  # the executor may still have it
+            self.log.warning("could not save the log of job %s attempt %s: %s", row.id, row.attempt, e)
 
     def _stop_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -586,9 +604,13 @@ class JobQueue(LoggingConfigurable):
                 self.log.exception("could not start job %s", row.id)
                 await asyncio.to_thread(self.store.transition, row.id, "failed", f"could not start: {e}")
                 return False
-        await asyncio.to_thread(
-            self.store.transition, row.id, "running", f"attempt {attempt} started", handle=asdict(handle)
-        )
+        if self.executor.start_pending:  # `running` once a poll says so
+            reason = f"attempt {attempt} submitted to {self.executor.name}"
+            await asyncio.to_thread(self.store.annotate, row.id, reason, handle=asdict(handle))
+        else:
+            await asyncio.to_thread(
+                self.store.transition, row.id, "running", f"attempt {attempt} started", handle=asdict(handle)
+            )
         return True
 
     def _env(self, row: JobRow, spec: JobSpec, token: str) -> dict[str, str]:

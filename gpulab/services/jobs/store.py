@@ -50,7 +50,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "gpulab_jobs_alembic_version"
 TRANSITIONS = {
     "queued": {"dispatching", "cancelled"},
-    "dispatching": {"running", "queued", "failed", "cancelled"},
+    "dispatching": {"running", "queued", "succeeded", "failed", "cancelled"},
     "running": {"succeeded", "failed", "cancelled", "timed_out", "queued"},
 }
 
@@ -441,6 +441,10 @@ class JobStore(LoggingConfigurable):
         now = utcnow()
         progress = {"step": step, "total": total, "metrics": metrics}
         return self._update_active(job_id, progress=progress, heartbeat_at=now, updated_at=now)
+
+    def annotate(self, job_id: str, reason: str, **values: Any) -> bool:
+        """Change an active job's reason (and columns ``values``) without a transition; False unless active."""
+        return self._update_active(job_id, state_reason=reason, updated_at=utcnow(), **values)
 
     def heartbeat(self, job_id: str) -> bool:
         return self._update_active(job_id, heartbeat_at=utcnow())

@@ -46,7 +46,7 @@ class Handle:
 class Outcome:
     """Where an attempt stands."""
 
-    state: str  # "running" | "succeeded" | "failed" | "lost"
+    state: str  # "starting" (accepted, not running yet) | "running" | "succeeded" | "failed" | "lost"
     exit_code: int | None = None
     reason: str = ""
     retryable: bool = False  # a failure of the platform (node lost, executor error), not of the job's code
@@ -61,6 +61,7 @@ class Executor(LoggingConfigurable):
 
     name = "base"
     owns_gpu_ids = False  # True: the queue picks GPU ids (local); False: the backend does (Ray)
+    start_pending = False  # True: start() returns once the backend accepted the attempt; poll() says when it runs
     node_name: str | None = None  # the node jobs run on, for attestation gating; None: not known (no gating)
 
     async def capacity(self) -> dict[str, PoolCapacity]:
@@ -68,7 +69,8 @@ class Executor(LoggingConfigurable):
         raise NotImplementedError
 
     async def start(self, launch: Launch) -> Handle:
-        """Start the attempt; return as soon as it is running (or raise ExecutorUnavailable)."""
+        """Start the attempt; return as soon as it is running, or accepted where ``start_pending``
+        (or raise ExecutorUnavailable)."""
         raise NotImplementedError
 
     async def poll(self, handle: Handle) -> Outcome:
@@ -82,6 +84,9 @@ class Executor(LoggingConfigurable):
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
         """Up to ``limit`` bytes of the attempt's log from ``offset``."""
         raise NotImplementedError
+
+    async def save_logs(self, handle: Handle, log_path: Path) -> None:
+        """Copy an ended attempt's log into ``log_path`` where the backend keeps it elsewhere (local: no-op)."""
 
     async def close(self) -> None:
         """Release connections; running attempts keep running."""

@@ -6,9 +6,11 @@ of pool ``gpu`` asks for a sliver of ``gpu_worker``, so Ray places it on a node 
 ``default`` too to pin its jobs). Ray sets ``CUDA_VISIBLE_DEVICES`` for the GPUs it assigns.
 """
 
+import asyncio
 import json
 import re
 import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -47,6 +49,7 @@ class RayExecutor(Executor):
 
     name = "ray"
     owns_gpu_ids = False
+    start_pending = True  # a submitted job is PENDING until Ray has started its driver
 
     address = Unicode("http://127.0.0.1:8265", config=True, help="Ray dashboard URL.")
     pool_resources = Dict(
@@ -151,7 +154,9 @@ class RayExecutor(Executor):
             return Outcome("lost", reason=f"ray no longer knows job {handle.ref}")
         status, exit_code = job["status"], job.get("driver_exit_code")
         message = (job.get("message") or "").strip()
-        if status in ("PENDING", "RUNNING"):
+        if status == "PENDING":
+            return Outcome("starting", reason="PENDING" + (f": {message.splitlines()[0]}" if message else ""))
+        if status == "RUNNING":
             return Outcome("running")
         if status == "SUCCEEDED":
             return Outcome("succeeded", exit_code=exit_code)
@@ -164,18 +169,39 @@ class RayExecutor(Executor):
         return Outcome("failed", exit_code=exit_code, reason=reason, retryable=retryable)
 
     async def cancel(self, handle: Handle, grace: float) -> None:
-        """Ray sends SIGTERM, then SIGKILL after the cluster's ``RAY_JOB_STOP_WAIT_TIME_S`` (not ``grace``)."""
+        """Ray sends SIGTERM, then SIGKILL after the cluster's ``RAY_JOB_STOP_WAIT_TIME_S``; this waits up
+        to ``grace`` s for the job to end, so that a log saved next is complete."""
         response = await self._request("POST", f"/api/jobs/{quote(handle.ref)}/stop")
-        if response.code != 404:
-            _check(response, "stop")
+        if response.code == 404:
+            return
+        _check(response, "stop")
+        deadline = time.monotonic() + grace
+        while (await self.poll(handle)).state in ("starting", "running") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
 
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
+        """From ``log_path`` once :meth:`save_logs` wrote it, else from Ray."""
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return (await self._logs(handle) or b"")[offset:offset + limit]
+
+    async def save_logs(self, handle: Handle, log_path: Path) -> None:
+        """Write Ray's log of the attempt to ``log_path`` (nothing if Ray cannot give it)."""
+        if (logs := await self._logs(handle)) is not None:
+            tmp = log_path.with_name(log_path.name + ".tmp")
+            tmp.write_bytes(logs)
+            tmp.replace(log_path)
+
+    async def _logs(self, handle: Handle) -> bytes | None:
         # A 5xx here means the logs are out of reach (their node died), not that the cluster is down.
         response = await self._request("GET", f"/api/jobs/{quote(handle.ref)}/logs", benign_5xx=_always)
         if response.code != 200:
             self.log.warning("ray logs of %s: HTTP %s", handle.ref, response.code)
-            return b""
-        return json.loads(response.body)["logs"].encode()[offset:offset + limit]
+            return None
+        return json.loads(response.body)["logs"].encode()
 
     async def close(self) -> None:
         if self._http is not None:
