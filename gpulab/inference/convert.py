@@ -7,12 +7,13 @@ file, never happens inside the gateway. It writes ``OUT_DIR/model.onnx`` and pri
 
 Flavors: ``onnx`` (used as is), ``sklearn`` (skl2onnx; the skops format loads only the types skops trusts
 by default, pickled formats only when ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) and ``pytorch``
-(``torch.onnx.export``; needs torch, and pickles allowed). Inputs follow the MLflow signature: its tensor
+(torch.export + the ONNX dynamo exporter; needs torch and onnxscript; MLflow's ``pt2`` format needs no
+pickle, its older pickle format only where pickles are allowed). Inputs follow the MLflow signature: its tensor
 names, dtypes and shapes (-1 stays dynamic); columns become one ``[-1, n_columns]`` tensor. ``--float32``
 (GPU backends) turns float64 inputs into float32.
 """
 
-import inspect
+import contextlib
 import json
 import os
 import shutil
@@ -117,28 +118,38 @@ def sklearn_to_onnx(model_dir: Path, flavor: dict, specs: list, out: Path) -> No
     out.write_bytes(onnx_model.SerializeToString())
 
 
-def pytorch_to_onnx(model_dir: Path, specs: list, out: Path) -> None:
+def pytorch_to_onnx(model_dir: Path, flavor: dict, specs: list, out: Path) -> None:
+    """Export with torch.export and the ONNX dynamo exporter. MLflow's default ``pt2`` format is loaded with
+    ``torch.export.load`` (no pickle); the older pickle format only where pickles are allowed."""
     try:
         import torch
     except ImportError:
-        raise ConvertError(422, "PyTorch models need torch installed (in gpulab-infer's environment)") from None
-    _allow_pickle("a PyTorch model")
+        raise ConvertError(422, "PyTorch models need torch and onnxscript installed (in gpulab-infer's "
+                                "environment: pip install 'gpulab[pytorch]')") from None
     if not specs:
         raise ConvertError(422, "PyTorch models need a tensor signature: log them with input_example or signature")
-    import mlflow.pytorch
-
-    model = mlflow.pytorch.load_model(str(model_dir), map_location="cpu").eval()
-    dummy = tuple(torch.zeros([1 if d == -1 else d for d in shape], dtype=getattr(torch, dtype.name))
-                  for _, dtype, shape in specs)
-    dynamic = {name: {i: f"{name}_{i}" for i, d in enumerate(shape) if d == -1} for name, _, shape in specs}
-    if any(shape and shape[0] == -1 for _, _, shape in specs):
-        dynamic["output"] = {0: "batch"}
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    exported = model_dir / flavor.get("model_data", "data") / "model.pt2"
     try:
-        torch.onnx.export(model, dummy, str(out), input_names=[s[0] for s in specs], output_names=["output"],
-                          dynamic_axes=dynamic, opset_version=OPSET, **legacy)
-    except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; all mean "cannot convert"
-        raise ConvertError(422, f"cannot export the PyTorch model to ONNX: {e}") from None
+        if exported.exists():
+            program = torch.export.load(str(exported))
+        else:
+            _allow_pickle("this PyTorch model (MLflow's pickle format)")
+            import mlflow.pytorch
+
+            model = mlflow.pytorch.load_model(str(model_dir), map_location="cpu").eval()
+            # size 2 for dynamic dimensions: torch.export specializes dimensions of size 0 and 1
+            dummy = tuple(torch.zeros([2 if d == -1 else d for d in shape], dtype=getattr(torch, dtype.name))
+                          for _, dtype, shape in specs)
+            dynamic = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(shape) if d == -1}
+                            for _, _, shape in specs)
+            program = torch.export.export(model, dummy, dynamic_shapes=dynamic)
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter reports progress on stdout
+            torch.onnx.export(program, f=str(out), dynamo=True, external_data=False,
+                              input_names=[s[0] for s in specs], output_names=["output"])
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.export and the exporter raise many kinds; all mean "cannot convert"
+        raise ConvertError(422, f"cannot export the PyTorch model to ONNX: {type(e).__name__}: {e}") from None
 
 
 def convert(model_dir: Path, out: Path, float32: bool = False) -> str:
@@ -155,7 +166,7 @@ def convert(model_dir: Path, out: Path, float32: bool = False) -> str:
         sklearn_to_onnx(model_dir, flavors["sklearn"], specs, out)
         return "sklearn"
     if "pytorch" in flavors:
-        pytorch_to_onnx(model_dir, specs, out)
+        pytorch_to_onnx(model_dir, flavors["pytorch"], specs, out)
         return "pytorch"
     raise ConvertError(422, f"cannot deploy a model with flavors {', '.join(sorted(flavors))}: "
                             "gpulab deploys scikit-learn, PyTorch and ONNX models")
