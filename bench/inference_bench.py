@@ -1,34 +1,47 @@
-"""Inference gateway overhead: stock ``tritonclient.grpc`` straight to Triton vs through ``gpulab-infer``.
+"""Inference overhead: stock ``tritonclient.grpc`` straight to Triton (the baseline) vs through ``gpulab-infer``,
+``gpulab.infer`` vs the stock client it wraps, and REST through the server extension.
 
-One Triton (the bundled 2.51 binary, Python-backend ONNX models), one real platform (hub + gateway as a
-hub-managed service), one client process. For a [1,4] FP32 tensor and a 1 MiB one: sequential latency
-(p50, p99) and throughput at concurrency 1, 8 and 32 (threads, one client each), the gateway's CPU time
-per request, then ratios.
+One Triton (the bundled 2.51 binary, Python-backend ONNX models), one real platform (hub, proxy, the gateway
+``gpulab-infer``, a user's server with the gpulab extension), one client process. For a [1,4] FP32 tensor and a
+1 MiB one, each target gets sequential latency (p50, p99) and throughput at concurrency 1, 8 and 32 (threads, one
+client each); at c=8 the CPU time per request of the client, the gateway and Triton is sampled. Targets:
 
-    python bench/inference_bench.py [--seconds 3] [--requests 1000] [--rounds 3]
+- ``direct``: the stock client to Triton, inputs built once (the baseline);
+- ``gateway``: the same client through the gateway with a hub token;
+- ``stock``: the stock client through the gateway doing what ``gpulab.infer`` wraps: inputs from numpy on each
+  call, outputs as numpy;
+- ``gpulab.infer``: ``InferenceClient.infer(model, array)``;
+- ``rest``: ``POST /user/<name>/gpulab/api/v1/models/{model}/infer`` (JSON) through the hub's proxy, one
+  ``requests.Session`` per thread.
+
+    python bench/inference_bench.py [--seconds 3] [--requests 1000] [--rounds 3] [--targets direct,gateway,...]
 """
 
 import argparse
+import json
 import os
+import secrets
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
+import requests
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpulab.inference.triton import TritonServer, write_onnx_model
-from gpulab.net import free_port
+from gpulab.kernels.inference import InferenceClient
 from tests.support.gpulab_up import Platform
 from tests.support.triton import linear_onnx, triton_python
 
 BIG = 262_144  # FP32 elements: 1 MiB
+TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "rest")
 
 
 def sum_onnx(path: Path) -> None:
@@ -44,128 +57,193 @@ def sum_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
 
-def request(model: str) -> list:
+def array(model: str) -> np.ndarray:
     shape = [1, 4] if model == "small" else [1, BIG]
-    tensor = triton.InferInput("x", shape, "FP32")
-    tensor.set_data_from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def request(model: str) -> list:
+    x = array(model)
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
     return [tensor]
 
 
-def sequential(address: str, headers: dict, model: str, count: int) -> dict:
-    client, inputs = triton.InferenceServerClient(address), request(model)
+class Targets:
+    """``caller(target, model)`` returns a function doing one inference with its own client."""
+
+    def __init__(self, triton_server: TritonServer, gateway: str, hub: Platform, user: str, token: str):
+        self.triton, self.gateway, self.hub, self.user, self.token = triton_server, gateway, hub, user, token
+
+    def caller(self, target: str, model: str):
+        x = array(model)
+        if target in ("direct", "gateway"):
+            address, headers = ((self.triton.grpc_address, self.triton.grpc_headers) if target == "direct" else
+                                (self.gateway, {"authorization": f"token {self.token}"}))
+            client, inputs = triton.InferenceServerClient(address), request(model)
+            return lambda: client.infer(model, inputs, headers=headers)
+        if target == "stock":
+            client, headers = triton.InferenceServerClient(self.gateway), {"authorization": f"token {self.token}"}
+
+            def stock():
+                tensor = triton.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                result = client.infer(model, [tensor], headers=headers)
+                return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+            return stock
+        if target == "gpulab.infer":
+            client = InferenceClient(f"{self.hub.url}/services/gpulab-infer/api/v1", self.gateway, self.token)
+            return lambda: client.infer(model, x)
+        session, body = requests.Session(), json.dumps({"inputs": {"x": x.tolist()}})
+        url = f"{self.hub.url}/user/{self.user}/gpulab/api/v1/models/{model}/infer"
+        headers = {"Authorization": f"token {self.token}", "Content-Type": "application/json"}
+
+        def rest():
+            r = session.post(url, data=body, headers=headers, timeout=60)
+            r.raise_for_status()
+        return rest
+
+
+class CPUProbe:
+    """CPU seconds of the client (this process), the gateway and Triton (with its Python-backend stubs)."""
+
+    def __init__(self, hub: Platform, triton_server: TritonServer):
+        self.gateway = next(p for p in hub.descendants() if "gpulab.services.infer" in " ".join(p.cmdline()))
+        self.triton = psutil.Process(triton_server.proc.pid)
+
+    def sample(self) -> dict[str, float]:
+        def cpu(procs):
+            return sum(sum(p.cpu_times()[:2]) for p in procs)
+        return {"client": cpu([psutil.Process()]), "gateway": cpu([self.gateway]),
+                "triton": cpu([self.triton, *self.triton.children(recursive=True)])}
+
+
+def sequential(call, count: int) -> dict:
     for _ in range(min(100, count)):  # warm up
-        client.infer(model, inputs, headers=headers)
+        call()
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
-        client.infer(model, inputs, headers=headers)
+        call()
         latencies.append(time.perf_counter() - started)
     latencies.sort()
     return {"p50": latencies[len(latencies) // 2] * 1e3, "p99": latencies[int(len(latencies) * 0.99)] * 1e3,
             "c1": count / sum(latencies)}
 
 
-def concurrent(address: str, headers: dict, model: str, threads: int, seconds: float) -> float:
-    done, stop = [0] * threads, threading.Event()
+def concurrent(calls: list, seconds: float, probe: CPUProbe | None = None) -> dict:
+    """Throughput of ``calls`` in parallel threads; with a ``probe``, CPU microseconds per request."""
+    done, stop = [0] * len(calls), threading.Event()
 
     def work(i: int) -> None:
-        client, inputs = triton.InferenceServerClient(address), request(model)
         while not stop.is_set():
-            client.infer(model, inputs, headers=headers)
+            calls[i]()
             done[i] += 1
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
     for w in workers:
         w.start()
     time.sleep(0.5)  # warm up
-    start_count, started = sum(done), time.perf_counter()
+    start_count, started, cpu = sum(done), time.perf_counter(), probe and probe.sample()
     time.sleep(seconds)
-    rps = (sum(done) - start_count) / (time.perf_counter() - started)
+    count, elapsed, cpu_end = sum(done) - start_count, time.perf_counter() - started, probe and probe.sample()
     stop.set()
     for w in workers:
         w.join()
-    return rps
-
-
-class GatewayProbe:
-    """CPU time and forwarded requests of the gateway process."""
-
-    def __init__(self, hub: Platform):
-        self.proc = next(p for p in hub.descendants() if "gpulab.services.infer" in " ".join(p.cmdline()))
-        self.metrics_url = f"{hub.url}/services/gpulab-infer/metrics"
-
-    def sample(self) -> tuple[float, float]:
-        text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
-        forwarded = sum(float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith("gpulab_infer_replica_requests_total{"))
-        return sum(self.proc.cpu_times()[:2]), forwarded
-
-
-def measure(address: str, headers: dict, model: str, count: int, seconds: float, probe) -> dict:
-    """One round for one target; with a ``probe``, the gateway's CPU time per request."""
-    before = probe.sample() if probe else None
-    row = sequential(address, headers, model, count)
-    for threads in (8, 32):
-        row[f"c{threads}"] = concurrent(address, headers, model, threads, seconds)
+    row = {"rps": count / elapsed}
     if probe:
-        after = probe.sample()
-        row["cpu_us"] = (after[0] - before[0]) / (after[1] - before[1]) * 1e6
+        row.update({f"cpu_{k}": (cpu_end[k] - cpu[k]) / count * 1e6 for k in cpu})
     return row
+
+
+def measure(targets: Targets, target: str, model: str, count: int, seconds: float, probe: CPUProbe) -> dict:
+    """One round for one target."""
+    row = sequential(targets.caller(target, model), count)
+    for threads in (8, 32):
+        result = concurrent([targets.caller(target, model) for _ in range(threads)], seconds,
+                            probe if threads == 8 else None)
+        row[f"c{threads}"] = result.pop("rps")
+        row.update(result)
+    return row
+
+
+def start(work: Path) -> tuple[TritonServer, Platform]:
+    linear_onnx(work / "small.onnx")
+    sum_onnx(work / "big.onnx")
+    for name in ("small", "big"):
+        write_onnx_model(work / "repo", name, work / f"{name}.onnx")
+    key = secrets.token_urlsafe(24)
+    server = TritonServer(python=triton_python(), model_repository=str(work / "repo"), restricted_key=key,
+                          log_path=str(work / "triton.log")).start()
+    hub = Platform(work / "data", host="127.0.0.23")
+    hub.start(f"""
+c.Platform.mlflow_service = False
+c.Platform.jobs_service = False
+c.Platform.inference_service = True
+c.InferenceGateway.replicas = [{server.grpc_address!r}]
+c.InferenceGateway.restricted_key = {key!r}
+c.Roles.extra_roles = c.Roles.extra_roles + [
+    {{"name": "bench-services", "scopes": ["read:services"], "services": ["test-admin"]}}]
+""")
+    return server, hub
+
+
+def wait_for(call, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            call()
+            return
+        except (InferenceServerException, requests.RequestException):  # still starting
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer in {timeout:g} s") from None
+            time.sleep(0.3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
-    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per round (small tensor)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway rounds; medians reported")
+    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per round (small tensor; "
+                        "a tenth for 1 MiB, a quarter of those for rest)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in rotating target order; medians reported")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ", ".join(TARGETS))
     args = parser.parse_args()
+    chosen = [t for t in TARGETS if t in args.targets.split(",")]
     work = Path(tempfile.mkdtemp(prefix="gpulab-bench-"))
-    linear_onnx(work / "small.onnx")
-    sum_onnx(work / "big.onnx")
-    for name in ("small", "big"):
-        write_onnx_model(work / "repo", name, work / f"{name}.onnx")
-    server = TritonServer(python=triton_python(), model_repository=str(work / "repo"),
-                          log_path=str(work / "triton.log")).start()
-    hub = Platform(work / "data", host="127.0.0.21")
-    gateway = f"127.0.0.1:{free_port()}"
-    service = {"name": "gpulab-infer", "command": [sys.executable, "-m", "gpulab.services.infer"],
-               "environment": {"GPULAB_INFER_ADDRESS": gateway, "GPULAB_TRITON_KEY": server.restricted_key,
-                               "GPULAB_TRITON_REPLICAS": server.grpc_address, "GPULAB_CONFIG": str(hub.config_file)}}
+    server, hub = start(work)
     try:
-        hub.start("c.Platform.mlflow_service = False\nc.Platform.jobs_service = False\n", services=[service])
         hub.create_user("bench")
-        targets = {"direct": (server.grpc_address, server.grpc_headers),
-                   "gateway": (gateway, {"authorization": f"token {hub.token('bench')}"})}
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                triton.InferenceServerClient(gateway).infer("small", request("small"), headers=targets["gateway"][1])
-                break
-            except InferenceServerException:  # the service is still starting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        probe = GatewayProbe(hub)
-        print(f"{'model':6} {'target':8} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
-              f" {'gw cpu/req':>10}")
+        token = hub.token("bench")
+        gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]["grpc_address"]
+        targets = Targets(server, gateway, hub, "bench", token)
+        if "rest" in chosen:
+            hub.spawn("bench")
+        for target in chosen:
+            wait_for(targets.caller(target, "small"), target)
+        probe = CPUProbe(hub, server)
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+        print(f"{'model':6} {'target':12} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
+              "   CPU us/req at c=8: client gateway triton")
         for model, count in (("small", args.requests), ("big", max(args.requests // 10, 50))):
-            rounds = {"direct": [], "gateway": []}
+            rounds = {t: [] for t in chosen}
             for i in range(args.rounds):
-                for target in (("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")):
-                    address, headers = targets[target]
-                    rounds[target].append(measure(address, headers, model, count, args.seconds,
-                                                  probe if target == "gateway" else None))
+                for target in chosen[i % len(chosen):] + chosen[:i % len(chosen)]:
+                    n = max(count // 4, 20) if target == "rest" else count
+                    rounds[target].append(measure(targets, target, model, n, args.seconds, probe))
             rows = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in rounds.items()}
             for target, row in rows.items():
-                cpu = f"{row['cpu_us']:8.0f} us" if "cpu_us" in row else ""
-                print(f"{model:6} {target:8} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
-                      f"{row['c32']:8.0f} {cpu:>10}")
-            d, g = rows["direct"], rows["gateway"]
-            print(f"{model:6} gateway vs direct: p50 {g['p50'] - d['p50']:+.3f} ms; throughput "
-                  f"c=1 {g['c1'] / d['c1']:.2f}x, c=8 {g['c8'] / d['c8']:.2f}x, c=32 {g['c32'] / d['c32']:.2f}x",
-                  flush=True)
-        print(f"(medians of {args.rounds} alternating rounds; {args.seconds:g} s per throughput run; client, gateway "
-              f"and Triton share {os.cpu_count()} cores)")
+                print(f"{model:6} {target:12} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
+                      f"{row['c32']:8.0f}   {row['cpu_client']:6.0f} {row['cpu_gateway']:7.0f} "
+                      f"{row['cpu_triton']:6.0f}")
+            for target, base in (("gateway", "direct"), ("gpulab.infer", "stock"), ("rest", "direct")):
+                if target in rows and base in rows:
+                    t, b = rows[target], rows[base]
+                    print(f"{model:6} {target} vs {base}: p50 {t['p50'] - b['p50']:+.3f} ms; throughput "
+                          f"c=1 {t['c1'] / b['c1']:.2f}x, c=8 {t['c8'] / b['c8']:.2f}x, c=32 {t['c32'] / b['c32']:.2f}x",
+                          flush=True)
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; medians of {args.rounds} "
+              f"rounds; {args.seconds:g} s per throughput run; client, proxy, hub, user server, gateway and Triton "
+              f"share {os.cpu_count()} cores")
     finally:
         hub.stop()
         server.stop()
