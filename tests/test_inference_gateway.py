@@ -9,6 +9,7 @@ import asyncio
 import queue
 import re
 import secrets
+import subprocess
 import sys
 import time
 
@@ -26,7 +27,7 @@ from gpulab.net import free_port
 from gpulab.services.infer.app import build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from tests.support.gpulab_up import Platform
-from tests.support.triton import crash, linear_onnx, start_tritons
+from tests.support.triton import crash, linear_onnx, perf_analyzer, start_tritons
 
 HOST = "127.0.0.20"
 
@@ -187,6 +188,22 @@ async def test_token_lookups_are_cached():
 def test_gateway_address_is_in_the_hub_services_api(hub):
     service = hub.api("GET", "/services/gpulab-infer").json()
     assert service["info"] == {"grpc_address": hub.gateway}
+
+
+def test_perf_analyzer_through_the_gateway_with_a_token_only(hub):
+    """Triton's own load generator (2.51) measures through the gateway with a hub token sent as gRPC
+    metadata (-H), and is refused as unauthenticated without one."""
+    base = [perf_analyzer(), "-m", "digits", "-i", "grpc", "-u", hub.gateway, "-p", "300", "--max-trials", "6",
+            "-s", "999"]
+    measured = subprocess.run([*base, "-H", f"authorization:token {hub.token('alice')}"], capture_output=True,
+                              text=True, timeout=120, check=False)
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", measured.stdout)
+    assert throughput and float(throughput[1]) > 0, measured.stdout
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120, check=False)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "Throughput:" not in output, output
+    assert "missing 'authorization: token <hub token>' metadata" in output, output
 
 
 def test_infer_through_gateway_matches_numpy(client, tokens, models):

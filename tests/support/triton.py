@@ -55,3 +55,15 @@ def crash(server: TritonServer) -> None:
     """SIGKILL the server and its Python stubs (its process group), as a crash would."""
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
+
+
+def perf_analyzer() -> str:
+    """Triton's perf_analyzer, installed on first use by ``scripts/setup-perf-analyzer``; skips the test when
+    that is impossible."""
+    binary = REPO / ".venv-triton" / "bin" / "perf_analyzer"
+    triton_python()
+    result = subprocess.run([str(REPO / "scripts" / "setup-perf-analyzer")], capture_output=True, text=True,
+                            timeout=600, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"no perf_analyzer: scripts/setup-perf-analyzer failed:\n{result.stderr[-2000:]}")
+    return str(binary)
