@@ -12,7 +12,7 @@ from .nonces import IssuedNonce, NonceStore
 from .reasons import AttestationError, Reason, http_status
 from .service import AttestationService
 from .state import NodeState, NodeStates
-from .verifier import DeviceSummary, Verified, Verifier
+from .verifier import AttestedDevice, Verified, Verifier
 
-__all__ = ["Attestation", "AttestationError", "AttestationService", "DeviceSummary", "IssuedNonce", "NodeState",
+__all__ = ["Attestation", "AttestationError", "AttestationService", "AttestedDevice", "IssuedNonce", "NodeState",
            "NodeStates", "NonceStore", "Reason", "Verified", "Verifier", "http_status"]

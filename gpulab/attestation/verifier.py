@@ -41,8 +41,8 @@ _ES384 = ECAlgorithm(ECAlgorithm.SHA384)
 
 
 @dataclass(frozen=True)
-class DeviceSummary:
-    """What a verified device token says about one GPU or NVSwitch."""
+class AttestedDevice:
+    """What a verified device token says about one GPU (kind GPU) or NVSwitch (kind SWITCH)."""
 
     kind: str
     hwmodel: str | None
@@ -55,7 +55,7 @@ class DeviceSummary:
     oemid: str | None
 
     @classmethod
-    def from_claims(cls, name: str, claims: dict) -> "DeviceSummary":
+    def from_claims(cls, name: str, claims: dict) -> "AttestedDevice":
         return cls(kind=device_kind(name), hwmodel=claims.get("hwmodel"),
                    driver_version=claims.get("x-nvidia-gpu-driver-version"),
                    vbios_version=claims.get("x-nvidia-gpu-vbios-version", claims.get("x-nvidia-switch-bios-version")),
@@ -74,7 +74,7 @@ class Verified:
     fingerprint: str
     issued_at: float
     expires_at: float
-    devices: dict[str, DeviceSummary]
+    devices: dict[str, AttestedDevice]
     verdict: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -174,7 +174,7 @@ class Verifier:
             raise
         return Verified(claims_version=version, issuer=claims["iss"], kid=ids["kid"], jti=ids["jti"],
                         fingerprint=ids["fingerprint"], issued_at=claims["iat"], expires_at=claims["exp"],
-                        devices={n: DeviceSummary.from_claims(n, dc) for n, dc in device_claims.items()})
+                        devices={n: AttestedDevice.from_claims(n, dc) for n, dc in device_claims.items()})
 
     def parse(self, eat: str | bytes | list) -> tuple[str, dict[str, str]]:
         """The overall JWT and the device JWTs by name, after the size and shape checks."""

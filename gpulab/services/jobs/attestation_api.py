@@ -11,7 +11,6 @@ and ``Retry-After`` when the client is throttled or locked out. Throttling is pe
 """
 
 import math
-from dataclasses import asdict
 from datetime import UTC, datetime
 
 from ... import scopes
@@ -53,7 +52,7 @@ def result_model(node: str, verified: Verified) -> AttestationResult:
         verdict=True, reason="ok", node=node, fingerprint=verified.fingerprint,
         claims_version=verified.claims_version, issuer=verified.issuer, kid=verified.kid, jti=verified.jti,
         issued_at=iso(verified.issued_at), expires_at=iso(verified.expires_at),
-        devices={name: asdict(device) for name, device in verified.devices.items()},
+        devices=verified.devices,
     )
 
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from gpulab.attestation.nras import ARCHES, DEVICES
+from gpulab.attestation.verifier import AttestedDevice
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
@@ -306,20 +307,6 @@ class EvidenceRequest(_Body):
     evidence_list: list[Evidence] = Field(min_length=1, max_length=16)
     device: Literal[DEVICES] = "gpu"
     arch: Literal[ARCHES] = "HOPPER"
-
-
-class AttestedDevice(BaseModel):
-    """What a verified device token says about one GPU (kind GPU) or NVSwitch (kind SWITCH)."""
-
-    kind: str
-    hwmodel: str | None
-    driver_version: str | None
-    vbios_version: str | None
-    ueid: str | None
-    secboot: bool | None
-    dbgstat: str | None
-    measres: str | None
-    oemid: str | None
 
 
 class AttestationResult(BaseModel):
