@@ -36,7 +36,7 @@ from gpulab.services.jobs.openapi import SPEC_PATH
 from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
 from tests.support.gpulab_up import Platform
 from tests.support.openapi import Spec
-from tests.test_jobs_service import Client
+from tests.support.jobs import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = Spec(SPEC_PATH)

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from tests.support.gpulab_up import Platform
+from tests.support.jobs import Client
 
 TRAIN = """
 import mlflow, mlflow.sklearn, numpy as np, gpulab
@@ -55,19 +56,11 @@ def wait_for_mlflow(hub, token, timeout=90):
 def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
     token = hub.token("alice")
     wait_for_mlflow(hub, token)
-    api = f"{hub.url}/services/gpulab-jobs/api/v1"
-    headers = {"Authorization": f"token {token}"}
+    alice = Client(hub, "alice", token)
     spec = {"name": "digits-sgd", "source": TRAIN, "tracking": {"experiment": "digits", "wandb_project": "digits"}}
-    r = requests.post(f"{api}/jobs", json=spec, headers=headers, timeout=30)
-    assert r.status_code == 201, r.text
-    job_id = r.json()["id"]
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        job = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=30).json()
-        if job["state"] in ("succeeded", "failed", "cancelled", "timed_out"):
-            break
-        time.sleep(0.5)
-    log = requests.get(f"{api}/jobs/{job_id}/logs", headers=headers, timeout=30).text
+    job_id = alice.submit(**spec)["id"]
+    job = alice.wait(job_id, timeout=180)
+    log = alice.logs(job_id)
     assert job["state"] == "succeeded", log
     assert job["progress"]["fraction"] == 1.0 and job["progress"]["metrics"]["accuracy"] > 0.8
     assert job["mlflow_run_id"]

@@ -188,9 +188,8 @@ async def test_unreachable_dashboard_opens_the_circuit_then_a_probe_recovers(clu
 
 def test_gpu_job_through_the_platform_runs_on_the_gpu_node(cluster, tmp_path):
     """gpulab-on-Ray end to end: hub, gpulab-jobs with the Ray executor, a GPU job in pool 'gpu'."""
-    import requests
-
     from tests.support.gpulab_up import Platform
+    from tests.support.jobs import Client
 
     hub = Platform(tmp_path / "data", host="127.0.0.13")
     hub.start(f"""
@@ -203,26 +202,18 @@ c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
 """)
     try:
         hub.create_user("alice")
-        api = f"{hub.url}/services/gpulab-jobs/api/v1"
-        headers = {"Authorization": f"token {hub.token('alice')}"}
+        alice = Client(hub, "alice")
         code = "import os; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES'])"
         spec = {"name": "on-ray", "entrypoint": [sys.executable, "-c", code], "resources": {"gpus": 1, "pool": "gpu"}}
-        r = requests.post(f"{api}/jobs", json=spec, headers=headers, timeout=30)
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            job = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=30).json()
-            if job["state"] in ("succeeded", "failed", "cancelled", "timed_out"):
-                break
-            time.sleep(0.5)
-        logs = requests.get(f"{api}/jobs/{job_id}/logs", headers=headers, timeout=30).text
+        job_id = alice.submit(**spec)["id"]
+        job = alice.wait(job_id, timeout=120)
+        logs = alice.logs(job_id)
         assert job["state"] == "succeeded", (job, logs)
         assert "CVD=0" in logs and job["log_size"] == len(logs.encode())  # copied into the job's log file
-        events = requests.get(f"{api}/jobs/{job_id}/events", headers=headers, timeout=30).json()["events"]
+        events = alice.request("GET", f"/jobs/{job_id}/events").json()["events"]
         states = [e["to_state"] for e in events]  # `running` only if a poll saw Ray's RUNNING
         assert states in (["queued", "dispatching", "running", "succeeded"], ["queued", "dispatching", "succeeded"])
-        pools = {p["name"]: p for p in requests.get(f"{api}/pools", headers=headers, timeout=30).json()["pools"]}
+        pools = {p["name"]: p for p in alice.request("GET", "/pools").json()["pools"]}
         assert pools["gpu"]["capacity"]["gpus"] == 1 and pools["default"]["capacity"]["gpus"] == 0
     finally:
         hub.stop()

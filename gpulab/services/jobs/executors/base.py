@@ -52,6 +52,16 @@ class Outcome:
     retryable: bool = False  # a failure of the platform (node lost, executor error), not of the job's code
 
 
+def read_range(path: Path, offset: int, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of ``path`` from ``offset``; None when the file does not exist."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return None
+
+
 class ExecutorUnavailable(Exception):
     """The executor's backend cannot be reached; the queue keeps jobs queued and shows this message."""
 

@@ -24,7 +24,7 @@ from traitlets import Float, Integer, Unicode, default
 from gpulab.config import default_data_dir
 from gpulab.gpus import list_gpus
 
-from .base import Executor, Handle, Launch, Outcome, PoolCapacity
+from .base import Executor, Handle, Launch, Outcome, PoolCapacity, read_range
 
 _SUPERVISOR = """
 import os, signal, subprocess, sys
@@ -192,9 +192,5 @@ class LocalExecutor(Executor):
             await asyncio.sleep(0.05)
 
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
+        data = read_range(log_path, offset, limit)
+        return b"" if data is None else data

@@ -20,7 +20,7 @@ from traitlets import Dict, Float, Integer, Unicode
 
 from gpulab.resilience import CircuitBreaker, CircuitOpenError, is_outage, retrying
 
-from .base import Executor, ExecutorUnavailable, Handle, Launch, Outcome, PoolCapacity
+from .base import Executor, ExecutorUnavailable, Handle, Launch, Outcome, PoolCapacity, read_range
 
 DEFAULT_POOL = "default"
 POOL_SLIVER = 0.001  # pool resources are node markers: any number of jobs share them
@@ -181,12 +181,9 @@ class RayExecutor(Executor):
 
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
         """From ``log_path`` once :meth:`save_logs` wrote it, else from Ray."""
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return (await self._logs(handle) or b"")[offset:offset + limit]
+        if (data := read_range(log_path, offset, limit)) is not None:
+            return data
+        return (await self._logs(handle) or b"")[offset:offset + limit]
 
     async def save_logs(self, handle: Handle, log_path: Path) -> None:
         """Write Ray's log of the attempt to ``log_path`` (nothing if Ray cannot give it)."""
