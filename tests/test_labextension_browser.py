@@ -84,6 +84,26 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             quick_row.wait_for(state="detached", timeout=30_000)
             assert ticker_row.get_by_role("button", name="Cancel").count() == 0  # finished: Delete only
 
+            # A job from the panel's form: the API's refusal is shown with its field; then it runs in the
+            # file browser's folder (the server root here).
+            panel.get_by_role("button", name="New job").click()
+            form = panel.get_by_role("form", name="New job")
+            form.get_by_label("Name").fill("from-panel")
+            form.get_by_label("Command").fill(f"{sys.executable} -c \"import os; print('launched in', os.getcwd())\"")
+            form.get_by_label("GPUs").fill("1")
+            form.get_by_role("button", name="Submit").click()
+            form.get_by_role("alert").filter(has_text="resources.gpus: requesting GPUs needs the custom:gpulab:gpu scope")\
+                .wait_for(timeout=30_000)
+            form.get_by_label("GPUs").fill("0")
+            form.get_by_role("button", name="Submit").click()
+            form.wait_for(state="detached", timeout=30_000)
+            launched = panel.locator(".jp-gpulab-card", has_text="from-panel")
+            launched.locator(".jp-gpulab-state-succeeded").wait_for(timeout=60_000)
+            launched_id = launched.get_attribute("data-job-id")
+            working_dir = job(launched_id).json()["spec"]["working_dir"]
+            log = requests.get(f"{jobs_api}/jobs/{launched_id}/logs", headers=auth, timeout=30).text
+            assert working_dir.startswith("/") and f"launched in {working_dir}" in log, (working_dir, log)
+
             # Filtering by state asks the API for that state only.
             panel.get_by_label("Filter jobs by state").select_option("running")
             panel.get_by_text("No running jobs.").wait_for(timeout=30_000)

@@ -2,6 +2,7 @@
 
 import { ILabShell, ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
+import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { IJob } from './api';
@@ -17,12 +18,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'gpulab jobs, models and attestation status in JupyterLab.',
   autoStart: true,
   requires: [ILabShell],
-  optional: [ICommandPalette, ILayoutRestorer],
+  optional: [ICommandPalette, ILayoutRestorer, IDefaultFileBrowser],
   activate: (
     app: JupyterFrontEnd,
     shell: ILabShell,
     palette: ICommandPalette | null,
-    restorer: ILayoutRestorer | null
+    restorer: ILayoutRestorer | null,
+    browser: IDefaultFileBrowser | null
   ) => {
     const openLogs = (job: IJob) => {
       const id = `gpulab-log-${job.id}`;
@@ -33,7 +35,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       shell.add(jobLogWidget(job), 'main');
     };
-    const panel = new GpulabPanel(openLogs);
+    const panel = new GpulabPanel(openLogs, () => browser?.model.path ?? '');
     panel.title.icon = gpulabIcon;
     panel.title.caption = 'gpulab: jobs, models, attestation';
     shell.add(panel, 'left', { rank: 600 });

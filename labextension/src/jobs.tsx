@@ -4,15 +4,20 @@ import * as React from 'react';
 
 import { APIError, getJSON, IJob, send, TERMINAL_STATES } from './api';
 import { ago, ErrorLine, usePolling } from './common';
+import { LaunchForm } from './launch';
 
 export interface IJobsProps {
   visible: () => boolean;
   openLogs: (job: IJob) => void;
   mlflowUrl: string | null;
+  /** The file browser's folder (relative to the server root), where new jobs run. */
+  cwd: () => string;
+  canRequestGpus: boolean;
 }
 
 export function JobsView(props: IJobsProps): JSX.Element {
   const [state, setState] = React.useState('');
+  const [launching, setLaunching] = React.useState(false);
   const [error, setError] = React.useState<string | null>(null);
   const query = state ? `jobs?limit=50&state=${state}` : 'jobs?limit=50';
   const [jobs, loadError, refresh] = usePolling(async () => (await getJSON<{ jobs: IJob[] }>(query)).jobs, props.visible, [
@@ -43,10 +48,25 @@ export function JobsView(props: IJobsProps): JSX.Element {
             ))}
           </select>
         </label>
-        <button className="jp-gpulab-button" onClick={refresh} title="Refresh now">
-          Refresh
-        </button>
+        <span>
+          <button className="jp-gpulab-button" onClick={() => setLaunching(!launching)} aria-expanded={launching}>
+            New job
+          </button>
+          <button className="jp-gpulab-button" onClick={refresh} title="Refresh now">
+            Refresh
+          </button>
+        </span>
       </div>
+      {launching && (
+        <LaunchForm
+          cwd={props.cwd}
+          gpus={props.canRequestGpus}
+          onLaunched={() => {
+            setLaunching(false);
+            refresh();
+          }}
+        />
+      )}
       <ErrorLine error={error ?? loadError} />
       {jobs && jobs.length === 0 && (
         <p className="jp-gpulab-empty">

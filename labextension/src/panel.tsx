@@ -16,18 +16,21 @@ const TABS = [
 ];
 
 export class GpulabPanel extends ReactWidget {
-  constructor(private readonly openLogs: (job: IJob) => void) {
+  constructor(
+    private readonly openLogs: (job: IJob) => void,
+    private readonly cwd: () => string
+  ) {
     super();
     this.id = 'gpulab-panel';
     this.addClass('jp-gpulab-Panel');
   }
 
   render(): JSX.Element {
-    return <Panel visible={() => this.isVisible} openLogs={this.openLogs} />;
+    return <Panel visible={() => this.isVisible} openLogs={this.openLogs} cwd={this.cwd} />;
   }
 }
 
-function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void }): JSX.Element {
+function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void; cwd: () => string }): JSX.Element {
   const [chosen, setTab] = React.useState('jobs');
   const [who, whoError] = usePolling(() => getJSON<IWhoAmI>('whoami'), () => false);
   const [status] = usePolling(() => getJSON<IStatus>('status'), props.visible);
@@ -67,7 +70,13 @@ function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void })
         ))}
       </nav>
       {tab === 'jobs' && (
-        <JobsView visible={props.visible} openLogs={props.openLogs} mlflowUrl={status?.services.mlflow_ui ?? null} />
+        <JobsView
+          visible={props.visible}
+          openLogs={props.openLogs}
+          mlflowUrl={status?.services.mlflow_ui ?? null}
+          cwd={props.cwd}
+          canRequestGpus={!!who?.scopes.includes('custom:gpulab:gpu')}
+        />
       )}
       {tab === 'models' && <ModelsView visible={props.visible} />}
       {tab === 'attestation' && <AttestationView visible={props.visible} />}
