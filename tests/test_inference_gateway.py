@@ -6,6 +6,7 @@ and the stock `tritonclient.grpc` client.
 """
 
 import asyncio
+import json
 import queue
 import re
 import secrets
@@ -24,9 +25,11 @@ from tritonclient.utils import InferenceServerException
 
 from gpulab.inference.triton import write_onnx_model
 from gpulab.net import free_port
-from gpulab.services.infer.app import build
+from gpulab.errors import ConfigError
+from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from tests.support.gpulab_up import Platform
+from tests.support.tls import self_signed
 from tests.support.triton import crash, linear_onnx, perf_analyzer, start_tritons
 
 HOST = "127.0.0.20"
@@ -72,8 +75,15 @@ c.InferenceGateway.recovery_timeout = 3
                "info": {"grpc_address": address},
                "environment": {"GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_KEY": tritons[0].restricted_key,
                                "GPULAB_TRITON_REPLICAS": ",".join(replicas), "GPULAB_CONFIG": str(hub.config_file)}}
-    hub.start(config, services=[service])
-    hub.gateway = address
+    # a second gateway on the same replicas, serving TLS only
+    tls_address = f"127.0.0.1:{free_port()}"
+    hub.tls_cert, tls_key = self_signed(tmp_path_factory.mktemp("tls"))
+    tls = {"InferenceGateway": {"tls_cert_file": str(hub.tls_cert), "tls_key_file": str(tls_key)}}
+    tls_service = {**service, "name": "gpulab-infer-tls", "info": {"grpc_address": tls_address},
+                   "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": tls_address,
+                                   "GPULAB_CONFIG_OVERRIDES": json.dumps(tls)}}
+    hub.start(config, services=[service, tls_service])
+    hub.gateway, hub.tls_gateway = address, tls_address
     for user, groups in [("alice", []), ("bob", []), ("carol", ["ml"]), ("dave", ["deployers"])]:
         hub.create_user(user, groups=groups)
     client, headers = triton.InferenceServerClient(address), auth(hub.token("alice"))
@@ -216,6 +226,43 @@ def test_infer_through_gateway_matches_numpy(client, tokens, models):
     meta = client.get_model_metadata("digits", headers=headers, as_json=True)
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["1", "4"]}]
     assert client.get_model_config("digits", headers=headers, as_json=True)["config"]["backend"] == "python"
+
+
+def test_tls_settings_are_checked(tmp_path):
+    cert, key = self_signed(tmp_path)
+    with pytest.raises(ConfigError, match="InferenceGateway.tls_key_file: TLS needs both"):
+        InferenceGateway(tls_cert_file=str(cert)).server_credentials()
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="InferenceGateway.tls_key_file: secret file .* readable by group or others"):
+        InferenceGateway(tls_cert_file=str(cert), tls_key_file=str(key)).server_credentials()
+    key.chmod(0o600)
+    with pytest.raises(ConfigError, match="InferenceGateway.tls_cert_file: cannot read"):
+        InferenceGateway(tls_cert_file=str(tmp_path / "missing.pem"), tls_key_file=str(key)).server_credentials()
+    assert isinstance(InferenceGateway(tls_cert_file=str(cert), tls_key_file=str(key)).server_credentials(),
+                      grpc.ServerCredentials)
+    assert InferenceGateway().server_credentials() is None
+
+
+def test_tls_gateway_serves_tls_only(hub, tokens, models, monkeypatch):
+    """With tls_cert_file and tls_key_file the gateway serves TLS only: the stock client with TLS and the
+    certificate works, plaintext does not, and gpulab's own clients follow $GPULAB_INFER_TLS_CA."""
+    from gpulab.kernels.inference import InferenceClient
+
+    secure = triton.InferenceServerClient(hub.tls_gateway, ssl=True, root_certificates=str(hub.tls_cert))
+    deadline = time.monotonic() + 30
+    while not secure.is_server_ready(headers=auth(tokens["alice"])):  # it starts after the hub answers
+        assert time.monotonic() < deadline, "the TLS gateway never became ready"
+        time.sleep(0.3)
+    x, y = infer(secure, tokens["alice"])
+    np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5)
+    assert error(infer, secure, None).status() == "StatusCode.UNAUTHENTICATED"
+    plain = triton.InferenceServerClient(hub.tls_gateway)
+    assert error(plain.is_server_ready, headers=auth(tokens["alice"])).status() == "StatusCode.UNAVAILABLE"
+
+    monkeypatch.setenv("GPULAB_INFER_TLS_CA", str(hub.tls_cert))
+    client = InferenceClient(url="http://127.0.0.1:9/unused", address=hub.tls_gateway, token=tokens["alice"])
+    out = client.infer("digits", {"x": x})
+    np.testing.assert_allclose(out["y"], x @ models["w"] + models["b"], rtol=1e-5)
 
 
 def test_missing_or_bad_token_is_unauthenticated(client, tokens):

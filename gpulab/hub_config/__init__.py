@@ -89,6 +89,8 @@ def _service_env(platform, services: dict) -> dict:
         infer = services[INFER_SERVICE]
         env["GPULAB_INFER_URL"] = f"{infer['url']}/services/{INFER_SERVICE}/api/v1"
         env["GPULAB_INFER_ADDRESS"] = infer["environment"]["GPULAB_INFER_ADDRESS"]
+        if infer.get("info", {}).get("tls_ca_file"):
+            env["GPULAB_INFER_TLS_CA"] = infer["info"]["tls_ca_file"]
     if MLFLOW_SERVICE in services:
         env["GPULAB_MLFLOW_UI_URL"] = f"{platform.public_url.rstrip('/')}/services/{MLFLOW_SERVICE}/"
     return env
@@ -136,6 +138,9 @@ def configure(c, config_file: Path | None = None) -> None:
     subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
     j.services = services
     by_name = {s["name"]: s for s in services}
+    tls_ca = cfg.InferenceGateway.get("tls_ca_file") or cfg.InferenceGateway.get("tls_cert_file")
+    if tls_ca and INFER_SERVICE in by_name:  # clients verify the gateway's TLS certificate against it
+        by_name[INFER_SERVICE].setdefault("info", {})["tls_ca_file"] = str(Path(tls_ca).expanduser())
     missing = [n for n in subscribers if n not in by_name]
     if missing:
         raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")

@@ -6,6 +6,7 @@ and the current ``traceparent`` to every call, so callers never pass headers. :f
 :func:`infer_inputs` turn ``{name: array-like}`` (or one array, for single-input models) into request tensors.
 """
 
+import os
 import re
 
 import numpy as np
@@ -27,6 +28,13 @@ class HubAuth(InferenceServerClientPlugin):
 
     def __call__(self, request):
         request.headers = tracing.inject({"authorization": self.authorization, **(request.headers or {})})
+
+
+def tls_options() -> dict:
+    """``InferenceServerClient`` keyword arguments for the gateway: TLS verified against
+    ``$GPULAB_INFER_TLS_CA`` when the platform serves it with TLS, else none (plaintext)."""
+    ca = os.environ.get("GPULAB_INFER_TLS_CA")
+    return {"ssl": True, "root_certificates": ca} if ca else {}
 
 
 class BadInput(ValueError):

@@ -21,7 +21,8 @@ from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
 from .. import tracing
-from ..inference.client import BadInput, HubAuth, infer_inputs, message_of, outputs_of, status_of, to_arrays
+from ..inference.client import (BadInput, HubAuth, infer_inputs, message_of, outputs_of, status_of, tls_options,
+                                to_arrays)
 from .client import GpulabError, JobsClient, _env
 
 _HINTS = {
@@ -106,7 +107,7 @@ class InferenceClient:
     def triton_client(self, aio: bool = False):
         """A new stock ``tritonclient.grpc`` (or ``.aio``) ``InferenceServerClient`` for the gateway that sends
         the hub token and ``traceparent`` with every call by itself (:class:`HubAuth`)."""
-        client = (triton_aio if aio else triton).InferenceServerClient(self.address)
+        client = (triton_aio if aio else triton).InferenceServerClient(self.address, **tls_options())
         client.register_plugin(HubAuth(self.token))
         return client
 

@@ -27,6 +27,7 @@ from ..inference.client import (
     outputs_of,
     status_of,
     tensor_of,
+    tls_options,
     to_arrays,
 )
 from .handlers import GpulabHandler
@@ -56,7 +57,7 @@ class InferBackend(JobsBackend):
         if not self.address:
             raise web.HTTPError(503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)")
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.address)
+            self._client = triton_aio.InferenceServerClient(self.address, **tls_options())
             self._client.register_plugin(HubAuth(self.token))
         return self._client
 

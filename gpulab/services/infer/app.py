@@ -11,6 +11,7 @@ internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``
 import asyncio
 import os
 import signal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
@@ -21,6 +22,7 @@ from traitlets.config import Configurable
 
 from ...config import load_config
 from ...errors import ConfigError
+from ...secrets import read_secret_file
 from ...inference.triton import BACKENDS, GRPC_KEY_PREFIX
 from ...tracing import setup_tracing
 from . import api
@@ -58,6 +60,25 @@ class InferenceGateway(Configurable):
                         "one runs code from it, in the converter process.").tag(config=True)
     deploy_timeout = Float(600.0, help="Seconds a conversion, and a load on the replicas, may take.").tag(
         config=True)
+    tls_cert_file = Unicode(help="PEM certificate chain of the gRPC port; with tls_key_file the gateway serves "
+                            "TLS only (hub tokens then never cross the network in clear).").tag(config=True)
+    tls_key_file = Unicode(help="PEM private key of tls_cert_file (a file only its owner may read).").tag(config=True)
+    tls_ca_file = Unicode(help="PEM bundle clients trust for the gateway (GPULAB_INFER_TLS_CA in user servers); "
+                          "default tls_cert_file, for a self-signed certificate.").tag(config=True)
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials for the gRPC port, or None to serve plaintext (no certificate configured)."""
+        if not (self.tls_cert_file or self.tls_key_file):
+            return None
+        if not (self.tls_cert_file and self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise ConfigError(f"InferenceGateway.{missing}: TLS needs both tls_cert_file and tls_key_file")
+        try:
+            chain = Path(self.tls_cert_file).expanduser().read_bytes()
+        except OSError as e:
+            raise ConfigError(f"InferenceGateway.tls_cert_file: cannot read {self.tls_cert_file}: {e}") from None
+        key = read_secret_file(self.tls_key_file, "InferenceGateway.tls_key_file").reveal()
+        return grpc.ssl_server_credentials([((key + "\n").encode(), chain)])
 
     @default("address")
     def _default_address(self):
@@ -105,7 +126,9 @@ async def main() -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
                                       ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((gateway.handler(),))
-    if not server.add_insecure_port(conf.address):
+    credentials = conf.server_credentials()
+    port = server.add_secure_port(conf.address, credentials) if credentials else server.add_insecure_port(conf.address)
+    if not port:
         raise ConfigError(f"InferenceGateway.address: cannot listen on {conf.address}")
     await server.start()
     gateway.pool.start()
@@ -119,7 +142,8 @@ async def main() -> None:
                               registry=gateway.metrics.registry)
         url = urlsplit(service_url)
         app.listen(url.port, url.hostname or "127.0.0.1")
-    print(f"gpulab-infer: serving gRPC on {conf.address} for {', '.join(conf.replicas)}", flush=True)
+    tls = " (TLS)" if credentials else ""
+    print(f"gpulab-infer: serving gRPC{tls} on {conf.address} for {', '.join(conf.replicas)}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
