@@ -25,6 +25,7 @@ from gpulab.services.jobs.openapi import SPEC_PATH
 from gpulab.services.jobs.queue import JobQueue
 from gpulab.services.jobs.store import JobStore
 from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
+from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
 from tests.support.openapi import Spec
 from tests.support.jobs import Client
@@ -207,6 +208,35 @@ def test_server_extension_forwards_attestation(hub, alice, minter):
     r = requests.get(f"{base}/nodes", headers=no_attest, timeout=30)
     assert r.status_code == 403 and "custom:gpulab:attest" in r.json()["error"]["message"], r.text
     EXT_SPEC.validate("/attestation/nodes", "GET", 403, r.json())
+
+
+@pytest.mark.browser
+def test_lab_attestation_tab_shows_each_node(hub, alice, output_dir):
+    """In alice's JupyterLab (real Chromium), the gpulab panel's Attestation tab shows what the API says of
+    each node: attested (by whom) or not, with the reason."""
+    nodes = alice.request("GET", "/attestation/nodes").json()["nodes"]
+    assert any(n["valid"] for n in nodes) and any(not n["valid"] for n in nodes), nodes
+    with chromium_page() as page:
+        try:
+            hub_login(page, hub, "alice")
+            page.locator(".jp-SideBar [data-id='gpulab-panel']").click(timeout=60_000)
+            panel = page.locator(".jp-gpulab-Panel")
+            panel.get_by_role("tab", name="Attestation").click()
+            for node in nodes:
+                card = panel.locator(f"[data-node='{node['node']}']")
+                status = "attested" if node["valid"] else "revoked" if node["revoked"] else "not attested"
+                card.locator(".jp-gpulab-state", has_text=status).wait_for(timeout=30_000)
+                text = card.inner_text()
+                gpus = len(node["devices"])
+                assert f"{gpus} GPU{'' if gpus == 1 else 's'} ·" in text, text
+                if node["valid"]:
+                    assert f"by {node['user']}" in text, text
+                elif node["problem"]:
+                    assert node["problem"] in text, text
+        except Exception:
+            page.screenshot(path=str(output_dir / "lab-attestation-tab-failure.png"))
+            raise
+        page.screenshot(path=str(output_dir / "lab-attestation-tab.png"))
 
 
 def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(alice, minter, work):

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from gpulab.inference.client import HubAuth
 from gpulab.inference.triton import write_onnx_model
 from gpulab.kernels.inference import InferenceClient, InferenceError
+from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
 from tests.support.openapi import Spec
@@ -164,6 +165,29 @@ def test_deploy_from_a_run_lists_the_model_with_its_signature(rest, deployed, hu
     repo = hub.data_dir / "models"
     assert {"model.onnx", "model.py"} <= {p.name for p in (repo / "digits" / "1").iterdir()}
     assert json.loads((repo / "gpulab-models.json").read_text())["digits"]["owner"] == "alice"
+
+
+@pytest.mark.browser
+def test_lab_models_tab_shows_the_deployed_model(hub, deployed, output_dir):
+    """In bob's JupyterLab (real Chromium), the gpulab panel's Models tab lists alice's model, ready, with its
+    version and signature; the Jobs tab says this platform runs no job service."""
+    with chromium_page() as page:
+        try:
+            hub_login(page, hub, "bob")
+            page.locator(".jp-SideBar [data-id='gpulab-panel']").click(timeout=60_000)
+            panel = page.locator(".jp-gpulab-Panel")
+            panel.get_by_role("alert").filter(has_text="job service is not configured").wait_for(timeout=30_000)
+            panel.get_by_role("tab", name="Models").click()
+            card = panel.locator("[data-model='digits']")
+            card.locator(".jp-gpulab-state-succeeded", has_text="ready").wait_for(timeout=30_000)
+            text = " ".join(card.inner_text().split())
+            assert "v1 READY" in text, text
+            assert "input FP64[-1,64] → label INT64[-1], probabilities FP64[-1,10]" in text, text
+            assert "owner: alice" in card.get_attribute("title")
+        except Exception:
+            page.screenshot(path=str(output_dir / "lab-models-tab-failure.png"))
+            raise
+        page.screenshot(path=str(output_dir / "lab-models-tab.png"))
 
 
 def test_rest_predictions_match_the_model_in_process(rest, deployed, trained):

@@ -3,7 +3,7 @@
 import * as React from 'react';
 
 import { getJSON, INode } from './api';
-import { ago, ErrorLine, usePolling } from './common';
+import { ago, ErrorLine, plural, usePolling } from './common';
 
 export function AttestationView(props: { visible: () => boolean }): JSX.Element {
   const [list, error] = usePolling(() => getJSON<{ nodes: INode[]; max_age: number }>('attestation/nodes'), props.visible);
@@ -14,33 +14,23 @@ export function AttestationView(props: { visible: () => boolean }): JSX.Element 
         <p className="jp-gpulab-empty">No GPU node has been attested. Run `gpulab attest collect` on a node.</p>
       )}
       {list && list.nodes.length > 0 && (
-        <table className="jp-gpulab-table jp-gpulab-nodes">
-          <thead>
-            <tr>
-              <th>Node</th>
-              <th>Status</th>
-              <th>GPUs</th>
-              <th>Verified</th>
-            </tr>
-          </thead>
-          <tbody>
-            {list.nodes.map(n => (
-              <tr key={n.node} data-node={n.node} title={n.last_reason}>
-                <td className="jp-gpulab-name">{n.node}</td>
-                <td>
-                  <span className={`jp-gpulab-state jp-gpulab-state-${n.valid ? 'succeeded' : 'failed'}`}>
-                    {n.valid ? 'attested' : n.revoked ? 'revoked' : 'not attested'}
-                  </span>
-                  {!n.valid && n.problem && <div className="jp-gpulab-reason">{n.problem}</div>}
-                </td>
-                <td>{Object.keys(n.devices).length}</td>
-                <td title={n.expires_at ? `valid until ${n.expires_at}` : ''}>
-                  {n.verified_at ? `${ago(n.verified_at)} by ${n.user}` : '-'}
-                </td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
+        <ul className="jp-gpulab-list jp-gpulab-nodes">
+          {list.nodes.map(n => (
+            <li key={n.node} className="jp-gpulab-card" data-node={n.node} title={n.last_reason}>
+              <div className="jp-gpulab-card-head">
+                <span className="jp-gpulab-name">{n.node}</span>
+                <span className={`jp-gpulab-state jp-gpulab-state-${n.valid ? 'succeeded' : 'failed'}`}>
+                  {n.valid ? 'attested' : n.revoked ? 'revoked' : 'not attested'}
+                </span>
+              </div>
+              {!n.valid && n.problem && <div className="jp-gpulab-reason">{n.problem}</div>}
+              <div className="jp-gpulab-reason" title={n.expires_at ? `valid until ${n.expires_at}` : ''}>
+                {plural(Object.keys(n.devices).length, 'GPU')} ·{' '}
+                {n.verified_at ? `verified ${ago(n.verified_at)} by ${n.user}` : 'never verified'}
+              </div>
+            </li>
+          ))}
+        </ul>
       )}
     </div>
   );

@@ -65,3 +65,8 @@ export function ago(iso: string): string {
   }
   return `${Math.floor(seconds)}s ago`;
 }
+
+/** "1 GPU", "2 GPUs". */
+export function plural(count: number, noun: string): string {
+  return `${count} ${noun}${count === 1 ? '' : 's'}`;
+}

@@ -3,7 +3,7 @@
 import * as React from 'react';
 
 import { APIError, getJSON, IJob, send, TERMINAL_STATES } from './api';
-import { ago, ErrorLine, usePolling } from './common';
+import { ago, ErrorLine, plural, usePolling } from './common';
 import { LaunchForm } from './launch';
 
 export interface IJobsProps {
@@ -96,7 +96,7 @@ function JobCard(props: {
   const metricText = Object.entries(metrics)
     .map(([k, v]) => `${k}=${typeof v === 'number' ? +v.toPrecision(4) : v}`)
     .join(' ');
-  const gpus = { 0: 'CPU', 1: '1 GPU' }[job.resources.gpus] ?? `${job.resources.gpus} GPUs`;
+  const gpus = job.resources.gpus ? plural(job.resources.gpus, 'GPU') : 'CPU';
   return (
     <li className="jp-gpulab-card" data-job-id={job.id} title={job.id}>
       <div className="jp-gpulab-card-head">

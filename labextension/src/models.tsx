@@ -14,38 +14,33 @@ export function ModelsView(props: { visible: () => boolean }): JSX.Element {
       <ErrorLine error={error} />
       {models && models.length === 0 && <p className="jp-gpulab-empty">No models deployed. Deploy one with %deploy.</p>}
       {models && models.length > 0 && (
-        <table className="jp-gpulab-table jp-gpulab-models">
-          <thead>
-            <tr>
-              <th>Model</th>
-              <th>Ready</th>
-              <th>Versions</th>
-              <th>Inputs → outputs</th>
-            </tr>
-          </thead>
-          <tbody>
-            {models.map(m => (
-              <tr key={m.name} data-model={m.name} title={`backend: ${m.backend ?? 'unknown'}; owner: ${m.owner ?? '-'}`}>
-                <td className="jp-gpulab-name">{m.name}</td>
-                <td>
-                  <span className={`jp-gpulab-state jp-gpulab-state-${m.ready ? 'succeeded' : 'queued'}`}>
-                    {m.ready ? 'ready' : 'not ready'}
+        <ul className="jp-gpulab-list jp-gpulab-models">
+          {models.map(m => (
+            <li
+              key={m.name}
+              className="jp-gpulab-card"
+              data-model={m.name}
+              title={`backend: ${m.backend ?? 'unknown'}; owner: ${m.owner ?? '-'}`}
+            >
+              <div className="jp-gpulab-card-head">
+                <span className="jp-gpulab-name">{m.name}</span>
+                <span className={`jp-gpulab-state jp-gpulab-state-${m.ready ? 'succeeded' : 'queued'}`}>
+                  {m.ready ? 'ready' : 'not ready'}
+                </span>
+              </div>
+              <div>
+                {m.versions.map(v => (
+                  <span key={v.version} className="jp-gpulab-version" title={v.source ?? ''}>
+                    v{v.version} {v.state}
                   </span>
-                </td>
-                <td>
-                  {m.versions.map(v => (
-                    <div key={v.version} title={v.source ?? ''}>
-                      v{v.version} {v.state}
-                    </div>
-                  ))}
-                </td>
-                <td>
-                  {tensors(m.inputs)} → {tensors(m.outputs)}
-                </td>
-              </tr>
-            ))}
-          </tbody>
-        </table>
+                ))}
+              </div>
+              <div className="jp-gpulab-reason jp-gpulab-signature">
+                {tensors(m.inputs)} → {tensors(m.outputs)}
+              </div>
+            </li>
+          ))}
+        </ul>
       )}
     </div>
   );
