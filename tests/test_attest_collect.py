@@ -35,8 +35,8 @@ from gpulab.secrets import write_secret_file
 from gpulab.services.jobs.openapi import SPEC_PATH
 from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
 from tests.support.gpulab_up import Platform
-from tests.support.openapi import Spec
 from tests.support.jobs import Client
+from tests.support.openapi import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = Spec(SPEC_PATH)

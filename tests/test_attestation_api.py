@@ -27,8 +27,8 @@ from gpulab.services.jobs.store import JobStore
 from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
 from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
-from tests.support.openapi import Spec
 from tests.support.jobs import Client
+from tests.support.openapi import Spec
 
 SPEC = Spec(SPEC_PATH)
 EXT_SPEC = Spec(Path(__file__).parent.parent / "gpulab" / "server_extension" / "openapi.yaml")

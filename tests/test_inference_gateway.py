@@ -23,9 +23,9 @@ import tritonclient.grpc.aio as triton_aio
 from tornado import web
 from tritonclient.utils import InferenceServerException
 
+from gpulab.errors import ConfigError
 from gpulab.inference.triton import write_onnx_model
 from gpulab.net import free_port
-from gpulab.errors import ConfigError
 from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from tests.support.gpulab_up import Platform

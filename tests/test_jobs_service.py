@@ -12,10 +12,10 @@ import psutil
 import pytest
 import requests
 
+from gpulab.services.jobs.openapi import SPEC_PATH
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 from tests.support.openapi import Spec
-from gpulab.services.jobs.openapi import SPEC_PATH
 
 SPEC = Spec(SPEC_PATH)
 PY = "import sys, time; "
@@ -234,8 +234,9 @@ def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alic
 
 
 def test_server_extension_acts_for_the_user(hub, alice):
-    from tests.support.openapi import Spec as _Spec
     from pathlib import Path
+
+    from tests.support.openapi import Spec as _Spec
 
     ext = _Spec(Path(__file__).parent.parent / "gpulab" / "server_extension" / "openapi.yaml")
     hub.spawn("alice")

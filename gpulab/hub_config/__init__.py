@@ -11,10 +11,10 @@ from pathlib import Path
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
 from .. import scopes
-from ..scopes import INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
+from ..scopes import INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
 from ..secrets import read_secret_file, secret_from, write_secret_file
 from ..tracing import setup_tracing
 from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator

@@ -21,8 +21,16 @@ from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
 from .. import tracing
-from ..inference.client import (BadInput, HubAuth, infer_inputs, message_of, outputs_of, status_of, tls_options,
-                                to_arrays)
+from ..inference.client import (
+    BadInput,
+    HubAuth,
+    infer_inputs,
+    message_of,
+    outputs_of,
+    status_of,
+    tls_options,
+    to_arrays,
+)
 from .client import GpulabError, JobsClient, _env
 
 _HINTS = {

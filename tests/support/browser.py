@@ -44,6 +44,8 @@ def run_cell(page, index: int, code: str, attempts: int = 3) -> None:
     JupyterLab can drop an execute request sent while the kernel connection settles, so an
     unexecuted cell is run again (Ctrl+Enter) before giving up.
     """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
     cell.locator(".cm-content").click()
     page.keyboard.type(code)
@@ -52,7 +54,7 @@ def run_cell(page, index: int, code: str, attempts: int = 3) -> None:
         try:
             cell.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\d+|\*)\]")).wait_for(timeout=20_000)
             return
-        except Exception:
+        except PlaywrightTimeout:
             cell.locator(".cm-content").click()
             page.keyboard.press("Control+Enter")
     raise AssertionError(f"cell {index} never ran")

@@ -22,8 +22,8 @@ from traitlets.config import Configurable
 
 from ...config import load_config
 from ...errors import ConfigError
-from ...secrets import read_secret_file
 from ...inference.triton import BACKENDS, GRPC_KEY_PREFIX
+from ...secrets import read_secret_file
 from ...tracing import setup_tracing
 from . import api
 from .auth import HubTokenAuth

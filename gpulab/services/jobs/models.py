@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from gpulab.attestation.nras import ARCHES, DEVICES
-from gpulab.attestation.verifier import AttestedDevice
 from gpulab.attestation.service import NODE_NAME, PURPOSE
+from gpulab.attestation.verifier import AttestedDevice
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
 ACTIVE_STATES = ("dispatching", "running")
