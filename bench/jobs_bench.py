@@ -56,6 +56,7 @@ import psycopg
 import requests
 
 from tests.support.gpulab_up import Platform
+from tests.support.processes import alive, terminate
 from tests.support.ray_cluster import RayCluster
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -138,8 +139,8 @@ class Tracker:
             log(f"platform {p.url} took {took:.0f}s to stop")
         procs = list(self.procs.get(id(p), {}).values())
         hubs = [x for x in procs if "jupyterhub" in _cmdline(x)]
-        _terminate([x for x in hubs if _alive(x)], 10)
-        _terminate([x for x in procs if _alive(x)], 5)
+        terminate([x for x in hubs if alive(x)], 10)
+        terminate([x for x in procs if alive(x)], 5)
         pid_file = p.data_dir / "hub" / "jupyterhub-proxy.pid"
         try:
             proxy = psutil.Process(int(pid_file.read_text().strip()))
@@ -148,7 +149,7 @@ class Tracker:
         cmd = _cmdline(proxy)
         if f"--ip {p.host} " in cmd and f"--port {p.port} " in cmd + " ":
             log(f"stopping a proxy the hub restarted while stopping (pid {proxy.pid})")
-            _terminate([proxy], 5)
+            terminate([proxy], 5)
 
     def stop_all(self) -> None:
         for starter in self.starters:  # a platform or cluster still starting is stopped once it is up
@@ -173,29 +174,6 @@ def _cmdline(proc: psutil.Process) -> str:
         return " ".join(proc.cmdline())
     except psutil.Error:
         return ""
-
-
-def _terminate(procs: list[psutil.Process], timeout: float) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` s (psutil checks the create time: no recycled PID is hit)."""
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class Starter(threading.Thread):

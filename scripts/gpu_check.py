@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import cache
 from pathlib import Path
 
 from jupyter_client.manager import start_new_kernel
@@ -47,6 +48,7 @@ def check(name):
     return run
 
 
+@cache
 def cudf_status() -> str:
     """"ok", "missing", or why ``import cudf`` fails here (the last line of its traceback)."""
     probe = subprocess.run([sys.executable, "-c", "import cudf"], check=False, capture_output=True, text=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from gpulab.net import free_port
+from tests.support.processes import alive, kill_after
 
 GPU_RESOURCE = "gpu_worker"
 _WORKER_PORTS = range(10002, 20000)
@@ -144,7 +145,7 @@ class RayCluster:
 
     def leftovers(self) -> list[psutil.Process]:
         """Processes of this cluster still alive (same PID and start time as when recorded)."""
-        return [p for p in self.known.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        return [p for p in self.known.values() if alive(p)]
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM each ``--block`` process (worker node first), SIGKILL what is left."""
@@ -157,13 +158,7 @@ class RayCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        _, alive = psutil.wait_procs(self.leftovers(), timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        kill_after(self.leftovers(), 5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:

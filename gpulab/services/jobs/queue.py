@@ -296,7 +296,7 @@ class JobQueue(LoggingConfigurable):
                 usage=QuotaUsage(jobs=len(rows), gpus=sum(r.gpus for r in rows)),
             )
         return Quota(
-            limits=self._limits({**DEFAULT_USER_QUOTA, **self.user_quota}),
+            limits=self._limits(self._user_limits),
             usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus),
             groups=group_status,
         )
@@ -435,9 +435,14 @@ class JobQueue(LoggingConfigurable):
 
         await asyncio.to_thread(self.store.set_waiting_reasons, reason)
 
+    @property
+    def _user_limits(self) -> dict:
+        """``user_quota`` over the defaults (a config may set only some limits)."""
+        return {**DEFAULT_USER_QUOTA, **self.user_quota}
+
     def _room(self, used: Usage) -> int:
         """How many more jobs an owner using ``used`` may start (:data:`BATCH` without a ``max_jobs``)."""
-        max_jobs = {**DEFAULT_USER_QUOTA, **self.user_quota}.get("max_jobs")
+        max_jobs = self._user_limits.get("max_jobs")
         return BATCH if max_jobs is None else max(max_jobs - used.jobs, 0)
 
     async def _candidates(
@@ -462,7 +467,7 @@ class JobQueue(LoggingConfigurable):
                 cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
             fits.append(and_(*cond))
         where = [or_(false(), *fits)]
-        max_gpus = {**DEFAULT_USER_QUOTA, **self.user_quota}.get("max_gpus")
+        max_gpus = self._user_limits.get("max_gpus")
         if max_gpus is not None:
             gpus_used = {o: u.gpus for o, u in owners.items() if u.gpus}
             where.append(JobRow.gpus <= max_gpus - (case(gpus_used, value=JobRow.owner, else_=0) if gpus_used else 0))
@@ -495,7 +500,7 @@ class JobQueue(LoggingConfigurable):
         self, row: JobRow, capacity: dict[str, PoolCapacity], owners: dict, groups: dict, pools: dict
     ) -> str | None:
         """Why ``row`` cannot start now (quota or capacity), or None."""
-        scopes = [("", {**DEFAULT_USER_QUOTA, **self.user_quota}, owners[row.owner])]
+        scopes = [("", self._user_limits, owners[row.owner])]
         scopes += [
             (f"group '{g}' ", self.group_quotas[g], groups[g]) for g in row.groups if g in self.group_quotas
         ]

@@ -92,8 +92,10 @@ class Executor(LoggingConfigurable):
         raise NotImplementedError
 
     async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
-        """Up to ``limit`` bytes of the attempt's log from ``offset``."""
-        raise NotImplementedError
+        """Up to ``limit`` bytes of the attempt's log from ``offset``: from ``log_path``, where the attempt
+        writes it (or :meth:`save_logs` copied it); executors that keep logs elsewhere extend this."""
+        data = read_range(log_path, offset, limit)
+        return b"" if data is None else data
 
     async def save_logs(self, handle: Handle, log_path: Path) -> None:
         """Copy an ended attempt's log into ``log_path`` where the backend keeps it elsewhere (local: no-op)."""

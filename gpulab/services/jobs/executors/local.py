@@ -24,7 +24,7 @@ from traitlets import Float, Integer, Unicode, default
 from gpulab.config import default_data_dir
 from gpulab.gpus import list_gpus
 
-from .base import Executor, Handle, Launch, Outcome, PoolCapacity, read_range
+from .base import Executor, Handle, Launch, Outcome, PoolCapacity
 
 _SUPERVISOR = """
 import os, signal, subprocess, sys
@@ -191,6 +191,3 @@ class LocalExecutor(Executor):
                 return False
             await asyncio.sleep(0.05)
 
-    async def read_logs(self, handle: Handle, log_path: Path, offset: int, limit: int) -> bytes:
-        data = read_range(log_path, offset, limit)
-        return b"" if data is None else data

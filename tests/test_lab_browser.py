@@ -1,6 +1,7 @@
-"""The gpulab JupyterLab extension in real Chromium against a real hub, job service and JupyterLab:
-the side panel lists the user's jobs live, follows a log, cancels and deletes through the UI, and
-shows the Models and Attestation tabs."""
+"""JupyterLab in real Chromium against a real hub, job service and spawned JupyterLab: the gpulab side
+panel lists the user's jobs live, follows a log, cancels, deletes and launches through the UI, and shows
+the Models and Attestation tabs; %%train in a notebook on the RAPIDS kernel shows its monitor widget until
+the job succeeds."""
 
 import sys
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.support.browser import chromium_page, hub_login
+from tests.support.browser import chromium_page, hub_login, new_notebook, run_cell
 from tests.support.gpulab_up import Platform
 
 pytestmark = pytest.mark.browser
@@ -20,6 +21,7 @@ for i in range(600):
     gpulab.progress(i + 1, 600, loss=1 / (i + 1))
     time.sleep(0.2)
 """
+CELL = "%%train --name browser-train\nimport gpulab, time; [gpulab.progress(i, 3, loss=1 / i) or time.sleep(0.5) for i in range(1, 4)]"
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,20 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
         except Exception:
             page.screenshot(path=str(output_dir / "lab-gpulab-panel-failure.png"))
             raise
+
+
+def test_train_in_lab_shows_the_monitor_until_succeeded(hub, output_dir):
+    with chromium_page() as page:
+        try:
+            hub_login(page, hub, "lena")
+            new_notebook(page, "Python 3 (GPU, RAPIDS)")
+            run_cell(page, 0, "%load_ext gpulab")
+            page.locator(".jp-OutputArea-output", has_text="no GPU found").first.wait_for(timeout=60_000)
+            page.locator(".jp-NotebookPanel-toolbar [data-command='notebook:insert-cell-below']").click()
+            run_cell(page, 1, CELL)
+            page.locator(".widget-html", has_text="succeeded").first.wait_for(timeout=180_000)
+            page.get_by_text("3/3", exact=True).first.wait_for(timeout=10_000)
+        except Exception:
+            page.screenshot(path=str(output_dir / "lab-train-failure.png"))
+            raise AssertionError(f"browser stopped at {page.url}")
+        page.screenshot(path=str(output_dir / "lab-train-monitor.png"))
