@@ -7,6 +7,7 @@ and the stock `tritonclient.grpc` client.
 
 import asyncio
 import json
+import os
 import queue
 import re
 import secrets
@@ -16,6 +17,7 @@ import time
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import requests
 import tritonclient.grpc as triton
@@ -86,16 +88,7 @@ c.InferenceGateway.recovery_timeout = 3
     hub.gateway, hub.tls_gateway = address, tls_address
     for user, groups in [("alice", []), ("bob", []), ("carol", ["ml"]), ("dave", ["deployers"])]:
         hub.create_user(user, groups=groups)
-    client, headers = triton.InferenceServerClient(address), auth(hub.token("alice"))
-    deadline = time.monotonic() + 30
-    while True:  # the service starts after the hub answers
-        try:
-            client.is_server_ready(headers=headers)
-            break
-        except InferenceServerException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
+    wait_ready(address, hub.token("alice"))  # the service starts after the hub answers
     yield hub
     hub.stop()
 
@@ -390,6 +383,78 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, tokens):
     assert metadata["triton-grpc-protocol-gpulab-triton-key"] == "k3y"
     assert metadata["traceparent"].split("-")[1] == trace_id
     assert "authorization" not in metadata
+
+
+def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path):
+    """processes=2: connections spread over both processes, /metrics merges them by process, an extra
+    process that dies is restarted, and SIGTERM to the first stops both."""
+    address, http = f"127.0.0.1:{free_port()}", f"http://{HOST}:{free_port(HOST)}"
+    env = {**os.environ, "JUPYTERHUB_API_URL": f"{hub.url}/hub/api", "JUPYTERHUB_SERVICE_URL": http + "/",
+           "GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_REPLICAS": ",".join(t.grpc_address for t in tritons),
+           "GPULAB_TRITON_KEY": tritons[0].restricted_key, "GPULAB_CONFIG": str(hub.config_file),
+           "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": {"processes": 2}})}
+    with (tmp_path / "gateway.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    first = psutil.Process(proc.pid)
+
+    def extra_process(other_than: int | None = None) -> psutil.Process:
+        """The extra process (not ``other_than``) once it serves: its metrics show in the merged ones."""
+        deadline = time.monotonic() + 30
+        while True:
+            children = [c for c in first.children() if c.pid != other_than]
+            try:
+                text = requests.get(http + "/metrics", timeout=10).text
+            except requests.ConnectionError:
+                text = ""
+            if len(children) == 1 and 'process="1"' in text:
+                return children[0]
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "gateway.log").read_text()
+            time.sleep(0.2)
+
+    def spread(calls: int) -> None:
+        # one connection each (gRPC otherwise shares one connection among channels to the same address)
+        clients = [triton.InferenceServerClient(address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+                   for _ in range(calls)]
+        for client in clients:
+            x, y = infer(client, tokens["alice"])
+            np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5)
+            client.close()
+
+    try:
+        extra = extra_process()
+        wait_ready(address, tokens["alice"])
+        spread(24)
+        text = requests.get(http + "/metrics", timeout=10).text
+        served = {p: metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process=p)
+                  for p in ("0", "1")}
+        assert served["0"] >= 1 and served["1"] >= 1 and sum(served.values()) == 24, served
+        assert metric(text, "gpulab_infer_replica_healthy", process="1") == 2
+
+        extra.kill()
+        extra_process(other_than=extra.pid)  # a new one, serving
+        assert f"process 1 (pid {extra.pid}) exited" in (tmp_path / "gateway.log").read_text()
+        spread(12)
+        text = requests.get(http + "/metrics", timeout=10).text
+        assert metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process="1") >= 1
+    finally:
+        children = first.children()
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    psutil.wait_procs(children, timeout=5)
+    assert not any(child.is_running() for child in children)
+
+
+def wait_ready(address: str, token: str) -> None:
+    client, deadline = triton.InferenceServerClient(address), time.monotonic() + 30
+    while True:
+        try:
+            if client.is_server_ready(headers=auth(token)):
+                return
+        except InferenceServerException:
+            pass
+        assert time.monotonic() < deadline, f"the gateway at {address} never became ready"
+        time.sleep(0.2)
 
 
 def test_requests_spread_over_replicas(hub, client, tokens, tritons):

@@ -11,12 +11,14 @@ internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
+from tornado.httpserver import HTTPServer
 from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import Configurable
 
@@ -29,6 +31,7 @@ from . import api
 from .auth import HubTokenAuth
 from .gateway import Gateway
 from .models import Deployments
+from .processes import METRICS_FD_ENV, Workers, merge_metrics, parent_gone, process_index
 from .replicas import ReplicaPool
 
 
@@ -65,6 +68,12 @@ class InferenceGateway(Configurable):
     tls_key_file = Unicode(help="PEM private key of tls_cert_file (a file only its owner may read).").tag(config=True)
     tls_ca_file = Unicode(help="PEM bundle clients trust for the gateway (GPULAB_INFER_TLS_CA in user servers); "
                           "default tls_cert_file, for a self-signed certificate.").tag(config=True)
+    processes = Integer(1, min=1, help="Processes serving the gRPC port, one core each at full load. Above 1 they "
+                        "share the port with SO_REUSEPORT (each connection goes to one of them; each has its own "
+                        "health checks, breakers and token cache) and /metrics labels samples by process. "
+                        "SO_REUSEPORT lets any process of the gateway's OS user bind the port too: use more than "
+                        "1 only where user code does not run as that user (container spawners, other hosts).").tag(
+        config=True)
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials for the gRPC port, or None to serve plaintext (no certificate configured)."""
@@ -102,9 +111,13 @@ class InferenceGateway(Configurable):
 
 
 class MetricsHandler(web.RequestHandler):
-    def get(self):
+    async def get(self):
+        own = generate_latest(self.settings["registry"])
+        workers: Workers | None = self.settings.get("workers")
+        if workers:
+            own = merge_metrics({"0": own.decode(), **await workers.metrics()})
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.settings["registry"]))
+        self.finish(own)
 
 
 def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
@@ -123,8 +136,10 @@ def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
 async def main() -> None:
     setup_tracing("gpulab-infer")
     conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"])
+    index = process_index()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
-                                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.so_reuseport", int(conf.processes > 1))])
     server.add_generic_rpc_handlers((gateway.handler(),))
     credentials = conf.server_credentials()
     port = server.add_secure_port(conf.address, credentials) if credentials else server.add_insecure_port(conf.address)
@@ -132,23 +147,43 @@ async def main() -> None:
         raise ConfigError(f"InferenceGateway.address: cannot listen on {conf.address}")
     await server.start()
     gateway.pool.start()
-    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
-    if service_url:
-        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
-        deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
-                                  conf.deploy_timeout)
-        routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
-        app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler), *routes],
-                              registry=gateway.metrics.registry)
-        url = urlsplit(service_url)
-        app.listen(url.port, url.hostname or "127.0.0.1")
-    tls = " (TLS)" if credentials else ""
-    print(f"gpulab-infer: serving gRPC{tls} on {conf.address} for {', '.join(conf.replicas)}", flush=True)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tasks, workers = [], None
+    if index:  # an extra process: gRPC, and metrics for the first process to merge
+        app = web.Application([(r"/metrics", MetricsHandler)], registry=gateway.metrics.registry)
+        HTTPServer(app).add_sockets([socket.socket(fileno=int(os.environ[METRICS_FD_ENV]))])
+        tasks.append(asyncio.create_task(parent_gone()))
+        tasks[-1].add_done_callback(lambda _: stop.set())
+    else:
+        if conf.processes > 1:
+            workers = Workers(conf.processes - 1)
+            workers.start()
+            tasks.append(asyncio.create_task(workers.supervise()))
+        serve_http(conf, gateway, workers)
+    tls = " (TLS)" if credentials else ""
+    which = f" (process {index} of {conf.processes})" if conf.processes > 1 else ""
+    print(f"gpulab-infer: serving gRPC{tls} on {conf.address} for {', '.join(conf.replicas)}{which}", flush=True)
+
     await stop.wait()
-    await server.stop(grace=2)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(server.stop(grace=2), *([workers.stop()] if workers else ()))
     await gateway.pool.close()
+
+
+def serve_http(conf: InferenceGateway, gateway: Gateway, workers: Workers | None) -> None:
+    """The first process's HTTP side at $JUPYTERHUB_SERVICE_URL: /metrics and the deploy API."""
+    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+    if not service_url:
+        return
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
+    deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
+                              conf.deploy_timeout)
+    routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
+    app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler), *routes],
+                          registry=gateway.metrics.registry, workers=workers)
+    url = urlsplit(service_url)
+    app.listen(url.port, url.hostname or "127.0.0.1")
