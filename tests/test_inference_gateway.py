@@ -30,11 +30,13 @@ from gpulab.inference.triton import write_onnx_model
 from gpulab.net import free_port
 from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
+from gpulab.services.infer.nginx import NginxDataPlane, serve_authorize
 from tests.support.gpulab_up import Platform
 from tests.support.tls import self_signed
 from tests.support.triton import crash, linear_onnx, perf_analyzer, start_tritons
 
 HOST = "127.0.0.20"
+PLANES = ("python", "nginx")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,7 @@ c.Platform.jobs_service = False
 c.Roles.group_roles = {"deployers": ["gpulab-deployer"]}
 c.Roles.extra_roles = c.Roles.extra_roles + [
     {"name": "test-services", "scopes": ["read:services"], "services": ["test-admin"]}]
+c.InferenceGateway.data_plane = "python"  # the nginx service sets its own
 c.InferenceGateway.model_allow = {"private": ["bob", "group:ml"]}
 c.InferenceGateway.max_request_bytes = 1024 * 1024
 c.InferenceGateway.health_interval = 0.5
@@ -84,11 +87,19 @@ c.InferenceGateway.recovery_timeout = 3
     tls_service = {**service, "name": "gpulab-infer-tls", "info": {"grpc_address": tls_address},
                    "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": tls_address,
                                    "GPULAB_CONFIG_OVERRIDES": json.dumps(tls)}}
-    hub.start(config, services=[service, tls_service])
+    # a third on the same replicas: the nginx data plane, 2 workers, serving TLS
+    nginx_address = f"127.0.0.1:{free_port()}"
+    nginx = {"InferenceGateway": {**tls["InferenceGateway"], "data_plane": "nginx", "processes": 2}}
+    nginx_service = {**service, "name": "gpulab-infer-nginx", "info": {"grpc_address": nginx_address},
+                     "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": nginx_address,
+                                     "GPULAB_CONFIG_OVERRIDES": json.dumps(nginx)}}
+    hub.start(config, services=[service, tls_service, nginx_service])
     hub.gateway, hub.tls_gateway = address, tls_address
+    hub.gateways = {"python": address, "nginx": nginx_address}
     for user, groups in [("alice", []), ("bob", []), ("carol", ["ml"]), ("dave", ["deployers"])]:
         hub.create_user(user, groups=groups)
-    wait_ready(address, hub.token("alice"))  # the service starts after the hub answers
+    for plane in PLANES:  # the services start after the hub answers
+        wait_ready(connect(hub, plane), hub.token("alice"))
     yield hub
     hub.stop()
 
@@ -100,9 +111,21 @@ def tokens(hub):
             "noscope": hub.token("alice", scopes=["read:users:name!user=alice"])}
 
 
+@pytest.fixture(params=PLANES)
+def plane(request) -> str:
+    """The data plane in front of the gateway: the Python gateway alone, or nginx (over TLS) before it."""
+    return request.param
+
+
 @pytest.fixture
-def client(hub):
-    return triton.InferenceServerClient(hub.gateway)
+def client(hub, plane):
+    return connect(hub, plane)
+
+
+def connect(hub, plane: str, aio: bool = False, **options):
+    """A stock client of the gateway with ``plane`` (TLS for nginx)."""
+    tls = {"ssl": True, "root_certificates": str(hub.tls_cert)} if plane == "nginx" else {}
+    return (triton_aio if aio else triton).InferenceServerClient(hub.gateways[plane], **tls, **options)
 
 
 def auth(token: str, scheme: str = "token") -> dict:
@@ -122,8 +145,9 @@ def error(call, *args, **kwargs) -> InferenceServerException:
     return info.value
 
 
-def gateway_metrics(hub) -> str:
-    r = requests.get(f"{hub.url}/services/gpulab-infer/metrics", timeout=10)
+def gateway_metrics(hub, plane: str = "python") -> str:
+    service = "gpulab-infer" if plane == "python" else "gpulab-infer-nginx"
+    r = requests.get(f"{hub.url}/services/{service}/metrics", timeout=10)
     assert r.status_code == 200, r.text
     return r.text
 
@@ -193,11 +217,13 @@ def test_gateway_address_is_in_the_hub_services_api(hub):
     assert service["info"] == {"grpc_address": hub.gateway}
 
 
-def test_perf_analyzer_through_the_gateway_with_a_token_only(hub):
+def test_perf_analyzer_through_the_gateway_with_a_token_only(hub, plane):
     """Triton's own load generator (2.51) measures through the gateway with a hub token sent as gRPC
     metadata (-H), and is refused as unauthenticated without one."""
-    base = [perf_analyzer(), "-m", "digits", "-i", "grpc", "-u", hub.gateway, "-p", "300", "--max-trials", "6",
-            "-s", "999"]
+    base = [perf_analyzer(), "-m", "digits", "-i", "grpc", "-u", hub.gateways[plane], "-p", "300",
+            "--max-trials", "6", "-s", "999"]
+    if plane == "nginx":
+        base += ["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={hub.tls_cert}"]
     measured = subprocess.run([*base, "-H", f"authorization:token {hub.token('alice')}"], capture_output=True,
                               text=True, timeout=120, check=False)
     assert measured.returncode == 0, measured.stdout + measured.stderr
@@ -344,9 +370,9 @@ def test_stream_infer(client, tokens, models):
         client.stop_stream()
 
 
-async def test_traceparent_and_platform_key_reach_the_replica(hub, tokens):
-    """An in-process gateway in front of a recording replica: the caller's ``traceparent`` continues, the
-    platform key is added and the caller's token is not passed on."""
+async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens):
+    """A gateway (in-process; for nginx, nginx in front of it) before a recording replica: the caller's
+    ``traceparent`` continues, the platform key is added and the caller's token is not passed on."""
     seen = []
 
     async def record(request: bytes, context) -> bytes:
@@ -362,20 +388,26 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, tokens):
     cfg = Config()
     cfg.InferenceGateway.replicas = [f"127.0.0.1:{replica_port}"]
     cfg.InferenceGateway.restricted_key = "k3y"
-    _, gateway = build(cfg, hub.url + "/hub/api")
+    cfg.InferenceGateway.address = address = f"127.0.0.1:{free_port()}"
+    conf, gateway = build(cfg, hub.url + "/hub/api")
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((gateway.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    nginx = NginxDataPlane(conf, f"127.0.0.1:{port}", serve_authorize(gateway)) if plane == "nginx" else None
     try:
+        if nginx:
+            await asyncio.to_thread(nginx.start)
         trace_id = secrets.token_hex(16)
         tensor = triton.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
-        client = triton_aio.InferenceServerClient(f"127.0.0.1:{port}")
+        client = triton_aio.InferenceServerClient(address if nginx else f"127.0.0.1:{port}")
         await client.infer("digits", [tensor], headers={
             **auth(tokens["alice"]), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
         await client.close()
     finally:
+        if nginx:
+            await nginx.stop()
         await server.stop(0)
         await gateway.pool.close()
         await replica.stop(0)
@@ -418,12 +450,12 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
                    for _ in range(calls)]
         for client in clients:
             x, y = infer(client, tokens["alice"])
-            np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5)
+            np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5, atol=1e-6)
             client.close()
 
     try:
         extra = extra_process()
-        wait_ready(address, tokens["alice"])
+        wait_ready(triton.InferenceServerClient(address), tokens["alice"])
         spread(24)
         text = requests.get(http + "/metrics", timeout=10).text
         served = {p: metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process=p)
@@ -445,23 +477,23 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
     assert not any(child.is_running() for child in children)
 
 
-def wait_ready(address: str, token: str) -> None:
-    client, deadline = triton.InferenceServerClient(address), time.monotonic() + 30
+def wait_ready(client, token: str) -> None:
+    deadline = time.monotonic() + 30
     while True:
         try:
             if client.is_server_ready(headers=auth(token)):
                 return
         except InferenceServerException:
             pass
-        assert time.monotonic() < deadline, f"the gateway at {address} never became ready"
+        assert time.monotonic() < deadline, "the gateway never became ready"
         time.sleep(0.2)
 
 
-def test_requests_spread_over_replicas(hub, client, tokens, tritons):
-    before = gateway_metrics(hub)
+def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons):
+    before = gateway_metrics(hub, plane)
     for _ in range(40):
         infer(client, tokens["alice"])
-    after = gateway_metrics(hub)
+    after = gateway_metrics(hub, plane)
     for server in tritons:
         sent = (metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
                 - metric(before, "gpulab_infer_replica_requests_total", replica=server.grpc_address))
@@ -471,9 +503,9 @@ def test_requests_spread_over_replicas(hub, client, tokens, tritons):
     assert metric(after, "gpulab_infer_requests_total", rpc="ModelInfer", model="digits", code="OK") >= 40
 
 
-async def test_replica_failures_breakers_and_recovery(hub, tokens, tritons):
-    """Kill one replica under load, then both, then bring one back."""
-    client = triton_aio.InferenceServerClient(hub.gateway)
+async def test_replica_failures_breakers_and_recovery(hub, plane, tokens, tritons):
+    """Kill one replica under load, then both, then bring one back (and then the other, for the next plane)."""
+    client = connect(hub, plane, aio=True)
     headers = auth(tokens["alice"])
     x = np.ones((1, 4), np.float32)
     log = []  # (time the call started, error or None)
@@ -508,20 +540,27 @@ async def test_replica_failures_breakers_and_recovery(hub, tokens, tritons):
 
     await asyncio.to_thread(crash, tritons[1])
     deadline = time.monotonic() + 10
-    while metric(gateway_metrics(hub), "gpulab_infer_breaker_state", state="open") < 2:
-        assert time.monotonic() < deadline, gateway_metrics(hub)
-        await asyncio.sleep(0.2)
-    elapsed = []
+    if plane == "python":
+        while metric(gateway_metrics(hub), "gpulab_infer_breaker_state", state="open") < 2:
+            assert time.monotonic() < deadline, gateway_metrics(hub)
+            await asyncio.sleep(0.2)
+    else:  # nginx marks each replica failed after failure_threshold failed calls
+        while "circuit open" not in ((e := await call()) and e.message() or ""):
+            assert time.monotonic() < deadline, str(e)
+    elapsed, messages = [], []
     for _ in range(20):
         started = time.perf_counter()
         e = await call()
         elapsed.append(time.perf_counter() - started)
         assert e is not None and e.status() == "StatusCode.UNAVAILABLE"
+        messages.append(e.message())
     # fail fast: the gateway answers without trying the replicas (allowing for a busy shared machine's outliers)
     assert sorted(elapsed)[17] < 0.010 and max(elapsed) < 0.1, elapsed
-    message = e.message()
-    assert "circuit open" in message
-    assert all(f"Triton replica {t.grpc_address}" in message for t in tritons), message
+    # (nginx probes a replica again once its recovery time is up: that call names only the replica it tried)
+    assert any("circuit open" in message and all(t.grpc_address in message for t in tritons)
+               for message in messages), messages
+    if plane == "python":
+        assert all(f"Triton replica {t.grpc_address}" in messages[-1] for t in tritons), messages[-1]
 
     for server in tritons:
         server.stop()  # clean up after the crash
@@ -532,3 +571,4 @@ async def test_replica_failures_breakers_and_recovery(hub, tokens, tritons):
         await asyncio.sleep(0.2)
     assert all([await call() is None for _ in range(20)])
     await client.close()
+    await asyncio.to_thread(tritons[1].start)

@@ -1,5 +1,10 @@
 import asyncio
+import sys
 
+from ...errors import ConfigError
 from .app import main
 
-asyncio.run(main())
+try:
+    asyncio.run(main())
+except ConfigError as e:
+    sys.exit(f"gpulab-infer: {e}")

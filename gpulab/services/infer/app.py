@@ -10,6 +10,7 @@ internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -25,12 +26,14 @@ from traitlets.config import Configurable
 from ...config import load_config
 from ...errors import ConfigError
 from ...inference.triton import BACKENDS, GRPC_KEY_PREFIX
+from ...net import free_port
 from ...secrets import read_secret_file
 from ...tracing import setup_tracing
 from . import api
 from .auth import HubTokenAuth
 from .gateway import Gateway
 from .models import Deployments
+from .nginx import NginxDataPlane, serve_authorize
 from .processes import METRICS_FD_ENV, Workers, merge_metrics, parent_gone, process_index
 from .replicas import ReplicaPool
 
@@ -68,12 +71,30 @@ class InferenceGateway(Configurable):
     tls_key_file = Unicode(help="PEM private key of tls_cert_file (a file only its owner may read).").tag(config=True)
     tls_ca_file = Unicode(help="PEM bundle clients trust for the gateway (GPULAB_INFER_TLS_CA in user servers); "
                           "default tls_cert_file, for a self-signed certificate.").tag(config=True)
-    processes = Integer(1, min=1, help="Processes serving the gRPC port, one core each at full load. Above 1 they "
-                        "share the port with SO_REUSEPORT (each connection goes to one of them; each has its own "
-                        "health checks, breakers and token cache) and /metrics labels samples by process. "
-                        "SO_REUSEPORT lets any process of the gateway's OS user bind the port too: use more than "
-                        "1 only where user code does not run as that user (container spawners, other hosts).").tag(
+    data_plane = Enum(["auto", "python", "nginx"], "auto", help="What serves the gRPC port. python: the gateway "
+                      "itself (grpcio; about 0.5 ms and 0.4-0.7 ms of CPU per call). nginx: nginx with the lua "
+                      "module (Debian: nginx, libnginx-mod-http-lua) proxies ModelInfer to Triton itself, after the "
+                      "gateway's own token and model checks (cached for token_cache_seconds), and passes every "
+                      "other RPC to the Python gateway; breakers become nginx's failure marking (failure_threshold "
+                      "failures, then recovery_timeout s) and health checks apply to the Python side only. auto: "
+                      "nginx where nginx_path and the lua module in nginx_modules_dir are found, else python.").tag(
         config=True)
+    processes = Integer(1, min=1, help="Processes serving the gRPC port. nginx data plane: nginx workers. python: "
+                        "gateway processes sharing the port with SO_REUSEPORT (each connection goes to one of them; "
+                        "each has its own health checks, breakers and token cache), which lets any process of the "
+                        "gateway's OS user bind the port too: use more than 1 only where user code does not run as "
+                        "that user (container spawners, other hosts). /metrics labels samples by process.").tag(
+        config=True)
+    nginx_path = Unicode("nginx", help="The nginx binary of the nginx data plane.").tag(config=True)
+    nginx_modules_dir = Unicode("/usr/lib/nginx/modules", help="Where nginx's dynamic modules are "
+                                "(ndk_http_module.so, ngx_http_lua_module.so).").tag(config=True)
+
+    def plane(self) -> str:
+        """The data plane to run: data_plane, with auto resolved."""
+        if self.data_plane != "auto":
+            return self.data_plane
+        found = shutil.which(self.nginx_path) and (Path(self.nginx_modules_dir) / "ngx_http_lua_module.so").exists()
+        return "nginx" if found else "python"
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials for the gRPC port, or None to serve plaintext (no certificate configured)."""
@@ -111,11 +132,16 @@ class InferenceGateway(Configurable):
 
 
 class MetricsHandler(web.RequestHandler):
+    """This process's metrics, merged with those of the other sources (extra processes, nginx) by process."""
+
     async def get(self):
         own = generate_latest(self.settings["registry"])
-        workers: Workers | None = self.settings.get("workers")
-        if workers:
-            own = merge_metrics({"0": own.decode(), **await workers.metrics()})
+        sources = self.settings.get("sources", ())
+        if sources:
+            texts = {"0": own.decode()}
+            for source in sources:
+                texts.update(await source())
+            own = merge_metrics(texts)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(own)
 
@@ -137,45 +163,56 @@ async def main() -> None:
     setup_tracing("gpulab-infer")
     conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"])
     index = process_index()
+    nginx = conf.plane() == "nginx"
+    # with nginx in front, the Python gateway serves plaintext on loopback and nginx holds the address (and TLS)
+    address = f"127.0.0.1:{free_port('127.0.0.1')}" if nginx else conf.address
+    credentials = None if nginx else conf.server_credentials()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
                                       ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", int(conf.processes > 1))])
+                                      ("grpc.so_reuseport", int(conf.processes > 1 and not nginx))])
     server.add_generic_rpc_handlers((gateway.handler(),))
-    credentials = conf.server_credentials()
-    port = server.add_secure_port(conf.address, credentials) if credentials else server.add_insecure_port(conf.address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if not port:
-        raise ConfigError(f"InferenceGateway.address: cannot listen on {conf.address}")
+        raise ConfigError(f"InferenceGateway.address: cannot listen on {address}")
     await server.start()
     gateway.pool.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks, workers = [], None
+    tasks, parts = [], []  # parts: the extra processes or nginx, each with supervise(), stop() and metrics()
     if index:  # an extra process: gRPC, and metrics for the first process to merge
         app = web.Application([(r"/metrics", MetricsHandler)], registry=gateway.metrics.registry)
         HTTPServer(app).add_sockets([socket.socket(fileno=int(os.environ[METRICS_FD_ENV]))])
         tasks.append(asyncio.create_task(parent_gone()))
         tasks[-1].add_done_callback(lambda _: stop.set())
     else:
-        if conf.processes > 1:
-            workers = Workers(conf.processes - 1)
-            workers.start()
-            tasks.append(asyncio.create_task(workers.supervise()))
-        serve_http(conf, gateway, workers)
-    tls = " (TLS)" if credentials else ""
-    which = f" (process {index} of {conf.processes})" if conf.processes > 1 else ""
+        if nginx:
+            plane = NginxDataPlane(conf, address, serve_authorize(gateway))
+            await asyncio.to_thread(plane.start)
+            parts.append(plane)
+        elif conf.processes > 1:
+            parts.append(Workers(conf.processes - 1))
+            parts[-1].start()
+        tasks += [asyncio.create_task(part.supervise()) for part in parts]
+        serve_http(conf, gateway, [part.metrics for part in parts])
+    tls = " (TLS)" if conf.tls_cert_file else ""
+    if nginx:
+        which = f" (nginx data plane, {conf.processes} worker{'s' * (conf.processes > 1)}; Python on {address})"
+    else:
+        which = f" (process {index} of {conf.processes})" if conf.processes > 1 else ""
     print(f"gpulab-infer: serving gRPC{tls} on {conf.address} for {', '.join(conf.replicas)}{which}", flush=True)
 
     await stop.wait()
     for task in tasks:
         task.cancel()
-    await asyncio.gather(server.stop(grace=2), *([workers.stop()] if workers else ()))
+    await asyncio.gather(server.stop(grace=2), *(part.stop() for part in parts))
     await gateway.pool.close()
 
 
-def serve_http(conf: InferenceGateway, gateway: Gateway, workers: Workers | None) -> None:
-    """The first process's HTTP side at $JUPYTERHUB_SERVICE_URL: /metrics and the deploy API."""
+def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
+    """The first process's HTTP side at $JUPYTERHUB_SERVICE_URL: /metrics (merged with ``sources``) and the
+    deploy API."""
     service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
     if not service_url:
         return
@@ -184,6 +221,6 @@ def serve_http(conf: InferenceGateway, gateway: Gateway, workers: Workers | None
                               conf.deploy_timeout)
     routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
     app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler), *routes],
-                          registry=gateway.metrics.registry, workers=workers)
+                          registry=gateway.metrics.registry, sources=sources)
     url = urlsplit(service_url)
     app.listen(url.port, url.hostname or "127.0.0.1")

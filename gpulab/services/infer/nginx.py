@@ -1,0 +1,233 @@
+"""The nginx data plane of ``gpulab-infer`` (``c.InferenceGateway.data_plane = "nginx"``).
+
+nginx, with Debian's lua module, listens on the gateway's address. It handles ModelInfer itself:
+``nginx_gateway.lua`` reads the model name from the request, asks the Python gateway's loopback
+authorize endpoint whether the caller's token may call that model (the same checks as on the Python
+path, cached in nginx for ``token_cache_seconds``), adds the Triton platform key and proxies the call to
+a replica: least connections, kept-alive connections, a request that was never sent is tried on another
+replica, and ``failure_threshold`` failures mark a replica failed for ``recovery_timeout`` s. Every other
+RPC (health, metadata, model control, streams) and any request the fast path cannot read goes to the
+Python gateway on a loopback port. The calls nginx handled are counted in Lua and merged into the
+gateway's ``/metrics`` as ``process="nginx"``.
+"""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+from ...errors import ConfigError
+from ...inference.triton import GRPC_KEY_PREFIX
+from ...net import free_port
+from ...scopes import INFER
+from .gateway import Gateway, GatewayError
+
+LUA_DIR = Path(__file__).parent
+TEMPLATE = """
+load_module {modules}/ndk_http_module.so;
+load_module {modules}/ngx_http_lua_module.so;
+daemon off;
+master_process on;
+worker_processes {workers};
+pid {run}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {run}/body;
+  proxy_temp_path {run}/proxy;
+  fastcgi_temp_path {run}/fastcgi;
+  uwsgi_temp_path {run}/uwsgi;
+  scgi_temp_path {run}/scgi;
+  lua_package_path "{lua}/?.lua;;";
+  lua_shared_dict gpulab_decisions 16m;
+  lua_shared_dict gpulab_metrics 1m;
+  init_by_lua_block {{
+    require("nginx_gateway").configure({{ttl = {ttl}, replicas = "{replica_list}", recovery = {recovery},
+      authorize_port = {authorize_port},
+      key_header = {{name = "{key_header}", value = os.getenv("GPULAB_NGINX_TRITON_KEY") or ""}}}})
+  }}
+  upstream gpulab_triton {{
+    zone gpulab_triton 256k;
+    least_conn;
+{servers}
+    keepalive 64;
+    keepalive_requests 1000000;
+    keepalive_timeout 1h;
+  }}
+  upstream gpulab_python {{
+    server {python};
+    keepalive 16;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen {address} http2{ssl};
+{tls}
+    keepalive_requests 1000000;
+    keepalive_timeout 1h;
+    client_max_body_size {max_bytes};
+    client_body_buffer_size 2m;
+    grpc_read_timeout 1h;
+    grpc_send_timeout 1h;
+    set $gpulab_model "";
+    error_page 413 = @too_large;
+    location = /inference.GRPCInferenceService/ModelInfer {{
+      access_by_lua_block {{ require("nginx_gateway").access() }}
+      log_by_lua_block {{ require("nginx_gateway").log() }}
+      error_page 502 504 = @unavailable;
+      error_page 413 = @too_large;  # error_page is inherited only by locations that set none
+      grpc_pass grpc://gpulab_triton;
+    }}
+    location / {{
+      grpc_pass grpc://gpulab_python;
+    }}
+    location @python {{
+      grpc_pass grpc://gpulab_python;
+    }}
+    location @unavailable {{
+      content_by_lua_block {{ require("nginx_gateway").unavailable() }}
+      log_by_lua_block {{ require("nginx_gateway").log() }}
+    }}
+    location @too_large {{
+      content_by_lua_block {{ require("nginx_gateway").too_large({max_bytes}) }}
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{metrics_port};
+    location = /metrics {{
+      content_by_lua_block {{ require("nginx_gateway").metrics() }}
+    }}
+  }}
+}}
+"""
+HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
+
+
+class AuthorizeHandler(web.RequestHandler):
+    """``GET /authorize?model=M`` with the caller's ``Authorization``: 200 if the token may call M; else 401/403
+    (or 503 when the hub cannot answer) with ``Grpc-Status`` and the message as body."""
+
+    def initialize(self, gateway: Gateway):
+        self.gateway = gateway
+
+    async def get(self):
+        header = self.request.headers.get("Authorization")
+        try:
+            who = await self.gateway.authenticate([("authorization", header)] if header is not None else [])
+            self.gateway.authorize(who, INFER, self.get_argument("model"))
+        except GatewayError as e:
+            self.set_status(HTTP_STATUS.get(e.code, 503))
+            self.set_header("Grpc-Status", str(e.code.value[0]))
+            self.finish(e.message)
+            return
+        self.finish("ok")
+
+
+def serve_authorize(gateway: Gateway) -> int:
+    """Serve :class:`AuthorizeHandler` on a free loopback port; returns the port."""
+    sock = bind_sockets(0, "127.0.0.1")[0]
+    HTTPServer(web.Application([(r"/authorize", AuthorizeHandler, {"gateway": gateway})])).add_sockets([sock])
+    return sock.getsockname()[1]
+
+
+class NginxDataPlane:
+    """nginx on the gateway's public address in front of the Python gateway at ``python_address``."""
+
+    def __init__(self, conf, python_address: str, authorize_port: int):
+        self.conf = conf
+        self.python_address = python_address
+        self.authorize_port = authorize_port
+        self.metrics_port = free_port("127.0.0.1")
+        self.run_dir = Path(tempfile.mkdtemp(prefix="gpulab-nginx-"))
+        self.proc: subprocess.Popen | None = None
+        self._stopping = False
+
+    def config(self) -> str:
+        conf = self.conf
+        servers = "\n".join(f"    server {r} max_fails={conf.failure_threshold} "
+                            f"fail_timeout={max(1, round(conf.recovery_timeout))}s;" for r in conf.replicas)
+        tls = ""
+        if conf.tls_cert_file:
+            conf.server_credentials()  # checks the files and the key's mode
+            tls = (f"    ssl_certificate {Path(conf.tls_cert_file).expanduser()};\n"
+                   f"    ssl_certificate_key {Path(conf.tls_key_file).expanduser()};")
+        return TEMPLATE.format(
+            modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,
+            ttl=conf.token_cache_seconds, replica_list=", ".join(conf.replicas),
+            recovery=max(1, round(conf.recovery_timeout)), key_header=GRPC_KEY_PREFIX + conf.restricted_header,
+            servers=servers, python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
+            max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port)
+
+    def _command(self) -> list[str]:
+        binary = shutil.which(self.conf.nginx_path)
+        if not binary:
+            raise ConfigError(f"InferenceGateway.nginx_path: {self.conf.nginx_path} not found (install nginx and "
+                              "libnginx-mod-http-lua, or set InferenceGateway.data_plane = 'python')")
+        return [binary, "-p", str(self.run_dir), "-c", str(self.run_dir / "nginx.conf"), "-e", "stderr"]
+
+    def _env(self) -> dict:
+        return {**os.environ, "GPULAB_NGINX_TRITON_KEY": self.conf.restricted_key}
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Write the config, check it (``nginx -t``), start nginx and wait until it accepts connections."""
+        config = self.run_dir / "nginx.conf"
+        config.write_text(self.config())
+        config.chmod(0o600)
+        check = subprocess.run([*self._command(), "-t", "-q"], env=self._env(), capture_output=True, text=True,
+                               check=False)
+        if check.returncode != 0:
+            lines = [line for line in check.stderr.splitlines() if line.strip()]
+            raise ConfigError(f"InferenceGateway.data_plane: nginx cannot start: {lines[-1] if lines else ''}")
+        self.proc = subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL)
+        host, port = self.conf.address.rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise ConfigError(f"InferenceGateway.data_plane: nginx did not start listening on "
+                                      f"{self.conf.address} (exit status {self.proc.poll()})") from None
+                time.sleep(0.05)
+
+    async def supervise(self) -> None:
+        """Start nginx again if it exits while the gateway runs."""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.proc and self.proc.poll() is not None and not self._stopping:
+                print(f"gpulab-infer: nginx (pid {self.proc.pid}) exited with status {self.proc.returncode}; "
+                      "starting it again", flush=True)
+                await asyncio.to_thread(self.start)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """SIGQUIT (nginx finishes the calls in flight), SIGKILL after ``timeout``; then the run directory goes."""
+        self._stopping = True
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                await asyncio.to_thread(self.proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def metrics(self) -> dict[str, str]:
+        """``{"nginx": its metrics text}``, or {} when nginx does not answer."""
+        try:
+            response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                                     request_timeout=2)
+        except (HTTPClientError, OSError):
+            return {}
+        return {"nginx": response.body.decode()}

@@ -1,0 +1,194 @@
+-- gpulab-infer's nginx data plane (see nginx.py): ModelInfer calls are authorised here and proxied to the
+-- Triton replicas by nginx; every other RPC goes to the Python gateway. Decisions (may this token call this
+-- model?) come from the Python gateway's authorize endpoint and are cached for the token cache's TTL.
+
+local M = {}
+local decisions = ngx.shared.gpulab_decisions
+local stats = ngx.shared.gpulab_metrics
+
+-- set by configure() from nginx.conf (init_by_lua)
+local ttl, key_header, replicas, recovery, authorize_port = 30, nil, "", 5, nil
+local BUCKETS = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+local CODES = {[0] = "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+               "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+               "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
+
+function M.configure(options)
+  ttl, key_header, replicas, recovery = options.ttl, options.key_header, options.replicas, options.recovery
+  authorize_port = options.authorize_port
+end
+
+local function grpc_error(code, message)
+  ngx.ctx.code = code
+  ngx.header["content-type"] = "application/grpc"
+  ngx.header["grpc-status"] = tostring(code)
+  -- gRPC percent-encodes the message: '%' and bytes outside printable ASCII
+  ngx.header["grpc-message"] = message:gsub("[^\32-\36\38-\126]", function(c)
+    return string.format("%%%02X", c:byte())
+  end)
+  return ngx.exit(204)
+end
+
+local function varint(s, i)
+  local value, shift = 0, 0
+  while i <= #s do
+    local byte = s:byte(i)
+    value = value + (byte % 128) * 2 ^ shift
+    i = i + 1
+    if byte < 128 then return value, i end
+    shift = shift + 7
+  end
+  return nil, i
+end
+
+-- The model name: field 1 of the first (uncompressed) gRPC message, which protobuf writes first.
+-- nil when the fast path cannot tell (compressed message, other field order): the Python gateway decides.
+local function model_name(head)
+  if #head < 7 or head:byte(1) ~= 0 or head:byte(6) ~= 0x0A then return nil end
+  local size, i = varint(head, 7)
+  if not size or i + size - 1 > #head then return nil end
+  return head:sub(i, i + size - 1)
+end
+
+local function body_head()
+  ngx.req.read_body()
+  local data = ngx.req.get_body_data()
+  if data then return data end
+  local path = ngx.req.get_body_file()  -- a large body went to a file: the name is at its start
+  if not path then return "" end
+  local file = io.open(path, "rb")
+  if not file then return "" end
+  local head = file:read(4096) or ""
+  file:close()
+  return head
+end
+
+-- GET /authorize?model=... on the Python gateway (HTTP/1.1 over a kept-alive cosocket: subrequests do not
+-- work under HTTP/2 here): status, Grpc-Status header, body
+local function ask(authorization, model)
+  local sock = ngx.socket.tcp()
+  sock:settimeout(10000)
+  local ok, err = sock:connect("127.0.0.1", authorize_port)
+  if not ok then return nil, nil, err end
+  local request = "GET /authorize?model=" .. ngx.escape_uri(model) .. " HTTP/1.1\r\nHost: gpulab-infer\r\n"
+    .. (authorization and ("Authorization: " .. authorization .. "\r\n") or "") .. "\r\n"
+  ok, err = sock:send(request)
+  if not ok then return nil, nil, err end
+  local line
+  line, err = sock:receive("*l")
+  if not line then return nil, nil, err end
+  local status = tonumber(line:match("^HTTP/1%.%d (%d+)"))
+  local length, grpc_status = 0, nil
+  while true do
+    line, err = sock:receive("*l")
+    if not line then return nil, nil, err end
+    if line == "" then break end
+    local name, value = line:match("^([^:]+):%s*(.-)%s*$")
+    name = name and name:lower()
+    if name == "content-length" then length = tonumber(value) end
+    if name == "grpc-status" then grpc_status = value end
+  end
+  local body = length > 0 and sock:receive(length) or ""
+  sock:setkeepalive(60000, 64)
+  return status, grpc_status, body
+end
+
+function M.access()
+  local model = model_name(body_head())
+  if not model then return ngx.exec("@python") end
+  ngx.var.gpulab_model = model
+  local authorization = ngx.var.http_authorization
+  if authorization and authorization:find("%c") then
+    return grpc_error(16, "authorization metadata must be 'token <hub token>' or 'bearer <hub token>'")
+  end
+  local key = ngx.encode_base64(ngx.sha1_bin(authorization or "")) .. " " .. model
+  local decision = decisions:get(key)
+  if not decision then
+    local status, grpc_status, body = ask(authorization, model)
+    if status == 200 then
+      decision = "ok"
+    elseif status == 401 or status == 403 then
+      decision = (grpc_status or "7") .. " " .. body
+    else
+      return grpc_error(14, "cannot check the token: " .. (status and body or tostring(body)))
+    end
+    decisions:set(key, decision, ttl)
+  end
+  if decision ~= "ok" then
+    local code, message = decision:match("^(%d+) (.*)$")
+    if tonumber(code) == 16 then ngx.var.gpulab_model = "" end
+    return grpc_error(tonumber(code), message)
+  end
+  ngx.req.clear_header("authorization")
+  if key_header.value ~= "" then ngx.req.set_header(key_header.name, key_header.value) end
+  ngx.ctx.proxied = true
+end
+
+-- nginx answered 502/504 itself: the replica failed during the call, or none could be reached
+function M.unavailable()
+  local tried = {}
+  for addr in (ngx.var.upstream_addr or ""):gmatch("[^,%s:]+:%d+") do tried[#tried + 1] = addr end
+  if #tried > 0 then
+    return grpc_error(14, "Triton replica " .. table.concat(tried, ", ") .. " failed (nginx: upstream status "
+      .. (ngx.var.upstream_status or "-") .. ")")
+  end
+  return grpc_error(14, "no Triton replica available: Triton replicas " .. replicas .. " failed recently "
+    .. "(circuit open, retried after " .. recovery .. " s; nginx data plane)")
+end
+
+function M.too_large(limit)
+  return grpc_error(8, "request larger than the gateway's limit of " .. limit .. " bytes")
+end
+
+function M.log()
+  local code = ngx.ctx.code or tonumber(ngx.var.upstream_trailer_grpc_status or "")
+    or tonumber(ngx.header["grpc-status"] or "") or (ngx.status == 200 and 0 or 14)
+  local model = code ~= 5 and ngx.var.gpulab_model or ""
+  stats:incr("r\t" .. model .. "\t" .. (CODES[code] or tostring(code)), 1, 0)
+  local seconds = ngx.now() - ngx.req.start_time()
+  for _, le in ipairs(BUCKETS) do
+    if seconds <= le then stats:incr("b\t" .. le, 1, 0) end
+  end
+  stats:incr("b\t+Inf", 1, 0)
+  stats:incr("s", seconds, 0)
+  if ngx.ctx.proxied and ngx.var.upstream_addr then
+    for addr in ngx.var.upstream_addr:gmatch("[^,%s:]+:%d+") do stats:incr("u\t" .. addr, 1, 0) end
+  end
+end
+
+-- Prometheus text: the ModelInfer calls nginx handled, as the Python gateway names its metrics
+function M.metrics()
+  local requests, replica, buckets = {}, {}, {}
+  for _, key in ipairs(stats:get_keys(0)) do
+    local kind, a, b = key:match("^(%a)\t?([^\t]*)\t?(.*)$")
+    local value = stats:get(key)
+    if kind == "r" then
+      requests[#requests + 1] = string.format('gpulab_infer_requests_total{rpc="ModelInfer",model="%s",code="%s"} %d',
+        (a:gsub('[\\"]', "\\%0"):gsub("\n", "\\n")), b, value)
+    elseif kind == "u" then
+      replica[#replica + 1] = string.format('gpulab_infer_replica_requests_total{replica="%s"} %d', a, value)
+    elseif kind == "b" then
+      buckets[a] = value
+    end
+  end
+  local out = {"# HELP gpulab_infer_requests_total RPCs by method, model and status code",
+               "# TYPE gpulab_infer_requests_total counter"}
+  for _, line in ipairs(requests) do out[#out + 1] = line end
+  out[#out + 1] = "# HELP gpulab_infer_replica_requests_total Requests sent to each replica"
+  out[#out + 1] = "# TYPE gpulab_infer_replica_requests_total counter"
+  for _, line in ipairs(replica) do out[#out + 1] = line end
+  out[#out + 1] = "# HELP gpulab_infer_request_seconds RPC latency at the gateway"
+  out[#out + 1] = "# TYPE gpulab_infer_request_seconds histogram"
+  for _, le in ipairs(BUCKETS) do
+    out[#out + 1] = string.format('gpulab_infer_request_seconds_bucket{rpc="ModelInfer",le="%s"} %d', le,
+      buckets[tostring(le)] or 0)
+  end
+  out[#out + 1] = string.format('gpulab_infer_request_seconds_bucket{rpc="ModelInfer",le="+Inf"} %d',
+    buckets["+Inf"] or 0)
+  out[#out + 1] = string.format('gpulab_infer_request_seconds_count{rpc="ModelInfer"} %d', buckets["+Inf"] or 0)
+  out[#out + 1] = string.format('gpulab_infer_request_seconds_sum{rpc="ModelInfer"} %.6f', stats:get("s") or 0)
+  ngx.header["content-type"] = "text/plain; version=0.0.4"
+  ngx.print(table.concat(out, "\n"), "\n")
+end
+
+return M
