@@ -1,5 +1,6 @@
 """Gateway scaling: the stock ``tritonclient.grpc`` straight to Triton (the baseline) vs through ``gpulab-infer``
-running 1, 2, 4 … processes (``c.InferenceGateway.processes``), all measured in one run.
+on each data plane (``c.InferenceGateway.data_plane``: python, nginx) with 1, 2, 4 … processes
+(``c.InferenceGateway.processes``: Python gateway processes, or nginx workers), all measured in one run.
 
 One Triton (the bundled 2.51 binary; a [1,4] FP32 linear model in the Python backend, ``--instances`` copies), a
 real JupyterHub that holds the token and answers the gateway's token lookups, and the gateway as
@@ -9,8 +10,9 @@ client processes (one connection per thread, so SO_REUSEPORT can spread them ove
 concurrency 1 gives p50/p99; each concurrency gives throughput; at c=8 the gateway's CPU time per request is
 sampled over all its processes.
 
-    python bench/gateway_scaling.py [--processes 1,2,4] [--concurrency 1,8,32] [--seconds 3] [--rounds 2]
-                                    [--instances 4] [--client-processes 8] [--json PATH]
+    python bench/gateway_scaling.py [--planes python,nginx] [--processes 1,2,4] [--concurrency 1,8,32]
+        [--seconds 3] [--rounds 2] [--instances 4] [--client-processes 8] [--json PATH]
+        [--nginx-path nginx] [--nginx-modules-dir /usr/lib/nginx/modules]
 
 Needs the Triton venv (``scripts/setup-triton``) or ``GPULAB_TRITON_PYTHON`` naming a Python with nvidia-pytriton
 and onnxruntime, and jupyterhub in this Python.
@@ -108,8 +110,9 @@ def stop(proc: subprocess.Popen) -> None:
 class Stack:
     """Triton and the hub for the whole run; gateways started and stopped per process count."""
 
-    def __init__(self, work: Path, instances: int):
+    def __init__(self, work: Path, instances: int, nginx: dict):
         self.work = work
+        self.nginx = nginx
         linear_onnx(work / "linear.onnx")
         model = write_onnx_model(work / "repo", "small", work / "linear.onnx")
         config = model / "config.pbtxt"
@@ -131,28 +134,30 @@ class Stack:
         self.hub_api = f"http://{HOST}:{hub_port}/hub/api"
         wait_http(self.hub_api + "/", "JupyterHub", self.hub)
 
-    def start_gateway(self, processes: int) -> str:
+    def start_gateway(self, plane: str, processes: int) -> str:
         address = f"{HOST}:{free_port(HOST)}"
         env = {**os.environ, "JUPYTERHUB_API_URL": self.hub_api, "GPULAB_INFER_ADDRESS": address,
                "GPULAB_TRITON_REPLICAS": self.triton.grpc_address, "GPULAB_TRITON_KEY": self.triton.restricted_key,
                "GPULAB_CONFIG": str(self.work / "gpulab_config.py"),
-               "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": {"processes": processes}})}
+               "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": {
+                   "processes": processes, "data_plane": plane, **self.nginx}})}
         (self.work / "gpulab_config.py").touch()
-        with (self.work / f"gateway-{processes}.log").open("ab") as log:
+        with (self.work / f"gateway-{plane}-{processes}.log").open("ab") as log:
             self.gateway = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        while len(psutil.Process(self.gateway.pid).children()) < processes - 1 or not ready(address, self.token):
+        extra = processes - 1 if plane == "python" else 0
+        while len(psutil.Process(self.gateway.pid).children()) < extra or not ready(address, self.token):
             if self.gateway.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway with {processes} processes did not start; see {log.name}")
+                raise RuntimeError(f"the {plane} gateway with {processes} processes did not start; see {log.name}")
             time.sleep(0.2)
-        time.sleep(1)  # the extra processes' gRPC servers start after they are spawned
+        time.sleep(1)  # extra processes start their gRPC servers after they are spawned
         return address
 
     def gateway_cpu(self) -> float:
         if not self.gateway:
             return 0.0
-        procs = [psutil.Process(self.gateway.pid), *psutil.Process(self.gateway.pid).children()]
+        procs = [psutil.Process(self.gateway.pid), *psutil.Process(self.gateway.pid).children(recursive=True)]
         return sum(sum(p.cpu_times()[:2]) for p in procs)
 
     def stop_gateway(self) -> None:
@@ -234,18 +239,23 @@ def measure(pool: ProcessPoolExecutor, stack: Stack, address: str, headers: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", default="1,2,4", help="gateway process counts, comma-separated")
+    parser.add_argument("--planes", default="python,nginx", help="data planes, comma-separated")
+    parser.add_argument("--processes", default="1,2,4", help="gateway process (nginx: worker) counts, comma-separated")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated; the first gives p50/p99")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="rounds in rotating target order; medians reported")
     parser.add_argument("--instances", type=int, default=4, help="Python-backend instances of the model in Triton")
     parser.add_argument("--client-processes", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--nginx-path", default="nginx", help="as c.InferenceGateway.nginx_path")
+    parser.add_argument("--nginx-modules-dir", default="/usr/lib/nginx/modules",
+                        help="as c.InferenceGateway.nginx_modules_dir")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     levels = [int(n) for n in args.concurrency.split(",")]
-    targets = ["direct", *(f"gateway x{n}" for n in counts)]
-    stack = Stack(Path(tempfile.mkdtemp(prefix="gpulab-gwbench-")), args.instances)
+    targets = ["direct", *(f"{plane} x{n}" for plane in args.planes.split(",") for n in counts)]
+    nginx = {"nginx_path": args.nginx_path, "nginx_modules_dir": args.nginx_modules_dir}
+    stack = Stack(Path(tempfile.mkdtemp(prefix="gpulab-gwbench-")), args.instances, nginx)
     rounds = {t: [] for t in targets}
     try:
         stack.start()
@@ -258,7 +268,8 @@ def main() -> None:
                     if target == "direct":
                         address, headers = stack.triton.grpc_address, stack.triton.grpc_headers
                     else:
-                        address, headers = stack.start_gateway(int(target.split("x")[1])), auth(stack.token)
+                        plane, count = target.split(" x")
+                        address, headers = stack.start_gateway(plane, int(count)), auth(stack.token)
                     row = {}
                     for c in levels:
                         r = measure(pool, stack, address, headers, c, args.client_processes, args.seconds,

@@ -262,6 +262,18 @@ def test_tls_settings_are_checked(tmp_path):
     assert InferenceGateway().server_credentials() is None
 
 
+def test_nginx_settings_are_checked(tmp_path):
+    config = {"replicas": ["127.0.0.1:1"], "address": f"127.0.0.1:{free_port()}"}
+    with pytest.raises(ConfigError, match="InferenceGateway.nginx_path: nginx-missing not found .*data_plane"):
+        NginxDataPlane(InferenceGateway(**config, nginx_path="nginx-missing"), "127.0.0.1:2", 3).start()
+    plane = NginxDataPlane(InferenceGateway(**config, nginx_modules_dir=str(tmp_path)), "127.0.0.1:2", 3)
+    with pytest.raises(ConfigError, match=r"InferenceGateway.data_plane: nginx cannot start: dlopen\(\) .*ndk_http"):
+        plane.start()
+    assert not plane.run_dir.exists()
+    assert InferenceGateway(**config, nginx_path="nginx-missing").plane() == "python"  # auto falls back
+    assert InferenceGateway(**config, data_plane="nginx", nginx_path="nginx-missing").plane() == "nginx"
+
+
 def test_tls_gateway_serves_tls_only(hub, tokens, models, monkeypatch):
     """With tls_cert_file and tls_key_file the gateway serves TLS only: the stock client with TLS and the
     certificate works, plaintext does not, and gpulab's own clients follow $GPULAB_INFER_TLS_CA."""

@@ -13,6 +13,7 @@ gateway's ``/metrics`` as ``process="nginx"``.
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -187,8 +188,11 @@ class NginxDataPlane:
         check = subprocess.run([*self._command(), "-t", "-q"], env=self._env(), capture_output=True, text=True,
                                check=False)
         if check.returncode != 0:
-            lines = [line for line in check.stderr.splitlines() if line.strip()]
-            raise ConfigError(f"InferenceGateway.data_plane: nginx cannot start: {lines[-1] if lines else ''}")
+            lines = [line for line in check.stderr.splitlines() if "[emerg]" in line] or check.stderr.splitlines()
+            reason = re.sub(r"^\d+#\d+: ", "", lines[0].split("[emerg]")[-1].strip()) if lines else (
+                f"exit status {check.returncode}")
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise ConfigError(f"InferenceGateway.data_plane: nginx cannot start: {reason}")
         self.proc = subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL)
         host, port = self.conf.address.rsplit(":", 1)
         deadline = time.monotonic() + timeout
