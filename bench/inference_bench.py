@@ -105,7 +105,8 @@ class Targets:
 
 
 class CPUProbe:
-    """CPU seconds of the client (this process), the gateway and Triton (with its Python-backend stubs)."""
+    """CPU seconds of the client (this process), the gateway (with nginx, when that is its data plane) and Triton
+    (with its Python-backend stubs)."""
 
     def __init__(self, hub: Platform, triton_server: TritonServer):
         self.gateway = next(p for p in hub.descendants() if "gpulab.services.infer" in " ".join(p.cmdline()))
@@ -114,7 +115,7 @@ class CPUProbe:
     def sample(self) -> dict[str, float]:
         def cpu(procs):
             return sum(sum(p.cpu_times()[:2]) for p in procs)
-        return {"client": cpu([psutil.Process()]), "gateway": cpu([self.gateway]),
+        return {"client": cpu([psutil.Process()]), "gateway": cpu([self.gateway, *self.gateway.children(recursive=True)]),
                 "triton": cpu([self.triton, *self.triton.children(recursive=True)])}
 
 
@@ -221,7 +222,9 @@ def main() -> None:
         for target in chosen:
             wait_for(targets.caller(target, "small"), target)
         probe = CPUProbe(hub, server)
-        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+        plane = "nginx" if any("nginx" in p.name() for p in probe.gateway.children(recursive=True)) else "python"
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores); "
+              f"gateway data plane: {plane}")
         print(f"{'model':6} {'target':12} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
               "   CPU us/req at c=8: client gateway triton")
         for model, count in (("small", args.requests), ("big", max(args.requests // 10, 50))):

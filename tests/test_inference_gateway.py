@@ -401,6 +401,7 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
     cfg.InferenceGateway.replicas = [f"127.0.0.1:{replica_port}"]
     cfg.InferenceGateway.restricted_key = "k3y"
     cfg.InferenceGateway.address = address = f"127.0.0.1:{free_port()}"
+    cfg.InferenceGateway.model_allow = {"other": ["bob"]}  # so nginx reads the model name from each request
     conf, gateway = build(cfg, hub.url + "/hub/api")
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((gateway.handler(),))
@@ -416,6 +417,12 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
         client = triton_aio.InferenceServerClient(address if nginx else f"127.0.0.1:{port}")
         await client.infer("digits", [tensor], headers={
             **auth(tokens["alice"]), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        if nginx:  # a body larger than nginx keeps in memory (it goes to a file, read back for the model name)
+            big = triton.InferInput("x", [1, 1_000_000], "FP32")
+            big.set_data_from_numpy(np.ones((1, 1_000_000), np.float32))
+            await client.infer("digits", [big], headers=auth(tokens["alice"]))
+            with pytest.raises(InferenceServerException, match="lacks the scope custom:gpulab:infer"):
+                await client.infer("digits", [tensor], headers=auth(tokens["noscope"]))
         await client.close()
     finally:
         if nginx:
@@ -423,7 +430,8 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
         await server.stop(0)
         await gateway.pool.close()
         await replica.stop(0)
-    [metadata] = seen
+    metadata = seen[0]
+    assert len(seen) == (2 if plane == "nginx" else 1)
     assert metadata["triton-grpc-protocol-gpulab-triton-key"] == "k3y"
     assert metadata["traceparent"].split("-")[1] == trace_id
     assert "authorization" not in metadata

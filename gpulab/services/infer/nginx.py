@@ -1,9 +1,10 @@
 """The nginx data plane of ``gpulab-infer`` (``c.InferenceGateway.data_plane = "nginx"``).
 
 nginx, with Debian's lua module, listens on the gateway's address. It handles ModelInfer itself:
-``nginx_gateway.lua`` reads the model name from the request, asks the Python gateway's loopback
-authorize endpoint whether the caller's token may call that model (the same checks as on the Python
-path, cached in nginx for ``token_cache_seconds``), adds the Triton platform key and proxies the call to
+``nginx_gateway.lua`` asks the Python gateway's loopback authorize endpoint whether the caller's token may
+call models (with per-model allow-lists configured, that model: it reads the model name from the request
+first), the same checks as on the Python path, cached in nginx for ``token_cache_seconds``; then it adds
+the Triton platform key and proxies the call to
 a replica: least connections, kept-alive connections, a request that was never sent is tried on another
 replica, and ``failure_threshold`` failures mark a replica failed for ``recovery_timeout`` s. Every other
 RPC (health, metadata, model control, streams) and any request the fast path cannot read goes to the
@@ -13,6 +14,7 @@ gateway's ``/metrics`` as ``process="nginx"``.
 
 import asyncio
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -40,6 +42,7 @@ load_module {modules}/ndk_http_module.so;
 load_module {modules}/ngx_http_lua_module.so;
 daemon off;
 master_process on;
+{user}
 worker_processes {workers};
 pid {run}/nginx.pid;
 error_log stderr warn;
@@ -56,7 +59,7 @@ http {{
   lua_shared_dict gpulab_metrics 1m;
   init_by_lua_block {{
     require("nginx_gateway").configure({{ttl = {ttl}, replicas = "{replica_list}", recovery = {recovery},
-      authorize_port = {authorize_port},
+      authorize_port = {authorize_port}, read_model = {read_model},
       key_header = {{name = "{key_header}", value = os.getenv("GPULAB_NGINX_TRITON_KEY") or ""}}}})
   }}
   upstream gpulab_triton {{
@@ -116,8 +119,9 @@ HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_
 
 
 class AuthorizeHandler(web.RequestHandler):
-    """``GET /authorize?model=M`` with the caller's ``Authorization``: 200 if the token may call M; else 401/403
-    (or 503 when the hub cannot answer) with ``Grpc-Status`` and the message as body."""
+    """``GET /authorize[?model=M]`` with the caller's ``Authorization``: 200 if the token may call models (M, when
+    allow-lists need it); else 401/403 (or 503 when the hub cannot answer) with ``Grpc-Status`` and the message as
+    body."""
 
     def initialize(self, gateway: Gateway):
         self.gateway = gateway
@@ -126,7 +130,7 @@ class AuthorizeHandler(web.RequestHandler):
         header = self.request.headers.get("Authorization")
         try:
             who = await self.gateway.authenticate([("authorization", header)] if header is not None else [])
-            self.gateway.authorize(who, INFER, self.get_argument("model"))
+            self.gateway.authorize(who, INFER, self.get_argument("model", None))
         except GatewayError as e:
             self.set_status(HTTP_STATUS.get(e.code, 503))
             self.set_header("Grpc-Status", str(e.code.value[0]))
@@ -168,7 +172,10 @@ class NginxDataPlane:
             ttl=conf.token_cache_seconds, replica_list=", ".join(conf.replicas),
             recovery=max(1, round(conf.recovery_timeout)), key_header=GRPC_KEY_PREFIX + conf.restricted_header,
             servers=servers, python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
-            max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port)
+            max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port,
+            read_model=str(bool(conf.model_allow)).lower(),
+            # started by root, nginx would run its workers as nobody, who cannot use the private run directory
+            user=f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "")
 
     def _command(self) -> list[str]:
         binary = shutil.which(self.conf.nginx_path)
