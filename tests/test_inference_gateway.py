@@ -410,7 +410,7 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
     nginx = NginxDataPlane(conf, f"127.0.0.1:{port}", serve_authorize(gateway)) if plane == "nginx" else None
     try:
         if nginx:
-            await asyncio.to_thread(nginx.start)
+            nginx.start()
         trace_id = secrets.token_hex(16)
         tensor = triton.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
@@ -440,14 +440,7 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
 def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path):
     """processes=2: connections spread over both processes, /metrics merges them by process, an extra
     process that dies is restarted, and SIGTERM to the first stops both."""
-    address, http = f"127.0.0.1:{free_port()}", f"http://{HOST}:{free_port(HOST)}"
-    env = {**os.environ, "JUPYTERHUB_API_URL": f"{hub.url}/hub/api", "JUPYTERHUB_SERVICE_URL": http + "/",
-           "GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_REPLICAS": ",".join(t.grpc_address for t in tritons),
-           "GPULAB_TRITON_KEY": tritons[0].restricted_key, "GPULAB_CONFIG": str(hub.config_file),
-           "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": {"processes": 2}})}
-    with (tmp_path / "gateway.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    proc, address, http = start_gateway(hub, tritons, tmp_path, {"processes": 2})
     first = psutil.Process(proc.pid)
 
     def extra_process(other_than: int | None = None) -> psutil.Process:
@@ -497,6 +490,35 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
     assert not any(child.is_running() for child in children)
 
 
+def start_gateway(hub, tritons, tmp_path, settings: dict) -> tuple[subprocess.Popen, str, str]:
+    """``python -m gpulab.services.infer`` outside the hub with ``c.InferenceGateway`` ``settings`` (log in
+    ``tmp_path``); returns the process, its gRPC address and its HTTP URL."""
+    address, http = f"127.0.0.1:{free_port()}", f"http://{HOST}:{free_port(HOST)}"
+    env = {**os.environ, "JUPYTERHUB_API_URL": f"{hub.url}/hub/api", "JUPYTERHUB_SERVICE_URL": http + "/",
+           "GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_REPLICAS": ",".join(t.grpc_address for t in tritons),
+           "GPULAB_TRITON_KEY": tritons[0].restricted_key, "GPULAB_CONFIG": str(hub.config_file),
+           "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": settings})}
+    with (tmp_path / "gateway.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    return proc, address, http
+
+
+def test_nginx_stops_when_the_gateway_dies(hub, tokens, tritons, tmp_path):
+    """The gateway killed outright: nginx is told by the kernel (parent-death signal) and stops with its workers,
+    freeing the port for the gateway's next start."""
+    proc, address, _ = start_gateway(hub, tritons, tmp_path, {"data_plane": "nginx"})
+    try:
+        wait_ready(triton.InferenceServerClient(address), tokens["alice"])
+        nginx = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "nginx"]
+        assert len(nginx) == 2  # master and one worker
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(nginx, timeout=10)
+    assert not alive, (tmp_path / "gateway.log").read_text()
+
+
 def wait_ready(client, token: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -521,6 +543,42 @@ def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons):
         triton_metrics = requests.get(server.metrics_url, timeout=5).text
         assert metric(triton_metrics, "nv_inference_request_success", model="digits") >= 10
     assert metric(after, "gpulab_infer_requests_total", rpc="ModelInfer", model="digits", code="OK") >= 40
+
+
+def test_nginx_is_restarted_when_killed(hub, tokens, models):
+    """nginx killed outright (its workers left running, holding the port): the gateway stops what is left of it,
+    starts a new nginx, and calls succeed again."""
+    [master] = nginx_masters(hub)
+    workers = master.children()
+    master.kill()
+    deadline = time.monotonic() + 20
+    while not (masters := [p for p in nginx_masters(hub) if p.pid != master.pid]):
+        assert time.monotonic() < deadline, "nginx was not restarted"
+        time.sleep(0.2)
+    psutil.wait_procs(workers, timeout=5)
+    assert not any(w.is_running() for w in workers)
+    client = connect(hub, "nginx")
+    deadline = time.monotonic() + 10
+    while True:  # the new nginx may still be coming up
+        try:
+            x, y = infer(client, tokens["alice"])
+            break
+        except InferenceServerException:
+            assert time.monotonic() < deadline, "calls fail after the restart"
+            time.sleep(0.2)
+    np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5, atol=1e-6)
+    assert masters[0].is_running()
+
+
+def nginx_masters(hub) -> list[psutil.Process]:
+    masters = []
+    for process in hub.descendants():
+        try:
+            if process.name() == "nginx" and "master" in " ".join(process.cmdline()):
+                masters.append(process)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            pass
+    return masters
 
 
 async def test_replica_failures_breakers_and_recovery(hub, plane, tokens, tritons):

@@ -189,7 +189,7 @@ async def main() -> None:
     else:
         if nginx:
             plane = NginxDataPlane(conf, address, serve_authorize(gateway))
-            await asyncio.to_thread(plane.start)
+            plane.start()  # in the main thread: nginx is told to stop when that thread, so this process, ends
             parts.append(plane)
         elif conf.processes > 1:
             parts.append(Workers(conf.processes - 1))

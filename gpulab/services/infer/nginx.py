@@ -13,6 +13,8 @@ gateway's ``/metrics`` as ``process="nginx"``.
 """
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import pwd
 import re
@@ -26,9 +28,9 @@ from pathlib import Path
 
 import grpc
 from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from ...errors import ConfigError
 from ...inference.triton import GRPC_KEY_PREFIX
@@ -116,6 +118,7 @@ http {{
 }}
 """
 HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
+PR_SET_PDEATHSIG = 1
 
 
 class AuthorizeHandler(web.RequestHandler):
@@ -137,6 +140,10 @@ class AuthorizeHandler(web.RequestHandler):
             self.finish(e.message)
             return
         self.finish("ok")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def serve_authorize(gateway: Gateway) -> int:
@@ -200,7 +207,10 @@ class NginxDataPlane:
                 f"exit status {check.returncode}")
             shutil.rmtree(self.run_dir, ignore_errors=True)
             raise ConfigError(f"InferenceGateway.data_plane: nginx cannot start: {reason}")
-        self.proc = subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL)
+        # its own process group (so workers a killed master leaves behind can be stopped), and SIGTERM when this
+        # process dies: started from the main thread, which lives as long as the process
+        self.proc = subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         host, port = self.conf.address.rsplit(":", 1)
         deadline = time.monotonic() + timeout
         while True:
@@ -214,13 +224,20 @@ class NginxDataPlane:
                 time.sleep(0.05)
 
     async def supervise(self) -> None:
-        """Start nginx again if it exits while the gateway runs."""
+        """Start nginx again if it exits while the gateway runs (from the main thread, as ``start``)."""
         while True:
             await asyncio.sleep(0.5)
-            if self.proc and self.proc.poll() is not None and not self._stopping:
-                print(f"gpulab-infer: nginx (pid {self.proc.pid}) exited with status {self.proc.returncode}; "
-                      "starting it again", flush=True)
-                await asyncio.to_thread(self.start)
+            if self._stopping or not self.proc or self.proc.poll() is None:
+                continue
+            print(f"gpulab-infer: nginx (pid {self.proc.pid}) exited with status {self.proc.returncode}; "
+                  "starting it again", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # workers a killed master left behind
+            try:
+                self.start()
+            except ConfigError as e:
+                print(f"gpulab-infer: {e}; trying again in 5 s", flush=True)
+                await asyncio.sleep(5)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGQUIT (nginx finishes the calls in flight), SIGKILL after ``timeout``; then the run directory goes."""
@@ -230,7 +247,7 @@ class NginxDataPlane:
             try:
                 await asyncio.to_thread(self.proc.wait, timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 await asyncio.to_thread(self.proc.wait)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
