@@ -40,6 +40,8 @@ sys.path.insert(0, str(REPO))
 from gpulab.inference.triton import TritonServer, write_onnx_model  # noqa: E402
 from gpulab.net import free_port  # noqa: E402
 from gpulab.scopes import CUSTOM_SCOPES, INFER  # noqa: E402
+from tests.support.processes import terminate  # noqa: E402
+from tests.support.triton import linear_onnx  # noqa: E402
 
 HOST = "127.0.0.1"
 HUB_CONFIG = """
@@ -71,21 +73,6 @@ c.JupyterHub.load_roles = [{{"name": "bench", "scopes": [{infer!r}], "services":
 """
 
 
-def linear_onnx(path: Path) -> None:
-    """``y = x·W + b``, x: [1, 4] FP32, y: [1, 3]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-        [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"),
-         numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-
-
 def wait_http(url: str, what: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -96,15 +83,6 @@ def wait_http(url: str, what: str, proc: subprocess.Popen, timeout: float = 60) 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not start (see its log)") from None
             time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 class Stack:
@@ -162,13 +140,13 @@ class Stack:
 
     def stop_gateway(self) -> None:
         if self.gateway:
-            stop(self.gateway)
+            terminate([psutil.Process(self.gateway.pid)], 15)
             self.gateway = None
 
     def close(self) -> None:
         self.stop_gateway()
         if self.hub:
-            stop(self.hub)
+            terminate([psutil.Process(self.hub.pid)], 15)
         self.triton.stop()
 
 

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from gpulab.inference.triton import TritonServer
 
@@ -20,6 +19,8 @@ def triton_python() -> str:
     result = subprocess.run([str(REPO / "scripts" / "setup-triton")], capture_output=True, text=True, timeout=1200,
                             check=False)
     if result.returncode != 0 or not VENV_PYTHON.exists():
+        import pytest  # here only: benchmarks import this module without pytest
+
         pytest.skip(f"no Triton: scripts/setup-triton failed ({result.returncode}):\n{result.stderr[-2000:]}")
     return str(VENV_PYTHON)
 
@@ -65,5 +66,7 @@ def perf_analyzer() -> str:
     result = subprocess.run([str(REPO / "scripts" / "setup-perf-analyzer")], capture_output=True, text=True,
                             timeout=600, check=False)
     if result.returncode != 0:
+        import pytest
+
         pytest.skip(f"no perf_analyzer: scripts/setup-perf-analyzer failed:\n{result.stderr[-2000:]}")
     return str(binary)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import grpc
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -37,6 +36,7 @@ from ...inference.triton import GRPC_KEY_PREFIX
 from ...net import free_port
 from ...scopes import INFER
 from .gateway import Gateway, GatewayError
+from .processes import fetch_metrics
 
 LUA_DIR = Path(__file__).parent
 TEMPLATE = """
@@ -167,8 +167,9 @@ class NginxDataPlane:
 
     def config(self) -> str:
         conf = self.conf
-        servers = "\n".join(f"    server {r} max_fails={conf.failure_threshold} "
-                            f"fail_timeout={max(1, round(conf.recovery_timeout))}s;" for r in conf.replicas)
+        recovery = max(1, round(conf.recovery_timeout))  # nginx counts whole seconds
+        servers = "\n".join(f"    server {r} max_fails={conf.failure_threshold} fail_timeout={recovery}s;"
+                            for r in conf.replicas)
         tls = ""
         if conf.tls_cert_file:
             conf.server_credentials()  # checks the files and the key's mode
@@ -177,7 +178,7 @@ class NginxDataPlane:
         return TEMPLATE.format(
             modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,
             ttl=conf.token_cache_seconds, replica_list=", ".join(conf.replicas),
-            recovery=max(1, round(conf.recovery_timeout)), key_header=GRPC_KEY_PREFIX + conf.restricted_header,
+            recovery=recovery, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
             servers=servers, python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
             max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port,
             read_model=str(bool(conf.model_allow)).lower(),
@@ -253,9 +254,5 @@ class NginxDataPlane:
 
     async def metrics(self) -> dict[str, str]:
         """``{"nginx": its metrics text}``, or {} when nginx does not answer."""
-        try:
-            response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                                     request_timeout=2)
-        except (HTTPClientError, OSError):
-            return {}
-        return {"nginx": response.body.decode()}
+        text = await fetch_metrics(self.metrics_port)
+        return {"nginx": text} if text is not None else {}

@@ -87,17 +87,18 @@ class Workers:
 
     async def metrics(self) -> dict[str, str]:
         """Each live extra process's metrics text, by index (a process that does not answer is left out)."""
-        http = AsyncHTTPClient()
+        live = [i for i, p in self.procs.items() if p.poll() is None]
+        texts = await asyncio.gather(*(fetch_metrics(self.ports[i]) for i in live))
+        return {str(i): text for i, text in zip(live, texts) if text is not None}
 
-        async def fetch(index: int) -> tuple[str, str | None]:
-            try:
-                response = await http.fetch(f"http://127.0.0.1:{self.ports[index]}/metrics", request_timeout=2)
-                return str(index), response.body.decode()
-            except (HTTPClientError, OSError):
-                return str(index), None
 
-        answers = await asyncio.gather(*(fetch(i) for i, p in self.procs.items() if p.poll() is None))
-        return {index: text for index, text in answers if text is not None}
+async def fetch_metrics(port: int) -> str | None:
+    """The metrics text served on a loopback ``port``, or None when nothing answers there."""
+    try:
+        response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/metrics", request_timeout=2)
+    except (HTTPClientError, OSError):
+        return None
+    return response.body.decode()
 
 
 async def parent_gone() -> None:
