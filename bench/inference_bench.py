@@ -12,7 +12,12 @@ client each); at c=8 the CPU time per request of the client, the gateway and Tri
   call, outputs as numpy;
 - ``gpulab.infer``: ``InferenceClient.infer(model, array)``;
 - ``rest``: ``POST /user/<name>/gpulab/api/v1/models/{model}/infer`` (JSON) through the hub's proxy, one
-  ``requests.Session`` per thread.
+  ``requests.Session`` per thread;
+- ``rest-binary``: the same with a KServe v2 binary body as ``tritonclient.http`` writes it (outputs in binary);
+- ``whoami``: ``GET /user/<name>/gpulab/api/v1/whoami`` the same way: what any request to the user's server costs
+  through the proxy, the floor under both REST targets.
+
+CPU is sampled for the client, the hub's proxy, the user's server, the gateway and Triton.
 
     python bench/inference_bench.py [--seconds 3] [--requests 1000] [--rounds 3] [--targets direct,gateway,...]
 """
@@ -32,16 +37,21 @@ import numpy as np
 import psutil
 import requests
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpulab.inference.triton import TritonServer, write_onnx_model
 from gpulab.kernels.inference import InferenceClient
+from gpulab.server_extension.kserve import HEADER_LENGTH
 from tests.support.gpulab_up import Platform
 from tests.support.triton import linear_onnx, triton_python
 
 BIG = 262_144  # FP32 elements: 1 MiB
-TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "rest")
+TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "rest", "rest-binary", "whoami")
+REST = ("rest", "rest-binary", "whoami")  # through the proxy and the user's server
+RATIOS = (("gateway", "direct"), ("gpulab.infer", "stock"), ("rest", "direct"), ("rest-binary", "direct"),
+          ("whoami", "direct"), ("rest", "whoami"), ("rest-binary", "whoami"))
 
 
 def sum_onnx(path: Path) -> None:
@@ -94,29 +104,43 @@ class Targets:
         if target == "gpulab.infer":
             client = InferenceClient(f"{self.hub.url}/services/gpulab-infer/api/v1", self.gateway, self.token)
             return lambda: client.infer(model, x)
-        session, body = requests.Session(), json.dumps({"inputs": {"x": x.tolist()}})
-        url = f"{self.hub.url}/user/{self.user}/gpulab/api/v1/models/{model}/infer"
-        headers = {"Authorization": f"token {self.token}", "Content-Type": "application/json"}
+        session, headers = requests.Session(), {"Authorization": f"token {self.token}"}
+        api = f"{self.hub.url}/user/{self.user}/gpulab/api/v1"
+        if target == "whoami":
+            def whoami():
+                session.get(f"{api}/whoami", headers=headers, timeout=60).raise_for_status()
+            return whoami
+        if target == "rest-binary":
+            tensor = triton_http.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            body, size = triton_http.InferenceServerClient.generate_request_body([tensor])
+            headers[HEADER_LENGTH] = str(size)
+        else:
+            body, headers["Content-Type"] = json.dumps({"inputs": {"x": x.tolist()}}), "application/json"
 
         def rest():
-            r = session.post(url, data=body, headers=headers, timeout=60)
-            r.raise_for_status()
+            session.post(f"{api}/models/{model}/infer", data=body, headers=headers, timeout=60).raise_for_status()
         return rest
 
 
 class CPUProbe:
-    """CPU seconds of the client (this process), the gateway (with nginx, when that is its data plane) and Triton
-    (with its Python-backend stubs)."""
+    """CPU seconds of the client (this process), the hub's proxy, the user's server, the gateway (with nginx, when
+    that is its data plane) and Triton (with its Python-backend stubs)."""
+
+    PARTS = ("client", "proxy", "server", "gateway", "triton")
 
     def __init__(self, hub: Platform, triton_server: TritonServer):
-        self.gateway = next(p for p in hub.descendants() if "gpulab.services.infer" in " ".join(p.cmdline()))
-        self.triton = psutil.Process(triton_server.proc.pid)
+        def find(word: str) -> list[psutil.Process]:
+            return [p for p in hub.descendants() if word in " ".join(p.cmdline())][:1]
+        self.procs = {"client": [psutil.Process()], "proxy": find("configurable-http-proxy"),
+                      "server": find("jupyterhub.singleuser"), "gateway": find("gpulab.services.infer"),
+                      "triton": [psutil.Process(triton_server.proc.pid)]}
 
     def sample(self) -> dict[str, float]:
-        def cpu(procs):
-            return sum(sum(p.cpu_times()[:2]) for p in procs)
-        return {"client": cpu([psutil.Process()]), "gateway": cpu([self.gateway, *self.gateway.children(recursive=True)]),
-                "triton": cpu([self.triton, *self.triton.children(recursive=True)])}
+        def tree(top: psutil.Process) -> list[psutil.Process]:
+            return [top] if top.pid == os.getpid() else [top, *top.children(recursive=True)]  # the client: alone
+        return {part: sum(sum(p.cpu_times()[:2]) for top in procs for p in tree(top))
+                for part, procs in self.procs.items()}
 
 
 def sequential(call, count: int) -> dict:
@@ -217,28 +241,28 @@ def main() -> None:
         token = hub.token("bench")
         gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]["grpc_address"]
         targets = Targets(server, gateway, hub, "bench", token)
-        if "rest" in chosen:
+        if set(REST) & set(chosen):
             hub.spawn("bench")
         for target in chosen:
             wait_for(targets.caller(target, "small"), target)
         probe = CPUProbe(hub, server)
-        plane = "nginx" if any("nginx" in p.name() for p in probe.gateway.children(recursive=True)) else "python"
+        plane = ("nginx" if any("nginx" in p.name() for p in probe.procs["gateway"][0].children(recursive=True))
+                 else "python")
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores); "
               f"gateway data plane: {plane}")
         print(f"{'model':6} {'target':12} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
-              "   CPU us/req at c=8: client gateway triton")
+              f"   CPU us/req at c=8: {' '.join(CPUProbe.PARTS)}")
         for model, count in (("small", args.requests), ("big", max(args.requests // 10, 50))):
             rounds = {t: [] for t in chosen}
             for i in range(args.rounds):
                 for target in chosen[i % len(chosen):] + chosen[:i % len(chosen)]:
-                    n = max(count // 4, 20) if target == "rest" else count
+                    n = max(count // 4, 20) if target in REST else count
                     rounds[target].append(measure(targets, target, model, n, args.seconds, probe))
             rows = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in rounds.items()}
             for target, row in rows.items():
                 print(f"{model:6} {target:12} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
-                      f"{row['c32']:8.0f}   {row['cpu_client']:6.0f} {row['cpu_gateway']:7.0f} "
-                      f"{row['cpu_triton']:6.0f}")
-            for target, base in (("gateway", "direct"), ("gpulab.infer", "stock"), ("rest", "direct")):
+                      f"{row['c32']:8.0f}   " + " ".join(f"{row['cpu_' + part]:6.0f}" for part in CPUProbe.PARTS))
+            for target, base in RATIOS:
                 if target in rows and base in rows:
                     t, b = rows[target], rows[base]
                     print(f"{model:6} {target} vs {base}: p50 {t['p50'] - b['p50']:+.3f} ms; throughput "

@@ -7,6 +7,7 @@ jupyter_client kernel with that server's environment.
 """
 
 import json
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from sklearn.datasets import load_digits
 from sklearn.linear_model import SGDClassifier
 from tritonclient.utils import InferenceServerException
@@ -22,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 from gpulab.inference.client import HubAuth
 from gpulab.inference.triton import write_onnx_model
 from gpulab.kernels.inference import InferenceClient, InferenceError
+from gpulab.server_extension.kserve import HEADER_LENGTH
 from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
@@ -98,9 +101,10 @@ def rest(hub):
     """POST/GET/DELETE on alice's server's /gpulab/api/v1 (her server is spawned by the hub)."""
     hub.spawn("alice")
 
-    def call(method, path, token=None, **kwargs):
-        return requests.request(method, f"{hub.url}/user/alice/gpulab/api/v1{path}", timeout=300,
-                                headers={"Authorization": f"token {token or hub.tokens['alice']}"}, **kwargs)
+    def call(method, path, token=None, headers=None, **kwargs):
+        headers = {"Authorization": f"token {token or hub.tokens['alice']}", **(headers or {})}
+        return requests.request(method, f"{hub.url}/user/alice/gpulab/api/v1{path}", timeout=300, headers=headers,
+                                **kwargs)
 
     return call
 
@@ -206,6 +210,87 @@ def test_rest_predictions_match_the_model_in_process(rest, deployed, trained):
     assert r.status_code == 200, r.text
     assert r.json()["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [2],
                                     "data": model.predict(X[:2]).tolist()}]
+
+
+def test_rest_kserve_binary_bodies_as_tritonclient_http_writes_and_reads_them(rest, deployed, trained):
+    X, model = trained["X"][:50], trained["model"]
+    tensor = triton_http.InferInput("input", list(X.shape), "FP64")
+    tensor.set_data_from_numpy(X)  # binary
+    body, json_size = triton_http.InferenceServerClient.generate_request_body([tensor])  # every output binary
+    r = rest("POST", "/models/digits/infer", data=body, headers={HEADER_LENGTH: str(json_size)})
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["Content-Type"] == "application/octet-stream" and int(r.headers[HEADER_LENGTH]) < 500
+    result = triton_http.InferenceServerClient.parse_response_body(r.content,
+                                                                  header_length=int(r.headers[HEADER_LENGTH]))
+    assert result.get_response()["model_name"] == "digits"
+    assert result.as_numpy("label").tolist() == model.predict(X).tolist()
+    np.testing.assert_allclose(result.as_numpy("probabilities"), model.predict_proba(X), rtol=1e-9, atol=1e-12)
+
+    # binary in, one output asked for as JSON: a JSON answer
+    body, json_size = triton_http.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[triton_http.InferRequestedOutput("label", binary_data=False)])
+    r = rest("POST", "/models/digits/infer", data=body, headers={HEADER_LENGTH: str(json_size)})
+    assert r.status_code == 200 and HEADER_LENGTH not in r.headers, r.text[:300]
+    EXTENSION.validate("/models/{name}/infer", "post", 200, r.json())
+    assert r.json()["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [50],
+                                    "data": model.predict(X).tolist()}]
+
+    # JSON in, binary out
+    r = rest("POST", "/models/digits/infer", json={
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP64", "data": X[:2].ravel().tolist()}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": True}}]})
+    assert r.status_code == 200, r.text[:300]
+    result = triton_http.InferenceServerClient.parse_response_body(r.content,
+                                                                  header_length=int(r.headers[HEADER_LENGTH]))
+    assert result.as_numpy("label").tolist() == model.predict(X[:2]).tolist()
+
+
+def test_rest_bad_binary_bodies_name_the_field(rest, deployed, trained):
+    path, method = "/models/{name}/infer", "post"
+    X = trained["X"][:50]
+    tensor = triton_http.InferInput("input", list(X.shape), "FP64")
+    tensor.set_data_from_numpy(X)
+    body, json_size = triton_http.InferenceServerClient.generate_request_body([tensor])
+
+    def post(data, header=str(json_size)):
+        return rest("POST", "/models/digits/infer", data=data, headers={HEADER_LENGTH: header})
+
+    e = error(post(body[:-64]), 400, path, method)  # cut short
+    assert e["field"] == "inputs.input" and "does not fit the 25536 bytes" in e["message"], e
+    e = error(post(body[:json_size].replace(b"[50,64]", b"[51,64]") + body[json_size:]), 400, path, method)
+    assert e["field"] == "inputs.input" and "[51, 64] of FP64 takes 26112 bytes, binary_data_size is 25600" in \
+        e["message"], e
+    e = error(post(body + b"\0" * 8), 400, path, method)
+    assert e["field"] == "inputs" and "declare 25600 bytes" in e["message"] and "25608" in e["message"], e
+    for header in ("many", str(len(body) + 1), "-1"):
+        e = error(post(body, header), 400, path, method)
+        assert e["field"] == HEADER_LENGTH and header in e["message"], e
+    e = error(post(body, str(json_size - 1)), 400, path, method)
+    assert "not valid JSON" in e["message"], e
+    simple = json.dumps({"inputs": {"input": X.tolist()}}).encode()
+    e = error(post(simple + b"\0" * 8, str(len(simple))), 400, path, method)
+    assert e["field"] == "inputs" and "KServe v2" in e["message"], e
+    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"input": X.tolist()}, "outputs": [{"nam": 1}]}),
+              400, path, method)
+    assert e["field"] == "outputs", e
+
+
+def test_successful_inferences_stay_out_of_the_access_log_failures_do_not(rest, deployed, trained, hub):
+    tag = secrets.token_hex(4)  # in the query string, so this test's log lines can be told apart
+    X = trained["X"][:2].tolist()
+    for _ in range(3):
+        assert rest("POST", f"/models/digits/infer?t={tag}", json={"inputs": {"input": X}}).status_code == 200
+    assert rest("POST", f"/models/digits/infer?t={tag}", json={"inputs": {"z": X}}).status_code == 400
+    assert rest("GET", f"/whoami?t={tag}").status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in hub.log_path.read_text(errors="replace").splitlines() if tag in line]
+        if any("200 GET" in line for line in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert any("400 POST" in line and "/infer" in line for line in lines), lines  # failures: logged
+    assert any("200 GET" in line and "/whoami" in line for line in lines), lines  # other requests: logged
+    assert not any("200 POST" in line for line in lines), lines
 
 
 def test_rest_bad_input_unknown_model_and_oversized(rest, deployed):

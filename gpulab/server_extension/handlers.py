@@ -11,6 +11,7 @@ from .. import tracing
 from ..gpus import list_gpus
 from .authorizer import RESOURCE_SCOPES, user_scopes
 
+TRACER = tracing.tracer("gpulab.server_extension")  # follows the provider set up when the extension loads
 
 
 class GpulabHandler(APIHandler):
@@ -19,7 +20,7 @@ class GpulabHandler(APIHandler):
     auth_resource = "gpulab"
 
     async def prepare(self):
-        self._span = tracing.tracer("gpulab.server_extension").start_span(
+        self._span = TRACER.start_span(
             f"{self.request.method} {self.request.path}",
             context=tracing.extract(self.request.headers),
             kind=trace.SpanKind.SERVER,

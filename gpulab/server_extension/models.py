@@ -4,19 +4,21 @@ with the server's token.
 
 Reading and inference need ``custom:gpulab:infer``, deploying and deleting ``custom:gpulab:deploy``. Inference
 bodies are ``{"inputs": {"x": [[...]]}, "outputs": [...], "version": 2}`` (answered with ``{"outputs":
-{"y": [[...]]}}``) or KServe v2 JSON (``{"inputs": [{"name", "shape", "datatype", "data"}]}``, answered in
-kind). Triton's errors keep their message: bad input 400 naming the tensor and its expected shape, unknown
+{"y": [[...]]}}``) or KServe v2 (``{"inputs": [{"name", "shape", "datatype", "data"}]}``, answered in kind),
+with the binary tensor extension for large tensors (``kserve.py``). Triton's errors keep their message: bad input 400 naming the tensor and its expected shape, unknown
 model 404, oversized 413.
 """
 
 import json
+import logging
 import os
 
-import numpy as np
 import tritonclient.grpc.aio as triton_aio
+from jupyterhub.metrics import prometheus_log_method
 from opentelemetry import trace
 from tornado import web
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tornado.log import access_log
+from tritonclient.utils import InferenceServerException
 
 from ..inference.client import (
     HTTP_STATUS,
@@ -30,6 +32,7 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
+from . import kserve
 from .handlers import GpulabHandler
 from .jobs import JobsBackend, ServiceProxyHandler
 
@@ -107,28 +110,6 @@ class ModelHandler(ModelsProxyHandler):
         await self.forward(f"/models/{name}")
 
 
-def kserve_arrays(inputs: list) -> dict[str, np.ndarray]:
-    """KServe v2 JSON tensors (``{"name", "shape", "datatype", "data"}``, data flat or nested) as arrays."""
-    arrays = {}
-    for i, tensor in enumerate(inputs):
-        if not isinstance(tensor, dict) or not {"name", "shape", "datatype", "data"} <= tensor.keys():
-            raise BadInput("each KServe v2 input needs name, shape, datatype and data", f"inputs[{i}]")
-        name = tensor["name"]
-        try:
-            arrays[name] = np.asarray(tensor["data"], dtype=triton_to_np_dtype(tensor["datatype"])).reshape(
-                tensor["shape"])
-        except (TypeError, ValueError) as e:
-            raise BadInput(f"input '{name}': {e}", f"inputs.{name}") from None
-    return arrays
-
-
-def json_array(array: np.ndarray) -> list:
-    if array.dtype == np.object_:  # BYTES
-        array = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v, otypes=[object])(
-            array)
-    return array.tolist()
-
-
 class InferHandler(GpulabHandler):
     """``POST /models/{name}/infer``: one inference through the gateway."""
 
@@ -138,20 +119,25 @@ class InferHandler(GpulabHandler):
     async def post(self, name):
         backend = _backend(self)
         try:
-            body = json.loads(self.request.body or b"{}")
-        except ValueError as e:
-            raise RequestError(400, f"body is not valid JSON: {e}") from None
-        inputs = body.get("inputs") if isinstance(body, dict) else None
+            body, binary = kserve.split(self.request.body, self.request.headers.get(kserve.HEADER_LENGTH))
+        except BadInput as e:
+            raise RequestError(400, e.message, e.field) from None
+        inputs = body.get("inputs")
         if not isinstance(inputs, dict | list) or not inputs:
             raise RequestError(400, 'give "inputs": {"<tensor>": [...]} or KServe v2 input tensors', "inputs")
+        requested = [o.get("name") if isinstance(o, dict) else o for o in body.get("outputs") or []]
+        if not all(isinstance(o, str) for o in requested):
+            raise RequestError(400, 'outputs are names, or KServe v2 {"name": ...} objects', "outputs")
         version = str(body.get("version") or "")
-        kserve = isinstance(inputs, list)
-        requested = [o["name"] if isinstance(o, dict) else o for o in body.get("outputs") or []]
+        kserve_form = isinstance(inputs, list)
         key = (name, version)
         try:
             with trace.use_span(self._span, end_on_exit=False):  # the request's span: its traceparent goes along
-                if kserve:
-                    arrays = kserve_arrays(inputs)
+                if kserve_form:
+                    arrays = kserve.request_arrays(inputs, binary)
+                elif binary:
+                    raise BadInput("binary data goes with KServe v2 input tensors (a list under \"inputs\")",
+                                   "inputs")
                 else:
                     if key not in backend.metadata:
                         backend.metadata[key] = await backend.client.get_model_metadata(name, version, as_json=True)
@@ -167,14 +153,25 @@ class InferHandler(GpulabHandler):
             tensor = tensor_of(message)
             raise RequestError(HTTP_STATUS.get(status_of(e), 502), message,
                                f"inputs.{tensor}" if tensor else None) from None
-        response = result.get_response()
-        arrays = outputs_of(result)
-        if kserve:
-            outputs = [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
-                        "data": json_array(arrays[o.name].ravel())} for o in response.outputs]
-        else:
-            outputs = {o: json_array(a) for o, a in arrays.items()}
-        self.finish({"model_name": response.model_name, "model_version": response.model_version, "outputs": outputs})
+        if not kserve_form:
+            response = result.get_response()
+            self.finish({"model_name": response.model_name, "model_version": response.model_version,
+                         "outputs": {o: kserve.json_array(a) for o, a in outputs_of(result).items()}})
+            return
+        answer, header_length = kserve.response_body(result, *kserve.binary_outputs(body))
+        if header_length is None:
+            self.finish(answer)
+            return
+        self.set_header(kserve.HEADER_LENGTH, str(header_length))
+        self.finish(answer, set_content_type="application/octet-stream")
+
+    def _log(self):
+        """Successful inferences are logged only with debug logging on, as JupyterHub treats health checks: at
+        hundreds a second their lines would bury the rest of the log. Their request metrics are still recorded."""
+        if self.get_status() < 300 and not access_log.isEnabledFor(logging.DEBUG):
+            prometheus_log_method(self)
+            return
+        super()._log()
 
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -7,12 +7,27 @@ import yaml
 from referencing import Registry, Resource
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = {k for k in keys if keys.count(k) > 1}
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"keys given twice: {sorted(twice)}", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load(path: Path):
+    return yaml.load(Path(path).read_text(), Loader=_StrictLoader)
+
+
 class Spec:
     """An OpenAPI 3.1 document; validates response bodies against its schemas."""
 
     def __init__(self, path: Path):
         self.path = Path(path).resolve()
-        self.doc = yaml.safe_load(self.path.read_text())
+        self.doc = load(self.path)
 
     def paths(self) -> set[str]:
         return set(self.doc["paths"])
@@ -45,7 +60,7 @@ class Spec:
 
         def retrieve(uri: str) -> Resource:
             target = Path(uri.removeprefix("file://"))
-            return Resource.opaque(yaml.safe_load(target.read_text()))
+            return Resource.opaque(load(target))
 
         base = self.path.as_uri()
         return Registry(retrieve=retrieve).with_resource(base, Resource.opaque(self.doc))
