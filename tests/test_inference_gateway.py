@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -581,8 +582,50 @@ def nginx_masters(hub) -> list[psutil.Process]:
     return masters
 
 
+def test_a_hung_replica_gets_no_calls_once_its_health_check_fails(hub, plane, client, tokens, tritons):
+    """A replica that stops answering but keeps its connections open (SIGSTOP; a wedged GPU server looks the
+    same to its callers) gets no new calls once the gateway's health check times out, on both planes (nginx
+    follows the Python gateway's checks); once it answers again it gets calls again."""
+    hung = tritons[0]
+    os.kill(hung.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(3)  # a check (interval 0.5 s, timing out after 0.5 s), and nginx reading the result
+        before = gateway_metrics(hub, plane)
+        started = time.monotonic()
+        for _ in range(20):
+            infer(client, tokens["alice"])  # would hang on the stopped replica
+        assert time.monotonic() - started < 5
+        after = gateway_metrics(hub, plane)
+        for server, calls in ((hung, 0), (tritons[1], 20)):
+            sent = (metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
+                    - metric(before, "gpulab_infer_replica_requests_total", replica=server.grpc_address))
+            assert sent == calls, (server.grpc_address, sent)
+    finally:
+        os.kill(hung.proc.pid, signal.SIGCONT)
+    wait_spread(hub, plane, client, tokens["alice"], tritons)
+
+
+def wait_spread(hub, plane: str, client, token: str, tritons) -> None:
+    """Until calls through ``plane`` reach every replica (a replica back from a failure may first wait out its
+    breaker's recovery_timeout)."""
+    deadline = time.monotonic() + 15
+    while True:
+        before = gateway_metrics(hub, plane)
+        for _ in range(10):
+            infer(client, token)
+        after = gateway_metrics(hub, plane)
+        idle = [t.grpc_address for t in tritons
+                if metric(after, "gpulab_infer_replica_requests_total", replica=t.grpc_address)
+                == metric(before, "gpulab_infer_replica_requests_total", replica=t.grpc_address)]
+        if not idle:
+            return
+        assert time.monotonic() < deadline, f"replicas {idle} got no calls"
+        time.sleep(0.5)
+
+
 async def test_replica_failures_breakers_and_recovery(hub, plane, tokens, tritons):
     """Kill one replica under load, then both, then bring one back (and then the other, for the next plane)."""
+    await asyncio.to_thread(wait_spread, hub, plane, connect(hub, plane), tokens["alice"], tritons)
     client = connect(hub, plane, aio=True)
     headers = auth(tokens["alice"])
     x = np.ones((1, 4), np.float32)

@@ -4,9 +4,10 @@ nginx, with Debian's lua module, listens on the gateway's address. It handles Mo
 ``nginx_gateway.lua`` asks the Python gateway's loopback authorize endpoint whether the caller's token may
 call models (with per-model allow-lists configured, that model: it reads the model name from the request
 first), the same checks as on the Python path, cached in nginx for ``token_cache_seconds``; then it adds
-the Triton platform key and proxies the call to
-a replica: least connections, kept-alive connections, a request that was never sent is tried on another
-replica, and ``failure_threshold`` failures mark a replica failed for ``recovery_timeout`` s. Every other
+the Triton platform key and proxies the call to a replica. Replicas are chosen as on the Python path: the
+available one (by the Python gateway's health checks and breakers, which nginx reads from its loopback
+``/replicas`` every ``health_interval``) with the fewest calls in flight, over kept-alive connections; a
+request that was never sent is tried on another replica, and with none available calls fail fast. Every other
 RPC (health, metadata, model control, streams) and any request the fast path cannot read goes to the
 Python gateway on a loopback port. The calls nginx handled are counted in Lua and merged into the
 gateway's ``/metrics`` as ``process="nginx"``.
@@ -60,14 +61,14 @@ http {{
   lua_shared_dict gpulab_decisions 16m;
   lua_shared_dict gpulab_metrics 1m;
   init_by_lua_block {{
-    require("nginx_gateway").configure({{ttl = {ttl}, replicas = "{replica_list}", recovery = {recovery},
-      authorize_port = {authorize_port}, read_model = {read_model},
+    require("nginx_gateway").configure({{ttl = {ttl}, replicas = {{{replica_list}}},
+      health_interval = {health_interval}, authorize_port = {authorize_port}, read_model = {read_model},
       key_header = {{name = "{key_header}", value = os.getenv("GPULAB_NGINX_TRITON_KEY") or ""}}}})
   }}
+  init_worker_by_lua_block {{ require("nginx_gateway").watch_replicas() }}
   upstream gpulab_triton {{
-    zone gpulab_triton 256k;
-    least_conn;
-{servers}
+    server 0.0.0.1;  # a placeholder: the Lua balancer picks the replica
+    balancer_by_lua_block {{ require("nginx_gateway").balance() }}
     keepalive 64;
     keepalive_requests 1000000;
     keepalive_timeout 1h;
@@ -121,6 +122,19 @@ HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_
 PR_SET_PDEATHSIG = 1
 
 
+class ReplicasHandler(web.RequestHandler):
+    """``GET /replicas``: one line per replica, ``<address> up|down <status>`` (tab-separated), from the Python
+    gateway's health checks and breakers."""
+
+    def initialize(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def get(self):
+        self.set_header("Content-Type", "text/plain")
+        self.finish("".join(f"{r.address}\t{'up' if r.available else 'down'}\t{r.status()}\n"
+                            for r in self.gateway.pool.replicas))
+
+
 class AuthorizeHandler(web.RequestHandler):
     """``GET /authorize[?model=M]`` with the caller's ``Authorization``: 200 if the token may call models (M, when
     allow-lists need it); else 401/403 (or 503 when the hub cannot answer) with ``Grpc-Status`` and the message as
@@ -142,14 +156,27 @@ class AuthorizeHandler(web.RequestHandler):
         self.finish("ok")
 
 
+def _lua_replica(address: str) -> str:
+    """``{name = "host:port", ip = ..., port = ...}``: nginx's Lua balancer takes IP addresses only, so names
+    are resolved once, when nginx's config is written."""
+    host, port = address.rsplit(":", 1)
+    try:
+        ip = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"InferenceGateway.replicas: cannot resolve {address}: {e}") from None
+    return f'{{name = "{address}", ip = "{ip}", port = {int(port)}}}'
+
+
 def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def serve_authorize(gateway: Gateway) -> int:
-    """Serve :class:`AuthorizeHandler` on a free loopback port; returns the port."""
+    """Serve :class:`AuthorizeHandler` and :class:`ReplicasHandler` on a free loopback port; returns the port."""
     sock = bind_sockets(0, "127.0.0.1")[0]
-    HTTPServer(web.Application([(r"/authorize", AuthorizeHandler, {"gateway": gateway})])).add_sockets([sock])
+    handlers = [(r"/authorize", AuthorizeHandler, {"gateway": gateway}),
+                (r"/replicas", ReplicasHandler, {"gateway": gateway})]
+    HTTPServer(web.Application(handlers)).add_sockets([sock])
     return sock.getsockname()[1]
 
 
@@ -167,9 +194,6 @@ class NginxDataPlane:
 
     def config(self) -> str:
         conf = self.conf
-        recovery = max(1, round(conf.recovery_timeout))  # nginx counts whole seconds
-        servers = "\n".join(f"    server {r} max_fails={conf.failure_threshold} fail_timeout={recovery}s;"
-                            for r in conf.replicas)
         tls = ""
         if conf.tls_cert_file:
             conf.server_credentials()  # checks the files and the key's mode
@@ -177,9 +201,9 @@ class NginxDataPlane:
                    f"    ssl_certificate_key {Path(conf.tls_key_file).expanduser()};")
         return TEMPLATE.format(
             modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,
-            ttl=conf.token_cache_seconds, replica_list=", ".join(conf.replicas),
-            recovery=recovery, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
-            servers=servers, python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
+            ttl=conf.token_cache_seconds, replica_list=", ".join(_lua_replica(r) for r in conf.replicas),
+            health_interval=conf.health_interval, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
+            python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
             max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port,
             read_model=str(bool(conf.model_allow)).lower(),
             # started by root, nginx would run its workers as nobody, who cannot use the private run directory

@@ -1,21 +1,29 @@
 -- gpulab-infer's nginx data plane (see nginx.py): ModelInfer calls are authorised here and proxied to the
 -- Triton replicas by nginx; every other RPC goes to the Python gateway. Decisions (may this token call this
--- model?) come from the Python gateway's authorize endpoint and are cached for the token cache's TTL.
+-- model?) come from the Python gateway's authorize endpoint and are cached for the token cache's TTL; which
+-- replicas are available comes from its /replicas (its health checks and breakers), read every health interval.
 
 local M = {}
 local decisions = ngx.shared.gpulab_decisions
 local stats = ngx.shared.gpulab_metrics
+-- per worker (no locks on the hot path): the Python gateway's verdicts and when they came, calls in flight
+local verdicts, read_at, busy = {}, 0, {}  -- verdicts: name -> {up = true/false, status = "..."}
 
--- set by configure() from nginx.conf (init_by_lua)
-local ttl, key_header, replicas, recovery, authorize_port, read_model = 30, nil, "", 5, nil, true
+-- set by configure() from nginx.conf (init_by_lua): replicas are {name = "host:port", ip = ..., port = ...}
+local ttl, key_header, replicas, health_interval, authorize_port, read_model = 30, nil, {}, 2, nil, true
+local by_peer = {}  -- "ip:port" (as nginx reports it) -> replica
+local turn = 0  -- round robin among replicas with equally few calls in flight
 local BUCKETS = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 local CODES = {[0] = "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
                "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
                "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
 
 function M.configure(options)
-  ttl, key_header, replicas, recovery = options.ttl, options.key_header, options.replicas, options.recovery
-  authorize_port, read_model = options.authorize_port, options.read_model
+  ttl, key_header, replicas = options.ttl, options.key_header, options.replicas
+  health_interval, authorize_port, read_model = options.health_interval, options.authorize_port, options.read_model
+  for _, replica in ipairs(replicas) do
+    by_peer[(replica.ip:find(":") and "[" .. replica.ip .. "]" or replica.ip) .. ":" .. replica.port] = replica
+  end
 end
 
 local function grpc_error(code, message)
@@ -63,15 +71,14 @@ local function body_head()
   return head
 end
 
--- GET /authorize?model=... on the Python gateway (HTTP/1.1 over a kept-alive cosocket: subrequests do not
+-- GET path on the Python gateway's loopback port (HTTP/1.1 over a kept-alive cosocket: subrequests do not
 -- work under HTTP/2 here): status, Grpc-Status header, body
-local function ask(authorization, model)
+local function get(path, authorization)
   local sock = ngx.socket.tcp()
   sock:settimeout(10000)
   local ok, err = sock:connect("127.0.0.1", authorize_port)
   if not ok then return nil, nil, err end
-  local query = model and ("?model=" .. ngx.escape_uri(model)) or ""
-  local request = "GET /authorize" .. query .. " HTTP/1.1\r\nHost: gpulab-infer\r\n"
+  local request = "GET " .. path .. " HTTP/1.1\r\nHost: gpulab-infer\r\n"
     .. (authorization and ("Authorization: " .. authorization .. "\r\n") or "") .. "\r\n"
   ok, err = sock:send(request)
   if not ok then return nil, nil, err end
@@ -94,6 +101,84 @@ local function ask(authorization, model)
   return status, grpc_status, body
 end
 
+-- Every health interval, in each worker: each replica's verdict from the Python gateway. Verdicts older than
+-- three intervals are ignored, so replicas count as available again if the Python gateway stops answering.
+local function read_replicas(premature)
+  if premature then return end
+  local status, _, body = get("/replicas")
+  if status ~= 200 then return end
+  local fresh = {}
+  for name, state, description in body:gmatch("([^\t\n]+)\t([^\t\n]+)\t([^\n]*)\n") do
+    fresh[name] = {up = state == "up", status = description}
+  end
+  verdicts, read_at = fresh, ngx.now()
+end
+
+function M.watch_replicas()
+  ngx.timer.at(0, read_replicas)
+  ngx.timer.every(health_interval, read_replicas)
+end
+
+local function verdict(replica)
+  return ngx.now() - read_at <= 3 * health_interval and verdicts[replica.name] or nil
+end
+
+local function available(replica)
+  local v = verdict(replica)
+  return not v or v.up
+end
+
+local function describe()
+  local parts = {}
+  for _, replica in ipairs(replicas) do
+    local v = verdict(replica)
+    parts[#parts + 1] = v and v.status or ("Triton replica " .. replica.name)
+  end
+  return table.concat(parts, "; ")
+end
+
+-- The available replica with the fewest calls in flight (from this worker) that this call has not tried yet
+-- (round robin among equals); a call that was never sent is tried on the next one. Health reports lag (a replica that just came
+-- back may still be reported down), so once the available ones have failed, the others are tried too.
+function M.balance()
+  local balancer = require("ngx.balancer")
+  local tried = ngx.ctx.tried
+  if not tried then
+    tried = {}
+    ngx.ctx.tried = tried
+    if #replicas > 1 then balancer.set_more_tries(#replicas - 1) end
+  end
+  turn = turn + 1
+  local best, fewest
+  for pass = 1, 2 do
+    for i = 0, #replicas - 1 do
+      local replica = replicas[(turn + i) % #replicas + 1]
+      if not tried[replica] and (pass == 2 or available(replica)) then
+        local calls = busy[replica] or 0
+        if not best or calls < fewest then best, fewest = replica, calls end
+      end
+    end
+    if best then break end
+  end
+  if not best then return ngx.exit(ngx.ERROR) end  -- not reached: nginx tries each replica at most once
+  tried[best] = true
+  local ok, err = balancer.set_current_peer(best.ip, best.port)
+  if not ok then
+    ngx.log(ngx.ERR, "gpulab: cannot use replica ", best.name, ": ", err)
+    return ngx.exit(ngx.ERROR)
+  end
+  busy[best] = (busy[best] or 0) + 1  -- less one in log(), for each replica nginx reports tried
+end
+
+-- The replicas this request was sent to (or tried), as nginx reports them
+local function peers_tried()
+  local tried = {}
+  for peer in (ngx.var.upstream_addr or ""):gmatch("[^,%s]+") do
+    if by_peer[peer] then tried[#tried + 1] = by_peer[peer] end
+  end
+  return tried
+end
+
 -- Without per-model allow-lists the body is not read (reading it makes nginx buffer the request, and large
 -- ones then stall now and then): the decision is the token's, and the call streams through.
 function M.access()
@@ -110,7 +195,8 @@ function M.access()
   local key = ngx.encode_base64(ngx.sha1_bin(authorization or "")) .. " " .. (model or "")
   local decision = decisions:get(key)
   if not decision then
-    local status, grpc_status, body = ask(authorization, model)
+    local query = model and ("?model=" .. ngx.escape_uri(model)) or ""
+    local status, grpc_status, body = get("/authorize" .. query, authorization)
     if status == 200 then
       decision = "ok"
     elseif status == 401 or status == 403 then
@@ -125,21 +211,23 @@ function M.access()
     if tonumber(code) == 16 then ngx.var.gpulab_model = "" end
     return grpc_error(tonumber(code), message)
   end
+  local any = false
+  for _, replica in ipairs(replicas) do any = any or available(replica) end
+  if not any then return grpc_error(14, "no Triton replica available: " .. describe()) end
   ngx.req.clear_header("authorization")
   if key_header.value ~= "" then ngx.req.set_header(key_header.name, key_header.value) end
   ngx.ctx.proxied = true
 end
 
--- nginx answered 502/504 itself: the replica failed during the call, or none could be reached
+-- nginx answered 502/504 itself: the replica failed during the call, or none was left to try
 function M.unavailable()
   local tried = {}
-  for addr in (ngx.var.upstream_addr or ""):gmatch("[^,%s:]+:%d+") do tried[#tried + 1] = addr end
+  for _, replica in ipairs(peers_tried()) do tried[#tried + 1] = replica.name end
   if #tried > 0 then
     return grpc_error(14, "Triton replica " .. table.concat(tried, ", ") .. " failed (nginx: upstream status "
       .. (ngx.var.upstream_status or "-") .. ")")
   end
-  return grpc_error(14, "no Triton replica available: Triton replicas " .. replicas .. " failed recently "
-    .. "(circuit open, retried after " .. recovery .. " s; nginx data plane)")
+  return grpc_error(14, "no Triton replica available: " .. describe())
 end
 
 function M.too_large(limit)
@@ -157,8 +245,9 @@ function M.log()
   end
   stats:incr("b\t+Inf", 1, 0)
   stats:incr("s", seconds, 0)
-  if ngx.ctx.proxied and ngx.var.upstream_addr then
-    for addr in ngx.var.upstream_addr:gmatch("[^,%s:]+:%d+") do stats:incr("u\t" .. addr, 1, 0) end
+  for _, replica in ipairs(peers_tried()) do
+    busy[replica] = (busy[replica] or 1) - 1  -- counted in balance(); ngx.ctx does not outlive @unavailable
+    if ngx.ctx.proxied then stats:incr("u\t" .. replica.name, 1, 0) end
   end
 end
 

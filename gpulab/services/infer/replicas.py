@@ -65,6 +65,11 @@ class Replica:
     def stream(self, metadata) -> grpc.aio.StreamStreamCall:
         return self.channel.stream_stream(SERVICE + "ModelStreamInfer")(metadata=metadata)
 
+    @property
+    def available(self) -> bool:
+        """Healthy, and its breaker lets calls through."""
+        return self.healthy and self.breaker.state != OPEN
+
     def status(self) -> str:
         if self.breaker.state == OPEN:
             retry_in = math.ceil(self.breaker.snapshot()["retry_in"])
@@ -131,7 +136,7 @@ class ReplicaPool:
             await asyncio.sleep(self.health_interval)
 
     def ready(self) -> bool:
-        return any(r.healthy and r.breaker.state != OPEN for r in self.replicas)
+        return any(r.available for r in self.replicas)
 
     def describe(self) -> str:
         return "; ".join(r.status() for r in self.replicas) or "no Triton replicas configured"
@@ -142,7 +147,7 @@ class ReplicaPool:
         self._next = (start + 1) % max(count, 1)
         for i in range(count):
             replica = self.replicas[(start + i) % count]
-            if replica.healthy and replica not in exclude and replica.breaker.state != OPEN and (
+            if replica.available and replica not in exclude and (
                     best is None or replica.outstanding < best.outstanding):
                 best = replica
         if best is None:
@@ -169,7 +174,7 @@ class ReplicaPool:
     async def broadcast(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
         """Send to every healthy replica (model control); Triton's own errors win, unreachable replicas are
         skipped (they load the repository's models when they start)."""
-        targets = [r for r in self.replicas if r.healthy and r.breaker.state != OPEN]
+        targets = [r for r in self.replicas if r.available]
         if not targets:
             raise NoReplicaError(f"no Triton replica available: {self.describe()}")
         results = await asyncio.gather(*(r.call(name, request, metadata, timeout) for r in targets),
