@@ -18,10 +18,6 @@ from ..inference.client import BadInput
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-class BodyError(BadInput):
-    """A body that cannot be read at all (``field``: the header or the part of the body at fault)."""
-
-
 def split(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     """The JSON header of ``body`` and the binary data after it (empty without ``header_length``)."""
     end = len(body)
@@ -31,14 +27,14 @@ def split(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
         except ValueError:
             end = -1
         if not 0 <= end <= len(body):
-            raise BodyError(f"{HEADER_LENGTH} must be a byte count from 0 to the body's {len(body)} bytes, "
+            raise BadInput(f"{HEADER_LENGTH} must be a byte count from 0 to the body's {len(body)} bytes, "
                             f"not '{header_length}'", HEADER_LENGTH)
     try:
         header = json.loads(bytes(body[:end]) or b"{}")
     except ValueError as e:
-        raise BodyError(f"body is not valid JSON: {e}") from None
+        raise BadInput(f"body is not valid JSON: {e}") from None
     if not isinstance(header, dict):
-        raise BodyError("body must be a JSON object")
+        raise BadInput("body must be a JSON object")
     return header, memoryview(body)[end:]
 
 
@@ -82,7 +78,7 @@ def request_arrays(inputs: list, binary: memoryview) -> dict[str, np.ndarray]:
 def binary_outputs(header: dict) -> tuple[bool, set[str]]:
     """Whether every output is wanted in binary, and the outputs asked for in binary one by one."""
     every = (header.get("parameters") or {}).get("binary_data_output") is True
-    named = {o["name"] for o in header.get("outputs") or []
+    named = {o.get("name") for o in header.get("outputs") or []
              if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") is True}
     return every, named
 

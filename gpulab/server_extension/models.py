@@ -5,8 +5,8 @@ with the server's token.
 Reading and inference need ``custom:gpulab:infer``, deploying and deleting ``custom:gpulab:deploy``. Inference
 bodies are ``{"inputs": {"x": [[...]]}, "outputs": [...], "version": 2}`` (answered with ``{"outputs":
 {"y": [[...]]}}``) or KServe v2 (``{"inputs": [{"name", "shape", "datatype", "data"}]}``, answered in kind),
-with the binary tensor extension for large tensors (``kserve.py``). Triton's errors keep their message: bad input 400 naming the tensor and its expected shape, unknown
-model 404, oversized 413.
+with the binary tensor extension for large tensors (``kserve.py``). Triton's errors keep their message: bad
+input 400 naming the tensor and its expected shape, unknown model 404, oversized 413.
 """
 
 import json

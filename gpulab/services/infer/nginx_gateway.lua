@@ -138,8 +138,9 @@ local function describe()
 end
 
 -- The available replica with the fewest calls in flight (from this worker) that this call has not tried yet
--- (round robin among equals); a call that was never sent is tried on the next one. Health reports lag (a replica that just came
--- back may still be reported down), so once the available ones have failed, the others are tried too.
+-- (round robin among equals); a call that was never sent is tried on the next one. Health reports lag (a
+-- replica that just came back may still be reported down), so once the available ones have failed, the others
+-- are tried too.
 function M.balance()
   local balancer = require("ngx.balancer")
   local tried = ngx.ctx.tried
