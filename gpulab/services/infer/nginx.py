@@ -122,12 +122,16 @@ HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_
 PR_SET_PDEATHSIG = 1
 
 
-class ReplicasHandler(web.RequestHandler):
-    """``GET /replicas``: one line per replica, ``<address> up|down <status>`` (tab-separated), from the Python
-    gateway's health checks and breakers."""
+class LoopbackHandler(web.RequestHandler):
+    """Base of what nginx asks the Python gateway on its loopback port."""
 
     def initialize(self, gateway: Gateway):
         self.gateway = gateway
+
+
+class ReplicasHandler(LoopbackHandler):
+    """``GET /replicas``: one line per replica, ``<address> up|down <status>`` (tab-separated), from the Python
+    gateway's health checks and breakers."""
 
     def get(self):
         self.set_header("Content-Type", "text/plain")
@@ -135,13 +139,10 @@ class ReplicasHandler(web.RequestHandler):
                             for r in self.gateway.pool.replicas))
 
 
-class AuthorizeHandler(web.RequestHandler):
+class AuthorizeHandler(LoopbackHandler):
     """``GET /authorize[?model=M]`` with the caller's ``Authorization``: 200 if the token may call models (M, when
     allow-lists need it); else 401/403 (or 503 when the hub cannot answer) with ``Grpc-Status`` and the message as
     body."""
-
-    def initialize(self, gateway: Gateway):
-        self.gateway = gateway
 
     async def get(self):
         header = self.request.headers.get("Authorization")
