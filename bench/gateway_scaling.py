@@ -1,6 +1,8 @@
 """Gateway scaling: the stock ``tritonclient.grpc`` straight to Triton (the baseline) vs through ``gpulab-infer``
 on each data plane (``c.InferenceGateway.data_plane``: python, nginx) with 1, 2, 4 … processes
-(``c.InferenceGateway.processes``: Python gateway processes, or nginx workers), all measured in one run.
+(``c.InferenceGateway.processes``: Python gateway processes, or nginx workers), all measured in one run; with
+``--protocols grpc,http`` also KServe v2 REST (binary tensors over kept-alive ``http.client`` connections)
+straight to Triton's HTTP port and on the gateway's REST port, against the same gRPC baseline.
 
 One Triton (the bundled 2.51 binary; a [1,4] FP32 linear model in the Python backend, ``--instances`` copies), a
 real JupyterHub that holds the token and answers the gateway's token lookups, and the gateway as
@@ -10,7 +12,8 @@ client processes (one connection per thread, so SO_REUSEPORT can spread them ove
 concurrency 1 gives p50/p99; each concurrency gives throughput; at c=8 the gateway's CPU time per request is
 sampled over all its processes.
 
-    python bench/gateway_scaling.py [--planes python,nginx] [--processes 1,2,4] [--concurrency 1,8,32]
+    python bench/gateway_scaling.py [--planes python,nginx] [--processes 1,2,4] [--protocols grpc,http]
+        [--concurrency 1,8,32]
         [--seconds 3] [--rounds 2] [--instances 4] [--client-processes 8] [--json PATH]
         [--nginx-path nginx] [--nginx-modules-dir /usr/lib/nginx/modules]
 
@@ -112,10 +115,13 @@ class Stack:
         self.hub_api = f"http://{HOST}:{hub_port}/hub/api"
         wait_http(self.hub_api + "/", "JupyterHub", self.hub)
 
-    def start_gateway(self, plane: str, processes: int) -> str:
-        address = f"{HOST}:{free_port(HOST)}"
+    def start_gateway(self, plane: str, processes: int) -> dict[str, str]:
+        """Its address by protocol."""
+        address, rest = f"{HOST}:{free_port(HOST)}", f"{HOST}:{free_port(HOST)}"
         env = {**os.environ, "JUPYTERHUB_API_URL": self.hub_api, "GPULAB_INFER_ADDRESS": address,
-               "GPULAB_TRITON_REPLICAS": self.triton.grpc_address, "GPULAB_TRITON_KEY": self.triton.restricted_key,
+               "GPULAB_INFER_REST_ADDRESS": rest, "GPULAB_TRITON_REPLICAS": self.triton.grpc_address,
+               "GPULAB_TRITON_HTTP_REPLICAS": self.triton.http_url.removeprefix("http://"),
+               "GPULAB_TRITON_KEY": self.triton.restricted_key,
                "GPULAB_CONFIG": str(self.work / "gpulab_config.py"),
                "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": {
                    "processes": processes, "data_plane": plane, **self.nginx}})}
@@ -130,7 +136,7 @@ class Stack:
                 raise RuntimeError(f"the {plane} gateway with {processes} processes did not start; see {log.name}")
             time.sleep(0.2)
         time.sleep(1)  # extra processes start their gRPC servers after they are spawned
-        return address
+        return {"grpc": address, "http": rest}
 
     def gateway_cpu(self) -> float:
         if not self.gateway:
@@ -164,7 +170,31 @@ def auth(token: str) -> dict:
     return {"authorization": f"token {token}"}
 
 
-def load(address: str, headers: dict, threads: int, measure_from: float, measure_to: float) -> tuple[int, list]:
+def rest_caller(address: str, headers: dict, x: np.ndarray):
+    """One KServe v2 binary inference per call over one kept-alive connection (the body as tritonclient.http
+    writes it)."""
+    import http.client
+
+    header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    body = header + x.tobytes()
+    headers = {**headers, "Inference-Header-Content-Length": str(len(header)),
+               "Content-Type": "application/octet-stream"}
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port))
+
+    def call() -> None:
+        connection.request("POST", "/v2/models/small/infer", body, headers)
+        response = connection.getresponse()
+        answer = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"REST inference failed: {response.status} {answer[:200]!r}")
+    return call
+
+
+def load(protocol: str, address: str, headers: dict, threads: int, measure_from: float,
+         measure_to: float) -> tuple[int, list]:
     """Client process: ``threads`` threads, one connection each, calling until ``measure_to``; the number of calls
     that ended inside [measure_from, measure_to] and their latencies."""
     import threading
@@ -175,17 +205,24 @@ def load(address: str, headers: dict, threads: int, measure_from: float, measure
     results = []
 
     def work() -> None:
-        client = triton.InferenceServerClient(address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
-        tensor = triton.InferInput("x", [1, 4], "FP32")
-        tensor.set_data_from_numpy(x)
+        if protocol == "http":
+            call, client = rest_caller(address, headers, x), None
+        else:
+            client = triton.InferenceServerClient(address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+            tensor = triton.InferInput("x", [1, 4], "FP32")
+            tensor.set_data_from_numpy(x)
+
+            def call() -> None:
+                client.infer("small", [tensor], headers=headers)
         latencies = []
         while (now := time.monotonic()) < measure_to:
-            client.infer("small", [tensor], headers=headers)
+            call()
             end = time.monotonic()
             if end >= measure_from and end <= measure_to:
                 latencies.append(end - now)
         results.append(latencies)
-        client.close()
+        if client:
+            client.close()
 
     workers = [threading.Thread(target=work) for _ in range(threads)]
     for w in workers:
@@ -195,12 +232,12 @@ def load(address: str, headers: dict, threads: int, measure_from: float, measure
     return sum(len(r) for r in results), [t for r in results for t in r]
 
 
-def measure(pool: ProcessPoolExecutor, stack: Stack, address: str, headers: dict, concurrency: int,
+def measure(pool: ProcessPoolExecutor, stack: Stack, protocol: str, address: str, headers: dict, concurrency: int,
             client_processes: int, seconds: float, sample_cpu: bool) -> dict:
     procs = min(concurrency, client_processes)
     start = time.monotonic() + 1.0  # client processes are warm (pool); 1 s to connect and warm up
-    futures = [pool.submit(load, address, headers, concurrency // procs + (i < concurrency % procs), start,
-                           start + seconds) for i in range(procs)]
+    futures = [pool.submit(load, protocol, address, headers, concurrency // procs + (i < concurrency % procs),
+                           start, start + seconds) for i in range(procs)]
     time.sleep(max(0.0, start - time.monotonic()))
     cpu = stack.gateway_cpu() if sample_cpu else 0.0
     time.sleep(seconds)
@@ -219,6 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--planes", default="python,nginx", help="data planes, comma-separated")
     parser.add_argument("--processes", default="1,2,4", help="gateway process (nginx: worker) counts, comma-separated")
+    parser.add_argument("--protocols", default="grpc", help="grpc, http (KServe v2 REST), comma-separated")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated; the first gives p50/p99")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="rounds in rotating target order; medians reported")
@@ -231,10 +269,14 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     levels = [int(n) for n in args.concurrency.split(",")]
+    protocols = args.protocols.split(",")
+    if "grpc" not in protocols:
+        parser.error("--protocols: include grpc, the baseline")
     targets = ["direct", *(f"{plane} x{n}" for plane in args.planes.split(",") for n in counts)]
+    rows_of = [f"{t} {protocol}" if protocol != "grpc" else t for t in targets for protocol in protocols]
     nginx = {"nginx_path": args.nginx_path, "nginx_modules_dir": args.nginx_modules_dir}
     stack = Stack(Path(tempfile.mkdtemp(prefix="gpulab-gwbench-")), args.instances, nginx)
-    rounds = {t: [] for t in targets}
+    rounds = {t: [] for t in rows_of}
     try:
         stack.start()
         with ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn")) as pool:
@@ -244,29 +286,33 @@ def main() -> None:
             for i in range(args.rounds):
                 for target in targets[i % len(targets):] + targets[:i % len(targets)]:
                     if target == "direct":
-                        address, headers = stack.triton.grpc_address, stack.triton.grpc_headers
+                        addresses = {"grpc": stack.triton.grpc_address,
+                                     "http": stack.triton.http_url.removeprefix("http://")}
+                        headers = {"grpc": stack.triton.grpc_headers, "http": stack.triton.http_headers}
                     else:
                         plane, count = target.split(" x")
-                        address, headers = stack.start_gateway(plane, int(count)), auth(stack.token)
-                    row = {}
-                    for c in levels:
-                        r = measure(pool, stack, address, headers, c, args.client_processes, args.seconds,
-                                    sample_cpu=c == 8 and target != "direct")
-                        row[f"c{c}"] = r["rps"]
-                        if c == levels[0]:
-                            row["p50"], row["p99"] = r["p50"], r["p99"]
-                        if "cpu_us" in r:
-                            row["cpu_us"] = r["cpu_us"]
-                    rounds[target].append(row)
+                        addresses = stack.start_gateway(plane, int(count))
+                        headers = {"grpc": auth(stack.token), "http": auth(stack.token)}
+                    for protocol in protocols:
+                        row = {}
+                        for c in levels:
+                            r = measure(pool, stack, protocol, addresses[protocol], headers[protocol], c,
+                                        args.client_processes, args.seconds, sample_cpu=c == 8 and target != "direct")
+                            row[f"c{c}"] = r["rps"]
+                            if c == levels[0]:
+                                row["p50"], row["p99"] = r["p50"], r["p99"]
+                            if "cpu_us" in r:
+                                row["cpu_us"] = r["cpu_us"]
+                        rounds[f"{target} {protocol}" if protocol != "grpc" else target].append(row)
                     stack.stop_gateway()
         rows = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in rounds.items()}
         header = "".join(f"{f'c={c} /s':>9}" for c in levels)
-        print(f"{'target':12} {'p50 ms':>7} {'p99 ms':>7}{header}  gateway CPU us/req at c=8")
+        print(f"{'target':17} {'p50 ms':>7} {'p99 ms':>7}{header}  gateway CPU us/req at c=8")
         for target, row in rows.items():
             cells = "".join(f"{row[f'c{c}']:9.0f}" for c in levels)
-            print(f"{target:12} {row['p50']:7.3f} {row['p99']:7.3f}{cells}  {row.get('cpu_us', 0):6.0f}")
+            print(f"{target:17} {row['p50']:7.3f} {row['p99']:7.3f}{cells}  {row.get('cpu_us', 0):6.0f}")
         base = rows["direct"]
-        for target in targets[1:]:
+        for target in (r for r in rows_of if r != "direct"):
             row = rows[target]
             ratios = ", ".join(f"c={c} {row[f'c{c}'] / base[f'c{c}']:.2f}x" for c in levels)
             print(f"{target} vs direct: p50 {row['p50'] - base['p50']:+.3f} ms; throughput {ratios}")

@@ -1,5 +1,5 @@
 """Inference overhead: stock ``tritonclient.grpc`` straight to Triton (the baseline) vs through ``gpulab-infer``,
-``gpulab.infer`` vs the stock client it wraps, and REST through the server extension.
+``gpulab.infer`` vs the stock client it wraps, and REST through the gateway and through the server extension.
 
 One Triton (the bundled 2.51 binary, Python-backend ONNX models), one real platform (hub, proxy, the gateway
 ``gpulab-infer``, a user's server with the gpulab extension), one client process. For a [1,4] FP32 tensor and a
@@ -15,7 +15,10 @@ client each); at c=8 the CPU time per request of the client, the gateway and Tri
   ``requests.Session`` per thread;
 - ``rest-binary``: the same with a KServe v2 binary body as ``tritonclient.http`` writes it (outputs in binary);
 - ``whoami``: ``GET /user/<name>/gpulab/api/v1/whoami`` the same way: what any request to the user's server costs
-  through the proxy, the floor under both REST targets.
+  through the proxy, the floor under both REST targets;
+- ``gateway-rest``: KServe v2 ``POST /v2/models/{model}/infer`` on the gateway's REST port with the ``rest-binary``
+  body and a hub token, one ``requests.Session`` per thread;
+- ``triton-rest``: the same body straight to Triton's HTTP port (with the platform key): REST's own ceiling.
 
 CPU is sampled for the client, the hub's proxy, the user's server, the gateway and Triton.
 
@@ -48,9 +51,11 @@ from tests.support.gpulab_up import Platform
 from tests.support.triton import linear_onnx, triton_python
 
 BIG = 262_144  # FP32 elements: 1 MiB
-TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "rest", "rest-binary", "whoami")
+TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "gateway-rest", "triton-rest", "rest", "rest-binary",
+           "whoami")
 REST = ("rest", "rest-binary", "whoami")  # through the proxy and the user's server
-RATIOS = (("gateway", "direct"), ("gpulab.infer", "stock"), ("rest", "direct"), ("rest-binary", "direct"),
+RATIOS = (("gateway", "direct"), ("gpulab.infer", "stock"), ("gateway-rest", "direct"),
+          ("gateway-rest", "triton-rest"), ("triton-rest", "direct"), ("rest", "direct"), ("rest-binary", "direct"),
           ("whoami", "direct"), ("rest", "whoami"), ("rest-binary", "whoami"))
 
 
@@ -82,8 +87,9 @@ def request(model: str) -> list:
 class Targets:
     """``caller(target, model)`` returns a function doing one inference with its own client."""
 
-    def __init__(self, triton_server: TritonServer, gateway: str, hub: Platform, user: str, token: str):
-        self.triton, self.gateway, self.hub, self.user, self.token = triton_server, gateway, hub, user, token
+    def __init__(self, triton_server: TritonServer, gateway: dict, hub: Platform, user: str, token: str):
+        self.triton, self.hub, self.user, self.token = triton_server, hub, user, token
+        self.gateway, self.gateway_rest = gateway["grpc_address"], f"http://{gateway['rest_address']}"
 
     def caller(self, target: str, model: str):
         x = array(model)
@@ -110,11 +116,15 @@ class Targets:
             def whoami():
                 session.get(f"{api}/whoami", headers=headers, timeout=60).raise_for_status()
             return whoami
-        if target == "rest-binary":
+        if target in ("gateway-rest", "triton-rest"):
+            api, headers = ((self.gateway_rest, headers) if target == "gateway-rest" else
+                            (self.triton.http_url, self.triton.http_headers))
+            api += "/v2"
+        if target != "rest":
             tensor = triton_http.InferInput("x", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
             body, size = triton_http.InferenceServerClient.generate_request_body([tensor])
-            headers[HEADER_LENGTH] = str(size)
+            headers = {**headers, HEADER_LENGTH: str(size)}
         else:
             body, headers["Content-Type"] = json.dumps({"inputs": {"x": x.tolist()}}), "application/json"
 
@@ -206,6 +216,7 @@ c.Platform.mlflow_service = False
 c.Platform.jobs_service = False
 c.Platform.inference_service = True
 c.InferenceGateway.replicas = [{server.grpc_address!r}]
+c.InferenceGateway.http_replicas = [{server.http_url.removeprefix("http://")!r}]
 c.InferenceGateway.restricted_key = {key!r}
 c.Roles.extra_roles = c.Roles.extra_roles + [
     {{"name": "bench-services", "scopes": ["read:services"], "services": ["test-admin"]}}]
@@ -239,7 +250,7 @@ def main() -> None:
     try:
         hub.create_user("bench")
         token = hub.token("bench")
-        gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]["grpc_address"]
+        gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]
         targets = Targets(server, gateway, hub, "bench", token)
         if set(REST) & set(chosen):
             hub.spawn("bench")

@@ -63,6 +63,14 @@ def triton_client(aio: bool = False):
     return _client(aio)
 
 
+def rest_client():
+    """A stock ``tritonclient.http`` client for the gateway's KServe v2 REST port that sends your token on every
+    call."""
+    from .kernels.inference import rest_client as _client
+
+    return _client()
+
+
 def load_ipython_extension(ipython) -> None:
     """``%load_ext gpulab``: %train, %jobs, %job, %logs, %cancel, %preprocess, %deploy, %infer."""
     from .kernels import load_ipython_extension as load

@@ -369,6 +369,11 @@ def test_infer_from_a_kernel(kernel, deployed, trained):
     assert stock.reply["status"] == "ok" and not stock.stderr, stock.messages
     assert stock.stdout.splitlines()[0] == str(model.predict(X[:3]).tolist())
     assert "digits" in stock.stdout and "input FP64[-1,64] -> label INT64[-1]" in stock.stdout
+    rest = kernel.run("import tritonclient.http as th\nc = gi.rest_client()\n"
+                      "t = th.InferInput('input', [3, 64], 'FP64')\nt.set_data_from_numpy(X[:3])\n"
+                      "print(c.infer('digits', [t]).as_numpy('label').tolist())")
+    assert rest.reply["status"] == "ok" and not rest.stderr, rest.messages  # KServe v2 REST on the gateway
+    assert rest.stdout.splitlines()[0] == str(model.predict(X[:3]).tolist())
 
 
 @pytest.mark.parametrize("line, message", [

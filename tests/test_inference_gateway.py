@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -23,6 +24,7 @@ import pytest
 import requests
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
 from tornado import web
 from tritonclient.utils import InferenceServerException
 
@@ -33,11 +35,13 @@ from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from gpulab.services.infer.nginx import NginxDataPlane, serve_authorize
 from tests.support.gpulab_up import Platform
+from tests.support.openapi import Spec
 from tests.support.tls import self_signed
 from tests.support.triton import crash, linear_onnx, perf_analyzer, start_tritons
 
 HOST = "127.0.0.20"
 PLANES = ("python", "nginx")
+REST_SPEC = Spec(Path(__file__).parent.parent / "gpulab" / "services" / "infer" / "rest-openapi.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +66,9 @@ def tritons(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hub(tritons, tmp_path_factory):
     hub = Platform(tmp_path_factory.mktemp("infer") / "data", host=HOST)
-    address = f"127.0.0.1:{free_port()}"
+    address, rest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     replicas = [t.grpc_address for t in tritons]
+    http_replicas = [t.http_url.removeprefix("http://") for t in tritons]
     config = """
 c.Platform.mlflow_service = False
 c.Platform.jobs_service = False
@@ -78,25 +83,31 @@ c.InferenceGateway.failure_threshold = 2
 c.InferenceGateway.recovery_timeout = 3
 """
     service = {"name": "gpulab-infer", "command": [sys.executable, "-m", "gpulab.services.infer"],
-               "info": {"grpc_address": address},
-               "environment": {"GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_KEY": tritons[0].restricted_key,
-                               "GPULAB_TRITON_REPLICAS": ",".join(replicas), "GPULAB_CONFIG": str(hub.config_file)}}
+               "info": {"grpc_address": address, "rest_address": rest},
+               "environment": {"GPULAB_INFER_ADDRESS": address, "GPULAB_INFER_REST_ADDRESS": rest,
+                               "GPULAB_TRITON_KEY": tritons[0].restricted_key,
+                               "GPULAB_TRITON_REPLICAS": ",".join(replicas),
+                               "GPULAB_TRITON_HTTP_REPLICAS": ",".join(http_replicas),
+                               "GPULAB_CONFIG": str(hub.config_file)}}
     # a second gateway on the same replicas, serving TLS only
     tls_address = f"127.0.0.1:{free_port()}"
     hub.tls_cert, tls_key = self_signed(tmp_path_factory.mktemp("tls"))
     tls = {"InferenceGateway": {"tls_cert_file": str(hub.tls_cert), "tls_key_file": str(tls_key)}}
     tls_service = {**service, "name": "gpulab-infer-tls", "info": {"grpc_address": tls_address},
                    "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": tls_address,
-                                   "GPULAB_CONFIG_OVERRIDES": json.dumps(tls)}}
+                                   "GPULAB_INFER_REST_ADDRESS": "", "GPULAB_CONFIG_OVERRIDES": json.dumps(tls)}}
     # a third on the same replicas: the nginx data plane, 2 workers, serving TLS
-    nginx_address = f"127.0.0.1:{free_port()}"
+    nginx_address, nginx_rest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     nginx = {"InferenceGateway": {**tls["InferenceGateway"], "data_plane": "nginx", "processes": 2}}
-    nginx_service = {**service, "name": "gpulab-infer-nginx", "info": {"grpc_address": nginx_address},
+    nginx_service = {**service, "name": "gpulab-infer-nginx",
+                     "info": {"grpc_address": nginx_address, "rest_address": nginx_rest},
                      "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": nginx_address,
+                                     "GPULAB_INFER_REST_ADDRESS": nginx_rest,
                                      "GPULAB_CONFIG_OVERRIDES": json.dumps(nginx)}}
     hub.start(config, services=[service, tls_service, nginx_service])
     hub.gateway, hub.tls_gateway = address, tls_address
     hub.gateways = {"python": address, "nginx": nginx_address}
+    hub.rest = {"python": f"http://{rest}", "nginx": f"https://{nginx_rest}"}  # nginx serves TLS
     for user, groups in [("alice", []), ("bob", []), ("carol", ["ml"]), ("dave", ["deployers"])]:
         hub.create_user(user, groups=groups)
     for plane in PLANES:  # the services start after the hub answers
@@ -215,16 +226,19 @@ async def test_token_lookups_are_cached():
 
 def test_gateway_address_is_in_the_hub_services_api(hub):
     service = hub.api("GET", "/services/gpulab-infer").json()
-    assert service["info"] == {"grpc_address": hub.gateway}
+    assert service["info"] == {"grpc_address": hub.gateway, "rest_address": hub.rest["python"].split("//")[1]}
 
 
-def test_perf_analyzer_through_the_gateway_with_a_token_only(hub, plane):
-    """Triton's own load generator (2.51) measures through the gateway with a hub token sent as gRPC
-    metadata (-H), and is refused as unauthenticated without one."""
-    base = [perf_analyzer(), "-m", "digits", "-i", "grpc", "-u", hub.gateways[plane], "-p", "300",
-            "--max-trials", "6", "-s", "999"]
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_through_the_gateway_with_a_token_only(hub, plane, protocol):
+    """Triton's own load generator (2.51) measures through the gateway, over gRPC and over REST, with a hub
+    token sent as metadata or header (-H), and is refused as unauthenticated without one."""
+    url = hub.gateways[plane] if protocol == "grpc" else hub.rest[plane]
+    base = [perf_analyzer(), "-m", "digits", "-i", protocol, "-u", url, "-p", "300", "--max-trials", "6",
+            "-s", "999"]
     if plane == "nginx":
-        base += ["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={hub.tls_cert}"]
+        base += (["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={hub.tls_cert}"] if protocol == "grpc"
+                 else [f"--ssl-https-ca-certificates-file={hub.tls_cert}", "--ssl-https-verify-peer=1"])
     measured = subprocess.run([*base, "-H", f"authorization:token {hub.token('alice')}"], capture_output=True,
                               text=True, timeout=120, check=False)
     assert measured.returncode == 0, measured.stdout + measured.stderr
@@ -246,6 +260,75 @@ def test_infer_through_gateway_matches_numpy(client, tokens, models):
     meta = client.get_model_metadata("digits", headers=headers, as_json=True)
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["1", "4"]}]
     assert client.get_model_config("digits", headers=headers, as_json=True)["config"]["backend"] == "python"
+
+
+def rest_client(hub, plane: str) -> triton_http.InferenceServerClient:
+    """The stock ``tritonclient.http`` client of the gateway's REST port (TLS for nginx)."""
+    scheme, address = hub.rest[plane].split("://")
+    tls = {"ssl": True, "ssl_options": {"ca_certs": str(hub.tls_cert)}} if scheme == "https" else {}
+    return triton_http.InferenceServerClient(address, **tls)
+
+
+def test_rest_infer_through_gateway_matches_numpy(hub, plane, tokens, models):
+    """KServe v2 REST on the gateway's REST port, with the stock tritonclient.http: binary and JSON tensors,
+    health, metadata and config, each with a hub token."""
+    client = rest_client(hub, plane)
+    headers = {"Authorization": f"token {tokens['alice']}"}
+    x = np.random.default_rng().standard_normal((1, 4)).astype(np.float32)
+    for binary in (True, False):
+        tensor = triton_http.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        output = triton_http.InferRequestedOutput("y", binary_data=binary)
+        y = client.infer("digits", [tensor], outputs=[output], headers=dict(headers)).as_numpy("y")  # it adds to them
+        np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5, atol=1e-6)
+    assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+    assert client.is_model_ready("digits", headers=headers)
+    assert client.get_model_metadata("digits", headers=headers)["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [1, 4]}]
+    assert client.get_model_config("digits", headers=headers)["backend"] == "python"
+    client.close()
+
+
+def test_rest_spec_has_every_route():
+    from gpulab.services.infer.rest import MODEL, ROUTES
+
+    routes = set()
+    for path, method, _ in ROUTES:
+        for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes.add((path.replace(MODEL, model), method.lower()))
+    assert routes == {(path, method) for path, item in REST_SPEC.doc["paths"].items() for method in item
+                      if method != "parameters"}
+
+
+def test_rest_errors_name_the_problem(hub, plane, tokens):
+    """The gateway's refusals on the REST port are KServe errors with the HTTP status of the gRPC code, as its
+    spec says; Triton's own answers (unknown model, wrong shape) pass through."""
+    verify = str(hub.tls_cert) if plane == "nginx" else True
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+    def call(token, path="/v2/models/digits/infer", method="POST", **kwargs):
+        headers = {"Authorization": f"token {token}"} if token else {}
+        kwargs = kwargs or {"json": body}
+        return requests.request(method, hub.rest[plane] + path, headers=headers, verify=verify, timeout=30, **kwargs)
+
+    def refused(r, status: int, message: str) -> None:
+        assert r.status_code == status and message in r.json()["error"], (r.status_code, r.text)
+        REST_SPEC.validate("/v2/models/{model}/infer", "post", status, r.json())
+
+    refused(call(None), 401, "missing 'authorization: token <hub token>'")
+    refused(call("not-a-token"), 401, "invalid or expired hub token")
+    refused(call(tokens["noscope"]), 403, "lacks the scope custom:gpulab:infer")
+    refused(call(tokens["alice"], "/v2/models/private/infer"), 403, "alice may not use model 'private'")
+    assert call(tokens["bob"], "/v2/models/private/infer").status_code == 200
+    refused(call(tokens["alice"], "/v2/models/nope/infer"), 404, "nope")
+    wrong = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    refused(call(tokens["alice"], json=wrong), 400, "input 'x'")
+    refused(call(tokens["alice"], data=b"\0" * (1024 * 1024 + 1)), 413, "larger than the gateway's limit")
+    r = call(tokens["alice"], "/v2/repository/models/digits/unload")
+    assert r.status_code == 404 and "not offered" in r.json()["error"], r.text
+    r = call(tokens["alice"], method="GET")
+    assert r.status_code == 405 and "takes POST" in r.json()["error"], r.text
+    assert call(tokens["alice"]).status_code == 200  # nothing above broke the port
 
 
 def test_tls_settings_are_checked(tmp_path):
@@ -532,10 +615,17 @@ def wait_ready(client, token: str) -> None:
         time.sleep(0.2)
 
 
-def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons, protocol):
+    rest = rest_client(hub, plane)
+    headers, tensor = {"Authorization": f"token {tokens['alice']}"}, triton_http.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
     before = gateway_metrics(hub, plane)
     for _ in range(40):
-        infer(client, tokens["alice"])
+        if protocol == "grpc":
+            infer(client, tokens["alice"])
+        else:
+            rest.infer("digits", [tensor], headers=headers)
     after = gateway_metrics(hub, plane)
     for server in tritons:
         sent = (metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
@@ -682,6 +772,11 @@ async def test_replica_failures_breakers_and_recovery(hub, plane, tokens, triton
                for message in messages), messages
     if plane == "python":
         assert all(f"Triton replica {t.grpc_address}" in messages[-1] for t in tritons), messages[-1]
+    rest = await asyncio.to_thread(  # REST fails fast too, naming the replicas
+        requests.post, f"{hub.rest[plane]}/v2/models/digits/infer", headers={"Authorization": headers["authorization"]},
+        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}, timeout=10,
+        verify=str(hub.tls_cert) if plane == "nginx" else True)
+    assert rest.status_code == 503 and all(t.grpc_address in rest.json()["error"] for t in tritons), rest.text
 
     for server in tritons:
         server.stop()  # clean up after the crash

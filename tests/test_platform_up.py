@@ -41,8 +41,9 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     assert body["name"] == "admin" and body["admin"] is True
     assert "custom:gpulab:admin" in body["scopes"] and "custom:gpulab:jobs" in body["scopes"]
 
-    gateway = requests.get(f"{platform.url}/hub/api/services/gpulab-infer", headers={"Authorization": f"token {token}"},
-                           timeout=30).json()["info"]["grpc_address"]
+    info = requests.get(f"{platform.url}/hub/api/services/gpulab-infer", headers={"Authorization": f"token {token}"},
+                        timeout=30).json()["info"]
+    gateway = info["grpc_address"]
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(gateway)
@@ -54,6 +55,11 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
         except Exception:
             time.sleep(1)
     assert client.is_server_ready(headers={"authorization": f"token {token}"})
+    rest = requests.get(f"http://{info['rest_address']}/v2/health/ready", headers={"Authorization": f"token {token}"},
+                        timeout=30)  # KServe v2 REST on the gateway, to the embedded Triton's HTTP port
+    assert rest.status_code == 200, rest.text
+    assert requests.get(f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"},
+                        timeout=30).json()["name"] == "triton"
 
     started = platform.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in started)

@@ -88,7 +88,9 @@ def _service_env(platform, services: dict) -> dict:
     if INFER_SERVICE in services:
         infer = services[INFER_SERVICE]
         env["GPULAB_INFER_URL"] = f"{infer['url']}/services/{INFER_SERVICE}/api/v1"
-        env["GPULAB_INFER_ADDRESS"] = infer["environment"]["GPULAB_INFER_ADDRESS"]
+        env["GPULAB_INFER_ADDRESS"] = infer["info"]["grpc_address"]
+        if infer["info"].get("rest_address"):
+            env["GPULAB_INFER_REST_ADDRESS"] = infer["info"]["rest_address"]
         if infer.get("info", {}).get("tls_ca_file"):
             env["GPULAB_INFER_TLS_CA"] = infer["info"]["tls_ca_file"]
     if MLFLOW_SERVICE in services:
@@ -132,8 +134,7 @@ def configure(c, config_file: Path | None = None) -> None:
     def token_for(name: str) -> str:
         return _persistent_secret(hub_dir / "services" / f"{name}.token")
 
-    services = builtin_services(platform, data_dir, config_file, token_for,
-                                cfg.InferenceGateway.get("replicas") or ())
+    services = builtin_services(platform, data_dir, config_file, token_for, cfg.InferenceGateway)
     services += managed_services(platform, data_dir, token_for)
     subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
     j.services = services

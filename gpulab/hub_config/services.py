@@ -31,7 +31,7 @@ def managed_services(platform, data_dir: Path, token_for) -> list[dict]:
     return out
 
 
-def builtin_services(platform, data_dir: Path, config_file: Path, token_for, triton_replicas=()) -> list[dict]:
+def builtin_services(platform, data_dir: Path, config_file: Path, token_for, gateway=None) -> list[dict]:
     """The platform's own services: ``gpulab-jobs`` and ``mlflow`` (each can be turned off).
 
     Of the services, only gpulab-jobs (which holds the attestation service) gets the hub's
@@ -69,18 +69,21 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for, tri
             "environment": {**env, NRAS_KEY_VAR: nras_key} if nras_key else env,
         })
     if platform.inference_service:
-        out += inference_services(data_dir, env, token_for, triton_replicas)
+        out += inference_services(data_dir, env, token_for, gateway or {})
     return out
 
 
-def inference_services(data_dir: Path, env: dict, token_for, triton_replicas=()) -> list[dict]:
-    """``gpulab-infer`` (the gRPC gateway) and, unless Triton replicas are configured, an embedded Triton."""
+def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> list[dict]:
+    """``gpulab-infer`` (the inference gateway: gRPC, and KServe v2 REST unless ``rest_address`` is "") and,
+    unless Triton replicas are configured, an embedded Triton. ``gateway``: the InferenceGateway config."""
     key = token_for("triton-restricted-key")
     out = []
-    gateway_env = {**env, "GPULAB_INFER_ADDRESS": f"127.0.0.1:{free_port()}", "GPULAB_TRITON_KEY": key}
-    if triton_replicas:
-        gateway_env["GPULAB_TRITON_REPLICAS"] = ",".join(triton_replicas)
-    else:
+    address = gateway.get("address") or f"127.0.0.1:{free_port()}"
+    rest_address = gateway.get("rest_address")
+    rest_address = f"127.0.0.1:{free_port()}" if rest_address is None else rest_address
+    gateway_env = {**env, "GPULAB_INFER_ADDRESS": address, "GPULAB_INFER_REST_ADDRESS": rest_address,
+                   "GPULAB_TRITON_KEY": key}
+    if not gateway.get("replicas"):
         ports = {name: str(free_port()) for name in ("GRPC", "HTTP", "METRICS")}
         repository = str(data_dir / "models")
         out.append({
@@ -90,14 +93,15 @@ def inference_services(data_dir: Path, env: dict, token_for, triton_replicas=())
             "environment": {**env, "GPULAB_MODEL_REPOSITORY": repository, "GPULAB_TRITON_KEY": key,
                             **{f"GPULAB_TRITON_{name}_PORT": port for name, port in ports.items()}},
         })
-        gateway_env.update(GPULAB_TRITON_REPLICAS=f"127.0.0.1:{ports['GRPC']}", GPULAB_MODEL_REPOSITORY=repository)
+        gateway_env.update(GPULAB_TRITON_REPLICAS=f"127.0.0.1:{ports['GRPC']}",
+                           GPULAB_TRITON_HTTP_REPLICAS=f"127.0.0.1:{ports['HTTP']}", GPULAB_MODEL_REPOSITORY=repository)
     out.append({
         "name": INFER_SERVICE,
         "command": [sys.executable, "-m", "gpulab.services.infer"],
         "url": f"http://127.0.0.1:{free_port()}",
         "api_token": token_for(INFER_SERVICE),
         "oauth_no_confirm": True,
-        "info": {"grpc_address": gateway_env["GPULAB_INFER_ADDRESS"]},
+        "info": {"grpc_address": address, **({"rest_address": rest_address} if rest_address else {})},
         "environment": gateway_env,
     })
     return out

@@ -1,11 +1,11 @@
 """Deploy models and call them from notebooks: ``deploy``, ``models``, ``undeploy``, ``infer``, ``infer_async``,
-``triton_client``.
+``triton_client``, ``rest_client``.
 
 Configuration comes from the environment the hub gives every user server and kernel: ``GPULAB_INFER_URL``
 (the gpulab-infer HTTP API: deploy, list, delete), ``GPULAB_INFER_ADDRESS`` (its gRPC endpoint, host:port:
-inference) and ``JUPYTERHUB_API_TOKEN``. Inference uses ``tritonclient.grpc`` (one client per process, reused)
-with the :class:`~gpulab.inference.client.HubAuth` plugin, which adds ``authorization: token ...`` and the
-current ``traceparent`` to every call. Failures raise :class:`InferenceError` (a
+inference), ``GPULAB_INFER_REST_ADDRESS`` (its KServe v2 REST port) and ``JUPYTERHUB_API_TOKEN``. Inference
+uses ``tritonclient.grpc`` (one client per process, reused) with the :class:`~gpulab.inference.client.HubAuth`
+plugin, which adds ``authorization: token ...`` and the current ``traceparent`` to every call. Failures raise :class:`InferenceError` (a
 :class:`~gpulab.kernels.client.GpulabError`) whose one-line message names the problem.
 """
 
@@ -17,6 +17,7 @@ import os
 import numpy as np
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
 from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
@@ -116,6 +117,16 @@ class InferenceClient:
         """A new stock ``tritonclient.grpc`` (or ``.aio``) ``InferenceServerClient`` for the gateway that sends
         the hub token and ``traceparent`` with every call by itself (:class:`HubAuth`)."""
         client = (triton_aio if aio else triton).InferenceServerClient(self.address, **tls_options())
+        client.register_plugin(HubAuth(self.token))
+        return client
+
+    def rest_client(self) -> triton_http.InferenceServerClient:
+        """A new stock ``tritonclient.http`` ``InferenceServerClient`` for the gateway's KServe v2 REST port
+        (``$GPULAB_INFER_REST_ADDRESS``) that sends the hub token and ``traceparent`` with every call by itself."""
+        address = _env("GPULAB_INFER_REST_ADDRESS", "the inference gateway's REST address")
+        ca = os.environ.get("GPULAB_INFER_TLS_CA")
+        client = triton_http.InferenceServerClient(address, **({"ssl": True, "ssl_options": {"ca_certs": ca}}
+                                                                if ca else {}))
         client.register_plugin(HubAuth(self.token))
         return client
 
@@ -228,3 +239,9 @@ def triton_client(aio: bool = False):
     """A stock ``tritonclient.grpc`` (``aio=True``: ``tritonclient.grpc.aio``) ``InferenceServerClient`` for the
     gateway, ready to use: every call carries your hub token and ``traceparent`` without passing headers."""
     return default_client().triton_client(aio)
+
+
+def rest_client():
+    """A stock ``tritonclient.http`` ``InferenceServerClient`` for the gateway's KServe v2 REST port, ready to use
+    as :func:`triton_client`."""
+    return default_client().rest_client()

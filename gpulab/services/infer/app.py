@@ -3,7 +3,8 @@
 Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, where callers' tokens are looked
 up with the tokens themselves; ``JUPYTERHUB_SERVICE_URL``, where ``/metrics`` and the deploy API
 ``<prefix>api/v1/models`` are served), ``GPULAB_INFER_ADDRESS`` (gRPC listen address),
-``GPULAB_TRITON_REPLICAS`` and ``GPULAB_TRITON_KEY`` (the restricted-protocol key),
+``GPULAB_INFER_REST_ADDRESS`` (KServe v2 REST listen address), ``GPULAB_TRITON_REPLICAS`` and
+``GPULAB_TRITON_HTTP_REPLICAS`` (their gRPC and HTTP endpoints), ``GPULAB_TRITON_KEY`` (the restricted-protocol key),
 ``GPULAB_MODEL_REPOSITORY`` (the embedded Triton's model repository) and ``GPULAB_MLFLOW_URL`` (MLflow's
 internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
 """
@@ -13,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,7 +31,7 @@ from ...inference.triton import BACKENDS, GRPC_KEY_PREFIX
 from ...net import free_port
 from ...secrets import read_secret_file
 from ...tracing import setup_tracing
-from . import api
+from . import api, rest
 from .auth import HubTokenAuth
 from .gateway import Gateway
 from .models import Deployments
@@ -44,6 +46,10 @@ class InferenceGateway(Configurable):
     address = Unicode(help="gRPC listen address host:port (default $GPULAB_INFER_ADDRESS).").tag(config=True)
     replicas = List(Unicode(), help="Triton gRPC endpoints, host:port (default: $GPULAB_TRITON_REPLICAS, "
                     "comma-separated).").tag(config=True)
+    rest_address = Unicode(help="KServe v2 REST listen address host:port (default $GPULAB_INFER_REST_ADDRESS; "
+                           "empty: no REST port). Needs http_replicas.").tag(config=True)
+    http_replicas = List(Unicode(), help="The replicas' Triton HTTP endpoints, host:port, in the order of replicas "
+                         "(default: $GPULAB_TRITON_HTTP_REPLICAS, comma-separated).").tag(config=True)
     restricted_header = Unicode("gpulab-triton-key", help="Triton's restricted-protocol header (without Triton's "
                                 "'triton-grpc-protocol-' prefix), as TritonServer.restricted_header.").tag(config=True)
     restricted_key = Unicode(help="Its secret value (default $GPULAB_TRITON_KEY).").tag(config=True)
@@ -96,6 +102,19 @@ class InferenceGateway(Configurable):
         found = shutil.which(self.nginx_path) and (Path(self.nginx_modules_dir) / "ngx_http_lua_module.so").exists()
         return "nginx" if found else "python"
 
+    def check_http_replicas(self) -> None:
+        if self.http_replicas and len(self.http_replicas) != len(self.replicas):
+            raise ConfigError(f"InferenceGateway.http_replicas: {len(self.http_replicas)} HTTP endpoints for "
+                              f"{len(self.replicas)} replicas (give one per replica, in the same order)")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for the REST port (the gRPC port's certificate and key), or None to serve plaintext."""
+        if not self.server_credentials():  # checks both files, and that only its owner may read the key
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(Path(self.tls_cert_file).expanduser(), Path(self.tls_key_file).expanduser())
+        return context
+
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials for the gRPC port, or None to serve plaintext (no certificate configured)."""
         if not (self.tls_cert_file or self.tls_key_file):
@@ -114,9 +133,17 @@ class InferenceGateway(Configurable):
     def _default_address(self):
         return os.environ.get("GPULAB_INFER_ADDRESS", "127.0.0.1:8101")
 
+    @default("rest_address")
+    def _default_rest_address(self):
+        return os.environ.get("GPULAB_INFER_REST_ADDRESS", "")
+
     @default("replicas")
     def _default_replicas(self):
         return [r for r in os.environ.get("GPULAB_TRITON_REPLICAS", "").split(",") if r]
+
+    @default("http_replicas")
+    def _default_http_replicas(self):
+        return [r for r in os.environ.get("GPULAB_TRITON_HTTP_REPLICAS", "").split(",") if r]
 
     @default("restricted_key")
     def _default_key(self):
@@ -151,8 +178,10 @@ def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
     conf = InferenceGateway(config=cfg)
     if not conf.replicas:
         raise ConfigError("InferenceGateway.replicas: no Triton replica configured")
+    conf.check_http_replicas()
     metadata = ((GRPC_KEY_PREFIX + conf.restricted_header, conf.restricted_key),) if conf.restricted_key else ()
-    pool = ReplicaPool(conf.replicas, metadata, conf.failure_threshold, conf.recovery_timeout, conf.health_interval)
+    pool = ReplicaPool(conf.replicas, metadata, conf.failure_threshold, conf.recovery_timeout, conf.health_interval,
+                       conf.http_replicas, {conf.restricted_header: conf.restricted_key} if conf.restricted_key else {})
     auth = HubTokenAuth(api_url, ttl=conf.token_cache_seconds)
     trace_all = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
@@ -175,6 +204,14 @@ async def main() -> None:
     if not port:
         raise ConfigError(f"InferenceGateway.address: cannot listen on {address}")
     await server.start()
+    python_rest = None  # with nginx in front, the Python gateway serves the REST that nginx passes on, on loopback
+    if conf.rest_address:
+        try:
+            port = rest.serve(gateway, "127.0.0.1:0" if nginx else conf.rest_address, conf.max_request_bytes,
+                              None if nginx else conf.ssl_context(), reuse_port=conf.processes > 1 and not nginx)
+        except OSError as e:
+            raise ConfigError(f"InferenceGateway.rest_address: cannot listen on {conf.rest_address}: {e}") from None
+        python_rest = f"127.0.0.1:{port}"
     gateway.pool.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,7 +225,7 @@ async def main() -> None:
         tasks[-1].add_done_callback(lambda _: stop.set())
     else:
         if nginx:
-            plane = NginxDataPlane(conf, address, serve_authorize(gateway))
+            plane = NginxDataPlane(conf, address, serve_authorize(gateway), python_rest)
             plane.start()  # in the main thread: nginx is told to stop when that thread, so this process, ends
             parts.append(plane)
         elif conf.processes > 1:
@@ -201,7 +238,9 @@ async def main() -> None:
         which = f" (nginx data plane, {conf.processes} worker{'s' * (conf.processes > 1)}; Python on {address})"
     else:
         which = f" (process {index} of {conf.processes})" if conf.processes > 1 else ""
-    print(f"gpulab-infer: serving gRPC{tls} on {conf.address} for {', '.join(conf.replicas)}{which}", flush=True)
+    rest_note = f" and KServe v2 REST{tls} on {conf.rest_address}" if conf.rest_address else ""
+    print(f"gpulab-infer: serving gRPC{tls} on {conf.address}{rest_note} for {', '.join(conf.replicas)}{which}",
+          flush=True)
 
     await stop.wait()
     for task in tasks:

@@ -174,14 +174,14 @@ class Gateway:
             raise GatewayError(grpc.StatusCode.PERMISSION_DENIED,
                                f"{who.name} may not use model '{model}'" if model else "name a model")
 
-    def _trace(self, rpc: str, metadata) -> tuple:
-        """The span for this call (when the caller sent ``traceparent`` or tracing is on) and outgoing metadata."""
+    def span(self, rpc: str, metadata):
+        """The span of this call when the caller sent ``traceparent`` (``metadata``: lowercase (key, value)
+        pairs) or tracing is on, else None."""
         carrier = {key: value for key, value in metadata if key in TRACE_KEYS}
         if not (carrier or self.trace_all):
-            return nullcontext(), self.pool.metadata
-        span = _tracer.start_as_current_span(f"infer {rpc}", context=propagate.extract(carrier),
+            return None
+        return _tracer.start_as_current_span(f"infer {rpc}", context=propagate.extract(carrier),
                                              kind=trace.SpanKind.SERVER)
-        return span, None
 
     async def unary(self, rpc: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         scope, field, how = RPCS[rpc]
@@ -195,14 +195,13 @@ class Gateway:
                 refuse_overrides(request)
             if how == LOCAL:
                 return _LIVE if rpc == "ServerLive" else _READY[self.pool.ready()]
-            span, outgoing = self._trace(rpc, metadata)
-            with span:
-                if outgoing is None:
-                    outgoing = (*self.pool.metadata, *inject({}).items())
+            span = self.span(rpc, metadata)
+            with span or nullcontext():
+                outgoing = (*self.pool.metadata, *inject({}).items()) if span else self.pool.metadata
                 timeout = context.time_remaining()
                 if how == BROADCAST:
                     return await self.pool.broadcast(rpc, request, outgoing, timeout)
-                return await self.pool.forward(rpc, request, outgoing, timeout, idempotent=how == IDEMPOTENT)
+                return await self.pool.forward(lambda r: r.call(rpc, request, outgoing, timeout), how == IDEMPOTENT)
         except Exception as e:  # noqa: BLE001 - status_of re-raises what has no status
             code, message = status_of(e)
             await context.abort(code, message)

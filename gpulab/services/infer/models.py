@@ -103,7 +103,8 @@ class Deployments:
     async def _control(self, rpc: str, message, timeout: float | None = None) -> bytes:
         if rpc.startswith("RepositoryModel"):
             return await self.pool.broadcast(rpc, message.SerializeToString(), self.pool.metadata, timeout)
-        return await self.pool.forward(rpc, message.SerializeToString(), self.pool.metadata, timeout, idempotent=True)
+        request = message.SerializeToString()
+        return await self.pool.forward(lambda r: r.call(rpc, request, self.pool.metadata, timeout), True)
 
     async def states(self) -> dict[str, dict[int, str]]:
         """Each model's versions Triton knows, with their state (READY, LOADING, UNAVAILABLE, ...)."""

@@ -9,8 +9,10 @@ available one (by the Python gateway's health checks and breakers, which nginx r
 ``/replicas`` every ``health_interval``) with the fewest calls in flight, over kept-alive connections; a
 request that was never sent is tried on another replica, and with none available calls fail fast. Every other
 RPC (health, metadata, model control, streams) and any request the fast path cannot read goes to the
-Python gateway on a loopback port. The calls nginx handled are counted in Lua and merged into the
-gateway's ``/metrics`` as ``process="nginx"``.
+Python gateway on a loopback port. With a REST port (``rest_address``) nginx serves it the same way: KServe v2
+``POST /v2/models/<model>/infer`` goes to the replicas' HTTP endpoints (``http_replicas``) after the same
+checks, and everything else to the Python gateway's REST handlers. The calls nginx handled are counted in Lua
+and merged into the gateway's ``/metrics`` as ``process="nginx"``.
 """
 
 import asyncio
@@ -63,7 +65,8 @@ http {{
   init_by_lua_block {{
     require("nginx_gateway").configure({{ttl = {ttl}, replicas = {{{replica_list}}},
       health_interval = {health_interval}, authorize_port = {authorize_port}, read_model = {read_model},
-      key_header = {{name = "{key_header}", value = os.getenv("GPULAB_NGINX_TRITON_KEY") or ""}}}})
+      key = os.getenv("GPULAB_NGINX_TRITON_KEY") or "", key_header = "{key_header}",
+      http_key_header = "{http_key_header}"}})
   }}
   init_worker_by_lua_block {{ require("nginx_gateway").watch_replicas() }}
   upstream gpulab_triton {{
@@ -88,6 +91,7 @@ http {{
     grpc_read_timeout 1h;
     grpc_send_timeout 1h;
     set $gpulab_model "";
+    set $gpulab_protocol grpc;
     error_page 413 = @too_large;
     location = /inference.GRPCInferenceService/ModelInfer {{
       access_by_lua_block {{ require("nginx_gateway").access() }}
@@ -110,6 +114,7 @@ http {{
       content_by_lua_block {{ require("nginx_gateway").too_large({max_bytes}) }}
     }}
   }}
+{rest}
   server {{
     listen 127.0.0.1:{metrics_port};
     location = /metrics {{
@@ -117,6 +122,59 @@ http {{
     }}
   }}
 }}
+"""
+REST = """
+  upstream gpulab_triton_http {{
+    server 0.0.0.1;  # a placeholder: the Lua balancer picks the replica's HTTP endpoint
+    balancer_by_lua_block {{ require("nginx_gateway").balance(true) }}
+    keepalive 64;
+    keepalive_requests 1000000;
+    keepalive_timeout 1h;
+  }}
+  upstream gpulab_python_rest {{
+    server {python_rest};
+    keepalive 16;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen {rest_address}{ssl};
+{tls}
+    keepalive_requests 1000000;
+    keepalive_timeout 1h;
+    client_max_body_size {max_bytes};
+    client_body_buffer_size 2m;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
+    proxy_read_timeout 1h;
+    proxy_send_timeout 1h;
+    set $gpulab_model "";
+    set $gpulab_protocol rest;
+    error_page 413 = @too_large;
+{infer}
+    location / {{
+      proxy_pass http://gpulab_python_rest;
+    }}
+    location @python {{
+      proxy_pass http://gpulab_python_rest;
+    }}
+    location @unavailable {{
+      content_by_lua_block {{ require("nginx_gateway").unavailable() }}
+      log_by_lua_block {{ require("nginx_gateway").log() }}
+    }}
+    location @too_large {{
+      content_by_lua_block {{ require("nginx_gateway").too_large({max_bytes}) }}
+    }}
+  }}
+"""
+REST_INFER = """
+    location ~ ^/v2/models/(?<gpulab_path_model>[^/]+)(?:/versions/[0-9]+)?/infer$ {{
+      access_by_lua_block {{ require("nginx_gateway").access() }}
+      log_by_lua_block {{ require("nginx_gateway").log() }}
+      error_page 502 504 = @unavailable;
+      error_page 413 = @too_large;
+      proxy_pass http://gpulab_triton_http;
+    }}
 """
 HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
 PR_SET_PDEATHSIG = 1
@@ -157,15 +215,24 @@ class AuthorizeHandler(LoopbackHandler):
         self.finish("ok")
 
 
-def _lua_replica(address: str) -> str:
-    """``{name = "host:port", ip = ..., port = ...}``: nginx's Lua balancer takes IP addresses only, so names
-    are resolved once, when nginx's config is written."""
+def _resolve(address: str, setting: str) -> tuple[str, int]:
+    """IP and port of ``address``: nginx's Lua balancer takes IP addresses only, so names are resolved once,
+    when nginx's config is written."""
     host, port = address.rsplit(":", 1)
     try:
-        ip = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0][4][0]
+        return socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0][4][0], int(port)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"InferenceGateway.replicas: cannot resolve {address}: {e}") from None
-    return f'{{name = "{address}", ip = "{ip}", port = {int(port)}}}'
+        raise ConfigError(f"InferenceGateway.{setting}: cannot resolve {address}: {e}") from None
+
+
+def _lua_replica(address: str, http_address: str) -> str:
+    """``{name = "host:port", ip = ..., port = ...[, http_ip = ..., http_port = ...]}``"""
+    ip, port = _resolve(address, "replicas")
+    http = ""
+    if http_address:
+        http_ip, http_port = _resolve(http_address, "http_replicas")
+        http = f', http_ip = "{http_ip}", http_port = {http_port}'
+    return f'{{name = "{address}", ip = "{ip}", port = {port}{http}}}'
 
 
 def _die_with_parent() -> None:
@@ -184,9 +251,10 @@ def serve_authorize(gateway: Gateway) -> int:
 class NginxDataPlane:
     """nginx on the gateway's public address in front of the Python gateway at ``python_address``."""
 
-    def __init__(self, conf, python_address: str, authorize_port: int):
+    def __init__(self, conf, python_address: str, authorize_port: int, python_rest: str | None = None):
         self.conf = conf
         self.python_address = python_address
+        self.python_rest = python_rest
         self.authorize_port = authorize_port
         self.metrics_port = free_port("127.0.0.1")
         self.run_dir = Path(tempfile.mkdtemp(prefix="gpulab-nginx-"))
@@ -200,10 +268,15 @@ class NginxDataPlane:
             conf.server_credentials()  # checks the files and the key's mode
             tls = (f"    ssl_certificate {Path(conf.tls_cert_file).expanduser()};\n"
                    f"    ssl_certificate_key {Path(conf.tls_key_file).expanduser()};")
+        http_replicas = conf.http_replicas or [""] * len(conf.replicas)
+        rest = REST.format(python_rest=self.python_rest, rest_address=conf.rest_address, ssl=" ssl" if tls else "",
+                           tls=tls, max_bytes=conf.max_request_bytes,
+                           infer=REST_INFER.format() if conf.http_replicas else "") if self.python_rest else ""
         return TEMPLATE.format(
             modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,
-            ttl=conf.token_cache_seconds, replica_list=", ".join(_lua_replica(r) for r in conf.replicas),
+            ttl=conf.token_cache_seconds, replica_list=", ".join(map(_lua_replica, conf.replicas, http_replicas)),
             health_interval=conf.health_interval, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
+            http_key_header=conf.restricted_header, rest=rest,
             python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
             max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port,
             read_model=str(bool(conf.model_allow)).lower(),

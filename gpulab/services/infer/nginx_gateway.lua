@@ -1,5 +1,6 @@
--- gpulab-infer's nginx data plane (see nginx.py): ModelInfer calls are authorised here and proxied to the
--- Triton replicas by nginx; every other RPC goes to the Python gateway. Decisions (may this token call this
+-- gpulab-infer's nginx data plane (see nginx.py): ModelInfer calls (gRPC, and KServe v2 REST infer on the REST
+-- port) are authorised here and proxied to the Triton replicas by nginx; everything else goes to the Python
+-- gateway. Decisions (may this token call this
 -- model?) come from the Python gateway's authorize endpoint and are cached for the token cache's TTL; which
 -- replicas are available comes from its /replicas (its health checks and breakers), read every health interval.
 
@@ -9,8 +10,11 @@ local stats = ngx.shared.gpulab_metrics
 -- per worker (no locks on the hot path): the Python gateway's verdicts and when they came, calls in flight
 local verdicts, read_at, busy = {}, 0, {}  -- verdicts: name -> {up = true/false, status = "..."}
 
--- set by configure() from nginx.conf (init_by_lua): replicas are {name = "host:port", ip = ..., port = ...}
-local ttl, key_header, replicas, health_interval, authorize_port, read_model = 30, nil, {}, 2, nil, true
+-- set by configure() from nginx.conf (init_by_lua): replicas are {name = "host:port", ip = ..., port = ...} with
+-- http_ip and http_port where their HTTP endpoints are known; the platform key goes in key_header (gRPC) or
+-- http_key_header (REST)
+local ttl, platform_key, key_header, http_key_header, replicas, health_interval, authorize_port, read_model =
+  30, "", nil, nil, {}, 2, nil, true
 local by_peer = {}  -- "ip:port" (as nginx reports it) -> replica
 local turn = 0  -- round robin among replicas with equally few calls in flight
 local BUCKETS = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
@@ -18,16 +22,39 @@ local CODES = {[0] = "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE
                "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
                "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
 
+local function peer(ip, port)
+  return (ip:find(":") and "[" .. ip .. "]" or ip) .. ":" .. port
+end
+
 function M.configure(options)
-  ttl, key_header, replicas = options.ttl, options.key_header, options.replicas
-  health_interval, authorize_port, read_model = options.health_interval, options.authorize_port, options.read_model
+  ttl, platform_key, key_header, http_key_header = options.ttl, options.key, options.key_header, options.http_key_header
+  replicas, health_interval, authorize_port = options.replicas, options.health_interval, options.authorize_port
+  read_model = options.read_model
   for _, replica in ipairs(replicas) do
-    by_peer[(replica.ip:find(":") and "[" .. replica.ip .. "]" or replica.ip) .. ":" .. replica.port] = replica
+    by_peer[peer(replica.ip, replica.port)] = replica
+    if replica.http_ip then by_peer[peer(replica.http_ip, replica.http_port)] = replica end
   end
 end
 
-local function grpc_error(code, message)
+local function rest()
+  return ngx.var.gpulab_protocol == "rest"
+end
+
+-- the gRPC codes of the gateway's own errors as REST statuses, and Triton's REST statuses as gRPC codes (metrics)
+local REST_STATUS = {[3] = 400, [5] = 404, [7] = 403, [8] = 413, [14] = 503, [16] = 401}
+local REST_CODE = {[200] = 0, [400] = 3, [401] = 16, [403] = 7, [404] = 5, [413] = 8, [502] = 14, [503] = 14}
+
+-- The gateway's own error: gRPC status and message, or on the REST port the status for the code with KServe's
+-- {"error": "<message>"}
+local function fail(code, message)
   ngx.ctx.code = code
+  if rest() then
+    ngx.status = REST_STATUS[code] or 500
+    ngx.header["content-type"] = "application/json"
+    ngx.print('{"error": "', (message:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)),
+      '"}')
+    return ngx.exit(ngx.HTTP_OK)  -- the answer is sent: end the request
+  end
   ngx.header["content-type"] = "application/grpc"
   ngx.header["grpc-status"] = tostring(code)
   -- gRPC percent-encodes the message: '%' and bytes outside printable ASCII
@@ -141,7 +168,7 @@ end
 -- (round robin among equals); a call that was never sent is tried on the next one. Health reports lag (a
 -- replica that just came back may still be reported down), so once the available ones have failed, the others
 -- are tried too.
-function M.balance()
+function M.balance(http)
   local balancer = require("ngx.balancer")
   local tried = ngx.ctx.tried
   if not tried then
@@ -163,7 +190,12 @@ function M.balance()
   end
   if not best then return ngx.exit(ngx.ERROR) end  -- not reached: nginx tries each replica at most once
   tried[best] = true
-  local ok, err = balancer.set_current_peer(best.ip, best.port)
+  local ok, err
+  if http then
+    ok, err = balancer.set_current_peer(best.http_ip, best.http_port)
+  else
+    ok, err = balancer.set_current_peer(best.ip, best.port)
+  end
   if not ok then
     ngx.log(ngx.ERR, "gpulab: cannot use replica ", best.name, ": ", err)
     return ngx.exit(ngx.ERROR)
@@ -184,14 +216,18 @@ end
 -- ones then stall now and then): the decision is the token's, and the call streams through.
 function M.access()
   local model = nil
-  if read_model then
+  if rest() then  -- the model is in the path
+    if ngx.req.get_method() ~= "POST" then return ngx.exec("@python") end
+    ngx.var.gpulab_model = ngx.var.gpulab_path_model
+    model = read_model and ngx.var.gpulab_path_model or nil
+  elseif read_model then
     model = model_name(body_head())
     if not model then return ngx.exec("@python") end
     ngx.var.gpulab_model = model
   end
   local authorization = ngx.var.http_authorization
   if authorization and authorization:find("%c") then
-    return grpc_error(16, "authorization metadata must be 'token <hub token>' or 'bearer <hub token>'")
+    return fail(16, "authorization metadata must be 'token <hub token>' or 'bearer <hub token>'")
   end
   local key = ngx.encode_base64(ngx.sha1_bin(authorization or "")) .. " " .. (model or "")
   local decision = decisions:get(key)
@@ -203,20 +239,20 @@ function M.access()
     elseif status == 401 or status == 403 then
       decision = (grpc_status or "7") .. " " .. body
     else
-      return grpc_error(14, "cannot check the token: " .. (status and body or tostring(body)))
+      return fail(14, "cannot check the token: " .. (status and body or tostring(body)))
     end
     decisions:set(key, decision, ttl)
   end
   if decision ~= "ok" then
     local code, message = decision:match("^(%d+) (.*)$")
     if tonumber(code) == 16 then ngx.var.gpulab_model = "" end
-    return grpc_error(tonumber(code), message)
+    return fail(tonumber(code), message)
   end
   local any = false
   for _, replica in ipairs(replicas) do any = any or available(replica) end
-  if not any then return grpc_error(14, "no Triton replica available: " .. describe()) end
+  if not any then return fail(14, "no Triton replica available: " .. describe()) end
   ngx.req.clear_header("authorization")
-  if key_header.value ~= "" then ngx.req.set_header(key_header.name, key_header.value) end
+  if platform_key ~= "" then ngx.req.set_header(rest() and http_key_header or key_header, platform_key) end
   ngx.ctx.proxied = true
 end
 
@@ -225,19 +261,24 @@ function M.unavailable()
   local tried = {}
   for _, replica in ipairs(peers_tried()) do tried[#tried + 1] = replica.name end
   if #tried > 0 then
-    return grpc_error(14, "Triton replica " .. table.concat(tried, ", ") .. " failed (nginx: upstream status "
+    return fail(14, "Triton replica " .. table.concat(tried, ", ") .. " failed (nginx: upstream status "
       .. (ngx.var.upstream_status or "-") .. ")")
   end
-  return grpc_error(14, "no Triton replica available: " .. describe())
+  return fail(14, "no Triton replica available: " .. describe())
 end
 
 function M.too_large(limit)
-  return grpc_error(8, "request larger than the gateway's limit of " .. limit .. " bytes")
+  return fail(8, "request larger than the gateway's limit of " .. limit .. " bytes")
 end
 
 function M.log()
-  local code = ngx.ctx.code or tonumber(ngx.var.upstream_trailer_grpc_status or "")
-    or tonumber(ngx.header["grpc-status"] or "") or (ngx.status == 200 and 0 or 14)
+  local code = ngx.ctx.code
+  if not code and rest() then
+    code = REST_CODE[ngx.status] or 2
+  elseif not code then
+    code = tonumber(ngx.var.upstream_trailer_grpc_status or "") or tonumber(ngx.header["grpc-status"] or "")
+      or (ngx.status == 200 and 0 or 14)
+  end
   local model = code ~= 5 and ngx.var.gpulab_model or ""
   stats:incr("r\t" .. model .. "\t" .. (CODES[code] or tostring(code)), 1, 0)
   local seconds = ngx.now() - ngx.req.start_time()

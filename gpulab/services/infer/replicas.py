@@ -1,11 +1,15 @@
 """Triton replicas behind the gateway: health checks, a circuit breaker each, least-outstanding-requests.
 
-Requests travel as serialized bytes (identity serializers): tensors are never decoded or re-encoded.
+Requests travel as serialized bytes (identity serializers on gRPC, bodies as they came on HTTP): tensors are
+never decoded or re-encoded.
 """
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple
 
+import aiohttp
 import grpc
 from tritonclient.grpc import service_pb2
 
@@ -27,7 +31,7 @@ def is_transport_error(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
         details = (exc.details() or "").lower()
         return exc.code() == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _TRANSPORT)
-    return is_outage(exc)
+    return isinstance(exc, aiohttp.ClientConnectionError) or is_outage(exc)
 
 
 def not_sent(exc: BaseException) -> bool:
@@ -36,18 +40,27 @@ def not_sent(exc: BaseException) -> bool:
         details = (exc.details() or "").lower()
         return exc.code() == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in details
                                                               or "connection refused" in details)
-    return isinstance(exc, ConnectionRefusedError)
+    return isinstance(exc, ConnectionRefusedError | aiohttp.ClientConnectorError)
 
 
 class NoReplicaError(Exception):
     """No replica can take the request; the message says why for each one."""
 
 
-class Replica:
-    """One Triton gRPC endpoint."""
+class HTTPAnswer(NamedTuple):
+    """Triton's answer on its HTTP endpoint, whatever its status."""
 
-    def __init__(self, address: str, failure_threshold: int, recovery_timeout: float):
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Replica:
+    """One Triton server: its gRPC endpoint and, where configured, its HTTP one."""
+
+    def __init__(self, address: str, failure_threshold: int, recovery_timeout: float, http_address: str = ""):
         self.address = address
+        self.http_address = http_address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.breaker = CircuitBreaker(f"Triton replica {address}", failure_threshold, recovery_timeout,
                                       is_failure=is_transport_error)
@@ -82,11 +95,24 @@ class Replica:
         self.last_error = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else f"{type(exc).__name__}: {exc}"
 
     async def call(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
+        return await self._counted(lambda: self.method(name)(request, metadata=metadata, timeout=timeout))
+
+    async def fetch(self, session: aiohttp.ClientSession, method: str, path: str, body: bytes,
+                    headers: dict) -> HTTPAnswer:
+        """``method path`` on the replica's HTTP endpoint; transport failures raise, answers return."""
+        async def send() -> HTTPAnswer:
+            async with session.request(method, f"http://{self.http_address}{path}", data=body,
+                                       headers=headers) as response:
+                return HTTPAnswer(response.status, response.headers, await response.read())
+        return await self._counted(send)
+
+    async def _counted(self, send: Callable[[], Awaitable]):
+        """``send()`` through the breaker, counted as in flight; a transport failure marks the replica down."""
         self.outstanding += 1
         self.requests += 1
         try:
             async with self.breaker:
-                return await self.method(name)(request, metadata=metadata, timeout=timeout)
+                return await send()
         except Exception as exc:
             if is_transport_error(exc):
                 self._failed(exc)
@@ -111,15 +137,31 @@ class Replica:
 
 
 class ReplicaPool:
-    """Picks the healthy replica with the fewest outstanding requests (round robin among equals)."""
+    """Picks the healthy replica with the fewest outstanding requests (round robin among equals).
+
+    ``metadata``: gRPC metadata every call carries (the platform key); ``http_addresses``: each replica's HTTP
+    endpoint, in the order of ``addresses`` (none: no HTTP forwarding), whose calls carry ``http_headers``."""
 
     def __init__(self, addresses: list[str], metadata, failure_threshold: int = 3, recovery_timeout: float = 5.0,
-                 health_interval: float = 2.0):
-        self.replicas = [Replica(a, failure_threshold, recovery_timeout) for a in addresses]
+                 health_interval: float = 2.0, http_addresses: list[str] = (), http_headers: dict | None = None):
+        http = list(http_addresses) or [""] * len(addresses)
+        self.replicas = [Replica(a, failure_threshold, recovery_timeout, h) for a, h in zip(addresses, http)]
         self.metadata = metadata
+        self.http_headers = http_headers or {}
         self.health_interval = health_interval
         self._next = 0
         self._task: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client of the replicas' HTTP endpoints: kept-alive connections, bodies passed as they are."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600),  # as nginx's proxy_read_timeout
+                skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        return self._session
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._health_loop())
@@ -129,6 +171,8 @@ class ReplicaPool:
             self._task.cancel()
         for replica in self.replicas:
             await replica.channel.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def _health_loop(self) -> None:
         while True:
@@ -154,13 +198,13 @@ class ReplicaPool:
             raise NoReplicaError(f"no Triton replica available: {self.describe()}")
         return best
 
-    async def forward(self, name: str, request: bytes, metadata, timeout: float | None, idempotent: bool) -> bytes:
-        """Send to one replica; on failure try others only where safe: any transport failure for idempotent
-        RPCs, and for the rest only a request that was never sent (connection refused)."""
+    async def forward(self, send: Callable[[Replica], Awaitable], idempotent: bool):
+        """``send(replica)`` to one replica; on failure try others only where safe: any transport failure for
+        idempotent calls, and for the rest only a request that was never sent (connection refused)."""
         replica = self.pick()
         retry_on = is_transport_error if idempotent else not_sent
         try:
-            return await replica.call(name, request, metadata, timeout)
+            return await send(replica)
         except Exception as exc:
             if not retry_on(exc) or len(self.replicas) < 2:
                 raise
@@ -169,7 +213,7 @@ class ReplicaPool:
             with attempt:
                 replica = self.pick(exclude=tried)
                 tried.add(replica)
-                return await replica.call(name, request, metadata, timeout)
+                return await send(replica)
 
     async def broadcast(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
         """Send to every healthy replica (model control); Triton's own errors win, unreachable replicas are

@@ -1,0 +1,176 @@
+"""KServe v2 REST on ``gpulab-infer`` (``c.InferenceGateway.rest_address``): Triton's HTTP protocol, authenticated
+and forwarded, for ``tritonclient.http``, ``perf_analyzer -i http`` and any HTTP client.
+
+Each route stands for the gRPC method it mirrors, with that method's scope, retry rule and metrics: the caller's
+hub token (``Authorization: token <t>``) is checked, per-model allow-lists apply to the model in the path, and
+the request goes as it came (path, body and encoding untouched) to a replica's HTTP endpoint with the platform
+key; Triton's answer comes back as it is, whatever its status. The gateway's own errors are KServe's
+``{"error": "<message>"}``. Model control is not offered here (gRPC and the deploy API have it).
+"""
+
+import json
+import ssl
+import time
+from contextlib import nullcontext
+
+import grpc
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from ...resilience import CircuitOpenError
+from ...tracing import inject
+from .gateway import IDEMPOTENT, LOCAL, RPCS, TRACE_KEYS, Gateway, GatewayError
+from .replicas import NoReplicaError, is_transport_error
+
+MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/[0-9]+)?"
+# (path, method, the gRPC method it mirrors); the first match wins
+ROUTES = [
+    (r"/v2/health/live", "GET", "ServerLive"),
+    (r"/v2/health/ready", "GET", "ServerReady"),
+    (r"/v2", "GET", "ServerMetadata"),
+    (r"/v2/models/stats", "GET", "ModelStatistics"),
+    (MODEL, "GET", "ModelMetadata"),
+    (MODEL + "/ready", "GET", "ModelReady"),
+    (MODEL + "/config", "GET", "ModelConfig"),
+    (MODEL + "/stats", "GET", "ModelStatistics"),
+    (MODEL + "/infer", "POST", "ModelInfer"),
+]
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+               grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+               grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503}
+GRPC_CODE = {status: code for code, status in HTTP_STATUS.items()} | {200: grpc.StatusCode.OK}
+# request headers passed to Triton, and answer headers passed back
+REQUEST_HEADERS = ("Content-Type", "Content-Encoding", "Accept-Encoding", "Inference-Header-Content-Length")
+ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-Length")
+
+
+class RestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ErrorHandler(web.RequestHandler):
+    """KServe's error body for the gateway's own answers."""
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, RestError):
+            status_code, message = exc.status, exc.message
+        elif isinstance(exc, web.HTTPError) and status_code < 500:
+            message = exc.log_message or self._reason
+        else:
+            message = "internal error; see the gpulab-infer log"
+        self.set_status(status_code)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": message}))
+
+    def log_exception(self, typ, value, tb):
+        if not isinstance(value, RestError):  # answers, not failures
+            super().log_exception(typ, value, tb)
+
+
+class NotOffered(ErrorHandler):
+    def prepare(self):
+        raise RestError(404, f"{self.request.method} {self.request.path} is not offered by the gpulab inference "
+                        "gateway (Triton's health, metadata, config, statistics and infer endpoints are)")
+
+
+@web.stream_request_body
+class RestHandler(ErrorHandler):
+    """One route: authorised as its gRPC method, then forwarded to a replica's HTTP endpoint."""
+
+    def initialize(self, gateway: Gateway, method: str, rpc: str, max_bytes: int):
+        self.gateway, self.method, self.rpc, self.max_bytes = gateway, method, rpc, max_bytes
+        self.chunks: list[bytes] = []
+
+    def prepare(self):
+        if self.request.method != self.method:
+            raise RestError(405, f"{self.request.path} takes {self.method}, not {self.request.method}")
+        try:
+            length = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise RestError(400, "Content-Length is not a number") from None
+        if length > self.max_bytes:
+            raise RestError(413, f"request larger than the gateway's limit of {self.max_bytes} bytes")
+        self.request.connection.set_max_body_size(self.max_bytes)
+
+    def data_received(self, chunk: bytes):
+        self.chunks.append(chunk)
+
+    async def get(self, model: str | None = None):
+        scope, _, how = RPCS[self.rpc]
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        headers = [(key.lower(), value) for key, value in self.request.headers.get_all()]
+        try:
+            who = await self.gateway.authenticate(headers)
+            self.gateway.authorize(who, scope, "" if model is None and self.rpc == "ModelStatistics" else model)
+            if how == LOCAL:
+                self.local()
+                return
+            span = self.gateway.span(self.rpc, headers)
+            with span or nullcontext():
+                answer = await self.forward(span is not None, how == IDEMPOTENT)
+            code = GRPC_CODE.get(answer.status, grpc.StatusCode.UNKNOWN)
+            self.set_status(answer.status)
+            for name in ANSWER_HEADERS:
+                if name in answer.headers:
+                    self.set_header(name, answer.headers[name])
+            self.finish(answer.body)
+        except RestError as e:
+            code = GRPC_CODE.get(e.status, grpc.StatusCode.UNKNOWN)
+            raise
+        except GatewayError as e:
+            code = e.code
+            raise RestError(HTTP_STATUS.get(e.code, 503), e.message) from None
+        except (NoReplicaError, CircuitOpenError) as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            raise RestError(503, str(e)) from None
+        except Exception as e:
+            if not is_transport_error(e):
+                raise
+            code = grpc.StatusCode.UNAVAILABLE
+            raise RestError(502, f"the Triton replica failed during the call: {type(e).__name__}: {e}") from None
+        finally:
+            label = model if model and code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND) else ""
+            self.gateway.metrics.observe(self.rpc, label, code, time.perf_counter() - started)
+
+    post = get
+
+    def local(self) -> None:
+        """Health as on gRPC: live while the gateway runs, ready while a replica is available."""
+        pool = self.gateway.pool
+        if self.rpc == "ServerReady" and not pool.ready():
+            raise RestError(503, f"no Triton replica available: {pool.describe()}")
+        self.finish()
+
+    async def forward(self, traced: bool, idempotent: bool):
+        pool = self.gateway.pool
+        if not any(r.http_address for r in pool.replicas):
+            raise RestError(503, "REST is not configured: InferenceGateway.http_replicas names no Triton HTTP "
+                            "endpoint")
+        headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
+        headers.update(pool.http_headers)
+        headers.update(inject({}) if traced else {k: v for k, v in self.request.headers.items()
+                                                   if k.lower() in TRACE_KEYS})
+        body = b"".join(self.chunks)
+        return await pool.forward(
+            lambda r: r.fetch(pool.session, self.request.method, self.request.uri, body, headers), idempotent)
+
+
+def handlers(gateway: Gateway, max_bytes: int) -> list:
+    routes = [(path, RestHandler, {"gateway": gateway, "method": method, "rpc": rpc, "max_bytes": max_bytes})
+              for path, method, rpc in ROUTES]
+    return [*routes, (r".*", NotOffered)]
+
+
+def serve(gateway: Gateway, address: str, max_bytes: int, tls: ssl.SSLContext | None = None,
+          reuse_port: bool = False) -> int:
+    """Serve KServe v2 REST on ``address`` (host:port; port 0 for a free one); returns the port."""
+    host, port = address.rsplit(":", 1)
+    sockets = bind_sockets(int(port), host.strip("[]"), reuse_port=reuse_port)
+    HTTPServer(web.Application(handlers(gateway, max_bytes)), ssl_options=tls, xheaders=False,
+               max_body_size=max_bytes).add_sockets(sockets)
+    return sockets[0].getsockname()[1]
