@@ -331,6 +331,37 @@ def test_rest_errors_name_the_problem(hub, plane, tokens):
     assert call(tokens["alice"]).status_code == 200  # nothing above broke the port
 
 
+def test_rest_path_tricks_reach_only_the_checked_model(hub, plane, tokens):
+    """Raw paths with dot segments (which HTTP libraries would normalize away) reach only the model authorised:
+    nginx checks its normalized path and sends Triton that path; the Python gateway's routes take no "..".
+    alice may use digits, not private."""
+    import http.client
+    import ssl
+
+    host, port = hub.rest[plane].split("://")[1].rsplit(":", 1)
+    if plane == "nginx":
+        connection = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(
+            cafile=str(hub.tls_cert)), timeout=30)
+    else:
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+
+    def post(path: str) -> tuple[int, dict]:
+        connection.request("POST", path, body, {"Authorization": f"token {tokens['alice']}",
+                                                "Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+
+    status, answer = post("/v2/models/digits/../private/infer")
+    assert status == (403 if plane == "nginx" else 404) and "error" in answer, (status, answer)
+    status, answer = post("/v2/models/private/../digits/infer")  # Triton itself answers 404 to the raw path
+    if plane == "nginx":
+        assert status == 200 and answer["model_name"] == "digits", (status, answer)
+    else:
+        assert status == 404 and "not offered" in answer["error"], (status, answer)
+    connection.close()
+
+
 def test_tls_settings_are_checked(tmp_path):
     cert, key = self_signed(tmp_path)
     with pytest.raises(ConfigError, match="InferenceGateway.tls_key_file: TLS needs both"):

@@ -1,8 +1,8 @@
 -- gpulab-infer's nginx data plane (see nginx.py): ModelInfer calls (gRPC, and KServe v2 REST infer on the REST
 -- port) are authorised here and proxied to the Triton replicas by nginx; everything else goes to the Python
--- gateway. Decisions (may this token call this
--- model?) come from the Python gateway's authorize endpoint and are cached for the token cache's TTL; which
--- replicas are available comes from its /replicas (its health checks and breakers), read every health interval.
+-- gateway. Decisions (may this token call this model?) come from the Python gateway's authorize endpoint and are
+-- cached for the token cache's TTL; which replicas are available comes from its /replicas (its health checks and
+-- breakers), read every health interval.
 
 local M = {}
 local decisions = ngx.shared.gpulab_decisions
@@ -218,6 +218,8 @@ function M.access()
   local model = nil
   if rest() then  -- the model is in the path
     if ngx.req.get_method() ~= "POST" then return ngx.exec("@python") end
+    -- Triton gets the path that was checked (nginx's normalized one), not the client's raw one ("..", "//")
+    ngx.req.set_uri(ngx.var.uri)
     ngx.var.gpulab_model = ngx.var.gpulab_path_model
     model = read_model and ngx.var.gpulab_path_model or nil
   elseif read_model then
