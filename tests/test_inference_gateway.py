@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import numpy as np
 import psutil
@@ -34,6 +35,7 @@ from gpulab.net import free_port
 from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from gpulab.services.infer.nginx import NginxDataPlane, serve_authorize
+from gpulab.services.infer.replicas import NoReplicaError, ReplicaPool
 from tests.support.gpulab_up import Platform
 from tests.support.openapi import Spec
 from tests.support.tls import self_signed
@@ -172,6 +174,15 @@ def metric(text: str, name: str, **labels) -> float:
     return sum(values)
 
 
+def delta(before: str, after: str, name: str, **labels) -> float:
+    """How much a metric grew between two scrapes (absent before: from 0)."""
+    try:
+        old = metric(before, name, **labels)
+    except AssertionError:
+        old = 0.0
+    return metric(after, name, **labels) - old
+
+
 def test_onnx_signature_and_repository_entry(tmp_path):
     import onnx
     from onnx import TensorProto, helper
@@ -186,6 +197,22 @@ def test_onnx_signature_and_repository_entry(tmp_path):
     assert '{ name: "ids", data_type: TYPE_INT64, dims: [-1, 8] }' in config
     assert '{ name: "out", data_type: TYPE_INT64, dims: [-1, 8] }' in config
     assert sorted(p.name for p in (model_dir / "3").iterdir()) == ["model.onnx", "model.py"]
+
+
+async def test_a_failing_http_endpoint_takes_the_replica_out_of_rest_calls_only():
+    """A replica whose HTTP endpoint refuses connections (a wrong port) trips that endpoint's own breaker: REST
+    calls find no replica, gRPC calls still go to it."""
+    pool = ReplicaPool(["127.0.0.1:1"], (), failure_threshold=2, recovery_timeout=30,
+                       http_addresses=[f"127.0.0.1:{free_port()}"])
+    try:
+        for _ in range(2):
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await pool.forward(lambda r: r.fetch(pool.session, "GET", "/v2", b"", {}), True, http=True)
+        with pytest.raises(NoReplicaError, match="HTTP endpoint .* is unavailable \\(circuit open"):
+            pool.pick(http=True)
+        assert pool.pick() is pool.replicas[0] and pool.replicas[0].healthy
+    finally:
+        await pool.close()
 
 
 async def test_token_lookups_are_cached():
@@ -359,6 +386,11 @@ def test_rest_path_tricks_reach_only_the_checked_model(hub, plane, tokens):
         assert status == 200 and answer["model_name"] == "digits", (status, answer)
     else:
         assert status == 404 and "not offered" in answer["error"], (status, answer)
+    for path in ("/v2/models/./stats", "/v2/models/%2e/stats"):  # resolved, it would be every model's statistics
+        connection.request("GET", path, headers={"Authorization": f"token {tokens['alice']}"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 400 and answer == {"error": "'.' is not a model name"}, (path, answer)
     connection.close()
 
 
@@ -652,19 +684,20 @@ def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons, prot
     headers, tensor = {"Authorization": f"token {tokens['alice']}"}, triton_http.InferInput("x", [1, 4], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
     before = gateway_metrics(hub, plane)
+    triton_before = [requests.get(server.metrics_url, timeout=5).text for server in tritons]
     for _ in range(40):
         if protocol == "grpc":
             infer(client, tokens["alice"])
         else:
             rest.infer("digits", [tensor], headers=headers)
+    rest.close()
     after = gateway_metrics(hub, plane)
-    for server in tritons:
-        sent = (metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
-                - metric(before, "gpulab_infer_replica_requests_total", replica=server.grpc_address))
+    for server, triton_old in zip(tritons, triton_before):
+        sent = delta(before, after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
         assert 10 <= sent <= 30, (server.grpc_address, sent)
-        triton_metrics = requests.get(server.metrics_url, timeout=5).text
-        assert metric(triton_metrics, "nv_inference_request_success", model="digits") >= 10
-    assert metric(after, "gpulab_infer_requests_total", rpc="ModelInfer", model="digits", code="OK") >= 40
+        triton_new = requests.get(server.metrics_url, timeout=5).text
+        assert delta(triton_old, triton_new, "nv_inference_request_success", model="digits") == sent
+    assert delta(before, after, "gpulab_infer_requests_total", rpc="ModelInfer", model="digits", code="OK") == 40
 
 
 def test_nginx_is_restarted_when_killed(hub, tokens, models):

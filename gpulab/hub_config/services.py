@@ -80,7 +80,8 @@ def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> l
     out = []
     address = gateway.get("address") or f"127.0.0.1:{free_port()}"
     rest_address = gateway.get("rest_address")
-    rest_address = f"127.0.0.1:{free_port()}" if rest_address is None else rest_address
+    if rest_address is None:  # a REST port where the replicas' HTTP endpoints are known
+        rest_address = f"127.0.0.1:{free_port()}" if gateway.get("http_replicas") or not gateway.get("replicas") else ""
     gateway_env = {**env, "GPULAB_INFER_ADDRESS": address, "GPULAB_INFER_REST_ADDRESS": rest_address,
                    "GPULAB_TRITON_KEY": key}
     if not gateway.get("replicas"):

@@ -44,12 +44,12 @@ end
 local REST_STATUS = {[3] = 400, [5] = 404, [7] = 403, [8] = 413, [14] = 503, [16] = 401}
 local REST_CODE = {[200] = 0, [400] = 3, [401] = 16, [403] = 7, [404] = 5, [413] = 8, [502] = 14, [503] = 14}
 
--- The gateway's own error: gRPC status and message, or on the REST port the status for the code with KServe's
--- {"error": "<message>"}
-local function fail(code, message)
+-- The gateway's own error: gRPC status and message, or on the REST port the status for the code (or `status`)
+-- with KServe's {"error": "<message>"}
+local function fail(code, message, status)
   ngx.ctx.code = code
   if rest() then
-    ngx.status = REST_STATUS[code] or 500
+    ngx.status = status or REST_STATUS[code] or 500
     ngx.header["content-type"] = "application/json"
     ngx.print('{"error": "', (message:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)),
       '"}')
@@ -264,7 +264,7 @@ function M.unavailable()
   for _, replica in ipairs(peers_tried()) do tried[#tried + 1] = replica.name end
   if #tried > 0 then
     return fail(14, "Triton replica " .. table.concat(tried, ", ") .. " failed (nginx: upstream status "
-      .. (ngx.var.upstream_status or "-") .. ")")
+      .. (ngx.var.upstream_status or "-") .. ")", 502)
   end
   return fail(14, "no Triton replica available: " .. describe())
 end

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import aiohttp
 import grpc
+import yarl
 from tritonclient.grpc import service_pb2
 
 from ...resilience import OPEN, CircuitBreaker, CircuitOpenError, is_outage, retrying
@@ -31,7 +32,7 @@ def is_transport_error(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
         details = (exc.details() or "").lower()
         return exc.code() == grpc.StatusCode.UNAVAILABLE and any(p in details for p in _TRANSPORT)
-    return isinstance(exc, aiohttp.ClientConnectionError) or is_outage(exc)
+    return isinstance(exc, aiohttp.ClientError) or is_outage(exc)  # aiohttp: no (whole) answer
 
 
 def not_sent(exc: BaseException) -> bool:
@@ -64,6 +65,9 @@ class Replica:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.breaker = CircuitBreaker(f"Triton replica {address}", failure_threshold, recovery_timeout,
                                       is_failure=is_transport_error)
+        # its HTTP endpoint fails on its own (a wrong port, HTTP turned off) without taking gRPC calls away
+        self.http_breaker = CircuitBreaker(f"Triton replica {address}'s HTTP endpoint {http_address}",
+                                           failure_threshold, recovery_timeout, is_failure=is_transport_error)
         self.healthy = True  # until a check or a call says otherwise
         self.outstanding = 0
         self.requests = 0
@@ -83,15 +87,23 @@ class Replica:
         """Healthy, and its breaker lets calls through."""
         return self.healthy and self.breaker.state != OPEN
 
+    def serves(self, http: bool) -> bool:
+        """Available, and for HTTP calls its HTTP endpoint's breaker lets them through too."""
+        return self.available and not (http and self.http_breaker.state == OPEN)
+
     def status(self) -> str:
         if self.breaker.state == OPEN:
             retry_in = math.ceil(self.breaker.snapshot()["retry_in"])
             return f"{self.breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
+        if self.http_breaker.state == OPEN:
+            retry_in = math.ceil(self.http_breaker.snapshot()["retry_in"])
+            return f"{self.http_breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
         return f"{self.breaker.name} is {'up' if self.healthy else 'down'}" + (
             "" if self.healthy else f" ({self.last_error or 'not checked yet'})")
 
-    def _failed(self, exc: BaseException) -> None:
-        self.healthy = False
+    def _failed(self, exc: BaseException, down: bool = True) -> None:
+        if down:
+            self.healthy = False
         self.last_error = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else f"{type(exc).__name__}: {exc}"
 
     async def call(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
@@ -99,23 +111,26 @@ class Replica:
 
     async def fetch(self, session: aiohttp.ClientSession, method: str, path: str, body: bytes,
                     headers: dict) -> HTTPAnswer:
-        """``method path`` on the replica's HTTP endpoint; transport failures raise, answers return."""
-        async def send() -> HTTPAnswer:
-            async with session.request(method, f"http://{self.http_address}{path}", data=body,
-                                       headers=headers) as response:
-                return HTTPAnswer(response.status, response.headers, await response.read())
-        return await self._counted(send)
+        """``method path`` on the replica's HTTP endpoint, the path sent exactly as given (yarl would resolve dot
+        segments); transport failures raise, answers return."""
+        url = yarl.URL(f"http://{self.http_address}{path}", encoded=True)
 
-    async def _counted(self, send: Callable[[], Awaitable]):
-        """``send()`` through the breaker, counted as in flight; a transport failure marks the replica down."""
+        async def send() -> HTTPAnswer:
+            async with session.request(method, url, data=body, headers=headers, allow_redirects=False) as response:
+                return HTTPAnswer(response.status, response.headers, await response.read())
+        return await self._counted(send, http=True)
+
+    async def _counted(self, send: Callable[[], Awaitable], http: bool = False):
+        """``send()`` through the gRPC or HTTP breaker, counted as in flight; a transport failure on gRPC marks the
+        replica down (on HTTP only its HTTP endpoint's breaker counts it)."""
         self.outstanding += 1
         self.requests += 1
         try:
-            async with self.breaker:
+            async with self.http_breaker if http else self.breaker:
                 return await send()
         except Exception as exc:
             if is_transport_error(exc):
-                self._failed(exc)
+                self._failed(exc, down=not http)
             raise
         finally:
             self.outstanding -= 1
@@ -185,23 +200,24 @@ class ReplicaPool:
     def describe(self) -> str:
         return "; ".join(r.status() for r in self.replicas) or "no Triton replicas configured"
 
-    def pick(self, exclude=()) -> Replica:
+    def pick(self, exclude=(), http: bool = False) -> Replica:
         count = len(self.replicas)
         start, best = self._next, None
         self._next = (start + 1) % max(count, 1)
         for i in range(count):
             replica = self.replicas[(start + i) % count]
-            if replica.available and replica not in exclude and (
+            if replica.serves(http) and replica not in exclude and (
                     best is None or replica.outstanding < best.outstanding):
                 best = replica
         if best is None:
             raise NoReplicaError(f"no Triton replica available: {self.describe()}")
         return best
 
-    async def forward(self, send: Callable[[Replica], Awaitable], idempotent: bool):
-        """``send(replica)`` to one replica; on failure try others only where safe: any transport failure for
-        idempotent calls, and for the rest only a request that was never sent (connection refused)."""
-        replica = self.pick()
+    async def forward(self, send: Callable[[Replica], Awaitable], idempotent: bool, http: bool = False):
+        """``send(replica)`` to one replica (``http``: one whose HTTP endpoint serves); on failure try others only
+        where safe: any transport failure for idempotent calls, and for the rest only a request that was never
+        sent (connection refused)."""
+        replica = self.pick(http=http)
         retry_on = is_transport_error if idempotent else not_sent
         try:
             return await send(replica)
@@ -211,7 +227,7 @@ class ReplicaPool:
         tried = {replica}
         async for attempt in retrying(attempts=len(self.replicas) - 1, initial=0.005, maximum=0.05, retry_on=retry_on):
             with attempt:
-                replica = self.pick(exclude=tried)
+                replica = self.pick(exclude=tried, http=http)
                 tried.add(replica)
                 return await send(replica)
 

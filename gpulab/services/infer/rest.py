@@ -20,7 +20,7 @@ from tornado.netutil import bind_sockets
 
 from ...resilience import CircuitOpenError
 from ...tracing import inject
-from .gateway import IDEMPOTENT, LOCAL, RPCS, TRACE_KEYS, Gateway, GatewayError
+from .gateway import IDEMPOTENT, LOCAL, RPCS, Gateway, GatewayError
 from .replicas import NoReplicaError, is_transport_error
 
 MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/[0-9]+)?"
@@ -39,7 +39,8 @@ ROUTES = [
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
                grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503}
-GRPC_CODE = {status: code for code, status in HTTP_STATUS.items()} | {200: grpc.StatusCode.OK}
+GRPC_CODE = {status: code for code, status in HTTP_STATUS.items()} | {200: grpc.StatusCode.OK,
+                                                                      502: grpc.StatusCode.UNAVAILABLE}
 # request headers passed to Triton, and answer headers passed back
 REQUEST_HEADERS = ("Content-Type", "Content-Encoding", "Accept-Encoding", "Inference-Header-Content-Length")
 ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-Length")
@@ -105,6 +106,8 @@ class RestHandler(ErrorHandler):
         started, code = time.perf_counter(), grpc.StatusCode.OK
         headers = [(key.lower(), value) for key, value in self.request.headers.get_all()]
         try:
+            if model in (".", ".."):  # a dot segment, not a model (a server resolving it would see another path)
+                raise RestError(400, f"'{model}' is not a model name")
             who = await self.gateway.authenticate(headers)
             self.gateway.authorize(who, scope, "" if model is None and self.rpc == "ModelStatistics" else model)
             if how == LOCAL:
@@ -153,11 +156,12 @@ class RestHandler(ErrorHandler):
                             "endpoint")
         headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
         headers.update(pool.http_headers)
-        headers.update(inject({}) if traced else {k: v for k, v in self.request.headers.items()
-                                                   if k.lower() in TRACE_KEYS})
+        if traced:  # the caller's traceparent, or tracing is on: this call's span goes on
+            inject(headers)
         body = b"".join(self.chunks)
         return await pool.forward(
-            lambda r: r.fetch(pool.session, self.request.method, self.request.uri, body, headers), idempotent)
+            lambda r: r.fetch(pool.session, self.request.method, self.request.uri, body, headers), idempotent,
+            http=True)
 
 
 def handlers(gateway: Gateway, max_bytes: int) -> list:
