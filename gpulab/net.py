@@ -2,12 +2,40 @@
 
 import errno
 import ipaddress
+import random
 import socket
+from pathlib import Path
+
+LOWEST_PORT = 10000
+_given: set[int] = set()  # ports this process handed out: not handed out twice
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out for port-0 binds and outgoing connections."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port on ``host`` that is free right now."""
-    with socket.socket() as sock:
+    """A port on ``host`` that is free right now, outside the kernel's ephemeral range: a port picked now and bound
+    later by another process (a service the hub starts) is then not taken meanwhile by some process's port-0 bind
+    or outgoing connection."""
+    low, high = _ephemeral_range()
+    ports = [*range(LOWEST_PORT, low), *range(high + 1, 65536)]
+    for port in random.sample(ports, min(len(ports), 200)):
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as sock:  # no room outside the ephemeral range
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

@@ -60,6 +60,18 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     assert rest.status_code == 200, rest.text
     assert requests.get(f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"},
                         timeout=30).json()["name"] == "triton"
+    # the embedded Triton, killed, is started again on its ports (and says why it went in the platform's log)
+    [triton] = running(platform, "tritonserver")
+    triton.kill()
+    deadline = time.monotonic() + 60
+    while not [p for p in running(platform, "tritonserver") if p.pid != triton.pid]:
+        assert time.monotonic() < deadline, "the embedded Triton was not started again"
+        time.sleep(0.5)
+    while requests.get(f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"},
+                       timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway did not reach the restarted Triton"
+        time.sleep(0.5)
+    assert f"tritonserver exited with {-9}" in platform.log_path.read_text()
 
     started = platform.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in started)
@@ -70,6 +82,18 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     time.sleep(0.5)
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left running: {[p.cmdline() for p in left]}"
+
+
+def running(platform, name: str) -> list[psutil.Process]:
+    """The platform's live processes called ``name``."""
+    found = []
+    for process in platform.descendants():
+        try:
+            if process.name() == name and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
 def test_second_start_reuses_password_without_printing_it(tmp_path):

@@ -2,14 +2,16 @@
 
 The hub config picks its ports and key and hands them over in ``GPULAB_TRITON_GRPC_PORT``,
 ``GPULAB_TRITON_HTTP_PORT``, ``GPULAB_TRITON_METRICS_PORT``, ``GPULAB_TRITON_KEY`` and
-``GPULAB_MODEL_REPOSITORY``; SIGTERM stops Triton, and if Triton dies this process exits so the
-hub restarts both.
+``GPULAB_MODEL_REPOSITORY``. Triton logs to ``triton.log`` beside the repository. If Triton exits, the end of its
+log is printed and it is started again on the same ports (after 1 s, doubling up to 30 s while it keeps
+failing within a minute); SIGTERM stops it.
 """
 
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ..config import load_config
@@ -27,17 +29,31 @@ def main() -> int:
         http_port=int(env["GPULAB_TRITON_HTTP_PORT"]),
         metrics_port=int(env["GPULAB_TRITON_METRICS_PORT"]),
         restricted_key=env["GPULAB_TRITON_KEY"],
+        log_path=str(repository.parent / "triton.log"),
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server.start(timeout=180)
-    print(f"triton: serving {repository} on gRPC {server.grpc_address}", flush=True)
+    delay = 0.5  # doubled before the first wait
     try:
-        while not stop.wait(1.0):
-            if server.proc.poll() is not None:
-                print(f"triton: tritonserver exited with {server.proc.returncode}", file=sys.stderr, flush=True)
-                return 1
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                server.start(timeout=180)
+            except RuntimeError as e:
+                print(f"triton: {e}", file=sys.stderr, flush=True)
+            else:
+                print(f"triton: serving {repository} on gRPC {server.grpc_address}", flush=True)
+                while not stop.wait(1.0) and server.proc.poll() is None:
+                    pass
+                if stop.is_set():
+                    break
+                print(f"triton: tritonserver exited with {server.proc.returncode}; its log ends:\n"
+                      f"{server.log_tail(20)}", file=sys.stderr, flush=True)
+            server.stop()
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            print(f"triton: starting it again in {delay:.0f} s", file=sys.stderr, flush=True)
+            stop.wait(delay)
     finally:
         server.stop()
     return 0

@@ -138,19 +138,28 @@ class TritonServer(Configurable):
     def start(self, timeout: float = 60) -> "TritonServer":
         """Start the server and wait until it is ready (models in ``load_models`` loaded)."""
         argv, env = self._prepare()
-        log = Path(self.log_path or self.workdir / "tritonserver.log")
-        with log.open("ab") as out:
+        with self.log_file.open("ab") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{_tail(log)}")
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
             if self.ready():
                 return self
             time.sleep(0.2)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"tritonserver not ready in {timeout} s:\n{_tail(log)}")
+        raise RuntimeError(f"tritonserver not ready in {timeout} s:\n{tail}")
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.log_path or self.workdir / "tritonserver.log")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log."""
+        log = self.log_file
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
     def ready(self) -> bool:
         """Whether the server answers ready on HTTP."""
@@ -175,8 +184,6 @@ class TritonServer(Configurable):
             self.workdir = None
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
 ONNX_TO_TRITON = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
