@@ -20,7 +20,9 @@ client each); at c=8 the CPU time per request of the client, the gateway and Tri
   body and a hub token, one ``requests.Session`` per thread;
 - ``triton-rest``: the same body straight to Triton's HTTP port (with the platform key): REST's own ceiling.
 
-CPU is sampled for the client, the hub's proxy, the user's server, the gateway and Triton.
+CPU is sampled for the client, the hub's proxy, the user's server, the gateway and Triton. The added latency of
+``gateway`` over ``direct`` and of ``gpulab.infer`` over ``stock`` is also measured call by call: the median
+difference over pairs of calls made one right after the other, which a busy shared machine's drift cannot skew.
 
     python bench/inference_bench.py [--seconds 3] [--requests 1000] [--rounds 3] [--targets direct,gateway,...]
 """
@@ -54,6 +56,7 @@ BIG = 262_144  # FP32 elements: 1 MiB
 TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "gateway-rest", "triton-rest", "rest", "rest-binary",
            "whoami")
 REST = ("rest", "rest-binary", "whoami")  # through the proxy and the user's server
+PAIRED = (("gateway", "direct"), ("gpulab.infer", "stock"))  # added latency, measured call by call
 RATIOS = (("gateway", "direct"), ("gpulab.infer", "stock"), ("gateway-rest", "direct"),
           ("gateway-rest", "triton-rest"), ("triton-rest", "direct"), ("rest", "direct"), ("rest-binary", "direct"),
           ("whoami", "direct"), ("rest", "whoami"), ("rest-binary", "whoami"))
@@ -166,6 +169,21 @@ def sequential(call, count: int) -> dict:
             "c1": count / sum(latencies)}
 
 
+def paired(call, base, count: int) -> float:
+    """Median over ``count`` pairs of (``call``'s latency - ``base``'s), in ms, the two made one right after the
+    other (order alternating): drift and noise that hit both cancel out."""
+    differences = []
+    for i in range(count):
+        first, second = (call, base) if i % 2 == 0 else (base, call)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        differences.append((t1 - t0) - (t2 - t1) if i % 2 == 0 else (t2 - t1) - (t1 - t0))
+    return statistics.median(differences) * 1e3
+
+
 def concurrent(calls: list, seconds: float, probe: CPUProbe | None = None) -> dict:
     """Throughput of ``calls`` in parallel threads; with a ``probe``, CPU microseconds per request."""
     done, stop = [0] * len(calls), threading.Event()
@@ -273,6 +291,11 @@ def main() -> None:
             for target, row in rows.items():
                 print(f"{model:6} {target:12} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
                       f"{row['c32']:8.0f}   " + " ".join(f"{row['cpu_' + part]:6.0f}" for part in CPUProbe.PARTS))
+            for target, base in PAIRED:
+                if target in rows and base in rows:
+                    added = paired(targets.caller(target, model), targets.caller(base, model), count)
+                    print(f"{model:6} {target} vs {base}, calls in alternation: {added:+.3f} ms median added "
+                          f"({count} pairs)", flush=True)
             for target, base in RATIOS:
                 if target in rows and base in rows:
                     t, b = rows[target], rows[base]

@@ -19,6 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
+_exporting = False
 
 
 def setup_tracing(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
@@ -32,7 +33,7 @@ def setup_tracing(service_name: str, exporter: SpanExporter | None = None) -> Tr
     Idempotent: later calls return the first provider (``service_name`` of the
     first call wins) and only attach ``exporter`` if one is given.
     """
-    global _provider
+    global _provider, _exporting
     with _lock:
         if _provider is None:
             _provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
@@ -42,11 +43,19 @@ def setup_tracing(service_name: str, exporter: SpanExporter | None = None) -> Tr
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
                 _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+                _exporting = True
             trace.set_tracer_provider(_provider)
             propagate.set_global_textmap(TraceContextTextMapPropagator())
         if exporter is not None:
             _provider.add_span_processor(SimpleSpanProcessor(exporter))
+            _exporting = True
         return _provider
+
+
+def exporting() -> bool:
+    """Whether this process's spans go anywhere (an OTLP collector, a test's exporter). Hot paths make spans only
+    then: an SDK span that goes nowhere still costs tens of microseconds."""
+    return _exporting
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -25,6 +25,10 @@ def exporter():
     return exporter
 
 
+def test_exporting_once_an_exporter_is_attached(exporter):
+    assert tracing.exporting()  # hot paths (gpulab.infer) make their spans
+
+
 def test_span_from_headers_continues_incoming_trace(exporter):
     headers = {"Traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"}
     with tracing.span_from_headers("tests", "handle request", headers):
@@ -77,11 +81,11 @@ def _run_fresh(code: str, **env: str) -> str:
 
 def test_no_exporter_when_endpoint_unset():
     code = (
-        "from gpulab.tracing import setup_tracing\n"
+        "from gpulab.tracing import exporting, setup_tracing\n"
         "p = setup_tracing('t')\n"
-        "print(len(p._active_span_processor._span_processors))\n"
+        "print(len(p._active_span_processor._span_processors), exporting())\n"
     )
-    assert _run_fresh(code) == "0"
+    assert _run_fresh(code) == "0 False"
 
 
 def test_otlp_http_export_when_endpoint_set():
