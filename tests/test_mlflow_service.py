@@ -75,6 +75,9 @@ def test_requests_without_valid_hub_credentials_are_refused(hub):
 
     with requests.Session() as session:  # refusals close the connection cleanly: no 503s from the hub's proxy
         assert [session.post(api, json={"x": i}, timeout=10).status_code for i in range(30)] == [401] * 30
+    # a refused POST on the connection a refused GET left open in the proxy's pool: answered, not reset (503)
+    assert [requests.request(method, api, json={} if method == "POST" else None, timeout=10).status_code
+            for method in ["GET", "POST"] * 15] == [401] * 30
 
     page = requests.get(f"{hub.url}{PREFIX}/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10)
     assert page.status_code == 302

@@ -31,6 +31,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from ...net import free_port
 
 MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
+SMALL_BODY = 64 * 1024  # a refused request's body up to this size is read before the refusal is answered
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade"}
 # Hub credentials stay here; Origin too: CSRF is checked here, MLflow would reject the hub's public origin.
@@ -49,10 +50,11 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         self.has_body = int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers
         self.body: asyncio.Queue | None = None
         self.response_started = False
+        self.refusal: web.HTTPError | None = None
 
     def write_error(self, status_code: int, **kwargs):
-        if self.has_body and self.body is None:
-            # refused before reading the body: tornado closes the connection, so say so (else a
+        if self.has_body and self.body is None and self.refusal is None:
+            # refused before reading a large body: tornado closes the connection, so say so (else a
             # keep-alive client such as the hub's proxy may send the next request into the closing socket)
             self.set_header("Connection", "close")
         super().write_error(status_code, **kwargs)
@@ -69,11 +71,19 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         identified = await self.hub_auth.get_user(self, sync=False)  # cached for current_user
         if not self.current_user:
             if identified:
-                raise web.HTTPError(403, "missing scope %s", ",".join(sorted(self.hub_scopes or ())))
-            if self.request.method in ("GET", "HEAD") and "text/html" in self.request.headers.get("Accept", ""):
+                refusal = web.HTTPError(403, "missing scope %s", ",".join(sorted(self.hub_scopes or ())))
+            elif self.request.method in ("GET", "HEAD") and "text/html" in self.request.headers.get("Accept", ""):
                 self.redirect(self.get_login_url())  # a browser: log in via the hub
                 return
-            raise web.HTTPError(401)
+            else:
+                refusal = web.HTTPError(401)
+            headers = self.request.headers
+            if self.has_body and "Transfer-Encoding" not in headers and int(headers["Content-Length"]) <= SMALL_BODY:
+                # answered once the body is in: closing on unread bytes resets the connection, and the hub's
+                # proxy, still sending them, reports a 503 instead of the refusal
+                self.refusal = refusal
+                return
+            raise refusal
         if self.has_body:
             self.body = asyncio.Queue(maxsize=4)
         self.response = asyncio.ensure_future(self.forward())
@@ -126,6 +136,8 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         self.flush().add_done_callback(lambda done: done.exception())  # a client gone is not an error here
 
     async def relay(self):
+        if self.refusal:
+            raise self.refusal
         if self.body:
             await self.body.put(None)
         try:
