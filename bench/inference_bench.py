@@ -242,6 +242,12 @@ c.Roles.extra_roles = c.Roles.extra_roles + [
     return server, hub
 
 
+def bench_user(hub: Platform) -> tuple[str, dict]:
+    """The user ``bench``'s token, and the gateway's addresses (the hub's ``info`` of ``gpulab-infer``)."""
+    hub.create_user("bench")
+    return hub.token("bench"), hub.api("GET", "/services/gpulab-infer").json()["info"]
+
+
 def wait_for(call, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -266,9 +272,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpulab-bench-"))
     server, hub = start(work)
     try:
-        hub.create_user("bench")
-        token = hub.token("bench")
-        gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]
+        token, gateway = bench_user(hub)
         targets = Targets(server, gateway, hub, "bench", token)
         if set(REST) & set(chosen):
             hub.spawn("bench")

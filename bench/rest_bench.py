@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inference_bench import start  # noqa: E402
+from inference_bench import bench_user, start  # noqa: E402
 
 from tests.support.triton import perf_analyzer  # noqa: E402
 
@@ -66,9 +66,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpulab-rest-bench-"))
     server, hub = start(work)
     try:
-        hub.create_user("bench")
-        token = hub.token("bench")
-        info = hub.api("GET", "/services/gpulab-infer").json()["info"]
+        token, info = bench_user(hub)
         urls = {"grpc-direct": server.grpc_address, "grpc-gateway": info["grpc_address"],
                 "http-direct": server.http_url.removeprefix("http://"), "http-gateway": info["rest_address"]}
         user = {"authorization": f"token {token}"}

@@ -1,6 +1,7 @@
 """Small network helpers: free ports, port checks, the client address behind the hub's proxy."""
 
 import errno
+import functools
 import ipaddress
 import random
 import socket
@@ -10,21 +11,21 @@ LOWEST_PORT = 10000
 _given: set[int] = set()  # ports this process handed out: not handed out twice
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The ports the kernel hands out for port-0 binds and outgoing connections."""
+@functools.cache
+def _candidates() -> tuple[int, ...]:
+    """Ports outside the range the kernel hands out for port-0 binds and outgoing connections."""
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
     except (OSError, ValueError):
-        return 32768, 60999
+        low, high = 32768, 60999
+    return (*range(LOWEST_PORT, low), *range(high + 1, 65536))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port on ``host`` that is free right now, outside the kernel's ephemeral range: a port picked now and bound
     later by another process (a service the hub starts) is then not taken meanwhile by some process's port-0 bind
     or outgoing connection."""
-    low, high = _ephemeral_range()
-    ports = [*range(LOWEST_PORT, low), *range(high + 1, 65536)]
+    ports = _candidates()
     for port in random.sample(ports, min(len(ports), 200)):
         if port in _given:
             continue

@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -40,6 +39,7 @@ from ...net import free_port
 from ...scopes import INFER
 from .gateway import Gateway, GatewayError
 from .processes import fetch_metrics
+from .rest import HTTP_STATUS
 
 LUA_DIR = Path(__file__).parent
 TEMPLATE = """
@@ -176,7 +176,6 @@ REST_INFER = """
       proxy_pass http://gpulab_triton_http;
     }}
 """
-HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
 PR_SET_PDEATHSIG = 1
 
 

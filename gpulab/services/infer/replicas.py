@@ -92,12 +92,10 @@ class Replica:
         return self.available and not (http and self.http_breaker.state == OPEN)
 
     def status(self) -> str:
-        if self.breaker.state == OPEN:
-            retry_in = math.ceil(self.breaker.snapshot()["retry_in"])
-            return f"{self.breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
-        if self.http_breaker.state == OPEN:
-            retry_in = math.ceil(self.http_breaker.snapshot()["retry_in"])
-            return f"{self.http_breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
+        for breaker in (self.breaker, self.http_breaker):
+            if breaker.state == OPEN:
+                retry_in = math.ceil(breaker.snapshot()["retry_in"])
+                return f"{breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
         return f"{self.breaker.name} is {'up' if self.healthy else 'down'}" + (
             "" if self.healthy else f" ({self.last_error or 'not checked yet'})")
 
@@ -162,6 +160,7 @@ class ReplicaPool:
         http = list(http_addresses) or [""] * len(addresses)
         self.replicas = [Replica(a, failure_threshold, recovery_timeout, h) for a, h in zip(addresses, http)]
         self.metadata = metadata
+        self.http = bool(http_addresses)  # the replicas' HTTP endpoints are known
         self.http_headers = http_headers or {}
         self.health_interval = health_interval
         self._next = 0

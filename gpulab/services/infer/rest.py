@@ -151,7 +151,7 @@ class RestHandler(ErrorHandler):
 
     async def forward(self, traced: bool, idempotent: bool):
         pool = self.gateway.pool
-        if not any(r.http_address for r in pool.replicas):
+        if not pool.http:
             raise RestError(503, "REST is not configured: InferenceGateway.http_replicas names no Triton HTTP "
                             "endpoint")
         headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
