@@ -16,6 +16,7 @@ from traitlets.config import Config
 
 from .attestation.collect import collect as attest_collect
 from .config import config_path, effective_config, instances, load_config
+from . import users
 from .errors import ConfigError
 from .net import port_in_use
 
@@ -113,6 +114,8 @@ def up(args) -> int:
         message = f"Sign in at {platform.public_url}."
 
     hub_dir = data_dir / "hub"
+    local_ip = "127.0.0.1" if platform.ip in ("", "0.0.0.0", "::") else platform.ip
+    (hub_dir / "url").write_text(f"http://{local_ip}:{platform.port}\n")  # for `gpulab users`
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterhub", "-f", str(hub_config_file())],
         cwd=hub_dir,
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
                            help="collector argv, {nonce} and {device} filled in (default c.Attestation."
                            "collector_command); must come last")
     p_collect.set_defaults(func=attest_collect)
+    users.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -5,6 +5,7 @@ Its path comes from ``$GPULAB_CONFIG`` (default ``<data dir>/gpulab_config.py``)
 applied on top of the file.
 """
 
+import getpass
 import json
 import os
 import re
@@ -52,6 +53,24 @@ class Platform(Configurable):
         Unicode(),
         help="Names of hub-managed services that receive user lifecycle events at <service url>/services/<name>/events.",
     ).tag(config=True)
+    isolation = CaselessStrEnum(
+        ["accounts", "personal", "none"],
+        default_value=None,
+        allow_none=True,
+        help="How users are kept apart. 'accounts' (the default as root): each user's server, kernels, "
+        "terminals and jobs run as their own system account. 'personal' (the default without root): only the "
+        "OS user who started gpulab may sign in. 'none': many users share one account and can read each "
+        "other's files (every page says so).",
+    ).tag(config=True)
+    account_prefix = Unicode(
+        "gpulab-", help="System account of hub user NAME: <prefix>NAME, made on first use (isolation 'accounts')."
+    ).tag(config=True)
+    accounts = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        help="Hub user name -> an existing system account to run as, instead of <account_prefix><name>.",
+    ).tag(config=True)
+    home_root = Unicode("/home", help="Where the accounts gpulab makes get their home directories.").tag(config=True)
 
     @default("data_dir")
     def _default_data_dir(self):
@@ -68,12 +87,23 @@ class Login(Configurable):
     method = CaselessStrEnum(
         ["password", "oidc"],
         default_value="password",
-        help="'password': built-in shared-password login (embedded default); 'oidc': an OpenID Connect provider.",
+        help="'password': each user has their own password, set with `gpulab users` (embedded default); "
+        "'oidc': an OpenID Connect provider.",
     ).tag(config=True)
-    admin_users = Set(Unicode(), {"admin"}, help="Hub admins (password login).").tag(config=True)
-    user_password_file = Unicode(
-        help="0600 file with the shared password for non-admin users (password login); generated if unset."
+    admin_users = Set(
+        Unicode(), help="Hub admins (password login); default: 'admin', or the OS user who started a personal platform."
     ).tag(config=True)
+    self_signup = Bool(
+        False, help="Password login: let anyone create an account on the sign-up page (an admin then approves it)."
+    ).tag(config=True)
+    allowed_failed_logins = Integer(
+        5, help="Password login: wrong passwords in a row before a user name is locked for lockout_seconds."
+    ).tag(config=True)
+    lockout_seconds = Integer(60, help="Password login: how long a user name stays locked.").tag(config=True)
+
+    @default("admin_users")
+    def _default_admin_users(self):
+        return {"admin"} if os.geteuid() == 0 else {getpass.getuser()}
 
 
 class OIDC(Configurable):

@@ -24,6 +24,8 @@ JOBS_SERVICE = "gpulab-jobs"
 MLFLOW_SERVICE = "mlflow"
 INFER_SERVICE = "gpulab-infer"
 TRITON_SERVICE = "triton"
+CLI_SERVICE = "gpulab-cli"  # the token `gpulab users` calls the hub with (no process of its own)
+CLI_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 SERVICE_ACCESS = [f"access:services!service={name}" for name in (JOBS_SERVICE, MLFLOW_SERVICE, INFER_SERVICE)]
 
 ROLES = {

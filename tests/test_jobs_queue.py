@@ -174,7 +174,7 @@ print("leaked" if "JUPYTERHUB_API_TOKEN" in os.environ else "clean", os.getcwd()
         "CUDA_VISIBLE_DEVICES": "",
     }
     assert repr(env) in log
-    assert f"clean {q.job_dir(row)}" in log
+    assert f"clean {q.work_dir(row)}" in log
     job = q.job_model(row)
     assert job.log_size == len(log.encode()) and job.finished_at and job.started_at
     assert await q.read_logs(row, 6, 4) == b"from"
@@ -191,13 +191,13 @@ print("leaked" if "JUPYTERHUB_API_TOKEN" in os.environ else "clean", os.getcwd()
     assert not store.check_job_token(gated, token)
 
 
-async def test_cell_job_runs_source_in_job_dir(make_queue, store):
+async def test_cell_job_runs_source_in_its_work_dir(make_queue, store):
     q = await make_queue()
     job_id = await submit(q, source="import os\nprint('cwd', os.getcwd())\nprint('file', __file__)\n")
     row = await finished(store, job_id)
     assert row.state == "succeeded"
     log = q.log_path(row).read_text()
-    assert f"cwd {q.job_dir(row)}" in log and f"file {q.job_dir(row) / 'source.py'}" in log
+    assert f"cwd {q.work_dir(row)}" in log and f"file {q.job_dir(row) / 'source.py'}" in log
 
 
 async def test_failing_job_fails_with_exit_code(make_queue, store):

@@ -79,6 +79,6 @@ def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id and m.name == "model" for m in models)
 
-    job_dir = hub.data_dir / "jobs" / "alice" / job_id
+    job_dir = hub.data_dir / "jobs" / "alice" / job_id / "work"
     runs = list((job_dir / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir()), os.listdir(job_dir)

@@ -3,6 +3,7 @@
 ``hub_config/jupyterhub_config.py`` calls :func:`configure` with the hub's ``c``.
 """
 
+import getpass
 import os
 import secrets as _random
 import sys
@@ -10,14 +11,17 @@ from pathlib import Path
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
+from ..accounts import ACCOUNT_NAME, MAX_ACCOUNT_NAME, AccountPolicy, closed_to_others, isolation_mode
+
 from .. import scopes
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
-from ..scopes import INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
+from ..scopes import CLI_SCOPES, CLI_SERVICE, INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
 from ..secrets import read_secret_file, secret_from, write_secret_file
+from .spawner import AccountSpawner
 from ..tracing import setup_tracing
-from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
+from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator, new_password
 from .oidc import discover
 from .proxy import proxy_command
 from .roles import load_roles
@@ -39,16 +43,20 @@ def _persistent_secret(path: Path, nbytes: int = 32) -> str:
     return value
 
 
-def _configure_password_login(c, login, data_dir: Path) -> None:
+def _configure_password_login(c, login, data_dir: Path, isolation: str) -> None:
     c.JupyterHub.authenticator_class = GpulabPasswordAuthenticator
     c.Authenticator.admin_users = set(login.admin_users)
-    c.SharedPasswordAuthenticator.admin_password = _persistent_secret(data_dir / "secrets" / "admin-password")
-    if login.user_password_file:
-        user_password = read_secret_file(login.user_password_file, "Login.user_password_file").reveal()
-    else:
-        user_password = _persistent_secret(data_dir / "secrets" / "user-password", 12)
-    c.SharedPasswordAuthenticator.user_password = user_password
-    c.Authenticator.allow_all = True
+    a = c.GpulabPasswordAuthenticator
+    admin_password = data_dir / "secrets" / "admin-password"
+    if not admin_password.exists():
+        write_secret_file(admin_password, new_password())
+    a.admin_password_file = str(admin_password)
+    a.enable_signup = login.self_signup
+    a.open_signup = False  # signed-up users wait for an admin's approval
+    a.allowed_failed_logins = login.allowed_failed_logins
+    a.seconds_before_next_try = login.lockout_seconds
+    if isolation == "personal":
+        a.owner = getpass.getuser()
 
 
 def _configure_oidc_login(c, oidc, platform) -> None:
@@ -80,6 +88,36 @@ def _configure_oidc_login(c, oidc, platform) -> None:
     g.custom_403_message = NOT_ALLOWED_MESSAGE
 
 
+ISOLATION_NONE_BANNER = (
+    "This gpulab runs every user as one system account (<code>c.Platform.isolation = 'none'</code>): "
+    "users can read each other's files and secrets. Start it as root to give each user their own account."
+)
+
+
+def _configure_spawner(c, platform, isolation: str, data_dir: Path) -> None:
+    """One system account per user (isolation 'accounts'), else every server as the account gpulab runs as."""
+    if isolation != "accounts":
+        # one OS account for all: a personal platform (only its owner signs in), or 'none' chosen explicitly
+        c.JupyterHub.spawner_class = SimpleLocalProcessSpawner
+        c.SimpleLocalProcessSpawner.home_dir_template = str(data_dir / "users" / "{username}")
+        if isolation == "none":
+            c.JupyterHub.template_vars = {"announcement": ISOLATION_NONE_BANNER}
+        return
+    reached = (("the Python interpreter", os.path.realpath(sys.executable)), ("gpulab", Path(__file__).parent))
+    for what, path in reached:
+        if closed := closed_to_others(path):
+            raise ConfigError(
+                f"Platform.isolation: user accounts cannot reach {what} at {path}: {closed} is closed to other "
+                f"accounts (mode {closed.stat().st_mode & 0o777:04o}); install gpulab where every account can read "
+                f"it, or run: chmod o+x {closed}"
+            )
+    c.JupyterHub.spawner_class = AccountSpawner
+    c.AccountSpawner.account_policy = vars(AccountPolicy.from_platform(platform))
+    # hub names that make valid account names, so a user is refused at sign-in rather than at spawn
+    longest = MAX_ACCOUNT_NAME - len(platform.account_prefix)
+    c.Authenticator.username_pattern = ACCOUNT_NAME.pattern.replace("*$", f"{{0,{longest - 1}}}$")
+
+
 def _service_env(platform, services: dict) -> dict:
     """Where user servers and kernels find the platform's services (no secrets)."""
     env = {}
@@ -104,8 +142,11 @@ def configure(c, config_file: Path | None = None) -> None:
     conf = instances(cfg)
     platform, login, oidc, roles_cfg = conf["Platform"], conf["Login"], conf["OIDC"], conf["Roles"]
     data_dir = Path(platform.data_dir).expanduser().resolve()
+    isolation = isolation_mode(platform)
     hub_dir = data_dir / "hub"
     hub_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if isolation == "accounts":  # users' job directories are below it: they may pass, not list
+        data_dir.chmod(0o711)
     setup_tracing("gpulab-hub")
 
     j = c.JupyterHub
@@ -125,9 +166,12 @@ def configure(c, config_file: Path | None = None) -> None:
         _configure_oidc_login(c, oidc, platform)
         admin_users, admin_groups = set(), set(oidc.admin_groups)
     else:
-        _configure_password_login(c, login, data_dir)
+        _configure_password_login(c, login, data_dir, isolation)
         admin_users, admin_groups = set(login.admin_users), set()
-    j.load_roles = load_roles(roles_cfg, admin_users, admin_groups)
+    j.load_roles = [
+        *load_roles(roles_cfg, admin_users, admin_groups),
+        {"name": CLI_SERVICE, "scopes": CLI_SCOPES, "services": [CLI_SERVICE]},
+    ]
 
     config_file = Path(config_file) if config_file else config_path()
 
@@ -136,6 +180,7 @@ def configure(c, config_file: Path | None = None) -> None:
 
     services = builtin_services(platform, data_dir, config_file, token_for, cfg.InferenceGateway)
     services += managed_services(platform, data_dir, token_for)
+    services.append({"name": CLI_SERVICE, "api_token": token_for(CLI_SERVICE)})
     subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
     j.services = services
     by_name = {s["name"]: s for s in services}
@@ -152,8 +197,7 @@ def configure(c, config_file: Path | None = None) -> None:
     ]
 
     s = c.Spawner
-    j.spawner_class = SimpleLocalProcessSpawner
-    c.SimpleLocalProcessSpawner.home_dir_template = str(data_dir / "users" / "{username}")
+    _configure_spawner(c, platform, isolation, data_dir)
     s.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
     s.args = [f"--ServerApp.authorizer_class={AUTHORIZER}"]
     if os.geteuid() == 0:  # containers and CI run as root

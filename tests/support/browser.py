@@ -61,9 +61,9 @@ def run_cell(page, index: int, code: str, attempts: int = 3) -> None:
 
 
 def hub_login(page, hub, user: str) -> None:
-    """Log in to ``hub`` (a tests.support.gpulab_up.Platform) with its generated user password and
-    wait for the user's JupyterLab."""
-    password = (hub.data_dir / "secrets" / "user-password").read_text().strip()
+    """Log in to ``hub`` (a tests.support.gpulab_up.Platform) with the user's own password (the user is
+    created if new) and wait for the user's JupyterLab."""
+    password = hub.create_user(user)
     page.goto(f"{hub.url}/hub/login")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", password)

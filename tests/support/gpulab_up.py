@@ -1,6 +1,7 @@
 """Run a real gpulab platform (`gpulab up`: hub + proxy + services) for tests, and talk to it."""
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -10,9 +11,25 @@ from pathlib import Path
 import psutil
 import requests
 
+from gpulab.accounts import kill_processes
 from gpulab.net import free_port
 
 TEST_ADMIN_SERVICE = "test-admin"
+
+
+def open_to_accounts(path: Path) -> None:
+    """o+x (enter, not list) on ``path`` and the directories above it: pytest's temp dirs are 0700."""
+    for d in [*reversed(Path(path).parents), Path(path)]:
+        if d.exists() and not d.stat().st_mode & 0o001:
+            d.chmod(d.stat().st_mode | 0o001)
+
+
+def remove_accounts(prefix: str) -> None:
+    """Remove the system accounts whose names start with ``prefix``, their processes (by PID) and homes."""
+    for entry in pwd.getpwall():
+        if entry.pw_name.startswith(prefix):
+            kill_processes(entry.pw_uid)
+            subprocess.run(["userdel", "--remove", entry.pw_name], capture_output=True)
 
 
 class Platform:
@@ -28,6 +45,11 @@ class Platform:
         self.log_path = self.data_dir / "gpulab-up.log"
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        # as root, each user runs as a system account of its own: made with a prefix of this platform's,
+        # homes beside the data dir, all removed by stop()
+        self.account_prefix = f"gt{os.urandom(3).hex()}-"
+        self.home_root = self.data_dir.parent / "homes"
+        self.passwords: dict[str, str] = {}
 
     def write_config(self, config: str = "", services: list[dict] = ()) -> None:
         """gpulab_config.py: an admin service for the tests' API calls, extra services, then ``config``."""
@@ -40,6 +62,7 @@ class Platform:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(
             f"c.Platform.services = {[admin, *services]!r}\nc.Roles.extra_roles = {[role]!r}\n"
+            f"c.Platform.account_prefix = {self.account_prefix!r}\nc.Platform.home_root = {str(self.home_root)!r}\n"
             # tests that need inference turn it back on
             f"c.Platform.inference_service = False\n{config}\n"
         )
@@ -52,6 +75,8 @@ class Platform:
 
     def start(self, config: str = "", services: list[dict] = (), timeout: float = 60) -> "Platform":
         self.write_config(config, services)
+        if os.geteuid() == 0:  # users' accounts must reach their job dirs below the data dir
+            open_to_accounts(self.data_dir)
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpulab", "up", "--ip", self.host, "--port", str(self.port),
@@ -84,14 +109,21 @@ class Platform:
             return []
 
     def stop(self, timeout: float = 40) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc and self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            if self.proc is None or self.proc.poll() is not None:
+                return self.proc and self.proc.returncode
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        finally:
+            remove_accounts(self.account_prefix)
+
+    def accounts(self) -> list[pwd.struct_passwd]:
+        """The system accounts this platform made for its users."""
+        return [e for e in pwd.getpwall() if e.pw_name.startswith(self.account_prefix)]
 
     # --- hub API -----------------------------------------------------------------
     def api(self, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
@@ -101,13 +133,19 @@ class Platform:
             kwargs["json"] = {}
         return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs)
 
-    def create_user(self, name: str, groups=()) -> None:
+    def create_user(self, name: str, groups=()) -> str:
+        """Create ``name`` (if new) in ``groups``, with a password of its own (returned, kept in ``passwords``)."""
         r = self.api("POST", f"/users/{name}")
         assert r.status_code in (201, 409), r.text
         for group in groups:
             self.api("POST", f"/groups/{group}")
             r = self.api("POST", f"/groups/{group}/users", json={"users": [name]})
             assert r.status_code == 200, r.text
+        if name not in self.passwords:
+            r = self.api("POST", f"/gpulab/users/{name}/password")
+            assert r.status_code == 201, r.text
+            self.passwords[name] = r.json()["password"]
+        return self.passwords[name]
 
     def token(self, user: str, scopes: list[str] | None = None) -> str:
         body = {"note": "test"}

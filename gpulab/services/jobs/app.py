@@ -18,12 +18,14 @@ from urllib.parse import urlsplit
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 
+from ... import accounts
 from ...attestation import AttestationService
 from ...config import instances, load_config
 from ...errors import ConfigError
 from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...tracing import setup_tracing
 from . import openapi
+from .executors.local import LocalExecutor
 from .handlers import APIError, BaseHandler, handlers
 from .metrics import MetricsHandler
 from .queue import JobQueue
@@ -60,11 +62,16 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
 
 def build_queue(cfg, service_url: str, prefix: str) -> JobQueue:
     """The queue and store from ``gpulab_config.py``, with platform defaults filled in."""
-    data_dir = Path(instances(cfg)["Platform"].data_dir).expanduser()
-    (data_dir / "jobs").mkdir(parents=True, exist_ok=True, mode=0o700)
+    platform = instances(cfg)["Platform"]
+    data_dir = Path(platform.data_dir).expanduser()
+    jobs_dir = data_dir / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o711)  # jobs reach their own work dirs below it
+    jobs_dir.chmod(0o711)
     url = cfg.JobStore.get("url") or f"sqlite:///{data_dir / 'jobs' / 'jobs.sqlite'}"
     store = JobStore(config=cfg, url=url)
     queue = JobQueue(config=cfg, store=store, data_dir=str(data_dir))
+    if isinstance(queue.executor, LocalExecutor) and accounts.isolation_mode(platform) == "accounts":
+        queue.executor.account_policy = accounts.AccountPolicy.from_platform(platform)
     if not queue.jobs_api_url:
         queue.jobs_api_url = service_url.rstrip("/") + prefix + "api/v1"
     if not queue.mlflow_tracking_uri and os.environ.get("GPULAB_MLFLOW_URL"):

@@ -251,7 +251,12 @@ class JobQueue(LoggingConfigurable):
                 self.log.error("could not cancel job %s of %s: %s", row.id, owner, result)
 
     def job_dir(self, row: JobRow) -> Path:
+        """The service's directory of a job: its logs, handle and source (the job cannot write here)."""
         return Path(self.data_dir) / "jobs" / row.owner / row.id
+
+    def work_dir(self, row: JobRow) -> Path:
+        """The job's own directory (``GPULAB_JOB_DIR``, its default working dir), owned by the job's account."""
+        return self.job_dir(row) / "work"
 
     def log_path(self, row: JobRow, attempt: int | None = None) -> Path:
         return self.job_dir(row) / f"attempt-{attempt or row.attempt}.log"
@@ -563,16 +568,18 @@ class JobQueue(LoggingConfigurable):
             **gate,
         )
         spec = JobSpec.model_validate(row.spec)
-        job_dir = self.job_dir(row)
-        job_dir.mkdir(parents=True, exist_ok=True)
+        job_dir, work_dir = self.job_dir(row), self.work_dir(row)
+        await asyncio.to_thread(_make_job_dirs, job_dir, work_dir)
         argv = spec.entrypoint
+        source = None
         if spec.source is not None:
-            (job_dir / "source.py").write_text(spec.source)
-            argv = [sys.executable, str(job_dir / "source.py")]
+            source = job_dir / "source.py"
+            await asyncio.to_thread(source.write_text, spec.source)
+            argv = [sys.executable, str(source)]
         if self.wrap_with_runner:
             argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
         env = self._env(row, spec, token)
-        env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(job_dir))
+        env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(work_dir))
         if attested:
             env["GPULAB_ATTESTATION_FINGERPRINT"] = attested.fingerprint
         parent = tracing.extract({"traceparent": row.traceparent} if row.traceparent else {})
@@ -585,7 +592,9 @@ class JobQueue(LoggingConfigurable):
                 attempt=attempt,
                 owner=row.owner,
                 argv=argv,
-                working_dir=spec.working_dir or str(job_dir),
+                working_dir=spec.working_dir or str(work_dir),
+                work_dir=work_dir,
+                source=source,
                 env=env,
                 gpus=row.gpus,
                 cpus=row.cpus,
@@ -623,12 +632,12 @@ class JobQueue(LoggingConfigurable):
         env = {name: os.environ[name] for name in self.inherit_env if name in os.environ}
         env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **self.wandb_env, **spec.env})
         env.update(
-            WANDB_DIR=str(self.job_dir(row)),  # W&B writes <WANDB_DIR>/wandb/
+            WANDB_DIR=str(self.work_dir(row)),  # W&B writes <WANDB_DIR>/wandb/
             MLFLOW_EXPERIMENT_NAME=spec.tracking.experiment or row.name,
             GPULAB_JOB_ID=row.id,
             GPULAB_JOB_NAME=row.name,
             GPULAB_JOB_OWNER=row.owner,
-            GPULAB_JOB_DIR=str(self.job_dir(row)),
+            GPULAB_JOB_DIR=str(self.work_dir(row)),
             GPULAB_JOB_TOKEN=token,
         )
         if spec.tracking.wandb_project:
@@ -638,3 +647,10 @@ class JobQueue(LoggingConfigurable):
         if self.jobs_api_url:
             env["GPULAB_JOBS_URL"] = self.jobs_api_url
         return env
+
+
+def _make_job_dirs(job_dir: Path, work_dir: Path) -> None:
+    """``jobs/<owner>/<id>/`` for the service (others may pass, not list) and its ``work/`` for the job."""
+    for d in (job_dir.parent, job_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o711)
+    work_dir.mkdir(exist_ok=True, mode=0o700)

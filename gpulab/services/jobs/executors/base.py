@@ -31,6 +31,8 @@ class Launch:
     pool: str
     log_path: Path  # the attempt's log file, in the job's directory
     gpu_ids: list[int] = field(default_factory=list)  # chosen by the queue where the executor owns GPUs
+    work_dir: Path | None = None  # the job's own directory (GPULAB_JOB_DIR), to be owned by the job's account
+    source: Path | None = None  # a cell job's source file, which the job's account must be able to read
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Each attempt runs under a small supervisor (the group leader, ``python -I -c``) that waits
 for the job and writes its exit status to ``<state_dir>/<pid>-<start time>.exit``, so the
 outcome is known even when the attempt ends while the service is down (it is then no
-longer the service's child). The handle's ref is ``"<pid>:<start time>"``, so a recycled
+longer the service's child). With isolation 'accounts' the supervisor keeps the service's
+account (the job cannot signal it or write the state dir) and starts the job as its owner's
+system account (:mod:`gpulab.accounts`), in a work dir owned by that account. The handle's ref is ``"<pid>:<start time>"``, so a recycled
 pid is never taken for the attempt.
 """
 
@@ -21,21 +23,22 @@ from pathlib import Path
 import psutil
 from traitlets import Float, Integer, Unicode, default
 
+from gpulab import accounts
 from gpulab.config import default_data_dir
 from gpulab.gpus import list_gpus
 
 from .base import Executor, Handle, Launch, Outcome, PoolCapacity
 
 _SUPERVISOR = """
-import os, signal, subprocess, sys
+import json, os, signal, subprocess, sys
 import psutil
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: None)  # the whole group gets it: outlive the job, record its exit
 path = os.path.join(sys.argv[1], "%d-%.2f.exit" % (os.getpid(), psutil.Process().create_time()))
 try:
-    rc = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL).wait()
+    rc = subprocess.Popen(sys.argv[3:], stdin=subprocess.DEVNULL, **json.loads(sys.argv[2])).wait()
 except OSError as e:
-    print("gpulab: cannot start %r: %s" % (sys.argv[2], e), file=sys.stderr, flush=True)
+    print("gpulab: cannot start %r: %s" % (sys.argv[3], e), file=sys.stderr, flush=True)
     rc = 127
 with open(path + ".tmp", "w") as f:
     f.write(str(rc))
@@ -120,6 +123,8 @@ class LocalExecutor(Executor):
         super().__init__(**kwargs)
         self._procs: dict[str, subprocess.Popen] = {}  # ref -> our child, to reap it
         self._gpus: int | None = None
+        # isolation 'accounts': jobs run as their owner's account (set by the job service from Platform)
+        self.account_policy: accounts.AccountPolicy | None = None
 
     async def capacity(self) -> dict[str, PoolCapacity]:
         if self._gpus is None:
@@ -127,9 +132,14 @@ class LocalExecutor(Executor):
         return {self.pool: PoolCapacity(self._gpus, self.cpus, psutil.virtual_memory().total)}
 
     async def start(self, launch: Launch) -> Handle:
-        os.makedirs(self.state_dir, exist_ok=True)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))}
-        argv = [sys.executable, "-I", "-c", _SUPERVISOR, self.state_dir, *launch.argv]
+        as_account = {}
+        if self.account_policy is not None:
+            account = await asyncio.to_thread(self._prepare, launch)
+            env.update(account.env())
+            as_account = account.popen_kwargs()
+        argv = [sys.executable, "-I", "-c", _SUPERVISOR, self.state_dir, json.dumps(as_account), *launch.argv]
         with open(launch.log_path, "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -145,6 +155,21 @@ class LocalExecutor(Executor):
         handle = Handle(executor=self.name, ref=ref, gpu_ids=list(launch.gpu_ids))
         handle_file(launch.log_path).write_text(json.dumps(asdict(handle)))
         return handle
+
+    def _prepare(self, launch: Launch) -> accounts.Account:
+        """The owner's account (made on first use), given the job's work dir and read access to its source."""
+        account = accounts.ensure(self.account_policy, launch.owner)
+        if launch.work_dir is not None:
+            fd = os.open(launch.work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # never a link planted there
+            try:
+                os.fchown(fd, account.uid, account.gid)
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+        if launch.source is not None:
+            os.chown(launch.source, 0, account.gid, follow_symlinks=False)  # in the service's own dir
+            os.chmod(launch.source, 0o640)
+        return account
 
     def _exit_file(self, ref: str) -> Path:
         return Path(self.state_dir) / f"{ref.replace(':', '-')}.exit"

@@ -1,0 +1,184 @@
+"""One system account per hub user, when the platform runs as root (The Littlest JupyterHub's model).
+
+A hub user ``alice`` runs as the account ``<Platform.account_prefix>alice`` (default ``gpulab-alice``),
+or as the existing account ``Platform.accounts`` maps her to. The account is made on first use (a
+spawn or a job start) with a 0700 home under ``Platform.home_root`` and a locked password: users
+sign in to the hub, never to the machine. Both the hub's spawner and the job service's local
+executor use this module, so a user's server, kernels, terminals and jobs all run as one account.
+"""
+
+import grp
+import os
+import pwd
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+# useradd's own default NAME_REGEX, without the trailing '$' it allows for machine accounts
+ACCOUNT_NAME = re.compile(r"^[a-z_][a-z0-9_-]*$")
+MAX_ACCOUNT_NAME = 32  # utmp's limit, which useradd enforces
+
+
+class AccountError(Exception):
+    """A hub user cannot be given (or mapped to) a system account; the message says why."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A system account a user's processes run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    groups: tuple[int, ...]  # supplementary groups
+
+    def popen_kwargs(self) -> dict:
+        """``subprocess.Popen`` arguments that start a process as this account."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups), "umask": 0o077}
+
+    def env(self) -> dict[str, str]:
+        """The login variables of this account."""
+        return {"USER": self.name, "LOGNAME": self.name, "HOME": self.home, "SHELL": _shell(self.name)}
+
+
+@dataclass(frozen=True)
+class AccountPolicy:
+    """How hub users map to system accounts (from ``Platform``'s settings of the same names)."""
+
+    account_prefix: str = "gpulab-"
+    accounts: dict = field(default_factory=dict)  # hub user -> existing account
+    home_root: str = "/home"
+
+    @classmethod
+    def from_platform(cls, platform) -> "AccountPolicy":
+        return cls(platform.account_prefix, dict(platform.accounts), platform.home_root)
+
+
+def isolation_mode(platform) -> str:
+    """``Platform.isolation`` in force: ``accounts`` as root by default, ``personal`` otherwise."""
+    mode = platform.isolation or ("accounts" if os.geteuid() == 0 else "personal")
+    if mode == "accounts" and os.geteuid() != 0:
+        raise ConfigError(
+            "Platform.isolation: 'accounts' needs gpulab up to run as root (it starts each user's "
+            "processes as their own account); leave it unset for a personal platform"
+        )
+    return mode
+
+
+def account_name(policy: AccountPolicy, user: str) -> str:
+    """The system account name of hub user ``user``; AccountError if it cannot be one."""
+    name = policy.accounts.get(user) or f"{policy.account_prefix}{user}"
+    if len(name) > MAX_ACCOUNT_NAME:
+        raise AccountError(
+            f"user name {user!r}: its account name {name!r} is longer than {MAX_ACCOUNT_NAME} characters"
+        )
+    if not ACCOUNT_NAME.match(name):
+        raise AccountError(
+            f"user name {user!r}: {name!r} is not a valid account name (lower-case letters, digits, '-' and "
+            "'_', starting with a letter)"
+        )
+    return name
+
+
+def _shell(name: str) -> str:
+    try:
+        return pwd.getpwnam(name).pw_shell or "/bin/sh"
+    except KeyError:
+        return "/bin/sh"
+
+
+def _account(entry: pwd.struct_passwd) -> Account:
+    groups = tuple(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem and g.gr_gid != entry.pw_gid)
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, groups)
+
+
+def lookup(policy: AccountPolicy, user: str) -> Account | None:
+    """``user``'s account if it exists."""
+    try:
+        return _account(pwd.getpwnam(account_name(policy, user)))
+    except KeyError:
+        return None
+
+
+def ensure(policy: AccountPolicy, user: str) -> Account:
+    """``user``'s account, created (home 0700 under ``Platform.home_root``) if it does not exist yet.
+
+    Blocking (it may run useradd): call it from a thread in async code.
+    """
+    name = account_name(policy, user)
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if user in policy.accounts:
+            raise AccountError(f"Platform.accounts maps {user!r} to {name!r}, which does not exist") from None
+        entry = _create(name, Path(policy.home_root), user)
+    if entry.pw_uid == 0:
+        raise AccountError(f"user name {user!r}: account {name!r} is root's; map the user to another account")
+    home = Path(entry.pw_dir)
+    if home.is_dir() and home.stat().st_uid == entry.pw_uid:
+        os.chmod(home, 0o700)
+    return _account(entry)
+
+
+def _create(name: str, home_root: Path, user: str) -> pwd.struct_passwd:
+    home_root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    home = home_root / name
+    result = subprocess.run(
+        ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/bash", "--user-group",
+         "--comment", f"gpulab user {user}", "--key", "UMASK=077", name],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise AccountError(f"could not create account {name!r} for {user!r}: {result.stderr.strip()}")
+    os.chmod(home, 0o700)
+    return pwd.getpwnam(name)
+
+
+def remove(policy: AccountPolicy, user: str, purge: bool = False) -> str | None:
+    """Remove ``user``'s account if gpulab made it (mapped accounts stay); with ``purge`` its home too.
+
+    Returns the name of the account removed, or None. Processes still running as it are killed first.
+    """
+    if user in policy.accounts:
+        return None
+    account = lookup(policy, user)
+    if account is None:
+        return None
+    kill_processes(account.uid)
+    result = subprocess.run(["userdel", *(["--remove"] if purge else []), account.name], capture_output=True, text=True)
+    if result.returncode not in (0, 12):  # 12: home could not be removed (already gone)
+        raise AccountError(f"could not remove account {account.name!r}: {result.stderr.strip()}")
+    return account.name
+
+
+def kill_processes(uid: int) -> int:
+    """SIGKILL every process running as ``uid``, by PID; how many there were."""
+    import psutil
+
+    killed = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"] and proc.info["uids"].real == uid:
+                proc.kill()
+                killed.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(killed, timeout=10)
+    return len(killed)
+
+
+def closed_to_others(path: str | os.PathLike) -> Path | None:
+    """The first directory on the way to ``path`` that other accounts cannot enter (no o+x), or None.
+
+    User accounts must reach the interpreter, gpulab's package and the data dir; a checkout under
+    a 0700 directory (``/root``, ``mktemp -d``) would make every spawn fail with a bare EACCES.
+    """
+    p = Path(path).absolute()
+    for d in [*reversed(p.parents), p] if p.is_dir() else reversed(p.parents):
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
