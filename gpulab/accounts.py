@@ -125,7 +125,9 @@ def ensure(policy: AccountPolicy, user: str) -> Account:
 
 
 def _create(name: str, home_root: Path, user: str) -> pwd.struct_passwd:
-    home_root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if not home_root.exists():
+        home_root.mkdir(parents=True)
+        home_root.chmod(0o755)  # explicitly: gpulab up's umask is 077
     home = home_root / name
     result = subprocess.run(
         ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/bash", "--user-group",

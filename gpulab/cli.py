@@ -87,6 +87,7 @@ def up(args) -> int:
     from .hub_config import configure
 
     started = time.monotonic()
+    os.umask(0o077)  # what the platform writes (databases, logs, secrets, job dirs) is its own unless said
     overrides = _overrides(args)
     if overrides:
         os.environ["GPULAB_CONFIG_OVERRIDES"] = json.dumps(overrides)

@@ -49,7 +49,7 @@ def _configure_password_login(c, login, data_dir: Path, isolation: str) -> None:
     a = c.GpulabPasswordAuthenticator
     admin_password = data_dir / "secrets" / "admin-password"
     if not admin_password.exists():
-        write_secret_file(admin_password, new_password())
+        write_secret_file(admin_password, new_password(32))
     a.admin_password_file = str(admin_password)
     a.enable_signup = login.self_signup
     a.open_signup = False  # signed-up users wait for an admin's approval
@@ -118,6 +118,17 @@ def _configure_spawner(c, platform, isolation: str, data_dir: Path) -> None:
     c.Authenticator.username_pattern = ACCOUNT_NAME.pattern.replace("*$", f"{{0,{longest - 1}}}$")
 
 
+def _keep_config_private(config_file: Path, data_dir: Path) -> None:
+    """gpulab_config.py may hold tokens and passwords: no user account may read it."""
+    if not config_file.exists() or not config_file.stat().st_mode & 0o077:
+        return
+    if config_file.resolve().is_relative_to(data_dir):
+        config_file.chmod(0o600)
+    else:
+        print(f"gpulab: warning: {config_file} is readable by other accounts; if it holds secrets, run: "
+              f"chmod 600 {config_file}", file=sys.stderr)
+
+
 def _service_env(platform, services: dict) -> dict:
     """Where user servers and kernels find the platform's services (no secrets)."""
     env = {}
@@ -174,6 +185,8 @@ def configure(c, config_file: Path | None = None) -> None:
     ]
 
     config_file = Path(config_file) if config_file else config_path()
+    if isolation == "accounts":
+        _keep_config_private(config_file, data_dir)
 
     def token_for(name: str) -> str:
         return _persistent_secret(hub_dir / "services" / f"{name}.token")

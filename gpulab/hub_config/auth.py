@@ -109,9 +109,9 @@ MAX_PASSWORD_LENGTH = 72  # bcrypt uses the first 72 bytes only: longer ones are
 _UNKNOWN_USER_HASH = bcrypt.hashpw(b"unknown user", bcrypt.gensalt())  # same cost for unknown names
 
 
-def new_password() -> str:
-    """A generated password: 16 url-safe characters (96 bits)."""
-    return _random.token_urlsafe(12)
+def new_password(nbytes: int = 12) -> str:
+    """A generated password: ``nbytes`` random bytes, url-safe (the default: 16 characters, 96 bits)."""
+    return _random.token_urlsafe(nbytes)
 
 
 class GpulabPasswordAuthenticator(UserEventsMixin, NativeAuthenticator):

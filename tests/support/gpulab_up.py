@@ -73,17 +73,26 @@ class Platform:
         env.pop("GPULAB_CONFIG_OVERRIDES", None)
         return env
 
-    def start(self, config: str = "", services: list[dict] = (), timeout: float = 60) -> "Platform":
+    def start(self, config: str = "", services: list[dict] = (), timeout: float = 60,
+              run_as: pwd.struct_passwd | None = None) -> "Platform":
+        """Start ``gpulab up`` (as root, or as the account ``run_as``: a personal platform)."""
         self.write_config(config, services)
+        env, as_account = self.env(), {}
         if os.geteuid() == 0:  # users' accounts must reach their job dirs below the data dir
             open_to_accounts(self.data_dir)
+        if run_as is not None:
+            for path in (self.data_dir, self.config_file):
+                os.chown(path, run_as.pw_uid, run_as.pw_gid)
+            env.update(HOME=run_as.pw_dir, USER=run_as.pw_name, LOGNAME=run_as.pw_name)
+            as_account = {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []}
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpulab", "up", "--ip", self.host, "--port", str(self.port),
              "--data-dir", str(self.data_dir)],
-            env=self.env(),
-            stdout=self.log_path.open("ab"),
+            env=env,
+            stdout=os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab"),
             stderr=subprocess.STDOUT,
+            **as_account,
         )
         deadline = started + timeout
         while time.monotonic() < deadline:

@@ -652,5 +652,6 @@ class JobQueue(LoggingConfigurable):
 def _make_job_dirs(job_dir: Path, work_dir: Path) -> None:
     """``jobs/<owner>/<id>/`` for the service (others may pass, not list) and its ``work/`` for the job."""
     for d in (job_dir.parent, job_dir):
-        d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o711)  # explicitly: gpulab up's umask is 077
     work_dir.mkdir(exist_ok=True, mode=0o700)

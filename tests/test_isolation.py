@@ -1,0 +1,164 @@
+"""Users kept apart: their own passwords, their own OS accounts, and nothing of each other's to reach.
+
+Real parts: `gpulab up` as root (JupyterHub, configurable-http-proxy, gpulab-jobs), spawned
+JupyterLab servers and their kernels, local-executor jobs, real system accounts made by useradd
+(removed when the platform stops), and `gpulab up` started as an ordinary account.
+"""
+
+import os
+import pwd
+import re
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.support.gpulab_up import Platform
+from tests.support.jobs import Client
+from tests.support.login import password_login
+from tests.support.probe import parse, probe_source
+from tests.support.server_kernel import run_in_server_kernel
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="one account per user needs root (CI runs as root)")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    hub = Platform(tmp_path_factory.mktemp("isolation") / "data", host="127.0.0.24")
+    hub.start("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\n")
+    yield hub
+    hub.stop()
+
+
+def users_cli(hub: Platform, *args: str, run_as: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
+    as_account = {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []} if run_as else {}
+    return subprocess.run([sys.executable, "-m", "gpulab", "users", *args, "--data-dir", str(hub.data_dir)],
+                          capture_output=True, text=True, env=hub.env(), timeout=120, **as_account)
+
+
+def printed_password(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    [password] = re.findall(r"^password: (\S+)$", result.stdout, re.M)
+    return password
+
+
+def refusal(hub: Platform, user: str, password: str) -> str:
+    """The sign-in page's message for a refused sign-in."""
+    with pytest.raises(PermissionError):
+        password_login(hub.url, user, password)
+    s = requests.Session()
+    s.get(hub.url + "/hub/login", timeout=30)
+    r = s.post(hub.url + "/hub/login", data={"username": user, "password": password, "_xsrf": s.cookies["_xsrf"]},
+               allow_redirects=False, timeout=30)
+    assert r.status_code == 200, r.status_code
+    return r.text
+
+
+def test_each_user_signs_in_with_their_own_password_only(hub):
+    assert not (hub.data_dir / "secrets" / "user-password").exists()  # the shared password is gone
+    ann = printed_password(users_cli(hub, "add", "ann"))
+    ben = printed_password(users_cli(hub, "add", "ben", "--group", "ml"))
+    assert ann != ben
+    password_login(hub.url, "ann", ann)
+    password_login(hub.url, "ben", ben)
+    assert "Wrong user name or password." in refusal(hub, "ben", ann)
+    assert "Wrong user name or password." in refusal(hub, "newcomer", ann)
+    assert "is not a valid user name" in refusal(hub, "Ann Smith", ann)
+
+    again = users_cli(hub, "add", "ann")
+    assert again.returncode == 2 and "user ann exists" in again.stderr
+    bad = users_cli(hub, "add", "Bad.Name")
+    assert bad.returncode == 2 and "Bad.Name" in bad.stderr, bad.stderr
+    listed = users_cli(hub, "list").stdout
+    assert re.search(rf"^ann\s+no\s+-\s+{hub.account_prefix}ann\s", listed, re.M), listed
+    assert re.search(rf"^ben\s+no\s+ml\s+{hub.account_prefix}ben\s", listed, re.M), listed
+
+    new = printed_password(users_cli(hub, "passwd", "ann"))
+    assert "Wrong user name or password." in refusal(hub, "ann", ann)
+    password_login(hub.url, "ann", new)
+
+    weak = hub.data_dir.parent / "weak-password"
+    weak.write_text("password\n")
+    weak.chmod(0o600)
+    refused = users_cli(hub, "passwd", "ann", "--password-file", str(weak))
+    assert refused.returncode == 2 and "password: " in refused.stderr and "common" in refused.stderr
+
+    for _ in range(5):  # Login.allowed_failed_logins
+        refusal(hub, "ben", "not-bens-password")
+    assert "Too many failed sign-ins as ben" in refusal(hub, "ben", ben)  # even the right password waits
+    ben = printed_password(users_cli(hub, "passwd", "ben"))  # a new password lifts the lockout
+    password_login(hub.url, "ben", ben)
+
+    hub.spawn("ben")
+    account = f"{hub.account_prefix}ben"
+    assert pwd.getpwnam(account).pw_dir.startswith(str(hub.home_root))
+    removed = users_cli(hub, "remove", "ben", "--purge")
+    assert removed.returncode == 0, removed.stderr
+    assert account not in {e.pw_name for e in pwd.getpwall()}
+    assert "Wrong user name or password." in refusal(hub, "ben", ben)
+
+
+def wait_for_process(account: str, text: str, timeout: float = 30) -> psutil.Process:
+    """The process of ``account`` whose command line has ``text`` (a job itself, not its runner)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["username", "cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if p.info["username"] == account and text in cmdline and "gpulab.runner" not in cmdline:
+                return p
+        time.sleep(0.2)
+    raise AssertionError(f"no process of {account} running {text!r}")
+
+
+def _secrets(hub: Platform, alice_server_env: dict, alice_job_env: dict) -> dict[str, str]:
+    """Every secret alice and the platform hold, by where it came from."""
+    out = {"alice's server token": alice_server_env["JUPYTERHUB_API_TOKEN"],
+           "alice's job token": alice_job_env["GPULAB_JOB_TOKEN"],
+           "admin token": hub.admin_token}
+    for path in [*(hub.data_dir / "hub").rglob("*token*"), hub.data_dir / "hub" / "jupyterhub_cookie_secret",
+                 hub.data_dir / "secrets" / "admin-password"]:
+        out[str(path)] = path.read_text().strip()
+    return out
+
+
+def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
+    hub.create_user("alice")
+    hub.create_user("bob")
+    alice, bob = Client(hub, "alice"), Client(hub, "bob")
+    alice_env = hub.server_env("alice")
+    done = alice.submit(source="print('alice-private-log-line')\nopen('result.txt', 'w').write('alice-result')\n")
+    assert alice.wait(done["id"])["state"] == "succeeded"
+    running = alice.submit(entrypoint=["python", "-c", "import time; time.sleep(300)"])
+    alice.wait(running["id"], states=("running",))
+    alice_job = wait_for_process(f"{hub.account_prefix}alice", "time.sleep(300)")
+    alice_home = pwd.getpwnam(f"{hub.account_prefix}alice").pw_dir
+    assert os.stat(alice_home).st_mode & 0o777 == 0o700
+    notes = os.path.join(alice_home, "notes.txt")
+    with open(notes, "w") as f:
+        f.write("alice's notes")
+    account = pwd.getpwnam(f"{hub.account_prefix}alice")
+    os.chown(notes, account.pw_uid, account.pw_gid)
+
+    job_dir = hub.data_dir / "jobs" / "alice" / done["id"]
+    known = [str(p) for p in hub.data_dir.rglob("*") if p.is_file()] + [notes]
+    assert str(job_dir / "attempt-1.log") in known and str(job_dir / "work" / "result.txt") in known
+    targets = {"files": known, "trees": [str(hub.data_dir), alice_home]}
+    secrets = _secrets(hub, alice_env, alice_job.environ())
+
+    bob_server = hub.spawn("bob")
+    results = {"kernel": parse(run_in_server_kernel(bob_server, hub.token("bob"), probe_source(targets)))}
+    job = bob.submit(source=probe_source(targets))
+    assert bob.wait(job["id"])["state"] == "succeeded", bob.logs(job["id"])
+    results["job"] = parse(bob.logs(job["id"]))
+
+    for where, result in results.items():
+        print(f"{where}: {result['probes']} probes as {result['me']}: {len(result['findings'])} findings")
+        assert result["me"] == f"{hub.account_prefix}bob", where
+        assert result["findings"] == [], (where, result["findings"])
+        seen = "\n".join(result["cmdlines"])
+        assert [name for name, value in secrets.items() if value in seen] == [], where
+        assert result["probes"] > len(known)
+    alice.request("POST", f"/jobs/{running['id']}/cancel")
