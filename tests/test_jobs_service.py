@@ -101,8 +101,8 @@ def test_follow_logs_streams_until_the_end(alice):
     assert all(f"line {i}" in text for i in range(5))
 
 
-def test_cancel_stops_the_process_group(alice, tmp_path):
-    pidfile = tmp_path / "pid"
+def test_cancel_stops_the_process_group(hub, alice):
+    pidfile = hub.user_dir("alice") / "pid"
     code = PY + f"import os; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     job = alice.submit(entrypoint=["python", "-c", code])
     alice.wait(job["id"], states=("running",))
@@ -207,8 +207,8 @@ def test_deleting_a_user_cancels_their_jobs(hub):
     assert carol.wait(job["id"])["state"] == "cancelled"
 
 
-def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alice, tmp_path):
-    marker = tmp_path / "runs"
+def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alice):
+    marker = hub.user_dir("alice") / "runs"
     code = PY + f"open({str(marker)!r}, 'a').write('run\\n'); time.sleep(4)"
     job = alice.submit(entrypoint=["python", "-c", code])
     alice.wait(job["id"], states=("running",))

@@ -36,10 +36,11 @@ def user_env(hub: Platform, user: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def kernel(hub, tmp_path_factory):
-    """A plain Python kernel in kim's server environment with the extension loaded, in ``kernel.cwd``."""
-    cwd = tmp_path_factory.mktemp("notebook")
+def kernel(hub):
+    """A plain Python kernel in kim's server environment with the extension loaded, in ``kernel.cwd``
+    (a folder of kim's, where kim's jobs run)."""
     env = hub.server_env("kim")
+    cwd = hub.user_dir("kim")
     assert env["GPULAB_JOBS_URL"].startswith("http://127.0.0.1:")  # the service's direct address
     kernel = Kernel("python3", env=env, cwd=str(cwd))
     kernel.cwd = cwd

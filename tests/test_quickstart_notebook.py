@@ -49,15 +49,16 @@ def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_pat
         monkeypatch.setenv(name, value)  # the kernel inherits them
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook_dir = hub.user_dir("nia")  # where nia's jobs, running as nia's account, can work
     started = time.monotonic()
-    NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(notebook_dir)}}).execute()
     print(f"notebook ran in {time.monotonic() - started:.1f}s")
     nbformat.write(notebook, output_dir / "quickstart-executed.ipynb")
 
     outputs = [cell.get("outputs", []) for cell in notebook.cells if cell.cell_type == "code"]
     text = ["".join(o.get("text", "") for o in cell_outputs) for cell_outputs in outputs]
     assert "no GPU found" in text[0] + text[1]
-    assert (tmp_path / "digits-prepared.parquet").exists()
+    assert (notebook_dir / "digits-prepared.parquet").exists()
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs[2])  # the monitor
     widgets = [w["state"] for w in notebook.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
                .values()]  # as the monitor ended

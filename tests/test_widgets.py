@@ -3,6 +3,7 @@
 The pool offers 2 (unused) GPUs; gia may use GPUs (quota 1), hal may not.
 """
 
+import os
 import time
 
 import pytest
@@ -36,14 +37,14 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture
-def as_user(hub, monkeypatch, tmp_path):
-    """Give this process the environment of ``user``'s server, in a notebook dir; return the client."""
+def as_user(hub, monkeypatch):
+    """Give this process the environment of ``user``'s server, in a notebook dir of theirs; return the client."""
 
     def become(user: str) -> JobsClient:
         monkeypatch.setenv("GPULAB_JOBS_URL", f"{hub.url}/services/gpulab-jobs/api/v1")
         monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens[user])
         monkeypatch.setenv("JUPYTERHUB_API_URL", f"{hub.url}/hub/api")
-        monkeypatch.chdir(tmp_path)
+        monkeypatch.chdir(hub.user_dir(user))
         return default_client()
 
     return become
@@ -56,7 +57,7 @@ def record(monitor: Monitor) -> list[tuple[float, str, float]]:
     return seen
 
 
-def test_launcher_builds_the_spec_within_scopes_and_quota(as_user, tmp_path):
+def test_launcher_builds_the_spec_within_scopes_and_quota(as_user):
     launcher = Launcher(client=as_user("gia"))
     assert (launcher.gpus.max, launcher.gpus.disabled) == (1, False)
     assert "quota is 1" in launcher.gpu_note.value
@@ -65,7 +66,7 @@ def test_launcher_builds_the_spec_within_scopes_and_quota(as_user, tmp_path):
     launcher.gpus.value, launcher.cpus.value = 3, 2.0  # GPUs clamped to the quota
     launcher.experiment.value, launcher.name.value, launcher.priority.value = "digits", "l1", 5
     assert launcher.spec() == {
-        "name": "l1", "kind": "train", "working_dir": str(tmp_path), "entrypoint": ["python", "train.py",
+        "name": "l1", "kind": "train", "working_dir": os.getcwd(), "entrypoint": ["python", "train.py",
         "--epochs", "5", "--lr", "0.1"], "resources": {"gpus": 1, "cpus": 2.0, "pool": "default"},
         "priority": 5, "tracking": {"experiment": "digits"},
     }

@@ -5,13 +5,14 @@ import pwd
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import requests
 
-from gpulab.accounts import kill_processes
+from gpulab import accounts
 from gpulab.net import free_port
 
 TEST_ADMIN_SERVICE = "test-admin"
@@ -28,7 +29,7 @@ def remove_accounts(prefix: str) -> None:
     """Remove the system accounts whose names start with ``prefix``, their processes (by PID) and homes."""
     for entry in pwd.getpwall():
         if entry.pw_name.startswith(prefix):
-            kill_processes(entry.pw_uid)
+            accounts.kill_processes(entry.pw_uid)
             subprocess.run(["userdel", "--remove", entry.pw_name], capture_output=True)
 
 
@@ -129,6 +130,16 @@ class Platform:
                 return self.proc.wait()
         finally:
             remove_accounts(self.account_prefix)
+
+    def user_dir(self, user: str) -> Path:
+        """A new directory that ``user``'s jobs and kernels can write: owned by the user's account as root
+        (made now if the platform has not made it yet), a plain temporary one otherwise."""
+        if os.geteuid() != 0:
+            return Path(tempfile.mkdtemp(dir=self.data_dir.parent))
+        account = accounts.ensure(accounts.AccountPolicy(self.account_prefix, {}, str(self.home_root)), user)
+        d = Path(tempfile.mkdtemp(dir=account.home))
+        os.chown(d, account.uid, account.gid)
+        return d
 
     def accounts(self) -> list[pwd.struct_passwd]:
         """The system accounts this platform made for its users."""
