@@ -69,6 +69,14 @@ def isolation_mode(platform) -> str:
     return mode
 
 
+def personal_refusal(owner: str) -> str:
+    """Why a personal platform takes no other users, and what to do."""
+    return (
+        f"this is {owner}'s personal platform (gpulab up was not started as root, so users cannot be kept "
+        "apart); start it as root, or set c.Platform.isolation = 'none' to share one account"
+    )
+
+
 def account_name(policy: AccountPolicy, user: str) -> str:
     """The system account name of hub user ``user``; AccountError if it cannot be one."""
     name = policy.accounts.get(user) or f"{policy.account_prefix}{user}"

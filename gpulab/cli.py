@@ -2,6 +2,7 @@
 ``gpulab attest collect`` attests a GPU node."""
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from traitlets.config import Config
 from .attestation.collect import collect as attest_collect
 from .config import config_path, effective_config, instances, load_config
 from . import users
+from .accounts import isolation_mode
 from .errors import ConfigError
 from .net import port_in_use
 
@@ -116,7 +118,9 @@ def up(args) -> int:
 
     hub_dir = data_dir / "hub"
     local_ip = "127.0.0.1" if platform.ip in ("", "0.0.0.0", "::") else platform.ip
-    (hub_dir / "url").write_text(f"http://{local_ip}:{platform.port}\n")  # for `gpulab users`
+    (hub_dir / "cli.json").write_text(json.dumps({  # for `gpulab users`
+        "url": f"http://{local_ip}:{platform.port}", "isolation": isolation_mode(platform), "owner": getpass.getuser(),
+    }))
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterhub", "-f", str(hub_config_file())],
         cwd=hub_dir,

@@ -1,12 +1,13 @@
 """``gpulab users``: add, list, re-password and remove the users of the embedded password login.
 
-It talks to the running hub's REST API (the address ``gpulab up`` wrote to ``<data dir>/hub/url``)
+It talks to the running hub's REST API (the address ``gpulab up`` wrote to ``<data dir>/hub/cli.json``)
 with the ``gpulab-cli`` service's token, which only the account that started gpulab can read.
 Passwords are set through the hub (:class:`gpulab.hub_config.auth.PasswordAPIHandler`), so the
 hub's database is written by the hub alone.
 """
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -25,9 +26,9 @@ class Hub:
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
-        url_file = data_dir / "hub" / "url"
         try:
-            self.url = url_file.read_text().strip()
+            runtime = json.loads((data_dir / "hub" / "cli.json").read_text())
+            self.url, self.isolation, self.owner = runtime["url"], runtime["isolation"], runtime["owner"]
             token = read_secret_file(data_dir / "hub" / "services" / f"{CLI_SERVICE}.token", "gpulab users")
         except FileNotFoundError:
             raise ConfigError(f"no gpulab has run with data dir {data_dir}: start it with gpulab up") from None
@@ -64,6 +65,8 @@ def _set_password(hub: Hub, name: str, password: str | None) -> None:
 
 
 def add(hub: Hub, args) -> int:
+    if hub.isolation == "personal":
+        raise ConfigError(f"users add: {accounts.personal_refusal(hub.owner)}")
     password = _password_from(args.password_file)  # a bad file fails before anything is made
     r = hub.call("POST", f"/users/{args.name}", json={"admin": args.admin}, ok=(201, 409))
     if r.status_code == 409:
@@ -80,12 +83,10 @@ def add(hub: Hub, args) -> int:
 
 
 def list_users(hub: Hub, args) -> int:
-    platform = instances(load_config())["Platform"]
-    isolation = accounts.isolation_mode(platform)
-    policy = accounts.AccountPolicy.from_platform(platform)
+    policy = accounts.AccountPolicy.from_platform(instances(load_config())["Platform"])
     rows = [("NAME", "ADMIN", "GROUPS", "ACCOUNT", "SERVER")]
     for user in sorted(hub.call("GET", "/users?limit=10000").json(), key=lambda u: u["name"]):
-        account = accounts.account_name(policy, user["name"]) if isolation == "accounts" else "(shared)"
+        account = accounts.account_name(policy, user["name"]) if hub.isolation == "accounts" else "(shared)"
         server = "running" if user.get("servers") else "-"
         rows.append((user["name"], "yes" if user["admin"] else "no", ",".join(user["groups"]) or "-", account, server))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -103,9 +104,9 @@ def remove(hub: Hub, args) -> int:
     hub.call("DELETE", f"/users/{args.name}")  # stops the server; the job service cancels the jobs
     print(f"gpulab: removed {args.name}; its jobs are being cancelled")
     if args.purge:
-        platform = instances(load_config())["Platform"]
-        if accounts.isolation_mode(platform) == "accounts":
-            if name := accounts.remove(accounts.AccountPolicy.from_platform(platform), args.name, purge=True):
+        if hub.isolation == "accounts":
+            policy = accounts.AccountPolicy.from_platform(instances(load_config())["Platform"])
+            if name := accounts.remove(policy, args.name, purge=True):
                 print(f"gpulab: removed account {name} and its home")
         shutil.rmtree(hub.data_dir / "jobs" / args.name, ignore_errors=True)
         print(f"gpulab: removed {args.name}'s job files")

@@ -162,3 +162,24 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
         assert [name for name, value in secrets.items() if value in seen] == [], where
         assert result["probes"] > len(known)
     alice.request("POST", f"/jobs/{running['id']}/cancel")
+
+
+def test_without_root_only_the_starting_user_signs_in_and_adding_users_is_refused(tmp_path_factory):
+    hub = Platform(tmp_path_factory.mktemp("personal") / "data", host="127.0.0.25")
+    owner = f"{hub.account_prefix}owner"
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(hub.home_root / owner), owner], check=True)
+    try:
+        hub.data_dir.mkdir(parents=True)
+        hub.start("c.Platform.mlflow_service = False\nc.Platform.jobs_service = False\n",
+                  run_as=pwd.getpwnam(owner))
+        password = (hub.data_dir / "secrets" / "admin-password").read_text().strip()
+        assert (hub.data_dir / "secrets" / "admin-password").stat().st_uid == pwd.getpwnam(owner).pw_uid
+        password_login(hub.url, owner, password)  # the owner is the admin
+        assert f"personal gpulab: only {owner} may sign in." in refusal(hub, "admin", password)
+
+        added = users_cli(hub, "add", "friend", run_as=pwd.getpwnam(owner))
+        assert added.returncode == 2, added.stdout
+        assert f"this is {owner}'s personal platform" in added.stderr and "start it as root" in added.stderr
+        assert "friend" not in {u["name"] for u in hub.api("GET", "/users").json()}
+    finally:
+        hub.stop()

@@ -18,6 +18,7 @@ from tornado import web
 from traitlets import Dict, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from ..accounts import personal_refusal
 from ..config import Roles
 from ..events import make_engine
 from ..events.delivery import Deliverer
@@ -188,10 +189,7 @@ class GpulabPasswordAuthenticator(UserEventsMixin, NativeAuthenticator):
 
     def add_user(self, user):
         if self.owner and user.name != self.owner:
-            raise ValueError(
-                f"this is {self.owner}'s personal platform (gpulab up was not started as root, so users cannot be "
-                "kept apart); start it as root, or set c.Platform.isolation = 'none' to share one account"
-            )
+            raise ValueError(personal_refusal(self.owner))
         super().add_user(user)
 
     def get_handlers(self, app):
