@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.gpulab_up import Platform  # noqa: E402
-from tests.support.jobs import Client  # noqa: E402
+from tests.support.gpulab_up import Platform
+from tests.support.jobs import Client
 
 CONFIG = "c.Platform.isolation = {mode!r}\nc.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.05\n"
 

@@ -140,7 +140,7 @@ def _create(name: str, home_root: Path, user: str) -> pwd.struct_passwd:
     result = subprocess.run(
         ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/bash", "--user-group",
          "--comment", f"gpulab user {user}", "--key", "UMASK=077", name],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
         raise AccountError(f"could not create account {name!r} for {user!r}: {result.stderr.strip()}")
@@ -159,7 +159,8 @@ def remove(policy: AccountPolicy, user: str, purge: bool = False) -> str | None:
     if account is None:
         return None
     kill_processes(account.uid)
-    result = subprocess.run(["userdel", *(["--remove"] if purge else []), account.name], capture_output=True, text=True)
+    result = subprocess.run(["userdel", *(["--remove"] if purge else []), account.name], capture_output=True, text=True,
+                            check=False)
     if result.returncode not in (0, 12):  # 12: home could not be removed (already gone)
         raise AccountError(f"could not remove account {account.name!r}: {result.stderr.strip()}")
     return account.name

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from traitlets.config import Config
 
-from .attestation.collect import collect as attest_collect
-from .config import config_path, effective_config, instances, load_config
 from . import users
 from .accounts import isolation_mode
+from .attestation.collect import collect as attest_collect
+from .config import config_path, effective_config, instances, load_config
 from .errors import ConfigError
 from .net import port_in_use
 

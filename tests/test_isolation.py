@@ -36,12 +36,12 @@ def hub(tmp_path_factory):
 def users_cli(hub: Platform, *args: str, run_as: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
     as_account = {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []} if run_as else {}
     return subprocess.run([sys.executable, "-m", "gpulab", "users", *args, "--data-dir", str(hub.data_dir)],
-                          capture_output=True, text=True, env=hub.env(), timeout=120, **as_account)
+                          capture_output=True, text=True, env=hub.env(), timeout=120, check=False, **as_account)
 
 
 def printed_password(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stderr
-    [password] = re.findall(r"^password: (\S+)$", result.stdout, re.M)
+    [password] = re.findall(r"^password: (\S+)$", result.stdout, re.MULTILINE)
     return password
 
 
@@ -73,8 +73,8 @@ def test_each_user_signs_in_with_their_own_password_only(hub):
     bad = users_cli(hub, "add", "Bad.Name")
     assert bad.returncode == 2 and "Bad.Name" in bad.stderr, bad.stderr
     listed = users_cli(hub, "list").stdout
-    assert re.search(rf"^ann\s+no\s+-\s+{hub.account_prefix}ann\s", listed, re.M), listed
-    assert re.search(rf"^ben\s+no\s+ml\s+{hub.account_prefix}ben\s", listed, re.M), listed
+    assert re.search(rf"^ann\s+no\s+-\s+{hub.account_prefix}ann\s", listed, re.MULTILINE), listed
+    assert re.search(rf"^ben\s+no\s+ml\s+{hub.account_prefix}ben\s", listed, re.MULTILINE), listed
 
     new = printed_password(users_cli(hub, "passwd", "ann"))
     assert "Wrong user name or password." in refusal(hub, "ann", ann)
@@ -130,7 +130,7 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
     alice, bob = Client(hub, "alice"), Client(hub, "bob")
     alice_env = hub.server_env("alice")
     done = alice.submit(source="print('alice-private-log-line')\nopen('result.txt', 'w').write('alice-result')\n")
-    assert alice.wait(done["id"])["state"] == "succeeded"
+    assert alice.wait(done["id"])["state"] == "succeeded", alice.logs(done["id"])
     running = alice.submit(entrypoint=["python", "-c", "import time; time.sleep(300)"])
     alice.wait(running["id"], states=("running",))
     alice_job = wait_for_process(f"{hub.account_prefix}alice", "time.sleep(300)")
@@ -183,3 +183,14 @@ def test_without_root_only_the_starting_user_signs_in_and_adding_users_is_refuse
         assert "friend" not in {u["name"] for u in hub.api("GET", "/users").json()}
     finally:
         hub.stop()
+
+
+def test_a_job_cannot_start_in_a_folder_its_owner_may_not_enter(hub):
+    hub.create_user("carl")
+    other = hub.user_dir("dora")  # in dora's 0700 home
+    (other / "plans.txt").write_text("dora's plans")
+    carl = Client(hub, "carl")
+    job = carl.submit(entrypoint=["python", "-c", "import os; print(os.listdir('.'))"], working_dir=str(other))
+    done = carl.wait(job["id"])
+    log = carl.logs(job["id"])
+    assert done["state"] == "failed" and "Permission denied" in log and "plans.txt" not in log, (done, log)

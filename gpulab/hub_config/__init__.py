@@ -11,21 +11,20 @@ from pathlib import Path
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
-from ..accounts import ACCOUNT_NAME, MAX_ACCOUNT_NAME, AccountPolicy, closed_to_others, isolation_mode
-
 from .. import scopes
+from ..accounts import ACCOUNT_NAME, MAX_ACCOUNT_NAME, AccountPolicy, closed_to_others, isolation_mode
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
 from ..scopes import CLI_SCOPES, CLI_SERVICE, INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
 from ..secrets import read_secret_file, secret_from, write_secret_file
-from .spawner import AccountSpawner
 from ..tracing import setup_tracing
 from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator, new_password
 from .oidc import discover
 from .proxy import proxy_command
 from .roles import load_roles
 from .services import builtin_services, managed_services
+from .spawner import AccountSpawner
 
 NOT_ALLOWED_MESSAGE = (
     "You signed in, but your account is not in a group allowed to use gpulab. "

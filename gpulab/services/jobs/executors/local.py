@@ -3,10 +3,13 @@
 Each attempt runs under a small supervisor (the group leader, ``python -I -c``) that waits
 for the job and writes its exit status to ``<state_dir>/<pid>-<start time>.exit``, so the
 outcome is known even when the attempt ends while the service is down (it is then no
-longer the service's child). With isolation 'accounts' the supervisor keeps the service's
-account (the job cannot signal it or write the state dir) and starts the job as its owner's
-system account (:mod:`gpulab.accounts`), in a work dir owned by that account. The handle's ref is ``"<pid>:<start time>"``, so a recycled
+longer the service's child). The handle's ref is ``"<pid>:<start time>"``, so a recycled
 pid is never taken for the attempt.
+
+With isolation 'accounts' the supervisor keeps the service's account (the job cannot signal
+it or write the state dir) and starts the job as its owner's system account
+(:mod:`gpulab.accounts`), which enters the working dir itself (so a job cannot be started in a
+directory its owner may not enter), with a work dir owned by that account.
 """
 
 import asyncio
@@ -35,8 +38,17 @@ import psutil
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: None)  # the whole group gets it: outlive the job, record its exit
 path = os.path.join(sys.argv[1], "%d-%.2f.exit" % (os.getpid(), psutil.Process().create_time()))
+as_account = json.loads(sys.argv[2])
+cwd = as_account.pop("cwd", None)
+def enter():  # runs in the child once it is the job's account
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        os.write(2, ("gpulab: cannot enter the working dir %s: %s\\n" % (cwd, e.strerror)).encode())
+        os._exit(126)
 try:
-    rc = subprocess.Popen(sys.argv[3:], stdin=subprocess.DEVNULL, **json.loads(sys.argv[2])).wait()
+    rc = subprocess.Popen(sys.argv[3:], stdin=subprocess.DEVNULL, preexec_fn=enter if cwd else None,
+                          **as_account).wait()
 except OSError as e:
     print("gpulab: cannot start %r: %s" % (sys.argv[3], e), file=sys.stderr, flush=True)
     rc = 127
@@ -138,7 +150,7 @@ class LocalExecutor(Executor):
         if self.account_policy is not None:
             account = await asyncio.to_thread(self._prepare, launch)
             env.update(account.env())
-            as_account = account.popen_kwargs()
+            as_account = {**account.popen_kwargs(), "cwd": launch.working_dir}
         argv = [sys.executable, "-I", "-c", _SUPERVISOR, self.state_dir, json.dumps(as_account), *launch.argv]
         with open(launch.log_path, "ab") as log:
             proc = subprocess.Popen(
