@@ -258,7 +258,7 @@ def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(alice, minter,
     SPEC.validate("/jobs/{job_id}", "GET", 200, done)
     assert done["attestation_fingerprint"] == fingerprint(eat) and done["attestation_node"] == GATED_NODE
     assert f"fingerprint={fingerprint(eat)}" in alice.request("GET", f"/jobs/{job['id']}/logs").text
-    run = MlflowClient(f"sqlite:///{work / 'mlflow.sqlite'}").get_run(done["mlflow_run_id"])
+    run = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.sqlite'}").get_run(done["mlflow_run_id"])
     assert run.data.tags["gpulab.attestation_fingerprint"] == fingerprint(eat)
 
 

@@ -192,13 +192,17 @@ def served_minter():
 def attestation_hub_config(work: Path, minter: EatMinter, key_file: Path, node: str, max_failures: int) -> str:
     """gpulab_config.py lines for a hub whose gpulab-jobs verifies ``minter``'s tokens for the local
     node ``node``, with the NRAS key in ``key_file``, members of group "ml" as users, and fast,
-    generous rate limits."""
+    generous rate limits. Jobs log to MLflow in ``work/mlflow/mlflow.sqlite``: a folder every job's
+    account may create files in (sticky, like /tmp), as each user's jobs run as their own account."""
+    mlflow_dir = work / "mlflow"
+    mlflow_dir.mkdir(exist_ok=True)
+    mlflow_dir.chmod(0o1777)
     return f"""
 c.Platform.mlflow_service = False
 c.Roles.everyone = []
 c.Roles.group_roles = {{"ml": ["gpulab-user"]}}
 c.JobQueue.tick_interval = 0.2
-c.JobQueue.mlflow_tracking_uri = "sqlite:///{work / 'mlflow.sqlite'}"
+c.JobQueue.mlflow_tracking_uri = "sqlite:///{mlflow_dir / 'mlflow.sqlite'}"
 c.LocalExecutor.node_name = "{node}"
 c.Attestation.jwks_url = "{minter.jwks_url}"
 c.Attestation.allow_insecure_localhost = True
