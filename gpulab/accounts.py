@@ -7,7 +7,6 @@ sign in to the hub, never to the machine. Both the hub's spawner and the job ser
 executor use this module, so a user's server, kernels, terminals and jobs all run as one account.
 """
 
-import grp
 import os
 import pwd
 import re
@@ -34,6 +33,7 @@ class Account:
     uid: int
     gid: int
     home: str
+    shell: str
     groups: tuple[int, ...]  # supplementary groups
 
     def popen_kwargs(self) -> dict:
@@ -42,7 +42,7 @@ class Account:
 
     def env(self) -> dict[str, str]:
         """The login variables of this account."""
-        return {"USER": self.name, "LOGNAME": self.name, "HOME": self.home, "SHELL": _shell(self.name)}
+        return {"USER": self.name, "LOGNAME": self.name, "HOME": self.home, "SHELL": self.shell}
 
 
 @dataclass(frozen=True)
@@ -92,16 +92,9 @@ def account_name(policy: AccountPolicy, user: str) -> str:
     return name
 
 
-def _shell(name: str) -> str:
-    try:
-        return pwd.getpwnam(name).pw_shell or "/bin/sh"
-    except KeyError:
-        return "/bin/sh"
-
-
 def _account(entry: pwd.struct_passwd) -> Account:
-    groups = tuple(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem and g.gr_gid != entry.pw_gid)
-    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, groups)
+    groups = tuple(g for g in os.getgrouplist(entry.pw_name, entry.pw_gid) if g != entry.pw_gid)
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell or "/bin/sh", groups)
 
 
 def lookup(policy: AccountPolicy, user: str) -> Account | None:

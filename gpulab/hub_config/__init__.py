@@ -19,7 +19,7 @@ from ..net import free_port
 from ..scopes import CLI_SCOPES, CLI_SERVICE, INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
 from ..secrets import read_secret_file, secret_from, write_secret_file
 from ..tracing import setup_tracing
-from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator, new_password
+from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
 from .oidc import discover
 from .proxy import proxy_command
 from .roles import load_roles
@@ -47,8 +47,7 @@ def _configure_password_login(c, login, data_dir: Path, isolation: str) -> None:
     c.Authenticator.admin_users = set(login.admin_users)
     a = c.GpulabPasswordAuthenticator
     admin_password = data_dir / "secrets" / "admin-password"
-    if not admin_password.exists():
-        write_secret_file(admin_password, new_password(32))
+    _persistent_secret(admin_password)  # made on first start
     a.admin_password_file = str(admin_password)
     a.enable_signup = login.self_signup
     a.open_signup = False  # signed-up users wait for an admin's approval

@@ -110,9 +110,9 @@ MAX_PASSWORD_LENGTH = 72  # bcrypt uses the first 72 bytes only: longer ones are
 _UNKNOWN_USER_HASH = bcrypt.hashpw(b"unknown user", bcrypt.gensalt())  # same cost for unknown names
 
 
-def new_password(nbytes: int = 12) -> str:
-    """A generated password: ``nbytes`` random bytes, url-safe (the default: 16 characters, 96 bits)."""
-    return _random.token_urlsafe(nbytes)
+def new_password() -> str:
+    """A generated password: 12 random bytes, url-safe (16 characters, 96 bits)."""
+    return _random.token_urlsafe(12)
 
 
 class GpulabPasswordAuthenticator(UserEventsMixin, NativeAuthenticator):
