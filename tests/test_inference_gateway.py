@@ -76,7 +76,7 @@ c.Platform.mlflow_service = False
 c.Platform.jobs_service = False
 c.Roles.group_roles = {"deployers": ["gpulab-deployer"]}
 c.Roles.extra_roles = c.Roles.extra_roles + [
-    {"name": "test-services", "scopes": ["read:services"], "services": ["test-admin"]}]
+    {"name": "test-services", "scopes": ["read:services", "read:metrics"], "services": ["test-admin"]}]
 c.InferenceGateway.data_plane = "python"  # the nginx service sets its own
 c.InferenceGateway.model_allow = {"private": ["bob", "group:ml"]}
 c.InferenceGateway.max_request_bytes = 1024 * 1024
@@ -161,7 +161,7 @@ def error(call, *args, **kwargs) -> InferenceServerException:
 
 def gateway_metrics(hub, plane: str = "python") -> str:
     service = "gpulab-infer" if plane == "python" else "gpulab-infer-nginx"
-    r = requests.get(f"{hub.url}/services/{service}/metrics", timeout=10)
+    r = requests.get(f"{hub.url}/services/{service}/metrics", headers=auth(hub.admin_token), timeout=10)
     assert r.status_code == 200, r.text
     return r.text
 
@@ -254,6 +254,14 @@ async def test_token_lookups_are_cached():
 def test_gateway_address_is_in_the_hub_services_api(hub):
     service = hub.api("GET", "/services/gpulab-infer").json()
     assert service["info"] == {"grpc_address": hub.gateway, "rest_address": hub.rest["python"].split("//")[1]}
+
+
+def test_metrics_need_read_metrics(hub, plane, tokens):
+    url = f"{hub.url}/services/{'gpulab-infer' if plane == 'python' else 'gpulab-infer-nginx'}/metrics"
+    assert requests.get(url, timeout=10).status_code == 401
+    refused = requests.get(url, headers=auth(tokens["alice"]), timeout=10)
+    assert refused.status_code == 403 and "read:metrics" in refused.text
+    assert metric(gateway_metrics(hub, plane), "gpulab_infer_replica_healthy") >= 1
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -596,7 +604,7 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
         while True:
             children = [c for c in first.children() if c.pid != other_than]
             try:
-                text = requests.get(http + "/metrics", timeout=10).text
+                text = requests.get(http + "/metrics", headers=auth(hub.admin_token), timeout=10).text
             except requests.ConnectionError:
                 text = ""
             if len(children) == 1 and 'process="1"' in text:
@@ -617,7 +625,7 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
         extra = extra_process()
         wait_ready(triton.InferenceServerClient(address), tokens["alice"])
         spread(24)
-        text = requests.get(http + "/metrics", timeout=10).text
+        text = requests.get(http + "/metrics", headers=auth(hub.admin_token), timeout=10).text
         served = {p: metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process=p)
                   for p in ("0", "1")}
         assert served["0"] >= 1 and served["1"] >= 1 and sum(served.values()) == 24, served
@@ -627,7 +635,7 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
         extra_process(other_than=extra.pid)  # a new one, serving
         assert f"process 1 (pid {extra.pid}) exited" in (tmp_path / "gateway.log").read_text()
         spread(12)
-        text = requests.get(http + "/metrics", timeout=10).text
+        text = requests.get(http + "/metrics", headers=auth(hub.admin_token), timeout=10).text
         assert metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process="1") >= 1
     finally:
         children = first.children()

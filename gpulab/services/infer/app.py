@@ -33,7 +33,7 @@ from ...secrets import read_secret_file
 from ...tracing import setup_tracing
 from . import api, rest
 from .auth import HubTokenAuth
-from .gateway import Gateway
+from .gateway import Gateway, GatewayError
 from .models import Deployments
 from .nginx import NginxDataPlane, serve_authorize
 from .processes import METRICS_FD_ENV, Workers, merge_metrics, parent_gone, process_index
@@ -159,9 +159,20 @@ class InferenceGateway(Configurable):
 
 
 class MetricsHandler(web.RequestHandler):
-    """This process's metrics, merged with those of the other sources (extra processes, nginx) by process."""
+    """This process's metrics, merged with those of the other sources (extra processes, nginx) by process.
+
+    On the service's address they need a hub token with ``read:metrics``, as gpulab-jobs' do; an extra
+    process's loopback copy (``gateway`` None), read only by the first process, takes none.
+    """
+
+    def initialize(self, gateway: Gateway | None = None):
+        self.gateway = gateway
 
     async def get(self):
+        if self.gateway is not None and (refusal := await self._refusal()):
+            self.set_status(refusal[0])
+            self.finish(refusal[1] + "\n")
+            return
         own = generate_latest(self.settings["registry"])
         sources = self.settings.get("sources", ())
         if sources:
@@ -171,6 +182,19 @@ class MetricsHandler(web.RequestHandler):
             own = merge_metrics(texts)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(own)
+
+    async def _refusal(self) -> tuple[int, str] | None:
+        """(status, message) unless the caller's token has ``read:metrics``."""
+        header = self.request.headers.get("Authorization")
+        if not header:
+            return 401, "send 'Authorization: token <hub token>' with the scope read:metrics"
+        try:
+            who = await self.gateway.authenticate([("authorization", header)])
+        except GatewayError as e:
+            return api.HTTP_STATUS.get(e.code, (503,))[0], e.message
+        if "read:metrics" not in who.scopes:
+            return 403, f"{who.name} lacks the scope read:metrics"
+        return None
 
 
 def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
@@ -259,7 +283,9 @@ def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
     deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
                               conf.deploy_timeout)
     routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
-    app = web.Application([(r"/metrics", MetricsHandler), (prefix + "metrics", MetricsHandler), *routes],
+    metrics = {"gateway": gateway}
+    app = web.Application([(r"/metrics", MetricsHandler, metrics), (prefix + "metrics", MetricsHandler, metrics),
+                           *routes],
                           registry=gateway.metrics.registry, sources=sources)
     url = urlsplit(service_url)
     app.listen(url.port, url.hostname or "127.0.0.1")
