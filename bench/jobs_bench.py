@@ -314,7 +314,7 @@ class Bench:
     def service_pid(self) -> int | None:
         for p in self.platform.descendants():
             try:
-                if "gpulab.services.jobs" in " ".join(p.cmdline()):
+                if p.cmdline()[-2:] == ["-m", "gpulab.services.jobs"]:  # not its jobs' supervisors
                     return p.pid
             except psutil.Error:
                 pass

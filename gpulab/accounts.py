@@ -36,10 +36,6 @@ class Account:
     shell: str
     groups: tuple[int, ...]  # supplementary groups
 
-    def popen_kwargs(self) -> dict:
-        """``subprocess.Popen`` arguments that start a process as this account."""
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups), "umask": 0o077}
-
     def env(self) -> dict[str, str]:
         """The login variables of this account."""
         return {"USER": self.name, "LOGNAME": self.name, "HOME": self.home, "SHELL": self.shell}

@@ -90,12 +90,14 @@ def fingerprint(eat: list) -> str:
     return hashlib.sha256(eat[0][1].encode()).hexdigest()
 
 
-def processes(hub: Platform, marker: str) -> list[psutil.Process]:
-    """The platform's live processes whose command line contains ``marker``."""
+def processes(hub: Platform, marker: str, whole_word: bool = False) -> list[psutil.Process]:
+    """The platform's live processes whose command line contains ``marker`` (``whole_word``: ends with it,
+    so ``-m gpulab.services.jobs`` is the service, not its jobs' supervisors)."""
     found = []
     for p in hub.descendants():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and marker in " ".join(p.cmdline()):
+            line = " ".join(p.cmdline())
+            if p.status() != psutil.STATUS_ZOMBIE and (line.endswith(marker) if whole_word else marker in line):
                 found.append(p)
         except psutil.Error:
             pass
@@ -166,7 +168,7 @@ def test_attest_scope_is_required_and_admins_have_it(hub, alice):
 
 
 def test_lockout_is_per_client_address_and_the_proxy_address_cannot_be_forged(hub, alice):
-    (service,) = processes(hub, "gpulab.services.jobs")
+    (service,) = processes(hub, "-m gpulab.services.jobs", whole_word=True)
     direct = service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/") + "/services/gpulab-jobs/api/v1"
     elsewhere = {**alice.headers, "X-Forwarded-For": "198.51.100.7"}  # trusted: the request comes from loopback
     body = {"node": "gpu-d-0", "nonce": "0" * 64, "token": "[]"}
@@ -264,7 +266,7 @@ def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(alice, minter,
 
 def test_the_api_key_stays_in_gpulab_jobs(hub, alice):
     hub.spawn("alice")
-    (service,) = processes(hub, "gpulab.services.jobs")
+    (service,) = processes(hub, "-m gpulab.services.jobs", whole_word=True)
     assert service.environ().get(NRAS_KEY_VAR) == ENV_KEY  # handed to gpulab-jobs alone, which read the file
     assert f"attestation: NRAS API key from {hub.data_dir.parent / 'nras-api-key'}" in hub.log_path.read_text()
 

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from traitlets.config import Config
 
+from gpulab.services.jobs.executors import cgroups
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch, Outcome
 from gpulab.services.jobs.executors.local import LocalExecutor
 from gpulab.services.jobs.models import JobSpec
@@ -563,3 +564,55 @@ async def test_restart_requeues_or_reattaches_dispatching_jobs(make_queue, store
     for job_id in (lost, started):
         assert ((await finished(store, job_id)).state, store.get_job(job_id).attempt) == ("succeeded", 1)
     assert sorted((tmp_path / "runs").read_text().splitlines()) == sorted([lost, started])
+
+
+needs_cgroups = pytest.mark.skipif(cgroups.version() is None, reason="needs writable cgroups (root; CI runs as root)")
+
+
+@needs_cgroups
+async def test_a_job_over_its_memory_limit_fails_with_the_reason(make_queue, store):
+    q = await make_queue()
+    hog = "blocks = [bytearray(16 * 2**20) for _ in range(32)]\nprint('survived', flush=True)\n"  # 512 MiB
+    job_id = await submit(q, entrypoint=py(hog), resources={"memory": "128Mi"})
+    row = await finished(store, job_id, timeout=60)
+    assert (row.state, row.state_reason) == ("failed", "memory limit (128 MiB) exceeded"), row.state_reason
+    assert "survived" not in q.log_path(row).read_text()
+    fits = await submit(q, entrypoint=py("x = bytearray(32 * 2**20); print('fits')"), resources={"memory": "128Mi"})
+    assert (await finished(store, fits, timeout=60)).state == "succeeded"
+    for job in (job_id, fits):  # their cgroups are gone with them
+        group = cgroups.AttemptCgroup(cgroups.group_name(store.get_job(job).handle["ref"]), cgroups.Limits())
+        assert group.dirs and not any(d.exists() for d in group.dirs.values())
+
+
+@needs_cgroups
+async def test_a_job_with_one_cpu_gets_one_cpu_of_time(make_queue, store):
+    """Two busy processes for 2 s of wall time: with ``cpus: 1`` they share one CPU's worth of time."""
+    q = await make_queue()
+    code = """
+import multiprocessing, os, time
+def spin(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+if __name__ == "__main__":
+    start, cpu0 = time.monotonic(), os.times()
+    workers = [multiprocessing.Process(target=spin, args=(2,)) for _ in range(2)]
+    for w in workers: w.start()
+    for w in workers: w.join()
+    cpu = os.times()
+    from gpulab.services.jobs.executors.cgroups import ROOT, own_groups
+    groups = own_groups()
+    for path in (ROOT / "cpu" / groups.get("cpu", "-").lstrip("/") / "cpu.cfs_quota_us",
+                 ROOT / groups.get("", "-").lstrip("/") / "cpu.max"):
+        if path.exists():
+            print("quota", path.read_text().split()[0], flush=True)
+    print("ratio", (cpu.children_user + cpu.children_system - cpu0.children_user - cpu0.children_system)
+          / (time.monotonic() - start), flush=True)
+"""
+    job_id = await submit(q, entrypoint=py(code), resources={"cpus": 1})
+    row = await finished(store, job_id, timeout=60)
+    assert row.state == "succeeded", q.log_path(row).read_text()
+    log = q.log_path(row).read_text()
+    assert "quota 100000\n" in log, log  # its own group's quota: one period's worth
+    ratio = float(log.split("ratio")[1])
+    assert ratio <= 1.15, ratio  # two CPUs' worth (about 2) without the limit, on a machine with two

@@ -216,7 +216,7 @@ def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alic
         pids = set()
         for p in hub.descendants():
             try:
-                if p.status() != psutil.STATUS_ZOMBIE and "gpulab.services.jobs" in " ".join(p.cmdline()):
+                if p.status() != psutil.STATUS_ZOMBIE and p.cmdline()[-2:] == ["-m", "gpulab.services.jobs"]:
                     pids.add(p.pid)
             except psutil.Error:
                 pass

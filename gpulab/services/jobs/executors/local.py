@@ -1,15 +1,14 @@
 """Run attempts as local subprocesses, each in its own session (process group).
 
-Each attempt runs under a small supervisor (the group leader, ``python -I -c``) that waits
-for the job and writes its exit status to ``<state_dir>/<pid>-<start time>.exit``, so the
-outcome is known even when the attempt ends while the service is down (it is then no
-longer the service's child). The handle's ref is ``"<pid>:<start time>"``, so a recycled
-pid is never taken for the attempt.
+Each attempt runs under a small supervisor (the group leader, :mod:`.supervisor`) that
+enforces the attempt's ``cpus`` and ``memory`` (a cgroup), waits for the job and writes its exit
+status to ``<state_dir>/<pid>-<start time>.exit``, so the outcome is known even when the
+attempt ends while the service is down (it is then no longer the service's child). The
+handle's ref is ``"<pid>:<start time>"``, so a recycled pid is never taken for the attempt.
 
 With isolation 'accounts' the supervisor keeps the service's account (the job cannot signal
 it or write the state dir) and starts the job as its owner's system account
-(:mod:`gpulab.accounts`), which enters the working dir itself (so a job cannot be started in a
-directory its owner may not enter), with a work dir owned by that account.
+(:mod:`gpulab.accounts`), with a work dir owned by that account.
 """
 
 import asyncio
@@ -30,33 +29,8 @@ from gpulab import accounts
 from gpulab.config import default_data_dir
 from gpulab.gpus import list_gpus
 
+from . import cgroups, supervisor
 from .base import Executor, Handle, Launch, Outcome, PoolCapacity
-
-_SUPERVISOR = """
-import json, os, signal, subprocess, sys
-import psutil
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: None)  # the whole group gets it: outlive the job, record its exit
-path = os.path.join(sys.argv[1], "%d-%.2f.exit" % (os.getpid(), psutil.Process().create_time()))
-as_account = json.loads(sys.argv[2])
-cwd = as_account.pop("cwd", None)
-def enter():  # runs in the child once it is the job's account
-    try:
-        os.chdir(cwd)
-    except OSError as e:
-        os.write(2, ("gpulab: cannot enter the working dir %s: %s\\n" % (cwd, e.strerror)).encode())
-        os._exit(126)
-try:
-    rc = subprocess.Popen(sys.argv[3:], stdin=subprocess.DEVNULL, preexec_fn=enter if cwd else None,
-                          **as_account).wait()
-except OSError as e:
-    print("gpulab: cannot start %r: %s" % (sys.argv[3], e), file=sys.stderr, flush=True)
-    rc = 127
-with open(path + ".tmp", "w") as f:
-    f.write(str(rc))
-os.replace(path + ".tmp", path)
-sys.exit(rc if rc >= 0 else 128 - rc)
-"""
 
 
 def handle_file(log_path: Path) -> Path:
@@ -146,12 +120,13 @@ class LocalExecutor(Executor):
     async def start(self, launch: Launch) -> Handle:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))}
-        as_account = {}
+        spec = {"cpus": launch.cpus, "memory": launch.memory}
         if self.account_policy is not None:
             account = await asyncio.to_thread(self._prepare, launch)
             env.update(account.env())
-            as_account = {**account.popen_kwargs(), "cwd": launch.working_dir}
-        argv = [sys.executable, "-I", "-c", _SUPERVISOR, self.state_dir, json.dumps(as_account), *launch.argv]
+            spec.update(cwd=launch.working_dir, account={"uid": account.uid, "gid": account.gid,
+                                                         "groups": list(account.groups)})
+        argv = [sys.executable, "-I", "-m", supervisor.__name__, self.state_dir, json.dumps(spec), *launch.argv]
         with open(launch.log_path, "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -183,6 +158,10 @@ class LocalExecutor(Executor):
             os.chmod(launch.source, 0o640)
         return account
 
+    async def _remove_cgroup(self, ref: str) -> None:
+        """The supervisor removes its cgroup; one killed before it could (SIGKILL to the group) leaves it to us."""
+        await asyncio.to_thread(cgroups.AttemptCgroup(cgroups.group_name(ref), cgroups.Limits()).remove)
+
     def _exit_file(self, ref: str) -> Path:
         return Path(self.state_dir) / f"{ref.replace(':', '-')}.exit"
 
@@ -192,13 +171,16 @@ class LocalExecutor(Executor):
         if running:
             return Outcome("running")
         self._procs.pop(handle.ref, None)
+        await self._remove_cgroup(handle.ref)
+        reason = ""
         try:
-            rc = int(self._exit_file(handle.ref).read_text())
+            rc, _, reason = self._exit_file(handle.ref).read_text().partition("\n")
+            rc, reason = int(rc), reason.strip()
         except FileNotFoundError:
             rc = None if proc is None else proc.returncode  # the supervisor itself was killed
         if rc is None:
             return Outcome("lost", reason="process gone", retryable=True)
-        return Outcome("succeeded" if rc == 0 else "failed", exit_code=rc, reason=_describe(rc))
+        return Outcome("succeeded" if rc == 0 else "failed", exit_code=rc, reason=reason or _describe(rc))
 
     async def cancel(self, handle: Handle, grace: float) -> None:
         pid = int(handle.ref.split(":")[0])
@@ -211,10 +193,12 @@ class LocalExecutor(Executor):
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:
-                return
+                break
             if await self._wait_group(pid, handle.ref, wait):
-                return
-        self.log.warning("process group %d survived SIGKILL", pid)
+                break
+        else:
+            self.log.warning("process group %d survived SIGKILL", pid)
+        await self._remove_cgroup(handle.ref)
 
     async def _wait_group(self, pgid: int, ref: str, timeout: float) -> bool:
         """Wait until process group ``pgid`` is gone (reaping our child); False on timeout."""

@@ -1,0 +1,166 @@
+"""A job attempt's ``cpus`` and ``memory``, enforced: a cgroup of its own, else rlimits.
+
+cgroup v2 (one unified tree) where ``/sys/fs/cgroup/cgroup.controllers`` exists, v1 (the ``cpu`` and
+``memory`` hierarchies) otherwise; both are in use on hosts today. The attempt's group is
+``gpulab/<name>`` in each, made and removed by the attempt's supervisor (root), which outlives the job
+and so also sees whether the kernel's OOM killer ended it. Where no cgroup can be written (not root,
+nothing mounted), memory is capped with ``RLIMIT_AS`` and CPUs with the CPU affinity mask.
+"""
+
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "gpulab"
+CFS_PERIOD_US = 100_000
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float | None = None
+    memory: int | None = None  # bytes
+
+    def reason_exceeded(self) -> str:
+        return f"memory limit ({self.memory // MiB} MiB) exceeded"
+
+
+def version(root: Path = ROOT) -> int | None:
+    """2 or 1 where this process may make cgroups under ``root``; None where it cannot."""
+    if (root / "cgroup.controllers").exists():
+        wanted = {"cpu", "memory"}
+        return 2 if wanted <= set((root / "cgroup.controllers").read_text().split()) and os.access(root, os.W_OK) \
+            else None
+    if all(os.access(root / c, os.W_OK) for c in ("cpu", "memory")):
+        return 1
+    return None
+
+
+def group_name(ref: str) -> str:
+    """The cgroup name of the attempt whose handle ref (``"<pid>:<start time>"``) is ``ref``."""
+    return ref.replace(":", "-").replace(".", "_")
+
+
+def own_groups() -> dict[str, str]:
+    """This process's cgroup path per controller (``""``: the v2 tree), from ``/proc/self/cgroup``."""
+    out = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            out[controller] = path
+    return out
+
+
+class AttemptCgroup:
+    """The cgroup(s) of one attempt, ``gpulab/<name>`` below the supervisor's own group in each hierarchy
+    (so jobs stay inside whatever envelope a container or systemd gave the platform)."""
+
+    def __init__(self, name: str, limits: Limits, root: Path = ROOT):
+        self.limits = limits
+        self.version = version(root)
+        own = own_groups() if self.version else {}
+        if self.version == 2:
+            self._v2_parent = root / own.get("", "/").lstrip("/") / PARENT
+            self.dirs = {"cpu": self._v2_parent / name, "memory": self._v2_parent / name}
+        elif self.version == 1:
+            self.dirs = {c: root / c / own.get(c, "/").lstrip("/") / PARENT / name for c in ("cpu", "memory")}
+        else:
+            self.dirs = {}
+
+    def create(self) -> None:
+        """Make the group(s) and write the limits; without cgroups, nothing (rlimits apply in the child)."""
+        if self.version == 2:
+            _enable(self._v2_parent)
+        for d in set(self.dirs.values()):
+            d.mkdir(parents=True, exist_ok=True)
+        cpu, memory = self.dirs.get("cpu"), self.dirs.get("memory")
+        if self.limits.cpus and cpu:
+            quota = max(1000, int(self.limits.cpus * CFS_PERIOD_US))
+            if self.version == 2:
+                (cpu / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+            else:
+                (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+        if self.limits.memory and memory:
+            if self.version == 2:
+                (memory / "memory.max").write_text(str(self.limits.memory))
+                _write_if_present(memory / "memory.swap.max", "0")
+            else:
+                (memory / "memory.limit_in_bytes").write_text(str(self.limits.memory))
+                _write_if_present(memory / "memory.memsw.limit_in_bytes", str(self.limits.memory))
+
+    def enter(self) -> None:
+        """Put the calling process in the group(s), or apply the rlimit fallback (call it in the child, as root,
+        before it drops to the job's account)."""
+        if not self.dirs:
+            if self.limits.memory:
+                resource.setrlimit(resource.RLIMIT_AS, (self.limits.memory, self.limits.memory))
+            if self.limits.cpus:
+                cpus = sorted(os.sched_getaffinity(0))[:max(1, math.ceil(self.limits.cpus))]
+                os.sched_setaffinity(0, cpus)
+            return
+        for d in set(self.dirs.values()):
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a process of the group for its memory limit."""
+        memory = self.dirs.get("memory")
+        if memory is None or not self.limits.memory:
+            return False
+        events = memory / ("memory.events" if self.version == 2 else "memory.oom_control")
+        try:
+            fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
+        except OSError:
+            return False
+        if "oom_kill" in fields:
+            return int(fields["oom_kill"]) > 0
+        try:  # v1 kernels before 4.13 count no kills: the limit was hit
+            return int((memory / "memory.failcnt").read_text()) > 0
+        except (OSError, ValueError):
+            return False
+
+    def remove(self) -> None:
+        """Kill what the job left in its group(s) (by PID) and remove them."""
+        for d in set(self.dirs.values()):
+            for _ in range(50):
+                try:
+                    pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+                except FileNotFoundError:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # busy until the killed processes are gone
+                    time.sleep(0.1)
+
+
+def _enable(parent: Path) -> None:
+    """v2: the cpu and memory controllers for ``parent``'s children (its own parent enables them for it).
+
+    Where the supervisor's own group holds processes, v2 refuses (no internal processes): OSError, and
+    the supervisor falls back to rlimits."""
+    for level in (parent.parent, parent):
+        level.mkdir(exist_ok=True)
+        enabled = set((level / "cgroup.subtree_control").read_text().split())
+        missing = {"cpu", "memory"} - enabled
+        if missing:
+            (level / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(missing)))
+
+
+def _write_if_present(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError:
+        pass  # swap accounting off: memory alone is limited
