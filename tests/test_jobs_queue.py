@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -616,3 +617,33 @@ if __name__ == "__main__":
     assert "quota 100000\n" in log, log  # its own group's quota: one period's worth
     ratio = float(log.split("ratio")[1])
     assert ratio <= 1.15, ratio  # two CPUs' worth (about 2) without the limit, on a machine with two
+
+
+@pytest.mark.skipif(cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK),
+                    reason="needs cgroup v1's devices controller, writable (root)")
+async def test_a_job_opens_only_its_own_gpus_device_nodes(make_queue, store, tmp_path):
+    """Device nodes made for the test (NVIDIA's major 195, no driver behind them): a node the job may open
+    answers ENXIO (no device), one the devices cgroup denies answers EPERM."""
+    nodes = tmp_path / "dev"
+    nodes.mkdir()
+    for name, minor in (("nvidia0", 0), ("nvidia1", 1), ("nvidiactl", 255)):
+        os.mknod(nodes / name, 0o666 | stat.S_IFCHR, os.makedev(195, minor))
+    q = await make_queue(executor={"gpus": 2, "gpu_devices": str(nodes / "nvidia*")})
+    code = f"""
+import errno, os
+for name in ("nvidia0", "nvidia1", "nvidiactl"):
+    try:
+        os.close(os.open({str(nodes)!r} + "/" + name, os.O_RDWR))
+        print(name, "opened")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+"""
+    one = await submit(q, entrypoint=py(code), resources={"gpus": 1})
+    row = await finished(store, one)
+    [gpu] = row.handle["gpu_ids"]
+    seen = dict(line.split() for line in q.log_path(row).read_text().splitlines())
+    assert seen == {f"nvidia{gpu}": "ENXIO", f"nvidia{1 - gpu}": "EPERM", "nvidiactl": "ENXIO"}, seen
+    none = await submit(q, entrypoint=py(code))
+    row = await finished(store, none)
+    seen = dict(line.split() for line in q.log_path(row).read_text().splitlines())
+    assert seen == {"nvidia0": "EPERM", "nvidia1": "EPERM", "nvidiactl": "EPERM"}, seen

@@ -1,16 +1,20 @@
 """A job attempt's ``cpus`` and ``memory``, enforced: a cgroup of its own, else rlimits.
 
 cgroup v2 (one unified tree) where ``/sys/fs/cgroup/cgroup.controllers`` exists, v1 (the ``cpu`` and
-``memory`` hierarchies) otherwise; both are in use on hosts today. The attempt's group is
+``memory`` hierarchies, and ``devices`` for the GPU device nodes a job was not given) otherwise; both are in
+use on hosts today. (v2 controls devices only through eBPF programs, which gpulab does not load: there a job's
+GPUs are its ``CUDA_VISIBLE_DEVICES``.) The attempt's group is
 ``gpulab/<name>`` in each, made and removed by the attempt's supervisor (root), which outlives the job
 and so also sees whether the kernel's OOM killer ended it. Where no cgroup can be written (not root,
 nothing mounted), memory is capped with ``RLIMIT_AS`` and CPUs with the CPU affinity mask.
 """
 
+import glob
 import math
 import os
 import resource
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ MiB = 1024 * 1024
 class Limits:
     cpus: float | None = None
     memory: int | None = None  # bytes
+    deny_devices: tuple = ()  # ("c" or "b", major, minor) the job may not open (v1's devices controller)
 
     def reason_exceeded(self) -> str:
         return f"memory limit ({self.memory // MiB} MiB) exceeded"
@@ -39,6 +44,26 @@ def version(root: Path = ROOT) -> int | None:
     if all(os.access(root / c, os.W_OK) for c in ("cpu", "memory")):
         return 1
     return None
+
+
+def gpu_devices_denied(pattern: str, gpu_ids: list[int]) -> tuple:
+    """(kind, major, minor) of the device nodes matching ``pattern`` (``/dev/nvidia*``) a job with ``gpu_ids``
+    may not open: the other GPUs' ``nvidia<N>``, and with no GPU every NVIDIA node (control, UVM, caps too)."""
+    allowed = {f"nvidia{i}" for i in gpu_ids}
+    caps = os.path.join(os.path.dirname(pattern), "nvidia-caps", "*")
+    out = []
+    for path in sorted(glob.glob(pattern)) + sorted(glob.glob(caps)):
+        name = os.path.basename(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            continue
+        is_gpu = name.removeprefix("nvidia").isdigit()
+        if (is_gpu and name not in allowed) or not gpu_ids:
+            out.append(("c" if stat.S_ISCHR(st.st_mode) else "b", os.major(st.st_rdev), os.minor(st.st_rdev)))
+    return tuple(out)
 
 
 def group_name(ref: str) -> str:
@@ -68,7 +93,8 @@ class AttemptCgroup:
             self._v2_parent = root / own.get("", "/").lstrip("/") / PARENT
             self.dirs = {"cpu": self._v2_parent / name, "memory": self._v2_parent / name}
         elif self.version == 1:
-            self.dirs = {c: root / c / own.get(c, "/").lstrip("/") / PARENT / name for c in ("cpu", "memory")}
+            controllers = ("cpu", "memory", "devices") if os.access(root / "devices", os.W_OK) else ("cpu", "memory")
+            self.dirs = {c: root / c / own.get(c, "/").lstrip("/") / PARENT / name for c in controllers}
         else:
             self.dirs = {}
 
@@ -93,6 +119,9 @@ class AttemptCgroup:
             else:
                 (memory / "memory.limit_in_bytes").write_text(str(self.limits.memory))
                 _write_if_present(memory / "memory.memsw.limit_in_bytes", str(self.limits.memory))
+        if devices := self.dirs.get("devices"):
+            for kind, major, minor in self.limits.deny_devices:
+                (devices / "devices.deny").write_text(f"{kind} {major}:{minor} rwm")
 
     def enter(self) -> None:
         """Put the calling process in the group(s), or apply the rlimit fallback (call it in the child, as root,

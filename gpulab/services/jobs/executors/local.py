@@ -88,6 +88,10 @@ class LocalExecutor(Executor):
     state_dir = Unicode(
         help="Directory for the attempts' exit-status files (default <data_dir>/jobs/.local-executor)."
     ).tag(config=True)
+    gpu_devices = Unicode(
+        "/dev/nvidia*", help="GPU device nodes: a job may open only its own GPUs' (none without GPUs), where the "
+        "devices cgroup exists (v1)."
+    ).tag(config=True)
     node_name = Unicode(
         help="This machine's node name for attestation gating (default: its hostname)."
     ).tag(config=True)
@@ -120,7 +124,8 @@ class LocalExecutor(Executor):
     async def start(self, launch: Launch) -> Handle:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))}
-        spec = {"cpus": launch.cpus, "memory": launch.memory}
+        spec = {"cpus": launch.cpus, "memory": launch.memory,
+                "deny_devices": cgroups.gpu_devices_denied(self.gpu_devices, launch.gpu_ids)}
         if self.account_policy is not None:
             account = await asyncio.to_thread(self._prepare, launch)
             env.update(account.env())

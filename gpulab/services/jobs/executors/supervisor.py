@@ -8,7 +8,7 @@ its working dir, so a job cannot start where its owner may not go. It stays root
 neither signal it nor write ``STATE_DIR``, where it writes ``<pid>-<start time>.exit``: the exit status,
 and on a second line why the job ended when the memory limit ended it.
 
-SPEC (JSON): ``{"cpus", "memory", "cwd", "account": {"uid", "gid", "groups"}}``, each optional.
+SPEC (JSON): ``{"cpus", "memory", "deny_devices", "cwd", "account": {"uid", "gid", "groups"}}``, each optional.
 """
 
 import json
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # the whole group gets it: outlive the job, record its exit
     ref = f"{os.getpid()}:{psutil.Process().create_time():.2f}"  # the handle's ref, as the executor has it
-    limits = Limits(spec.get("cpus"), spec.get("memory"))
+    limits = Limits(spec.get("cpus"), spec.get("memory"), tuple(tuple(d) for d in spec.get("deny_devices", ())))
     cgroup = AttemptCgroup(group_name(ref), limits)
     try:
         cgroup.create()
