@@ -134,6 +134,58 @@ def _():
         return asyncio.run(run(Path(d)))
 
 
+# What device nodes a job may open: each NVIDIA node, opened for real (the driver answers).
+DEVICE_JOB = """
+import errno, glob, os
+for path in sorted(glob.glob("/dev/nvidia*")):
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        print(os.path.basename(path), "opened")
+    except OSError as e:
+        print(os.path.basename(path), errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+@check("job_gpu_device_nodes")
+def _():
+    """Through the real queue: a one-GPU job opens its GPU's node and not the others'; a job without GPUs
+    opens no NVIDIA node (cgroup v1's devices controller; v2 is reported as skipped)."""
+    from gpulab.services.jobs.executors import cgroups
+
+    if cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK):
+        raise Skip("needs cgroup v1's devices controller, writable (root)")
+
+    async def run(d: Path):
+        store = JobStore(url=f"sqlite:///{d / 'jobs.sqlite'}")
+        queue = JobQueue(config=Config({"JobQueue": {"tick_interval": 0.05}}), store=store, data_dir=str(d),
+                         wrap_with_runner=False)
+        await queue.start()
+        try:
+            if not (await queue.executor.capacity())[queue.executor.pool].gpus:
+                raise Skip("the local executor found no GPU")
+            seen = {}
+            for gpus in (1, 0):
+                spec = {"name": f"devices-{gpus}", "resources": {"gpus": gpus},
+                        "entrypoint": [sys.executable, "-c", DEVICE_JOB]}
+                job = (await queue.submit("alice", [], JobSpec.model_validate(spec)))[0].id
+                while (row := store.get_job(job)).state not in ("succeeded", "failed"):
+                    await asyncio.sleep(0.05)
+                assert row.state == "succeeded", queue.log_path(row).read_text()
+                opened = dict(line.split() for line in queue.log_path(row).read_text().splitlines())
+                seen[gpus] = {"gpu_ids": row.handle["gpu_ids"], "nodes": opened}
+            own = f"nvidia{seen[1]['gpu_ids'][0]}"
+            assert seen[1]["nodes"][own] == "opened", seen[1]
+            assert all(v == "EPERM" for k, v in seen[1]["nodes"].items() if k[6:].isdigit() and k != own), seen[1]
+            assert all(v == "EPERM" for v in seen[0]["nodes"].values()), seen[0]
+            return seen
+        finally:
+            await queue.stop()
+            store.engine.dispose()
+
+    with tempfile.TemporaryDirectory() as d:
+        return asyncio.run(run(Path(d)))
+
+
 @check("rapids_kernel")
 def _():
     """The "Python 3 (GPU, RAPIDS)" kernel from this repo: cudf.pandas active when cudf works, else a
