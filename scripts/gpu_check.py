@@ -150,7 +150,7 @@ for path in sorted(glob.glob("/dev/nvidia*")):
 def _():
     """Through the real queue: a one-GPU job opens its GPU's node and not the others'; a job without GPUs
     opens no NVIDIA node (cgroup v1's devices controller; v2 is reported as skipped)."""
-    from gpulab.services.jobs.executors import cgroups
+    from gpulab import cgroups
 
     if cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK):
         raise Skip("needs cgroup v1's devices controller, writable (root)")

@@ -8,14 +8,17 @@ JupyterLab servers and their kernels, local-executor jobs, real system accounts 
 import os
 import pwd
 import re
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
+from gpulab import cgroups
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 from tests.support.login import password_login
@@ -23,12 +26,23 @@ from tests.support.probe import parse, probe_source
 from tests.support.server_kernel import run_in_server_kernel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="one account per user needs root (CI runs as root)")
+SERVER_MEMORY, SERVER_CPUS = "2G", 1.5
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("isolation") / "data", host="127.0.0.24")
-    hub.start("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\n")
+    work = tmp_path_factory.mktemp("isolation")
+    # GPU device nodes made for the tests: NVIDIA's major 195, no driver behind them (this machine has no GPU)
+    nodes = work / "dev"
+    nodes.mkdir(mode=0o755)
+    for name, minor in (("nvidia0", 0), ("nvidiactl", 255)):
+        os.mknod(nodes / name, stat.S_IFCHR, os.makedev(195, minor))
+        (nodes / name).chmod(0o666)
+    hub = Platform(work / "data", host="127.0.0.24")
+    hub.gpu_nodes = nodes
+    hub.start("c.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\n"
+              f"c.Roles.group_roles = {{'gpu': ['gpulab-gpu']}}\nc.AccountSpawner.gpu_devices = '{nodes}/nvidia*'\n"
+              f"c.Spawner.mem_limit = '{SERVER_MEMORY}'\nc.Spawner.cpu_limit = {SERVER_CPUS}\n")
     yield hub
     hub.stop()
 
@@ -113,6 +127,15 @@ def wait_for_process(account: str, text: str, timeout: float = 30) -> psutil.Pro
     raise AssertionError(f"no process of {account} running {text!r}")
 
 
+def wait_for_mlflow(hub: Platform, user: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while requests.get(f"{hub.url}/services/mlflow/health", headers={"Authorization": f"token {hub.token(user)}"},
+                       timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, hub.log_tail()
+        time.sleep(0.5)
+    assert (hub.data_dir / "mlflow" / "run" / "mlflow.sock").is_socket()
+
+
 def _secrets(hub: Platform, alice_server_env: dict, alice_job_env: dict) -> dict[str, str]:
     """Every secret alice and the platform hold, by where it came from."""
     out = {"alice's server token": alice_server_env["JUPYTERHUB_API_TOKEN"],
@@ -145,7 +168,14 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
     job_dir = hub.data_dir / "jobs" / "alice" / done["id"]
     known = [str(p) for p in hub.data_dir.rglob("*") if p.is_file()] + [notes]
     assert str(job_dir / "attempt-1.log") in known and str(job_dir / "work" / "result.txt") in known
-    targets = {"files": known, "trees": [str(hub.data_dir), alice_home]}
+    [service] = [p for p in hub.descendants() if p.cmdline()[-2:] == ["-m", "gpulab.services.mlflow"]]
+    mlflow = service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/")
+    wait_for_mlflow(hub, "alice")  # its socket is there to be probed
+    targets = {"files": known, "trees": [str(hub.data_dir), alice_home],
+               "sockets": [str(hub.data_dir / "mlflow" / "run" / "mlflow.sock")],
+               "urls": [f"{mlflow}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
+                        f"{hub.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
+                        f"{hub.url}/services/gpulab-infer/metrics"]}
     secrets = _secrets(hub, alice_env, alice_job.environ())
 
     bob_server = hub.spawn("bob")
@@ -194,3 +224,55 @@ def test_a_job_cannot_start_in_a_folder_its_owner_may_not_enter(hub):
     done = carl.wait(job["id"])
     log = carl.logs(job["id"])
     assert done["state"] == "failed" and "Permission denied" in log and "plans.txt" not in log, (done, log)
+
+
+OPEN_GPU_NODES = """
+import errno, os
+for line in open("/proc/self/cgroup").read().splitlines():
+    print("cgroup-" + line.split(":")[1], line.split(":", 2)[2])
+print("cuda", repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+for name in ("nvidia0", "nvidiactl"):
+    try:
+        os.close(os.open({nodes!r} + "/" + name, os.O_RDWR))
+        print(name, "opened")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+"""
+
+
+def cgroup_dir(seen: dict, controller: str) -> Path:
+    """The v1 cgroup directory for ``controller`` in the ``cgroup-<controllers> <path>`` lines a process printed."""
+    [path] = [v for k, v in seen.items() if k.startswith("cgroup-") and controller in k[7:].split(",")]
+    return cgroups.ROOT / controller / path.lstrip("/")
+
+
+@pytest.mark.skipif(cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK),
+                    reason="needs cgroup v1's devices controller, writable (root)")
+def test_servers_hold_their_limits_and_only_gpu_users_open_gpu_device_nodes(hub):
+    """Kernels run in their server's cgroup: Spawner.mem_limit and cpu_limit hold there, and a user without
+    custom:gpulab:gpu cannot open a GPU device node (EPERM from the devices cgroup; a node one may open
+    answers ENXIO, as no driver is behind it). Stopping the server removes its group and what was left in it."""
+    hub.create_user("gina")
+    hub.create_user("gus", groups=["gpu"])
+    code = OPEN_GPU_NODES.format(nodes=str(hub.gpu_nodes))
+    seen = {}
+    for user in ("gina", "gus"):
+        output = run_in_server_kernel(hub.spawn(user), hub.token(user), code)
+        seen[user] = dict(line.split(" ", 1) for line in output.strip().splitlines())
+    print(seen)
+    for user in seen.values():  # the kernel is in its server's group, with the server's limits
+        assert (cgroup_dir(user, "memory") / "memory.limit_in_bytes").read_text().strip() == str(2 * 1024**3)
+        cpu = cgroup_dir(user, "cpu")
+        assert (cpu / "cpu.cfs_quota_us").read_text().strip() == str(int(SERVER_CPUS * 100_000)), cpu
+        assert cpu.name == cgroup_dir(user, "devices").name and cpu.name.startswith("server-"), cpu
+    assert seen["gina"]["nvidia0"] == "EPERM" and seen["gina"]["nvidiactl"] == "EPERM", seen
+    assert seen["gina"]["cuda"] == "''", seen
+    assert seen["gus"]["nvidia0"] == "ENXIO" and seen["gus"]["nvidiactl"] == "ENXIO", seen
+
+    account = pwd.getpwnam(f"{hub.account_prefix}gina").pw_uid
+    left = subprocess.Popen(["sleep", "600"], user=account, start_new_session=True)  # left behind, outside Jupyter
+    group = cgroup_dir(seen["gina"], "memory")
+    (group / "cgroup.procs").write_text(str(left.pid))
+    hub.stop_server("gina")
+    assert left.wait(timeout=30) == -9  # killed with the server's group
+    assert not group.exists()

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from traitlets.config import Config
 
-from gpulab.services.jobs.executors import cgroups
+from gpulab import cgroups
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch, Outcome
 from gpulab.services.jobs.executors.local import LocalExecutor
 from gpulab.services.jobs.models import JobSpec
@@ -581,7 +581,7 @@ async def test_a_job_over_its_memory_limit_fails_with_the_reason(make_queue, sto
     fits = await submit(q, entrypoint=py("x = bytearray(32 * 2**20); print('fits')"), resources={"memory": "128Mi"})
     assert (await finished(store, fits, timeout=60)).state == "succeeded"
     for job in (job_id, fits):  # their cgroups are gone with them
-        group = cgroups.AttemptCgroup(cgroups.group_name(store.get_job(job).handle["ref"]), cgroups.Limits())
+        group = cgroups.Cgroup(cgroups.group_name(store.get_job(job).handle["ref"]), cgroups.Limits())
         assert group.dirs and not any(d.exists() for d in group.dirs.values())
 
 
@@ -601,7 +601,7 @@ if __name__ == "__main__":
     for w in workers: w.start()
     for w in workers: w.join()
     cpu = os.times()
-    from gpulab.services.jobs.executors.cgroups import ROOT, own_groups
+    from gpulab.cgroups import ROOT, own_groups
     groups = own_groups()
     for path in (ROOT / "cpu" / groups.get("cpu", "-").lstrip("/") / "cpu.cfs_quota_us",
                  ROOT / groups.get("", "-").lstrip("/") / "cpu.max"):

@@ -82,3 +82,33 @@ def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
     job_dir = hub.data_dir / "jobs" / "alice" / job_id / "work"
     runs = list((job_dir / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir()), os.listdir(job_dir)
+
+
+def test_jobs_log_to_mlflow_with_their_own_token_only_while_they_run(hub):
+    """A job's MLFLOW_TRACKING_TOKEN (``job:<id>:<job token>``) is checked with gpulab-jobs: it works while
+    the attempt runs, names the job's owner, and stops working when the job ends; a guessed one never works."""
+    token = hub.token("alice")
+    wait_for_mlflow(hub, token)
+    alice = Client(hub, "alice", token)
+    probe = """
+import os, urllib.request, urllib.error
+token = os.environ["MLFLOW_TRACKING_TOKEN"]
+open("token", "w").write(token)
+request = urllib.request.Request(os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=5",
+                                 headers={"Authorization": "Bearer " + token})
+print("status", urllib.request.urlopen(request).status)
+"""
+    job_id = alice.submit(source=probe)["id"]
+    job = alice.wait(job_id, timeout=120)
+    log = alice.logs(job_id)
+    assert job["state"] == "succeeded" and "status 200" in log, log
+    job_token = (hub.data_dir / "jobs" / "alice" / job_id / "work" / "token").read_text()
+    assert job_token.startswith(f"job:{job_id}:")
+
+    api = f"{hub.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=5"
+    time.sleep(31)  # past the MLflow service's memory of checked tokens (JOB_TOKEN_TTL)
+    ended = requests.get(api, headers={"Authorization": f"Bearer {job_token}"}, timeout=30)
+    assert ended.status_code == 401, ended.text
+    guessed = requests.get(api, headers={"Authorization": f"Bearer job:{job_id}:guessed"}, timeout=30)
+    assert guessed.status_code == 401, guessed.text
+    assert requests.get(api, headers={"Authorization": f"token {token}"}, timeout=30).status_code == 200

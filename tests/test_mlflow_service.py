@@ -16,7 +16,6 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from gpulab.net import free_port
 from tests.support.gpulab_up import Platform
 from tests.support.login import password_login
 
@@ -33,7 +32,6 @@ def hub(tmp_path_factory):
         "environment": {
             "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{work / 'mlflow.db'}",
             "GPULAB_MLFLOW_ARTIFACTS": str(work / "artifacts"),
-            "GPULAB_MLFLOW_INTERNAL_PORT": str(free_port()),
         },
     }
     platform = Platform(work / "data", host="127.0.0.11").start(services=[service])

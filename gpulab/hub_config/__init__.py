@@ -198,6 +198,9 @@ def configure(c, config_file: Path | None = None) -> None:
     tls_ca = cfg.InferenceGateway.get("tls_ca_file") or cfg.InferenceGateway.get("tls_cert_file")
     if tls_ca and INFER_SERVICE in by_name:  # clients verify the gateway's TLS certificate against it
         by_name[INFER_SERVICE].setdefault("info", {})["tls_ca_file"] = str(Path(tls_ca).expanduser())
+    if INFER_SERVICE in by_name and MLFLOW_SERVICE in by_name:  # deploys fetch models with the gateway's token
+        j.load_roles.append({"name": "gpulab-infer-service", "scopes": [f"access:services!service={MLFLOW_SERVICE}"],
+                             "services": [INFER_SERVICE]})
     missing = [n for n in subscribers if n not in by_name]
     if missing:
         raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")

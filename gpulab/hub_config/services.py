@@ -40,30 +40,34 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for, gat
     out = []
     nras_key = os.environ.get(NRAS_KEY_VAR, "")
     env = {"GPULAB_CONFIG": str(config_file), "GPULAB_DATA_DIR": str(data_dir)}
+    jobs_url = f"http://127.0.0.1:{free_port()}"
     if platform.mlflow_service:
-        internal_port = free_port()
+        url = f"http://127.0.0.1:{free_port()}"
         mlflow_dir = data_dir / "mlflow"
+        mlflow_env = {
+            **env,
+            "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_dir / 'mlflow.sqlite'}",
+            "GPULAB_MLFLOW_ARTIFACTS": str(mlflow_dir / "artifacts"),
+            "GPULAB_MLFLOW_SOCKET": str(mlflow_dir / "run" / "mlflow.sock"),
+        }
+        if platform.jobs_service:  # where running jobs' tokens are checked
+            mlflow_env["GPULAB_JOBS_URL"] = f"{jobs_url}/services/{JOBS_SERVICE}/api/v1"
         out.append({
             "name": MLFLOW_SERVICE,
             "display": True,
             "command": [sys.executable, "-m", "gpulab.services.mlflow"],
-            "url": f"http://127.0.0.1:{free_port()}",
+            "url": url,
             "api_token": token_for(MLFLOW_SERVICE),
             "oauth_no_confirm": True,
-            "environment": {
-                **env,
-                "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_dir / 'mlflow.sqlite'}",
-                "GPULAB_MLFLOW_ARTIFACTS": str(mlflow_dir / "artifacts"),
-                "GPULAB_MLFLOW_INTERNAL_PORT": str(internal_port),
-            },
+            "environment": mlflow_env,
         })
-        # jobs on this host log to MLflow directly (trusted, internal); users go through the hub
-        env["GPULAB_MLFLOW_URL"] = f"http://127.0.0.1:{internal_port}/services/{MLFLOW_SERVICE}"
+        # services and jobs log to MLflow through its service, with a credential, like users do
+        env["GPULAB_MLFLOW_URL"] = f"{url}/services/{MLFLOW_SERVICE}"
     if platform.jobs_service:
         out.append({
             "name": JOBS_SERVICE,
             "command": [sys.executable, "-m", "gpulab.services.jobs"],
-            "url": f"http://127.0.0.1:{free_port()}",
+            "url": jobs_url,
             "api_token": token_for(JOBS_SERVICE),
             "oauth_no_confirm": True,
             "environment": {**env, NRAS_KEY_VAR: nras_key} if nras_key else env,

@@ -1,15 +1,19 @@
 """What a user's code can reach of others: run as a kernel cell or a job, it prints ``PROBE <json>``.
 
 Sent as source text (see :func:`probe_source`), it takes its targets from the ``TARGETS`` it is given:
-``files`` (paths to try to read, known or guessed) and ``trees`` (directories to walk, reading what
-it can). A finding is anything of another account that it could read: a process environment, a
-file, a directory listing. Command lines are world-readable by design (``/proc/<pid>/cmdline``), so
+``files`` (paths to try to read, known or guessed), ``trees`` (directories to walk, reading what
+it can), ``sockets`` (unix sockets to connect to) and ``urls`` (HTTP endpoints to call without a
+credential). A finding is anything of another account that it could read or use: a process
+environment, a file, a directory listing, a socket it could connect to, a URL that answered. Command lines are world-readable by design (``/proc/<pid>/cmdline``), so
 they are returned for the test to search for the secrets it knows.
 """
 
 import json
 import os
 import pwd
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 
@@ -56,6 +60,21 @@ def probe(targets: dict) -> dict:
             for name in files:
                 try_read(os.path.join(root, name))
         probes += 1
+    for path in targets.get("sockets", []):
+        probes += 1
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                findings.append(f"connected to {path}")
+            except OSError:
+                pass
+    for url in targets.get("urls", []):
+        probes += 1
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                findings.append(f"{url} answered {r.status} without a credential")
+        except (urllib.error.URLError, OSError):  # refused (an HTTP error status) or unreachable
+            pass
     return {"me": pwd.getpwuid(me).pw_name, "findings": findings, "cmdlines": cmdlines, "probes": probes}
 
 

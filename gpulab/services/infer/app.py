@@ -66,6 +66,8 @@ class InferenceGateway(Configurable):
         config=True)
     mlflow_url = Unicode(help="MLflow tracking URL models are fetched from (default $GPULAB_MLFLOW_URL).").tag(
         config=True)
+    mlflow_token = Unicode(help="MLFLOW_TRACKING_TOKEN sent to mlflow_url (default: this service's hub token, "
+                           "where mlflow_url is the platform's MLflow, which takes hub tokens).").tag(config=True)
     default_backend = Enum(list(BACKENDS), "python-onnx", help="Backend of deploys that name none: python-onnx "
                            "(CPU, Python backend + onnxruntime), onnxruntime or tensorrt (GPU).").tag(config=True)
     allow_pickle = Bool(False, help="Deploy pickled models (scikit-learn pickle/cloudpickle, PyTorch): loading "
@@ -156,6 +158,11 @@ class InferenceGateway(Configurable):
     @default("mlflow_url")
     def _default_mlflow(self):
         return os.environ.get("GPULAB_MLFLOW_URL", "")
+
+    @default("mlflow_token")
+    def _default_mlflow_token(self):
+        platform_mlflow = self.mlflow_url and self.mlflow_url == os.environ.get("GPULAB_MLFLOW_URL")
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "") if platform_mlflow else ""
 
 
 class MetricsHandler(web.RequestHandler):
@@ -281,7 +288,7 @@ def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
         return
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
     deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
-                              conf.deploy_timeout)
+                              conf.deploy_timeout, mlflow_token=conf.mlflow_token)
     routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
     metrics = {"gateway": gateway}
     app = web.Application([(r"/metrics", MetricsHandler, metrics), (prefix + "metrics", MetricsHandler, metrics),

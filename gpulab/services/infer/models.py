@@ -63,10 +63,11 @@ class Deployments:
     """The model repository and model control for the gateway's :class:`ReplicaPool`."""
 
     def __init__(self, repository: str | None, pool: ReplicaPool, mlflow_url: str, allow_pickle: bool = False,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, mlflow_token: str = ""):
         self.repository = Path(repository) if repository else None
         self.pool = pool
         self.mlflow_url = mlflow_url
+        self.mlflow_token = mlflow_token
         self.allow_pickle = allow_pickle
         self.timeout = timeout
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -204,6 +205,8 @@ class Deployments:
         env = {k: os.environ[k] for k in CONVERTER_ENV if k in os.environ}
         env.update(MLFLOW_TRACKING_URI=self.mlflow_url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                    MLFLOW_HTTP_REQUEST_TIMEOUT="60", MLFLOW_DISABLE_TELEMETRY="true")
+        if self.mlflow_token:
+            env["MLFLOW_TRACKING_TOKEN"] = self.mlflow_token
         if self.allow_pickle:
             env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
         argv = [sys.executable, "-m", "gpulab.inference.convert", source, str(out), *(["--float32"] if float32 else [])]

@@ -76,6 +76,7 @@ def build_queue(cfg, service_url: str, prefix: str) -> JobQueue:
         queue.jobs_api_url = service_url.rstrip("/") + prefix + "api/v1"
     if not queue.mlflow_tracking_uri and os.environ.get("GPULAB_MLFLOW_URL"):
         queue.mlflow_tracking_uri = os.environ["GPULAB_MLFLOW_URL"]
+        queue.mlflow_job_token = True  # the platform's MLflow: jobs log with their own token
     return queue
 
 

@@ -9,9 +9,17 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ... import scopes, tracing
-from .models import TERMINAL_STATES, JobList, JobSpec, ProgressUpdate, TrackingUpdate, validation_error_body
 from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
+from .models import (
+    TERMINAL_STATES,
+    JobIdentity,
+    JobList,
+    JobSpec,
+    ProgressUpdate,
+    TrackingUpdate,
+    validation_error_body,
+)
 from .store import JobNotFound, JobStateError
 
 MAX_BODY = 1024 * 1024  # bytes; larger bodies get 413
@@ -305,6 +313,15 @@ class TrackingHandler(JobCallbackHandler):
         self.finish()
 
 
+class IdentityHandler(JobCallbackHandler):
+    """For services that accept a job's token (the MLflow service): valid only while the attempt runs."""
+
+    def get(self, job_id):
+        self.authorize(job_id)
+        row = self.store.get_job(job_id)
+        self.write_json(JobIdentity(job_id=row.id, owner=row.owner, attempt=row.attempt).model_dump())
+
+
 class OpenAPIHandler(BaseHandler):
     def get(self):
         self.write_json(self.settings["openapi"])
@@ -326,6 +343,7 @@ def handlers(prefix: str) -> list:
         (api + job + "/progress", ProgressHandler),
         (api + job + "/heartbeat", HeartbeatHandler),
         (api + job + "/tracking", TrackingHandler),
+        (api + job + "/identity", IdentityHandler),
         (api + "/pools", PoolsHandler),
         (api + "/quota", QuotaHandler),
         *attestation_api.handlers(api),

@@ -180,6 +180,14 @@ class TrackingUpdate(_Body):
     wandb_run_path: str | None = Field(None, max_length=255)
 
 
+class JobIdentity(BaseModel):
+    """Whose a job token is (``GET /jobs/{id}/identity``): services that take jobs' tokens ask here."""
+
+    job_id: str
+    owner: str
+    attempt: int
+
+
 class Job(BaseModel):
     """A job as the API returns it; times are ISO 8601 UTC strings ("...Z")."""
 

@@ -17,6 +17,7 @@ from .models import (
     EvidenceRequest,
     Job,
     JobEvent,
+    JobIdentity,
     JobList,
     JobSpec,
     NonceRequest,
@@ -29,7 +30,7 @@ from .models import (
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest)
-RESPONSES = (Job, JobEvent, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
+RESPONSES = (Job, JobEvent, JobIdentity, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
              AttestationNodeList)
 
 

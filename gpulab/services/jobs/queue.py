@@ -82,7 +82,15 @@ class JobQueue(LoggingConfigurable):
     data_dir = Unicode(help="Platform data dir; job directories are <data_dir>/jobs/<owner>/<id>.").tag(
         config=True
     )
-    mlflow_tracking_uri = Unicode(help="MLFLOW_TRACKING_URI given to jobs.").tag(config=True)
+    mlflow_tracking_uri = Unicode(help="MLFLOW_TRACKING_URI given to jobs (default: the platform's MLflow).").tag(
+        config=True
+    )
+    mlflow_job_token = Bool(
+        False,
+        help="Give jobs MLFLOW_TRACKING_TOKEN=job:<id>:<job token>, which the platform's MLflow service checks "
+        "with this service (gpulab sets it when mlflow_tracking_uri is the platform's; never for another server, "
+        "which would learn the token).",
+    )
     jobs_api_url = Unicode(help="GPULAB_JOBS_URL given to jobs (this service's API, for the runner).").tag(
         config=True
     )
@@ -644,6 +652,8 @@ class JobQueue(LoggingConfigurable):
             env["WANDB_PROJECT"] = spec.tracking.wandb_project
         if self.mlflow_tracking_uri:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
+            if self.mlflow_job_token:
+                env["MLFLOW_TRACKING_TOKEN"] = f"job:{row.id}:{token}"
         if self.jobs_api_url:
             env["GPULAB_JOBS_URL"] = self.jobs_api_url
         return env

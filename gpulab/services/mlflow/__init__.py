@@ -1,34 +1,41 @@
 """MLflow tracking as a hub-managed service, behind hub auth: ``python -m gpulab.services.mlflow``.
 
-Runs ``mlflow server`` on ``127.0.0.1:$GPULAB_MLFLOW_INTERNAL_PORT`` (a free port if unset;
-store ``$GPULAB_MLFLOW_BACKEND_URI``, served artifacts in ``$GPULAB_MLFLOW_ARTIFACTS``, UI
-and API under ``$JUPYTERHUB_SERVICE_PREFIX``) and a streaming reverse proxy to it on
-``$JUPYTERHUB_SERVICE_URL``. The proxy lets through only hub-authenticated requests holding
-``access:services!service=<name>``: a browser's OAuth cookie (login via the hub, callback
-at ``<prefix>oauth_callback``) or ``Authorization: token|bearer <hub token>`` (the MLflow
-client sends ``$MLFLOW_TRACKING_TOKEN`` that way). Hub credentials are not passed on.
+Runs ``mlflow server`` on the unix socket ``$GPULAB_MLFLOW_SOCKET`` (default ``run/mlflow.sock`` beside
+the artifacts), in a directory made 0700 so that only this service's account can connect (store
+``$GPULAB_MLFLOW_BACKEND_URI``, served artifacts in ``$GPULAB_MLFLOW_ARTIFACTS``, UI and API under
+``$JUPYTERHUB_SERVICE_PREFIX``), and a streaming reverse proxy to it on ``$JUPYTERHUB_SERVICE_URL``: the
+only way in. The proxy lets through only requests with a credential:
 
-Tracking URIs: users' clients use ``<hub public URL><prefix>`` with a hub token.
-``http://127.0.0.1:$GPULAB_MLFLOW_INTERNAL_PORT<prefix without trailing slash>`` is the
-internal URL, for trusted processes on this host (hub_config gives it to the job service as
-``GPULAB_MLFLOW_URL``); it has no authentication, so any local process that finds the port can use it.
+- hub-authenticated ones holding ``access:services!service=<name>``: a browser's OAuth cookie (login via
+  the hub, callback at ``<prefix>oauth_callback``) or ``Authorization: token|bearer <hub token>`` (the
+  MLflow client sends ``$MLFLOW_TRACKING_TOKEN`` that way);
+- a running job's own token, ``Authorization: bearer job:<job id>:<job token>`` (gpulab-jobs gives jobs
+  that as ``MLFLOW_TRACKING_TOKEN``), checked with gpulab-jobs at ``$GPULAB_JOBS_URL``; it stops working
+  when the attempt ends (within :data:`JOB_TOKEN_TTL` seconds).
+
+No credential is passed on to MLflow. Every client, users', jobs' and services', uses the tracking URI
+``<service URL><prefix without trailing slash>`` (through the hub's proxy or straight to the service URL).
 """
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-from urllib.parse import urlsplit
+import time
+from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
-
-from ...net import free_port
+from tornado.netutil import Resolver
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
 SMALL_BODY = 64 * 1024  # a refused request's body up to this size is read before the refusal is answered
@@ -36,6 +43,53 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade"}
 # Hub credentials stay here; Origin too: CSRF is checked here, MLflow would reject the hub's public origin.
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "origin", "expect"}
+UPSTREAM_HOST = "mlflow.sock"  # the Host MLflow sees (and allows) on its socket
+JOB_TOKEN_TTL = 30  # seconds a job token, once checked with gpulab-jobs, is taken without asking again
+
+
+class SocketResolver(Resolver):
+    """Every host name resolves to one unix socket: the upstream client reaches MLflow only there."""
+
+    def initialize(self, path: str):
+        self.path = path
+
+    async def resolve(self, host, port, family=socket.AF_UNSPEC):
+        return [(socket.AF_UNIX, self.path)]
+
+    def close(self):
+        pass
+
+
+class JobTokens:
+    """Running jobs' MLflow credentials (``job:<id>:<job token>``), checked with gpulab-jobs, which alone
+    knows them (as hashes), and remembered for :data:`JOB_TOKEN_TTL` seconds."""
+
+    PREFIX = "job:"
+
+    def __init__(self, jobs_url: str):
+        self.jobs_url = jobs_url.rstrip("/")
+        self.known: dict[bytes, tuple[float, dict]] = {}
+
+    async def identify(self, credential: str) -> dict | None:
+        """``{"name": owner, "job_id": id, "kind": "job"}`` for a valid credential; None otherwise."""
+        job_id, _, token = credential[len(self.PREFIX):].partition(":")
+        if not self.jobs_url or not job_id.isalnum() or not token:
+            return None
+        key = hashlib.sha256(credential.encode()).digest()
+        now = time.monotonic()
+        if (hit := self.known.get(key)) and now - hit[0] < JOB_TOKEN_TTL:
+            return hit[1]
+        response = await AsyncHTTPClient().fetch(
+            f"{self.jobs_url}/jobs/{quote(job_id)}/identity", headers={"Authorization": f"job-token {token}"},
+            raise_error=False, request_timeout=10)
+        if response.code != 200:
+            self.known.pop(key, None)
+            return None
+        identity = json.loads(response.body)
+        user = {"name": identity["owner"], "job_id": identity["job_id"], "kind": "job"}
+        self.known = {k: v for k, v in self.known.items() if now - v[0] < JOB_TOKEN_TTL}
+        self.known[key] = (now, user)
+        return user
 
 
 @web.stream_request_body
@@ -44,8 +98,11 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-    def initialize(self, upstream: str):
+    def initialize(self, upstream: str, client: AsyncHTTPClient, job_tokens: JobTokens):
         self.upstream = upstream
+        self.client = client
+        self.job_tokens = job_tokens
+        self.job: dict | None = None
         headers = self.request.headers
         self.has_body = int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers
         self.body: asyncio.Queue | None = None
@@ -67,8 +124,15 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
     def compute_etag(self):
         return None  # the body was streamed, not buffered
 
+    def get_current_user(self):
+        return self.job or super().get_current_user()
+
     async def prepare(self):
-        identified = await self.hub_auth.get_user(self, sync=False)  # cached for current_user
+        scheme, _, credential = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credential.startswith(JobTokens.PREFIX):
+            identified = self.job = await self.job_tokens.identify(credential.strip())
+        else:
+            identified = await self.hub_auth.get_user(self, sync=False)  # cached for current_user
         if not self.current_user:
             if identified:
                 refusal = web.HTTPError(403, "missing scope %s", ",".join(sorted(self.hub_scopes or ())))
@@ -103,6 +167,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         for name, value in self.request.headers.get_all():
             if name.lower() not in NOT_FORWARDED:
                 headers.add(name, value)
+        headers["Host"] = UPSTREAM_HOST
         headers["X-Forwarded-For"] = self.request.remote_ip
         headers["X-Forwarded-Proto"] = self.request.protocol
 
@@ -116,7 +181,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
             follow_redirects=False, decompress_response=False, connect_timeout=10, request_timeout=24 * 3600,
             header_callback=self.on_upstream_header, streaming_callback=self.on_upstream_chunk,
         )
-        return await AsyncHTTPClient().fetch(request, raise_error=False)
+        return await self.client.fetch(request, raise_error=False)
 
     def on_upstream_header(self, line: str):
         if line.startswith("HTTP/"):
@@ -151,22 +216,42 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
     get = head = post = put = patch = delete = options = relay
 
 
-def mlflow_command(backend_uri: str, artifacts: str, port: int, prefix: str) -> list[str]:
-    """``mlflow server`` on 127.0.0.1:``port``, serving UI and API under ``prefix``."""
+def mlflow_command(backend_uri: str, artifacts: str, sock: Path, prefix: str) -> list[str]:
+    """``mlflow server`` on the unix socket ``sock`` (uvicorn's ``--uds`` wins over host and port), serving UI
+    and API under ``prefix``."""
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-            "--artifacts-destination", artifacts, "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", f"127.0.0.1:{port}"]
+            "--artifacts-destination", artifacts, "--serve-artifacts", "--uvicorn-opts", f"--uds {sock}",
+            "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", UPSTREAM_HOST]
 
 
-def make_app(upstream: str, prefix: str) -> web.Application:
-    """The proxy application for ``prefix``, authenticating with the hub from the service environment."""
+def private_socket(path: Path) -> Path:
+    """``path`` in a directory of this account's, mode 0700, with no stale socket left in it."""
+    if len(os.fsencode(path)) > 100:  # sun_path holds 108 bytes
+        sys.exit(f"gpulab.services.mlflow: GPULAB_MLFLOW_SOCKET: {path} is too long for a unix socket (at most 100 "
+                 "bytes); use a shorter data dir")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.parent.lstat()
+    if st.st_uid != os.geteuid() or not path.parent.is_dir():
+        sys.exit(f"gpulab.services.mlflow: {path.parent} must be a directory of this service's account")
+    path.parent.chmod(0o700)
+    path.unlink(missing_ok=True)
+    return path
+
+
+def make_app(sock: Path, prefix: str, jobs_url: str = "") -> web.Application:
+    """The proxy application for ``prefix``, authenticating with the hub from the service environment
+    (and jobs' tokens with gpulab-jobs at ``jobs_url``)."""
     auth = HubOAuth.instance()
     if not auth.access_scopes:  # never fall back to "any hub user"
         auth.access_scopes = {f"access:services!service={os.environ.get('JUPYTERHUB_SERVICE_NAME', 'mlflow')}"}
     # stable across restarts (a browser's cookies stay valid) and secret: derived from the service's hub token
     secret = hashlib.sha256(b"gpulab-mlflow-cookies\0" + auth.api_token.encode()).digest()
+    # its own client: hub API calls (HubOAuth's, on the shared AsyncHTTPClient) must not go to the socket
+    client = SimpleAsyncHTTPClient(force_instance=True, resolver=SocketResolver(path=str(sock)), max_clients=64,
+                                   max_body_size=MAX_BODY)
+    proxy = {"upstream": f"http://{UPSTREAM_HOST}", "client": client, "job_tokens": JobTokens(jobs_url)}
     return web.Application(
-        [(prefix + "oauth_callback", HubOAuthCallbackHandler), (r".*", ProxyHandler, {"upstream": upstream})],
+        [(prefix + "oauth_callback", HubOAuthCallbackHandler), (r".*", ProxyHandler, proxy)],
         cookie_secret=secret,
     )
 
@@ -179,13 +264,13 @@ def main() -> None:
     except KeyError as missing:
         sys.exit(f"gpulab.services.mlflow: {missing} is not set")
     prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlflow/")
-    port = int(env.get("GPULAB_MLFLOW_INTERNAL_PORT") or free_port())
-    mlflow_env = {k: v for k, v in env.items() if not k.startswith("JUPYTERHUB_")}
+    sock = private_socket(Path(env.get("GPULAB_MLFLOW_SOCKET") or Path(artifacts).parent / "run" / "mlflow.sock"))
+    mlflow_env = {k: v for k, v in env.items() if not k.startswith(("JUPYTERHUB_", "GPULAB_"))}
     mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    mlflow = subprocess.Popen(mlflow_command(backend_uri, artifacts, port, prefix), env=mlflow_env)
+    mlflow = subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix), env=mlflow_env)
 
-    AsyncHTTPClient.configure(None, max_clients=64, max_body_size=MAX_BODY)
-    server = HTTPServer(make_app(f"http://127.0.0.1:{port}", prefix), max_body_size=MAX_BODY, xheaders=True)
+    app = make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""))
+    server = HTTPServer(app, max_body_size=MAX_BODY, xheaders=True)
     server.listen(listen.port, listen.hostname)
     loop = IOLoop.current()
     exit_code = 0

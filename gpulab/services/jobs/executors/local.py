@@ -25,11 +25,11 @@ from pathlib import Path
 import psutil
 from traitlets import Float, Integer, Unicode, default
 
-from gpulab import accounts
+from gpulab import accounts, cgroups
 from gpulab.config import default_data_dir
 from gpulab.gpus import list_gpus
 
-from . import cgroups, supervisor
+from . import supervisor
 from .base import Executor, Handle, Launch, Outcome, PoolCapacity
 
 
@@ -89,7 +89,7 @@ class LocalExecutor(Executor):
         help="Directory for the attempts' exit-status files (default <data_dir>/jobs/.local-executor)."
     ).tag(config=True)
     gpu_devices = Unicode(
-        "/dev/nvidia*", help="GPU device nodes: a job may open only its own GPUs' (none without GPUs), where the "
+        cgroups.GPU_DEVICES, help="GPU device nodes: a job may open only its own GPUs' (none without GPUs), where the "
         "devices cgroup exists (v1)."
     ).tag(config=True)
     node_name = Unicode(
@@ -165,7 +165,7 @@ class LocalExecutor(Executor):
 
     async def _remove_cgroup(self, ref: str) -> None:
         """The supervisor removes its cgroup; one killed before it could (SIGKILL to the group) leaves it to us."""
-        await asyncio.to_thread(cgroups.AttemptCgroup(cgroups.group_name(ref), cgroups.Limits()).remove)
+        await asyncio.to_thread(cgroups.Cgroup(cgroups.group_name(ref), cgroups.Limits()).remove)
 
     def _exit_file(self, ref: str) -> Path:
         return Path(self.state_dir) / f"{ref.replace(':', '-')}.exit"

@@ -2,7 +2,7 @@
 
 The leader of the attempt's process group, started by the local executor. It ignores the SIGTERM and
 SIGINT sent to the whole group (so it outlives the job and records how it ended), makes the attempt's
-cgroup with its ``cpus`` and ``memory`` (:mod:`.cgroups`), and starts the job in it; with isolation
+cgroup with its ``cpus`` and ``memory`` (:mod:`gpulab.cgroups`), and starts the job in it; with isolation
 'accounts' the child then becomes the job's account (uid, gid, groups, umask 077) and only then enters
 its working dir, so a job cannot start where its owner may not go. It stays root itself: the job can
 neither signal it nor write ``STATE_DIR``, where it writes ``<pid>-<start time>.exit``: the exit status,
@@ -19,10 +19,10 @@ import sys
 
 import psutil
 
-from .cgroups import AttemptCgroup, Limits, group_name
+from gpulab.cgroups import Cgroup, Limits, group_name
 
 
-def _child_setup(cgroup: AttemptCgroup, account: dict | None, cwd: str | None):
+def _child_setup(cgroup: Cgroup, account: dict | None, cwd: str | None):
     def setup():  # in the child, after fork, before exec
         try:
             cgroup.enter()
@@ -50,12 +50,9 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: None)  # the whole group gets it: outlive the job, record its exit
     ref = f"{os.getpid()}:{psutil.Process().create_time():.2f}"  # the handle's ref, as the executor has it
     limits = Limits(spec.get("cpus"), spec.get("memory"), tuple(tuple(d) for d in spec.get("deny_devices", ())))
-    cgroup = AttemptCgroup(group_name(ref), limits)
-    try:
-        cgroup.create()
-    except OSError as e:
-        print(f"gpulab: no cgroup for this job ({e}); limits apply as rlimits", file=sys.stderr, flush=True)
-        cgroup.dirs = {}
+    cgroup = Cgroup(group_name(ref), limits)
+    if error := cgroup.create_or_fall_back():
+        print(f"gpulab: no cgroup for this job ({error}); limits apply as rlimits", file=sys.stderr, flush=True)
     reason = ""
     try:
         rc = subprocess.Popen(job, stdin=subprocess.DEVNULL,

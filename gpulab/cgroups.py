@@ -1,11 +1,13 @@
-"""A job attempt's ``cpus`` and ``memory``, enforced: a cgroup of its own, else rlimits.
+"""Limits that hold: a job attempt's ``cpus`` and ``memory`` and a user server's ``cpu_limit`` and
+``mem_limit`` (and, for both, the GPU device nodes they may not open), enforced by a cgroup of their own,
+else rlimits.
 
 cgroup v2 (one unified tree) where ``/sys/fs/cgroup/cgroup.controllers`` exists, v1 (the ``cpu`` and
 ``memory`` hierarchies, and ``devices`` for the GPU device nodes a job was not given) otherwise; both are in
 use on hosts today. (v2 controls devices only through eBPF programs, which gpulab does not load: there a job's
-GPUs are its ``CUDA_VISIBLE_DEVICES``.) The attempt's group is
-``gpulab/<name>`` in each, made and removed by the attempt's supervisor (root), which outlives the job
-and so also sees whether the kernel's OOM killer ended it. Where no cgroup can be written (not root,
+GPUs are its ``CUDA_VISIBLE_DEVICES``.) The group is ``gpulab/<name>`` in each: an attempt's is made and
+removed by its supervisor (root), which outlives the job and so also sees whether the kernel's OOM killer
+ended it; a server's by the hub's spawner. Where no cgroup can be written (not root,
 nothing mounted), memory is capped with ``RLIMIT_AS`` and CPUs with the CPU affinity mask.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "gpulab"
 CFS_PERIOD_US = 100_000
+GPU_DEVICES = "/dev/nvidia*"  # NVIDIA's device nodes (nvidia<N>, nvidiactl, nvidia-uvm, ...)
 MiB = 1024 * 1024
 
 
@@ -81,9 +84,9 @@ def own_groups() -> dict[str, str]:
     return out
 
 
-class AttemptCgroup:
-    """The cgroup(s) of one attempt, ``gpulab/<name>`` below the supervisor's own group in each hierarchy
-    (so jobs stay inside whatever envelope a container or systemd gave the platform)."""
+class Cgroup:
+    """The cgroup(s) of one attempt or server, ``gpulab/<name>`` below the calling process's own group in each
+    hierarchy (so they stay inside whatever envelope a container or systemd gave the platform)."""
 
     def __init__(self, name: str, limits: Limits, root: Path = ROOT):
         self.limits = limits
@@ -123,6 +126,16 @@ class AttemptCgroup:
             for kind, major, minor in self.limits.deny_devices:
                 (devices / "devices.deny").write_text(f"{kind} {major}:{minor} rwm")
 
+    def create_or_fall_back(self) -> OSError | None:
+        """:meth:`create`, or where the group(s) cannot be made, the rlimit fallback; returns the error, for the
+        caller to report."""
+        try:
+            self.create()
+        except OSError as e:
+            self.dirs = {}
+            return e
+        return None
+
     def enter(self) -> None:
         """Put the calling process in the group(s), or apply the rlimit fallback (call it in the child, as root,
         before it drops to the job's account)."""
@@ -154,7 +167,7 @@ class AttemptCgroup:
             return False
 
     def remove(self) -> None:
-        """Kill what the job left in its group(s) (by PID) and remove them."""
+        """Kill what is left in the group(s) (by PID) and remove them."""
         for d in set(self.dirs.values()):
             for _ in range(50):
                 try:
