@@ -5,6 +5,9 @@ or as the existing account ``Platform.accounts`` maps her to. The account is mad
 spawn or a job start) with a 0700 home under ``Platform.home_root`` and a locked password: users
 sign in to the hub, never to the machine. Both the hub's spawner and the job service's local
 executor use this module, so a user's server, kernels, terminals and jobs all run as one account.
+
+The platform's services that need no root (MLflow, the inference gateway, Triton) run as one more
+account, ``Platform.service_account`` (default ``gpulab``), which no hub user maps to.
 """
 
 import os
@@ -48,10 +51,11 @@ class AccountPolicy:
     account_prefix: str = "gpulab-"
     accounts: dict = field(default_factory=dict)  # hub user -> existing account
     home_root: str = "/home"
+    service_account: str = "gpulab"  # the platform's services', never a user's
 
     @classmethod
     def from_platform(cls, platform) -> "AccountPolicy":
-        return cls(platform.account_prefix, dict(platform.accounts), platform.home_root)
+        return cls(platform.account_prefix, dict(platform.accounts), platform.home_root, platform.service_account)
 
 
 def isolation_mode(platform) -> str:
@@ -85,6 +89,8 @@ def account_name(policy: AccountPolicy, user: str) -> str:
             f"user name {user!r}: {name!r} is not a valid account name (lower-case letters, digits, '-' and "
             "'_', starting with a letter)"
         )
+    if name == policy.service_account:
+        raise AccountError(f"user name {user!r}: {name!r} is the platform's service account (Platform.service_account)")
     return name
 
 
@@ -112,7 +118,7 @@ def ensure(policy: AccountPolicy, user: str) -> Account:
     except KeyError:
         if user in policy.accounts:
             raise AccountError(f"Platform.accounts maps {user!r} to {name!r}, which does not exist") from None
-        entry = _create(name, Path(policy.home_root), user)
+        entry = _create(name, Path(policy.home_root), f"gpulab user {user}")
     if entry.pw_uid == 0:
         raise AccountError(f"user name {user!r}: account {name!r} is root's; map the user to another account")
     home = Path(entry.pw_dir)
@@ -121,18 +127,37 @@ def ensure(policy: AccountPolicy, user: str) -> Account:
     return _account(entry)
 
 
-def _create(name: str, home_root: Path, user: str) -> pwd.struct_passwd:
+def ensure_service_account(policy: AccountPolicy) -> Account:
+    """``Platform.service_account``, created as a system account (no login shell, home 0700 under
+    ``Platform.home_root``) if it does not exist yet."""
+    name = policy.service_account
+    if not ACCOUNT_NAME.match(name) or len(name) > MAX_ACCOUNT_NAME:
+        raise ConfigError(f"Platform.service_account: {name!r} is not a valid account name")
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        try:
+            entry = _create(name, Path(policy.home_root), "gpulab services", system=True)
+        except AccountError as e:
+            raise ConfigError(f"Platform.service_account: {e}") from None
+    if entry.pw_uid == 0:
+        raise ConfigError(f"Platform.service_account: {name!r} is root's; name an unprivileged account")
+    return _account(entry)
+
+
+def _create(name: str, home_root: Path, comment: str, system: bool = False) -> pwd.struct_passwd:
     if not home_root.exists():
         home_root.mkdir(parents=True)
         home_root.chmod(0o755)  # explicitly: gpulab up's umask is 077
     home = home_root / name
+    kind = ["--system", "--shell", "/usr/sbin/nologin"] if system else ["--shell", "/bin/bash"]
     result = subprocess.run(
-        ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/bash", "--user-group",
-         "--comment", f"gpulab user {user}", "--key", "UMASK=077", name],
+        ["useradd", *kind, "--create-home", "--home-dir", str(home), "--user-group", "--comment", comment,
+         "--key", "UMASK=077", name],
         capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
-        raise AccountError(f"could not create account {name!r} for {user!r}: {result.stderr.strip()}")
+        raise AccountError(f"could not create account {name!r} ({comment}): {result.stderr.strip()}")
     os.chmod(home, 0o700)
     return pwd.getpwnam(name)
 
@@ -182,3 +207,28 @@ def closed_to_others(path: str | os.PathLike) -> Path | None:
         if not os.stat(d).st_mode & 0o001:
             return d
     return None
+
+
+def hand_over(path: Path, account: Account) -> None:
+    """``path``, a directory only ``account`` may enter (0700), owned by it with everything in it (made if
+    missing; a tree left by an earlier run as another account is taken over, symlinks not followed).
+
+    Blocking: call it from a thread in async code.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if path.lstat().st_uid != account.uid:
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), account.uid, account.gid)
+        os.chown(path, account.uid, account.gid)
+    path.chmod(0o700)
+
+
+def may_read(account: Account, path: Path) -> bool:
+    """Whether ``account`` may read the file ``path`` by its mode bits (the directories above aside)."""
+    st = path.stat()
+    if st.st_uid == account.uid:
+        return bool(st.st_mode & 0o400)
+    if st.st_gid == account.gid or st.st_gid in account.groups:
+        return bool(st.st_mode & 0o040)
+    return bool(st.st_mode & 0o004)

@@ -71,6 +71,10 @@ class Platform(Configurable):
         help="Hub user name -> an existing system account to run as, instead of <account_prefix><name>.",
     ).tag(config=True)
     home_root = Unicode("/home", help="Where the accounts gpulab makes get their home directories.").tag(config=True)
+    service_account = Unicode(
+        "gpulab", help="System account MLflow, the inference gateway and Triton run as (isolation 'accounts'), "
+        "made on first start; no hub user may map to it."
+    ).tag(config=True)
 
     @default("data_dir")
     def _default_data_dir(self):

@@ -1,5 +1,6 @@
 """`gpulab up` end to end: the embedded default starts, a user signs in and spawns, and it all stops."""
 
+import os
 import signal
 import time
 
@@ -78,6 +79,19 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     for part in ("jupyterhub", "configurable-http-proxy", "singleuser", "gpulab.services.jobs", "gpulab.services.mlflow",
                  "gpulab.services.infer", "tritonserver"):
         assert part in names, part
+    if os.geteuid() == 0:  # isolation 'accounts': each part as little as it needs
+        runs_as = {}
+        for p in started:
+            for part in ("jupyterhub.singleuser", "gpulab.services", "tritonserver", "nginx", "mlflow.server"):
+                if part in " ".join(p.cmdline()):
+                    runs_as.setdefault(p.username(), set()).add(" ".join(p.cmdline()))
+        service_parts = runs_as.pop(platform.service_account)
+        for part in ("gpulab.services.mlflow", "gpulab.services.infer", "tritonserver"):
+            assert any(part in what for what in service_parts), (part, runs_as)
+        assert {u for u, parts in runs_as.items() if any("singleuser" in w for w in parts)} == \
+            {f"{platform.account_prefix}admin"}, runs_as
+        assert any("gpulab.services.jobs" in w for w in runs_as["root"]), runs_as  # it starts jobs as their owners
+        assert not any("mlflow" in w or "infer" in w for w in runs_as.get("root", ())), runs_as
     assert platform.stop() == 0
     time.sleep(0.5)
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

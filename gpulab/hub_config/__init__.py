@@ -12,7 +12,16 @@ from pathlib import Path
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 
 from .. import scopes
-from ..accounts import ACCOUNT_NAME, MAX_ACCOUNT_NAME, AccountPolicy, closed_to_others, isolation_mode
+from ..accounts import (
+    ACCOUNT_NAME,
+    MAX_ACCOUNT_NAME,
+    Account,
+    AccountPolicy,
+    closed_to_others,
+    ensure_service_account,
+    isolation_mode,
+    may_read,
+)
 from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
@@ -23,7 +32,7 @@ from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
 from .oidc import discover
 from .proxy import proxy_command
 from .roles import load_roles
-from .services import builtin_services, managed_services
+from .services import SERVICE_ACCOUNT_DIRS, builtin_services, managed_services, run_as_service_account
 from .spawner import AccountSpawner
 
 NOT_ALLOWED_MESSAGE = (
@@ -116,15 +125,26 @@ def _configure_spawner(c, platform, isolation: str, data_dir: Path) -> None:
     c.Authenticator.username_pattern = ACCOUNT_NAME.pattern.replace("*$", f"{{0,{longest - 1}}}$")
 
 
-def _keep_config_private(config_file: Path, data_dir: Path) -> None:
-    """gpulab_config.py may hold tokens and passwords: no user account may read it."""
-    if not config_file.exists() or not config_file.stat().st_mode & 0o077:
+def _keep_config_private(config_file: Path, data_dir: Path, services: Account | None) -> None:
+    """gpulab_config.py may hold tokens and passwords: no user account may read it; the account of the
+    services (``services``), which read it too, must."""
+    if not config_file.exists():
         return
     if config_file.resolve().is_relative_to(data_dir):
-        config_file.chmod(0o600)
-    else:
+        if services:
+            os.chown(config_file, -1, services.gid)
+        config_file.chmod(0o640 if services else 0o600)
+        return
+    st = config_file.stat()
+    if st.st_mode & 0o004 or (st.st_mode & 0o040 and not (services and st.st_gid == services.gid)):
         print(f"gpulab: warning: {config_file} is readable by other accounts; if it holds secrets, run: "
               f"chmod 600 {config_file}", file=sys.stderr)
+    if services and not may_read(services, config_file):
+        raise ConfigError(
+            f"Platform.service_account: {services.name} cannot read {config_file}, which MLflow, the inference "
+            f"gateway and Triton read as that account; run: chgrp {services.name} {config_file} && chmod 640 "
+            f"{config_file}"
+        )
 
 
 def _service_env(platform, services: dict) -> dict:
@@ -183,13 +203,17 @@ def configure(c, config_file: Path | None = None) -> None:
     ]
 
     config_file = Path(config_file) if config_file else config_path()
-    if isolation == "accounts":
-        _keep_config_private(config_file, data_dir)
 
     def token_for(name: str) -> str:
         return _persistent_secret(hub_dir / "services" / f"{name}.token")
 
     services = builtin_services(platform, data_dir, config_file, token_for, cfg.InferenceGateway)
+    if isolation == "accounts":
+        service_account = None
+        if any(s["name"] in SERVICE_ACCOUNT_DIRS for s in services):
+            service_account = ensure_service_account(AccountPolicy.from_platform(platform))
+            run_as_service_account(services, service_account, data_dir)
+        _keep_config_private(config_file, data_dir, service_account)
     services += managed_services(platform, data_dir, token_for)
     services.append({"name": CLI_SERVICE, "api_token": token_for(CLI_SERVICE)})
     subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)

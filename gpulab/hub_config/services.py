@@ -4,6 +4,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..accounts import Account, hand_over
 from ..attestation.nras import ENV_VAR as NRAS_KEY_VAR
 from ..errors import ConfigError
 from ..net import free_port
@@ -96,6 +97,7 @@ def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> l
             "command": [sys.executable, "-m", "gpulab.inference.serve"],
             "api_token": token_for(TRITON_SERVICE),
             "environment": {**env, "GPULAB_MODEL_REPOSITORY": repository, "GPULAB_TRITON_KEY": key,
+                            "GPULAB_TRITON_LOG": str(data_dir / "logs" / "triton.log"),
                             **{f"GPULAB_TRITON_{name}_PORT": port for name, port in ports.items()}},
         })
         gateway_env.update(GPULAB_TRITON_REPLICAS=f"127.0.0.1:{ports['GRPC']}",
@@ -110,3 +112,20 @@ def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> l
         "environment": gateway_env,
     })
     return out
+
+
+# what they write, below the data dir: theirs alone
+SERVICE_ACCOUNT_DIRS = {MLFLOW_SERVICE: ["mlflow"], INFER_SERVICE: ["models"], TRITON_SERVICE: ["models", "logs"]}
+
+
+def run_as_service_account(services: list[dict], account: Account, data_dir: Path) -> None:
+    """The built-in services that need no root (MLflow, the inference gateway, Triton) start as ``account``
+    in its home, and get the directories they write (made 0700 of ``account``; taken over from an earlier
+    run as root). gpulab-jobs stays with the hub's account: it starts jobs as their owners' accounts."""
+    for service in services:
+        dirs = SERVICE_ACCOUNT_DIRS.get(service["name"])
+        if dirs is None or not service.get("command"):
+            continue
+        service["user"], service["cwd"] = account.name, account.home
+        for name in dirs:
+            hand_over(data_dir / name, account)

@@ -2,9 +2,9 @@
 
 The hub config picks its ports and key and hands them over in ``GPULAB_TRITON_GRPC_PORT``,
 ``GPULAB_TRITON_HTTP_PORT``, ``GPULAB_TRITON_METRICS_PORT``, ``GPULAB_TRITON_KEY`` and
-``GPULAB_MODEL_REPOSITORY``. Triton logs to ``triton.log`` beside the repository. If Triton exits, the end of its
-log is printed and it is started again on the same ports (after 1 s, doubling up to 30 s while it keeps
-failing within a minute); SIGTERM stops it.
+``GPULAB_MODEL_REPOSITORY``. Triton logs to ``$GPULAB_TRITON_LOG`` (default ``triton.log`` beside the
+repository). If Triton exits, the end of its log is printed and it is started again on the same ports
+(after 1 s, doubling up to 30 s while it keeps failing within a minute); SIGTERM stops it.
 """
 
 import os
@@ -22,6 +22,8 @@ def main() -> int:
     env = os.environ
     repository = Path(env["GPULAB_MODEL_REPOSITORY"])
     repository.mkdir(parents=True, exist_ok=True)
+    log = Path(env.get("GPULAB_TRITON_LOG") or repository.parent / "triton.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
     server = TritonServer(
         config=load_config(),
         model_repository=str(repository),
@@ -29,7 +31,7 @@ def main() -> int:
         http_port=int(env["GPULAB_TRITON_HTTP_PORT"]),
         metrics_port=int(env["GPULAB_TRITON_METRICS_PORT"]),
         restricted_key=env["GPULAB_TRITON_KEY"],
-        log_path=str(repository.parent / "triton.log"),
+        log_path=str(log),
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -50,6 +50,7 @@ class Platform:
         # homes beside the data dir, all removed by stop()
         self.account_prefix = f"gt{os.urandom(3).hex()}-"
         self.home_root = self.data_dir.parent / "homes"
+        self.service_account = f"{self.account_prefix}svc"  # removed with the users' accounts
         self.passwords: dict[str, str] = {}
 
     def write_config(self, config: str = "", services: list[dict] = ()) -> None:
@@ -64,6 +65,7 @@ class Platform:
         self.config_file.write_text(
             f"c.Platform.services = {[admin, *services]!r}\nc.Roles.extra_roles = {[role]!r}\n"
             f"c.Platform.account_prefix = {self.account_prefix!r}\nc.Platform.home_root = {str(self.home_root)!r}\n"
+            f"c.Platform.service_account = {self.service_account!r}\n"
             # tests that need inference turn it back on
             f"c.Platform.inference_service = False\n{config}\n"
         )
