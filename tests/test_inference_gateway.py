@@ -66,7 +66,7 @@ def tritons(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hub(tritons, tmp_path_factory):
+def hub(tritons, models, tmp_path_factory):
     hub = Platform(tmp_path_factory.mktemp("infer") / "data", host=HOST)
     address, rest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     replicas = [t.grpc_address for t in tritons]
@@ -90,6 +90,7 @@ c.InferenceGateway.recovery_timeout = 3
                                "GPULAB_TRITON_KEY": tritons[0].restricted_key,
                                "GPULAB_TRITON_REPLICAS": ",".join(replicas),
                                "GPULAB_TRITON_HTTP_REPLICAS": ",".join(http_replicas),
+                               "GPULAB_MODEL_REPOSITORY": str(models["repo"]),  # the replicas', with its records
                                "GPULAB_CONFIG": str(hub.config_file)}}
     # a second gateway on the same replicas, serving TLS only
     tls_address = f"127.0.0.1:{free_port()}"
@@ -494,6 +495,49 @@ def test_model_allow_list(client, tokens):
     assert e.status() == "StatusCode.PERMISSION_DENIED"
 
 
+def raw_call(hub, plane: str, method: str):
+    """A gRPC method of the gateway taking and giving raw bytes, as an attacker's own client would send them."""
+    if plane == "nginx":
+        channel = grpc.secure_channel(hub.gateways[plane], grpc.ssl_channel_credentials(hub.tls_cert.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(hub.gateways[plane])
+    return channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+
+
+def test_a_request_that_names_its_model_twice_is_refused(hub, plane, tokens):
+    """protobuf keeps the last of a repeated field: ``digits`` then ``private`` is a request for ``private``,
+    which alice may not call. The gateway reads the whole message and refuses it on both planes, even for a
+    caller who may use both models; the same request naming its model once is answered."""
+    pb = triton.service_pb2
+    x = np.ones((1, 4), np.float32)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
+    digits = pb.ModelInferRequest(model_name="digits", inputs=[tensor], raw_input_contents=[x.tobytes()])
+    twice = digits.SerializeToString() + pb.ModelInferRequest(model_name="private").SerializeToString()
+    assert pb.ModelInferRequest.FromString(twice).model_name == "private"  # what Triton would run
+    model_infer = raw_call(hub, plane, "ModelInfer")
+    for user in ("alice", "bob"):
+        with pytest.raises(grpc.RpcError) as refused:
+            model_infer(twice, metadata=[("authorization", f"token {tokens[user]}")], timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (user, refused.value)
+        assert "names its model more than once" in refused.value.details(), refused.value.details()
+    before = gateway_metrics(hub, plane)
+    answer = pb.ModelInferResponse.FromString(
+        model_infer(digits.SerializeToString(), metadata=[("authorization", f"token {tokens['alice']}")], timeout=30))
+    assert answer.model_name == "digits"
+    if plane == "nginx":  # nginx read the name and served the call itself, not the Python gateway behind it
+        served = delta(before, gateway_metrics(hub, plane), "gpulab_infer_requests_total", rpc="ModelInfer",
+                       model="digits", code="OK", process="nginx")
+        assert served == 1, served
+
+    unload = pb.RepositoryModelUnloadRequest(model_name="private").SerializeToString()
+    twice = pb.RepositoryModelUnloadRequest(model_name="digits").SerializeToString() + unload
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_call(hub, plane, "RepositoryModelUnload")(twice, metadata=[("authorization", f"token {tokens['dave']}")],
+                                                      timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert "names its model more than once" in refused.value.details(), refused.value.details()
+
+
 def test_model_control_needs_deploy_scope_and_the_platform_key(client, tokens, tritons, models):
     write_onnx_model(models["repo"], "fresh", models["onnx"])
     alice = auth(tokens["alice"])
@@ -508,16 +552,21 @@ def test_model_control_needs_deploy_scope_and_the_platform_key(client, tokens, t
     assert not direct.is_model_ready("fresh", headers=tritons[0].grpc_headers)
 
     dave = auth(tokens["dave"])
+    for call in (lambda: client.load_model("fresh", headers=dave), lambda: client.unload_model("digits", headers=dave)):
+        e = error(call)  # no record: the platform's models, not dave's to change
+        assert e.status() == "StatusCode.PERMISSION_DENIED" and "belongs to the platform" in e.message(), e.message()
+    (models["repo"] / "gpulab-models.json").write_text(json.dumps({"fresh": {"owner": "dave", "versions": {}}}))
     e = error(client.load_model, "fresh", headers=dave, files={"file:1/model.py": b"import os"})
     assert e.status() == "StatusCode.PERMISSION_DENIED" and "override" in e.message()
-    client.load_model("fresh", headers=dave)
+    client.load_model("fresh", headers=dave)  # his own (as the deploy API records it)
     for server in tritons:  # loaded on every replica
         assert triton.InferenceServerClient(server.grpc_address).is_model_ready("fresh", headers=server.grpc_headers)
     index = client.get_model_repository_index(headers=dave, as_json=True)["models"]
-    assert {m["name"] for m in index} == {"digits", "private", "fresh"}
+    assert {m["name"] for m in index} == {"digits", "fresh"}  # not private, which dave may not call
     infer(client, tokens["alice"], model="fresh")
     client.unload_model("fresh", headers=dave)
     assert error(infer, client, tokens["alice"], model="fresh").status() == "StatusCode.NOT_FOUND"
+    (models["repo"] / "gpulab-models.json").unlink()
 
 
 def test_stream_infer(client, tokens, models):

@@ -37,6 +37,7 @@ from .gateway import Gateway, GatewayError
 from .models import Deployments
 from .nginx import NginxDataPlane, serve_authorize
 from .processes import METRICS_FD_ENV, Workers, merge_metrics, parent_gone, process_index
+from .records import ModelRecords
 from .replicas import ReplicaPool
 
 
@@ -216,7 +217,8 @@ def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
     auth = HubTokenAuth(api_url, ttl=conf.token_cache_seconds)
     trace_all = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-    return conf, Gateway(pool, auth, conf.model_allow, trace_all=trace_all)
+    records = ModelRecords(Path(conf.model_repository) if conf.model_repository else None)
+    return conf, Gateway(pool, auth, conf.model_allow, trace_all=trace_all, records=records)
 
 
 async def main() -> None:

@@ -22,6 +22,7 @@ from ...resilience import CircuitOpenError
 from ...scopes import ADMIN, DEPLOY, INFER
 from ...tracing import inject
 from .auth import HubTokenAuth, Identity, InvalidToken, token_from_metadata
+from .records import ModelRecords
 from .replicas import NoReplicaError, ReplicaPool
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -40,6 +41,7 @@ RPCS = {
     "RepositoryModelLoad": (DEPLOY, 2, BROADCAST),
     "RepositoryModelUnload": (DEPLOY, 2, BROADCAST),
 }
+CONTROL = ("RepositoryModelLoad", "RepositoryModelUnload")  # they change a model: its owner's or an admin's
 UNOFFERED = ["SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
              "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
              "TraceSetting", "LogSettings"]
@@ -56,16 +58,26 @@ class GatewayError(Exception):
         self.message = message
 
 
+class RepeatedField(ValueError):
+    """A field the gateway decides on comes more than once: protobuf would take the last, a first-match
+    reader the first, so such a request is refused rather than guessed at."""
+
+
 def wire_string(buf: bytes, number: int) -> str:
-    """The string field ``number`` at the top level of a serialized protobuf message ("" if absent)."""
-    i, end = 0, len(buf)
+    """The string field ``number`` at the top level of a serialized protobuf message ("" if absent).
+
+    The whole message is read: RepeatedField if ``number`` comes more than once (or with another wire type),
+    ValueError if the message is malformed."""
+    i, end, found = 0, len(buf), None
     while i < end:
         key, i = _varint(buf, i)
         wire_type = key & 7
+        if key >> 3 == number and (wire_type != 2 or found is not None):
+            raise RepeatedField(f"field {number} comes more than once")
         if wire_type == 2:
             size, i = _varint(buf, i)
             if key >> 3 == number:
-                return buf[i:i + size].decode()
+                found = buf[i:i + size]
             i += size
         elif wire_type == 0:
             _, i = _varint(buf, i)
@@ -75,7 +87,7 @@ def wire_string(buf: bytes, number: int) -> str:
             raise ValueError(f"unsupported wire type {wire_type}")
     if i > end:
         raise ValueError("truncated message")
-    return ""
+    return found.decode() if found is not None else ""
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -131,9 +143,10 @@ class Gateway:
     """Authorises each call and forwards it to the :class:`ReplicaPool`."""
 
     def __init__(self, pool: ReplicaPool, auth: HubTokenAuth, model_allow: dict[str, list[str]] | None = None,
-                 trace_all: bool = False):
+                 trace_all: bool = False, records: ModelRecords | None = None):
         self.pool = pool
         self.auth = auth
+        self.records = records or ModelRecords(None)
         self.model_allow = {model: set(names) for model, names in (model_allow or {}).items()}
         self.trace_all = trace_all
         self.metrics = Metrics(pool)
@@ -167,12 +180,16 @@ class Gateway:
         """``model``: None for RPCs about no model, "" for RPCs about all models (ModelStatistics)."""
         if scope not in who.scopes:
             raise GatewayError(grpc.StatusCode.PERMISSION_DENIED, f"{who.name} lacks the scope {scope}")
-        if model is None or not self.model_allow or ADMIN in who.scopes:
-            return
-        allowed = self.model_allow.get(model) if model else ()
-        if allowed is not None and who.name not in allowed and not any(f"group:{g}" in allowed for g in who.groups):
+        if model is not None and not self.may_call(who, model):
             raise GatewayError(grpc.StatusCode.PERMISSION_DENIED,
                                f"{who.name} may not use model '{model}'" if model else "name a model")
+
+    def may_call(self, who: Identity, model: str) -> bool:
+        """Whether the allow-lists let ``who`` call ``model`` ("": every model, as ModelStatistics asks)."""
+        if not self.model_allow or ADMIN in who.scopes:
+            return True
+        allowed = self.model_allow.get(model) if model else ()
+        return allowed is None or who.name in allowed or any(f"group:{g}" in allowed for g in who.groups)
 
     def span(self, rpc: str, metadata):
         """The span of this call when the caller sent ``traceparent`` (``metadata``: lowercase (key, value)
@@ -191,6 +208,8 @@ class Gateway:
             who = await self.authenticate(metadata)
             model = model_name(request, field, rpc) if field else None
             self.authorize(who, scope, model)
+            if rpc in CONTROL and (refusal := self.records.refusal(who, model)):
+                raise GatewayError(grpc.StatusCode.PERMISSION_DENIED, refusal)
             if rpc == "RepositoryModelLoad" and ADMIN not in who.scopes:
                 refuse_overrides(request)
             if how == LOCAL:
@@ -201,13 +220,22 @@ class Gateway:
                 timeout = context.time_remaining()
                 if how == BROADCAST:
                     return await self.pool.broadcast(rpc, request, outgoing, timeout)
-                return await self.pool.forward(lambda r: r.call(rpc, request, outgoing, timeout), how == IDEMPOTENT)
+                answer = await self.pool.forward(lambda r: r.call(rpc, request, outgoing, timeout), how == IDEMPOTENT)
+                return self._visible_index(who, answer) if rpc == "RepositoryIndex" else answer
         except Exception as e:  # noqa: BLE001 - status_of re-raises what has no status
             code, message = status_of(e)
             await context.abort(code, message)
         finally:
             label = model if model and code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND) else ""
             self.metrics.observe(rpc, label, code, time.perf_counter() - started)
+
+    def _visible_index(self, who: Identity, answer: bytes) -> bytes:
+        """A RepositoryIndex answer with only the models ``who`` may call (admins and open platforms: all)."""
+        if not self.model_allow or ADMIN in who.scopes:
+            return answer
+        index = service_pb2.RepositoryIndexResponse.FromString(answer)
+        visible = [m for m in index.models if self.may_call(who, m.name)]
+        return service_pb2.RepositoryIndexResponse(models=visible).SerializeToString()
 
     async def stream_infer(self, requests, context: grpc.aio.ServicerContext):
         """ModelStreamInfer: one replica per stream; each request's model is authorised before it is sent,
@@ -254,6 +282,9 @@ class Gateway:
 def model_name(request: bytes, field: int, rpc: str) -> str:
     try:
         return wire_string(request, field)
+    except RepeatedField:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{rpc} request names its model more than once (field {field}): refused") from None
     except (ValueError, IndexError, UnicodeDecodeError):
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {rpc} request") from None
 

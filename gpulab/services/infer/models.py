@@ -26,14 +26,12 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from ...inference.triton import BACKENDS, write_onnx_model
-from ...scopes import ADMIN
 from .auth import Identity
+from .records import NAME, ModelRecords
 from .replicas import NoReplicaError, ReplicaPool
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-RECORDS = "gpulab-models.json"
 CONVERTER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 
@@ -65,6 +63,7 @@ class Deployments:
     def __init__(self, repository: str | None, pool: ReplicaPool, mlflow_url: str, allow_pickle: bool = False,
                  timeout: float = 600.0, mlflow_token: str = ""):
         self.repository = Path(repository) if repository else None
+        self.model_records = ModelRecords(self.repository)
         self.pool = pool
         self.mlflow_url = mlflow_url
         self.mlflow_token = mlflow_token
@@ -80,21 +79,14 @@ class Deployments:
         return self.repository
 
     def records(self) -> dict:
-        try:
-            return json.loads((self._repo() / RECORDS).read_text())
-        except FileNotFoundError:
-            return {}
+        return self.model_records.records()
 
     def _save(self, records: dict) -> None:
-        tmp = self._repo() / f".{RECORDS}.tmp"
-        tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
-        tmp.replace(self._repo() / RECORDS)
+        self._repo()
+        self.model_records.save(records)
 
     def names(self) -> list[str]:
-        if self.repository is None or not self.repository.is_dir():
-            return []
-        return sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").exists()
-                      and NAME.match(p.name))
+        return self.model_records.names()
 
     def versions(self, name: str) -> list[int]:
         model_dir = self._repo() / name
@@ -153,13 +145,8 @@ class Deployments:
         return [await self.describe(name, states, records) for name in self.names()]
 
     def _check_owner(self, who: Identity, name: str) -> None:
-        """Only the owner of an existing model, or an admin, may change it."""
-        if ADMIN in who.scopes or name not in self.names():
-            return
-        owner = self.records().get(name, {}).get("owner")
-        if owner != who.name:
-            raise DeployError(403, f"model '{name}' belongs to {owner or 'the platform'}: only its owner or an "
-                                   "admin may change it", "name", "forbidden")
+        if refusal := self.model_records.refusal(who, name):
+            raise DeployError(403, refusal, "name", "forbidden")
 
     async def deploy(self, who: Identity, source, name, backend) -> dict:
         """Convert ``source`` and serve it as the next version of ``name``; returns the model."""

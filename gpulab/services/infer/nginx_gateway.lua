@@ -76,26 +76,63 @@ local function varint(s, i)
   return nil, i
 end
 
--- The model name: field 1 of the first (uncompressed) gRPC message, which protobuf writes first.
--- nil when the fast path cannot tell (compressed message, other field order): the Python gateway decides.
-local function model_name(head)
-  if #head < 7 or head:byte(1) ~= 0 or head:byte(6) ~= 0x0A then return nil end
-  local size, i = varint(head, 7)
-  if not size or i + size - 1 > #head then return nil end
-  return head:sub(i, i + size - 1)
-end
-
-local function body_head()
+-- The request body, to read from: in memory, or in the file nginx spooled a large one to.
+-- read(i, n) gives n bytes from position i (1-based; fewer at the end); size is the body's length.
+local function body_reader()
   ngx.req.read_body()
   local data = ngx.req.get_body_data()
-  if data then return data end
-  local path = ngx.req.get_body_file()  -- a large body went to a file: the name is at its start
-  if not path then return "" end
-  local file = io.open(path, "rb")
-  if not file then return "" end
-  local head = file:read(4096) or ""
-  file:close()
-  return head
+  if data then return function(i, n) return data:sub(i, i + n - 1) end, #data end
+  local path = ngx.req.get_body_file()
+  local file = path and io.open(path, "rb")
+  if not file then return function() return "" end, 0 end
+  local size = file:seek("end")
+  return function(i, n)
+    file:seek("set", i - 1)
+    return file:read(n) or ""
+  end, size, file
+end
+
+local function varint_at(read, i)
+  local value, next_i = varint(read(i, 10), 1)
+  return value, i + next_i - 1
+end
+
+-- The model name: the one string field 1 at the top level of the gRPC message (the whole message is read, as
+-- protobuf, which keeps the last of repeated fields, reads it). nil when the fast path cannot tell or should
+-- not decide (compressed, malformed, no field 1, or field 1 more than once or of another wire type): the Python gateway then
+-- decides, and refuses what it must, with the same answer for both planes.
+local function model_name(read, size)
+  local head = read(1, 5)
+  if #head < 5 or head:byte(1) ~= 0 then return nil end
+  local length = ((head:byte(2) * 256 + head:byte(3)) * 256 + head:byte(4)) * 256 + head:byte(5)
+  if length + 5 ~= size then return nil end
+  local i, name = 6, nil
+  while i <= size do
+    local key
+    key, i = varint_at(read, i)
+    if not key then return nil end
+    local wire, field = key % 8, math.floor(key / 8)
+    if field == 1 and (wire ~= 2 or name) then return nil end
+    if wire == 2 then
+      local n
+      n, i = varint_at(read, i)
+      if not n or i + n - 1 > size then return nil end
+      if field == 1 then name = read(i, n) end
+      i = i + n
+    elseif wire == 0 then
+      local value
+      value, i = varint_at(read, i)
+      if not value then return nil end
+    elseif wire == 1 then
+      i = i + 8
+    elseif wire == 5 then
+      i = i + 4
+    else
+      return nil
+    end
+  end
+  if i ~= size + 1 then return nil end
+  return name
 end
 
 -- GET path on the Python gateway's loopback port (HTTP/1.1 over a kept-alive cosocket: subrequests do not
@@ -223,7 +260,9 @@ function M.access()
     ngx.var.gpulab_model = ngx.var.gpulab_path_model
     model = read_model and ngx.var.gpulab_path_model or nil
   elseif read_model then
-    model = model_name(body_head())
+    local read, size, file = body_reader()
+    model = model_name(read, size)
+    if file then file:close() end
     if not model then return ngx.exec("@python") end
     ngx.var.gpulab_model = model
   end
