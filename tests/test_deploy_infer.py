@@ -88,9 +88,18 @@ def trained(hub, tmp_path_factory):
             model.partial_fit(X, y, classes=np.arange(10))
         fake = tmp_path_factory.mktemp("fake")
         (fake / "MLmodel").write_text("flavors:\n  xgboost:\n    data: model.xgb\n")
+        # hostile models: one whose MLmodel points at a file of the gateway's, one with a tensor name that would
+        # add settings to Triton's config if pasted into it
+        escape = tmp_path_factory.mktemp("escape")
+        (escape / "MLmodel").write_text("flavors:\n  onnx:\n    data: /etc/hostname\n")
+        hostile = tmp_path_factory.mktemp("hostile")
+        linear_onnx(hostile / "model.onnx", input_name='x", data_type: TYPE_FP32, dims: [1] }\n] backend: "x')
+        (hostile / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
         with mlflow.start_run() as run:
             mlflow.sklearn.log_model(model, name="model", input_example=X[:2], registered_model_name="digits")
             mlflow.log_artifacts(str(fake), "fake")
+            mlflow.log_artifacts(str(escape), "escape")
+            mlflow.log_artifacts(str(hostile), "hostile")
     finally:
         mp.undo()
     return {"run_id": run.info.run_id, "model": model, "X": X}
@@ -133,18 +142,25 @@ def error(r: requests.Response, status: int, spec_path: str, method: str, spec: 
     return r.json()["error"]
 
 
-@pytest.mark.parametrize("backend, config, files", [
-    ("python-onnx", ['backend: "python"', "KIND_CPU"], {"model.onnx", "model.py"}),
-    ("onnxruntime", ['backend: "onnxruntime"', "KIND_GPU"], {"model.onnx"}),
-    ("tensorrt", ['backend: "onnxruntime"', "KIND_GPU", 'gpu_execution_accelerator: [ { name: "tensorrt" } ]'],
+@pytest.mark.parametrize("backend, expected, files", [
+    ("python-onnx", {"backend": "python", "instanceGroup": [{"count": 1, "kind": "KIND_CPU"}]},
+     {"model.onnx", "model.py"}),
+    ("onnxruntime", {"backend": "onnxruntime", "instanceGroup": [{"count": 1, "kind": "KIND_GPU"}]}, {"model.onnx"}),
+    ("tensorrt", {"backend": "onnxruntime", "instanceGroup": [{"count": 1, "kind": "KIND_GPU"}],
+                  "optimization": {"executionAccelerators": {"gpuExecutionAccelerator": [{"name": "tensorrt"}]}}},
      {"model.onnx"}),
 ])
-def test_repository_entry_per_backend(tmp_path, backend, config, files):
+def test_repository_entry_per_backend(tmp_path, backend, expected, files):
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
     linear_onnx(tmp_path / "m.onnx")
     model_dir = write_onnx_model(tmp_path / "repo", "m", tmp_path / "m.onnx", version=2, backend=backend)
-    text = (model_dir / "config.pbtxt").read_text()
-    assert all(line in text for line in config) and "version_policy: { latest: { num_versions: 1 } }" in text
-    assert '{ name: "x", data_type: TYPE_FP32, dims: [1, 4] }' in text
+    config = json_format.MessageToDict(text_format.Parse((model_dir / "config.pbtxt").read_text(),
+                                                         model_config_pb2.ModelConfig()))
+    assert config == {"name": "m", **expected, "versionPolicy": {"latest": {"numVersions": 1}},
+                      "input": [{"name": "x", "dataType": "TYPE_FP32", "dims": ["1", "4"]}],
+                      "output": [{"name": "y", "dataType": "TYPE_FP32", "dims": ["1", "3"]}]}
     assert {p.name for p in model_dir.iterdir()} == {"config.pbtxt", "2"}  # nothing staged left behind
     assert {p.name for p in (model_dir / "2").iterdir()} == files
 
@@ -315,6 +331,8 @@ def test_deploy_errors_name_the_field(rest, trained, hub):
         ({"source": f"runs:/{run}/nothing", "name": "x"}, 404, "source", f"runs:/{run}/nothing"),
         ({"source": "models:/nope/1", "name": "x"}, 404, "source", "models:/nope/1"),
         ({"source": f"runs:/{run}/fake", "name": "x"}, 422, "source", "xgboost"),
+        ({"source": f"runs:/{run}/escape", "name": "x"}, 422, "source", "outside the model's directory"),
+        ({"source": f"runs:/{run}/hostile", "name": "x"}, 422, "source", "is not allowed"),
         ({"source": "s3://bucket/model", "name": "x"}, 400, "source", "s3://bucket/model"),
         ({"source": run, "name": "../etc"}, 400, "name", "name"),
         ({"source": run, "name": "x", "backend": "tensorflow"}, 400, "backend", "python-onnx"),

@@ -26,11 +26,13 @@ import requests
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 import tritonclient.http as triton_http
+from google.protobuf import json_format, text_format
 from tornado import web
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from gpulab.errors import ConfigError
-from gpulab.inference.triton import write_onnx_model
+from gpulab.inference.triton import model_config, write_onnx_model
 from gpulab.net import free_port
 from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
@@ -193,11 +195,53 @@ def test_onnx_signature_and_repository_entry(tmp_path):
                               [helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", 8])])
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     model_dir = write_onnx_model(tmp_path / "repo", "ids", tmp_path / "m.onnx", version=3)
-    config = (model_dir / "config.pbtxt").read_text()
-    assert 'backend: "python"' in config
-    assert '{ name: "ids", data_type: TYPE_INT64, dims: [-1, 8] }' in config
-    assert '{ name: "out", data_type: TYPE_INT64, dims: [-1, 8] }' in config
+    config = json_format.MessageToDict(text_format.Parse((model_dir / "config.pbtxt").read_text(),
+                                                         model_config_pb2.ModelConfig()))
+    assert config["backend"] == "python"
+    assert config["input"] == [{"name": "ids", "dataType": "TYPE_INT64", "dims": ["-1", "8"]}]
+    assert config["output"] == [{"name": "out", "dataType": "TYPE_INT64", "dims": ["-1", "8"]}]
     assert sorted(p.name for p in (model_dir / "3").iterdir()) == ["model.onnx", "model.py"]
+
+
+HOSTILE_NAMES = ['x", data_type: TYPE_FP32, dims: [1] }\n] parameters { key: "EXECUTION_ENV_PATH" }\ninput [ { name: "z',
+                 "x y", "", "a" * 257, "x\u00e9"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_tensor_name_that_is_not_plain_is_refused(tmp_path, name):
+    """A name from the user's ONNX graph goes into config.pbtxt: one that would need quoting (or could add
+    settings of its own to the config) is refused, naming it, before anything is written."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", [name], ["out"])], "g",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match="tensor name .* is not allowed"):
+        write_onnx_model(tmp_path / "repo", "m", tmp_path / "m.onnx")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_config_strings_are_quoted_whatever_they_hold():
+    """model_config writes Triton's ModelConfig protobuf as text: a string reads back as itself, adding nothing."""
+    hostile = HOSTILE_NAMES[0]
+    text = model_config("m", [{"name": hostile, "data_type": "TYPE_FP32", "dims": [1]}], [])
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert [t.name for t in config.input] == [hostile] and not config.parameters and len(config.input) == 1
+
+
+def test_an_onnx_model_with_external_data_is_refused(tmp_path):
+    """Triton would read an external-data tensor from wherever its location points (any file the serving
+    account can read)."""
+    import onnx
+
+    linear_onnx(tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    with pytest.raises(ValueError, match="tensor 'W' keeps its data in an external file"):
+        write_onnx_model(tmp_path / "repo", "m", tmp_path / "ext.onnx")
 
 
 async def test_a_failing_http_endpoint_takes_the_replica_out_of_rest_calls_only():

@@ -158,6 +158,7 @@ def convert(model_dir: Path, out: Path, float32: bool = False) -> str:
 
     mlmodel = Model.load(str(model_dir / "MLmodel"))
     flavors = mlmodel.flavors
+    _check_paths(model_dir, flavors)
     if "onnx" in flavors:
         shutil.copyfile(model_dir / flavors["onnx"]["data"], out)
         return "onnx"
@@ -170,6 +171,31 @@ def convert(model_dir: Path, out: Path, float32: bool = False) -> str:
         return "pytorch"
     raise ConvertError(422, f"cannot deploy a model with flavors {', '.join(sorted(flavors))}: "
                             "gpulab deploys scikit-learn, PyTorch and ONNX models")
+
+
+def _check_paths(model_dir: Path, flavors: dict) -> None:
+    """Every string in the MLmodel's flavors that names a file must name one inside the model's own directory:
+    ``data: /etc/...`` or ``../..`` would have the converter read (and deploy) a file of the gateway's."""
+    root = model_dir.resolve()
+
+    def check(value, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                check(item, f"{where}[{i}]")
+        elif isinstance(value, str) and value:
+            try:
+                inside = (root / value).resolve().is_relative_to(root)
+            except (OSError, ValueError):
+                inside = False
+            if not inside:
+                raise ConvertError(422, f"the model's MLmodel file points outside the model's directory: {where} = "
+                                        f"{value[:200]!r}")
+
+    for name, conf in flavors.items():
+        check(conf, f"flavors.{name}")
 
 
 def signature(path: Path) -> tuple[list[dict], list[dict]]:

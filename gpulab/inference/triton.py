@@ -12,6 +12,7 @@ the platform's secret header, which only the inference gateway holds::
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -190,11 +191,26 @@ ONNX_TO_TRITON = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: 
                   9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16"}
 
 
+# Tensor names gpulab writes into a model's config: what ONNX exporters produce ("x", "input.1", "onnx::Gemm_0",
+# "/linear/Gemm_output_0"), nothing that needs quoting
+TENSOR_NAME = re.compile(r"^[A-Za-z0-9_.:/\[\]-]{1,256}$")
+
+
 def onnx_signature(model) -> tuple[list[dict], list[dict]]:
-    """Inputs and outputs of an ``onnx.ModelProto`` as ``{"name", "data_type", "dims"}`` (-1 for a dynamic dim)."""
+    """Inputs and outputs of an ``onnx.ModelProto`` as ``{"name", "data_type", "dims"}`` (-1 for a dynamic dim).
+
+    ValueError, naming the tensor, for a name that is not a plain tensor name (:data:`TENSOR_NAME`), a type Triton
+    has not, or data kept outside the file (``external_data``: Triton would read it from wherever it points)."""
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == 1:  # TensorProto.EXTERNAL
+            raise ValueError(f"tensor '{tensor.name}' keeps its data in an external file; save the model with its "
+                             "data inside (onnx.save(..., save_as_external_data=False))")
     initializers = {i.name for i in model.graph.initializer}
 
     def spec(value) -> dict:
+        if not TENSOR_NAME.match(value.name):
+            raise ValueError(f"tensor name {value.name[:80]!r} is not allowed: use 1-256 letters, digits and _ . : / "
+                             "[ ] -")
         tensor = value.type.tensor_type
         if tensor.elem_type not in ONNX_TO_TRITON:
             raise ValueError(f"tensor '{value.name}': ONNX element type {tensor.elem_type} has no Triton type")
@@ -205,31 +221,48 @@ def onnx_signature(model) -> tuple[list[dict], list[dict]]:
             [spec(v) for v in model.graph.output])
 
 
-def _pbtxt_tensors(kind: str, tensors: list[dict]) -> str:
-    items = ",\n".join(f'  {{ name: "{t["name"]}", data_type: {t["data_type"]}, dims: {t["dims"]} }}' for t in tensors)
-    return f"{kind} [\n{items}\n]\n"
+def _tensors(graph):
+    """Every tensor of an ONNX graph: initializers, sparse ones, and those in node attributes and subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
+                yield from _tensors(subgraph)
 
 
-# backend -> (config.pbtxt lines besides name, tensors and version policy; files in each version dir)
+# backend -> (its part of config.pbtxt, as a ModelConfig dict; files in each version dir)
 BACKENDS = {
     # CPU: a Python-backend model.py running the ONNX file with onnxruntime (the bundled Triton has no other backend)
-    "python-onnx": ('backend: "python"\ninstance_group [ { kind: KIND_CPU, count: 1 } ]\n', ("model.onnx", "model.py")),
+    "python-onnx": ({"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": 1}]},
+                    ("model.onnx", "model.py")),
     # GPU: Triton's stock onnxruntime backend
-    "onnxruntime": ('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n', ("model.onnx",)),
+    "onnxruntime": ({"backend": "onnxruntime", "instance_group": [{"kind": "KIND_GPU", "count": 1}]}, ("model.onnx",)),
     # GPU: the onnxruntime backend with its TensorRT execution provider, which builds (and caches) the engine for
     # the node's GPU and TensorRT on first load; a model.plan would have to be built on the serving GPU beforehand
-    "tensorrt": (('backend: "onnxruntime"\ninstance_group [ { kind: KIND_GPU, count: 1 } ]\n'
-                  'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" } ] } }\n'),
+    "tensorrt": ({"backend": "onnxruntime", "instance_group": [{"kind": "KIND_GPU", "count": 1}],
+                  "optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "tensorrt"}]}}},
                  ("model.onnx",)),
 }
 
 
 def model_config(name: str, inputs: list[dict], outputs: list[dict], backend: str = "python-onnx") -> str:
     """``config.pbtxt`` for an ONNX model: no batching (dims exactly as given), only the newest version served
-    (Triton's ``latest 1``: a new version replaces the old one once it is ready, in-flight requests finish)."""
-    return (f'name: "{name}"\n{BACKENDS[backend][0]}max_batch_size: 0\n'
-            "version_policy: { latest: { num_versions: 1 } }\n"
-            + _pbtxt_tensors("input", inputs) + _pbtxt_tensors("output", outputs))
+    (Triton's ``latest 1``: a new version replaces the old one once it is ready, in-flight requests finish).
+
+    Written from Triton's ``ModelConfig`` protobuf (``text_format`` quotes every string), never by pasting
+    names into text: a name cannot add settings of its own."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = {"name": name, **BACKENDS[backend][0], "max_batch_size": 0,
+              "version_policy": {"latest": {"num_versions": 1}}, "input": inputs, "output": outputs}
+    return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
 
 def write_onnx_model(repository: Path | str, name: str, onnx_path: Path | str, version: int = 1,

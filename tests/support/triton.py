@@ -25,8 +25,9 @@ def triton_python() -> str:
     return str(VENV_PYTHON)
 
 
-def linear_onnx(path: Path, inputs: int = 4, outputs: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Write ``y = x·W + b`` (x: [1, inputs] FP32, y: [1, outputs]) as ONNX; returns W and b."""
+def linear_onnx(path: Path, inputs: int = 4, outputs: int = 3, seed: int = 0,
+                input_name: str = "x") -> tuple[np.ndarray, np.ndarray]:
+    """Write ``y = x·W + b`` (x: [1, inputs] FP32, named ``input_name``; y: [1, outputs]) as ONNX; returns W and b."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -34,8 +35,8 @@ def linear_onnx(path: Path, inputs: int = 4, outputs: int = 3, seed: int = 0) ->
     w = rng.standard_normal((inputs, outputs)).astype(np.float32)
     b = rng.standard_normal(outputs).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs])],
+        [helper.make_node("MatMul", [input_name, "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "linear", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, inputs])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, outputs])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
