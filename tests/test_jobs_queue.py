@@ -647,3 +647,20 @@ for name in ("nvidia0", "nvidia1", "nvidiactl"):
     row = await finished(store, none)
     seen = dict(line.split() for line in q.log_path(row).read_text().splitlines())
     assert seen == {"nvidia0": "EPERM", "nvidia1": "EPERM", "nvidiactl": "EPERM"}, seen
+
+
+async def test_a_job_that_cannot_be_handled_fails_alone_and_the_others_run(make_queue, store):
+    """A job stored before the API bounded max_runtime (2^70 s: every pass raised OverflowError on it, stalling
+    the queue for everyone) is failed with the reason, and the next job still runs."""
+    q = await make_queue()
+    bad = await submit(q, entrypoint=py("import time; time.sleep(60)"), max_runtime=60)
+    await state_is(store, bad, "running")
+    row = store.get_job(bad)
+    with store._session() as session:  # as an older gpulab stored it
+        stored = session.get(type(row), bad)
+        stored.spec = {**stored.spec, "max_runtime": 2**70}
+        session.commit()
+    failed = await finished(store, bad)
+    assert failed.state == "failed" and "could not handle this job: OverflowError" in failed.state_reason
+    good = await submit(q, entrypoint=py("print('ran')"))
+    assert (await finished(store, good)).state == "succeeded"

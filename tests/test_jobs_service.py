@@ -176,10 +176,19 @@ def test_rbac(hub, alice, bob):
     ({"name": "x", "entrypoint": ["true"], "env": {"JUPYTERHUB_API_TOKEN": "x"}}, "env"),
     ({"name": "x", "entrypoint": ["true"], "priority": 1000}, "priority"),
     ({"name": "x", "entrypoint": ["true"], "surprise": 1}, "surprise"),
+    # hostile inputs (issue 14): each once gave a 500, stalled the queue or was stored as nonsense
+    ({"name": "x", "entrypoint": ["true"], "max_runtime": 2**70}, "max_runtime"),
+    ({"name": "x", "entrypoint": ["true"], "resources": {"cpus": 1e999}}, "resources.cpus"),
+    ({"name": "x", "entrypoint": ["true"], "resources": {"cpus": 0}}, "resources.cpus"),
+    ({"name": "x", "entrypoint": ["true"], "resources": {"memory": 2**70}}, "resources.memory"),
+    ({"name": "x", "entrypoint": ["true"], "resources": {"memory": "9" * 400}}, "resources.memory"),
+    ({"name": "x\u0000y", "entrypoint": ["true"]}, "name"),
+    ({"name": "two\nlines", "entrypoint": ["true"]}, "name"),
 ])
 def test_bad_input_names_the_field_and_stores_nothing(alice, spec, field):
     before = len(alice.request("GET", "/jobs", params={"limit": 500}).json()["jobs"])
-    r = alice.request("POST", "/jobs", json=spec)
+    body = json.dumps(spec).replace("Infinity", "1e999")  # as a client that writes numbers JSON cannot hold sends
+    r = alice.request("POST", "/jobs", data=body)
     assert r.status_code == 422, r.text
     SPEC.validate("/jobs", "POST", 422, r.json())
     assert r.json()["error"]["field"].startswith(field), r.json()
@@ -192,6 +201,8 @@ def test_oversized_and_malformed_bodies(alice):
     assert "limit" in r.json()["error"]["message"]
     r = alice.request("POST", "/jobs", data=b"{not json")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = alice.request("POST", "/jobs", data=b"[" * 100_000 + b"]" * 100_000)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
     assert alice.request("GET", "/jobs", params={"limit": 0}).status_code == 400
     assert alice.request("GET", "/jobs", params={"cursor": "garbage"}).status_code == 400
     assert alice.request("GET", "/jobs/" + "0" * 32).status_code == 404
@@ -273,3 +284,15 @@ def test_metrics_need_read_metrics(hub, alice):
     assert r.status_code == 200, r.text
     assert 'gpulab_jobs_submitted_total{pool="default"}' in r.text
     assert "gpulab_jobs_request_duration_seconds_count" in r.text
+
+
+def test_log_reads_are_bounded(alice):
+    job = alice.submit(name="short-log", entrypoint=["python", "-c", "print('a line')"])
+    alice.wait(job["id"])
+    for params, field in [({"offset": 2**44}, "offset"), ({"limit": 10**11}, "limit"), ({"offset": "9" * 400}, "offset"),
+                          ({"limit": -1}, "limit")]:
+        r = alice.request("GET", f"/jobs/{job['id']}/logs", params=params)
+        assert r.status_code == 400 and r.json()["error"]["field"] == field, (params, r.text)
+    whole = alice.request("GET", f"/jobs/{job['id']}/logs").text
+    r = alice.request("GET", f"/jobs/{job['id']}/logs", params={"limit": 4 * 1024 * 1024, "offset": 2})
+    assert r.status_code == 200 and r.text == whole[2:] and "a line" in whole, (whole, r.text)

@@ -76,6 +76,8 @@ class BaseHandler(web.RequestHandler):
             data = json.loads(self.request.body or b"{}")
         except ValueError as e:
             raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "body is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object", code="invalid_json")
         try:
@@ -206,13 +208,17 @@ class CancelHandler(UserHandler):
         self.write_json(self.queue.job_model(row))
 
 
+MAX_LOG_READ = 4 * 1024 * 1024  # bytes one log read returns at most
+MAX_LOG_OFFSET = 2**40  # beyond any log a job writes
+
+
 class LogsHandler(UserHandler):
     """The job's log: a byte range (``offset``/``limit``), the ``tail`` lines, or ``follow=true`` as SSE."""
 
     async def get(self, job_id):
         row = self.job(job_id)
         offset = self._int("offset", 0)
-        limit = self._int("limit", 1024 * 1024)
+        limit = self._int("limit", 1024 * 1024, MAX_LOG_READ)
         tail = self.get_argument("tail", None)
         if self.get_argument("follow", "false") in ("1", "true"):
             return await self._follow(job_id, offset)
@@ -223,13 +229,16 @@ class LogsHandler(UserHandler):
         self.set_header("X-Log-Offset", str(offset + len(data)))
         self.finish(data)
 
-    def _int(self, name: str, default: int) -> int:
+    def _int(self, name: str, default: int, maximum: int = MAX_LOG_OFFSET) -> int:
+        raw = self.get_argument(name, str(default))
         try:
-            value = int(self.get_argument(name, str(default)))
+            value = int(raw) if len(raw) <= 20 else None
         except ValueError:
-            raise APIError(400, f"{name} must be an integer", field=name) from None
-        if value < 0:
-            raise APIError(400, f"{name} must be >= 0", field=name)
+            value = None
+        if value is None:
+            raise APIError(400, f"{name} must be an integer", field=name)
+        if not 0 <= value <= maximum:
+            raise APIError(400, f"{name} must be between 0 and {maximum}", field=name)
         return value
 
     async def _follow(self, job_id: str, offset: int) -> None:

@@ -26,9 +26,12 @@ DENIED_ENV = (
     "WANDB_API_KEY",
 )
 MAX_SOURCE_BYTES = 1024 * 1024
+MAX_RUNTIME = 366 * 24 * 3600  # seconds: a year, which any schedule's arithmetic takes
+MAX_MEMORY = 2**50  # bytes: 1 PiB, beyond any machine's
+MAX_CPUS = 4096
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")
-_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|k|M|G|T)?")
+_MEMORY = re.compile(r"(\d{1,20}(?:\.\d{1,9})?)\s*(Ki|Mi|Gi|Ti|K|k|M|G|T)?")
 _UNITS = {None: 1, "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40})
 
@@ -43,6 +46,15 @@ def _no_nul(value: str) -> str:
     return value
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise _error("control_character", "must not contain control characters")
+    return value
+
+
 Arg = Annotated[str, Field(min_length=1)]
 
 
@@ -54,9 +66,14 @@ class Resources(_Body):
     """What one attempt needs; ``memory`` accepts bytes or "4Gi"/"512Mi"/"2G" and is stored as bytes."""
 
     gpus: int = Field(0, ge=0, le=64)
-    cpus: float = Field(1.0, gt=0)
+    cpus: float = Field(1.0, ge=0.01, le=MAX_CPUS, allow_inf_nan=False)
     memory: int | None = None
     pool: str = Field("default", min_length=1, max_length=64)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, value):
+        return _no_control(value)
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -70,8 +87,8 @@ class Resources(_Body):
             if not match:
                 raise _error("memory", "must be a number of bytes or a string like '4Gi' or '512Mi'")
             value = int(float(match[1]) * _UNITS[match[2]])
-        if value <= 0:
-            raise _error("memory", "must be greater than 0")
+        if not 0 < value <= MAX_MEMORY:
+            raise _error("memory", "must be greater than 0 and at most 1 PiB")
         return value
 
 
@@ -91,12 +108,17 @@ class JobSpec(_Body):
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     priority: int = Field(0, ge=-100, le=100)
-    max_runtime: int | None = Field(None, gt=0)
+    max_runtime: int | None = Field(None, gt=0, le=MAX_RUNTIME)
     retries: int = Field(0, ge=0, le=10)
     tracking: Tracking = Field(default_factory=Tracking)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     attestation: Literal["none", "required"] = "none"
+
+    @field_validator("name", "idempotency_key")
+    @classmethod
+    def _plain(cls, value):
+        return None if value is None else _no_control(value)
 
     @field_validator("entrypoint")
     @classmethod

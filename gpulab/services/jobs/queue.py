@@ -328,10 +328,12 @@ class JobQueue(LoggingConfigurable):
                     continue
                 try:
                     outcome = await self.executor.poll(Handle(**row.handle))
+                    await self._settle(row, outcome)
                 except ExecutorUnavailable as e:
                     self.log.warning("cannot poll job %s: %s", row.id, e)
-                    continue
-                await self._settle(row, outcome)
+                except Exception as e:  # one job that cannot be handled must not stop the others
+                    self.log.exception("job %s cannot be handled; stopping it", row.id)
+                    self._begin_stop(row, "failed", f"gpulab could not handle this job: {type(e).__name__}: {e}")
             await self._dispatch_queued()
 
     async def _settle(self, row: JobRow, outcome: Outcome) -> None:
