@@ -205,6 +205,9 @@ def test_oversized_and_malformed_bodies(alice):
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
     assert alice.request("GET", "/jobs", params={"limit": 0}).status_code == 400
     assert alice.request("GET", "/jobs", params={"cursor": "garbage"}).status_code == 400
+    for params, field in [({"state": "AAA"}, "state"), ({"all": "maybe"}, "all")]:
+        r = alice.request("GET", "/jobs", params=params)
+        assert r.status_code == 400 and r.json()["error"]["field"] == field, (params, r.text)
     assert alice.request("GET", "/jobs/" + "0" * 32).status_code == 404
     assert alice.request("GET", "/nope").status_code == 404
 

@@ -12,6 +12,7 @@ from ... import scopes, tracing
 from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
 from .models import (
+    JOB_STATES,
     TERMINAL_STATES,
     JobIdentity,
     JobList,
@@ -87,6 +88,13 @@ class BaseHandler(web.RequestHandler):
             raise APIError(422, f"{field}: {message}" if field else message, field=field or None,
                            code="invalid") from None
 
+    def flag(self, name: str) -> bool:
+        """A boolean query parameter: true/1 or false/0 (absent: false); anything else is a 400 naming it."""
+        value = self.get_argument(name, "false").lower()
+        if value not in ("1", "true", "0", "false"):
+            raise APIError(400, f"{name} must be true or false", field=name)
+        return value in ("1", "true")
+
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = getattr(exc, "log_message", None) or self._reason
@@ -155,8 +163,11 @@ class JobsHandler(UserHandler):
         owner = self.get_argument("owner", None)
         if owner and owner != self.user_name and not self.is_admin:
             raise APIError(403, "only admins may list other users' jobs", field="owner", code="forbidden")
-        if not owner and not (self.is_admin and self.get_argument("all", "") in ("1", "true")):
+        if not owner and not (self.flag("all") and self.is_admin):
             owner = self.user_name
+        states = self.get_arguments("state")
+        if unknown := [s for s in states if s not in JOB_STATES]:
+            raise APIError(400, f"state {unknown[0]!r} is not one of {', '.join(JOB_STATES)}", field="state")
         try:
             limit = int(self.get_argument("limit", "50"))
         except ValueError:
@@ -171,7 +182,7 @@ class JobsHandler(UserHandler):
             labels[key] = value
         try:
             rows, cursor = await asyncio.to_thread(
-                self.store.list_jobs, owner=owner, state=self.get_arguments("state") or None,
+                self.store.list_jobs, owner=owner, state=states or None,
                 labels=labels, limit=limit, cursor=self.get_argument("cursor", None),
             )
         except ValueError:
@@ -220,7 +231,7 @@ class LogsHandler(UserHandler):
         offset = self._int("offset", 0)
         limit = self._int("limit", 1024 * 1024, MAX_LOG_READ)
         tail = self.get_argument("tail", None)
-        if self.get_argument("follow", "false") in ("1", "true"):
+        if self.flag("follow"):
             return await self._follow(job_id, offset)
         data = await self.queue.read_logs(row, offset, limit)
         if tail is not None:

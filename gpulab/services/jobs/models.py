@@ -2,7 +2,7 @@
 
 import fnmatch
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -12,6 +12,7 @@ from gpulab.attestation.service import NODE_NAME, PURPOSE
 from gpulab.attestation.verifier import AttestedDevice
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
+JOB_STATES = get_args(JobState)
 ACTIVE_STATES = ("dispatching", "running")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 
