@@ -79,9 +79,14 @@ class JobTokens:
         now = time.monotonic()
         if (hit := self.known.get(key)) and now - hit[0] < JOB_TOKEN_TTL:
             return hit[1]
-        response = await AsyncHTTPClient().fetch(
-            f"{self.jobs_url}/jobs/{quote(job_id)}/identity", headers={"Authorization": f"job-token {token}"},
-            raise_error=False, request_timeout=10)
+        try:
+            response = await AsyncHTTPClient().fetch(
+                f"{self.jobs_url}/jobs/{quote(job_id)}/identity", headers={"Authorization": f"job-token {token}"},
+                raise_error=False, request_timeout=10)
+        except OSError as e:  # gpulab-jobs unreachable (HTTP errors are answers, handled below)
+            raise web.HTTPError(503, "cannot check the job token with gpulab-jobs: %s", e) from None
+        if response.code == 599:  # timed out
+            raise web.HTTPError(503, "cannot check the job token with gpulab-jobs: %s", response.error)
         if response.code != 200:
             self.known.pop(key, None)
             return None
