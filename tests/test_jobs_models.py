@@ -62,7 +62,7 @@ def test_defaults_and_normalisation():
         ({"env": {"WANDB_API_KEY": "x"}}, "env", "'WANDB_API_KEY' is not allowed"),
         ({"resources": {"gpus": 65}}, "resources.gpus", "less than or equal to 64"),
         ({"resources": {"gpus": -1}}, "resources.gpus", "greater than or equal to 0"),
-        ({"resources": {"cpus": 0}}, "resources.cpus", "greater than 0"),
+        ({"resources": {"cpus": 0}}, "resources.cpus", "greater than or equal to 0.01"),
         ({"resources": {"memory": "lots"}}, "resources.memory", "like '4Gi' or '512Mi'"),
         ({"resources": {"memory": 0}}, "resources.memory", "greater than 0"),
         ({"resources": {"memory": True}}, "resources.memory", "number of bytes"),

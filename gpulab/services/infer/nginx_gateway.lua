@@ -99,8 +99,8 @@ end
 
 -- The model name: the one string field 1 at the top level of the gRPC message (the whole message is read, as
 -- protobuf, which keeps the last of repeated fields, reads it). nil when the fast path cannot tell or should
--- not decide (compressed, malformed, no field 1, or field 1 more than once or of another wire type): the Python gateway then
--- decides, and refuses what it must, with the same answer for both planes.
+-- not decide (compressed, malformed, no field 1, or field 1 more than once or of another wire type): the
+-- Python gateway then decides, and refuses what it must, with the same answer for both planes.
 local function model_name(read, size)
   local head = read(1, 5)
   if #head < 5 or head:byte(1) ~= 0 then return nil end
