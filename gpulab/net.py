@@ -1,13 +1,19 @@
-"""Small network helpers: free ports, port checks, the client address behind the hub's proxy."""
+"""Small network helpers: free ports, port checks, private unix sockets, the client address behind the hub's proxy."""
 
 import errno
 import functools
 import ipaddress
+import os
 import random
 import socket
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import ConfigError
+
 LOWEST_PORT = 10000
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 _given: set[int] = set()  # ports this process handed out: not handed out twice
 
 
@@ -49,6 +55,30 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError as e:
             return e.errno == errno.EADDRINUSE
     return False
+
+
+def socket_path(path: Path, setting: str) -> Path:
+    """``path``, refused (naming ``setting``) where it is too long for a unix socket."""
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ConfigError(f"{setting}: {path} is too long for a unix socket (at most {SOCKET_PATH_MAX} bytes); "
+                          "use a shorter data dir")
+    return path
+
+
+def private_sockets(directory: Path, names: Iterable[str], setting: str) -> list[Path]:
+    """Paths for the unix sockets ``names`` in ``directory``, a directory of this account's alone (made 0700,
+    refused where another account owns it), with no stale socket left. Whatever mode a server gives its socket,
+    only this account (and root) can connect to it: the way to keep a service that has no authentication of its
+    own (MLflow, Triton) from every other local account, which a loopback port cannot."""
+    paths = [socket_path(directory / name, setting) for name in names]
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = directory.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ConfigError(f"{setting}: {directory} must be a directory of this service's account")
+    directory.chmod(0o700)
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return paths
 
 
 def client_ip(remote_ip: str, forwarded_for: str | None) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from gpulab.config import effective_config, load_config
 from gpulab.errors import ConfigError
-from gpulab.net import free_port
+from gpulab.net import free_port, private_sockets
 from gpulab.secrets import Secret, read_secret_file, write_secret_file
 
 
@@ -134,3 +134,20 @@ def test_secret_files(tmp_path):
     with pytest.raises(ConfigError, match="X.key_file: secret file .* is readable by group or others"):
         read_secret_file(path, "X.key_file")
     assert isinstance(secret, Secret)
+
+
+def test_private_sockets_are_in_a_directory_of_this_account_alone(tmp_path):
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o755)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(directory / "api.sock"))  # left by an earlier run
+    stale.close()
+    [path] = private_sockets(directory, ["api.sock"], "Service.socket_dir")
+    assert path == directory / "api.sock" and not path.exists()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(ConfigError, match=r"^Service.socket_dir: .* too long for a unix socket .*shorter data dir"):
+        private_sockets(tmp_path / ("d" * 100), ["api.sock"], "Service.socket_dir")
+    if os.geteuid() == 0:  # a directory another account owns (it could connect to, or replace, the sockets)
+        os.chown(directory, 65534, 65534)
+        with pytest.raises(ConfigError, match=r"must be a directory of this service's account"):
+            private_sockets(directory, ["api.sock"], "Service.socket_dir")

@@ -61,7 +61,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tritons(models, tmp_path_factory):
     key = secrets.token_urlsafe(24)
-    servers = start_tritons(2, models["repo"], tmp_path_factory.mktemp("triton"), key)
+    # one on TCP ports with the key, as an admin's own Triton; one on unix sockets, as the platform's
+    servers = start_tritons(2, models["repo"], tmp_path_factory.mktemp("triton"), key, sockets=1)
     yield servers
     for server in servers:
         server.stop()
@@ -72,7 +73,7 @@ def hub(tritons, models, tmp_path_factory):
     hub = Platform(tmp_path_factory.mktemp("infer") / "data", host=HOST)
     address, rest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     replicas = [t.grpc_address for t in tritons]
-    http_replicas = [t.http_url.removeprefix("http://") for t in tritons]
+    http_replicas = [t.http_address for t in tritons]
     config = """
 c.Platform.mlflow_service = False
 c.Platform.jobs_service = False
@@ -252,7 +253,7 @@ async def test_a_failing_http_endpoint_takes_the_replica_out_of_rest_calls_only(
     try:
         for _ in range(2):
             with pytest.raises(aiohttp.ClientConnectorError):
-                await pool.forward(lambda r: r.fetch(pool.session, "GET", "/v2", b"", {}), True, http=True)
+                await pool.forward(lambda r: r.fetch("GET", "/v2", b"", {}), True, http=True)
         with pytest.raises(NoReplicaError, match="HTTP endpoint .* is unavailable \\(circuit open"):
             pool.pick(http=True)
         assert pool.pick() is pool.replicas[0] and pool.replicas[0].healthy
@@ -785,7 +786,7 @@ def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons, prot
     headers, tensor = {"Authorization": f"token {tokens['alice']}"}, triton_http.InferInput("x", [1, 4], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
     before = gateway_metrics(hub, plane)
-    triton_before = [requests.get(server.metrics_url, timeout=5).text for server in tritons]
+    triton_before = [server.metrics() for server in tritons]
     for _ in range(40):
         if protocol == "grpc":
             infer(client, tokens["alice"])
@@ -796,7 +797,7 @@ def test_requests_spread_over_replicas(hub, plane, client, tokens, tritons, prot
     for server, triton_old in zip(tritons, triton_before):
         sent = delta(before, after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
         assert 10 <= sent <= 30, (server.grpc_address, sent)
-        triton_new = requests.get(server.metrics_url, timeout=5).text
+        triton_new = server.metrics()
         assert delta(triton_old, triton_new, "nv_inference_request_success", model="digits") == sent
     assert delta(before, after, "gpulab_infer_requests_total", rpc="ModelInfer", model="digits", code="OK") == 40
 

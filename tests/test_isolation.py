@@ -40,7 +40,7 @@ def hub(tmp_path_factory):
         (nodes / name).chmod(0o666)
     hub = Platform(work / "data", host="127.0.0.24")
     hub.gpu_nodes = nodes
-    hub.start("c.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\n"
+    hub.start("c.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\nc.Platform.inference_service = True\n"
               f"c.Roles.group_roles = {{'gpu': ['gpulab-gpu']}}\nc.AccountSpawner.gpu_devices = '{nodes}/nvidia*'\n"
               f"c.Spawner.mem_limit = '{SERVER_MEMORY}'\nc.Spawner.cpu_limit = {SERVER_CPUS}\n")
     yield hub
@@ -171,8 +171,13 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
     [service] = [p for p in hub.descendants() if p.cmdline()[-2:] == ["-m", "gpulab.services.mlflow"]]
     mlflow = service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/")
     wait_for_mlflow(hub, "alice")  # its socket is there to be probed
+    triton = [hub.data_dir / "triton" / name for name in ("grpc.sock:0", "http.sock", "metrics.sock")]
+    deadline = time.monotonic() + 120
+    while not all(path.exists() for path in triton):  # Triton's too
+        assert time.monotonic() < deadline, "the embedded Triton did not start"
+        time.sleep(0.5)
     targets = {"files": known, "trees": [str(hub.data_dir), alice_home],
-               "sockets": [str(hub.data_dir / "mlflow" / "run" / "mlflow.sock")],
+               "sockets": [str(hub.data_dir / "mlflow" / "run" / "mlflow.sock"), *map(str, triton)],
                "urls": [f"{mlflow}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
                         f"{hub.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
                         f"{hub.url}/services/gpulab-infer/metrics"]}

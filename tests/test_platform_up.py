@@ -2,7 +2,9 @@
 
 import os
 import signal
+import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -73,6 +75,16 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
         assert time.monotonic() < deadline, "the gateway did not reach the restarted Triton"
         time.sleep(0.5)
     assert f"tritonserver exited with {-9}" in platform.log_path.read_text()
+    # it listens on no TCP port, only on unix sockets in a directory of the service's account alone, so it needs
+    # no key (none on its command line, which every account can read)
+    [triton] = running(platform, "tritonserver")
+    listening = [c for c in triton.net_connections(kind="all") if c.status in (psutil.CONN_LISTEN, psutil.CONN_NONE)]
+    assert not [c for c in listening if c.family != socket.AF_UNIX], listening
+    sockets = platform.data_dir / "triton"
+    assert {Path(c.laddr) for c in listening if c.laddr} == {sockets / "grpc.sock:0", sockets / "http.sock",
+                                                   sockets / "metrics.sock"}, listening
+    assert sockets.stat().st_mode & 0o777 == 0o700
+    assert not any("restricted" in arg for arg in triton.cmdline()), triton.cmdline()
 
     started = platform.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in started)

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..accounts import Account, hand_over
 from ..attestation.nras import ENV_VAR as NRAS_KEY_VAR
 from ..errors import ConfigError
-from ..net import free_port
+from ..inference.triton import TritonServer
+from ..net import free_port, socket_path
 from ..scopes import INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE, TRITON_SERVICE
 
 
@@ -81,27 +82,28 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for, gat
 def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> list[dict]:
     """``gpulab-infer`` (the inference gateway: gRPC, and KServe v2 REST unless ``rest_address`` is "") and,
     unless Triton replicas are configured, an embedded Triton. ``gateway``: the InferenceGateway config."""
-    key = token_for("triton-restricted-key")
     out = []
     address = gateway.get("address") or f"127.0.0.1:{free_port()}"
     rest_address = gateway.get("rest_address")
     if rest_address is None:  # a REST port where the replicas' HTTP endpoints are known
         rest_address = f"127.0.0.1:{free_port()}" if gateway.get("http_replicas") or not gateway.get("replicas") else ""
-    gateway_env = {**env, "GPULAB_INFER_ADDRESS": address, "GPULAB_INFER_REST_ADDRESS": rest_address,
-                   "GPULAB_TRITON_KEY": key}
-    if not gateway.get("replicas"):
-        ports = {name: str(free_port()) for name in ("GRPC", "HTTP", "METRICS")}
+    gateway_env = {**env, "GPULAB_INFER_ADDRESS": address, "GPULAB_INFER_REST_ADDRESS": rest_address}
+    if gateway.get("replicas"):  # Tritons of the admin's, on TCP: they take the key
+        gateway_env["GPULAB_TRITON_KEY"] = token_for("triton-restricted-key")
+    else:  # the embedded Triton, on unix sockets only the service account reaches
+        triton = TritonServer(socket_dir=str(data_dir / "triton"))
+        for path in (triton.grpc_address, triton.http_address):
+            socket_path(Path(path.removeprefix("unix:")), "Platform.data_dir")
         repository = str(data_dir / "models")
         out.append({
             "name": TRITON_SERVICE,
             "command": [sys.executable, "-m", "gpulab.inference.serve"],
             "api_token": token_for(TRITON_SERVICE),
-            "environment": {**env, "GPULAB_MODEL_REPOSITORY": repository, "GPULAB_TRITON_KEY": key,
-                            "GPULAB_TRITON_LOG": str(data_dir / "logs" / "triton.log"),
-                            **{f"GPULAB_TRITON_{name}_PORT": port for name, port in ports.items()}},
+            "environment": {**env, "GPULAB_MODEL_REPOSITORY": repository, "GPULAB_TRITON_SOCKETS": triton.socket_dir,
+                            "GPULAB_TRITON_LOG": str(data_dir / "logs" / "triton.log")},
         })
-        gateway_env.update(GPULAB_TRITON_REPLICAS=f"127.0.0.1:{ports['GRPC']}",
-                           GPULAB_TRITON_HTTP_REPLICAS=f"127.0.0.1:{ports['HTTP']}", GPULAB_MODEL_REPOSITORY=repository)
+        gateway_env.update(GPULAB_TRITON_REPLICAS=triton.grpc_address, GPULAB_TRITON_HTTP_REPLICAS=triton.http_address,
+                           GPULAB_MODEL_REPOSITORY=repository)
     out.append({
         "name": INFER_SERVICE,
         "command": [sys.executable, "-m", "gpulab.services.infer"],
@@ -115,7 +117,8 @@ def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> l
 
 
 # what they write, below the data dir: theirs alone
-SERVICE_ACCOUNT_DIRS = {MLFLOW_SERVICE: ["mlflow"], INFER_SERVICE: ["models"], TRITON_SERVICE: ["models", "logs"]}
+SERVICE_ACCOUNT_DIRS = {MLFLOW_SERVICE: ["mlflow"], INFER_SERVICE: ["models"],
+                        TRITON_SERVICE: ["models", "logs", "triton"]}
 
 
 def run_as_service_account(services: list[dict], account: Account, data_dir: Path) -> None:

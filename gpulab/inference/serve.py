@@ -1,10 +1,11 @@
 """``python -m gpulab.inference.serve``: the embedded Triton server, run by the hub as a managed service.
 
-The hub config picks its ports and key and hands them over in ``GPULAB_TRITON_GRPC_PORT``,
-``GPULAB_TRITON_HTTP_PORT``, ``GPULAB_TRITON_METRICS_PORT``, ``GPULAB_TRITON_KEY`` and
-``GPULAB_MODEL_REPOSITORY``. Triton logs to ``$GPULAB_TRITON_LOG`` (default ``triton.log`` beside the
+Triton listens on unix sockets in ``$GPULAB_TRITON_SOCKETS``, a directory of the service account's alone
+(made 0700), so only the gateway, and no user's account, can call it; there is no TCP port and no key on its
+command line. It serves ``$GPULAB_MODEL_REPOSITORY``. Triton logs to ``$GPULAB_TRITON_LOG`` (default ``triton.log`` beside the
 repository). If Triton exits, the end of its log is printed and it is started again on the same ports
-(after 1 s, doubling up to 30 s while it keeps failing within a minute); SIGTERM stops it.
+(after 1 s, doubling up to 30 s while it keeps failing within a minute); SIGTERM stops it. The sockets
+keep their paths across restarts.
 """
 
 import os
@@ -27,10 +28,7 @@ def main() -> int:
     server = TritonServer(
         config=load_config(),
         model_repository=str(repository),
-        grpc_port=int(env["GPULAB_TRITON_GRPC_PORT"]),
-        http_port=int(env["GPULAB_TRITON_HTTP_PORT"]),
-        metrics_port=int(env["GPULAB_TRITON_METRICS_PORT"]),
-        restricted_key=env["GPULAB_TRITON_KEY"],
+        socket_dir=env["GPULAB_TRITON_SOCKETS"],
         log_path=str(log),
     )
     stop = threading.Event()

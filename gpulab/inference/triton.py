@@ -1,37 +1,41 @@
 """A Triton Inference Server process managed by gpulab, and ONNX entries for its model repository.
 
 The server is the Triton 2.51 binary bundled in ``nvidia-pytriton`` (its own venv, made by
-``scripts/setup-triton``; Python backend only). It listens on 127.0.0.1, loads models only when told
-(``--model-control-mode=explicit``) and answers the restricted protocols only to callers that send
-the platform's secret header, which only the inference gateway holds::
+``scripts/setup-triton``; Python backend only). It loads models only when told
+(``--model-control-mode=explicit``). The platform's own Triton listens on unix sockets in a directory only
+the service account may enter (``socket_dir``), so no other account reaches it and no key is needed; a Triton
+on TCP ports (127.0.0.1, the tests' and benchmarks') answers the restricted protocols only to callers that send
+its secret header::
 
-    server = TritonServer(config=cfg, model_repository="/data/models").start()
-    server.grpc_address, server.grpc_headers   # for the gateway
+    server = TritonServer(config=cfg, model_repository="/data/models", socket_dir="/data/triton").start()
+    server.grpc_address, server.http_address, server.grpc_headers   # for the gateway
     server.stop()
 """
 
+import http.client
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from traitlets import Integer, List, Unicode, default
 from traitlets.config import Configurable
 
 from ..errors import ConfigError
-from ..net import free_port
+from ..net import free_port, private_sockets
 
 GRPC_KEY_PREFIX = "triton-grpc-protocol-"
 PROTOCOLS = ["health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
              "statistics", "trace", "logging"]
+# in socket_dir; Triton adds ":<port>" to the gRPC socket's name, so it is given port 0
+SOCKETS = {"grpc": "grpc.sock:0", "http": "http.sock", "metrics": "metrics.sock"}
 _PROBE = """import json, pathlib, sys, sysconfig, pytriton
 print(json.dumps({"pytriton": str(pathlib.Path(pytriton.__file__).parent), "libdir": sysconfig.get_config_var("LIBDIR"),
                   "version": "%d.%d" % sys.version_info[:2]}))"""
@@ -43,7 +47,10 @@ class TritonServer(Configurable):
     python = Unicode(help="Python of the Triton venv (scripts/setup-triton); default $GPULAB_TRITON_PYTHON, "
                           "else .venv-triton/bin/python in the gpulab checkout.").tag(config=True)
     model_repository = Unicode(help="Model repository directory.").tag(config=True)
-    host = Unicode("127.0.0.1", help="Address all three endpoints bind to.").tag(config=True)
+    socket_dir = Unicode(help="Listen on unix sockets in this directory (made 0700 of this account) instead of TCP "
+                         "ports: no other account can connect, so the restricted protocols need no key.").tag(
+        config=True)
+    host = Unicode("127.0.0.1", help="Address all three endpoints bind to (without socket_dir).").tag(config=True)
     grpc_port = Integer(0, help="gRPC port (0: a free one).").tag(config=True)
     http_port = Integer(0, help="HTTP port (0: a free one).").tag(config=True)
     metrics_port = Integer(0, help="Prometheus metrics port (0: a free one).").tag(config=True)
@@ -73,9 +80,18 @@ class TritonServer(Configurable):
     def __repr__(self):
         return f"<TritonServer {self.host}:{self.grpc_port} pid={self.proc and self.proc.pid}>"
 
+    def _socket(self, kind: str) -> Path:
+        return Path(self.socket_dir) / SOCKETS[kind]
+
     @property
     def grpc_address(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        """``host:port``, or ``unix:<path>`` with ``socket_dir``, as gRPC channels take it."""
+        return f"unix:{self._socket('grpc')}" if self.socket_dir else f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        """``host:port``, or ``unix:<path>`` with ``socket_dir`` (InferenceGateway.http_replicas takes both)."""
+        return f"unix:{self._socket('http')}" if self.socket_dir else f"{self.host}:{self.http_port}"
 
     @property
     def http_url(self) -> str:
@@ -86,14 +102,19 @@ class TritonServer(Configurable):
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
+    def restricted(self) -> bool:
+        """Whether callers need the key: on TCP ports, which every local account can reach."""
+        return bool(self.restricted_protocols) and not self.socket_dir
+
+    @property
     def http_headers(self) -> dict[str, str]:
         """HTTP headers that unlock the restricted APIs."""
-        return {self.restricted_header: self.restricted_key}
+        return {self.restricted_header: self.restricted_key} if self.restricted else {}
 
     @property
     def grpc_headers(self) -> dict[str, str]:
         """gRPC metadata that unlocks the restricted protocols (Triton prefixes the key)."""
-        return {GRPC_KEY_PREFIX + self.restricted_header: self.restricted_key}
+        return {GRPC_KEY_PREFIX + self.restricted_header: self.restricted_key} if self.restricted else {}
 
     def _prepare(self) -> tuple[list[str], dict]:
         """Backend dir with the stub for the venv's Python, argv and env."""
@@ -114,20 +135,14 @@ class TritonServer(Configurable):
         if not stub.exists():
             raise ConfigError(f"TritonServer.python: no Triton Python stub for Python {probe['version']}")
         (backend / "triton_python_backend_stub").symlink_to(stub)
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            if not getattr(self, name):
-                setattr(self, name, free_port(self.host))
-        restricted = f"{','.join(self.restricted_protocols)}:{self.restricted_header}={self.restricted_key}"
         argv = [
             str(dist / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
             "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load_models),
             f"--backend-directory={self.workdir / 'backends'}", f"--cache-directory={dist / 'caches'}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
+            *self._endpoints(), "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
         ]
-        if self.restricted_protocols:
+        if self.restricted:
+            restricted = f"{','.join(self.restricted_protocols)}:{self.restricted_header}={self.restricted_key}"
             argv += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         env = dict(os.environ)
         libs = [probe["libdir"], str(dist.parent.parent / "nvidia_pytriton.libs")]
@@ -135,6 +150,20 @@ class TritonServer(Configurable):
         env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
         env.pop("PYTHONPATH", None)
         return argv, env
+
+    def _endpoints(self) -> list[str]:
+        """Triton's address and port options: unix sockets in socket_dir (Triton takes ``unix:`` addresses for
+        all three), or TCP ports on host (free ones where not set)."""
+        if self.socket_dir:
+            private_sockets(Path(self.socket_dir), SOCKETS.values(), "TritonServer.socket_dir")
+            addresses = {kind: (f"unix:{self._socket(kind)}".removesuffix(":0"), 0) for kind in SOCKETS}
+        else:
+            for name in ("grpc_port", "http_port", "metrics_port"):
+                if not getattr(self, name):
+                    setattr(self, name, free_port(self.host))
+            addresses = {kind: (self.host, getattr(self, f"{kind}_port")) for kind in SOCKETS}
+        return [option for kind, (address, port) in addresses.items()
+                for option in (f"--{kind}-address={address}", f"--{kind}-port={port}")]
 
     def start(self, timeout: float = 60) -> "TritonServer":
         """Start the server and wait until it is ready (models in ``load_models`` loaded)."""
@@ -162,13 +191,26 @@ class TritonServer(Configurable):
         log = self.log_file
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
+    def get(self, path: str, endpoint: str = "http", timeout: float = 5) -> tuple[int, bytes]:
+        """``GET path`` on the HTTP (or ``metrics``) endpoint, over its socket or port: (status, body)."""
+        connection = (_UnixConnection(str(self._socket(endpoint)), timeout) if self.socket_dir else
+                      http.client.HTTPConnection(self.host, getattr(self, f"{endpoint}_port"), timeout=timeout))
+        try:
+            connection.request("GET", path, headers=self.http_headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def metrics(self) -> str:
+        """Its Prometheus metrics."""
+        return self.get("/metrics", "metrics")[1].decode()
+
     def ready(self) -> bool:
         """Whether the server answers ready on HTTP."""
-        request = urllib.request.Request(self.http_url + "/v2/health/ready", headers=self.http_headers)
         try:
-            with urllib.request.urlopen(request, timeout=1) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
+            return self.get("/v2/health/ready", timeout=1)[0] == 200
+        except (http.client.HTTPException, OSError):
             return False
 
     def stop(self, timeout: float = 10) -> None:
@@ -185,6 +227,19 @@ class TritonServer(Configurable):
             self.workdir = None
 
 
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP to a unix socket."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
 ONNX_TO_TRITON = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",

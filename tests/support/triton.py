@@ -44,10 +44,13 @@ def linear_onnx(path: Path, inputs: int = 4, outputs: int = 3, seed: int = 0,
     return w, b
 
 
-def start_tritons(count: int, repository: Path, workdir: Path, key: str) -> list[TritonServer]:
-    """``count`` servers on one repository, sharing the restricted-protocol ``key``; logs in ``workdir``."""
+def start_tritons(count: int, repository: Path, workdir: Path, key: str, sockets: int = 0) -> list[TritonServer]:
+    """``count`` servers on one repository, sharing the restricted-protocol ``key``; logs in ``workdir``. The last
+    ``sockets`` of them listen on unix sockets (as the platform's own Triton does), the others on TCP ports."""
     servers = [TritonServer(python=triton_python(), model_repository=str(repository), restricted_key=key,
-                            log_path=str(workdir / f"triton-{i}.log")) for i in range(count)]
+                            log_path=str(workdir / f"triton-{i}.log"),
+                            socket_dir=str(workdir / f"sockets-{i}") if i >= count - sockets else "")
+               for i in range(count)]
     for server in servers:
         server.start(timeout=120)
     return servers

@@ -4,7 +4,8 @@ Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, where caller
 up with the tokens themselves; ``JUPYTERHUB_SERVICE_URL``, where ``/metrics`` and the deploy API
 ``<prefix>api/v1/models`` are served), ``GPULAB_INFER_ADDRESS`` (gRPC listen address),
 ``GPULAB_INFER_REST_ADDRESS`` (KServe v2 REST listen address), ``GPULAB_TRITON_REPLICAS`` and
-``GPULAB_TRITON_HTTP_REPLICAS`` (their gRPC and HTTP endpoints), ``GPULAB_TRITON_KEY`` (the restricted-protocol key),
+``GPULAB_TRITON_HTTP_REPLICAS`` (their gRPC and HTTP endpoints), ``GPULAB_TRITON_KEY`` (the restricted-protocol key
+of Tritons on TCP ports; the embedded Triton, on unix sockets, needs none),
 ``GPULAB_MODEL_REPOSITORY`` (the embedded Triton's model repository) and ``GPULAB_MLFLOW_URL`` (MLflow's
 internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
 """
@@ -45,15 +46,17 @@ class InferenceGateway(Configurable):
     """``c.InferenceGateway.*``: where the gateway listens and which Triton replicas it serves."""
 
     address = Unicode(help="gRPC listen address host:port (default $GPULAB_INFER_ADDRESS).").tag(config=True)
-    replicas = List(Unicode(), help="Triton gRPC endpoints, host:port (default: $GPULAB_TRITON_REPLICAS, "
-                    "comma-separated).").tag(config=True)
+    replicas = List(Unicode(), help="Triton gRPC endpoints, host:port or unix:<path> (default: "
+                    "$GPULAB_TRITON_REPLICAS, comma-separated).").tag(config=True)
     rest_address = Unicode(help="KServe v2 REST listen address host:port (default $GPULAB_INFER_REST_ADDRESS; "
                            "empty: no REST port). Needs http_replicas.").tag(config=True)
-    http_replicas = List(Unicode(), help="The replicas' Triton HTTP endpoints, host:port, in the order of replicas "
+    http_replicas = List(Unicode(), help="The replicas' Triton HTTP endpoints, host:port or unix:<path>, in the "
+                         "order of replicas "
                          "(default: $GPULAB_TRITON_HTTP_REPLICAS, comma-separated).").tag(config=True)
     restricted_header = Unicode("gpulab-triton-key", help="Triton's restricted-protocol header (without Triton's "
                                 "'triton-grpc-protocol-' prefix), as TritonServer.restricted_header.").tag(config=True)
-    restricted_key = Unicode(help="Its secret value (default $GPULAB_TRITON_KEY).").tag(config=True)
+    restricted_key = Unicode(help="Its secret value (default $GPULAB_TRITON_KEY), sent to every replica: needed by "
+                             "Tritons on TCP ports, which any local account can reach.").tag(config=True)
     model_allow = Dict(value_trait=List(Unicode()), help="Model -> users and 'group:<name>' entries allowed to call "
                        "it; models not listed are open to every holder of custom:gpulab:infer.").tag(config=True)
     max_request_bytes = Integer(64 * 1024 * 1024, help="Larger requests fail with RESOURCE_EXHAUSTED.").tag(

@@ -215,8 +215,12 @@ class AuthorizeHandler(LoopbackHandler):
 
 
 def _resolve(address: str, setting: str) -> tuple[str, int]:
-    """IP and port of ``address``: nginx's Lua balancer takes IP addresses only, so names are resolved once,
-    when nginx's config is written."""
+    """IP and port of ``address``: nginx's Lua balancer takes IP addresses (or ``unix:<path>``, port 0) only, so
+    names are resolved once, when nginx's config is written."""
+    if address.startswith("unix:"):
+        if any(c in address for c in '"\\') or not address.isprintable():
+            raise ConfigError(f"InferenceGateway.{setting}: {address!r}: a socket path nginx's config cannot hold")
+        return address, 0
     host, port = address.rsplit(":", 1)
     try:
         return socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0][4][0], int(port)

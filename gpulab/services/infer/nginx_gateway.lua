@@ -10,7 +10,8 @@ local stats = ngx.shared.gpulab_metrics
 -- per worker (no locks on the hot path): the Python gateway's verdicts and when they came, calls in flight
 local verdicts, read_at, busy = {}, 0, {}  -- verdicts: name -> {up = true/false, status = "..."}
 
--- set by configure() from nginx.conf (init_by_lua): replicas are {name = "host:port", ip = ..., port = ...} with
+-- set by configure() from nginx.conf (init_by_lua): replicas are {name = "host:port", ip = ..., port = ...} (ip
+-- "unix:<path>" and port 0 for a unix socket) with
 -- http_ip and http_port where their HTTP endpoints are known; the platform key goes in key_header (gRPC) or
 -- http_key_header (REST)
 local ttl, platform_key, key_header, http_key_header, replicas, health_interval, authorize_port, read_model =
@@ -23,6 +24,7 @@ local CODES = {[0] = "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE
                "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
 
 local function peer(ip, port)
+  if ip:sub(1, 5) == "unix:" then return ip end  -- nginx reports a unix socket peer as its address alone
   return (ip:find(":") and "[" .. ip .. "]" or ip) .. ":" .. port
 end
 

@@ -57,11 +57,13 @@ class HTTPAnswer(NamedTuple):
 
 
 class Replica:
-    """One Triton server: its gRPC endpoint and, where configured, its HTTP one."""
+    """One Triton server: its gRPC endpoint and, where configured, its HTTP one (``host:port`` or, as the embedded
+    Triton's are, ``unix:<path>``)."""
 
     def __init__(self, address: str, failure_threshold: int, recovery_timeout: float, http_address: str = ""):
         self.address = address
         self.http_address = http_address
+        self._session: aiohttp.ClientSession | None = None
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.breaker = CircuitBreaker(f"Triton replica {address}", failure_threshold, recovery_timeout,
                                       is_failure=is_transport_error)
@@ -107,14 +109,33 @@ class Replica:
     async def call(self, name: str, request: bytes, metadata, timeout: float | None) -> bytes:
         return await self._counted(lambda: self.method(name)(request, metadata=metadata, timeout=timeout))
 
-    async def fetch(self, session: aiohttp.ClientSession, method: str, path: str, body: bytes,
-                    headers: dict) -> HTTPAnswer:
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client of its HTTP endpoint: kept-alive connections, bodies passed as they are."""
+        if self._session is None:
+            socket_path = self.http_address.removeprefix("unix:")
+            options = {"limit": 0, "keepalive_timeout": 60}
+            self._session = aiohttp.ClientSession(
+                connector=(aiohttp.UnixConnector(socket_path, **options) if socket_path != self.http_address else
+                           aiohttp.TCPConnector(**options)), auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600),  # as nginx's proxy_read_timeout
+                skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        return self._session
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def fetch(self, method: str, path: str, body: bytes, headers: dict) -> HTTPAnswer:
         """``method path`` on the replica's HTTP endpoint, the path sent exactly as given (yarl would resolve dot
         segments); transport failures raise, answers return."""
-        url = yarl.URL(f"http://{self.http_address}{path}", encoded=True)
+        host = "localhost" if self.http_address.startswith("unix:") else self.http_address
+        url = yarl.URL(f"http://{host}{path}", encoded=True)
 
         async def send() -> HTTPAnswer:
-            async with session.request(method, url, data=body, headers=headers, allow_redirects=False) as response:
+            async with self.session.request(method, url, data=body, headers=headers,
+                                            allow_redirects=False) as response:
                 return HTTPAnswer(response.status, response.headers, await response.read())
         return await self._counted(send, http=True)
 
@@ -165,17 +186,6 @@ class ReplicaPool:
         self.health_interval = health_interval
         self._next = 0
         self._task: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The HTTP client of the replicas' HTTP endpoints: kept-alive connections, bodies passed as they are."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600),  # as nginx's proxy_read_timeout
-                skip_auto_headers=("User-Agent", "Accept-Encoding"))
-        return self._session
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._health_loop())
@@ -184,9 +194,7 @@ class ReplicaPool:
         if self._task:
             self._task.cancel()
         for replica in self.replicas:
-            await replica.channel.close()
-        if self._session is not None:
-            await self._session.close()
+            await replica.close()
 
     async def _health_loop(self) -> None:
         while True:

@@ -160,7 +160,7 @@ class RestHandler(ErrorHandler):
             inject(headers)
         body = b"".join(self.chunks)
         return await pool.forward(
-            lambda r: r.fetch(pool.session, self.request.method, self.request.uri, body, headers), idempotent,
+            lambda r: r.fetch(self.request.method, self.request.uri, body, headers), idempotent,
             http=True)
 
 

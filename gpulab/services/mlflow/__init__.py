@@ -37,6 +37,9 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.netutil import Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
+from ...errors import ConfigError
+from ...net import private_sockets
+
 MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
 SMALL_BODY = 64 * 1024  # a refused request's body up to this size is read before the refusal is answered
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -229,20 +232,6 @@ def mlflow_command(backend_uri: str, artifacts: str, sock: Path, prefix: str) ->
             "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", UPSTREAM_HOST]
 
 
-def private_socket(path: Path) -> Path:
-    """``path`` in a directory of this account's, mode 0700, with no stale socket left in it."""
-    if len(os.fsencode(path)) > 100:  # sun_path holds 108 bytes
-        sys.exit(f"gpulab.services.mlflow: GPULAB_MLFLOW_SOCKET: {path} is too long for a unix socket (at most 100 "
-                 "bytes); use a shorter data dir")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = path.parent.lstat()
-    if st.st_uid != os.geteuid() or not path.parent.is_dir():
-        sys.exit(f"gpulab.services.mlflow: {path.parent} must be a directory of this service's account")
-    path.parent.chmod(0o700)
-    path.unlink(missing_ok=True)
-    return path
-
-
 def make_app(sock: Path, prefix: str, jobs_url: str = "") -> web.Application:
     """The proxy application for ``prefix``, authenticating with the hub from the service environment
     (and jobs' tokens with gpulab-jobs at ``jobs_url``)."""
@@ -269,7 +258,11 @@ def main() -> None:
     except KeyError as missing:
         sys.exit(f"gpulab.services.mlflow: {missing} is not set")
     prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlflow/")
-    sock = private_socket(Path(env.get("GPULAB_MLFLOW_SOCKET") or Path(artifacts).parent / "run" / "mlflow.sock"))
+    sock = Path(env.get("GPULAB_MLFLOW_SOCKET") or Path(artifacts).parent / "run" / "mlflow.sock")
+    try:
+        [sock] = private_sockets(sock.parent, [sock.name], "GPULAB_MLFLOW_SOCKET")
+    except ConfigError as e:
+        sys.exit(f"gpulab.services.mlflow: {e}")
     mlflow_env = {k: v for k, v in env.items() if not k.startswith(("JUPYTERHUB_", "GPULAB_"))}
     mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     mlflow = subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix), env=mlflow_env)
