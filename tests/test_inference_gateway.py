@@ -466,8 +466,8 @@ def test_tls_settings_are_checked(tmp_path):
 def test_nginx_settings_are_checked(tmp_path):
     config = {"replicas": ["127.0.0.1:1"], "address": f"127.0.0.1:{free_port()}"}
     with pytest.raises(ConfigError, match="InferenceGateway.nginx_path: nginx-missing not found .*data_plane"):
-        NginxDataPlane(InferenceGateway(**config, nginx_path="nginx-missing"), "127.0.0.1:2", 3).start()
-    plane = NginxDataPlane(InferenceGateway(**config, nginx_modules_dir=str(tmp_path)), "127.0.0.1:2", 3)
+        NginxDataPlane(InferenceGateway(**config, nginx_path="nginx-missing")).start()
+    plane = NginxDataPlane(InferenceGateway(**config, nginx_modules_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"InferenceGateway.data_plane: nginx cannot start: dlopen\(\) .*ndk_http"):
         plane.start()
     assert not plane.run_dir.exists()
@@ -654,11 +654,12 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
     conf, gateway = build(cfg, hub.url + "/hub/api")
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((gateway.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    nginx = NginxDataPlane(conf) if plane == "nginx" else None
+    port = server.add_insecure_port(nginx.python_address if nginx else "127.0.0.1:0")
     await server.start()
-    nginx = NginxDataPlane(conf, f"127.0.0.1:{port}", serve_authorize(gateway)) if plane == "nginx" else None
     try:
         if nginx:
+            serve_authorize(gateway, nginx.authorize_socket)
             nginx.start()
         trace_id = secrets.token_hex(16)
         tensor = triton.InferInput("x", [1, 4], "FP32")

@@ -85,6 +85,15 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
                                                    sockets / "metrics.sock"}, listening
     assert sockets.stat().st_mode & 0o777 == 0o700
     assert not any("restricted" in arg for arg in triton.cmdline()), triton.cmdline()
+    # the gateway (nginx in front of the Python gateway) listens on TCP only where users call it: its gRPC and
+    # REST ports and the service's HTTP port; the hops between nginx and Python are unix sockets
+    [service] = [p for p in platform.descendants() if p.cmdline()[-2:] == ["-m", "gpulab.services.infer"]]
+    public = {int(a.rsplit(":", 1)[1]) for a in (info["grpc_address"], info["rest_address"])}
+    public.add(int(service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/").rsplit(":", 1)[1]))
+    gateway_parts = [service, *service.children(recursive=True)]
+    assert any(p.name() == "nginx" for p in gateway_parts)
+    tcp = {c.laddr.port for p in gateway_parts for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert tcp == public, (tcp, public)
 
     started = platform.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in started)

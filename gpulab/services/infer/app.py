@@ -29,7 +29,6 @@ from traitlets.config import Configurable
 from ...config import load_config
 from ...errors import ConfigError
 from ...inference.triton import BACKENDS, GRPC_KEY_PREFIX
-from ...net import free_port
 from ...secrets import read_secret_file
 from ...tracing import setup_tracing
 from . import api, rest
@@ -173,7 +172,7 @@ class MetricsHandler(web.RequestHandler):
     """This process's metrics, merged with those of the other sources (extra processes, nginx) by process.
 
     On the service's address they need a hub token with ``read:metrics``, as gpulab-jobs' do; an extra
-    process's loopback copy (``gateway`` None), read only by the first process, takes none.
+    process's copy on its private socket (``gateway`` None), read only by the first process, takes none.
     """
 
     def initialize(self, gateway: Gateway | None = None):
@@ -228,9 +227,11 @@ async def main() -> None:
     setup_tracing("gpulab-infer")
     conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"])
     index = process_index()
-    nginx = conf.plane() == "nginx"
-    # with nginx in front, the Python gateway serves plaintext on loopback and nginx holds the address (and TLS)
-    address = f"127.0.0.1:{free_port('127.0.0.1')}" if nginx else conf.address
+    # with nginx in front, the Python gateway serves plaintext on unix sockets only nginx reaches, and nginx holds
+    # the address (and TLS)
+    plane = NginxDataPlane(conf) if conf.plane() == "nginx" else None
+    nginx = plane is not None
+    address = plane.python_address if nginx else conf.address
     credentials = None if nginx else conf.server_credentials()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
                                       ("grpc.max_send_message_length", -1),
@@ -240,14 +241,12 @@ async def main() -> None:
     if not port:
         raise ConfigError(f"InferenceGateway.address: cannot listen on {address}")
     await server.start()
-    python_rest = None  # with nginx in front, the Python gateway serves the REST that nginx passes on, on loopback
-    if conf.rest_address:
+    if conf.rest_address:  # with nginx in front, the Python gateway serves the REST that nginx passes on
         try:
-            port = rest.serve(gateway, "127.0.0.1:0" if nginx else conf.rest_address, conf.max_request_bytes,
-                              None if nginx else conf.ssl_context(), reuse_port=conf.processes > 1 and not nginx)
+            rest.serve(gateway, plane.python_rest if nginx else conf.rest_address, conf.max_request_bytes,
+                       None if nginx else conf.ssl_context(), reuse_port=conf.processes > 1 and not nginx)
         except OSError as e:
             raise ConfigError(f"InferenceGateway.rest_address: cannot listen on {conf.rest_address}: {e}") from None
-        python_rest = f"127.0.0.1:{port}"
     gateway.pool.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -261,7 +260,7 @@ async def main() -> None:
         tasks[-1].add_done_callback(lambda _: stop.set())
     else:
         if nginx:
-            plane = NginxDataPlane(conf, address, serve_authorize(gateway), python_rest)
+            serve_authorize(gateway, plane.authorize_socket)
             plane.start()  # in the main thread: nginx is told to stop when that thread, so this process, ends
             parts.append(plane)
         elif conf.processes > 1:

@@ -1,15 +1,16 @@
 """The nginx data plane of ``gpulab-infer`` (``c.InferenceGateway.data_plane = "nginx"``).
 
 nginx, with Debian's lua module, listens on the gateway's address. It handles ModelInfer itself:
-``nginx_gateway.lua`` asks the Python gateway's loopback authorize endpoint whether the caller's token may
+``nginx_gateway.lua`` asks the Python gateway's authorize endpoint whether the caller's token may
 call models (with per-model allow-lists configured, that model: it reads the model name from the request
 first), the same checks as on the Python path, cached in nginx for ``token_cache_seconds``; then it adds
-the Triton platform key and proxies the call to a replica. Replicas are chosen as on the Python path: the
-available one (by the Python gateway's health checks and breakers, which nginx reads from its loopback
+the Triton platform key (where configured) and proxies the call to a replica. Replicas are chosen as on the Python path: the
+available one (by the Python gateway's health checks and breakers, which nginx reads from its
 ``/replicas`` every ``health_interval``) with the fewest calls in flight, over kept-alive connections; a
 request that was never sent is tried on another replica, and with none available calls fail fast. Every other
 RPC (health, metadata, model control, streams) and any request the fast path cannot read goes to the
-Python gateway on a loopback port. With a REST port (``rest_address``) nginx serves it the same way: KServe v2
+Python gateway. nginx and the Python gateway talk over unix sockets in nginx's private run directory (see
+:class:`NginxDataPlane`). With a REST port (``rest_address``) nginx serves it the same way: KServe v2
 ``POST /v2/models/<model>/infer`` goes to the replicas' HTTP endpoints (``http_replicas``) after the same
 checks, and everything else to the Python gateway's REST handlers. The calls nginx handled are counted in Lua
 and merged into the gateway's ``/metrics`` as ``process="nginx"``.
@@ -31,11 +32,11 @@ from pathlib import Path
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
+from tornado.netutil import bind_unix_socket
 
 from ...errors import ConfigError
 from ...inference.triton import GRPC_KEY_PREFIX
-from ...net import free_port
+from ...net import socket_path
 from ...scopes import INFER
 from .gateway import Gateway, GatewayError
 from .processes import fetch_metrics
@@ -64,7 +65,7 @@ http {{
   lua_shared_dict gpulab_metrics 1m;
   init_by_lua_block {{
     require("nginx_gateway").configure({{ttl = {ttl}, replicas = {{{replica_list}}},
-      health_interval = {health_interval}, authorize_port = {authorize_port}, read_model = {read_model},
+      health_interval = {health_interval}, authorize_socket = "{authorize_socket}", read_model = {read_model},
       key = os.getenv("GPULAB_NGINX_TRITON_KEY") or "", key_header = "{key_header}",
       http_key_header = "{http_key_header}"}})
   }}
@@ -116,7 +117,7 @@ http {{
   }}
 {rest}
   server {{
-    listen 127.0.0.1:{metrics_port};
+    listen unix:{metrics_socket};
     location = /metrics {{
       content_by_lua_block {{ require("nginx_gateway").metrics() }}
     }}
@@ -180,7 +181,7 @@ PR_SET_PDEATHSIG = 1
 
 
 class LoopbackHandler(web.RequestHandler):
-    """Base of what nginx asks the Python gateway on its loopback port."""
+    """Base of what nginx asks the Python gateway on its authorize socket."""
 
     def initialize(self, gateway: Gateway):
         self.gateway = gateway
@@ -218,14 +219,19 @@ def _resolve(address: str, setting: str) -> tuple[str, int]:
     """IP and port of ``address``: nginx's Lua balancer takes IP addresses (or ``unix:<path>``, port 0) only, so
     names are resolved once, when nginx's config is written."""
     if address.startswith("unix:"):
-        if any(c in address for c in '"\\') or not address.isprintable():
-            raise ConfigError(f"InferenceGateway.{setting}: {address!r}: a socket path nginx's config cannot hold")
-        return address, 0
+        return _quotable(address, setting), 0
     host, port = address.rsplit(":", 1)
     try:
         return socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0][4][0], int(port)
     except (OSError, ValueError) as e:
         raise ConfigError(f"InferenceGateway.{setting}: cannot resolve {address}: {e}") from None
+
+
+def _quotable(value: str, setting: str) -> str:
+    """``value``, refused where a double-quoted string in nginx's config (and Lua) cannot hold it as it is."""
+    if any(c in value for c in '"\\') or not value.isprintable():
+        raise ConfigError(f"InferenceGateway.{setting}: {value!r}: a path nginx's config cannot hold")
+    return value
 
 
 def _lua_replica(address: str, http_address: str) -> str:
@@ -242,25 +248,29 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serve_authorize(gateway: Gateway) -> int:
-    """Serve :class:`AuthorizeHandler` and :class:`ReplicasHandler` on a free loopback port; returns the port."""
-    sock = bind_sockets(0, "127.0.0.1")[0]
+def serve_authorize(gateway: Gateway, path: Path) -> None:
+    """Serve :class:`AuthorizeHandler` and :class:`ReplicasHandler` on the unix socket ``path``."""
     handlers = [(r"/authorize", AuthorizeHandler, {"gateway": gateway}),
                 (r"/replicas", ReplicasHandler, {"gateway": gateway})]
-    HTTPServer(web.Application(handlers)).add_sockets([sock])
-    return sock.getsockname()[1]
+    HTTPServer(web.Application(handlers)).add_sockets([bind_unix_socket(str(path))])
 
 
 class NginxDataPlane:
-    """nginx on the gateway's public address in front of the Python gateway at ``python_address``."""
+    """nginx on the gateway's public address in front of the Python gateway.
 
-    def __init__(self, conf, python_address: str, authorize_port: int, python_rest: str | None = None):
+    Every hop between them is a unix socket in nginx's run directory (private: 0700 of the service's account),
+    which the Python side listens on: ``python_address`` (its gRPC), ``python_rest`` (its REST, with a REST
+    port) and ``authorize_socket`` (:func:`serve_authorize`); nginx's counters are on ``metrics_socket``. So
+    no other local account reaches the Python gateway behind nginx, its authorize endpoint or the counters."""
+
+    def __init__(self, conf):
         self.conf = conf
-        self.python_address = python_address
-        self.python_rest = python_rest
-        self.authorize_port = authorize_port
-        self.metrics_port = free_port("127.0.0.1")
         self.run_dir = Path(tempfile.mkdtemp(prefix="gpulab-nginx-"))
+        _quotable(str(self.run_dir), "data_plane (nginx's run directory, in $TMPDIR)")
+        self.python_address = f"unix:{socket_path(self.run_dir / 'python.sock', 'data_plane')}"
+        self.python_rest = f"unix:{self.run_dir / 'python-rest.sock'}" if conf.rest_address else None
+        self.authorize_socket = self.run_dir / "authorize.sock"
+        self.metrics_socket = self.run_dir / "metrics.sock"
         self.proc: subprocess.Popen | None = None
         self._stopping = False
 
@@ -281,7 +291,8 @@ class NginxDataPlane:
             health_interval=conf.health_interval, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
             http_key_header=conf.restricted_header, rest=rest,
             python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
-            max_bytes=conf.max_request_bytes, authorize_port=self.authorize_port, metrics_port=self.metrics_port,
+            max_bytes=conf.max_request_bytes, authorize_socket=self.authorize_socket,
+            metrics_socket=self.metrics_socket,
             read_model=str(bool(conf.model_allow)).lower(),
             # started by root, nginx would run its workers as nobody, who cannot use the private run directory
             user=f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "")
@@ -300,6 +311,7 @@ class NginxDataPlane:
         """Write the config, check it (``nginx -t``), start nginx and wait until it accepts connections."""
         config = self.run_dir / "nginx.conf"
         config.write_text(self.config())
+        self.metrics_socket.unlink(missing_ok=True)  # an nginx that exited leaves its socket behind
         config.chmod(0o600)
         check = subprocess.run([*self._command(), "-t", "-q"], env=self._env(), capture_output=True, text=True,
                                check=False)
@@ -355,5 +367,5 @@ class NginxDataPlane:
 
     async def metrics(self) -> dict[str, str]:
         """``{"nginx": its metrics text}``, or {} when nginx does not answer."""
-        text = await fetch_metrics(self.metrics_port)
+        text = await fetch_metrics(self.metrics_socket)
         return {"nginx": text} if text is not None else {}

@@ -14,7 +14,7 @@ local verdicts, read_at, busy = {}, 0, {}  -- verdicts: name -> {up = true/false
 -- "unix:<path>" and port 0 for a unix socket) with
 -- http_ip and http_port where their HTTP endpoints are known; the platform key goes in key_header (gRPC) or
 -- http_key_header (REST)
-local ttl, platform_key, key_header, http_key_header, replicas, health_interval, authorize_port, read_model =
+local ttl, platform_key, key_header, http_key_header, replicas, health_interval, authorize_socket, read_model =
   30, "", nil, nil, {}, 2, nil, true
 local by_peer = {}  -- "ip:port" (as nginx reports it) -> replica
 local turn = 0  -- round robin among replicas with equally few calls in flight
@@ -30,7 +30,7 @@ end
 
 function M.configure(options)
   ttl, platform_key, key_header, http_key_header = options.ttl, options.key, options.key_header, options.http_key_header
-  replicas, health_interval, authorize_port = options.replicas, options.health_interval, options.authorize_port
+  replicas, health_interval, authorize_socket = options.replicas, options.health_interval, options.authorize_socket
   read_model = options.read_model
   for _, replica in ipairs(replicas) do
     by_peer[peer(replica.ip, replica.port)] = replica
@@ -137,12 +137,12 @@ local function model_name(read, size)
   return name
 end
 
--- GET path on the Python gateway's loopback port (HTTP/1.1 over a kept-alive cosocket: subrequests do not
+-- GET path on the Python gateway's authorize socket (HTTP/1.1 over a kept-alive cosocket: subrequests do not
 -- work under HTTP/2 here): status, Grpc-Status header, body
 local function get(path, authorization)
   local sock = ngx.socket.tcp()
   sock:settimeout(10000)
-  local ok, err = sock:connect("127.0.0.1", authorize_port)
+  local ok, err = sock:connect("unix:" .. authorize_socket)
   if not ok then return nil, nil, err end
   local request = "GET " .. path .. " HTTP/1.1\r\nHost: gpulab-infer\r\n"
     .. (authorization and ("Authorization: " .. authorization .. "\r\n") or "") .. "\r\n"

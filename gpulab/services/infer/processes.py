@@ -3,21 +3,25 @@
 The first process (the hub-managed service) starts the others with ``GPULAB_INFER_PROCESS=<index>``;
 all listen on the same address with ``SO_REUSEPORT``, so the kernel gives each new connection to one
 of them. The first also serves the HTTP API and restarts extra processes that exit. Each extra process
-serves its own metrics on a loopback socket the first one binds and hands over; the first one's
+serves its own metrics on a unix socket the first one binds, in a directory of its own (0700), and hands
+over, so no other local account reads them; the first one's
 ``/metrics`` merges them, labelled ``process="<index>"``. An extra process whose parent is gone stops.
 """
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-from tornado.netutil import bind_sockets
+from tornado.netutil import bind_unix_socket
 
 PROCESS_ENV = "GPULAB_INFER_PROCESS"
 METRICS_FD_ENV = "GPULAB_INFER_METRICS_FD"
@@ -34,7 +38,7 @@ class Workers:
     def __init__(self, count: int):
         self.count = count
         self.procs: dict[int, subprocess.Popen] = {}
-        self.ports: dict[int, int] = {}
+        self.run_dir = Path(tempfile.mkdtemp(prefix="gpulab-infer-"))  # their metrics sockets
         self._started: dict[int, float] = {}
         self._delay: dict[int, float] = {}
 
@@ -43,15 +47,17 @@ class Workers:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
-        sock = bind_sockets(0, "127.0.0.1")[0]
+        sock = bind_unix_socket(str(self._socket(index)))
         try:
             env = {**os.environ, PROCESS_ENV: str(index), METRICS_FD_ENV: str(sock.fileno())}
             self.procs[index] = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env,
                                                  pass_fds=[sock.fileno()])
-            self.ports[index] = sock.getsockname()[1]
         finally:
             sock.close()
         self._started[index] = time.monotonic()
+
+    def _socket(self, index: int) -> Path:
+        return self.run_dir / f"process-{index}.sock"
 
     async def supervise(self) -> None:
         """Restart exited processes: at once after a good run, after 1, 2, 4 … 30 s while they fail within 10 s."""
@@ -84,21 +90,24 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def metrics(self) -> dict[str, str]:
         """Each live extra process's metrics text, by index (a process that does not answer is left out)."""
         live = [i for i, p in self.procs.items() if p.poll() is None]
-        texts = await asyncio.gather(*(fetch_metrics(self.ports[i]) for i in live))
+        texts = await asyncio.gather(*(fetch_metrics(self._socket(i)) for i in live))
         return {str(i): text for i, text in zip(live, texts) if text is not None}
 
 
-async def fetch_metrics(port: int) -> str | None:
-    """The metrics text served on a loopback ``port``, or None when nothing answers there."""
+async def fetch_metrics(path: Path) -> str | None:
+    """The metrics text served on the unix socket ``path``, or None when nothing answers there."""
     try:
-        response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/metrics", request_timeout=2)
-    except (HTTPClientError, OSError):
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(path))) as session, session.get(
+                "http://localhost/metrics", timeout=aiohttp.ClientTimeout(total=2)) as response:
+            response.raise_for_status()
+            return await response.text()
+    except (aiohttp.ClientError, OSError, TimeoutError):
         return None
-    return response.body.decode()
 
 
 async def parent_gone() -> None:

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import grpc
 from tornado import web
 from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
+from tornado.netutil import bind_sockets, bind_unix_socket
 
 from ...resilience import CircuitOpenError
 from ...tracing import inject
@@ -171,10 +171,12 @@ def handlers(gateway: Gateway, max_bytes: int) -> list:
 
 
 def serve(gateway: Gateway, address: str, max_bytes: int, tls: ssl.SSLContext | None = None,
-          reuse_port: bool = False) -> int:
-    """Serve KServe v2 REST on ``address`` (host:port; port 0 for a free one); returns the port."""
-    host, port = address.rsplit(":", 1)
-    sockets = bind_sockets(int(port), host.strip("[]"), reuse_port=reuse_port)
+          reuse_port: bool = False) -> None:
+    """Serve KServe v2 REST on ``address``: host:port, or ``unix:<path>`` (behind nginx)."""
+    if address.startswith("unix:"):
+        sockets = [bind_unix_socket(address.removeprefix("unix:"))]
+    else:
+        host, port = address.rsplit(":", 1)
+        sockets = bind_sockets(int(port), host.strip("[]"), reuse_port=reuse_port)
     HTTPServer(web.Application(handlers(gateway, max_bytes)), ssl_options=tls, xheaders=False,
                max_body_size=max_bytes).add_sockets(sockets)
-    return sockets[0].getsockname()[1]
