@@ -209,9 +209,10 @@ def closed_to_others(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def hand_over(path: Path, account: Account) -> None:
-    """``path``, a directory only ``account`` may enter (0700), owned by it with everything in it (made if
-    missing; a tree left by an earlier run as another account is taken over, symlinks not followed).
+def hand_over(path: Path, account: Account, mode: int = 0o700, from_root_only: bool = False) -> None:
+    """``path``, a directory of ``mode`` (by default only ``account`` may enter it), owned by it with everything
+    in it (made if missing; a tree left by an earlier run as another account is taken over, symlinks not
+    followed; with ``from_root_only``, only what root owns: users' job dirs stay theirs).
 
     Blocking: call it from a thread in async code.
     """
@@ -219,9 +220,11 @@ def hand_over(path: Path, account: Account) -> None:
     if path.lstat().st_uid != account.uid:
         for root, dirs, files in os.walk(path):
             for name in dirs + files:
-                os.lchown(os.path.join(root, name), account.uid, account.gid)
+                entry = os.path.join(root, name)
+                if not from_root_only or os.lstat(entry).st_uid == 0:
+                    os.lchown(entry, account.uid, account.gid)
         os.chown(path, account.uid, account.gid)
-    path.chmod(0o700)
+    path.chmod(mode)
 
 
 def may_read(account: Account, path: Path) -> bool:

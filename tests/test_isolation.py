@@ -5,9 +5,13 @@ JupyterLab servers and their kernels, local-executor jobs, real system accounts 
 (removed when the platform stops), and `gpulab up` started as an ordinary account.
 """
 
+import contextlib
+import json
 import os
 import pwd
 import re
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +23,7 @@ import pytest
 import requests
 
 from gpulab import cgroups
+from gpulab.services.jobs.executors import launcher
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 from tests.support.login import password_login
@@ -281,3 +286,47 @@ def test_servers_hold_their_limits_and_only_gpu_users_open_gpu_device_nodes(hub)
     hub.stop_server("gina")
     assert left.wait(timeout=30) == -9  # killed with the server's group
     assert not group.exists()
+
+
+def test_the_job_launcher_does_only_what_attempts_need_as_root(tmp_path):
+    """The root half of the job service (what a taken-over job service could ask of it): it hands over only the
+    service's own files, signals only attempts' process groups, and takes only refs as cgroup names."""
+    service_uid = 65534  # the job service's account, for this launcher
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    config = {"state_dir": str(tmp_path), "service_uid": service_uid, "fd": theirs.fileno(),
+              "policy": {"account_prefix": "gtlaunch-"}}
+    proc = subprocess.Popen([sys.executable, "-I", "-m", launcher.__name__, json.dumps(config)],
+                            pass_fds=[theirs.fileno()])
+    theirs.close()
+    client = launcher.LauncherClient(mine, proc, str(tmp_path))
+    ours = subprocess.Popen(["sleep", "60"], start_new_session=True)  # root's, in a group of its own
+    orphaned = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 0.5"], start_new_session=True)
+    orphaned_ref = launcher.ref_of(psutil.Process(orphaned.pid))
+    try:
+        log = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+        etc = os.open("/etc", os.O_RDONLY | os.O_DIRECTORY)  # root's: must never be given to a user's account
+        request = {"owner": "mallory", "argv": ["true"], "cwd": "/", "env": {}}
+        with pytest.raises(launcher.LaunchError, match="work dir is not a directory of the job service's account"):
+            client.start(request, log, etc)
+        assert os.stat("/etc").st_uid == 0
+        with pytest.raises(launcher.LaunchError, match=f"process {ours.pid} is not an attempt's supervisor"):
+            client.signal(launcher.ref_of(psutil.Process(ours.pid)), signal.SIGTERM)
+        orphaned.wait()  # its leader gone, a root process left in its group
+        with pytest.raises(launcher.LaunchError, match="has a root process and no attempt's supervisor"):
+            client.signal(orphaned_ref, signal.SIGTERM)
+        for ref in ("../../memory", f"{ours.pid}"):
+            with pytest.raises(launcher.LaunchError, match="not an attempt's ref"):
+                client.remove_cgroup(ref)
+        assert ours.poll() is None
+        assert client.signal(f"{2**22 + 1}:1.00", signal.SIGTERM) is False  # no such group
+    finally:
+        for fd in (log, etc):
+            os.close(fd)
+        client.close()
+        os.killpg(orphaned.pid, signal.SIGKILL)
+        ours.kill()
+        ours.wait()
+    assert proc.returncode == 0
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam("gtlaunch-mallory")
+        pytest.fail("the launcher made an account for a refused start")

@@ -107,12 +107,13 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
                 if part in " ".join(p.cmdline()):
                     runs_as.setdefault(p.username(), set()).add(" ".join(p.cmdline()))
         service_parts = runs_as.pop(platform.service_account)
-        for part in ("gpulab.services.mlflow", "gpulab.services.infer", "tritonserver"):
+        for part in ("gpulab.services.mlflow", "gpulab.services.infer", "tritonserver", "-m gpulab.services.jobs"):
             assert any(part in what for what in service_parts), (part, runs_as)
         assert {u for u, parts in runs_as.items() if any("singleuser" in w for w in parts)} == \
             {f"{platform.account_prefix}admin"}, runs_as
-        assert any("gpulab.services.jobs" in w for w in runs_as["root"]), runs_as  # it starts jobs as their owners
-        assert not any("mlflow" in w or "infer" in w for w in runs_as.get("root", ())), runs_as
+        # of the job service only its launcher keeps root: it starts jobs as their owners' accounts
+        [launcher] = runs_as.pop("root")
+        assert launcher.split()[1:4] == ["-I", "-m", "gpulab.services.jobs.executors.launcher"], launcher
     assert platform.stop() == 0
     time.sleep(0.5)
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -38,7 +38,8 @@ class Attestation(Configurable):
     http_timeout = Float(10.0, help="Timeout (s) of JWKS fetches; NRAS calls get three times this.").tag(config=True)
     jti_cache_size = Integer(100_000, help="Token ids remembered (for max_age) to refuse replays.").tag(config=True)
     nonce_ttl = Float(300.0, help="Seconds an issued nonce stays usable.").tag(config=True)
-    db_url = Unicode(help="SQLAlchemy URL of the nonce and node-state tables (default SQLite in the data dir).").tag(
+    db_url = Unicode(help="SQLAlchemy URL of the nonce and node-state tables (default SQLite in the data dir's "
+                     "jobs/, which the job service owns).").tag(
         config=True
     )
     policy_file = Unicode(help="GPU appraisal policy (NVIDIA policy JSON); default: the built-in strict one.").tag(
@@ -88,7 +89,7 @@ class Attestation(Configurable):
     def _default_db_url(self):
         from ..config import default_data_dir  # here: gpulab.config imports this module (CONFIGURABLES)
 
-        return f"sqlite:///{default_data_dir() / 'attestation.sqlite'}"
+        return f"sqlite:///{default_data_dir() / 'jobs' / 'attestation.sqlite'}"
 
     def check(self) -> None:
         """Raise ``ConfigError`` unless the service URLs pass the host allow-list."""

@@ -1,5 +1,3 @@
-import asyncio
+from .app import run
 
-from .app import main
-
-asyncio.run(main())
+run()

@@ -5,6 +5,10 @@ Configured like any hub-managed service (``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHU
 ``c.JobStore``, executor settings, ``c.Attestation``). The attestation service, and with it the NRAS
 API key (``c.Attestation.api_key_file`` or ``$GPULAB_NRAS_API_KEY`` in this service's environment),
 lives here and never in users' servers.
+
+Under isolation 'accounts' it starts as root (the hub's account), splits off the small root launcher
+that starts jobs as their owners' accounts (:mod:`.executors.launcher`) and runs as the service account
+(``Platform.service_account``) from then on; ``<data dir>/jobs/`` is that account's.
 """
 
 import asyncio
@@ -20,11 +24,14 @@ from tornado import web
 
 from ... import accounts
 from ...attestation import AttestationService
+from ...attestation.nras import ENV_VAR as NRAS_KEY_VAR
 from ...config import instances, load_config
 from ...errors import ConfigError
 from ...events.subscriber import AppliedEvents, UserEventsHandler
+from ...secrets import read_secret_file
 from ...tracing import setup_tracing
 from . import openapi
+from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .handlers import APIError, BaseHandler, handlers
 from .metrics import MetricsHandler
@@ -32,6 +39,7 @@ from .queue import JobQueue
 from .store import JobStore
 
 log = logging.getLogger("gpulab.jobs")
+JOBS_DIR_MODE = 0o711  # jobs pass through it to their own work dirs
 
 
 class NotFoundHandler(BaseHandler):
@@ -60,18 +68,37 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
     )
 
 
-def build_queue(cfg, service_url: str, prefix: str) -> JobQueue:
+def split_off_launcher(cfg) -> tuple[LauncherClient | None, str | None]:
+    """Under isolation 'accounts': the root launcher started, and this process the service account for good
+    (``<data dir>/jobs/`` given to it first, with what an earlier run as root left there; what users' accounts
+    own in it stays theirs), and the NRAS key file it read first; (None, None) otherwise. Blocking, before any
+    thread or event loop."""
+    platform = instances(cfg)["Platform"]
+    if accounts.isolation_mode(platform) != "accounts":
+        return None, None
+    if key_file := cfg.Attestation.get("api_key_file"):  # may be root's alone (0600): read it while root
+        os.environ[NRAS_KEY_VAR] = read_secret_file(key_file, "Attestation.api_key_file").reveal()
+        cfg.Attestation.api_key_file = ""
+    policy = accounts.AccountPolicy.from_platform(platform)
+    service = accounts.ensure_service_account(policy)
+    jobs_dir = Path(platform.data_dir).expanduser() / "jobs"
+    accounts.hand_over(jobs_dir, service, mode=JOBS_DIR_MODE, from_root_only=True)
+    state_dir = cfg.LocalExecutor.get("state_dir") or str(jobs_dir / ".local-executor")
+    return split_privileges(state_dir, policy, service), key_file or None
+
+
+def build_queue(cfg, service_url: str, prefix: str, launcher: LauncherClient | None = None) -> JobQueue:
     """The queue and store from ``gpulab_config.py``, with platform defaults filled in."""
     platform = instances(cfg)["Platform"]
     data_dir = Path(platform.data_dir).expanduser()
     jobs_dir = data_dir / "jobs"
-    jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o711)  # jobs reach their own work dirs below it
-    jobs_dir.chmod(0o711)
+    jobs_dir.mkdir(parents=True, exist_ok=True, mode=JOBS_DIR_MODE)
+    jobs_dir.chmod(JOBS_DIR_MODE)
     url = cfg.JobStore.get("url") or f"sqlite:///{data_dir / 'jobs' / 'jobs.sqlite'}"
     store = JobStore(config=cfg, url=url)
     queue = JobQueue(config=cfg, store=store, data_dir=str(data_dir))
-    if isinstance(queue.executor, LocalExecutor) and accounts.isolation_mode(platform) == "accounts":
-        queue.executor.account_policy = accounts.AccountPolicy.from_platform(platform)
+    if isinstance(queue.executor, LocalExecutor) and launcher is not None:
+        queue.executor.launcher = launcher
     if not queue.jobs_api_url:
         queue.jobs_api_url = service_url.rstrip("/") + prefix + "api/v1"
     if not queue.mlflow_tracking_uri and os.environ.get("GPULAB_MLFLOW_URL"):
@@ -80,26 +107,40 @@ def build_queue(cfg, service_url: str, prefix: str) -> JobQueue:
     return queue
 
 
-def build_attestation(cfg) -> AttestationService:
-    """The attestation service from ``c.Attestation``; logs where the NRAS API key came from (never the key)."""
+def build_attestation(cfg, source: str | None = None) -> AttestationService:
+    """The attestation service from ``c.Attestation``; logs where the NRAS API key came from (never the key):
+    ``source``, the key file read before leaving root, else the service's own setting."""
     service = AttestationService.from_config(cfg)
     key = service.nras.api_key
-    log.info("attestation: %s", f"NRAS API key from {key.source}" if key else "no NRAS API key configured")
+    log.info("attestation: %s", f"NRAS API key from {source or key.source}" if key else "no NRAS API key configured")
     return service
 
 
-async def main() -> None:
+def run() -> None:
+    """``python -m gpulab.services.jobs``."""
     logging.basicConfig(level=logging.INFO, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    try:
+        cfg = load_config()
+        launcher, key_source = split_off_launcher(cfg)
+    except (ConfigError, accounts.AccountError) as e:
+        sys.exit(f"gpulab-jobs: error: {e}")
+    try:
+        asyncio.run(main(cfg, launcher, key_source))
+    finally:
+        if launcher is not None:
+            launcher.close()
+
+
+async def main(cfg, launcher: LauncherClient | None = None, key_source: str | None = None) -> None:
     setup_tracing("gpulab-jobs")
     service_url = os.environ["JUPYTERHUB_SERVICE_URL"]
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-jobs/")
     token = os.environ["JUPYTERHUB_API_TOKEN"]
     HubOAuth.instance(api_token=token, cache_max_age=60)
     try:
-        cfg = load_config()
-        queue = build_queue(cfg, service_url, prefix)
-        queue.attestation = build_attestation(cfg)
+        queue = build_queue(cfg, service_url, prefix, launcher)
+        queue.attestation = build_attestation(cfg, key_source)
     except ConfigError as e:
         sys.exit(f"gpulab-jobs: error: {e}")
     app = make_app(queue, prefix, AppliedEvents(queue.store.url), token)

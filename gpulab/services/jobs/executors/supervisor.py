@@ -5,8 +5,9 @@ SIGINT sent to the whole group (so it outlives the job and records how it ended)
 cgroup with its ``cpus`` and ``memory`` (:mod:`gpulab.cgroups`), and starts the job in it; with isolation
 'accounts' the child then becomes the job's account (uid, gid, groups, umask 077) and only then enters
 its working dir, so a job cannot start where its owner may not go. It stays root itself: the job can
-neither signal it nor write ``STATE_DIR``, where it writes ``<pid>-<start time>.exit``: the exit status,
-and on a second line why the job ended when the memory limit ended it.
+neither signal it nor write ``STATE_DIR``, where it writes ``<pid>-<start time>.exit`` (given to STATE_DIR's
+owner, the job service's account): the exit status, and on a second line why the job ended when the memory
+limit ended it.
 
 SPEC (JSON): ``{"cpus", "memory", "deny_devices", "cwd", "account": {"uid", "gid", "groups"}}``, each optional.
 """
@@ -69,6 +70,9 @@ def main(argv: list[str]) -> int:
     path = os.path.join(state_dir, ref.replace(":", "-") + ".exit")
     with open(path + ".tmp", "w") as f:
         f.write(f"{rc}\n{reason}\n")
+        if os.geteuid() == 0:  # started by the root launcher: the job service (STATE_DIR's owner) reads it
+            st = os.stat(state_dir)
+            os.fchown(f.fileno(), st.st_uid, st.st_gid)
     os.replace(path + ".tmp", path)
     return rc if rc >= 0 else 128 - rc
 
