@@ -1,5 +1,5 @@
 """The ``gpulab`` command: ``gpulab up`` runs the platform, ``gpulab config show`` prints its config,
-``gpulab attest collect`` attests a GPU node."""
+``gpulab attest collect`` attests a GPU node, ``gpulab users`` and ``gpulab nodes`` manage who may."""
 
 import argparse
 import getpass
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from traitlets.config import Config
 
-from . import users
+from . import nodes, users
 from .accounts import isolation_mode
 from .attestation.collect import collect as attest_collect
 from .config import config_path, effective_config, instances, load_config
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
         "collect", help="attest this GPU node: NVIDIA's evidence, verified by the platform (exit 0: valid)")
     p_collect.add_argument("--node", required=True, help="this node's name, as jobs are gated on it")
     p_collect.add_argument("--url", help="the job service's API (default $GPULAB_JOBS_URL)")
-    p_collect.add_argument("--token-file", help="0600 file with a hub token that has custom:gpulab:attest "
-                           "(default $JUPYTERHUB_API_TOKEN)")
+    p_collect.add_argument("--token-file", help="0600 file with the node's credential from gpulab nodes enroll "
+                           "(or an admin's hub token; default $JUPYTERHUB_API_TOKEN)")
     p_collect.add_argument("--device", choices=("gpu", "switch"), default="gpu", help="what to attest (default gpu)")
     p_collect.add_argument("--direct-token", action="store_true",
                            help="the collector gets NRAS's token itself (a node with its own NRAS access)")
@@ -182,6 +182,7 @@ def main(argv=None) -> int:
                            "collector_command); must come last")
     p_collect.set_defaults(func=attest_collect)
     users.add_parser(sub)
+    nodes.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

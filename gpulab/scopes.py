@@ -24,8 +24,10 @@ JOBS_SERVICE = "gpulab-jobs"
 MLFLOW_SERVICE = "mlflow"
 INFER_SERVICE = "gpulab-infer"
 TRITON_SERVICE = "triton"
-CLI_SERVICE = "gpulab-cli"  # the token `gpulab users` calls the hub with (no process of its own)
-CLI_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
+
+CLI_SERVICE = "gpulab-cli"  # the token `gpulab users` and `gpulab nodes` call with (no process of its own)
+# `gpulab nodes` enrols GPU nodes in gpulab-jobs, which needs the gpulab admin scope there
+CLI_SCOPES = ["admin:users", "admin:groups", "admin:servers", ADMIN, f"access:services!service={JOBS_SERVICE}"]
 SERVICE_ACCESS = [f"access:services!service={name}" for name in (JOBS_SERVICE, MLFLOW_SERVICE, INFER_SERVICE)]
 
 ROLES = {

@@ -38,18 +38,27 @@ class Hub:
             ) from None
         self._headers = {"Authorization": f"token {token.reveal()}"}
 
-    def call(self, method: str, path: str, json=None, ok=(200, 201, 204)) -> requests.Response:
+    def call(self, method: str, path: str, json=None, ok=(200, 201, 204), api: str = "/hub/api") -> requests.Response:
+        """``path`` under the hub's REST API, or under another ``api`` behind the hub (a service's)."""
         try:
-            r = requests.request(method, f"{self.url}/hub/api{path}", json=json, headers=self._headers, timeout=60)
+            r = requests.request(method, f"{self.url}{api}{path}", json=json, headers=self._headers, timeout=60)
         except requests.ConnectionError:
             raise ConfigError(f"the hub at {self.url} does not answer: is gpulab up running?") from None
         if r.status_code not in ok:
-            try:
-                message = r.json().get("message") or r.text
-            except ValueError:
-                message = r.text
-            raise ConfigError(message.strip() or f"{method} {path}: HTTP {r.status_code}")
+            raise ConfigError(_message(r) or f"{method} {path}: HTTP {r.status_code}")
         return r
+
+
+def _message(r: requests.Response) -> str:
+    """The error message of the hub's (``{"message"}``) or gpulab's (``{"error": {"message"}}``) answer."""
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text.strip()
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    message = body.get("message") if isinstance(body, dict) else None
+    return (message or r.text).strip()
 
 
 def _password_from(path: str | None) -> str | None:

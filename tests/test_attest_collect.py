@@ -33,7 +33,7 @@ import requests
 
 from gpulab.secrets import write_secret_file
 from gpulab.services.jobs.openapi import SPEC_PATH
-from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
+from tests.support.attestation import NONCE_NOT_MATCHING, EatMinter, attestation_hub_config, served_minter
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 from tests.support.openapi import Spec
@@ -41,7 +41,9 @@ from tests.support.openapi import Spec
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = Spec(SPEC_PATH)
 EXT_SPEC = Spec(ROOT / "gpulab" / "server_extension" / "openapi.yaml")
-GATED_NODE = "gpu-collect-0"  # the local executor's node name
+GATED_NODE = "gpu-collect-0"  # the local executor's node name; enrolled with `gpulab nodes enroll`
+ADMIN_NODES = ["gpu-direct-0", "gpu-wrong-0", "gpu-api-0", "gpu-verdict-0",
+               *(f"gpu-{mode}-0" for mode in ("fail", "garbage", "sdk-error", "hang"))]  # enrolled by carol
 PLATFORM_KEY = "nras-platform-key-" + secrets.token_hex(8)  # gpulab-jobs' NRAS API key
 NODE_KEY = "nras-node-key-" + secrets.token_hex(8)  # a node's own NRAS key (--direct-token)
 EVIDENCE_LIST = [{"evidence": base64.b64encode(secrets.token_bytes(48)).decode(),
@@ -100,12 +102,14 @@ class FakeNras:
     Accepts only ``Authorization: Bearer <key>`` for a key in ``keys`` (key -> who), checks the request
     is NRAS v4's with this test's evidence, and answers an EAT minted for the request's nonce (or for
     ``answer_nonce`` when set: an NRAS answering another nonce). ``status`` forces an error answer;
+    ``failure`` (NVIDIA's error details) answers NRAS's failure verdict in NRAS's own error form;
     ``calls`` records (who, device, nonce), never the key.
     """
 
     def __init__(self, minter: EatMinter, keys: dict[str, str]):
         self.calls: list[tuple] = []
         self.answer_nonce: str | None = None
+        self.failure: dict | None = None
         self.status: int | None = None
         fake = self
         bearer = {f"Bearer {key}": who for key, who in keys.items()}
@@ -121,8 +125,8 @@ class FakeNras:
                          and body["arch"] == "HOPPER" and re.fullmatch("[0-9a-f]{64}", body["nonce"]))
                 status = fake.status or (401 if who is None else 200 if valid else 400)
                 names = [f"{device.upper()}-{i}" for i in range(len(EVIDENCE_LIST))]  # one token per device
-                answer = minter.mint(fake.answer_nonce or body["nonce"], names=names).encode() if status == 200 \
-                    else b"{}"
+                answer = minter.mint(fake.answer_nonce or body["nonce"], names=names, failure=fake.failure).encode() \
+                    if status == 200 else b"{}"
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -165,8 +169,13 @@ def hub(work, minter, nras):
     write_secret_file(key_file, PLATFORM_KEY)
     hub = Platform(work / "data", host="127.0.0.21")
     config = attestation_hub_config(work, minter, key_file, GATED_NODE, max_failures=50)
-    hub.start(config + f'c.Attestation.nras_url = "{nras.url}"\n')
+    hub.start(config + f'c.Attestation.nras_url = "{nras.url}"\nc.Login.admin_users = {{"carol"}}\n')
     hub.create_user("alice", groups=["ml"])
+    hub.create_user("carol")
+    carol = Client(hub, "carol")
+    for name in ADMIN_NODES:
+        r = carol.request("POST", "/attestation/enrolments", json={"node": name, "gpus": len(EVIDENCE_LIST)})
+        assert r.status_code == 201, r.text
     yield hub
     hub.stop()
 
@@ -184,7 +193,13 @@ def node(work, hub, nras):
     (home / "cwd").mkdir()
     collector = home / "fake_nvattest.py"
     collector.write_text(f"EVIDENCE_LIST = {EVIDENCE_LIST!r}\n" + FAKE_COLLECTOR)
-    write_secret_file(home / "hub-token", hub.token("alice"))
+    write_secret_file(home / "hub-token", hub.token("carol"))  # an admin's: may attest any enrolled node
+    enrolled = subprocess.run([sys.executable, "-m", "gpulab", "nodes", "enroll", GATED_NODE, "--gpus",
+                               str(len(EVIDENCE_LIST)), "--data-dir", str(hub.data_dir)], env=hub.env(),
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert enrolled.returncode == 0, enrolled.stderr
+    (credential,) = re.findall(r"^credential: (node:\S+)$", enrolled.stdout, re.MULTILINE)
+    write_secret_file(home / "node-credential", credential)  # the node's own identity
     write_secret_file(home / "nras-node-key", NODE_KEY)
     command = [sys.executable, str(collector), "evidence", "{nonce}", str(home / "report.json")]
     (home / "gpulab_config.py").write_text(
@@ -198,17 +213,19 @@ def fake(node: Path, mode: str, *extra: str) -> list[str]:
             *extra]
 
 
-def gpulab_attest(hub: Platform, node: Path, *args: str, token_file: bool = True, url: str | None = None,
+def gpulab_attest(hub: Platform, node: Path, *args: str, token_file: bool | str = True, url: str | None = None,
                   env: dict | None = None) -> subprocess.CompletedProcess:
     """``gpulab attest collect`` as a GPU node runs it, with secrets in its environment that the collector
-    must not get; its output is recorded in OUTPUTS."""
+    must not get; its output is recorded in OUTPUTS. ``token_file``: the admin's ``hub-token``, or the
+    name of another file in ``node``; False: the token comes from the environment."""
     (node / "report.json").unlink(missing_ok=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("GPULAB_", "JUPYTERHUB_"))}
     base.update({"GPULAB_CONFIG": str(node / "gpulab_config.py"), "LD_LIBRARY_PATH": "/opt/nvidia/lib",
-                 "GPULAB_NRAS_API_KEY": NODE_KEY, "JUPYTERHUB_API_TOKEN": hub.token("alice")})
+                 "GPULAB_NRAS_API_KEY": NODE_KEY, "JUPYTERHUB_API_TOKEN": hub.token("carol")})
+    file = "hub-token" if token_file is True else token_file
     argv = [sys.executable, "-m", "gpulab", "attest", "collect", "--url",
-            url or f"{hub.url}/services/gpulab-jobs/api/v1", *(["--token-file", str(node / "hub-token")]
-                                                                 if token_file else []), *args]
+            url or f"{hub.url}/services/gpulab-jobs/api/v1", *(["--token-file", str(node / file)] if file else []),
+            *args]
     result = subprocess.run(argv, env={**base, **(env or {})}, cwd=node / "cwd", capture_output=True, text=True,
                             timeout=120, check=False)
     OUTPUTS.append(result.stdout + result.stderr)
@@ -239,7 +256,8 @@ def test_collect_attests_the_node_and_its_gated_job_runs(hub, alice, nras, node)
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
-    result = gpulab_attest(hub, node, "--node", GATED_NODE)  # the collector from c.Attestation.collector_command
+    # the node's own credential; the collector from c.Attestation.collector_command
+    result = gpulab_attest(hub, node, "--node", GATED_NODE, token_file="node-credential")
     assert result.returncode == 0, result.stderr
     line = one_line(result)
     match = re.fullmatch(rf"gpulab: attest: node {GATED_NODE} valid: fingerprint ([0-9a-f]{{64}}), "
@@ -259,7 +277,7 @@ def test_collect_attests_the_node_and_its_gated_job_runs(hub, alice, nras, node)
     assert nras.calls[-1] == ("platform", "gpu", seen["nonce"])  # relayed by gpulab-jobs with its key
 
     state = node_state(alice, GATED_NODE)
-    assert state["valid"] and state["fingerprint"] == fingerprint and state["user"] == "alice"
+    assert state["valid"] and state["fingerprint"] == fingerprint and state["user"] == f"node:{GATED_NODE}"
     assert set(state["devices"]) == {"GPU-0", "GPU-1"}
     done = alice.wait(job["id"], timeout=120)
     assert done["state"] == "succeeded" and done["attestation_fingerprint"] == fingerprint, done
@@ -275,6 +293,24 @@ def test_direct_token_is_verified_by_the_platform(hub, alice, nras, node):
     assert one_line(result).startswith("gpulab: attest: node gpu-direct-0 valid: fingerprint ")
     assert nras.calls[calls:] == [("node", "gpu", report(node)["nonce"])]  # the node's key, not the platform's
     assert node_state(alice, "gpu-direct-0")["valid"]
+
+
+def test_nras_failure_verdict_revokes_the_node(hub, alice, nras, node):
+    """NRAS fails the node: its answer's device tokens come in NRAS's error form (no eat_nonce). The node
+    ends revoked with overall_result_false and NVIDIA's error details, not a harmless nonce_mismatch."""
+    assert gpulab_attest(hub, node, "--node", "gpu-verdict-0", *fake(node, "evidence")).returncode == 0
+    nras.failure = NONCE_NOT_MATCHING
+    try:
+        result = gpulab_attest(hub, node, "--node", "gpu-verdict-0", *fake(node, "evidence"))
+    finally:
+        nras.failure = None
+    assert result.returncode == 1 and result.stdout == ""
+    assert re.fullmatch(r"gpulab: attest: node gpu-verdict-0 refused: overall_result_false: NRAS reports the "
+                        r"attestation as failed \(GPU-0: 4010 NONCE_NOT_MATCHING; GPU-1: 4010 NONCE_NOT_MATCHING\)",
+                        one_line(result)), result.stderr
+    state = node_state(alice, "gpu-verdict-0")
+    assert state["revoked"] and not state["valid"] and state["last_reason"] == "overall_result_false"
+    assert state["nvidia_errors"] == {"GPU-0": NONCE_NOT_MATCHING, "GPU-1": NONCE_NOT_MATCHING}
 
 
 def test_wrong_nonce_from_nras_is_refused(hub, alice, nras, node):
@@ -325,7 +361,10 @@ def test_usage_and_configuration_errors_exit_2(hub, node, work):
          "the platform refused the token at .*/attestation/nonce \\(forbidden: this needs the custom:gpulab:attest"),
         ({"url": "http://192.0.2.1/api/v1"}, ["--node", "n1"], "must be https"),
         ({}, ["--node", "no/slashes"], "--node: 'no/slashes' must match"),
-        ({}, ["--node", "n1", "--collector", str(node / "missing-nvattest")], "collector '.*' cannot be started"),
+        ({"token_file": "node-credential"}, ["--node", "gpu-api-0"], "--node: the credential in use was enrolled for"),
+        ({"token_file": False, "env": {"JUPYTERHUB_API_TOKEN": hub.token("alice")}}, ["--node", GATED_NODE],
+         "the platform refused the token at .*/attestation/nonce \\(not_node_identity: only node"),
+        ({}, ["--node", "gpu-fail-0", "--collector", str(node / "missing-nvattest")], "collector '.*' cannot be started"),
     ]
     for kwargs, args, message in cases:
         result = gpulab_attest(hub, node, *args, **kwargs)
@@ -334,20 +373,22 @@ def test_usage_and_configuration_errors_exit_2(hub, node, work):
 
 
 def test_evidence_endpoint_directly_and_through_the_server_extension(hub, alice, nras, node):
+    carol = Client(hub, "carol")  # an admin: may attest any enrolled node
+
     def nonce(base: str, node_name: str) -> str:
-        r = requests.post(f"{base}/attestation/nonce", json={"node": node_name}, headers=alice.headers, timeout=30)
+        r = requests.post(f"{base}/attestation/nonce", json={"node": node_name}, headers=carol.headers, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()["nonce"]
 
     body = {"node": "gpu-api-0", "evidence_list": EVIDENCE_LIST}
-    r = alice.request("POST", "/attestation/evidence", json={**body, "nonce": nonce(alice.base, "gpu-api-0")})
+    r = carol.request("POST", "/attestation/evidence", json={**body, "nonce": nonce(carol.base, "gpu-api-0")})
     assert r.status_code == 200, r.text
     SPEC.validate("/attestation/evidence", "POST", 200, r.json())
     assert r.json()["verdict"] is True and set(r.json()["devices"]) == {"GPU-0", "GPU-1"}
 
     nras.status = 403  # NRAS refuses the evidence
     try:
-        r = alice.request("POST", "/attestation/evidence", json={**body, "nonce": nonce(alice.base, "gpu-api-0")})
+        r = carol.request("POST", "/attestation/evidence", json={**body, "nonce": nonce(carol.base, "gpu-api-0")})
     finally:
         nras.status = None
     assert r.status_code == 502 and r.json()["error"]["code"] == "nras_rejected", r.text
@@ -356,34 +397,29 @@ def test_evidence_endpoint_directly_and_through_the_server_extension(hub, alice,
     assert node_state(alice, "gpu-api-0")["last_reason"] == "nras_rejected"
 
     extra = [{**EVIDENCE_LIST[0], "arch": "HOPPER"}]
-    r = alice.request("POST", "/attestation/evidence", json={**body, "nonce": "0" * 64, "evidence_list": extra})
+    r = carol.request("POST", "/attestation/evidence", json={**body, "nonce": "0" * 64, "evidence_list": extra})
     assert r.status_code == 422 and r.json()["error"]["field"] == "evidence_list.0.arch", r.text
     SPEC.validate("/attestation/evidence", "POST", 422, r.json())
     narrowed = {"Authorization": f"token {hub.token('alice', scopes=['access:services!service=gpulab-jobs'])}"}
     r = requests.post(f"{alice.base}/attestation/evidence", json=body, headers=narrowed, timeout=30)
     assert r.status_code == 403 and "custom:gpulab:attest" in r.json()["error"]["message"], r.text
 
-    hub.spawn("alice")
+    hub.spawn("alice")  # through alice's server, which acts for alice: she may not attest the node
     ext = f"{hub.url}/user/alice/gpulab/api/v1"
-    r = requests.post(f"{ext}/attestation/evidence", json={**body, "nonce": nonce(ext, "gpu-api-0")},
-                      headers=alice.headers, timeout=60)
-    assert r.status_code == 200, r.text
-    EXT_SPEC.validate("/attestation/evidence", "POST", 200, r.json())
     r = requests.post(f"{ext}/attestation/evidence", json={**body, "nonce": "0" * 64}, headers=alice.headers,
                       timeout=60)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
-    EXT_SPEC.validate("/attestation/evidence", "POST", 422, r.json())
-
-    result = gpulab_attest(hub, node, "--node", "gpu-ext-0", *fake(node, "evidence"), url=ext)  # the CLI, too
-    assert result.returncode == 0, result.stderr
-    assert node_state(alice, "gpu-ext-0")["valid"]
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
+    EXT_SPEC.validate("/attestation/evidence", "POST", 403, r.json())
+    assert node_state(alice, "gpu-api-0")["last_reason"] == "nras_rejected"
 
 
 def test_no_key_token_or_evidence_in_any_output_or_log(hub, node):
     """Run last: everything the CLI printed in this module, and the platform's log."""
     assert OUTPUTS
     token = (node / "hub-token").read_text().strip()
-    secrets_ = [PLATFORM_KEY, NODE_KEY, token] + [v for e in EVIDENCE_LIST for v in e.values()]
+    credential = (node / "node-credential").read_text().strip()
+    secrets_ = [PLATFORM_KEY, NODE_KEY, token, credential.rsplit(":", 1)[1]] + [
+        v for e in EVIDENCE_LIST for v in e.values()]
     for text, where in [("\n".join(OUTPUTS), "CLI output"), (hub.log_path.read_text(), "platform log")]:
         leaks = [s[:12] for s in secrets_ if s in text]
         assert not leaks, f"secret material in the {where}: {leaks}"

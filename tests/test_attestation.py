@@ -24,7 +24,16 @@ from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 from traitlets.config import Config
 
-from gpulab.attestation import Attestation, AttestationError, AttestationService, NonceStore, Reason, Verifier
+from gpulab.attestation import (
+    Attestation,
+    AttestationError,
+    AttestationService,
+    Caller,
+    Enrolments,
+    NonceStore,
+    Reason,
+    Verifier,
+)
 from gpulab.attestation.abuse import AbuseGuard
 from gpulab.attestation.audit import LOGGER_NAME, AuditLog
 from gpulab.attestation.config import check_url
@@ -41,6 +50,7 @@ from gpulab.net import free_port
 from gpulab.secrets import Secret
 from tests.support.attestation import (
     GPU_TEMPLATE,
+    NONCE_NOT_MATCHING,
     SWITCH_TEMPLATE,
     EatMinter,
     JwksServer,
@@ -49,7 +59,8 @@ from tests.support.attestation import (
 )
 
 DENIED_UEID = "123456789"
-HOPPER = "GH100 A01 GSP BROM"
+HOPPER = "GH100 A01 GSP BROM"  # hwmodel in NVIDIA's published NRAS tokens (the minter's template)
+HOPPER_CHIP = "GH100"  # what the allow-list names: admits both "GH100 A01 GSP BROM" and a bare "GH100"
 SWITCH = "LS_10 A01 FSP BROM"
 
 
@@ -91,7 +102,7 @@ def jwks_server(key):
 def settings(jwks_url: str, **extra) -> Attestation:
     return Attestation(config=Config({"Attestation": {
         "jwks_url": jwks_url, "allow_insecure_localhost": True, "leeway": 30, "max_age": 600,
-        "hwmodel_allowlist": [HOPPER, SWITCH], "min_driver_version": "550.54.14",
+        "hwmodel_allowlist": [HOPPER_CHIP, SWITCH], "min_driver_version": "550.54.14",
         "min_vbios_version": "96.00.74.00.01", "ueid_denylist": [DENIED_UEID], **extra}}))
 
 
@@ -204,7 +215,7 @@ CASES = [
     ("swapped-device-tokens [SDK accepts]", Reason.DIGEST_MISMATCH,
      lambda m, n, o: m.mint(n, names=("GPU-0", "GPU-1"), tokens=lambda g: {"GPU-0": g["GPU-1"], "GPU-1": g["GPU-0"]})),
     ("overall-result-false [SDK catches]", Reason.OVERALL_RESULT_FALSE,
-     lambda m, n, o: m.mint(n, overall={"x-nvidia-overall-att-result": False})),
+     lambda m, n, o: m.mint(n, failure=NONCE_NOT_MATCHING)),  # NRAS's real error form: no eat_nonce
     ("dbgstat-enabled [SDK accepts]", Reason.POLICY_VIOLATION,
      lambda m, n, o: m.mint(n, device={"dbgstat": "enabled"})),
     ("secboot-false [SDK accepts]", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"secboot": False})),
@@ -215,7 +226,7 @@ CASES = [
                                               "x-nvidia-cert-status": "revoked"}})),
     ("claims-2.0-against-3.0-policy", Reason.POLICY_VIOLATION,
      lambda m, n, o: m.mint(n, overall={"x-nvidia-ver": "3.0"}, version="2.0")),
-    ("hwmodel-not-allowed", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"hwmodel": "GH100 A01 X"})),
+    ("hwmodel-not-allowed", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"hwmodel": "GB100 A01 X"})),
     ("driver-too-old", Reason.POLICY_VIOLATION,
      lambda m, n, o: m.mint(n, device={"x-nvidia-gpu-driver-version": "535.104.05"})),
     ("vbios-too-old", Reason.POLICY_VIOLATION,
@@ -232,6 +243,32 @@ async def test_rejected_with_reason(verifier, minter, nonce, other_key, build, r
     assert info.value.reason == reason, info.value
     if reason not in (Reason.TOO_LARGE, Reason.MALFORMED):
         assert info.value.fingerprint == sha256_hex(json.loads(eat)[0][1])
+
+
+async def test_nras_failure_verdict_is_overall_result_false_with_nvidia_details(verifier, minter, nonce):
+    """NRAS's failure verdict: genuine, nonce-bound, digest-pinned overall token, device tokens in the
+    error form without eat_nonce. Decided on the overall result, not refused as nonce_mismatch."""
+    eat = minter.mint(nonce, names=("GPU-0", "GPU-1"), failure=NONCE_NOT_MATCHING)
+    with pytest.raises(AttestationError) as info:
+        await verifier.verify(eat, nonce)
+    assert info.value.reason == Reason.OVERALL_RESULT_FALSE
+    assert info.value.nvidia_errors == {"GPU-0": NONCE_NOT_MATCHING, "GPU-1": NONCE_NOT_MATCHING}
+    assert "GPU-0: 4010 NONCE_NOT_MATCHING" in info.value.detail
+    with pytest.raises(AttestationError) as info:  # a verdict for another nonce stays nonce_mismatch
+        await verifier.verify(minter.mint(OTHER_NONCE, failure=NONCE_NOT_MATCHING), nonce)
+    assert info.value.reason == Reason.NONCE_MISMATCH
+
+
+@pytest.mark.parametrize("hwmodel, allowed", [(HOPPER, True), ("GH100", True), ("GB100 A01 GSP BROM", False),
+                                              ("", False), (" ", False)])
+async def test_hwmodel_allowlist_names_the_chip(verifier, minter, nonce, hwmodel, allowed):
+    eat = minter.mint(nonce, device={"hwmodel": hwmodel})
+    if allowed:
+        assert (await verifier.verify(eat, nonce)).devices["GPU-0"].hwmodel == hwmodel
+    else:
+        with pytest.raises(AttestationError) as info:
+            await verifier.verify(eat, nonce)
+        assert info.value.reason == Reason.POLICY_VIOLATION
 
 
 async def test_replayed_jti(verifier, minter, nonce):
@@ -251,11 +288,14 @@ async def test_jwks_500_fails_closed(verifier, jwks_server, minter, nonce):
 
 def test_every_reason_has_a_test_and_a_status():
     elsewhere = {Reason.REPLAYED_JTI, Reason.JWKS_UNAVAILABLE, Reason.NONCE_UNKNOWN, Reason.RATE_LIMITED,
-                 Reason.LOCKED_OUT, Reason.NRAS_UNAVAILABLE, Reason.NRAS_REJECTED}
+                 Reason.LOCKED_OUT, Reason.NRAS_UNAVAILABLE, Reason.NRAS_REJECTED, Reason.DEVICE_MISMATCH,
+                 Reason.NOT_NODE_IDENTITY, Reason.NODE_NOT_ENROLLED}
     assert {c[1] for c in CASES} | elsewhere == set(Reason)
     assert {r.value: http_status(r) for r in (Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.TOO_LARGE,
-                                              Reason.BAD_SIGNATURE)} == {
-        "locked_out": 429, "jwks_unavailable": 503, "too_large": 413, "bad_signature": 422}
+                                              Reason.BAD_SIGNATURE, Reason.NOT_NODE_IDENTITY,
+                                              Reason.NODE_NOT_ENROLLED, Reason.DEVICE_MISMATCH)} == {
+        "locked_out": 429, "jwks_unavailable": 503, "too_large": 413, "bad_signature": 422,
+        "not_node_identity": 403, "node_not_enrolled": 404, "device_mismatch": 422}
 
 
 # --- JWKS cache: fetch counting --------------------------------------------------------------------
@@ -461,18 +501,22 @@ def test_nonce_consume_is_atomic(db_url, clock):
 
 
 def make_service(jwks_server, clock, db_url, nras=None, **extra) -> AttestationService:
+    """The service with node gpu-1 enrolled with one GPU (its first attestation pins it)."""
     s = settings(jwks_server.url, **extra)
     engine = make_engine(db_url)
+    enrolments = Enrolments(engine, clock=clock)
+    enrolments.enroll("gpu-1", by="admin", gpus=1)
     return AttestationService(
         verifier=Verifier.from_settings(s, clock=clock), nonces=NonceStore(engine=engine, clock=clock),
-        nodes=NodeStates(engine, clock=clock),
+        nodes=NodeStates(engine, clock=clock), enrolments=enrolments,
         guard=AbuseGuard(nonce_burst=s.nonce_burst, nonce_rate=s.nonce_rate, verify_burst=s.verify_burst,
                          verify_rate=s.verify_rate, max_failures=s.max_failures, lockout_seconds=s.lockout_seconds,
                          clock=clock),
         audit=AuditLog(burst=s.audit_burst, window=s.audit_window, clock=clock), nras=nras)
 
 
-WHO = {"user": "ana", "node": "gpu-1", "client_ip": "10.0.0.5"}
+WHO = {"caller": Caller.of_node("gpu-1"), "node": "gpu-1", "client_ip": "10.0.0.5"}
+ADMIN = Caller.user("ana", admin=True)
 
 
 async def test_service_flow_and_node_state(jwks_server, clock, db_url, minter):
@@ -482,7 +526,7 @@ async def test_service_flow_and_node_state(jwks_server, clock, db_url, minter):
     assert service.nodes.gate("gpu-2", max_age=600) == (None, "node never attested")
     state, problem = service.nodes.gate("gpu-1", max_age=600)
     assert problem is None and state.fingerprint == verified.fingerprint
-    assert state.summary["devices"]["GPU-0"]["hwmodel"] == HOPPER and state.user == "ana"
+    assert state.summary["devices"]["GPU-0"]["hwmodel"] == HOPPER and state.user == "node:gpu-1"
     assert [s.node for s in service.nodes.all()] == ["gpu-1"]
     clock.advance(601)
     assert service.nodes.gate("gpu-1", max_age=600)[1] == "attestation older than 600 s"
@@ -493,10 +537,15 @@ async def test_service_flow_and_node_state(jwks_server, clock, db_url, minter):
 
 async def test_service_nonce_bound_to_node_and_spent_by_a_failure(jwks_server, clock, db_url, minter):
     service = make_service(jwks_server, clock, db_url)
-    nonce = service.issue_nonce(**WHO)
+    service.enrolments.enroll("gpu-2", by="admin", gpus=1)
+    nonce = service.issue_nonce(**{**WHO, "caller": ADMIN})
     with pytest.raises(AttestationError) as info:
-        await service.verify(minter.mint(nonce.value), nonce=nonce.value, **{**WHO, "node": "gpu-2"})
+        await service.verify(minter.mint(nonce.value), nonce=nonce.value, **{**WHO, "caller": ADMIN, "node": "gpu-2"})
     assert info.value.reason == Reason.NONCE_UNKNOWN
+    with pytest.raises(AttestationError) as info:  # bound to its caller too
+        await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
+    assert info.value.reason == Reason.NONCE_UNKNOWN
+    nonce = service.issue_nonce(**WHO)
     assert jwks_server.requests == 0  # no key lookup without a live nonce
     with pytest.raises(AttestationError) as info:
         await service.verify(minter.mint(nonce.value, device={"dbgstat": "enabled"}), nonce=nonce.value, **WHO)
@@ -528,15 +577,19 @@ async def test_rate_limit_and_lockout(jwks_server, clock, db_url, minter):
     with pytest.raises(AttestationError) as info:
         service.issue_nonce(**WHO)
     assert info.value.reason == Reason.RATE_LIMITED and info.value.retry_after == pytest.approx(2)
-    service.issue_nonce(**{**WHO, "client_ip": "10.0.0.6"})  # per client
+    with pytest.raises(AttestationError) as info:  # per caller: another address does not help
+        service.issue_nonce(**{**WHO, "client_ip": "10.0.0.6"})
+    assert info.value.reason == Reason.RATE_LIMITED
+    service.issue_nonce(**{**WHO, "caller": ADMIN})  # another caller has buckets of its own
     clock.advance(2)
     service.issue_nonce(**WHO)
     for n in nonces:
         with pytest.raises(AttestationError):
             await service.verify(minter.mint(OTHER_NONCE), nonce=n.value, **WHO)
-    with pytest.raises(AttestationError) as info:
-        service.issue_nonce(**WHO)
-    assert info.value.reason == Reason.LOCKED_OUT and info.value.retry_after == pytest.approx(300)
+    for client_ip in ("10.0.0.5", "10.0.0.6", "127.0.0.1"):
+        with pytest.raises(AttestationError) as info:
+            service.issue_nonce(**{**WHO, "client_ip": client_ip})
+        assert info.value.reason == Reason.LOCKED_OUT and info.value.retry_after == pytest.approx(300)
     clock.advance(301)
     nonce = service.issue_nonce(**WHO)
     await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
@@ -552,6 +605,81 @@ async def test_jwks_outage_is_no_lockout_strike(jwks_server, clock, db_url, mint
             await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
         assert info.value.reason == Reason.JWKS_UNAVAILABLE
     service.issue_nonce(**WHO)  # not locked out
+
+
+async def test_only_the_node_itself_or_an_admin_may_attest_it(jwks_server, clock, db_url, minter):
+    service = make_service(jwks_server, clock, db_url)
+    nonce = service.issue_nonce(**WHO)
+    await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
+    before = service.nodes.get("gpu-1")
+    service.enrolments.enroll("gpu-2", by="admin", gpus=1)
+    for caller in (Caller.user("eve"), Caller.of_node("gpu-2"), Caller.user("node:gpu-1")):
+        with pytest.raises(AttestationError) as info:
+            service.issue_nonce(**{**WHO, "caller": caller})
+        assert info.value.reason == Reason.NOT_NODE_IDENTITY
+        with pytest.raises(AttestationError) as info:  # NRAS's failure verdict, from someone else
+            await service.verify(minter.mint(nonce.value, failure=NONCE_NOT_MATCHING), nonce=nonce.value,
+                                 **{**WHO, "caller": caller})
+        assert info.value.reason == Reason.NOT_NODE_IDENTITY
+    assert service.nodes.get("gpu-1") == before and service.nodes.gate("gpu-1", 600)[1] is None
+    with pytest.raises(AttestationError) as info:
+        service.issue_nonce(**{**WHO, "caller": ADMIN, "node": "gpu-9"})
+    assert info.value.reason == Reason.NODE_NOT_ENROLLED
+    nonce = service.issue_nonce(**{**WHO, "caller": ADMIN})  # an admin may attest any enrolled node
+    await service.verify(minter.mint(nonce.value), nonce=nonce.value, **{**WHO, "caller": ADMIN})
+    assert service.nodes.get("gpu-1").user == "ana"
+
+
+async def test_nras_failure_verdict_revokes_the_node(jwks_server, clock, db_url, minter):
+    service = make_service(jwks_server, clock, db_url)
+    nonce = service.issue_nonce(**WHO)
+    await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
+    nonce = service.issue_nonce(**WHO)
+    with pytest.raises(AttestationError) as info:
+        await service.verify(minter.mint(nonce.value, failure=NONCE_NOT_MATCHING), nonce=nonce.value, **WHO)
+    assert info.value.reason == Reason.OVERALL_RESULT_FALSE
+    state, problem = service.nodes.gate("gpu-1", 600)
+    assert problem == "attestation revoked (overall_result_false)" and state.revoked
+    assert state.summary["nvidia_errors"] == {"GPU-0": NONCE_NOT_MATCHING}
+    nonce = service.issue_nonce(**WHO)  # a later success clears both
+    await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
+    state = service.nodes.get("gpu-1")
+    assert not state.revoked and "nvidia_errors" not in state.summary
+
+
+async def test_devices_must_be_the_enrolled_gpus(jwks_server, clock, db_url, minter):
+    service = make_service(jwks_server, clock, db_url)  # gpu-1: one GPU, pinned by its first attestation
+    nonce = service.issue_nonce(**WHO)
+    with pytest.raises(AttestationError) as info:
+        await service.verify(minter.mint(nonce.value, names=("GPU-0", "GPU-1")), nonce=nonce.value, **WHO)
+    assert info.value.reason == Reason.DEVICE_MISMATCH and "enrolled with 1 GPUs" in info.value.detail
+    assert service.enrolments.get("gpu-1").ueids is None
+    nonce = service.issue_nonce(**WHO)
+    await service.verify(minter.mint(nonce.value), nonce=nonce.value, **WHO)
+    assert service.enrolments.get("gpu-1").ueids == [minter.ueid("GPU-0")]
+    nonce = service.issue_nonce(**WHO)  # another GPU, genuinely attested: refused, and the node revoked
+    with pytest.raises(AttestationError) as info:
+        await service.verify(minter.mint(nonce.value, device={"ueid": "42"}), nonce=nonce.value, **WHO)
+    assert info.value.reason == Reason.DEVICE_MISMATCH and info.value.fingerprint
+    assert service.nodes.gate("gpu-1", 600)[1] == "attestation revoked (device_mismatch)"
+
+    service.enrolments.enroll("gpu-3", by="admin", ueids=["42", "43"])
+    who = {**WHO, "caller": Caller.of_node("gpu-3"), "node": "gpu-3"}
+    nonce = service.issue_nonce(**who)
+    with pytest.raises(AttestationError) as info:
+        await service.verify(minter.mint(nonce.value, names=("GPU-0", "GPU-1")), nonce=nonce.value, **who)
+    assert info.value.reason == Reason.DEVICE_MISMATCH
+
+
+def test_node_credentials_are_stored_hashed(db_url, clock, tmp_path):
+    enrolments = Enrolments(make_engine(db_url), clock=clock)
+    credential = enrolments.enroll("gpu-7", by="admin", gpus=2)
+    name, secret = credential.removeprefix("node:").rsplit(":", 1)
+    assert name == "gpu-7" and len(secret) >= 43 and secret.encode() not in (tmp_path / "attestation.sqlite").read_bytes()
+    assert enrolments.authenticate(credential) == "gpu-7"
+    for wrong in (credential[:-1] + ("A" if credential[-1] != "A" else "B"), f"node:gpu-8:{secret}", secret, "node:"):
+        assert enrolments.authenticate(wrong) is None
+    assert enrolments.remove("gpu-7") and enrolments.authenticate(credential) is None
 
 
 def test_service_from_config(jwks_server, db_url):

@@ -24,7 +24,7 @@ from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.openapi import SPEC_PATH
 from gpulab.services.jobs.queue import JobQueue
 from gpulab.services.jobs.store import JobStore
-from tests.support.attestation import EatMinter, attestation_hub_config, served_minter
+from tests.support.attestation import NONCE_NOT_MATCHING, EatMinter, attestation_hub_config, served_minter
 from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
@@ -61,6 +61,8 @@ def hub(work, minter):
         env.setenv(NRAS_KEY_VAR, ENV_KEY)
         hub.start(config)
     hub.create_user("alice", groups=["ml"])
+    hub.create_user("mallory", groups=["ml"])  # a second ordinary user: the attacker
+    hub.create_user("trudy", groups=["ml"])  # another one, locked out by the lockout test
     hub.create_user("carol")
     yield hub
     hub.stop()
@@ -69,6 +71,24 @@ def hub(work, minter):
 @pytest.fixture(scope="module")
 def alice(hub):
     return Client(hub, "alice")
+
+
+@pytest.fixture(scope="module")
+def carol(hub):
+    return Client(hub, "carol")  # an admin
+
+
+def enrol(hub: Platform, admin: Client, node: str, gpus: int = 1) -> Client:
+    """Enrol ``node`` (as the admin) and return a client holding the node's own credential."""
+    r = admin.request("POST", "/attestation/enrolments", json={"node": node, "gpus": gpus})
+    assert r.status_code == 201, r.text
+    SPEC.validate("/attestation/enrolments", "POST", 201, r.json())
+    assert r.json()["credential"].startswith(f"node:{node}:") and r.json()["ueids"] is None
+    return Client(hub, node, token=r.json()["credential"])
+
+
+def node_state(client: Client, name: str) -> dict:
+    return next(n for n in client.request("GET", "/attestation/nodes").json()["nodes"] if n["node"] == name)
 
 
 def nonce_for(client: Client, node: str) -> str:
@@ -104,8 +124,9 @@ def processes(hub: Platform, marker: str, whole_word: bool = False) -> list[psut
     return found
 
 
-def test_nonce_verify_and_node_state(alice, minter):
-    r, eat = attest(alice, minter, "gpu-a-0")
+def test_nonce_verify_and_node_state(hub, carol, alice, minter):
+    node_a = enrol(hub, carol, "gpu-a-0")
+    r, eat = attest(node_a, minter, "gpu-a-0")
     assert r.status_code == 200, r.text
     SPEC.validate("/attestation/verify", "POST", 200, r.json())
     result = r.json()
@@ -117,17 +138,18 @@ def test_nonce_verify_and_node_state(alice, minter):
     assert r.status_code == 200, r.text
     SPEC.validate("/attestation/nodes", "GET", 200, r.json())
     node = next(n for n in r.json()["nodes"] if n["node"] == "gpu-a-0")
-    assert node["valid"] and node["problem"] is None and node["user"] == "alice"
+    assert node["valid"] and node["problem"] is None and node["user"] == "node:gpu-a-0"
     assert node["fingerprint"] == fingerprint(eat) and node["last_reason"] == "ok"
     assert node["devices"]["GPU-0"] == result["devices"]["GPU-0"]
 
-    nonce = nonce_for(alice, "gpu-a-0")  # the EAT may also come as its JSON text
-    r = alice.request("POST", "/attestation/verify",
+    nonce = nonce_for(node_a, "gpu-a-0")  # the EAT may also come as its JSON text
+    r = node_a.request("POST", "/attestation/verify",
                       json={"node": "gpu-a-0", "nonce": nonce, "token": minter.mint(nonce)})
     assert r.status_code == 200, r.text
 
 
-def test_wrong_or_used_nonces_are_refused_with_their_reason(alice, minter):
+def test_wrong_or_used_nonces_are_refused_with_their_reason(hub, carol, minter):
+    alice = enrol(hub, carol, "gpu-b-0")  # the node's own identity
     nonce = nonce_for(alice, "gpu-b-0")
     eat = json.loads(minter.mint(secrets.token_hex(32)))  # NRAS answered another nonce
     r = alice.request("POST", "/attestation/verify", json={"node": "gpu-b-0", "nonce": nonce, "token": eat})
@@ -140,10 +162,11 @@ def test_wrong_or_used_nonces_are_refused_with_their_reason(alice, minter):
     assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
     assert r.json()["error"]["field"] == "nonce"
 
-    nonce = nonce_for(alice, "gpu-b-0")  # a nonce is bound to its node
+    nonce = nonce_for(alice, "gpu-b-0")  # a node's credential speaks for its node only
     eat = json.loads(minter.mint(nonce))
     r = alice.request("POST", "/attestation/verify", json={"node": "gpu-b-1", "nonce": nonce, "token": eat})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
+    assert r.json()["error"]["field"] == "node"
 
     node = next(n for n in alice.request("GET", "/attestation/nodes").json()["nodes"] if n["node"] == "gpu-b-0")
     assert not node["valid"] and node["last_reason"] == "nonce_mismatch"
@@ -154,7 +177,7 @@ def test_wrong_or_used_nonces_are_refused_with_their_reason(alice, minter):
     assert r.status_code == 422 and r.json()["error"]["field"] == "token", r.text
 
 
-def test_attest_scope_is_required_and_admins_have_it(hub, alice):
+def test_attest_scope_is_required_and_admins_have_it(hub, alice, carol):
     narrowed = Client(hub, "alice", hub.token("alice", scopes=["access:services!service=gpulab-jobs",
                                                               "custom:gpulab:jobs"]))
     for method, path in (("POST", "/attestation/nonce"), ("POST", "/attestation/verify"),
@@ -162,45 +185,118 @@ def test_attest_scope_is_required_and_admins_have_it(hub, alice):
         r = narrowed.request(method, path, json={"node": "gpu-a-0"})
         assert r.status_code == 403 and "custom:gpulab:attest" in r.json()["error"]["message"], r.text
     assert narrowed.request("GET", "/jobs").status_code == 200
-    carol = Client(hub, "carol")  # gpulab-admin only: custom:gpulab:attest as a subscope of custom:gpulab:admin
+    # gpulab-admin only: custom:gpulab:attest as a subscope of custom:gpulab:admin
     assert carol.request("GET", "/attestation/nodes").status_code == 200
+    r = carol.request("POST", "/attestation/nonce", json={"node": "gpu-c-0"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "node_not_enrolled", r.text
+    assert r.json()["error"]["field"] == "node"
+    SPEC.validate("/attestation/nonce", "POST", 404, r.json())
+    enrol(hub, carol, "gpu-c-0")
     assert carol.request("POST", "/attestation/nonce", json={"node": "gpu-c-0"}).status_code == 200
+    for who in (alice, Client(hub, "gpu-c-0", token=f"node:gpu-c-0:{secrets.token_urlsafe(32)}")):
+        r = who.request("POST", "/attestation/enrolments", json={"node": "gpu-x-0", "gpus": 1})
+        assert r.status_code in (401, 403), r.text
+    r = carol.request("POST", "/attestation/enrolments", json={"node": "gpu-c-0", "gpus": 1})
+    assert r.status_code == 409 and r.json()["error"]["field"] == "node", r.text
+    r = carol.request("POST", "/attestation/enrolments", json={"node": "gpu-c-1", "gpus": 1, "ueids": ["1"]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "gpus", r.text
 
 
-def test_lockout_is_per_client_address_and_the_proxy_address_cannot_be_forged(hub, alice):
+def test_another_user_cannot_attest_or_revoke_a_node(hub, carol, minter):
+    """mallory, an ordinary user with her own real token, goes after a node that attested itself: she
+    cannot get a nonce for it, cannot post NRAS's failure verdict against it, cannot relay evidence for
+    it nor list or remove enrolments; the node's state stays exactly as the node left it."""
+    node = enrol(hub, carol, "gpu-f-0")
+    r, _ = attest(node, minter, "gpu-f-0")
+    assert r.status_code == 200, r.text
+    before = node_state(carol, "gpu-f-0")
+    mallory = Client(hub, "mallory")
+    r = mallory.request("POST", "/attestation/nonce", json={"node": "gpu-f-0"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
+    assert r.json()["error"]["field"] == "node"
+    SPEC.validate("/attestation/nonce", "POST", 403, r.json())
+    nonce = nonce_for(node, "gpu-f-0")  # even holding a live nonce of the node's (seen on the wire)
+    failed = json.loads(minter.mint(nonce, failure=NONCE_NOT_MATCHING))
+    for path, body in (("/attestation/verify", {"token": failed}),
+                       ("/attestation/evidence", {"evidence_list": [{"evidence": "ZQ==", "certificate": "Yw=="}]})):
+        r = mallory.request("POST", path, json={"node": "gpu-f-0", "nonce": nonce, **body})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
+    assert mallory.request("GET", "/attestation/enrolments").status_code == 403
+    assert mallory.request("DELETE", "/attestation/enrolments/gpu-f-0").status_code == 403
+    after = node_state(carol, "gpu-f-0")
+    assert after == before and after["valid"] and after["last_reason"] == "ok", after
+
+
+def test_nras_failure_verdict_revokes_the_node(hub, carol, minter):
+    node = enrol(hub, carol, "gpu-g-0")
+    r, _ = attest(node, minter, "gpu-g-0")
+    assert r.status_code == 200, r.text
+    nonce = nonce_for(node, "gpu-g-0")
+    eat = json.loads(minter.mint(nonce, failure=NONCE_NOT_MATCHING))  # NRAS's error form: no eat_nonce
+    r = node.request("POST", "/attestation/verify", json={"node": "gpu-g-0", "nonce": nonce, "token": eat})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "overall_result_false", r.text
+    SPEC.validate("/attestation/verify", "POST", 422, r.json())
+    assert r.json()["error"]["details"]["nvidia_errors"] == {"GPU-0": NONCE_NOT_MATCHING}
+    assert "NONCE_NOT_MATCHING" in r.json()["error"]["message"]
+    state = node_state(carol, "gpu-g-0")
+    assert state["revoked"] and not state["valid"] and state["last_reason"] == "overall_result_false", state
+    assert state["nvidia_errors"] == {"GPU-0": NONCE_NOT_MATCHING}
+
+
+def test_devices_differing_from_the_enrolment_are_refused(hub, carol, minter):
+    node = enrol(hub, carol, "gpu-h-0")
+    r, _ = attest(node, minter, "gpu-h-0")  # pins the GPU it presented
+    assert r.status_code == 200, r.text
+    listed = next(n for n in carol.request("GET", "/attestation/enrolments").json()["nodes"] if n["node"] == "gpu-h-0")
+    assert listed["ueids"] == [minter.ueid("GPU-0")] and "credential" not in listed
+    nonce = nonce_for(node, "gpu-h-0")
+    eat = json.loads(minter.mint(nonce, device={"ueid": "4242"}))  # a genuine token, but for another GPU
+    r = node.request("POST", "/attestation/verify", json={"node": "gpu-h-0", "nonce": nonce, "token": eat})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "device_mismatch", r.text
+    assert r.json()["error"]["field"] == "token"
+    assert node_state(carol, "gpu-h-0")["problem"] == "attestation revoked (device_mismatch)"
+    assert carol.request("DELETE", "/attestation/enrolments/gpu-h-0").status_code == 204
+    r = node.request("POST", "/attestation/nonce", json={"node": "gpu-h-0"})  # the credential is gone
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated", r.text
+    assert all(n["node"] != "gpu-h-0" for n in carol.request("GET", "/attestation/nodes").json()["nodes"])
+
+
+def test_lockout_is_per_caller_and_a_forged_forwarded_for_does_not_dodge_it(hub):
+    """Users run code on the platform's loopback, so they can reach gpulab-jobs directly and claim any
+    X-Forwarded-For: the lockout follows their hub identity, whatever address they claim."""
     (service,) = processes(hub, "-m gpulab.services.jobs", whole_word=True)
     direct = service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/") + "/services/gpulab-jobs/api/v1"
-    elsewhere = {**alice.headers, "X-Forwarded-For": "198.51.100.7"}  # trusted: the request comes from loopback
+    mallory = Client(hub, "trudy")
     body = {"node": "gpu-d-0", "nonce": "0" * 64, "token": "[]"}
-    for _ in range(MAX_FAILURES):
-        r = requests.post(f"{direct}/attestation/verify", json=body, headers=elsewhere, timeout=30)
-        assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
-    r = requests.post(f"{direct}/attestation/nonce", json={"node": "gpu-d-0"}, headers=elsewhere, timeout=30)
-    assert r.status_code == 429 and r.json()["error"]["code"] == "locked_out", r.text
+    for i in range(MAX_FAILURES):
+        forged = {**mallory.headers, "X-Forwarded-For": f"198.51.100.{i}"}
+        r = requests.post(f"{direct}/attestation/verify", json=body, headers=forged, timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
+    for forged_ip in ("203.0.113.9", "127.0.0.1"):
+        forged = {**mallory.headers, "X-Forwarded-For": forged_ip}
+        r = requests.post(f"{direct}/attestation/nonce", json={"node": "gpu-d-0"}, headers=forged, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "locked_out", r.text
+        assert int(r.headers["Retry-After"]) > 0
     SPEC.validate("/attestation/nonce", "POST", 429, r.json())
-    assert int(r.headers["Retry-After"]) > 0
-    # through the hub's proxy, the same header is only the client's claim: the proxy appends what it saw
-    r = requests.post(f"{alice.base}/attestation/nonce", json={"node": "gpu-d-0"}, headers=elsewhere, timeout=30)
-    assert r.status_code == 200, r.text
+    r = requests.post(f"{mallory.base}/attestation/nonce", json={"node": "gpu-d-0"}, headers=mallory.headers,
+                      timeout=30)  # through the hub's proxy, too
+    assert r.status_code == 429 and r.json()["error"]["code"] == "locked_out", r.text
 
 
-def test_server_extension_forwards_attestation(hub, alice, minter):
+def test_server_extension_forwards_attestation(hub, alice, carol, minter):
+    """The extension acts for its server's user: alice may see the nodes, not attest one."""
+    node = enrol(hub, carol, "gpu-e-0")
+    assert attest(node, minter, "gpu-e-0")[0].status_code == 200
     hub.spawn("alice")
     base = f"{hub.url}/user/alice/gpulab/api/v1/attestation"
     r = requests.post(f"{base}/nonce", json={"node": "gpu-e-0"}, headers=alice.headers, timeout=30)
-    assert r.status_code == 200, r.text
-    EXT_SPEC.validate("/attestation/nonce", "POST", 200, r.json())
-    nonce = r.json()["nonce"]
-    eat = json.loads(minter.mint(nonce))
-    r = requests.post(f"{base}/verify", json={"node": "gpu-e-0", "nonce": nonce, "token": eat},
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
+    EXT_SPEC.validate("/attestation/nonce", "POST", 403, r.json())
+    eat = json.loads(minter.mint("0" * 64))
+    r = requests.post(f"{base}/verify", json={"node": "gpu-e-0", "nonce": "0" * 64, "token": eat},
                       headers=alice.headers, timeout=30)
-    assert r.status_code == 200, r.text
-    EXT_SPEC.validate("/attestation/verify", "POST", 200, r.json())
-    assert r.json()["fingerprint"] == fingerprint(eat)
-    r = requests.post(f"{base}/verify", json={"node": "gpu-e-0", "nonce": nonce, "token": eat},
-                      headers=alice.headers, timeout=30)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "nonce_unknown", r.text
-    EXT_SPEC.validate("/attestation/verify", "POST", 422, r.json())
+    assert r.status_code == 403 and r.json()["error"]["field"] == "node", r.text
+    EXT_SPEC.validate("/attestation/verify", "POST", 403, r.json())
     r = requests.get(f"{base}/nodes", headers=alice.headers, timeout=30)
     assert r.status_code == 200, r.text
     EXT_SPEC.validate("/attestation/nodes", "GET", 200, r.json())
@@ -241,7 +337,7 @@ def test_lab_attestation_tab_shows_each_node(hub, alice, output_dir):
         page.screenshot(path=str(output_dir / "lab-attestation-tab.png"))
 
 
-def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(alice, minter, work):
+def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(hub, alice, carol, minter, work):
     from mlflow import MlflowClient
 
     code = "import os; print('fingerprint=' + os.environ['GPULAB_ATTESTATION_FINGERPRINT'], flush=True)"
@@ -253,7 +349,7 @@ def test_gated_job_waits_for_its_node_and_carries_the_fingerprint(alice, minter,
     assert waiting["state"] == "queued" and waiting["attestation_fingerprint"] is None
     assert waiting["state_reason"] == f"waiting: attestation required: node {GATED_NODE}: node never attested"
 
-    r, eat = attest(alice, minter, GATED_NODE)
+    r, eat = attest(enrol(hub, carol, GATED_NODE), minter, GATED_NODE)
     assert r.status_code == 200, r.text
     done = alice.wait(job["id"], timeout=120)
     assert done["state"] == "succeeded", done

@@ -1,6 +1,7 @@
 """``gpulab attest collect``: attest this GPU node to the platform, from the node (e.g. from a systemd timer).
 
-1. ``POST <url>/attestation/nonce {"node"}`` with a hub token that has ``custom:gpulab:attest``;
+1. ``POST <url>/attestation/nonce {"node"}`` with the node's own credential (``gpulab nodes enroll``
+   printed it: ``node:<name>:<secret>``), or an admin's hub token: nobody else may attest a node;
 2. NVIDIA's collector (``c.Attestation.collector_command``, default ``nvattest collect-evidence``) runs
    in its own short-lived process: no stdin, stderr discarded, a minimal environment (``PATH``,
    ``LD_LIBRARY_PATH``; ``HOME`` and ``TMPDIR`` = its working directory), a private (0700) temporary
@@ -49,7 +50,9 @@ def collect(args) -> int:
     settings = instances(load_config())["Attestation"]
     if not NODE_NAME.fullmatch(args.node):
         raise ConfigError(f"--node: {args.node!r} must match {NODE_NAME.pattern}")
-    platform = Platform(platform_url(args.url), hub_token(args.token_file))
+    token = hub_token(args.token_file)
+    check_credential(token, args.node)
+    platform = Platform(platform_url(args.url), token)
     command = args.collector or (settings.direct_collector_command if args.direct_token
                                  else settings.collector_command)
     try:
@@ -97,9 +100,16 @@ def hub_token(token_file: str | None) -> Secret:
         return read_secret_file(token_file, "--token-file")
     value = os.environ.get("JUPYTERHUB_API_TOKEN")
     if not value:
-        raise ConfigError("no hub token: pass --token-file (mode 0600) or set JUPYTERHUB_API_TOKEN "
-                          "(it needs the custom:gpulab:attest scope)")
+        raise ConfigError("no hub token: pass --token-file (mode 0600, the node's credential from gpulab nodes "
+                          "enroll) or set JUPYTERHUB_API_TOKEN")
     return Secret(value, source="$JUPYTERHUB_API_TOKEN")
+
+
+def check_credential(token: Secret, node: str) -> None:
+    """A node credential speaks for its own node only: say so before the platform refuses it."""
+    value = token.reveal()
+    if value.startswith("node:") and value.removeprefix("node:").rpartition(":")[0] != node:
+        raise ConfigError(f"--node: the credential in use was enrolled for another node than {node!r}")
 
 
 class Platform:

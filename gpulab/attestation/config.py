@@ -48,7 +48,8 @@ class Attestation(Configurable):
     switch_policy_file = Unicode(help="NVSwitch appraisal policy (NVIDIA policy JSON); default: built-in.").tag(
         config=True
     )
-    hwmodel_allowlist = Set(Unicode(), help="If set, the only accepted 'hwmodel' values.").tag(config=True)
+    hwmodel_allowlist = Set(Unicode(), help="If set, the only accepted 'hwmodel' values or chips, e.g. "
+                            "{'GH100', 'GB100'} (a chip admits 'GH100 A01 GSP BROM' and 'GH100').").tag(config=True)
     min_driver_version = Unicode(help="Lowest accepted GPU driver version, e.g. '550.90.07'.").tag(config=True)
     min_vbios_version = Unicode(help="Lowest accepted GPU VBIOS version, e.g. '96.00.9F.00.01'.").tag(config=True)
     ueid_denylist = Set(Unicode(), help="Device UEIDs that are refused ('device_denied').").tag(config=True)

@@ -185,13 +185,21 @@ class Appraiser:
         if claims.get("ueid") in self.ueid_denylist:
             raise AttestationError(Reason.DEVICE_DENIED, f"{name}: ueid is on the deny-list")
         bad = self.policy(kind, version).device_violations(claims)
-        if self.hwmodel_allowlist and claims.get("hwmodel") not in self.hwmodel_allowlist:
+        if self.hwmodel_allowlist and not hwmodel_allowed(claims.get("hwmodel"), self.hwmodel_allowlist):
             bad.append("hwmodel not in the allow-list")
         if kind == GPU:
             bad += _below(claims, "x-nvidia-gpu-driver-version", self.min_driver_version, 10)
             bad += _below(claims, "x-nvidia-gpu-vbios-version", self.min_vbios_version, 16)
         if bad:
             raise AttestationError(Reason.POLICY_VIOLATION, f"{name}: " + "; ".join(bad[:5]))
+
+
+def hwmodel_allowed(hwmodel: Any, allowlist: frozenset[str]) -> bool:
+    """``hwmodel`` is listed, or its chip is: NVIDIA's published NRAS tokens say ``"GH100 A01 GSP BROM"``
+    (chip, revision, signer) and others are reported to say just ``"GH100"``, so an entry ``"GH100"``
+    admits both forms; a full entry admits exactly that one."""
+    words = hwmodel.split() if isinstance(hwmodel, str) else []
+    return bool(words) and (hwmodel in allowlist or words[0] in allowlist)
 
 
 def _below(claims: dict, claim: str, minimum: str, base: int) -> list[str]:

@@ -3,6 +3,8 @@
 A node counts as attested while its last verified EAT is younger than the gate's max age, has not
 expired, and no later genuine NRAS verdict against it (``REVOKING``) has been recorded. Garbage
 submissions (bad signature, unknown nonce, ...) say nothing about the node and do not revoke it.
+Only the node's own identity or an admin reaches this store (``AttestationService``): nobody else's
+attestation, failed or not, changes a node's state.
 """
 
 import time
@@ -10,14 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Engine, Float, String, select
+from sqlalchemy import JSON, Boolean, Engine, Float, String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .nonces import Base
 from .reasons import Reason
 from .verifier import Verified
 
-REVOKING = frozenset({Reason.OVERALL_RESULT_FALSE, Reason.POLICY_VIOLATION, Reason.DEVICE_DENIED})
+REVOKING = frozenset({Reason.OVERALL_RESULT_FALSE, Reason.POLICY_VIOLATION, Reason.DEVICE_DENIED,
+                      Reason.DEVICE_MISMATCH})
 
 
 class NodeRow(Base):
@@ -69,8 +72,9 @@ class NodeStates:
         self.clock = clock
         Base.metadata.create_all(engine)
 
-    def record(self, node: str, user: str, outcome: Verified | Reason) -> None:
-        """Store a verification outcome for ``node``: the ``Verified`` result or the rejection reason."""
+    def record(self, node: str, user: str, outcome: Verified | Reason, nvidia_errors: dict | None = None) -> None:
+        """Store a verification outcome for ``node``: the ``Verified`` result or the rejection reason, with
+        NRAS's error details of a failure verdict (kept in ``summary["nvidia_errors"]`` until a success)."""
         now = self.clock()
         with Session(self.engine) as session, session.begin():
             row = session.get(NodeRow, node) or NodeRow(node=node, revoked=False)
@@ -82,7 +86,14 @@ class NodeStates:
             else:
                 row.last_reason = outcome.value
                 row.revoked = row.revoked or outcome in REVOKING
+                if nvidia_errors:
+                    row.summary = {**(row.summary or {}), "nvidia_errors": nvidia_errors}
             session.merge(row)
+
+    def remove(self, node: str) -> None:
+        """Forget ``node`` (its enrolment was removed): it gates as never attested."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(delete(NodeRow).where(NodeRow.node == node))
 
     def get(self, node: str) -> NodeState | None:
         with Session(self.engine) as session:

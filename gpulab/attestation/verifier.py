@@ -10,9 +10,14 @@ Steps, in order (DESIGN.md §4); the first that fails raises ``AttestationError`
    (``expired``, ``not_yet_valid``, ``too_old``), claims version 2.0/3.0 (``unsupported_version``),
    ``eat_nonce`` (``nonce_mismatch``), ``jti`` not seen before (``replayed_jti``);
 5. ``submods`` names exactly the device tokens (``submods_mismatch``) with each one's SHA-256
-   (``digest_mismatch``); then every device token's ``iss``, time claims and ``eat_nonce`` as in 4;
-6. ``x-nvidia-overall-att-result`` is ``true`` (``overall_result_false``);
-7. the appraisal policy and allow-lists per device (``policy_violation``, ``device_denied``).
+   (``digest_mismatch``);
+6. ``x-nvidia-overall-att-result`` is ``true`` (``overall_result_false``, with NRAS's
+   ``x-nvidia-error-details`` per device): decided here, as soon as the overall token is authentic,
+   bound to the nonce and pins the device tokens, because NRAS's failure verdict comes with device
+   tokens in an error form (no ``eat_nonce``) that the next step would refuse as ``nonce_mismatch``,
+   a reason that does not revoke the node;
+7. every device token's ``iss``, time claims and ``eat_nonce`` as in 4;
+8. the appraisal policy and allow-lists per device (``policy_violation``, ``device_denied``).
 """
 
 import binascii
@@ -160,11 +165,11 @@ class Verifier:
             ids["jti"] = claims.get("jti") if isinstance(claims.get("jti"), str) else None
             version = self._check_overall(claims, expected_nonce)
             check_submods(claims.get("submods"), device_jwts)
+            if claims.get("x-nvidia-overall-att-result") is not True:
+                raise nras_failure(devices)
             device_claims = {name: self._claims(jws) for name, jws in devices.items()}
             for dc in device_claims.values():
                 self._check_nonce(dc, expected_nonce)
-            if claims.get("x-nvidia-overall-att-result") is not True:
-                raise AttestationError(Reason.OVERALL_RESULT_FALSE, "NRAS reports the attestation as failed")
             kind = device_kind(next(iter(device_jwts)))
             self.appraiser.check_overall(kind, version, claims)
             for name, dc in device_claims.items():
@@ -258,6 +263,34 @@ def check_submods(submods: Any, device_jwts: dict[str, str]) -> None:
             raise AttestationError(Reason.MALFORMED, f'submods[{name}] is not ["DIGEST", ["SHA-256", hex]]')
         if not hmac.compare_digest(entry[1][1].encode(), sha256_hex(device_jwts[name]).encode()):
             raise AttestationError(Reason.DIGEST_MISMATCH, f"{name} does not match its submods digest")
+
+
+def nras_failure(devices: dict[str, _Jws]) -> AttestationError:
+    """``overall_result_false`` carrying NRAS's ``x-nvidia-error-details`` of each device token.
+
+    The device tokens are authenticated and pinned by ``submods`` already; in NRAS's error form they
+    hold only ``iss``, the time claims, ``jti`` and these details, so nothing else of them is checked.
+    """
+    errors = {name: _error_details(jws) for name, jws in devices.items()}
+    errors = {name: e for name, e in errors.items() if e}
+    said = "; ".join(f"{name}: {e.get('code', '?')} {e.get('message', '')}".strip() for name, e in errors.items())
+    return AttestationError(Reason.OVERALL_RESULT_FALSE,
+                            "NRAS reports the attestation as failed" + (f" ({said})" if said else ""),
+                            nvidia_errors=errors or None)
+
+
+def _error_details(jws: _Jws) -> dict:
+    """A device token's ``x-nvidia-error-details``, its scalar members only and bounded (it is stored
+    and shown); empty if there are none or the payload is unreadable."""
+    try:
+        details = _json_object(jws.payload, "payload").get("x-nvidia-error-details")
+    except AttestationError:
+        return {}
+    if not isinstance(details, dict):
+        return {}
+    scalars = [(str(k)[:64], v[:256] if isinstance(v, str) else v) for k, v in details.items()
+               if v is None or isinstance(v, str | int | float | bool)]
+    return dict(scalars[:8])
 
 
 def split_jws(token: str) -> _Jws:

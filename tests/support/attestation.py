@@ -5,7 +5,11 @@
   can be told to answer 500.
 - ``EatMinter``: detached EATs shaped exactly like NRAS's (claims templates are NVIDIA's own
   samples in ``/work/shared/attestation-samples/``), with correct ``submods`` digests; every claim,
-  header and key can be overridden to build the negative cases.
+  header and key can be overridden to build the negative cases. ``failure=`` mints NRAS's own
+  failure verdict as NRAS sends it: the overall token with ``x-nvidia-overall-att-result: false``
+  and each device token in NRAS's error form (``iss``, ``nbf``, ``exp``, ``iat``, ``jti`` and
+  ``x-nvidia-error-details`` only, no ``eat_nonce``). Each minter gives device ``GPU-<n>`` one
+  UEID of its own, the same in every token, as a real node's GPUs do.
 """
 
 import base64
@@ -30,6 +34,7 @@ from jwt.algorithms import ECAlgorithm
 
 SAMPLES = Path("/work/shared/attestation-samples")
 ISSUER = "https://nras.attestation.nvidia.com"
+NONCE_NOT_MATCHING = {"code": 4010, "message": "NONCE_NOT_MATCHING", "http_status": "400"}
 
 
 def sample(name: str):
@@ -135,13 +140,24 @@ class EatMinter:
         self.key = key
         self.clock = clock
         self.issuer = issuer
+        self.ueids: dict[str, str] = {}
+
+    def ueid(self, name: str) -> str:
+        """Device ``name``'s UEID: random per minter, stable across its tokens."""
+        return self.ueids.setdefault(name, str(uuid.uuid4().int))
+
+    def error_claims(self, details: dict) -> dict:
+        """A device token's claims in NRAS's error form: no nonce, no measurements, only NVIDIA's error."""
+        now = int(self.clock())
+        return {"iss": self.issuer, "nbf": now, "exp": now + 3600, "iat": now, "jti": str(uuid.uuid4()),
+                "x-nvidia-error-details": details}
 
     def device_claims(self, name: str, nonce: str, version: str = "3.0") -> dict:
         template = SWITCH_TEMPLATE if name.startswith("SWITCH") else GPU_TEMPLATE if version == "3.0" \
             else GPU_TEMPLATE_V2
         now = int(self.clock())
         return {**copy.deepcopy(template), "iss": self.issuer, "eat_nonce": nonce, "iat": now, "nbf": now,
-                "exp": now + 3600, "jti": str(uuid.uuid4()), "ueid": str(uuid.uuid4().int)}
+                "exp": now + 3600, "jti": str(uuid.uuid4()), "ueid": self.ueid(name)}
 
     def overall_claims(self, nonce: str, device_tokens: dict[str, str], version: str = "3.0") -> dict:
         now = int(self.clock())
@@ -151,17 +167,21 @@ class EatMinter:
 
     def mint(self, nonce: str, *, names=("GPU-0",), version: str = "3.0", overall: dict | None = None,
              device: dict | None = None, overall_sign: dict | None = None, device_sign: dict | None = None,
-             tokens=None) -> str:
+             tokens=None, failure: dict | None = None) -> str:
         """The detached EAT as NRAS returns it (JSON text).
 
         ``overall``/``device`` override claims (None values delete them); ``overall_sign``/``device_sign``
         pass ``alg``/``kid``/``header``/``key`` to :func:`sign`; ``tokens(genuine)`` returns the device
-        map to send instead of the one ``submods`` was computed from.
+        map to send instead of the one ``submods`` was computed from; ``failure`` (NVIDIA's error
+        details, e.g. ``NONCE_NOT_MATCHING``) makes it NRAS's failure verdict.
         """
         dev_sign = dict(device_sign or {})
         dev_key = dev_sign.pop("key", self.key)
-        genuine = {n: sign(_apply(self.device_claims(n, nonce, version), device), dev_key, **dev_sign) for n in names}
+        genuine = {n: sign(_apply(self.error_claims(failure) if failure else self.device_claims(n, nonce, version),
+                                  device), dev_key, **dev_sign) for n in names}
         claims = _apply(self.overall_claims(nonce, genuine, version), overall)
+        if failure:
+            claims["x-nvidia-overall-att-result"] = False
         ov_sign = dict(overall_sign or {})
         overall_jwt = sign(claims, ov_sign.pop("key", self.key), **ov_sign)
         return json.dumps([["JWT", overall_jwt], tokens(genuine) if tokens else genuine])

@@ -1,20 +1,37 @@
-"""``<prefix>api/v1/attestation/...``: GPU node attestation nonces, verification and node state.
+"""``<prefix>api/v1/attestation/...``: GPU node attestation nonces, verification, node state and enrolment.
 
 ``/evidence`` takes a node's raw evidence and relays it to NRAS with the platform's API key, so
 GPU nodes (``gpulab attest collect``) never hold the key; ``/verify`` takes an EAT a node got itself.
 
+Callers are hub users (token or cookie, as every handler here) or a node's own identity: the
+credential ``gpulab nodes enroll`` printed, sent as ``Authorization: token node:<name>:<secret>``
+and checked here against its hash (:class:`~gpulab.attestation.Enrolments`), never sent on to the
+hub. Only that identity, or an admin, may attest the node; ``/enrolments`` is for admins.
+
 The :class:`~gpulab.attestation.AttestationService` (and the NRAS API key) lives only in this
 hub-managed service; users' servers forward to it (``gpulab/server_extension/attestation.py``).
 Refusals are ``{"error": {"code": <reason code>, ...}}`` with the status of ``http_status(reason)``,
-and ``Retry-After`` when the client is throttled or locked out. Throttling is per client address
-(:func:`gpulab.net.client_ip`).
+and ``Retry-After`` when the caller is throttled or locked out. Throttling is per caller identity;
+the client address (:func:`gpulab.net.client_ip`) is only recorded in the audit trail.
 """
 
 import math
+import re
 from datetime import UTC, datetime
 
 from ... import scopes
-from ...attestation import AttestationError, AttestationService, NodeState, Reason, Verified, http_status
+from ...attestation import (
+    AttestationError,
+    AttestationService,
+    Caller,
+    Enrolment,
+    EnrolmentExists,
+    NodeState,
+    Reason,
+    Verified,
+    http_status,
+)
+from ...attestation.service import NODE_NAME
 from ...net import client_ip
 from .handlers import APIError, UserHandler
 from .models import (
@@ -22,14 +39,20 @@ from .models import (
     AttestationNodeList,
     AttestationNonce,
     AttestationResult,
+    EnrolRequest,
     EvidenceRequest,
+    NewNodeEnrolment,
+    NodeEnrolment,
+    NodeEnrolmentList,
     NonceRequest,
     VerifyRequest,
 )
 from .store import iso as iso_utc
 
 NO_FIELD = frozenset({Reason.RATE_LIMITED, Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.NRAS_UNAVAILABLE})
-FIELDS = {Reason.NONCE_UNKNOWN: "nonce", Reason.NRAS_REJECTED: "evidence_list"}  # else "token"
+FIELDS = {Reason.NONCE_UNKNOWN: "nonce", Reason.NRAS_REJECTED: "evidence_list", Reason.NOT_NODE_IDENTITY: "node",
+          Reason.NODE_NOT_ENROLLED: "node"}  # else "token"
+NODE_CREDENTIAL = re.compile(r"(?:token|bearer)\s+(node:\S+)", re.IGNORECASE)
 
 
 def iso(ts: float | None) -> str | None:
@@ -43,8 +66,13 @@ def node_model(state: NodeState, max_age: float, now: float) -> AttestationNode:
         node=state.node, valid=problem is None, problem=problem, user=state.user, verified_at=iso(state.verified_at),
         expires_at=iso(state.expires_at), fingerprint=state.fingerprint, revoked=state.revoked,
         last_checked_at=iso(state.last_checked_at), last_reason=state.last_reason,
-        devices=(state.summary or {}).get("devices", {}),
+        devices=(state.summary or {}).get("devices", {}), nvidia_errors=(state.summary or {}).get("nvidia_errors"),
     )
+
+
+def enrolment_model(e: Enrolment) -> NodeEnrolment:
+    return NodeEnrolment(node=e.node, gpus=e.gpus, ueids=e.ueids, enrolled_at=iso(e.enrolled_at),
+                         enrolled_by=e.enrolled_by)
 
 
 def result_model(node: str, verified: Verified) -> AttestationResult:
@@ -57,9 +85,27 @@ def result_model(node: str, verified: Verified) -> AttestationResult:
 
 
 class AttestationHandler(UserHandler):
-    """Needs ``custom:gpulab:attest`` (admins have it as a subscope)."""
+    """Needs ``custom:gpulab:attest`` (admins have it as a subscope), or a node's own credential."""
 
     required_scope = scopes.ATTEST
+
+    def get_current_user(self):
+        """A node credential is checked here and goes no further (the hub does not know it); anything
+        else is a hub token or cookie. A node identity holds only ``custom:gpulab:attest``."""
+        match = NODE_CREDENTIAL.fullmatch(self.request.headers.get("Authorization", ""))
+        if match is None:
+            return super().get_current_user()
+        node = self.attestation.enrolments.authenticate(match[1])
+        if node is None:
+            raise APIError(401, "the node credential is not valid (removed or re-enrolled?)", code="unauthenticated")
+        self._token_authenticated = True  # no cookie: no XSRF check
+        return {"kind": "node", "name": f"node:{node}", "node": node, "scopes": [scopes.ATTEST]}
+
+    @property
+    def caller(self) -> Caller:
+        if self.current_user.get("kind") == "node":
+            return Caller.of_node(self.current_user["node"])
+        return Caller.user(self.user_name, admin=self.is_admin)
 
     @property
     def attestation(self) -> AttestationService:
@@ -77,15 +123,16 @@ class AttestationHandler(UserHandler):
         """The API error for a refused request."""
         field = None if e.reason in NO_FIELD else FIELDS.get(e.reason, "token")
         headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else None
+        details = {"nvidia_errors": e.nvidia_errors} if e.nvidia_errors else None
         return APIError(http_status(e.reason), e.detail or e.reason.value, field=field, code=e.reason.value,
-                        headers=headers)
+                        headers=headers, details=details)
 
 
 class NonceHandler(AttestationHandler):
     def post(self):
         body = self.parse(NonceRequest)
         try:
-            nonce = self.attestation.issue_nonce(user=self.user_name, node=body.node, client_ip=self.client_ip,
+            nonce = self.attestation.issue_nonce(caller=self.caller, node=body.node, client_ip=self.client_ip,
                                                  purpose=body.purpose)
         except AttestationError as e:
             raise self.refusal(e) from None
@@ -96,7 +143,7 @@ class VerifyHandler(AttestationHandler):
     async def post(self):
         body = self.parse(VerifyRequest)
         try:
-            verified = await self.attestation.verify(body.token, nonce=body.nonce, user=self.user_name,
+            verified = await self.attestation.verify(body.token, nonce=body.nonce, caller=self.caller,
                                                      node=body.node, client_ip=self.client_ip, purpose=body.purpose)
         except AttestationError as e:
             raise self.refusal(e) from None
@@ -108,7 +155,7 @@ class EvidenceHandler(AttestationHandler):
         body = self.parse(EvidenceRequest)
         try:
             verified = await self.attestation.attest_evidence(
-                [e.model_dump() for e in body.evidence_list], nonce=body.nonce, user=self.user_name, node=body.node,
+                [e.model_dump() for e in body.evidence_list], nonce=body.nonce, caller=self.caller, node=body.node,
                 client_ip=self.client_ip, device=body.device, arch=body.arch, purpose=body.purpose)
         except AttestationError as e:
             raise self.refusal(e) from None
@@ -122,6 +169,41 @@ class NodesHandler(AttestationHandler):
         self.write_json(AttestationNodeList(nodes=[node_model(s, max_age, now) for s in nodes.all()], max_age=max_age))
 
 
+class EnrolmentAdminHandler(AttestationHandler):
+    """Enrolment is for admins (``gpulab nodes`` calls it with the platform's CLI credential)."""
+
+    def prepare(self):
+        super().prepare()
+        if not self.is_admin:
+            raise APIError(403, f"enrolling nodes needs the {scopes.ADMIN} scope", code="forbidden")
+
+
+class EnrolmentsHandler(EnrolmentAdminHandler):
+    def get(self):
+        self.write_json(NodeEnrolmentList(nodes=[enrolment_model(e) for e in self.attestation.enrolments.all()]))
+
+    def post(self):
+        body = self.parse(EnrolRequest)
+        enrolments = self.attestation.enrolments
+        try:
+            credential = enrolments.enroll(body.node, by=self.user_name, gpus=body.gpus, ueids=body.ueids)
+        except EnrolmentExists:
+            raise APIError(409, f"node {body.node} is enrolled already; remove it first for a new credential",
+                           field="node", code="conflict") from None
+        enrolment = enrolment_model(enrolments.get(body.node))
+        self.write_json(NewNodeEnrolment(**enrolment.model_dump(), credential=credential), 201)
+
+
+class EnrolmentHandler(EnrolmentAdminHandler):
+    def delete(self, node):
+        """The credential stops working and the node's state goes: it gates as never attested."""
+        if not self.attestation.enrolments.remove(node):
+            raise APIError(404, f"node {node} is not enrolled", field="node", code="not_found")
+        self.attestation.nodes.remove(node)
+        self.set_status(204)
+        self.finish()
+
+
 def handlers(api: str) -> list:
     """Routes under ``api`` (``<service prefix>api/v1``)."""
     return [
@@ -129,4 +211,6 @@ def handlers(api: str) -> list:
         (api + "/attestation/verify", VerifyHandler),
         (api + "/attestation/evidence", EvidenceHandler),
         (api + "/attestation/nodes", NodesHandler),
+        (api + "/attestation/enrolments", EnrolmentsHandler),
+        (api + f"/attestation/enrolments/(?P<node>{NODE_NAME.pattern})", EnrolmentHandler),
     ]

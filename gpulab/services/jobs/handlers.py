@@ -28,14 +28,16 @@ MAX_LIST = 500
 
 
 class APIError(web.HTTPError):
-    """An HTTP error whose body names the offending field; ``headers`` are sent with it."""
+    """An HTTP error whose body names the offending field; ``headers`` are sent with it, ``details``
+    (structured, e.g. NVIDIA's error details of a failed attestation) in the body when set."""
 
     def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, details: dict | None = None):
         super().__init__(status, message)
         self.field = field
         self.code = code
         self.headers = headers or {}
+        self.details = details
 
 
 class BaseHandler(web.RequestHandler):
@@ -103,11 +105,14 @@ class BaseHandler(web.RequestHandler):
         for name, value in getattr(exc, "headers", {}).items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": {
+        error = {
             "code": getattr(exc, "code", None) or self._reason.lower().replace(" ", "_"),
             "message": message,
             "field": getattr(exc, "field", None),
-        }}))
+        }
+        if getattr(exc, "details", None):
+            error["details"] = exc.details
+        self.finish(json.dumps({"error": error}))
 
 
 class UserHandler(HubOAuthenticated, BaseHandler):

@@ -370,6 +370,8 @@ class AttestationNode(BaseModel):
     last_checked_at: str
     last_reason: str = Field(description='"ok" or the reason code of the last verification')
     devices: dict[str, AttestedDevice]
+    nvidia_errors: dict[str, dict[str, Any]] | None = Field(
+        None, description="NRAS's x-nvidia-error-details per device of its last failure verdict (until a success)")
 
 
 class AttestationNodeList(BaseModel):
@@ -377,10 +379,47 @@ class AttestationNodeList(BaseModel):
     max_age: float = Field(description="Seconds a verification stays valid for job gating")
 
 
+class EnrolRequest(_Body):
+    """Body of ``POST /attestation/enrolments``: the GPUs the node must present, by UEID or by count
+    (the node's first attestation then pins their UEIDs)."""
+
+    node: Node
+    gpus: int | None = Field(None, ge=1, le=16, description="How many GPUs (UEIDs pinned on first attestation)")
+    ueids: list[Annotated[str, Field(pattern=r"^[0-9]{1,80}$")]] | None = Field(
+        None, min_length=1, max_length=16, description="The GPUs' UEIDs (decimal, as NRAS reports them)")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.gpus is None) == (self.ueids is None):
+            raise _error("gpus_xor_ueids", "give exactly one of 'gpus' or 'ueids'", field="gpus")
+        return self
+
+
+class NodeEnrolment(BaseModel):
+    """An enrolled node; ``ueids`` is null until a node enrolled by count first attests."""
+
+    node: str
+    gpus: int
+    ueids: list[str] | None
+    enrolled_at: str
+    enrolled_by: str
+
+
+class NewNodeEnrolment(NodeEnrolment):
+    """The answer to an enrolment: the node's credential, shown this once (only its hash is kept)."""
+
+    credential: str = Field(description="node:<name>:<secret>; the node sends 'Authorization: token <credential>'")
+
+
+class NodeEnrolmentList(BaseModel):
+    nodes: list[NodeEnrolment]
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
     field: str | None = None
+    details: dict[str, Any] | None = Field(None, description="Structured details, e.g. NVIDIA's error details")
 
 
 class ErrorBody(BaseModel):

@@ -13,6 +13,7 @@ from .models import (
     AttestationNodeList,
     AttestationNonce,
     AttestationResult,
+    EnrolRequest,
     ErrorBody,
     EvidenceRequest,
     Job,
@@ -20,6 +21,8 @@ from .models import (
     JobIdentity,
     JobList,
     JobSpec,
+    NewNodeEnrolment,
+    NodeEnrolmentList,
     NonceRequest,
     PoolStatus,
     ProgressUpdate,
@@ -29,9 +32,9 @@ from .models import (
 )
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
-REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest)
+REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest, EnrolRequest)
 RESPONSES = (Job, JobEvent, JobIdentity, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
-             AttestationNodeList)
+             AttestationNodeList, NewNodeEnrolment, NodeEnrolmentList)
 
 
 def component_schemas() -> dict:
