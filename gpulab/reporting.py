@@ -22,32 +22,36 @@ import threading
 import time
 import urllib.request
 
+from .secrets import JOB_SECRET_ENV
+
 MIN_INTERVAL = 0.25  # seconds between progress posts: at most ~4 per second
 FLUSH_TIMEOUT = 10.0  # seconds the interpreter waits at exit for the last report
-_SECRETS = ("GPULAB_JOB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY")
 
 
 def warn(message: str) -> None:
     """Print ``message`` as one stderr line, with the job's secrets masked."""
-    for name in _SECRETS:
+    for name in JOB_SECRET_ENV:
         if secret := os.environ.get(name):
             message = message.replace(secret, "***")
     print(" ".join(message.split())[:500], file=sys.stderr, flush=True)
 
 
-def post_to_service(endpoint: str, body: dict, traceparent: str | None = None, timeout: float = 5.0) -> None:
-    """POST ``body`` to ``{GPULAB_JOBS_URL}/jobs/{GPULAB_JOB_ID}/{endpoint}`` with the job token.
+def post_to_service(endpoint: str, body: dict, traceparent: str | None = None, timeout: float = 5.0,
+                    authorization: str | None = None) -> bytes:
+    """POST ``body`` to ``{GPULAB_JOBS_URL}/jobs/{GPULAB_JOB_ID}/{endpoint}`` with the job token (or
+    ``authorization``); returns the answer's body.
 
     ``traceparent`` defaults to ``$TRACEPARENT``; raises on any failure (``OSError``).
     """
     env = os.environ
-    headers = {"Content-Type": "application/json", "Authorization": f"job-token {env.get('GPULAB_JOB_TOKEN', '')}"}
+    authorization = authorization or f"job-token {env.get('GPULAB_JOB_TOKEN', '')}"
+    headers = {"Content-Type": "application/json", "Authorization": authorization}
     if traceparent := traceparent or env.get("TRACEPARENT"):
         headers["traceparent"] = traceparent
     url = f"{env['GPULAB_JOBS_URL'].rstrip('/')}/jobs/{env['GPULAB_JOB_ID']}/{endpoint}"
     request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout):
-        pass
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
 
 
 class _Reporter(threading.Thread):

@@ -21,23 +21,33 @@ then one line goes to stderr. Other inputs: ``GPULAB_JOB_ID``, ``GPULAB_JOB_OWNE
 ``GPULAB_JOB_NAME``, ``GPULAB_JOB_ATTEMPT``, ``GPULAB_JOBS_URL``, ``GPULAB_JOB_TOKEN`` and, for
 attestation-gated jobs, ``GPULAB_ATTESTATION_FINGERPRINT`` (tagged on the MLflow run as
 ``gpulab.attestation_fingerprint``).
+
+On executors whose job environments others can read (Ray's dashboard), the attempt has no secrets in its
+environment but ``GPULAB_CREDENTIALS_TICKET``: the runner first claims them with it from the job service,
+once. A ticket someone else claimed first (409) or that is refused stops the attempt before the job runs:
+its credentials are someone else's now.
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 from pathlib import Path
 
 from opentelemetry import trace
-from tenacity import retry, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 from .reporting import post_to_service, warn
 from .tracing import extract, inject, setup_tracing, tracer
 
 HEARTBEAT_INTERVAL = 10.0
 _service_retry = retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.5, max=2), reraise=True)
+# a claim is retried only when the service gave no answer: a refusal is final
+_claim_retry = retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.5, max=2), reraise=True,
+                     retry=retry_if_not_exception_type(urllib.error.HTTPError))
 _mlflow_retry = retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=1, max=4), reraise=True)
 
 
@@ -68,6 +78,8 @@ class Runner:
     def run(self, trace_id: str) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if os.environ.get("GPULAB_CREDENTIALS_TICKET") and not self._claim_credentials():
+            return 1
         child_env = dict(os.environ)
         child_env.update(TRACEPARENT=inject({}).get("traceparent", ""))
         # the runner retries MLflow itself; MLflow's own retries would stall the job's start for minutes
@@ -144,6 +156,24 @@ class Runner:
         from mlflow import MlflowClient
 
         MlflowClient().set_terminated(run_id, status)
+
+    def _claim_credentials(self) -> bool:
+        """Put the attempt's secrets into the environment, claimed with its ticket (which is then dropped);
+        False when the service refuses the ticket. An unreachable service leaves the job without them."""
+        ticket = os.environ.pop("GPULAB_CREDENTIALS_TICKET")
+        try:
+            body = _claim_retry(post_to_service)("credentials", {}, authorization=f"job-ticket {ticket}")
+        except urllib.error.HTTPError as exc:
+            detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+            print(f"gpulab.runner: the job service refused this attempt's credentials ticket ({exc.code}: "
+                  f"{detail}); not running the job", file=sys.stderr, flush=True)
+            return False
+        except Exception as exc:  # noqa: BLE001 - as every report: an outage never fails the job
+            warn(f"gpulab.runner: claiming the job's credentials failed ({type(exc).__name__}: {exc}); "
+                 "running without them (no progress reports or MLflow run)")
+            return True
+        os.environ.update(json.loads(body)["env"])
+        return True
 
     def _post(self, endpoint: str, body: dict) -> None:
         _service_retry(post_to_service)(endpoint, body, inject({}).get("traceparent"))

@@ -1,10 +1,15 @@
 """Secrets: read from 0600 files or the environment, never shown."""
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
 from .errors import ConfigError
+
+JOB_SECRET_ENV = ("GPULAB_JOB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY")
+"""The secrets in a job's environment: masked in what the runtime prints, and never handed to an executor
+whose job environment others can read (Ray's dashboard): such jobs claim them from the job service."""
 
 
 class Secret:
@@ -58,6 +63,15 @@ def secret_from(file_path: str, env_name: str, setting: str) -> Secret | None:
         return read_secret_file(file_path, setting)
     value = os.environ.pop(env_name, "")
     return Secret(value, source=f"${env_name}") if value else None
+
+
+def persistent_secret(path: Path, nbytes: int = 32) -> str:
+    """A random secret kept in a 0600 file, created on first use."""
+    if path.exists():
+        return read_secret_file(path, str(path)).reveal()
+    value = secrets.token_urlsafe(nbytes)
+    write_secret_file(path, value)
+    return value
 
 
 def write_secret_file(path: Path, value: str) -> None:

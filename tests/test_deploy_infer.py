@@ -29,6 +29,7 @@ from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
 from tests.support.openapi import Spec
+from tests.support.server_kernel import run_in_server_kernel
 from tests.support.triton import linear_onnx, triton_python
 
 pytestmark = pytest.mark.timeout(900)
@@ -336,6 +337,8 @@ def test_deploy_errors_name_the_field(rest, trained, hub):
         ({"source": "s3://bucket/model", "name": "x"}, 400, "source", "s3://bucket/model"),
         ({"source": run, "name": "../etc"}, 400, "name", "name"),
         ({"source": run, "name": "x", "backend": "tensorflow"}, 400, "backend", "python-onnx"),
+        ({"source": run, "name": "x", "backend": ["onnxruntime"]}, 400, "backend", "python-onnx"),
+        ({"source": ["runs:/x/model"], "name": "x"}, 400, "source", "runs:/<run_id>/model"),
     ]
     for body, status, field, mentioned in cases:
         e = error(rest("POST", "/models", json=body), status, "/models", "post")
@@ -496,3 +499,29 @@ def test_delete_unloads_and_removes_the_model(rest, trained, hub):
     assert info.value.status == "NOT_FOUND" and "scratch" in str(info.value)  # unloaded
     assert not (hub.data_dir / "models" / "scratch").exists()  # a restarted Triton will not load it again
     error(rest("DELETE", "/models/scratch"), 404, "/models/{name}", "delete")
+
+
+def test_a_notebook_logs_to_the_platforms_mlflow_and_deploys_that_run(hub, rest):
+    """In alice's real server (her account), with nothing configured in the notebook: mlflow.start_run() logs
+    to the platform's MLflow as alice, not to ./mlruns, and the run deploys straight away."""
+    code = """
+import json, os, mlflow, mlflow.sklearn
+from sklearn.datasets import load_digits
+from sklearn.linear_model import SGDClassifier
+from gpulab.kernels import inference as gi
+X, y = load_digits(return_X_y=True)
+model = SGDClassifier(loss="log_loss", random_state=0, max_iter=20).fit(X / 16.0, y)
+with mlflow.start_run() as run:
+    mlflow.sklearn.log_model(model, name="model", input_example=X[:2] / 16.0)
+m = gi.deploy(f"runs:/{run.info.run_id}/model", "from-notebook")
+labels = gi.infer("from-notebook", X[:5] / 16.0)["label"].tolist()
+gi.undeploy("from-notebook")
+print(json.dumps({"run": run.info.run_id, "mlruns": os.path.exists("mlruns"), "labels": labels,
+                  "expected": model.predict(X[:5] / 16.0).tolist()}))
+"""
+    out = json.loads(run_in_server_kernel(hub.spawn("alice"), hub.tokens["alice"], code, timeout=600))
+    assert not out["mlruns"] and out["labels"] == out["expected"], out
+    runs = f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get"
+    r = requests.get(runs, params={"run_id": out["run"]}, headers={"Authorization": f"token {hub.tokens['alice']}"},
+                     timeout=60)
+    assert r.status_code == 200 and r.json()["run"]["info"]["run_id"] == out["run"], r.text

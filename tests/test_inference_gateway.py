@@ -86,6 +86,7 @@ c.InferenceGateway.max_request_bytes = 1024 * 1024
 c.InferenceGateway.health_interval = 0.5
 c.InferenceGateway.failure_threshold = 2
 c.InferenceGateway.recovery_timeout = 3
+c.InferenceGateway.token_cache_seconds = 3
 """
     service = {"name": "gpulab-infer", "command": [sys.executable, "-m", "gpulab.services.infer"],
                "info": {"grpc_address": address, "rest_address": rest},
@@ -405,6 +406,7 @@ def test_rest_errors_name_the_problem(hub, plane, tokens):
     wrong = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
     refused(call(tokens["alice"], json=wrong), 400, "input 'x'")
     refused(call(tokens["alice"], data=b"\0" * (1024 * 1024 + 1)), 413, "larger than the gateway's limit")
+    refused(call(tokens["alice"], "/v2/models/dig%0Aits/infer"), 400, "a model name has no control characters")
     r = call(tokens["alice"], "/v2/repository/models/digits/unload")
     assert r.status_code == 404 and "not offered" in r.json()["error"], r.text
     r = call(tokens["alice"], method="GET")
@@ -503,6 +505,26 @@ def test_missing_or_bad_token_is_unauthenticated(client, tokens):
     assert error(infer, client, "not-a-token").status() == "StatusCode.UNAUTHENTICATED"
     e = error(client.is_server_live, headers={"authorization": "basic abc"})
     assert e.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_a_revoked_token_stops_working_within_one_cache_window(hub, plane):
+    """On nginx too: its decision is kept only as long as the Python gateway's own lookup it came from."""
+    r = hub.api("POST", "/users/alice/tokens", json={"note": "revoked below"})
+    token, token_id = r.json()["token"], r.json()["id"]
+    client = connect(hub, plane)
+    client.get_model_metadata("digits", headers=auth(token))  # the Python gateway looks the token up now
+    looked_up = time.monotonic()
+    time.sleep(2.4)  # 0.8 of token_cache_seconds
+    infer(client, token)  # on nginx: a decision from that lookup, 0.6 s before it expires
+    assert hub.api("DELETE", f"/users/alice/tokens/{token_id}").status_code == 204
+    while True:
+        try:
+            infer(client, token)
+        except InferenceServerException as e:
+            assert e.status() == "StatusCode.UNAUTHENTICATED", e
+            break
+        assert time.monotonic() - looked_up < 3 + 1.0, "the revoked token still works past token_cache_seconds"
+        time.sleep(0.1)
 
 
 def test_token_without_infer_scope_is_denied(client, tokens):

@@ -132,15 +132,6 @@ def wait_for_process(account: str, text: str, timeout: float = 30) -> psutil.Pro
     raise AssertionError(f"no process of {account} running {text!r}")
 
 
-def wait_for_mlflow(hub: Platform, user: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while requests.get(f"{hub.url}/services/mlflow/health", headers={"Authorization": f"token {hub.token(user)}"},
-                       timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, hub.log_tail()
-        time.sleep(0.5)
-    assert (hub.data_dir / "mlflow" / "run" / "mlflow.sock").is_socket()
-
-
 def _secrets(hub: Platform, alice_server_env: dict, alice_job_env: dict) -> dict[str, str]:
     """Every secret alice and the platform hold, by where it came from."""
     out = {"alice's server token": alice_server_env["JUPYTERHUB_API_TOKEN"],
@@ -175,7 +166,8 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
     assert str(job_dir / "attempt-1.log") in known and str(job_dir / "work" / "result.txt") in known
     [service] = [p for p in hub.descendants() if p.cmdline()[-2:] == ["-m", "gpulab.services.mlflow"]]
     mlflow = service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/")
-    wait_for_mlflow(hub, "alice")  # its socket is there to be probed
+    hub.wait_for_mlflow(hub.token("alice"))
+    assert (hub.data_dir / "mlflow" / "run" / "mlflow.sock").is_socket()  # there to be probed
     triton = [hub.data_dir / "triton" / name for name in ("grpc.sock:0", "http.sock", "metrics.sock")]
     deadline = time.monotonic() + 120
     while not all(path.exists() for path in triton):  # Triton's too

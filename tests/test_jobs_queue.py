@@ -21,7 +21,7 @@ from gpulab import cgroups
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch, Outcome
 from gpulab.services.jobs.executors.local import LocalExecutor
 from gpulab.services.jobs.models import JobSpec
-from gpulab.services.jobs.queue import JobQueue
+from gpulab.services.jobs.queue import ClaimRefused, JobQueue
 from gpulab.services.jobs.store import JobStateError, JobStore
 
 FINAL = ("succeeded", "failed", "cancelled", "timed_out")
@@ -126,9 +126,9 @@ async def make_queue(tmp_path, store):
             await queues[-1].executor.cancel(Handle(**row.handle), 0.5)
 
 
-async def submit(q: JobQueue, owner="alice", groups=(), **spec):
+async def submit(q: JobQueue, owner="alice", groups=(), admin=False, **spec):
     spec.setdefault("name", "job")
-    row, created = await q.submit(owner, list(groups), JobSpec.model_validate(spec))
+    row, created = await q.submit(owner, list(groups), JobSpec.model_validate(spec), admin=admin)
     assert created
     return row.id
 
@@ -288,6 +288,43 @@ async def test_cancel_all_of_a_deleted_user(make_queue, store, tmp_path):
     assert store.get_job(bobs).state == "running"
 
 
+class EnvShownLocalExecutor(LocalExecutor):
+    """The local executor, as if others could read its jobs' environments (Ray's dashboard shows them)."""
+
+    env_is_private = False
+
+
+async def test_an_executor_that_shows_environments_gets_a_ticket_instead_of_the_secrets(make_queue, store, tmp_path):
+    q = await make_queue(queue={"executor_class": EnvShownLocalExecutor, "mlflow_tracking_uri": "http://mlflow",
+                                "mlflow_job_token": True, "jobs_api_url": "http://jobs/api/v1"})
+    code = """
+import json, os, sys, time
+from pathlib import Path
+d = Path(sys.argv[1])
+(d / "env.tmp").write_text(json.dumps(dict(os.environ)))
+(d / "env.tmp").replace(d / "env.json")
+while not (d / "release").exists():
+    time.sleep(0.02)
+"""
+    job_id = await submit(q, entrypoint=py(code, tmp_path))
+    env = json.loads(await until(lambda: (tmp_path / "env.json").exists() and (tmp_path / "env.json").read_text()))
+    assert not {"GPULAB_JOB_TOKEN", "MLFLOW_TRACKING_TOKEN"} & env.keys() and env["GPULAB_JOBS_URL"], env
+    ticket = env["GPULAB_CREDENTIALS_TICKET"]
+    with pytest.raises(ClaimRefused) as made_up:
+        await q.claim_credentials(job_id, "0" * 64)
+    claimed = await q.claim_credentials(job_id, ticket)
+    token = claimed["GPULAB_JOB_TOKEN"]
+    assert claimed == {"GPULAB_JOB_TOKEN": token, "MLFLOW_TRACKING_TOKEN": f"job:{job_id}:{token}"}
+    assert store.check_job_token(job_id, token)  # minted by the claim
+    with pytest.raises(ClaimRefused) as again:
+        await q.claim_credentials(job_id, ticket)
+    (tmp_path / "release").touch()
+    assert (await finished(store, job_id)).state == "succeeded" and not store.check_job_token(job_id, token)
+    with pytest.raises(ClaimRefused) as over:
+        await q.claim_credentials(job_id, ticket)
+    assert (made_up.value.status, again.value.status, over.value.status) == (403, 409, 403)
+
+
 async def test_priority_order(make_queue, store):
     q = await make_queue(start=False, executor={"cpus": 1.0})
     ids = {p: await submit(q, name=f"p{p}", entrypoint=["true"], priority=p) for p in (0, 10, -5, 5)}
@@ -295,6 +332,18 @@ async def test_priority_order(make_queue, store):
     rows = {p: await finished(store, i) for p, i in ids.items()}
     order = sorted(rows, key=lambda p: rows[p].started_at)
     assert order == [10, 5, 0, -5]
+
+
+async def test_priority_orders_the_submitters_own_jobs_unless_an_admin_submits(make_queue, store):
+    q = await make_queue(start=False, executor={"cpus": 1.0})
+    ids = {"bob": await submit(q, "bob", entrypoint=["true"]),
+           "alice low": await submit(q, "alice", entrypoint=["true"], priority=-10),
+           "alice high": await submit(q, "alice", entrypoint=["true"], priority=100),
+           "carol (admin)": await submit(q, "carol", admin=True, entrypoint=["true"], priority=50)}
+    await q.start()
+    rows = {name: await finished(store, job_id) for name, job_id in ids.items()}
+    # alice's priority 100 puts her own jobs in order but does not jump bob's earlier one; an admin's does
+    assert sorted(rows, key=lambda n: rows[n].started_at) == ["carol (admin)", "bob", "alice high", "alice low"]
 
 
 async def test_fair_share_between_users(make_queue, store, tmp_path):

@@ -6,12 +6,14 @@ local executor running jobs under `python -m gpulab.runner`.
 
 import json
 import signal
+import threading
 import time
 
 import psutil
 import pytest
 import requests
 
+from gpulab.kernels.client import GpulabError, JobsClient
 from gpulab.services.jobs.openapi import SPEC_PATH
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
@@ -33,12 +35,18 @@ c.Roles.group_roles = {"gpu": ["gpulab-gpu"]}
 c.JobQueue.user_quota = {"max_jobs": 1, "max_gpus": 1}
 c.JobQueue.tick_interval = 0.2
 c.JobQueue.cancel_grace = 2
+c.JobQueue.max_queued = 20
+c.JobQueue.submit_burst = 40
+c.JobQueue.submit_rate = 0.5
+c.JobQueue.log_follow_recheck = 1
+c.JobQueue.log_follow_max = 10
 """
     hub.start(config)
     hub.create_user("alice", groups=["gpu"])
     hub.create_user("bob")
     hub.create_user("carol")
     hub.create_user("dave")
+    hub.create_user("erin")
     yield hub
     hub.stop()
 
@@ -278,6 +286,12 @@ def test_server_extension_acts_for_the_user(hub, alice):
     ext.validate("/jobs", "POST", 422, r.json())
     assert requests.post(f"{base}/jobs/{job_id}/cancel", headers=headers, timeout=30).status_code == 409
     assert requests.get(f"{base}/jobs/{'0' * 32}", headers=headers, timeout=30).status_code == 404
+    body = {"name": "anonymous", "entrypoint": ["true"]}
+    r = requests.post(f"{base}/jobs", json=body, timeout=30)  # no credential at all: told how to authenticate
+    assert r.status_code == 401 and "Authorization: token" in r.json()["error"]["message"], r.text
+    ext.validate("/jobs", "POST", 401, r.json())
+    r = requests.post(f"{base}/jobs", json=body, cookies={"jupyterhub-session-id": "x"}, timeout=30)
+    assert r.status_code == 403 and "_xsrf" in r.text, r.text  # a browser's cookies still need the form token
 
 
 def test_metrics_need_read_metrics(hub, alice):
@@ -299,3 +313,76 @@ def test_log_reads_are_bounded(alice):
     whole = alice.request("GET", f"/jobs/{job['id']}/logs").text
     r = alice.request("GET", f"/jobs/{job['id']}/logs", params={"limit": 4 * 1024 * 1024, "offset": 2})
     assert r.status_code == 200 and r.text == whole[2:] and "a line" in whole, (whole, r.text)
+
+
+def test_submissions_are_capped_per_user_without_refusing_a_retry(hub, alice):
+    erin = Client(hub, "erin")
+    running = erin.submit(entrypoint=["sleep", "60"])
+    erin.wait(running["id"], states=("running",))  # holds erin's quota of one: the rest stay queued
+    queued = [erin.submit(entrypoint=["true"], idempotency_key=f"k{i}")["id"] for i in range(20)]
+    r = erin.request("POST", "/jobs", json={"name": "one too many", "entrypoint": ["true"]})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "max_queued", r.text
+    assert "JobQueue.max_queued" in r.json()["error"]["message"]
+    SPEC.validate("/jobs", "POST", 429, r.json())
+    again = erin.request("POST", "/jobs", json={"name": "test", "entrypoint": ["true"], "idempotency_key": "k3"})
+    assert again.status_code == 200 and again.json()["id"] == queued[3], again.text  # a retry gets its job back
+    alice.submit(entrypoint=["true"])  # another user is not held up by erin's queue
+    statuses = [erin.request("POST", "/jobs", json={"name": "t", "entrypoint": ["true"]}) for _ in range(30)]
+    limited = [r for r in statuses if r.json()["error"]["code"] == "rate_limited"]
+    assert limited and all(r.status_code == 429 for r in statuses), [r.text for r in statuses]
+    assert 1 <= int(limited[0].headers["Retry-After"]) <= 2 and "JobQueue.submit_rate" in limited[0].text
+    for job_id in [running["id"], *queued]:
+        assert erin.request("POST", f"/jobs/{job_id}/cancel").status_code == 200
+    assert len(erin.request("GET", "/jobs", params={"limit": 500}).json()["jobs"]) == 21  # nothing refused was stored
+
+
+def sse_events(response):
+    """(event, data) pairs of a server-sent event stream."""
+    event = None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[6:])
+
+
+def test_a_followed_log_ends_soon_after_its_token_is_revoked(hub):
+    r = hub.api("POST", "/users/alice/tokens", json={"note": "revoked below"})
+    token, token_id = r.json()["token"], r.json()["id"]
+    owner = Client(hub, "alice", token)
+    job = owner.submit(entrypoint=["python", "-c", PY + "print('tick', flush=True); time.sleep(60)"])
+    r = requests.get(f"{owner.base}/jobs/{job['id']}/logs", params={"follow": "true"}, headers=owner.headers,
+                     stream=True, timeout=60)
+    events = sse_events(r)
+    for event, data in events:
+        assert event == "log", (event, data)
+        if "tick" in data["text"]:
+            break
+    assert hub.api("DELETE", f"/users/alice/tokens/{token_id}").status_code == 204
+    revoked = time.monotonic()
+    offset = data["offset"]
+    event, data = next(events)
+    assert (event, data["code"], data["offset"]) == ("closed", "revoked", offset), data
+    assert time.monotonic() - revoked < 5  # log_follow_recheck is 1 s here; the hub's token cache is bypassed
+    assert Client(hub, "alice").request("POST", f"/jobs/{job['id']}/cancel").status_code == 200
+
+
+def test_a_followed_log_is_followed_again_past_the_streams_time_limit(hub, alice):
+    job = alice.submit(entrypoint=["python", "-c", PY + "print('tick', flush=True); time.sleep(12); "
+                                                        "print('tock', flush=True)"])
+    # the service ends each stream at log_follow_max (10 s here): the client follows on from the offset
+    text = "".join(JobsClient(alice.base, alice.headers["Authorization"].split()[1]).follow(job["id"]))
+    assert text.count("tick") == text.count("tock") == 1 and text.index("tick") < text.index("tock"), text
+
+
+def test_the_client_says_why_a_followed_log_stopped(hub, alice):
+    r = hub.api("POST", "/users/alice/tokens", json={"note": "revoked while following"})
+    follower = JobsClient(alice.base, r.json()["token"])
+    job = alice.submit(entrypoint=["sleep", "60"])
+    revoke = threading.Timer(1.0, hub.api, ("DELETE", f"/users/alice/tokens/{r.json()['id']}"))
+    revoke.start()
+    with pytest.raises(GpulabError, match="stopped: the token this log was followed with is no longer valid"):
+        for _ in follower.follow(job["id"]):
+            pass
+    revoke.join()
+    assert alice.request("POST", f"/jobs/{job['id']}/cancel").status_code == 200

@@ -5,7 +5,9 @@ import threading
 from datetime import timedelta
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from sqlalchemy import case, create_engine, inspect, select, text, update
 from sqlalchemy.orm import Session
@@ -13,6 +15,7 @@ from sqlalchemy.orm import Session
 from gpulab.events import utcnow
 from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.store import (
+    MIGRATIONS,
     VERSION_TABLE,
     Base,
     JobNotFound,
@@ -20,6 +23,7 @@ from gpulab.services.jobs.store import (
     JobStateError,
     JobStore,
     token_hash,
+    upgrade,
 )
 
 
@@ -53,11 +57,28 @@ def test_migrations_create_the_schema_once(url):
     second = JobStore(url=url)  # upgrading an up-to-date database is a no-op
     with second.engine.connect() as conn:
         assert {"jobs", "job_events", VERSION_TABLE} <= set(inspect(conn).get_table_names())
-        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0003"
+        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0004"
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
     first.engine.dispose()
     second.engine.dispose()
+
+
+def test_an_upgrade_keeps_stored_jobs_and_their_own_priority(url):
+    store = JobStore(url=url)
+    admins, _ = store.create_job("carol", [], spec(priority=50), admin=True)
+    users, _ = store.create_job("alice", [], spec(priority=50))
+    assert (admins.global_priority, users.global_priority) == (50, 0)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as conn:  # back to the schema of gpulab before global_priority
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+    upgrade(store.engine)
+    for job_id in (admins.id, users.id):
+        row = store.get_job(job_id)
+        assert (row.priority, row.global_priority, row.state) == (50, 0, "queued")
+    store.engine.dispose()
 
 
 def test_create_is_idempotent_per_owner_and_key(store):

@@ -39,23 +39,9 @@ def hub(tmp_path_factory):
     hub.stop()
 
 
-def wait_for_mlflow(hub, token, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(f"{hub.url}/services/mlflow/health", headers={"Authorization": f"token {token}"},
-                             timeout=10)
-            if r.status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"MLflow not up through the hub:\n{hub.log_tail()}")
-
-
 def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
     token = hub.token("alice")
-    wait_for_mlflow(hub, token)
+    hub.wait_for_mlflow(token)
     alice = Client(hub, "alice", token)
     spec = {"name": "digits-sgd", "source": TRAIN, "tracking": {"experiment": "digits", "wandb_project": "digits"}}
     job_id = alice.submit(**spec)["id"]
@@ -88,7 +74,7 @@ def test_jobs_log_to_mlflow_with_their_own_token_only_while_they_run(hub):
     """A job's MLFLOW_TRACKING_TOKEN (``job:<id>:<job token>``) is checked with gpulab-jobs: it works while
     the attempt runs, names the job's owner, and stops working when the job ends; a guessed one never works."""
     token = hub.token("alice")
-    wait_for_mlflow(hub, token)
+    hub.wait_for_mlflow(token)
     alice = Client(hub, "alice", token)
     probe = """
 import os, urllib.request, urllib.error

@@ -1,12 +1,15 @@
 """RayExecutor against a real two-node Ray cluster (the second node has a fake GPU)."""
 
 import asyncio
+import json
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 
 from gpulab.net import free_port
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch
@@ -203,13 +206,22 @@ c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
     try:
         hub.create_user("alice")
         alice = Client(hub, "alice")
-        code = "import os; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES'])"
+        code = ("import os, gpulab; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES']); "
+                "print('token:', bool(os.environ.get('GPULAB_JOB_TOKEN'))); gpulab.progress(1, 2, loss=0.5)")
         spec = {"name": "on-ray", "entrypoint": [sys.executable, "-c", code], "resources": {"gpus": 1, "pool": "gpu"}}
         job_id = alice.submit(**spec)["id"]
         job = alice.wait(job_id, timeout=120)
         logs = alice.logs(job_id)
         assert job["state"] == "succeeded", (job, logs)
         assert "CVD=0" in logs and job["log_size"] == len(logs.encode())  # copied into the job's log file
+        # Ray's dashboard shows runtime_env to all who reach it: only a ticket there, claimed once by the runner
+        ray_job = json.loads(urllib.request.urlopen(f"{cluster.address}/api/jobs/gpulab-{job_id}-1", timeout=30).read())
+        shown = ray_job["runtime_env"]["env_vars"]
+        assert not {"GPULAB_JOB_TOKEN", "MLFLOW_TRACKING_TOKEN"} & shown.keys() and shown["GPULAB_CREDENTIALS_TICKET"]
+        assert "token: True" in logs and job["progress"]["step"] == 1  # the claimed token works
+        claim = requests.post(f"{alice.base}/jobs/{job_id}/credentials", timeout=30,
+                              headers={"Authorization": f"job-ticket {shown['GPULAB_CREDENTIALS_TICKET']}"})
+        assert claim.status_code == 403, claim.text  # the attempt is over
         events = alice.request("GET", f"/jobs/{job_id}/events").json()["events"]
         states = [e["to_state"] for e in events]  # `running` only if a poll saw Ray's RUNNING
         assert states in (["queued", "dispatching", "running", "succeeded"], ["queued", "dispatching", "succeeded"])

@@ -2,9 +2,11 @@
 
 A record names the action, the result (``ok`` or a reason code), user, client IP, node, ``kid``,
 ``jti`` and the SHA-256 fingerprint of the token — never the token, a nonce or any key. Records are
-rate-limited per (result, client): past ``burst`` in a ``window`` they are only counted, and one
+rate-limited per (result, caller): past ``burst`` in a ``window`` they are only counted, and one
 ``attestation.suppressed`` line with the count follows when the window ends (or on ``flush``).
-Prometheus counts every outcome, suppressed or not.
+Prometheus counts every outcome, suppressed or not. The limit keys on the caller (hub user or node
+credential), not the client IP: a user's code on the platform's loopback can claim any ``X-Forwarded-For``,
+so the IP is recorded as reported, never trusted to tell callers apart.
 """
 
 import json
@@ -46,11 +48,11 @@ class AuditLog:
     def record(self, action: str, result: Reason | str, *, user: str | None, client_ip: str | None,
                node: str | None, kid: str | None = None, jti: str | None = None, fingerprint: str | None = None,
                detail: str = "") -> None:
-        """Count the outcome and log it unless (result, client_ip) is over its rate limit."""
+        """Count the outcome and log it unless (result, user) is over its rate limit."""
         result = result.value if isinstance(result, Reason) else result
         OUTCOMES.labels(action, result).inc()
         now = self.clock()
-        key = (result, client_ip or "")
+        key = (result, user or "")
         state = self._windows.get(key)
         if state is None or now - state[0] >= self.window:
             if state is not None:
@@ -80,7 +82,7 @@ class AuditLog:
 
     def _summary(self, key: tuple[str, str], state: list) -> None:
         if state[2]:
-            self._emit(logging.WARNING, {"event": "attestation.suppressed", "result": key[0], "client_ip": key[1],
+            self._emit(logging.WARNING, {"event": "attestation.suppressed", "result": key[0], "user": key[1],
                                          "suppressed": state[2], "window_s": self.window})
 
     def _emit(self, level: int, fields: dict) -> None:

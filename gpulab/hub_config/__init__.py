@@ -5,7 +5,6 @@
 
 import getpass
 import os
-import secrets as _random
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..config import config_path, instances, load_config
 from ..errors import ConfigError
 from ..net import free_port
 from ..scopes import CLI_SCOPES, CLI_SERVICE, INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
-from ..secrets import read_secret_file, secret_from, write_secret_file
+from ..secrets import persistent_secret, secret_from
 from ..tracing import setup_tracing
 from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
 from .oidc import discover
@@ -42,21 +41,12 @@ NOT_ALLOWED_MESSAGE = (
 AUTHORIZER = "gpulab.server_extension.authorizer.GpulabAuthorizer"
 
 
-def _persistent_secret(path: Path, nbytes: int = 32) -> str:
-    """A random secret kept in a 0600 file under the data dir, created on first use."""
-    if path.exists():
-        return read_secret_file(path, str(path)).reveal()
-    value = _random.token_urlsafe(nbytes)
-    write_secret_file(path, value)
-    return value
-
-
 def _configure_password_login(c, login, data_dir: Path, isolation: str) -> None:
     c.JupyterHub.authenticator_class = GpulabPasswordAuthenticator
     c.Authenticator.admin_users = set(login.admin_users)
     a = c.GpulabPasswordAuthenticator
     admin_password = data_dir / "secrets" / "admin-password"
-    _persistent_secret(admin_password)  # made on first start
+    persistent_secret(admin_password)  # made on first start
     a.admin_password_file = str(admin_password)
     a.enable_signup = login.self_signup
     a.open_signup = False  # signed-up users wait for an admin's approval
@@ -162,6 +152,8 @@ def _service_env(platform, services: dict) -> dict:
             env["GPULAB_INFER_TLS_CA"] = infer["info"]["tls_ca_file"]
     if MLFLOW_SERVICE in services:
         env["GPULAB_MLFLOW_UI_URL"] = f"{platform.public_url.rstrip('/')}/services/{MLFLOW_SERVICE}/"
+        # mlflow.start_run() in a kernel logs to the platform's MLflow, not to ./mlruns
+        env["MLFLOW_TRACKING_URI"] = f"{services[MLFLOW_SERVICE]['url']}/services/{MLFLOW_SERVICE}"
     return env
 
 
@@ -188,7 +180,7 @@ def configure(c, config_file: Path | None = None) -> None:
     j.custom_scopes = scopes.CUSTOM_SCOPES
     c.ConfigurableHTTPProxy.command = proxy_command(platform.proxy_command, data_dir)
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{free_port()}"
-    c.ConfigurableHTTPProxy.auth_token = _persistent_secret(hub_dir / "proxy-token")
+    c.ConfigurableHTTPProxy.auth_token = persistent_secret(hub_dir / "proxy-token")
     c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
 
     if login.method == "oidc":
@@ -205,7 +197,7 @@ def configure(c, config_file: Path | None = None) -> None:
     config_file = Path(config_file) if config_file else config_path()
 
     def token_for(name: str) -> str:
-        return _persistent_secret(hub_dir / "services" / f"{name}.token")
+        return persistent_secret(hub_dir / "services" / f"{name}.token")
 
     services = builtin_services(platform, data_dir, config_file, token_for, cfg.InferenceGateway)
     if isolation == "accounts":
@@ -243,6 +235,8 @@ def configure(c, config_file: Path | None = None) -> None:
     s.default_url = "/lab"
     s.http_timeout = 60
     s.environment = {"GPULAB_CONFIG": str(config_file), **_service_env(platform, by_name)}
+    if MLFLOW_SERVICE in by_name:  # the MLflow client sends it as a bearer token; the server's own, to its account
+        s.environment["MLFLOW_TRACKING_TOKEN"] = lambda spawner: spawner.api_token
     service_access = [f"access:services!service={s['name']}" for s in services]
     s.server_token_scopes = [
         "users:activity!user", "access:servers!server", "read:users:name!user", "read:users:groups!user",

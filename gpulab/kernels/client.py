@@ -141,19 +141,33 @@ class JobsClient:
         return response.text, int(response.headers.get("X-Log-Offset", offset + len(response.content)))
 
     def follow(self, job_id: str) -> Iterator[str]:
-        """Yield the log as it grows, until the job ends."""
-        response = self.request("GET", f"/jobs/{job_id}/logs", params={"follow": "true"}, stream=True,
-                                timeout=(self.timeout, None))
-        response.encoding = "utf-8"
-        with response:
-            event = None
-            for line in response.iter_lines(decode_unicode=True):
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event == "log":
-                    yield json.loads(line[6:])["text"]
-                elif line.startswith("data: ") and event == "end":
-                    return
+        """Yield the log as it grows, until the job ends. A stream the service closes at its time limit, or
+        while the hub cannot re-check the token, is followed again from where it stopped; one whose token
+        no longer holds raises."""
+        offset = 0
+        while True:
+            response = self.request("GET", f"/jobs/{job_id}/logs", params={"follow": "true", "offset": offset},
+                                    stream=True, timeout=(self.timeout, None))
+            response.encoding = "utf-8"
+            with response:
+                event, closed = None, None
+                for line in response.iter_lines(decode_unicode=True):
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event == "log":
+                        data = json.loads(line[6:])
+                        offset = data["offset"]
+                        yield data["text"]
+                    elif line.startswith("data: ") and event == "end":
+                        return
+                    elif line.startswith("data: ") and event == "closed":
+                        closed = json.loads(line[6:])
+                        break
+            if closed is None:
+                return  # the connection ended without a word: as before, stop following
+            if closed["code"] not in ("max_duration", "unavailable"):
+                raise GpulabError(f"following the log of {job_id} stopped: {closed['message']}")
+            offset = closed["offset"]
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (waits until it has stopped)."""

@@ -33,6 +33,13 @@ class GpulabHandler(APIHandler):
             needed = " or ".join(RESOURCE_SCOPES.get(self.auth_resource, ("an unknown scope",)))
             raise web.HTTPError(403, f"this needs the {needed} scope, which {self.current_user.username} lacks")
 
+    def check_xsrf_cookie(self):
+        """A request carrying no credential at all (no header, no cookie) has nothing a forged form could use:
+        it goes on to the 401 that says how to authenticate, not a 403 about ``_xsrf``."""
+        if "Authorization" not in self.request.headers and not self.request.cookies:
+            return None
+        return super().check_xsrf_cookie()
+
     def on_finish(self):
         span = getattr(self, "_span", None)
         if span is not None:

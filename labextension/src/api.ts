@@ -146,6 +146,12 @@ export async function followLogs(
           onText(event.data.text);
         } else if (event.name === 'end') {
           return event.data.state;
+        } else if (event.name === 'closed') {
+          // the service's time limit or a token re-check: follow again from where it stopped, or say why not
+          if (event.data.code === 'revoked') {
+            throw new Error(event.data.message);
+          }
+          return followLogs(jobId, event.data.offset, onText, signal);
         }
       }
     }

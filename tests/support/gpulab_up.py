@@ -177,6 +177,20 @@ class Platform:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
+    def wait_for_mlflow(self, token: str, timeout: float = 90) -> None:
+        """Wait until the MLflow service answers through the hub with ``token``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(f"{self.url}/services/mlflow/health", headers={"Authorization": f"token {token}"},
+                                 timeout=10)
+                if r.status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"MLflow not up through the hub:\n{self.log_tail()}")
+
     def spawn(self, user: str, timeout: float = 90) -> str:
         """Start the user's server; return its URL once it answers."""
         r = self.api("POST", f"/users/{user}/server")

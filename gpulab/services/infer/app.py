@@ -60,7 +60,8 @@ class InferenceGateway(Configurable):
                        "it; models not listed are open to every holder of custom:gpulab:infer.").tag(config=True)
     max_request_bytes = Integer(64 * 1024 * 1024, help="Larger requests fail with RESOURCE_EXHAUSTED.").tag(
         config=True)
-    token_cache_seconds = Float(30.0, help="How long a token lookup is trusted.").tag(config=True)
+    token_cache_seconds = Float(10.0, help="How long a token lookup is trusted: a revoked token stops working on "
+                                "both data planes within this.").tag(config=True)
     health_interval = Float(2.0, help="Seconds between ServerLive checks of each replica.").tag(config=True)
     failure_threshold = Integer(3, help="Consecutive failures that open a replica's circuit.").tag(config=True)
     recovery_timeout = Float(5.0, help="Seconds an open circuit waits before a probe.").tag(config=True)

@@ -3,7 +3,8 @@
 A token is looked up with ``GET {hub api}/user`` (the token's owner and its scopes), through a
 circuit breaker with retries; answers (valid or not) are cached for ``ttl`` seconds in a bounded
 LRU, and concurrent lookups of one token share one request. A revoked token keeps working until
-its cache entry expires.
+its cache entry expires; the nginx data plane caches its decisions only for what is left of that
+(:meth:`HubTokenAuth.trusted_for`), so revocation reaches both planes within ``ttl``.
 """
 
 import asyncio
@@ -74,6 +75,11 @@ class HubTokenAuth:
             if self._cache.get(token, (0, None))[1] is future:  # outages are not cached
                 del self._cache[token]
             raise
+
+    def trusted_for(self, token: str) -> float:
+        """Seconds the cached answer for ``token`` is still trusted (0 if there is none)."""
+        entry = self._cache.get(token)
+        return max(entry[0] - time.monotonic(), 0.0) if entry is not None else 0.0
 
     async def _lookup(self, token: str) -> Identity:
         request = HTTPRequest(self.api_url + "/user", headers={"Authorization": f"token {token}"},

@@ -78,16 +78,6 @@ class Deployments:
                                    "external and InferenceGateway.model_repository is not set)", code="no_repository")
         return self.repository
 
-    def records(self) -> dict:
-        return self.model_records.records()
-
-    def _save(self, records: dict) -> None:
-        self._repo()
-        self.model_records.save(records)
-
-    def names(self) -> list[str]:
-        return self.model_records.names()
-
     def versions(self, name: str) -> list[int]:
         model_dir = self._repo() / name
         return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) if model_dir.is_dir() else []
@@ -125,10 +115,10 @@ class Deployments:
     # --- the API ----------------------------------------------------------------------------------------------
     async def describe(self, name: str, states: dict | None = None, records: dict | None = None) -> dict:
         """A model as the API shows it; 404 if the repository has no such model."""
-        if name not in self.names():
+        if name not in self.model_records.names():
             raise DeployError(404, f"no model named '{name}'", "name", "not_found")
         states = await self.states() if states is None else states
-        record = (self.records() if records is None else records).get(name, {})
+        record = (self.model_records.records() if records is None else records).get(name, {})
         known = states.get(name, {})
         versions = [{"version": v, "state": known.get(v, "UNAVAILABLE"), **record.get("versions", {}).get(str(v), {})}
                     for v in self.versions(name)]
@@ -141,8 +131,8 @@ class Deployments:
                 "versions": versions, "inputs": inputs, "outputs": outputs}
 
     async def list(self) -> list[dict]:
-        states, records = await self.states(), self.records()
-        return [await self.describe(name, states, records) for name in self.names()]
+        states, records = await self.states(), self.model_records.records()
+        return [await self.describe(name, states, records) for name in self.model_records.names()]
 
     def _check_owner(self, who: Identity, name: str) -> None:
         if refusal := self.model_records.refusal(who, name):
@@ -153,7 +143,7 @@ class Deployments:
         if not isinstance(name, str) or not NAME.match(name):
             raise DeployError(400, "name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter "
                                    "or digit", "name")
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise DeployError(400, f"backend must be one of {', '.join(BACKENDS)}", "backend")
         source = normalize_source(source)
         repo = self._repo()
@@ -178,13 +168,13 @@ class Deployments:
                     raise DeployError(503, str(e), code="unavailable") from None
                 raise DeployError(422, f"Triton could not load '{name}' version {version}: {e.details()}", "source",
                                   "load_failed") from None
-            records = self.records()
+            records = self.model_records.records()
             record = records.setdefault(name, {"owner": who.name, "versions": {}})
             record.update(backend=backend, inputs=converted["inputs"], outputs=converted["outputs"])
             record["versions"][str(version)] = {
                 "source": source, "flavor": converted["flavor"], "deployed_by": who.name,
                 "deployed_at": datetime.now(UTC).isoformat(timespec="seconds")}
-            self._save(records)
+            self.model_records.save(records)
             return await self.describe(name, records=records)
 
     async def _convert(self, source: str, out: Path, float32: bool) -> dict:
@@ -235,7 +225,7 @@ class Deployments:
 
     async def delete(self, who: Identity, name: str) -> None:
         """Unload ``name`` everywhere and remove it from the repository."""
-        if name not in self.names():
+        if name not in self.model_records.names():
             raise DeployError(404, f"no model named '{name}'", "name", "not_found")
         async with self._locks[name]:
             self._check_owner(who, name)
@@ -248,6 +238,6 @@ class Deployments:
                 raise DeployError(502, f"Triton could not unload '{name}': {e.details()}", "name",
                                   "unload_failed") from None
             shutil.rmtree(self._repo() / name)
-            records = self.records()
+            records = self.model_records.records()
             if records.pop(name, None) is not None:
-                self._save(records)
+                self.model_records.save(records)

@@ -38,6 +38,7 @@ from ...errors import ConfigError
 from ...inference.triton import GRPC_KEY_PREFIX
 from ...net import socket_path
 from ...scopes import INFER
+from .auth import InvalidToken, token_from_metadata
 from .gateway import Gateway, GatewayError
 from .processes import fetch_metrics
 from .rest import HTTP_STATUS
@@ -200,19 +201,31 @@ class ReplicasHandler(LoopbackHandler):
 class AuthorizeHandler(LoopbackHandler):
     """``GET /authorize[?model=M]`` with the caller's ``Authorization``: 200 if the token may call models (M, when
     allow-lists need it); else 401/403 (or 503 when the hub cannot answer) with ``Grpc-Status`` and the message as
-    body."""
+    body. ``Cache-Seconds`` says how long nginx may keep the decision: what is left of the token's entry in the
+    gateway's cache (a malformed header: the whole ``token_cache_seconds``), so that the two caches together
+    never trust a revoked token longer than one."""
 
     async def get(self):
         header = self.request.headers.get("Authorization")
+        metadata = [("authorization", header)] if header is not None else []
         try:
-            who = await self.gateway.authenticate([("authorization", header)] if header is not None else [])
+            who = await self.gateway.authenticate(metadata)
             self.gateway.authorize(who, INFER, self.get_argument("model", None))
         except GatewayError as e:
             self.set_status(HTTP_STATUS.get(e.code, 503))
             self.set_header("Grpc-Status", str(e.code.value[0]))
+            self.set_header("Cache-Seconds", self._cache_seconds(metadata))
             self.finish(e.message)
             return
+        self.set_header("Cache-Seconds", self._cache_seconds(metadata))
         self.finish("ok")
+
+    def _cache_seconds(self, metadata) -> str:
+        try:
+            fresh = self.gateway.auth.trusted_for(token_from_metadata(metadata))
+        except InvalidToken:
+            fresh = self.gateway.auth.ttl  # a malformed header: decided without the hub
+        return f"{fresh:.3f}"
 
 
 def _resolve(address: str, setting: str) -> tuple[str, int]:

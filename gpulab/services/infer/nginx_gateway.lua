@@ -1,7 +1,7 @@
 -- gpulab-infer's nginx data plane (see nginx.py): ModelInfer calls (gRPC, and KServe v2 REST infer on the REST
 -- port) are authorised here and proxied to the Triton replicas by nginx; everything else goes to the Python
 -- gateway. Decisions (may this token call this model?) come from the Python gateway's authorize endpoint and are
--- cached for the token cache's TTL; which replicas are available comes from its /replicas (its health checks and
+-- cached for what is left of the Python gateway's own cache entry (at most the token cache's TTL); which replicas are available comes from its /replicas (its health checks and
 -- breakers), read every health interval.
 
 local M = {}
@@ -152,7 +152,7 @@ local function get(path, authorization)
   line, err = sock:receive("*l")
   if not line then return nil, nil, err end
   local status = tonumber(line:match("^HTTP/1%.%d (%d+)"))
-  local length, grpc_status = 0, nil
+  local length, grpc_status, cache_seconds = 0, nil, 0
   while true do
     line, err = sock:receive("*l")
     if not line then return nil, nil, err end
@@ -161,10 +161,11 @@ local function get(path, authorization)
     name = name and name:lower()
     if name == "content-length" then length = tonumber(value) end
     if name == "grpc-status" then grpc_status = value end
+    if name == "cache-seconds" then cache_seconds = tonumber(value) or 0 end
   end
   local body = length > 0 and sock:receive(length) or ""
   sock:setkeepalive(60000, 64)
-  return status, grpc_status, body
+  return status, grpc_status, body, cache_seconds
 end
 
 -- Every health interval, in each worker: each replica's verdict from the Python gateway. Verdicts older than
@@ -257,6 +258,8 @@ function M.access()
   local model = nil
   if rest() then  -- the model is in the path
     if ngx.req.get_method() ~= "POST" then return ngx.exec("@python") end
+    -- as the Python gateway: a decoded control character would break the URI nginx sends on
+    if ngx.var.gpulab_path_model:find("%c") then return fail(3, "a model name has no control characters") end
     -- Triton gets the path that was checked (nginx's normalized one), not the client's raw one ("..", "//")
     ngx.req.set_uri(ngx.var.uri)
     ngx.var.gpulab_model = ngx.var.gpulab_path_model
@@ -276,7 +279,7 @@ function M.access()
   local decision = decisions:get(key)
   if not decision then
     local query = model and ("?model=" .. ngx.escape_uri(model)) or ""
-    local status, grpc_status, body = get("/authorize" .. query, authorization)
+    local status, grpc_status, body, cache_seconds = get("/authorize" .. query, authorization)
     if status == 200 then
       decision = "ok"
     elseif status == 401 or status == 403 then
@@ -284,7 +287,9 @@ function M.access()
     else
       return fail(14, "cannot check the token: " .. (status and body or tostring(body)))
     end
-    decisions:set(key, decision, ttl)
+    -- kept only as long as the Python gateway still trusts its own answer: one revocation window, not two
+    local seconds = math.min(ttl, cache_seconds)
+    if seconds >= 0.001 then decisions:set(key, decision, seconds) end
   end
   if decision ~= "ok" then
     local code, message = decision:match("^(%d+) (.*)$")

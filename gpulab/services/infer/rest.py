@@ -19,6 +19,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets, bind_unix_socket
 
 from ...resilience import CircuitOpenError
+from ...text import CONTROL
 from ...tracing import inject
 from .gateway import IDEMPOTENT, LOCAL, RPCS, Gateway, GatewayError
 from .replicas import NoReplicaError, is_transport_error
@@ -108,6 +109,8 @@ class RestHandler(ErrorHandler):
         try:
             if model in (".", ".."):  # a dot segment, not a model (a server resolving it would see another path)
                 raise RestError(400, f"'{model}' is not a model name")
+            if model is not None and CONTROL.search(model):
+                raise RestError(400, "a model name has no control characters")
             who = await self.gateway.authenticate(headers)
             self.gateway.authorize(who, scope, "" if model is None and self.rpc == "ModelStatistics" else model)
             if how == LOCAL:

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import math
+import time
 
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from pydantic import BaseModel, ValidationError
@@ -14,6 +16,7 @@ from .metrics import REQUESTS, SUBMITTED
 from .models import (
     JOB_STATES,
     TERMINAL_STATES,
+    JobCredentials,
     JobIdentity,
     JobList,
     JobSpec,
@@ -21,7 +24,8 @@ from .models import (
     TrackingUpdate,
     validation_error_body,
 )
-from .store import JobNotFound, JobStateError
+from .queue import ClaimRefused, SubmissionsLimited
+from .store import JobNotFound, JobStateError, QueueFull
 
 MAX_BODY = 1024 * 1024  # bytes; larger bodies get 413
 MAX_LIST = 500
@@ -158,8 +162,14 @@ class JobsHandler(UserHandler):
             raise APIError(403, f"requesting GPUs needs the {scopes.GPU} scope", field="resources.gpus",
                            code="forbidden")
         groups = self.current_user.get("groups") or []
-        row, created = await self.queue.submit(self.user_name, groups, spec,
-                                               traceparent=self.request.headers.get("traceparent"))
+        try:
+            row, created = await self.queue.submit(self.user_name, groups, spec, admin=self.is_admin,
+                                                   traceparent=self.request.headers.get("traceparent"))
+        except SubmissionsLimited as e:
+            raise APIError(429, str(e), code="rate_limited",
+                           headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+        except QueueFull as e:
+            raise APIError(429, str(e), code="max_queued") from None
         if created:
             SUBMITTED.labels(row.pool).inc()
         self.write_json(self.queue.job_model(row), 201 if created else 200)
@@ -258,12 +268,29 @@ class LogsHandler(UserHandler):
         return value
 
     async def _follow(self, job_id: str, offset: int) -> None:
+        """SSE: ``log`` events as the log grows, ``end`` when the job ends, or ``closed`` (``code``, ``message``,
+        ``offset``) when the token the stream was opened with stops holding (re-checked with the hub every
+        ``JobQueue.log_follow_recheck`` s) or the stream reaches ``JobQueue.log_follow_max``."""
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
+        token = self.hub_auth.get_token(self)
+        opened = checked = time.monotonic()
         while True:
-            row = self.store.get_job(job_id)
+            row = await asyncio.to_thread(self.store.get_job, job_id)
             data = await self.queue.read_logs(row, offset, 64 * 1024)
+            closed = None
+            if time.monotonic() - opened >= self.queue.log_follow_max:
+                limit = self.queue.log_follow_max
+                closed = ("max_duration",
+                          f"a followed log stays open {limit:g} s (JobQueue.log_follow_max): follow again from here")
+            elif time.monotonic() - checked >= self.queue.log_follow_recheck:
+                checked = time.monotonic()
+                closed = await self._recheck(token, row)
             try:
+                if closed:
+                    body = {"code": closed[0], "message": closed[1], "offset": offset}
+                    self.write(f"event: closed\ndata: {json.dumps(body)}\n\n")
+                    break
                 if data:
                     offset += len(data)
                     payload = json.dumps({"offset": offset, "text": data.decode(errors="replace")})
@@ -278,6 +305,21 @@ class LogsHandler(UserHandler):
                 return
             await asyncio.sleep(0.5)
         self.finish()
+
+    async def _recheck(self, token: str, row) -> tuple[str, str] | None:
+        """Why the stream's token may no longer read ``row``'s log, asking the hub afresh; None if it may."""
+        try:
+            user = await self.hub_auth.user_for_token(token, use_cache=False, sync=False)
+        except web.HTTPError as e:  # the hub cannot tell now: end it rather than stream unchecked
+            return "unavailable", f"the hub could not re-check this stream's token ({e.log_message}): follow again"
+        if user is None:
+            return "revoked", "the token this log was followed with is no longer valid"
+        held = set(user.get("scopes", ()))
+        if not check_scopes([self.required_scope], held):
+            return "revoked", f"{user['name']} no longer holds the {self.required_scope} scope"
+        if row.owner != user["name"] and not check_scopes([scopes.ADMIN], held):
+            return "revoked", f"{user['name']} may no longer read this job's log"
+        return None
 
 
 class PoolsHandler(UserHandler):
@@ -347,6 +389,22 @@ class IdentityHandler(JobCallbackHandler):
         self.write_json(JobIdentity(job_id=row.id, owner=row.owner, attempt=row.attempt).model_dump())
 
 
+class CredentialsHandler(JobCallbackHandler):
+    """The runner of an attempt started without its secrets (Ray) claims them here, once, with its ticket."""
+
+    async def post(self, job_id):
+        scheme, _, ticket = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "job-ticket" or not ticket.strip():
+            raise APIError(401, "send 'Authorization: job-ticket <GPULAB_CREDENTIALS_TICKET>'", code="unauthenticated")
+        try:
+            env = await self.queue.claim_credentials(job_id, ticket.strip())
+        except JobNotFound:
+            raise APIError(403, "this ticket is not that of the job's current attempt", code="forbidden") from None
+        except ClaimRefused as e:
+            raise APIError(e.status, str(e), code="forbidden" if e.status == 403 else "claimed") from None
+        self.write_json(JobCredentials(env=env))
+
+
 class OpenAPIHandler(BaseHandler):
     def get(self):
         self.write_json(self.settings["openapi"])
@@ -369,6 +427,7 @@ def handlers(prefix: str) -> list:
         (api + job + "/heartbeat", HeartbeatHandler),
         (api + job + "/tracking", TrackingHandler),
         (api + job + "/identity", IdentityHandler),
+        (api + job + "/credentials", CredentialsHandler),
         (api + "/pools", PoolsHandler),
         (api + "/quota", QuotaHandler),
         *attestation_api.handlers(api),

@@ -10,6 +10,7 @@ from pydantic_core import PydanticCustomError
 from gpulab.attestation.nras import ARCHES, DEVICES
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 from gpulab.attestation.verifier import AttestedDevice
+from gpulab.text import CONTROL
 
 JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
 JOB_STATES = get_args(JobState)
@@ -47,11 +48,8 @@ def _no_nul(value: str) -> str:
     return value
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _no_control(value: str) -> str:
-    if _CONTROL.search(value):
+    if CONTROL.search(value):
         raise _error("control_character", "must not contain control characters")
     return value
 
@@ -108,7 +106,9 @@ class JobSpec(_Body):
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    priority: int = Field(0, ge=-100, le=100)
+    priority: int = Field(0, ge=-100, le=100, description="Orders the submitter's own queued jobs (highest "
+                          "first); among all users' jobs only when an admin submits, so that fair share between "
+                          "users holds.")
     max_runtime: int | None = Field(None, gt=0, le=MAX_RUNTIME)
     retries: int = Field(0, ge=0, le=10)
     tracking: Tracking = Field(default_factory=Tracking)
@@ -209,6 +209,13 @@ class JobIdentity(BaseModel):
     job_id: str
     owner: str
     attempt: int
+
+
+class JobCredentials(BaseModel):
+    """``POST /jobs/{id}/credentials``: the secrets an executor whose environments others can read (Ray) was not
+    given, for the attempt's runner (``GPULAB_JOB_TOKEN``, ``MLFLOW_TRACKING_TOKEN``, ...)."""
+
+    env: dict[str, str]
 
 
 class Job(BaseModel):

@@ -17,6 +17,7 @@ from .models import (
     ErrorBody,
     EvidenceRequest,
     Job,
+    JobCredentials,
     JobEvent,
     JobIdentity,
     JobList,
@@ -33,7 +34,7 @@ from .models import (
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest, EnrolRequest)
-RESPONSES = (Job, JobEvent, JobIdentity, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
+RESPONSES = (Job, JobEvent, JobCredentials, JobIdentity, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce, AttestationResult,
              AttestationNodeList, NewNodeEnrolment, NodeEnrolmentList)
 
 

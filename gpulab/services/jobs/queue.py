@@ -6,6 +6,8 @@ running attempts, then dispatches due queued jobs; see docs/jobs.md "Scheduling"
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -18,13 +20,15 @@ from functools import cache
 from pathlib import Path
 
 from sqlalchemy import and_, case, false, func, or_
-from traitlets import Bool, Dict, Float, Instance, List, Type, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Integer, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from gpulab import tracing
 from gpulab.attestation import AttestationService, NodeState
 from gpulab.config import default_data_dir
 from gpulab.events import utcnow
+from gpulab.ratelimit import TokenBuckets
+from gpulab.secrets import JOB_SECRET_ENV, persistent_secret
 
 from .executors.base import Executor, ExecutorUnavailable, Handle, Launch, Outcome, PoolCapacity
 from .executors.local import handle_file
@@ -37,6 +41,23 @@ EXECUTORS = {
 }
 DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
 BATCH = 64  # queued jobs fetched per owner at a time when the user quota has no max_jobs
+
+
+class SubmissionsLimited(Exception):
+    """The owner submits faster than ``JobQueue.submit_rate``; ``retry_after`` says when they may again."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ClaimRefused(Exception):
+    """A job's credentials cannot be claimed with this ticket: ``status`` 403 (not this attempt's ticket, or the
+    attempt is over) or 409 (claimed already, by the runner or by someone who read the ticket)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class ExecutorClass(Type):
@@ -74,6 +95,15 @@ class JobQueue(LoggingConfigurable):
         value_trait=Dict(),
         help="Group name -> {'max_jobs', 'max_gpus'} over all its members' jobs; keys left out = no limit.",
     ).tag(config=True)
+    max_queued = Integer(1000, help="Queued jobs one user may have; more submissions get 429 until some start "
+                         "or are cancelled.").tag(config=True)
+    submit_rate = Float(5.0, help="Submissions a second one user may make on average; more get 429 with "
+                        "Retry-After.").tag(config=True)
+    submit_burst = Integer(100, help="Submissions one user may make at once, within submit_rate.").tag(config=True)
+    log_follow_recheck = Float(60.0, help="Seconds between re-checks, with the hub, of the token a followed log "
+                               "(SSE) was opened with; a revoked token or a lost scope ends the stream.").tag(config=True)
+    log_follow_max = Float(24 * 3600.0, help="Seconds a followed log (SSE) stays open; then it ends with event "
+                           "'closed' (code max_duration) and clients follow again from its offset.").tag(config=True)
     retry_backoff = Float(5.0, help="Delay before retry n is retry_backoff * 2**(n-1) s.").tag(config=True)
     retry_backoff_max = Float(300.0, help="Upper bound of the retry delay (s).").tag(config=True)
     cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(
@@ -133,6 +163,8 @@ class JobQueue(LoggingConfigurable):
         self._task: asyncio.Task | None = None
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout in progress
         self._background: set[asyncio.Task] = set()
+        self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
+        self._claim_key: bytes | None = None  # read on first use (:meth:`_ticket`)
 
     # -- lifecycle
 
@@ -207,18 +239,24 @@ class JobQueue(LoggingConfigurable):
     # -- API
 
     async def submit(
-        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None
+        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None, admin: bool = False
     ) -> tuple[JobRow, bool]:
-        """Queue a job for ``owner`` (``groups``: the owner's groups, for group quotas).
+        """Queue a job for ``owner`` (``groups``: the owner's groups, for group quotas; ``admin``: the owner is
+        an admin, whose ``spec.priority`` counts among all users' jobs, not only among the owner's own).
 
         ``traceparent`` (default: the current span's) becomes the parent of each attempt's
         trace. Returns ``(row, created)``; ``created`` is False when ``spec.idempotency_key``
-        matched an existing job of the owner, which is returned.
+        matched an existing job of the owner, which is returned. Raises ``SubmissionsLimited`` past
+        the owner's ``submit_rate``, ``QueueFull`` at ``max_queued``.
         """
         if not owner or "/" in owner or owner.startswith("."):
             raise ValueError(f"owner {owner!r} cannot name a job directory")
+        if wait := self._submissions.take(owner):
+            raise SubmissionsLimited(f"{owner} submits more than {self.submit_rate:g} jobs a second "
+                                     f"(JobQueue.submit_rate, burst {self.submit_burst})", retry_after=wait)
         traceparent = traceparent or tracing.inject({}).get("traceparent")
-        row, created = self.store.create_job(owner, groups, spec, traceparent)
+        row, created = self.store.create_job(owner, groups, spec, traceparent, max_queued=self.max_queued,
+                                             admin=admin)
         if created:
             self.kick()
         return row, created
@@ -389,8 +427,8 @@ class JobQueue(LoggingConfigurable):
             self.log.error("stopping a job failed: %s", task.exception())
 
     async def _dispatch_queued(self) -> None:
-        """Dispatch due queued jobs in order (priority, then fair share, then age) while they fit, then
-        record why the others wait.
+        """Dispatch due queued jobs in order (an admin's priority, then fair share, then age; each owner's own
+        jobs by their priority) while they fit, then record why the others wait.
 
         Only candidates are read: jobs that fit their pool's free capacity and their owner's GPU quota,
         at most as many per owner as the owner's ``max_jobs`` allows (more are read when those run
@@ -417,10 +455,11 @@ class JobQueue(LoggingConfigurable):
             heads.setdefault(row.owner, deque()).append(row)
         more.update(o for o, queue in heads.items() if len(queue) == self._room(owners[o]))
         while heads:
-            # priority, then the owner with the fewest running GPUs, then jobs, then age
+            # an admin's priority, then the owner with the fewest running GPUs, then jobs, then age; each
+            # owner's head is their own highest-priority job
             owner = min(
                 heads,
-                key=lambda o: (-heads[o][0].priority, owners[o].gpus, owners[o].jobs, heads[o][0].created_at),
+                key=lambda o: (-heads[o][0].global_priority, owners[o].gpus, owners[o].jobs, heads[o][0].created_at),
             )
             row = heads[owner].popleft()
             if not heads[owner]:
@@ -563,6 +602,7 @@ class JobQueue(LoggingConfigurable):
         fingerprint is stored with the job and given to the attempt as ``GPULAB_ATTESTATION_FINGERPRINT``.
         """
         attempt = row.attempt + 1
+        private = self.executor.env_is_private
         token = secrets.token_urlsafe(32)
         gate = {"attestation_fingerprint": attested.fingerprint, "attestation_node": attested.node} if attested else {}
         row = await asyncio.to_thread(
@@ -574,7 +614,7 @@ class JobQueue(LoggingConfigurable):
             executor=self.executor.name,
             handle=None,
             not_before=None,
-            job_token_hash=token_hash(token),
+            job_token_hash=token_hash(token) if private else None,  # else minted when the runner claims it
             **gate,
         )
         spec = JobSpec.model_validate(row.spec)
@@ -589,6 +629,9 @@ class JobQueue(LoggingConfigurable):
         if self.wrap_with_runner:
             argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
         env = self._env(row, spec, token)
+        if not private:
+            env = {name: value for name, value in env.items() if name not in JOB_SECRET_ENV}
+            env["GPULAB_CREDENTIALS_TICKET"] = self._ticket(row.id, attempt)
         env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(work_dir))
         if attested:
             env["GPULAB_ATTESTATION_FINGERPRINT"] = attested.fingerprint
@@ -636,6 +679,26 @@ class JobQueue(LoggingConfigurable):
                 self.store.transition, row.id, "running", f"attempt {attempt} started", handle=asdict(handle)
             )
         return True
+
+    def _ticket(self, job_id: str, attempt: int) -> str:
+        """The attempt's one-time credentials ticket: an HMAC under a key of this service's data, so that it
+        holds across restarts without being stored."""
+        if self._claim_key is None:
+            self._claim_key = persistent_secret(Path(self.data_dir) / "jobs" / ".claim-key").encode()
+        return hmac.new(self._claim_key, f"{job_id}:{attempt}".encode(), hashlib.sha256).hexdigest()
+
+    async def claim_credentials(self, job_id: str, ticket: str) -> dict[str, str]:
+        """The secrets left out of an attempt's environment (:data:`JOB_SECRET_ENV`), for the runner that shows
+        the attempt's ticket, once: the job token is minted now. Raises :class:`ClaimRefused`."""
+        row = await asyncio.to_thread(self.store.get_job, job_id)
+        if row.state not in ("dispatching", "running") or not hmac.compare_digest(
+                ticket, self._ticket(row.id, row.attempt)):
+            raise ClaimRefused(403, "this ticket is not that of the job's current attempt")
+        token = secrets.token_urlsafe(32)
+        if not await asyncio.to_thread(self.store.claim_job_token, row.id, row.attempt, token):
+            raise ClaimRefused(409, f"the credentials of attempt {row.attempt} were claimed already")
+        env = self._env(row, JobSpec.model_validate(row.spec), token)
+        return {name: env[name] for name in JOB_SECRET_ENV if name in env}
 
     def _env(self, row: JobRow, spec: JobSpec, token: str) -> dict[str, str]:
         """The attempt's environment (docs/jobs.md "Job environment"); the executor adds GPU ids."""

@@ -63,6 +63,10 @@ class JobStateError(ValueError):
     """The job's state does not allow this (illegal transition, deleting an unfinished job)."""
 
 
+class QueueFull(Exception):
+    """The owner has as many queued jobs as they may (``JobQueue.max_queued``)."""
+
+
 class Base(DeclarativeBase):
     """Declarative base of the job tables."""
 
@@ -112,6 +116,9 @@ class JobRow(Base):
     attestation_node: Mapped[str | None] = mapped_column(String(255))
     job_token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 hex; set while active
     attestation_required: Mapped[bool] = mapped_column(default=False)  # spec["attestation"] == "required"
+    # the priority among all users' jobs: the spec's when an admin submitted it, else 0 (ordinary users'
+    # priorities order only their own jobs, so fair share cannot be bought with priority 100)
+    global_priority: Mapped[int] = mapped_column(default=0)
 
     def to_model(self, log_size: int = 0) -> Job:
         """The API view of this row."""
@@ -206,6 +213,7 @@ SCHEDULING_COLUMNS = (
     JobRow.created_at,
     JobRow.attempt,
     JobRow.attestation_required,
+    JobRow.global_priority,
 )
 """What the scheduler reads of a queued job (no spec, labels or other JSON but the owner's groups)."""
 
@@ -257,14 +265,21 @@ class JobStore(LoggingConfigurable):
         return Session(self.engine, expire_on_commit=False)
 
     def create_job(
-        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None
+        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None,
+        max_queued: int | None = None, admin: bool = False,
     ) -> tuple[JobRow, bool]:
-        """Insert a queued job; with ``spec.idempotency_key`` an existing job of the owner wins.
+        """Insert a queued job; with ``spec.idempotency_key`` an existing job of the owner wins. With
+        ``max_queued``, raises ``QueueFull`` when the owner has that many queued jobs (a cap against runaway
+        loops, not a quota: concurrent submissions may pass it by a few). ``admin``: the submitter is an admin,
+        whose ``priority`` also orders the job among other users' jobs.
 
         Returns ``(row, created)``.
         """
         if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
             return existing, False
+        if max_queued is not None and self.count_queued(owner) >= max_queued:
+            raise QueueFull(f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
+                            "wait for some to start, or cancel some")
         now = utcnow()
         row = JobRow(
             id=uuid.uuid4().hex,
@@ -285,6 +300,7 @@ class JobStore(LoggingConfigurable):
             idempotency_key=spec.idempotency_key,
             labels=spec.labels,
             attestation_required=spec.attestation == "required",
+            global_priority=spec.priority if admin else 0,
             created_at=now,
             updated_at=now,
             traceparent=traceparent,
@@ -299,6 +315,11 @@ class JobStore(LoggingConfigurable):
                 return existing, False  # a concurrent submission with the same key won
             raise
         return row, True
+
+    def count_queued(self, owner: str) -> int:
+        with self._session() as session:
+            return session.scalar(select(func.count()).select_from(JobRow).where(
+                JobRow.owner == owner, JobRow.state == "queued"))
 
     def _by_key(self, owner: str, key: str) -> JobRow | None:
         with self._session() as session:
@@ -458,6 +479,15 @@ class JobStore(LoggingConfigurable):
         with self._session() as session:
             stored = session.scalar(select(JobRow.job_token_hash).where(JobRow.id == job_id))
         return stored is not None and hmac.compare_digest(stored, token_hash(token))
+
+    def claim_job_token(self, job_id: str, attempt: int, token: str) -> bool:
+        """Make ``token`` the job token of an active ``attempt`` that has none yet (its credentials were left
+        out of its environment); False if the attempt is not active or its token was claimed already."""
+        with self._session() as session, session.begin():
+            result = session.execute(update(JobRow).where(
+                JobRow.id == job_id, JobRow.attempt == attempt, JobRow.state.in_(ACTIVE_STATES),
+                JobRow.job_token_hash.is_(None)).values(job_token_hash=token_hash(token)))
+        return result.rowcount == 1
 
     def active_jobs(self) -> list[JobRow]:
         """Dispatching and running jobs."""

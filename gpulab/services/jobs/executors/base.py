@@ -74,6 +74,9 @@ class Executor(LoggingConfigurable):
     name = "base"
     owns_gpu_ids = False  # True: the queue picks GPU ids (local); False: the backend does (Ray)
     start_pending = False  # True: start() returns once the backend accepted the attempt; poll() says when it runs
+    # False where others may read an attempt's environment (Ray shows runtime_env on its dashboard): the queue
+    # then gives the attempt a one-time ticket instead of its secrets, which the runner claims at start
+    env_is_private = True
     node_name: str | None = None  # the node jobs run on, for attestation gating; None: not known (no gating)
 
     async def capacity(self) -> dict[str, PoolCapacity]:

@@ -50,6 +50,7 @@ class RayExecutor(Executor):
     name = "ray"
     owns_gpu_ids = False
     start_pending = True  # a submitted job is PENDING until Ray has started its driver
+    env_is_private = False  # Ray's dashboard shows every job's runtime_env to whoever reaches it
 
     address = Unicode("http://127.0.0.1:8265", config=True, help="Ray dashboard URL.")
     pool_resources = Dict(
