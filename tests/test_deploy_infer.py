@@ -78,6 +78,7 @@ def trained(hub, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"{hub.url}/services/mlflow")
     mp.setenv("MLFLOW_TRACKING_TOKEN", hub.tokens["alice"])
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", "digits")  # alice's own: MLflow's Default is read-only to users
     try:
         import mlflow
         import mlflow.sklearn
@@ -519,8 +520,11 @@ gi.undeploy("from-notebook")
 print(json.dumps({"run": run.info.run_id, "mlruns": os.path.exists("mlruns"), "labels": labels,
                   "expected": model.predict(X[:5] / 16.0).tolist()}))
 """
-    out = json.loads(run_in_server_kernel(hub.spawn("alice"), hub.tokens["alice"], code, timeout=600))
+    printed = run_in_server_kernel(hub.spawn("alice"), hub.tokens["alice"], code, timeout=600).splitlines()
+    out = json.loads(printed[-1])
     assert not out["mlruns"] and out["labels"] == out["expected"], out
+    # MLflow's own "View run ... at: <link>" points at the address alice signed in at
+    assert f"at: {hub.url}/services/mlflow/#/experiments/" in printed[0], printed
     runs = f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get"
     r = requests.get(runs, params={"run_id": out["run"]}, headers={"Authorization": f"token {hub.tokens['alice']}"},
                      timeout=60)

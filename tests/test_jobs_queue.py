@@ -295,8 +295,11 @@ class EnvShownLocalExecutor(LocalExecutor):
 
 
 async def test_an_executor_that_shows_environments_gets_a_ticket_instead_of_the_secrets(make_queue, store, tmp_path):
-    q = await make_queue(queue={"executor_class": EnvShownLocalExecutor, "mlflow_tracking_uri": "http://mlflow",
-                                "mlflow_job_token": True, "jobs_api_url": "http://jobs/api/v1"})
+    q = await make_queue(start=False, queue={
+        "executor_class": EnvShownLocalExecutor, "mlflow_tracking_uri": "http://mlflow",
+        "jobs_api_url": "http://jobs/api/v1"})
+    q.mlflow_job_token = True  # as gpulab-jobs sets it for the platform's MLflow
+    await q.start()
     code = """
 import json, os, sys, time
 from pathlib import Path

@@ -1,7 +1,8 @@
 """The MLflow service behind hub auth: a real `gpulab up` (hub + proxy) manages `python -m gpulab.services.mlflow`.
 
 Clients go through the hub's proxy, as users and jobs do: API tokens, the browser OAuth flow
-with the MLflow UI's same-origin fetches, streamed artifact uploads and downloads.
+with the MLflow UI's same-origin fetches, streamed artifact uploads and downloads, and MLflow's own
+permissions per hub user (here with `c.Platform.mlflow_sharing = "private"`: others may not even read).
 """
 
 import hashlib
@@ -32,11 +33,14 @@ def hub(tmp_path_factory):
         "environment": {
             "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{work / 'mlflow.db'}",
             "GPULAB_MLFLOW_ARTIFACTS": str(work / "artifacts"),
+            "GPULAB_MLFLOW_DEFAULT_PERMISSION": "NO_PERMISSIONS",
         },
     }
-    platform = Platform(work / "data", host="127.0.0.11").start(services=[service])
+    platform = Platform(work / "data", host="127.0.0.11")
+    platform.start('c.Login.admin_users = {"admin", "carol"}', services=[service])
     try:
-        platform.create_user("alice")
+        for user in ("alice", "bob", "carol"):
+            platform.create_user(user)
         platform.mlflow_token = platform.token("alice", scopes=["access:services!service=mlflow"])
         started = time.monotonic()
         while time.monotonic() - started < 90:
@@ -105,10 +109,13 @@ def test_mlflow_client_with_a_hub_token(hub, tmp_path, monkeypatch):
 
 def test_raw_artifact_upload_download_and_head(hub):
     headers = auth(hub.mlflow_token, "Bearer")
-    url = f"{hub.url}{PREFIX}/api/2.0/mlflow-artifacts/artifacts/raw/data.bin"
     data = os.urandom(5 * 2**20)
     # with Content-Length: MLflow 3.17 reads no chunked body on Flask routes, which artifact
     # uploads are under --static-prefix (its streaming artifact routes are not prefixed)
+    r = requests.post(f"{hub.url}{PREFIX}/api/2.0/mlflow/experiments/create", json={"name": "raw"}, headers=headers,
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    url = f"{hub.url}{PREFIX}/api/2.0/mlflow-artifacts/artifacts/{r.json()['experiment_id']}/data.bin"
     r = requests.put(url, data=data, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     r = requests.get(url, headers=headers, stream=True, timeout=60)
@@ -133,3 +140,50 @@ def test_browser_logs_in_via_the_hub_and_uses_the_ui(hub):
     assert browser.post(search, json={}, timeout=30).status_code == 401
     cross = {**SAME_ORIGIN, "Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
     assert browser.post(search, json={}, headers=cross, timeout=30).status_code == 401
+
+
+def test_experiments_runs_and_models_are_their_creators(hub):
+    """MLflow's own permissions, per hub user: alice's objects are hers to change; bob, signed in with his own
+    token, may not change them and here (sharing "private") not even read them; carol, a hub admin, may."""
+    api = f"{hub.url}{PREFIX}/api/2.0/mlflow"
+    tokens = {user: hub.token(user, scopes=["access:services!service=mlflow"]) for user in ("alice", "bob", "carol")}
+
+    def call(user, method, path, extra_headers=None, **body):
+        headers = {**auth(tokens[user], "Bearer"), **(extra_headers or {})}
+        return requests.request(method, f"{api}/{path}", headers=headers, timeout=30,
+                                **({"params": body} if method == "GET" else {"json": body}))
+
+    def ok(r):
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    experiment = ok(call("alice", "POST", "experiments/create", name="alice-exp"))["experiment_id"]
+    run = ok(call("alice", "POST", "runs/create", experiment_id=experiment))["run"]["info"]["run_id"]
+    ok(call("alice", "POST", "registered-models/create", name="alice-model"))
+    version = ok(call("alice", "POST", "model-versions/create", name="alice-model", source=f"runs:/{run}/model",
+                      run_id=run))["model_version"]["version"]
+    attacks = [
+        ("GET", "runs/get", {"run_id": run}),
+        ("GET", "experiments/get", {"experiment_id": experiment}),
+        ("POST", "runs/delete", {"run_id": run}),
+        ("POST", "runs/set-tag", {"run_id": run, "key": "mlflow.user", "value": "bob"}),
+        ("POST", "runs/log-metric", {"run_id": run, "key": "loss", "value": 0.0, "timestamp": 0}),
+        ("POST", "runs/create", {"experiment_id": experiment}),
+        ("POST", "experiments/update", {"experiment_id": experiment, "new_name": "bobs-now"}),
+        ("POST", "experiments/delete", {"experiment_id": experiment}),
+        ("POST", "registered-models/alias", {"name": "alice-model", "alias": "prod", "version": version}),
+        ("DELETE", "model-versions/delete", {"name": "alice-model", "version": version}),
+        ("DELETE", "registered-models/delete", {"name": "alice-model"}),
+    ]
+    for method, path, body in attacks:
+        r = call("bob", method, path, **body)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        # naming alice in the header MLflow takes the caller from does not make bob alice: the proxy sets it
+        r = call("bob", method, path, {"X-Gpulab-User": "alice", "X-Gpulab-Admin": "1"}, **body)
+        assert r.status_code == 403, (path, "forged header", r.status_code, r.text)
+    found = ok(call("bob", "POST", "experiments/search", max_results=100))
+    assert "alice-exp" not in {e["name"] for e in found.get("experiments", [])}  # search shows only what he may read
+    assert ok(call("alice", "GET", "runs/get", run_id=run))["run"]["info"]["status"] == "RUNNING"  # all intact
+    ok(call("alice", "POST", "registered-models/alias", name="alice-model", alias="prod", version=version))
+    ok(call("carol", "POST", "runs/delete", run_id=run))  # an admin may
+    ok(call("bob", "POST", "experiments/create", name="bob-exp"))  # and bob has his own

@@ -152,8 +152,9 @@ def _service_env(platform, services: dict) -> dict:
             env["GPULAB_INFER_TLS_CA"] = infer["info"]["tls_ca_file"]
     if MLFLOW_SERVICE in services:
         env["GPULAB_MLFLOW_UI_URL"] = f"{platform.public_url.rstrip('/')}/services/{MLFLOW_SERVICE}/"
-        # mlflow.start_run() in a kernel logs to the platform's MLflow, not to ./mlruns
-        env["MLFLOW_TRACKING_URI"] = f"{services[MLFLOW_SERVICE]['url']}/services/{MLFLOW_SERVICE}"
+        # mlflow.start_run() in a kernel logs to the platform's MLflow, not to ./mlruns, at the public address, so
+        # that the links MLflow prints ("View run at ...") open in the user's browser
+        env["MLFLOW_TRACKING_URI"] = env["GPULAB_MLFLOW_UI_URL"].rstrip("/")
     return env
 
 
@@ -237,6 +238,8 @@ def configure(c, config_file: Path | None = None) -> None:
     s.environment = {"GPULAB_CONFIG": str(config_file), **_service_env(platform, by_name)}
     if MLFLOW_SERVICE in by_name:  # the MLflow client sends it as a bearer token; the server's own, to its account
         s.environment["MLFLOW_TRACKING_TOKEN"] = lambda spawner: spawner.api_token
+        # runs go to an experiment of the user's own (MLflow's shared Default is read-only to users)
+        s.environment["MLFLOW_EXPERIMENT_NAME"] = lambda spawner: spawner.user.name
     service_access = [f"access:services!service={s['name']}" for s in services]
     s.server_token_scopes = [
         "users:activity!user", "access:servers!server", "read:users:name!user", "read:users:groups!user",

@@ -43,6 +43,10 @@ def fetch(source: str, dest: Path) -> Path:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest)))
     except MlflowException as e:
         message = e.message.splitlines()[0]
+        if e.error_code == "PERMISSION_DENIED":  # MLflow's permissions, for the deployer (gpulab-infer acts for them);
+            # MLflow answers so for a run that does not exist too: say neither which
+            raise ConvertError(404, f"no model at {source} that you may read in MLflow (there is none, or it is "
+                                    "not shared with you)") from None
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "Failed to download" in message:
             raise ConvertError(404, f"no model at {source} in MLflow: {message}") from None
         raise ConvertError(503, f"cannot fetch {source} from MLflow: {message}") from None

@@ -165,8 +165,12 @@ class InferenceGateway(Configurable):
 
     @default("mlflow_token")
     def _default_mlflow_token(self):
-        platform_mlflow = self.mlflow_url and self.mlflow_url == os.environ.get("GPULAB_MLFLOW_URL")
-        return os.environ.get("JUPYTERHUB_API_TOKEN", "") if platform_mlflow else ""
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "") if self.platform_mlflow else ""
+
+    @property
+    def platform_mlflow(self) -> bool:
+        """Whether models come from the platform's MLflow, which takes hub tokens and knows gpulab's users."""
+        return bool(self.mlflow_url) and self.mlflow_url == os.environ.get("GPULAB_MLFLOW_URL")
 
 
 class MetricsHandler(web.RequestHandler):
@@ -293,7 +297,8 @@ def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
         return
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
     deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
-                              conf.deploy_timeout, mlflow_token=conf.mlflow_token)
+                              conf.deploy_timeout, mlflow_token=conf.mlflow_token,
+                              act_for_caller=conf.platform_mlflow)
     routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
     metrics = {"gateway": gateway}
     app = web.Application([(r"/metrics", MetricsHandler, metrics), (prefix + "metrics", MetricsHandler, metrics),

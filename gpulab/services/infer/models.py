@@ -26,6 +26,8 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from ...inference.triton import BACKENDS, write_onnx_model
+from ...scopes import ADMIN
+from ..mlflow.identity import delegated_credential
 from .auth import Identity
 from .records import NAME, ModelRecords
 from .replicas import NoReplicaError, ReplicaPool
@@ -61,12 +63,13 @@ class Deployments:
     """The model repository and model control for the gateway's :class:`ReplicaPool`."""
 
     def __init__(self, repository: str | None, pool: ReplicaPool, mlflow_url: str, allow_pickle: bool = False,
-                 timeout: float = 600.0, mlflow_token: str = ""):
+                 timeout: float = 600.0, mlflow_token: str = "", act_for_caller: bool = False):
         self.repository = Path(repository) if repository else None
         self.model_records = ModelRecords(self.repository)
         self.pool = pool
         self.mlflow_url = mlflow_url
         self.mlflow_token = mlflow_token
+        self.act_for_caller = act_for_caller  # the platform's MLflow: fetch as the deployer, so MLflow decides
         self.allow_pickle = allow_pickle
         self.timeout = timeout
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -153,7 +156,7 @@ class Deployments:
         async with self._locks[name]:
             self._check_owner(who, name)
             with tempfile.TemporaryDirectory(prefix="gpulab-deploy-") as tmp:
-                converted = await self._convert(source, Path(tmp), float32=backend != "python-onnx")
+                converted = await self._convert(who, source, Path(tmp), float32=backend != "python-onnx")
                 model_dir = repo / name
                 config = model_dir / "config.pbtxt"
                 previous = config.read_text() if config.exists() else None
@@ -177,12 +180,14 @@ class Deployments:
             self.model_records.save(records)
             return await self.describe(name, records=records)
 
-    async def _convert(self, source: str, out: Path, float32: bool) -> dict:
+    async def _convert(self, who: Identity, source: str, out: Path, float32: bool) -> dict:
         """Run :mod:`gpulab.inference.convert` in a child process; returns its ``{"flavor", "inputs", "outputs"}``."""
         env = {k: os.environ[k] for k in CONVERTER_ENV if k in os.environ}
         env.update(MLFLOW_TRACKING_URI=self.mlflow_url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                    MLFLOW_HTTP_REQUEST_TIMEOUT="60", MLFLOW_DISABLE_TELEMETRY="true")
-        if self.mlflow_token:
+        if self.mlflow_token and self.act_for_caller:
+            env["MLFLOW_TRACKING_TOKEN"] = delegated_credential(who.name, ADMIN in who.scopes, self.mlflow_token)
+        elif self.mlflow_token:
             env["MLFLOW_TRACKING_TOKEN"] = self.mlflow_token
         if self.allow_pickle:
             env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"

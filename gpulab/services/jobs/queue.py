@@ -101,7 +101,8 @@ class JobQueue(LoggingConfigurable):
                         "Retry-After.").tag(config=True)
     submit_burst = Integer(100, help="Submissions one user may make at once, within submit_rate.").tag(config=True)
     log_follow_recheck = Float(60.0, help="Seconds between re-checks, with the hub, of the token a followed log "
-                               "(SSE) was opened with; a revoked token or a lost scope ends the stream.").tag(config=True)
+                               "(SSE) was opened with; a revoked token or a lost scope ends the stream.").tag(
+        config=True)
     log_follow_max = Float(24 * 3600.0, help="Seconds a followed log (SSE) stays open; then it ends with event "
                            "'closed' (code max_duration) and clients follow again from its offset.").tag(config=True)
     retry_backoff = Float(5.0, help="Delay before retry n is retry_backoff * 2**(n-1) s.").tag(config=True)

@@ -11,10 +11,17 @@ only way in. The proxy lets through only requests with a credential:
   MLflow client sends ``$MLFLOW_TRACKING_TOKEN`` that way);
 - a running job's own token, ``Authorization: bearer job:<job id>:<job token>`` (gpulab-jobs gives jobs
   that as ``MLFLOW_TRACKING_TOKEN``), checked with gpulab-jobs at ``$GPULAB_JOBS_URL``; it stops working
-  when the attempt ends (within :data:`JOB_TOKEN_TTL` seconds).
+  when the attempt ends (within :data:`JOB_TOKEN_TTL` seconds);
+- a delegate service (``$GPULAB_MLFLOW_DELEGATES``, default gpulab-infer) acting for a user,
+  ``Authorization: bearer as:<user>:<admin 0|1>:<the service's hub token>`` (:mod:`.identity`).
 
-No credential is passed on to MLflow. Every client, users', jobs' and services', uses the tracking URI
-``<service URL><prefix without trailing slash>`` (through the hub's proxy or straight to the service URL).
+No credential is passed on to MLflow: it gets the caller's name instead (:mod:`.auth`), and decides with its
+own permissions (``--app-name basic-auth``): an experiment or registered model is its creator's to change
+and delete, and readable by everyone else or by nobody (``$GPULAB_MLFLOW_DEFAULT_PERMISSION`` READ or
+NO_PERMISSIONS, from ``c.Platform.mlflow_sharing``); admins may do anything.
+
+Every client, users', jobs' and services', uses the tracking URI ``<service URL><prefix without trailing
+slash>`` (through the hub's proxy or straight to the service URL).
 """
 
 import asyncio
@@ -39,6 +46,8 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ...errors import ConfigError
 from ...net import private_sockets
+from ...secrets import persistent_secret
+from .identity import ADMIN_HEADER, ADMIN_USERNAME, DELEGATION_PREFIX, HEADER_PREFIX, USER_HEADER, mlflow_user
 
 MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
 SMALL_BODY = 64 * 1024  # a refused request's body up to this size is read before the refusal is answered
@@ -48,6 +57,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "origin", "expect"}
 UPSTREAM_HOST = "mlflow.sock"  # the Host MLflow sees (and allows) on its socket
 JOB_TOKEN_TTL = 30  # seconds a job token, once checked with gpulab-jobs, is taken without asking again
+PERMISSIONS = ("READ", "NO_PERMISSIONS")  # what others than an object's creator may do with it
 
 
 class SocketResolver(Resolver):
@@ -106,11 +116,12 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-    def initialize(self, upstream: str, client: AsyncHTTPClient, job_tokens: JobTokens):
+    def initialize(self, upstream: str, client: AsyncHTTPClient, job_tokens: JobTokens, delegates: frozenset):
         self.upstream = upstream
         self.client = client
         self.job_tokens = job_tokens
-        self.job: dict | None = None
+        self.delegates = delegates
+        self.caller: dict | None = None  # identified by a job token or a delegation, not by the hub alone
         headers = self.request.headers
         self.has_body = int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers
         self.body: asyncio.Queue | None = None
@@ -133,12 +144,27 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         return None  # the body was streamed, not buffered
 
     def get_current_user(self):
-        return self.job or super().get_current_user()
+        return self.caller or super().get_current_user()
+
+    async def delegation(self, credential: str) -> dict | None:
+        """The user a delegate service acts for (``as:<user>:<admin>:<its hub token>``); None if not one."""
+        user, _, rest = credential[len(DELEGATION_PREFIX):].partition(":")
+        admin, _, token = rest.partition(":")
+        if not user or admin not in ("0", "1") or not token:
+            return None
+        service = await self.hub_auth.user_for_token(token, sync=False)
+        if not service or service.get("kind") != "service" or service.get("name") not in self.delegates:
+            return None
+        if not self.hub_auth.check_scopes(self.hub_auth.access_scopes, service):
+            return None
+        return {"name": user, "admin": admin == "1", "kind": "delegated", "via": service["name"]}
 
     async def prepare(self):
         scheme, _, credential = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and credential.startswith(JobTokens.PREFIX):
-            identified = self.job = await self.job_tokens.identify(credential.strip())
+            identified = self.caller = await self.job_tokens.identify(credential.strip())
+        elif scheme.lower() == "bearer" and credential.startswith(DELEGATION_PREFIX):
+            identified = self.caller = await self.delegation(credential.strip())
         else:
             identified = await self.hub_auth.get_user(self, sync=False)  # cached for current_user
         if not self.current_user:
@@ -173,8 +199,10 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
     async def forward(self):
         headers = httputil.HTTPHeaders()
         for name, value in self.request.headers.get_all():
-            if name.lower() not in NOT_FORWARDED:
+            if name.lower() not in NOT_FORWARDED and not name.lower().startswith(HEADER_PREFIX):
                 headers.add(name, value)
+        user, admin = mlflow_user(self.current_user)
+        headers[USER_HEADER], headers[ADMIN_HEADER] = user, "1" if admin else "0"  # for MLflow's permissions
         headers["Host"] = UPSTREAM_HOST
         headers["X-Forwarded-For"] = self.request.remote_ip
         headers["X-Forwarded-Proto"] = self.request.protocol
@@ -226,13 +254,28 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
 
 def mlflow_command(backend_uri: str, artifacts: str, sock: Path, prefix: str) -> list[str]:
     """``mlflow server`` on the unix socket ``sock`` (uvicorn's ``--uds`` wins over host and port), serving UI
-    and API under ``prefix``."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+    and API under ``prefix``, with its permissions (:mod:`.auth`)."""
+    return [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", backend_uri,
             "--artifacts-destination", artifacts, "--serve-artifacts", "--uvicorn-opts", f"--uds {sock}",
             "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", UPSTREAM_HOST]
 
 
-def make_app(sock: Path, prefix: str, jobs_url: str = "") -> web.Application:
+def auth_config(path: Path, database_uri: str, default_permission: str) -> Path:
+    """Write MLflow's auth config (``MLFLOW_AUTH_CONFIG_PATH``): permissions in ``database_uri``, identities
+    from the proxy."""
+    if default_permission not in PERMISSIONS:
+        raise ConfigError(f"GPULAB_MLFLOW_DEFAULT_PERMISSION must be one of {', '.join(PERMISSIONS)}, "
+                          f"not {default_permission!r}")
+    path.write_text(f"""[mlflow]
+default_permission = {default_permission}
+database_uri = {database_uri}
+admin_username = {ADMIN_USERNAME}
+authorization_function = gpulab.services.mlflow.auth:authenticate_from_proxy
+""")
+    return path
+
+
+def make_app(sock: Path, prefix: str, jobs_url: str = "", delegates: frozenset = frozenset()) -> web.Application:
     """The proxy application for ``prefix``, authenticating with the hub from the service environment
     (and jobs' tokens with gpulab-jobs at ``jobs_url``)."""
     auth = HubOAuth.instance()
@@ -243,7 +286,8 @@ def make_app(sock: Path, prefix: str, jobs_url: str = "") -> web.Application:
     # its own client: hub API calls (HubOAuth's, on the shared AsyncHTTPClient) must not go to the socket
     client = SimpleAsyncHTTPClient(force_instance=True, resolver=SocketResolver(path=str(sock)), max_clients=64,
                                    max_body_size=MAX_BODY)
-    proxy = {"upstream": f"http://{UPSTREAM_HOST}", "client": client, "job_tokens": JobTokens(jobs_url)}
+    proxy = {"upstream": f"http://{UPSTREAM_HOST}", "client": client, "job_tokens": JobTokens(jobs_url),
+             "delegates": delegates}
     return web.Application(
         [(prefix + "oauth_callback", HubOAuthCallbackHandler), (r".*", ProxyHandler, proxy)],
         cookie_secret=secret,
@@ -259,15 +303,23 @@ def main() -> None:
         sys.exit(f"gpulab.services.mlflow: {missing} is not set")
     prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlflow/")
     sock = Path(env.get("GPULAB_MLFLOW_SOCKET") or Path(artifacts).parent / "run" / "mlflow.sock")
+    state = Path(artifacts).parent
     try:
         [sock] = private_sockets(sock.parent, [sock.name], "GPULAB_MLFLOW_SOCKET")
+        config = auth_config(sock.parent / "auth.ini", env.get("GPULAB_MLFLOW_AUTH_DB") or
+                             f"sqlite:///{state / 'auth.sqlite'}", env.get("GPULAB_MLFLOW_DEFAULT_PERMISSION", "READ"))
     except ConfigError as e:
         sys.exit(f"gpulab.services.mlflow: {e}")
     mlflow_env = {k: v for k, v in env.items() if not k.startswith(("JUPYTERHUB_", "GPULAB_"))}
-    mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+                      MLFLOW_AUTH_CONFIG_PATH=str(config),
+                      # MLflow's own admin, made on the first start; nobody signs in as it (the proxy never names it)
+                      MLFLOW_AUTH_ADMIN_PASSWORD=persistent_secret(state / "auth-admin-password"),
+                      MLFLOW_FLASK_SERVER_SECRET_KEY=persistent_secret(state / "flask-secret-key"))
     mlflow = subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix), env=mlflow_env)
 
-    app = make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""))
+    delegates = frozenset(filter(None, env.get("GPULAB_MLFLOW_DELEGATES", "gpulab-infer").split(",")))
+    app = make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""), delegates)
     server = HTTPServer(app, max_body_size=MAX_BODY, xheaders=True)
     server.listen(listen.port, listen.hostname)
     loop = IOLoop.current()
