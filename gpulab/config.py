@@ -46,9 +46,10 @@ class Platform(Configurable):
     jobs_service = Bool(True, help="Run the training job service gpulab-jobs.").tag(config=True)
     mlflow_service = Bool(True, help="Run MLflow tracking as the hub-managed service 'mlflow'.").tag(config=True)
     mlflow_sharing = CaselessStrEnum(
-        ["everyone", "private"], default_value="everyone",
+        ["group", "everyone", "private"], default_value="group",
         help="Who besides its creator (who alone may change and delete it) and admins may read an MLflow "
-        "experiment (with its runs) or registered model: 'everyone' signed in, or 'private' (nobody).",
+        "experiment (with its runs) or registered model: the creator's hub 'group's (at creation), "
+        "'everyone' signed in, or nobody ('private').",
     ).tag(config=True)
     inference_service = Bool(
         True, help="Run the inference gateway gpulab-infer, and an embedded Triton unless InferenceGateway.replicas "

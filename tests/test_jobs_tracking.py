@@ -34,7 +34,9 @@ print("trained")
 def hub(tmp_path_factory):
     hub = Platform(tmp_path_factory.mktemp("tracking") / "data", host="127.0.0.12")
     hub.start("c.JobQueue.tick_interval = 0.2\n")
-    hub.create_user("alice")
+    hub.create_user("alice", groups=["vision"])
+    hub.create_user("bea", groups=["vision"])
+    hub.create_user("carl")
     yield hub
     hub.stop()
 
@@ -64,6 +66,12 @@ def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
     assert [m.step for m in history] == [1, 2, 3, 4, 5]
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id and m.name == "model" for m in models)
+    # the job made the experiment as alice, shared with her groups (c.Platform.mlflow_sharing "group")
+    get_run = f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get"
+    for user, status in [("bea", 200), ("carl", 403)]:
+        r = requests.get(get_run, params={"run_id": run.info.run_id}, timeout=30,
+                         headers={"Authorization": f"token {hub.token(user)}"})
+        assert r.status_code == status, (user, r.text)
 
     job_dir = hub.data_dir / "jobs" / "alice" / job_id / "work"
     runs = list((job_dir / "wandb").glob("offline-run-*"))

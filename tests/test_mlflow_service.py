@@ -2,7 +2,7 @@
 
 Clients go through the hub's proxy, as users and jobs do: API tokens, the browser OAuth flow
 with the MLflow UI's same-origin fetches, streamed artifact uploads and downloads, and MLflow's own
-permissions per hub user (here with `c.Platform.mlflow_sharing = "private"`: others may not even read).
+permissions per hub user (sharing "group", the default: the creator's hub groups may read).
 """
 
 import hashlib
@@ -33,14 +33,14 @@ def hub(tmp_path_factory):
         "environment": {
             "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{work / 'mlflow.db'}",
             "GPULAB_MLFLOW_ARTIFACTS": str(work / "artifacts"),
-            "GPULAB_MLFLOW_DEFAULT_PERMISSION": "NO_PERMISSIONS",
+            "GPULAB_MLFLOW_SHARING": "group",
         },
     }
     platform = Platform(work / "data", host="127.0.0.11")
     platform.start('c.Login.admin_users = {"admin", "carol"}', services=[service])
     try:
-        for user in ("alice", "bob", "carol"):
-            platform.create_user(user)
+        for user, groups in [("alice", ["ml"]), ("bob", []), ("carol", []), ("dave", ["ml"])]:
+            platform.create_user(user, groups=groups)
         platform.mlflow_token = platform.token("alice", scopes=["access:services!service=mlflow"])
         started = time.monotonic()
         while time.monotonic() - started < 90:
@@ -144,9 +144,11 @@ def test_browser_logs_in_via_the_hub_and_uses_the_ui(hub):
 
 def test_experiments_runs_and_models_are_their_creators(hub):
     """MLflow's own permissions, per hub user: alice's objects are hers to change; bob, signed in with his own
-    token, may not change them and here (sharing "private") not even read them; carol, a hub admin, may."""
+    token, may not change them nor, in no group of hers, read them; dave, in her group "ml", may read them
+    only; carol, a hub admin, may do anything."""
     api = f"{hub.url}{PREFIX}/api/2.0/mlflow"
-    tokens = {user: hub.token(user, scopes=["access:services!service=mlflow"]) for user in ("alice", "bob", "carol")}
+    users = ("alice", "bob", "carol", "dave")
+    tokens = {user: hub.token(user, scopes=["access:services!service=mlflow"]) for user in users}
 
     def call(user, method, path, extra_headers=None, **body):
         headers = {**auth(tokens[user], "Bearer"), **(extra_headers or {})}
@@ -162,9 +164,12 @@ def test_experiments_runs_and_models_are_their_creators(hub):
     ok(call("alice", "POST", "registered-models/create", name="alice-model"))
     version = ok(call("alice", "POST", "model-versions/create", name="alice-model", source=f"runs:/{run}/model",
                       run_id=run))["model_version"]["version"]
-    attacks = [
+    reads = [
         ("GET", "runs/get", {"run_id": run}),
         ("GET", "experiments/get", {"experiment_id": experiment}),
+        ("GET", "registered-models/get", {"name": "alice-model"}),
+    ]
+    writes = [
         ("POST", "runs/delete", {"run_id": run}),
         ("POST", "runs/set-tag", {"run_id": run, "key": "mlflow.user", "value": "bob"}),
         ("POST", "runs/log-metric", {"run_id": run, "key": "loss", "value": 0.0, "timestamp": 0}),
@@ -175,15 +180,35 @@ def test_experiments_runs_and_models_are_their_creators(hub):
         ("DELETE", "model-versions/delete", {"name": "alice-model", "version": version}),
         ("DELETE", "registered-models/delete", {"name": "alice-model"}),
     ]
-    for method, path, body in attacks:
+    forged = {"X-Gpulab-User": "alice", "X-Gpulab-Admin": "1", "X-Gpulab-Groups": '["ml"]'}
+    for method, path, body in reads + writes:
         r = call("bob", method, path, **body)
         assert r.status_code == 403, (path, r.status_code, r.text)
-        # naming alice in the header MLflow takes the caller from does not make bob alice: the proxy sets it
-        r = call("bob", method, path, {"X-Gpulab-User": "alice", "X-Gpulab-Admin": "1"}, **body)
-        assert r.status_code == 403, (path, "forged header", r.status_code, r.text)
-    found = ok(call("bob", "POST", "experiments/search", max_results=100))
-    assert "alice-exp" not in {e["name"] for e in found.get("experiments", [])}  # search shows only what he may read
+        # naming alice in the headers MLflow takes the caller from does not make bob alice: the proxy sets them
+        r = call("bob", method, path, forged, **body)
+        assert r.status_code == 403, (path, "forged headers", r.status_code, r.text)
+    for method, path, body in reads:  # alice's group reads...
+        ok(call("dave", method, path, **body))
+    for method, path, body in writes:  # ...and changes nothing
+        r = call("dave", method, path, **body)
+        assert r.status_code == 403, (path, "group member", r.status_code, r.text)
+    found = {user: {e["name"] for e in ok(call(user, "POST", "experiments/search", max_results=100)).get(
+        "experiments", [])} for user in ("bob", "dave")}
+    assert "alice-exp" not in found["bob"] and "alice-exp" in found["dave"], found  # search shows what one may read
     assert ok(call("alice", "GET", "runs/get", run_id=run))["run"]["info"]["status"] == "RUNNING"  # all intact
     ok(call("alice", "POST", "registered-models/alias", name="alice-model", alias="prod", version=version))
     ok(call("carol", "POST", "runs/delete", run_id=run))  # an admin may
     ok(call("bob", "POST", "experiments/create", name="bob-exp"))  # and bob has his own
+
+
+@pytest.mark.parametrize("sharing, permission", [("group", "NO_PERMISSIONS"), ("everyone", "READ"),
+                                                 ("private", "NO_PERMISSIONS")])
+def test_sharing_sets_what_others_may_do(tmp_path, sharing, permission):
+    from gpulab.errors import ConfigError
+    from gpulab.services.mlflow import auth_config
+
+    text = auth_config(tmp_path / "auth.ini", "sqlite:///x", sharing).read_text()
+    assert f"default_permission = {permission}\n" in text
+    assert "authorization_function = gpulab.services.mlflow.auth:authenticate_from_proxy" in text
+    with pytest.raises(ConfigError, match="GPULAB_MLFLOW_SHARING must be one of group, everyone, private"):
+        auth_config(tmp_path / "auth.ini", "sqlite:///x", "friends")

@@ -51,8 +51,7 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for, gat
             "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_dir / 'mlflow.sqlite'}",
             "GPULAB_MLFLOW_ARTIFACTS": str(mlflow_dir / "artifacts"),
             "GPULAB_MLFLOW_SOCKET": str(mlflow_dir / "run" / "mlflow.sock"),
-            "GPULAB_MLFLOW_DEFAULT_PERMISSION": {"everyone": "READ", "private": "NO_PERMISSIONS"}[
-                platform.mlflow_sharing.lower()],
+            "GPULAB_MLFLOW_SHARING": platform.mlflow_sharing.lower(),
         }
         if platform.jobs_service:  # where running jobs' tokens are checked
             mlflow_env["GPULAB_JOBS_URL"] = f"{jobs_url}/services/{JOBS_SERVICE}/api/v1"

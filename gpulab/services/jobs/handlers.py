@@ -386,7 +386,7 @@ class IdentityHandler(JobCallbackHandler):
     def get(self, job_id):
         self.authorize(job_id)
         row = self.store.get_job(job_id)
-        self.write_json(JobIdentity(job_id=row.id, owner=row.owner, attempt=row.attempt).model_dump())
+        self.write_json(JobIdentity(job_id=row.id, owner=row.owner, groups=row.groups, attempt=row.attempt).model_dump())
 
 
 class CredentialsHandler(JobCallbackHandler):

@@ -208,6 +208,7 @@ class JobIdentity(BaseModel):
 
     job_id: str
     owner: str
+    groups: list[str]  # the owner's hub groups when the job was submitted
     attempt: int
 
 

@@ -16,9 +16,9 @@ only way in. The proxy lets through only requests with a credential:
   ``Authorization: bearer as:<user>:<admin 0|1>:<the service's hub token>`` (:mod:`.identity`).
 
 No credential is passed on to MLflow: it gets the caller's name instead (:mod:`.auth`), and decides with its
-own permissions (``--app-name basic-auth``): an experiment or registered model is its creator's to change
-and delete, and readable by everyone else or by nobody (``$GPULAB_MLFLOW_DEFAULT_PERMISSION`` READ or
-NO_PERMISSIONS, from ``c.Platform.mlflow_sharing``); admins may do anything.
+own permissions (its basic-auth app, as ``--app-name gpulab``): an experiment or registered model is its
+creator's to change and delete, and readable by the creator's hub groups, by everyone else or by nobody
+(``$GPULAB_MLFLOW_SHARING``: ``c.Platform.mlflow_sharing``); admins may do anything.
 
 Every client, users', jobs' and services', uses the tracking URI ``<service URL><prefix without trailing
 slash>`` (through the hub's proxy or straight to the service URL).
@@ -47,7 +47,15 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from ...errors import ConfigError
 from ...net import private_sockets
 from ...secrets import persistent_secret
-from .identity import ADMIN_HEADER, ADMIN_USERNAME, DELEGATION_PREFIX, HEADER_PREFIX, USER_HEADER, mlflow_user
+from .identity import (
+    ADMIN_HEADER,
+    ADMIN_USERNAME,
+    DELEGATION_PREFIX,
+    GROUPS_HEADER,
+    HEADER_PREFIX,
+    USER_HEADER,
+    mlflow_user,
+)
 
 MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
 SMALL_BODY = 64 * 1024  # a refused request's body up to this size is read before the refusal is answered
@@ -57,7 +65,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "origin", "expect"}
 UPSTREAM_HOST = "mlflow.sock"  # the Host MLflow sees (and allows) on its socket
 JOB_TOKEN_TTL = 30  # seconds a job token, once checked with gpulab-jobs, is taken without asking again
-PERMISSIONS = ("READ", "NO_PERMISSIONS")  # what others than an object's creator may do with it
+SHARING = {"group": "NO_PERMISSIONS", "everyone": "READ", "private": "NO_PERMISSIONS"}  # -> default_permission
 
 
 class SocketResolver(Resolver):
@@ -104,7 +112,7 @@ class JobTokens:
             self.known.pop(key, None)
             return None
         identity = json.loads(response.body)
-        user = {"name": identity["owner"], "job_id": identity["job_id"], "kind": "job"}
+        user = {"name": identity["owner"], "job_id": identity["job_id"], "kind": "job", "groups": identity["groups"]}
         self.known = {k: v for k, v in self.known.items() if now - v[0] < JOB_TOKEN_TTL}
         self.known[key] = (now, user)
         return user
@@ -201,8 +209,10 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         for name, value in self.request.headers.get_all():
             if name.lower() not in NOT_FORWARDED and not name.lower().startswith(HEADER_PREFIX):
                 headers.add(name, value)
-        user, admin = mlflow_user(self.current_user)
-        headers[USER_HEADER], headers[ADMIN_HEADER] = user, "1" if admin else "0"  # for MLflow's permissions
+        user, admin, groups = mlflow_user(self.current_user)  # for MLflow's permissions
+        headers[USER_HEADER], headers[ADMIN_HEADER] = user, "1" if admin else "0"
+        if groups is not None:
+            headers[GROUPS_HEADER] = json.dumps(sorted(groups))
         headers["Host"] = UPSTREAM_HOST
         headers["X-Forwarded-For"] = self.request.remote_ip
         headers["X-Forwarded-Proto"] = self.request.protocol
@@ -255,19 +265,18 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
 def mlflow_command(backend_uri: str, artifacts: str, sock: Path, prefix: str) -> list[str]:
     """``mlflow server`` on the unix socket ``sock`` (uvicorn's ``--uds`` wins over host and port), serving UI
     and API under ``prefix``, with its permissions (:mod:`.auth`)."""
-    return [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", backend_uri,
+    return [sys.executable, "-m", "mlflow", "server", "--app-name", "gpulab", "--backend-store-uri", backend_uri,
             "--artifacts-destination", artifacts, "--serve-artifacts", "--uvicorn-opts", f"--uds {sock}",
             "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", UPSTREAM_HOST]
 
 
-def auth_config(path: Path, database_uri: str, default_permission: str) -> Path:
+def auth_config(path: Path, database_uri: str, sharing: str) -> Path:
     """Write MLflow's auth config (``MLFLOW_AUTH_CONFIG_PATH``): permissions in ``database_uri``, identities
-    from the proxy."""
-    if default_permission not in PERMISSIONS:
-        raise ConfigError(f"GPULAB_MLFLOW_DEFAULT_PERMISSION must be one of {', '.join(PERMISSIONS)}, "
-                          f"not {default_permission!r}")
+    from the proxy, others' access to what a user creates from ``sharing``."""
+    if sharing not in SHARING:
+        raise ConfigError(f"GPULAB_MLFLOW_SHARING must be one of {', '.join(SHARING)}, not {sharing!r}")
     path.write_text(f"""[mlflow]
-default_permission = {default_permission}
+default_permission = {SHARING[sharing]}
 database_uri = {database_uri}
 admin_username = {ADMIN_USERNAME}
 authorization_function = gpulab.services.mlflow.auth:authenticate_from_proxy
@@ -306,13 +315,14 @@ def main() -> None:
     state = Path(artifacts).parent
     try:
         [sock] = private_sockets(sock.parent, [sock.name], "GPULAB_MLFLOW_SOCKET")
+        sharing = env.get("GPULAB_MLFLOW_SHARING", "group")
         config = auth_config(sock.parent / "auth.ini", env.get("GPULAB_MLFLOW_AUTH_DB") or
-                             f"sqlite:///{state / 'auth.sqlite'}", env.get("GPULAB_MLFLOW_DEFAULT_PERMISSION", "READ"))
+                             f"sqlite:///{state / 'auth.sqlite'}", sharing)
     except ConfigError as e:
         sys.exit(f"gpulab.services.mlflow: {e}")
     mlflow_env = {k: v for k, v in env.items() if not k.startswith(("JUPYTERHUB_", "GPULAB_"))}
     mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-                      MLFLOW_AUTH_CONFIG_PATH=str(config),
+                      MLFLOW_AUTH_CONFIG_PATH=str(config), GPULAB_MLFLOW_SHARING=sharing,
                       # MLflow's own admin, made on the first start; nobody signs in as it (the proxy never names it)
                       MLFLOW_AUTH_ADMIN_PASSWORD=persistent_secret(state / "auth-admin-password"),
                       MLFLOW_FLASK_SERVER_SECRET_KEY=persistent_secret(state / "flask-secret-key"))
