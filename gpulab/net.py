@@ -7,6 +7,8 @@ import os
 import random
 import socket
 import stat
+import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from .errors import ConfigError
 LOWEST_PORT = 10000
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 _given: set[int] = set()  # ports this process handed out: not handed out twice
+CLAIMS = Path(tempfile.gettempdir()) / "gpulab-ports"  # and other processes' on this machine (one file per port)
+CLAIM_SECONDS = 900  # how long a port handed out stays claimed: time enough for its process to bind it
 
 
 @functools.cache
@@ -40,11 +44,47 @@ def free_port(host: str = "127.0.0.1") -> int:
                 sock.bind((host, port))
             except OSError:
                 continue
+        if not _claim(port):
+            continue
         _given.add(port)
         return port
     with socket.socket() as sock:  # no room outside the ephemeral range
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` among this machine's gpulab processes for :data:`CLAIM_SECONDS`; False if another process
+    holds it. Two processes picking ports for services that bind them later (a test and the hub it starts, say)
+    would otherwise now and then pick the same one. Where the claims directory cannot be used (not a directory
+    of root or this account, or not writable), this process's own memory has to do."""
+    try:
+        CLAIMS.mkdir(exist_ok=True)
+        fd = os.open(CLAIMS, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid()):
+            return True
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o1777:
+            os.fchmod(fd, 0o1777)  # every account's processes claim here; sticky: none removes another's claims
+        name = str(port)
+        for _ in range(2):
+            try:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd))  # follows no link
+                return True
+            except FileExistsError:
+                if time.time() - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < CLAIM_SECONDS:
+                    return False
+                os.unlink(name, dir_fd=fd)  # expired (another account's cannot be removed: OSError below)
+            except PermissionError:
+                return True  # the directory is not writable for us: no shared claims
+        return False
+    except OSError:
+        return False  # raced with another process over this port, or an old claim of another's: take another
+    finally:
+        os.close(fd)
 
 
 def port_in_use(host: str, port: int) -> bool:

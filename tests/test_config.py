@@ -136,6 +136,26 @@ def test_secret_files(tmp_path):
     assert isinstance(secret, Secret)
 
 
+def test_two_processes_never_get_the_same_free_port(tmp_path, monkeypatch):
+    """Ports handed out are claimed machine-wide (a file per port): a test process and the hub it starts, each
+    picking ports for services that bind them later, do not pick the same one. 600 ports each, from ~27,000
+    candidates: without claims some 13 would be picked twice."""
+    import gpulab.net
+
+    claims = tmp_path / "claims"
+    monkeypatch.setattr(gpulab.net, "CLAIMS", claims)
+    code = ("import sys, gpulab.net as n; from pathlib import Path; n.CLAIMS = Path(sys.argv[1]); "
+            "print(' '.join(str(n.free_port()) for _ in range(600)))")
+    other = subprocess.run([sys.executable, "-c", code, str(claims)], capture_output=True, text=True, check=True)
+    theirs = set(map(int, other.stdout.split()))
+    ours = {free_port() for _ in range(600)}
+    assert len(theirs) == len(ours) == 600 and not theirs & ours
+    assert oct(claims.stat().st_mode & 0o7777) == "0o1777" and len(list(claims.iterdir())) == 1200
+    stale = claims / str(next(iter(ours)))
+    os.utime(stale, (1, 1))  # a claim older than CLAIM_SECONDS is taken over
+    assert gpulab.net._claim(int(stale.name)) and stale.stat().st_mtime > 1
+
+
 def test_private_sockets_are_in_a_directory_of_this_account_alone(tmp_path):
     directory = tmp_path / "run"
     directory.mkdir(mode=0o755)

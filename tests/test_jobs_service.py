@@ -204,9 +204,9 @@ def test_bad_input_names_the_field_and_stores_nothing(alice, spec, field):
 
 
 def test_oversized_and_malformed_bodies(alice):
-    r = alice.request("POST", "/jobs", data=b"x" * (1024 * 1024 + 10))
-    assert r.status_code == 413, r.text
-    assert "limit" in r.json()["error"]["message"]
+    for size in (1024 * 1024 + 10, 20 * 1024 * 1024):  # 20 MB through the hub: the 413, not the proxy's 503
+        r = alice.request("POST", "/jobs", data=b"x" * size)
+        assert r.status_code == 413 and "the limit is 1048576" in r.json()["error"]["message"], (size, r.text)
     r = alice.request("POST", "/jobs", data=b"{not json")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = alice.request("POST", "/jobs", data=b"[" * 100_000 + b"]" * 100_000)
@@ -286,6 +286,11 @@ def test_server_extension_acts_for_the_user(hub, alice):
     ext.validate("/jobs", "POST", 422, r.json())
     assert requests.post(f"{base}/jobs/{job_id}/cancel", headers=headers, timeout=30).status_code == 409
     assert requests.get(f"{base}/jobs/{'0' * 32}", headers=headers, timeout=30).status_code == 404
+    for _ in range(6):  # more than the breaker's threshold: refused by the extension, not failures of the service
+        r = requests.post(f"{base}/jobs", data=b"x" * (20 * 1024 * 1024), headers=headers, timeout=60)
+        assert r.status_code == 413 and "takes at most 1048576" in r.json()["error"]["message"], r.text
+        ext.validate("/jobs", "POST", 413, r.json())
+    assert requests.get(f"{base}/jobs", headers=headers, timeout=30).status_code == 200  # the circuit is closed
     body = {"name": "anonymous", "entrypoint": ["true"]}
     r = requests.post(f"{base}/jobs", json=body, timeout=30)  # no credential at all: told how to authenticate
     assert r.status_code == 401 and "Authorization: token" in r.json()["error"]["message"], r.text

@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from .. import tracing
 from ..net import client_ip
 from ..resilience import CircuitBreaker, CircuitOpenError
+from ..services.jobs.models import MAX_BODY
 from .handlers import GpulabHandler
 
 FORWARDED_HEADERS = ("Content-Type",)
@@ -51,6 +52,9 @@ class ServiceProxyHandler(GpulabHandler):
 
     async def forward(self, path: str, streaming: bool = False) -> None:
         backend = self.backend
+        if len(self.request.body or b"") > MAX_BODY:  # refused here: not a failure of the service (breaker)
+            raise web.HTTPError(413, f"request body is {len(self.request.body)} bytes; {backend.name} takes at most "
+                                     f"{MAX_BODY}")
         query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
         headers = {
             "Authorization": f"token {backend.token}",

@@ -40,6 +40,9 @@ from .store import JobStore
 
 log = logging.getLogger("gpulab.jobs")
 JOBS_DIR_MODE = 0o711  # jobs pass through it to their own work dirs
+# Bodies up to this are read, so that a body over MAX_BODY gets its 413 (BaseHandler.prepare): past it tornado
+# drops the connection unanswered, which the hub's proxy shows as an HTML 503.
+READ_BODIES = 64 * 1024 * 1024
 
 
 class NotFoundHandler(BaseHandler):
@@ -145,7 +148,7 @@ async def main(cfg, launcher: LauncherClient | None = None, key_source: str | No
         sys.exit(f"gpulab-jobs: error: {e}")
     app = make_app(queue, prefix, AppliedEvents(queue.store.url), token)
     address = urlsplit(service_url)
-    server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=4 * 1024 * 1024)
+    server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=READ_BODIES)
     await queue.start()
 
     stop = asyncio.Event()

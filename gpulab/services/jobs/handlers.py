@@ -15,6 +15,7 @@ from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
 from .models import (
     JOB_STATES,
+    MAX_BODY,
     TERMINAL_STATES,
     JobCredentials,
     JobIdentity,
@@ -27,7 +28,6 @@ from .models import (
 from .queue import ClaimRefused, SubmissionsLimited
 from .store import JobNotFound, JobStateError, QueueFull
 
-MAX_BODY = 1024 * 1024  # bytes; larger bodies get 413
 MAX_LIST = 500
 
 
@@ -386,7 +386,8 @@ class IdentityHandler(JobCallbackHandler):
     def get(self, job_id):
         self.authorize(job_id)
         row = self.store.get_job(job_id)
-        self.write_json(JobIdentity(job_id=row.id, owner=row.owner, groups=row.groups, attempt=row.attempt).model_dump())
+        identity = JobIdentity(job_id=row.id, owner=row.owner, groups=row.groups, attempt=row.attempt)
+        self.write_json(identity.model_dump())
 
 
 class CredentialsHandler(JobCallbackHandler):

@@ -54,6 +54,9 @@ def _no_control(value: str) -> str:
     return value
 
 
+MAX_BODY = 1024 * 1024
+"""Bytes of a request body gpulab-jobs takes (larger: 413); the server extension refuses larger ones itself."""
+
 Arg = Annotated[str, Field(min_length=1)]
 
 
