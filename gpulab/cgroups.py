@@ -4,11 +4,12 @@ else rlimits.
 
 cgroup v2 (one unified tree) where ``/sys/fs/cgroup/cgroup.controllers`` exists, v1 (the ``cpu`` and
 ``memory`` hierarchies, and ``devices`` for the GPU device nodes a job was not given) otherwise; both are in
-use on hosts today. (v2 controls devices only through eBPF programs, which gpulab does not load: there a job's
-GPUs are its ``CUDA_VISIBLE_DEVICES``.) The group is ``gpulab/<name>`` in each: an attempt's is made and
+use on hosts today. v2 has no devices file: there the denied nodes are refused by an eBPF program attached to
+the group (:mod:`gpulab.device_filter`). The group is ``gpulab/<name>`` in each: an attempt's is made and
 removed by its supervisor (root), which outlives the job and so also sees whether the kernel's OOM killer
-ended it; a server's by the hub's spawner. Where no cgroup can be written (not root,
-nothing mounted), memory is capped with ``RLIMIT_AS`` and CPUs with the CPU affinity mask.
+ended it; a server's by the hub's spawner. Where no cgroup can be written (not root, nothing mounted, a v2
+controller a limit needs not available), memory is capped with ``RLIMIT_AS`` and CPUs with the CPU affinity
+mask.
 """
 
 import glob
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import device_filter
+
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "gpulab"
 CFS_PERIOD_US = 100_000
@@ -32,18 +35,21 @@ MiB = 1024 * 1024
 class Limits:
     cpus: float | None = None
     memory: int | None = None  # bytes
-    deny_devices: tuple = ()  # ("c" or "b", major, minor) the job may not open (v1's devices controller)
+    deny_devices: tuple = ()  # ("c" or "b", major, minor) the job may not open
+
+    def controllers(self) -> set[str]:
+        """The controllers these limits need (devices are not one on v2)."""
+        return {name for name, limit in (("cpu", self.cpus), ("memory", self.memory)) if limit}
 
     def reason_exceeded(self) -> str:
         return f"memory limit ({self.memory // MiB} MiB) exceeded"
 
 
 def version(root: Path = ROOT) -> int | None:
-    """2 or 1 where this process may make cgroups under ``root``; None where it cannot."""
+    """2 or 1 where this process may make cgroups under ``root``; None where it cannot. (On v2, whether the
+    controllers a group's limits need are there is :meth:`Cgroup.create`'s to say.)"""
     if (root / "cgroup.controllers").exists():
-        wanted = {"cpu", "memory"}
-        return 2 if wanted <= set((root / "cgroup.controllers").read_text().split()) and os.access(root, os.W_OK) \
-            else None
+        return 2 if os.access(root, os.W_OK) else None
     if all(os.access(root / c, os.W_OK) for c in ("cpu", "memory")):
         return 1
     return None
@@ -94,7 +100,7 @@ class Cgroup:
         own = own_groups() if self.version else {}
         if self.version == 2:
             self._v2_parent = root / own.get("", "/").lstrip("/") / PARENT
-            self.dirs = {"cpu": self._v2_parent / name, "memory": self._v2_parent / name}
+            self.dirs = dict.fromkeys(("cpu", "memory", "devices"), self._v2_parent / name)
         elif self.version == 1:
             controllers = ("cpu", "memory", "devices") if os.access(root / "devices", os.W_OK) else ("cpu", "memory")
             self.dirs = {c: root / c / own.get(c, "/").lstrip("/") / PARENT / name for c in controllers}
@@ -104,7 +110,7 @@ class Cgroup:
     def create(self) -> None:
         """Make the group(s) and write the limits; without cgroups, nothing (rlimits apply in the child)."""
         if self.version == 2:
-            _enable(self._v2_parent)
+            _enable(self._v2_parent, self.limits.controllers())
         for d in set(self.dirs.values()):
             d.mkdir(parents=True, exist_ok=True)
         cpu, memory = self.dirs.get("cpu"), self.dirs.get("memory")
@@ -122,7 +128,10 @@ class Cgroup:
             else:
                 (memory / "memory.limit_in_bytes").write_text(str(self.limits.memory))
                 _write_if_present(memory / "memory.memsw.limit_in_bytes", str(self.limits.memory))
-        if devices := self.dirs.get("devices"):
+        if (devices := self.dirs.get("devices")) and self.version == 2:
+            if self.limits.deny_devices:
+                device_filter.deny_devices(devices, self.limits.deny_devices)
+        elif devices:
             for kind, major, minor in self.limits.deny_devices:
                 (devices / "devices.deny").write_text(f"{kind} {major}:{minor} rwm")
 
@@ -188,15 +197,19 @@ class Cgroup:
                     time.sleep(0.1)
 
 
-def _enable(parent: Path) -> None:
-    """v2: the cpu and memory controllers for ``parent``'s children (its own parent enables them for it).
+def _enable(parent: Path, controllers: set[str]) -> None:
+    """v2: ``controllers`` for ``parent``'s children (its own parent enables them for it).
 
-    Where the supervisor's own group holds processes, v2 refuses (no internal processes): OSError, and
-    the supervisor falls back to rlimits."""
+    A controller the tree does not offer (bound to a v1 hierarchy, or not delegated), or a supervisor whose
+    own group holds processes (v2 allows no internal processes): OSError, and the caller falls back to
+    rlimits."""
+    offered = set((parent.parent / "cgroup.controllers").read_text().split())
+    if absent := controllers - offered:
+        raise OSError(f"cgroup v2 controller {', '.join(sorted(absent))} not available in {parent.parent}")
     for level in (parent.parent, parent):
         level.mkdir(exist_ok=True)
         enabled = set((level / "cgroup.subtree_control").read_text().split())
-        missing = {"cpu", "memory"} - enabled
+        missing = controllers - enabled
         if missing:
             (level / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(missing)))
 

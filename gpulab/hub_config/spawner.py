@@ -15,8 +15,8 @@ class AccountSpawner(LocalProcessSpawner):
 
     The server (with its kernels and terminals) runs in a cgroup of its own (:mod:`gpulab.cgroups`), which
     enforces ``mem_limit`` and ``cpu_limit`` (LocalProcessSpawner only announces them) and, for a user without
-    ``custom:gpulab:gpu``, denies every GPU device node (cgroup v1's devices controller; on v2 such a user's
-    servers get ``CUDA_VISIBLE_DEVICES=""`` only). Stopping the server removes the group, killing whatever the
+    ``custom:gpulab:gpu``, denies every GPU device node (cgroup v1's devices controller, an eBPF device program
+    on v2) and sets ``CUDA_VISIBLE_DEVICES=""``. Stopping the server removes the group, killing whatever the
     user left running in it.
     """
 

@@ -88,7 +88,7 @@ class LocalExecutor(Executor):
     ).tag(config=True)
     gpu_devices = Unicode(
         cgroups.GPU_DEVICES, help="GPU device nodes: a job may open only its own GPUs' (none without GPUs), where the "
-        "devices cgroup exists (v1)."
+        "cgroup can be made (v1's devices controller, an eBPF device program on v2)."
     ).tag(config=True)
     node_name = Unicode(
         help="This machine's node name for attestation gating (default: its hostname)."

@@ -53,7 +53,9 @@ def main(argv: list[str]) -> int:
     limits = Limits(spec.get("cpus"), spec.get("memory"), tuple(tuple(d) for d in spec.get("deny_devices", ())))
     cgroup = Cgroup(group_name(ref), limits)
     if error := cgroup.create_or_fall_back():
-        print(f"gpulab: no cgroup for this job ({error}); limits apply as rlimits", file=sys.stderr, flush=True)
+        devices = "; GPU device nodes are not filtered" if limits.deny_devices else ""
+        print(f"gpulab: no cgroup for this job ({error}); limits apply as rlimits{devices}", file=sys.stderr,
+              flush=True)
     reason = ""
     try:
         rc = subprocess.Popen(job, stdin=subprocess.DEVNULL,
