@@ -21,7 +21,7 @@ def test_server_extension_routes_match_spec():
     prefix = "/gpulab/api/v1"
     routes = {route_pattern(r[0], prefix) for r in handlers("/")}
     spec = {spec_path_pattern(p) for p in Spec(ROOT / "gpulab" / "server_extension" / "openapi.yaml").paths()}
-    assert routes == spec
+    assert routes - {"/.*"} == spec  # the last route answers JSON 404 for anything else
 
 
 def test_job_service_routes_match_spec():

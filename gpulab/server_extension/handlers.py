@@ -7,7 +7,7 @@ from jupyter_server.base.handlers import APIHandler
 from opentelemetry import trace
 from tornado import web
 
-from .. import tracing
+from .. import http_methods, tracing
 from ..gpus import list_gpus
 from .authorizer import RESOURCE_SCOPES, user_scopes
 
@@ -52,8 +52,18 @@ class GpulabHandler(APIHandler):
         message = getattr(exc, "log_message", None) or self._reason
         if status_code >= 500 and not isinstance(exc, web.HTTPError):  # our 502/503 messages name the dependency
             message = "internal error; see the server log"
+        elif status_code == 405:
+            message = http_methods.refuse(self)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"code": status_code, "message": message, "field": getattr(exc, "field", None)}}))
+
+
+class NotFoundHandler(GpulabHandler):
+    """A path under the API that names nothing (a malformed job id or model name among them)."""
+
+    async def prepare(self):
+        await super().prepare()
+        raise web.HTTPError(404, f"no such endpoint: {self.request.path}")
 
 
 class WhoAmIHandler(GpulabHandler):

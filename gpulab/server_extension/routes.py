@@ -1,10 +1,11 @@
 """The route table of the server extension, under ``<base url>gpulab/api/v1``."""
 
 from . import attestation, jobs, models
-from .handlers import StatusHandler, WhoAmIHandler
+from .handlers import NotFoundHandler, StatusHandler, WhoAmIHandler
 
 API_PREFIX = "gpulab/api/v1"
-ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs.ROUTES, *attestation.ROUTES, *models.ROUTES]
+ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs.ROUTES, *attestation.ROUTES, *models.ROUTES,
+          ("/.*", NotFoundHandler)]  # last: anything else under the API is a JSON 404, not Jupyter's HTML page
 
 
 def handlers(base_url: str) -> list:

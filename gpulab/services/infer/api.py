@@ -10,7 +10,7 @@ import json
 import grpc
 from tornado import web
 
-from ... import tracing
+from ... import http_methods, tracing
 from ...scopes import DEPLOY, INFER
 from .gateway import Gateway, GatewayError
 from .models import DeployError, Deployments
@@ -61,8 +61,8 @@ class Handler(web.RequestHandler):
         elif isinstance(exc, DeployError):
             status_code, error = exc.status, {"code": exc.code, "message": exc.message, "field": exc.field}
         elif isinstance(exc, web.HTTPError) and status_code < 500:
-            error = {"code": self._reason.lower().replace(" ", "_"), "message": exc.log_message or self._reason,
-                     "field": None}
+            message = http_methods.refuse(self) if status_code == 405 else exc.log_message or self._reason
+            error = {"code": self._reason.lower().replace(" ", "_"), "message": message, "field": None}
         else:
             error = {"code": "internal", "message": "internal error; see the gpulab-infer log", "field": None}
         self.set_status(status_code)

@@ -18,6 +18,7 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets, bind_unix_socket
 
+from ... import http_methods
 from ...resilience import CircuitOpenError
 from ...text import CONTROL
 from ...tracing import inject
@@ -48,10 +49,11 @@ ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-
 
 
 class RestError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 class ErrorHandler(web.RequestHandler):
@@ -61,8 +63,10 @@ class ErrorHandler(web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, RestError):
             status_code, message = exc.status, exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         elif isinstance(exc, web.HTTPError) and status_code < 500:
-            message = exc.log_message or self._reason
+            message = http_methods.refuse(self) if status_code == 405 else exc.log_message or self._reason
         else:
             message = "internal error; see the gpulab-infer log"
         self.set_status(status_code)
@@ -86,11 +90,13 @@ class RestHandler(ErrorHandler):
 
     def initialize(self, gateway: Gateway, method: str, rpc: str, max_bytes: int):
         self.gateway, self.method, self.rpc, self.max_bytes = gateway, method, rpc, max_bytes
+        self.allow = (method,)
         self.chunks: list[bytes] = []
 
     def prepare(self):
         if self.request.method != self.method:
-            raise RestError(405, f"{self.request.path} takes {self.method}, not {self.request.method}")
+            raise RestError(405, f"{self.request.path} takes {self.method}, not {self.request.method}",
+                            {"Allow": self.method})
         try:
             length = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ... import scopes, tracing
+from ... import http_methods, scopes, tracing
 from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
 from .models import (
@@ -106,6 +106,8 @@ class BaseHandler(web.RequestHandler):
         message = getattr(exc, "log_message", None) or self._reason
         if status_code >= 500 and not isinstance(exc, APIError):
             message = "internal error; see the gpulab-jobs log"
+        elif status_code == 405:
+            message = http_methods.refuse(self)
         for name, value in getattr(exc, "headers", {}).items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")

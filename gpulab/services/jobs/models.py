@@ -4,7 +4,7 @@ import fnmatch
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gpulab.attestation.nras import ARCHES, DEVICES
@@ -69,7 +69,10 @@ class Resources(_Body):
 
     gpus: int = Field(0, ge=0, le=64)
     cpus: float = Field(1.0, ge=0.01, le=MAX_CPUS, allow_inf_nan=False)
-    memory: int | None = None
+    memory: Annotated[int | None, WithJsonSchema({"anyOf": [
+        {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_MEMORY},
+        {"type": "string", "pattern": rf"^\s*{_MEMORY.pattern}\s*$", "description": "at most 1 PiB"},
+        {"type": "null"}]})] = None
     pool: str = Field("default", min_length=1, max_length=64)
 
     @field_validator("pool")
@@ -99,7 +102,12 @@ class Tracking(_Body):
     wandb_project: str | None = Field(None, min_length=1, max_length=200)
 
 
-class JobSpec(_Body):
+# Exactly one of entrypoint and source, in the schema as in the validator below (null counts as absent)
+EXACTLY_ONE_PROGRAM = {"oneOf": [{"required": ["entrypoint"], "properties": {"entrypoint": {"type": "array"}}},
+                                 {"required": ["source"], "properties": {"source": {"type": "string"}}}]}
+
+
+class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     """A job submission: ``entrypoint`` (argv) or ``source`` (Python code), exactly one."""
 
     name: str = Field(min_length=1, max_length=200)
