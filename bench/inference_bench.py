@@ -46,9 +46,9 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpulab.inference.kserve import HEADER_LENGTH
 from gpulab.inference.triton import TritonServer, write_onnx_model
 from gpulab.kernels.inference import InferenceClient
-from gpulab.server_extension.kserve import HEADER_LENGTH
 from tests.support.gpulab_up import Platform
 from tests.support.triton import linear_onnx, triton_python
 

@@ -22,9 +22,9 @@ from sklearn.linear_model import SGDClassifier
 from tritonclient.utils import InferenceServerException
 
 from gpulab.inference.client import HubAuth
+from gpulab.inference.kserve import HEADER_LENGTH
 from gpulab.inference.triton import write_onnx_model
 from gpulab.kernels.inference import InferenceClient, InferenceError
-from gpulab.server_extension.kserve import HEADER_LENGTH
 from tests.support.browser import chromium_page, hub_login
 from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
@@ -39,8 +39,6 @@ CONFIG = """
 c.Platform.inference_service = True
 c.Platform.jobs_service = False
 c.Roles.group_roles = {"deployers": ["gpulab-deployer"]}
-c.Roles.extra_roles = c.Roles.extra_roles + [
-    {"name": "test-services", "scopes": ["read:services"], "services": ["test-admin"]}]
 c.InferenceGateway.max_request_bytes = 1024 * 1024
 c.InferenceGateway.health_interval = 0.5
 """
@@ -55,18 +53,7 @@ def hub(tmp_path_factory):
     for user, groups in [("alice", ["deployers"]), ("bob", []), ("carol", ["deployers"])]:
         hub.create_user(user, groups=groups)
     hub.tokens = {user: hub.token(user) for user in ("alice", "bob", "carol")}
-    hub.gateway = hub.api("GET", "/services/gpulab-infer").json()["info"]["grpc_address"]
-    client = triton.InferenceServerClient(hub.gateway)
-    client.register_plugin(HubAuth(hub.tokens["alice"]))
-    deadline = time.monotonic() + 180  # the embedded Triton starts beside the hub
-    while True:
-        try:
-            if client.is_server_ready():
-                break
-        except InferenceServerException:
-            pass
-        assert time.monotonic() < deadline, hub.log_tail()
-        time.sleep(0.5)
+    hub.gateway = hub.wait_for_inference(hub.tokens["alice"])
     yield hub
     hub.stop()
 

@@ -79,7 +79,7 @@ c.Platform.mlflow_service = False
 c.Platform.jobs_service = False
 c.Roles.group_roles = {"deployers": ["gpulab-deployer"]}
 c.Roles.extra_roles = c.Roles.extra_roles + [
-    {"name": "test-services", "scopes": ["read:services", "read:metrics"], "services": ["test-admin"]}]
+    {"name": "test-metrics", "scopes": ["read:metrics"], "services": ["test-admin"]}]
 c.InferenceGateway.data_plane = "python"  # the nginx service sets its own
 c.InferenceGateway.model_allow = {"private": ["bob", "group:ml"]}
 c.InferenceGateway.max_request_bytes = 1024 * 1024

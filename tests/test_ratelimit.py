@@ -1,8 +1,13 @@
-"""TokenBuckets: the per-caller rate limit under attestation and job submission."""
+"""TokenBuckets and LRUDict: per-caller rate limits and lockouts (attestation, job submission) in bounded
+memory."""
 
 import math
 
-from gpulab.ratelimit import TokenBuckets
+import pytest
+
+from gpulab.attestation.abuse import AbuseGuard
+from gpulab.attestation.reasons import AttestationError, Reason
+from gpulab.ratelimit import LRUDict, TokenBuckets
 
 
 class Clock:
@@ -33,3 +38,24 @@ def test_rate_zero_never_refills_and_memory_is_bounded():
     buckets.take("b")
     buckets.take("c")  # a, the least recently used, is forgotten
     assert buckets.take("a") == 0  # ...and starts full again
+
+
+def test_the_least_recently_stored_key_goes_first():
+    seen = LRUDict(max_keys=2)
+    seen["a"], seen["b"] = 1, 2
+    seen["a"] = 3  # stored again: now the most recent
+    seen["c"] = 4
+    assert dict(seen) == {"a": 3, "c": 4}
+
+
+def test_lockouts_are_kept_for_the_most_recent_callers_only():
+    clock = Clock()
+    guard = AbuseGuard(max_failures=1, lockout_seconds=60, max_clients=2, clock=clock)
+    guard.failed("a")
+    with pytest.raises(AttestationError) as locked:
+        guard.check("a", "verify")
+    assert locked.value.reason == Reason.LOCKED_OUT
+    guard.failed("b")
+    guard.check("c", "nonce")  # a bucket for c: the guard's buckets are bounded alike
+    guard.failed("c")  # a, the least recently seen, is forgotten
+    guard.check("a", "verify")

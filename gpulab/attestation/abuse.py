@@ -2,10 +2,9 @@
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
-from ..ratelimit import TokenBuckets
+from ..ratelimit import LRUDict, TokenBuckets
 from .reasons import AttestationError, Reason
 
 
@@ -22,9 +21,8 @@ class AbuseGuard:
                                                     ("verify", verify_rate, verify_burst))}
         self.max_failures = max_failures
         self.lockout_seconds = lockout_seconds
-        self.max_clients = max_clients
         self.clock = clock
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # caller -> (failures, locked until)
+        self._failures = LRUDict(max_clients)  # caller -> (failures, locked until)
 
     def check(self, client: str, action: str) -> None:
         """Take one token for ``action``; raise ``locked_out`` or ``rate_limited`` (with ``retry_after``)."""
@@ -38,13 +36,11 @@ class AbuseGuard:
 
     def failed(self, client: str) -> None:
         """Count a failed verification; the ``max_failures``-th in a row locks the caller out."""
-        failures, locked_until = self._failures.pop(client, (0, 0.0))
+        failures, locked_until = self._failures.get(client, (0, 0.0))
         failures += 1
         if failures >= self.max_failures:
             failures, locked_until = 0, self.clock() + self.lockout_seconds
         self._failures[client] = (failures, locked_until)
-        if len(self._failures) > self.max_clients:
-            self._failures.popitem(last=False)
 
     def succeeded(self, client: str) -> None:
         if client in self._failures:

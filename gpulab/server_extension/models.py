@@ -20,6 +20,7 @@ from tornado import web
 from tornado.log import access_log
 from tritonclient.utils import InferenceServerException
 
+from ..inference import kserve
 from ..inference.client import (
     HTTP_STATUS,
     BadInput,
@@ -32,7 +33,6 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
-from . import kserve
 from .handlers import GpulabHandler
 from .jobs import JobsBackend, ServiceProxyHandler
 

@@ -58,7 +58,7 @@ class Platform:
         admin = {"name": TEST_ADMIN_SERVICE, "api_token": self.admin_token}
         role = {
             "name": TEST_ADMIN_SERVICE,
-            "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens", "read:roles"],
+            "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens", "read:roles", "read:services"],
             "services": [TEST_ADMIN_SERVICE],
         }
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +190,27 @@ class Platform:
                 pass
             time.sleep(0.5)
         raise AssertionError(f"MLflow not up through the hub:\n{self.log_tail()}")
+
+    def wait_for_inference(self, token: str, timeout: float = 180) -> str:
+        """Wait until the inference gateway's gRPC port says Triton is ready (the embedded Triton starts beside
+        the hub); return that port's address."""
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+
+        from gpulab.inference.client import HubAuth
+
+        address = self.api("GET", "/services/gpulab-infer").json()["info"]["grpc_address"]
+        client = triton.InferenceServerClient(address)
+        client.register_plugin(HubAuth(token))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if client.is_server_ready():
+                    return address
+            except InferenceServerException:
+                pass
+            assert time.monotonic() < deadline, self.log_tail()
+            time.sleep(0.5)
 
     def spawn(self, user: str, timeout: float = 90) -> str:
         """Start the user's server; return its URL once it answers."""

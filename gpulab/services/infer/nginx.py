@@ -152,12 +152,20 @@ REST = """
     proxy_send_timeout 1h;
     set $gpulab_model "";
     set $gpulab_protocol rest;
+    set $gpulab_authorization "";
     error_page 413 = @too_large;
+    error_page 405 = @not_allowed;
 {infer}
     location / {{
       proxy_pass http://gpulab_python_rest;
     }}
     location @python {{
+      proxy_pass http://gpulab_python_rest;
+    }}
+    location @triton_500 {{  # a Triton 500 on infer: the Python gateway answers (400 where Triton could not parse)
+      proxy_set_header Connection "";
+      proxy_set_header Authorization $gpulab_authorization;
+      proxy_set_header {key_header} "";
       proxy_pass http://gpulab_python_rest;
     }}
     location @unavailable {{
@@ -167,6 +175,9 @@ REST = """
     location @too_large {{
       content_by_lua_block {{ require("nginx_gateway").too_large({max_bytes}) }}
     }}
+    location @not_allowed {{
+      content_by_lua_block {{ require("nginx_gateway").not_allowed() }}
+    }}
   }}
 """
 REST_INFER = """
@@ -175,6 +186,8 @@ REST_INFER = """
       log_by_lua_block {{ require("nginx_gateway").log() }}
       error_page 502 504 = @unavailable;
       error_page 413 = @too_large;
+      proxy_intercept_errors on;
+      error_page 500 = @triton_500;
       proxy_pass http://gpulab_triton_http;
     }}
 """
@@ -296,7 +309,7 @@ class NginxDataPlane:
                    f"    ssl_certificate_key {Path(conf.tls_key_file).expanduser()};")
         http_replicas = conf.http_replicas or [""] * len(conf.replicas)
         rest = REST.format(python_rest=self.python_rest, rest_address=conf.rest_address, ssl=" ssl" if tls else "",
-                           tls=tls, max_bytes=conf.max_request_bytes,
+                           tls=tls, max_bytes=conf.max_request_bytes, key_header=conf.restricted_header,
                            infer=REST_INFER.format() if conf.http_replicas else "") if self.python_rest else ""
         return TEMPLATE.format(
             modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,

@@ -48,15 +48,17 @@ local REST_CODE = {[200] = 0, [400] = 3, [401] = 16, [403] = 7, [404] = 5, [413]
 
 -- The gateway's own error: gRPC status and message, or on the REST port the status for the code (or `status`)
 -- with KServe's {"error": "<message>"}
+local function rest_error(status, message)
+  ngx.status = status
+  ngx.header["content-type"] = "application/json"
+  ngx.print('{"error": "', (message:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)),
+    '"}')
+  return ngx.exit(ngx.HTTP_OK)  -- the answer is sent: end the request
+end
+
 local function fail(code, message, status)
   ngx.ctx.code = code
-  if rest() then
-    ngx.status = status or REST_STATUS[code] or 500
-    ngx.header["content-type"] = "application/json"
-    ngx.print('{"error": "', (message:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)),
-      '"}')
-    return ngx.exit(ngx.HTTP_OK)  -- the answer is sent: end the request
-  end
+  if rest() then return rest_error(status or REST_STATUS[code] or 500, message) end
   ngx.header["content-type"] = "application/grpc"
   ngx.header["grpc-status"] = tostring(code)
   -- gRPC percent-encodes the message: '%' and bytes outside printable ASCII
@@ -299,6 +301,7 @@ function M.access()
   local any = false
   for _, replica in ipairs(replicas) do any = any or available(replica) end
   if not any then return fail(14, "no Triton replica available: " .. describe()) end
+  if rest() then ngx.var.gpulab_authorization = authorization or "" end  -- for @triton_500
   ngx.req.clear_header("authorization")
   if platform_key ~= "" then ngx.req.set_header(rest() and http_key_header or key_header, platform_key) end
   ngx.ctx.proxied = true
@@ -313,6 +316,14 @@ function M.unavailable()
       .. (ngx.var.upstream_status or "-") .. ")", 502)
   end
   return fail(14, "no Triton replica available: " .. describe())
+end
+
+-- A method no route takes (nginx refuses TRACE itself): the methods the path takes, as the Python gateway names
+-- them (its REST routes take POST for infer, GET for the rest)
+function M.not_allowed()
+  local allow = ngx.var.uri:find("/infer$") and "POST" or "GET"
+  ngx.header["allow"] = allow
+  return rest_error(405, ngx.req.get_method() .. " is not allowed here; use " .. allow)
 end
 
 function M.too_large(limit)

@@ -19,6 +19,8 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets, bind_unix_socket
 
 from ... import http_methods
+from ...inference import kserve
+from ...inference.kserve import HEADER_LENGTH
 from ...resilience import CircuitOpenError
 from ...text import CONTROL
 from ...tracing import inject
@@ -125,6 +127,11 @@ class RestHandler(ErrorHandler):
             span = self.gateway.span(self.rpc, headers)
             with span or nullcontext():
                 answer = await self.forward(span is not None, how == IDEMPOTENT)
+            # Triton 2.51 answers 500 for requests it cannot read: the client's error, answered as one
+            if answer.status == 500 and self.rpc == "ModelInfer" and "Content-Encoding" not in self.request.headers \
+                    and (problem := kserve.request_problem(b"".join(self.chunks),
+                                                           self.request.headers.get(HEADER_LENGTH))):
+                raise RestError(400, problem)
             code = GRPC_CODE.get(answer.status, grpc.StatusCode.UNKNOWN)
             self.set_status(answer.status)
             for name in ANSWER_HEADERS:

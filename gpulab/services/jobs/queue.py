@@ -604,7 +604,7 @@ class JobQueue(LoggingConfigurable):
         """
         attempt = row.attempt + 1
         private = self.executor.env_is_private
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_urlsafe(32) if private else None  # else minted when the runner claims it
         gate = {"attestation_fingerprint": attested.fingerprint, "attestation_node": attested.node} if attested else {}
         row = await asyncio.to_thread(
             self.store.transition,
@@ -615,7 +615,7 @@ class JobQueue(LoggingConfigurable):
             executor=self.executor.name,
             handle=None,
             not_before=None,
-            job_token_hash=token_hash(token) if private else None,  # else minted when the runner claims it
+            job_token_hash=token_hash(token) if token else None,
             **gate,
         )
         spec = JobSpec.model_validate(row.spec)
@@ -629,8 +629,10 @@ class JobQueue(LoggingConfigurable):
             argv = [sys.executable, str(source)]
         if self.wrap_with_runner:
             argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
-        env = self._env(row, spec, token)
-        if not private:
+        env = self._env(row, spec)
+        if token:
+            env.update(self._token_env(row, token))
+        else:
             env = {name: value for name, value in env.items() if name not in JOB_SECRET_ENV}
             env["GPULAB_CREDENTIALS_TICKET"] = self._ticket(row.id, attempt)
         env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(work_dir))
@@ -698,11 +700,12 @@ class JobQueue(LoggingConfigurable):
         token = secrets.token_urlsafe(32)
         if not await asyncio.to_thread(self.store.claim_job_token, row.id, row.attempt, token):
             raise ClaimRefused(409, f"the credentials of attempt {row.attempt} were claimed already")
-        env = self._env(row, JobSpec.model_validate(row.spec), token)
+        env = {**self._env(row, JobSpec.model_validate(row.spec)), **self._token_env(row, token)}
         return {name: env[name] for name in JOB_SECRET_ENV if name in env}
 
-    def _env(self, row: JobRow, spec: JobSpec, token: str) -> dict[str, str]:
-        """The attempt's environment (docs/jobs.md "Job environment"); the executor adds GPU ids."""
+    def _env(self, row: JobRow, spec: JobSpec) -> dict[str, str]:
+        """The attempt's environment (docs/jobs.md "Job environment") but for its token (:meth:`_token_env`);
+        the executor adds GPU ids. Secrets may come from any source here (inherited, W&B, the spec)."""
         env = {name: os.environ[name] for name in self.inherit_env if name in os.environ}
         env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **self.wandb_env, **spec.env})
         env.update(
@@ -712,16 +715,20 @@ class JobQueue(LoggingConfigurable):
             GPULAB_JOB_NAME=row.name,
             GPULAB_JOB_OWNER=row.owner,
             GPULAB_JOB_DIR=str(self.work_dir(row)),
-            GPULAB_JOB_TOKEN=token,
         )
         if spec.tracking.wandb_project:
             env["WANDB_PROJECT"] = spec.tracking.wandb_project
         if self.mlflow_tracking_uri:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
-            if self.mlflow_job_token:
-                env["MLFLOW_TRACKING_TOKEN"] = f"job:{row.id}:{token}"
         if self.jobs_api_url:
             env["GPULAB_JOBS_URL"] = self.jobs_api_url
+        return env
+
+    def _token_env(self, row: JobRow, token: str) -> dict[str, str]:
+        """The attempt's own token, for this API and (as ``job:<id>:<token>``) for MLflow."""
+        env = {"GPULAB_JOB_TOKEN": token}
+        if self.mlflow_tracking_uri and self.mlflow_job_token:
+            env["MLFLOW_TRACKING_TOKEN"] = f"job:{row.id}:{token}"
         return env
 
 

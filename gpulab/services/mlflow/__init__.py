@@ -184,9 +184,11 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
             else:
                 refusal = web.HTTPError(401)
             headers = self.request.headers
-            if self.has_body and "Transfer-Encoding" not in headers and int(headers["Content-Length"]) <= SMALL_BODY:
-                # answered once the body is in: closing on unread bytes resets the connection, and the hub's
-                # proxy, still sending them, reports a 503 instead of the refusal
+            if not self.has_body or ("Transfer-Encoding" not in headers
+                                     and int(headers["Content-Length"]) <= SMALL_BODY):
+                # answered once the body (if any) is in: a response finished while tornado still reads the
+                # request closes the connection, and the hub's proxy, sending on it (the body, or its next
+                # request on a kept-alive connection), reports a 503 instead of the refusal
                 self.refusal = refusal
                 return
             raise refusal

@@ -13,7 +13,7 @@ import json
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-from ..inference.client import BadInput
+from .client import BadInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -73,6 +73,30 @@ def request_arrays(inputs: list, binary: memoryview) -> dict[str, np.ndarray]:
     if offset != len(binary):
         raise BadInput(f"the inputs declare {offset} bytes of binary data, the body carries {len(binary)}", "inputs")
     return arrays
+
+
+def request_problem(body: bytes, header_length: str | None) -> str | None:
+    """What makes ``body`` no KServe v2 inference request (naming the field), or None: how the gateway tells a
+    client's error from Triton's own failure when Triton answers 500, as 2.51 does for JSON it cannot parse or
+    read (members missing or of the wrong type)."""
+    try:
+        header, binary = split(body, header_length)
+        inputs = header.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise BadInput("inputs: give a list of input tensors", "inputs")
+        request_arrays(inputs, binary)
+        outputs = header.get("outputs", [])
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                    for o in outputs):
+            raise BadInput('outputs: give a list of {"name": <output>} objects', "outputs")
+        for key, kind, what in (("id", str, "a string"), ("parameters", dict, "a JSON object")):
+            if key in header and not isinstance(header[key], kind):
+                raise BadInput(f"{key}: must be {what}", key)
+    except BadInput as e:
+        return e.message
+    except (AttributeError, TypeError, ValueError) as e:  # members of the wrong type deeper down
+        return f"body is not a KServe v2 inference request: {e}"
+    return None
 
 
 def binary_outputs(header: dict) -> tuple[bool, set[str]]:
