@@ -32,7 +32,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from gpulab.errors import ConfigError
-from gpulab.inference.triton import model_config, write_onnx_model
+from gpulab.inference.triton import model_config, processes_hidden, write_onnx_model
 from gpulab.net import free_port
 from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
@@ -223,6 +223,16 @@ def test_a_tensor_name_that_is_not_plain_is_refused(tmp_path, name):
     with pytest.raises(ValueError, match="tensor name .* is not allowed"):
         write_onnx_model(tmp_path / "repo", "m", tmp_path / "m.onnx")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("options, hidden", [("rw", False), ("rw,hidepid=0", False), ("rw,hidepid=off", False),
+                                             ("rw,hidepid=invisible", True), ("rw,hidepid=2", True),
+                                             ("rw,hidepid=ptraceable", True)])
+def test_the_key_on_the_command_line_counts_as_kept_only_where_proc_hides_it(options, hidden):
+    mountinfo = (f"22 27 0:21 / /proc rw,relatime - proc proc {options}\n"
+                 "25 1 0:5 / /dev rw,nosuid - devtmpfs udev rw,size=4096k\n")
+    assert processes_hidden(mountinfo) is hidden
+    assert not processes_hidden("25 1 0:5 / /dev rw,nosuid - devtmpfs udev rw,hidepid=2\n")  # not /proc's
 
 
 def test_config_strings_are_quoted_whatever_they_hold():

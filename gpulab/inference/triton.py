@@ -14,6 +14,7 @@ its secret header::
 
 import http.client
 import json
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,23 @@ from traitlets.config import Configurable
 
 from ..errors import ConfigError
 from ..net import free_port, private_sockets
+
+log = logging.getLogger("gpulab.triton")
+# proc(5) hidepid values that keep other accounts from reading a process's command line
+HIDDEN_PIDS = {"1", "2", "4", "noaccess", "invisible", "ptraceable"}
+
+
+def processes_hidden(mountinfo: str) -> bool:
+    """Whether ``/proc`` (as ``/proc/self/mountinfo`` says) keeps other accounts from reading a process's
+    command line: mounted with ``hidepid`` noaccess, invisible or ptraceable."""
+    for line in mountinfo.splitlines():
+        fields, _, rest = line.partition(" - ")
+        mount_point = fields.split()[4] if len(fields.split()) > 4 else ""
+        fstype, _, options = rest.partition(" ")
+        if mount_point == "/proc" and fstype == "proc":
+            options = dict(o.partition("=")[::2] for o in options.split(" ")[-1].split(","))
+            return options.get("hidepid") in HIDDEN_PIDS
+    return False
 
 GRPC_KEY_PREFIX = "triton-grpc-protocol-"
 PROTOCOLS = ["health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
@@ -144,6 +162,11 @@ class TritonServer(Configurable):
         if self.restricted:
             restricted = f"{','.join(self.restricted_protocols)}:{self.restricted_header}={self.restricted_key}"
             argv += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+            if not processes_hidden(Path("/proc/self/mountinfo").read_text()):
+                log.warning("TritonServer on TCP ports: its restricted-protocol key is on tritonserver's command "
+                            "line, which other accounts on this host can read in /proc; where users' code runs "
+                            "here, mount /proc with hidepid=invisible or run Triton in a container of its own "
+                            "(docs/inference.md)")
         env = dict(os.environ)
         libs = [probe["libdir"], str(dist.parent.parent / "nvidia_pytriton.libs")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])

@@ -12,6 +12,7 @@ that starts jobs as their owners' accounts (:mod:`.executors.launcher`) and runs
 """
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
-from tornado import web
+from tornado import httputil, web
 
 from ... import accounts
 from ...attestation import AttestationService
@@ -35,14 +36,62 @@ from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .handlers import APIError, BaseHandler, handlers
 from .metrics import MetricsHandler
+from .models import MAX_BODY
 from .queue import JobQueue
 from .store import JobStore
 
 log = logging.getLogger("gpulab.jobs")
 JOBS_DIR_MODE = 0o711  # jobs pass through it to their own work dirs
-# Bodies up to this are read, so that a body over MAX_BODY gets its 413 (BaseHandler.prepare): past it tornado
-# drops the connection unanswered, which the hub's proxy shows as an HTML 503.
+# A body sent in chunks (no Content-Length) is read up to this, so that one over MAX_BODY gets its 413
+# (BaseHandler.prepare); past it tornado drops the connection. One with a Content-Length over MAX_BODY is read
+# and dropped, up to DROP_BODIES, by DropLargeBodies.
 READ_BODIES = 64 * 1024 * 1024
+DROP_BODIES = 2**40
+
+
+class BoundedApplication(web.Application):
+    """The API: a request declaring a body over MAX_BODY is answered 413 without reaching a handler."""
+
+    def start_request(self, server_conn, request_conn):
+        return DropLargeBodies(super().start_request(server_conn, request_conn), request_conn)
+
+
+class DropLargeBodies(httputil.HTTPMessageDelegate):
+    """Reads a body declared over MAX_BODY and drops it, then answers 413: answered before it is read, tornado
+    would close the connection on the unread bytes, and the hub's proxy, still sending them, would show the
+    user an HTML 503 instead. Any other request goes to the application as it came."""
+
+    def __init__(self, delegate: httputil.HTTPMessageDelegate, connection: httputil.HTTPConnection):
+        self.delegate, self.connection = delegate, connection
+        self.length: int | None = None  # of a body being dropped
+
+    def headers_received(self, start_line, headers):
+        declared = headers.get("Content-Length", "")
+        if declared.isdigit() and MAX_BODY < int(declared) <= DROP_BODIES:
+            self.length = int(declared)
+            self.connection.set_max_body_size(self.length)
+            return None
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk):
+        if self.length is None:
+            return self.delegate.data_received(chunk)
+        return None
+
+    def finish(self):
+        if self.length is None:
+            return self.delegate.finish()
+        body = json.dumps({"error": {"code": "too_large", "field": None, "message":
+                                     f"request body is {self.length} bytes; the limit is {MAX_BODY}"}}).encode()
+        self.connection.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large"),
+            httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))}), body)
+        self.connection.finish()
+        return None
+
+    def on_connection_close(self):
+        if self.length is None:
+            self.delegate.on_connection_close()
 
 
 class NotFoundHandler(BaseHandler):
@@ -62,7 +111,7 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
         (prefix + "metrics", MetricsHandler),
         (prefix + "events", UserEventsHandler, {"token": service_token, "applied": events, "apply": apply_event}),
     ]
-    return web.Application(
+    return BoundedApplication(
         routes,
         queue=queue,
         openapi=openapi.load(),
