@@ -13,8 +13,13 @@ def allowed(handler: web.RequestHandler) -> list[str]:
             if getattr(cls, m.lower(), None) is not getattr(web.RequestHandler, m.lower(), None)]
 
 
-def refuse(handler: web.RequestHandler) -> str:
-    """Set ``Allow`` on a 405 answer and return its message."""
+def allow(handler: web.RequestHandler) -> list[str]:
+    """Set ``Allow`` on a 405 answer; returns the methods."""
     methods = allowed(handler)
     handler.set_header("Allow", ", ".join(methods))
-    return f"{handler.request.method} is not allowed here; use {', '.join(methods) or 'nothing'}"
+    return methods
+
+
+def refuse(handler: web.RequestHandler) -> str:
+    """Set ``Allow`` on a 405 answer and return its message."""
+    return f"{handler.request.method} is not allowed here; use {', '.join(allow(handler)) or 'nothing'}"

@@ -51,11 +51,10 @@ ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-
 
 
 class RestError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.headers = headers or {}
 
 
 class ErrorHandler(web.RequestHandler):
@@ -65,8 +64,8 @@ class ErrorHandler(web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, RestError):
             status_code, message = exc.status, exc.message
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
+            if status_code == 405:
+                http_methods.allow(self)
         elif isinstance(exc, web.HTTPError) and status_code < 500:
             message = http_methods.refuse(self) if status_code == 405 else exc.log_message or self._reason
         else:
@@ -97,8 +96,7 @@ class RestHandler(ErrorHandler):
 
     def prepare(self):
         if self.request.method != self.method:
-            raise RestError(405, f"{self.request.path} takes {self.method}, not {self.request.method}",
-                            {"Allow": self.method})
+            raise RestError(405, f"{self.request.path} takes {self.method}, not {self.request.method}")
         try:
             length = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:

@@ -36,7 +36,7 @@ from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .handlers import APIError, BaseHandler, handlers
 from .metrics import MetricsHandler
-from .models import MAX_BODY
+from .models import MAX_BODY, too_large
 from .queue import JobQueue
 from .store import JobStore
 
@@ -81,8 +81,7 @@ class DropLargeBodies(httputil.HTTPMessageDelegate):
     def finish(self):
         if self.length is None:
             return self.delegate.finish()
-        body = json.dumps({"error": {"code": "too_large", "field": None, "message":
-                                     f"request body is {self.length} bytes; the limit is {MAX_BODY}"}}).encode()
+        body = json.dumps({"error": {"code": "too_large", "field": None, "message": too_large(self.length)}}).encode()
         self.connection.write_headers(
             httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large"),
             httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))}), body)

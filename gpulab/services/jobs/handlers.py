@@ -23,6 +23,7 @@ from .models import (
     JobSpec,
     ProgressUpdate,
     TrackingUpdate,
+    too_large,
     validation_error_body,
 )
 from .queue import ClaimRefused, SubmissionsLimited
@@ -58,7 +59,7 @@ class BaseHandler(web.RequestHandler):
     def prepare(self):
         length = int(self.request.headers.get("Content-Length") or len(self.request.body or b""))
         if length > MAX_BODY:
-            raise APIError(413, f"request body is {length} bytes; the limit is {MAX_BODY}", code="too_large")
+            raise APIError(413, too_large(length), code="too_large")
         self._span = tracing.tracer("gpulab.jobs").start_span(
             f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers)
         )
