@@ -55,6 +55,7 @@ import psutil
 import psycopg
 import requests
 
+from gpulab.job_states import TERMINAL_STATES
 from tests.support.gpulab_up import Platform
 from tests.support.processes import alive, terminate
 from tests.support.ray_cluster import RayCluster
@@ -438,7 +439,7 @@ def latency_local(bench: Bench, n: int) -> dict:
         deadline = time.monotonic() + 60
         while True:
             job = s.get(f"{bench.base}/jobs/{job_id}", timeout=30).json()
-            if job["state"] in ("succeeded", "failed", "cancelled", "timed_out"):
+            if job["state"] in TERMINAL_STATES:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"job {job_id} stuck: {job}")
@@ -628,8 +629,7 @@ def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> di
     job_id = r.json()["id"]
     out = ray_measure(address, f"gpulab-{job_id}-1", t0, rtt)
     deadline = time.monotonic() + 60
-    while (job := session.get(f"{bench.base}/jobs/{job_id}", timeout=30).json())["state"] not in (
-            "succeeded", "failed", "cancelled", "timed_out"):
+    while (job := session.get(f"{bench.base}/jobs/{job_id}", timeout=30).json())["state"] not in TERMINAL_STATES:
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     assert job["state"] == "succeeded", job

@@ -18,7 +18,15 @@ from traitlets.config import Config
 from . import nodes, users
 from .accounts import isolation_mode
 from .attestation.collect import collect as attest_collect
-from .config import config_path, effective_config, instances, load_config
+from .config import (
+    CONFIGURABLES,
+    check_settings,
+    config_path,
+    effective_config,
+    instances,
+    load_config,
+    service_configurables,
+)
 from .errors import ConfigError
 from .net import port_in_use
 
@@ -96,7 +104,9 @@ def up(args) -> int:
     if args.data_dir:
         os.environ["GPULAB_DATA_DIR"] = overrides["Platform"]["data_dir"]
     path = config_path()
-    platform = instances(load_config(path))["Platform"]
+    cfg = load_config(path)
+    check_settings(cfg, [*CONFIGURABLES, *service_configurables()])
+    platform = instances(cfg)["Platform"]
     data_dir = Path(platform.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists() and not os.environ.get("GPULAB_CONFIG"):
@@ -143,15 +153,19 @@ def config_show(_args) -> int:
     """Print the effective configuration, secrets redacted."""
     path = config_path()
     print(f"# {path}{'' if path.exists() else ' (absent: defaults)'}")
-    from .inference.triton import TritonServer
-    from .services.infer.app import InferenceGateway
-    from .services.jobs.executors.local import LocalExecutor
-    from .services.jobs.executors.ray import RayExecutor
-    from .services.jobs.queue import JobQueue
-    from .services.jobs.store import JobStore
+    print(json.dumps(effective_config(load_config(path), service_configurables()), indent=2, sort_keys=True,
+                     default=str))
+    return 0
 
-    services = [JobStore, JobQueue, LocalExecutor, RayExecutor, InferenceGateway, TritonServer]
-    print(json.dumps(effective_config(load_config(path), services), indent=2, sort_keys=True, default=str))
+
+def config_generate(_args) -> int:
+    """Print a gpulab_config.py with every setting, its help and its default, commented out."""
+    classes = [*CONFIGURABLES, *service_configurables()]
+    print(f"# gpulab_config.py: every setting, with its help and default (`gpulab config generate`).\n"
+          f"# Read by the hub, every service and the server extension from $GPULAB_CONFIG (default {config_path()}).\n"
+          "c = get_config()  # noqa: F821\n")
+    for cls in classes:
+        print(cls.class_config_section(classes))
     return 0
 
 
@@ -166,6 +180,8 @@ def main(argv=None) -> int:
     p_config = sub.add_parser("config", help="configuration")
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("show", help="print the effective config, secrets redacted").set_defaults(func=config_show)
+    config_sub.add_parser("generate", help="print a config file with every setting and its help").set_defaults(
+        func=config_generate)
     p_attest = sub.add_parser("attest", help="GPU node attestation")
     attest_sub = p_attest.add_subparsers(dest="attest_command", required=True)
     p_collect = attest_sub.add_parser(

@@ -5,24 +5,20 @@ Its path comes from ``$GPULAB_CONFIG`` (default ``<data dir>/gpulab_config.py``)
 applied on top of the file.
 """
 
+import difflib
 import getpass
 import json
 import os
 import re
 from pathlib import Path
 
-from traitlets import Bool, CaselessStrEnum, Dict, Integer, List, Set, Unicode, default
+from traitlets import Bool, CaselessStrEnum, Dict, Integer, List, Set, TraitError, Unicode, default
 from traitlets.config import Config, Configurable
-from traitlets.config.loader import PyFileConfigLoader
+from traitlets.config.loader import LazyConfigValue, PyFileConfigLoader
 
 from .attestation.config import Attestation
+from .data_dir import default_data_dir
 from .errors import ConfigError
-
-DEFAULT_DATA_DIR = "~/.local/share/gpulab"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("GPULAB_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
 
 
 class Platform(Configurable):
@@ -176,6 +172,42 @@ def load_config(path: Path | None = None) -> Config:
     if overrides:
         cfg.merge(Config(json.loads(overrides)))
     return cfg
+
+
+def service_configurables() -> list[type[Configurable]]:
+    """The services' configurables: they connect to things when built, so they are read (and checked) here
+    without being built."""
+    from .inference.triton import TritonServer
+    from .services.infer.config import InferenceGateway
+    from .services.jobs.executors.local import LocalExecutor
+    from .services.jobs.executors.ray import RayExecutor
+    from .services.jobs.queue import JobQueue
+    from .services.jobs.store import JobStore
+
+    return [JobStore, JobQueue, LocalExecutor, RayExecutor, InferenceGateway, TritonServer]
+
+
+def check_settings(cfg: Config, classes: list[type[Configurable]]) -> None:
+    """Each setting ``cfg`` gives one of ``classes``, checked against its trait without building the class:
+    a :class:`ConfigError` naming the first that is not a setting or not a valid value (``c.JobQueue.user_quota:
+    ...``), so that the platform refuses to start rather than fail on first use."""
+    for cls in classes:
+        if cls.__name__ not in cfg:
+            continue
+        traits = cls.class_traits(config=True)
+        bare = cls.__new__(cls)  # an instance for the traits' checks, without __init__ (which connects)
+        for name, value in cfg[cls.__name__].items():
+            setting = f"c.{cls.__name__}.{name}"
+            if name not in traits:
+                close = difflib.get_close_matches(name, traits, n=1)
+                hint = f"did you mean {close[0]}?" if close else "`gpulab config generate` lists them"
+                raise ConfigError(f"{setting} is not a setting of {cls.__name__}; {hint}")
+            if isinstance(value, LazyConfigValue):  # c.X.y.append(...): applied to the default when built
+                continue
+            try:
+                traits[name]._validate(bare, value)
+            except TraitError as e:
+                raise ConfigError(f"{setting}: {e}") from None
 
 
 def instances(cfg: Config) -> dict[str, Configurable]:

@@ -1,3 +1,4 @@
+import itertools
 import os
 import secrets
 from pathlib import Path
@@ -5,6 +6,17 @@ from pathlib import Path
 import pytest
 
 OUTPUT_DIR = Path(os.environ.get("GPULAB_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
+
+
+_LOOPBACK = itertools.count()
+
+
+@pytest.fixture
+def loopback() -> str:
+    """A loopback address of this test's own (from 127.0.1.1 on, where no hand-written address lies): servers the
+    test starts bind there on free ports, so that two tests never meet on one address."""
+    n = next(_LOOPBACK)
+    return f"127.0.{1 + n // 254}.{1 + n % 254}"
 
 
 @pytest.fixture(scope="session")

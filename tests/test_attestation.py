@@ -45,9 +45,9 @@ from gpulab.attestation.state import NodeStates
 from gpulab.attestation.verifier import check_submods, sha256_hex, split_jws
 from gpulab.config import effective_config
 from gpulab.errors import ConfigError
-from gpulab.events import make_engine
 from gpulab.net import free_port
 from gpulab.secrets import Secret
+from gpulab.service.storage import make_engine
 from tests.support.attestation import (
     GPU_TEMPLATE,
     NONCE_NOT_MATCHING,

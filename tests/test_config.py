@@ -95,6 +95,32 @@ def test_broken_config_file(tmp_path):
     assert "gpulab_config.py" in line and "SyntaxError" in line
 
 
+@pytest.mark.parametrize("setting, expected", [
+    # a wrong value: refused at start, not on every scheduling pass afterwards
+    ("c.JobQueue.user_quota = {'max_jobs': 'eight'}", "c.JobQueue.user_quota: "),
+    ("c.JobQueue.user_quota = {'max_job': 8}", "user_quota: 'max_job' is not a quota limit (give max_jobs and/or"),
+    ("c.JobQueue.group_quotas = {'ml': {'max_gpus': -1}}", "c.JobQueue.group_quotas: "),
+    ("c.InferenceGateway.processes = 'two'", "c.InferenceGateway.processes: "),
+    ("c.JobQueue.executor_class = 'slurm'", "c.JobQueue.executor_class: "),
+    # a misspelt name would be ignored
+    ("c.JobQueue.user_qouta = {}", "c.JobQueue.user_qouta is not a setting of JobQueue; did you mean user_quota?"),
+    ("c.Platform.isolaton = 'none'", "c.Platform.isolaton is not a setting of Platform; did you mean isolation?"),
+])
+def test_every_setting_is_checked_when_the_platform_starts(tmp_path, setting, expected):
+    assert expected in one_line_error(up(tmp_path, setting + "\n"))
+
+
+def test_config_generate_lists_every_setting_as_a_loadable_file(tmp_path):
+    result = run_gpulab(tmp_path, "", "config", "generate")
+    assert result.returncode == 0, result.stderr
+    generated = tmp_path / "generated_config.py"
+    generated.write_text(result.stdout)
+    assert load_config(generated) == {}  # every line a comment: loading it changes nothing
+    for setting, help_text in (("c.JobQueue.user_quota", "Per-user limits"), ("c.Platform.isolation", ""),
+                               ("c.InferenceGateway.replicas", "Triton gRPC endpoints"), ("c.OIDC.issuer", "")):
+        assert f"# {setting} = " in result.stdout and help_text in result.stdout, setting
+
+
 def test_config_show_redacts_secrets(tmp_path):
     nras_key = tmp_path / "nras-api-key"
     write_secret_file(nras_key, "nras-KEYFILE-SECRET")

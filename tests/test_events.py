@@ -23,9 +23,10 @@ from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import Session
 from tornado.httpclient import AsyncHTTPClient
 
-from gpulab.events import subscriber, utcnow
+from gpulab.events import subscriber
 from gpulab.events.delivery import Deliverer, backoff_delay, deliver_pending
 from gpulab.events.outbox import Base, Delivery, OutboxEvent, UserEvents
+from gpulab.service.storage import utcnow
 from gpulab.tracing import setup_tracing
 
 RECORDER = Path(__file__).parent / "support" / "event_recorder.py"

@@ -3,7 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from gpulab.services.jobs.models import ErrorBody, JobSpec, validation_error_body
+from gpulab.service.errors import ErrorBody
+from gpulab.service.handlers import validation_error_body
+from gpulab.services.jobs.models import JobSpec
 
 BASE = {"name": "train", "entrypoint": ["python", "train.py"]}
 

@@ -18,13 +18,12 @@ import pytest
 from traitlets.config import Config
 
 from gpulab import cgroups
+from gpulab.job_states import TERMINAL_STATES
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch, Outcome
 from gpulab.services.jobs.executors.local import LocalExecutor
 from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.queue import ClaimRefused, JobQueue
 from gpulab.services.jobs.store import JobStateError, JobStore
-
-FINAL = ("succeeded", "failed", "cancelled", "timed_out")
 
 # A job that records each run, publishes its token and waits for a release file.
 GATED = """
@@ -135,7 +134,7 @@ async def submit(q: JobQueue, owner="alice", groups=(), admin=False, **spec):
 
 async def finished(store: JobStore, job_id: str, timeout=20.0):
     return await until(
-        lambda: (r := store.get_job(job_id)).state in FINAL and r, timeout, f"job {job_id} to finish"
+        lambda: (r := store.get_job(job_id)).state in TERMINAL_STATES and r, timeout, f"job {job_id} to finish"
     )
 
 

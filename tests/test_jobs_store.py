@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import case, create_engine, inspect, select, text, update
 from sqlalchemy.orm import Session
 
-from gpulab.events import utcnow
+from gpulab.service.storage import utcnow
 from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.store import (
     MIGRATIONS,

@@ -137,5 +137,5 @@ def test_train_in_lab_shows_the_monitor_until_succeeded(hub, output_dir):
             page.get_by_text("3/3", exact=True).first.wait_for(timeout=10_000)
         except Exception:
             page.screenshot(path=str(output_dir / "lab-train-failure.png"))
-            raise AssertionError(f"browser stopped at {page.url}")
+            raise AssertionError(f"browser stopped at {page.url}") from None
         page.screenshot(path=str(output_dir / "lab-train-monitor.png"))

@@ -198,5 +198,5 @@ def test_browser_sign_in_lands_in_lab_and_runs_a_cell(stack, output_dir):
             page.locator(".jp-OutputArea-output", has_text="user is frank").wait_for(timeout=120_000)
         except Exception:
             page.screenshot(path=str(output_dir / "oidc-login-failure.png"))
-            raise AssertionError(f"browser stopped at {page.url}")
+            raise AssertionError(f"browser stopped at {page.url}") from None
         page.screenshot(path=str(output_dir / "oidc-login-lab.png"))

@@ -25,7 +25,7 @@ def test_server_extension_routes_match_spec():
 
 
 def test_job_service_routes_match_spec():
-    from gpulab.services.jobs.handlers import handlers as job_handlers
+    from gpulab.services.jobs.app import api_handlers as job_handlers
 
     prefix = "/services/gpulab-jobs/api/v1"
     routes = {route_pattern(r[0], prefix) for r in job_handlers("/services/gpulab-jobs/")}

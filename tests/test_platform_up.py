@@ -10,8 +10,8 @@ import psutil
 import pytest
 import requests
 
-from tests.support.login import api_session_token, password_login, wait_for_lab
 from tests.support.gpulab_up import Platform
+from tests.support.login import api_session_token, password_login, wait_for_lab
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ async def test_failure_test_is_configurable(clock):
 @pytest.mark.parametrize("exc, outage", [
     (ConnectionRefusedError(), True),
     (OSError("no route"), True),
-    (asyncio.TimeoutError(), True),
+    (TimeoutError(), True),
     (HTTPClientError(599), True),
     (HTTPClientError(503), True),
     (HTTPClientError(404), False),

@@ -5,6 +5,7 @@ from urllib.parse import urlsplit
 from traitlets import Bool, Float, Integer, List, Set, Unicode, default
 from traitlets.config import Configurable
 
+from ..data_dir import default_data_dir
 from ..errors import ConfigError
 
 NRAS_URL = "https://nras.attestation.nvidia.com"
@@ -88,8 +89,6 @@ class Attestation(Configurable):
 
     @default("db_url")
     def _default_db_url(self):
-        from ..config import default_data_dir  # here: gpulab.config imports this module (CONFIGURABLES)
-
         return f"sqlite:///{default_data_dir() / 'jobs' / 'attestation.sqlite'}"
 
     def check(self) -> None:

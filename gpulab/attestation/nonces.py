@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, Float, String, delete
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ..events import make_engine
+from ..service.storage import make_engine
 
 NONCE_BYTES = 32
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from traitlets.config import Config
 
-from ..events import make_engine
+from ..service.storage import make_engine
 from .abuse import AbuseGuard
 from .audit import AuditLog
 from .config import Attestation

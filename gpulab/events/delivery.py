@@ -15,7 +15,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from gpulab.tracing import inject, tracer
 
-from . import utcnow
+from ..service.storage import utcnow
 from .outbox import Delivery, OutboxEvent, Subscriber, UserEvents
 
 BACKOFF_BASE_S = 1.0

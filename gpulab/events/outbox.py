@@ -20,7 +20,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from traitlets import Dict, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from . import SCHEMA_ID, SCHEMA_PATH, make_engine, utcnow
+from ..service.storage import make_engine, utcnow
+from . import SCHEMA_ID, SCHEMA_PATH
 
 
 class Base(DeclarativeBase):

@@ -23,7 +23,8 @@ from tornado.web import RequestHandler
 
 from gpulab.tracing import span_from_headers
 
-from . import SCHEMA_PATH, make_engine, utcnow
+from ..service.storage import make_engine, utcnow
+from . import SCHEMA_PATH
 
 Apply = Callable[[dict, Session], None]
 

@@ -21,7 +21,7 @@ from ..accounts import (
     isolation_mode,
     may_read,
 )
-from ..config import config_path, instances, load_config
+from ..config import CONFIGURABLES, check_settings, config_path, instances, load_config, service_configurables
 from ..errors import ConfigError
 from ..net import free_port
 from ..scopes import CLI_SCOPES, CLI_SERVICE, INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
@@ -161,6 +161,7 @@ def _service_env(platform, services: dict) -> dict:
 def configure(c, config_file: Path | None = None) -> None:
     """Fill the hub's config ``c`` from gpulab's config."""
     cfg = load_config(config_file)
+    check_settings(cfg, [*CONFIGURABLES, *service_configurables()])  # the services' too: refuse to start
     conf = instances(cfg)
     platform, login, oidc, roles_cfg = conf["Platform"], conf["Login"], conf["OIDC"], conf["Roles"]
     data_dir = Path(platform.data_dir).expanduser().resolve()

@@ -20,9 +20,9 @@ from traitlets.config import LoggingConfigurable
 
 from ..accounts import personal_refusal
 from ..config import Roles
-from ..events import make_engine
 from ..events.delivery import Deliverer
 from ..events.outbox import UserEvents
+from ..service.storage import make_engine
 from .roles import roles_for
 
 _metadata = sa.MetaData()

@@ -15,10 +15,6 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 
 from .. import tracing
 
-# gRPC status -> HTTP status, for REST answers
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-               "RESOURCE_EXHAUSTED": 413, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
-
 
 class HubAuth(InferenceServerClientPlugin):
     """Adds the hub token and the current ``traceparent`` to each call; headers the caller passes win."""

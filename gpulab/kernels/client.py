@@ -20,9 +20,8 @@ import requests
 from opentelemetry import trace
 
 from .. import scopes, tracing
+from ..job_states import TERMINAL_STATES
 
-FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
-STATES = ("queued", "dispatching", "running", *FINAL_STATES)
 _HINTS = {
     (401, None): "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
     (403, "resources.gpus"): "ask an admin for GPU access, or request no GPUs",
@@ -248,7 +247,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state in TERMINAL_STATES
 
     def refresh(self) -> Job:
         self.data = self.client.request("GET", f"/jobs/{self.id}").json()
@@ -288,12 +287,6 @@ class Job:
     def cancel(self) -> Job:
         self.data = self.client.cancel(self.id).data
         return self
-
-    def monitor(self):
-        """A live :class:`~gpulab.kernels.widgets.Monitor` of this job."""
-        from .widgets import Monitor
-
-        return Monitor(self)
 
     def mlflow_run(self) -> dict | None:
         """The job's MLflow run (``{"info", "data", ...}``), or None before the job has one."""

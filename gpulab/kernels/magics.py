@@ -15,7 +15,9 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from ..inference.triton import BACKENDS
-from .client import STATES, GpulabError, default_client, job_spec
+from ..job_states import JOB_STATES
+from .client import GpulabError, default_client, job_spec
+from .widgets import Monitor
 
 
 class _Stop(Exception):
@@ -116,7 +118,7 @@ class GpulabMagics(Magics):
             runner = ["-m", "gpulab.kernels.rapids"] if kind == "preprocess" else []
             spec = job_spec(entrypoint=["python", *runner, args.script, *args.args], **fields)
         job = default_client().submit(spec)
-        monitor = job.monitor() if args.monitor else None
+        monitor = Monitor(job) if args.monitor else None
         if monitor:
             display(monitor)
         else:
@@ -155,7 +157,7 @@ class GpulabMagics(Magics):
         """List your jobs: ``%jobs [--all] [--state S] [--limit N]`` (``--all``: everyone's, admins only)."""
         parser = _Parser(prog=prog)
         parser.add_argument("--all", action="store_true")
-        parser.add_argument("--state", choices=STATES)
+        parser.add_argument("--state", choices=JOB_STATES)
         parser.add_argument("--limit", type=int, default=50)
         args = parser.parse_args(argv)
         display(default_client().list(state=args.state, all=args.all, limit=args.limit))
@@ -164,7 +166,7 @@ class GpulabMagics(Magics):
     @_one_line
     def job(self, prog, argv, cell=None):
         """Show a job's live monitor: ``%job ID``."""
-        display(default_client().get(_id_parser(prog).parse_args(argv).id).monitor())
+        display(Monitor(default_client().get(_id_parser(prog).parse_args(argv).id)))
 
     @line_magic
     @_one_line

@@ -1,20 +1,21 @@
 """REST handlers of the gpulab server extension, under ``/gpulab/api/v1/``."""
 
-import json
 import os
 
 from jupyter_server.base.handlers import APIHandler
 from opentelemetry import trace
 from tornado import web
 
-from .. import http_methods, tracing
+from .. import tracing
 from ..gpus import list_gpus
+from ..service.errors import APIError
+from ..service.handlers import JSONAPIMixin
 from .authorizer import RESOURCE_SCOPES, user_scopes
 
 TRACER = tracing.tracer("gpulab.server_extension")  # follows the provider set up when the extension loads
 
 
-class GpulabHandler(APIHandler):
+class GpulabHandler(JSONAPIMixin, APIHandler):
     """Base: traced, authenticated (401), scope-checked (403), errors as ``{"error": {...}}``."""
 
     auth_resource = "gpulab"
@@ -27,11 +28,13 @@ class GpulabHandler(APIHandler):
         )
         await super().prepare()
         if self.current_user is None:
-            raise web.HTTPError(401, "authentication required: sign in or send 'Authorization: token <hub token>'")
+            raise APIError(401, "authentication required: sign in or send 'Authorization: token <hub token>'",
+                           code="unauthenticated")
         action = "read" if self.request.method in ("GET", "HEAD") else "write"
         if not self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource):
             needed = " or ".join(RESOURCE_SCOPES.get(self.auth_resource, ("an unknown scope",)))
-            raise web.HTTPError(403, f"this needs the {needed} scope, which {self.current_user.username} lacks")
+            raise APIError(403, f"this needs the {needed} scope, which {self.current_user.username} lacks",
+                           code="forbidden")
 
     def check_xsrf_cookie(self):
         """A request carrying no credential at all (no header, no cookie) has nothing a forged form could use:
@@ -47,23 +50,13 @@ class GpulabHandler(APIHandler):
             span.end()
         super().on_finish()
 
-    def write_error(self, status_code, **kwargs):
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
-        if status_code >= 500 and not isinstance(exc, web.HTTPError):  # our 502/503 messages name the dependency
-            message = "internal error; see the server log"
-        elif status_code == 405:
-            message = http_methods.refuse(self)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": {"code": status_code, "message": message, "field": getattr(exc, "field", None)}}))
-
 
 class NotFoundHandler(GpulabHandler):
     """A path under the API that names nothing (a malformed job id or model name among them)."""
 
     async def prepare(self):
         await super().prepare()
-        raise web.HTTPError(404, f"no such endpoint: {self.request.path}")
+        raise APIError(404, f"no such endpoint: {self.request.path}")
 
 
 class WhoAmIHandler(GpulabHandler):

@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from .. import tracing
 from ..net import client_ip
 from ..resilience import CircuitBreaker, CircuitOpenError
+from ..service.errors import APIError
 from ..services.jobs.models import MAX_BODY
 from .handlers import GpulabHandler
 
@@ -47,14 +48,14 @@ class ServiceProxyHandler(GpulabHandler):
     def backend(self) -> JobsBackend:
         backend = self.settings.get("gpulab_jobs")
         if backend is None:
-            raise web.HTTPError(503, "the job service is not configured (GPULAB_JOBS_URL is not set)")
+            raise APIError(503, "the job service is not configured (GPULAB_JOBS_URL is not set)", code="unavailable")
         return backend
 
     async def forward(self, path: str, streaming: bool = False) -> None:
         backend = self.backend
         if len(self.request.body or b"") > MAX_BODY:  # refused here: not a failure of the service (breaker)
-            raise web.HTTPError(413, f"request body is {len(self.request.body)} bytes; {backend.name} takes at most "
-                                     f"{MAX_BODY}")
+            raise APIError(413, f"request body is {len(self.request.body)} bytes; {backend.name} takes at most "
+                                f"{MAX_BODY}", code="too_large")
         query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
         headers = {
             "Authorization": f"token {backend.token}",
@@ -75,9 +76,9 @@ class ServiceProxyHandler(GpulabHandler):
             async with backend.breaker:
                 response = await AsyncHTTPClient().fetch(request, raise_error=False)
         except CircuitOpenError as e:
-            raise web.HTTPError(503, str(e)) from None
+            raise APIError(503, str(e), code="unavailable") from None
         except OSError as e:
-            raise web.HTTPError(503, f"{backend.name} is unreachable: {e}") from None
+            raise APIError(503, f"{backend.name} is unreachable: {e}", code="unavailable") from None
         if streaming:
             self.finish()
             return

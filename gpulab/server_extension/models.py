@@ -9,7 +9,6 @@ with the binary tensor extension for large tensors (``kserve.py``). Triton's err
 input 400 naming the tensor and its expected shape, unknown model 404, oversized 413.
 """
 
-import json
 import logging
 import os
 
@@ -22,7 +21,6 @@ from tritonclient.utils import InferenceServerException
 
 from ..inference import kserve
 from ..inference.client import (
-    HTTP_STATUS,
     BadInput,
     HubAuth,
     infer_inputs,
@@ -33,6 +31,7 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
+from ..service.errors import APIError, error_code, http_status
 from .handlers import GpulabHandler
 from .jobs import JobsBackend, ServiceProxyHandler
 
@@ -58,7 +57,8 @@ class InferBackend(JobsBackend):
     def client(self) -> triton_aio.InferenceServerClient:
         """One aio client on the server's event loop, sending the server's token with every call."""
         if not self.address:
-            raise web.HTTPError(503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)")
+            raise APIError(503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)",
+                           code="unavailable")
         if self._client is None:
             self._client = triton_aio.InferenceServerClient(self.address, **tls_options())
             self._client.register_plugin(HubAuth(self.token))
@@ -68,16 +68,9 @@ class InferBackend(JobsBackend):
 def _backend(handler) -> InferBackend:
     backend = handler.settings.get("gpulab_infer")
     if backend is None:
-        raise web.HTTPError(503, "the inference service is not configured (GPULAB_INFER_URL is not set)")
+        raise APIError(503, "the inference service is not configured (GPULAB_INFER_URL is not set)",
+                       code="unavailable")
     return backend
-
-
-class RequestError(web.HTTPError):
-    """An HTTP error naming the request ``field`` at fault."""
-
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(status, message.replace("%", "%%"))
-        self.field = field
 
 
 class ModelsProxyHandler(ServiceProxyHandler):
@@ -121,13 +114,13 @@ class InferHandler(GpulabHandler):
         try:
             body, binary = kserve.split(self.request.body, self.request.headers.get(kserve.HEADER_LENGTH))
         except BadInput as e:
-            raise RequestError(400, e.message, e.field) from None
+            raise APIError(400, e.message, e.field, code="invalid") from None
         inputs = body.get("inputs")
         if not isinstance(inputs, dict | list) or not inputs:
-            raise RequestError(400, 'give "inputs": {"<tensor>": [...]} or KServe v2 input tensors', "inputs")
+            raise APIError(400, 'give "inputs": {"<tensor>": [...]} or KServe v2 input tensors', "inputs", "invalid")
         requested = [o.get("name") if isinstance(o, dict) else o for o in body.get("outputs") or []]
         if not all(isinstance(o, str) for o in requested):
-            raise RequestError(400, 'outputs are names, or KServe v2 {"name": ...} objects', "outputs")
+            raise APIError(400, 'outputs are names, or KServe v2 {"name": ...} objects', "outputs", "invalid")
         version = str(body.get("version") or "")
         kserve_form = isinstance(inputs, list)
         key = (name, version)
@@ -146,13 +139,13 @@ class InferHandler(GpulabHandler):
                                                     [triton_aio.InferRequestedOutput(o) for o in requested] or None,
                                                     client_timeout=60)
         except BadInput as e:
-            raise RequestError(400, e.message, e.field) from None
+            raise APIError(400, e.message, e.field, code="invalid") from None
         except InferenceServerException as e:
             backend.metadata.pop(key, None)  # it may have been redeployed with other inputs
             message = message_of(e)
             tensor = tensor_of(message)
-            raise RequestError(HTTP_STATUS.get(status_of(e), 502), message,
-                               f"inputs.{tensor}" if tensor else None) from None
+            raise APIError(http_status(status_of(e), 502), message, f"inputs.{tensor}" if tensor else None,
+                           error_code(status_of(e), "bad_gateway")) from None
         if not kserve_form:
             response = result.get_response()
             self.finish({"model_name": response.model_name, "model_version": response.model_version,
@@ -172,14 +165,6 @@ class InferHandler(GpulabHandler):
             prometheus_log_method(self)
             return
         super()._log()
-
-    def write_error(self, status_code, **kwargs):
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if not isinstance(exc, RequestError):
-            return super().write_error(status_code, **kwargs)
-        self.set_header("Content-Type", "application/json")  # the gateway's 5xx messages say what is wrong
-        self.finish(json.dumps({"error": {"code": status_code, "message": exc.log_message.replace("%%", "%"),
-                                          "field": exc.field}}))
 
 
 MODEL = r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"

@@ -3,68 +3,18 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-export const TERMINAL_STATES = ['succeeded', 'failed', 'cancelled', 'timed_out'];
+import type { components } from './schema/server';
 
-export interface IJob {
-  id: string;
-  name: string;
-  owner: string;
-  kind: string;
-  state: string;
-  state_reason: string;
-  pool: string;
-  resources: { gpus: number; cpus: number; memory: number | null; pool: string };
-  attempt: number;
-  created_at: string;
-  started_at: string | null;
-  finished_at: string | null;
-  exit_code: number | null;
-  progress: { step: number | null; total: number | null; fraction: number | null; metrics: Record<string, unknown> };
-  mlflow_run_id: string | null;
-  attestation_node: string | null;
-}
+type Schemas = components['schemas'];
+export type JobState = Schemas['JobState'];
+export type IJob = Schemas['Job'];
+export type ITensor = Schemas['Tensor'];
+export type IModel = Schemas['Model'];
+export type INode = Schemas['AttestationNode'];
+export type IStatus = Schemas['Status'];
+export type IWhoAmI = Schemas['WhoAmI'];
 
-export interface ITensor {
-  name: string;
-  datatype: string;
-  shape: number[];
-}
-
-export interface IModel {
-  name: string;
-  owner: string | null;
-  backend: string | null;
-  ready: boolean;
-  versions: { version: number; state: string; source?: string; deployed_by?: string; deployed_at?: string }[];
-  inputs: ITensor[];
-  outputs: ITensor[];
-}
-
-export interface INode {
-  node: string;
-  valid: boolean;
-  problem: string | null;
-  user: string | null;
-  verified_at: string | null;
-  expires_at: string | null;
-  revoked: boolean;
-  last_reason: string;
-  devices: Record<string, unknown>;
-}
-
-export interface IStatus {
-  user: string;
-  gpus: 'none' | { index: number; name: string; uuid: string }[];
-  services: { jobs: string | null; mlflow_ui: string | null };
-  breakers: { name: string; state: string; last_error?: string | null }[];
-}
-
-export interface IWhoAmI {
-  name: string;
-  admin: boolean;
-  groups: string[];
-  scopes: string[];
-}
+export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];
 
 /** A refusal or failure of the API; `message` is the server's, `field` names what to fix. */
 export class APIError extends Error {
@@ -143,15 +93,16 @@ export async function followLogs(
         const event = parseEvent(buffer.slice(0, end));
         buffer = buffer.slice(end + 2);
         if (event.name === 'log') {
-          onText(event.data.text);
+          onText((event.data as ILogEvents['log']).text);
         } else if (event.name === 'end') {
-          return event.data.state;
+          return (event.data as ILogEvents['end']).state;
         } else if (event.name === 'closed') {
           // the service's time limit or a token re-check: follow again from where it stopped, or say why not
-          if (event.data.code === 'revoked') {
-            throw new Error(event.data.message);
+          const closed = event.data as ILogEvents['closed'];
+          if (closed.code === 'revoked') {
+            throw new Error(closed.message);
           }
-          return followLogs(jobId, event.data.offset, onText, signal);
+          return followLogs(jobId, closed.offset, onText, signal);
         }
       }
     }
@@ -165,7 +116,14 @@ export async function followLogs(
   }
 }
 
-function parseEvent(block: string): { name: string; data: any } {
+/** The data of each server-sent event of a followed log (GET /jobs/{id}/logs?follow=true). */
+interface ILogEvents {
+  log: { offset: number; text: string };
+  end: { state: JobState };
+  closed: { code: string; message: string; offset: number };
+}
+
+function parseEvent(block: string): { name: string; data: unknown } {
   let name = 'message';
   const data: string[] = [];
   for (const line of block.split('\n')) {

@@ -6,7 +6,10 @@ import { getJSON, INode } from './api';
 import { ago, ErrorLine, plural, usePolling } from './common';
 
 export function AttestationView(props: { visible: () => boolean }): JSX.Element {
-  const [list, error] = usePolling(() => getJSON<{ nodes: INode[]; max_age: number }>('attestation/nodes'), props.visible);
+  const [list, error] = usePolling(
+    () => getJSON<{ nodes: INode[]; max_age: number }>('attestation/nodes'),
+    props.visible
+  );
   return (
     <div className="jp-gpulab-section">
       <ErrorLine error={error} />

@@ -20,9 +20,11 @@ export function JobsView(props: IJobsProps): JSX.Element {
   const [launching, setLaunching] = React.useState(false);
   const [error, setError] = React.useState<string | null>(null);
   const query = state ? `jobs?limit=50&state=${state}` : 'jobs?limit=50';
-  const [jobs, loadError, refresh] = usePolling(async () => (await getJSON<{ jobs: IJob[] }>(query)).jobs, props.visible, [
-    query
-  ]);
+  const [jobs, loadError, refresh] = usePolling(
+    async () => (await getJSON<{ jobs: IJob[] }>(query)).jobs,
+    props.visible,
+    [query]
+  );
 
   const act = async (what: string, method: 'POST' | 'DELETE', path: string) => {
     setError(null);
@@ -93,7 +95,7 @@ function JobCard(props: {
   const { job, act } = props;
   const finished = TERMINAL_STATES.includes(job.state);
   const { step, total, metrics } = job.progress;
-  const metricText = Object.entries(metrics)
+  const metricText = Object.entries(metrics ?? {})
     .map(([k, v]) => `${k}=${typeof v === 'number' ? +v.toPrecision(4) : v}`)
     .join(' ');
   const gpus = job.resources.gpus ? plural(job.resources.gpus, 'GPU') : 'CPU';
@@ -111,7 +113,8 @@ function JobCard(props: {
       {step !== null && (
         <div className="jp-gpulab-progress">
           {total ? <progress value={step} max={total} /> : null}
-          <span>{total ? `${step}/${total}` : `step ${step}`}</span> <span className="jp-gpulab-reason">{metricText}</span>
+          <span>{total ? `${step}/${total}` : `step ${step}`}</span>{' '}
+          <span className="jp-gpulab-reason">{metricText}</span>
         </div>
       )}
       <div className="jp-gpulab-card-foot">
@@ -120,7 +123,11 @@ function JobCard(props: {
         </span>
         <span className="jp-gpulab-actions">
           {job.mlflow_run_id && props.mlflowUrl && (
-            <a href={`${props.mlflowUrl.replace(/\/$/, '')}/#/runs/${job.mlflow_run_id}`} target="_blank" rel="noreferrer">
+            <a
+              href={`${props.mlflowUrl.replace(/\/$/, '')}/#/runs/${job.mlflow_run_id}`}
+              target="_blank"
+              rel="noreferrer"
+            >
               MLflow
             </a>
           )}
@@ -132,7 +139,10 @@ function JobCard(props: {
               Delete
             </button>
           ) : (
-            <button className="jp-gpulab-button" onClick={() => act(`Cancel ${job.name}`, 'POST', `jobs/${job.id}/cancel`)}>
+            <button
+              className="jp-gpulab-button"
+              onClick={() => act(`Cancel ${job.name}`, 'POST', `jobs/${job.id}/cancel`)}
+            >
               Cancel
             </button>
           )}

@@ -32,7 +32,10 @@ export class GpulabPanel extends ReactWidget {
 
 function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void; cwd: () => string }): JSX.Element {
   const [chosen, setTab] = React.useState('jobs');
-  const [who, whoError] = usePolling(() => getJSON<IWhoAmI>('whoami'), () => false);
+  const [who, whoError] = usePolling(
+    () => getJSON<IWhoAmI>('whoami'),
+    () => false
+  );
   const [status] = usePolling(() => getJSON<IStatus>('status'), props.visible);
   const tabs = who ? TABS.filter(t => who.scopes.includes(t.scope)) : [];
   const tab = tabs.some(t => t.id === chosen) ? chosen : tabs[0]?.id;

@@ -54,7 +54,7 @@ def probe(targets: dict) -> dict:
     for path in targets.get("files", []):
         try_read(path)
     for tree in targets.get("trees", []):
-        for root, dirs, files in os.walk(tree):
+        for root, _dirs, files in os.walk(tree):
             if os.lstat(root).st_uid != me:
                 findings.append(f"listed {root}")
             for name in files:

@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2
 
 from ...inference.triton import BACKENDS, write_onnx_model
 from ...scopes import ADMIN
+from ...service.errors import APIError
 from ..mlflow.identity import delegated_credential
 from .auth import Identity
 from .records import NAME, ModelRecords
@@ -37,12 +38,11 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CONVERTER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 
-class DeployError(Exception):
-    """A refused or failed deployment: HTTP ``status``, ``message``, the request ``field`` at fault, ``code``."""
+class DeployError(APIError):
+    """A refused or failed deployment: HTTP status, message, the request ``field`` at fault, ``code``."""
 
     def __init__(self, status: int, message: str, field: str | None = None, code: str = "invalid"):
-        super().__init__(message)
-        self.status, self.message, self.field, self.code = status, message, field, code
+        super().__init__(status, message, field, code)
 
 
 def normalize_source(source) -> str:

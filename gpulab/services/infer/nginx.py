@@ -38,10 +38,10 @@ from ...errors import ConfigError
 from ...inference.triton import GRPC_KEY_PREFIX
 from ...net import socket_path
 from ...scopes import INFER
+from ...service.errors import http_status, lua_tables
 from .auth import InvalidToken, token_from_metadata
 from .gateway import Gateway, GatewayError
 from .processes import fetch_metrics
-from .rest import HTTP_STATUS
 
 LUA_DIR = Path(__file__).parent
 TEMPLATE = """
@@ -68,7 +68,7 @@ http {{
     require("nginx_gateway").configure({{ttl = {ttl}, replicas = {{{replica_list}}},
       health_interval = {health_interval}, authorize_socket = "{authorize_socket}", read_model = {read_model},
       key = os.getenv("GPULAB_NGINX_TRITON_KEY") or "", key_header = "{key_header}",
-      http_key_header = "{http_key_header}"}})
+      http_key_header = "{http_key_header}", {status_tables}}})
   }}
   init_worker_by_lua_block {{ require("nginx_gateway").watch_replicas() }}
   upstream gpulab_triton {{
@@ -225,7 +225,7 @@ class AuthorizeHandler(LoopbackHandler):
             who = await self.gateway.authenticate(metadata)
             self.gateway.authorize(who, INFER, self.get_argument("model", None))
         except GatewayError as e:
-            self.set_status(HTTP_STATUS.get(e.code, 503))
+            self.set_status(http_status(e.code, 503))
             self.set_header("Grpc-Status", str(e.code.value[0]))
             self.set_header("Cache-Seconds", self._cache_seconds(metadata))
             self.finish(e.message)
@@ -315,7 +315,7 @@ class NginxDataPlane:
             modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,
             ttl=conf.token_cache_seconds, replica_list=", ".join(map(_lua_replica, conf.replicas, http_replicas)),
             health_interval=conf.health_interval, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
-            http_key_header=conf.restricted_header, rest=rest,
+            http_key_header=conf.restricted_header, rest=rest, status_tables=lua_tables(),
             python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
             max_bytes=conf.max_request_bytes, authorize_socket=self.authorize_socket,
             metrics_socket=self.metrics_socket,

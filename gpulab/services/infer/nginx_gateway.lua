@@ -32,6 +32,7 @@ function M.configure(options)
   ttl, platform_key, key_header, http_key_header = options.ttl, options.key, options.key_header, options.http_key_header
   replicas, health_interval, authorize_socket = options.replicas, options.health_interval, options.authorize_socket
   read_model = options.read_model
+  REST_STATUS, REST_CODE = options.rest_status, options.rest_code
   for _, replica in ipairs(replicas) do
     by_peer[peer(replica.ip, replica.port)] = replica
     if replica.http_ip then by_peer[peer(replica.http_ip, replica.http_port)] = replica end
@@ -42,9 +43,9 @@ local function rest()
   return ngx.var.gpulab_protocol == "rest"
 end
 
--- the gRPC codes of the gateway's own errors as REST statuses, and Triton's REST statuses as gRPC codes (metrics)
-local REST_STATUS = {[3] = 400, [5] = 404, [7] = 403, [8] = 413, [14] = 503, [16] = 401}
-local REST_CODE = {[200] = 0, [400] = 3, [401] = 16, [403] = 7, [404] = 5, [413] = 8, [502] = 14, [503] = 14}
+-- the gRPC codes of the gateway's own errors as REST statuses, and Triton's REST statuses as gRPC codes (metrics):
+-- gpulab.service.errors.STATUSES, passed to configure
+local REST_STATUS, REST_CODE = {}, {}
 
 -- The gateway's own error: gRPC status and message, or on the REST port the status for the code (or `status`)
 -- with KServe's {"error": "<message>"}

@@ -8,7 +8,6 @@ key; Triton's answer comes back as it is, whatever its status. The gateway's own
 ``{"error": "<message>"}``. Model control is not offered here (gRPC and the deploy API have it).
 """
 
-import json
 import ssl
 import time
 from contextlib import nullcontext
@@ -18,10 +17,11 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets, bind_unix_socket
 
-from ... import http_methods
 from ...inference import kserve
 from ...inference.kserve import HEADER_LENGTH
 from ...resilience import CircuitOpenError
+from ...service.errors import APIError, grpc_name, http_status
+from ...service.handlers import JSONAPIMixin
 from ...text import CONTROL
 from ...tracing import inject
 from .gateway import IDEMPOTENT, LOCAL, RPCS, Gateway, GatewayError
@@ -40,43 +40,25 @@ ROUTES = [
     (MODEL + "/stats", "GET", "ModelStatistics"),
     (MODEL + "/infer", "POST", "ModelInfer"),
 ]
-HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
-               grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
-               grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503}
-GRPC_CODE = {status: code for code, status in HTTP_STATUS.items()} | {200: grpc.StatusCode.OK,
-                                                                      502: grpc.StatusCode.UNAVAILABLE}
 # request headers passed to Triton, and answer headers passed back
 REQUEST_HEADERS = ("Content-Type", "Content-Encoding", "Accept-Encoding", "Inference-Header-Content-Length")
 ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-Length")
 
 
-class RestError(Exception):
+class RestError(APIError):
+    """The gateway's own answer on the REST plane, as KServe's ``{"error": "<message>"}``."""
+
     def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message)
 
 
-class ErrorHandler(web.RequestHandler):
+class ErrorHandler(JSONAPIMixin, web.RequestHandler):
     """KServe's error body for the gateway's own answers."""
 
-    def write_error(self, status_code, **kwargs):
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, RestError):
-            status_code, message = exc.status, exc.message
-            if status_code == 405:
-                http_methods.allow(self)
-        elif isinstance(exc, web.HTTPError) and status_code < 500:
-            message = http_methods.refuse(self) if status_code == 405 else exc.log_message or self._reason
-        else:
-            message = "internal error; see the gpulab-infer log"
-        self.set_status(status_code)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": message}))
+    log_name = "gpulab-infer"
 
-    def log_exception(self, typ, value, tb):
-        if not isinstance(value, RestError):  # answers, not failures
-            super().log_exception(typ, value, tb)
+    def error_body(self, status, code, message, field, details) -> dict:
+        return {"error": message}
 
 
 class NotOffered(ErrorHandler):
@@ -130,18 +112,18 @@ class RestHandler(ErrorHandler):
                     and (problem := kserve.request_problem(b"".join(self.chunks),
                                                            self.request.headers.get(HEADER_LENGTH))):
                 raise RestError(400, problem)
-            code = GRPC_CODE.get(answer.status, grpc.StatusCode.UNKNOWN)
+            code = grpc.StatusCode[grpc_name(answer.status)]
             self.set_status(answer.status)
             for name in ANSWER_HEADERS:
                 if name in answer.headers:
                     self.set_header(name, answer.headers[name])
             self.finish(answer.body)
         except RestError as e:
-            code = GRPC_CODE.get(e.status, grpc.StatusCode.UNKNOWN)
+            code = grpc.StatusCode[grpc_name(e.status_code)]
             raise
         except GatewayError as e:
             code = e.code
-            raise RestError(HTTP_STATUS.get(e.code, 503), e.message) from None
+            raise RestError(http_status(e.code, 503), e.message) from None
         except (NoReplicaError, CircuitOpenError) as e:
             code = grpc.StatusCode.UNAVAILABLE
             raise RestError(503, str(e)) from None

@@ -30,11 +30,12 @@ from ...config import instances, load_config
 from ...errors import ConfigError
 from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...secrets import read_secret_file
+from ...service.errors import APIError, error_body
 from ...tracing import setup_tracing
-from . import openapi
+from . import attestation_api, handlers, openapi
 from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
-from .handlers import APIError, BaseHandler, handlers
+from .handlers import BaseHandler
 from .metrics import MetricsHandler
 from .models import MAX_BODY, too_large
 from .queue import JobQueue
@@ -81,7 +82,7 @@ class DropLargeBodies(httputil.HTTPMessageDelegate):
     def finish(self):
         if self.length is None:
             return self.delegate.finish()
-        body = json.dumps({"error": {"code": "too_large", "field": None, "message": too_large(self.length)}}).encode()
+        body = json.dumps(error_body("too_large", too_large(self.length))).encode()
         self.connection.write_headers(
             httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large"),
             httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))}), body)
@@ -98,6 +99,12 @@ class NotFoundHandler(BaseHandler):
         raise APIError(404, f"no such endpoint: {self.request.path}", code="not_found")
 
 
+def api_handlers(prefix: str) -> list:
+    """Routes under ``<prefix>api/v1``: each API module's ``default_handlers``."""
+    api = prefix.rstrip("/") + "/api/v1"
+    return [(api + path, handler) for path, handler in handlers.default_handlers + attestation_api.default_handlers]
+
+
 def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token: str) -> web.Application:
     """The tornado application serving the API under ``prefix``."""
 
@@ -105,7 +112,7 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
         if event["type"] == "user.deleted":
             queue.cancel_all_of(event["user"], reason=f"user {event['user']} was deleted")
 
-    routes = handlers(prefix) + [
+    routes = api_handlers(prefix) + [
         (prefix + "oauth_callback", HubOAuthCallbackHandler),
         (prefix + "metrics", MetricsHandler),
         (prefix + "events", UserEventsHandler, {"token": service_token, "applied": events, "apply": apply_event}),

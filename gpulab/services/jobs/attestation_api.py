@@ -33,7 +33,8 @@ from ...attestation import (
 )
 from ...attestation.service import NODE_NAME
 from ...net import client_ip
-from .handlers import APIError, UserHandler
+from ...service.errors import APIError
+from .handlers import UserHandler
 from .models import (
     AttestationNode,
     AttestationNodeList,
@@ -204,13 +205,12 @@ class EnrolmentHandler(EnrolmentAdminHandler):
         self.finish()
 
 
-def handlers(api: str) -> list:
-    """Routes under ``api`` (``<service prefix>api/v1``)."""
-    return [
-        (api + "/attestation/nonce", NonceHandler),
-        (api + "/attestation/verify", VerifyHandler),
-        (api + "/attestation/evidence", EvidenceHandler),
-        (api + "/attestation/nodes", NodesHandler),
-        (api + "/attestation/enrolments", EnrolmentsHandler),
-        (api + f"/attestation/enrolments/(?P<node>{NODE_NAME.pattern})", EnrolmentHandler),
-    ]
+# routes under <service prefix>api/v1
+default_handlers = [
+    ("/attestation/nonce", NonceHandler),
+    ("/attestation/verify", VerifyHandler),
+    ("/attestation/evidence", EvidenceHandler),
+    ("/attestation/nodes", NodesHandler),
+    ("/attestation/enrolments", EnrolmentsHandler),
+    (f"/attestation/enrolments/(?P<node>{NODE_NAME.pattern})", EnrolmentHandler),
+]

@@ -6,17 +6,17 @@ import math
 import time
 
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
-from pydantic import BaseModel, ValidationError
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ... import http_methods, scopes, tracing
+from ... import scopes, tracing
+from ...job_states import JOB_STATES, TERMINAL_STATES
+from ...service.errors import APIError
+from ...service.handlers import JSONAPIMixin
 from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
 from .models import (
-    JOB_STATES,
     MAX_BODY,
-    TERMINAL_STATES,
     JobCredentials,
     JobIdentity,
     JobList,
@@ -24,7 +24,6 @@ from .models import (
     ProgressUpdate,
     TrackingUpdate,
     too_large,
-    validation_error_body,
 )
 from .queue import ClaimRefused, SubmissionsLimited
 from .store import JobNotFound, JobStateError, QueueFull
@@ -32,21 +31,10 @@ from .store import JobNotFound, JobStateError, QueueFull
 MAX_LIST = 500
 
 
-class APIError(web.HTTPError):
-    """An HTTP error whose body names the offending field; ``headers`` are sent with it, ``details``
-    (structured, e.g. NVIDIA's error details of a failed attestation) in the body when set."""
+class BaseHandler(JSONAPIMixin, web.RequestHandler):
+    """JSON bodies and errors (:class:`JSONAPIMixin`), body size cap, tracing, request metrics."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, details: dict | None = None):
-        super().__init__(status, message)
-        self.field = field
-        self.code = code
-        self.headers = headers or {}
-        self.details = details
-
-
-class BaseHandler(web.RequestHandler):
-    """JSON bodies, ``{"error": {...}}`` errors, body size cap, tracing."""
+    log_name = "gpulab-jobs"
 
     @property
     def queue(self):
@@ -71,55 +59,12 @@ class BaseHandler(web.RequestHandler):
             self._span.set_attribute("http.status_code", self.get_status())
             self._span.end()
 
-    def write_json(self, obj, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        if isinstance(obj, BaseModel):
-            self.finish(obj.model_dump_json())
-        else:
-            self.finish(json.dumps(obj))
-
-    def parse(self, model: type[BaseModel]):
-        try:
-            data = json.loads(self.request.body or b"{}")
-        except ValueError as e:
-            raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
-        except RecursionError:
-            raise APIError(400, "body is nested too deeply", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "body must be a JSON object", code="invalid_json")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            field, message = validation_error_body(e)
-            raise APIError(422, f"{field}: {message}" if field else message, field=field or None,
-                           code="invalid") from None
-
     def flag(self, name: str) -> bool:
         """A boolean query parameter: true/1 or false/0 (absent: false); anything else is a 400 naming it."""
         value = self.get_argument(name, "false").lower()
         if value not in ("1", "true", "0", "false"):
             raise APIError(400, f"{name} must be true or false", field=name)
         return value in ("1", "true")
-
-    def write_error(self, status_code, **kwargs):
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = getattr(exc, "log_message", None) or self._reason
-        if status_code >= 500 and not isinstance(exc, APIError):
-            message = "internal error; see the gpulab-jobs log"
-        elif status_code == 405:
-            message = http_methods.refuse(self)
-        for name, value in getattr(exc, "headers", {}).items():
-            self.set_header(name, value)
-        self.set_header("Content-Type", "application/json")
-        error = {
-            "code": getattr(exc, "code", None) or self._reason.lower().replace(" ", "_"),
-            "message": message,
-            "field": getattr(exc, "field", None),
-        }
-        if getattr(exc, "details", None):
-            error["details"] = exc.details
-        self.finish(json.dumps({"error": error}))
 
 
 class UserHandler(HubOAuthenticated, BaseHandler):
@@ -233,7 +178,8 @@ class CancelHandler(UserHandler):
         try:
             row = await self.queue.cancel(job_id, by=self.user_name)
         except JobStateError:
-            raise APIError(409, f"job {job_id} already finished ({row.state})", field="state", code="conflict")
+            raise APIError(409, f"job {job_id} already finished ({row.state})", field="state",
+                           code="conflict") from None
         self.write_json(self.queue.job_model(row))
 
 
@@ -414,25 +360,20 @@ class OpenAPIHandler(BaseHandler):
         self.write_json(self.settings["openapi"])
 
 
-def handlers(prefix: str) -> list:
-    """Routes under the service prefix (e.g. ``/services/gpulab-jobs/``), attestation included."""
-    from . import attestation_api  # it builds on UserHandler above
-
-    api = prefix.rstrip("/") + "/api/v1"
-    job = r"/jobs/(?P<job_id>[0-9a-f]{32})"
-    return [
-        (api + "/openapi.json", OpenAPIHandler),
-        (api + "/jobs", JobsHandler),
-        (api + job, JobHandler),
-        (api + job + "/events", JobEventsHandler),
-        (api + job + "/logs", LogsHandler),
-        (api + job + "/cancel", CancelHandler),
-        (api + job + "/progress", ProgressHandler),
-        (api + job + "/heartbeat", HeartbeatHandler),
-        (api + job + "/tracking", TrackingHandler),
-        (api + job + "/identity", IdentityHandler),
-        (api + job + "/credentials", CredentialsHandler),
-        (api + "/pools", PoolsHandler),
-        (api + "/quota", QuotaHandler),
-        *attestation_api.handlers(api),
-    ]
+JOB = r"/jobs/(?P<job_id>[0-9a-f]{32})"
+# routes under <service prefix>api/v1
+default_handlers = [
+    ("/openapi.json", OpenAPIHandler),
+    ("/jobs", JobsHandler),
+    (JOB, JobHandler),
+    (JOB + "/events", JobEventsHandler),
+    (JOB + "/logs", LogsHandler),
+    (JOB + "/cancel", CancelHandler),
+    (JOB + "/progress", ProgressHandler),
+    (JOB + "/heartbeat", HeartbeatHandler),
+    (JOB + "/tracking", TrackingHandler),
+    (JOB + "/identity", IdentityHandler),
+    (JOB + "/credentials", CredentialsHandler),
+    ("/pools", PoolsHandler),
+    ("/quota", QuotaHandler),
+]

@@ -2,20 +2,16 @@
 
 import fnmatch
 import re
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gpulab.attestation.nras import ARCHES, DEVICES
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 from gpulab.attestation.verifier import AttestedDevice
+from gpulab.job_states import JobState
 from gpulab.text import CONTROL
-
-JobState = Literal["queued", "dispatching", "running", "succeeded", "failed", "cancelled", "timed_out"]
-JOB_STATES = get_args(JobState)
-ACTIVE_STATES = ("dispatching", "running")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 
 DENIED_ENV = (
     "JUPYTERHUB_*",
@@ -437,21 +433,3 @@ class NewNodeEnrolment(NodeEnrolment):
 
 class NodeEnrolmentList(BaseModel):
     nodes: list[NodeEnrolment]
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
-    details: dict[str, Any] | None = Field(None, description="Structured details, e.g. NVIDIA's error details")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-def validation_error_body(exc: ValidationError) -> tuple[str, str]:
-    """The first error's dotted field path ("resources.gpus", "entrypoint.0") and message."""
-    err = exc.errors(include_url=False)[0]
-    loc = err["loc"] or ((err.get("ctx") or {}).get("field", ""),)
-    return ".".join(str(part) for part in loc), err["msg"]

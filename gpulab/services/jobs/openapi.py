@@ -9,12 +9,12 @@ from pathlib import Path
 import yaml
 from pydantic.json_schema import models_json_schema
 
+from ...service.errors import ErrorBody
 from .models import (
     AttestationNodeList,
     AttestationNonce,
     AttestationResult,
     EnrolRequest,
-    ErrorBody,
     EvidenceRequest,
     Job,
     JobCredentials,

@@ -20,15 +20,16 @@ from functools import cache
 from pathlib import Path
 
 from sqlalchemy import and_, case, false, func, or_
-from traitlets import Bool, Dict, Float, Instance, Integer, List, Type, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Type, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from gpulab import tracing
 from gpulab.attestation import AttestationService, NodeState
-from gpulab.config import default_data_dir
-from gpulab.events import utcnow
+from gpulab.data_dir import default_data_dir
+from gpulab.job_states import UNFINISHED_STATES
 from gpulab.ratelimit import TokenBuckets
 from gpulab.secrets import JOB_SECRET_ENV, persistent_secret
+from gpulab.service.storage import utcnow
 
 from .executors.base import Executor, ExecutorUnavailable, Handle, Launch, Outcome, PoolCapacity
 from .executors.local import handle_file
@@ -40,6 +41,7 @@ EXECUTORS = {
     "ray": "gpulab.services.jobs.executors.ray.RayExecutor",
 }
 DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
+QUOTA_KEYS = tuple(DEFAULT_USER_QUOTA)
 BATCH = 64  # queued jobs fetched per owner at a time when the user quota has no max_jobs
 
 
@@ -67,6 +69,15 @@ class ExecutorClass(Type):
         return super().validate(obj, EXECUTORS.get(value, value) if isinstance(value, str) else value)
 
 
+def _quota_traits() -> dict:
+    return {key: Integer(None, allow_none=True, min=0) for key in QUOTA_KEYS}
+
+
+def _known_keys(setting: str, quota: dict) -> None:
+    if unknown := sorted(set(quota) - set(QUOTA_KEYS)):
+        raise TraitError(f"{setting}: {unknown[0]!r} is not a quota limit (give {' and/or '.join(QUOTA_KEYS)})")
+
+
 def _charge(usage: Usage, row: JobRow) -> None:
     usage.jobs += 1
     usage.gpus += row.gpus
@@ -88,11 +99,13 @@ class JobQueue(LoggingConfigurable):
     ).tag(config=True)
     user_quota = Dict(
         DEFAULT_USER_QUOTA,
-        help="Per-user limits on running+dispatching jobs: {'max_jobs': 8, 'max_gpus': 4}; "
+        per_key_traits=_quota_traits(),
+        help="Per-user limits on running+dispatching jobs: {'max_jobs': 8, 'max_gpus': 4} (None: no limit); "
         "keys left out keep their default.",
     ).tag(config=True)
     group_quotas = Dict(
-        value_trait=Dict(),
+        value_trait=Dict(per_key_traits=_quota_traits()),
+        key_trait=Unicode(),
         help="Group name -> {'max_jobs', 'max_gpus'} over all its members' jobs; keys left out = no limit.",
     ).tag(config=True)
     max_queued = Integer(1000, help="Queued jobs one user may have; more submissions get 429 until some start "
@@ -151,6 +164,17 @@ class JobQueue(LoggingConfigurable):
     @default("data_dir")
     def _default_data_dir(self):
         return str(default_data_dir())
+
+    @validate("user_quota")
+    def _check_user_quota(self, proposal):
+        _known_keys("user_quota", proposal.value)
+        return proposal.value
+
+    @validate("group_quotas")
+    def _check_group_quotas(self, proposal):
+        for group, quota in proposal.value.items():
+            _known_keys(f"group_quotas[{group!r}]", quota)
+        return proposal.value
 
     @default("executor")
     def _default_executor(self):
@@ -291,7 +315,7 @@ class JobQueue(LoggingConfigurable):
         return task
 
     async def _cancel_all(self, owner: str, reason: str) -> None:
-        rows, _ = self.store.list_jobs(owner=owner, state=["queued", "dispatching", "running"], limit=100_000)
+        rows, _ = self.store.list_jobs(owner=owner, state=list(UNFINISHED_STATES), limit=100_000)
         results = await asyncio.gather(*(self._cancel(r.id, reason) for r in rows), return_exceptions=True)
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception) and not isinstance(result, JobStateError):

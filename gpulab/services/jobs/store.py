@@ -42,17 +42,13 @@ from sqlalchemy.sql import ColumnElement
 from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
 
-from gpulab.events import make_engine, utcnow
+from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
+from gpulab.service.storage import make_engine, utcnow
 
-from .models import ACTIVE_STATES, TERMINAL_STATES, Job, JobEvent, JobSpec, Progress, Resources
+from .models import Job, JobEvent, JobSpec, Progress, Resources
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "gpulab_jobs_alembic_version"
-TRANSITIONS = {
-    "queued": {"dispatching", "cancelled"},
-    "dispatching": {"running", "queued", "succeeded", "failed", "cancelled"},
-    "running": {"succeeded", "failed", "cancelled", "timed_out", "queued"},
-}
 
 
 class JobNotFound(LookupError):

@@ -47,6 +47,8 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from ...errors import ConfigError
 from ...net import private_sockets
 from ...secrets import persistent_secret
+from ...service.errors import APIError
+from ...service.handlers import JSONAPIMixin
 from .identity import (
     ADMIN_HEADER,
     ADMIN_USERNAME,
@@ -65,6 +67,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "origin", "expect"}
 UPSTREAM_HOST = "mlflow.sock"  # the Host MLflow sees (and allows) on its socket
 JOB_TOKEN_TTL = 30  # seconds a job token, once checked with gpulab-jobs, is taken without asking again
+# the proxy's own refusals in MLflow's error vocabulary (mlflow.protos.databricks_pb2.ErrorCode)
+MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "ENDPOINT_NOT_FOUND",
+                      413: "REQUEST_LIMIT_EXCEEDED", 502: "TEMPORARILY_UNAVAILABLE", 503: "TEMPORARILY_UNAVAILABLE"}
 SHARING = {"group": "NO_PERMISSIONS", "everyone": "READ", "private": "NO_PERMISSIONS"}  # -> default_permission
 
 
@@ -105,9 +110,9 @@ class JobTokens:
                 f"{self.jobs_url}/jobs/{quote(job_id)}/identity", headers={"Authorization": f"job-token {token}"},
                 raise_error=False, request_timeout=10)
         except OSError as e:  # gpulab-jobs unreachable (HTTP errors are answers, handled below)
-            raise web.HTTPError(503, "cannot check the job token with gpulab-jobs: %s", e) from None
+            raise APIError(503, f"cannot check the job token with gpulab-jobs: {e}") from None
         if response.code == 599:  # timed out
-            raise web.HTTPError(503, "cannot check the job token with gpulab-jobs: %s", response.error)
+            raise APIError(503, f"cannot check the job token with gpulab-jobs: {response.error}")
         if response.code != 200:
             self.known.pop(key, None)
             return None
@@ -119,8 +124,11 @@ class JobTokens:
 
 
 @web.stream_request_body
-class ProxyHandler(HubOAuthenticated, web.RequestHandler):
-    """Authenticate with the hub, then stream the request to ``upstream`` and its response back."""
+class ProxyHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
+    """Authenticate with the hub, then stream the request to ``upstream`` and its response back. The proxy's own
+    errors are MLflow's ``{"error_code", "message"}``, which MLflow's clients show."""
+
+    log_name = "gpulab-mlflow"
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -134,14 +142,10 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         self.has_body = int(headers.get("Content-Length") or 0) > 0 or "Transfer-Encoding" in headers
         self.body: asyncio.Queue | None = None
         self.response_started = False
-        self.refusal: web.HTTPError | None = None
+        self.refusal: APIError | None = None
 
-    def write_error(self, status_code: int, **kwargs):
-        if self.has_body and self.body is None and self.refusal is None:
-            # refused before reading a large body: tornado closes the connection, so say so (else a
-            # keep-alive client such as the hub's proxy may send the next request into the closing socket)
-            self.set_header("Connection", "close")
-        super().write_error(status_code, **kwargs)
+    def error_body(self, status, code, message, field, details) -> dict:
+        return {"error_code": MLFLOW_ERROR_CODES.get(status, "INTERNAL_ERROR"), "message": message}
 
     def check_xsrf_cookie(self):
         """Cookie-authenticated requests: same-origin fetches (Fetch Metadata, e.g. the MLflow UI's) need no token."""
@@ -168,6 +172,17 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         return {"name": user, "admin": admin == "1", "kind": "delegated", "via": service["name"]}
 
     async def prepare(self):
+        try:
+            await self.admit()
+        except APIError as e:
+            if self.has_body and self.body is None and self.refusal is None:
+                # refused before reading a large body: tornado closes the connection, so say so (else a
+                # keep-alive client such as the hub's proxy may send the next request into the closing socket)
+                e.headers["Connection"] = "close"
+            raise
+
+    async def admit(self):
+        """Identify the caller; start forwarding, or keep the refusal for once a small body is in."""
         scheme, _, credential = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and credential.startswith(JobTokens.PREFIX):
             identified = self.caller = await self.job_tokens.identify(credential.strip())
@@ -177,12 +192,13 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
             identified = await self.hub_auth.get_user(self, sync=False)  # cached for current_user
         if not self.current_user:
             if identified:
-                refusal = web.HTTPError(403, "missing scope %s", ",".join(sorted(self.hub_scopes or ())))
+                refusal = APIError(403, f"missing scope {','.join(sorted(self.hub_scopes or ()))}")
             elif self.request.method in ("GET", "HEAD") and "text/html" in self.request.headers.get("Accept", ""):
                 self.redirect(self.get_login_url())  # a browser: log in via the hub
                 return
             else:
-                refusal = web.HTTPError(401)
+                refusal = APIError(401, "authentication required: send 'Authorization: token <hub token>' (MLflow's "
+                                        "clients send $MLFLOW_TRACKING_TOKEN so)")
             headers = self.request.headers
             if not self.has_body or ("Transfer-Encoding" not in headers
                                      and int(headers["Content-Length"]) <= SMALL_BODY):
@@ -258,7 +274,7 @@ class ProxyHandler(HubOAuthenticated, web.RequestHandler):
         except OSError as exc:  # no connection (HTTP errors are responses, relayed as they are)
             error = exc
         if not self.response_started:
-            raise web.HTTPError(502, "MLflow server unavailable: %s", error)
+            raise APIError(502, f"MLflow server unavailable: {error}")
         self.finish()
 
     get = head = post = put = patch = delete = options = relay

@@ -26,7 +26,7 @@ import psutil
 from traitlets import Float, Integer, Unicode, default
 
 from gpulab import cgroups
-from gpulab.config import default_data_dir
+from gpulab.data_dir import default_data_dir
 from gpulab.gpus import list_gpus
 
 from .base import Executor, Handle, Launch, Outcome, PoolCapacity

@@ -1,0 +1,9 @@
+"""The parts every gpulab REST API is built from, so that each answers, fails and is configured the same way.
+
+- :mod:`.errors`: :class:`~.errors.APIError`, the one error body, and the one table between gRPC status codes
+  and HTTP statuses (the nginx data plane's Lua reads it too);
+- :mod:`.handlers`: :class:`~.handlers.JSONAPIMixin`, the one ``write_error`` and JSON/pydantic plumbing of
+  tornado handlers (the job service, the inference gateway's APIs, the MLflow proxy, the server extension);
+- :mod:`.http_methods`: the ``Allow`` header of every 405;
+- :mod:`.storage`: how every gpulab database's engine is made, and how time is stored.
+"""

@@ -1,0 +1,88 @@
+"""The one ``write_error`` of every gpulab REST API, and the JSON plumbing its handlers share.
+
+:class:`JSONAPIMixin` goes first among a handler's bases (before tornado's, JupyterHub's or jupyter_server's
+``RequestHandler``), so that its ``write_error`` is the one that answers.
+"""
+
+import json
+
+from pydantic import BaseModel, ValidationError
+from tornado import web
+
+from . import http_methods
+from .errors import APIError, error_body, reason_code
+
+
+def validation_error_body(exc: ValidationError) -> tuple[str, str]:
+    """The first error's dotted field path ("resources.gpus", "entrypoint.0") and message."""
+    err = exc.errors(include_url=False)[0]
+    loc = err["loc"] or ((err.get("ctx") or {}).get("field", ""),)
+    return ".".join(str(part) for part in loc), err["msg"]
+
+
+class JSONAPIMixin:
+    """Errors as ``{"error": {...}}`` (:func:`~.errors.error_body`, or the protocol's own shape where a
+    subclass overrides :meth:`error_body`), JSON answers, pydantic bodies.
+
+    What a caller is told: an :class:`APIError`'s message and field; a tornado ``HTTPError`` under 500 (a
+    malformed request, an unknown method) its message; anything else is a failure of ours, answered as
+    "internal error; see the <``log_name``> log" and logged with its traceback (answers are not logged as
+    failures). Every 405 carries ``Allow``.
+    """
+
+    log_name = "server"
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        field = details = None
+        if isinstance(exc, APIError):
+            code, message, field, details = exc.code, exc.message, exc.field, exc.details
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            if status_code == 405:
+                http_methods.allow(self)
+        elif isinstance(exc, web.HTTPError) and status_code < 500:
+            code = reason_code(status_code)
+            if status_code == 405:
+                message = http_methods.refuse(self)
+            else:
+                message = (exc.log_message % exc.args if exc.args else exc.log_message) or self._reason
+        else:
+            code, message = "internal", f"internal error; see the {self.log_name} log"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.error_body(status_code, code, message, field, details)))
+
+    def error_body(self, status: int, code: str, message: str, field: str | None, details: dict | None) -> dict:
+        """The body of an error answer; protocols with their own error shape (KServe, MLflow) override it."""
+        return error_body(code, message, field, details)
+
+    def log_exception(self, typ, value, tb) -> None:
+        if not isinstance(value, APIError):  # answers, not failures
+            super().log_exception(typ, value, tb)
+
+    def write_json(self, obj, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj))
+
+    def json_body(self) -> dict:
+        """The request body as a JSON object (empty: ``{}``), or a 400 saying what is wrong with it."""
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError as e:
+            raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "body is nested too deeply", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "body must be a JSON object", code="invalid_json")
+        return data
+
+    def parse(self, model: type[BaseModel]):
+        """The request body as ``model``, or a 4xx naming the first field at fault."""
+        data = self.json_body()
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            field, message = validation_error_body(e)
+            raise APIError(422, f"{field}: {message}" if field else message, field=field or None,
+                           code="invalid") from None
