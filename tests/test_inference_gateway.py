@@ -7,6 +7,7 @@ and the stock `tritonclient.grpc` client.
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import re
@@ -34,6 +35,7 @@ from tritonclient.utils import InferenceServerException
 from gpulab.errors import ConfigError
 from gpulab.inference.triton import model_config, processes_hidden, write_onnx_model
 from gpulab.net import free_port
+from gpulab.service.supervisor import Supervisor
 from gpulab.services.infer.app import InferenceGateway, build
 from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from gpulab.services.infer.nginx import NginxDataPlane, serve_authorize
@@ -478,10 +480,10 @@ def test_tls_settings_are_checked(tmp_path):
 def test_nginx_settings_are_checked(tmp_path):
     config = {"replicas": ["127.0.0.1:1"], "address": f"127.0.0.1:{free_port()}"}
     with pytest.raises(ConfigError, match="InferenceGateway.nginx_path: nginx-missing not found .*data_plane"):
-        NginxDataPlane(InferenceGateway(**config, nginx_path="nginx-missing")).start()
+        NginxDataPlane(InferenceGateway(**config, nginx_path="nginx-missing")).prepare()
     plane = NginxDataPlane(InferenceGateway(**config, nginx_modules_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"InferenceGateway.data_plane: nginx cannot start: dlopen\(\) .*ndk_http"):
-        plane.start()
+        plane.prepare()
     assert not plane.run_dir.exists()
     assert InferenceGateway(**config, nginx_path="nginx-missing").plane() == "python"  # auto falls back
     assert InferenceGateway(**config, data_plane="nginx", nginx_path="nginx-missing").plane() == "nginx"
@@ -687,12 +689,14 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((gateway.handler(),))
     nginx = NginxDataPlane(conf) if plane == "nginx" else None
+    supervisor = Supervisor(logging.getLogger("test"))
     port = server.add_insecure_port(nginx.python_address if nginx else "127.0.0.1:0")
     await server.start()
     try:
         if nginx:
             serve_authorize(gateway, nginx.authorize_socket)
-            nginx.start()
+            nginx.prepare()
+            await supervisor.start(nginx.child())
         trace_id = secrets.token_hex(16)
         tensor = triton.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
@@ -707,8 +711,9 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
                 await client.infer("digits", [tensor], headers=auth(tokens["noscope"]))
         await client.close()
     finally:
+        await supervisor.stop()
         if nginx:
-            await nginx.stop()
+            nginx.remove()
         await server.stop(0)
         await gateway.pool.close()
         await replica.stop(0)

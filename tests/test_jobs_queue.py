@@ -380,7 +380,7 @@ async def test_user_and_group_quotas_keep_jobs_queued(make_queue, store, tmp_pat
     assert store.get_job(a2).state_reason == "waiting: quota max_jobs=1 reached"
     assert store.get_job(c1).state_reason == "waiting: group 'ml' quota max_jobs=1 reached"
     assert {store.get_job(i).state for i in (a2, c1)} == {"queued"}
-    quota = q.quota("alice", ["ml", "other"])
+    quota = await q.quota("alice", ["ml", "other"])
     assert (quota.limits.max_jobs, quota.limits.max_gpus, quota.usage.jobs) == (1, 4, 1)
     assert list(quota.groups) == ["ml"] and quota.groups["ml"].usage.jobs == 1
     (tmp_path / "release").touch()

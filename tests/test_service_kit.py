@@ -1,14 +1,22 @@
-"""The service kit (gpulab/service/): one error answer for every REST API, one gRPC<->HTTP table.
+"""The service kit (gpulab/service/): one error answer for every REST API, one gRPC<->HTTP table, one
+supervisor of child processes.
 
 The handlers run in-process on tornado's HTTP server (as jupyter_server's ``jp_fetch`` does): what is tested is
-the answer a handler's error becomes, not a service.
+the answer a handler's error becomes, not a service. The supervisor runs real processes.
 """
 
+import asyncio
 import json
+import logging
 import re
+import subprocess
+import sys
+import time
 
 import grpc
+import psutil
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient
@@ -18,6 +26,8 @@ from tornado.netutil import bind_sockets
 from gpulab.service import errors
 from gpulab.service.errors import STATUSES, APIError
 from gpulab.service.handlers import JSONAPIMixin
+from gpulab.service.loop_lag import LoopLag
+from gpulab.service.supervisor import Child, ChildFailed, Supervisor, wait_until
 from gpulab.services.infer.rest import ErrorHandler
 from gpulab.services.mlflow import ProxyHandler
 
@@ -133,3 +143,110 @@ def test_the_nginx_plane_gets_the_same_table():
     rest_code = dict(re.findall(r"\[(\d+)\] = (\d+)", tables.split("rest_code")[1]))
     assert rest_status == {str(s.number): str(s.http) for s in STATUSES if s.grpc != "OK"}
     assert rest_code == {str(s.http): str(s.number) for s in STATUSES} | {"502": "14"}
+
+
+# The supervisor, with real child processes (python -c ...).
+
+def python(code: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], **kwargs)
+
+
+async def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def test_a_child_that_exits_is_started_again_and_its_exit_logged(caplog):
+    child = Child("worker", lambda: python("import time; time.sleep(60)"), log_tail=lambda: "last words")
+    supervisor = Supervisor(logging.getLogger("test.supervisor"), healthy_after=0.0, poll_interval=0.05)
+    await supervisor.start(child)
+    first = child.proc
+    watch = asyncio.create_task(supervisor.run())
+    try:
+        first.kill()
+        second = await wait_for(lambda: child.proc is not first and child.proc)
+        assert second.poll() is None and child.delay == 0.0  # after a healthy run: at once
+        assert f"worker (pid {first.pid}) exited with status -9; starting it again in 0 s; its log ends:\nlast words" \
+            in caplog.text
+    finally:
+        watch.cancel()
+        await supervisor.stop(timeout=5)
+    assert second.poll() is not None
+
+
+async def test_a_child_failing_early_is_started_again_later_and_later(caplog):
+    spawned = []
+
+    def spawn():
+        spawned.append(time.monotonic())
+        return python("raise SystemExit(3)")
+
+    child = Child("flaky", spawn)
+    supervisor = Supervisor(logging.getLogger("test.supervisor"), healthy_after=30.0, poll_interval=0.05)
+    await supervisor.start(child)
+    watch = asyncio.create_task(supervisor.run())
+    try:
+        await wait_for(lambda: len(spawned) >= 3, timeout=15)
+    finally:
+        watch.cancel()
+        await supervisor.stop(timeout=5)
+    gaps = [b - a for a, b in zip(spawned, spawned[1:])]
+    assert gaps[0] >= 0.95 and gaps[1] >= 1.95, gaps  # 1 s, then 2 s (and the time to see each exit)
+    delays = re.findall(r"flaky \(pid \d+\) exited with status 3; starting it again in (\d+) s", caplog.text)
+    assert delays[:2] == ["1", "2"], caplog.text
+
+
+async def test_stop_kills_by_pid_what_ignores_its_signal_and_the_childs_group():
+    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print(p.pid, flush=True); "
+            "time.sleep(60)")
+    child = Child("stubborn", lambda: python(code, stdout=subprocess.PIPE, start_new_session=True), group=True)
+    supervisor = Supervisor(logging.getLogger("test.supervisor"))
+    await supervisor.start(child)
+    grandchild = int(await asyncio.to_thread(child.proc.stdout.readline))
+    started = time.monotonic()
+    await supervisor.stop(timeout=1)
+    assert child.proc.returncode == -9 and 0.9 < time.monotonic() - started < 5
+    await wait_for(lambda: not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == "zombie")
+    child.proc.stdout.close()
+
+
+async def test_a_child_not_ready_is_stopped_and_named():
+    async def never() -> bool:
+        return False
+
+    child = Child("slow", lambda: python("import time; time.sleep(60)"),
+                  ready=lambda proc: wait_until(never, proc, 0.5, "slow"))
+    supervisor = Supervisor(logging.getLogger("test.supervisor"))
+    with pytest.raises(ChildFailed, match="slow was not ready in 0 s|slow was not ready in 1 s"):
+        await supervisor.start(child)
+    assert child.proc.poll() is not None and supervisor.children == []
+    dead = Child("dead", lambda: python("raise SystemExit(7)"),
+                 ready=lambda proc: wait_until(never, proc, 10, "dead", lambda: "why"))
+    with pytest.raises(ChildFailed, match="dead exited with status 7:\nwhy"):
+        await supervisor.start(dead)
+
+
+async def test_loop_lag_sees_a_blocking_call():
+    registry = CollectorRegistry()
+    lag = LoopLag(registry, "t", interval=0.01)
+    task = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.05)
+    assert lag.recent_max() < 0.1
+    time.sleep(0.3)  # noqa: ASYNC251 -- on purpose: what a synchronous database call does to the loop
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert 0.25 < lag.recent_max() < 2.0
+    assert registry.get_sample_value("t_event_loop_lag_max_seconds") == pytest.approx(lag.recent_max())
+    assert registry.get_sample_value("t_event_loop_lag_seconds_bucket", {"le": "0.1"}) >= 3
+
+
+def test_loop_lag_keeps_the_largest_of_its_window():
+    lag = LoopLag(CollectorRegistry(), "w", window=10)
+    now = time.monotonic()
+    for age, value in ((20, 5.0), (5, 0.1), (4, 0.3), (1, 0.2)):  # the 5 s lag is older than the window
+        lag.record(value, now - age)
+    assert lag.recent_max() == 0.3

@@ -2,60 +2,62 @@
 
 Triton listens on unix sockets in ``$GPULAB_TRITON_SOCKETS``, a directory of the service account's alone
 (made 0700), so only the gateway, and no user's account, can call it; there is no TCP port and no key on its
-command line. It serves ``$GPULAB_MODEL_REPOSITORY``. Triton logs to ``$GPULAB_TRITON_LOG`` (default ``triton.log`` beside the
-repository). If Triton exits, the end of its log is printed and it is started again on the same ports
-(after 1 s, doubling up to 30 s while it keeps failing within a minute); SIGTERM stops it. The sockets
-keep their paths across restarts.
+command line. It serves ``$GPULAB_MODEL_REPOSITORY``. Triton logs to ``$GPULAB_TRITON_LOG`` (default
+``triton.log`` beside the repository). The service's :class:`~gpulab.service.supervisor.Supervisor` starts it
+again on the same sockets if it exits (logging its exit status and the end of its log); SIGTERM stops it.
 """
 
+import asyncio
+import logging
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 from ..config import load_config
+from ..service.logs import setup_logging
+from ..service.supervisor import Child, ChildFailed, Supervisor, wait_until
 from .triton import TritonServer
+
+log = logging.getLogger("gpulab.triton")
+READY_TIMEOUT = 180.0  # loading the repository's models
+
+
+async def serve(server: TritonServer) -> None:
+    """Keep ``server`` running until SIGTERM or SIGINT."""
+
+    async def ready() -> bool:
+        return await asyncio.to_thread(server.ready)
+
+    child = Child("tritonserver", server.launch,
+                  lambda proc: wait_until(ready, proc, READY_TIMEOUT, "tritonserver", lambda: server.log_tail(20)),
+                  log_tail=lambda: server.log_tail(20), group=True)
+    supervisor = Supervisor(log)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await supervisor.start(child)
+        log.info("serving %s on gRPC %s", server.model_repository, server.grpc_address)
+    except ChildFailed as e:  # a model that does not load, say: the supervisor tries again, backing off
+        log.error("%s", e)
+        supervisor.children.append(child)
+    watch = asyncio.create_task(supervisor.run())
+    await stop.wait()
+    watch.cancel()
+    await supervisor.stop(timeout=10)
+    server.stop()  # its backend directory
 
 
 def main() -> int:
+    setup_logging()
     env = os.environ
     repository = Path(env["GPULAB_MODEL_REPOSITORY"])
     repository.mkdir(parents=True, exist_ok=True)
-    log = Path(env.get("GPULAB_TRITON_LOG") or repository.parent / "triton.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(
-        config=load_config(),
-        model_repository=str(repository),
-        socket_dir=env["GPULAB_TRITON_SOCKETS"],
-        log_path=str(log),
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    delay = 0.5  # doubled before the first wait
-    try:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                server.start(timeout=180)
-            except RuntimeError as e:
-                print(f"triton: {e}", file=sys.stderr, flush=True)
-            else:
-                print(f"triton: serving {repository} on gRPC {server.grpc_address}", flush=True)
-                while not stop.wait(1.0) and server.proc.poll() is None:
-                    pass
-                if stop.is_set():
-                    break
-                print(f"triton: tritonserver exited with {server.proc.returncode}; its log ends:\n"
-                      f"{server.log_tail(20)}", file=sys.stderr, flush=True)
-            server.stop()
-            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
-            print(f"triton: starting it again in {delay:.0f} s", file=sys.stderr, flush=True)
-            stop.wait(delay)
-    finally:
-        server.stop()
+    triton_log = Path(env.get("GPULAB_TRITON_LOG") or repository.parent / "triton.log")
+    triton_log.parent.mkdir(parents=True, exist_ok=True)
+    asyncio.run(serve(TritonServer(config=load_config(), model_repository=str(repository),
+                                   socket_dir=env["GPULAB_TRITON_SOCKETS"], log_path=str(triton_log))))
     return 0
 
 

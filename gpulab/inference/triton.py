@@ -94,6 +94,7 @@ class TritonServer(Configurable):
         super().__init__(**kwargs)
         self.proc: subprocess.Popen | None = None
         self.workdir: Path | None = None
+        self._command: tuple[list[str], dict] | None = None
 
     def __repr__(self):
         return f"<TritonServer {self.host}:{self.grpc_port} pid={self.proc and self.proc.pid}>"
@@ -188,12 +189,20 @@ class TritonServer(Configurable):
         return [option for kind, (address, port) in addresses.items()
                 for option in (f"--{kind}-address={address}", f"--{kind}-port={port}")]
 
-    def start(self, timeout: float = 60) -> "TritonServer":
-        """Start the server and wait until it is ready (models in ``load_models`` loaded)."""
-        argv, env = self._prepare()
+    def launch(self) -> subprocess.Popen:
+        """Start tritonserver, not waiting for it (its backend directory and command are made on the first
+        launch, and kept until :meth:`stop`); it logs to :attr:`log_file`."""
+        if self._command is None:
+            self._command = self._prepare()
+        argv, env = self._command
         with self.log_file.open("ab") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        return self.proc
+
+    def start(self, timeout: float = 60) -> "TritonServer":
+        """Start the server and wait until it is ready (models in ``load_models`` loaded)."""
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -247,7 +256,7 @@ class TritonServer(Configurable):
                 self.proc.wait()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+            self.workdir = self._command = None
 
 
 

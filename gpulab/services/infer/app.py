@@ -11,6 +11,7 @@ internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``
 """
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,8 @@ from ...config import load_config
 from ...errors import ConfigError
 from ...inference.triton import GRPC_KEY_PREFIX
 from ...service.errors import http_status
+from ...service.logs import setup_logging
+from ...service.supervisor import ChildFailed, Supervisor
 from ...tracing import setup_tracing
 from . import api, rest
 from .auth import HubTokenAuth
@@ -36,6 +39,8 @@ from .nginx import NginxDataPlane, serve_authorize
 from .processes import METRICS_FD_ENV, Workers, merge_metrics, parent_gone, process_index
 from .records import ModelRecords
 from .replicas import ReplicaPool
+
+log = logging.getLogger("gpulab.infer")
 
 
 class MetricsHandler(web.RequestHandler):
@@ -94,6 +99,7 @@ def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
 
 
 async def main() -> None:
+    setup_logging()
     setup_tracing("gpulab-infer")
     conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"])
     index = process_index()
@@ -122,7 +128,8 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks, parts = [], []  # parts: the extra processes or nginx, each with supervise(), stop() and metrics()
+    tasks, sources, cleanups = [], [], []  # sources: metrics merged into /metrics
+    supervisor = Supervisor(log)
     if index:  # an extra process: gRPC, and metrics for the first process to merge
         app = web.Application([(r"/metrics", MetricsHandler)], registry=gateway.metrics.registry)
         HTTPServer(app).add_sockets([socket.socket(fileno=int(os.environ[METRICS_FD_ENV]))])
@@ -131,26 +138,35 @@ async def main() -> None:
     else:
         if nginx:
             serve_authorize(gateway, plane.authorize_socket)
-            plane.start()  # in the main thread: nginx is told to stop when that thread, so this process, ends
-            parts.append(plane)
+            plane.prepare()
+            cleanups.append(plane.remove)
+            try:
+                await supervisor.start(plane.child())
+            except ChildFailed as e:
+                raise ConfigError(f"InferenceGateway.data_plane: {e} on {conf.address}") from None
+            sources.append(plane.metrics)
         elif conf.processes > 1:
-            parts.append(Workers(conf.processes - 1))
-            parts[-1].start()
-        tasks += [asyncio.create_task(part.supervise()) for part in parts]
-        serve_http(conf, gateway, [part.metrics for part in parts])
+            workers = Workers(conf.processes - 1)
+            cleanups.append(workers.remove)
+            for child in workers.children:
+                await supervisor.start(child)
+            sources.append(workers.metrics)
+        tasks.append(asyncio.create_task(supervisor.run()))
+        serve_http(conf, gateway, sources)
     tls = " (TLS)" if conf.tls_cert_file else ""
     if nginx:
         which = f" (nginx data plane, {conf.processes} worker{'s' * (conf.processes > 1)}; Python on {address})"
     else:
         which = f" (process {index} of {conf.processes})" if conf.processes > 1 else ""
     rest_note = f" and KServe v2 REST{tls} on {conf.rest_address}" if conf.rest_address else ""
-    print(f"gpulab-infer: serving gRPC{tls} on {conf.address}{rest_note} for {', '.join(conf.replicas)}{which}",
-          flush=True)
+    log.info("serving gRPC%s on %s%s for %s%s", tls, conf.address, rest_note, ", ".join(conf.replicas), which)
 
     await stop.wait()
     for task in tasks:
         task.cancel()
-    await asyncio.gather(server.stop(grace=2), *(part.stop() for part in parts))
+    await asyncio.gather(server.stop(grace=2), supervisor.stop(timeout=5))
+    for cleanup in cleanups:
+        cleanup()
     await gateway.pool.close()
 
 

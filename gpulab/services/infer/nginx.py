@@ -17,7 +17,6 @@ and merged into the gateway's ``/metrics`` as ``process="nginx"``.
 """
 
 import asyncio
-import contextlib
 import ctypes
 import os
 import pwd
@@ -27,7 +26,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from tornado import web
@@ -39,6 +37,7 @@ from ...inference.triton import GRPC_KEY_PREFIX
 from ...net import socket_path
 from ...scopes import INFER
 from ...service.errors import http_status, lua_tables
+from ...service.supervisor import Child, wait_until
 from .auth import InvalidToken, token_from_metadata
 from .gateway import Gateway, GatewayError
 from .processes import fetch_metrics
@@ -297,8 +296,6 @@ class NginxDataPlane:
         self.python_rest = f"unix:{self.run_dir / 'python-rest.sock'}" if conf.rest_address else None
         self.authorize_socket = self.run_dir / "authorize.sock"
         self.metrics_socket = self.run_dir / "metrics.sock"
-        self.proc: subprocess.Popen | None = None
-        self._stopping = False
 
     def config(self) -> str:
         conf = self.conf
@@ -333,11 +330,10 @@ class NginxDataPlane:
     def _env(self) -> dict:
         return {**os.environ, "GPULAB_NGINX_TRITON_KEY": self.conf.restricted_key}
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Write the config, check it (``nginx -t``), start nginx and wait until it accepts connections."""
+    def prepare(self) -> None:
+        """Write the config and check it (``nginx -t``): a :class:`ConfigError` naming the problem."""
         config = self.run_dir / "nginx.conf"
         config.write_text(self.config())
-        self.metrics_socket.unlink(missing_ok=True)  # an nginx that exited leaves its socket behind
         config.chmod(0o600)
         check = subprocess.run([*self._command(), "-t", "-q"], env=self._env(), capture_output=True, text=True,
                                check=False)
@@ -345,50 +341,35 @@ class NginxDataPlane:
             lines = [line for line in check.stderr.splitlines() if "[emerg]" in line] or check.stderr.splitlines()
             reason = re.sub(r"^\d+#\d+: ", "", lines[0].split("[emerg]")[-1].strip()) if lines else (
                 f"exit status {check.returncode}")
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.remove()
             raise ConfigError(f"InferenceGateway.data_plane: nginx cannot start: {reason}")
-        # its own process group (so workers a killed master leaves behind can be stopped), and SIGTERM when this
-        # process dies: started from the main thread, which lives as long as the process
-        self.proc = subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        host, port = self.conf.address.rsplit(":", 1)
-        deadline = time.monotonic() + timeout
-        while True:
+
+    def child(self, timeout: float = 15.0) -> Child:
+        """nginx for a :class:`Supervisor` (after :meth:`prepare`): ready once it accepts connections on the
+        gateway's address; stopped with SIGQUIT (it finishes the calls in flight), its process group killed
+        after, so that workers a killed master leaves behind go too."""
+
+        async def accepts() -> bool:
+            host, port = self.conf.address.rsplit(":", 1)
             try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
-                return
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
             except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError(f"InferenceGateway.data_plane: nginx did not start listening on "
-                                      f"{self.conf.address} (exit status {self.proc.poll()})") from None
-                time.sleep(0.05)
+                return False
+            writer.close()
+            return True
 
-    async def supervise(self) -> None:
-        """Start nginx again if it exits while the gateway runs (from the main thread, as ``start``)."""
-        while True:
-            await asyncio.sleep(0.5)
-            if self._stopping or not self.proc or self.proc.poll() is None:
-                continue
-            print(f"gpulab-infer: nginx (pid {self.proc.pid}) exited with status {self.proc.returncode}; "
-                  "starting it again", flush=True)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # workers a killed master left behind
-            try:
-                self.start()
-            except ConfigError as e:
-                print(f"gpulab-infer: {e}; trying again in 5 s", flush=True)
-                await asyncio.sleep(5)
+        return Child("nginx", self._spawn, lambda proc: wait_until(accepts, proc, timeout, "nginx", interval=0.05),
+                     stop_signal=signal.SIGQUIT, group=True)
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """SIGQUIT (nginx finishes the calls in flight), SIGKILL after ``timeout``; then the run directory goes."""
-        self._stopping = True
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                await asyncio.to_thread(self.proc.wait, timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                await asyncio.to_thread(self.proc.wait)
+    def _spawn(self) -> subprocess.Popen:
+        self.metrics_socket.unlink(missing_ok=True)  # an nginx that exited leaves its socket behind
+        # its own process group (so workers a killed master leaves behind can be stopped), and SIGTERM when this
+        # process dies: spawned from the event loop's (main) thread, which lives as long as the process
+        return subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
+    def remove(self) -> None:
+        """Remove the run directory (nginx stopped)."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def metrics(self) -> dict[str, str]:

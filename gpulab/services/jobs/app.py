@@ -31,12 +31,13 @@ from ...errors import ConfigError
 from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...secrets import read_secret_file
 from ...service.errors import APIError, error_body
+from ...service.logs import setup_logging
 from ...tracing import setup_tracing
 from . import attestation_api, handlers, openapi
 from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .handlers import BaseHandler
-from .metrics import MetricsHandler
+from .metrics import LOOP_LAG, MetricsHandler
 from .models import MAX_BODY, too_large
 from .queue import JobQueue
 from .store import JobStore
@@ -120,6 +121,7 @@ def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token:
     return BoundedApplication(
         routes,
         queue=queue,
+        attestation=queue.attestation,  # the handlers' own, beside the queue (which gates jobs on node states)
         openapi=openapi.load(),
         cookie_secret=os.urandom(32),
         default_handler_class=NotFoundHandler,
@@ -176,8 +178,7 @@ def build_attestation(cfg, source: str | None = None) -> AttestationService:
 
 def run() -> None:
     """``python -m gpulab.services.jobs``."""
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    setup_logging()
     try:
         cfg = load_config()
         launcher, key_source = split_off_launcher(cfg)
@@ -205,11 +206,13 @@ async def main(cfg, launcher: LauncherClient | None = None, key_source: str | No
     address = urlsplit(service_url)
     server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=READ_BODIES)
     await queue.start()
+    lag = asyncio.create_task(LOOP_LAG.run())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    lag.cancel()
     server.stop()
     await queue.stop()  # running jobs keep running; the next start re-attaches them

@@ -15,6 +15,7 @@ and ``Retry-After`` when the caller is throttled or locked out. Throttling is pe
 the client address (:func:`gpulab.net.client_ip`) is only recorded in the audit trail.
 """
 
+import asyncio
 import math
 import re
 from datetime import UTC, datetime
@@ -90,17 +91,18 @@ class AttestationHandler(UserHandler):
 
     required_scope = scopes.ATTEST
 
-    def get_current_user(self):
+    async def prepare(self):
         """A node credential is checked here and goes no further (the hub does not know it); anything
         else is a hub token or cookie. A node identity holds only ``custom:gpulab:attest``."""
         match = NODE_CREDENTIAL.fullmatch(self.request.headers.get("Authorization", ""))
-        if match is None:
-            return super().get_current_user()
-        node = self.attestation.enrolments.authenticate(match[1])
-        if node is None:
-            raise APIError(401, "the node credential is not valid (removed or re-enrolled?)", code="unauthenticated")
-        self._token_authenticated = True  # no cookie: no XSRF check
-        return {"kind": "node", "name": f"node:{node}", "node": node, "scopes": [scopes.ATTEST]}
+        if match is not None:
+            node = await asyncio.to_thread(self.attestation.enrolments.authenticate, match[1])
+            if node is None:
+                raise APIError(401, "the node credential is not valid (removed or re-enrolled?)",
+                               code="unauthenticated")
+            self._token_authenticated = True  # no cookie: no XSRF check
+            self.current_user = {"kind": "node", "name": f"node:{node}", "node": node, "scopes": [scopes.ATTEST]}
+        super().prepare()
 
     @property
     def caller(self) -> Caller:
@@ -110,7 +112,7 @@ class AttestationHandler(UserHandler):
 
     @property
     def attestation(self) -> AttestationService:
-        service = self.queue.attestation
+        service = self.settings.get("attestation")
         if service is None:
             raise APIError(503, "attestation is not configured in gpulab-jobs", code="unavailable")
         return service
@@ -130,11 +132,11 @@ class AttestationHandler(UserHandler):
 
 
 class NonceHandler(AttestationHandler):
-    def post(self):
+    async def post(self):
         body = self.parse(NonceRequest)
         try:
-            nonce = self.attestation.issue_nonce(caller=self.caller, node=body.node, client_ip=self.client_ip,
-                                                 purpose=body.purpose)
+            nonce = await asyncio.to_thread(self.attestation.issue_nonce, caller=self.caller, node=body.node,
+                                            client_ip=self.client_ip, purpose=body.purpose)
         except AttestationError as e:
             raise self.refusal(e) from None
         self.write_json(AttestationNonce(nonce=nonce.value, expires_at=iso(nonce.expires_at)))
@@ -164,43 +166,46 @@ class EvidenceHandler(AttestationHandler):
 
 
 class NodesHandler(AttestationHandler):
-    def get(self):
+    async def get(self):
         nodes = self.attestation.nodes
         max_age, now = self.queue.attestation_max_age, nodes.clock()
-        self.write_json(AttestationNodeList(nodes=[node_model(s, max_age, now) for s in nodes.all()], max_age=max_age))
+        states = await asyncio.to_thread(nodes.all)
+        self.write_json(AttestationNodeList(nodes=[node_model(s, max_age, now) for s in states], max_age=max_age))
 
 
 class EnrolmentAdminHandler(AttestationHandler):
     """Enrolment is for admins (``gpulab nodes`` calls it with the platform's CLI credential)."""
 
-    def prepare(self):
-        super().prepare()
+    async def prepare(self):
+        await super().prepare()
         if not self.is_admin:
             raise APIError(403, f"enrolling nodes needs the {scopes.ADMIN} scope", code="forbidden")
 
 
 class EnrolmentsHandler(EnrolmentAdminHandler):
-    def get(self):
-        self.write_json(NodeEnrolmentList(nodes=[enrolment_model(e) for e in self.attestation.enrolments.all()]))
+    async def get(self):
+        enrolled = await asyncio.to_thread(self.attestation.enrolments.all)
+        self.write_json(NodeEnrolmentList(nodes=[enrolment_model(e) for e in enrolled]))
 
-    def post(self):
+    async def post(self):
         body = self.parse(EnrolRequest)
         enrolments = self.attestation.enrolments
         try:
-            credential = enrolments.enroll(body.node, by=self.user_name, gpus=body.gpus, ueids=body.ueids)
+            credential = await asyncio.to_thread(enrolments.enroll, body.node, by=self.user_name, gpus=body.gpus,
+                                                 ueids=body.ueids)
         except EnrolmentExists:
             raise APIError(409, f"node {body.node} is enrolled already; remove it first for a new credential",
                            field="node", code="conflict") from None
-        enrolment = enrolment_model(enrolments.get(body.node))
+        enrolment = enrolment_model(await asyncio.to_thread(enrolments.get, body.node))
         self.write_json(NewNodeEnrolment(**enrolment.model_dump(), credential=credential), 201)
 
 
 class EnrolmentHandler(EnrolmentAdminHandler):
-    def delete(self, node):
+    async def delete(self, node):
         """The credential stops working and the node's state goes: it gates as never attested."""
-        if not self.attestation.enrolments.remove(node):
+        if not await asyncio.to_thread(self.attestation.enrolments.remove, node):
             raise APIError(404, f"node {node} is not enrolled", field="node", code="not_found")
-        self.attestation.nodes.remove(node)
+        await asyncio.to_thread(self.attestation.nodes.remove, node)
         self.set_status(204)
         self.finish()
 

@@ -92,10 +92,10 @@ class UserHandler(HubOAuthenticated, BaseHandler):
     def is_admin(self) -> bool:
         return self.has(scopes.ADMIN)
 
-    def job(self, job_id: str):
+    async def job(self, job_id: str):
         """The job, if the caller may see it (owner or admin); 404 otherwise."""
         try:
-            row = self.store.get_job(job_id)
+            row = await asyncio.to_thread(self.store.get_job, job_id)
         except JobNotFound:
             row = None
         if row is None or (row.owner != self.user_name and not self.is_admin):
@@ -154,27 +154,28 @@ class JobsHandler(UserHandler):
 
 
 class JobHandler(UserHandler):
-    def get(self, job_id):
-        self.write_json(self.queue.job_model(self.job(job_id)))
+    async def get(self, job_id):
+        self.write_json(self.queue.job_model(await self.job(job_id)))
 
-    def delete(self, job_id):
-        row = self.job(job_id)
+    async def delete(self, job_id):
+        row = await self.job(job_id)
         if row.state not in TERMINAL_STATES:
             raise APIError(409, f"job {job_id} is {row.state}; cancel it first", field="state", code="conflict")
-        self.store.delete_job(job_id)
+        await asyncio.to_thread(self.store.delete_job, job_id)
         self.set_status(204)
         self.finish()
 
 
 class JobEventsHandler(UserHandler):
-    def get(self, job_id):
-        self.job(job_id)
-        self.write_json({"events": [e.model_dump() for e in self.store.events(job_id)]})
+    async def get(self, job_id):
+        await self.job(job_id)
+        events = await asyncio.to_thread(self.store.events, job_id)
+        self.write_json({"events": [e.model_dump() for e in events]})
 
 
 class CancelHandler(UserHandler):
     async def post(self, job_id):
-        row = self.job(job_id)
+        row = await self.job(job_id)
         try:
             row = await self.queue.cancel(job_id, by=self.user_name)
         except JobStateError:
@@ -191,7 +192,7 @@ class LogsHandler(UserHandler):
     """The job's log: a byte range (``offset``/``limit``), the ``tail`` lines, or ``follow=true`` as SSE."""
 
     async def get(self, job_id):
-        row = self.job(job_id)
+        row = await self.job(job_id)
         offset = self._int("offset", 0)
         limit = self._int("limit", 1024 * 1024, MAX_LOG_READ)
         tail = self.get_argument("tail", None)
@@ -281,8 +282,8 @@ class PoolsHandler(UserHandler):
 
 
 class QuotaHandler(UserHandler):
-    def get(self):
-        self.write_json(self.queue.quota(self.user_name, self.current_user.get("groups") or []))
+    async def get(self):
+        self.write_json(await self.queue.quota(self.user_name, self.current_user.get("groups") or []))
 
 
 class JobCallbackHandler(BaseHandler):
@@ -291,12 +292,12 @@ class JobCallbackHandler(BaseHandler):
     def check_xsrf_cookie(self):
         """Token-authenticated; no cookies involved."""
 
-    def authorize(self, job_id: str) -> None:
+    async def authorize(self, job_id: str) -> None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "job-token" or not token:
             raise APIError(401, "send 'Authorization: job-token <GPULAB_JOB_TOKEN>'", code="unauthenticated")
         try:
-            ok = self.store.check_job_token(job_id, token.strip())
+            ok = await asyncio.to_thread(self.store.check_job_token, job_id, token.strip())
         except JobNotFound:
             ok = False
         if not ok:
@@ -304,27 +305,27 @@ class JobCallbackHandler(BaseHandler):
 
 
 class ProgressHandler(JobCallbackHandler):
-    def post(self, job_id):
-        self.authorize(job_id)
+    async def post(self, job_id):
+        await self.authorize(job_id)
         update = self.parse(ProgressUpdate)
-        self.store.update_progress(job_id, update.step, update.total, update.metrics)
+        await asyncio.to_thread(self.store.update_progress, job_id, update.step, update.total, update.metrics)
         self.set_status(204)
         self.finish()
 
 
 class HeartbeatHandler(JobCallbackHandler):
-    def post(self, job_id):
-        self.authorize(job_id)
-        self.store.heartbeat(job_id)
+    async def post(self, job_id):
+        await self.authorize(job_id)
+        await asyncio.to_thread(self.store.heartbeat, job_id)
         self.set_status(204)
         self.finish()
 
 
 class TrackingHandler(JobCallbackHandler):
-    def post(self, job_id):
-        self.authorize(job_id)
+    async def post(self, job_id):
+        await self.authorize(job_id)
         update = self.parse(TrackingUpdate)
-        self.store.set_tracking(job_id, update.mlflow_run_id, update.wandb_run_path)
+        await asyncio.to_thread(self.store.set_tracking, job_id, update.mlflow_run_id, update.wandb_run_path)
         self.set_status(204)
         self.finish()
 
@@ -332,9 +333,9 @@ class TrackingHandler(JobCallbackHandler):
 class IdentityHandler(JobCallbackHandler):
     """For services that accept a job's token (the MLflow service): valid only while the attempt runs."""
 
-    def get(self, job_id):
-        self.authorize(job_id)
-        row = self.store.get_job(job_id)
+    async def get(self, job_id):
+        await self.authorize(job_id)
+        row = await asyncio.to_thread(self.store.get_job, job_id)
         identity = JobIdentity(job_id=row.id, owner=row.owner, groups=row.groups, attempt=row.attempt)
         self.write_json(identity.model_dump())
 

@@ -280,8 +280,8 @@ class JobQueue(LoggingConfigurable):
             raise SubmissionsLimited(f"{owner} submits more than {self.submit_rate:g} jobs a second "
                                      f"(JobQueue.submit_rate, burst {self.submit_burst})", retry_after=wait)
         traceparent = traceparent or tracing.inject({}).get("traceparent")
-        row, created = self.store.create_job(owner, groups, spec, traceparent, max_queued=self.max_queued,
-                                             admin=admin)
+        row, created = await asyncio.to_thread(self.store.create_job, owner, groups, spec, traceparent,
+                                               max_queued=self.max_queued, admin=admin)
         if created:
             self.kick()
         return row, created
@@ -295,14 +295,14 @@ class JobQueue(LoggingConfigurable):
 
     async def _cancel(self, job_id: str, reason: str) -> JobRow:
         async with self._lock:
-            row = self.store.get_job(job_id)
+            row = await asyncio.to_thread(self.store.get_job, job_id)
             if row.state == "queued" or (row.state == "dispatching" and not row.handle):
-                return self.store.transition(job_id, "cancelled", reason)
+                return await asyncio.to_thread(self.store.transition, job_id, "cancelled", reason)
             if row.state not in ("dispatching", "running"):
                 raise JobStateError(f"job {job_id} is {row.state}: nothing to cancel")
             task = self._begin_stop(row, "cancelled", reason)
         await task
-        return self.store.get_job(job_id)
+        return await asyncio.to_thread(self.store.get_job, job_id)
 
     def cancel_all_of(self, owner: str, reason: str) -> asyncio.Task:
         """Cancel every unfinished job of ``owner`` (a deleted user) in the background.
@@ -315,7 +315,8 @@ class JobQueue(LoggingConfigurable):
         return task
 
     async def _cancel_all(self, owner: str, reason: str) -> None:
-        rows, _ = self.store.list_jobs(owner=owner, state=list(UNFINISHED_STATES), limit=100_000)
+        rows, _ = await asyncio.to_thread(self.store.list_jobs, owner=owner, state=list(UNFINISHED_STATES),
+                                          limit=100_000)
         results = await asyncio.gather(*(self._cancel(r.id, reason) for r in rows), return_exceptions=True)
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception) and not isinstance(result, JobStateError):
@@ -349,7 +350,7 @@ class JobQueue(LoggingConfigurable):
     async def pools(self) -> list[PoolStatus]:
         """Capacity, use and queue length per pool (raises ``ExecutorUnavailable``)."""
         capacity = await self.executor.capacity()
-        used, queued = self.store.usage("pool"), self.store.queued_count()
+        used, queued = await asyncio.to_thread(lambda: (self.store.usage("pool"), self.store.queued_count()))
         return [
             PoolStatus(
                 name=name,
@@ -360,10 +361,10 @@ class JobQueue(LoggingConfigurable):
             for name, cap in sorted(capacity.items())
         ]
 
-    def quota(self, owner: str, groups: list[str]) -> Quota:
+    async def quota(self, owner: str, groups: list[str]) -> Quota:
         """The owner's limits and usage, and those of each of ``groups`` with a quota."""
-        mine = self.store.usage("owner").get(owner, Usage())
-        active = self.store.active_jobs()
+        usage, active = await asyncio.to_thread(lambda: (self.store.usage("owner"), self.store.active_jobs()))
+        mine = usage.get(owner, Usage())
         group_status = {}
         for group in sorted(set(groups) & set(self.group_quotas)):
             rows = [r for r in active if group in r.groups]
@@ -436,7 +437,7 @@ class JobQueue(LoggingConfigurable):
         try:
             await self.executor.cancel(Handle(**row.handle), self.cancel_grace)
             await self._save_logs(row)
-            self.store.transition(row.id, state, reason)
+            await asyncio.to_thread(self.store.transition, row.id, state, reason)
         finally:
             del self._stopping[row.id]
             self.kick()

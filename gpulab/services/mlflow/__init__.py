@@ -27,12 +27,14 @@ slash>`` (through the hub's proxy or straight to the service URL).
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -40,7 +42,6 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.netutil import Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
@@ -49,6 +50,8 @@ from ...net import private_sockets
 from ...secrets import persistent_secret
 from ...service.errors import APIError
 from ...service.handlers import JSONAPIMixin
+from ...service.logs import setup_logging
+from ...service.supervisor import Child, Supervisor
 from .identity import (
     ADMIN_HEADER,
     ADMIN_USERNAME,
@@ -344,35 +347,25 @@ def main() -> None:
                       # MLflow's own admin, made on the first start; nobody signs in as it (the proxy never names it)
                       MLFLOW_AUTH_ADMIN_PASSWORD=persistent_secret(state / "auth-admin-password"),
                       MLFLOW_FLASK_SERVER_SECRET_KEY=persistent_secret(state / "flask-secret-key"))
-    mlflow = subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix), env=mlflow_env)
-
     delegates = frozenset(filter(None, env.get("GPULAB_MLFLOW_DELEGATES", "gpulab-infer").split(",")))
-    app = make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""), delegates)
-    server = HTTPServer(app, max_body_size=MAX_BODY, xheaders=True)
+    setup_logging()
+    mlflow = Child("mlflow server", lambda: subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix),
+                                                           env=mlflow_env))
+    asyncio.run(serve(mlflow, lambda: make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""), delegates), listen))
+
+
+async def serve(mlflow: Child, make: Callable[[], web.Application], listen) -> None:
+    """The proxy (``make()``: its clients belong to this loop) on ``listen``, and ``mlflow server`` behind it,
+    kept running until SIGTERM or SIGINT; while MLflow starts or restarts the proxy answers 502."""
+    supervisor = Supervisor(logging.getLogger("gpulab.mlflow"))
+    await supervisor.start(mlflow)
+    server = HTTPServer(make(), max_body_size=MAX_BODY, xheaders=True)
     server.listen(listen.port, listen.hostname)
-    loop = IOLoop.current()
-    exit_code = 0
-
-    def stop(code: int = 0):
-        nonlocal exit_code
-        exit_code = code
-        loop.stop()
-
-    def check_mlflow():
-        if mlflow.poll() is not None:
-            print(f"gpulab.services.mlflow: mlflow server exited with {mlflow.returncode}", file=sys.stderr)
-            stop(1)
-
-    signal.signal(signal.SIGTERM, lambda *_: loop.add_callback_from_signal(stop))
-    signal.signal(signal.SIGINT, lambda *_: loop.add_callback_from_signal(stop))
-    PeriodicCallback(check_mlflow, 1000).start()
-    loop.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(supervisor.run())
+    await stop.wait()
+    watch.cancel()
     server.stop()
-    if mlflow.poll() is None:
-        mlflow.send_signal(signal.SIGTERM)
-        try:
-            mlflow.wait(20)
-        except subprocess.TimeoutExpired:
-            mlflow.kill()
-            mlflow.wait()
-    sys.exit(exit_code)
+    await supervisor.stop(timeout=20)
