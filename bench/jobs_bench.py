@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the gpulab-jobs service against real parts (hub + proxy + service, PostgreSQL, Ray).
 
-    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray,tick] [--ray-body]
+    python bench/jobs_bench.py [--quick] [--only throughput,latency,list,ray,tick,lag] [--ray-body]
                                [--json out.json] [--profile DIR] [--keep]
 
 Sections (goals from issue 3, "Benchmark"), each with a baseline measured in the same run:
@@ -25,6 +25,9 @@ Sections (goals from issue 3, "Benchmark"), each with a baseline measured in the
    Ray with the exact request body gpulab's RayExecutor sends. Goal: gpulab adds <= 10%.
 5. tick (diagnostic): one scheduling pass in-process vs the number of queued jobs; baseline:
    the same pass with an empty queue.
+6. lag: the service's event-loop lag (its own histogram: a timer every 50 ms) while 20 clients follow a
+   running job's log (SSE), idle for 10 s (the baseline) and during a burst of 1,000 submissions.
+   Goal (issue 15): max lag <= 20 ms.
 
 The machine may be shared: compare ratios within one run, not absolute numbers across runs.
 Everything started here is stopped by PID at the end (also on error or Ctrl-C).
@@ -36,6 +39,7 @@ import json
 import math
 import os
 import platform as pyplatform
+import re
 import shutil
 import signal
 import statistics
@@ -74,9 +78,9 @@ HOSTS = ("127.0.0.120", "127.0.0.121", "127.0.0.122")
 
 SIZES = {
     "full": {"threads": 4, "per_thread": 250, "store_n": 1000, "latency_n": 50, "list_rounds": 300, "ray_n": 10,
-             "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000, 10000]},
+             "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000, 10000], "lag_burst": 1000},
     "quick": {"threads": 4, "per_thread": 40, "store_n": 200, "latency_n": 8, "list_rounds": 30, "ray_n": 2,
-              "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000]},
+              "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000], "lag_burst": 200},
 }
 
 
@@ -421,6 +425,70 @@ def throughput(bench: Bench, size: dict, label: str, store_url: str, direct: boo
     log(f"[{label}] POST /jobs x {t}x{k}")
     with Profiler(profile, f"submit-{label}", bench.service_pid()):
         out["submit"] = hammer(bench.session, "POST", bench.base + "/jobs", PARKED, t, k, 201)
+    return out
+
+
+# --------------------------------------------------------------------------- 6. loop lag
+
+FOLLOWED = {"name": "followed", "entrypoint": ["python", "-c", "import time\nfor i in range(3000):\n"
+                                                               "    print(i, flush=True)\n    time.sleep(0.1)"]}
+
+
+def lag_buckets(bench: Bench) -> dict[float, float]:
+    """The service's event-loop lag histogram: cumulative count per upper bound (s)."""
+    text = requests.get(f"{bench.platform.url}/services/gpulab-jobs/metrics",
+                        headers={"Authorization": f"token {bench.platform.admin_token}"}, timeout=30).text
+    out = {}
+    for match in re.finditer(r'^gpulab_jobs_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M):
+        out[float(match[1])] = float(match[2])
+    return out
+
+
+def lag_between(before: dict, after: dict) -> dict:
+    """Timer wake-ups between two scrapes, and the bucket bounds under which the largest and 99% of them fell."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0) for b in bounds]
+    total = counts[-1]
+    largest = next((b for b, c in zip(bounds, counts) if c == total), math.inf)
+    p99 = next((b for b, c in zip(bounds, counts) if c >= 0.99 * total), math.inf)
+    return {"samples": int(total), "max_le_ms": ms(largest), "p99_le_ms": ms(p99)}
+
+
+def loop_lag(bench: Bench, burst: int, followers: int, threads: int) -> dict:
+    """Max event-loop lag of gpulab-jobs while ``followers`` SSE streams follow a running job's log, idle (the
+    baseline) and during a burst of ``burst`` submissions."""
+    with bench.session() as s:
+        job = s.post(bench.base + "/jobs", json=FOLLOWED, timeout=30).json()["id"]
+        deadline = time.monotonic() + 60
+        while s.get(f"{bench.base}/jobs/{job}", timeout=30).json()["state"] != "running":
+            assert time.monotonic() < deadline, "the followed job never ran"
+            time.sleep(0.1)
+    stop = threading.Event()
+
+    def follow() -> None:
+        with bench.session() as s, s.get(f"{bench.base}/jobs/{job}/logs?follow=true", stream=True,
+                                          timeout=60) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    streams = [threading.Thread(target=follow, daemon=True) for _ in range(followers)]
+    for t in streams:
+        t.start()
+    time.sleep(2)
+    out = {}
+    before = lag_buckets(bench)
+    time.sleep(10)
+    out["idle"] = lag_between(before, lag_buckets(bench))
+    before = lag_buckets(bench)
+    out["burst_submit"] = hammer(bench.session, "POST", bench.base + "/jobs", PARKED, threads, burst // threads, 201)
+    out["burst"] = lag_between(before, lag_buckets(bench))
+    stop.set()
+    with bench.session() as s:
+        s.post(f"{bench.base}/jobs/{job}/cancel", timeout=60)
+    for t in streams:
+        t.join(timeout=30)
+    out["followers"], out["burst_n"] = followers, burst
     return out
 
 
@@ -828,6 +896,18 @@ def report(res: dict) -> str:
                   "| jobs queued | median ms | vs 0 queued |", "| ---: | ---: | ---: |"]
         lines += [f"| {depth} | {v} | {ratio(v, base)} |" for depth, v in t.items()]
         lines.append("")
+    if "lag" in res:
+        lag = res["lag"]
+        lines += [(f"## 6. gpulab-jobs event-loop lag ({lag['followers']} SSE followers of a running job's log; "
+                   "timer every 50 ms, from the service's histogram)"), "",
+                  "| phase | wake-ups | max lag <= ms | p99 <= ms | submissions/s |", "| --- | ---: | ---: | ---: | ---: |",
+                  f"| idle (baseline), 10 s | {lag['idle']['samples']} | {lag['idle']['max_le_ms']} | "
+                  f"{lag['idle']['p99_le_ms']} | |",
+                  f"| burst of {lag['burst_n']} submissions | {lag['burst']['samples']} | {lag['burst']['max_le_ms']} | "
+                  f"{lag['burst']['p99_le_ms']} | {lag['burst_submit']['rate']:.0f} |", ""]
+        goals.append((f"max loop lag during a {lag['burst_n']}-job burst with {lag['followers']} followers <= 20 ms",
+                      f"<= {lag['burst']['max_le_ms']} ms (idle <= {lag['idle']['max_le_ms']} ms)",
+                      lag["burst"]["max_le_ms"] <= 20))
     if goals:
         lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
         lines += [f"| {g} | {m} | {'yes' if ok else 'NO'} |" for g, m, ok in goals]
@@ -839,8 +919,8 @@ def report(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (well under 90 s)")
-    ap.add_argument("--only", default="throughput,latency,list,ray,tick",
-                    help="comma-separated sections: throughput, latency, list, ray, tick")
+    ap.add_argument("--only", default="throughput,latency,list,ray,tick,lag",
+                    help="comma-separated sections: throughput, latency, list, ray, tick, lag")
     ap.add_argument("--ray-body", action="store_true",
                     help="ray: also time raw Ray with the exact request body gpulab sends (a third variant)")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
@@ -867,7 +947,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        sqlite_part = bool(only & {"throughput", "latency", "list"})
+        sqlite_part = bool(only & {"throughput", "latency", "list", "lag"})
         sqlite_url = f"sqlite:///{work / 'sqlite-service' / 'jobs.sqlite'}"
         keys = None
         if "list" in only:
@@ -933,6 +1013,9 @@ def main() -> int:
                     log("list latency again, with the parked jobs queued")
                     res["list_queued"] = list_latency(bench, keys, max(20, size["list_rounds"] // 3))
                     res["list_queued_n"] = res["throughput"]["sqlite"]["submit"]["n"] + 3 * size["threads"]
+            if "lag" in only:  # last: its burst adds to the queue, as the throughput run's does
+                log(f"event-loop lag: {size['lag_burst']} submissions with 20 log followers")
+                res["lag"] = loop_lag(bench, size["lag_burst"], 20, size["threads"])
             stop_platform(tracker, bench)
 
         if not args.quick:

@@ -38,7 +38,7 @@ class NotConfigured(GpulabError):
 
 
 class APIError(GpulabError):
-    """The job service refused a request: ``status``, and its ``code``, ``message`` and ``field``."""
+    """A gpulab service refused a request: ``status``, and its ``code``, ``message`` and ``field``."""
 
     def __init__(self, status: int, message: str, code: str | None = None, field: str | None = None):
         self.status, self.message, self.code, self.field = status, message, code, field
@@ -80,18 +80,19 @@ def _env(name: str, what: str) -> str:
     return value
 
 
-class JobsClient:
-    """Calls to gpulab-jobs (and the hub and MLflow) for the user whose token this process holds."""
+class HubServiceClient:
+    """Requests to one hub service's API (``url``) with the hub token this process holds: authenticated,
+    traced, and its errors raised as :class:`APIError` (a connection failure as :class:`GpulabError`)."""
 
-    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
-        self.url = (url or _env("GPULAB_JOBS_URL", "the job service's address")).rstrip("/")
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30):
+        self.url = url.rstrip("/")
         self.token = token or _env("JUPYTERHUB_API_TOKEN", "your server's hub token")
         self.timeout = timeout
         self.session = requests.Session()
         tracing.setup_tracing("gpulab-kernel")
 
     def request(self, method: str, url: str, **kwargs) -> requests.Response:
-        """An authenticated, traced request to ``url`` (relative: under the job service); API errors raise."""
+        """An authenticated, traced request to ``url`` (relative: under the service's API); API errors raise."""
         url = url if url.startswith("http") else self.url + url
         with tracing.tracer(__name__).start_as_current_span(
             f"{method} {url.split('?')[0]}", kind=trace.SpanKind.CLIENT
@@ -106,6 +107,13 @@ class JobsClient:
         if response.status_code >= 400:
             raise APIError.from_response(response)
         return response
+
+
+class JobsClient(HubServiceClient):
+    """Calls to gpulab-jobs (and the hub and MLflow) for the user whose token this process holds."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
+        super().__init__(url or _env("GPULAB_JOBS_URL", "the job service's address"), token, timeout)
 
     def submit(self, spec: dict | None = None, **fields) -> Job:
         """Submit a job: a JobSpec dict, or :func:`job_spec` keyword arguments."""

@@ -33,7 +33,7 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
-from .client import GpulabError, JobsClient, _env
+from .client import GpulabError, HubServiceClient, _env
 
 _HINTS = {
     "UNAUTHENTICATED": "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
@@ -108,7 +108,7 @@ class InferenceClient:
         self.url = (url or _env("GPULAB_INFER_URL", "the inference service's address")).rstrip("/")
         self.address = address or _env("GPULAB_INFER_ADDRESS", "the inference gateway's gRPC address")
         self.token = token or _env("JUPYTERHUB_API_TOKEN", "your server's hub token")
-        self.api = JobsClient(self.url, self.token)  # its authenticated, traced request(); errors as APIError
+        self.api = HubServiceClient(self.url, self.token)  # gpulab-infer's HTTP API
         self.grpc = self.triton_client()
         self._aio: tuple[asyncio.AbstractEventLoop, triton_aio.InferenceServerClient] | None = None
         self._metadata: dict[tuple[str, str], dict] = {}

@@ -1,10 +1,11 @@
 """The route table of the server extension, under ``<base url>gpulab/api/v1``."""
 
-from . import attestation, jobs, models
+from . import attestation_api, jobs_api, models_api
 from .handlers import NotFoundHandler, StatusHandler, WhoAmIHandler
 
 API_PREFIX = "gpulab/api/v1"
-ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs.ROUTES, *attestation.ROUTES, *models.ROUTES,
+ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs_api.ROUTES, *attestation_api.ROUTES,
+          *models_api.ROUTES,
           ("/.*", NotFoundHandler)]  # last: anything else under the API is a JSON 404, not Jupyter's HTML page
 
 

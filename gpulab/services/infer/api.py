@@ -11,8 +11,8 @@ from ... import tracing
 from ...scopes import DEPLOY, INFER
 from ...service.errors import APIError, error_code, http_status
 from ...service.handlers import JSONAPIMixin
+from .deployments import DeployError, Deployments
 from .gateway import Gateway, GatewayError
-from .models import DeployError, Deployments
 
 MAX_BODY = 64 * 1024
 

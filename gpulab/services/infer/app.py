@@ -33,8 +33,8 @@ from ...tracing import setup_tracing
 from . import api, rest
 from .auth import HubTokenAuth
 from .config import InferenceGateway
+from .deployments import Deployments
 from .gateway import Gateway, GatewayError
-from .models import Deployments
 from .nginx import NginxDataPlane, serve_authorize
 from .processes import METRICS_FD_ENV, Workers, merge_metrics, parent_gone, process_index
 from .records import ModelRecords

@@ -6,7 +6,7 @@ ever in a user's server, where a kernel could read what the server can.
 
 from tornado import web
 
-from .jobs import ServiceProxyHandler
+from .jobs_api import ServiceProxyHandler
 
 
 class AttestationProxyHandler(ServiceProxyHandler):

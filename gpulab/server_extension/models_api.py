@@ -33,16 +33,14 @@ from ..inference.client import (
 )
 from ..service.errors import APIError, error_code, http_status
 from .handlers import GpulabHandler
-from .jobs import JobsBackend, ServiceProxyHandler
+from .jobs_api import ServiceBackend, ServiceProxyHandler
 
 
-class InferBackend(JobsBackend):
+class InferBackend(ServiceBackend):
     """gpulab-infer as this server sees it: its HTTP API (URL, token, breaker) and gRPC address."""
 
-    name = "gpulab-infer"
-
     def __init__(self, url: str, token: str, address: str | None):
-        super().__init__(url, token)
+        super().__init__("gpulab-infer", url, token)
         self.address = address
         self._client: triton_aio.InferenceServerClient | None = None
         self.metadata: dict[tuple[str, str], dict] = {}

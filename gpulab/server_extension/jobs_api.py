@@ -2,7 +2,8 @@
 
 Requests go to ``gpulab-jobs`` with the server's own hub token (``JUPYTERHUB_API_TOKEN``, which
 carries the user's gpulab scopes) and the client's address in ``X-Forwarded-For``, through one
-circuit breaker. :class:`ServiceProxyHandler` is the forwarding base, also of ``attestation.py``.
+circuit breaker. :class:`ServiceProxyHandler` is the forwarding base, also of ``attestation_api.py`` and
+``models_api.py``.
 """
 
 import os
@@ -21,21 +22,21 @@ from .handlers import GpulabHandler
 FORWARDED_HEADERS = ("Content-Type",)
 
 
-class JobsBackend:
-    """The job service as this server sees it: URL, token, breaker (``name`` for messages: subclasses for other
-    services set theirs)."""
+class ServiceBackend:
+    """A hub service as this server sees it: its ``name`` (for messages), URL, this server's token, and one
+    circuit breaker. The job service is one; :class:`~.models_api.InferBackend` adds gpulab-infer's gRPC side."""
 
-    name = "gpulab-jobs"
-
-    def __init__(self, url: str, token: str):
+    def __init__(self, name: str, url: str, token: str):
+        self.name = name
         self.url = url.rstrip("/")
         self.token = token
         self.breaker = CircuitBreaker(f"{self.name} at {self.url}", failure_threshold=5, recovery_timeout=10)
 
     @classmethod
-    def from_env(cls) -> "JobsBackend | None":
+    def from_env(cls) -> "ServiceBackend | None":
+        """gpulab-jobs at ``$GPULAB_JOBS_URL``; None when it is not set."""
         url = os.environ.get("GPULAB_JOBS_URL")
-        return cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", "")) if url else None
+        return cls("gpulab-jobs", url, os.environ.get("JUPYTERHUB_API_TOKEN", "")) if url else None
 
 
 class ServiceProxyHandler(GpulabHandler):
@@ -45,7 +46,7 @@ class ServiceProxyHandler(GpulabHandler):
     """
 
     @property
-    def backend(self) -> JobsBackend:
+    def backend(self) -> ServiceBackend:
         backend = self.settings.get("gpulab_jobs")
         if backend is None:
             raise APIError(503, "the job service is not configured (GPULAB_JOBS_URL is not set)", code="unavailable")
