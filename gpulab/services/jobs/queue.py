@@ -12,14 +12,13 @@ import json
 import os
 import secrets
 import sys
-from collections import defaultdict, deque
+from collections import deque
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
-from sqlalchemy import and_, case, false, func, or_
 from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Type, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
@@ -31,10 +30,12 @@ from gpulab.ratelimit import TokenBuckets
 from gpulab.secrets import JOB_SECRET_ENV, persistent_secret
 from gpulab.service.storage import utcnow
 
-from .executors.base import Executor, ExecutorUnavailable, Handle, Launch, Outcome, PoolCapacity
+from . import policy
+from .executors.base import Executor, ExecutorUnavailable, Handle, Launch, Outcome
 from .executors.local import handle_file
 from .models import Job, JobSpec, PoolResources, PoolStatus, Quota, QuotaLimits, QuotaStatus, QuotaUsage
-from .store import JobRow, JobStateError, JobStore, Usage, token_hash
+from .policy import Ledger, Usage
+from .store import JobRow, JobStateError, JobStore, token_hash
 
 EXECUTORS = {
     "local": "gpulab.services.jobs.executors.local.LocalExecutor",
@@ -42,7 +43,6 @@ EXECUTORS = {
 }
 DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
 QUOTA_KEYS = tuple(DEFAULT_USER_QUOTA)
-BATCH = 64  # queued jobs fetched per owner at a time when the user quota has no max_jobs
 
 
 class SubmissionsLimited(Exception):
@@ -76,13 +76,6 @@ def _quota_traits() -> dict:
 def _known_keys(setting: str, quota: dict) -> None:
     if unknown := sorted(set(quota) - set(QUOTA_KEYS)):
         raise TraitError(f"{setting}: {unknown[0]!r} is not a quota limit (give {' and/or '.join(QUOTA_KEYS)})")
-
-
-def _charge(usage: Usage, row: JobRow) -> None:
-    usage.jobs += 1
-    usage.gpus += row.gpus
-    usage.cpus += row.cpus
-    usage.memory += row.memory or 0
 
 
 class JobQueue(LoggingConfigurable):
@@ -369,17 +362,17 @@ class JobQueue(LoggingConfigurable):
         for group in sorted(set(groups) & set(self.group_quotas)):
             rows = [r for r in active if group in r.groups]
             group_status[group] = QuotaStatus(
-                limits=self._limits(self.group_quotas[group]),
+                limits=self._quota_limits(self.group_quotas[group]),
                 usage=QuotaUsage(jobs=len(rows), gpus=sum(r.gpus for r in rows)),
             )
         return Quota(
-            limits=self._limits(self._user_limits),
+            limits=self._quota_limits(self._limits().user),
             usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus),
             groups=group_status,
         )
 
     @staticmethod
-    def _limits(quota: dict) -> QuotaLimits:
+    def _quota_limits(quota: dict) -> QuotaLimits:
         return QuotaLimits(max_jobs=quota.get("max_jobs"), max_gpus=quota.get("max_gpus"))
 
     # -- scheduling
@@ -418,8 +411,8 @@ class JobQueue(LoggingConfigurable):
             return
         await self._save_logs(row)
         to, why, fields = outcome.state, outcome.reason or outcome.state, {}
-        if to != "succeeded" and row.attempt <= row.max_retries:
-            delay = min(self.retry_backoff * 2 ** (row.attempt - 1), self.retry_backoff_max)
+        delay = policy.retry_delay(row.attempt, row.max_retries, self.retry_backoff, self.retry_backoff_max)
+        if to != "succeeded" and delay is not None:
             to, why = "queued", f"retry {row.attempt + 1}/{row.max_retries + 1} after: {why}"
             fields = {"not_before": utcnow() + timedelta(seconds=delay)}
         elif to != "succeeded":
@@ -468,143 +461,45 @@ class JobQueue(LoggingConfigurable):
             why = f"waiting: executor unavailable: {e}"
             await asyncio.to_thread(self.store.set_waiting_reasons, lambda job: why)
             return
-        owners, groups, pools = defaultdict(Usage), defaultdict(Usage), defaultdict(Usage)
-        busy_gpus = defaultdict(set)
+        ledger, limits = Ledger(), self._limits()
         for row in await asyncio.to_thread(self.store.active_jobs):
-            self._account(row, owners, groups, pools)
-            busy_gpus[row.pool].update((row.handle or {}).get("gpu_ids", []))
+            ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
-        rows = await self._candidates(capacity, owners, pools)
-        for row in rows:
+        for row in await asyncio.to_thread(self.store.candidates, capacity, ledger, limits):
             heads.setdefault(row.owner, deque()).append(row)
-        more.update(o for o, queue in heads.items() if len(queue) == self._room(owners[o]))
-        while heads:
-            # an admin's priority, then the owner with the fewest running GPUs, then jobs, then age; each
-            # owner's head is their own highest-priority job
-            owner = min(
-                heads,
-                key=lambda o: (-heads[o][0].global_priority, owners[o].gpus, owners[o].jobs, heads[o][0].created_at),
-            )
+        more.update(o for o, queue in heads.items() if len(queue) == limits.room(ledger.owners[o]))
+        while heads:  # each owner's head is their own highest-priority job
+            owner = min(heads, key=lambda o: policy.turn(heads[o][0], ledger.owners[o]))
             row = heads[owner].popleft()
             if not heads[owner]:
                 del heads[owner]
-            attested, blocker = None, self._blocker(row, capacity, owners, groups, pools)
+            attested, blocker = None, policy.blocker(row, capacity, ledger, limits)
             if not blocker and row.attestation_required:
                 attested, blocker = gate()
             if not blocker:
-                gpu_ids = []
-                if self.executor.owns_gpu_ids and row.gpus:
-                    free = [i for i in range(capacity[row.pool].gpus) if i not in busy_gpus[row.pool]]
-                    gpu_ids = free[: row.gpus]
+                gpu_ids = policy.gpu_ids(row, capacity, ledger) if self.executor.owns_gpu_ids and row.gpus else []
                 if await self._dispatch(row, gpu_ids, attested):
-                    self._account(row, owners, groups, pools)
-                    busy_gpus[row.pool].update(gpu_ids)
+                    ledger.charge(row, gpu_ids)
             if owner in more and owner not in heads:
                 more.discard(owner)
-                room = self._room(owners[owner])
-                if room and (rows := await self._candidates(capacity, owners, pools, owner, row)):
+                room = limits.room(ledger.owners[owner])
+                if room and (rows := await asyncio.to_thread(self.store.candidates, capacity, ledger, limits, owner,
+                                                             row)):
                     heads[owner] = deque(rows)
                     if len(rows) == room:
                         more.add(owner)
 
         def reason(job) -> str | None:
-            blocker = self._blocker(job, capacity, owners, groups, pools)
+            blocker = policy.blocker(job, capacity, ledger, limits)
             return blocker or (gate()[1] if job.attestation_required else None)
 
         await asyncio.to_thread(self.store.set_waiting_reasons, reason)
 
-    @property
-    def _user_limits(self) -> dict:
-        """``user_quota`` over the defaults (a config may set only some limits)."""
-        return {**DEFAULT_USER_QUOTA, **self.user_quota}
-
-    def _room(self, used: Usage) -> int:
-        """How many more jobs an owner using ``used`` may start (:data:`BATCH` without a ``max_jobs``)."""
-        max_jobs = self._user_limits.get("max_jobs")
-        return BATCH if max_jobs is None else max(max_jobs - used.jobs, 0)
-
-    async def _candidates(
-        self,
-        capacity: dict[str, PoolCapacity],
-        owners: dict,
-        pools: dict,
-        owner: str | None = None,
-        after=None,
-    ) -> list:
-        """Due queued jobs that fit the current free capacity and user GPU quota, the first
-        :meth:`_room` of each owner (of ``owner`` only, after the job ``after``, if given)."""
-        fits = []
-        for name, cap in capacity.items():
-            used = pools[name]
-            cond = [
-                JobRow.pool == name,
-                JobRow.gpus <= cap.gpus - used.gpus,
-                JobRow.cpus <= cap.cpus - used.cpus + 1e-9,
-            ]
-            if cap.memory is not None:
-                cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
-            fits.append(and_(*cond))
-        where = [or_(false(), *fits)]
-        max_gpus = self._user_limits.get("max_gpus")
-        if max_gpus is not None:
-            gpus_used = {o: u.gpus for o, u in owners.items() if u.gpus}
-            where.append(JobRow.gpus <= max_gpus - (case(gpus_used, value=JobRow.owner, else_=0) if gpus_used else 0))
-        if owner is None:
-            rooms = {o: self._room(u) for o, u in owners.items()}
-            per_owner = case(rooms, value=JobRow.owner, else_=self._room(Usage())) if rooms else self._room(Usage())
-        else:
-            per_owner = self._room(owners[owner])
-            p, c = after.priority, after.created_at
-            where += [
-                JobRow.owner == owner,
-                or_(
-                    JobRow.priority < p,
-                    and_(
-                        JobRow.priority == p,
-                        or_(JobRow.created_at > c, and_(JobRow.created_at == c, JobRow.id > after.id)),
-                    ),
-                ),
-            ]
-        return await asyncio.to_thread(self.store.queued_jobs, where=where, per_owner=per_owner)
-
-    @staticmethod
-    def _account(row: JobRow, owners: dict, groups: dict, pools: dict) -> None:
-        _charge(owners[row.owner], row)
-        _charge(pools[row.pool], row)
-        for group in row.groups:
-            _charge(groups[group], row)
-
-    def _blocker(
-        self, row: JobRow, capacity: dict[str, PoolCapacity], owners: dict, groups: dict, pools: dict
-    ) -> str | None:
-        """Why ``row`` cannot start now (quota or capacity), or None."""
-        scopes = [("", self._user_limits, owners[row.owner])]
-        scopes += [
-            (f"group '{g}' ", self.group_quotas[g], groups[g]) for g in row.groups if g in self.group_quotas
-        ]
-        for scope, limits, used in scopes:
-            max_jobs, max_gpus = limits.get("max_jobs"), limits.get("max_gpus")
-            if max_jobs is not None and used.jobs + 1 > max_jobs:
-                return f"waiting: {scope}quota max_jobs={max_jobs} reached"
-            if max_gpus is not None and used.gpus + row.gpus > max_gpus:
-                detail = f"{used.gpus} in use, job needs {row.gpus}"
-                return f"waiting: {scope}quota max_gpus={max_gpus} reached ({detail})"
-        cap = capacity.get(row.pool)
-        if cap is None:
-            return f"waiting: no pool '{row.pool}' (pools: {', '.join(sorted(capacity))})"
-        used = pools[row.pool]
-        if row.gpus > cap.gpus - used.gpus:
-            return (
-                f"waiting: no GPU capacity in pool '{row.pool}' ({cap.gpus - used.gpus} of {cap.gpus} free)"
-            )
-        free_cpus = cap.cpus - used.cpus
-        if row.cpus > free_cpus + 1e-9:
-            return f"waiting: no CPU capacity in pool '{row.pool}' ({free_cpus:g} of {cap.cpus:g} free)"
-        if cap.memory is not None and (row.memory or 0) > cap.memory - used.memory:
-            return f"waiting: not enough memory in pool '{row.pool}'"
-        return None
+    def _limits(self) -> policy.Limits:
+        """The quotas in force: ``user_quota`` over the defaults (a config may set only some limits)."""
+        return policy.Limits({**DEFAULT_USER_QUOTA, **self.user_quota}, self.group_quotas)
 
     def _attested(self) -> tuple[NodeState | None, str | None]:
         """For ``attestation: required`` jobs: ``(node state, None)`` if the node they would run on

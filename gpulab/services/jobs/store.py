@@ -11,7 +11,6 @@ import hmac
 import json
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +28,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    case,
     cast,
+    false,
     func,
     or_,
     select,
@@ -45,7 +46,9 @@ from traitlets.config import LoggingConfigurable
 from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
 from gpulab.service.storage import make_engine, utcnow
 
+from .executors.base import PoolCapacity
 from .models import Job, JobEvent, JobSpec, Progress, Resources
+from .policy import CPU_SLACK, Ledger, Limits, Usage
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "gpulab_jobs_alembic_version"
@@ -164,16 +167,6 @@ class JobEventRow(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
-
-
-@dataclass
-class Usage:
-    """Resources of running + dispatching jobs."""
-
-    jobs: int = 0
-    gpus: int = 0
-    cpus: float = 0.0
-    memory: int = 0
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -519,6 +512,38 @@ class JobStore(LoggingConfigurable):
             order = (ranked.c.priority.desc(), ranked.c.created_at, ranked.c.id)
         with self._session() as session:
             return list(session.execute(query.order_by(*order)))
+
+    def candidates(self, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limits, owner: str | None = None,
+                   after=None) -> list[Row]:
+        """Due queued jobs that fit the pools' free capacity and the user GPU quota, the first
+        :meth:`~.policy.Limits.room` of each owner (of ``owner`` only, after the job ``after``, if given).
+
+        The scheduling pass reads only these: the rules of :func:`~.policy.blocker` that SQL can state, so that
+        a queue of thousands costs a pass what the jobs that may start cost."""
+        fits = []
+        for name, cap in capacity.items():
+            used = ledger.pools[name]
+            cond = [JobRow.pool == name, JobRow.gpus <= cap.gpus - used.gpus,
+                    JobRow.cpus <= cap.cpus - used.cpus + CPU_SLACK]
+            if cap.memory is not None:
+                cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
+            fits.append(and_(*cond))
+        where = [or_(false(), *fits)]
+        max_gpus = limits.user.get("max_gpus")
+        if max_gpus is not None:
+            gpus_used = {o: u.gpus for o, u in ledger.owners.items() if u.gpus}
+            where.append(JobRow.gpus <= max_gpus - (case(gpus_used, value=JobRow.owner, else_=0) if gpus_used else 0))
+        if owner is None:
+            rooms = {o: limits.room(u) for o, u in ledger.owners.items()}
+            per_owner = case(rooms, value=JobRow.owner, else_=limits.room(Usage())) if rooms else limits.room(Usage())
+        else:
+            per_owner = limits.room(ledger.owners[owner])
+            p, c = after.priority, after.created_at
+            where += [JobRow.owner == owner,
+                      or_(JobRow.priority < p,
+                          and_(JobRow.priority == p,
+                               or_(JobRow.created_at > c, and_(JobRow.created_at == c, JobRow.id > after.id))))]
+        return self.queued_jobs(where=where, per_owner=per_owner)
 
     def usage(self, by: Literal["owner", "pool"]) -> dict[str, Usage]:
         """Resources of running + dispatching jobs per owner or per pool."""
