@@ -194,6 +194,8 @@ class TritonServer(Configurable):
         launch, and kept until :meth:`stop`); it logs to :attr:`log_file`."""
         if self._command is None:
             self._command = self._prepare()
+        elif self.socket_dir:  # started again: a killed server leaves its sockets behind, which Triton cannot bind
+            private_sockets(Path(self.socket_dir), SOCKETS.values(), "TritonServer.socket_dir")
         argv, env = self._command
         with self.log_file.open("ab") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -28,6 +28,10 @@ local function peer(ip, port)
   return (ip:find(":") and "[" .. ip .. "]" or ip) .. ":" .. port
 end
 
+-- the gRPC codes of the gateway's own errors as REST statuses, and Triton's REST statuses as gRPC codes (metrics):
+-- gpulab.service.errors.STATUSES, passed to configure
+local REST_STATUS, REST_CODE = {}, {}
+
 function M.configure(options)
   ttl, platform_key, key_header, http_key_header = options.ttl, options.key, options.key_header, options.http_key_header
   replicas, health_interval, authorize_socket = options.replicas, options.health_interval, options.authorize_socket
@@ -42,10 +46,6 @@ end
 local function rest()
   return ngx.var.gpulab_protocol == "rest"
 end
-
--- the gRPC codes of the gateway's own errors as REST statuses, and Triton's REST statuses as gRPC codes (metrics):
--- gpulab.service.errors.STATUSES, passed to configure
-local REST_STATUS, REST_CODE = {}, {}
 
 -- The gateway's own error: gRPC status and message, or on the REST port the status for the code (or `status`)
 -- with KServe's {"error": "<message>"}
