@@ -277,8 +277,16 @@ def platform_config(store_url: str, extra: str = "") -> str:
     return f"""
 {proxy}
 c.Platform.mlflow_service = False
+c.Platform.isolation = "none"  # the service alone is measured, on a store this process preloads
+c.Roles.extra_roles = c.Roles.extra_roles + [  # the lag section scrapes the service's metrics
+    {{"name": "bench-metrics", "scopes": ["read:metrics", "access:services!service=gpulab-jobs"],
+      "services": ["test-admin"]}}]
 c.Roles.everyone = ["gpulab-user"]
 c.JobQueue.tick_interval = {TICK}
+# the service's capacity is measured, not one user's allowance (#14's rate limit and queue cap)
+c.JobQueue.submit_rate = 1e6
+c.JobQueue.submit_burst = 1_000_000
+c.JobQueue.max_queued = 1_000_000
 c.JobStore.url = {store_url!r}
 {extra}
 """
@@ -441,6 +449,8 @@ def lag_buckets(bench: Bench) -> dict[float, float]:
     out = {}
     for match in re.finditer(r'^gpulab_jobs_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M):
         out[float(match[1])] = float(match[2])
+    if not out:
+        raise RuntimeError(f"no event-loop lag histogram in gpulab-jobs' metrics: {text[:300]}")
     return out
 
 
@@ -900,11 +910,13 @@ def report(res: dict) -> str:
         lag = res["lag"]
         lines += [(f"## 6. gpulab-jobs event-loop lag ({lag['followers']} SSE followers of a running job's log; "
                    "timer every 50 ms, from the service's histogram)"), "",
-                  "| phase | wake-ups | max lag <= ms | p99 <= ms | submissions/s |", "| --- | ---: | ---: | ---: | ---: |",
+                  "| phase | wake-ups | max lag <= ms | p99 <= ms | submissions/s | errors |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |",
                   f"| idle (baseline), 10 s | {lag['idle']['samples']} | {lag['idle']['max_le_ms']} | "
-                  f"{lag['idle']['p99_le_ms']} | |",
+                  f"{lag['idle']['p99_le_ms']} | | |",
                   f"| burst of {lag['burst_n']} submissions | {lag['burst']['samples']} | {lag['burst']['max_le_ms']} | "
-                  f"{lag['burst']['p99_le_ms']} | {lag['burst_submit']['rate']:.0f} |", ""]
+                  f"{lag['burst']['p99_le_ms']} | {lag['burst_submit']['rate']:.0f} | {lag['burst_submit']['errors']} |",
+                  ""]
         goals.append((f"max loop lag during a {lag['burst_n']}-job burst with {lag['followers']} followers <= 20 ms",
                       f"<= {lag['burst']['max_le_ms']} ms (idle <= {lag['idle']['max_le_ms']} ms)",
                       lag["burst"]["max_le_ms"] <= 20))

@@ -1,8 +1,15 @@
-"""What every gpulab database shares: how an engine is made, and how time is stored."""
+"""What every gpulab database shares: how an engine is made, how time is stored, and the thread its calls run on."""
 
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -24,3 +31,19 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
     return engine
+
+
+class DatabaseThread:
+    """A database's calls on one thread of its own: off the event loop, and one at a time. SQLite takes one
+    writer at a time anyway, and threads racing for its write lock sleep in its busy handler, which cost a
+    quarter of the job service's submissions a second when its calls went to asyncio's shared pool."""
+
+    def __init__(self, name: str):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the database's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -95,7 +95,7 @@ class UserHandler(HubOAuthenticated, BaseHandler):
     async def job(self, job_id: str):
         """The job, if the caller may see it (owner or admin); 404 otherwise."""
         try:
-            row = await asyncio.to_thread(self.store.get_job, job_id)
+            row = await self.store.db.run(self.store.get_job, job_id)
         except JobNotFound:
             row = None
         if row is None or (row.owner != self.user_name and not self.is_admin):
@@ -144,7 +144,7 @@ class JobsHandler(UserHandler):
                 raise APIError(400, f"label filter {item!r} must be key=value", field="label")
             labels[key] = value
         try:
-            rows, cursor = await asyncio.to_thread(
+            rows, cursor = await self.store.db.run(
                 self.store.list_jobs, owner=owner, state=states or None,
                 labels=labels, limit=limit, cursor=self.get_argument("cursor", None),
             )
@@ -161,7 +161,7 @@ class JobHandler(UserHandler):
         row = await self.job(job_id)
         if row.state not in TERMINAL_STATES:
             raise APIError(409, f"job {job_id} is {row.state}; cancel it first", field="state", code="conflict")
-        await asyncio.to_thread(self.store.delete_job, job_id)
+        await self.store.db.run(self.store.delete_job, job_id)
         self.set_status(204)
         self.finish()
 
@@ -169,7 +169,7 @@ class JobHandler(UserHandler):
 class JobEventsHandler(UserHandler):
     async def get(self, job_id):
         await self.job(job_id)
-        events = await asyncio.to_thread(self.store.events, job_id)
+        events = await self.store.db.run(self.store.events, job_id)
         self.write_json({"events": [e.model_dump() for e in events]})
 
 
@@ -226,7 +226,7 @@ class LogsHandler(UserHandler):
         token = self.hub_auth.get_token(self)
         opened = checked = time.monotonic()
         while True:
-            row = await asyncio.to_thread(self.store.get_job, job_id)
+            row = await self.store.db.run(self.store.get_job, job_id)
             data = await self.queue.read_logs(row, offset, 64 * 1024)
             closed = None
             if time.monotonic() - opened >= self.queue.log_follow_max:
@@ -297,7 +297,7 @@ class JobCallbackHandler(BaseHandler):
         if scheme.lower() != "job-token" or not token:
             raise APIError(401, "send 'Authorization: job-token <GPULAB_JOB_TOKEN>'", code="unauthenticated")
         try:
-            ok = await asyncio.to_thread(self.store.check_job_token, job_id, token.strip())
+            ok = await self.store.db.run(self.store.check_job_token, job_id, token.strip())
         except JobNotFound:
             ok = False
         if not ok:
@@ -308,7 +308,7 @@ class ProgressHandler(JobCallbackHandler):
     async def post(self, job_id):
         await self.authorize(job_id)
         update = self.parse(ProgressUpdate)
-        await asyncio.to_thread(self.store.update_progress, job_id, update.step, update.total, update.metrics)
+        await self.store.db.run(self.store.update_progress, job_id, update.step, update.total, update.metrics)
         self.set_status(204)
         self.finish()
 
@@ -316,7 +316,7 @@ class ProgressHandler(JobCallbackHandler):
 class HeartbeatHandler(JobCallbackHandler):
     async def post(self, job_id):
         await self.authorize(job_id)
-        await asyncio.to_thread(self.store.heartbeat, job_id)
+        await self.store.db.run(self.store.heartbeat, job_id)
         self.set_status(204)
         self.finish()
 
@@ -325,7 +325,7 @@ class TrackingHandler(JobCallbackHandler):
     async def post(self, job_id):
         await self.authorize(job_id)
         update = self.parse(TrackingUpdate)
-        await asyncio.to_thread(self.store.set_tracking, job_id, update.mlflow_run_id, update.wandb_run_path)
+        await self.store.db.run(self.store.set_tracking, job_id, update.mlflow_run_id, update.wandb_run_path)
         self.set_status(204)
         self.finish()
 
@@ -335,7 +335,7 @@ class IdentityHandler(JobCallbackHandler):
 
     async def get(self, job_id):
         await self.authorize(job_id)
-        row = await asyncio.to_thread(self.store.get_job, job_id)
+        row = await self.store.db.run(self.store.get_job, job_id)
         identity = JobIdentity(job_id=row.id, owner=row.owner, groups=row.groups, attempt=row.attempt)
         self.write_json(identity.model_dump())
 

@@ -1,12 +1,13 @@
 """Prometheus metrics of gpulab-jobs, served at ``<prefix>metrics`` to holders of ``read:metrics``."""
 
-import asyncio
 
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tornado import web
 
+from ...service.errors import APIError
+from ...service.handlers import JSONAPIMixin
 from ...service.loop_lag import LoopLag
 
 REGISTRY = CollectorRegistry()
@@ -20,17 +21,20 @@ ACTIVE = Gauge("gpulab_jobs_active", "Dispatching and running jobs", ["pool"], r
 ACTIVE_GPUS = Gauge("gpulab_jobs_active_gpus", "GPUs held by active jobs", ["pool"], registry=REGISTRY)
 
 
-class MetricsHandler(HubOAuthenticated, web.RequestHandler):
+class MetricsHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
     """The metrics, current queue and usage gauges refreshed on each scrape."""
+
+    log_name = "gpulab-jobs"
 
     async def get(self):
         user = self.current_user
         if user is None:
-            raise web.HTTPError(401)
+            raise APIError(401, "send 'Authorization: token <hub token>' with the scope read:metrics",
+                           code="unauthenticated")
         if not check_scopes(["read:metrics"], set(user.get("scopes", ()))):
-            raise web.HTTPError(403)
+            raise APIError(403, f"{user['name']} lacks the scope read:metrics", code="forbidden")
         store = self.settings["queue"].store
-        queued, used = await asyncio.to_thread(lambda: (store.queued_count(), store.usage("pool")))
+        queued, used = await store.db.run(lambda: (store.queued_count(), store.usage("pool")))
         QUEUED.clear()
         ACTIVE.clear()
         ACTIVE_GPUS.clear()

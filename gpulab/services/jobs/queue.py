@@ -273,7 +273,7 @@ class JobQueue(LoggingConfigurable):
             raise SubmissionsLimited(f"{owner} submits more than {self.submit_rate:g} jobs a second "
                                      f"(JobQueue.submit_rate, burst {self.submit_burst})", retry_after=wait)
         traceparent = traceparent or tracing.inject({}).get("traceparent")
-        row, created = await asyncio.to_thread(self.store.create_job, owner, groups, spec, traceparent,
+        row, created = await self.store.db.run(self.store.create_job, owner, groups, spec, traceparent,
                                                max_queued=self.max_queued, admin=admin)
         if created:
             self.kick()
@@ -288,14 +288,14 @@ class JobQueue(LoggingConfigurable):
 
     async def _cancel(self, job_id: str, reason: str) -> JobRow:
         async with self._lock:
-            row = await asyncio.to_thread(self.store.get_job, job_id)
+            row = await self.store.db.run(self.store.get_job, job_id)
             if row.state == "queued" or (row.state == "dispatching" and not row.handle):
-                return await asyncio.to_thread(self.store.transition, job_id, "cancelled", reason)
+                return await self.store.db.run(self.store.transition, job_id, "cancelled", reason)
             if row.state not in ("dispatching", "running"):
                 raise JobStateError(f"job {job_id} is {row.state}: nothing to cancel")
             task = self._begin_stop(row, "cancelled", reason)
         await task
-        return await asyncio.to_thread(self.store.get_job, job_id)
+        return await self.store.db.run(self.store.get_job, job_id)
 
     def cancel_all_of(self, owner: str, reason: str) -> asyncio.Task:
         """Cancel every unfinished job of ``owner`` (a deleted user) in the background.
@@ -308,7 +308,7 @@ class JobQueue(LoggingConfigurable):
         return task
 
     async def _cancel_all(self, owner: str, reason: str) -> None:
-        rows, _ = await asyncio.to_thread(self.store.list_jobs, owner=owner, state=list(UNFINISHED_STATES),
+        rows, _ = await self.store.db.run(self.store.list_jobs, owner=owner, state=list(UNFINISHED_STATES),
                                           limit=100_000)
         results = await asyncio.gather(*(self._cancel(r.id, reason) for r in rows), return_exceptions=True)
         for row, result in zip(rows, results, strict=True):
@@ -343,7 +343,7 @@ class JobQueue(LoggingConfigurable):
     async def pools(self) -> list[PoolStatus]:
         """Capacity, use and queue length per pool (raises ``ExecutorUnavailable``)."""
         capacity = await self.executor.capacity()
-        used, queued = await asyncio.to_thread(lambda: (self.store.usage("pool"), self.store.queued_count()))
+        used, queued = await self.store.db.run(lambda: (self.store.usage("pool"), self.store.queued_count()))
         return [
             PoolStatus(
                 name=name,
@@ -356,7 +356,7 @@ class JobQueue(LoggingConfigurable):
 
     async def quota(self, owner: str, groups: list[str]) -> Quota:
         """The owner's limits and usage, and those of each of ``groups`` with a quota."""
-        usage, active = await asyncio.to_thread(lambda: (self.store.usage("owner"), self.store.active_jobs()))
+        usage, active = await self.store.db.run(lambda: (self.store.usage("owner"), self.store.active_jobs()))
         mine = usage.get(owner, Usage())
         group_status = {}
         for group in sorted(set(groups) & set(self.group_quotas)):
@@ -380,7 +380,7 @@ class JobQueue(LoggingConfigurable):
     async def tick(self) -> None:
         """Poll running attempts, then dispatch what fits; database work runs in a thread."""
         async with self._lock:
-            for row in await asyncio.to_thread(self.store.active_jobs):
+            for row in await self.store.db.run(self.store.active_jobs):
                 if not row.handle or row.id in self._stopping:
                     continue
                 try:
@@ -399,10 +399,10 @@ class JobQueue(LoggingConfigurable):
         if outcome.state == "starting":
             reason = f"attempt {row.attempt} submitted to {self.executor.name}: {outcome.reason}"
             if row.state_reason != reason:
-                await asyncio.to_thread(self.store.annotate, row.id, reason)
+                await self.store.db.run(self.store.annotate, row.id, reason)
             return
         if outcome.state == "running" and row.state == "dispatching":
-            await asyncio.to_thread(self.store.transition, row.id, "running", f"attempt {row.attempt} started")
+            await self.store.db.run(self.store.transition, row.id, "running", f"attempt {row.attempt} started")
             return
         if outcome.state == "running":
             limit = row.spec.get("max_runtime")
@@ -417,7 +417,7 @@ class JobQueue(LoggingConfigurable):
             fields = {"not_before": utcnow() + timedelta(seconds=delay)}
         elif to != "succeeded":
             to = "failed"
-        await asyncio.to_thread(self.store.transition, row.id, to, why, exit_code=outcome.exit_code, **fields)
+        await self.store.db.run(self.store.transition, row.id, to, why, exit_code=outcome.exit_code, **fields)
 
     def _begin_stop(self, row: JobRow, state: str, reason: str) -> asyncio.Task:
         if row.id not in self._stopping:
@@ -430,7 +430,7 @@ class JobQueue(LoggingConfigurable):
         try:
             await self.executor.cancel(Handle(**row.handle), self.cancel_grace)
             await self._save_logs(row)
-            await asyncio.to_thread(self.store.transition, row.id, state, reason)
+            await self.store.db.run(self.store.transition, row.id, state, reason)
         finally:
             del self._stopping[row.id]
             self.kick()
@@ -453,21 +453,21 @@ class JobQueue(LoggingConfigurable):
         at most as many per owner as the owner's ``max_jobs`` allows (more are read when those run
         out). Usage only grows during a pass, so a job left out could not have started in it either.
         """
-        if not await asyncio.to_thread(self.store.any_queued):
+        if not await self.store.db.run(self.store.any_queued):
             return
         try:
             capacity = await self.executor.capacity()
         except ExecutorUnavailable as e:
             why = f"waiting: executor unavailable: {e}"
-            await asyncio.to_thread(self.store.set_waiting_reasons, lambda job: why)
+            await self.store.db.run(self.store.set_waiting_reasons, lambda job: why)
             return
         ledger, limits = Ledger(), self._limits()
-        for row in await asyncio.to_thread(self.store.active_jobs):
+        for row in await self.store.db.run(self.store.active_jobs):
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
-        for row in await asyncio.to_thread(self.store.candidates, capacity, ledger, limits):
+        for row in await self.store.db.run(self.store.candidates, capacity, ledger, limits):
             heads.setdefault(row.owner, deque()).append(row)
         more.update(o for o, queue in heads.items() if len(queue) == limits.room(ledger.owners[o]))
         while heads:  # each owner's head is their own highest-priority job
@@ -485,7 +485,7 @@ class JobQueue(LoggingConfigurable):
             if owner in more and owner not in heads:
                 more.discard(owner)
                 room = limits.room(ledger.owners[owner])
-                if room and (rows := await asyncio.to_thread(self.store.candidates, capacity, ledger, limits, owner,
+                if room and (rows := await self.store.db.run(self.store.candidates, capacity, ledger, limits, owner,
                                                              row)):
                     heads[owner] = deque(rows)
                     if len(rows) == room:
@@ -495,7 +495,7 @@ class JobQueue(LoggingConfigurable):
             blocker = policy.blocker(job, capacity, ledger, limits)
             return blocker or (gate()[1] if job.attestation_required else None)
 
-        await asyncio.to_thread(self.store.set_waiting_reasons, reason)
+        await self.store.db.run(self.store.set_waiting_reasons, reason)
 
     def _limits(self) -> policy.Limits:
         """The quotas in force: ``user_quota`` over the defaults (a config may set only some limits)."""
@@ -526,7 +526,7 @@ class JobQueue(LoggingConfigurable):
         private = self.executor.env_is_private
         token = secrets.token_urlsafe(32) if private else None  # else minted when the runner claims it
         gate = {"attestation_fingerprint": attested.fingerprint, "attestation_node": attested.node} if attested else {}
-        row = await asyncio.to_thread(
+        row = await self.store.db.run(
             self.store.transition,
             row.id,
             "dispatching",
@@ -582,7 +582,7 @@ class JobQueue(LoggingConfigurable):
             try:
                 handle = await self.executor.start(launch)
             except ExecutorUnavailable as e:
-                await asyncio.to_thread(
+                await self.store.db.run(
                     self.store.transition,
                     row.id,
                     "queued",
@@ -592,13 +592,13 @@ class JobQueue(LoggingConfigurable):
                 return False
             except Exception as e:
                 self.log.exception("could not start job %s", row.id)
-                await asyncio.to_thread(self.store.transition, row.id, "failed", f"could not start: {e}")
+                await self.store.db.run(self.store.transition, row.id, "failed", f"could not start: {e}")
                 return False
         if self.executor.start_pending:  # `running` once a poll says so
             reason = f"attempt {attempt} submitted to {self.executor.name}"
-            await asyncio.to_thread(self.store.annotate, row.id, reason, handle=asdict(handle))
+            await self.store.db.run(self.store.annotate, row.id, reason, handle=asdict(handle))
         else:
-            await asyncio.to_thread(
+            await self.store.db.run(
                 self.store.transition, row.id, "running", f"attempt {attempt} started", handle=asdict(handle)
             )
         return True
@@ -613,12 +613,12 @@ class JobQueue(LoggingConfigurable):
     async def claim_credentials(self, job_id: str, ticket: str) -> dict[str, str]:
         """The secrets left out of an attempt's environment (:data:`JOB_SECRET_ENV`), for the runner that shows
         the attempt's ticket, once: the job token is minted now. Raises :class:`ClaimRefused`."""
-        row = await asyncio.to_thread(self.store.get_job, job_id)
+        row = await self.store.db.run(self.store.get_job, job_id)
         if row.state not in ("dispatching", "running") or not hmac.compare_digest(
                 ticket, self._ticket(row.id, row.attempt)):
             raise ClaimRefused(403, "this ticket is not that of the job's current attempt")
         token = secrets.token_urlsafe(32)
-        if not await asyncio.to_thread(self.store.claim_job_token, row.id, row.attempt, token):
+        if not await self.store.db.run(self.store.claim_job_token, row.id, row.attempt, token):
             raise ClaimRefused(409, f"the credentials of attempt {row.attempt} were claimed already")
         env = {**self._env(row, JobSpec.model_validate(row.spec)), **self._token_env(row, token)}
         return {name: env[name] for name in JOB_SECRET_ENV if name in env}

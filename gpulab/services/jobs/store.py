@@ -44,7 +44,7 @@ from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
 
 from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
-from gpulab.service.storage import make_engine, utcnow
+from gpulab.service.storage import DatabaseThread, make_engine, utcnow
 
 from .executors.base import PoolCapacity
 from .models import Job, JobEvent, JobSpec, Progress, Resources
@@ -249,6 +249,7 @@ class JobStore(LoggingConfigurable):
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(self.url)
         upgrade(self.engine)
+        self.db = DatabaseThread("gpulab-jobs-db")  # what the event loop's callers run these methods on
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
