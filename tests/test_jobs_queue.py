@@ -163,7 +163,7 @@ print("leaked" if "JUPYTERHUB_API_TOKEN" in os.environ else "clean", os.getcwd()
     job_id = await submit(q, entrypoint=py(code), env={"FOO": "bar"}, tracking={"experiment": "exp1"})
     row = await finished(store, job_id)
     assert (row.state, row.exit_code, row.attempt, row.state_reason) == ("succeeded", 0, 1, "exit code 0")
-    log = q.log_path(row).read_text()
+    log = q.attempts.log_path(row).read_text()
     assert "hello from the job" in log and "stderr line" in log
     env = {
         "FOO": "bar",
@@ -175,7 +175,7 @@ print("leaked" if "JUPYTERHUB_API_TOKEN" in os.environ else "clean", os.getcwd()
         "CUDA_VISIBLE_DEVICES": "",
     }
     assert repr(env) in log
-    assert f"clean {q.work_dir(row)}" in log
+    assert f"clean {q.attempts.work_dir(row)}" in log
     job = q.job_model(row)
     assert job.log_size == len(log.encode()) and job.finished_at and job.started_at
     assert await q.read_logs(row, 6, 4) == b"from"
@@ -197,8 +197,8 @@ async def test_cell_job_runs_source_in_its_work_dir(make_queue, store):
     job_id = await submit(q, source="import os\nprint('cwd', os.getcwd())\nprint('file', __file__)\n")
     row = await finished(store, job_id)
     assert row.state == "succeeded"
-    log = q.log_path(row).read_text()
-    assert f"cwd {q.work_dir(row)}" in log and f"file {q.job_dir(row) / 'source.py'}" in log
+    log = q.attempts.log_path(row).read_text()
+    assert f"cwd {q.attempts.work_dir(row)}" in log and f"file {q.attempts.job_dir(row) / 'source.py'}" in log
 
 
 async def test_failing_job_fails_with_exit_code(make_queue, store):
@@ -206,11 +206,11 @@ async def test_failing_job_fails_with_exit_code(make_queue, store):
     job_id = await submit(q, entrypoint=py("import sys; print('boom'); sys.exit(3)"))
     row = await finished(store, job_id)
     assert (row.state, row.exit_code, row.state_reason, row.attempt) == ("failed", 3, "exit code 3", 1)
-    assert "boom" in q.log_path(row).read_text()
+    assert "boom" in q.attempts.log_path(row).read_text()
     missing = await submit(q, entrypoint=["/nonexistent/train"])
     row = await finished(store, missing)
     assert (row.state, row.exit_code) == ("failed", 127)
-    assert "cannot start '/nonexistent/train'" in q.log_path(row).read_text()
+    assert "cannot start '/nonexistent/train'" in q.attempts.log_path(row).read_text()
 
 
 async def test_bad_working_dir_fails_to_start(make_queue, store, tmp_path):
@@ -239,7 +239,7 @@ async def test_retries_with_backoff_then_fail(make_queue, store):
     at = [datetime.fromisoformat(e.at.rstrip("Z")) for e in evs]
     gaps = [(at[i + 1] - at[i]).total_seconds() for i in retries]
     assert gaps[0] >= 0.3 and gaps[1] >= 0.6  # retry_backoff * 2**(n-1)
-    assert all(q.log_path(row, n).read_text() == "attempt\n" for n in (1, 2, 3))
+    assert all(q.attempts.log_path(row, n).read_text() == "attempt\n" for n in (1, 2, 3))
 
 
 async def test_max_runtime_times_out_and_kills_the_group(make_queue, store, tmp_path):
@@ -413,8 +413,8 @@ async def test_queue_assigns_gpu_ids(make_queue, store, tmp_path):
     third = await until(lambda: (r := store.get_job(ids[2])).state_reason.startswith("waiting") and r)
     assert third.state_reason == "waiting: no GPU capacity in pool 'default' (0 of 2 free)"
     running = [store.get_job(i) for i in ids[:2]]
-    await until(lambda: all("CVD=" in q.log_path(r).read_text() for r in running))
-    assert sorted(q.log_path(r).read_text().strip() for r in running) == ["CVD=[0]", "CVD=[1]"]
+    await until(lambda: all("CVD=" in q.attempts.log_path(r).read_text() for r in running))
+    assert sorted(q.attempts.log_path(r).read_text().strip() for r in running) == ["CVD=[0]", "CVD=[1]"]
     assert sorted(r.handle["gpu_ids"] for r in running) == [[0], [1]]
     (tmp_path / "release").touch()
     for job_id in ids:
@@ -486,7 +486,7 @@ async def test_pending_attempt_runs_only_once_the_executor_says_so(make_queue, s
         ("dispatching", "running", "attempt 1 started"),
         ("running", "succeeded", "exit code 0"),
     ]
-    assert q.log_path(row).read_text().endswith("saved by the executor\n")
+    assert q.attempts.log_path(row).read_text().endswith("saved by the executor\n")
 
 
 async def test_cancel_stops_a_pending_attempt(make_queue, store, tmp_path):
@@ -500,7 +500,7 @@ async def test_cancel_stops_a_pending_attempt(make_queue, store, tmp_path):
     row = await q.cancel(job_id, by="alice")
     assert (row.state, row.state_reason) == ("cancelled", "cancelled by alice")
     assert all(gone(pid) for pid in pids)
-    assert q.log_path(row).read_text().endswith("saved by the executor\n")
+    assert q.attempts.log_path(row).read_text().endswith("saved by the executor\n")
 
 
 class UnreachableExecutor(LocalExecutor):
@@ -560,7 +560,7 @@ async def test_restart_reattaches_running_job(make_queue, store, tmp_path):
     assert (done.state, done.attempt, done.exit_code) == ("succeeded", 1, 0)
     assert (tmp_path / "runs").read_text().splitlines() == [row.id]
     assert [e[1] for e in events(store, row.id)].count("dispatching") == 1
-    assert q.log_path(done).read_text().strip() == "CVD=[]"
+    assert q.attempts.log_path(done).read_text().strip() == "CVD=[]"
 
 
 async def test_job_killed_while_service_down_is_lost_and_retried(make_queue, store, tmp_path):
@@ -594,7 +594,7 @@ async def test_restart_requeues_or_reattaches_dispatching_jobs(make_queue, store
     # died after the executor started it, before storing the handle: re-attached from the handle file
     started = await submit(q, name="started", **spec)
     row = store.transition(started, "dispatching", "starting attempt 1", attempt=1)
-    q.job_dir(row).mkdir(parents=True)
+    q.attempts.job_dir(row).mkdir(parents=True)
     launch = Launch(
         job_id=row.id,
         attempt=1,
@@ -606,7 +606,7 @@ async def test_restart_requeues_or_reattaches_dispatching_jobs(make_queue, store
         cpus=1,
         memory=None,
         pool="default",
-        log_path=q.log_path(row),
+        log_path=q.attempts.log_path(row),
     )
     await q.executor.start(launch)
     await q.start()
@@ -628,7 +628,7 @@ async def test_a_job_over_its_memory_limit_fails_with_the_reason(make_queue, sto
     job_id = await submit(q, entrypoint=py(hog), resources={"memory": "128Mi"})
     row = await finished(store, job_id, timeout=60)
     assert (row.state, row.state_reason) == ("failed", "memory limit (128 MiB) exceeded"), row.state_reason
-    assert "survived" not in q.log_path(row).read_text()
+    assert "survived" not in q.attempts.log_path(row).read_text()
     fits = await submit(q, entrypoint=py("x = bytearray(32 * 2**20); print('fits')"), resources={"memory": "128Mi"})
     assert (await finished(store, fits, timeout=60)).state == "succeeded"
     for job in (job_id, fits):  # their cgroups are gone with them
@@ -663,8 +663,8 @@ if __name__ == "__main__":
 """
     job_id = await submit(q, entrypoint=py(code), resources={"cpus": 1})
     row = await finished(store, job_id, timeout=60)
-    assert row.state == "succeeded", q.log_path(row).read_text()
-    log = q.log_path(row).read_text()
+    assert row.state == "succeeded", q.attempts.log_path(row).read_text()
+    log = q.attempts.log_path(row).read_text()
     assert "quota 100000\n" in log, log  # its own group's quota: one period's worth
     ratio = float(log.split("ratio")[1])
     assert ratio <= 1.15, ratio  # two CPUs' worth (about 2) without the limit, on a machine with two
@@ -692,11 +692,11 @@ for name in ("nvidia0", "nvidia1", "nvidiactl"):
     one = await submit(q, entrypoint=py(code), resources={"gpus": 1})
     row = await finished(store, one)
     [gpu] = row.handle["gpu_ids"]
-    seen = dict(line.split() for line in q.log_path(row).read_text().splitlines())
+    seen = dict(line.split() for line in q.attempts.log_path(row).read_text().splitlines())
     assert seen == {f"nvidia{gpu}": "ENXIO", f"nvidia{1 - gpu}": "EPERM", "nvidiactl": "ENXIO"}, seen
     none = await submit(q, entrypoint=py(code))
     row = await finished(store, none)
-    seen = dict(line.split() for line in q.log_path(row).read_text().splitlines())
+    seen = dict(line.split() for line in q.attempts.log_path(row).read_text().splitlines())
     assert seen == {"nvidia0": "EPERM", "nvidia1": "EPERM", "nvidiactl": "EPERM"}, seen
 
 

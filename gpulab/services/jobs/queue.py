@@ -6,18 +6,14 @@ running attempts, then dispatches due queued jobs; see docs/jobs.md "Scheduling"
 """
 
 import asyncio
-import hashlib
 import hmac
 import json
-import os
 import secrets
-import sys
 from collections import deque
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from pathlib import Path
 
 from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Type, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
@@ -27,11 +23,12 @@ from gpulab.attestation import AttestationService, NodeState
 from gpulab.data_dir import default_data_dir
 from gpulab.job_states import UNFINISHED_STATES
 from gpulab.ratelimit import TokenBuckets
-from gpulab.secrets import JOB_SECRET_ENV, persistent_secret
+from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.storage import utcnow
 
 from . import policy
-from .executors.base import Executor, ExecutorUnavailable, Handle, Launch, Outcome
+from .attempts import Attempts
+from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome
 from .executors.local import handle_file
 from .models import Job, JobSpec, PoolResources, PoolStatus, Quota, QuotaLimits, QuotaStatus, QuotaUsage
 from .policy import Ledger, Usage
@@ -182,7 +179,7 @@ class JobQueue(LoggingConfigurable):
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout in progress
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
-        self._claim_key: bytes | None = None  # read on first use (:meth:`_ticket`)
+        self.attempts = Attempts(self)  # what each attempt starts with
 
     # -- lifecycle
 
@@ -204,7 +201,7 @@ class JobQueue(LoggingConfigurable):
         self._task = asyncio.create_task(self._loop())
 
     def _recover_dispatching(self, row: JobRow) -> None:
-        path = handle_file(self.log_path(row))
+        path = handle_file(self.attempts.log_path(row))
         if not path.exists():
             self.store.transition(row.id, "queued", "requeued after service restart", attempt=row.attempt - 1)
             return
@@ -315,21 +312,10 @@ class JobQueue(LoggingConfigurable):
             if isinstance(result, Exception) and not isinstance(result, JobStateError):
                 self.log.error("could not cancel job %s of %s: %s", row.id, owner, result)
 
-    def job_dir(self, row: JobRow) -> Path:
-        """The service's directory of a job: its logs, handle and source (the job cannot write here)."""
-        return Path(self.data_dir) / "jobs" / row.owner / row.id
-
-    def work_dir(self, row: JobRow) -> Path:
-        """The job's own directory (``GPULAB_JOB_DIR``, its default working dir), owned by the job's account."""
-        return self.job_dir(row) / "work"
-
-    def log_path(self, row: JobRow, attempt: int | None = None) -> Path:
-        return self.job_dir(row) / f"attempt-{attempt or row.attempt}.log"
-
     def job_model(self, row: JobRow) -> Job:
         """The API view of ``row``; ``log_size`` is that of the latest attempt's log."""
         try:
-            size = self.log_path(row).stat().st_size if row.attempt else 0
+            size = self.attempts.log_path(row).stat().st_size if row.attempt else 0
         except FileNotFoundError:
             size = 0
         return row.to_model(log_size=size)
@@ -338,7 +324,7 @@ class JobQueue(LoggingConfigurable):
         """Up to ``limit`` bytes of the latest attempt's log from ``offset``."""
         if not row.handle:
             return b""
-        return await self.executor.read_logs(Handle(**row.handle), self.log_path(row), offset, limit)
+        return await self.executor.read_logs(Handle(**row.handle), self.attempts.log_path(row), offset, limit)
 
     async def pools(self) -> list[PoolStatus]:
         """Capacity, use and queue length per pool (raises ``ExecutorUnavailable``)."""
@@ -437,7 +423,7 @@ class JobQueue(LoggingConfigurable):
 
     async def _save_logs(self, row: JobRow) -> None:
         try:
-            await self.executor.save_logs(Handle(**row.handle), self.log_path(row))
+            await self.executor.save_logs(Handle(**row.handle), self.attempts.log_path(row))
         except (ExecutorUnavailable, OSError, ValueError) as e:  # the executor may still have it
             self.log.warning("could not save the log of job %s attempt %s: %s", row.id, row.attempt, e)
 
@@ -538,47 +524,10 @@ class JobQueue(LoggingConfigurable):
             job_token_hash=token_hash(token) if token else None,
             **gate,
         )
-        spec = JobSpec.model_validate(row.spec)
-        job_dir, work_dir = self.job_dir(row), self.work_dir(row)
-        await asyncio.to_thread(_make_job_dirs, job_dir, work_dir)
-        argv = spec.entrypoint
-        source = None
-        if spec.source is not None:
-            source = job_dir / "source.py"
-            await asyncio.to_thread(source.write_text, spec.source)
-            argv = [sys.executable, str(source)]
-        if self.wrap_with_runner:
-            argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
-        env = self._env(row, spec)
-        if token:
-            env.update(self._token_env(row, token))
-        else:
-            env = {name: value for name, value in env.items() if name not in JOB_SECRET_ENV}
-            env["GPULAB_CREDENTIALS_TICKET"] = self._ticket(row.id, attempt)
-        env.update(GPULAB_JOB_ATTEMPT=str(attempt), GPULAB_WORKING_DIR=spec.working_dir or str(work_dir))
-        if attested:
-            env["GPULAB_ATTESTATION_FINGERPRINT"] = attested.fingerprint
         parent = tracing.extract({"traceparent": row.traceparent} if row.traceparent else {})
         with tracing.tracer(__name__).start_as_current_span("job.dispatch", context=parent) as span:
             span.set_attribute("gpulab.job_id", row.id)
-            if traceparent := tracing.inject({}).get("traceparent"):
-                env["TRACEPARENT"] = traceparent
-            launch = Launch(
-                job_id=row.id,
-                attempt=attempt,
-                owner=row.owner,
-                argv=argv,
-                working_dir=spec.working_dir or str(work_dir),
-                work_dir=work_dir,
-                source=source,
-                env=env,
-                gpus=row.gpus,
-                cpus=row.cpus,
-                memory=row.memory,
-                pool=row.pool,
-                log_path=self.log_path(row),
-                gpu_ids=gpu_ids,
-            )
+            launch = await self.attempts.launch(row, attempt, token, gpu_ids, attested)
             try:
                 handle = await self.executor.start(launch)
             except ExecutorUnavailable as e:
@@ -603,58 +552,16 @@ class JobQueue(LoggingConfigurable):
             )
         return True
 
-    def _ticket(self, job_id: str, attempt: int) -> str:
-        """The attempt's one-time credentials ticket: an HMAC under a key of this service's data, so that it
-        holds across restarts without being stored."""
-        if self._claim_key is None:
-            self._claim_key = persistent_secret(Path(self.data_dir) / "jobs" / ".claim-key").encode()
-        return hmac.new(self._claim_key, f"{job_id}:{attempt}".encode(), hashlib.sha256).hexdigest()
-
     async def claim_credentials(self, job_id: str, ticket: str) -> dict[str, str]:
         """The secrets left out of an attempt's environment (:data:`JOB_SECRET_ENV`), for the runner that shows
         the attempt's ticket, once: the job token is minted now. Raises :class:`ClaimRefused`."""
         row = await self.store.db.run(self.store.get_job, job_id)
         if row.state not in ("dispatching", "running") or not hmac.compare_digest(
-                ticket, self._ticket(row.id, row.attempt)):
+                ticket, self.attempts.ticket(row.id, row.attempt)):
             raise ClaimRefused(403, "this ticket is not that of the job's current attempt")
         token = secrets.token_urlsafe(32)
         if not await self.store.db.run(self.store.claim_job_token, row.id, row.attempt, token):
             raise ClaimRefused(409, f"the credentials of attempt {row.attempt} were claimed already")
-        env = {**self._env(row, JobSpec.model_validate(row.spec)), **self._token_env(row, token)}
+        attempts = self.attempts
+        env = {**attempts.env(row, JobSpec.model_validate(row.spec)), **attempts.token_env(row, token)}
         return {name: env[name] for name in JOB_SECRET_ENV if name in env}
-
-    def _env(self, row: JobRow, spec: JobSpec) -> dict[str, str]:
-        """The attempt's environment (docs/jobs.md "Job environment") but for its token (:meth:`_token_env`);
-        the executor adds GPU ids. Secrets may come from any source here (inherited, W&B, the spec)."""
-        env = {name: os.environ[name] for name in self.inherit_env if name in os.environ}
-        env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **self.wandb_env, **spec.env})
-        env.update(
-            WANDB_DIR=str(self.work_dir(row)),  # W&B writes <WANDB_DIR>/wandb/
-            MLFLOW_EXPERIMENT_NAME=spec.tracking.experiment or row.name,
-            GPULAB_JOB_ID=row.id,
-            GPULAB_JOB_NAME=row.name,
-            GPULAB_JOB_OWNER=row.owner,
-            GPULAB_JOB_DIR=str(self.work_dir(row)),
-        )
-        if spec.tracking.wandb_project:
-            env["WANDB_PROJECT"] = spec.tracking.wandb_project
-        if self.mlflow_tracking_uri:
-            env["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
-        if self.jobs_api_url:
-            env["GPULAB_JOBS_URL"] = self.jobs_api_url
-        return env
-
-    def _token_env(self, row: JobRow, token: str) -> dict[str, str]:
-        """The attempt's own token, for this API and (as ``job:<id>:<token>``) for MLflow."""
-        env = {"GPULAB_JOB_TOKEN": token}
-        if self.mlflow_tracking_uri and self.mlflow_job_token:
-            env["MLFLOW_TRACKING_TOKEN"] = f"job:{row.id}:{token}"
-        return env
-
-
-def _make_job_dirs(job_dir: Path, work_dir: Path) -> None:
-    """``jobs/<owner>/<id>/`` for the service (others may pass, not list) and its ``work/`` for the job."""
-    for d in (job_dir.parent, job_dir):
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o711)  # explicitly: gpulab up's umask is 077
-    work_dir.mkdir(exist_ok=True, mode=0o700)
