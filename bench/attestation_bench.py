@@ -111,15 +111,19 @@ async def main() -> int:
             verified, raw = await throughput(server, key, gpus, bundles)
             ratio = verified / raw
             failed |= ratio < GOAL
-            print(f"  {gpus}-GPU bundle ({gpus + 1} ES384 verifies): {verified:8.1f}/s  raw {raw:8.1f}/s  "
-                  f"ratio {ratio:.2f}x  (goal >= {GOAL}x) {'OK' if ratio >= GOAL else 'BELOW GOAL'}")
+            print(
+                f"  {gpus}-GPU bundle ({gpus + 1} ES384 verifies): {verified:8.1f}/s  raw {raw:8.1f}/s  "
+                f"ratio {ratio:.2f}x  (goal >= {GOAL}x) {'OK' if ratio >= GOAL else 'BELOW GOAL'}"
+            )
         server.keys = [key]
         load = await jwks_under_load(server, key)
         too_many = load["fetches"] > load["allowed"]
         failed |= too_many
-        print(f"JWKS fetches over 60 s simulated load ({load['verified']} bundles verified, "
-              f"{load['unknown_kid_rejected']} random-kid requests rejected, 1 key rotation): "
-              f"{load['fetches']} (allowed: 1 + 1 forced by the new kid) {'FAIL' if too_many else 'OK'}")
+        print(
+            f"JWKS fetches over 60 s simulated load ({load['verified']} bundles verified, "
+            f"{load['unknown_kid_rejected']} random-kid requests rejected, 1 key rotation): "
+            f"{load['fetches']} (allowed: 1 + 1 forced by the new kid) {'FAIL' if too_many else 'OK'}"
+        )
     finally:
         server.close()
     return 1 if failed else 0

@@ -98,8 +98,12 @@ class Stack:
         model = write_onnx_model(work / "repo", "small", work / "linear.onnx")
         config = model / "config.pbtxt"
         config.write_text(config.read_text().replace("count: 1", f"count: {instances}"))
-        self.triton = TritonServer(model_repository=str(work / "repo"), load_models=["small"],
-                                   restricted_key=secrets.token_urlsafe(24), log_path=str(work / "triton.log"))
+        self.triton = TritonServer(
+            model_repository=str(work / "repo"),
+            load_models=["small"],
+            restricted_key=secrets.token_urlsafe(24),
+            log_path=str(work / "triton.log"),
+        )
         self.token = secrets.token_hex(16)
         self.hub = self.gateway = None
 
@@ -107,28 +111,48 @@ class Stack:
         self.triton.start(timeout=120)
         port, hub_port = free_port(HOST), free_port(HOST)
         config = self.work / "jupyterhub_config.py"
-        config.write_text(HUB_CONFIG.format(host=HOST, port=port, hub_port=hub_port, work=self.work,
-                                            scopes=CUSTOM_SCOPES, token=self.token, infer=INFER))
+        config.write_text(
+            HUB_CONFIG.format(
+                host=HOST,
+                port=port,
+                hub_port=hub_port,
+                work=self.work,
+                scopes=CUSTOM_SCOPES,
+                token=self.token,
+                infer=INFER,
+            )
+        )
         with (self.work / "hub.log").open("ab") as log:
-            self.hub = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=self.work,
-                                        stdout=log, stderr=subprocess.STDOUT)
+            self.hub = subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+                cwd=self.work,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.hub_api = f"http://{HOST}:{hub_port}/hub/api"
         wait_http(self.hub_api + "/", "JupyterHub", self.hub)
 
     def start_gateway(self, plane: str, processes: int) -> dict[str, str]:
         """Its address by protocol."""
         address, rest = f"{HOST}:{free_port(HOST)}", f"{HOST}:{free_port(HOST)}"
-        env = {**os.environ, "JUPYTERHUB_API_URL": self.hub_api, "GPULAB_INFER_ADDRESS": address,
-               "GPULAB_INFER_REST_ADDRESS": rest, "GPULAB_TRITON_REPLICAS": self.triton.grpc_address,
-               "GPULAB_TRITON_HTTP_REPLICAS": self.triton.http_url.removeprefix("http://"),
-               "GPULAB_TRITON_KEY": self.triton.restricted_key,
-               "GPULAB_CONFIG": str(self.work / "gpulab_config.py"),
-               "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": {
-                   "processes": processes, "data_plane": plane, **self.nginx}})}
+        env = {
+            **os.environ,
+            "JUPYTERHUB_API_URL": self.hub_api,
+            "GPULAB_INFER_ADDRESS": address,
+            "GPULAB_INFER_REST_ADDRESS": rest,
+            "GPULAB_TRITON_REPLICAS": self.triton.grpc_address,
+            "GPULAB_TRITON_HTTP_REPLICAS": self.triton.http_url.removeprefix("http://"),
+            "GPULAB_TRITON_KEY": self.triton.restricted_key,
+            "GPULAB_CONFIG": str(self.work / "gpulab_config.py"),
+            "GPULAB_CONFIG_OVERRIDES": json.dumps(
+                {"InferenceGateway": {"processes": processes, "data_plane": plane, **self.nginx}}
+            ),
+        }
         (self.work / "gpulab_config.py").touch()
         with (self.work / f"gateway-{plane}-{processes}.log").open("ab") as log:
-            self.gateway = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.gateway = subprocess.Popen(
+                [sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 60
         extra = processes - 1 if plane == "python" else 0
         while len(psutil.Process(self.gateway.pid).children()) < extra or not ready(address, self.token):
@@ -175,12 +199,20 @@ def rest_caller(address: str, headers: dict, x: np.ndarray):
     writes it)."""
     import http.client
 
-    header = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "parameters": {"binary_data_output": True}}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     body = header + x.tobytes()
-    headers = {**headers, "Inference-Header-Content-Length": str(len(header)),
-               "Content-Type": "application/octet-stream"}
+    headers = {
+        **headers,
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
     host, port = address.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port))
 
@@ -190,11 +222,13 @@ def rest_caller(address: str, headers: dict, x: np.ndarray):
         answer = response.read()
         if response.status != 200:
             raise RuntimeError(f"REST inference failed: {response.status} {answer[:200]!r}")
+
     return call
 
 
-def load(protocol: str, address: str, headers: dict, threads: int, measure_from: float,
-         measure_to: float) -> tuple[int, list]:
+def load(
+    protocol: str, address: str, headers: dict, threads: int, measure_from: float, measure_to: float
+) -> tuple[int, list]:
     """Client process: ``threads`` threads, one connection each, calling until ``measure_to``; the number of calls
     that ended inside [measure_from, measure_to] and their latencies."""
     import threading
@@ -214,6 +248,7 @@ def load(protocol: str, address: str, headers: dict, threads: int, measure_from:
 
             def call() -> None:
                 client.infer("small", [tensor], headers=headers)
+
         latencies = []
         while (now := time.monotonic()) < measure_to:
             call()
@@ -232,12 +267,25 @@ def load(protocol: str, address: str, headers: dict, threads: int, measure_from:
     return sum(len(r) for r in results), [t for r in results for t in r]
 
 
-def measure(pool: ProcessPoolExecutor, stack: Stack, protocol: str, address: str, headers: dict, concurrency: int,
-            client_processes: int, seconds: float, sample_cpu: bool) -> dict:
+def measure(
+    pool: ProcessPoolExecutor,
+    stack: Stack,
+    protocol: str,
+    address: str,
+    headers: dict,
+    concurrency: int,
+    client_processes: int,
+    seconds: float,
+    sample_cpu: bool,
+) -> dict:
     procs = min(concurrency, client_processes)
     start = time.monotonic() + 1.0  # client processes are warm (pool); 1 s to connect and warm up
-    futures = [pool.submit(load, protocol, address, headers, concurrency // procs + (i < concurrency % procs),
-                           start, start + seconds) for i in range(procs)]
+    futures = [
+        pool.submit(
+            load, protocol, address, headers, concurrency // procs + (i < concurrency % procs), start, start + seconds
+        )
+        for i in range(procs)
+    ]
     time.sleep(max(0.0, start - time.monotonic()))
     cpu = stack.gateway_cpu() if sample_cpu else 0.0
     time.sleep(seconds)
@@ -245,8 +293,11 @@ def measure(pool: ProcessPoolExecutor, stack: Stack, protocol: str, address: str
     results = [f.result() for f in futures]
     count = sum(r[0] for r in results)
     latencies = sorted(t for r in results for t in r[1])
-    row = {"rps": count / seconds, "p50": latencies[len(latencies) // 2] * 1e3,
-           "p99": latencies[int(len(latencies) * 0.99)] * 1e3}
+    row = {
+        "rps": count / seconds,
+        "p50": latencies[len(latencies) // 2] * 1e3,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1e3,
+    }
     if sample_cpu:
         row["cpu_us"] = cpu / count * 1e6
     return row
@@ -264,8 +315,9 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=8, help="load generator processes at most")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--nginx-path", default="nginx", help="as c.InferenceGateway.nginx_path")
-    parser.add_argument("--nginx-modules-dir", default="/usr/lib/nginx/modules",
-                        help="as c.InferenceGateway.nginx_modules_dir")
+    parser.add_argument(
+        "--nginx-modules-dir", default="/usr/lib/nginx/modules", help="as c.InferenceGateway.nginx_modules_dir"
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
     levels = [int(n) for n in args.concurrency.split(",")]
@@ -281,13 +333,18 @@ def main() -> None:
         stack.start()
         with ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn")) as pool:
             list(pool.map(abs, range(args.client_processes)))  # start the client processes
-            print(f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-                  f"Triton with {args.instances} model instances", flush=True)
+            print(
+                f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+                f"Triton with {args.instances} model instances",
+                flush=True,
+            )
             for i in range(args.rounds):
-                for target in targets[i % len(targets):] + targets[:i % len(targets)]:
+                for target in targets[i % len(targets) :] + targets[: i % len(targets)]:
                     if target == "direct":
-                        addresses = {"grpc": stack.triton.grpc_address,
-                                     "http": stack.triton.http_url.removeprefix("http://")}
+                        addresses = {
+                            "grpc": stack.triton.grpc_address,
+                            "http": stack.triton.http_url.removeprefix("http://"),
+                        }
                         headers = {"grpc": stack.triton.grpc_headers, "http": stack.triton.http_headers}
                     else:
                         plane, count = target.split(" x")
@@ -296,8 +353,17 @@ def main() -> None:
                     for protocol in protocols:
                         row = {}
                         for c in levels:
-                            r = measure(pool, stack, protocol, addresses[protocol], headers[protocol], c,
-                                        args.client_processes, args.seconds, sample_cpu=c == 8 and target != "direct")
+                            r = measure(
+                                pool,
+                                stack,
+                                protocol,
+                                addresses[protocol],
+                                headers[protocol],
+                                c,
+                                args.client_processes,
+                                args.seconds,
+                                sample_cpu=c == 8 and target != "direct",
+                            )
                             row[f"c{c}"] = r["rps"]
                             if c == levels[0]:
                                 row["p50"], row["p99"] = r["p50"], r["p99"]
@@ -316,8 +382,10 @@ def main() -> None:
             row = rows[target]
             ratios = ", ".join(f"c={c} {row[f'c{c}'] / base[f'c{c}']:.2f}x" for c in levels)
             print(f"{target} vs direct: p50 {row['p50'] - base['p50']:+.3f} ms; throughput {ratios}")
-        print(f"medians of {args.rounds} rounds, {args.seconds:g} s each; load average after: "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(
+            f"medians of {args.rounds} rounds, {args.seconds:g} s each; load average after: "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1))
     finally:

@@ -53,13 +53,21 @@ from tests.support.gpulab_up import Platform
 from tests.support.triton import linear_onnx, triton_python
 
 BIG = 262_144  # FP32 elements: 1 MiB
-TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "gateway-rest", "triton-rest", "rest", "rest-binary",
-           "whoami")
+TARGETS = ("direct", "gateway", "stock", "gpulab.infer", "gateway-rest", "triton-rest", "rest", "rest-binary", "whoami")
 REST = ("rest", "rest-binary", "whoami")  # through the proxy and the user's server
 PAIRED = (("gateway", "direct"), ("gpulab.infer", "stock"))  # added latency, measured call by call
-RATIOS = (("gateway", "direct"), ("gpulab.infer", "stock"), ("gateway-rest", "direct"),
-          ("gateway-rest", "triton-rest"), ("triton-rest", "direct"), ("rest", "direct"), ("rest-binary", "direct"),
-          ("whoami", "direct"), ("rest", "whoami"), ("rest-binary", "whoami"))
+RATIOS = (
+    ("gateway", "direct"),
+    ("gpulab.infer", "stock"),
+    ("gateway-rest", "direct"),
+    ("gateway-rest", "triton-rest"),
+    ("triton-rest", "direct"),
+    ("rest", "direct"),
+    ("rest-binary", "direct"),
+    ("whoami", "direct"),
+    ("rest", "whoami"),
+    ("rest-binary", "whoami"),
+)
 
 
 def sum_onnx(path: Path) -> None:
@@ -68,10 +76,12 @@ def sum_onnx(path: Path) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)], "sum",
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        "sum",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, BIG])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
-        [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+        [numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
 
@@ -97,8 +107,11 @@ class Targets:
     def caller(self, target: str, model: str):
         x = array(model)
         if target in ("direct", "gateway"):
-            address, headers = ((self.triton.grpc_address, self.triton.grpc_headers) if target == "direct" else
-                                (self.gateway, {"authorization": f"token {self.token}"}))
+            address, headers = (
+                (self.triton.grpc_address, self.triton.grpc_headers)
+                if target == "direct"
+                else (self.gateway, {"authorization": f"token {self.token}"})
+            )
             client, inputs = triton.InferenceServerClient(address), request(model)
             return lambda: client.infer(model, inputs, headers=headers)
         if target == "stock":
@@ -109,6 +122,7 @@ class Targets:
                 tensor.set_data_from_numpy(x)
                 result = client.infer(model, [tensor], headers=headers)
                 return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
             return stock
         if target == "gpulab.infer":
             client = InferenceClient(f"{self.hub.url}/services/gpulab-infer/api/v1", self.gateway, self.token)
@@ -116,12 +130,17 @@ class Targets:
         session, headers = requests.Session(), {"Authorization": f"token {self.token}"}
         api = f"{self.hub.url}/user/{self.user}/gpulab/api/v1"
         if target == "whoami":
+
             def whoami():
                 session.get(f"{api}/whoami", headers=headers, timeout=60).raise_for_status()
+
             return whoami
         if target in ("gateway-rest", "triton-rest"):
-            api, headers = ((self.gateway_rest, headers) if target == "gateway-rest" else
-                            (self.triton.http_url, self.triton.http_headers))
+            api, headers = (
+                (self.gateway_rest, headers)
+                if target == "gateway-rest"
+                else (self.triton.http_url, self.triton.http_headers)
+            )
             api += "/v2"
         if target != "rest":
             tensor = triton_http.InferInput("x", list(x.shape), "FP32")
@@ -133,6 +152,7 @@ class Targets:
 
         def rest():
             session.post(f"{api}/models/{model}/infer", data=body, headers=headers, timeout=60).raise_for_status()
+
         return rest
 
 
@@ -145,15 +165,22 @@ class CPUProbe:
     def __init__(self, hub: Platform, triton_server: TritonServer):
         def find(word: str) -> list[psutil.Process]:
             return [p for p in hub.descendants() if word in " ".join(p.cmdline())][:1]
-        self.procs = {"client": [psutil.Process()], "proxy": find("configurable-http-proxy"),
-                      "server": find("jupyterhub.singleuser"), "gateway": find("gpulab.services.infer"),
-                      "triton": [psutil.Process(triton_server.proc.pid)]}
+
+        self.procs = {
+            "client": [psutil.Process()],
+            "proxy": find("configurable-http-proxy"),
+            "server": find("jupyterhub.singleuser"),
+            "gateway": find("gpulab.services.infer"),
+            "triton": [psutil.Process(triton_server.proc.pid)],
+        }
 
     def sample(self) -> dict[str, float]:
         def tree(top: psutil.Process) -> list[psutil.Process]:
             return [top] if top.pid == os.getpid() else [top, *top.children(recursive=True)]  # the client: alone
-        return {part: sum(sum(p.cpu_times()[:2]) for top in procs for p in tree(top))
-                for part, procs in self.procs.items()}
+
+        return {
+            part: sum(sum(p.cpu_times()[:2]) for top in procs for p in tree(top)) for part, procs in self.procs.items()
+        }
 
 
 def sequential(call, count: int) -> dict:
@@ -165,8 +192,11 @@ def sequential(call, count: int) -> dict:
         call()
         latencies.append(time.perf_counter() - started)
     latencies.sort()
-    return {"p50": latencies[len(latencies) // 2] * 1e3, "p99": latencies[int(len(latencies) * 0.99)] * 1e3,
-            "c1": count / sum(latencies)}
+    return {
+        "p50": latencies[len(latencies) // 2] * 1e3,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1e3,
+        "c1": count / sum(latencies),
+    }
 
 
 def paired(call, base, count: int) -> float:
@@ -213,8 +243,9 @@ def measure(targets: Targets, target: str, model: str, count: int, seconds: floa
     """One round for one target."""
     row = sequential(targets.caller(target, model), count)
     for threads in (8, 32):
-        result = concurrent([targets.caller(target, model) for _ in range(threads)], seconds,
-                            probe if threads == 8 else None)
+        result = concurrent(
+            [targets.caller(target, model) for _ in range(threads)], seconds, probe if threads == 8 else None
+        )
         row[f"c{threads}"] = result.pop("rps")
         row.update(result)
     return row
@@ -226,8 +257,12 @@ def start(work: Path) -> tuple[TritonServer, Platform]:
     for name in ("small", "big"):
         write_onnx_model(work / "repo", name, work / f"{name}.onnx")
     key = secrets.token_urlsafe(24)
-    server = TritonServer(python=triton_python(), model_repository=str(work / "repo"), restricted_key=key,
-                          log_path=str(work / "triton.log")).start()
+    server = TritonServer(
+        python=triton_python(),
+        model_repository=str(work / "repo"),
+        restricted_key=key,
+        log_path=str(work / "triton.log"),
+    ).start()
     hub = Platform(work / "data", host="127.0.0.23")
     hub.start(f"""
 c.Platform.mlflow_service = False
@@ -263,8 +298,12 @@ def wait_for(call, what: str, timeout: float = 60) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
-    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per round (small tensor; "
-                        "a tenth for 1 MiB, a quarter of those for rest)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=1000,
+        help="sequential requests per round (small tensor; a tenth for 1 MiB, a quarter of those for rest)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds in rotating target order; medians reported")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from " + ", ".join(TARGETS))
     args = parser.parse_args()
@@ -279,36 +318,52 @@ def main() -> None:
         for target in chosen:
             wait_for(targets.caller(target, "small"), target)
         probe = CPUProbe(hub, server)
-        plane = ("nginx" if any("nginx" in p.name() for p in probe.procs["gateway"][0].children(recursive=True))
-                 else "python")
-        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores); "
-              f"gateway data plane: {plane}")
-        print(f"{'model':6} {'target':12} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
-              f"   CPU us/req at c=8: {' '.join(CPUProbe.PARTS)}")
+        plane = (
+            "nginx"
+            if any("nginx" in p.name() for p in probe.procs["gateway"][0].children(recursive=True))
+            else "python"
+        )
+        print(
+            f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores); "
+            f"gateway data plane: {plane}"
+        )
+        print(
+            f"{'model':6} {'target':12} {'p50 ms':>8} {'p99 ms':>8} {'c=1 /s':>8} {'c=8 /s':>8} {'c=32 /s':>8}"
+            f"   CPU us/req at c=8: {' '.join(CPUProbe.PARTS)}"
+        )
         for model, count in (("small", args.requests), ("big", max(args.requests // 10, 50))):
             rounds = {t: [] for t in chosen}
             for i in range(args.rounds):
-                for target in chosen[i % len(chosen):] + chosen[:i % len(chosen)]:
+                for target in chosen[i % len(chosen) :] + chosen[: i % len(chosen)]:
                     n = max(count // 4, 20) if target in REST else count
                     rounds[target].append(measure(targets, target, model, n, args.seconds, probe))
             rows = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in rounds.items()}
             for target, row in rows.items():
-                print(f"{model:6} {target:12} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
-                      f"{row['c32']:8.0f}   " + " ".join(f"{row['cpu_' + part]:6.0f}" for part in CPUProbe.PARTS))
+                print(
+                    f"{model:6} {target:12} {row['p50']:8.3f} {row['p99']:8.3f} {row['c1']:8.0f} {row['c8']:8.0f} "
+                    f"{row['c32']:8.0f}   " + " ".join(f"{row['cpu_' + part]:6.0f}" for part in CPUProbe.PARTS)
+                )
             for target, base in PAIRED:
                 if target in rows and base in rows:
                     added = paired(targets.caller(target, model), targets.caller(base, model), count)
-                    print(f"{model:6} {target} vs {base}, calls in alternation: {added:+.3f} ms median added "
-                          f"({count} pairs)", flush=True)
+                    print(
+                        f"{model:6} {target} vs {base}, calls in alternation: {added:+.3f} ms median added "
+                        f"({count} pairs)",
+                        flush=True,
+                    )
             for target, base in RATIOS:
                 if target in rows and base in rows:
                     t, b = rows[target], rows[base]
-                    print(f"{model:6} {target} vs {base}: p50 {t['p50'] - b['p50']:+.3f} ms; throughput "
-                          f"c=1 {t['c1'] / b['c1']:.2f}x, c=8 {t['c8'] / b['c8']:.2f}x, c=32 {t['c32'] / b['c32']:.2f}x",
-                          flush=True)
-        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; medians of {args.rounds} "
-              f"rounds; {args.seconds:g} s per throughput run; client, proxy, hub, user server, gateway and Triton "
-              f"share {os.cpu_count()} cores")
+                    print(
+                        f"{model:6} {target} vs {base}: p50 {t['p50'] - b['p50']:+.3f} ms; throughput "
+                        f"c=1 {t['c1'] / b['c1']:.2f}x, c=8 {t['c8'] / b['c8']:.2f}x, c=32 {t['c32'] / b['c32']:.2f}x",
+                        flush=True,
+                    )
+        print(
+            f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; medians of {args.rounds} "
+            f"rounds; {args.seconds:g} s per throughput run; client, proxy, hub, user server, gateway and Triton "
+            f"share {os.cpu_count()} cores"
+        )
     finally:
         hub.stop()
         server.stop()

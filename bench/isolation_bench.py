@@ -71,8 +71,10 @@ def main() -> int:
         sys.exit("isolation_bench: needs root (isolation 'accounts' starts processes as other accounts)")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        results = {mode: measure(mode, host, args.users, args.jobs, work)
-                   for mode, host in (("none", "127.0.0.41"), ("accounts", "127.0.0.42"))}
+        results = {
+            mode: measure(mode, host, args.users, args.jobs, work)
+            for mode, host in (("none", "127.0.0.41"), ("accounts", "127.0.0.42"))
+        }
     rows = {}
     print(f"{'measure':<14} {'none p50':>10} {'accounts p50':>13} {'ratio':>7}")
     for name in results["none"]:

@@ -77,14 +77,33 @@ RAY_SLEEP = 0.5
 HOSTS = ("127.0.0.120", "127.0.0.121", "127.0.0.122")
 
 SIZES = {
-    "full": {"threads": 4, "per_thread": 250, "store_n": 1000, "latency_n": 50, "list_rounds": 300, "ray_n": 10,
-             "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000, 10000], "lag_burst": 1000},
-    "quick": {"threads": 4, "per_thread": 40, "store_n": 200, "latency_n": 8, "list_rounds": 30, "ray_n": 2,
-              "ray_variants": ["raw", "gpulab"], "tick_depths": [0, 1000], "lag_burst": 200},
+    "full": {
+        "threads": 4,
+        "per_thread": 250,
+        "store_n": 1000,
+        "latency_n": 50,
+        "list_rounds": 300,
+        "ray_n": 10,
+        "ray_variants": ["raw", "gpulab"],
+        "tick_depths": [0, 1000, 10000],
+        "lag_burst": 1000,
+    },
+    "quick": {
+        "threads": 4,
+        "per_thread": 40,
+        "store_n": 200,
+        "latency_n": 8,
+        "list_rounds": 30,
+        "ray_n": 2,
+        "ray_variants": ["raw", "gpulab"],
+        "tick_depths": [0, 1000],
+        "lag_burst": 200,
+    },
 }
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -220,10 +239,25 @@ class Profiler:
             raise SystemExit("--profile needs py-spy (pip install py-spy; or set PY_SPY=/path/to/py-spy)")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for fmt, ext in (("flamegraph", "svg"), ("raw", "folded")):
-            self.procs.append(subprocess.Popen(
-                [spy, "record", "--pid", str(self.pid), "--rate", "200", "--nonblocking", "--format", fmt,
-                 "--output", str(self.out_dir / f"{self.phase}.{ext}")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "--pid",
+                        str(self.pid),
+                        "--rate",
+                        "200",
+                        "--nonblocking",
+                        "--format",
+                        fmt,
+                        "--output",
+                        str(self.out_dir / f"{self.phase}.{ext}"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         time.sleep(1.5)  # let py-spy attach
         return self
 
@@ -348,8 +382,8 @@ class Bench:
 
 # --------------------------------------------------------------------------- 1. throughput
 
-def hammer(make_session, method: str, url: str, body: dict | None, threads: int, per_thread: int,
-           expect: int) -> dict:
+
+def hammer(make_session, method: str, url: str, body: dict | None, threads: int, per_thread: int, expect: int) -> dict:
     """``threads`` clients, each ``per_thread`` sequential requests; the rate over the whole burst."""
     sessions = [make_session() for _ in range(threads)]
     for s in sessions:  # connect and warm the service's token cache outside the timed part
@@ -394,9 +428,15 @@ def hammer(make_session, method: str, url: str, body: dict | None, threads: int,
     first_half = half / (ends[half - 1] - start) if half else math.nan
     second_half = (len(ends) - half) / (ends[-1] - ends[half - 1]) if half and len(ends) > half else math.nan
     return {
-        "n": len(all_lat), "errors": len(errors), "first_error": errors[0] if errors else None,
-        "rate": len(all_lat) / wall, "wall_s": wall, "p50_ms": ms(pct(all_lat, 50)), "p99_ms": ms(pct(all_lat, 99)),
-        "rate_first_half": first_half, "rate_second_half": second_half,
+        "n": len(all_lat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "rate": len(all_lat) / wall,
+        "wall_s": wall,
+        "p50_ms": ms(pct(all_lat, 50)),
+        "p99_ms": ms(pct(all_lat, 99)),
+        "rate_first_half": first_half,
+        "rate_second_half": second_half,
     }
 
 
@@ -417,8 +457,7 @@ def store_only_rate(url: str, n: int) -> dict:
     return {"n": n, "rate": n / wall, "wall_s": wall, "p50_ms": ms(wall / n)}
 
 
-def throughput(bench: Bench, size: dict, label: str, store_url: str, direct: bool,
-               profile: Path | None = None) -> dict:
+def throughput(bench: Bench, size: dict, label: str, store_url: str, direct: bool, profile: Path | None = None) -> dict:
     t, k = size["threads"], size["per_thread"]
     out = {}
     log(f"[{label}] store-only baseline ({size['store_n']} create_job)")
@@ -438,14 +477,19 @@ def throughput(bench: Bench, size: dict, label: str, store_url: str, direct: boo
 
 # --------------------------------------------------------------------------- 6. loop lag
 
-FOLLOWED = {"name": "followed", "entrypoint": ["python", "-c", "import time\nfor i in range(3000):\n"
-                                                               "    print(i, flush=True)\n    time.sleep(0.1)"]}
+FOLLOWED = {
+    "name": "followed",
+    "entrypoint": ["python", "-c", "import time\nfor i in range(3000):\n    print(i, flush=True)\n    time.sleep(0.1)"],
+}
 
 
 def lag_buckets(bench: Bench) -> dict[float, float]:
     """The service's event-loop lag histogram: cumulative count per upper bound (s)."""
-    text = requests.get(f"{bench.platform.url}/services/gpulab-jobs/metrics",
-                        headers={"Authorization": f"token {bench.platform.admin_token}"}, timeout=30).text
+    text = requests.get(
+        f"{bench.platform.url}/services/gpulab-jobs/metrics",
+        headers={"Authorization": f"token {bench.platform.admin_token}"},
+        timeout=30,
+    ).text
     out = {}
     for match in re.finditer(r'^gpulab_jobs_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M):
         out[float(match[1])] = float(match[2])
@@ -476,8 +520,7 @@ def loop_lag(bench: Bench, burst: int, followers: int, threads: int) -> dict:
     stop = threading.Event()
 
     def follow() -> None:
-        with bench.session() as s, s.get(f"{bench.base}/jobs/{job}/logs?follow=true", stream=True,
-                                          timeout=60) as r:
+        with bench.session() as s, s.get(f"{bench.base}/jobs/{job}/logs?follow=true", stream=True, timeout=60) as r:
             for _ in r.iter_lines():
                 if stop.is_set():
                     return
@@ -504,6 +547,7 @@ def loop_lag(bench: Bench, burst: int, followers: int, threads: int) -> dict:
 
 # --------------------------------------------------------------------------- 2. latency
 
+
 def latency_local(bench: Bench, n: int) -> dict:
     jobs_dir = bench.data_dir / "jobs" / USER
     s = bench.session()
@@ -526,8 +570,14 @@ def latency_local(bench: Bench, n: int) -> dict:
         started = epoch(job["started_at"])
         exec_at = float((jobs_dir / job_id / EXEC_MARK).read_text())
         if i >= 2:
-            rows.append({"send_to_running": started - t_send, "return_to_running": started - t_ret,
-                         "post_rtt": t_ret - t_send, "send_to_exec": exec_at - t_send})
+            rows.append(
+                {
+                    "send_to_running": started - t_send,
+                    "return_to_running": started - t_ret,
+                    "post_rtt": t_ret - t_send,
+                    "send_to_exec": exec_at - t_send,
+                }
+            )
     s.close()
     return summarize(rows)
 
@@ -543,8 +593,15 @@ def latency_popen(workdir: Path, n: int) -> dict:
         mark = workdir / EXEC_MARK
         mark.unlink(missing_ok=True)
         t0 = time.time()
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         t1 = time.time()
         proc.wait(60)
         if i >= 2:
@@ -558,12 +615,17 @@ def summarize(rows: list[dict]) -> dict:
         xs = [r[key] for r in rows if r[key] is not None]
         if not xs:
             continue
-        out[key] = {"p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99)),
-                    "mean_ms": ms(statistics.fmean(xs))}
+        out[key] = {
+            "p50_ms": ms(pct(xs, 50)),
+            "p95_ms": ms(pct(xs, 95)),
+            "p99_ms": ms(pct(xs, 99)),
+            "mean_ms": ms(statistics.fmean(xs)),
+        }
     return out
 
 
 # --------------------------------------------------------------------------- 3. list
+
 
 def preload_jobs(store_url: str, n: int) -> list[tuple[datetime, str]]:
     """``n`` finished jobs of the bench user straight into the service's DB (before it starts).
@@ -585,17 +647,37 @@ def preload_jobs(store_url: str, n: int) -> list[tuple[datetime, str]]:
         job_id = uuid.uuid4().hex
         state = "failed" if i % 100 == 7 else "succeeded"
         labels = {"team": "rare" if i % 100 == 3 else "common"}
-        rows.append({
-            "id": job_id, "owner": USER, "groups": [], "name": "history", "kind": "train", "spec": spec,
-            "state": state, "state_reason": "exit code 0" if state == "succeeded" else "exit code 1", "priority": 0,
-            "pool": "default", "gpus": 0, "cpus": 1.0, "memory": None, "attempt": 1, "max_retries": 0,
-            "not_before": None, "idempotency_key": None, "labels": labels, "created_at": created,
-            "updated_at": created + timedelta(seconds=30),
-            "started_at": created + timedelta(seconds=1), "finished_at": created + timedelta(seconds=30),
-            "exit_code": 0 if state == "succeeded" else 1, "executor": "local",
-            "handle": {"executor": "local", "ref": f"{1000 + i}:1.00", "gpu_ids": []},
-            "heartbeat_at": None, "progress": {"step": 10, "total": 10, "metrics": {"loss": 0.1}},
-        })
+        rows.append(
+            {
+                "id": job_id,
+                "owner": USER,
+                "groups": [],
+                "name": "history",
+                "kind": "train",
+                "spec": spec,
+                "state": state,
+                "state_reason": "exit code 0" if state == "succeeded" else "exit code 1",
+                "priority": 0,
+                "pool": "default",
+                "gpus": 0,
+                "cpus": 1.0,
+                "memory": None,
+                "attempt": 1,
+                "max_retries": 0,
+                "not_before": None,
+                "idempotency_key": None,
+                "labels": labels,
+                "created_at": created,
+                "updated_at": created + timedelta(seconds=30),
+                "started_at": created + timedelta(seconds=1),
+                "finished_at": created + timedelta(seconds=30),
+                "exit_code": 0 if state == "succeeded" else 1,
+                "executor": "local",
+                "handle": {"executor": "local", "ref": f"{1000 + i}:1.00", "gpu_ids": []},
+                "heartbeat_at": None,
+                "progress": {"step": 10, "total": 10, "metrics": {"loss": 0.1}},
+            }
+        )
         keys.append((created, job_id))
     with store.engine.begin() as conn:
         conn.execute(insert(JobRow.__table__), rows)
@@ -635,11 +717,20 @@ def list_latency(bench: Bench, keys: list[tuple[datetime, str]], rounds: int) ->
             if r >= 5:
                 lat[name].append(dt)
     s.close()
-    return {name: {"n": len(xs), "p50_ms": ms(pct(xs, 50)), "p95_ms": ms(pct(xs, 95)), "p99_ms": ms(pct(xs, 99)),
-                   "max_ms": ms(max(xs))} for name, xs in lat.items()}
+    return {
+        name: {
+            "n": len(xs),
+            "p50_ms": ms(pct(xs, 50)),
+            "p95_ms": ms(pct(xs, 95)),
+            "p99_ms": ms(pct(xs, 99)),
+            "max_ms": ms(max(xs)),
+        }
+        for name, xs in lat.items()
+    }
 
 
 # --------------------------------------------------------------------------- 4. ray
+
 
 def ray_job(address: str, submission_id: str) -> dict | None:
     r = requests.get(f"{address}/api/jobs/{submission_id}", timeout=10)
@@ -665,20 +756,35 @@ def ray_measure(address: str, sid: str, t0: float, rtt: float) -> dict:
     _, final = wait_ray(address, sid, DONE, t0)
     assert final["status"] == "SUCCEEDED", final
     accepted = job["start_time"] / 1000 - t0  # Ray's own record of when it took the submission
-    return {"send_to_ray_running": running, "send_to_ray_accepted": accepted,
-            "ray_accepted_to_running": running - accepted, "post_rtt": rtt, "saw_running": job["status"] == "RUNNING"}
+    return {
+        "send_to_ray_running": running,
+        "send_to_ray_accepted": accepted,
+        "ray_accepted_to_running": running - accepted,
+        "post_rtt": rtt,
+        "saw_running": job["status"] == "RUNNING",
+    }
 
 
 def gpulab_like_env(job_id: str, job_dir: Path) -> dict:
     """The kind of runtime_env env_vars RayExecutor sends: inherited vars plus per-job values."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
-                                      "LD_LIBRARY_PATH", "CUDA_HOME") if k in os.environ}
-    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(job_dir),
-               MLFLOW_EXPERIMENT_NAME="ray-lat", GPULAB_JOB_ID=job_id, GPULAB_JOB_OWNER=USER,
-               GPULAB_JOB_TOKEN=base64.urlsafe_b64encode(os.urandom(32)).decode(),
-               TRACEPARENT=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", CUDA_VISIBLE_DEVICES="",
-               GPULAB_WORKING_DIR=str(job_dir))
+    env = {
+        k: os.environ[k]
+        for k in ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME")
+        if k in os.environ
+    }
+    env.update(
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE="offline",
+        WANDB_DIR=str(job_dir),
+        MLFLOW_EXPERIMENT_NAME="ray-lat",
+        GPULAB_JOB_ID=job_id,
+        GPULAB_JOB_OWNER=USER,
+        GPULAB_JOB_TOKEN=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        TRACEPARENT=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
+        CUDA_VISIBLE_DEVICES="",
+        GPULAB_WORKING_DIR=str(job_dir),
+    )
     return env
 
 
@@ -688,9 +794,12 @@ def ray_raw_once(address: str, gpulab_shape: bool, work: Path) -> dict:
     sid = f"raw-{job_id[:12]}"
     body = {"submission_id": sid, "entrypoint": f"sleep {RAY_SLEEP}", "entrypoint_num_cpus": 1}
     if gpulab_shape:
-        body.update(entrypoint=f"{sys.executable} -m gpulab.runner -- sleep {RAY_SLEEP}", entrypoint_num_gpus=0,
-                    runtime_env={"env_vars": gpulab_like_env(job_id, work / job_id)},
-                    metadata={"gpulab_job_id": job_id, "gpulab_owner": USER, "gpulab_attempt": "1"})
+        body.update(
+            entrypoint=f"{sys.executable} -m gpulab.runner -- sleep {RAY_SLEEP}",
+            entrypoint_num_gpus=0,
+            runtime_env={"env_vars": gpulab_like_env(job_id, work / job_id)},
+            metadata={"gpulab_job_id": job_id, "gpulab_owner": USER, "gpulab_attempt": "1"},
+        )
     t0 = time.time()
     r = requests.post(f"{address}/api/jobs/", json=body, timeout=30)
     rtt = time.time() - t0
@@ -700,8 +809,9 @@ def ray_raw_once(address: str, gpulab_shape: bool, work: Path) -> dict:
 
 def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> dict:
     t0 = time.time()
-    r = session.post(bench.base + "/jobs", json={"name": "ray-lat", "entrypoint": ["sleep", str(RAY_SLEEP)]},
-                     timeout=30)
+    r = session.post(
+        bench.base + "/jobs", json={"name": "ray-lat", "entrypoint": ["sleep", str(RAY_SLEEP)]}, timeout=30
+    )
     rtt = time.time() - t0
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -718,9 +828,11 @@ def ray_gpulab_once(bench: Bench, session: requests.Session, address: str) -> di
 
 def ray_compare(bench: Bench, address: str, n: int, variants: list[str], work: Path) -> dict:
     s = bench.session()
-    every = {"raw": lambda: ray_raw_once(address, False, work),
-             "raw_gpulab_body": lambda: ray_raw_once(address, True, work),
-             "gpulab": lambda: ray_gpulab_once(bench, s, address)}
+    every = {
+        "raw": lambda: ray_raw_once(address, False, work),
+        "raw_gpulab_body": lambda: ray_raw_once(address, True, work),
+        "gpulab": lambda: ray_gpulab_once(bench, s, address),
+    }
     one = {name: every[name] for name in variants}
     runs = {name: [] for name in one}
     # warm-up, one job of each variant: the first job on a fresh cluster is slow, and gpulab's first
@@ -729,7 +841,7 @@ def ray_compare(bench: Bench, address: str, n: int, variants: list[str], work: P
         run_one()
     k = len(one)
     for i in range(n):  # rotate the order so that noise hits every variant alike
-        for name in list(one)[i % k:] + list(one)[:i % k]:
+        for name in list(one)[i % k :] + list(one)[: i % k]:
             runs[name].append(one[name]())
     s.close()
     out = {}
@@ -740,6 +852,7 @@ def ray_compare(bench: Bench, address: str, n: int, variants: list[str], work: P
 
 
 # --------------------------------------------------------------------------- 5. scheduling pass (diagnostic)
+
 
 def tick_cost(work: Path, depths: list[int], reps: int) -> dict:
     """In-process: one ``JobQueue.tick()`` with N jobs queued in a pool nobody offers (as in section 1).
@@ -763,11 +876,31 @@ def tick_cost(work: Path, depths: list[int], reps: int) -> dict:
         d = work / f"tick-{depth}"
         store = JobStore(url=f"sqlite:///{d / 'jobs.sqlite'}")
         now = datetime.now(UTC).replace(tzinfo=None)
-        rows = [{"id": uuid.uuid4().hex, "owner": f"user{i % 4}", "groups": [], "name": "bench", "kind": "train",
-                 "spec": spec, "state": "queued", "state_reason": reason, "priority": 0, "pool": "parked",
-                 "gpus": 0, "cpus": 1.0, "memory": None, "attempt": 0, "max_retries": 0, "not_before": None,
-                 "idempotency_key": None, "labels": {}, "created_at": now - timedelta(seconds=depth - i),
-                 "updated_at": now} for i in range(depth)]
+        rows = [
+            {
+                "id": uuid.uuid4().hex,
+                "owner": f"user{i % 4}",
+                "groups": [],
+                "name": "bench",
+                "kind": "train",
+                "spec": spec,
+                "state": "queued",
+                "state_reason": reason,
+                "priority": 0,
+                "pool": "parked",
+                "gpus": 0,
+                "cpus": 1.0,
+                "memory": None,
+                "attempt": 0,
+                "max_retries": 0,
+                "not_before": None,
+                "idempotency_key": None,
+                "labels": {},
+                "created_at": now - timedelta(seconds=depth - i),
+                "updated_at": now,
+            }
+            for i in range(depth)
+        ]
         if rows:
             with store.engine.begin() as conn:
                 conn.execute(insert(JobRow.__table__), rows)
@@ -787,82 +920,126 @@ def tick_cost(work: Path, depths: list[int], reps: int) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+
 def ratio(a: float, b: float) -> str:
     return "n/a" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
 
 
 def report(res: dict) -> str:
-    lines = [f"gpulab-jobs benchmark ({res['mode']}) {res['date']} on {res['machine']}",
-             f"load average at start: {res['loadavg_start']}, at end: {res.get('loadavg_end')}",
-             f"c.JobQueue.tick_interval = {TICK} s", ""]
+    lines = [
+        f"gpulab-jobs benchmark ({res['mode']}) {res['date']} on {res['machine']}",
+        f"load average at start: {res['loadavg_start']}, at end: {res.get('loadavg_end')}",
+        f"c.JobQueue.tick_interval = {TICK} s",
+        "",
+    ]
     goals = []
     if "throughput" in res:
-        lines += [("## 1. Submission throughput (through the hub proxy, "
-                  f"{res['size']['threads']} clients x {res['size']['per_thread']} requests)"), "",
-                  "| backend | request | req/s | p50 ms | p99 ms | errors | vs openapi.json | vs store-only |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            (
+                "## 1. Submission throughput (through the hub proxy, "
+                f"{res['size']['threads']} clients x {res['size']['per_thread']} requests)"
+            ),
+            "",
+            "| backend | request | req/s | p50 ms | p99 ms | errors | vs openapi.json | vs store-only |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for backend, t in res["throughput"].items():
             base, store = t["openapi"]["rate"], t["store_only"]["rate"]
-            lines.append(f"| {backend} | store-only `JobStore.create_job` (1 thread, in-process) | {store:.0f} | "
-                         f"{t['store_only']['p50_ms']} | | 0 | {ratio(store, base)} | 1.00x |")
-            for key, what in (("openapi", "GET openapi.json (no auth, no DB)"),
-                              ("openapi_direct", "GET openapi.json straight to the service port (no proxy)"),
-                              ("quota", "GET /quota"), ("submit", "POST /jobs")):
+            lines.append(
+                f"| {backend} | store-only `JobStore.create_job` (1 thread, in-process) | {store:.0f} | "
+                f"{t['store_only']['p50_ms']} | | 0 | {ratio(store, base)} | 1.00x |"
+            )
+            for key, what in (
+                ("openapi", "GET openapi.json (no auth, no DB)"),
+                ("openapi_direct", "GET openapi.json straight to the service port (no proxy)"),
+                ("quota", "GET /quota"),
+                ("submit", "POST /jobs"),
+            ):
                 if key in t:
                     x = t[key]
-                    lines.append(f"| {backend} | {what} | {x['rate']:.0f} | {x['p50_ms']} | {x['p99_ms']} | "
-                                 f"{x['errors']} | {ratio(x['rate'], base)} | {ratio(x['rate'], store)} |")
+                    lines.append(
+                        f"| {backend} | {what} | {x['rate']:.0f} | {x['p50_ms']} | {x['p99_ms']} | "
+                        f"{x['errors']} | {ratio(x['rate'], base)} | {ratio(x['rate'], store)} |"
+                    )
             sub = t["submit"]
-            lines.append(f"| {backend} | POST /jobs rate, first vs second half of the burst | "
-                         f"{sub['rate_first_half']:.0f} / {sub['rate_second_half']:.0f} | | | | | |")
+            lines.append(
+                f"| {backend} | POST /jobs rate, first vs second half of the burst | "
+                f"{sub['rate_first_half']:.0f} / {sub['rate_second_half']:.0f} | | | | | |"
+            )
         sq = res["throughput"].get("sqlite")
         if sq:
             goals.append(("SQLite submissions/s >= 200", f"{sq['submit']['rate']:.0f}/s", sq["submit"]["rate"] >= 200))
         lines.append("")
     if "latency" in res:
         lat, base = res["latency"]["gpulab"], res["latency"]["popen"]
-        lines += [f"## 2. Submit -> running, local executor ({lat['n']} sequential jobs `sleep 0.2`)", "",
-                  "| measure | gpulab p50 | p95 | p99 | bare Popen p50 | p99 | ratio p50 |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for key, what in (("send_to_running", "POST sent -> started_at (Popen returned)"),
-                          ("return_to_running", "POST returned -> started_at"),
-                          ("send_to_exec", "POST sent -> user command executing"),
-                          ("post_rtt", "POST round trip")):
+        lines += [
+            f"## 2. Submit -> running, local executor ({lat['n']} sequential jobs `sleep 0.2`)",
+            "",
+            "| measure | gpulab p50 | p95 | p99 | bare Popen p50 | p99 | ratio p50 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, what in (
+            ("send_to_running", "POST sent -> started_at (Popen returned)"),
+            ("return_to_running", "POST returned -> started_at"),
+            ("send_to_exec", "POST sent -> user command executing"),
+            ("post_rtt", "POST round trip"),
+        ):
             g = lat[key]
             b = base.get(key)
-            lines.append(f"| {what} | {g['p50_ms']} | {g['p95_ms']} | {g['p99_ms']} | "
-                         f"{b['p50_ms'] if b else ''} | {b['p99_ms'] if b else ''} | "
-                         f"{ratio(g['p50_ms'], b['p50_ms']) if b else ''} |")
+            lines.append(
+                f"| {what} | {g['p50_ms']} | {g['p95_ms']} | {g['p99_ms']} | "
+                f"{b['p50_ms'] if b else ''} | {b['p99_ms'] if b else ''} | "
+                f"{ratio(g['p50_ms'], b['p50_ms']) if b else ''} |"
+            )
         p50 = lat["send_to_running"]["p50_ms"]
-        goals.append(("local submit->running p50 <= 100 ms", f"{p50} ms (exec {lat['send_to_exec']['p50_ms']} ms)",
-                      p50 <= 100))
+        goals.append(
+            ("local submit->running p50 <= 100 ms", f"{p50} ms (exec {lat['send_to_exec']['p50_ms']} ms)", p50 <= 100)
+        )
         lines.append("")
     if "list" in res:
         li = res["list"]
-        lines += [(f"## 3. List latency with {res['list_jobs']} jobs stored (sequential, interleaved, "
-                  f"{li['openapi']['n']} rounds)"), "",
-                  "| request | p50 ms | p95 ms | p99 ms | max ms | p95 vs openapi.json | p95 vs /quota |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name, what in (("openapi", "GET openapi.json"), ("quota", "GET /quota"),
-                           ("list_first", "GET /jobs?limit=50 (first page)"),
-                           ("list_deep", "GET /jobs?limit=50&cursor=<row 5,000>"),
-                           ("list_state_failed", "GET /jobs?limit=50&state=failed (1%)"),
-                           ("list_label_rare", "GET /jobs?limit=50&label=team=rare (1%)")):
+        lines += [
+            (
+                f"## 3. List latency with {res['list_jobs']} jobs stored (sequential, interleaved, "
+                f"{li['openapi']['n']} rounds)"
+            ),
+            "",
+            "| request | p50 ms | p95 ms | p99 ms | max ms | p95 vs openapi.json | p95 vs /quota |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, what in (
+            ("openapi", "GET openapi.json"),
+            ("quota", "GET /quota"),
+            ("list_first", "GET /jobs?limit=50 (first page)"),
+            ("list_deep", "GET /jobs?limit=50&cursor=<row 5,000>"),
+            ("list_state_failed", "GET /jobs?limit=50&state=failed (1%)"),
+            ("list_label_rare", "GET /jobs?limit=50&label=team=rare (1%)"),
+        ):
             x = li[name]
-            lines.append(f"| {what} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
-                         f"{ratio(x['p95_ms'], li['openapi']['p95_ms'])} | "
-                         f"{ratio(x['p95_ms'], li['quota']['p95_ms'])} |")
+            lines.append(
+                f"| {what} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
+                f"{ratio(x['p95_ms'], li['openapi']['p95_ms'])} | "
+                f"{ratio(x['p95_ms'], li['quota']['p95_ms'])} |"
+            )
         if "list_queued" in res:
             lq = res["list_queued"]
-            lines += ["", (f"Same requests ({lq['openapi']['n']} rounds) after the throughput run left "
-                           f"~{res['list_queued_n']} jobs queued (each scheduling pass records their waiting "
-                           "reasons):"),
-                      "", "| request | p50 ms | p95 ms | p99 ms | max ms | p99 vs the run above |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [
+                "",
+                (
+                    f"Same requests ({lq['openapi']['n']} rounds) after the throughput run left "
+                    f"~{res['list_queued_n']} jobs queued (each scheduling pass records their waiting "
+                    "reasons):"
+                ),
+                "",
+                "| request | p50 ms | p95 ms | p99 ms | max ms | p99 vs the run above |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
+            ]
             for name in ("openapi", "quota", "list_first", "list_deep"):
                 x = lq[name]
-                lines.append(f"| {name} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
-                             f"{ratio(x['p99_ms'], li[name]['p99_ms'])} |")
+                lines.append(
+                    f"| {name} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['max_ms']} | "
+                    f"{ratio(x['p99_ms'], li[name]['p99_ms'])} |"
+                )
         worst = max(li["list_first"]["p95_ms"], li["list_deep"]["p95_ms"])
         goals.append(("list p95 <= 50 ms at 10,000 jobs (first and deep page)", f"{worst} ms", worst <= 50))
         lines.append("")
@@ -871,55 +1048,89 @@ def report(res: dict) -> str:
         names = [n for n in ("raw", "raw_gpulab_body", "gpulab") if n in ray]
         titles = {"raw": "raw", "raw_gpulab_body": "raw+body", "gpulab": "gpulab"}
         raw, gl = ray["raw"], ray["gpulab"]
-        extra = "raw+body = the same POST with the body gpulab's RayExecutor sends (runner-wrapped entrypoint, " \
-                "per-job runtime_env env_vars, metadata); " if "raw_gpulab_body" in ray else ""
-        lines += [f"## 4. Ray: submit -> RUNNING ({raw['n']} jobs per variant, rotating, `sleep {RAY_SLEEP:g}`)", "",
-                  (f"raw = POST /api/jobs/ with the trivial entrypoint; {extra}gpulab = POST /jobs to gpulab-jobs "
-                  "(which then makes that POST to Ray)."), "",
-                  f"| measure (p50 / p99 ms) | {' | '.join(titles[n] for n in names)} | gpulab / raw |",
-                  "| --- |" + " ---: |" * (len(names) + 1)]
-        for key, what in (("send_to_ray_running", "POST sent -> Ray says RUNNING"),
-                          ("send_to_ray_accepted", "POST sent -> Ray job created (its start_time)"),
-                          ("ray_accepted_to_running", "Ray job created -> RUNNING"),
-                          ("post_rtt", "POST round trip")):
+        extra = (
+            "raw+body = the same POST with the body gpulab's RayExecutor sends (runner-wrapped entrypoint, "
+            "per-job runtime_env env_vars, metadata); "
+            if "raw_gpulab_body" in ray
+            else ""
+        )
+        lines += [
+            f"## 4. Ray: submit -> RUNNING ({raw['n']} jobs per variant, rotating, `sleep {RAY_SLEEP:g}`)",
+            "",
+            (
+                f"raw = POST /api/jobs/ with the trivial entrypoint; {extra}gpulab = POST /jobs to gpulab-jobs "
+                "(which then makes that POST to Ray)."
+            ),
+            "",
+            f"| measure (p50 / p99 ms) | {' | '.join(titles[n] for n in names)} | gpulab / raw |",
+            "| --- |" + " ---: |" * (len(names) + 1),
+        ]
+        for key, what in (
+            ("send_to_ray_running", "POST sent -> Ray says RUNNING"),
+            ("send_to_ray_accepted", "POST sent -> Ray job created (its start_time)"),
+            ("ray_accepted_to_running", "Ray job created -> RUNNING"),
+            ("post_rtt", "POST round trip"),
+        ):
             cells = [f"{ray[n][key]['p50_ms']} / {ray[n][key]['p99_ms']}" for n in names]
             lines.append(f"| {what} | {' | '.join(cells)} | {ratio(gl[key]['p50_ms'], raw[key]['p50_ms'])} |")
         if g := gl.get("send_to_gpulab_running"):  # seen by a pass (every tick_interval) after Ray's RUNNING
-            lines.append(f"| POST sent -> gpulab `started_at` (state running) |{' |' * (len(names) - 1)} "
-                         f"{g['p50_ms']} / {g['p99_ms']} | |")
+            lines.append(
+                f"| POST sent -> gpulab `started_at` (state running) |{' |' * (len(names) - 1)} "
+                f"{g['p50_ms']} / {g['p99_ms']} | |"
+            )
         seen = ", ".join(f"{titles[n]} {ray[n]['saw_running']}/{ray[n]['n']}" for n in names)
-        own = (gl["send_to_ray_accepted"]["p50_ms"] - raw["send_to_ray_accepted"]["p50_ms"])
+        own = gl["send_to_ray_accepted"]["p50_ms"] - raw["send_to_ray_accepted"]["p50_ms"]
         total = raw["send_to_ray_running"]["p50_ms"]
-        lines.append(f"\nRUNNING seen (not only a final state) by 20 ms polls: {seen}.  \n"
-                     f"gpulab's own time before Ray has the job (p50 of POST sent -> Ray job created, gpulab minus "
-                     f"raw): {own:.1f} ms = {100 * own / total:.1f}% of raw Ray's submit -> RUNNING p50.")
+        lines.append(
+            f"\nRUNNING seen (not only a final state) by 20 ms polls: {seen}.  \n"
+            f"gpulab's own time before Ray has the job (p50 of POST sent -> Ray job created, gpulab minus "
+            f"raw): {own:.1f} ms = {100 * own / total:.1f}% of raw Ray's submit -> RUNNING p50."
+        )
         over = gl["send_to_ray_running"]["p50_ms"] / total - 1
-        goals.append(("gpulab-on-Ray adds <= 10% to Ray's submit->RUNNING",
-                      f"{over * 100:+.0f}% end to end (p50); gpulab's own part {100 * own / total:.1f}%",
-                      over <= 0.10))
+        goals.append(
+            (
+                "gpulab-on-Ray adds <= 10% to Ray's submit->RUNNING",
+                f"{over * 100:+.0f}% end to end (p50); gpulab's own part {100 * own / total:.1f}%",
+                over <= 0.10,
+            )
+        )
         lines.append("")
     if "tick" in res:
         t = res["tick"]
         base = t.get(0) or t.get("0")
-        lines += ["## 5. One scheduling pass (`JobQueue.tick()`) vs queued jobs (diagnostic, in-process, SQLite)", "",
-                  "The service runs it after a burst of submissions and every tick_interval.", "",
-                  "| jobs queued | median ms | vs 0 queued |", "| ---: | ---: | ---: |"]
+        lines += [
+            "## 5. One scheduling pass (`JobQueue.tick()`) vs queued jobs (diagnostic, in-process, SQLite)",
+            "",
+            "The service runs it after a burst of submissions and every tick_interval.",
+            "",
+            "| jobs queued | median ms | vs 0 queued |",
+            "| ---: | ---: | ---: |",
+        ]
         lines += [f"| {depth} | {v} | {ratio(v, base)} |" for depth, v in t.items()]
         lines.append("")
     if "lag" in res:
         lag = res["lag"]
-        lines += [(f"## 6. gpulab-jobs event-loop lag ({lag['followers']} SSE followers of a running job's log; "
-                   "timer every 50 ms, from the service's histogram)"), "",
-                  "| phase | wake-ups | max lag <= ms | p99 <= ms | submissions/s | errors |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |",
-                  f"| idle (baseline), 10 s | {lag['idle']['samples']} | {lag['idle']['max_le_ms']} | "
-                  f"{lag['idle']['p99_le_ms']} | | |",
-                  f"| burst of {lag['burst_n']} submissions | {lag['burst']['samples']} | {lag['burst']['max_le_ms']} | "
-                  f"{lag['burst']['p99_le_ms']} | {lag['burst_submit']['rate']:.0f} | {lag['burst_submit']['errors']} |",
-                  ""]
-        goals.append((f"max loop lag during a {lag['burst_n']}-job burst with {lag['followers']} followers <= 20 ms",
-                      f"<= {lag['burst']['max_le_ms']} ms (idle <= {lag['idle']['max_le_ms']} ms)",
-                      lag["burst"]["max_le_ms"] <= 20))
+        lines += [
+            (
+                f"## 6. gpulab-jobs event-loop lag ({lag['followers']} SSE followers of a running job's log; "
+                "timer every 50 ms, from the service's histogram)"
+            ),
+            "",
+            "| phase | wake-ups | max lag <= ms | p99 <= ms | submissions/s | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| idle (baseline), 10 s | {lag['idle']['samples']} | {lag['idle']['max_le_ms']} | "
+            f"{lag['idle']['p99_le_ms']} | | |",
+            f"| burst of {lag['burst_n']} submissions | {lag['burst']['samples']} | {lag['burst']['max_le_ms']} | "
+            f"{lag['burst']['p99_le_ms']} | {lag['burst_submit']['rate']:.0f} | {lag['burst_submit']['errors']} |",
+            "",
+        ]
+        goals.append(
+            (
+                f"max loop lag during a {lag['burst_n']}-job burst with {lag['followers']} followers <= 20 ms",
+                f"<= {lag['burst']['max_le_ms']} ms (idle <= {lag['idle']['max_le_ms']} ms)",
+                lag["burst"]["max_le_ms"] <= 20,
+            )
+        )
     if goals:
         lines += ["## Goals", "", "| goal | measured | met |", "| --- | --- | --- |"]
         lines += [f"| {g} | {m} | {'yes' if ok else 'NO'} |" for g, m, ok in goals]
@@ -928,28 +1139,43 @@ def report(res: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (well under 90 s)")
-    ap.add_argument("--only", default="throughput,latency,list,ray,tick,lag",
-                    help="comma-separated sections: throughput, latency, list, ray, tick, lag")
-    ap.add_argument("--ray-body", action="store_true",
-                    help="ray: also time raw Ray with the exact request body gpulab sends (a third variant)")
+    ap.add_argument(
+        "--only",
+        default="throughput,latency,list,ray,tick,lag",
+        help="comma-separated sections: throughput, latency, list, ray, tick, lag",
+    )
+    ap.add_argument(
+        "--ray-body",
+        action="store_true",
+        help="ray: also time raw Ray with the exact request body gpulab sends (a third variant)",
+    )
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
-    ap.add_argument("--profile", type=Path, metavar="DIR",
-                    help="record the service with py-spy (on PATH, or $PY_SPY) during the SQLite POST /jobs burst "
-                         "and the list run; writes DIR/<phase>.svg and .folded and prints the hottest frames")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the service with py-spy (on PATH, or $PY_SPY) during the SQLite POST /jobs burst "
+        "and the list run; writes DIR/<phase>.svg and .folded and prints the hottest frames",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     mode = "quick" if args.quick else "full"
     size = dict(SIZES[mode])
     if args.ray_body:
         size["ray_variants"] = ["raw", "raw_gpulab_body", "gpulab"]
-    res: dict = {"mode": mode, "size": size, "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                 "machine": f"{os.cpu_count()} cores, {pyplatform.processor() or pyplatform.machine()}, "
-                            f"Python {pyplatform.python_version()}",
-                 "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    res: dict = {
+        "mode": mode,
+        "size": size,
+        "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{os.cpu_count()} cores, {pyplatform.processor() or pyplatform.machine()}, "
+        f"Python {pyplatform.python_version()}",
+        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
     work = Path(tempfile.mkdtemp(prefix="gpulab-jobs-bench-"))
     tracker = Tracker()
     started = time.monotonic()
@@ -990,15 +1216,23 @@ def main() -> int:
                     log(f"ray did not start ({str(e).splitlines()[0]}); retrying")
             log(f"ray up in {cluster.startup_seconds:.1f}s at {cluster.address}")
             ray_url = f"sqlite:///{work / 'ray-service' / 'jobs.sqlite'}"
-            return Bench(tracker, work, HOSTS[2], ray_url,
-                         f'c.JobQueue.executor_class = "ray"\nc.RayExecutor.address = {cluster.address!r}')
+            return Bench(
+                tracker,
+                work,
+                HOSTS[2],
+                ray_url,
+                f'c.JobQueue.executor_class = "ray"\nc.RayExecutor.address = {cluster.address!r}',
+            )
 
         # Start-ups run side by side, but never while something is measured: full mode starts the
         # PostgreSQL and Ray platforms after the SQLite part, quick mode starts everything up front
         # (the idle platforms and Ray then sit beside the SQLite measurements).
         def start_others() -> dict:
-            return {name: Starter(tracker, fn) for name, fn in (("pg", start_pg), ("ray", start_ray))
-                    if name == "ray" and "ray" in only or name == "pg" and "throughput" in only}
+            return {
+                name: Starter(tracker, fn)
+                for name, fn in (("pg", start_pg), ("ray", start_ray))
+                if name == "ray" and "ray" in only or name == "pg" and "throughput" in only
+            }
 
         sq = Starter(tracker, lambda: Bench(tracker, work, HOSTS[0], sqlite_url)) if sqlite_part else None
         others = start_others() if args.quick else {}
@@ -1015,12 +1249,21 @@ def main() -> int:
                     res["list"] = list_latency(bench, keys, size["list_rounds"])
             if "latency" in only:
                 log(f"local submit->running ({size['latency_n']} jobs) and bare Popen baseline")
-                res["latency"] = {"popen": latency_popen(work / "popen", size["latency_n"]),
-                                  "gpulab": latency_local(bench, size["latency_n"])}
+                res["latency"] = {
+                    "popen": latency_popen(work / "popen", size["latency_n"]),
+                    "gpulab": latency_local(bench, size["latency_n"]),
+                }
             if "throughput" in only:
-                res["throughput"] = {"sqlite": throughput(bench, size, "sqlite",
-                                                          f"sqlite:///{work / 'store-only' / 'jobs.sqlite'}",
-                                                          direct=True, profile=args.profile)}
+                res["throughput"] = {
+                    "sqlite": throughput(
+                        bench,
+                        size,
+                        "sqlite",
+                        f"sqlite:///{work / 'store-only' / 'jobs.sqlite'}",
+                        direct=True,
+                        profile=args.profile,
+                    )
+                }
                 if keys:  # the same list run again, now that the parked jobs wait in the queue
                     log("list latency again, with the parked jobs queued")
                     res["list_queued"] = list_latency(bench, keys, max(20, size["list_rounds"] // 3))
@@ -1035,8 +1278,7 @@ def main() -> int:
         if "ray" in others:  # Ray is measured and stopped before the PostgreSQL throughput run
             rb = others["ray"].result()
             log(f"ray submit->running ({size['ray_n']} per variant)")
-            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"], size["ray_variants"],
-                                     work / "ray-raw-jobs")
+            res["ray"] = ray_compare(rb, cluster.address, size["ray_n"], size["ray_variants"], work / "ray-raw-jobs")
             stop_platform(tracker, rb)
             cluster.stop()
         if "tick" in only:
@@ -1044,8 +1286,9 @@ def main() -> int:
             res["tick"] = tick_cost(work, size["tick_depths"], 5)
         if "pg" in others:
             pg = others["pg"].result()
-            res.setdefault("throughput", {})["postgresql"] = throughput(pg, size, "postgresql", pg_store_url,
-                                                                        direct=False)
+            res.setdefault("throughput", {})["postgresql"] = throughput(
+                pg, size, "postgresql", pg_store_url, direct=False
+            )
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         raise

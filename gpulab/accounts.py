@@ -152,9 +152,22 @@ def _create(name: str, home_root: Path, comment: str, system: bool = False) -> p
     home = home_root / name
     kind = ["--system", "--shell", "/usr/sbin/nologin"] if system else ["--shell", "/bin/bash"]
     result = subprocess.run(
-        ["useradd", *kind, "--create-home", "--home-dir", str(home), "--user-group", "--comment", comment,
-         "--key", "UMASK=077", name],
-        capture_output=True, text=True, check=False,
+        [
+            "useradd",
+            *kind,
+            "--create-home",
+            "--home-dir",
+            str(home),
+            "--user-group",
+            "--comment",
+            comment,
+            "--key",
+            "UMASK=077",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise AccountError(f"could not create account {name!r} ({comment}): {result.stderr.strip()}")
@@ -173,8 +186,9 @@ def remove(policy: AccountPolicy, user: str, purge: bool = False) -> str | None:
     if account is None:
         return None
     kill_processes(account.uid)
-    result = subprocess.run(["userdel", *(["--remove"] if purge else []), account.name], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        ["userdel", *(["--remove"] if purge else []), account.name], capture_output=True, text=True, check=False
+    )
     if result.returncode not in (0, 12):  # 12: home could not be removed (already gone)
         raise AccountError(f"could not remove account {account.name!r}: {result.stderr.strip()}")
     return account.name

@@ -152,7 +152,7 @@ class Cgroup:
             if self.limits.memory:
                 resource.setrlimit(resource.RLIMIT_AS, (self.limits.memory, self.limits.memory))
             if self.limits.cpus:
-                cpus = sorted(os.sched_getaffinity(0))[:max(1, math.ceil(self.limits.cpus))]
+                cpus = sorted(os.sched_getaffinity(0))[: max(1, math.ceil(self.limits.cpus))]
                 os.sched_setaffinity(0, cpus)
             return
         for d in set(self.dirs.values()):

@@ -30,7 +30,7 @@ from .config import (
 from .errors import ConfigError
 from .net import port_in_use
 
-CONFIG_TEMPLATE = '''\
+CONFIG_TEMPLATE = """\
 # gpulab configuration: one file for the hub, the services and the server extension.
 # Every setting and its default: `gpulab config show`.  Examples:
 #
@@ -42,13 +42,16 @@ CONFIG_TEMPLATE = '''\
 # c.OIDC.allowed_groups = {"ml"}
 # c.OIDC.admin_groups = {"ml-admins"}
 # c.Roles.group_roles = {"ml-gpu": ["gpulab-gpu"], "ml-deploy": ["gpulab-deployer"]}
-'''
+"""
 
 
 def hub_config_file() -> Path:
     """``jupyterhub_config.py``: inside the installed package, or the checkout's ``hub_config/``."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "hub_config" / "jupyterhub_config.py", here.parent / "hub_config" / "jupyterhub_config.py"):
+    for candidate in (
+        here / "hub_config" / "jupyterhub_config.py",
+        here.parent / "hub_config" / "jupyterhub_config.py",
+    ):
         if candidate.exists():
             return candidate
     raise ConfigError("jupyterhub_config.py not found: reinstall gpulab")
@@ -113,7 +116,9 @@ def up(args) -> int:
         path.write_text(CONFIG_TEMPLATE)
     os.environ["GPULAB_CONFIG"] = str(path)
     if port_in_use(platform.ip, platform.port):
-        raise ConfigError(f"Platform.port: {platform.ip}:{platform.port} is already in use (choose another with --port)")
+        raise ConfigError(
+            f"Platform.port: {platform.ip}:{platform.port} is already in use (choose another with --port)"
+        )
 
     admin_file = data_dir / "secrets" / "admin-password"
     first_run = not admin_file.exists()
@@ -122,15 +127,23 @@ def up(args) -> int:
     if login.method == "password":
         if first_run:
             print(f"gpulab: admin password (also in {admin_file}): {admin_file.read_text().strip()}", flush=True)
-        message = f"Sign in at {platform.public_url} as {', '.join(sorted(login.admin_users))} (password in {admin_file})."
+        message = (
+            f"Sign in at {platform.public_url} as {', '.join(sorted(login.admin_users))} (password in {admin_file})."
+        )
     else:
         message = f"Sign in at {platform.public_url}."
 
     hub_dir = data_dir / "hub"
     local_ip = "127.0.0.1" if platform.ip in ("", "0.0.0.0", "::") else platform.ip
-    (hub_dir / "cli.json").write_text(json.dumps({  # for `gpulab users`
-        "url": f"http://{local_ip}:{platform.port}", "isolation": isolation_mode(platform), "owner": getpass.getuser(),
-    }))
+    (hub_dir / "cli.json").write_text(
+        json.dumps(
+            {  # for `gpulab users`
+                "url": f"http://{local_ip}:{platform.port}",
+                "isolation": isolation_mode(platform),
+                "owner": getpass.getuser(),
+            }
+        )
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterhub", "-f", str(hub_config_file())],
         cwd=hub_dir,
@@ -153,17 +166,20 @@ def config_show(_args) -> int:
     """Print the effective configuration, secrets redacted."""
     path = config_path()
     print(f"# {path}{'' if path.exists() else ' (absent: defaults)'}")
-    print(json.dumps(effective_config(load_config(path), service_configurables()), indent=2, sort_keys=True,
-                     default=str))
+    print(
+        json.dumps(effective_config(load_config(path), service_configurables()), indent=2, sort_keys=True, default=str)
+    )
     return 0
 
 
 def config_generate(_args) -> int:
     """Print a gpulab_config.py with every setting, its help and its default, commented out."""
     classes = [*CONFIGURABLES, *service_configurables()]
-    print(f"# gpulab_config.py: every setting, with its help and default (`gpulab config generate`).\n"
-          f"# Read by the hub, every service and the server extension from $GPULAB_CONFIG (default {config_path()}).\n"
-          "c = get_config()  # noqa: F821\n")
+    print(
+        f"# gpulab_config.py: every setting, with its help and default (`gpulab config generate`).\n"
+        f"# Read by the hub, every service and the server extension from $GPULAB_CONFIG (default {config_path()}).\n"
+        "c = get_config()  # noqa: F821\n"
+    )
     for cls in classes:
         print(cls.class_config_section(classes))
     return 0
@@ -181,21 +197,32 @@ def main(argv=None) -> int:
     config_sub = p_config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("show", help="print the effective config, secrets redacted").set_defaults(func=config_show)
     config_sub.add_parser("generate", help="print a config file with every setting and its help").set_defaults(
-        func=config_generate)
+        func=config_generate
+    )
     p_attest = sub.add_parser("attest", help="GPU node attestation")
     attest_sub = p_attest.add_subparsers(dest="attest_command", required=True)
     p_collect = attest_sub.add_parser(
-        "collect", help="attest this GPU node: NVIDIA's evidence, verified by the platform (exit 0: valid)")
+        "collect", help="attest this GPU node: NVIDIA's evidence, verified by the platform (exit 0: valid)"
+    )
     p_collect.add_argument("--node", required=True, help="this node's name, as jobs are gated on it")
     p_collect.add_argument("--url", help="the job service's API (default $GPULAB_JOBS_URL)")
-    p_collect.add_argument("--token-file", help="0600 file with the node's credential from gpulab nodes enroll "
-                           "(or an admin's hub token; default $JUPYTERHUB_API_TOKEN)")
+    p_collect.add_argument(
+        "--token-file",
+        help="0600 file with the node's credential from gpulab nodes enroll "
+        "(or an admin's hub token; default $JUPYTERHUB_API_TOKEN)",
+    )
     p_collect.add_argument("--device", choices=("gpu", "switch"), default="gpu", help="what to attest (default gpu)")
-    p_collect.add_argument("--direct-token", action="store_true",
-                           help="the collector gets NRAS's token itself (a node with its own NRAS access)")
-    p_collect.add_argument("--collector", nargs=argparse.REMAINDER, metavar="CMD",
-                           help="collector argv, {nonce} and {device} filled in (default c.Attestation."
-                           "collector_command); must come last")
+    p_collect.add_argument(
+        "--direct-token",
+        action="store_true",
+        help="the collector gets NRAS's token itself (a node with its own NRAS access)",
+    )
+    p_collect.add_argument(
+        "--collector",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="collector argv, {nonce} and {device} filled in (default c.Attestation.collector_command); must come last",
+    )
     p_collect.set_defaults(func=attest_collect)
     users.add_parser(sub)
     nodes.add_parser(sub)

@@ -27,9 +27,9 @@ class Platform(Configurable):
     data_dir = Unicode(help="Directory for all platform state (hub DB, user homes, secrets).").tag(config=True)
     ip = Unicode("127.0.0.1", help="Address the public proxy listens on.").tag(config=True)
     port = Integer(8000, help="Port the public proxy listens on.").tag(config=True)
-    public_url = Unicode(
-        help="URL users reach the hub at (default http://<ip>:<port>); used for OAuth callbacks."
-    ).tag(config=True)
+    public_url = Unicode(help="URL users reach the hub at (default http://<ip>:<port>); used for OAuth callbacks.").tag(
+        config=True
+    )
     proxy_command = List(
         Unicode(),
         help="configurable-http-proxy command; default: found on PATH or installed into the data dir.",
@@ -42,14 +42,16 @@ class Platform(Configurable):
     jobs_service = Bool(True, help="Run the training job service gpulab-jobs.").tag(config=True)
     mlflow_service = Bool(True, help="Run MLflow tracking as the hub-managed service 'mlflow'.").tag(config=True)
     mlflow_sharing = CaselessStrEnum(
-        ["group", "everyone", "private"], default_value="group",
+        ["group", "everyone", "private"],
+        default_value="group",
         help="Who besides its creator (who alone may change and delete it) and admins may read an MLflow "
         "experiment (with its runs) or registered model: the creator's hub 'group's (at creation), "
         "'everyone' signed in, or nobody ('private').",
     ).tag(config=True)
     inference_service = Bool(
-        True, help="Run the inference gateway gpulab-infer, and an embedded Triton unless InferenceGateway.replicas "
-        "names external ones."
+        True,
+        help="Run the inference gateway gpulab-infer, and an embedded Triton unless InferenceGateway.replicas "
+        "names external ones.",
     ).tag(config=True)
     event_subscribers = List(
         Unicode(),
@@ -74,8 +76,9 @@ class Platform(Configurable):
     ).tag(config=True)
     home_root = Unicode("/home", help="Where the accounts gpulab makes get their home directories.").tag(config=True)
     service_account = Unicode(
-        "gpulab", help="System account MLflow, the inference gateway and Triton run as (isolation 'accounts'), "
-        "made on first start; no hub user may map to it."
+        "gpulab",
+        help="System account MLflow, the inference gateway and Triton run as (isolation 'accounts'), "
+        "made on first start; no hub user may map to it.",
     ).tag(config=True)
 
     @default("data_dir")
@@ -115,16 +118,14 @@ class Login(Configurable):
 class OIDC(Configurable):
     """An OpenID Connect identity provider (used when ``Login.method = 'oidc'``)."""
 
-    issuer = Unicode(help="Issuer URL; endpoints come from <issuer>/.well-known/openid-configuration.").tag(
-        config=True
-    )
+    issuer = Unicode(help="Issuer URL; endpoints come from <issuer>/.well-known/openid-configuration.").tag(config=True)
     authorize_url = Unicode(help="Override the discovered authorization endpoint.").tag(config=True)
     token_url = Unicode(help="Override the discovered token endpoint.").tag(config=True)
     userdata_url = Unicode(help="Override the discovered userinfo endpoint.").tag(config=True)
     client_id = Unicode(help="OAuth client id of the hub at the provider.").tag(config=True)
-    client_secret_file = Unicode(
-        help="0600 file holding the client secret (else $GPULAB_OIDC_CLIENT_SECRET)."
-    ).tag(config=True)
+    client_secret_file = Unicode(help="0600 file holding the client secret (else $GPULAB_OIDC_CLIENT_SECRET).").tag(
+        config=True
+    )
     scope = List(Unicode(), ["openid", "profile", "email", "groups"]).tag(config=True)
     username_claim = Unicode("preferred_username").tag(config=True)
     groups_claim = Unicode("groups", help="Userinfo claim holding the user's groups.").tag(config=True)
@@ -142,9 +143,9 @@ class Roles(Configurable):
         key_trait=Unicode(),
         help="Hub (IdP) group name -> gpulab role names, e.g. {'ml-gpu': ['gpulab-user', 'gpulab-gpu']}.",
     ).tag(config=True)
-    extra_roles = List(
-        Dict(), help="Additional JupyterHub roles ({'name', 'scopes', 'groups'?, 'users'?})."
-    ).tag(config=True)
+    extra_roles = List(Dict(), help="Additional JupyterHub roles ({'name', 'scopes', 'groups'?, 'users'?}).").tag(
+        config=True
+    )
 
 
 CONFIGURABLES = [Platform, Login, OIDC, Roles, Attestation]
@@ -243,7 +244,9 @@ def effective_config(cfg: Config, services: list[type[Configurable]] = ()) -> di
     out = {}
     for cls in CONFIGURABLES:
         obj = cls(config=cfg)
-        out[cls.__name__] = {name: _shown(name, getattr(obj, name)) for name in sorted(cls.class_trait_names(config=True))}
+        out[cls.__name__] = {
+            name: _shown(name, getattr(obj, name)) for name in sorted(cls.class_trait_names(config=True))
+        }
     for cls in services:
         section = cfg[cls.__name__] if cls.__name__ in cfg else {}
         out[cls.__name__] = {

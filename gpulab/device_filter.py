@@ -40,8 +40,13 @@ def program(deny: tuple) -> bytes:
     ``rwm``."""
     out = [_insn(LDX_W, 2, 1, 0), _insn(AND64_K, 2, imm=0xFFFF), _insn(LDX_W, 3, 1, 4), _insn(LDX_W, 4, 1, 8)]
     for kind, major, minor in deny:
-        out += [_insn(JNE_K, 2, off=4, imm=DEVICE_TYPE[kind]), _insn(JNE_K, 3, off=3, imm=major),
-                _insn(JNE_K, 4, off=2, imm=minor), _insn(MOV64_K, 0, imm=0), _insn(EXIT)]
+        out += [
+            _insn(JNE_K, 2, off=4, imm=DEVICE_TYPE[kind]),
+            _insn(JNE_K, 3, off=3, imm=major),
+            _insn(JNE_K, 4, off=2, imm=minor),
+            _insn(MOV64_K, 0, imm=0),
+            _insn(EXIT),
+        ]
     out += [_insn(MOV64_K, 0, imm=1), _insn(EXIT)]
     return b"".join(out)
 
@@ -62,17 +67,33 @@ def deny_devices(group: Path, deny: tuple) -> None:
     """Attach a program refusing ``deny`` to the v2 cgroup ``group``; OSError (with the verifier's log when the
     kernel refuses the program) where it cannot, for the caller to fall back and report."""
     code = program(deny)
-    insns, license_, log = (ctypes.create_string_buffer(code, len(code)), ctypes.create_string_buffer(b"GPL"),
-                            ctypes.create_string_buffer(LOG_SIZE))
-    load = struct.pack("<IIQQIIQII16sII", BPF_PROG_TYPE_CGROUP_DEVICE, len(code) // 8, ctypes.addressof(insns),
-                       ctypes.addressof(license_), 1, LOG_SIZE, ctypes.addressof(log), 0, 0, b"gpulab_devices",
-                       0, BPF_CGROUP_DEVICE)
+    insns, license_, log = (
+        ctypes.create_string_buffer(code, len(code)),
+        ctypes.create_string_buffer(b"GPL"),
+        ctypes.create_string_buffer(LOG_SIZE),
+    )
+    load = struct.pack(
+        "<IIQQIIQII16sII",
+        BPF_PROG_TYPE_CGROUP_DEVICE,
+        len(code) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license_),
+        1,
+        LOG_SIZE,
+        ctypes.addressof(log),
+        0,
+        0,
+        b"gpulab_devices",
+        0,
+        BPF_CGROUP_DEVICE,
+    )
     try:
         prog = _bpf(BPF_PROG_LOAD, load)
     except OSError as e:
         verifier = log.value.decode(errors="replace").strip()
-        raise OSError(e.errno, f"loading the device program: {e.strerror}" + (f": {verifier}" if verifier else "")) \
-            from None
+        raise OSError(
+            e.errno, f"loading the device program: {e.strerror}" + (f": {verifier}" if verifier else "")
+        ) from None
     try:
         target = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
         try:

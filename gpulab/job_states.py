@@ -24,8 +24,6 @@ TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobS
 UNFINISHED_STATES = (JobState.QUEUED, *ACTIVE_STATES)
 TRANSITIONS = {
     JobState.QUEUED: {JobState.DISPATCHING, JobState.CANCELLED},
-    JobState.DISPATCHING: {JobState.RUNNING, JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED,
-                           JobState.CANCELLED},
-    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT,
-                       JobState.QUEUED},
+    JobState.DISPATCHING: {JobState.RUNNING, JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT, JobState.QUEUED},
 }

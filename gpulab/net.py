@@ -100,8 +100,9 @@ def port_in_use(host: str, port: int) -> bool:
 def socket_path(path: Path, setting: str) -> Path:
     """``path``, refused (naming ``setting``) where it is too long for a unix socket."""
     if len(os.fsencode(path)) > SOCKET_PATH_MAX:
-        raise ConfigError(f"{setting}: {path} is too long for a unix socket (at most {SOCKET_PATH_MAX} bytes); "
-                          "use a shorter data dir")
+        raise ConfigError(
+            f"{setting}: {path} is too long for a unix socket (at most {SOCKET_PATH_MAX} bytes); use a shorter data dir"
+        )
     return path
 
 

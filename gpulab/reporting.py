@@ -36,8 +36,9 @@ def warn(message: str) -> None:
     print(" ".join(message.split())[:500], file=sys.stderr, flush=True)
 
 
-def post_to_service(endpoint: str, body: dict, traceparent: str | None = None, timeout: float = 5.0,
-                    authorization: str | None = None) -> bytes:
+def post_to_service(
+    endpoint: str, body: dict, traceparent: str | None = None, timeout: float = 5.0, authorization: str | None = None
+) -> bytes:
     """POST ``body`` to ``{GPULAB_JOBS_URL}/jobs/{GPULAB_JOB_ID}/{endpoint}`` with the job token (or
     ``authorization``); returns the answer's body.
 

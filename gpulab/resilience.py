@@ -1,11 +1,11 @@
 """Circuit breaker and retries for every remote call gpulab makes (Ray, MLflow, Triton, attestation).
 
-    breaker = CircuitBreaker("ray at http://127.0.0.1:8265")
-    async with breaker:                      # raises CircuitOpenError at once while open
-        await fetch(...)
-    async for attempt in retrying():         # idempotent calls only
-        with attempt:
-            await breaker.call(fetch, ...)
+breaker = CircuitBreaker("ray at http://127.0.0.1:8265")
+async with breaker:                      # raises CircuitOpenError at once while open
+    await fetch(...)
+async for attempt in retrying():         # idempotent calls only
+    with attempt:
+        await breaker.call(fetch, ...)
 """
 
 import asyncio
@@ -41,9 +41,14 @@ class CircuitBreaker:
     call goes through (half-open): success closes the circuit, failure opens it again. An exception
     that ``is_failure`` rejects counts as success (the dependency answered)."""
 
-    def __init__(self, name: str, failure_threshold: int = 5, recovery_timeout: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 is_failure: Callable[[BaseException], bool] = is_outage):
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        is_failure: Callable[[BaseException], bool] = is_outage,
+    ):
         self.name = name
         self.failure_threshold = failure_threshold
         self.recovery_timeout = recovery_timeout
@@ -62,8 +67,13 @@ class CircuitBreaker:
 
     def snapshot(self) -> dict[str, Any]:
         """For status endpoints and metrics."""
-        return {"name": self.name, "state": self.state, "failures": self.failures,
-                "retry_in": self._retry_in(), "last_error": self.last_error}
+        return {
+            "name": self.name,
+            "state": self.state,
+            "failures": self.failures,
+            "retry_in": self._retry_in(),
+            "last_error": self.last_error,
+        }
 
     def _retry_in(self) -> float:
         if self.opened_at is None:
@@ -93,8 +103,9 @@ class CircuitBreaker:
             return await fn(*args, **kwargs)
 
 
-def retrying(attempts: int = 3, initial: float = 0.2, maximum: float = 2.0,
-             retry_on: Callable[[BaseException], bool] = is_outage) -> AsyncRetrying:
+def retrying(
+    attempts: int = 3, initial: float = 0.2, maximum: float = 2.0, retry_on: Callable[[BaseException], bool] = is_outage
+) -> AsyncRetrying:
     """Retries with exponential backoff and jitter, re-raising the last error; for idempotent calls
     only. A ``CircuitOpenError`` is never retried."""
     return AsyncRetrying(

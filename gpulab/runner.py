@@ -46,8 +46,12 @@ from .tracing import extract, inject, setup_tracing, tracer
 HEARTBEAT_INTERVAL = 10.0
 _service_retry = retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.5, max=2), reraise=True)
 # a claim is retried only when the service gave no answer: a refusal is final
-_claim_retry = retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.5, max=2), reraise=True,
-                     retry=retry_if_not_exception_type(urllib.error.HTTPError))
+_claim_retry = retry(
+    stop=stop_after_attempt(3),
+    wait=wait_exponential(multiplier=0.5, max=2),
+    reraise=True,
+    retry=retry_if_not_exception_type(urllib.error.HTTPError),
+)
 _mlflow_retry = retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=1, max=4), reraise=True)
 
 
@@ -89,8 +93,11 @@ class Runner:
             run = _attempt("opening the MLflow run", _mlflow_retry(self._create_mlflow_run), trace_id)
             if run:
                 tracking.update(mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id)
-                child_env.update(MLFLOW_RUN_ID=run.info.run_id, GPULAB_MLFLOW_RUN_ID=run.info.run_id,
-                                 MLFLOW_EXPERIMENT_ID=run.info.experiment_id)
+                child_env.update(
+                    MLFLOW_RUN_ID=run.info.run_id,
+                    GPULAB_MLFLOW_RUN_ID=run.info.run_id,
+                    MLFLOW_EXPERIMENT_ID=run.info.experiment_id,
+                )
         if self.reporting:
             if any(tracking.values()):
                 _attempt("reporting tracking ids", self._post, "tracking", tracking)
@@ -146,9 +153,14 @@ class Runner:
         experiment = client.get_experiment_by_name(name)  # a lost creation race fails here; the retry finds it
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         owner = os.environ.get("GPULAB_JOB_OWNER", "")
-        tags = {"gpulab.job_id": self.job_id, "gpulab.user": owner, "gpulab.trace_id": trace_id,
-                "gpulab.attempt": self.attempt, MLFLOW_USER: owner,
-                "gpulab.attestation_fingerprint": os.environ.get("GPULAB_ATTESTATION_FINGERPRINT")}
+        tags = {
+            "gpulab.job_id": self.job_id,
+            "gpulab.user": owner,
+            "gpulab.trace_id": trace_id,
+            "gpulab.attempt": self.attempt,
+            MLFLOW_USER: owner,
+            "gpulab.attestation_fingerprint": os.environ.get("GPULAB_ATTESTATION_FINGERPRINT"),
+        }
         return client.create_run(experiment_id, run_name=self.name or None, tags={k: v for k, v in tags.items() if v})
 
     @staticmethod
@@ -165,12 +177,18 @@ class Runner:
             body = _claim_retry(post_to_service)("credentials", {}, authorization=f"job-ticket {ticket}")
         except urllib.error.HTTPError as exc:
             detail = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
-            print(f"gpulab.runner: the job service refused this attempt's credentials ticket ({exc.code}: "
-                  f"{detail}); not running the job", file=sys.stderr, flush=True)
+            print(
+                f"gpulab.runner: the job service refused this attempt's credentials ticket ({exc.code}: "
+                f"{detail}); not running the job",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
         except Exception as exc:  # noqa: BLE001 - as every report: an outage never fails the job
-            warn(f"gpulab.runner: claiming the job's credentials failed ({type(exc).__name__}: {exc}); "
-                 "running without them (no progress reports or MLflow run)")
+            warn(
+                f"gpulab.runner: claiming the job's credentials failed ({type(exc).__name__}: {exc}); "
+                "running without them (no progress reports or MLflow run)"
+            )
             return True
         os.environ.update(json.loads(body)["env"])
         return True

@@ -37,9 +37,7 @@ def setup_tracing(service_name: str, exporter: SpanExporter | None = None) -> Tr
     with _lock:
         if _provider is None:
             _provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
-            if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-            ):
+            if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
                 _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -75,9 +73,7 @@ def extract(headers: Mapping[str, str]) -> Context:
 
 
 @contextmanager
-def span_from_headers(
-    tracer_name: str, span_name: str, headers: Mapping[str, str]
-) -> Iterator[trace.Span]:
+def span_from_headers(tracer_name: str, span_name: str, headers: Mapping[str, str]) -> Iterator[trace.Span]:
     """Run the block in a current SERVER span, child of the incoming ``traceparent`` if any."""
     with tracer(tracer_name).start_as_current_span(
         span_name, context=extract(headers), kind=trace.SpanKind.SERVER

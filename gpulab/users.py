@@ -142,12 +142,16 @@ def add_parser(sub) -> None:
     p_add.add_argument("--group", action="append", default=[], metavar="G", help="add the user to group G (repeat)")
     p_add.add_argument("--password-file", metavar="F", help="0600 file with the password, instead of a generated one")
     p_add.set_defaults(action=add)
-    users.add_parser("list", parents=[common], help="every user, their groups, account and server").set_defaults(action=list_users)
+    users.add_parser("list", parents=[common], help="every user, their groups, account and server").set_defaults(
+        action=list_users
+    )
     p_passwd = users.add_parser("passwd", parents=[common], help="give a user a new password (printed once)")
     p_passwd.add_argument("name")
     p_passwd.add_argument("--password-file", metavar="F", help="0600 file with the new password")
     p_passwd.set_defaults(action=passwd)
-    p_remove = users.add_parser("remove", parents=[common], help="remove a user and cancel its jobs (files kept unless --purge)")
+    p_remove = users.add_parser(
+        "remove", parents=[common], help="remove a user and cancel its jobs (files kept unless --purge)"
+    )
     p_remove.add_argument("name")
     p_remove.add_argument("--purge", action="store_true", help="also remove the user's account, home and job files")
     p_remove.set_defaults(action=remove)

@@ -50,7 +50,7 @@ def check(name):
 
 @cache
 def cudf_status() -> str:
-    """"ok", "missing", or why ``import cudf`` fails here (the last line of its traceback)."""
+    """ "ok", "missing", or why ``import cudf`` fails here (the last line of its traceback)."""
     probe = subprocess.run([sys.executable, "-c", "import cudf"], check=False, capture_output=True, text=True)
     if probe.returncode == 0:
         return "ok"
@@ -157,16 +157,20 @@ def _():
 
     async def run(d: Path):
         store = JobStore(url=f"sqlite:///{d / 'jobs.sqlite'}")
-        queue = JobQueue(config=Config({"JobQueue": {"tick_interval": 0.05}}), store=store, data_dir=str(d),
-                         wrap_with_runner=False)
+        queue = JobQueue(
+            config=Config({"JobQueue": {"tick_interval": 0.05}}), store=store, data_dir=str(d), wrap_with_runner=False
+        )
         await queue.start()
         try:
             if not (await queue.executor.capacity())[queue.executor.pool].gpus:
                 raise Skip("the local executor found no GPU")
             seen = {}
             for gpus in (1, 0):
-                spec = {"name": f"devices-{gpus}", "resources": {"gpus": gpus},
-                        "entrypoint": [sys.executable, "-c", DEVICE_JOB]}
+                spec = {
+                    "name": f"devices-{gpus}",
+                    "resources": {"gpus": gpus},
+                    "entrypoint": [sys.executable, "-c", DEVICE_JOB],
+                }
                 job = (await queue.submit("alice", [], JobSpec.model_validate(spec)))[0].id
                 while (row := store.get_job(job)).state not in ("succeeded", "failed"):
                     await asyncio.sleep(0.05)
@@ -236,8 +240,14 @@ def _():
         timings = {}
         for label, cvd in (("cudf.pandas", "0"), ("pandas", "")):
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": cvd}
-            done = subprocess.run([sys.executable, "-m", "gpulab.kernels.rapids", str(script)], env=env, check=False,
-                                  capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                [sys.executable, "-m", "gpulab.kernels.rapids", str(script)],
+                env=env,
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert done.returncode == 0, done.stderr[-2000:]
             notice = done.stderr.strip().splitlines()[0]
             expected = rapids.NO_GPU if label == "pandas" else "gpulab: cudf.pandas active on NVIDIA"

@@ -42,12 +42,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = Spec(SPEC_PATH)
 EXT_SPEC = Spec(ROOT / "gpulab" / "server_extension" / "openapi.yaml")
 GATED_NODE = "gpu-collect-0"  # the local executor's node name; enrolled with `gpulab nodes enroll`
-ADMIN_NODES = ["gpu-direct-0", "gpu-wrong-0", "gpu-api-0", "gpu-verdict-0",
-               *(f"gpu-{mode}-0" for mode in ("fail", "garbage", "sdk-error", "hang"))]  # enrolled by carol
+ADMIN_NODES = [
+    "gpu-direct-0",
+    "gpu-wrong-0",
+    "gpu-api-0",
+    "gpu-verdict-0",
+    *(f"gpu-{mode}-0" for mode in ("fail", "garbage", "sdk-error", "hang")),
+]  # enrolled by carol
 PLATFORM_KEY = "nras-platform-key-" + secrets.token_hex(8)  # gpulab-jobs' NRAS API key
 NODE_KEY = "nras-node-key-" + secrets.token_hex(8)  # a node's own NRAS key (--direct-token)
-EVIDENCE_LIST = [{"evidence": base64.b64encode(secrets.token_bytes(48)).decode(),
-                  "certificate": base64.b64encode(secrets.token_bytes(48)).decode()} for _ in range(2)]
+EVIDENCE_LIST = [
+    {
+        "evidence": base64.b64encode(secrets.token_bytes(48)).decode(),
+        "certificate": base64.b64encode(secrets.token_bytes(48)).decode(),
+    }
+    for _ in range(2)
+]
 COLLECTOR_ENV = {"PATH", "LD_LIBRARY_PATH", "HOME", "TMPDIR", "LC_CTYPE"}  # LC_CTYPE: Python's locale coercion
 OUTPUTS: list[str] = []  # everything the CLI printed, checked for secrets at the end
 
@@ -120,13 +130,20 @@ class FakeNras:
                 device = self.path.removeprefix("/v4/attest/")
                 who = bearer.get(self.headers.get("Authorization", ""))
                 fake.calls.append((who, device, body.get("nonce")))
-                valid = (device in ("gpu", "switch") and body.get("evidence_list") == EVIDENCE_LIST
-                         and set(body) == {"nonce", "arch", "claims_version", "evidence_list"}
-                         and body["arch"] == "HOPPER" and re.fullmatch("[0-9a-f]{64}", body["nonce"]))
+                valid = (
+                    device in ("gpu", "switch")
+                    and body.get("evidence_list") == EVIDENCE_LIST
+                    and set(body) == {"nonce", "arch", "claims_version", "evidence_list"}
+                    and body["arch"] == "HOPPER"
+                    and re.fullmatch("[0-9a-f]{64}", body["nonce"])
+                )
                 status = fake.status or (401 if who is None else 200 if valid else 400)
                 names = [f"{device.upper()}-{i}" for i in range(len(EVIDENCE_LIST))]  # one token per device
-                answer = minter.mint(fake.answer_nonce or body["nonce"], names=names, failure=fake.failure).encode() \
-                    if status == 200 else b"{}"
+                answer = (
+                    minter.mint(fake.answer_nonce or body["nonce"], names=names, failure=fake.failure).encode()
+                    if status == 200
+                    else b"{}"
+                )
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -194,40 +211,85 @@ def node(work, hub, nras):
     collector = home / "fake_nvattest.py"
     collector.write_text(f"EVIDENCE_LIST = {EVIDENCE_LIST!r}\n" + FAKE_COLLECTOR)
     write_secret_file(home / "hub-token", hub.token("carol"))  # an admin's: may attest any enrolled node
-    enrolled = subprocess.run([sys.executable, "-m", "gpulab", "nodes", "enroll", GATED_NODE, "--gpus",
-                               str(len(EVIDENCE_LIST)), "--data-dir", str(hub.data_dir)], env=hub.env(),
-                              capture_output=True, text=True, timeout=60, check=False)
+    enrolled = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpulab",
+            "nodes",
+            "enroll",
+            GATED_NODE,
+            "--gpus",
+            str(len(EVIDENCE_LIST)),
+            "--data-dir",
+            str(hub.data_dir),
+        ],
+        env=hub.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert enrolled.returncode == 0, enrolled.stderr
     (credential,) = re.findall(r"^credential: (node:\S+)$", enrolled.stdout, re.MULTILINE)
     write_secret_file(home / "node-credential", credential)  # the node's own identity
     write_secret_file(home / "nras-node-key", NODE_KEY)
     command = [sys.executable, str(collector), "evidence", "{nonce}", str(home / "report.json")]
     (home / "gpulab_config.py").write_text(
-        f"c.Attestation.collector_timeout = 3\nc.Attestation.collector_command = {command!r}\n")
+        f"c.Attestation.collector_timeout = 3\nc.Attestation.collector_command = {command!r}\n"
+    )
     return home
 
 
 def fake(node: Path, mode: str, *extra: str) -> list[str]:
     """``--collector`` argv running the fake collector in ``mode``; it reports to ``node/report.json``."""
-    return ["--collector", sys.executable, str(node / "fake_nvattest.py"), mode, "{nonce}", str(node / "report.json"),
-            *extra]
+    return [
+        "--collector",
+        sys.executable,
+        str(node / "fake_nvattest.py"),
+        mode,
+        "{nonce}",
+        str(node / "report.json"),
+        *extra,
+    ]
 
 
-def gpulab_attest(hub: Platform, node: Path, *args: str, token_file: bool | str = True, url: str | None = None,
-                  env: dict | None = None) -> subprocess.CompletedProcess:
+def gpulab_attest(
+    hub: Platform,
+    node: Path,
+    *args: str,
+    token_file: bool | str = True,
+    url: str | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """``gpulab attest collect`` as a GPU node runs it, with secrets in its environment that the collector
     must not get; its output is recorded in OUTPUTS. ``token_file``: the admin's ``hub-token``, or the
     name of another file in ``node``; False: the token comes from the environment."""
     (node / "report.json").unlink(missing_ok=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("GPULAB_", "JUPYTERHUB_"))}
-    base.update({"GPULAB_CONFIG": str(node / "gpulab_config.py"), "LD_LIBRARY_PATH": "/opt/nvidia/lib",
-                 "GPULAB_NRAS_API_KEY": NODE_KEY, "JUPYTERHUB_API_TOKEN": hub.token("carol")})
+    base.update(
+        {
+            "GPULAB_CONFIG": str(node / "gpulab_config.py"),
+            "LD_LIBRARY_PATH": "/opt/nvidia/lib",
+            "GPULAB_NRAS_API_KEY": NODE_KEY,
+            "JUPYTERHUB_API_TOKEN": hub.token("carol"),
+        }
+    )
     file = "hub-token" if token_file is True else token_file
-    argv = [sys.executable, "-m", "gpulab", "attest", "collect", "--url",
-            url or f"{hub.url}/services/gpulab-jobs/api/v1", *(["--token-file", str(node / file)] if file else []),
-            *args]
-    result = subprocess.run(argv, env={**base, **(env or {})}, cwd=node / "cwd", capture_output=True, text=True,
-                            timeout=120, check=False)
+    argv = [
+        sys.executable,
+        "-m",
+        "gpulab",
+        "attest",
+        "collect",
+        "--url",
+        url or f"{hub.url}/services/gpulab-jobs/api/v1",
+        *(["--token-file", str(node / file)] if file else []),
+        *args,
+    ]
+    result = subprocess.run(
+        argv, env={**base, **(env or {})}, cwd=node / "cwd", capture_output=True, text=True, timeout=120, check=False
+    )
     OUTPUTS.append(result.stdout + result.stderr)
     return result
 
@@ -260,8 +322,11 @@ def test_collect_attests_the_node_and_its_gated_job_runs(hub, alice, nras, node)
     result = gpulab_attest(hub, node, "--node", GATED_NODE, token_file="node-credential")
     assert result.returncode == 0, result.stderr
     line = one_line(result)
-    match = re.fullmatch(rf"gpulab: attest: node {GATED_NODE} valid: fingerprint ([0-9a-f]{{64}}), "
-                         r"devices GPU-0, GPU-1, token expires \S+Z", line)
+    match = re.fullmatch(
+        rf"gpulab: attest: node {GATED_NODE} valid: fingerprint ([0-9a-f]{{64}}), "
+        r"devices GPU-0, GPU-1, token expires \S+Z",
+        line,
+    )
     assert match, line
     fingerprint = match[1]
 
@@ -287,8 +352,15 @@ def test_collect_attests_the_node_and_its_gated_job_runs(hub, alice, nras, node)
 def test_direct_token_is_verified_by_the_platform(hub, alice, nras, node):
     """A node with its own NRAS access: the collector gets the EAT itself; the platform verifies it."""
     calls = len(nras.calls)
-    result = gpulab_attest(hub, node, "--node", "gpu-direct-0", "--direct-token",
-                           *fake(node, "eat", nras.url, str(node / "nras-node-key")), token_file=False)
+    result = gpulab_attest(
+        hub,
+        node,
+        "--node",
+        "gpu-direct-0",
+        "--direct-token",
+        *fake(node, "eat", nras.url, str(node / "nras-node-key")),
+        token_file=False,
+    )
     assert result.returncode == 0, result.stderr
     assert one_line(result).startswith("gpulab: attest: node gpu-direct-0 valid: fingerprint ")
     assert nras.calls[calls:] == [("node", "gpu", report(node)["nonce"])]  # the node's key, not the platform's
@@ -305,9 +377,11 @@ def test_nras_failure_verdict_revokes_the_node(hub, alice, nras, node):
     finally:
         nras.failure = None
     assert result.returncode == 1 and result.stdout == ""
-    assert re.fullmatch(r"gpulab: attest: node gpu-verdict-0 refused: overall_result_false: NRAS reports the "
-                        r"attestation as failed \(GPU-0: 4010 NONCE_NOT_MATCHING; GPU-1: 4010 NONCE_NOT_MATCHING\)",
-                        one_line(result)), result.stderr
+    assert re.fullmatch(
+        r"gpulab: attest: node gpu-verdict-0 refused: overall_result_false: NRAS reports the "
+        r"attestation as failed \(GPU-0: 4010 NONCE_NOT_MATCHING; GPU-1: 4010 NONCE_NOT_MATCHING\)",
+        one_line(result),
+    ), result.stderr
     state = node_state(alice, "gpu-verdict-0")
     assert state["revoked"] and not state["valid"] and state["last_reason"] == "overall_result_false"
     assert state["nvidia_errors"] == {"GPU-0": NONCE_NOT_MATCHING, "GPU-1": NONCE_NOT_MATCHING}
@@ -325,13 +399,21 @@ def test_wrong_nonce_from_nras_is_refused(hub, alice, nras, node):
     assert not state["valid"] and state["last_reason"] == "nonce_mismatch"
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("fail", "not attested: the collector failed: exited with status 3"),
-    ("garbage", "not attested: the collector failed: printed no usable JSON"),
-    ("sdk-error", ("not attested: the collector failed: exited with status 15 (nvattest result 15: "
-                   "NVML init failed [2Jspoof)")),
-    ("hang", "not attested: the collector did not finish in 3s and was killed"),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("fail", "not attested: the collector failed: exited with status 3"),
+        ("garbage", "not attested: the collector failed: printed no usable JSON"),
+        (
+            "sdk-error",
+            (
+                "not attested: the collector failed: exited with status 15 (nvattest result 15: "
+                "NVML init failed [2Jspoof)"
+            ),
+        ),
+        ("hang", "not attested: the collector did not finish in 3s and was killed"),
+    ],
+)
 def test_collector_failure_is_one_line_and_leaks_nothing(hub, alice, nras, node, mode, expected):
     calls = len(nras.calls)
     result = gpulab_attest(hub, node, "--node", f"gpu-{mode}-0", *fake(node, mode))
@@ -357,14 +439,24 @@ def test_usage_and_configuration_errors_exit_2(hub, node, work):
     cases = [
         ({"token_file": False, "env": {"JUPYTERHUB_API_TOKEN": ""}}, ["--node", "n1"], "no hub token: pass --token"),
         ({"token_file": False}, ["--node", "n1", "--token-file", str(loose)], "run: chmod 600"),
-        ({"token_file": False}, ["--node", "n1", "--token-file", str(narrow)],
-         "the platform refused the token at .*/attestation/nonce \\(forbidden: this needs the custom:gpulab:attest"),
+        (
+            {"token_file": False},
+            ["--node", "n1", "--token-file", str(narrow)],
+            "the platform refused the token at .*/attestation/nonce \\(forbidden: this needs the custom:gpulab:attest",
+        ),
         ({"url": "http://192.0.2.1/api/v1"}, ["--node", "n1"], "must be https"),
         ({}, ["--node", "no/slashes"], "--node: 'no/slashes' must match"),
         ({"token_file": "node-credential"}, ["--node", "gpu-api-0"], "--node: the credential in use was enrolled for"),
-        ({"token_file": False, "env": {"JUPYTERHUB_API_TOKEN": hub.token("alice")}}, ["--node", GATED_NODE],
-         "the platform refused the token at .*/attestation/nonce \\(not_node_identity: only node"),
-        ({}, ["--node", "gpu-fail-0", "--collector", str(node / "missing-nvattest")], "collector '.*' cannot be started"),
+        (
+            {"token_file": False, "env": {"JUPYTERHUB_API_TOKEN": hub.token("alice")}},
+            ["--node", GATED_NODE],
+            "the platform refused the token at .*/attestation/nonce \\(not_node_identity: only node",
+        ),
+        (
+            {},
+            ["--node", "gpu-fail-0", "--collector", str(node / "missing-nvattest")],
+            "collector '.*' cannot be started",
+        ),
     ]
     for kwargs, args, message in cases:
         result = gpulab_attest(hub, node, *args, **kwargs)
@@ -406,8 +498,9 @@ def test_evidence_endpoint_directly_and_through_the_server_extension(hub, alice,
 
     hub.spawn("alice")  # through alice's server, which acts for alice: she may not attest the node
     ext = f"{hub.url}/user/alice/gpulab/api/v1"
-    r = requests.post(f"{ext}/attestation/evidence", json={**body, "nonce": "0" * 64}, headers=alice.headers,
-                      timeout=60)
+    r = requests.post(
+        f"{ext}/attestation/evidence", json={**body, "nonce": "0" * 64}, headers=alice.headers, timeout=60
+    )
     assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
     EXT_SPEC.validate("/attestation/evidence", "POST", 403, r.json())
     assert node_state(alice, "gpu-api-0")["last_reason"] == "nras_rejected"
@@ -419,7 +512,8 @@ def test_no_key_token_or_evidence_in_any_output_or_log(hub, node):
     token = (node / "hub-token").read_text().strip()
     credential = (node / "node-credential").read_text().strip()
     secrets_ = [PLATFORM_KEY, NODE_KEY, token, credential.rsplit(":", 1)[1]] + [
-        v for e in EVIDENCE_LIST for v in e.values()]
+        v for e in EVIDENCE_LIST for v in e.values()
+    ]
     for text, where in [("\n".join(OUTPUTS), "CLI output"), (hub.log_path.read_text(), "platform log")]:
         leaks = [s[:12] for s in secrets_ if s in text]
         assert not leaks, f"secret material in the {where}: {leaks}"

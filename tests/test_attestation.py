@@ -100,10 +100,23 @@ def jwks_server(key):
 
 
 def settings(jwks_url: str, **extra) -> Attestation:
-    return Attestation(config=Config({"Attestation": {
-        "jwks_url": jwks_url, "allow_insecure_localhost": True, "leeway": 30, "max_age": 600,
-        "hwmodel_allowlist": [HOPPER_CHIP, SWITCH], "min_driver_version": "550.54.14",
-        "min_vbios_version": "96.00.74.00.01", "ueid_denylist": [DENIED_UEID], **extra}}))
+    return Attestation(
+        config=Config(
+            {
+                "Attestation": {
+                    "jwks_url": jwks_url,
+                    "allow_insecure_localhost": True,
+                    "leeway": 30,
+                    "max_age": 600,
+                    "hwmodel_allowlist": [HOPPER_CHIP, SWITCH],
+                    "min_driver_version": "550.54.14",
+                    "min_vbios_version": "96.00.74.00.01",
+                    "ueid_denylist": [DENIED_UEID],
+                    **extra,
+                }
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -124,12 +137,16 @@ def nonce():
 # --- positive cases --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("names, version", [
-    (("GPU-0",), "3.0"),
-    (tuple(f"GPU-{i}" for i in range(8)), "3.0"),
-    (("GPU-0",), "2.0"),
-    (tuple(f"SWITCH-{i}" for i in range(4)), "3.0"),
-], ids=["1-gpu-claims-3.0", "8-gpu", "claims-2.0", "4-nvswitch"])
+@pytest.mark.parametrize(
+    "names, version",
+    [
+        (("GPU-0",), "3.0"),
+        (tuple(f"GPU-{i}" for i in range(8)), "3.0"),
+        (("GPU-0",), "2.0"),
+        (tuple(f"SWITCH-{i}" for i in range(4)), "3.0"),
+    ],
+    ids=["1-gpu-claims-3.0", "8-gpu", "claims-2.0", "4-nvswitch"],
+)
 async def test_valid_eat_is_verified(verifier, minter, nonce, names, version):
     eat = minter.mint(nonce, names=names, version=version)
     result = await verifier.verify(eat, nonce)
@@ -142,7 +159,11 @@ async def test_valid_eat_is_verified(verifier, minter, nonce, names, version):
     assert device.secboot is True and device.dbgstat == "disabled" and device.measres == "success"
     if names[0].startswith("GPU"):
         assert (device.kind, device.hwmodel, device.driver_version, device.vbios_version) == (
-            "GPU", HOPPER, "550.90.07", "96.00.9F.00.01")
+            "GPU",
+            HOPPER,
+            "550.90.07",
+            "96.00.9F.00.01",
+        )
     else:
         assert (device.kind, device.hwmodel, device.vbios_version) == ("SWITCH", SWITCH, "96.10.55.00.01")
     assert json.loads(json.dumps(result.as_dict()))["devices"][names[0]]["ueid"] == device.ueid
@@ -182,55 +203,115 @@ CASES = [
     ("missing-exp", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall={"exp": None})),
     ("non-finite-exp", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall={"exp": float("inf")})),
     ("missing-jti", Reason.MALFORMED, lambda m, n, o: m.mint(n, overall={"jti": None})),
-    ("bad-submods-entry", Reason.MALFORMED,
-     lambda m, n, o: m.mint(n, overall={"submods": {"GPU-0": ["DIGEST", ["SHA-1", "ab" * 10]]}})),
-    ("alg-HS256-key-confusion [SDK catches]", Reason.ALG_NOT_ALLOWED,
-     lambda m, n, o: m.mint(n, overall_sign={"alg": "HS256"})),
+    (
+        "bad-submods-entry",
+        Reason.MALFORMED,
+        lambda m, n, o: m.mint(n, overall={"submods": {"GPU-0": ["DIGEST", ["SHA-1", "ab" * 10]]}}),
+    ),
+    (
+        "alg-HS256-key-confusion [SDK catches]",
+        Reason.ALG_NOT_ALLOWED,
+        lambda m, n, o: m.mint(n, overall_sign={"alg": "HS256"}),
+    ),
     ("alg-none [SDK catches]", Reason.ALG_NOT_ALLOWED, lambda m, n, o: m.mint(n, overall_sign={"alg": "none"})),
     ("alg-HS384-device", Reason.ALG_NOT_ALLOWED, lambda m, n, o: m.mint(n, device_sign={"alg": "HS384"})),
-    ("unknown-kid [SDK catches]", Reason.UNKNOWN_KID,
-     lambda m, n, o: m.mint(n, overall_sign={"kid": "nv-eat-kid-prod-unknown"})),
-    ("foreign-key [SDK catches]", Reason.BAD_SIGNATURE,
-     lambda m, n, o: m.mint(n, overall_sign={"key": o, "kid": m.key.kid})),
-    ("forged-device-signature [SDK accepts]", Reason.BAD_SIGNATURE,
-     lambda m, n, o: m.mint(n, device_sign={"key": o, "kid": m.key.kid})),
+    (
+        "unknown-kid [SDK catches]",
+        Reason.UNKNOWN_KID,
+        lambda m, n, o: m.mint(n, overall_sign={"kid": "nv-eat-kid-prod-unknown"}),
+    ),
+    (
+        "foreign-key [SDK catches]",
+        Reason.BAD_SIGNATURE,
+        lambda m, n, o: m.mint(n, overall_sign={"key": o, "kid": m.key.kid}),
+    ),
+    (
+        "forged-device-signature [SDK accepts]",
+        Reason.BAD_SIGNATURE,
+        lambda m, n, o: m.mint(n, device_sign={"key": o, "kid": m.key.kid}),
+    ),
     ("tampered-payload", Reason.BAD_SIGNATURE, lambda m, n, o: _tamper_payload(m.mint(n))),
-    ("wrong-iss [SDK accepts]", Reason.WRONG_ISSUER,
-     lambda m, n, o: m.mint(n, overall={"iss": "https://nras.attestation-stg.nvidia.com"})),
+    (
+        "wrong-iss [SDK accepts]",
+        Reason.WRONG_ISSUER,
+        lambda m, n, o: m.mint(n, overall={"iss": "https://nras.attestation-stg.nvidia.com"}),
+    ),
     ("wrong-iss-device", Reason.WRONG_ISSUER, lambda m, n, o: m.mint(n, device={"iss": "https://evil.example"})),
-    ("expired [SDK catches]", Reason.EXPIRED,
-     lambda m, n, o: m.mint(n, overall={"iat": _now(m) - 7200, "nbf": _now(m) - 7200, "exp": _now(m) - 3600})),
+    (
+        "expired [SDK catches]",
+        Reason.EXPIRED,
+        lambda m, n, o: m.mint(n, overall={"iat": _now(m) - 7200, "nbf": _now(m) - 7200, "exp": _now(m) - 3600}),
+    ),
     ("future-nbf [SDK accepts]", Reason.NOT_YET_VALID, lambda m, n, o: m.mint(n, overall={"nbf": _now(m) + 3600})),
     ("future-iat-device", Reason.NOT_YET_VALID, lambda m, n, o: m.mint(n, device={"iat": _now(m) + 3600})),
     ("too-old", Reason.TOO_OLD, lambda m, n, o: m.mint(n, overall={"iat": _now(m) - 1000, "nbf": _now(m) - 1000})),
     ("claims-version-1.0", Reason.UNSUPPORTED_VERSION, lambda m, n, o: m.mint(n, overall={"x-nvidia-ver": "1.0"})),
     ("wrong-nonce [SDK accepts]", Reason.NONCE_MISMATCH, lambda m, n, o: m.mint(OTHER_NONCE)),
-    ("wrong-nonce-in-device-token", Reason.NONCE_MISMATCH,
-     lambda m, n, o: m.mint(n, device={"eat_nonce": OTHER_NONCE})),
+    (
+        "wrong-nonce-in-device-token",
+        Reason.NONCE_MISMATCH,
+        lambda m, n, o: m.mint(n, device={"eat_nonce": OTHER_NONCE}),
+    ),
     ("no-nonce", Reason.NONCE_MISMATCH, lambda m, n, o: m.mint(n, overall={"eat_nonce": None})),
-    ("extra-device-not-in-submods [SDK accepts]", Reason.SUBMODS_MISMATCH,
-     lambda m, n, o: m.mint(n, tokens=lambda g: {**g, "GPU-1": g["GPU-0"]})),
-    ("device-missing-from-eat", Reason.SUBMODS_MISMATCH,
-     lambda m, n, o: m.mint(n, names=("GPU-0", "GPU-1"), tokens=lambda g: {"GPU-0": g["GPU-0"]})),
-    ("swapped-device-tokens [SDK accepts]", Reason.DIGEST_MISMATCH,
-     lambda m, n, o: m.mint(n, names=("GPU-0", "GPU-1"), tokens=lambda g: {"GPU-0": g["GPU-1"], "GPU-1": g["GPU-0"]})),
-    ("overall-result-false [SDK catches]", Reason.OVERALL_RESULT_FALSE,
-     lambda m, n, o: m.mint(n, failure=NONCE_NOT_MATCHING)),  # NRAS's real error form: no eat_nonce
-    ("dbgstat-enabled [SDK accepts]", Reason.POLICY_VIOLATION,
-     lambda m, n, o: m.mint(n, device={"dbgstat": "enabled"})),
+    (
+        "extra-device-not-in-submods [SDK accepts]",
+        Reason.SUBMODS_MISMATCH,
+        lambda m, n, o: m.mint(n, tokens=lambda g: {**g, "GPU-1": g["GPU-0"]}),
+    ),
+    (
+        "device-missing-from-eat",
+        Reason.SUBMODS_MISMATCH,
+        lambda m, n, o: m.mint(n, names=("GPU-0", "GPU-1"), tokens=lambda g: {"GPU-0": g["GPU-0"]}),
+    ),
+    (
+        "swapped-device-tokens [SDK accepts]",
+        Reason.DIGEST_MISMATCH,
+        lambda m, n, o: m.mint(
+            n, names=("GPU-0", "GPU-1"), tokens=lambda g: {"GPU-0": g["GPU-1"], "GPU-1": g["GPU-0"]}
+        ),
+    ),
+    (
+        "overall-result-false [SDK catches]",
+        Reason.OVERALL_RESULT_FALSE,
+        lambda m, n, o: m.mint(n, failure=NONCE_NOT_MATCHING),
+    ),  # NRAS's real error form: no eat_nonce
+    (
+        "dbgstat-enabled [SDK accepts]",
+        Reason.POLICY_VIOLATION,
+        lambda m, n, o: m.mint(n, device={"dbgstat": "enabled"}),
+    ),
     ("secboot-false [SDK accepts]", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"secboot": False})),
     ("secboot-string-true", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"secboot": "true"})),
     ("measres-missing", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"measres": None})),
-    ("vbios-cert-revoked", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={
-        "x-nvidia-gpu-vbios-rim-cert-chain": {**GPU_TEMPLATE["x-nvidia-gpu-vbios-rim-cert-chain"],
-                                              "x-nvidia-cert-status": "revoked"}})),
-    ("claims-2.0-against-3.0-policy", Reason.POLICY_VIOLATION,
-     lambda m, n, o: m.mint(n, overall={"x-nvidia-ver": "3.0"}, version="2.0")),
+    (
+        "vbios-cert-revoked",
+        Reason.POLICY_VIOLATION,
+        lambda m, n, o: m.mint(
+            n,
+            device={
+                "x-nvidia-gpu-vbios-rim-cert-chain": {
+                    **GPU_TEMPLATE["x-nvidia-gpu-vbios-rim-cert-chain"],
+                    "x-nvidia-cert-status": "revoked",
+                }
+            },
+        ),
+    ),
+    (
+        "claims-2.0-against-3.0-policy",
+        Reason.POLICY_VIOLATION,
+        lambda m, n, o: m.mint(n, overall={"x-nvidia-ver": "3.0"}, version="2.0"),
+    ),
     ("hwmodel-not-allowed", Reason.POLICY_VIOLATION, lambda m, n, o: m.mint(n, device={"hwmodel": "GB100 A01 X"})),
-    ("driver-too-old", Reason.POLICY_VIOLATION,
-     lambda m, n, o: m.mint(n, device={"x-nvidia-gpu-driver-version": "535.104.05"})),
-    ("vbios-too-old", Reason.POLICY_VIOLATION,
-     lambda m, n, o: m.mint(n, device={"x-nvidia-gpu-vbios-version": "96.00.5E.00.01"})),
+    (
+        "driver-too-old",
+        Reason.POLICY_VIOLATION,
+        lambda m, n, o: m.mint(n, device={"x-nvidia-gpu-driver-version": "535.104.05"}),
+    ),
+    (
+        "vbios-too-old",
+        Reason.POLICY_VIOLATION,
+        lambda m, n, o: m.mint(n, device={"x-nvidia-gpu-vbios-version": "96.00.5E.00.01"}),
+    ),
     ("ueid-denied", Reason.DEVICE_DENIED, lambda m, n, o: m.mint(n, device={"ueid": DENIED_UEID})),
 ]
 
@@ -259,8 +340,9 @@ async def test_nras_failure_verdict_is_overall_result_false_with_nvidia_details(
     assert info.value.reason == Reason.NONCE_MISMATCH
 
 
-@pytest.mark.parametrize("hwmodel, allowed", [(HOPPER, True), ("GH100", True), ("GB100 A01 GSP BROM", False),
-                                              ("", False), (" ", False)])
+@pytest.mark.parametrize(
+    "hwmodel, allowed", [(HOPPER, True), ("GH100", True), ("GB100 A01 GSP BROM", False), ("", False), (" ", False)]
+)
 async def test_hwmodel_allowlist_names_the_chip(verifier, minter, nonce, hwmodel, allowed):
     eat = minter.mint(nonce, device={"hwmodel": hwmodel})
     if allowed:
@@ -287,15 +369,39 @@ async def test_jwks_500_fails_closed(verifier, jwks_server, minter, nonce):
 
 
 def test_every_reason_has_a_test_and_a_status():
-    elsewhere = {Reason.REPLAYED_JTI, Reason.JWKS_UNAVAILABLE, Reason.NONCE_UNKNOWN, Reason.RATE_LIMITED,
-                 Reason.LOCKED_OUT, Reason.NRAS_UNAVAILABLE, Reason.NRAS_REJECTED, Reason.DEVICE_MISMATCH,
-                 Reason.NOT_NODE_IDENTITY, Reason.NODE_NOT_ENROLLED}
+    elsewhere = {
+        Reason.REPLAYED_JTI,
+        Reason.JWKS_UNAVAILABLE,
+        Reason.NONCE_UNKNOWN,
+        Reason.RATE_LIMITED,
+        Reason.LOCKED_OUT,
+        Reason.NRAS_UNAVAILABLE,
+        Reason.NRAS_REJECTED,
+        Reason.DEVICE_MISMATCH,
+        Reason.NOT_NODE_IDENTITY,
+        Reason.NODE_NOT_ENROLLED,
+    }
     assert {c[1] for c in CASES} | elsewhere == set(Reason)
-    assert {r.value: http_status(r) for r in (Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.TOO_LARGE,
-                                              Reason.BAD_SIGNATURE, Reason.NOT_NODE_IDENTITY,
-                                              Reason.NODE_NOT_ENROLLED, Reason.DEVICE_MISMATCH)} == {
-        "locked_out": 429, "jwks_unavailable": 503, "too_large": 413, "bad_signature": 422,
-        "not_node_identity": 403, "node_not_enrolled": 404, "device_mismatch": 422}
+    assert {
+        r.value: http_status(r)
+        for r in (
+            Reason.LOCKED_OUT,
+            Reason.JWKS_UNAVAILABLE,
+            Reason.TOO_LARGE,
+            Reason.BAD_SIGNATURE,
+            Reason.NOT_NODE_IDENTITY,
+            Reason.NODE_NOT_ENROLLED,
+            Reason.DEVICE_MISMATCH,
+        )
+    } == {
+        "locked_out": 429,
+        "jwks_unavailable": 503,
+        "too_large": 413,
+        "bad_signature": 422,
+        "not_node_identity": 403,
+        "node_not_enrolled": 404,
+        "device_mismatch": 422,
+    }
 
 
 # --- JWKS cache: fetch counting --------------------------------------------------------------------
@@ -360,15 +466,18 @@ def test_jwks_keeps_only_matching_p384_keys(key, clock):
     assert parse_jwks(json.dumps({"keys": [key.jwk()]}).encode(), clock() + 3 * 86400) == {}  # cert expired
 
 
-@pytest.mark.parametrize("url, insecure_ok", [
-    ("https://evil.example/.well-known/jwks.json", True),
-    ("http://nras.attestation.nvidia.com/.well-known/jwks.json", True),
-    ("http://127.0.0.1:8080/jwks.json", False),
-    ("http://localhost:8080/jwks.json", True),
-    ("https://nras.attestation.nvidia.com@evil.example/jwks.json", True),
-    ("https://evil.example\\@nras.attestation.nvidia.com/", True),
-    ("https://nras.attestation.nvidia.com.evil.example/", True),
-])
+@pytest.mark.parametrize(
+    "url, insecure_ok",
+    [
+        ("https://evil.example/.well-known/jwks.json", True),
+        ("http://nras.attestation.nvidia.com/.well-known/jwks.json", True),
+        ("http://127.0.0.1:8080/jwks.json", False),
+        ("http://localhost:8080/jwks.json", True),
+        ("https://nras.attestation.nvidia.com@evil.example/jwks.json", True),
+        ("https://evil.example\\@nras.attestation.nvidia.com/", True),
+        ("https://nras.attestation.nvidia.com.evil.example/", True),
+    ],
+)
 def test_service_urls_must_be_allow_listed(url, insecure_ok):
     with pytest.raises(ConfigError):
         JwksCache(url, allowed_hosts={"nras.attestation.nvidia.com"}, allow_insecure_localhost=insecure_ok)
@@ -392,10 +501,13 @@ def test_default_urls_pass_the_allow_list():
 # --- NVIDIA's published samples: shape, digests, policy --------------------------------------------
 
 
-@pytest.mark.parametrize("eat_file, decoded_file, name, hwmodel", [
-    ("hopperClaimsv3_detached_eat.json", "hopperClaimsv3_decoded.json", "GPU-0", HOPPER),
-    ("switch_detached_eat.json", "switch_decoded.json", "SWITCH-0", SWITCH),
-])
+@pytest.mark.parametrize(
+    "eat_file, decoded_file, name, hwmodel",
+    [
+        ("hopperClaimsv3_detached_eat.json", "hopperClaimsv3_decoded.json", "GPU-0", HOPPER),
+        ("switch_detached_eat.json", "switch_decoded.json", "SWITCH-0", SWITCH),
+    ],
+)
 async def test_nvidia_samples_parse_digests_and_policy(eat_file, decoded_file, name, hwmodel, verifier):
     text = json.dumps(sample(eat_file))
     overall_jwt, devices = verifier.parse(text)
@@ -435,15 +547,28 @@ def test_nvidia_sample_claims_under_wrong_kind_or_version_fail():
 
 def test_policy_file_in_nvidia_format(tmp_path):
     path = tmp_path / "policy.json"
-    path.write_text(json.dumps({"version": "4.0", "authorization-rules": {
-        "type": "JWT", "overall-claims": {"x-nvidia-ver": "3.0"},
-        "detached-claims": {"measres": "success", "x-nvidia-gpu-arch-check": True,
-                            "x-nvidia-gpu-driver-rim-cert-chain": {"x-nvidia-cert-status": "valid"}}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": "4.0",
+                "authorization-rules": {
+                    "type": "JWT",
+                    "overall-claims": {"x-nvidia-ver": "3.0"},
+                    "detached-claims": {
+                        "measres": "success",
+                        "x-nvidia-gpu-arch-check": True,
+                        "x-nvidia-gpu-driver-rim-cert-chain": {"x-nvidia-cert-status": "valid"},
+                    },
+                },
+            }
+        )
+    )
     policy = Policy.load(str(path), "Attestation.policy_file")
     hopper = sample("hopperClaimsv3_decoded.json")["GPU-0"]
     assert policy.device_violations(hopper) == []
     assert policy.device_violations({**hopper, "x-nvidia-gpu-driver-rim-cert-chain": {}}) == [
-        "x-nvidia-gpu-driver-rim-cert-chain.x-nvidia-cert-status missing"]
+        "x-nvidia-gpu-driver-rim-cert-chain.x-nvidia-cert-status missing"
+    ]
     assert policy.device_violations({**hopper, "x-nvidia-gpu-arch-check": 1}) == ["x-nvidia-gpu-arch-check != true"]
     path.write_text("{}")
     with pytest.raises(ConfigError):
@@ -463,8 +588,11 @@ def test_nonce_single_use_and_binding(db_url, clock):
     issued = store.issue(user="ana", node="gpu-1", purpose="node-attestation")
     assert len(issued.value) == 64 and int(issued.value, 16) >= 0 and len(issued.b64url) == 43
     assert issued.expires_at == clock() + 300
-    for user, node, purpose in [("bob", "gpu-1", "node-attestation"), ("ana", "gpu-2", "node-attestation"),
-                                ("ana", "gpu-1", "other")]:
+    for user, node, purpose in [
+        ("bob", "gpu-1", "node-attestation"),
+        ("ana", "gpu-2", "node-attestation"),
+        ("ana", "gpu-1", "other"),
+    ]:
         assert not store.consume(issued.value, user=user, node=node, purpose=purpose)
     assert store.consume(issued.value, user="ana", node="gpu-1", purpose="node-attestation")
     assert not store.consume(issued.value, user="ana", node="gpu-1", purpose="node-attestation")
@@ -507,12 +635,22 @@ def make_service(jwks_server, clock, db_url, nras=None, **extra) -> AttestationS
     enrolments = Enrolments(engine, clock=clock)
     enrolments.enroll("gpu-1", by="admin", gpus=1)
     return AttestationService(
-        verifier=Verifier.from_settings(s, clock=clock), nonces=NonceStore(engine=engine, clock=clock),
-        nodes=NodeStates(engine, clock=clock), enrolments=enrolments,
-        guard=AbuseGuard(nonce_burst=s.nonce_burst, nonce_rate=s.nonce_rate, verify_burst=s.verify_burst,
-                         verify_rate=s.verify_rate, max_failures=s.max_failures, lockout_seconds=s.lockout_seconds,
-                         clock=clock),
-        audit=AuditLog(burst=s.audit_burst, window=s.audit_window, clock=clock), nras=nras)
+        verifier=Verifier.from_settings(s, clock=clock),
+        nonces=NonceStore(engine=engine, clock=clock),
+        nodes=NodeStates(engine, clock=clock),
+        enrolments=enrolments,
+        guard=AbuseGuard(
+            nonce_burst=s.nonce_burst,
+            nonce_rate=s.nonce_rate,
+            verify_burst=s.verify_burst,
+            verify_rate=s.verify_rate,
+            max_failures=s.max_failures,
+            lockout_seconds=s.lockout_seconds,
+            clock=clock,
+        ),
+        audit=AuditLog(burst=s.audit_burst, window=s.audit_window, clock=clock),
+        nras=nras,
+    )
 
 
 WHO = {"caller": Caller.of_node("gpu-1"), "node": "gpu-1", "client_ip": "10.0.0.5"}
@@ -571,8 +709,9 @@ async def test_genuine_failure_revokes_node_garbage_does_not(jwks_server, clock,
 
 
 async def test_rate_limit_and_lockout(jwks_server, clock, db_url, minter):
-    service = make_service(jwks_server, clock, db_url, nonce_burst=3, nonce_rate=0.5, max_failures=3,
-                           lockout_seconds=300)
+    service = make_service(
+        jwks_server, clock, db_url, nonce_burst=3, nonce_rate=0.5, max_failures=3, lockout_seconds=300
+    )
     nonces = [service.issue_nonce(**WHO) for _ in range(3)]
     with pytest.raises(AttestationError) as info:
         service.issue_nonce(**WHO)
@@ -618,8 +757,9 @@ async def test_only_the_node_itself_or_an_admin_may_attest_it(jwks_server, clock
             service.issue_nonce(**{**WHO, "caller": caller})
         assert info.value.reason == Reason.NOT_NODE_IDENTITY
         with pytest.raises(AttestationError) as info:  # NRAS's failure verdict, from someone else
-            await service.verify(minter.mint(nonce.value, failure=NONCE_NOT_MATCHING), nonce=nonce.value,
-                                 **{**WHO, "caller": caller})
+            await service.verify(
+                minter.mint(nonce.value, failure=NONCE_NOT_MATCHING), nonce=nonce.value, **{**WHO, "caller": caller}
+            )
         assert info.value.reason == Reason.NOT_NODE_IDENTITY
     assert service.nodes.get("gpu-1") == before and service.nodes.gate("gpu-1", 600)[1] is None
     with pytest.raises(AttestationError) as info:
@@ -675,7 +815,9 @@ def test_node_credentials_are_stored_hashed(db_url, clock, tmp_path):
     enrolments = Enrolments(make_engine(db_url), clock=clock)
     credential = enrolments.enroll("gpu-7", by="admin", gpus=2)
     name, secret = credential.removeprefix("node:").rsplit(":", 1)
-    assert name == "gpu-7" and len(secret) >= 43 and secret.encode() not in (tmp_path / "attestation.sqlite").read_bytes()
+    assert (
+        name == "gpu-7" and len(secret) >= 43 and secret.encode() not in (tmp_path / "attestation.sqlite").read_bytes()
+    )
     assert enrolments.authenticate(credential) == "gpu-7"
     for wrong in (credential[:-1] + ("A" if credential[-1] != "A" else "B"), f"node:gpu-8:{secret}", secret, "node:"):
         assert enrolments.authenticate(wrong) is None
@@ -683,8 +825,7 @@ def test_node_credentials_are_stored_hashed(db_url, clock, tmp_path):
 
 
 def test_service_from_config(jwks_server, db_url):
-    cfg = Config({"Attestation": {"jwks_url": jwks_server.url, "allow_insecure_localhost": True,
-                                  "db_url": db_url}})
+    cfg = Config({"Attestation": {"jwks_url": jwks_server.url, "allow_insecure_localhost": True, "db_url": db_url}})
     service = AttestationService.from_config(cfg)
     assert service.verifier.jwks.url == jwks_server.url and service.nras.api_key is None
     with pytest.raises(ConfigError):
@@ -707,18 +848,40 @@ async def test_audit_records_rate_limited_with_summary(caplog, clock):
     audit = AuditLog(burst=2, window=60, clock=clock)
     before = _sample("verify", "bad_signature")
     for i in range(5):  # a new forged client address each time does not escape the limit
-        audit.record("verify", Reason.BAD_SIGNATURE, user="eve", client_ip=f"10.0.0.{i}", node="gpu-1", kid="k",
-                     jti=f"j{i}", fingerprint="f" * 64)
+        audit.record(
+            "verify",
+            Reason.BAD_SIGNATURE,
+            user="eve",
+            client_ip=f"10.0.0.{i}",
+            node="gpu-1",
+            kid="k",
+            jti=f"j{i}",
+            fingerprint="f" * 64,
+        )
     audit.record("verify", Reason.BAD_SIGNATURE, user="ana", client_ip="10.0.0.1", node="gpu-1")
     clock.advance(60)
     audit.record("verify", Reason.BAD_SIGNATURE, user="eve", client_ip="10.0.0.9", node="gpu-1")
     lines = _audit_lines(caplog)
     assert [(line["event"], line.get("user")) for line in lines] == [
-        ("attestation.verify", "eve"), ("attestation.verify", "eve"), ("attestation.verify", "ana"),
-        ("attestation.suppressed", "eve"), ("attestation.verify", "eve")]
+        ("attestation.verify", "eve"),
+        ("attestation.verify", "eve"),
+        ("attestation.verify", "ana"),
+        ("attestation.suppressed", "eve"),
+        ("attestation.verify", "eve"),
+    ]
     assert lines[3]["suppressed"] == 3 and lines[3]["result"] == "bad_signature"
-    assert set(lines[0]) == {"ts", "event", "result", "user", "client_ip", "node", "kid", "jti", "fingerprint",
-                             "detail"}
+    assert set(lines[0]) == {
+        "ts",
+        "event",
+        "result",
+        "user",
+        "client_ip",
+        "node",
+        "kid",
+        "jti",
+        "fingerprint",
+        "detail",
+    }
     assert _sample("verify", "bad_signature") - before == 7
 
 
@@ -770,8 +933,12 @@ def test_api_key_from_env_is_removed_and_not_inherited(monkeypatch):
     assert isinstance(key, Secret) and key.reveal() == value and ENV_VAR not in os.environ
     client = NrasClient("https://nras.attestation.nvidia.com", key, allowed_hosts={"nras.attestation.nvidia.com"})
     assert value not in repr(client)
-    child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.environ.items()))"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.environ.items()))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert value not in child.stdout
     assert load_api_key(Attestation()) is None
 
@@ -804,8 +971,9 @@ class FakeNras(RequestHandler):
 @pytest.fixture
 async def fake_nras(minter, api_key_file):
     state = {"calls": [], "minter": minter, "key": api_key_file.read_text().strip()}
-    app = Application([(r"/v4/attest/(gpu|switch)", FakeNras, {"state": state}),
-                       (r"/(capture)", FakeNras, {"state": state})])
+    app = Application(
+        [(r"/v4/attest/(gpu|switch)", FakeNras, {"state": state}), (r"/(capture)", FakeNras, {"state": state})]
+    )
     server = HTTPServer(app)
     port = free_port()
     server.listen(port, "127.0.0.1")
@@ -818,8 +986,15 @@ EVIDENCE = [{"evidence": "ZXZpZGVuY2U=", "certificate": "Y2VydA=="}]
 
 
 def nras_client(fake_nras, api_key_file):
-    cfg = Config({"Attestation": {"nras_url": fake_nras["url"], "allow_insecure_localhost": True,
-                                  "api_key_file": str(api_key_file)}})
+    cfg = Config(
+        {
+            "Attestation": {
+                "nras_url": fake_nras["url"],
+                "allow_insecure_localhost": True,
+                "api_key_file": str(api_key_file),
+            }
+        }
+    )
     return NrasClient.from_settings(Attestation(config=cfg))
 
 
@@ -831,8 +1006,9 @@ async def test_evidence_relayed_to_nras_with_bearer_key(fake_nras, api_key_file,
     assert fake_nras["calls"] == [{"device": "gpu", "authorization": f"Bearer {fake_nras['key']}"}]
 
 
-@pytest.mark.parametrize("status, reason", [(500, Reason.NRAS_UNAVAILABLE), (403, Reason.NRAS_REJECTED),
-                                            (302, Reason.NRAS_UNAVAILABLE)])
+@pytest.mark.parametrize(
+    "status, reason", [(500, Reason.NRAS_UNAVAILABLE), (403, Reason.NRAS_REJECTED), (302, Reason.NRAS_UNAVAILABLE)]
+)
 async def test_nras_errors_and_no_redirects(fake_nras, api_key_file, status, reason):
     fake_nras["status"] = status
     with pytest.raises(AttestationError) as info:
@@ -841,14 +1017,17 @@ async def test_nras_errors_and_no_redirects(fake_nras, api_key_file, status, rea
     assert [c["device"] for c in fake_nras["calls"]] == ["gpu"]  # a redirect is not followed
 
 
-async def test_nothing_secret_reaches_any_log(caplog, fake_nras, api_key_file, jwks_server, clock, db_url, minter,
-                                              key):
+async def test_nothing_secret_reaches_any_log(caplog, fake_nras, api_key_file, jwks_server, clock, db_url, minter, key):
     """Run successes and failures of every kind with all logging on; no token, nonce or key appears."""
     caplog.set_level(logging.DEBUG)
     service = make_service(jwks_server, clock, db_url, nras=nras_client(fake_nras, api_key_file))
     eats, nonces = [], []
-    for changes in ({}, {"device": {"dbgstat": "enabled"}}, {"overall_sign": {"alg": "HS256"}},
-                    {"overall": {"iss": "https://evil.example"}}):
+    for changes in (
+        {},
+        {"device": {"dbgstat": "enabled"}},
+        {"overall_sign": {"alg": "HS256"}},
+        {"overall": {"iss": "https://evil.example"}},
+    ):
         nonce = service.issue_nonce(**WHO).value
         nonces.append(nonce)
         eats.append(minter.mint(nonce, **changes))
@@ -865,8 +1044,9 @@ async def test_nothing_secret_reaches_any_log(caplog, fake_nras, api_key_file, j
     secrets_ = [fake_nras["key"], key.pem.decode().splitlines()[1], *nonces]
     from cryptography.hazmat.primitives import serialization
 
-    private = key.private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()).decode()
+    private = key.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     secrets_.append(private.splitlines()[1])
     for eat in eats:
         doc = json.loads(eat)

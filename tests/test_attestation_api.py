@@ -143,8 +143,9 @@ def test_nonce_verify_and_node_state(hub, carol, alice, minter):
     assert node["devices"]["GPU-0"] == result["devices"]["GPU-0"]
 
     nonce = nonce_for(node_a, "gpu-a-0")  # the EAT may also come as its JSON text
-    r = node_a.request("POST", "/attestation/verify",
-                      json={"node": "gpu-a-0", "nonce": nonce, "token": minter.mint(nonce)})
+    r = node_a.request(
+        "POST", "/attestation/verify", json={"node": "gpu-a-0", "nonce": nonce, "token": minter.mint(nonce)}
+    )
     assert r.status_code == 200, r.text
 
 
@@ -178,10 +179,14 @@ def test_wrong_or_used_nonces_are_refused_with_their_reason(hub, carol, minter):
 
 
 def test_attest_scope_is_required_and_admins_have_it(hub, alice, carol):
-    narrowed = Client(hub, "alice", hub.token("alice", scopes=["access:services!service=gpulab-jobs",
-                                                              "custom:gpulab:jobs"]))
-    for method, path in (("POST", "/attestation/nonce"), ("POST", "/attestation/verify"),
-                         ("GET", "/attestation/nodes")):
+    narrowed = Client(
+        hub, "alice", hub.token("alice", scopes=["access:services!service=gpulab-jobs", "custom:gpulab:jobs"])
+    )
+    for method, path in (
+        ("POST", "/attestation/nonce"),
+        ("POST", "/attestation/verify"),
+        ("GET", "/attestation/nodes"),
+    ):
         r = narrowed.request(method, path, json={"node": "gpu-a-0"})
         assert r.status_code == 403 and "custom:gpulab:attest" in r.json()["error"]["message"], r.text
     assert narrowed.request("GET", "/jobs").status_code == 200
@@ -217,8 +222,10 @@ def test_another_user_cannot_attest_or_revoke_a_node(hub, carol, minter):
     SPEC.validate("/attestation/nonce", "POST", 403, r.json())
     nonce = nonce_for(node, "gpu-f-0")  # even holding a live nonce of the node's (seen on the wire)
     failed = json.loads(minter.mint(nonce, failure=NONCE_NOT_MATCHING))
-    for path, body in (("/attestation/verify", {"token": failed}),
-                       ("/attestation/evidence", {"evidence_list": [{"evidence": "ZQ==", "certificate": "Yw=="}]})):
+    for path, body in (
+        ("/attestation/verify", {"token": failed}),
+        ("/attestation/evidence", {"evidence_list": [{"evidence": "ZQ==", "certificate": "Yw=="}]}),
+    ):
         r = mallory.request("POST", path, json={"node": "gpu-f-0", "nonce": nonce, **body})
         assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
     assert mallory.request("GET", "/attestation/enrolments").status_code == 403
@@ -278,8 +285,9 @@ def test_lockout_is_per_caller_and_a_forged_forwarded_for_does_not_dodge_it(hub)
         assert r.status_code == 429 and r.json()["error"]["code"] == "locked_out", r.text
         assert int(r.headers["Retry-After"]) > 0
     SPEC.validate("/attestation/nonce", "POST", 429, r.json())
-    r = requests.post(f"{mallory.base}/attestation/nonce", json={"node": "gpu-d-0"}, headers=mallory.headers,
-                      timeout=30)  # through the hub's proxy, too
+    r = requests.post(
+        f"{mallory.base}/attestation/nonce", json={"node": "gpu-d-0"}, headers=mallory.headers, timeout=30
+    )  # through the hub's proxy, too
     assert r.status_code == 429 and r.json()["error"]["code"] == "locked_out", r.text
 
 
@@ -293,8 +301,9 @@ def test_server_extension_forwards_attestation(hub, alice, carol, minter):
     assert r.status_code == 403 and r.json()["error"]["code"] == "not_node_identity", r.text
     EXT_SPEC.validate("/attestation/nonce", "POST", 403, r.json())
     eat = json.loads(minter.mint("0" * 64))
-    r = requests.post(f"{base}/verify", json={"node": "gpu-e-0", "nonce": "0" * 64, "token": eat},
-                      headers=alice.headers, timeout=30)
+    r = requests.post(
+        f"{base}/verify", json={"node": "gpu-e-0", "nonce": "0" * 64, "token": eat}, headers=alice.headers, timeout=30
+    )
     assert r.status_code == 403 and r.json()["error"]["field"] == "node", r.text
     EXT_SPEC.validate("/attestation/verify", "POST", 403, r.json())
     r = requests.get(f"{base}/nodes", headers=alice.headers, timeout=30)
@@ -366,8 +375,9 @@ def test_the_api_key_stays_in_gpulab_jobs(hub, alice):
     assert service.environ().get(NRAS_KEY_VAR) == ENV_KEY  # handed to gpulab-jobs alone, which read the file
     assert f"attestation: NRAS API key from {hub.data_dir.parent / 'nras-api-key'}" in hub.log_path.read_text()
 
-    kernel = requests.post(f"{hub.url}/user/alice/api/kernels", json={"name": "python3"}, headers=alice.headers,
-                           timeout=60)
+    kernel = requests.post(
+        f"{hub.url}/user/alice/api/kernels", json={"name": "python3"}, headers=alice.headers, timeout=60
+    )
     assert kernel.status_code == 201, kernel.text
     try:
         deadline = time.monotonic() + 30
@@ -392,14 +402,18 @@ class OfflineRay(RayExecutor):
         return {"default": PoolCapacity(gpus=0, cpus=4.0)}
 
 
-@pytest.mark.parametrize("executor_class, why", [
-    (OfflineRay, "attestation gating is not supported on the ray executor yet"),
-    ("local", "no attestation service is configured"),
-])
+@pytest.mark.parametrize(
+    "executor_class, why",
+    [
+        (OfflineRay, "attestation gating is not supported on the ray executor yet"),
+        ("local", "no attestation service is configured"),
+    ],
+)
 async def test_gated_jobs_wait_where_gating_is_impossible(tmp_path, executor_class, why):
     store = JobStore(url=f"sqlite:///{tmp_path / 'jobs.sqlite'}")
-    queue = JobQueue(config=Config({"JobQueue": {"executor_class": executor_class}}), store=store,
-                     data_dir=str(tmp_path))
+    queue = JobQueue(
+        config=Config({"JobQueue": {"executor_class": executor_class}}), store=store, data_dir=str(tmp_path)
+    )
     row, _ = await queue.submit("alice", [], JobSpec(name="g", entrypoint=["true"], attestation="required"))
     await queue.tick()
     row = store.get_job(row.id)

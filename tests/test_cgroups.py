@@ -15,7 +15,8 @@ from gpulab import cgroups
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or "cgroup2" not in Path("/proc/filesystems").read_text(),
-    reason="needs root and cgroup2 (CI runs as root)")
+    reason="needs root and cgroup2 (CI runs as root)",
+)
 
 OPEN = """
 import errno, os, sys
@@ -56,8 +57,13 @@ def nodes(tmp_path):
 
 
 def opens(group: cgroups.Cgroup, paths: list[Path]) -> dict[str, str]:
-    out = subprocess.run([sys.executable, "-c", OPEN, *map(str, paths)], preexec_fn=group.enter,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", OPEN, *map(str, paths)],
+        preexec_fn=group.enter,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return dict(line.split() for line in out.splitlines())
 
 
@@ -80,14 +86,14 @@ def test_a_v2_group_refuses_the_gpu_device_nodes_it_was_not_given(unified, nodes
         assert seen == {"nvidia0": "EPERM", "nvidia1": "EPERM", "nvidiactl": "EPERM", "null": "opened"}, seen
         # mknod is refused too (v1's "rwm"): a user cannot make themselves another node for the same device
         mknod = f"import os; os.mknod({str(nodes / 'again')!r}, 0o666 | {stat.S_IFCHR}, os.makedev(195, 0))"
-        child = subprocess.run([sys.executable, "-c", mknod], preexec_fn=group.enter, capture_output=True,
-                               text=True, check=False)
+        child = subprocess.run(
+            [sys.executable, "-c", mknod], preexec_fn=group.enter, capture_output=True, text=True, check=False
+        )
         assert child.returncode == 1 and "PermissionError" in child.stderr, child.stderr
     finally:
         group.remove()
     assert not group.dirs["devices"].exists()
-    outside = subprocess.run([sys.executable, "-c", OPEN, *map(str, paths)], capture_output=True, text=True,
-                             check=True)
+    outside = subprocess.run([sys.executable, "-c", OPEN, *map(str, paths)], capture_output=True, text=True, check=True)
     assert "EPERM" not in outside.stdout, outside.stdout  # the program is the group's, not the machine's
 
 

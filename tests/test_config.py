@@ -18,14 +18,16 @@ def run_gpulab(tmp_path, config: str, *args, env=None):
     cfg.write_text(config)
     full_env = {**os.environ, "GPULAB_CONFIG": str(cfg), **(env or {})}
     full_env.pop("GPULAB_CONFIG_OVERRIDES", None)
-    return subprocess.run([sys.executable, "-m", "gpulab", *args], env=full_env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gpulab", *args], env=full_env, capture_output=True, text=True, timeout=60
+    )
 
 
 def up(tmp_path, config: str, port: int | None = None, env=None):
     port = port or free_port("127.0.0.6")
-    return run_gpulab(tmp_path, config, "up", "--ip", "127.0.0.6", "--port", str(port),
-                      "--data-dir", str(tmp_path / "data"), env=env)
+    return run_gpulab(
+        tmp_path, config, "up", "--ip", "127.0.0.6", "--port", str(port), "--data-dir", str(tmp_path / "data"), env=env
+    )
 
 
 def one_line_error(result) -> str:
@@ -95,17 +97,20 @@ def test_broken_config_file(tmp_path):
     assert "gpulab_config.py" in line and "SyntaxError" in line
 
 
-@pytest.mark.parametrize("setting, expected", [
-    # a wrong value: refused at start, not on every scheduling pass afterwards
-    ("c.JobQueue.user_quota = {'max_jobs': 'eight'}", "c.JobQueue.user_quota: "),
-    ("c.JobQueue.user_quota = {'max_job': 8}", "user_quota: 'max_job' is not a quota limit (give max_jobs and/or"),
-    ("c.JobQueue.group_quotas = {'ml': {'max_gpus': -1}}", "c.JobQueue.group_quotas: "),
-    ("c.InferenceGateway.processes = 'two'", "c.InferenceGateway.processes: "),
-    ("c.JobQueue.executor_class = 'slurm'", "c.JobQueue.executor_class: "),
-    # a misspelt name would be ignored
-    ("c.JobQueue.user_qouta = {}", "c.JobQueue.user_qouta is not a setting of JobQueue; did you mean user_quota?"),
-    ("c.Platform.isolaton = 'none'", "c.Platform.isolaton is not a setting of Platform; did you mean isolation?"),
-])
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        # a wrong value: refused at start, not on every scheduling pass afterwards
+        ("c.JobQueue.user_quota = {'max_jobs': 'eight'}", "c.JobQueue.user_quota: "),
+        ("c.JobQueue.user_quota = {'max_job': 8}", "user_quota: 'max_job' is not a quota limit (give max_jobs and/or"),
+        ("c.JobQueue.group_quotas = {'ml': {'max_gpus': -1}}", "c.JobQueue.group_quotas: "),
+        ("c.InferenceGateway.processes = 'two'", "c.InferenceGateway.processes: "),
+        ("c.JobQueue.executor_class = 'slurm'", "c.JobQueue.executor_class: "),
+        # a misspelt name would be ignored
+        ("c.JobQueue.user_qouta = {}", "c.JobQueue.user_qouta is not a setting of JobQueue; did you mean user_quota?"),
+        ("c.Platform.isolaton = 'none'", "c.Platform.isolaton is not a setting of Platform; did you mean isolation?"),
+    ],
+)
 def test_every_setting_is_checked_when_the_platform_starts(tmp_path, setting, expected):
     assert expected in one_line_error(up(tmp_path, setting + "\n"))
 
@@ -116,18 +121,24 @@ def test_config_generate_lists_every_setting_as_a_loadable_file(tmp_path):
     generated = tmp_path / "generated_config.py"
     generated.write_text(result.stdout)
     assert load_config(generated) == {}  # every line a comment: loading it changes nothing
-    for setting, help_text in (("c.JobQueue.user_quota", "Per-user limits"), ("c.Platform.isolation", ""),
-                               ("c.InferenceGateway.replicas", "Triton gRPC endpoints"), ("c.OIDC.issuer", "")):
+    for setting, help_text in (
+        ("c.JobQueue.user_quota", "Per-user limits"),
+        ("c.Platform.isolation", ""),
+        ("c.InferenceGateway.replicas", "Triton gRPC endpoints"),
+        ("c.OIDC.issuer", ""),
+    ):
         assert f"# {setting} = " in result.stdout and help_text in result.stdout, setting
 
 
 def test_config_show_redacts_secrets(tmp_path):
     nras_key = tmp_path / "nras-api-key"
     write_secret_file(nras_key, "nras-KEYFILE-SECRET")
-    config = ("c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n"
-              "c.JobStore.url = 'postgresql+psycopg://gpulab:db-SUPERSECRET@db.example/jobs'\n"
-              "c.TritonServer.restricted_key = 'key-SUPERSECRET'\nc.JobQueue.user_quota = {'max_jobs': 3}\n"
-              f"c.Attestation.api_key_file = {str(nras_key)!r}\n")
+    config = (
+        "c.Platform.services = [{'name': 'x', 'api_token': 'tok-SUPERSECRET'}]\nc.Platform.port = 8123\n"
+        "c.JobStore.url = 'postgresql+psycopg://gpulab:db-SUPERSECRET@db.example/jobs'\n"
+        "c.TritonServer.restricted_key = 'key-SUPERSECRET'\nc.JobQueue.user_quota = {'max_jobs': 3}\n"
+        f"c.Attestation.api_key_file = {str(nras_key)!r}\n"
+    )
     env = {"GPULAB_OIDC_CLIENT_SECRET": "env-SECRET", "GPULAB_NRAS_API_KEY": "env-NRAS-SECRET"}
     result = run_gpulab(tmp_path, config, "config", "show", env=env)
     assert result.returncode == 0, result.stderr
@@ -170,8 +181,10 @@ def test_two_processes_never_get_the_same_free_port(tmp_path, monkeypatch):
 
     claims = tmp_path / "claims"
     monkeypatch.setattr(gpulab.net, "CLAIMS", claims)
-    code = ("import sys, gpulab.net as n; from pathlib import Path; n.CLAIMS = Path(sys.argv[1]); "
-            "print(' '.join(str(n.free_port()) for _ in range(600)))")
+    code = (
+        "import sys, gpulab.net as n; from pathlib import Path; n.CLAIMS = Path(sys.argv[1]); "
+        "print(' '.join(str(n.free_port()) for _ in range(600)))"
+    )
     other = subprocess.run([sys.executable, "-c", code, str(claims)], capture_output=True, text=True, check=True)
     theirs = set(map(int, other.stdout.split()))
     ours = {free_port() for _ in range(600)}

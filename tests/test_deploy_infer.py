@@ -101,8 +101,9 @@ def rest(hub):
 
     def call(method, path, token=None, headers=None, **kwargs):
         headers = {"Authorization": f"token {token or hub.tokens['alice']}", **(headers or {})}
-        return requests.request(method, f"{hub.url}/user/alice/gpulab/api/v1{path}", timeout=300, headers=headers,
-                                **kwargs)
+        return requests.request(
+            method, f"{hub.url}/user/alice/gpulab/api/v1{path}", timeout=300, headers=headers, **kwargs
+        )
 
     return call
 
@@ -118,8 +119,10 @@ def deployed(rest, trained):
 @pytest.fixture(scope="module")
 def kernel(hub, rest, deployed, tmp_path_factory):
     kernel = Kernel("python3", env=hub.server_env("alice"), cwd=str(tmp_path_factory.mktemp("notebook")))
-    setup = kernel.run("%load_ext gpulab\nimport json, numpy as np\nfrom gpulab.kernels import inference as gi\n"
-                       "from sklearn.datasets import load_digits\nX = load_digits().data / 16.0")
+    setup = kernel.run(
+        "%load_ext gpulab\nimport json, numpy as np\nfrom gpulab.kernels import inference as gi\n"
+        "from sklearn.datasets import load_digits\nX = load_digits().data / 16.0"
+    )
     assert setup.reply["status"] == "ok" and not setup.stderr, setup.messages
     yield kernel
     kernel.stop()
@@ -131,25 +134,46 @@ def error(r: requests.Response, status: int, spec_path: str, method: str, spec: 
     return r.json()["error"]
 
 
-@pytest.mark.parametrize("backend, expected, files", [
-    ("python-onnx", {"backend": "python", "instanceGroup": [{"count": 1, "kind": "KIND_CPU"}]},
-     {"model.onnx", "model.py"}),
-    ("onnxruntime", {"backend": "onnxruntime", "instanceGroup": [{"count": 1, "kind": "KIND_GPU"}]}, {"model.onnx"}),
-    ("tensorrt", {"backend": "onnxruntime", "instanceGroup": [{"count": 1, "kind": "KIND_GPU"}],
-                  "optimization": {"executionAccelerators": {"gpuExecutionAccelerator": [{"name": "tensorrt"}]}}},
-     {"model.onnx"}),
-])
+@pytest.mark.parametrize(
+    "backend, expected, files",
+    [
+        (
+            "python-onnx",
+            {"backend": "python", "instanceGroup": [{"count": 1, "kind": "KIND_CPU"}]},
+            {"model.onnx", "model.py"},
+        ),
+        (
+            "onnxruntime",
+            {"backend": "onnxruntime", "instanceGroup": [{"count": 1, "kind": "KIND_GPU"}]},
+            {"model.onnx"},
+        ),
+        (
+            "tensorrt",
+            {
+                "backend": "onnxruntime",
+                "instanceGroup": [{"count": 1, "kind": "KIND_GPU"}],
+                "optimization": {"executionAccelerators": {"gpuExecutionAccelerator": [{"name": "tensorrt"}]}},
+            },
+            {"model.onnx"},
+        ),
+    ],
+)
 def test_repository_entry_per_backend(tmp_path, backend, expected, files):
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
     linear_onnx(tmp_path / "m.onnx")
     model_dir = write_onnx_model(tmp_path / "repo", "m", tmp_path / "m.onnx", version=2, backend=backend)
-    config = json_format.MessageToDict(text_format.Parse((model_dir / "config.pbtxt").read_text(),
-                                                         model_config_pb2.ModelConfig()))
-    assert config == {"name": "m", **expected, "versionPolicy": {"latest": {"numVersions": 1}},
-                      "input": [{"name": "x", "dataType": "TYPE_FP32", "dims": ["1", "4"]}],
-                      "output": [{"name": "y", "dataType": "TYPE_FP32", "dims": ["1", "3"]}]}
+    config = json_format.MessageToDict(
+        text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    )
+    assert config == {
+        "name": "m",
+        **expected,
+        "versionPolicy": {"latest": {"numVersions": 1}},
+        "input": [{"name": "x", "dataType": "TYPE_FP32", "dims": ["1", "4"]}],
+        "output": [{"name": "y", "dataType": "TYPE_FP32", "dims": ["1", "3"]}],
+    }
     assert {p.name for p in model_dir.iterdir()} == {"config.pbtxt", "2"}  # nothing staged left behind
     assert {p.name for p in (model_dir / "2").iterdir()} == files
 
@@ -159,8 +183,10 @@ def test_deploy_from_a_run_lists_the_model_with_its_signature(rest, deployed, hu
     assert deployed["name"] == "digits" and deployed["owner"] == "alice" and deployed["ready"]
     assert deployed["backend"] == "python-onnx"
     assert deployed["inputs"] == [{"name": "input", "datatype": "FP64", "shape": [-1, 64]}]
-    assert deployed["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [-1]},
-                                   {"name": "probabilities", "datatype": "FP64", "shape": [-1, 10]}]
+    assert deployed["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [-1]},
+        {"name": "probabilities", "datatype": "FP64", "shape": [-1, 10]},
+    ]
     [v1] = deployed["versions"]
     assert v1["version"] == 1 and v1["state"] == "READY" and v1["flavor"] == "sklearn"
     assert v1["source"].startswith("runs:/") and v1["deployed_by"] == "alice"
@@ -209,12 +235,15 @@ def test_rest_predictions_match_the_model_in_process(rest, deployed, trained):
     assert body["outputs"]["label"] == model.predict(X).tolist()
     np.testing.assert_allclose(body["outputs"]["probabilities"], model.predict_proba(X), rtol=1e-9, atol=1e-12)
 
-    kserve = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP64", "data": X[:2].ravel().tolist()}],
-              "outputs": [{"name": "label"}]}
+    kserve = {
+        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP64", "data": X[:2].ravel().tolist()}],
+        "outputs": [{"name": "label"}],
+    }
     r = rest("POST", "/models/digits/infer", json=kserve)
     assert r.status_code == 200, r.text
-    assert r.json()["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [2],
-                                    "data": model.predict(X[:2]).tolist()}]
+    assert r.json()["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [2], "data": model.predict(X[:2]).tolist()}
+    ]
 
 
 def test_rest_kserve_binary_bodies_as_tritonclient_http_writes_and_reads_them(rest, deployed, trained):
@@ -225,28 +254,37 @@ def test_rest_kserve_binary_bodies_as_tritonclient_http_writes_and_reads_them(re
     r = rest("POST", "/models/digits/infer", data=body, headers={HEADER_LENGTH: str(json_size)})
     assert r.status_code == 200, r.text[:300]
     assert r.headers["Content-Type"] == "application/octet-stream" and int(r.headers[HEADER_LENGTH]) < 500
-    result = triton_http.InferenceServerClient.parse_response_body(r.content,
-                                                                  header_length=int(r.headers[HEADER_LENGTH]))
+    result = triton_http.InferenceServerClient.parse_response_body(
+        r.content, header_length=int(r.headers[HEADER_LENGTH])
+    )
     assert result.get_response()["model_name"] == "digits"
     assert result.as_numpy("label").tolist() == model.predict(X).tolist()
     np.testing.assert_allclose(result.as_numpy("probabilities"), model.predict_proba(X), rtol=1e-9, atol=1e-12)
 
     # binary in, one output asked for as JSON: a JSON answer
     body, json_size = triton_http.InferenceServerClient.generate_request_body(
-        [tensor], outputs=[triton_http.InferRequestedOutput("label", binary_data=False)])
+        [tensor], outputs=[triton_http.InferRequestedOutput("label", binary_data=False)]
+    )
     r = rest("POST", "/models/digits/infer", data=body, headers={HEADER_LENGTH: str(json_size)})
     assert r.status_code == 200 and HEADER_LENGTH not in r.headers, r.text[:300]
     EXTENSION.validate("/models/{name}/infer", "post", 200, r.json())
-    assert r.json()["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [50],
-                                    "data": model.predict(X).tolist()}]
+    assert r.json()["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [50], "data": model.predict(X).tolist()}
+    ]
 
     # JSON in, binary out
-    r = rest("POST", "/models/digits/infer", json={
-        "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP64", "data": X[:2].ravel().tolist()}],
-        "outputs": [{"name": "label", "parameters": {"binary_data": True}}]})
+    r = rest(
+        "POST",
+        "/models/digits/infer",
+        json={
+            "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP64", "data": X[:2].ravel().tolist()}],
+            "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
+        },
+    )
     assert r.status_code == 200, r.text[:300]
-    result = triton_http.InferenceServerClient.parse_response_body(r.content,
-                                                                  header_length=int(r.headers[HEADER_LENGTH]))
+    result = triton_http.InferenceServerClient.parse_response_body(
+        r.content, header_length=int(r.headers[HEADER_LENGTH])
+    )
     assert result.as_numpy("label").tolist() == model.predict(X[:2]).tolist()
 
 
@@ -263,8 +301,9 @@ def test_rest_bad_binary_bodies_name_the_field(rest, deployed, trained):
     e = error(post(body[:-64]), 400, path, method)  # cut short
     assert e["field"] == "inputs.input" and "does not fit the 25536 bytes" in e["message"], e
     e = error(post(body[:json_size].replace(b"[50,64]", b"[51,64]") + body[json_size:]), 400, path, method)
-    assert e["field"] == "inputs.input" and "[51, 64] of FP64 takes 26112 bytes, binary_data_size is 25600" in \
-        e["message"], e
+    assert (
+        e["field"] == "inputs.input" and "[51, 64] of FP64 takes 26112 bytes, binary_data_size is 25600" in e["message"]
+    ), e
     e = error(post(body + b"\0" * 8), 400, path, method)
     assert e["field"] == "inputs" and "declare 25600 bytes" in e["message"] and "25608" in e["message"], e
     for header in ("many", str(len(body) + 1), "-1"):
@@ -275,8 +314,12 @@ def test_rest_bad_binary_bodies_name_the_field(rest, deployed, trained):
     simple = json.dumps({"inputs": {"input": X.tolist()}}).encode()
     e = error(post(simple + b"\0" * 8, str(len(simple))), 400, path, method)
     assert e["field"] == "inputs" and "KServe v2" in e["message"], e
-    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"input": X.tolist()}, "outputs": [{"nam": 1}]}),
-              400, path, method)
+    e = error(
+        rest("POST", "/models/digits/infer", json={"inputs": {"input": X.tolist()}, "outputs": [{"nam": 1}]}),
+        400,
+        path,
+        method,
+    )
     assert e["field"] == "outputs", e
 
 
@@ -308,8 +351,9 @@ def test_rest_bad_input_unknown_model_and_oversized(rest, deployed):
     assert e["field"] == "inputs.input" and "FP64" in e["message"]
     e = error(rest("POST", "/models/nope/infer", json={"inputs": {"input": [[0.5] * 64]}}), 404, path, method)
     assert "nope" in e["message"]
-    e = error(rest("POST", "/models/digits/infer", json={"inputs": {"input": [[0.5] * 64] * 2500}}), 413, path,
-              method)  # 1.28 MB of FP64 over the gateway's 1 MiB
+    e = error(
+        rest("POST", "/models/digits/infer", json={"inputs": {"input": [[0.5] * 64] * 2500}}), 413, path, method
+    )  # 1.28 MB of FP64 over the gateway's 1 MiB
     assert e["message"]
 
 
@@ -337,8 +381,9 @@ def test_deploy_errors_name_the_field(rest, trained, hub):
 def test_deploy_needs_the_deploy_scope_and_ownership(rest, deployed, trained, hub):
     service = f"{hub.url}/services/gpulab-infer/api/v1"
     body = {"source": trained["run_id"], "name": "bobs"}
-    r = requests.post(f"{service}/models", json=body, headers={"Authorization": f"token {hub.tokens['bob']}"},
-                      timeout=60)
+    r = requests.post(
+        f"{service}/models", json=body, headers={"Authorization": f"token {hub.tokens['bob']}"}, timeout=60
+    )
     e = error(r, 403, "/models", "post", SERVICE)
     assert "custom:gpulab:deploy" in e["message"]
     infer_only = hub.token("alice", scopes=["access:servers!user=alice", "custom:gpulab:infer"])
@@ -358,8 +403,10 @@ def test_deploy_needs_the_deploy_scope_and_ownership(rest, deployed, trained, hu
 
 def test_infer_from_a_kernel(kernel, deployed, trained):
     X, model = trained["X"], trained["model"]
-    result = kernel.run("y = gi.infer('digits', X[:50])\nprint(json.dumps(y['label'].tolist()))\n"
-                        "print(json.dumps(y['probabilities'].tolist()))")
+    result = kernel.run(
+        "y = gi.infer('digits', X[:50])\nprint(json.dumps(y['label'].tolist()))\n"
+        "print(json.dumps(y['probabilities'].tolist()))"
+    )
     assert result.reply["status"] == "ok" and not result.stderr, result.messages
     labels, probabilities = (json.loads(line) for line in result.stdout.splitlines())
     assert labels == model.predict(X[:50]).tolist()
@@ -368,33 +415,42 @@ def test_infer_from_a_kernel(kernel, deployed, trained):
     magic = kernel.run("out = %infer digits X[100:110]\nprint(json.dumps(out['label'].tolist()))")
     assert magic.reply["status"] == "ok" and not magic.stderr, magic.messages
     assert json.loads(magic.stdout) == model.predict(X[100:110]).tolist()
-    asynchronous = kernel.run("import asyncio\nys = await asyncio.gather(*(gi.infer_async('digits', X[i:i + 1]) "
-                              "for i in range(8)))\nprint(json.dumps([int(y['label'][0]) for y in ys]))")
+    asynchronous = kernel.run(
+        "import asyncio\nys = await asyncio.gather(*(gi.infer_async('digits', X[i:i + 1]) "
+        "for i in range(8)))\nprint(json.dumps([int(y['label'][0]) for y in ys]))"
+    )
     assert asynchronous.reply["status"] == "ok" and not asynchronous.stderr, asynchronous.messages
     assert json.loads(asynchronous.stdout) == model.predict(X[:8]).tolist()
-    stock = kernel.run("import tritonclient.grpc as tg\nc = gi.triton_client()\nt = tg.InferInput('input', [3, 64], 'FP64')\n"
-                       "t.set_data_from_numpy(X[:3])\nprint(c.infer('digits', [t]).as_numpy('label').tolist())\n"
-                       "print(gi.models())")
+    stock = kernel.run(
+        "import tritonclient.grpc as tg\nc = gi.triton_client()\nt = tg.InferInput('input', [3, 64], 'FP64')\n"
+        "t.set_data_from_numpy(X[:3])\nprint(c.infer('digits', [t]).as_numpy('label').tolist())\n"
+        "print(gi.models())"
+    )
     assert stock.reply["status"] == "ok" and not stock.stderr, stock.messages
     assert stock.stdout.splitlines()[0] == str(model.predict(X[:3]).tolist())
     assert "digits" in stock.stdout and "input FP64[-1,64] -> label INT64[-1]" in stock.stdout
-    rest = kernel.run("import tritonclient.http as th\nc = gi.rest_client()\n"
-                      "t = th.InferInput('input', [3, 64], 'FP64')\nt.set_data_from_numpy(X[:3])\n"
-                      "print(c.infer('digits', [t]).as_numpy('label').tolist())")
+    rest = kernel.run(
+        "import tritonclient.http as th\nc = gi.rest_client()\n"
+        "t = th.InferInput('input', [3, 64], 'FP64')\nt.set_data_from_numpy(X[:3])\n"
+        "print(c.infer('digits', [t]).as_numpy('label').tolist())"
+    )
     assert rest.reply["status"] == "ok" and not rest.stderr, rest.messages  # KServe v2 REST on the gateway
     assert rest.stdout.splitlines()[0] == str(model.predict(X[:3]).tolist())
 
 
-@pytest.mark.parametrize("line, message", [
-    ("%infer digits X[:2, :10]", "%infer: unexpected shape for input 'input' for model 'digits'. Expected [-1,64]"),
-    ("%infer nope X[:2]", "%infer: Request for unknown model: 'nope' is not found"),
-    ("%infer digits", "%infer: error: give the model and the input"),
-    ("%infer digits undefined_name", "%infer: error: undefined_name: NameError"),
-    ("%infer digits {'z': X[:1]}", "%infer: model 'digits' has no input 'z' (its inputs: input)"),
-    ("%deploy runs:/abc/model", "%deploy: error: the following arguments are required: --name"),
-    ("%deploy x --name y --backend tf", "%deploy: error: argument --backend: invalid choice: 'tf'"),
-    ("%deploy 0123 --name y", "%deploy: source '0123' is not runs:/<run_id>/<path>"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("%infer digits X[:2, :10]", "%infer: unexpected shape for input 'input' for model 'digits'. Expected [-1,64]"),
+        ("%infer nope X[:2]", "%infer: Request for unknown model: 'nope' is not found"),
+        ("%infer digits", "%infer: error: give the model and the input"),
+        ("%infer digits undefined_name", "%infer: error: undefined_name: NameError"),
+        ("%infer digits {'z': X[:1]}", "%infer: model 'digits' has no input 'z' (its inputs: input)"),
+        ("%deploy runs:/abc/model", "%deploy: error: the following arguments are required: --name"),
+        ("%deploy x --name y --backend tf", "%deploy: error: argument --backend: invalid choice: 'tf'"),
+        ("%deploy 0123 --name y", "%deploy: source '0123' is not runs:/<run_id>/<path>"),
+    ],
+)
 def test_magic_errors_are_one_line(kernel, line, message):
     result = kernel.run(line)
     assert result.reply["status"] == "ok" and not result.errors, result.messages
@@ -403,9 +459,11 @@ def test_magic_errors_are_one_line(kernel, line, message):
 
 
 def test_deploy_magic_and_undeploy_from_a_kernel(kernel, trained, hub):
-    result = kernel.run(f"m = %deploy runs:/{trained['run_id']}/model --name digits-k\nprint(repr(m))\n"
-                        "print(gi.infer(m, X[:1])['label'].tolist())\ngi.undeploy('digits-k')\n"
-                        "print([m.name for m in gi.models()])")
+    result = kernel.run(
+        f"m = %deploy runs:/{trained['run_id']}/model --name digits-k\nprint(repr(m))\n"
+        "print(gi.infer(m, X[:1])['label'].tolist())\ngi.undeploy('digits-k')\n"
+        "print([m.name for m in gi.models()])"
+    )
     assert result.reply["status"] == "ok" and not result.stderr, result.messages
     lines = result.stdout.splitlines()
     assert lines[0].startswith("<gpulab Model 'digits-k' v1 ready: input FP64[-1,64] -> label INT64[-1]")
@@ -468,7 +526,9 @@ def test_a_version_triton_cannot_load_is_rolled_back(rest, deployed, trained, hu
     assert [v["version"] for v in after["versions"]] == [v["version"] for v in before["versions"]]
     assert after["ready"] and after["backend"] == "python-onnx"
     model_dir = hub.data_dir / "models" / "digits"
-    assert not (model_dir / str(served + 1)).exists() and 'backend: "python"' in (model_dir / "config.pbtxt").read_text()
+    assert (
+        not (model_dir / str(served + 1)).exists() and 'backend: "python"' in (model_dir / "config.pbtxt").read_text()
+    )
     r = rest("POST", "/models/digits/infer", json={"inputs": {"input": trained["X"][:3].tolist()}})
     assert r.status_code == 200 and r.json()["model_version"] == str(served), r.text
     assert r.json()["outputs"]["label"] == trained["model"].predict(trained["X"][:3]).tolist()
@@ -513,6 +573,7 @@ print(json.dumps({"run": run.info.run_id, "mlruns": os.path.exists("mlruns"), "l
     # MLflow's own "View run ... at: <link>" points at the address alice signed in at
     assert f"at: {hub.url}/services/mlflow/#/experiments/" in printed[0], printed
     runs = f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get"
-    r = requests.get(runs, params={"run_id": out["run"]}, headers={"Authorization": f"token {hub.tokens['alice']}"},
-                     timeout=60)
+    r = requests.get(
+        runs, params={"run_id": out["run"]}, headers={"Authorization": f"token {hub.tokens['alice']}"}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["run"]["info"]["run_id"] == out["run"], r.text

@@ -62,8 +62,14 @@ def convert(logged, source: str, out_dir, allow_pickle: bool) -> tuple[int, dict
     if allow_pickle:
         env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "gpulab.inference.convert", source, str(out_dir)],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpulab.inference.convert", source, str(out_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
 
 

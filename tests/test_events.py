@@ -82,18 +82,11 @@ class Recorder:
         return self._query("SELECT event_id, type, user FROM received ORDER BY seq")
 
     def payload(self, event_id: str) -> dict:
-        return json.loads(
-            self._query("SELECT payload FROM received WHERE event_id=?", event_id)[0][0]
-        )
+        return json.loads(self._query("SELECT payload FROM received WHERE event_id=?", event_id)[0][0])
 
     def receipts(self, event_id: str) -> list[int]:
         """Response statuses of every POST of ``event_id``."""
-        return [
-            r[0]
-            for r in self._query(
-                "SELECT status FROM receipts WHERE event_id=? ORDER BY seq", event_id
-            )
-        ]
+        return [r[0] for r in self._query("SELECT status FROM receipts WHERE event_id=? ORDER BY seq", event_id)]
 
     def traceparent(self, event_id: str) -> str:
         return self._query("SELECT traceparent FROM receipts WHERE event_id=?", event_id)[0][0]

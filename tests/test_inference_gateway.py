@@ -90,29 +90,49 @@ c.InferenceGateway.failure_threshold = 2
 c.InferenceGateway.recovery_timeout = 3
 c.InferenceGateway.token_cache_seconds = 3
 """
-    service = {"name": "gpulab-infer", "command": [sys.executable, "-m", "gpulab.services.infer"],
-               "info": {"grpc_address": address, "rest_address": rest},
-               "environment": {"GPULAB_INFER_ADDRESS": address, "GPULAB_INFER_REST_ADDRESS": rest,
-                               "GPULAB_TRITON_KEY": tritons[0].restricted_key,
-                               "GPULAB_TRITON_REPLICAS": ",".join(replicas),
-                               "GPULAB_TRITON_HTTP_REPLICAS": ",".join(http_replicas),
-                               "GPULAB_MODEL_REPOSITORY": str(models["repo"]),  # the replicas', with its records
-                               "GPULAB_CONFIG": str(hub.config_file)}}
+    service = {
+        "name": "gpulab-infer",
+        "command": [sys.executable, "-m", "gpulab.services.infer"],
+        "info": {"grpc_address": address, "rest_address": rest},
+        "environment": {
+            "GPULAB_INFER_ADDRESS": address,
+            "GPULAB_INFER_REST_ADDRESS": rest,
+            "GPULAB_TRITON_KEY": tritons[0].restricted_key,
+            "GPULAB_TRITON_REPLICAS": ",".join(replicas),
+            "GPULAB_TRITON_HTTP_REPLICAS": ",".join(http_replicas),
+            "GPULAB_MODEL_REPOSITORY": str(models["repo"]),  # the replicas', with its records
+            "GPULAB_CONFIG": str(hub.config_file),
+        },
+    }
     # a second gateway on the same replicas, serving TLS only
     tls_address = f"127.0.0.1:{free_port()}"
     hub.tls_cert, tls_key = self_signed(tmp_path_factory.mktemp("tls"))
     tls = {"InferenceGateway": {"tls_cert_file": str(hub.tls_cert), "tls_key_file": str(tls_key)}}
-    tls_service = {**service, "name": "gpulab-infer-tls", "info": {"grpc_address": tls_address},
-                   "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": tls_address,
-                                   "GPULAB_INFER_REST_ADDRESS": "", "GPULAB_CONFIG_OVERRIDES": json.dumps(tls)}}
+    tls_service = {
+        **service,
+        "name": "gpulab-infer-tls",
+        "info": {"grpc_address": tls_address},
+        "environment": {
+            **service["environment"],
+            "GPULAB_INFER_ADDRESS": tls_address,
+            "GPULAB_INFER_REST_ADDRESS": "",
+            "GPULAB_CONFIG_OVERRIDES": json.dumps(tls),
+        },
+    }
     # a third on the same replicas: the nginx data plane, 2 workers, serving TLS
     nginx_address, nginx_rest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     nginx = {"InferenceGateway": {**tls["InferenceGateway"], "data_plane": "nginx", "processes": 2}}
-    nginx_service = {**service, "name": "gpulab-infer-nginx",
-                     "info": {"grpc_address": nginx_address, "rest_address": nginx_rest},
-                     "environment": {**service["environment"], "GPULAB_INFER_ADDRESS": nginx_address,
-                                     "GPULAB_INFER_REST_ADDRESS": nginx_rest,
-                                     "GPULAB_CONFIG_OVERRIDES": json.dumps(nginx)}}
+    nginx_service = {
+        **service,
+        "name": "gpulab-infer-nginx",
+        "info": {"grpc_address": nginx_address, "rest_address": nginx_rest},
+        "environment": {
+            **service["environment"],
+            "GPULAB_INFER_ADDRESS": nginx_address,
+            "GPULAB_INFER_REST_ADDRESS": nginx_rest,
+            "GPULAB_CONFIG_OVERRIDES": json.dumps(nginx),
+        },
+    }
     hub.start(config, services=[service, tls_service, nginx_service])
     hub.gateway, hub.tls_gateway = address, tls_address
     hub.gateways = {"python": address, "nginx": nginx_address}
@@ -127,9 +147,13 @@ c.InferenceGateway.token_cache_seconds = 3
 
 @pytest.fixture(scope="module")
 def tokens(hub):
-    return {"alice": hub.token("alice"), "bob": hub.token("bob"), "dave": hub.token("dave"),
-            "carol": hub.token("carol", scopes=["custom:gpulab:infer"]),
-            "noscope": hub.token("alice", scopes=["read:users:name!user=alice"])}
+    return {
+        "alice": hub.token("alice"),
+        "bob": hub.token("bob"),
+        "dave": hub.token("dave"),
+        "carol": hub.token("carol", scopes=["custom:gpulab:infer"]),
+        "noscope": hub.token("alice", scopes=["read:users:name!user=alice"]),
+    }
 
 
 @pytest.fixture(params=PLANES)
@@ -175,8 +199,11 @@ def gateway_metrics(hub, plane: str = "python") -> str:
 
 def metric(text: str, name: str, **labels) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    values = [float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", text, re.MULTILINE)
-              if all(f'{k}="{v}"' in m.group(1) for k, v in labels.items())]
+    values = [
+        float(m.group(2))
+        for m in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", text, re.MULTILINE)
+        if all(f'{k}="{v}"' in m.group(1) for k, v in labels.items())
+    ]
     assert values, f"no {name}{{{want}}}"
     return sum(values)
 
@@ -194,21 +221,30 @@ def test_onnx_signature_and_repository_entry(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["out"])], "g",
-                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])],
-                              [helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["out"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 8])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", 8])],
+    )
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     model_dir = write_onnx_model(tmp_path / "repo", "ids", tmp_path / "m.onnx", version=3)
-    config = json_format.MessageToDict(text_format.Parse((model_dir / "config.pbtxt").read_text(),
-                                                         model_config_pb2.ModelConfig()))
+    config = json_format.MessageToDict(
+        text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    )
     assert config["backend"] == "python"
     assert config["input"] == [{"name": "ids", "dataType": "TYPE_INT64", "dims": ["-1", "8"]}]
     assert config["output"] == [{"name": "out", "dataType": "TYPE_INT64", "dims": ["-1", "8"]}]
     assert sorted(p.name for p in (model_dir / "3").iterdir()) == ["model.onnx", "model.py"]
 
 
-HOSTILE_NAMES = ['x", data_type: TYPE_FP32, dims: [1] }\n] parameters { key: "EXECUTION_ENV_PATH" }\ninput [ { name: "z',
-                 "x y", "", "a" * 257, "x\u00e9"]
+HOSTILE_NAMES = [
+    'x", data_type: TYPE_FP32, dims: [1] }\n] parameters { key: "EXECUTION_ENV_PATH" }\ninput [ { name: "z',
+    "x y",
+    "",
+    "a" * 257,
+    "x\u00e9",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
@@ -218,21 +254,34 @@ def test_a_tensor_name_that_is_not_plain_is_refused(tmp_path, name):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", [name], ["out"])], "g",
-                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], ["out"])],
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(ValueError, match="tensor name .* is not allowed"):
         write_onnx_model(tmp_path / "repo", "m", tmp_path / "m.onnx")
     assert not (tmp_path / "repo").exists()
 
 
-@pytest.mark.parametrize("options, hidden", [("rw", False), ("rw,hidepid=0", False), ("rw,hidepid=off", False),
-                                             ("rw,hidepid=invisible", True), ("rw,hidepid=2", True),
-                                             ("rw,hidepid=ptraceable", True)])
+@pytest.mark.parametrize(
+    "options, hidden",
+    [
+        ("rw", False),
+        ("rw,hidepid=0", False),
+        ("rw,hidepid=off", False),
+        ("rw,hidepid=invisible", True),
+        ("rw,hidepid=2", True),
+        ("rw,hidepid=ptraceable", True),
+    ],
+)
 def test_the_key_on_the_command_line_counts_as_kept_only_where_proc_hides_it(options, hidden):
-    mountinfo = (f"22 27 0:21 / /proc rw,relatime - proc proc {options}\n"
-                 "25 1 0:5 / /dev rw,nosuid - devtmpfs udev rw,size=4096k\n")
+    mountinfo = (
+        f"22 27 0:21 / /proc rw,relatime - proc proc {options}\n"
+        "25 1 0:5 / /dev rw,nosuid - devtmpfs udev rw,size=4096k\n"
+    )
     assert processes_hidden(mountinfo) is hidden
     assert not processes_hidden("25 1 0:5 / /dev rw,nosuid - devtmpfs udev rw,hidepid=2\n")  # not /proc's
 
@@ -252,8 +301,14 @@ def test_an_onnx_model_with_external_data_is_refused(tmp_path):
 
     linear_onnx(tmp_path / "m.onnx")
     model = onnx.load(str(tmp_path / "m.onnx"))
-    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        model,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     with pytest.raises(ValueError, match="tensor 'W' keeps its data in an external file"):
         write_onnx_model(tmp_path / "repo", "m", tmp_path / "ext.onnx")
 
@@ -261,8 +316,9 @@ def test_an_onnx_model_with_external_data_is_refused(tmp_path):
 async def test_a_failing_http_endpoint_takes_the_replica_out_of_rest_calls_only():
     """A replica whose HTTP endpoint refuses connections (a wrong port) trips that endpoint's own breaker: REST
     calls find no replica, gRPC calls still go to it."""
-    pool = ReplicaPool(["127.0.0.1:1"], (), failure_threshold=2, recovery_timeout=30,
-                       http_addresses=[f"127.0.0.1:{free_port()}"])
+    pool = ReplicaPool(
+        ["127.0.0.1:1"], (), failure_threshold=2, recovery_timeout=30, http_addresses=[f"127.0.0.1:{free_port()}"]
+    )
     try:
         for _ in range(2):
             with pytest.raises(aiohttp.ClientConnectorError):
@@ -328,13 +384,20 @@ def test_perf_analyzer_through_the_gateway_with_a_token_only(hub, plane, protoco
     """Triton's own load generator (2.51) measures through the gateway, over gRPC and over REST, with a hub
     token sent as metadata or header (-H), and is refused as unauthenticated without one."""
     url = hub.gateways[plane] if protocol == "grpc" else hub.rest[plane]
-    base = [perf_analyzer(), "-m", "digits", "-i", protocol, "-u", url, "-p", "300", "--max-trials", "6",
-            "-s", "999"]
+    base = [perf_analyzer(), "-m", "digits", "-i", protocol, "-u", url, "-p", "300", "--max-trials", "6", "-s", "999"]
     if plane == "nginx":
-        base += (["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={hub.tls_cert}"] if protocol == "grpc"
-                 else [f"--ssl-https-ca-certificates-file={hub.tls_cert}", "--ssl-https-verify-peer=1"])
-    measured = subprocess.run([*base, "-H", f"authorization:token {hub.token('alice')}"], capture_output=True,
-                              text=True, timeout=120, check=False)
+        base += (
+            ["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={hub.tls_cert}"]
+            if protocol == "grpc"
+            else [f"--ssl-https-ca-certificates-file={hub.tls_cert}", "--ssl-https-verify-peer=1"]
+        )
+    measured = subprocess.run(
+        [*base, "-H", f"authorization:token {hub.token('alice')}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert measured.returncode == 0, measured.stdout + measured.stderr
     throughput = re.search(r"Throughput: ([\d.]+) infer/sec", measured.stdout)
     assert throughput and float(throughput[1]) > 0, measured.stdout
@@ -378,7 +441,8 @@ def test_rest_infer_through_gateway_matches_numpy(hub, plane, tokens, models):
     assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
     assert client.is_model_ready("digits", headers=headers)
     assert client.get_model_metadata("digits", headers=headers)["inputs"] == [
-        {"name": "x", "datatype": "FP32", "shape": [1, 4]}]
+        {"name": "x", "datatype": "FP32", "shape": [1, 4]}
+    ]
     assert client.get_model_config("digits", headers=headers)["backend"] == "python"
     client.close()
 
@@ -390,8 +454,9 @@ def test_rest_spec_has_every_route():
     for path, method, _ in ROUTES:
         for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes.add((path.replace(MODEL, model), method.lower()))
-    assert routes == {(path, method) for path, item in REST_SPEC.doc["paths"].items() for method in item
-                      if method != "parameters"}
+    assert routes == {
+        (path, method) for path, item in REST_SPEC.doc["paths"].items() for method in item if method != "parameters"
+    }
 
 
 def test_rest_errors_name_the_problem(hub, plane, tokens):
@@ -435,15 +500,17 @@ def test_rest_path_tricks_reach_only_the_checked_model(hub, plane, tokens):
 
     host, port = hub.rest[plane].split("://")[1].rsplit(":", 1)
     if plane == "nginx":
-        connection = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(
-            cafile=str(hub.tls_cert)), timeout=30)
+        connection = http.client.HTTPSConnection(
+            host, int(port), context=ssl.create_default_context(cafile=str(hub.tls_cert)), timeout=30
+        )
     else:
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
     body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
 
     def post(path: str) -> tuple[int, dict]:
-        connection.request("POST", path, body, {"Authorization": f"token {tokens['alice']}",
-                                                "Content-Type": "application/json"})
+        connection.request(
+            "POST", path, body, {"Authorization": f"token {tokens['alice']}", "Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         return response.status, json.loads(response.read() or b"{}")
 
@@ -472,8 +539,9 @@ def test_tls_settings_are_checked(tmp_path):
     key.chmod(0o600)
     with pytest.raises(ConfigError, match="InferenceGateway.tls_cert_file: cannot read"):
         InferenceGateway(tls_cert_file=str(tmp_path / "missing.pem"), tls_key_file=str(key)).server_credentials()
-    assert isinstance(InferenceGateway(tls_cert_file=str(cert), tls_key_file=str(key)).server_credentials(),
-                      grpc.ServerCredentials)
+    assert isinstance(
+        InferenceGateway(tls_cert_file=str(cert), tls_key_file=str(key)).server_credentials(), grpc.ServerCredentials
+    )
     assert InferenceGateway().server_credentials() is None
 
 
@@ -601,18 +669,27 @@ def test_a_request_that_names_its_model_twice_is_refused(hub, plane, tokens):
         assert "names its model more than once" in refused.value.details(), refused.value.details()
     before = gateway_metrics(hub, plane)
     answer = pb.ModelInferResponse.FromString(
-        model_infer(digits.SerializeToString(), metadata=[("authorization", f"token {tokens['alice']}")], timeout=30))
+        model_infer(digits.SerializeToString(), metadata=[("authorization", f"token {tokens['alice']}")], timeout=30)
+    )
     assert answer.model_name == "digits"
     if plane == "nginx":  # nginx read the name and served the call itself, not the Python gateway behind it
-        served = delta(before, gateway_metrics(hub, plane), "gpulab_infer_requests_total", rpc="ModelInfer",
-                       model="digits", code="OK", process="nginx")
+        served = delta(
+            before,
+            gateway_metrics(hub, plane),
+            "gpulab_infer_requests_total",
+            rpc="ModelInfer",
+            model="digits",
+            code="OK",
+            process="nginx",
+        )
         assert served == 1, served
 
     unload = pb.RepositoryModelUnloadRequest(model_name="private").SerializeToString()
     twice = pb.RepositoryModelUnloadRequest(model_name="digits").SerializeToString() + unload
     with pytest.raises(grpc.RpcError) as refused:
-        raw_call(hub, plane, "RepositoryModelUnload")(twice, metadata=[("authorization", f"token {tokens['dave']}")],
-                                                      timeout=30)
+        raw_call(hub, plane, "RepositoryModelUnload")(
+            twice, metadata=[("authorization", f"token {tokens['dave']}")], timeout=30
+        )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
     assert "names its model more than once" in refused.value.details(), refused.value.details()
 
@@ -620,13 +697,19 @@ def test_a_request_that_names_its_model_twice_is_refused(hub, plane, tokens):
 def test_model_control_needs_deploy_scope_and_the_platform_key(client, tokens, tritons, models):
     write_onnx_model(models["repo"], "fresh", models["onnx"])
     alice = auth(tokens["alice"])
-    for call in (lambda: client.load_model("fresh", headers=alice), lambda: client.unload_model("digits", headers=alice),
-                 lambda: client.get_model_repository_index(headers=alice)):
+    for call in (
+        lambda: client.load_model("fresh", headers=alice),
+        lambda: client.unload_model("digits", headers=alice),
+        lambda: client.get_model_repository_index(headers=alice),
+    ):
         e = error(call)
         assert e.status() == "StatusCode.PERMISSION_DENIED" and "custom:gpulab:deploy" in e.message()
     direct = triton.InferenceServerClient(tritons[0].grpc_address)
-    for call in (lambda: direct.load_model("fresh"), lambda: direct.unload_model("digits"),
-                 lambda: direct.load_model("fresh", headers={"gpulab-triton-key": tritons[0].restricted_key})):
+    for call in (
+        lambda: direct.load_model("fresh"),
+        lambda: direct.unload_model("digits"),
+        lambda: direct.load_model("fresh", headers={"gpulab-triton-key": tritons[0].restricted_key}),
+    ):
         assert "restricted" in error(call).message()
     assert not direct.is_model_ready("fresh", headers=tritons[0].grpc_headers)
 
@@ -675,11 +758,17 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
         return b""
 
     replica = grpc.aio.server()
-    replica.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(record)}),))
+    replica.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(record)}
+            ),
+        )
+    )
     replica_port = replica.add_insecure_port("127.0.0.1:0")
     await replica.start()
     from traitlets.config import Config
+
     cfg = Config()
     cfg.InferenceGateway.replicas = [f"127.0.0.1:{replica_port}"]
     cfg.InferenceGateway.restricted_key = "k3y"
@@ -701,8 +790,11 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
         tensor = triton.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
         client = triton_aio.InferenceServerClient(address if nginx else f"127.0.0.1:{port}")
-        await client.infer("digits", [tensor], headers={
-            **auth(tokens["alice"]), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+        await client.infer(
+            "digits",
+            [tensor],
+            headers={**auth(tokens["alice"]), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        )
         if nginx:  # a body larger than nginx keeps in memory (it goes to a file, read back for the model name)
             big = triton.InferInput("x", [1, 1_000_000], "FP32")
             big.set_data_from_numpy(np.ones((1, 1_000_000), np.float32))
@@ -746,8 +838,10 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
 
     def spread(calls: int) -> None:
         # one connection each (gRPC otherwise shares one connection among channels to the same address)
-        clients = [triton.InferenceServerClient(address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
-                   for _ in range(calls)]
+        clients = [
+            triton.InferenceServerClient(address, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(calls)
+        ]
         for client in clients:
             x, y = infer(client, tokens["alice"])
             np.testing.assert_allclose(y, x @ models["w"] + models["b"], rtol=1e-5, atol=1e-6)
@@ -758,8 +852,9 @@ def test_gateway_processes_share_the_port(hub, tokens, tritons, models, tmp_path
         wait_ready(triton.InferenceServerClient(address), tokens["alice"])
         spread(24)
         text = requests.get(http + "/metrics", headers=auth(hub.admin_token), timeout=10).text
-        served = {p: metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process=p)
-                  for p in ("0", "1")}
+        served = {
+            p: metric(text, "gpulab_infer_requests_total", rpc="ModelInfer", code="OK", process=p) for p in ("0", "1")
+        }
         assert served["0"] >= 1 and served["1"] >= 1 and sum(served.values()) == 24, served
         assert metric(text, "gpulab_infer_replica_healthy", process="1") == 2
 
@@ -781,13 +876,20 @@ def start_gateway(hub, tritons, tmp_path, settings: dict) -> tuple[subprocess.Po
     """``python -m gpulab.services.infer`` outside the hub with ``c.InferenceGateway`` ``settings`` (log in
     ``tmp_path``); returns the process, its gRPC address and its HTTP URL."""
     address, http = f"127.0.0.1:{free_port()}", f"http://{HOST}:{free_port(HOST)}"
-    env = {**os.environ, "JUPYTERHUB_API_URL": f"{hub.url}/hub/api", "JUPYTERHUB_SERVICE_URL": http + "/",
-           "GPULAB_INFER_ADDRESS": address, "GPULAB_TRITON_REPLICAS": ",".join(t.grpc_address for t in tritons),
-           "GPULAB_TRITON_KEY": tritons[0].restricted_key, "GPULAB_CONFIG": str(hub.config_file),
-           "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": settings})}
+    env = {
+        **os.environ,
+        "JUPYTERHUB_API_URL": f"{hub.url}/hub/api",
+        "JUPYTERHUB_SERVICE_URL": http + "/",
+        "GPULAB_INFER_ADDRESS": address,
+        "GPULAB_TRITON_REPLICAS": ",".join(t.grpc_address for t in tritons),
+        "GPULAB_TRITON_KEY": tritons[0].restricted_key,
+        "GPULAB_CONFIG": str(hub.config_file),
+        "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": settings}),
+    }
     with (tmp_path / "gateway.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpulab.services.infer"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     return proc, address, http
 
 
@@ -891,8 +993,9 @@ def test_a_hung_replica_gets_no_calls_once_its_health_check_fails(hub, plane, cl
         assert time.monotonic() - started < 5
         after = gateway_metrics(hub, plane)
         for server, calls in ((hung, 0), (tritons[1], 20)):
-            sent = (metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address)
-                    - metric(before, "gpulab_infer_replica_requests_total", replica=server.grpc_address))
+            sent = metric(after, "gpulab_infer_replica_requests_total", replica=server.grpc_address) - metric(
+                before, "gpulab_infer_replica_requests_total", replica=server.grpc_address
+            )
             assert sent == calls, (server.grpc_address, sent)
     finally:
         os.kill(hung.proc.pid, signal.SIGCONT)
@@ -908,9 +1011,12 @@ def wait_spread(hub, plane: str, client, token: str, tritons) -> None:
         for _ in range(10):
             infer(client, token)
         after = gateway_metrics(hub, plane)
-        idle = [t.grpc_address for t in tritons
-                if metric(after, "gpulab_infer_replica_requests_total", replica=t.grpc_address)
-                == metric(before, "gpulab_infer_replica_requests_total", replica=t.grpc_address)]
+        idle = [
+            t.grpc_address
+            for t in tritons
+            if metric(after, "gpulab_infer_replica_requests_total", replica=t.grpc_address)
+            == metric(before, "gpulab_infer_replica_requests_total", replica=t.grpc_address)
+        ]
         if not idle:
             return
         assert time.monotonic() < deadline, f"replicas {idle} got no calls"
@@ -950,7 +1056,8 @@ async def test_replica_failures_breakers_and_recovery(hub, plane, tokens, triton
     assert len(log) > 200
     assert len(failures) <= 4, [str(e) for _, e in failures]  # at most the 4 calls in flight on the killed one
     assert all(t < killed_at + 0.5 and e.status() == "StatusCode.UNAVAILABLE" for t, e in failures), [
-        str(e) for _, e in failures]
+        str(e) for _, e in failures
+    ]
     assert sum(1 for t, e in log if t > killed_at + 0.5 and e is None) > 100
 
     await asyncio.to_thread(crash, tritons[1])
@@ -972,14 +1079,19 @@ async def test_replica_failures_breakers_and_recovery(hub, plane, tokens, triton
     # fail fast: the gateway answers without trying the replicas (allowing for a busy shared machine's outliers)
     assert sorted(elapsed)[17] < 0.010 and max(elapsed) < 0.1, elapsed
     # (nginx probes a replica again once its recovery time is up: that call names only the replica it tried)
-    assert any("circuit open" in message and all(t.grpc_address in message for t in tritons)
-               for message in messages), messages
+    assert any("circuit open" in message and all(t.grpc_address in message for t in tritons) for message in messages), (
+        messages
+    )
     if plane == "python":
         assert all(f"Triton replica {t.grpc_address}" in messages[-1] for t in tritons), messages[-1]
     rest = await asyncio.to_thread(  # REST fails fast too, naming the replicas
-        requests.post, f"{hub.rest[plane]}/v2/models/digits/infer", headers={"Authorization": headers["authorization"]},
-        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}, timeout=10,
-        verify=str(hub.tls_cert) if plane == "nginx" else True)
+        requests.post,
+        f"{hub.rest[plane]}/v2/models/digits/infer",
+        headers={"Authorization": headers["authorization"]},
+        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]},
+        timeout=10,
+        verify=str(hub.tls_cert) if plane == "nginx" else True,
+    )
     # (nginx: 502 when a replica still reported up was tried, and refused, first)
     assert rest.status_code in ((502, 503) if plane == "nginx" else (503,)), rest.text
     assert all(t.grpc_address in rest.json()["error"] for t in tritons), rest.text

@@ -45,17 +45,26 @@ def hub(tmp_path_factory):
         (nodes / name).chmod(0o666)
     hub = Platform(work / "data", host="127.0.0.24")
     hub.gpu_nodes = nodes
-    hub.start("c.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\nc.Platform.inference_service = True\n"
-              f"c.Roles.group_roles = {{'gpu': ['gpulab-gpu']}}\nc.AccountSpawner.gpu_devices = '{nodes}/nvidia*'\n"
-              f"c.Spawner.mem_limit = '{SERVER_MEMORY}'\nc.Spawner.cpu_limit = {SERVER_CPUS}\n")
+    hub.start(
+        "c.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\nc.Platform.inference_service = True\n"
+        f"c.Roles.group_roles = {{'gpu': ['gpulab-gpu']}}\nc.AccountSpawner.gpu_devices = '{nodes}/nvidia*'\n"
+        f"c.Spawner.mem_limit = '{SERVER_MEMORY}'\nc.Spawner.cpu_limit = {SERVER_CPUS}\n"
+    )
     yield hub
     hub.stop()
 
 
 def users_cli(hub: Platform, *args: str, run_as: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
     as_account = {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []} if run_as else {}
-    return subprocess.run([sys.executable, "-m", "gpulab", "users", *args, "--data-dir", str(hub.data_dir)],
-                          capture_output=True, text=True, env=hub.env(), timeout=120, check=False, **as_account)
+    return subprocess.run(
+        [sys.executable, "-m", "gpulab", "users", *args, "--data-dir", str(hub.data_dir)],
+        capture_output=True,
+        text=True,
+        env=hub.env(),
+        timeout=120,
+        check=False,
+        **as_account,
+    )
 
 
 def printed_password(result: subprocess.CompletedProcess) -> str:
@@ -70,8 +79,12 @@ def refusal(hub: Platform, user: str, password: str) -> str:
         password_login(hub.url, user, password)
     s = requests.Session()
     s.get(hub.url + "/hub/login", timeout=30)
-    r = s.post(hub.url + "/hub/login", data={"username": user, "password": password, "_xsrf": s.cookies["_xsrf"]},
-               allow_redirects=False, timeout=30)
+    r = s.post(
+        hub.url + "/hub/login",
+        data={"username": user, "password": password, "_xsrf": s.cookies["_xsrf"]},
+        allow_redirects=False,
+        timeout=30,
+    )
     assert r.status_code == 200, r.status_code
     return r.text
 
@@ -134,11 +147,16 @@ def wait_for_process(account: str, text: str, timeout: float = 30) -> psutil.Pro
 
 def _secrets(hub: Platform, alice_server_env: dict, alice_job_env: dict) -> dict[str, str]:
     """Every secret alice and the platform hold, by where it came from."""
-    out = {"alice's server token": alice_server_env["JUPYTERHUB_API_TOKEN"],
-           "alice's job token": alice_job_env["GPULAB_JOB_TOKEN"],
-           "admin token": hub.admin_token}
-    for path in [*(hub.data_dir / "hub").rglob("*token*"), hub.data_dir / "hub" / "jupyterhub_cookie_secret",
-                 hub.data_dir / "secrets" / "admin-password"]:
+    out = {
+        "alice's server token": alice_server_env["JUPYTERHUB_API_TOKEN"],
+        "alice's job token": alice_job_env["GPULAB_JOB_TOKEN"],
+        "admin token": hub.admin_token,
+    }
+    for path in [
+        *(hub.data_dir / "hub").rglob("*token*"),
+        hub.data_dir / "hub" / "jupyterhub_cookie_secret",
+        hub.data_dir / "secrets" / "admin-password",
+    ]:
         out[str(path)] = path.read_text().strip()
     return out
 
@@ -173,11 +191,16 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
     while not all(path.exists() for path in triton):  # Triton's too
         assert time.monotonic() < deadline, "the embedded Triton did not start"
         time.sleep(0.5)
-    targets = {"files": known, "trees": [str(hub.data_dir), alice_home],
-               "sockets": [str(hub.data_dir / "mlflow" / "run" / "mlflow.sock"), *map(str, triton)],
-               "urls": [f"{mlflow}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
-                        f"{hub.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
-                        f"{hub.url}/services/gpulab-infer/metrics"]}
+    targets = {
+        "files": known,
+        "trees": [str(hub.data_dir), alice_home],
+        "sockets": [str(hub.data_dir / "mlflow" / "run" / "mlflow.sock"), *map(str, triton)],
+        "urls": [
+            f"{mlflow}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
+            f"{hub.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1",
+            f"{hub.url}/services/gpulab-infer/metrics",
+        ],
+    }
     secrets = _secrets(hub, alice_env, alice_job.environ())
 
     bob_server = hub.spawn("bob")
@@ -202,8 +225,7 @@ def test_without_root_only_the_starting_user_signs_in_and_adding_users_is_refuse
     subprocess.run(["useradd", "--create-home", "--home-dir", str(hub.home_root / owner), owner], check=True)
     try:
         hub.data_dir.mkdir(parents=True)
-        hub.start("c.Platform.mlflow_service = False\nc.Platform.jobs_service = False\n",
-                  run_as=pwd.getpwnam(owner))
+        hub.start("c.Platform.mlflow_service = False\nc.Platform.jobs_service = False\n", run_as=pwd.getpwnam(owner))
         password = (hub.data_dir / "secrets" / "admin-password").read_text().strip()
         assert (hub.data_dir / "secrets" / "admin-password").stat().st_uid == pwd.getpwnam(owner).pw_uid
         password_login(hub.url, owner, password)  # the owner is the admin
@@ -248,8 +270,10 @@ def cgroup_dir(seen: dict, controller: str) -> Path:
     return cgroups.ROOT / controller / path.lstrip("/")
 
 
-@pytest.mark.skipif(cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK),
-                    reason="needs cgroup v1's devices controller, writable (root)")
+@pytest.mark.skipif(
+    cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK),
+    reason="needs cgroup v1's devices controller, writable (root)",
+)
 def test_servers_hold_their_limits_and_only_gpu_users_open_gpu_device_nodes(hub):
     """Kernels run in their server's cgroup: Spawner.mem_limit and cpu_limit hold there, and a user without
     custom:gpulab:gpu cannot open a GPU device node (EPERM from the devices cgroup; a node one may open
@@ -285,10 +309,15 @@ def test_the_job_launcher_does_only_what_attempts_need_as_root(tmp_path):
     service's own files, signals only attempts' process groups, and takes only refs as cgroup names."""
     service_uid = 65534  # the job service's account, for this launcher
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    config = {"state_dir": str(tmp_path), "service_uid": service_uid, "fd": theirs.fileno(),
-              "policy": {"account_prefix": "gtlaunch-"}}
-    proc = subprocess.Popen([sys.executable, "-I", "-m", launcher.__name__, json.dumps(config)],
-                            pass_fds=[theirs.fileno()])
+    config = {
+        "state_dir": str(tmp_path),
+        "service_uid": service_uid,
+        "fd": theirs.fileno(),
+        "policy": {"account_prefix": "gtlaunch-"},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-m", launcher.__name__, json.dumps(config)], pass_fds=[theirs.fileno()]
+    )
     theirs.close()
     client = launcher.LauncherClient(mine, proc, str(tmp_path))
     ours = subprocess.Popen(["sleep", "60"], start_new_session=True)  # root's, in a group of its own

@@ -95,4 +95,6 @@ def test_missing_name_and_error_body():
     path, message = error_of({"entrypoint": ["x"]})
     assert (path, message) == ("name", "Field required")
     body = ErrorBody(error={"code": "invalid", "message": message, "field": path})
-    assert body.model_dump() == {"error": {"code": "invalid", "message": "Field required", "field": "name", "details": None}}
+    assert body.model_dump() == {
+        "error": {"code": "invalid", "message": "Field required", "field": "name", "details": None}
+    }

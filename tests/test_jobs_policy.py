@@ -15,8 +15,16 @@ NO_QUOTA = Limits({"max_jobs": None, "max_gpus": None}, {})
 
 
 def job(owner="alice", gpus=0, cpus=1.0, memory=None, pool="default", groups=(), global_priority=0, age=0):
-    return SimpleNamespace(owner=owner, gpus=gpus, cpus=cpus, memory=memory, pool=pool, groups=list(groups),
-                           global_priority=global_priority, created_at=T0 + timedelta(seconds=age))
+    return SimpleNamespace(
+        owner=owner,
+        gpus=gpus,
+        cpus=cpus,
+        memory=memory,
+        pool=pool,
+        groups=list(groups),
+        global_priority=global_priority,
+        created_at=T0 + timedelta(seconds=age),
+    )
 
 
 def ledger_of(*jobs, gpu_ids_of=None) -> Ledger:
@@ -30,31 +38,50 @@ def test_a_job_that_fits_has_no_blocker():
     assert blocker(job(gpus=2, cpus=4.0, memory=8 * 2**30), CAPACITY, Ledger(), NO_QUOTA) is None
 
 
-@pytest.mark.parametrize("limits, running, candidate, reason", [
-    (Limits({"max_jobs": 1, "max_gpus": None}, {}), [job()], job(), "waiting: quota max_jobs=1 reached"),
-    (Limits({"max_jobs": None, "max_gpus": 1}, {}), [job(gpus=1)], job(gpus=1),
-     "waiting: quota max_gpus=1 reached (1 in use, job needs 1)"),
-    (Limits({"max_jobs": None, "max_gpus": None}, {"ml": {"max_jobs": 1}}), [job("bob", groups=["ml"])],
-     job(groups=["ml"]), "waiting: group 'ml' quota max_jobs=1 reached"),
-    (Limits({"max_jobs": None, "max_gpus": None}, {"ml": {"max_gpus": 2}}), [job("bob", gpus=1, groups=["ml"])],
-     job(gpus=2, groups=["ml"]), "waiting: group 'ml' quota max_gpus=2 reached (1 in use, job needs 2)"),
-])
+@pytest.mark.parametrize(
+    "limits, running, candidate, reason",
+    [
+        (Limits({"max_jobs": 1, "max_gpus": None}, {}), [job()], job(), "waiting: quota max_jobs=1 reached"),
+        (
+            Limits({"max_jobs": None, "max_gpus": 1}, {}),
+            [job(gpus=1)],
+            job(gpus=1),
+            "waiting: quota max_gpus=1 reached (1 in use, job needs 1)",
+        ),
+        (
+            Limits({"max_jobs": None, "max_gpus": None}, {"ml": {"max_jobs": 1}}),
+            [job("bob", groups=["ml"])],
+            job(groups=["ml"]),
+            "waiting: group 'ml' quota max_jobs=1 reached",
+        ),
+        (
+            Limits({"max_jobs": None, "max_gpus": None}, {"ml": {"max_gpus": 2}}),
+            [job("bob", gpus=1, groups=["ml"])],
+            job(gpus=2, groups=["ml"]),
+            "waiting: group 'ml' quota max_gpus=2 reached (1 in use, job needs 2)",
+        ),
+    ],
+)
 def test_quotas_block_with_a_reason_naming_the_limit(limits, running, candidate, reason):
     assert blocker(candidate, CAPACITY, ledger_of(*running), limits) == reason
 
 
 def test_another_users_jobs_do_not_count_against_my_quota():
     limits = Limits({"max_jobs": 1, "max_gpus": 1}, {"ml": {"max_jobs": 1}})
-    assert blocker(job(gpus=1, groups=["other"]), CAPACITY, ledger_of(job("bob", gpus=1, groups=["ml"])),
-                   limits) is None
+    assert (
+        blocker(job(gpus=1, groups=["other"]), CAPACITY, ledger_of(job("bob", gpus=1, groups=["ml"])), limits) is None
+    )
 
 
-@pytest.mark.parametrize("running, candidate, reason", [
-    ([], job(pool="gpu"), "waiting: no pool 'gpu' (pools: cpu, default)"),
-    ([job(gpus=1)], job("bob", gpus=2), "waiting: no GPU capacity in pool 'default' (1 of 2 free)"),
-    ([job(cpus=3.5)], job("bob", cpus=1.0), "waiting: no CPU capacity in pool 'default' (0.5 of 4 free)"),
-    ([job(memory=6 * 2**30)], job("bob", memory=4 * 2**30), "waiting: not enough memory in pool 'default'"),
-])
+@pytest.mark.parametrize(
+    "running, candidate, reason",
+    [
+        ([], job(pool="gpu"), "waiting: no pool 'gpu' (pools: cpu, default)"),
+        ([job(gpus=1)], job("bob", gpus=2), "waiting: no GPU capacity in pool 'default' (1 of 2 free)"),
+        ([job(cpus=3.5)], job("bob", cpus=1.0), "waiting: no CPU capacity in pool 'default' (0.5 of 4 free)"),
+        ([job(memory=6 * 2**30)], job("bob", memory=4 * 2**30), "waiting: not enough memory in pool 'default'"),
+    ],
+)
 def test_capacity_blocks_with_what_is_free(running, candidate, reason):
     assert blocker(candidate, CAPACITY, ledger_of(*running), NO_QUOTA) == reason
 
@@ -67,8 +94,12 @@ def test_fractional_cpus_add_up_to_the_pool():
 
 def test_turns_go_by_admin_priority_then_fewest_gpus_then_fewest_jobs_then_age():
     used = {"heavy": Usage(jobs=1, gpus=2), "busy": Usage(jobs=3), "idle": Usage(), "late": Usage()}
-    heads = {"heavy": job("heavy", age=0), "busy": job("busy", age=1), "idle": job("idle", age=5),
-             "late": job("late", age=9)}
+    heads = {
+        "heavy": job("heavy", age=0),
+        "busy": job("busy", age=1),
+        "idle": job("idle", age=5),
+        "late": job("late", age=9),
+    }
     order = sorted(heads, key=lambda o: turn(heads[o], used[o]))
     assert order == ["idle", "late", "busy", "heavy"]
     heads["heavy"].global_priority = 10  # an admin's priority beats fair share

@@ -294,9 +294,14 @@ class EnvShownLocalExecutor(LocalExecutor):
 
 
 async def test_an_executor_that_shows_environments_gets_a_ticket_instead_of_the_secrets(make_queue, store, tmp_path):
-    q = await make_queue(start=False, queue={
-        "executor_class": EnvShownLocalExecutor, "mlflow_tracking_uri": "http://mlflow",
-        "jobs_api_url": "http://jobs/api/v1"})
+    q = await make_queue(
+        start=False,
+        queue={
+            "executor_class": EnvShownLocalExecutor,
+            "mlflow_tracking_uri": "http://mlflow",
+            "jobs_api_url": "http://jobs/api/v1",
+        },
+    )
     q.mlflow_job_token = True  # as gpulab-jobs sets it for the platform's MLflow
     await q.start()
     code = """
@@ -338,10 +343,12 @@ async def test_priority_order(make_queue, store):
 
 async def test_priority_orders_the_submitters_own_jobs_unless_an_admin_submits(make_queue, store):
     q = await make_queue(start=False, executor={"cpus": 1.0})
-    ids = {"bob": await submit(q, "bob", entrypoint=["true"]),
-           "alice low": await submit(q, "alice", entrypoint=["true"], priority=-10),
-           "alice high": await submit(q, "alice", entrypoint=["true"], priority=100),
-           "carol (admin)": await submit(q, "carol", admin=True, entrypoint=["true"], priority=50)}
+    ids = {
+        "bob": await submit(q, "bob", entrypoint=["true"]),
+        "alice low": await submit(q, "alice", entrypoint=["true"], priority=-10),
+        "alice high": await submit(q, "alice", entrypoint=["true"], priority=100),
+        "carol (admin)": await submit(q, "carol", admin=True, entrypoint=["true"], priority=50),
+    }
     await q.start()
     rows = {name: await finished(store, job_id) for name, job_id in ids.items()}
     # alice's priority 100 puts her own jobs in order but does not jump bob's earlier one; an admin's does
@@ -353,15 +360,12 @@ async def test_fair_share_between_users(make_queue, store, tmp_path):
     alice = [await submit(q, "alice", entrypoint=py(GATED, tmp_path)) for _ in range(3)]
     bob = [await submit(q, "bob", entrypoint=py(GATED, tmp_path)) for _ in range(2)]
     await q.start()
-    await until(
-        lambda: len(store.active_jobs()) == 2 and all(r.state == "running" for r in store.active_jobs())
-    )
+    await until(lambda: len(store.active_jobs()) == 2 and all(r.state == "running" for r in store.active_jobs()))
     await asyncio.sleep(0.2)
     assert {r.id for r in store.active_jobs()} == {alice[0], bob[0]}
     waiting = store.get_job(alice[1])
     assert (
-        waiting.state == "queued"
-        and waiting.state_reason == "waiting: no CPU capacity in pool 'default' (0 of 2 free)"
+        waiting.state == "queued" and waiting.state_reason == "waiting: no CPU capacity in pool 'default' (0 of 2 free)"
     )
     (tmp_path / "release").touch()
     for job_id in alice + bob:
@@ -564,9 +568,7 @@ async def test_restart_reattaches_running_job(make_queue, store, tmp_path):
 
 
 async def test_job_killed_while_service_down_is_lost_and_retried(make_queue, store, tmp_path):
-    service = start_service(
-        tmp_path, store, {"name": "long", "entrypoint": py(GATED, tmp_path), "retries": 1}
-    )
+    service = start_service(tmp_path, store, {"name": "long", "entrypoint": py(GATED, tmp_path), "retries": 1})
     try:
         [row] = await until(lambda: [r for r in store.active_jobs() if r.state == "running"], 30, "the job")
         await until((tmp_path / "runs").exists)
@@ -579,9 +581,7 @@ async def test_job_killed_while_service_down_is_lost_and_retried(make_queue, sto
     await make_queue()
     done = await finished(store, row.id)
     assert (done.state, done.attempt) == ("succeeded", 2)
-    assert ("running", "queued", "retry 2/2 after: process gone after service restart") in events(
-        store, row.id
-    )
+    assert ("running", "queued", "retry 2/2 after: process gone after service restart") in events(store, row.id)
     assert (tmp_path / "runs").read_text().splitlines() == [row.id, row.id]
 
 
@@ -670,8 +670,10 @@ if __name__ == "__main__":
     assert ratio <= 1.15, ratio  # two CPUs' worth (about 2) without the limit, on a machine with two
 
 
-@pytest.mark.skipif(cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK),
-                    reason="needs cgroup v1's devices controller, writable (root)")
+@pytest.mark.skipif(
+    cgroups.version() != 1 or not os.access(cgroups.ROOT / "devices", os.W_OK),
+    reason="needs cgroup v1's devices controller, writable (root)",
+)
 async def test_a_job_opens_only_its_own_gpus_device_nodes(make_queue, store, tmp_path):
     """Device nodes made for the test (NVIDIA's major 195, no driver behind them): a node the job may open
     answers ENXIO (no device), one the devices cgroup denies answers EPERM."""

@@ -62,8 +62,10 @@ def bob(hub):
 
 
 def test_job_runs_with_progress_logs_and_events(alice):
-    code = PY + "print('hello from the job', flush=True); import gpulab\n" \
+    code = (
+        PY + "print('hello from the job', flush=True); import gpulab\n"
         "for i in range(1, 4):\n    gpulab.progress(i, 3, loss=1.0 / i); time.sleep(0.3)\n"
+    )
     job = alice.submit(entrypoint=["python", "-c", code], labels={"suite": "service"})
     SPEC.validate("/jobs", "POST", 201, job)
     assert job["state"] == "queued" and job["owner"] == "alice"
@@ -90,8 +92,9 @@ def test_idempotency_key_returns_the_same_job(alice):
 def test_follow_logs_streams_until_the_end(alice):
     code = PY + "[print('line', i, flush=True) or time.sleep(0.2) for i in range(5)]"
     job = alice.submit(entrypoint=["python", "-c", code])
-    r = requests.get(f"{alice.base}/jobs/{job['id']}/logs", params={"follow": "true"}, headers=alice.headers,
-                     stream=True, timeout=60)
+    r = requests.get(
+        f"{alice.base}/jobs/{job['id']}/logs", params={"follow": "true"}, headers=alice.headers, stream=True, timeout=60
+    )
     assert r.headers["Content-Type"].startswith("text/event-stream")
     text, end = "", None
     event = None
@@ -169,30 +172,32 @@ def test_rbac(hub, alice, bob):
     r = narrowed.request("GET", "/jobs")
     assert r.status_code == 403 and "custom:gpulab:jobs" in r.json()["error"]["message"]
     other_job_token = {"Authorization": "job-token not-a-token"}
-    r = requests.post(f"{alice.base}/jobs/{job['id']}/progress", json={"step": 1}, headers=other_job_token,
-                      timeout=30)
+    r = requests.post(f"{alice.base}/jobs/{job['id']}/progress", json={"step": 1}, headers=other_job_token, timeout=30)
     assert r.status_code == 403
 
 
-@pytest.mark.parametrize("spec, field", [
-    ({"entrypoint": ["true"]}, "name"),
-    ({"name": "x"}, "entrypoint"),
-    ({"name": "x", "entrypoint": []}, "entrypoint"),
-    ({"name": "x", "entrypoint": ["true"], "source": "print(1)"}, "source"),
-    ({"name": "x", "entrypoint": ["true"], "resources": {"gpus": -1}}, "resources.gpus"),
-    ({"name": "x", "entrypoint": ["true"], "resources": {"memory": "lots"}}, "resources.memory"),
-    ({"name": "x", "entrypoint": ["true"], "env": {"JUPYTERHUB_API_TOKEN": "x"}}, "env"),
-    ({"name": "x", "entrypoint": ["true"], "priority": 1000}, "priority"),
-    ({"name": "x", "entrypoint": ["true"], "surprise": 1}, "surprise"),
-    # hostile inputs (issue 14): each once gave a 500, stalled the queue or was stored as nonsense
-    ({"name": "x", "entrypoint": ["true"], "max_runtime": 2**70}, "max_runtime"),
-    ({"name": "x", "entrypoint": ["true"], "resources": {"cpus": 1e999}}, "resources.cpus"),
-    ({"name": "x", "entrypoint": ["true"], "resources": {"cpus": 0}}, "resources.cpus"),
-    ({"name": "x", "entrypoint": ["true"], "resources": {"memory": 2**70}}, "resources.memory"),
-    ({"name": "x", "entrypoint": ["true"], "resources": {"memory": "9" * 400}}, "resources.memory"),
-    ({"name": "x\u0000y", "entrypoint": ["true"]}, "name"),
-    ({"name": "two\nlines", "entrypoint": ["true"]}, "name"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"entrypoint": ["true"]}, "name"),
+        ({"name": "x"}, "entrypoint"),
+        ({"name": "x", "entrypoint": []}, "entrypoint"),
+        ({"name": "x", "entrypoint": ["true"], "source": "print(1)"}, "source"),
+        ({"name": "x", "entrypoint": ["true"], "resources": {"gpus": -1}}, "resources.gpus"),
+        ({"name": "x", "entrypoint": ["true"], "resources": {"memory": "lots"}}, "resources.memory"),
+        ({"name": "x", "entrypoint": ["true"], "env": {"JUPYTERHUB_API_TOKEN": "x"}}, "env"),
+        ({"name": "x", "entrypoint": ["true"], "priority": 1000}, "priority"),
+        ({"name": "x", "entrypoint": ["true"], "surprise": 1}, "surprise"),
+        # hostile inputs (issue 14): each once gave a 500, stalled the queue or was stored as nonsense
+        ({"name": "x", "entrypoint": ["true"], "max_runtime": 2**70}, "max_runtime"),
+        ({"name": "x", "entrypoint": ["true"], "resources": {"cpus": 1e999}}, "resources.cpus"),
+        ({"name": "x", "entrypoint": ["true"], "resources": {"cpus": 0}}, "resources.cpus"),
+        ({"name": "x", "entrypoint": ["true"], "resources": {"memory": 2**70}}, "resources.memory"),
+        ({"name": "x", "entrypoint": ["true"], "resources": {"memory": "9" * 400}}, "resources.memory"),
+        ({"name": "x\u0000y", "entrypoint": ["true"]}, "name"),
+        ({"name": "two\nlines", "entrypoint": ["true"]}, "name"),
+    ],
+)
 def test_bad_input_names_the_field_and_stores_nothing(alice, spec, field):
     before = len(alice.request("GET", "/jobs", params={"limit": 500}).json()["jobs"])
     body = json.dumps(spec).replace("Infinity", "1e999")  # as a client that writes numbers JSON cannot hold sends
@@ -235,6 +240,7 @@ def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alic
     code = PY + f"open({str(marker)!r}, 'a').write('run\\n'); time.sleep(4)"
     job = alice.submit(entrypoint=["python", "-c", code])
     alice.wait(job["id"], states=("running",))
+
     def service_pids():
         pids = set()
         for p in hub.descendants():
@@ -270,8 +276,12 @@ def test_server_extension_acts_for_the_user(hub, alice):
     ext.validate("/status", "GET", 200, r.json())
     assert r.json()["gpus"] == "none" and r.json()["services"]["jobs"].endswith("/services/gpulab-jobs/api/v1")
 
-    r = requests.post(f"{base}/jobs", json={"name": "via-ext", "entrypoint": ["python", "-c", "print('ext')"]},
-                      headers=headers, timeout=30)
+    r = requests.post(
+        f"{base}/jobs",
+        json={"name": "via-ext", "entrypoint": ["python", "-c", "print('ext')"]},
+        headers=headers,
+        timeout=30,
+    )
     assert r.status_code == 201, r.text
     ext.validate("/jobs", "POST", 201, r.json())
     job_id = r.json()["id"]
@@ -312,8 +322,12 @@ def test_metrics_need_read_metrics(hub, alice):
 def test_log_reads_are_bounded(alice):
     job = alice.submit(name="short-log", entrypoint=["python", "-c", "print('a line')"])
     alice.wait(job["id"])
-    for params, field in [({"offset": 2**44}, "offset"), ({"limit": 10**11}, "limit"), ({"offset": "9" * 400}, "offset"),
-                          ({"limit": -1}, "limit")]:
+    for params, field in [
+        ({"offset": 2**44}, "offset"),
+        ({"limit": 10**11}, "limit"),
+        ({"offset": "9" * 400}, "offset"),
+        ({"limit": -1}, "limit"),
+    ]:
         r = alice.request("GET", f"/jobs/{job['id']}/logs", params=params)
         assert r.status_code == 400 and r.json()["error"]["field"] == field, (params, r.text)
     whole = alice.request("GET", f"/jobs/{job['id']}/logs").text
@@ -357,8 +371,9 @@ def test_a_followed_log_ends_soon_after_its_token_is_revoked(hub):
     token, token_id = r.json()["token"], r.json()["id"]
     owner = Client(hub, "alice", token)
     job = owner.submit(entrypoint=["python", "-c", PY + "print('tick', flush=True); time.sleep(60)"])
-    r = requests.get(f"{owner.base}/jobs/{job['id']}/logs", params={"follow": "true"}, headers=owner.headers,
-                     stream=True, timeout=60)
+    r = requests.get(
+        f"{owner.base}/jobs/{job['id']}/logs", params={"follow": "true"}, headers=owner.headers, stream=True, timeout=60
+    )
     events = sse_events(r)
     for event, data in events:
         assert event == "log", (event, data)
@@ -374,8 +389,9 @@ def test_a_followed_log_ends_soon_after_its_token_is_revoked(hub):
 
 
 def test_a_followed_log_is_followed_again_past_the_streams_time_limit(hub, alice):
-    job = alice.submit(entrypoint=["python", "-c", PY + "print('tick', flush=True); time.sleep(12); "
-                                                        "print('tock', flush=True)"])
+    job = alice.submit(
+        entrypoint=["python", "-c", PY + "print('tick', flush=True); time.sleep(12); print('tock', flush=True)"]
+    )
     # the service ends each stream at log_follow_max (10 s here): the client follows on from the offset
     text = "".join(JobsClient(alice.base, alice.headers["Authorization"].split()[1]).follow(job["id"]))
     assert text.count("tick") == text.count("tock") == 1 and text.index("tick") < text.index("tock"), text

@@ -101,9 +101,7 @@ def test_transitions_record_events_and_refuse_illegal_ones(store):
     store.transition(row.id, "dispatching", "starting attempt 1", attempt=1, job_token_hash=token_hash("t"))
     assert store.check_job_token(row.id, "t") and not store.check_job_token(row.id, "u")
     running = store.transition(row.id, "running", "started", handle={"executor": "local", "ref": "1:2.00"})
-    assert (
-        running.started_at is not None and running.finished_at is None and running.handle["ref"] == "1:2.00"
-    )
+    assert running.started_at is not None and running.finished_at is None and running.handle["ref"] == "1:2.00"
     done = store.transition(row.id, "succeeded", "exit code 0", exit_code=0)
     assert done.finished_at is not None and done.exit_code == 0 and done.memory == 2**30
     assert not store.check_job_token(row.id, "t")  # token hashes are cleared on leaving the active states
@@ -156,9 +154,7 @@ def test_cursor_pagination_newest_first(store):
     with Session(store.engine) as session, session.begin():  # ties on created_at order by id
         session.execute(update(JobRow).where(JobRow.id.in_(ids[40:60])).values(created_at=utcnow()))
     with Session(store.engine) as session:
-        expected = list(
-            session.scalars(select(JobRow.id).order_by(JobRow.created_at.desc(), JobRow.id.desc()))
-        )
+        expected = list(session.scalars(select(JobRow.id).order_by(JobRow.created_at.desc(), JobRow.id.desc())))
 
     def pages(**filters):
         seen, cursor, n = [], None, 0
@@ -212,9 +208,7 @@ def test_progress_tracking_and_usage(store):
     assert {r.id for r in store.active_jobs()} == {a.id, c.id}
     store.transition(b.id, "dispatching", "go", attempt=1)
     store.transition(b.id, "queued", "retry", not_before=utcnow() + timedelta(hours=1))
-    assert [r.id for r in store.queued_jobs()] == [] and [
-        r.id for r in store.queued_jobs(due_only=False)
-    ] == [b.id]
+    assert [r.id for r in store.queued_jobs()] == [] and [r.id for r in store.queued_jobs(due_only=False)] == [b.id]
 
 
 def test_queued_jobs_scheduling_columns_filters_and_per_owner_limit(store):

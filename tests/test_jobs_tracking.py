@@ -69,8 +69,12 @@ def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):
     # the job made the experiment as alice, shared with her groups (c.Platform.mlflow_sharing "group")
     get_run = f"{hub.url}/services/mlflow/api/2.0/mlflow/runs/get"
     for user, status in [("bea", 200), ("carl", 403)]:
-        r = requests.get(get_run, params={"run_id": run.info.run_id}, timeout=30,
-                         headers={"Authorization": f"token {hub.token(user)}"})
+        r = requests.get(
+            get_run,
+            params={"run_id": run.info.run_id},
+            timeout=30,
+            headers={"Authorization": f"token {hub.token(user)}"},
+        )
         assert r.status_code == status, (user, r.text)
 
     job_dir = hub.data_dir / "jobs" / "alice" / job_id / "work"

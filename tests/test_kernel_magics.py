@@ -31,8 +31,11 @@ def hub(tmp_path_factory):
 
 
 def user_env(hub: Platform, user: str) -> dict:
-    return {"GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1", "JUPYTERHUB_API_TOKEN": hub.token(user),
-            "JUPYTERHUB_API_URL": f"{hub.url}/hub/api"}
+    return {
+        "GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1",
+        "JUPYTERHUB_API_TOKEN": hub.token(user),
+        "JUPYTERHUB_API_URL": f"{hub.url}/hub/api",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,8 @@ def test_train_cell_runs_in_the_notebook_dir_and_is_listed(kernel):
     cell = kernel.run(
         "%%train --name cell-job\nimport gpulab, time\nfor i in range(1, 4):\n"
         "    gpulab.progress(i, 3, loss=1.0 / i)\n    time.sleep(0.2)\n"
-        "open('written-by-job.txt', 'w').write('hi')\nprint('trained', flush=True)\n")
+        "open('written-by-job.txt', 'w').write('hi')\nprint('trained', flush=True)\n"
+    )
     assert cell.reply["status"] == "ok" and not cell.errors and not cell.stderr, cell.messages
     assert cell.data(WIDGET), "the monitor was not displayed"
     assert "'cell-job'" in cell.data("text/plain")[-1]  # the returned job handle
@@ -80,8 +84,9 @@ def test_train_cell_runs_in_the_notebook_dir_and_is_listed(kernel):
 
 def test_preprocess_jobs_run_with_the_rapids_runner(kernel):
     (kernel.cwd / "prep.py").write_text("import sys, pandas\nprint('prepared', sys.argv[1:])\n")
-    result = kernel.run("job = %preprocess --wait --no-monitor prep.py --rows 3\nprint(job.data['kind'])\n"
-                        "print(job.logs())")
+    result = kernel.run(
+        "job = %preprocess --wait --no-monitor prep.py --rows 3\nprint(job.data['kind'])\nprint(job.logs())"
+    )
     assert result.reply["status"] == "ok" and not result.stderr, result.messages
     assert "preprocess" in result.stdout and "prepared ['--rows', '3']" in result.stdout
     assert "gpulab: no GPU found; pandas runs on the CPU" in result.stdout
@@ -92,53 +97,63 @@ def test_preprocess_jobs_run_with_the_rapids_runner(kernel):
 
 
 def test_the_server_token_holds_the_users_gpulab_scopes(kernel):
-    result = kernel.run("from gpulab.kernels.client import default_client\nc = default_client()\n"
-                        "print(sorted(s for s in c.token_scopes() if s.startswith('custom:')))\nprint(c.gpu_limit())")
+    result = kernel.run(
+        "from gpulab.kernels.client import default_client\nc = default_client()\n"
+        "print(sorted(s for s in c.token_scopes() if s.startswith('custom:')))\nprint(c.gpu_limit())"
+    )
     assert "'custom:gpulab:jobs'" in result.stdout and "custom:gpulab:gpu'" not in result.stdout, result.messages
     assert "(0, 'your account may not request GPUs" in result.stdout
 
 
 def test_train_script_with_arguments_and_wait(kernel):
     (kernel.cwd / "args.py").write_text("import sys\nprint('argv', sys.argv[1:])\n")
-    result = kernel.run("job = %train --wait --no-monitor --name with-args args.py --epochs 2 -v\n"
-                        "print(job.state)\nprint(job.logs())")
+    result = kernel.run(
+        "job = %train --wait --no-monitor --name with-args args.py --epochs 2 -v\nprint(job.state)\nprint(job.logs())"
+    )
     assert result.reply["status"] == "ok" and not result.stderr, result.messages
     assert "succeeded" in result.stdout and "argv ['--epochs', '2', '-v']" in result.stdout
 
 
 def test_cancel_stops_a_long_job(kernel):
     kernel.run("%%train --no-monitor --name sleeper\nimport time\nprint('sleeping', flush=True)\ntime.sleep(300)")
-    started = kernel.run("import time\nsleeper = _\nwhile 'sleeping' not in sleeper.logs():\n"
-                         "    time.sleep(0.2)\nprint(sleeper.id)", timeout=60)
+    started = kernel.run(
+        "import time\nsleeper = _\nwhile 'sleeping' not in sleeper.logs():\n    time.sleep(0.2)\nprint(sleeper.id)",
+        timeout=60,
+    )
     job_id = started.stdout.strip()
     cancelled = kernel.run(f"%cancel {job_id[:10]}")
     assert f"job {job_id} (sleeper): cancelled" in cancelled.stdout, cancelled.messages
-    waited = kernel.run("from gpulab.kernels.client import JobFailed\ntry:\n    sleeper.wait()\n"
-                        "except JobFailed as e:\n    print(e)")
+    waited = kernel.run(
+        "from gpulab.kernels.client import JobFailed\ntry:\n    sleeper.wait()\nexcept JobFailed as e:\n    print(e)"
+    )
     assert f"job 'sleeper' ({job_id}) cancelled: cancelled by kim" in waited.stdout
     assert "sleeping" in waited.stdout  # the log tail
 
 
-@pytest.mark.parametrize("line, message", [
-    ("%train --gpus two x.py", "%train: error: argument --gpus: invalid int value: 'two'"),
-    ("%train --wait", "%train: error: give the script to run"),
-    ("%%train --bogus\nprint(1)", "%%train: error: unrecognized arguments: --bogus"),
-    ("%%train x.py\nprint(1)", "%%train: error: unrecognized arguments: x.py"),
-    ("%jobs --state nope", "%jobs: error: argument --state: invalid choice: 'nope'"),
-    ("%job", "%job: error: the following arguments are required: id"),
-    ("%logs abc --tail x", "%logs: error: argument --tail: invalid int value: 'x'"),
-    ("%cancel 'unbalanced", "%cancel: error: No closing quotation"),
-    ("%cancel 0123abc", "%cancel: no job of yours starts with '0123abc'"),
-    ("%train --priority 1000 x.py", "%train: priority: Input should be less than or equal to 100"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("%train --gpus two x.py", "%train: error: argument --gpus: invalid int value: 'two'"),
+        ("%train --wait", "%train: error: give the script to run"),
+        ("%%train --bogus\nprint(1)", "%%train: error: unrecognized arguments: --bogus"),
+        ("%%train x.py\nprint(1)", "%%train: error: unrecognized arguments: x.py"),
+        ("%jobs --state nope", "%jobs: error: argument --state: invalid choice: 'nope'"),
+        ("%job", "%job: error: the following arguments are required: id"),
+        ("%logs abc --tail x", "%logs: error: argument --tail: invalid int value: 'x'"),
+        ("%cancel 'unbalanced", "%cancel: error: No closing quotation"),
+        ("%cancel 0123abc", "%cancel: no job of yours starts with '0123abc'"),
+        ("%train --priority 1000 x.py", "%train: priority: Input should be less than or equal to 100"),
+    ],
+)
 def test_option_errors_are_one_line_without_traceback(kernel, line, message):
     assert one_line_error(kernel.run(line)).startswith(message)
 
 
 def test_gpu_request_without_the_gpu_scope_is_one_line(kernel):
     error = one_line_error(kernel.run("%train --gpus 1 x.py"))
-    assert error == ("%train: requesting GPUs needs the custom:gpulab:gpu scope; "
-                     "ask an admin for GPU access, or request no GPUs")
+    assert error == (
+        "%train: requesting GPUs needs the custom:gpulab:gpu scope; ask an admin for GPU access, or request no GPUs"
+    )
 
 
 def test_a_failing_job_with_wait_prints_its_reason_and_log_tail(kernel):
@@ -149,15 +164,24 @@ def test_a_failing_job_with_wait_prints_its_reason_and_log_tail(kernel):
 
 
 def test_the_monitor_updates_while_another_cell_runs(kernel):
-    submitted = kernel.run("%%train --name slow\nimport gpulab, time\nfor i in range(1, 9):\n"
-                           "    gpulab.progress(i, 8)\n    time.sleep(0.5)\n")
-    bars = [m["content"]["comm_id"] for m in submitted.messages if m["msg_type"] == "comm_open"
-            and m["content"]["data"]["state"].get("_model_name") == "FloatProgressModel"]
+    submitted = kernel.run(
+        "%%train --name slow\nimport gpulab, time\nfor i in range(1, 9):\n"
+        "    gpulab.progress(i, 8)\n    time.sleep(0.5)\n"
+    )
+    bars = [
+        m["content"]["comm_id"]
+        for m in submitted.messages
+        if m["msg_type"] == "comm_open" and m["content"]["data"]["state"].get("_model_name") == "FloatProgressModel"
+    ]
     assert len(bars) == 1, submitted.messages
     busy = kernel.run("import time\ntime.sleep(7)")
-    values = [m["content"]["data"]["state"]["value"] for m in busy.messages
-              if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bars[0]
-              and "value" in m["content"]["data"].get("state", {})]
+    values = [
+        m["content"]["data"]["state"]["value"]
+        for m in busy.messages
+        if m["msg_type"] == "comm_msg"
+        and m["content"]["comm_id"] == bars[0]
+        and "value" in m["content"]["data"].get("state", {})
+    ]
     assert len(set(values)) >= 3 and values[-1] == 1.0, values
 
 

@@ -94,8 +94,9 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             form.get_by_label("Command").fill(f"{sys.executable} -c \"import os; print('launched in', os.getcwd())\"")
             form.get_by_label("GPUs").fill("1")
             form.get_by_role("button", name="Submit").click()
-            form.get_by_role("alert").filter(has_text="resources.gpus: requesting GPUs needs the custom:gpulab:gpu scope")\
-                .wait_for(timeout=30_000)
+            form.get_by_role("alert").filter(
+                has_text="resources.gpus: requesting GPUs needs the custom:gpulab:gpu scope"
+            ).wait_for(timeout=30_000)
             form.get_by_label("GPUs").fill("0")
             form.get_by_role("button", name="Submit").click()
             form.wait_for(state="detached", timeout=30_000)

@@ -78,8 +78,10 @@ def test_requests_without_valid_hub_credentials_are_refused(hub):
     with requests.Session() as session:  # refusals close the connection cleanly: no 503s from the hub's proxy
         assert [session.post(api, json={"x": i}, timeout=10).status_code for i in range(30)] == [401] * 30
     # a refused POST on the connection a refused GET left open in the proxy's pool: answered, not reset (503)
-    assert [requests.request(method, api, json={} if method == "POST" else None, timeout=10).status_code
-            for method in ["GET", "POST"] * 15] == [401] * 30
+    assert [
+        requests.request(method, api, json={} if method == "POST" else None, timeout=10).status_code
+        for method in ["GET", "POST"] * 15
+    ] == [401] * 30
 
     page = requests.get(f"{hub.url}{PREFIX}/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10)
     assert page.status_code == 302
@@ -101,7 +103,9 @@ def test_mlflow_client_with_a_hub_token(hub, tmp_path, monkeypatch):
 
     assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5, 1 / 3]
     back = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="weights/model.bin", dst_path=str(tmp_path / "back"),
+        run_id=run.info.run_id,
+        artifact_path="weights/model.bin",
+        dst_path=str(tmp_path / "back"),
         tracking_uri=f"{hub.url}{PREFIX}",
     )
     assert hashlib.sha256(open(back, "rb").read()).digest() == hashlib.sha256(model.read_bytes()).digest()
@@ -112,8 +116,9 @@ def test_raw_artifact_upload_download_and_head(hub):
     data = os.urandom(5 * 2**20)
     # with Content-Length: MLflow 3.17 reads no chunked body on Flask routes, which artifact
     # uploads are under --static-prefix (its streaming artifact routes are not prefixed)
-    r = requests.post(f"{hub.url}{PREFIX}/api/2.0/mlflow/experiments/create", json={"name": "raw"}, headers=headers,
-                      timeout=30)
+    r = requests.post(
+        f"{hub.url}{PREFIX}/api/2.0/mlflow/experiments/create", json={"name": "raw"}, headers=headers, timeout=30
+    )
     assert r.status_code == 200, r.text
     url = f"{hub.url}{PREFIX}/api/2.0/mlflow-artifacts/artifacts/{r.json()['experiment_id']}/data.bin"
     r = requests.put(url, data=data, headers=headers, timeout=60)
@@ -152,8 +157,13 @@ def test_experiments_runs_and_models_are_their_creators(hub):
 
     def call(user, method, path, extra_headers=None, **body):
         headers = {**auth(tokens[user], "Bearer"), **(extra_headers or {})}
-        return requests.request(method, f"{api}/{path}", headers=headers, timeout=30,
-                                **({"params": body} if method == "GET" else {"json": body}))
+        return requests.request(
+            method,
+            f"{api}/{path}",
+            headers=headers,
+            timeout=30,
+            **({"params": body} if method == "GET" else {"json": body}),
+        )
 
     def ok(r):
         assert r.status_code == 200, r.text
@@ -162,8 +172,9 @@ def test_experiments_runs_and_models_are_their_creators(hub):
     experiment = ok(call("alice", "POST", "experiments/create", name="alice-exp"))["experiment_id"]
     run = ok(call("alice", "POST", "runs/create", experiment_id=experiment))["run"]["info"]["run_id"]
     ok(call("alice", "POST", "registered-models/create", name="alice-model"))
-    version = ok(call("alice", "POST", "model-versions/create", name="alice-model", source=f"runs:/{run}/model",
-                      run_id=run))["model_version"]["version"]
+    version = ok(
+        call("alice", "POST", "model-versions/create", name="alice-model", source=f"runs:/{run}/model", run_id=run)
+    )["model_version"]["version"]
     reads = [
         ("GET", "runs/get", {"run_id": run}),
         ("GET", "experiments/get", {"experiment_id": experiment}),
@@ -192,8 +203,10 @@ def test_experiments_runs_and_models_are_their_creators(hub):
     for method, path, body in writes:  # ...and changes nothing
         r = call("dave", method, path, **body)
         assert r.status_code == 403, (path, "group member", r.status_code, r.text)
-    found = {user: {e["name"] for e in ok(call(user, "POST", "experiments/search", max_results=100)).get(
-        "experiments", [])} for user in ("bob", "dave")}
+    found = {
+        user: {e["name"] for e in ok(call(user, "POST", "experiments/search", max_results=100)).get("experiments", [])}
+        for user in ("bob", "dave")
+    }
     assert "alice-exp" not in found["bob"] and "alice-exp" in found["dave"], found  # search shows what one may read
     assert ok(call("alice", "GET", "runs/get", run_id=run))["run"]["info"]["status"] == "RUNNING"  # all intact
     ok(call("alice", "POST", "registered-models/alias", name="alice-model", alias="prod", version=version))
@@ -201,8 +214,9 @@ def test_experiments_runs_and_models_are_their_creators(hub):
     ok(call("bob", "POST", "experiments/create", name="bob-exp"))  # and bob has his own
 
 
-@pytest.mark.parametrize("sharing, permission", [("group", "NO_PERMISSIONS"), ("everyone", "READ"),
-                                                 ("private", "NO_PERMISSIONS")])
+@pytest.mark.parametrize(
+    "sharing, permission", [("group", "NO_PERMISSIONS"), ("everyone", "READ"), ("private", "NO_PERMISSIONS")]
+)
 def test_sharing_sets_what_others_may_do(tmp_path, sharing, permission):
     from gpulab.errors import ConfigError
     from gpulab.services.mlflow import auth_config

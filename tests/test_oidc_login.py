@@ -107,8 +107,9 @@ def test_wrong_password_is_rejected_by_the_provider(stack):
 
 def whoami(hub, user, token=None):
     headers = {"Authorization": f"token {token}"} if token else {}
-    return requests.get(f"{hub.url}/user/{user}/gpulab/api/v1/whoami", headers=headers,
-                        allow_redirects=False, timeout=30)
+    return requests.get(
+        f"{hub.url}/user/{user}/gpulab/api/v1/whoami", headers=headers, allow_redirects=False, timeout=30
+    )
 
 
 def test_rbac_matrix(stack):
@@ -125,8 +126,12 @@ def test_rbac_matrix(stack):
     r = whoami(hub, "alice", alice)
     assert r.status_code == 200, r.text
     SPEC.validate("/whoami", "GET", 200, r.json())
-    assert r.json()["scopes"] == ["custom:gpulab:attest", "custom:gpulab:gpu", "custom:gpulab:infer",
-                                  "custom:gpulab:jobs"]
+    assert r.json()["scopes"] == [
+        "custom:gpulab:attest",
+        "custom:gpulab:gpu",
+        "custom:gpulab:infer",
+        "custom:gpulab:jobs",
+    ]
     assert r.json()["groups"] == ["ml", "ml-gpu"]
     r = whoami(hub, "bob", bob)  # signed in, own server, but no gpulab role
     assert r.status_code == 403, r.text
@@ -164,8 +169,9 @@ def test_group_change_at_provider_updates_hub_and_emits_event(stack):
     model = hub.api("GET", "/users/erin").json()
     assert sorted(model["groups"]) == ["ml", "ml-gpu"]
     token = hub.token("erin")
-    scopes = requests.get(f"{hub.url}/hub/api/user", headers={"Authorization": f"token {token}"},
-                          timeout=30).json()["scopes"]
+    scopes = requests.get(f"{hub.url}/hub/api/user", headers={"Authorization": f"token {token}"}, timeout=30).json()[
+        "scopes"
+    ]
     assert "custom:gpulab:gpu" in scopes
     events = received_events(events_db, "erin", count=2)
     assert [e["type"] for e in events] == ["user.created", "user.updated"]

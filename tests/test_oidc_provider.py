@@ -28,8 +28,14 @@ def idp(tmp_path_factory):
 def sign_in(idp: OIDCProvider, username: str, password: str, **params) -> requests.Response:
     """Start an authorization request, post the login form; return the provider's last response."""
     session = requests.Session()
-    query = {"response_type": "code", "client_id": idp.client_id, "redirect_uri": REDIRECT_URI,
-             "scope": SCOPE, "state": "st4te", **params}
+    query = {
+        "response_type": "code",
+        "client_id": idp.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": SCOPE,
+        "state": "st4te",
+        **params,
+    }
     resp = session.get(idp.authorize_url, params=query, allow_redirects=False)
     assert resp.status_code == 302
     login_url = urljoin(resp.url, resp.headers["Location"])
@@ -38,8 +44,11 @@ def sign_in(idp: OIDCProvider, username: str, password: str, **params) -> reques
     assert "Sign in" in page.text
     csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
     next_url = parse_qs(urlsplit(login_url).query)["next"][0]
-    resp = session.post(login_url, allow_redirects=False, data={
-        "csrfmiddlewaretoken": csrf, "username": username, "password": password, "next": next_url})
+    resp = session.post(
+        login_url,
+        allow_redirects=False,
+        data={"csrfmiddlewaretoken": csrf, "username": username, "password": password, "next": next_url},
+    )
     while resp.status_code == 302 and urljoin(resp.url, resp.headers["Location"]).startswith(idp.url):
         resp = session.get(urljoin(resp.url, resp.headers["Location"]), allow_redirects=False)
     return resp
@@ -61,8 +70,7 @@ def exchange(idp: OIDCProvider, code: str, basic: bool = False, **extra) -> requ
     data = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI, **extra}
     if basic:
         return requests.post(idp.token_url, data=data, auth=(idp.client_id, idp.client_secret))
-    return requests.post(idp.token_url, data={**data, "client_id": idp.client_id,
-                                              "client_secret": idp.client_secret})
+    return requests.post(idp.token_url, data={**data, "client_id": idp.client_id, "client_secret": idp.client_secret})
 
 
 def verify_id_token(idp: OIDCProvider, id_token: str) -> dict:
@@ -114,9 +122,16 @@ def test_code_flow(idp, basic):
 
 def test_code_is_single_use_and_secret_checked(idp):
     code = get_code(idp, "alice", "alice-pw")
-    resp = requests.post(idp.token_url, data={
-        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-        "client_id": idp.client_id, "client_secret": "wrong"})
+    resp = requests.post(
+        idp.token_url,
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "client_id": idp.client_id,
+            "client_secret": "wrong",
+        },
+    )
     assert resp.status_code == 401
     assert exchange(idp, code).status_code == 200
     assert exchange(idp, code).json()["error"] == "invalid_grant"

@@ -14,7 +14,7 @@ def spec_path_pattern(path: str) -> str:
 
 
 def route_pattern(route: str, prefix: str) -> str:
-    return re.sub(r"\(\?P<[^>]+>[^)]+\)|\([^)]+\)", "{}", route[len(prefix):]).rstrip("$")
+    return re.sub(r"\(\?P<[^>]+>[^)]+\)|\([^)]+\)", "{}", route[len(prefix) :]).rstrip("$")
 
 
 def test_server_extension_routes_match_spec():

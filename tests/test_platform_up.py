@@ -37,15 +37,17 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     print(f"login + spawn to JupyterLab: {time.monotonic() - t0:.1f}s")
 
     token = api_session_token(session, platform.url, "admin")
-    r = requests.get(f"{platform.url}/user/admin/gpulab/api/v1/whoami",
-                     headers={"Authorization": f"token {token}"}, timeout=30)
+    r = requests.get(
+        f"{platform.url}/user/admin/gpulab/api/v1/whoami", headers={"Authorization": f"token {token}"}, timeout=30
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["name"] == "admin" and body["admin"] is True
     assert "custom:gpulab:admin" in body["scopes"] and "custom:gpulab:jobs" in body["scopes"]
 
-    info = requests.get(f"{platform.url}/hub/api/services/gpulab-infer", headers={"Authorization": f"token {token}"},
-                        timeout=30).json()["info"]
+    info = requests.get(
+        f"{platform.url}/hub/api/services/gpulab-infer", headers={"Authorization": f"token {token}"}, timeout=30
+    ).json()["info"]
     gateway = info["grpc_address"]
     import tritonclient.grpc as grpcclient
 
@@ -58,11 +60,16 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
         except Exception:
             time.sleep(1)
     assert client.is_server_ready(headers={"authorization": f"token {token}"})
-    rest = requests.get(f"http://{info['rest_address']}/v2/health/ready", headers={"Authorization": f"token {token}"},
-                        timeout=30)  # KServe v2 REST on the gateway, to the embedded Triton's HTTP port
+    rest = requests.get(
+        f"http://{info['rest_address']}/v2/health/ready", headers={"Authorization": f"token {token}"}, timeout=30
+    )  # KServe v2 REST on the gateway, to the embedded Triton's HTTP port
     assert rest.status_code == 200, rest.text
-    assert requests.get(f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"},
-                        timeout=30).json()["name"] == "triton"
+    assert (
+        requests.get(
+            f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"}, timeout=30
+        ).json()["name"]
+        == "triton"
+    )
     # the embedded Triton, killed, is started again on its ports (and says why it went in the platform's log)
     [triton] = running(platform, "tritonserver")
     triton.kill()
@@ -70,8 +77,12 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     while not [p for p in running(platform, "tritonserver") if p.pid != triton.pid]:
         assert time.monotonic() < deadline, "the embedded Triton was not started again"
         time.sleep(0.5)
-    while requests.get(f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"},
-                       timeout=30).status_code != 200:
+    while (
+        requests.get(
+            f"http://{info['rest_address']}/v2", headers={"Authorization": f"token {token}"}, timeout=30
+        ).status_code
+        != 200
+    ):
         assert time.monotonic() < deadline, "the gateway did not reach the restarted Triton"
         time.sleep(0.5)
     assert f"tritonserver (pid {triton.pid}) exited with status -9" in platform.log_path.read_text()
@@ -81,8 +92,11 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     listening = [c for c in triton.net_connections(kind="all") if c.status in (psutil.CONN_LISTEN, psutil.CONN_NONE)]
     assert not [c for c in listening if c.family != socket.AF_UNIX], listening
     sockets = platform.data_dir / "triton"
-    assert {Path(c.laddr) for c in listening if c.laddr} == {sockets / "grpc.sock:0", sockets / "http.sock",
-                                                   sockets / "metrics.sock"}, listening
+    assert {Path(c.laddr) for c in listening if c.laddr} == {
+        sockets / "grpc.sock:0",
+        sockets / "http.sock",
+        sockets / "metrics.sock",
+    }, listening
     assert sockets.stat().st_mode & 0o777 == 0o700
     assert not any("restricted" in arg for arg in triton.cmdline()), triton.cmdline()
     # the gateway (nginx in front of the Python gateway) listens on TCP only where users call it: its gRPC and
@@ -92,13 +106,22 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
     public.add(int(service.environ()["JUPYTERHUB_SERVICE_URL"].rstrip("/").rsplit(":", 1)[1]))
     gateway_parts = [service, *service.children(recursive=True)]
     assert any(p.name() == "nginx" for p in gateway_parts)
-    tcp = {c.laddr.port for p in gateway_parts for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    tcp = {
+        c.laddr.port for p in gateway_parts for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+    }
     assert tcp == public, (tcp, public)
 
     started = platform.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in started)
-    for part in ("jupyterhub", "configurable-http-proxy", "singleuser", "gpulab.services.jobs", "gpulab.services.mlflow",
-                 "gpulab.services.infer", "tritonserver"):
+    for part in (
+        "jupyterhub",
+        "configurable-http-proxy",
+        "singleuser",
+        "gpulab.services.jobs",
+        "gpulab.services.mlflow",
+        "gpulab.services.infer",
+        "tritonserver",
+    ):
         assert part in names, part
     if os.geteuid() == 0:  # isolation 'accounts': each part as little as it needs
         runs_as = {}
@@ -109,8 +132,9 @@ def test_up_login_spawn_whoami_and_clean_stop(platform):
         service_parts = runs_as.pop(platform.service_account)
         for part in ("gpulab.services.mlflow", "gpulab.services.infer", "tritonserver", "-m gpulab.services.jobs"):
             assert any(part in what for what in service_parts), (part, runs_as)
-        assert {u for u, parts in runs_as.items() if any("singleuser" in w for w in parts)} == \
-            {f"{platform.account_prefix}admin"}, runs_as
+        assert {u for u, parts in runs_as.items() if any("singleuser" in w for w in parts)} == {
+            f"{platform.account_prefix}admin"
+        }, runs_as
         # of the job service only its launcher keeps root: it starts jobs as their owners' accounts
         [launcher] = runs_as.pop("root")
         assert launcher.split()[1:4] == ["-I", "-m", "gpulab.services.jobs.executors.launcher"], launcher

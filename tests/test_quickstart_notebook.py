@@ -28,8 +28,10 @@ def hub(tmp_path_factory):
         hub.create_user("nia")
         hub.user_token = hub.token("nia")
         deadline = time.monotonic() + 90
-        while requests.get(f"{hub.url}/services/mlflow/health", headers=auth(hub.user_token), timeout=10).status_code \
-                != 200:
+        while (
+            requests.get(f"{hub.url}/services/mlflow/health", headers=auth(hub.user_token), timeout=10).status_code
+            != 200
+        ):
             assert time.monotonic() < deadline, f"MLflow not up through the hub:\n{hub.log_tail()}"
             time.sleep(0.5)
         yield hub
@@ -43,8 +45,12 @@ def auth(token: str) -> dict:
 
 def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_path, monkeypatch, output_dir):
     shutil.copytree(ROOT / "jupyter-kernels" / "gpulab-rapids", tmp_path / "jupyter" / "kernels" / "gpulab-rapids")
-    server_env = {"GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1", "JUPYTERHUB_API_TOKEN": hub.user_token,
-                  "JUPYTERHUB_API_URL": f"{hub.url}/hub/api", "GPULAB_MLFLOW_UI_URL": f"{hub.url}/services/mlflow/"}
+    server_env = {
+        "GPULAB_JOBS_URL": f"{hub.url}/services/gpulab-jobs/api/v1",
+        "JUPYTERHUB_API_TOKEN": hub.user_token,
+        "JUPYTERHUB_API_URL": f"{hub.url}/hub/api",
+        "GPULAB_MLFLOW_UI_URL": f"{hub.url}/services/mlflow/",
+    }
     for name, value in {**server_env, "JUPYTER_PATH": str(tmp_path / "jupyter")}.items():
         monkeypatch.setenv(name, value)  # the kernel inherits them
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -60,8 +66,9 @@ def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_pat
     assert "no GPU found" in text[0] + text[1]
     assert (notebook_dir / "digits-prepared.parquet").exists()
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs[2])  # the monitor
-    widgets = [w["state"] for w in notebook.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
-               .values()]  # as the monitor ended
+    widgets = [
+        w["state"] for w in notebook.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"].values()
+    ]  # as the monitor ended
     (bar,) = [(w["value"], w["description"]) for w in widgets if w["_model_name"] == "FloatProgressModel"]
     texts = [w["value"] for w in widgets if w["_model_name"] == "HTMLModel"]
     assert bar == (1.0, "30/30") and any(t.startswith("<b>succeeded</b>") for t in texts), widgets
@@ -69,10 +76,12 @@ def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_pat
 
     api = f"{hub.url}/services/mlflow/api/2.0/mlflow"
     headers = auth(hub.user_token)
-    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "digits"},
-                              headers=headers, timeout=10).json()["experiment"]
-    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]},
-                         headers=headers, timeout=10).json()["runs"]
+    experiment = requests.get(
+        f"{api}/experiments/get-by-name", params={"experiment_name": "digits"}, headers=headers, timeout=10
+    ).json()["experiment"]
+    runs = requests.post(
+        f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]}, headers=headers, timeout=10
+    ).json()["runs"]
     assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED", runs
     run = runs[0]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -81,6 +90,10 @@ def test_quickstart_runs_top_to_bottom_and_leaves_a_model_in_mlflow(hub, tmp_pat
     link = f"/services/mlflow/#/experiments/{experiment['experiment_id']}/runs/{run['info']['run_id']}"
     assert link in outputs[3][-1]["data"]["text/html"]
     assert any(link in text for text in texts), texts  # the monitor's MLflow link
-    models = requests.post(f"{api}/logged-models/search", json={"experiment_ids": [experiment["experiment_id"]]},
-                           headers=headers, timeout=10).json()["models"]
+    models = requests.post(
+        f"{api}/logged-models/search",
+        json={"experiment_ids": [experiment["experiment_id"]]},
+        headers=headers,
+        timeout=10,
+    ).json()["models"]
     assert [m["info"]["source_run_id"] for m in models] == [run["info"]["run_id"]], models

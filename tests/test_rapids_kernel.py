@@ -49,8 +49,14 @@ def test_preprocess_runner_runs_a_script_with_the_notice(tmp_path):
     script = tmp_path / "prep.py"
     script.write_text("import sys, pandas\nprint('args', sys.argv[1:], __name__)\n")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # as the job service sets it for CPU jobs
-    done = subprocess.run([sys.executable, "-m", "gpulab.kernels.rapids", str(script), "--in", "x.csv"],
-                          check=False, capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpulab.kernels.rapids", str(script), "--in", "x.csv"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "args ['--in', 'x.csv'] __main__\n" and done.stderr.strip() == rapids.NO_GPU
 

@@ -35,11 +35,26 @@ async def executor(cluster):
     await executor.close()
 
 
-def launch(code: str, tmp_path: Path, *, pool: str = "default", gpus: int = 0, env: dict | None = None,
-           job_id: str | None = None) -> Launch:
+def launch(
+    code: str,
+    tmp_path: Path,
+    *,
+    pool: str = "default",
+    gpus: int = 0,
+    env: dict | None = None,
+    job_id: str | None = None,
+) -> Launch:
     return Launch(
-        job_id=job_id or os.urandom(6).hex(), attempt=1, owner="alice", argv=[sys.executable, "-c", code],
-        working_dir=str(tmp_path), env=env or {}, gpus=gpus, cpus=1, memory=None, pool=pool,
+        job_id=job_id or os.urandom(6).hex(),
+        attempt=1,
+        owner="alice",
+        argv=[sys.executable, "-c", code],
+        working_dir=str(tmp_path),
+        env=env or {},
+        gpus=gpus,
+        cpus=1,
+        memory=None,
+        pool=pool,
         log_path=tmp_path / "attempt-1.log",
     )
 
@@ -69,8 +84,10 @@ async def test_capacity_per_pool(executor):
 
 
 async def test_cpu_job_succeeds_and_logs_its_output(executor, tmp_path):
-    code = ("import os; print('hello from gpulab', os.environ['GREETING'],"
-            " repr(os.environ['CUDA_VISIBLE_DEVICES']), os.environ['GPULAB_WORKING_DIR'])")
+    code = (
+        "import os; print('hello from gpulab', os.environ['GREETING'],"
+        " repr(os.environ['CUDA_VISIBLE_DEVICES']), os.environ['GPULAB_WORKING_DIR'])"
+    )
     handle = await executor.start(launch(code, tmp_path, env={"GREETING": "hi there"}))
     assert handle.executor == "ray" and handle.ref.startswith("gpulab-")
     outcome = await wait_done(executor, handle)
@@ -143,6 +160,7 @@ async def test_unknown_job_is_lost(executor):
 
 async def forward(port: int, target_port: int) -> asyncio.Server:
     """A TCP proxy 127.0.0.1:port -> 127.0.0.1:target_port: the dashboard coming back at ``port``."""
+
     async def pipe(reader, writer):
         try:
             while data := await reader.read(65536):
@@ -161,8 +179,9 @@ async def forward(port: int, target_port: int) -> asyncio.Server:
 async def test_unreachable_dashboard_opens_the_circuit_then_a_probe_recovers(cluster, tmp_path):
     port = free_port()
     address = f"http://127.0.0.1:{port}"
-    executor = RayExecutor(address=address, pool_resources={"gpu": GPU_RESOURCE},
-                           failure_threshold=3, recovery_timeout=1.0)
+    executor = RayExecutor(
+        address=address, pool_resources={"gpu": GPU_RESOURCE}, failure_threshold=3, recovery_timeout=1.0
+    )
     try:
         started = time.monotonic()
         with pytest.raises(ExecutorUnavailable, match=f"ray at {address} is unavailable"):
@@ -206,8 +225,10 @@ c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
     try:
         hub.create_user("alice")
         alice = Client(hub, "alice")
-        code = ("import os, gpulab; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES']); "
-                "print('token:', bool(os.environ.get('GPULAB_JOB_TOKEN'))); gpulab.progress(1, 2, loss=0.5)")
+        code = (
+            "import os, gpulab; print('CVD=' + os.environ['CUDA_VISIBLE_DEVICES']); "
+            "print('token:', bool(os.environ.get('GPULAB_JOB_TOKEN'))); gpulab.progress(1, 2, loss=0.5)"
+        )
         spec = {"name": "on-ray", "entrypoint": [sys.executable, "-c", code], "resources": {"gpus": 1, "pool": "gpu"}}
         job_id = alice.submit(**spec)["id"]
         job = alice.wait(job_id, timeout=120)
@@ -219,8 +240,11 @@ c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
         shown = ray_job["runtime_env"]["env_vars"]
         assert not {"GPULAB_JOB_TOKEN", "MLFLOW_TRACKING_TOKEN"} & shown.keys() and shown["GPULAB_CREDENTIALS_TICKET"]
         assert "token: True" in logs and job["progress"]["step"] == 1  # the claimed token works
-        claim = requests.post(f"{alice.base}/jobs/{job_id}/credentials", timeout=30,
-                              headers={"Authorization": f"job-ticket {shown['GPULAB_CREDENTIALS_TICKET']}"})
+        claim = requests.post(
+            f"{alice.base}/jobs/{job_id}/credentials",
+            timeout=30,
+            headers={"Authorization": f"job-ticket {shown['GPULAB_CREDENTIALS_TICKET']}"},
+        )
         assert claim.status_code == 403, claim.text  # the attempt is over
         events = alice.request("GET", f"/jobs/{job_id}/events").json()["events"]
         states = [e["to_state"] for e in events]  # `running` only if a poll saw Ray's RUNNING
@@ -233,8 +257,9 @@ c.RayExecutor.pool_resources = {{"gpu": {GPU_RESOURCE!r}}}
 
 async def test_node_death_is_a_retryable_failure(executor, cluster, tmp_path):
     """Last: it kills the fake-GPU node."""
-    handle = await executor.start(launch("import time; print('up', flush=True); time.sleep(300)", tmp_path,
-                                         pool="gpu", gpus=1))
+    handle = await executor.start(
+        launch("import time; print('up', flush=True); time.sleep(300)", tmp_path, pool="gpu", gpus=1)
+    )
     await wait_for_log(executor, handle, "up")
     cluster.kill_raylet(1)
     outcome = await wait_done(executor, handle, timeout=90)

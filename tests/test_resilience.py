@@ -57,7 +57,10 @@ async def test_opens_after_threshold_and_fails_fast(breaker, clock):
     assert str(err.value) == "ray at http://127.0.0.1:8265 is unavailable (circuit open, retry in 13 s)"
     assert err.value.retry_in == pytest.approx(12.5)
     assert breaker.snapshot() == {
-        "name": "ray at http://127.0.0.1:8265", "state": "open", "failures": 3, "retry_in": 12.5,
+        "name": "ray at http://127.0.0.1:8265",
+        "state": "open",
+        "failures": 3,
+        "retry_in": 12.5,
         "last_error": "ConnectionRefusedError: refused",
     }
 
@@ -135,16 +138,19 @@ async def test_failure_test_is_configurable(clock):
     assert breaker.state == "open"
 
 
-@pytest.mark.parametrize("exc, outage", [
-    (ConnectionRefusedError(), True),
-    (OSError("no route"), True),
-    (TimeoutError(), True),
-    (HTTPClientError(599), True),
-    (HTTPClientError(503), True),
-    (HTTPClientError(404), False),
-    (HTTPClientError(400), False),
-    (ValueError(), False),
-])
+@pytest.mark.parametrize(
+    "exc, outage",
+    [
+        (ConnectionRefusedError(), True),
+        (OSError("no route"), True),
+        (TimeoutError(), True),
+        (HTTPClientError(599), True),
+        (HTTPClientError(503), True),
+        (HTTPClientError(404), False),
+        (HTTPClientError(400), False),
+        (ValueError(), False),
+    ],
+)
 def test_is_outage(exc, outage):
     assert is_outage(exc) is outage
 

@@ -70,9 +70,15 @@ class JobsService:
         class Handler(web.RequestHandler):
             def post(self, job_id, endpoint):
                 auth_ok = self.request.headers.get("Authorization") == f"job-token {service.token}"
-                service.calls.append({"job_id": job_id, "endpoint": endpoint, "auth_ok": auth_ok,
-                                      "body": json.loads(self.request.body),
-                                      "traceparent": self.request.headers.get("traceparent", "")})
+                service.calls.append(
+                    {
+                        "job_id": job_id,
+                        "endpoint": endpoint,
+                        "auth_ok": auth_ok,
+                        "body": json.loads(self.request.body),
+                        "traceparent": self.request.headers.get("traceparent", ""),
+                    }
+                )
                 self.set_status(204 if auth_ok else 401)
 
         app = web.Application([(r"/services/gpulab-jobs/api/v1/jobs/([^/]+)/(progress|heartbeat|tracking)", Handler)])
@@ -97,9 +103,16 @@ def job_env(tmp_path: Path, jobs_url: str, token: str, mlflow_url: str | None = 
     (work / "train.py").write_text(TRAIN)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPULAB_", "MLFLOW_", "WANDB_", "OTEL_"))}
     env.update(
-        HOME=str(home), GPULAB_JOB_ID=uuid.uuid4().hex, GPULAB_JOB_OWNER="alice", GPULAB_JOB_NAME="demo-train",
-        GPULAB_JOB_ATTEMPT="1", GPULAB_JOB_DIR=str(job_dir), GPULAB_WORKING_DIR=str(work),
-        GPULAB_JOBS_URL=jobs_url, GPULAB_JOB_TOKEN=token, WANDB_PROJECT="gpulab-tests",
+        HOME=str(home),
+        GPULAB_JOB_ID=uuid.uuid4().hex,
+        GPULAB_JOB_OWNER="alice",
+        GPULAB_JOB_NAME="demo-train",
+        GPULAB_JOB_ATTEMPT="1",
+        GPULAB_JOB_DIR=str(job_dir),
+        GPULAB_WORKING_DIR=str(work),
+        GPULAB_JOBS_URL=jobs_url,
+        GPULAB_JOB_TOKEN=token,
+        WANDB_PROJECT="gpulab-tests",
         TRACEPARENT=f"00-{TRACE_ID}-00f067aa0ba902b7-01",
     )
     if mlflow_url:
@@ -109,8 +122,16 @@ def job_env(tmp_path: Path, jobs_url: str, token: str, mlflow_url: str | None = 
 
 async def start_job(env: dict, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gpulab.runner", "--", sys.executable, "train.py", *args,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gpulab.runner",
+        "--",
+        sys.executable,
+        "train.py",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -140,8 +161,8 @@ def wandb_history(job_dir: Path, run_id: str) -> list[dict]:
         if block - pos % block < 7:  # block trailer
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        parts += data[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment
             record = wandb_internal_pb2.Record()
@@ -181,9 +202,13 @@ async def test_job_succeeds_with_mlflow_wandb_and_progress(tmp_path, mlflow_serv
     assert progress[-1]["step"] == progress[-1]["total"] == 5
     assert progress[-1]["metrics"]["loss"] == pytest.approx(losses[-1])
     assert jobs_service.bodies("heartbeat")
-    assert jobs_service.bodies("tracking") == [{"mlflow_run_id": run.info.run_id,
-                                                "mlflow_experiment_id": run.info.experiment_id,
-                                                "wandb_run_path": f"gpulab-tests/{wandb_id}"}]
+    assert jobs_service.bodies("tracking") == [
+        {
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_experiment_id": run.info.experiment_id,
+            "wandb_run_path": f"gpulab-tests/{wandb_id}",
+        }
+    ]
 
 
 async def test_failing_job_keeps_exit_code_and_fails_the_run(tmp_path, mlflow_server, jobs_service):
@@ -230,15 +255,22 @@ async def test_job_succeeds_with_mlflow_down(tmp_path, jobs_service):
     runner_lines = [line for line in err.splitlines() if line.startswith("gpulab.runner")]
     assert len(runner_lines) == 1 and runner_lines[0].startswith("gpulab.runner: opening the MLflow run failed ("), err
     assert jobs_service.bodies("progress") == [{"step": 1, "total": 1, "metrics": {"loss": 0.5}}]
-    assert jobs_service.bodies("tracking") == [{"mlflow_run_id": None, "mlflow_experiment_id": None,
-                                                "wandb_run_path": f"gpulab-tests/{env['GPULAB_JOB_ID']}-1"}]
+    assert jobs_service.bodies("tracking") == [
+        {
+            "mlflow_run_id": None,
+            "mlflow_experiment_id": None,
+            "wandb_run_path": f"gpulab-tests/{env['GPULAB_JOB_ID']}-1",
+        }
+    ]
 
 
 async def test_progress_is_throttled_and_sends_the_last_step(tmp_path, jobs_service):
     env = job_env(tmp_path, jobs_service.url, jobs_service.token)
     del env["WANDB_PROJECT"]
-    loop = "import time, gpulab\np = gpulab.progress\nt = time.monotonic()\nfor i in range(1, 20001): p(i, 20000, x=i)\n" \
-           "print(time.monotonic() - t)"
+    loop = (
+        "import time, gpulab\np = gpulab.progress\nt = time.monotonic()\nfor i in range(1, 20001): p(i, 20000, x=i)\n"
+        "print(time.monotonic() - t)"
+    )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", loop, env=env, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     elapsed = float(out)
@@ -249,6 +281,12 @@ async def test_progress_is_throttled_and_sends_the_last_step(tmp_path, jobs_serv
 
 def test_progress_outside_a_job_prints_one_line():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPULAB_", "MLFLOW_", "WANDB_"))}
-    out = subprocess.run([sys.executable, "-c", "import gpulab; gpulab.progress(3, 10, loss=0.25, acc=1)"],
-                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import gpulab; gpulab.progress(3, 10, loss=0.25, acc=1)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert out.stdout == "progress: step 3/10 loss=0.25 acc=1\n" and out.stderr == ""

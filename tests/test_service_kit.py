@@ -42,8 +42,14 @@ class Handler(JSONAPIMixin, web.RequestHandler):
 
     def get(self, what):
         if what == "api":
-            raise APIError(409, "job 1 is 100% done", field="state", code="conflict", headers={"Retry-After": "3"},
-                           details={"job": 1})
+            raise APIError(
+                409,
+                "job 1 is 100% done",
+                field="state",
+                code="conflict",
+                headers={"Retry-After": "3"},
+                details={"job": 1},
+            )
         if what == "tornado":
             raise web.HTTPError(400, "malformed %s", "query")
         if what == "bug":
@@ -88,8 +94,9 @@ async def serve(loopback):
 async def test_api_error_answers_with_its_code_field_headers_and_details(serve):
     code, headers, body = await serve("/api")
     assert code == 409 and headers["Retry-After"] == "3" and headers["Content-Type"] == "application/json"
-    assert body == {"error": {"code": "conflict", "message": "job 1 is 100% done", "field": "state",
-                              "details": {"job": 1}}}
+    assert body == {
+        "error": {"code": "conflict", "message": "job 1 is 100% done", "field": "state", "details": {"job": 1}}
+    }
 
 
 async def test_tornado_errors_under_500_keep_their_message_and_get_a_code(serve):
@@ -101,8 +108,9 @@ async def test_failures_of_ours_say_where_to_look_and_leak_nothing(serve):
     for path in ("/bug", "/upstream"):  # a 5xx that is not an APIError is ours, whatever it says
         code, _, body = await serve(path)
         assert code == 500 if path == "/bug" else 502
-        assert body == {"error": {"code": "internal", "message": "internal error; see the gpulab-test log",
-                                  "field": None}}, path
+        assert body == {
+            "error": {"code": "internal", "message": "internal error; see the gpulab-test log", "field": None}
+        }, path
 
 
 async def test_every_405_names_the_methods_in_allow(serve):
@@ -115,8 +123,11 @@ async def test_bodies_are_parsed_into_models_naming_the_field_at_fault(serve):
     assert (await serve("/x", "POST", b'{"name": "a"}'))[::2] == (201, {"name": "a", "gpus": 0})
     code, _, body = await serve("/x", "POST", b'{"name": "much too long"}')
     assert code == 422 and body["error"]["field"] == "name" and body["error"]["code"] == "invalid"
-    for raw, message in ((b"{", "not valid JSON"), (b"[1]", "must be a JSON object"),
-                         (b"[" * 100_000, "not valid JSON|nested too deeply")):
+    for raw, message in (
+        (b"{", "not valid JSON"),
+        (b"[1]", "must be a JSON object"),
+        (b"[" * 100_000, "not valid JSON|nested too deeply"),
+    ):
         code, _, body = await serve("/x", "POST", raw)
         assert code == 400 and body["error"]["code"] == "invalid_json" and re.search(message, body["error"]["message"])
 
@@ -147,6 +158,7 @@ def test_the_nginx_plane_gets_the_same_table():
 
 # The supervisor, with real child processes (python -c ...).
 
+
 def python(code: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], **kwargs)
 
@@ -169,8 +181,10 @@ async def test_a_child_that_exits_is_started_again_and_its_exit_logged(caplog):
         first.kill()
         second = await wait_for(lambda: child.proc is not first and child.proc)
         assert second.poll() is None and child.delay == 0.0  # after a healthy run: at once
-        assert f"worker (pid {first.pid}) exited with status -9; starting it again in 0 s; its log ends:\nlast words" \
+        assert (
+            f"worker (pid {first.pid}) exited with status -9; starting it again in 0 s; its log ends:\nlast words"
             in caplog.text
+        )
     finally:
         watch.cancel()
         await supervisor.stop(timeout=5)
@@ -200,9 +214,11 @@ async def test_a_child_failing_early_is_started_again_later_and_later(caplog):
 
 
 async def test_stop_kills_by_pid_what_ignores_its_signal_and_the_childs_group():
-    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print(p.pid, flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print(p.pid, flush=True); "
+        "time.sleep(60)"
+    )
     child = Child("stubborn", lambda: python(code, stdout=subprocess.PIPE, start_new_session=True), group=True)
     supervisor = Supervisor(logging.getLogger("test.supervisor"))
     await supervisor.start(child)
@@ -218,14 +234,18 @@ async def test_a_child_not_ready_is_stopped_and_named():
     async def never() -> bool:
         return False
 
-    child = Child("slow", lambda: python("import time; time.sleep(60)"),
-                  ready=lambda proc: wait_until(never, proc, 0.5, "slow"))
+    child = Child(
+        "slow", lambda: python("import time; time.sleep(60)"), ready=lambda proc: wait_until(never, proc, 0.5, "slow")
+    )
     supervisor = Supervisor(logging.getLogger("test.supervisor"))
     with pytest.raises(ChildFailed, match="slow was not ready in 0 s|slow was not ready in 1 s"):
         await supervisor.start(child)
     assert child.proc.poll() is not None and supervisor.children == []
-    dead = Child("dead", lambda: python("raise SystemExit(7)"),
-                 ready=lambda proc: wait_until(never, proc, 10, "dead", lambda: "why"))
+    dead = Child(
+        "dead",
+        lambda: python("raise SystemExit(7)"),
+        ready=lambda proc: wait_until(never, proc, 10, "dead", lambda: "why"),
+    )
     with pytest.raises(ChildFailed, match="dead exited with status 7:\nwhy"):
         await supervisor.start(dead)
 

@@ -115,7 +115,5 @@ def test_otlp_http_export_when_endpoint_set():
     finally:
         server.shutdown()
         server.server_close()
-    assert [(path, ctype) for path, ctype, _ in requests] == [
-        ("/v1/traces", "application/x-protobuf")
-    ]
+    assert [(path, ctype) for path, ctype, _ in requests] == [("/v1/traces", "application/x-protobuf")]
     assert b"exported-span" in requests[0][2] and b"exported-service" in requests[0][2]

@@ -22,8 +22,10 @@ c.JobQueue.tick_interval = 0.2
 c.JobQueue.cancel_grace = 2
 c.LocalExecutor.gpus = 2
 """
-PROGRESS_JOB = ("import gpulab, time\nfor i in range(1, {n} + 1):\n    print('epoch', i, flush=True)\n"
-                "    gpulab.progress(i, {n}, loss=1.0 / i)\n    time.sleep({pause})\ntime.sleep(1.5)\n")
+PROGRESS_JOB = (
+    "import gpulab, time\nfor i in range(1, {n} + 1):\n    print('epoch', i, flush=True)\n"
+    "    gpulab.progress(i, {n}, loss=1.0 / i)\n    time.sleep({pause})\ntime.sleep(1.5)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +68,13 @@ def test_launcher_builds_the_spec_within_scopes_and_quota(as_user):
     launcher.gpus.value, launcher.cpus.value = 3, 2.0  # GPUs clamped to the quota
     launcher.experiment.value, launcher.name.value, launcher.priority.value = "digits", "l1", 5
     assert launcher.spec() == {
-        "name": "l1", "kind": "train", "working_dir": os.getcwd(), "entrypoint": ["python", "train.py",
-        "--epochs", "5", "--lr", "0.1"], "resources": {"gpus": 1, "cpus": 2.0, "pool": "default"},
-        "priority": 5, "tracking": {"experiment": "digits"},
+        "name": "l1",
+        "kind": "train",
+        "working_dir": os.getcwd(),
+        "entrypoint": ["python", "train.py", "--epochs", "5", "--lr", "0.1"],
+        "resources": {"gpus": 1, "cpus": 2.0, "pool": "default"},
+        "priority": 5,
+        "tracking": {"experiment": "digits"},
     }
     launcher.what.value = "code"
     assert launcher.code.layout.display is None and launcher.script.layout.display == "none"

@@ -16,6 +16,21 @@ from .service import AttestationService, Caller
 from .state import NodeState, NodeStates
 from .verifier import AttestedDevice, Verified, Verifier
 
-__all__ = ["Attestation", "AttestationError", "AttestationService", "AttestedDevice", "Caller", "Enrolment",
-           "EnrolmentExists", "Enrolments", "IssuedNonce", "NodeState", "NodeStates", "NonceStore", "Reason",
-           "Verified", "Verifier", "http_status"]
+__all__ = [
+    "Attestation",
+    "AttestationError",
+    "AttestationService",
+    "AttestedDevice",
+    "Caller",
+    "Enrolment",
+    "EnrolmentExists",
+    "Enrolments",
+    "IssuedNonce",
+    "NodeState",
+    "NodeStates",
+    "NonceStore",
+    "Reason",
+    "Verified",
+    "Verifier",
+    "http_status",
+]

@@ -13,12 +13,22 @@ class AbuseGuard:
     ``lockout_seconds`` after ``max_failures`` consecutive failed verifications. At most ``max_clients``
     callers are tracked; the least recently seen is forgotten first."""
 
-    def __init__(self, *, nonce_rate: float = 0.5, nonce_burst: int = 10, verify_rate: float = 0.5,
-                 verify_burst: int = 10, max_failures: int = 5, lockout_seconds: float = 300.0,
-                 max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic):
-        self.buckets = {action: TokenBuckets(rate, burst, max_clients, clock)
-                        for action, rate, burst in (("nonce", nonce_rate, nonce_burst),
-                                                    ("verify", verify_rate, verify_burst))}
+    def __init__(
+        self,
+        *,
+        nonce_rate: float = 0.5,
+        nonce_burst: int = 10,
+        verify_rate: float = 0.5,
+        verify_burst: int = 10,
+        max_failures: int = 5,
+        lockout_seconds: float = 300.0,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.buckets = {
+            action: TokenBuckets(rate, burst, max_clients, clock)
+            for action, rate, burst in (("nonce", nonce_rate, nonce_burst), ("verify", verify_rate, verify_burst))
+        }
         self.max_failures = max_failures
         self.lockout_seconds = lockout_seconds
         self.clock = clock
@@ -31,8 +41,11 @@ class AbuseGuard:
         if locked_until > now:
             raise AttestationError(Reason.LOCKED_OUT, "too many failed verifications", retry_after=locked_until - now)
         if wait := self.buckets[action].take(client):
-            raise AttestationError(Reason.RATE_LIMITED, f"too many {action} requests",
-                                   retry_after=wait if math.isfinite(wait) else self.lockout_seconds)
+            raise AttestationError(
+                Reason.RATE_LIMITED,
+                f"too many {action} requests",
+                retry_after=wait if math.isfinite(wait) else self.lockout_seconds,
+            )
 
     def failed(self, client: str) -> None:
         """Count a failed verification; the ``max_failures``-th in a row locks the caller out."""

@@ -25,17 +25,22 @@ LOGGER_NAME = "gpulab.attestation.audit"
 MAX_FIELD = 256
 MAX_TRACKED = 10_000
 
-OUTCOMES = Counter("gpulab_attestation_outcomes", "Attestation requests by action and result (ok or reason code).",
-                   ["action", "result"])
-SUPPRESSED = Counter("gpulab_attestation_audit_suppressed", "Audit records dropped by the audit rate limit.",
-                     ["result"])
+OUTCOMES = Counter(
+    "gpulab_attestation_outcomes",
+    "Attestation requests by action and result (ok or reason code).",
+    ["action", "result"],
+)
+SUPPRESSED = Counter(
+    "gpulab_attestation_audit_suppressed", "Audit records dropped by the audit rate limit.", ["result"]
+)
 
 
 class AuditLog:
     """Writes audit records; ``path`` sends them to their own 0600 file instead of the application log."""
 
-    def __init__(self, *, burst: int = 20, window: float = 60.0, path: str = "",
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, *, burst: int = 20, window: float = 60.0, path: str = "", clock: Callable[[], float] = time.monotonic
+    ):
         self.burst = burst
         self.window = window
         self.clock = clock
@@ -45,9 +50,19 @@ class AuditLog:
         if path:
             _attach_file(self.logger, path)
 
-    def record(self, action: str, result: Reason | str, *, user: str | None, client_ip: str | None,
-               node: str | None, kid: str | None = None, jti: str | None = None, fingerprint: str | None = None,
-               detail: str = "") -> None:
+    def record(
+        self,
+        action: str,
+        result: Reason | str,
+        *,
+        user: str | None,
+        client_ip: str | None,
+        node: str | None,
+        kid: str | None = None,
+        jti: str | None = None,
+        fingerprint: str | None = None,
+        detail: str = "",
+    ) -> None:
         """Count the outcome and log it unless (result, user) is over its rate limit."""
         result = result.value if isinstance(result, Reason) else result
         OUTCOMES.labels(action, result).inc()
@@ -65,9 +80,20 @@ class AuditLog:
             SUPPRESSED.labels(result).inc()
             return
         state[1] += 1
-        self._emit(logging.INFO if result == "ok" else logging.WARNING, {
-            "event": f"attestation.{action}", "result": result, "user": user, "client_ip": client_ip,
-            "node": node, "kid": kid, "jti": jti, "fingerprint": fingerprint, "detail": detail})
+        self._emit(
+            logging.INFO if result == "ok" else logging.WARNING,
+            {
+                "event": f"attestation.{action}",
+                "result": result,
+                "user": user,
+                "client_ip": client_ip,
+                "node": node,
+                "kid": kid,
+                "jti": jti,
+                "fingerprint": fingerprint,
+                "detail": detail,
+            },
+        )
 
     def flush(self) -> None:
         """Write the pending suppressed-count summaries now (shutdown, periodic callback)."""
@@ -82,8 +108,16 @@ class AuditLog:
 
     def _summary(self, key: tuple[str, str], state: list) -> None:
         if state[2]:
-            self._emit(logging.WARNING, {"event": "attestation.suppressed", "result": key[0], "user": key[1],
-                                         "suppressed": state[2], "window_s": self.window})
+            self._emit(
+                logging.WARNING,
+                {
+                    "event": "attestation.suppressed",
+                    "result": key[0],
+                    "user": key[1],
+                    "suppressed": state[2],
+                    "window_s": self.window,
+                },
+            )
 
     def _emit(self, level: int, fields: dict) -> None:
         fields = {k: v[:MAX_FIELD] if isinstance(v, str) else v for k, v in fields.items()}

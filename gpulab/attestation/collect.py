@@ -53,26 +53,36 @@ def collect(args) -> int:
     token = hub_token(args.token_file)
     check_credential(token, args.node)
     platform = Platform(platform_url(args.url), token)
-    command = args.collector or (settings.direct_collector_command if args.direct_token
-                                 else settings.collector_command)
+    command = args.collector or (settings.direct_collector_command if args.direct_token else settings.collector_command)
     try:
         nonce = platform.post("/attestation/nonce", {"node": args.node}).get("nonce")
         if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):  # it goes into the collector's argv
             raise Failed("not attested: the platform's nonce is not 64 hex digits")
         doc, returncode = run_collector(command, nonce=nonce, device=args.device, timeout=settings.collector_timeout)
         if args.direct_token:
-            result = platform.post("/attestation/verify",
-                                   {"node": args.node, "nonce": nonce, "token": eat_from(doc, returncode)})
+            result = platform.post(
+                "/attestation/verify", {"node": args.node, "nonce": nonce, "token": eat_from(doc, returncode)}
+            )
         else:
             evidence_list, arch = evidence_from(doc, returncode, args.device)
-            result = platform.post("/attestation/evidence", {"node": args.node, "nonce": nonce, "device": args.device,
-                                                             "arch": arch, "evidence_list": evidence_list})
+            result = platform.post(
+                "/attestation/evidence",
+                {
+                    "node": args.node,
+                    "nonce": nonce,
+                    "device": args.device,
+                    "arch": arch,
+                    "evidence_list": evidence_list,
+                },
+            )
     except Failed as e:
         print(f"gpulab: attest: node {args.node} {e}", file=sys.stderr)
         return 1
     devices = ", ".join(sorted(result["devices"])) or "none"
-    print(f"gpulab: attest: node {args.node} valid: fingerprint {result['fingerprint']}, devices {devices}, "
-          f"token expires {result['expires_at']}")
+    print(
+        f"gpulab: attest: node {args.node} valid: fingerprint {result['fingerprint']}, devices {devices}, "
+        f"token expires {result['expires_at']}"
+    )
     return 0
 
 
@@ -100,8 +110,10 @@ def hub_token(token_file: str | None) -> Secret:
         return read_secret_file(token_file, "--token-file")
     value = os.environ.get("JUPYTERHUB_API_TOKEN")
     if not value:
-        raise ConfigError("no hub token: pass --token-file (mode 0600, the node's credential from gpulab nodes "
-                          "enroll) or set JUPYTERHUB_API_TOKEN")
+        raise ConfigError(
+            "no hub token: pass --token-file (mode 0600, the node's credential from gpulab nodes "
+            "enroll) or set JUPYTERHUB_API_TOKEN"
+        )
     return Secret(value, source="$JUPYTERHUB_API_TOKEN")
 
 
@@ -122,8 +134,13 @@ class Platform:
     def post(self, path: str, body: dict) -> dict:
         """The JSON answer; ``ConfigError`` if the token is refused (401/403), else ``Failed`` on any error."""
         try:
-            response = requests.post(self.url + path, json=body, timeout=HTTP_TIMEOUT, allow_redirects=False,
-                                     headers={"Authorization": f"token {self.token.reveal()}"})
+            response = requests.post(
+                self.url + path,
+                json=body,
+                timeout=HTTP_TIMEOUT,
+                allow_redirects=False,
+                headers={"Authorization": f"token {self.token.reveal()}"},
+            )
         except requests.RequestException as e:
             raise Failed(f"not attested: cannot reach the platform at {self.url} ({type(e).__name__})") from None
         try:
@@ -149,11 +166,20 @@ def run_collector(argv: list[str], *, nonce: str, device: str, timeout: float) -
         if os.environ.get("LD_LIBRARY_PATH"):
             env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
         try:
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except OSError as e:
-            raise ConfigError(f"collector {argv[0]!r} cannot be started ({e.strerror}): install NVIDIA's nvattest "
-                              "or set c.Attestation.collector_command / --collector") from None
+            raise ConfigError(
+                f"collector {argv[0]!r} cannot be started ({e.strerror}): install NVIDIA's nvattest "
+                "or set c.Attestation.collector_command / --collector"
+            ) from None
         try:
             stdout, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -221,4 +247,4 @@ def _collector_failed(doc, returncode: int) -> Failed:
 def _one_line(value, limit: int = 200) -> str:
     """``value`` as printable text on one line, at most ``limit`` characters (it came from elsewhere)."""
     text = " ".join("".join(c if c.isprintable() else " " for c in str(value)).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

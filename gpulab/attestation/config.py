@@ -39,18 +39,21 @@ class Attestation(Configurable):
     http_timeout = Float(10.0, help="Timeout (s) of JWKS fetches; NRAS calls get three times this.").tag(config=True)
     jti_cache_size = Integer(100_000, help="Token ids remembered (for max_age) to refuse replays.").tag(config=True)
     nonce_ttl = Float(300.0, help="Seconds an issued nonce stays usable.").tag(config=True)
-    db_url = Unicode(help="SQLAlchemy URL of the nonce and node-state tables (default SQLite in the data dir's "
-                     "jobs/, which the job service owns).").tag(
-        config=True
-    )
+    db_url = Unicode(
+        help="SQLAlchemy URL of the nonce and node-state tables (default SQLite in the data dir's "
+        "jobs/, which the job service owns)."
+    ).tag(config=True)
     policy_file = Unicode(help="GPU appraisal policy (NVIDIA policy JSON); default: the built-in strict one.").tag(
         config=True
     )
     switch_policy_file = Unicode(help="NVSwitch appraisal policy (NVIDIA policy JSON); default: built-in.").tag(
         config=True
     )
-    hwmodel_allowlist = Set(Unicode(), help="If set, the only accepted 'hwmodel' values or chips, e.g. "
-                            "{'GH100', 'GB100'} (a chip admits 'GH100 A01 GSP BROM' and 'GH100').").tag(config=True)
+    hwmodel_allowlist = Set(
+        Unicode(),
+        help="If set, the only accepted 'hwmodel' values or chips, e.g. "
+        "{'GH100', 'GB100'} (a chip admits 'GH100 A01 GSP BROM' and 'GH100').",
+    ).tag(config=True)
     min_driver_version = Unicode(help="Lowest accepted GPU driver version, e.g. '550.90.07'.").tag(config=True)
     min_vbios_version = Unicode(help="Lowest accepted GPU VBIOS version, e.g. '96.00.9F.00.01'.").tag(config=True)
     ueid_denylist = Set(Unicode(), help="Device UEIDs that are refused ('device_denied').").tag(config=True)
@@ -71,13 +74,25 @@ class Attestation(Configurable):
     )
     audit_window = Float(60.0, help="Seconds of the audit rate-limit window.").tag(config=True)
     collector_command = List(
-        Unicode(), ["nvattest", "collect-evidence", "--device", "{device}", "--nonce", "{nonce}", "--format", "json"],
+        Unicode(),
+        ["nvattest", "collect-evidence", "--device", "{device}", "--nonce", "{nonce}", "--format", "json"],
         help="`gpulab attest collect` on a GPU node: the evidence collector's argv; {nonce} and {device} "
         "(nvattest's name: gpu or nvswitch) are filled in. It prints nvattest's JSON evidence document.",
     ).tag(config=True)
     direct_collector_command = List(
-        Unicode(), ["nvattest", "attest", "--device", "{device}", "--verifier", "remote", "--nonce", "{nonce}",
-                    "--format", "json"],
+        Unicode(),
+        [
+            "nvattest",
+            "attest",
+            "--device",
+            "{device}",
+            "--verifier",
+            "remote",
+            "--nonce",
+            "{nonce}",
+            "--format",
+            "json",
+        ],
         help="`gpulab attest collect --direct-token`: a command that gets NRAS's detached EAT itself (a node "
         "with its own NRAS access) and prints nvattest's attest JSON (or the bare EAT).",
     ).tag(config=True)

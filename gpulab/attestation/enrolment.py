@@ -73,8 +73,16 @@ class Enrolments:
         with Session(self.engine) as session, session.begin():
             if session.get(EnrolmentRow, node) is not None:
                 raise EnrolmentExists(node)
-            session.add(EnrolmentRow(node=node, digest=_digest(secret), gpus=len(pinned) if pinned else gpus,
-                                     ueids=pinned, enrolled_at=self.clock(), enrolled_by=by))
+            session.add(
+                EnrolmentRow(
+                    node=node,
+                    digest=_digest(secret),
+                    gpus=len(pinned) if pinned else gpus,
+                    ueids=pinned,
+                    enrolled_at=self.clock(),
+                    enrolled_by=by,
+                )
+            )
         return f"{PREFIX}{node}:{secret}"
 
     def remove(self, node: str) -> bool:
@@ -110,18 +118,26 @@ class Enrolments:
         enrolment = self._enrolled(node)
         if enrolment.ueids is None:
             if len(presented) != enrolment.gpus or "" in presented:
-                raise AttestationError(Reason.DEVICE_MISMATCH, f"{len(presented)} devices presented; node {node} "
-                                       f"is enrolled with {enrolment.gpus} GPUs")
+                raise AttestationError(
+                    Reason.DEVICE_MISMATCH,
+                    f"{len(presented)} devices presented; node {node} is enrolled with {enrolment.gpus} GPUs",
+                )
             with Session(self.engine) as session, session.begin():
-                pinned = session.execute(update(EnrolmentRow).where(
-                    EnrolmentRow.node == node, EnrolmentRow.ueids.is_(None)).values(ueids=presented)).rowcount
+                pinned = session.execute(
+                    update(EnrolmentRow)
+                    .where(EnrolmentRow.node == node, EnrolmentRow.ueids.is_(None))
+                    .values(ueids=presented)
+                ).rowcount
             if pinned:
                 return
             enrolment = self._enrolled(node)  # pinned meanwhile by a concurrent attestation
         if presented != enrolment.ueids:
             unknown = sorted(set(presented) - set(enrolment.ueids))
-            raise AttestationError(Reason.DEVICE_MISMATCH, f"the devices differ from node {node}'s enrolled GPUs "
-                                   f"({len(unknown)} not enrolled, {len(enrolment.ueids)} enrolled)")
+            raise AttestationError(
+                Reason.DEVICE_MISMATCH,
+                f"the devices differ from node {node}'s enrolled GPUs "
+                f"({len(unknown)} not enrolled, {len(enrolment.ueids)} enrolled)",
+            )
 
     def _enrolled(self, node: str) -> Enrolment:
         enrolment = self.get(node)

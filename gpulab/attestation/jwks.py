@@ -32,16 +32,26 @@ MAX_KEYS = 64
 class JwksCache:
     """ES384 public keys by ``kid`` from ``url``. ``fetches`` counts HTTP requests made (tests, bench)."""
 
-    def __init__(self, url: str, *, allowed_hosts: set[str], allow_insecure_localhost: bool = False,
-                 ttl: float = 900.0, refresh_cooldown: float = 30.0, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.time, breaker: CircuitBreaker | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        allowed_hosts: set[str],
+        allow_insecure_localhost: bool = False,
+        ttl: float = 900.0,
+        refresh_cooldown: float = 30.0,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        breaker: CircuitBreaker | None = None,
+    ):
         self.url = check_url(url, allowed_hosts, allow_insecure_localhost, "Attestation.jwks_url")
         self.ttl = ttl
         self.refresh_cooldown = refresh_cooldown
         self.timeout = timeout
         self.clock = clock
-        self.breaker = breaker or CircuitBreaker(f"NRAS JWKS at {url}", failure_threshold=3, recovery_timeout=30,
-                                                 clock=clock)
+        self.breaker = breaker or CircuitBreaker(
+            f"NRAS JWKS at {url}", failure_threshold=3, recovery_timeout=30, clock=clock
+        )
         self.fetches = 0
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         self._fetched_at: float | None = None
@@ -81,8 +91,14 @@ class JwksCache:
 
     async def _fetch(self) -> bytes:
         self.fetches += 1
-        request = HTTPRequest(self.url, method="GET", headers={"Accept": "application/json"},
-                              follow_redirects=False, request_timeout=self.timeout, validate_cert=True)
+        request = HTTPRequest(
+            self.url,
+            method="GET",
+            headers={"Accept": "application/json"},
+            follow_redirects=False,
+            request_timeout=self.timeout,
+            validate_cert=True,
+        )
         response = await AsyncHTTPClient().fetch(request)
         if len(response.body) > MAX_JWKS_BYTES:
             raise ValueError("JWKS too large")
@@ -104,9 +120,14 @@ def parse_jwks(body: bytes, now: float) -> dict[str, ec.EllipticCurvePublicKey]:
 
 def _load_key(jwk: object, now: float) -> ec.EllipticCurvePublicKey | None:
     """The key of one usable JWK (EC P-384 ES384 signing key with a ``kid``), else None."""
-    if not (isinstance(jwk, dict) and jwk.get("kty") == "EC" and jwk.get("crv") == "P-384"
-            and isinstance(jwk.get("kid"), str) and jwk.get("use", "sig") == "sig"
-            and jwk.get("alg", "ES384") == "ES384"):
+    if not (
+        isinstance(jwk, dict)
+        and jwk.get("kty") == "EC"
+        and jwk.get("crv") == "P-384"
+        and isinstance(jwk.get("kid"), str)
+        and jwk.get("use", "sig") == "sig"
+        and jwk.get("alg", "ES384") == "ES384"
+    ):
         return None
     try:
         key = ECAlgorithm.from_jwk(jwk)
@@ -124,5 +145,7 @@ def _x5c_matches(jwk: dict, key: ec.EllipticCurvePublicKey, now: float) -> bool:
         return True
     cert = x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
     at = datetime.fromtimestamp(now, UTC)
-    return (cert.public_key().public_numbers() == key.public_numbers()
-            and cert.not_valid_before_utc <= at <= cert.not_valid_after_utc)
+    return (
+        cert.public_key().public_numbers() == key.public_numbers()
+        and cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
+    )

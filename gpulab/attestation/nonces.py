@@ -53,8 +53,14 @@ def _digest(value: str) -> str:
 class NonceStore:
     """Issues and consumes nonces in the table ``gpulab_attestation_nonces``."""
 
-    def __init__(self, db_url: str = "", *, engine: Engine | None = None, ttl: float = 300.0,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        db_url: str = "",
+        *,
+        engine: Engine | None = None,
+        ttl: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.engine = engine or make_engine(db_url)
         self.ttl = ttl
         self.clock = clock
@@ -66,8 +72,9 @@ class NonceStore:
         now = self.clock()
         with Session(self.engine) as session, session.begin():
             session.execute(delete(NonceRow).where(NonceRow.expires_at <= now))
-            session.add(NonceRow(digest=_digest(value), user=user, node=node, purpose=purpose,
-                                 expires_at=now + self.ttl))
+            session.add(
+                NonceRow(digest=_digest(value), user=user, node=node, purpose=purpose, expires_at=now + self.ttl)
+            )
         return IssuedNonce(value, now + self.ttl)
 
     def consume(self, value: str, *, user: str, node: str, purpose: str) -> bool:
@@ -75,7 +82,13 @@ class NonceStore:
         if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
             return False
         with Session(self.engine) as session, session.begin():
-            result = session.execute(delete(NonceRow).where(
-                NonceRow.digest == _digest(value), NonceRow.user == user, NonceRow.node == node,
-                NonceRow.purpose == purpose, NonceRow.expires_at > self.clock()))
+            result = session.execute(
+                delete(NonceRow).where(
+                    NonceRow.digest == _digest(value),
+                    NonceRow.user == user,
+                    NonceRow.node == node,
+                    NonceRow.purpose == purpose,
+                    NonceRow.expires_at > self.clock(),
+                )
+            )
         return result.rowcount == 1

@@ -42,9 +42,16 @@ def load_api_key(settings: Attestation) -> Secret | None:
 class NrasClient:
     """Posts evidence to NRAS; ``requests`` counts calls made."""
 
-    def __init__(self, base_url: str, api_key: Secret | None, *, allowed_hosts: set[str],
-                 allow_insecure_localhost: bool = False, timeout: float = 30.0,
-                 breaker: CircuitBreaker | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Secret | None,
+        *,
+        allowed_hosts: set[str],
+        allow_insecure_localhost: bool = False,
+        timeout: float = 30.0,
+        breaker: CircuitBreaker | None = None,
+    ):
         self.base_url = check_url(base_url, allowed_hosts, allow_insecure_localhost, "Attestation.nras_url")
         self.base_url = self.base_url.rstrip("/")
         self.api_key = api_key
@@ -54,28 +61,56 @@ class NrasClient:
 
     @classmethod
     def from_settings(cls, s: Attestation) -> "NrasClient":
-        return cls(s.nras_url, load_api_key(s), allowed_hosts=s.allowed_hosts,
-                   allow_insecure_localhost=s.allow_insecure_localhost, timeout=3 * s.http_timeout)
+        return cls(
+            s.nras_url,
+            load_api_key(s),
+            allowed_hosts=s.allowed_hosts,
+            allow_insecure_localhost=s.allow_insecure_localhost,
+            timeout=3 * s.http_timeout,
+        )
 
     def __repr__(self) -> str:
         return f"NrasClient({self.base_url!r}, api_key={self.api_key!r})"
 
-    async def attest(self, evidence_list: list[dict], nonce: str, *, device: str = "gpu", arch: str = "HOPPER",
-                     claims_version: str = "3.0") -> str:
+    async def attest(
+        self,
+        evidence_list: list[dict],
+        nonce: str,
+        *,
+        device: str = "gpu",
+        arch: str = "HOPPER",
+        claims_version: str = "3.0",
+    ) -> str:
         """The detached EAT (JSON text) NRAS returns for ``evidence_list``; raises ``AttestationError``
         (``nras_unavailable`` on outage, ``nras_rejected`` when NRAS answers 4xx, ``malformed`` input)."""
-        if device not in DEVICES or arch not in ARCHES or not evidence_list or not all(
+        if (
+            device not in DEVICES
+            or arch not in ARCHES
+            or not evidence_list
+            or not all(
                 isinstance(e, dict) and isinstance(e.get("evidence"), str) and isinstance(e.get("certificate"), str)
-                for e in evidence_list):
+                for e in evidence_list
+            )
+        ):
             raise AttestationError(Reason.MALFORMED, "evidence must be [{'evidence': b64, 'certificate': b64}]")
-        body = {"nonce": nonce, "arch": arch, "claims_version": claims_version,
-                "evidence_list": [{"evidence": e["evidence"], "certificate": e["certificate"]} for e in evidence_list]}
+        body = {
+            "nonce": nonce,
+            "arch": arch,
+            "claims_version": claims_version,
+            "evidence_list": [{"evidence": e["evidence"], "certificate": e["certificate"]} for e in evidence_list],
+        }
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
-        request = HTTPRequest(f"{self.base_url}/v4/attest/{device}", method="POST", headers=headers,
-                              body=json.dumps(body), follow_redirects=False, request_timeout=self.timeout,
-                              validate_cert=True)
+        request = HTTPRequest(
+            f"{self.base_url}/v4/attest/{device}",
+            method="POST",
+            headers=headers,
+            body=json.dumps(body),
+            follow_redirects=False,
+            request_timeout=self.timeout,
+            validate_cert=True,
+        )
         try:
             response = await self.breaker.call(self._send, request)
         except CircuitOpenError as e:

@@ -28,25 +28,25 @@ _STATE = {"measres": "success", "secboot": True, "dbgstat": "disabled"}
 # The boolean checks NRAS reports per claims version (from NVIDIA's published claims and samples).
 _CHECKS = {
     (GPU, "3.0"): "arch-check attestation-report-parsed attestation-report-nonce-match "
-                  "attestation-report-signature-verified attestation-report-cert-chain-fwid-match "
-                  "driver-rim-fetched driver-rim-schema-validated driver-rim-signature-verified "
-                  "driver-rim-version-match driver-rim-measurements-available vbios-rim-fetched "
-                  "vbios-rim-schema-validated vbios-rim-signature-verified vbios-rim-version-match "
-                  "vbios-rim-measurements-available vbios-index-no-conflict",
+    "attestation-report-signature-verified attestation-report-cert-chain-fwid-match "
+    "driver-rim-fetched driver-rim-schema-validated driver-rim-signature-verified "
+    "driver-rim-version-match driver-rim-measurements-available vbios-rim-fetched "
+    "vbios-rim-schema-validated vbios-rim-signature-verified vbios-rim-version-match "
+    "vbios-rim-measurements-available vbios-index-no-conflict",
     (GPU, "2.0"): "arch-check attestation-report-parsed attestation-report-nonce-match "
-                  "attestation-report-signature-verified attestation-report-cert-chain-validated "
-                  "driver-rim-fetched driver-rim-schema-validated driver-rim-signature-verified "
-                  "driver-rim-cert-validated driver-rim-measurements-available vbios-rim-fetched "
-                  "vbios-rim-schema-validated vbios-rim-signature-verified vbios-rim-cert-validated "
-                  "vbios-rim-measurements-available vbios-index-no-conflict",
+    "attestation-report-signature-verified attestation-report-cert-chain-validated "
+    "driver-rim-fetched driver-rim-schema-validated driver-rim-signature-verified "
+    "driver-rim-cert-validated driver-rim-measurements-available vbios-rim-fetched "
+    "vbios-rim-schema-validated vbios-rim-signature-verified vbios-rim-cert-validated "
+    "vbios-rim-measurements-available vbios-index-no-conflict",
     (SWITCH, "3.0"): "arch-check attestation-report-parsed attestation-report-nonce-match "
-                     "attestation-report-signature-verified attestation-report-cert-chain-fwid-match "
-                     "bios-rim-fetched bios-rim-schema-validated bios-rim-signature-verified "
-                     "bios-rim-version-match bios-rim-measurements-available",
+    "attestation-report-signature-verified attestation-report-cert-chain-fwid-match "
+    "bios-rim-fetched bios-rim-schema-validated bios-rim-signature-verified "
+    "bios-rim-version-match bios-rim-measurements-available",
     (SWITCH, "2.0"): "arch-check attestation-report-parsed attestation-report-nonce-match "
-                     "attestation-report-signature-verified attestation-report-cert-chain-validated "
-                     "bios-rim-fetched bios-rim-schema-validated bios-rim-signature-verified "
-                     "bios-rim-cert-validated bios-rim-measurements-available",
+    "attestation-report-signature-verified attestation-report-cert-chain-validated "
+    "bios-rim-fetched bios-rim-schema-validated bios-rim-signature-verified "
+    "bios-rim-cert-validated bios-rim-measurements-available",
 }
 # Claims 3.0 report each certificate chain as an object.
 _CHAINS = {GPU: ("attestation-report", "driver-rim", "vbios-rim"), SWITCH: ("attestation-report", "bios-rim")}
@@ -57,10 +57,14 @@ def _builtin(kind: str, version: str) -> dict:
     detached = {**_STATE, **{prefix + check: True for check in _CHECKS[(kind, version)].split()}}
     if version == "3.0":
         detached.update({f"{prefix}{chain}-cert-chain": CERT_OK for chain in _CHAINS[kind]})
-    return {"version": "gpulab-builtin", "authorization-rules": {
-        "type": "JWT",
-        "overall-claims": {"x-nvidia-overall-att-result": True, "x-nvidia-ver": version},
-        "detached-claims": detached}}
+    return {
+        "version": "gpulab-builtin",
+        "authorization-rules": {
+            "type": "JWT",
+            "overall-claims": {"x-nvidia-overall-att-result": True, "x-nvidia-ver": version},
+            "detached-claims": detached,
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,9 @@ class Appraiser:
     min_driver_version: str = ""
     min_vbios_version: str = ""
     ueid_denylist: frozenset[str] = frozenset()
-    _builtins: dict = field(default_factory=lambda: {(k, v): Policy.builtin(k, v)
-                                                     for k in (GPU, SWITCH) for v in CLAIMS_VERSIONS})
+    _builtins: dict = field(
+        default_factory=lambda: {(k, v): Policy.builtin(k, v) for k in (GPU, SWITCH) for v in CLAIMS_VERSIONS}
+    )
 
     def __post_init__(self):
         for setting in ("min_driver_version", "min_vbios_version"):

@@ -46,8 +46,12 @@ def http_status(reason: Reason) -> int:
         return 429
     if reason in SERVER_SIDE:
         return 503
-    return {Reason.TOO_LARGE: 413, Reason.NRAS_REJECTED: 502, Reason.NOT_NODE_IDENTITY: 403,
-            Reason.NODE_NOT_ENROLLED: 404}.get(reason, 422)
+    return {
+        Reason.TOO_LARGE: 413,
+        Reason.NRAS_REJECTED: 502,
+        Reason.NOT_NODE_IDENTITY: 403,
+        Reason.NODE_NOT_ENROLLED: 404,
+    }.get(reason, 422)
 
 
 class AttestationError(Exception):
@@ -59,9 +63,17 @@ class AttestationError(Exception):
     4010, "message": "NONCE_NOT_MATCHING"}}``): why NVIDIA failed the node, for the API and node state.
     """
 
-    def __init__(self, reason: Reason, detail: str = "", *, kid: str | None = None, jti: str | None = None,
-                 fingerprint: str | None = None, retry_after: float | None = None,
-                 nvidia_errors: dict | None = None):
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str = "",
+        *,
+        kid: str | None = None,
+        jti: str | None = None,
+        fingerprint: str | None = None,
+        retry_after: float | None = None,
+        nvidia_errors: dict | None = None,
+    ):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail

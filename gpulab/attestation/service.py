@@ -67,8 +67,17 @@ class Caller:
 class AttestationService:
     """Attestation for GPU nodes as one service; all collaborators are injectable for tests."""
 
-    def __init__(self, *, verifier: Verifier, nonces: NonceStore, nodes: NodeStates, enrolments: Enrolments,
-                 guard: AbuseGuard, audit: AuditLog, nras: NrasClient | None = None):
+    def __init__(
+        self,
+        *,
+        verifier: Verifier,
+        nonces: NonceStore,
+        nodes: NodeStates,
+        enrolments: Enrolments,
+        guard: AbuseGuard,
+        audit: AuditLog,
+        nras: NrasClient | None = None,
+    ):
         self.verifier = verifier
         self.nonces = nonces
         self.nodes = nodes
@@ -78,8 +87,9 @@ class AttestationService:
         self.nras = nras
 
     @classmethod
-    def from_config(cls, cfg: Config, *, clock: Callable[[], float] = time.time,
-                    monotonic: Callable[[], float] = time.monotonic) -> "AttestationService":
+    def from_config(
+        cls, cfg: Config, *, clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic
+    ) -> "AttestationService":
         """Build from ``gpulab_config.py``; raises ``ConfigError`` on a bad URL, policy or key file."""
         s = Attestation(config=cfg)
         engine = make_engine(s.db_url)
@@ -88,9 +98,15 @@ class AttestationService:
             nonces=NonceStore(engine=engine, ttl=s.nonce_ttl, clock=clock),
             nodes=NodeStates(engine, clock=clock),
             enrolments=Enrolments(engine, clock=clock),
-            guard=AbuseGuard(nonce_rate=s.nonce_rate, nonce_burst=s.nonce_burst, verify_rate=s.verify_rate,
-                             verify_burst=s.verify_burst, max_failures=s.max_failures,
-                             lockout_seconds=s.lockout_seconds, clock=monotonic),
+            guard=AbuseGuard(
+                nonce_rate=s.nonce_rate,
+                nonce_burst=s.nonce_burst,
+                verify_rate=s.verify_rate,
+                verify_burst=s.verify_burst,
+                max_failures=s.max_failures,
+                lockout_seconds=s.lockout_seconds,
+                clock=monotonic,
+            ),
             audit=AuditLog(burst=s.audit_burst, window=s.audit_window, path=s.audit_log_file, clock=monotonic),
             nras=NrasClient.from_settings(s),
         )
@@ -110,15 +126,26 @@ class AttestationService:
         self.audit.record("nonce", "ok", **who)
         return nonce
 
-    async def verify(self, eat: str | bytes | list, *, nonce: str, caller: Caller, node: str, client_ip: str,
-                     purpose: str = PURPOSE) -> Verified:
+    async def verify(
+        self, eat: str | bytes | list, *, nonce: str, caller: Caller, node: str, client_ip: str, purpose: str = PURPOSE
+    ) -> Verified:
         """Verify a detached EAT from NRAS that answers ``nonce``; records the node's new state."""
-        return await self._run("verify", caller, node, client_ip, nonce, purpose,
-                               lambda: self.verifier.verify(eat, nonce))
+        return await self._run(
+            "verify", caller, node, client_ip, nonce, purpose, lambda: self.verifier.verify(eat, nonce)
+        )
 
-    async def attest_evidence(self, evidence_list: list[dict], *, nonce: str, caller: Caller, node: str,
-                              client_ip: str, device: str = "gpu", arch: str = "HOPPER",
-                              purpose: str = PURPOSE) -> Verified:
+    async def attest_evidence(
+        self,
+        evidence_list: list[dict],
+        *,
+        nonce: str,
+        caller: Caller,
+        node: str,
+        client_ip: str,
+        device: str = "gpu",
+        arch: str = "HOPPER",
+        purpose: str = PURPOSE,
+    ) -> Verified:
         """Relay a node's evidence to NRAS with the platform's API key, then verify the EAT it returns."""
         if self.nras is None:
             raise AttestationError(Reason.NRAS_UNAVAILABLE, "no NRAS client configured")
@@ -149,8 +176,7 @@ class AttestationService:
                     self.nodes.record(node, caller.name, e.reason, e.nvidia_errors)
                 raise
         except AttestationError as e:
-            self.audit.record(action, e.reason, **who, kid=e.kid, jti=e.jti, fingerprint=e.fingerprint,
-                              detail=e.detail)
+            self.audit.record(action, e.reason, **who, kid=e.kid, jti=e.jti, fingerprint=e.fingerprint, detail=e.detail)
             raise
         self.guard.succeeded(caller.key)
         self.nodes.record(node, caller.name, verified)
@@ -160,8 +186,9 @@ class AttestationService:
     def _authorize(self, caller: Caller, node: str) -> None:
         """Only the node's own identity or an admin may attest ``node``, and only once it is enrolled."""
         if not caller.may_attest(node):
-            raise AttestationError(Reason.NOT_NODE_IDENTITY, f"only node {node}'s own credential or an admin "
-                                   "may attest it")
+            raise AttestationError(
+                Reason.NOT_NODE_IDENTITY, f"only node {node}'s own credential or an admin may attest it"
+            )
         if self.enrolments.get(node) is None:
             raise AttestationError(Reason.NODE_NOT_ENROLLED, f"node {node} is not enrolled: gpulab nodes enroll")
 

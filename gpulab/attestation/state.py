@@ -19,8 +19,9 @@ from .nonces import Base
 from .reasons import Reason
 from .verifier import Verified
 
-REVOKING = frozenset({Reason.OVERALL_RESULT_FALSE, Reason.POLICY_VIOLATION, Reason.DEVICE_DENIED,
-                      Reason.DEVICE_MISMATCH})
+REVOKING = frozenset(
+    {Reason.OVERALL_RESULT_FALSE, Reason.POLICY_VIOLATION, Reason.DEVICE_DENIED, Reason.DEVICE_MISMATCH}
+)
 
 
 class NodeRow(Base):
@@ -114,5 +115,14 @@ class NodeStates:
 
 
 def _state(row: NodeRow) -> NodeState:
-    return NodeState(row.node, row.user, row.verified_at, row.expires_at, row.fingerprint, row.summary,
-                     bool(row.revoked), row.last_checked_at, row.last_reason)
+    return NodeState(
+        row.node,
+        row.user,
+        row.verified_at,
+        row.expires_at,
+        row.fingerprint,
+        row.summary,
+        bool(row.revoked),
+        row.last_checked_at,
+        row.last_reason,
+    )

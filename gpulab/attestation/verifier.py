@@ -61,11 +61,17 @@ class AttestedDevice:
 
     @classmethod
     def from_claims(cls, name: str, claims: dict) -> "AttestedDevice":
-        return cls(kind=device_kind(name), hwmodel=claims.get("hwmodel"),
-                   driver_version=claims.get("x-nvidia-gpu-driver-version"),
-                   vbios_version=claims.get("x-nvidia-gpu-vbios-version", claims.get("x-nvidia-switch-bios-version")),
-                   ueid=claims.get("ueid"), secboot=claims.get("secboot"), dbgstat=claims.get("dbgstat"),
-                   measres=claims.get("measres"), oemid=claims.get("oemid"))
+        return cls(
+            kind=device_kind(name),
+            hwmodel=claims.get("hwmodel"),
+            driver_version=claims.get("x-nvidia-gpu-driver-version"),
+            vbios_version=claims.get("x-nvidia-gpu-vbios-version", claims.get("x-nvidia-switch-bios-version")),
+            ueid=claims.get("ueid"),
+            secboot=claims.get("secboot"),
+            dbgstat=claims.get("dbgstat"),
+            measres=claims.get("measres"),
+            oemid=claims.get("oemid"),
+        )
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,19 @@ def sha256_hex(text: str) -> str:
 class Verifier:
     """Verifies detached EATs against one issuer, one JWKS and one appraisal policy."""
 
-    def __init__(self, jwks: JwksCache, *, issuer: str, appraiser: Appraiser | None = None, leeway: float = 30.0,
-                 max_age: float = 600.0, max_eat_bytes: int = 131072, max_devices: int = 16,
-                 jti_cache_size: int = 100_000, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        jwks: JwksCache,
+        *,
+        issuer: str,
+        appraiser: Appraiser | None = None,
+        leeway: float = 30.0,
+        max_age: float = 600.0,
+        max_eat_bytes: int = 131072,
+        max_devices: int = 16,
+        jti_cache_size: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ):
         self.jwks = jwks
         self.issuer = issuer
         self.appraiser = appraiser or Appraiser()
@@ -138,17 +154,36 @@ class Verifier:
     @classmethod
     def from_settings(cls, s: Attestation, *, clock: Callable[[], float] = time.time) -> "Verifier":
         s.check()
-        jwks = JwksCache(s.jwks_url, allowed_hosts=s.allowed_hosts, allow_insecure_localhost=s.allow_insecure_localhost,
-                         ttl=s.jwks_ttl, refresh_cooldown=s.jwks_refresh_cooldown, timeout=s.http_timeout, clock=clock)
+        jwks = JwksCache(
+            s.jwks_url,
+            allowed_hosts=s.allowed_hosts,
+            allow_insecure_localhost=s.allow_insecure_localhost,
+            ttl=s.jwks_ttl,
+            refresh_cooldown=s.jwks_refresh_cooldown,
+            timeout=s.http_timeout,
+            clock=clock,
+        )
         appraiser = Appraiser(
             gpu_policy=Policy.load(s.policy_file, "Attestation.policy_file") if s.policy_file else None,
-            switch_policy=(Policy.load(s.switch_policy_file, "Attestation.switch_policy_file")
-                           if s.switch_policy_file else None),
-            hwmodel_allowlist=frozenset(s.hwmodel_allowlist), min_driver_version=s.min_driver_version,
-            min_vbios_version=s.min_vbios_version, ueid_denylist=frozenset(s.ueid_denylist))
-        return cls(jwks, issuer=s.issuer, appraiser=appraiser, leeway=s.leeway, max_age=s.max_age,
-                   max_eat_bytes=s.max_eat_bytes, max_devices=s.max_devices, jti_cache_size=s.jti_cache_size,
-                   clock=clock)
+            switch_policy=(
+                Policy.load(s.switch_policy_file, "Attestation.switch_policy_file") if s.switch_policy_file else None
+            ),
+            hwmodel_allowlist=frozenset(s.hwmodel_allowlist),
+            min_driver_version=s.min_driver_version,
+            min_vbios_version=s.min_vbios_version,
+            ueid_denylist=frozenset(s.ueid_denylist),
+        )
+        return cls(
+            jwks,
+            issuer=s.issuer,
+            appraiser=appraiser,
+            leeway=s.leeway,
+            max_age=s.max_age,
+            max_eat_bytes=s.max_eat_bytes,
+            max_devices=s.max_devices,
+            jti_cache_size=s.jti_cache_size,
+            clock=clock,
+        )
 
     async def verify(self, eat: str | bytes | list, expected_nonce: str) -> Verified:
         """Verify the detached EAT ``eat`` (JSON text, or its parsed list) issued for ``expected_nonce``;
@@ -177,9 +212,16 @@ class Verifier:
         except AttestationError as e:
             e.kid, e.jti, e.fingerprint = e.kid or ids.get("kid"), ids.get("jti"), ids["fingerprint"]
             raise
-        return Verified(claims_version=version, issuer=claims["iss"], kid=ids["kid"], jti=ids["jti"],
-                        fingerprint=ids["fingerprint"], issued_at=claims["iat"], expires_at=claims["exp"],
-                        devices={n: AttestedDevice.from_claims(n, dc) for n, dc in device_claims.items()})
+        return Verified(
+            claims_version=version,
+            issuer=claims["iss"],
+            kid=ids["kid"],
+            jti=ids["jti"],
+            fingerprint=ids["fingerprint"],
+            issued_at=claims["iat"],
+            expires_at=claims["exp"],
+            devices={n: AttestedDevice.from_claims(n, dc) for n, dc in device_claims.items()},
+        )
 
     def parse(self, eat: str | bytes | list) -> tuple[str, dict[str, str]]:
         """The overall JWT and the device JWTs by name, after the size and shape checks."""
@@ -193,8 +235,15 @@ class Verifier:
             doc = json.loads(eat, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             raise AttestationError(Reason.MALFORMED, "the EAT is not JSON") from None
-        if not (isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], list) and len(doc[0]) == 2
-                and doc[0][0] == "JWT" and isinstance(doc[0][1], str) and isinstance(doc[1], dict)):
+        if not (
+            isinstance(doc, list)
+            and len(doc) == 2
+            and isinstance(doc[0], list)
+            and len(doc[0]) == 2
+            and doc[0][0] == "JWT"
+            and isinstance(doc[0][1], str)
+            and isinstance(doc[1], dict)
+        ):
             raise AttestationError(Reason.MALFORMED, 'expected [["JWT", overall], {device: jwt}]')
         devices = doc[1]
         if not devices:
@@ -257,9 +306,16 @@ def check_submods(submods: Any, device_jwts: dict[str, str]) -> None:
     if not isinstance(submods, dict) or set(submods) != set(device_jwts):
         raise AttestationError(Reason.SUBMODS_MISMATCH, "submods do not name exactly the device tokens")
     for name, entry in submods.items():
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "DIGEST"
-                and isinstance(entry[1], list) and len(entry[1]) == 2 and entry[1][0] == "SHA-256"
-                and isinstance(entry[1][1], str) and _HEX64.fullmatch(entry[1][1])):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and entry[0] == "DIGEST"
+            and isinstance(entry[1], list)
+            and len(entry[1]) == 2
+            and entry[1][0] == "SHA-256"
+            and isinstance(entry[1][1], str)
+            and _HEX64.fullmatch(entry[1][1])
+        ):
             raise AttestationError(Reason.MALFORMED, f'submods[{name}] is not ["DIGEST", ["SHA-256", hex]]')
         if not hmac.compare_digest(entry[1][1].encode(), sha256_hex(device_jwts[name]).encode()):
             raise AttestationError(Reason.DIGEST_MISMATCH, f"{name} does not match its submods digest")
@@ -274,9 +330,11 @@ def nras_failure(devices: dict[str, _Jws]) -> AttestationError:
     errors = {name: _error_details(jws) for name, jws in devices.items()}
     errors = {name: e for name, e in errors.items() if e}
     said = "; ".join(f"{name}: {e.get('code', '?')} {e.get('message', '')}".strip() for name, e in errors.items())
-    return AttestationError(Reason.OVERALL_RESULT_FALSE,
-                            "NRAS reports the attestation as failed" + (f" ({said})" if said else ""),
-                            nvidia_errors=errors or None)
+    return AttestationError(
+        Reason.OVERALL_RESULT_FALSE,
+        "NRAS reports the attestation as failed" + (f" ({said})" if said else ""),
+        nvidia_errors=errors or None,
+    )
 
 
 def _error_details(jws: _Jws) -> dict:
@@ -288,8 +346,11 @@ def _error_details(jws: _Jws) -> dict:
         return {}
     if not isinstance(details, dict):
         return {}
-    scalars = [(str(k)[:64], v[:256] if isinstance(v, str) else v) for k, v in details.items()
-               if v is None or isinstance(v, str | int | float | bool)]
+    scalars = [
+        (str(k)[:64], v[:256] if isinstance(v, str) else v)
+        for k, v in details.items()
+        if v is None or isinstance(v, str | int | float | bool)
+    ]
     return dict(scalars[:8])
 
 

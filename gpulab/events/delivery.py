@@ -31,17 +31,12 @@ def backoff_delay(attempts: int) -> timedelta:
 async def deliver_pending(outbox: UserEvents, http_client: AsyncHTTPClient) -> int:
     """Send every due pending event to each subscriber; return how many were delivered."""
     counts = await asyncio.gather(
-        *(
-            _deliver_to(outbox, http_client, name, subscriber)
-            for name, subscriber in list(outbox.subscribers.items())
-        )
+        *(_deliver_to(outbox, http_client, name, subscriber) for name, subscriber in list(outbox.subscribers.items()))
     )
     return sum(counts)
 
 
-async def _deliver_to(
-    outbox: UserEvents, http_client: AsyncHTTPClient, name: str, subscriber: Subscriber
-) -> int:
+async def _deliver_to(outbox: UserEvents, http_client: AsyncHTTPClient, name: str, subscriber: Subscriber) -> int:
     """Deliver ``name``'s queue head first until it is empty, not yet due, or a send fails."""
     delivered = 0
     while True:
@@ -91,9 +86,7 @@ async def _post(
         kind=SpanKind.CLIENT,
         attributes={"gpulab.event_id": event_id, "gpulab.subscriber": name},
     ) as span:
-        headers = inject(
-            {"Authorization": f"token {subscriber.token}", "Content-Type": "application/json"}
-        )
+        headers = inject({"Authorization": f"token {subscriber.token}", "Content-Type": "application/json"})
         try:
             response = await http_client.fetch(
                 subscriber.url,
@@ -107,9 +100,7 @@ async def _post(
             error = f"{type(e).__name__}: {e}"
         else:
             span.set_attribute("http.response.status_code", response.code)
-            error = (
-                None if 200 <= response.code < 300 else f"HTTP {response.code} {response.reason}"
-            )
+            error = None if 200 <= response.code < 300 else f"HTTP {response.code} {response.reason}"
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         return error

@@ -47,9 +47,7 @@ class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (Index("ix_deliveries_pending", "subscriber", "delivered_at"),)
 
-    event_id: Mapped[str] = mapped_column(
-        ForeignKey("outbox.event_id", ondelete="CASCADE"), primary_key=True
-    )
+    event_id: Mapped[str] = mapped_column(ForeignKey("outbox.event_id", ondelete="CASCADE"), primary_key=True)
     subscriber: Mapped[str] = mapped_column(String(255), primary_key=True)
     delivered_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
@@ -78,9 +76,7 @@ class UserEvents(LoggingConfigurable):
         help="jupyter_events logger the events are also emitted through (e.g. the hub's eventlog).",
     )
 
-    subscribers = Dict(
-        help="Subscriber by name; populate with add_subscriber (not config: holds tokens)."
-    )
+    subscribers = Dict(help="Subscriber by name; populate with add_subscriber (not config: holds tokens).")
 
     @default("event_logger")
     def _default_event_logger(self) -> EventLogger:
@@ -137,8 +133,7 @@ class UserEvents(LoggingConfigurable):
             )
             session.flush()
             session.add_all(
-                Delivery(event_id=data["event_id"], subscriber=name, next_attempt_at=now)
-                for name in self.subscribers
+                Delivery(event_id=data["event_id"], subscriber=name, next_attempt_at=now) for name in self.subscribers
             )
         self.event_logger.emit(schema_id=SCHEMA_ID, data=data)
         return data["event_id"]

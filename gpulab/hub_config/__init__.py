@@ -35,8 +35,7 @@ from .services import SERVICE_ACCOUNT_DIRS, builtin_services, managed_services, 
 from .spawner import AccountSpawner
 
 NOT_ALLOWED_MESSAGE = (
-    "You signed in, but your account is not in a group allowed to use gpulab. "
-    "Ask your gpulab administrator for access."
+    "You signed in, but your account is not in a group allowed to use gpulab. Ask your gpulab administrator for access."
 )
 AUTHORIZER = "gpulab.server_extension.authorizer.GpulabAuthorizer"
 
@@ -127,8 +126,11 @@ def _keep_config_private(config_file: Path, data_dir: Path, services: Account | 
         return
     st = config_file.stat()
     if st.st_mode & 0o004 or (st.st_mode & 0o040 and not (services and st.st_gid == services.gid)):
-        print(f"gpulab: warning: {config_file} is readable by other accounts; if it holds secrets, run: "
-              f"chmod 600 {config_file}", file=sys.stderr)
+        print(
+            f"gpulab: warning: {config_file} is readable by other accounts; if it holds secrets, run: "
+            f"chmod 600 {config_file}",
+            file=sys.stderr,
+        )
     if services and not may_read(services, config_file):
         raise ConfigError(
             f"Platform.service_account: {services.name} cannot read {config_file}, which MLflow, the inference "
@@ -217,8 +219,13 @@ def configure(c, config_file: Path | None = None) -> None:
     if tls_ca and INFER_SERVICE in by_name:  # clients verify the gateway's TLS certificate against it
         by_name[INFER_SERVICE].setdefault("info", {})["tls_ca_file"] = str(Path(tls_ca).expanduser())
     if INFER_SERVICE in by_name and MLFLOW_SERVICE in by_name:  # deploys fetch models with the gateway's token
-        j.load_roles.append({"name": "gpulab-infer-service", "scopes": [f"access:services!service={MLFLOW_SERVICE}"],
-                             "services": [INFER_SERVICE]})
+        j.load_roles.append(
+            {
+                "name": "gpulab-infer-service",
+                "scopes": [f"access:services!service={MLFLOW_SERVICE}"],
+                "services": [INFER_SERVICE],
+            }
+        )
     missing = [n for n in subscribers if n not in by_name]
     if missing:
         raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")
@@ -243,11 +250,14 @@ def configure(c, config_file: Path | None = None) -> None:
         s.environment["MLFLOW_EXPERIMENT_NAME"] = lambda spawner: spawner.user.name
     service_access = [f"access:services!service={s['name']}" for s in services]
     s.server_token_scopes = [
-        "users:activity!user", "access:servers!server", "read:users:name!user", "read:users:groups!user",
-        *scopes.ALL, *service_access,
+        "users:activity!user",
+        "access:servers!server",
+        "read:users:name!user",
+        "read:users:groups!user",
+        *scopes.ALL,
+        *service_access,
     ]
     s.oauth_client_allowed_scopes = [*scopes.ALL, *service_access]
     # gpulab's own sections (Roles, ...) for hub-side code, and any JupyterHub/Spawner/... settings
     # the admin wrote in gpulab_config.py, which win over the ones above
     c.merge(cfg)
-

@@ -126,9 +126,9 @@ class GpulabPasswordAuthenticator(UserEventsMixin, NativeAuthenticator):
     """
 
     admin_password_file = Unicode(help="0600 file with the admins' first password, made by gpulab.").tag(config=True)
-    owner = Unicode(
-        help="Isolation 'personal': the one user who may sign in (the OS user who started gpulab)."
-    ).tag(config=True)
+    owner = Unicode(help="Isolation 'personal': the one user who may sign in (the OS user who started gpulab).").tag(
+        config=True
+    )
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -55,26 +55,30 @@ def builtin_services(platform, data_dir: Path, config_file: Path, token_for, gat
         }
         if platform.jobs_service:  # where running jobs' tokens are checked
             mlflow_env["GPULAB_JOBS_URL"] = f"{jobs_url}/services/{JOBS_SERVICE}/api/v1"
-        out.append({
-            "name": MLFLOW_SERVICE,
-            "display": True,
-            "command": [sys.executable, "-m", "gpulab.services.mlflow"],
-            "url": url,
-            "api_token": token_for(MLFLOW_SERVICE),
-            "oauth_no_confirm": True,
-            "environment": mlflow_env,
-        })
+        out.append(
+            {
+                "name": MLFLOW_SERVICE,
+                "display": True,
+                "command": [sys.executable, "-m", "gpulab.services.mlflow"],
+                "url": url,
+                "api_token": token_for(MLFLOW_SERVICE),
+                "oauth_no_confirm": True,
+                "environment": mlflow_env,
+            }
+        )
         # services and jobs log to MLflow through its service, with a credential, like users do
         env["GPULAB_MLFLOW_URL"] = f"{url}/services/{MLFLOW_SERVICE}"
     if platform.jobs_service:
-        out.append({
-            "name": JOBS_SERVICE,
-            "command": [sys.executable, "-m", "gpulab.services.jobs"],
-            "url": jobs_url,
-            "api_token": token_for(JOBS_SERVICE),
-            "oauth_no_confirm": True,
-            "environment": {**env, NRAS_KEY_VAR: nras_key} if nras_key else env,
-        })
+        out.append(
+            {
+                "name": JOBS_SERVICE,
+                "command": [sys.executable, "-m", "gpulab.services.jobs"],
+                "url": jobs_url,
+                "api_token": token_for(JOBS_SERVICE),
+                "oauth_no_confirm": True,
+                "environment": {**env, NRAS_KEY_VAR: nras_key} if nras_key else env,
+            }
+        )
     if platform.inference_service:
         out += inference_services(data_dir, env, token_for, gateway or {})
     return out
@@ -96,30 +100,44 @@ def inference_services(data_dir: Path, env: dict, token_for, gateway: dict) -> l
         for path in (triton.grpc_address, triton.http_address):
             socket_path(Path(path.removeprefix("unix:")), "Platform.data_dir")
         repository = str(data_dir / "models")
-        out.append({
-            "name": TRITON_SERVICE,
-            "command": [sys.executable, "-m", "gpulab.inference.serve"],
-            "api_token": token_for(TRITON_SERVICE),
-            "environment": {**env, "GPULAB_MODEL_REPOSITORY": repository, "GPULAB_TRITON_SOCKETS": triton.socket_dir,
-                            "GPULAB_TRITON_LOG": str(data_dir / "logs" / "triton.log")},
-        })
-        gateway_env.update(GPULAB_TRITON_REPLICAS=triton.grpc_address, GPULAB_TRITON_HTTP_REPLICAS=triton.http_address,
-                           GPULAB_MODEL_REPOSITORY=repository)
-    out.append({
-        "name": INFER_SERVICE,
-        "command": [sys.executable, "-m", "gpulab.services.infer"],
-        "url": f"http://127.0.0.1:{free_port()}",
-        "api_token": token_for(INFER_SERVICE),
-        "oauth_no_confirm": True,
-        "info": {"grpc_address": address, **({"rest_address": rest_address} if rest_address else {})},
-        "environment": gateway_env,
-    })
+        out.append(
+            {
+                "name": TRITON_SERVICE,
+                "command": [sys.executable, "-m", "gpulab.inference.serve"],
+                "api_token": token_for(TRITON_SERVICE),
+                "environment": {
+                    **env,
+                    "GPULAB_MODEL_REPOSITORY": repository,
+                    "GPULAB_TRITON_SOCKETS": triton.socket_dir,
+                    "GPULAB_TRITON_LOG": str(data_dir / "logs" / "triton.log"),
+                },
+            }
+        )
+        gateway_env.update(
+            GPULAB_TRITON_REPLICAS=triton.grpc_address,
+            GPULAB_TRITON_HTTP_REPLICAS=triton.http_address,
+            GPULAB_MODEL_REPOSITORY=repository,
+        )
+    out.append(
+        {
+            "name": INFER_SERVICE,
+            "command": [sys.executable, "-m", "gpulab.services.infer"],
+            "url": f"http://127.0.0.1:{free_port()}",
+            "api_token": token_for(INFER_SERVICE),
+            "oauth_no_confirm": True,
+            "info": {"grpc_address": address, **({"rest_address": rest_address} if rest_address else {})},
+            "environment": gateway_env,
+        }
+    )
     return out
 
 
 # what they write, below the data dir: theirs alone
-SERVICE_ACCOUNT_DIRS = {MLFLOW_SERVICE: ["mlflow"], INFER_SERVICE: ["models"],
-                        TRITON_SERVICE: ["models", "logs", "triton"]}
+SERVICE_ACCOUNT_DIRS = {
+    MLFLOW_SERVICE: ["mlflow"],
+    INFER_SERVICE: ["models"],
+    TRITON_SERVICE: ["models", "logs", "triton"],
+}
 
 
 def run_as_service_account(services: list[dict], account: Account, data_dir: Path) -> None:

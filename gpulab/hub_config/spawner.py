@@ -21,8 +21,10 @@ class AccountSpawner(LocalProcessSpawner):
     """
 
     account_policy = Dict(help="gpulab.accounts.AccountPolicy fields (set by gpulab from Platform).").tag(config=True)
-    gpu_devices = Unicode(cgroups.GPU_DEVICES, help="GPU device nodes, none of which a server of a user without "
-                          "custom:gpulab:gpu may open.").tag(config=True)
+    gpu_devices = Unicode(
+        cgroups.GPU_DEVICES,
+        help="GPU device nodes, none of which a server of a user without custom:gpulab:gpu may open.",
+    ).tag(config=True)
 
     _account: accounts.Account | None = None
     _cgroup: cgroups.Cgroup | None = None
@@ -42,8 +44,11 @@ class AccountSpawner(LocalProcessSpawner):
         limits = cgroups.Limits(cpus=self.cpu_limit, memory=self.mem_limit, deny_devices=deny)
         self._cgroup = cgroups.Cgroup(self._group_name(), limits)
         if error := await asyncio.to_thread(self._cgroup.create_or_fall_back):
-            self.log.warning("no cgroup for %s's server (%s): its limits apply as rlimits, GPU device nodes stay "
-                             "open", self.user.name, error)
+            self.log.warning(
+                "no cgroup for %s's server (%s): its limits apply as rlimits, GPU device nodes stay open",
+                self.user.name,
+                error,
+            )
         return await super().start()
 
     async def stop(self, now=False):

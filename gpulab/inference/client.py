@@ -64,14 +64,18 @@ def to_arrays(metadata: dict, inputs) -> dict[str, np.ndarray]:
     declared = {t["name"]: t["datatype"] for t in metadata["inputs"]}
     if not isinstance(inputs, dict):
         if len(declared) != 1:
-            raise BadInput(f"model '{metadata['name']}' has {len(declared)} inputs ({', '.join(declared)}): "
-                           "pass {name: array}", "inputs")
+            raise BadInput(
+                f"model '{metadata['name']}' has {len(declared)} inputs ({', '.join(declared)}): pass {{name: array}}",
+                "inputs",
+            )
         inputs = {next(iter(declared)): inputs}
     arrays = {}
     for name, value in inputs.items():
         if name not in declared:
-            raise BadInput(f"model '{metadata['name']}' has no input '{name}' (its inputs: {', '.join(declared)})",
-                           f"inputs.{name}")
+            raise BadInput(
+                f"model '{metadata['name']}' has no input '{name}' (its inputs: {', '.join(declared)})",
+                f"inputs.{name}",
+            )
         if isinstance(value, np.ndarray):
             arrays[name] = value
             continue

@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 OPSET = 17
-PICKLE_ADVICE = ("loading it runs code from the file; log it in the skops format (MLflow's default for "
-                 "scikit-learn) or ask an admin to set InferenceGateway.allow_pickle")
+PICKLE_ADVICE = (
+    "loading it runs code from the file; log it in the skops format (MLflow's default for "
+    "scikit-learn) or ask an admin to set InferenceGateway.allow_pickle"
+)
 
 
 class ConvertError(Exception):
@@ -45,8 +47,9 @@ def fetch(source: str, dest: Path) -> Path:
         message = e.message.splitlines()[0]
         if e.error_code == "PERMISSION_DENIED":  # MLflow's permissions, for the deployer (gpulab-infer acts for them);
             # MLflow answers so for a run that does not exist too: say neither which
-            raise ConvertError(404, f"no model at {source} that you may read in MLflow (there is none, or it is "
-                                    "not shared with you)") from None
+            raise ConvertError(
+                404, f"no model at {source} that you may read in MLflow (there is none, or it is not shared with you)"
+            ) from None
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "Failed to download" in message:
             raise ConvertError(404, f"no model at {source} in MLflow: {message}") from None
         raise ConvertError(503, f"cannot fetch {source} from MLflow: {message}") from None
@@ -69,11 +72,16 @@ def input_specs(signature, float32: bool) -> list[tuple[str, np.dtype, list[int]
     else:
         dtypes = {np.dtype(t.to_numpy()) for t in schema.input_types()}
         if len(dtypes) != 1 or next(iter(dtypes)).kind not in "biuf":
-            raise ConvertError(422, "the model's signature has columns of several or non-numeric types; "
-                                    "log it with a tensor signature (e.g. input_example as a numpy array)")
+            raise ConvertError(
+                422,
+                "the model's signature has columns of several or non-numeric types; "
+                "log it with a tensor signature (e.g. input_example as a numpy array)",
+            )
         specs = [("input", dtypes.pop(), [-1, len(schema.inputs)])]
-    return [(name, np.dtype(np.float32) if float32 and dtype == np.float64 else dtype, shape)
-            for name, dtype, shape in specs]
+    return [
+        (name, np.dtype(np.float32) if float32 and dtype == np.float64 else dtype, shape)
+        for name, dtype, shape in specs
+    ]
 
 
 def _allow_pickle(what: str) -> None:
@@ -103,20 +111,31 @@ def sklearn_to_onnx(model_dir: Path, flavor: dict, specs: list, out: Path) -> No
     if not specs:
         features = getattr(model, "n_features_in_", None)
         if features is None:
-            raise ConvertError(422, "the model has no signature and does not say how many features it takes; "
-                                    "log it with input_example or signature")
+            raise ConvertError(
+                422,
+                "the model has no signature and does not say how many features it takes; "
+                "log it with input_example or signature",
+            )
         specs = [("input", np.dtype(np.float32), [-1, features])]
     if len(specs) != 1:
         raise ConvertError(422, f"a scikit-learn model takes one input; its signature has {len(specs)}")
     name, dtype, shape = specs[0]
-    types = {"float32": data_types.FloatTensorType, "float64": data_types.DoubleTensorType,
-             "int64": data_types.Int64TensorType, "int32": data_types.Int32TensorType}
+    types = {
+        "float32": data_types.FloatTensorType,
+        "float64": data_types.DoubleTensorType,
+        "int64": data_types.Int64TensorType,
+        "int32": data_types.Int32TensorType,
+    }
     if dtype.name not in types:
         raise ConvertError(422, f"input '{name}': {dtype.name} inputs are not supported for scikit-learn models")
     initial = [(name, types[dtype.name]([None if d == -1 else d for d in shape]))]
     try:
-        onnx_model = to_onnx(model, initial_types=initial, target_opset=OPSET,
-                             options={"zipmap": False} if is_classifier(model) else None)
+        onnx_model = to_onnx(
+            model,
+            initial_types=initial,
+            target_opset=OPSET,
+            options={"zipmap": False} if is_classifier(model) else None,
+        )
     except Exception as e:  # noqa: BLE001 - skl2onnx raises many kinds; all mean "cannot convert"
         raise ConvertError(422, f"cannot convert {type(model).__name__} to ONNX: {e}") from None
     out.write_bytes(onnx_model.SerializeToString())
@@ -128,8 +147,11 @@ def pytorch_to_onnx(model_dir: Path, flavor: dict, specs: list, out: Path) -> No
     try:
         import torch
     except ImportError:
-        raise ConvertError(422, "PyTorch models need torch and onnxscript installed (in gpulab-infer's "
-                                "environment: pip install 'gpulab[pytorch]')") from None
+        raise ConvertError(
+            422,
+            "PyTorch models need torch and onnxscript installed (in gpulab-infer's "
+            "environment: pip install 'gpulab[pytorch]')",
+        ) from None
     if not specs:
         raise ConvertError(422, "PyTorch models need a tensor signature: log them with input_example or signature")
     exported = model_dir / flavor.get("model_data", "data") / "model.pt2"
@@ -142,14 +164,23 @@ def pytorch_to_onnx(model_dir: Path, flavor: dict, specs: list, out: Path) -> No
 
             model = mlflow.pytorch.load_model(str(model_dir), map_location="cpu").eval()
             # size 2 for dynamic dimensions: torch.export specializes dimensions of size 0 and 1
-            dummy = tuple(torch.zeros([2 if d == -1 else d for d in shape], dtype=getattr(torch, dtype.name))
-                          for _, dtype, shape in specs)
-            dynamic = tuple({i: torch.export.Dim.DYNAMIC for i, d in enumerate(shape) if d == -1}
-                            for _, _, shape in specs)
+            dummy = tuple(
+                torch.zeros([2 if d == -1 else d for d in shape], dtype=getattr(torch, dtype.name))
+                for _, dtype, shape in specs
+            )
+            dynamic = tuple(
+                {i: torch.export.Dim.DYNAMIC for i, d in enumerate(shape) if d == -1} for _, _, shape in specs
+            )
             program = torch.export.export(model, dummy, dynamic_shapes=dynamic)
         with contextlib.redirect_stdout(sys.stderr):  # the exporter reports progress on stdout
-            torch.onnx.export(program, f=str(out), dynamo=True, external_data=False,
-                              input_names=[s[0] for s in specs], output_names=["output"])
+            torch.onnx.export(
+                program,
+                f=str(out),
+                dynamo=True,
+                external_data=False,
+                input_names=[s[0] for s in specs],
+                output_names=["output"],
+            )
     except ConvertError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.export and the exporter raise many kinds; all mean "cannot convert"
@@ -173,8 +204,11 @@ def convert(model_dir: Path, out: Path, float32: bool = False) -> str:
     if "pytorch" in flavors:
         pytorch_to_onnx(model_dir, flavors["pytorch"], specs, out)
         return "pytorch"
-    raise ConvertError(422, f"cannot deploy a model with flavors {', '.join(sorted(flavors))}: "
-                            "gpulab deploys scikit-learn, PyTorch and ONNX models")
+    raise ConvertError(
+        422,
+        f"cannot deploy a model with flavors {', '.join(sorted(flavors))}: "
+        "gpulab deploys scikit-learn, PyTorch and ONNX models",
+    )
 
 
 def _check_paths(model_dir: Path, flavors: dict) -> None:
@@ -195,8 +229,9 @@ def _check_paths(model_dir: Path, flavors: dict) -> None:
             except (OSError, ValueError):
                 inside = False
             if not inside:
-                raise ConvertError(422, f"the model's MLmodel file points outside the model's directory: {where} = "
-                                        f"{value[:200]!r}")
+                raise ConvertError(
+                    422, f"the model's MLmodel file points outside the model's directory: {where} = {value[:200]!r}"
+                )
 
     for name, conf in flavors.items():
         check(conf, f"flavors.{name}")
@@ -212,8 +247,10 @@ def signature(path: Path) -> tuple[list[dict], list[dict]]:
         tensors = onnx_signature(onnx.load(str(path), load_external_data=False))
     except ValueError as e:
         raise ConvertError(422, f"Triton cannot serve this ONNX model: {e}") from None
-    return tuple([{"name": t["name"], "datatype": t["data_type"].removeprefix("TYPE_"), "shape": t["dims"]}
-                  for t in specs] for specs in tensors)
+    return tuple(
+        [{"name": t["name"], "datatype": t["data_type"].removeprefix("TYPE_"), "shape": t["dims"]} for t in specs]
+        for specs in tensors
+    )
 
 
 def main(argv: list[str]) -> int:

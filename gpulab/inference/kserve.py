@@ -27,8 +27,10 @@ def split(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
         except ValueError:
             end = -1
         if not 0 <= end <= len(body):
-            raise BadInput(f"{HEADER_LENGTH} must be a byte count from 0 to the body's {len(body)} bytes, "
-                            f"not '{header_length}'", HEADER_LENGTH)
+            raise BadInput(
+                f"{HEADER_LENGTH} must be a byte count from 0 to the body's {len(body)} bytes, not '{header_length}'",
+                HEADER_LENGTH,
+            )
     try:
         header = json.loads(bytes(body[:end]) or b"{}")
     except ValueError as e:
@@ -43,8 +45,9 @@ def request_arrays(inputs: list, binary: memoryview) -> dict[str, np.ndarray]:
     arrays, offset = {}, 0
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not {"name", "shape", "datatype"} <= tensor.keys():
-            raise BadInput("each KServe v2 input needs name, shape, datatype, and data or binary_data_size",
-                           f"inputs[{i}]")
+            raise BadInput(
+                "each KServe v2 input needs name, shape, datatype, and data or binary_data_size", f"inputs[{i}]"
+            )
         name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         try:
@@ -57,9 +60,11 @@ def request_arrays(inputs: list, binary: memoryview) -> dict[str, np.ndarray]:
                 arrays[name] = np.asarray(tensor["data"], dtype=dtype).reshape(shape)
                 continue
             if type(size) is not int or size < 0 or offset + size > len(binary):
-                raise ValueError(f"binary_data_size {size!r} does not fit the {len(binary) - offset} bytes of "
-                                 "binary data left in the body")
-            chunk = binary[offset:offset + size]
+                raise ValueError(
+                    f"binary_data_size {size!r} does not fit the {len(binary) - offset} bytes of "
+                    "binary data left in the body"
+                )
+            chunk = binary[offset : offset + size]
             offset += size
             if dtype == np.object_:  # BYTES: length-prefixed elements
                 arrays[name] = deserialize_bytes_tensor(bytes(chunk)).reshape(shape)
@@ -86,8 +91,9 @@ def request_problem(body: bytes, header_length: str | None) -> str | None:
             raise BadInput("inputs: give a list of input tensors", "inputs")
         request_arrays(inputs, binary)
         outputs = header.get("outputs", [])
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                    for o in outputs):
+        if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+        ):
             raise BadInput('outputs: give a list of {"name": <output>} objects', "outputs")
         for key, kind, what in (("id", str, "a string"), ("parameters", dict, "a JSON object")):
             if key in header and not isinstance(header[key], kind):
@@ -102,15 +108,19 @@ def request_problem(body: bytes, header_length: str | None) -> str | None:
 def binary_outputs(header: dict) -> tuple[bool, set[str]]:
     """Whether every output is wanted in binary, and the outputs asked for in binary one by one."""
     every = (header.get("parameters") or {}).get("binary_data_output") is True
-    named = {o.get("name") for o in header.get("outputs") or []
-             if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") is True}
+    named = {
+        o.get("name")
+        for o in header.get("outputs") or []
+        if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") is True
+    }
     return every, named
 
 
 def json_array(array: np.ndarray) -> list:
     if array.dtype == np.object_:  # BYTES
         array = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v, otypes=[object])(
-            array)
+            array
+        )
     return array.tolist()
 
 
@@ -128,6 +138,7 @@ def response_body(result, every_binary: bool, binary_names: set[str]) -> tuple[b
         else:
             tensor["data"] = json_array(result.as_numpy(output.name).ravel())
         outputs.append(tensor)
-    header = json.dumps({"model_name": response.model_name, "model_version": response.model_version,
-                         "outputs": outputs}).encode()
+    header = json.dumps(
+        {"model_name": response.model_name, "model_version": response.model_version, "outputs": outputs}
+    ).encode()
     return (b"".join([header, *chunks]), len(header)) if chunks else (header, None)

@@ -29,9 +29,13 @@ async def serve(server: TritonServer) -> None:
     async def ready() -> bool:
         return await asyncio.to_thread(server.ready)
 
-    child = Child("tritonserver", server.launch,
-                  lambda proc: wait_until(ready, proc, READY_TIMEOUT, "tritonserver", lambda: server.log_tail(20)),
-                  log_tail=lambda: server.log_tail(20), group=True)
+    child = Child(
+        "tritonserver",
+        server.launch,
+        lambda proc: wait_until(ready, proc, READY_TIMEOUT, "tritonserver", lambda: server.log_tail(20)),
+        log_tail=lambda: server.log_tail(20),
+        group=True,
+    )
     supervisor = Supervisor(log)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -56,8 +60,16 @@ def main() -> int:
     repository.mkdir(parents=True, exist_ok=True)
     triton_log = Path(env.get("GPULAB_TRITON_LOG") or repository.parent / "triton.log")
     triton_log.parent.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(TritonServer(config=load_config(), model_repository=str(repository),
-                                   socket_dir=env["GPULAB_TRITON_SOCKETS"], log_path=str(triton_log))))
+    asyncio.run(
+        serve(
+            TritonServer(
+                config=load_config(),
+                model_repository=str(repository),
+                socket_dir=env["GPULAB_TRITON_SOCKETS"],
+                log_path=str(triton_log),
+            )
+        )
+    )
     return 0
 
 

@@ -49,9 +49,19 @@ def processes_hidden(mountinfo: str) -> bool:
             return options.get("hidepid") in HIDDEN_PIDS
     return False
 
+
 GRPC_KEY_PREFIX = "triton-grpc-protocol-"
-PROTOCOLS = ["health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
-             "statistics", "trace", "logging"]
+PROTOCOLS = [
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+]
 # in socket_dir; Triton adds ":<port>" to the gRPC socket's name, so it is given port 0
 SOCKETS = {"grpc": "grpc.sock:0", "http": "http.sock", "metrics": "metrics.sock"}
 _PROBE = """import json, pathlib, sys, sysconfig, pytriton
@@ -62,29 +72,38 @@ print(json.dumps({"pytriton": str(pathlib.Path(pytriton.__file__).parent), "libd
 class TritonServer(Configurable):
     """One ``tritonserver`` process (``c.TritonServer.*``); ports chosen at the first start are kept on restart."""
 
-    python = Unicode(help="Python of the Triton venv (scripts/setup-triton); default $GPULAB_TRITON_PYTHON, "
-                          "else .venv-triton/bin/python in the gpulab checkout.").tag(config=True)
+    python = Unicode(
+        help="Python of the Triton venv (scripts/setup-triton); default $GPULAB_TRITON_PYTHON, "
+        "else .venv-triton/bin/python in the gpulab checkout."
+    ).tag(config=True)
     model_repository = Unicode(help="Model repository directory.").tag(config=True)
-    socket_dir = Unicode(help="Listen on unix sockets in this directory (made 0700 of this account) instead of TCP "
-                         "ports: no other account can connect, so the restricted protocols need no key.").tag(
-        config=True)
+    socket_dir = Unicode(
+        help="Listen on unix sockets in this directory (made 0700 of this account) instead of TCP "
+        "ports: no other account can connect, so the restricted protocols need no key."
+    ).tag(config=True)
     host = Unicode("127.0.0.1", help="Address all three endpoints bind to (without socket_dir).").tag(config=True)
     grpc_port = Integer(0, help="gRPC port (0: a free one).").tag(config=True)
     http_port = Integer(0, help="HTTP port (0: a free one).").tag(config=True)
     metrics_port = Integer(0, help="Prometheus metrics port (0: a free one).").tag(config=True)
-    restricted_header = Unicode("gpulab-triton-key", help="Header (gRPC metadata key) that unlocks restricted "
-                                "protocols; lowercase.").tag(config=True)
+    restricted_header = Unicode(
+        "gpulab-triton-key", help="Header (gRPC metadata key) that unlocks restricted protocols; lowercase."
+    ).tag(config=True)
     restricted_key = Unicode(help="Its secret value; random per process if unset.").tag(config=True)
-    restricted_protocols = List(Unicode(), PROTOCOLS, help="Protocols only the key holder may use (default: all, so "
-                                "users reach Triton only through the gateway).").tag(config=True)
+    restricted_protocols = List(
+        Unicode(),
+        PROTOCOLS,
+        help="Protocols only the key holder may use (default: all, so users reach Triton only through the gateway).",
+    ).tag(config=True)
     load_models = List(Unicode(), ["*"], help="Models loaded at start ('*': every model in the repository).").tag(
-        config=True)
+        config=True
+    )
     log_path = Unicode(help="Server log file (default: tritonserver.log in its work dir).").tag(config=True)
 
     @default("python")
     def _default_python(self):
         return os.environ.get("GPULAB_TRITON_PYTHON") or str(
-            Path(__file__).resolve().parents[2] / ".venv-triton" / "bin" / "python")
+            Path(__file__).resolve().parents[2] / ".venv-triton" / "bin" / "python"
+        )
 
     @default("restricted_key")
     def _default_key(self):
@@ -141,8 +160,9 @@ class TritonServer(Configurable):
             raise ConfigError(f"TritonServer.python: {self.python} does not exist (run scripts/setup-triton)")
         if not self.model_repository:
             raise ConfigError("TritonServer.model_repository is not set")
-        probe = json.loads(subprocess.run([self.python, "-c", _PROBE], check=True, capture_output=True,
-                                          text=True).stdout)
+        probe = json.loads(
+            subprocess.run([self.python, "-c", _PROBE], check=True, capture_output=True, text=True).stdout
+        )
         dist = Path(probe["pytriton"]) / "tritonserver"
         self.workdir = Path(tempfile.mkdtemp(prefix="gpulab-triton-"))
         backend = self.workdir / "backends" / "python"
@@ -155,19 +175,26 @@ class TritonServer(Configurable):
             raise ConfigError(f"TritonServer.python: no Triton Python stub for Python {probe['version']}")
         (backend / "triton_python_backend_stub").symlink_to(stub)
         argv = [
-            str(dist / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
-            "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load_models),
-            f"--backend-directory={self.workdir / 'backends'}", f"--cache-directory={dist / 'caches'}",
-            *self._endpoints(), "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.load_models),
+            f"--backend-directory={self.workdir / 'backends'}",
+            f"--cache-directory={dist / 'caches'}",
+            *self._endpoints(),
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=5",
         ]
         if self.restricted:
             restricted = f"{','.join(self.restricted_protocols)}:{self.restricted_header}={self.restricted_key}"
             argv += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
             if not processes_hidden(Path("/proc/self/mountinfo").read_text()):
-                log.warning("TritonServer on TCP ports: its restricted-protocol key is on tritonserver's command "
-                            "line, which other accounts on this host can read in /proc; where users' code runs "
-                            "here, mount /proc with hidepid=invisible or run Triton in a container of its own "
-                            "(docs/inference.md)")
+                log.warning(
+                    "TritonServer on TCP ports: its restricted-protocol key is on tritonserver's command "
+                    "line, which other accounts on this host can read in /proc; where users' code runs "
+                    "here, mount /proc with hidepid=invisible or run Triton in a container of its own "
+                    "(docs/inference.md)"
+                )
         env = dict(os.environ)
         libs = [probe["libdir"], str(dist.parent.parent / "nvidia_pytriton.libs")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
@@ -186,8 +213,11 @@ class TritonServer(Configurable):
                 if not getattr(self, name):
                     setattr(self, name, free_port(self.host))
             addresses = {kind: (self.host, getattr(self, f"{kind}_port")) for kind in SOCKETS}
-        return [option for kind, (address, port) in addresses.items()
-                for option in (f"--{kind}-address={address}", f"--{kind}-port={port}")]
+        return [
+            option
+            for kind, (address, port) in addresses.items()
+            for option in (f"--{kind}-address={address}", f"--{kind}-port={port}")
+        ]
 
     def launch(self) -> subprocess.Popen:
         """Start tritonserver, not waiting for it (its backend directory and command are made on the first
@@ -198,8 +228,7 @@ class TritonServer(Configurable):
             private_sockets(Path(self.socket_dir), SOCKETS.values(), "TritonServer.socket_dir")
         argv, env = self._command
         with self.log_file.open("ab") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc
 
     def start(self, timeout: float = 60) -> "TritonServer":
@@ -227,8 +256,11 @@ class TritonServer(Configurable):
 
     def get(self, path: str, endpoint: str = "http", timeout: float = 5) -> tuple[int, bytes]:
         """``GET path`` on the HTTP (or ``metrics``) endpoint, over its socket or port: (status, body)."""
-        connection = (_UnixConnection(str(self._socket(endpoint)), timeout) if self.socket_dir else
-                      http.client.HTTPConnection(self.host, getattr(self, f"{endpoint}_port"), timeout=timeout))
+        connection = (
+            _UnixConnection(str(self._socket(endpoint)), timeout)
+            if self.socket_dir
+            else http.client.HTTPConnection(self.host, getattr(self, f"{endpoint}_port"), timeout=timeout)
+        )
         try:
             connection.request("GET", path, headers=self.http_headers)
             response = connection.getresponse()
@@ -261,8 +293,6 @@ class TritonServer(Configurable):
             self.workdir = self._command = None
 
 
-
-
 class _UnixConnection(http.client.HTTPConnection):
     """HTTP to a unix socket."""
 
@@ -276,8 +306,22 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
-ONNX_TO_TRITON = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
-                  9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16"}
+ONNX_TO_TRITON = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "STRING",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+    16: "BF16",
+}
 
 
 # Tensor names gpulab writes into a model's config: what ONNX exporters produce ("x", "input.1", "onnx::Gemm_0",
@@ -292,22 +336,24 @@ def onnx_signature(model) -> tuple[list[dict], list[dict]]:
     has not, or data kept outside the file (``external_data``: Triton would read it from wherever it points)."""
     for tensor in _tensors(model.graph):
         if tensor.data_location == 1:  # TensorProto.EXTERNAL
-            raise ValueError(f"tensor '{tensor.name}' keeps its data in an external file; save the model with its "
-                             "data inside (onnx.save(..., save_as_external_data=False))")
+            raise ValueError(
+                f"tensor '{tensor.name}' keeps its data in an external file; save the model with its "
+                "data inside (onnx.save(..., save_as_external_data=False))"
+            )
     initializers = {i.name for i in model.graph.initializer}
 
     def spec(value) -> dict:
         if not TENSOR_NAME.match(value.name):
-            raise ValueError(f"tensor name {value.name[:80]!r} is not allowed: use 1-256 letters, digits and _ . : / "
-                             "[ ] -")
+            raise ValueError(
+                f"tensor name {value.name[:80]!r} is not allowed: use 1-256 letters, digits and _ . : / [ ] -"
+            )
         tensor = value.type.tensor_type
         if tensor.elem_type not in ONNX_TO_TRITON:
             raise ValueError(f"tensor '{value.name}': ONNX element type {tensor.elem_type} has no Triton type")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
         return {"name": value.name, "data_type": "TYPE_" + ONNX_TO_TRITON[tensor.elem_type], "dims": dims}
 
-    return ([spec(v) for v in model.graph.input if v.name not in initializers],
-            [spec(v) for v in model.graph.output])
+    return ([spec(v) for v in model.graph.input if v.name not in initializers], [spec(v) for v in model.graph.output])
 
 
 def _tensors(graph):
@@ -328,15 +374,22 @@ def _tensors(graph):
 # backend -> (its part of config.pbtxt, as a ModelConfig dict; files in each version dir)
 BACKENDS = {
     # CPU: a Python-backend model.py running the ONNX file with onnxruntime (the bundled Triton has no other backend)
-    "python-onnx": ({"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": 1}]},
-                    ("model.onnx", "model.py")),
+    "python-onnx": (
+        {"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": 1}]},
+        ("model.onnx", "model.py"),
+    ),
     # GPU: Triton's stock onnxruntime backend
     "onnxruntime": ({"backend": "onnxruntime", "instance_group": [{"kind": "KIND_GPU", "count": 1}]}, ("model.onnx",)),
     # GPU: the onnxruntime backend with its TensorRT execution provider, which builds (and caches) the engine for
     # the node's GPU and TensorRT on first load; a model.plan would have to be built on the serving GPU beforehand
-    "tensorrt": ({"backend": "onnxruntime", "instance_group": [{"kind": "KIND_GPU", "count": 1}],
-                  "optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "tensorrt"}]}}},
-                 ("model.onnx",)),
+    "tensorrt": (
+        {
+            "backend": "onnxruntime",
+            "instance_group": [{"kind": "KIND_GPU", "count": 1}],
+            "optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "tensorrt"}]}},
+        },
+        ("model.onnx",),
+    ),
 }
 
 
@@ -349,13 +402,20 @@ def model_config(name: str, inputs: list[dict], outputs: list[dict], backend: st
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
-    config = {"name": name, **BACKENDS[backend][0], "max_batch_size": 0,
-              "version_policy": {"latest": {"num_versions": 1}}, "input": inputs, "output": outputs}
+    config = {
+        "name": name,
+        **BACKENDS[backend][0],
+        "max_batch_size": 0,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "input": inputs,
+        "output": outputs,
+    }
     return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
 
-def write_onnx_model(repository: Path | str, name: str, onnx_path: Path | str, version: int = 1,
-                     backend: str = "python-onnx") -> Path:
+def write_onnx_model(
+    repository: Path | str, name: str, onnx_path: Path | str, version: int = 1, backend: str = "python-onnx"
+) -> Path:
     """Write ``<repository>/<name>/{config.pbtxt, <version>/model.onnx}`` (and ``model.py``, the Python-backend
     model running the ONNX file with onnxruntime, for ``python-onnx``), inputs and outputs taken from the ONNX
     graph. The version directory appears complete (written aside, then renamed), so a server scanning the

@@ -99,11 +99,14 @@ class HubServiceClient:
         ):
             headers = tracing.inject({"Authorization": f"token {self.token}"})
             try:
-                response = self.session.request(method, url, headers=headers,
-                                                timeout=kwargs.pop("timeout", self.timeout), **kwargs)
+                response = self.session.request(
+                    method, url, headers=headers, timeout=kwargs.pop("timeout", self.timeout), **kwargs
+                )
             except requests.RequestException as exc:
-                raise GpulabError(f"cannot reach {url.split('?')[0]} ({type(exc).__name__}); "
-                                  "is the platform running? Try again, or restart your server") from None
+                raise GpulabError(
+                    f"cannot reach {url.split('?')[0]} ({type(exc).__name__}); "
+                    "is the platform running? Try again, or restart your server"
+                ) from None
         if response.status_code >= 400:
             raise APIError.from_response(response)
         return response
@@ -153,8 +156,13 @@ class JobsClient(HubServiceClient):
         no longer holds raises."""
         offset = 0
         while True:
-            response = self.request("GET", f"/jobs/{job_id}/logs", params={"follow": "true", "offset": offset},
-                                    stream=True, timeout=(self.timeout, None))
+            response = self.request(
+                "GET",
+                f"/jobs/{job_id}/logs",
+                params={"follow": "true", "offset": offset},
+                stream=True,
+                timeout=(self.timeout, None),
+            )
             response.encoding = "utf-8"
             with response:
                 event, closed = None, None
@@ -211,10 +219,21 @@ class JobsClient(HubServiceClient):
         return self.request("GET", f"{base}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
 
 
-def job_spec(source: str | None = None, entrypoint: list[str] | None = None, *, name: str | None = None,
-             kind: str = "train", gpus: int = 0, cpus: float = 1.0, memory: str | int | None = None,
-             pool: str = "default", experiment: str | None = None, priority: int = 0,
-             working_dir: str | None = None, **extra) -> dict:
+def job_spec(
+    source: str | None = None,
+    entrypoint: list[str] | None = None,
+    *,
+    name: str | None = None,
+    kind: str = "train",
+    gpus: int = 0,
+    cpus: float = 1.0,
+    memory: str | int | None = None,
+    pool: str = "default",
+    experiment: str | None = None,
+    priority: int = 0,
+    working_dir: str | None = None,
+    **extra,
+) -> dict:
     """A JobSpec dict: Python ``source`` or an argv ``entrypoint``, run in ``working_dir`` (default: cwd).
 
     ``extra`` fields (``env``, ``labels``, ``max_runtime``, ``retries``, ``idempotency_key``, ...)
@@ -230,8 +249,14 @@ def job_spec(source: str | None = None, entrypoint: list[str] | None = None, *, 
     resources = {"gpus": gpus, "cpus": cpus, "pool": pool}
     if memory is not None:
         resources["memory"] = memory
-    spec = {"name": name, "kind": kind, "working_dir": working_dir or os.getcwd(), "resources": resources,
-            "priority": priority, **extra}
+    spec = {
+        "name": name,
+        "kind": kind,
+        "working_dir": working_dir or os.getcwd(),
+        "resources": resources,
+        "priority": priority,
+        **extra,
+    }
     spec["source" if source is not None else "entrypoint"] = source if source is not None else list(entrypoint)
     if experiment:
         spec["tracking"] = {"experiment": experiment}
@@ -272,8 +297,9 @@ class Job:
                 checked_capacity = True
                 self._check_capacity()
             if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job '{self.name}' ({self.id}) is still {self.state} after {timeout:g}s; "
-                                  "wait again, or cancel it")
+                raise WaitTimeout(
+                    f"job '{self.name}' ({self.id}) is still {self.state} after {timeout:g}s; wait again, or cancel it"
+                )
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
         if raise_on_failure and self.state != "succeeded":
             raise JobFailed(self, self.logs(tail=20))
@@ -283,8 +309,10 @@ class Job:
         pool, gpus = self.data["pool"], self.data["resources"]["gpus"]
         have = {p["name"]: p["capacity"]["gpus"] for p in self.client.pools()}.get(pool, 0)
         if have < gpus:
-            raise NoCapacity(f"no GPU capacity in pool '{pool}' ({have} GPUs, {gpus} requested); job {self.id} "
-                             "stays queued: cancel it, or submit it to a pool with GPUs")
+            raise NoCapacity(
+                f"no GPU capacity in pool '{pool}' ({have} GPUs, {gpus} requested); job {self.id} "
+                "stays queued: cancel it, or submit it to a pool with GPUs"
+            )
 
     def logs(self, tail: int | None = None) -> str:
         return self.client.logs(self.id, tail)
@@ -331,8 +359,19 @@ class JobTable(list):
     COLUMNS = ("id", "name", "kind", "state", "progress", "gpus", "created", "reason")
 
     def rows(self) -> list[tuple[str, ...]]:
-        return [(j.id[:8], j.name, j.data["kind"], j.state, j.percent, str(j.data["resources"]["gpus"]),
-                 j.data["created_at"][:19].replace("T", " "), j.state_reason) for j in self]
+        return [
+            (
+                j.id[:8],
+                j.name,
+                j.data["kind"],
+                j.state,
+                j.percent,
+                str(j.data["resources"]["gpus"]),
+                j.data["created_at"][:19].replace("T", " "),
+                j.state_reason,
+            )
+            for j in self
+        ]
 
     def __repr__(self) -> str:
         if not self:
@@ -360,7 +399,8 @@ def default_client() -> JobsClient:
     """The client for the current environment (made again when its variables change)."""
     global _default
     if _default is None or (_default.url, _default.token) != (
-        os.environ.get("GPULAB_JOBS_URL", "").rstrip("/"), os.environ.get("JUPYTERHUB_API_TOKEN")
+        os.environ.get("GPULAB_JOBS_URL", "").rstrip("/"),
+        os.environ.get("JUPYTERHUB_API_TOKEN"),
     ):
         _default = JobsClient()
     return _default

@@ -83,8 +83,10 @@ class Model:
 
     def __repr__(self) -> str:
         state = "ready" if self.ready else "not ready"
-        return (f"<gpulab Model '{self.name}' v{self.version} {state}: {_signature(self.inputs)} -> "
-                f"{_signature(self.outputs)}>")
+        return (
+            f"<gpulab Model '{self.name}' v{self.version} {state}: {_signature(self.inputs)} -> "
+            f"{_signature(self.outputs)}>"
+        )
 
 
 class ModelList(list):
@@ -94,8 +96,16 @@ class ModelList(list):
         if not self:
             return "no models"
         rows = [("name", "version", "ready", "owner", "inputs -> outputs")]
-        rows += [(m.name, str(m.version), "yes" if m.ready else "no", m.owner or "",
-                  f"{_signature(m.inputs)} -> {_signature(m.outputs)}") for m in self]
+        rows += [
+            (
+                m.name,
+                str(m.version),
+                "yes" if m.ready else "no",
+                m.owner or "",
+                f"{_signature(m.inputs)} -> {_signature(m.outputs)}",
+            )
+            for m in self
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
@@ -126,8 +136,9 @@ class InferenceClient:
         (``$GPULAB_INFER_REST_ADDRESS``) that sends the hub token and ``traceparent`` with every call by itself."""
         address = _env("GPULAB_INFER_REST_ADDRESS", "the inference gateway's REST address")
         ca = os.environ.get("GPULAB_INFER_TLS_CA")
-        client = triton_http.InferenceServerClient(address, **({"ssl": True, "ssl_options": {"ca_certs": ca}}
-                                                                if ca else {}))
+        client = triton_http.InferenceServerClient(
+            address, **({"ssl": True, "ssl_options": {"ca_certs": ca}} if ca else {})
+        )
         client.register_plugin(HubAuth(self.token))
         return client
 
@@ -173,8 +184,9 @@ class InferenceClient:
             raise InferenceError("INVALID_ARGUMENT", e.message) from None
         return tensors, [module.InferRequestedOutput(o) for o in outputs] if outputs else None
 
-    def infer(self, model: str | Model, inputs, outputs: list[str] | None = None,
-              version: int | None = None) -> dict[str, np.ndarray]:
+    def infer(
+        self, model: str | Model, inputs, outputs: list[str] | None = None, version: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Call ``model`` with ``inputs`` (``{name: array}``, or one array for a single-input model; arrays are
         sent as they are, lists converted to the input's datatype); returns ``{output name: array}`` (all
         outputs, or those named in ``outputs``)."""
@@ -190,8 +202,9 @@ class InferenceClient:
                 self._metadata.pop((name, version), None)  # it may have been redeployed with other inputs
                 raise InferenceError.from_exception(e) from None
 
-    async def infer_async(self, model: str | Model, inputs, outputs: list[str] | None = None,
-                          version: int | None = None) -> dict[str, np.ndarray]:
+    async def infer_async(
+        self, model: str | Model, inputs, outputs: list[str] | None = None, version: int | None = None
+    ) -> dict[str, np.ndarray]:
         """:meth:`infer` with ``tritonclient.grpc.aio``: ``await`` many at once for concurrency."""
         name, version = getattr(model, "name", model), "" if version is None else str(version)
         with self._span(name):

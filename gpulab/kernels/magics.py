@@ -107,9 +107,17 @@ class GpulabMagics(Magics):
         args = parser.parse_args(argv)
         if cell is None and not args.script:
             parser.error(f"give the script to run: {prog} [options] script.py [args...]")
-        fields = {"name": args.name, "kind": kind, "gpus": args.gpus, "cpus": args.cpus, "memory": args.memory,
-                  "pool": args.pool, "experiment": args.experiment, "priority": args.priority,
-                  "working_dir": os.getcwd()}
+        fields = {
+            "name": args.name,
+            "kind": kind,
+            "gpus": args.gpus,
+            "cpus": args.cpus,
+            "memory": args.memory,
+            "pool": args.pool,
+            "experiment": args.experiment,
+            "priority": args.priority,
+            "working_dir": os.getcwd(),
+        }
         if cell is not None:
             if kind == "preprocess":
                 cell = "from gpulab.kernels.rapids import activate as _a; print(_a()); del _a\n" + cell
@@ -172,8 +180,9 @@ class GpulabMagics(Magics):
     @_one_line
     def logs(self, prog, argv, cell=None):
         """Print a job's log: ``%logs ID [--tail N] [--follow]`` (``--follow``: until the job ends)."""
-        args = _id_parser(prog, **{"--tail": {"type": int, "metavar": "N"},
-                                   "--follow": {"action": "store_true"}}).parse_args(argv)
+        args = _id_parser(
+            prog, **{"--tail": {"type": int, "metavar": "N"}, "--follow": {"action": "store_true"}}
+        ).parse_args(argv)
         client = default_client()
         job = client.get(args.id)
         if not args.follow:

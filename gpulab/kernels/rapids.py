@@ -35,8 +35,10 @@ def activate() -> str:
 
                 cudf.pandas.install()
             except ImportError:
-                _notice = (f"gpulab: GPU found ({gpus[0]}) but cudf is not installed; pandas runs on the CPU "
-                           "(pip install 'gpulab[gpu]')")
+                _notice = (
+                    f"gpulab: GPU found ({gpus[0]}) but cudf is not installed; pandas runs on the CPU "
+                    "(pip install 'gpulab[gpu]')"
+                )
             except Exception as exc:  # noqa: BLE001 - a broken CUDA setup must not stop the kernel
                 _notice = f"gpulab: cudf.pandas could not start on {gpus[0]} ({exc}); pandas runs on the CPU"
             else:

@@ -32,8 +32,16 @@ class Monitor(widgets.VBox):
         self.log_tail = widgets.Textarea(disabled=True, layout=widgets.Layout(width="100%", height="12em"))
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", button_style="danger")
         self.cancel_button.on_click(self._on_cancel)
-        super().__init__([self.header, widgets.HBox([self.bar, self.status]), self.metrics, self.links,
-                          self.log_tail, self.cancel_button])
+        super().__init__(
+            [
+                self.header,
+                widgets.HBox([self.bar, self.status]),
+                self.metrics,
+                self.links,
+                self.log_tail,
+                self.cancel_button,
+            ]
+        )
         self._log_text, self._offset, self._tracking = "", 0, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"gpulab-monitor-{job.id[:8]}", daemon=True)
@@ -48,8 +56,7 @@ class Monitor(widgets.VBox):
             except GpulabError as exc:
                 self.status.value = f"<b>{self.job.state}</b> " + _error_html(f"{exc} (retrying)")
             else:
-                self._log_text = "".join(
-                    (self._log_text + text).splitlines(keepends=True)[-self.log_lines:])
+                self._log_text = "".join((self._log_text + text).splitlines(keepends=True)[-self.log_lines :])
                 self.log_tail.value = self._log_text
                 self._render()
                 if self.job.done:
@@ -59,16 +66,20 @@ class Monitor(widgets.VBox):
     def _render(self) -> None:
         job, progress = self.job, self.job.progress
         gpus = job.data["resources"]["gpus"]
-        self.header.value = (f"<b>{html.escape(job.name)}</b> <code>{job.id}</code> · {job.data['kind']}"
-                             f" · {gpus} GPU{'s' * (gpus != 1)} · pool {html.escape(job.data['pool'])}")
+        self.header.value = (
+            f"<b>{html.escape(job.name)}</b> <code>{job.id}</code> · {job.data['kind']}"
+            f" · {gpus} GPU{'s' * (gpus != 1)} · pool {html.escape(job.data['pool'])}"
+        )
         self.status.value = f"<b>{job.state}</b> {html.escape(job.state_reason)}"
         fraction = 1.0 if job.state == "succeeded" else progress.get("fraction")
         self.bar.value = fraction or 0.0
         self.bar.bar_style = BAR_STYLES.get(job.state, "info")
         step, total = progress.get("step"), progress.get("total")
         self.bar.description = "" if step is None else f"{step}/{total}" if total else f"step {step}"
-        self.metrics.value = " · ".join(f"{html.escape(k)} = {v:.4g}" if isinstance(v, float | int) else
-                                        f"{html.escape(k)} = {v}" for k, v in progress.get("metrics", {}).items())
+        self.metrics.value = " · ".join(
+            f"{html.escape(k)} = {v:.4g}" if isinstance(v, float | int) else f"{html.escape(k)} = {v}"
+            for k, v in progress.get("metrics", {}).items()
+        )
         self.cancel_button.disabled = job.done
         tracking = (job.mlflow_run_id, job.wandb_run_path)
         if tracking != self._tracking and any(tracking) and threading.current_thread() is self._thread:
@@ -77,8 +88,9 @@ class Monitor(widgets.VBox):
             if job.mlflow_run_id:
                 url = job.mlflow_url
                 run = f"<code>{job.mlflow_run_id}</code>"
-                links.append(f'MLflow run <a href="{html.escape(url)}" target="_blank">{run}</a>' if url else
-                             f"MLflow run {run}")
+                links.append(
+                    f'MLflow run <a href="{html.escape(url)}" target="_blank">{run}</a>' if url else f"MLflow run {run}"
+                )
             if job.wandb_run_path:
                 links.append(f"W&amp;B run <code>{html.escape(job.wandb_run_path)}</code>")
             self.links.value = " · ".join(links)
@@ -133,9 +145,22 @@ class Launcher(widgets.VBox):
         self.what.observe(self._show_fields, "value")
         self.pool.observe(self._limit_resources, "value")
         self.submit_button.on_click(lambda _: self._on_submit())
-        super().__init__([self.what, self.script, self.args, self.code, self.pool,
-                          widgets.HBox([self.gpus, self.gpu_note]), self.cpus, self.experiment, self.name,
-                          self.priority, widgets.HBox([self.submit_button, self.message]), self.output])
+        super().__init__(
+            [
+                self.what,
+                self.script,
+                self.args,
+                self.code,
+                self.pool,
+                widgets.HBox([self.gpus, self.gpu_note]),
+                self.cpus,
+                self.experiment,
+                self.name,
+                self.priority,
+                widgets.HBox([self.submit_button, self.message]),
+                self.output,
+            ]
+        )
         self._show_fields()
         self._limit_resources()
 
@@ -154,9 +179,14 @@ class Launcher(widgets.VBox):
 
     def spec(self) -> dict:
         """The JobSpec dict Submit would send."""
-        fields = {"name": self.name.value.strip() or None, "gpus": self.gpus.value, "cpus": self.cpus.value,
-                  "pool": self.pool.value, "experiment": self.experiment.value.strip() or None,
-                  "priority": self.priority.value}
+        fields = {
+            "name": self.name.value.strip() or None,
+            "gpus": self.gpus.value,
+            "cpus": self.cpus.value,
+            "pool": self.pool.value,
+            "experiment": self.experiment.value.strip() or None,
+            "priority": self.priority.value,
+        }
         if self.what.value == "code":
             if not self.code.value.strip():
                 raise GpulabError("write the job's code in the Code box")
@@ -187,10 +217,21 @@ class Launcher(widgets.VBox):
 class JobList(widgets.VBox):
     """The user's jobs (every user's with ``all=True``, admins only) as a table refreshed every ``interval`` s."""
 
-    def __init__(self, all: bool = False, state: str | None = None, limit: int = 50, interval: float = 5.0,
-                 client: JobsClient | None = None):
+    def __init__(
+        self,
+        all: bool = False,
+        state: str | None = None,
+        limit: int = 50,
+        interval: float = 5.0,
+        client: JobsClient | None = None,
+    ):
         self.client, self.all, self.state, self.limit, self.interval = (
-            client or default_client(), all, state, limit, interval)
+            client or default_client(),
+            all,
+            state,
+            limit,
+            interval,
+        )
         self.table = widgets.HTML()
         self.message = widgets.HTML()
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh")

@@ -28,13 +28,17 @@ class GpulabHandler(JSONAPIMixin, APIHandler):
         )
         await super().prepare()
         if self.current_user is None:
-            raise APIError(401, "authentication required: sign in or send 'Authorization: token <hub token>'",
-                           code="unauthenticated")
+            raise APIError(
+                401,
+                "authentication required: sign in or send 'Authorization: token <hub token>'",
+                code="unauthenticated",
+            )
         action = "read" if self.request.method in ("GET", "HEAD") else "write"
         if not self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource):
             needed = " or ".join(RESOURCE_SCOPES.get(self.auth_resource, ("an unknown scope",)))
-            raise APIError(403, f"this needs the {needed} scope, which {self.current_user.username} lacks",
-                           code="forbidden")
+            raise APIError(
+                403, f"this needs the {needed} scope, which {self.current_user.username} lacks", code="forbidden"
+            )
 
     def check_xsrf_cookie(self):
         """A request carrying no credential at all (no header, no cookie) has nothing a forged form could use:

@@ -55,8 +55,11 @@ class ServiceProxyHandler(GpulabHandler):
     async def forward(self, path: str, streaming: bool = False) -> None:
         backend = self.backend
         if len(self.request.body or b"") > MAX_BODY:  # refused here: not a failure of the service (breaker)
-            raise APIError(413, f"request body is {len(self.request.body)} bytes; {backend.name} takes at most "
-                                f"{MAX_BODY}", code="too_large")
+            raise APIError(
+                413,
+                f"request body is {len(self.request.body)} bytes; {backend.name} takes at most {MAX_BODY}",
+                code="too_large",
+            )
         query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
         headers = {
             "Authorization": f"token {backend.token}",

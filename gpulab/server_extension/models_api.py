@@ -48,15 +48,19 @@ class InferBackend(ServiceBackend):
     @classmethod
     def from_env(cls) -> "InferBackend | None":
         url = os.environ.get("GPULAB_INFER_URL")
-        return cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", ""), os.environ.get("GPULAB_INFER_ADDRESS")) if url \
+        return (
+            cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", ""), os.environ.get("GPULAB_INFER_ADDRESS"))
+            if url
             else None
+        )
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
         """One aio client on the server's event loop, sending the server's token with every call."""
         if not self.address:
-            raise APIError(503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)",
-                           code="unavailable")
+            raise APIError(
+                503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)", code="unavailable"
+            )
         if self._client is None:
             self._client = triton_aio.InferenceServerClient(self.address, **tls_options())
             self._client.register_plugin(HubAuth(self.token))
@@ -66,8 +70,7 @@ class InferBackend(ServiceBackend):
 def _backend(handler) -> InferBackend:
     backend = handler.settings.get("gpulab_infer")
     if backend is None:
-        raise APIError(503, "the inference service is not configured (GPULAB_INFER_URL is not set)",
-                       code="unavailable")
+        raise APIError(503, "the inference service is not configured (GPULAB_INFER_URL is not set)", code="unavailable")
     return backend
 
 
@@ -127,27 +130,39 @@ class InferHandler(GpulabHandler):
                 if kserve_form:
                     arrays = kserve.request_arrays(inputs, binary)
                 elif binary:
-                    raise BadInput("binary data goes with KServe v2 input tensors (a list under \"inputs\")",
-                                   "inputs")
+                    raise BadInput('binary data goes with KServe v2 input tensors (a list under "inputs")', "inputs")
                 else:
                     if key not in backend.metadata:
                         backend.metadata[key] = await backend.client.get_model_metadata(name, version, as_json=True)
                     arrays = to_arrays(backend.metadata[key], inputs)
-                result = await backend.client.infer(name, infer_inputs(triton_aio, arrays), version,
-                                                    [triton_aio.InferRequestedOutput(o) for o in requested] or None,
-                                                    client_timeout=60)
+                result = await backend.client.infer(
+                    name,
+                    infer_inputs(triton_aio, arrays),
+                    version,
+                    [triton_aio.InferRequestedOutput(o) for o in requested] or None,
+                    client_timeout=60,
+                )
         except BadInput as e:
             raise APIError(400, e.message, e.field, code="invalid") from None
         except InferenceServerException as e:
             backend.metadata.pop(key, None)  # it may have been redeployed with other inputs
             message = message_of(e)
             tensor = tensor_of(message)
-            raise APIError(http_status(status_of(e), 502), message, f"inputs.{tensor}" if tensor else None,
-                           error_code(status_of(e), "bad_gateway")) from None
+            raise APIError(
+                http_status(status_of(e), 502),
+                message,
+                f"inputs.{tensor}" if tensor else None,
+                error_code(status_of(e), "bad_gateway"),
+            ) from None
         if not kserve_form:
             response = result.get_response()
-            self.finish({"model_name": response.model_name, "model_version": response.model_version,
-                         "outputs": {o: kserve.json_array(a) for o, a in outputs_of(result).items()}})
+            self.finish(
+                {
+                    "model_name": response.model_name,
+                    "model_version": response.model_version,
+                    "outputs": {o: kserve.json_array(a) for o, a in outputs_of(result).items()},
+                }
+            )
             return
         answer, header_length = kserve.response_body(result, *kserve.binary_outputs(body))
         if header_length is None:

@@ -4,9 +4,14 @@ from . import attestation_api, jobs_api, models_api
 from .handlers import NotFoundHandler, StatusHandler, WhoAmIHandler
 
 API_PREFIX = "gpulab/api/v1"
-ROUTES = [("/whoami", WhoAmIHandler), ("/status", StatusHandler), *jobs_api.ROUTES, *attestation_api.ROUTES,
-          *models_api.ROUTES,
-          ("/.*", NotFoundHandler)]  # last: anything else under the API is a JSON 404, not Jupyter's HTML page
+ROUTES = [
+    ("/whoami", WhoAmIHandler),
+    ("/status", StatusHandler),
+    *jobs_api.ROUTES,
+    *attestation_api.ROUTES,
+    *models_api.ROUTES,
+    ("/.*", NotFoundHandler),
+]  # last: anything else under the API is a JSON 404, not Jupyter's HTML page
 
 
 def handlers(base_url: str) -> list:

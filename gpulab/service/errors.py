@@ -16,8 +16,15 @@ class APIError(web.HTTPError):
     a ``code`` (default: from the status, see :func:`reason_code`), ``headers`` sent with it, and ``details``
     (structured, e.g. NVIDIA's error details of a failed attestation) in the body when set."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, details: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: dict | None = None,
+    ):
         # tornado %-formats log_message when it logs: keep a literal '%' in the message literal
         super().__init__(status, message.replace("%", "%%"))
         self.message = message

@@ -84,5 +84,6 @@ class JSONAPIMixin:
             return model.model_validate(data)
         except ValidationError as e:
             field, message = validation_error_body(e)
-            raise APIError(422, f"{field}: {message}" if field else message, field=field or None,
-                           code="invalid") from None
+            raise APIError(
+                422, f"{field}: {message}" if field else message, field=field or None, code="invalid"
+            ) from None

@@ -9,8 +9,11 @@ def allowed(handler: web.RequestHandler) -> list[str]:
     if (own := getattr(handler, "allow", None)) is not None:
         return list(own)
     cls = type(handler)
-    return [m for m in cls.SUPPORTED_METHODS
-            if getattr(cls, m.lower(), None) is not getattr(web.RequestHandler, m.lower(), None)]
+    return [
+        m
+        for m in cls.SUPPORTED_METHODS
+        if getattr(cls, m.lower(), None) is not getattr(web.RequestHandler, m.lower(), None)
+    ]
 
 
 def allow(handler: web.RequestHandler) -> list[str]:

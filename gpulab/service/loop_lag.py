@@ -17,10 +17,17 @@ BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 class LoopLag:
     def __init__(self, registry: CollectorRegistry, prefix: str, interval: float = 0.05, window: float = 60.0):
         self.interval, self.window = interval, window
-        self.histogram = Histogram(f"{prefix}_event_loop_lag_seconds", "How late the event loop ran a timer",
-                                   buckets=BUCKETS, registry=registry)
-        self.gauge = Gauge(f"{prefix}_event_loop_lag_max_seconds",
-                           f"The largest event loop lag of the last {window:g} s", registry=registry)
+        self.histogram = Histogram(
+            f"{prefix}_event_loop_lag_seconds",
+            "How late the event loop ran a timer",
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.gauge = Gauge(
+            f"{prefix}_event_loop_lag_max_seconds",
+            f"The largest event loop lag of the last {window:g} s",
+            registry=registry,
+        )
         self.gauge.set_function(self.recent_max)
         self._recent: deque[tuple[float, float]] = deque()  # (when, lag), lags decreasing from the left
 

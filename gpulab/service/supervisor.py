@@ -44,8 +44,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, log: logging.Logger, healthy_after: float = 10.0, max_delay: float = 30.0,
-                 poll_interval: float = 0.5):
+    def __init__(
+        self, log: logging.Logger, healthy_after: float = 10.0, max_delay: float = 30.0, poll_interval: float = 0.5
+    ):
         self.log = log
         self.healthy_after, self.max_delay, self.poll_interval = healthy_after, max_delay, poll_interval
         self.children: list[Child] = []
@@ -89,9 +90,14 @@ class Supervisor:
                     due[key] = now + child.delay
                     self._kill_group(child)
                     tail = child.log_tail() if child.log_tail else ""
-                    self.log.error("%s (pid %d) exited with status %s; starting it again in %.0f s%s", child.name,
-                                   child.proc.pid, child.proc.returncode, child.delay,
-                                   f"; its log ends:\n{tail}" if tail else "")
+                    self.log.error(
+                        "%s (pid %d) exited with status %s; starting it again in %.0f s%s",
+                        child.name,
+                        child.proc.pid,
+                        child.proc.returncode,
+                        child.delay,
+                        f"; its log ends:\n{tail}" if tail else "",
+                    )
                 if now >= due[key]:
                     del due[key]
                     try:
@@ -128,8 +134,14 @@ class Supervisor:
                 os.killpg(child.proc.pid, signal.SIGKILL)
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], proc: subprocess.Popen, timeout: float, what: str,
-                     log_tail: Callable[[], str] | None = None, interval: float = 0.2) -> None:
+async def wait_until(
+    check: Callable[[], Awaitable[bool]],
+    proc: subprocess.Popen,
+    timeout: float,
+    what: str,
+    log_tail: Callable[[], str] | None = None,
+    interval: float = 0.2,
+) -> None:
     """Return once ``check()`` is true; :class:`ChildFailed` if ``proc`` exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:

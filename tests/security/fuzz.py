@@ -23,26 +23,53 @@ expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "41
 """
 
 
-def schemathesis(spec: Path, url: str, token: str, work: Path, *, owner: str | None = None, config: str = "",
-                 not_run: tuple = ()) -> dict:
+def schemathesis(
+    spec: Path, url: str, token: str, work: Path, *, owner: str | None = None, config: str = "", not_run: tuple = ()
+) -> dict:
     """Run ``spec`` against ``url`` with ``Authorization: token <token>``; with ``owner``, also fail any answer
     holding an object of someone else's (``schemathesis_checks``). Asserts a clean run; returns its report."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "schemathesis.toml").write_text(CONFIG + config)
     report = work / "report.json"
-    command = [str(Path(sys.executable).with_name("st")), "--config-file", str(work / "schemathesis.toml"), "run",
-               str(spec), "--url", url, "-H", f"Authorization: token {token}",
-               "--max-examples", str(EXAMPLES), "--seed", "1", "--workers", "1", "--request-timeout", "20",
-               "--suppress-health-check", "all", "--report", "json", "--report-json-path", str(report),
-               "--checks", "all", "--exclude-checks", ",".join([*NOT_RUN, *not_run])]
+    command = [
+        str(Path(sys.executable).with_name("st")),
+        "--config-file",
+        str(work / "schemathesis.toml"),
+        "run",
+        str(spec),
+        "--url",
+        url,
+        "-H",
+        f"Authorization: token {token}",
+        "--max-examples",
+        str(EXAMPLES),
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "20",
+        "--suppress-health-check",
+        "all",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report),
+        "--checks",
+        "all",
+        "--exclude-checks",
+        ",".join([*NOT_RUN, *not_run]),
+    ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.security.schemathesis_checks", "PYTHONPATH": str(REPO)}
     if owner:
         env["GPULAB_FUZZ_USER"] = owner
     run = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900, check=False, env=env)
     assert report.exists(), run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(report.read_text())
-    print(f"{spec.name} at {url}: {result['test_cases']['generated']} calls, {result['operations']['tested']} "
-          f"operations, phases {result['phases']}")
+    print(
+        f"{spec.name} at {url}: {result['test_cases']['generated']} calls, {result['operations']['tested']} "
+        f"operations, phases {result['phases']}"
+    )
     found = run.stdout.partition("= FAILURES =")[2].partition("= WARNINGS =")[0] or run.stdout[-8000:]
     assert (result["failures"], result["errors"], result["exit_code"]) == ([], [], 0), found[:16000]
     assert result["operations"]["tested"] == result["operations"]["total"], result["operations"]

@@ -53,8 +53,15 @@ def test_another_users_job_is_out_of_reach_of_every_generated_call(hub, tmp_path
     job = alice.submit(name="alices", source="import time; time.sleep(600)", max_runtime=900)
     alice.wait(job["id"], states={"running"})
     config = f'[parameters]\n"path.job_id" = "{job["id"]}"\n'
-    result = schemathesis(JOBS_SPEC, hub.url + JOBS_API, hub.token("bob"), tmp_path, owner="bob", config=config,
-                          not_run=("ensure_resource_availability", "use_after_free"))
+    result = schemathesis(
+        JOBS_SPEC,
+        hub.url + JOBS_API,
+        hub.token("bob"),
+        tmp_path,
+        owner="bob",
+        config=config,
+        not_run=("ensure_resource_availability", "use_after_free"),
+    )
     assert result["test_cases"]["generated"] >= 10 * EXAMPLES, result["test_cases"]
     after = alice.request("GET", f"/jobs/{job['id']}").json()
     assert after["state"] == "running", after
@@ -67,8 +74,11 @@ def test_the_server_extension_spec_holds_for_every_generated_call(hub, tmp_path,
     the model operations answer 503 naming it, as the spec says (the deploy API and inference REST are not
     fuzzed yet)."""
     hub.spawn(user)
-    config = ('[[operations]]\ninclude-path-regex = "^/models"\n'
-              'checks.not_a_server_error.expected-statuses = ["2XX", "3XX", "4XX", "503"]\n')
-    result = schemathesis(SERVER_SPEC, f"{hub.url}/user/{user}/gpulab/api/v1", hub.token(user), tmp_path,
-                          owner=user, config=config)
+    config = (
+        '[[operations]]\ninclude-path-regex = "^/models"\n'
+        'checks.not_a_server_error.expected-statuses = ["2XX", "3XX", "4XX", "503"]\n'
+    )
+    result = schemathesis(
+        SERVER_SPEC, f"{hub.url}/user/{user}/gpulab/api/v1", hub.token(user), tmp_path, owner=user, config=config
+    )
     assert result["test_cases"]["generated"] >= 10 * EXAMPLES, result["test_cases"]

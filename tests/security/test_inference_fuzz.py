@@ -55,8 +55,12 @@ c.InferenceGateway.data_plane = {plane!r}
                 mlflow.log_artifacts(str(folder), MODEL)
         finally:
             mp.undo()
-        r = requests.post(f"{hub.url}{DEPLOY_API}/models", headers={"Authorization": f"token {token}"},
-                          timeout=300, json={"source": f"runs:/{run.info.run_id}/{MODEL}", "name": MODEL})
+        r = requests.post(
+            f"{hub.url}{DEPLOY_API}/models",
+            headers={"Authorization": f"token {token}"},
+            timeout=300,
+            json={"source": f"runs:/{run.info.run_id}/{MODEL}", "name": MODEL},
+        )
         assert r.status_code == 201, r.text
         rest = "http://" + hub.api("GET", "/services/gpulab-infer").json()["info"]["rest_address"]
         hub.deployed = {"model": r.json(), "w": w, "b": b, "rest": rest}
@@ -85,13 +89,15 @@ def python_plane(tmp_path_factory):
 def still_served(hub) -> None:
     """alice's model is deployed at its version and answers y = x·W + b."""
     token, deployed = hub.token("alice"), hub.deployed
-    r = requests.get(f"{hub.url}{DEPLOY_API}/models/{MODEL}", headers={"Authorization": f"token {token}"},
-                     timeout=60)
+    r = requests.get(f"{hub.url}{DEPLOY_API}/models/{MODEL}", headers={"Authorization": f"token {token}"}, timeout=60)
     assert r.status_code == 200 and r.json()["versions"] == deployed["model"]["versions"], r.text
     x = np.ones((1, 4), dtype=np.float32)
-    r = requests.post(f"{deployed['rest']}/v2/models/{MODEL}/infer", headers={"Authorization": f"token {token}"},
-                      json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]},
-                      timeout=60)
+    r = requests.post(
+        f"{deployed['rest']}/v2/models/{MODEL}/infer",
+        headers={"Authorization": f"token {token}"},
+        json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["outputs"][0]["data"], (x @ deployed["w"] + deployed["b"]).ravel(), rtol=1e-5)
 

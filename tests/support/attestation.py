@@ -45,11 +45,23 @@ GPU_TEMPLATE = sample("hopperClaimsv3_decoded.json")["GPU-0"]
 SWITCH_TEMPLATE = sample("switch_decoded.json")["SWITCH-0"]
 OVERALL_TEMPLATE = jwt.decode(sample("hopperClaimsv3_detached_eat.json")[0][1], options={"verify_signature": False})
 # Claims 2.0 (NVIDIA's published remote sample): flat booleans instead of cert-chain objects.
-GPU_TEMPLATE_V2 = {k: v for k, v in GPU_TEMPLATE.items() if not k.endswith("-cert-chain")
-                   and k not in ("x-nvidia-gpu-attestation-report-cert-chain-fwid-match",
-                                 "x-nvidia-gpu-driver-rim-version-match", "x-nvidia-gpu-vbios-rim-version-match")}
-GPU_TEMPLATE_V2.update({f"x-nvidia-gpu-{c}": True for c in (
-    "attestation-report-cert-chain-validated", "driver-rim-cert-validated", "vbios-rim-cert-validated")})
+GPU_TEMPLATE_V2 = {
+    k: v
+    for k, v in GPU_TEMPLATE.items()
+    if not k.endswith("-cert-chain")
+    and k
+    not in (
+        "x-nvidia-gpu-attestation-report-cert-chain-fwid-match",
+        "x-nvidia-gpu-driver-rim-version-match",
+        "x-nvidia-gpu-vbios-rim-version-match",
+    )
+}
+GPU_TEMPLATE_V2.update(
+    {
+        f"x-nvidia-gpu-{c}": True
+        for c in ("attestation-report-cert-chain-validated", "driver-rim-cert-validated", "vbios-rim-cert-validated")
+    }
+)
 
 
 class NrasKey:
@@ -61,11 +73,17 @@ class NrasKey:
         self.public = self.private.public_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpulab test NRAS signer")])
         now = dt.datetime.now(dt.UTC)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.public)
-                     .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-                     .not_valid_after(now + dt.timedelta(days=2)).sign(self.private, hashes.SHA384()))
-        self.pem = self.public.public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .sign(self.private, hashes.SHA384())
+        )
+        self.pem = self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def jwk(self) -> dict:
         jwk = ECAlgorithm.to_jwk(self.public, as_dict=True)
@@ -149,25 +167,58 @@ class EatMinter:
     def error_claims(self, details: dict) -> dict:
         """A device token's claims in NRAS's error form: no nonce, no measurements, only NVIDIA's error."""
         now = int(self.clock())
-        return {"iss": self.issuer, "nbf": now, "exp": now + 3600, "iat": now, "jti": str(uuid.uuid4()),
-                "x-nvidia-error-details": details}
+        return {
+            "iss": self.issuer,
+            "nbf": now,
+            "exp": now + 3600,
+            "iat": now,
+            "jti": str(uuid.uuid4()),
+            "x-nvidia-error-details": details,
+        }
 
     def device_claims(self, name: str, nonce: str, version: str = "3.0") -> dict:
-        template = SWITCH_TEMPLATE if name.startswith("SWITCH") else GPU_TEMPLATE if version == "3.0" \
-            else GPU_TEMPLATE_V2
+        template = (
+            SWITCH_TEMPLATE if name.startswith("SWITCH") else GPU_TEMPLATE if version == "3.0" else GPU_TEMPLATE_V2
+        )
         now = int(self.clock())
-        return {**copy.deepcopy(template), "iss": self.issuer, "eat_nonce": nonce, "iat": now, "nbf": now,
-                "exp": now + 3600, "jti": str(uuid.uuid4()), "ueid": self.ueid(name)}
+        return {
+            **copy.deepcopy(template),
+            "iss": self.issuer,
+            "eat_nonce": nonce,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "jti": str(uuid.uuid4()),
+            "ueid": self.ueid(name),
+        }
 
     def overall_claims(self, nonce: str, device_tokens: dict[str, str], version: str = "3.0") -> dict:
         now = int(self.clock())
-        return {**OVERALL_TEMPLATE, "x-nvidia-ver": version, "iss": self.issuer, "eat_nonce": nonce, "iat": now,
-                "nbf": now, "exp": now + 3600, "jti": str(uuid.uuid4()),
-                "submods": {name: digest(tok) for name, tok in device_tokens.items()}}
+        return {
+            **OVERALL_TEMPLATE,
+            "x-nvidia-ver": version,
+            "iss": self.issuer,
+            "eat_nonce": nonce,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "jti": str(uuid.uuid4()),
+            "submods": {name: digest(tok) for name, tok in device_tokens.items()},
+        }
 
-    def mint(self, nonce: str, *, names=("GPU-0",), version: str = "3.0", overall: dict | None = None,
-             device: dict | None = None, overall_sign: dict | None = None, device_sign: dict | None = None,
-             tokens=None, failure: dict | None = None) -> str:
+    def mint(
+        self,
+        nonce: str,
+        *,
+        names=("GPU-0",),
+        version: str = "3.0",
+        overall: dict | None = None,
+        device: dict | None = None,
+        overall_sign: dict | None = None,
+        device_sign: dict | None = None,
+        tokens=None,
+        failure: dict | None = None,
+    ) -> str:
         """The detached EAT as NRAS returns it (JSON text).
 
         ``overall``/``device`` override claims (None values delete them); ``overall_sign``/``device_sign``
@@ -177,8 +228,14 @@ class EatMinter:
         """
         dev_sign = dict(device_sign or {})
         dev_key = dev_sign.pop("key", self.key)
-        genuine = {n: sign(_apply(self.error_claims(failure) if failure else self.device_claims(n, nonce, version),
-                                  device), dev_key, **dev_sign) for n in names}
+        genuine = {
+            n: sign(
+                _apply(self.error_claims(failure) if failure else self.device_claims(n, nonce, version), device),
+                dev_key,
+                **dev_sign,
+            )
+            for n in names
+        }
         claims = _apply(self.overall_claims(nonce, genuine, version), overall)
         if failure:
             claims["x-nvidia-overall-att-result"] = False
@@ -222,7 +279,7 @@ c.Platform.mlflow_service = False
 c.Roles.everyone = []
 c.Roles.group_roles = {{"ml": ["gpulab-user"]}}
 c.JobQueue.tick_interval = 0.2
-c.JobQueue.mlflow_tracking_uri = "sqlite:///{mlflow_dir / 'mlflow.sqlite'}"
+c.JobQueue.mlflow_tracking_uri = "sqlite:///{mlflow_dir / "mlflow.sqlite"}"
 c.LocalExecutor.node_name = "{node}"
 c.Attestation.jwks_url = "{minter.jwks_url}"
 c.Attestation.allow_insecure_localhost = True

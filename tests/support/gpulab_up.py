@@ -76,8 +76,9 @@ class Platform:
         env.pop("GPULAB_CONFIG_OVERRIDES", None)
         return env
 
-    def start(self, config: str = "", services: list[dict] = (), timeout: float = 60,
-              run_as: pwd.struct_passwd | None = None) -> "Platform":
+    def start(
+        self, config: str = "", services: list[dict] = (), timeout: float = 60, run_as: pwd.struct_passwd | None = None
+    ) -> "Platform":
         """Start ``gpulab up`` (as root, or as the account ``run_as``: a personal platform)."""
         self.write_config(config, services)
         env, as_account = self.env(), {}
@@ -90,8 +91,18 @@ class Platform:
             as_account = {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []}
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpulab", "up", "--ip", self.host, "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
+            [
+                sys.executable,
+                "-m",
+                "gpulab",
+                "up",
+                "--ip",
+                self.host,
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
             env=env,
             stdout=os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab"),
             stderr=subprocess.STDOUT,
@@ -182,8 +193,9 @@ class Platform:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                r = requests.get(f"{self.url}/services/mlflow/health", headers={"Authorization": f"token {token}"},
-                                 timeout=10)
+                r = requests.get(
+                    f"{self.url}/services/mlflow/health", headers={"Authorization": f"token {token}"}, timeout=10
+                )
                 if r.status_code == 200:
                     return
             except requests.ConnectionError:

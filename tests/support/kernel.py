@@ -16,8 +16,11 @@ class Result:
     msg_id: str = ""
 
     def own(self, msg_type: str) -> list[dict]:
-        return [m["content"] for m in self.messages
-                if m["msg_type"] == msg_type and m["parent_header"].get("msg_id") == self.msg_id]
+        return [
+            m["content"]
+            for m in self.messages
+            if m["msg_type"] == msg_type and m["parent_header"].get("msg_id") == self.msg_id
+        ]
 
     def stream(self, name: str) -> str:
         return "".join(c["text"] for c in self.own("stream") if c["name"] == name)
@@ -61,8 +64,11 @@ class Kernel:
             except queue.Empty:
                 raise TimeoutError(f"no idle after {timeout}s running {code[:80]!r}") from None
             result.messages.append(msg)
-            idle = (msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
-                    and msg["parent_header"].get("msg_id") == msg_id)
+            idle = (
+                msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"
+                and msg["parent_header"].get("msg_id") == msg_id
+            )
         result.reply = self.kc.get_shell_msg(timeout=max(1, deadline - time.monotonic()))["content"]
         return result
 

@@ -20,8 +20,12 @@ def password_login(hub_url: str, username: str, password: str) -> requests.Sessi
     """A session signed in to the hub with its login form."""
     s = requests.Session()
     xsrf = _xsrf(s, hub_url + "/hub/login")
-    r = s.post(hub_url + "/hub/login", data={"username": username, "password": password, "_xsrf": xsrf},
-               allow_redirects=False, timeout=30)
+    r = s.post(
+        hub_url + "/hub/login",
+        data={"username": username, "password": password, "_xsrf": xsrf},
+        allow_redirects=False,
+        timeout=30,
+    )
     if r.status_code != 302:
         raise PermissionError(f"login as {username} failed: {r.status_code}")
     return s
@@ -34,16 +38,21 @@ def oidc_login(hub_url: str, username: str, password: str) -> tuple[requests.Ses
     if "csrfmiddlewaretoken" not in r.text:
         return s, r
     csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', r.text).group(1)
-    r = s.post(r.url, data={"username": username, "password": password, "csrfmiddlewaretoken": csrf},
-               headers={"Referer": r.url}, timeout=60)
+    r = s.post(
+        r.url,
+        data={"username": username, "password": password, "csrfmiddlewaretoken": csrf},
+        headers={"Referer": r.url},
+        timeout=60,
+    )
     return s, r
 
 
 def api_session_token(session: requests.Session, hub_url: str, user: str) -> str:
     """Create an API token with a browser session, as the hub's token page does."""
     xsrf = session.cookies.get("_xsrf", path="/hub/")
-    r = session.post(f"{hub_url}/hub/api/users/{user}/tokens", json={"note": "test"},
-                     headers={"X-XSRFToken": xsrf}, timeout=30)
+    r = session.post(
+        f"{hub_url}/hub/api/users/{user}/tokens", json={"note": "test"}, headers={"X-XSRFToken": xsrf}, timeout=30
+    )
     r.raise_for_status()
     return r.json()["token"]
 

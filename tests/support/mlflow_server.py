@@ -31,10 +31,23 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         started = time.monotonic()
         server.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{server.workdir / 'mlflow.db'}",
-             "--artifacts-destination", str(server.workdir / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(server.port), "--workers", "1"],
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{server.workdir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(server.workdir / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(server.port),
+                "--workers",
+                "1",
+            ],
             env=env,
             stdout=server.log_path.open("ab"),
             stderr=subprocess.STDOUT,

@@ -39,8 +39,9 @@ class OIDCProvider:
     ``log_path``, ``process``.
     """
 
-    def __init__(self, workdir: Path, host: str, port: int, client_id: str,
-                 client_secret: str, redirect_uris: Sequence[str]):
+    def __init__(
+        self, workdir: Path, host: str, port: int, client_id: str, client_secret: str, redirect_uris: Sequence[str]
+    ):
         self.workdir = Path(workdir)
         self.host, self.port = host, port
         self.client_id, self.client_secret = client_id, client_secret
@@ -53,21 +54,46 @@ class OIDCProvider:
         self.process: subprocess.Popen | None = None
 
     @classmethod
-    def start(cls, workdir: Path, host: str = "127.0.0.2", *, redirect_uris: Sequence[str],
-              client_id: str = "gpulab-hub", timeout: float = 30) -> OIDCProvider:
+    def start(
+        cls,
+        workdir: Path,
+        host: str = "127.0.0.2",
+        *,
+        redirect_uris: Sequence[str],
+        client_id: str = "gpulab-hub",
+        timeout: float = 30,
+    ) -> OIDCProvider:
         """Initialise a provider in ``workdir`` on a free port of ``host`` and start serving it."""
         if not redirect_uris:
             raise ValueError("at least one redirect URI is needed")
         Path(workdir).mkdir(parents=True, exist_ok=True)
         idp = cls(workdir, host, free_port(host), client_id, secrets.token_urlsafe(32), redirect_uris)
-        idp._run("init", "--issuer", idp.issuer, "--client-id", client_id,
-                 "--client-secret", idp.client_secret,
-                 *[a for uri in idp.redirect_uris for a in ("--redirect-uri", uri)])
+        idp._run(
+            "init",
+            "--issuer",
+            idp.issuer,
+            "--client-id",
+            client_id,
+            "--client-secret",
+            idp.client_secret,
+            *[a for uri in idp.redirect_uris for a in ("--redirect-uri", uri)],
+        )
         with open(idp.log_path, "ab") as log:
             idp.process = subprocess.Popen(
-                [sys.executable, str(PROVIDER_SCRIPT), "serve", "--db", str(idp.db),
-                 "--host", host, "--port", str(idp.port)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    str(PROVIDER_SCRIPT),
+                    "serve",
+                    "--db",
+                    str(idp.db),
+                    "--host",
+                    host,
+                    "--port",
+                    str(idp.port),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         try:
             idp._wait_ready(timeout)
@@ -111,13 +137,21 @@ class OIDCProvider:
         cmd = [sys.executable, str(PROVIDER_SCRIPT), args[0], "--db", str(self.db), *args[1:]]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode:
-            raise RuntimeError(f"oidc_provider.py {args[0]} failed ({result.returncode}):\n"
-                               f"{result.stdout}{result.stderr}")
+            raise RuntimeError(
+                f"oidc_provider.py {args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+            )
 
     def add_user(self, name: str, password: str, groups: Iterable[str] = (), email: str | None = None) -> None:
         """Create (or update) user ``name`` with exactly these groups."""
-        self._run("user", name, "--password", password, "--groups", ",".join(groups),
-                  *(("--email", email) if email is not None else ()))
+        self._run(
+            "user",
+            name,
+            "--password",
+            password,
+            "--groups",
+            ",".join(groups),
+            *(("--email", email) if email is not None else ()),
+        )
 
     def set_groups(self, name: str, groups: Iterable[str]) -> None:
         """Set the groups of existing user ``name`` exactly; userinfo reflects it at once."""

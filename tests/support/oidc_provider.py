@@ -186,16 +186,12 @@ def cmd_init(args) -> None:
         )
         key_path.chmod(0o600)
     secret_key = json.loads(config_path.read_text())["secret_key"] if config_path.exists() else None
-    config_path.write_text(
-        json.dumps({"issuer": args.issuer, "secret_key": secret_key or secrets.token_urlsafe(50)})
-    )
+    config_path.write_text(json.dumps({"issuer": args.issuer, "secret_key": secret_key or secrets.token_urlsafe(50)}))
     configure(args.db)
     migrate()
     from oauth2_provider.models import Application
 
-    app = Application.objects.filter(client_id=args.client_id).first() or Application(
-        client_id=args.client_id
-    )
+    app = Application.objects.filter(client_id=args.client_id).first() or Application(client_id=args.client_id)
     app.name = args.client_id
     app.client_secret = args.client_secret  # plaintext: hashed on save
     app.client_type = Application.CLIENT_CONFIDENTIAL

@@ -43,8 +43,10 @@ class Spec:
     def _absolute(self, node):
         """A copy of ``node`` whose "#/..." refs point into this file, so it can be validated alone."""
         if isinstance(node, dict):
-            return {k: (self.path.as_uri() + v if k == "$ref" and v.startswith("#") else self._absolute(v))
-                    for k, v in node.items()}
+            return {
+                k: (self.path.as_uri() + v if k == "$ref" and v.startswith("#") else self._absolute(v))
+                for k, v in node.items()
+            }
         if isinstance(node, list):
             return [self._absolute(v) for v in node]
         return node

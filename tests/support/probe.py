@@ -86,4 +86,4 @@ def probe_source(targets: dict) -> str:
 def parse(output: str) -> dict:
     """The probe's result from its output."""
     [line] = [line for line in output.splitlines() if line.startswith("PROBE ")]
-    return json.loads(line[len("PROBE "):])
+    return json.loads(line[len("PROBE ") :])

@@ -31,9 +31,18 @@ def _port() -> int:
 
 def _node_ports() -> list[str]:
     """Ports every node opens; Ray's fixed defaults (e.g. the agent's 52365) collide between nodes."""
-    return [arg for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
-            for arg in (flag, str(_port()))]
+    return [
+        arg
+        for flag in (
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+        for arg in (flag, str(_port()))
+    ]
 
 
 class RayCluster:
@@ -70,28 +79,64 @@ class RayCluster:
     def _spawn(self, name: str, args: list[str]) -> None:
         ray = str(Path(sys.executable).with_name("ray"))
         log = (self.workdir / f"ray-{name}.log").open("ab")
-        self.procs.append(subprocess.Popen(
-            [ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-             "--object-store-memory", str(100 * 2**20), *_node_ports(), *args],
-            env=self._env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        ))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    ray,
+                    "start",
+                    "--block",
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--num-cpus",
+                    "2",
+                    "--object-store-memory",
+                    str(100 * 2**20),
+                    *_node_ports(),
+                    *args,
+                ],
+                env=self._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        )
         log.close()
 
     def _start(self, timeout: float) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         deadline = started + timeout
-        self._spawn("head", [
-            "--head", "--port", str(self.gcs_port), "--temp-dir", str(self.temp_dir),
-            "--ray-client-server-port", str(_port()), "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(self.dashboard_port), "--num-gpus", "0",
-        ])
+        self._spawn(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--temp-dir",
+                str(self.temp_dir),
+                "--ray-client-server-port",
+                str(_port()),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--num-gpus",
+                "0",
+            ],
+        )
         self._wait(lambda: self.alive_nodes() >= 1, deadline, "head node")
         if self.gpu_node:
-            self._spawn("gpu", [
-                "--address", f"127.0.0.1:{self.gcs_port}", "--num-gpus", "1",
-                "--resources", json.dumps({GPU_RESOURCE: 1}),
-            ])
+            self._spawn(
+                "gpu",
+                [
+                    "--address",
+                    f"127.0.0.1:{self.gcs_port}",
+                    "--num-gpus",
+                    "1",
+                    "--resources",
+                    json.dumps({GPU_RESOURCE: 1}),
+                ],
+            )
             self._wait(lambda: self.alive_nodes() >= 2, deadline, "fake-GPU node")
         self._wait(self._jobs_api_ready, deadline, "jobs API")
         self.startup_seconds = time.monotonic() - started
@@ -101,7 +146,9 @@ class RayCluster:
         while time.monotonic() < deadline:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"ray start exited with {proc.returncode} waiting for {what}:\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"ray start exited with {proc.returncode} waiting for {what}:\n{self.log_tail()}"
+                    )
             self._record()
             try:
                 if ready():
@@ -163,7 +210,8 @@ class RayCluster:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(
-            f"[{path.name}] {line}" for path in sorted(self.workdir.glob("ray-*.log"))
+            f"[{path.name}] {line}"
+            for path in sorted(self.workdir.glob("ray-*.log"))
             for line in path.read_text(errors="replace").splitlines()[-lines:]
         )
 

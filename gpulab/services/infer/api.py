@@ -32,7 +32,8 @@ class Handler(JSONAPIMixin, web.RequestHandler):
 
     async def prepare(self):
         self._span = tracing.tracer("gpulab.services.infer").start_span(
-            f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers))
+            f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers)
+        )
         if len(self.request.body or b"") > MAX_BODY:
             raise DeployError(413, f"request body over {MAX_BODY} bytes", code="too_large")
         if "Authorization" not in self.request.headers:
@@ -70,8 +71,9 @@ class ModelsHandler(Handler):
         body = self.json_body()
         name = body.get("name")
         self.authorize(name if isinstance(name, str) else None)
-        model = await self.deployments.deploy(self.who, body.get("source"), name,
-                                              body.get("backend") or self.default_backend)
+        model = await self.deployments.deploy(
+            self.who, body.get("source"), name, body.get("backend") or self.default_backend
+        )
         self.write_json(model, 201)
 
 

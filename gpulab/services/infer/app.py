@@ -89,11 +89,19 @@ def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
         raise ConfigError("InferenceGateway.replicas: no Triton replica configured")
     conf.check_http_replicas()
     metadata = ((GRPC_KEY_PREFIX + conf.restricted_header, conf.restricted_key),) if conf.restricted_key else ()
-    pool = ReplicaPool(conf.replicas, metadata, conf.failure_threshold, conf.recovery_timeout, conf.health_interval,
-                       conf.http_replicas, {conf.restricted_header: conf.restricted_key} if conf.restricted_key else {})
+    pool = ReplicaPool(
+        conf.replicas,
+        metadata,
+        conf.failure_threshold,
+        conf.recovery_timeout,
+        conf.health_interval,
+        conf.http_replicas,
+        {conf.restricted_header: conf.restricted_key} if conf.restricted_key else {},
+    )
     auth = HubTokenAuth(api_url, ttl=conf.token_cache_seconds)
-    trace_all = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    trace_all = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
     records = ModelRecords(Path(conf.model_repository) if conf.model_repository else None)
     return conf, Gateway(pool, auth, conf.model_allow, trace_all=trace_all, records=records)
 
@@ -109,9 +117,13 @@ async def main() -> None:
     nginx = plane is not None
     address = plane.python_address if nginx else conf.address
     credentials = None if nginx else conf.server_credentials()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", conf.max_request_bytes),
-                                      ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", int(conf.processes > 1 and not nginx))])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", conf.max_request_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", int(conf.processes > 1 and not nginx)),
+        ]
+    )
     server.add_generic_rpc_handlers((gateway.handler(),))
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if not port:
@@ -119,8 +131,13 @@ async def main() -> None:
     await server.start()
     if conf.rest_address:  # with nginx in front, the Python gateway serves the REST that nginx passes on
         try:
-            rest.serve(gateway, plane.python_rest if nginx else conf.rest_address, conf.max_request_bytes,
-                       None if nginx else conf.ssl_context(), reuse_port=conf.processes > 1 and not nginx)
+            rest.serve(
+                gateway,
+                plane.python_rest if nginx else conf.rest_address,
+                conf.max_request_bytes,
+                None if nginx else conf.ssl_context(),
+                reuse_port=conf.processes > 1 and not nginx,
+            )
         except OSError as e:
             raise ConfigError(f"InferenceGateway.rest_address: cannot listen on {conf.rest_address}: {e}") from None
     gateway.pool.start()
@@ -177,13 +194,21 @@ def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
     if not service_url:
         return
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
-    deployments = Deployments(conf.model_repository, gateway.pool, conf.mlflow_url, conf.allow_pickle,
-                              conf.deploy_timeout, mlflow_token=conf.mlflow_token,
-                              act_for_caller=conf.platform_mlflow)
+    deployments = Deployments(
+        conf.model_repository,
+        gateway.pool,
+        conf.mlflow_url,
+        conf.allow_pickle,
+        conf.deploy_timeout,
+        mlflow_token=conf.mlflow_token,
+        act_for_caller=conf.platform_mlflow,
+    )
     routes = api.handlers(prefix, gateway=gateway, deployments=deployments, default_backend=conf.default_backend)
     metrics = {"gateway": gateway}
-    app = web.Application([(r"/metrics", MetricsHandler, metrics), (prefix + "metrics", MetricsHandler, metrics),
-                           *routes],
-                          registry=gateway.metrics.registry, sources=sources)
+    app = web.Application(
+        [(r"/metrics", MetricsHandler, metrics), (prefix + "metrics", MetricsHandler, metrics), *routes],
+        registry=gateway.metrics.registry,
+        sources=sources,
+    )
     url = urlsplit(service_url)
     app.listen(url.port, url.hostname or "127.0.0.1")

@@ -82,8 +82,9 @@ class HubTokenAuth:
         return max(entry[0] - time.monotonic(), 0.0) if entry is not None else 0.0
 
     async def _lookup(self, token: str) -> Identity:
-        request = HTTPRequest(self.api_url + "/user", headers={"Authorization": f"token {token}"},
-                              request_timeout=5, connect_timeout=2)
+        request = HTTPRequest(
+            self.api_url + "/user", headers={"Authorization": f"token {token}"}, request_timeout=5, connect_timeout=2
+        )
         async for attempt in retrying(attempts=3, initial=0.1, maximum=1.0):
             with attempt:
                 try:
@@ -93,5 +94,9 @@ class HubTokenAuth:
                         raise InvalidToken("invalid or expired hub token") from None
                     raise
         model = json.loads(response.body)
-        return Identity(model["name"], model.get("kind", "user"), frozenset(expand(model.get("scopes", ()))),
-                        frozenset(model.get("groups") or ()))
+        return Identity(
+            model["name"],
+            model.get("kind", "user"),
+            frozenset(expand(model.get("scopes", ()))),
+            frozenset(model.get("groups") or ()),
+        )

@@ -48,22 +48,32 @@ class DeployError(APIError):
 def normalize_source(source) -> str:
     """``runs:/<run_id>/<path>``, ``models:/<name>/<version>`` (or ``@alias``), or a bare run id (its ``model``)."""
     if not isinstance(source, str) or not source.strip():
-        raise DeployError(400, "source is required: runs:/<run_id>/model, models:/<name>/<version> or a run id",
-                          "source")
+        raise DeployError(
+            400, "source is required: runs:/<run_id>/model, models:/<name>/<version> or a run id", "source"
+        )
     source = source.strip()
     if RUN_ID.match(source):
         return f"runs:/{source}/model"
     if re.match(r"^runs:/[0-9a-f]{32}/\S+$", source) or re.match(r"^models:/[^/\s]+(/[^/\s]+|@\S+)$", source):
         return source
-    raise DeployError(400, f"source '{source}' is not runs:/<run_id>/<path>, models:/<name>/<version> or a run id",
-                      "source")
+    raise DeployError(
+        400, f"source '{source}' is not runs:/<run_id>/<path>, models:/<name>/<version> or a run id", "source"
+    )
 
 
 class Deployments:
     """The model repository and model control for the gateway's :class:`ReplicaPool`."""
 
-    def __init__(self, repository: str | None, pool: ReplicaPool, mlflow_url: str, allow_pickle: bool = False,
-                 timeout: float = 600.0, mlflow_token: str = "", act_for_caller: bool = False):
+    def __init__(
+        self,
+        repository: str | None,
+        pool: ReplicaPool,
+        mlflow_url: str,
+        allow_pickle: bool = False,
+        timeout: float = 600.0,
+        mlflow_token: str = "",
+        act_for_caller: bool = False,
+    ):
         self.repository = Path(repository) if repository else None
         self.model_records = ModelRecords(self.repository)
         self.pool = pool
@@ -77,8 +87,12 @@ class Deployments:
     # --- the repository on disk ------------------------------------------------------------------------------
     def _repo(self) -> Path:
         if self.repository is None:
-            raise DeployError(409, "this platform has no model repository to deploy to (Triton replicas are "
-                                   "external and InferenceGateway.model_repository is not set)", code="no_repository")
+            raise DeployError(
+                409,
+                "this platform has no model repository to deploy to (Triton replicas are "
+                "external and InferenceGateway.model_repository is not set)",
+                code="no_repository",
+            )
         return self.repository
 
     def versions(self, name: str) -> list[int]:
@@ -112,8 +126,10 @@ class Deployments:
         except (NoReplicaError, grpc.aio.AioRpcError):
             return [], []
         meta = service_pb2.ModelMetadataResponse.FromString(reply)
-        return tuple([{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
-                     for tensors in (meta.inputs, meta.outputs))
+        return tuple(
+            [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
+            for tensors in (meta.inputs, meta.outputs)
+        )
 
     # --- the API ----------------------------------------------------------------------------------------------
     async def describe(self, name: str, states: dict | None = None, records: dict | None = None) -> dict:
@@ -123,15 +139,24 @@ class Deployments:
         states = await self.states() if states is None else states
         record = (self.model_records.records() if records is None else records).get(name, {})
         known = states.get(name, {})
-        versions = [{"version": v, "state": known.get(v, "UNAVAILABLE"), **record.get("versions", {}).get(str(v), {})}
-                    for v in self.versions(name)]
+        versions = [
+            {"version": v, "state": known.get(v, "UNAVAILABLE"), **record.get("versions", {}).get(str(v), {})}
+            for v in self.versions(name)
+        ]
         ready = any(v["state"] == "READY" for v in versions)
         if "inputs" in record:
             inputs, outputs = record["inputs"], record["outputs"]
         else:
             inputs, outputs = await self._metadata(name) if ready else ([], [])
-        return {"name": name, "owner": record.get("owner"), "backend": record.get("backend"), "ready": ready,
-                "versions": versions, "inputs": inputs, "outputs": outputs}
+        return {
+            "name": name,
+            "owner": record.get("owner"),
+            "backend": record.get("backend"),
+            "ready": ready,
+            "versions": versions,
+            "inputs": inputs,
+            "outputs": outputs,
+        }
 
     async def list(self) -> list[dict]:
         states, records = await self.states(), self.model_records.records()
@@ -144,15 +169,17 @@ class Deployments:
     async def deploy(self, who: Identity, source, name, backend) -> dict:
         """Convert ``source`` and serve it as the next version of ``name``; returns the model."""
         if not isinstance(name, str) or not NAME.match(name):
-            raise DeployError(400, "name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter "
-                                   "or digit", "name")
+            raise DeployError(
+                400, "name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit", "name"
+            )
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise DeployError(400, f"backend must be one of {', '.join(BACKENDS)}", "backend")
         source = normalize_source(source)
         repo = self._repo()
         if not self.mlflow_url:
-            raise DeployError(409, "this platform has no MLflow to deploy from (GPULAB_MLFLOW_URL is not set)",
-                              code="no_mlflow")
+            raise DeployError(
+                409, "this platform has no MLflow to deploy from (GPULAB_MLFLOW_URL is not set)", code="no_mlflow"
+            )
         async with self._locks[name]:
             self._check_owner(who, name)
             with tempfile.TemporaryDirectory(prefix="gpulab-deploy-") as tmp:
@@ -163,28 +190,37 @@ class Deployments:
                 version = max(self.versions(name), default=0) + 1
                 await asyncio.to_thread(write_onnx_model, repo, name, Path(tmp) / "model.onnx", version, backend)
             try:
-                await self._control("RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name=name),
-                                    self.timeout)
+                await self._control(
+                    "RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name=name), self.timeout
+                )
             except (NoReplicaError, grpc.aio.AioRpcError) as e:
                 await self._roll_back(name, version, previous)
                 if isinstance(e, NoReplicaError):
                     raise DeployError(503, str(e), code="unavailable") from None
-                raise DeployError(422, f"Triton could not load '{name}' version {version}: {e.details()}", "source",
-                                  "load_failed") from None
+                raise DeployError(
+                    422, f"Triton could not load '{name}' version {version}: {e.details()}", "source", "load_failed"
+                ) from None
             records = self.model_records.records()
             record = records.setdefault(name, {"owner": who.name, "versions": {}})
             record.update(backend=backend, inputs=converted["inputs"], outputs=converted["outputs"])
             record["versions"][str(version)] = {
-                "source": source, "flavor": converted["flavor"], "deployed_by": who.name,
-                "deployed_at": datetime.now(UTC).isoformat(timespec="seconds")}
+                "source": source,
+                "flavor": converted["flavor"],
+                "deployed_by": who.name,
+                "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
             self.model_records.save(records)
             return await self.describe(name, records=records)
 
     async def _convert(self, who: Identity, source: str, out: Path, float32: bool) -> dict:
         """Run :mod:`gpulab.inference.convert` in a child process; returns its ``{"flavor", "inputs", "outputs"}``."""
         env = {k: os.environ[k] for k in CONVERTER_ENV if k in os.environ}
-        env.update(MLFLOW_TRACKING_URI=self.mlflow_url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
-                   MLFLOW_HTTP_REQUEST_TIMEOUT="60", MLFLOW_DISABLE_TELEMETRY="true")
+        env.update(
+            MLFLOW_TRACKING_URI=self.mlflow_url,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+            MLFLOW_HTTP_REQUEST_TIMEOUT="60",
+            MLFLOW_DISABLE_TELEMETRY="true",
+        )
         if self.mlflow_token and self.act_for_caller:
             env["MLFLOW_TRACKING_TOKEN"] = delegated_credential(who.name, ADMIN in who.scopes, self.mlflow_token)
         elif self.mlflow_token:
@@ -192,8 +228,9 @@ class Deployments:
         if self.allow_pickle:
             env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
         argv = [sys.executable, "-m", "gpulab.inference.convert", source, str(out), *(["--float32"] if float32 else [])]
-        proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=out, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, cwd=out, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         try:
             stdout, stderr = await asyncio.wait_for(proc.communicate(), self.timeout)
         except TimeoutError:
@@ -219,12 +256,14 @@ class Deployments:
         try:
             if previous_config is None or not self.versions(name):
                 shutil.rmtree(model_dir, ignore_errors=True)
-                await self._control("RepositoryModelUnload", service_pb2.RepositoryModelUnloadRequest(model_name=name),
-                                    self.timeout)
+                await self._control(
+                    "RepositoryModelUnload", service_pb2.RepositoryModelUnloadRequest(model_name=name), self.timeout
+                )
             else:
                 (model_dir / "config.pbtxt").write_text(previous_config)
-                await self._control("RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name=name),
-                                    self.timeout)
+                await self._control(
+                    "RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name=name), self.timeout
+                )
         except (NoReplicaError, grpc.aio.AioRpcError) as e:
             log.warning("gpulab-infer: rolling back %s version %d: %s", name, version, e)
 
@@ -235,13 +274,15 @@ class Deployments:
         async with self._locks[name]:
             self._check_owner(who, name)
             try:
-                await self._control("RepositoryModelUnload", service_pb2.RepositoryModelUnloadRequest(model_name=name),
-                                    self.timeout)
+                await self._control(
+                    "RepositoryModelUnload", service_pb2.RepositoryModelUnloadRequest(model_name=name), self.timeout
+                )
             except NoReplicaError:
                 pass  # no replica is up; removing the directory keeps them from loading it when they start
             except grpc.aio.AioRpcError as e:
-                raise DeployError(502, f"Triton could not unload '{name}': {e.details()}", "name",
-                                  "unload_failed") from None
+                raise DeployError(
+                    502, f"Triton could not unload '{name}': {e.details()}", "name", "unload_failed"
+                ) from None
             shutil.rmtree(self._repo() / name)
             records = self.model_records.records()
             if records.pop(name, None) is not None:

@@ -42,9 +42,16 @@ RPCS = {
     "RepositoryModelUnload": (DEPLOY, 2, BROADCAST),
 }
 CONTROL = ("RepositoryModelLoad", "RepositoryModelUnload")  # they change a model: its owner's or an admin's
-UNOFFERED = ["SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
-             "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
-             "TraceSetting", "LogSettings"]
+UNOFFERED = [
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+]
 _LIVE = service_pb2.ServerLiveResponse(live=True).SerializeToString()
 _READY = {ready: service_pb2.ServerReadyResponse(ready=ready).SerializeToString() for ready in (True, False)}
 _tracer = trace.get_tracer("gpulab.services.infer")
@@ -77,7 +84,7 @@ def wire_string(buf: bytes, number: int) -> str:
         if wire_type == 2:
             size, i = _varint(buf, i)
             if key >> 3 == number:
-                found = buf[i:i + size]
+                found = buf[i : i + size]
             i += size
         elif wire_type == 0:
             _, i = _varint(buf, i)
@@ -106,11 +113,19 @@ class Metrics:
 
     def __init__(self, pool: ReplicaPool):
         self.registry = CollectorRegistry()
-        self.requests = Counter("gpulab_infer_requests", "RPCs by method, model and status code",
-                                ["rpc", "model", "code"], registry=self.registry)
-        self.latency = Histogram("gpulab_infer_request_seconds", "RPC latency at the gateway", ["rpc"],
-                                 buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
-                                 registry=self.registry)
+        self.requests = Counter(
+            "gpulab_infer_requests",
+            "RPCs by method, model and status code",
+            ["rpc", "model", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gpulab_infer_request_seconds",
+            "RPC latency at the gateway",
+            ["rpc"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
         self.pool = pool
         self.registry.register(self)
         self._requests = {}  # (rpc, model, code) -> its counter: labels() takes a lock and builds a key each time
@@ -124,12 +139,14 @@ class Metrics:
         self._latency[rpc].observe(seconds)
 
     def collect(self):
-        requests = CounterMetricFamily("gpulab_infer_replica_requests", "Requests sent to each replica",
-                                       labels=["replica"])
+        requests = CounterMetricFamily(
+            "gpulab_infer_replica_requests", "Requests sent to each replica", labels=["replica"]
+        )
         outstanding = GaugeMetricFamily("gpulab_infer_replica_outstanding", "Requests in flight", labels=["replica"])
         healthy = GaugeMetricFamily("gpulab_infer_replica_healthy", "1 if the replica is ready", labels=["replica"])
-        state = GaugeMetricFamily("gpulab_infer_breaker_state", "Circuit breaker: 1 for the current state",
-                                  labels=["replica", "state"])
+        state = GaugeMetricFamily(
+            "gpulab_infer_breaker_state", "Circuit breaker: 1 for the current state", labels=["replica", "state"]
+        )
         for r in self.pool.replicas:
             requests.add_metric([r.address], r.requests)
             outstanding.add_metric([r.address], r.outstanding)
@@ -142,8 +159,14 @@ class Metrics:
 class Gateway:
     """Authorises each call and forwards it to the :class:`ReplicaPool`."""
 
-    def __init__(self, pool: ReplicaPool, auth: HubTokenAuth, model_allow: dict[str, list[str]] | None = None,
-                 trace_all: bool = False, records: ModelRecords | None = None):
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        auth: HubTokenAuth,
+        model_allow: dict[str, list[str]] | None = None,
+        trace_all: bool = False,
+        records: ModelRecords | None = None,
+    ):
         self.pool = pool
         self.auth = auth
         self.records = records or ModelRecords(None)
@@ -160,12 +183,14 @@ class Gateway:
     def _unary(self, rpc: str):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return await self.unary(rpc, request, context)
+
         return handle
 
     @staticmethod
     def _unoffered(rpc: str):
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc} is not offered by the gpulab inference gateway")
+
         return handle
 
     async def authenticate(self, metadata) -> Identity:
@@ -181,8 +206,10 @@ class Gateway:
         if scope not in who.scopes:
             raise GatewayError(grpc.StatusCode.PERMISSION_DENIED, f"{who.name} lacks the scope {scope}")
         if model is not None and not self.may_call(who, model):
-            raise GatewayError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"{who.name} may not use model '{model}'" if model else "name a model")
+            raise GatewayError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who.name} may not use model '{model}'" if model else "name a model",
+            )
 
     def may_call(self, who: Identity, model: str) -> bool:
         """Whether the allow-lists let ``who`` call ``model`` ("": every model, as ModelStatistics asks)."""
@@ -197,8 +224,9 @@ class Gateway:
         carrier = {key: value for key, value in metadata if key in TRACE_KEYS}
         if not (carrier or self.trace_all):
             return None
-        return _tracer.start_as_current_span(f"infer {rpc}", context=propagate.extract(carrier),
-                                             kind=trace.SpanKind.SERVER)
+        return _tracer.start_as_current_span(
+            f"infer {rpc}", context=propagate.extract(carrier), kind=trace.SpanKind.SERVER
+        )
 
     async def unary(self, rpc: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         scope, field, how = RPCS[rpc]
@@ -281,8 +309,9 @@ def model_name(request: bytes, field: int, rpc: str) -> str:
     try:
         return wire_string(request, field)
     except RepeatedField:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{rpc} request names its model more than once (field {field}): refused") from None
+        raise GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{rpc} request names its model more than once (field {field}): refused"
+        ) from None
     except (ValueError, IndexError, UnicodeDecodeError):
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {rpc} request") from None
 
@@ -295,8 +324,9 @@ def refuse_overrides(request: bytes) -> None:
     except DecodeError:
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "malformed RepositoryModelLoad request") from None
     if any(key == "config" or key.startswith("file:") for key in parameters):
-        raise GatewayError(grpc.StatusCode.PERMISSION_DENIED,
-                           "loading with a config or file override needs custom:gpulab:admin")
+        raise GatewayError(
+            grpc.StatusCode.PERMISSION_DENIED, "loading with a config or file override needs custom:gpulab:admin"
+        )
 
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:

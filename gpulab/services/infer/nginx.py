@@ -206,8 +206,11 @@ class ReplicasHandler(LoopbackHandler):
 
     def get(self):
         self.set_header("Content-Type", "text/plain")
-        self.finish("".join(f"{r.address}\t{'up' if r.available else 'down'}\t{r.status()}\n"
-                            for r in self.gateway.pool.replicas))
+        self.finish(
+            "".join(
+                f"{r.address}\t{'up' if r.available else 'down'}\t{r.status()}\n" for r in self.gateway.pool.replicas
+            )
+        )
 
 
 class AuthorizeHandler(LoopbackHandler):
@@ -275,8 +278,10 @@ def _die_with_parent() -> None:
 
 def serve_authorize(gateway: Gateway, path: Path) -> None:
     """Serve :class:`AuthorizeHandler` and :class:`ReplicasHandler` on the unix socket ``path``."""
-    handlers = [(r"/authorize", AuthorizeHandler, {"gateway": gateway}),
-                (r"/replicas", ReplicasHandler, {"gateway": gateway})]
+    handlers = [
+        (r"/authorize", AuthorizeHandler, {"gateway": gateway}),
+        (r"/replicas", ReplicasHandler, {"gateway": gateway}),
+    ]
     HTTPServer(web.Application(handlers)).add_sockets([bind_unix_socket(str(path))])
 
 
@@ -302,29 +307,55 @@ class NginxDataPlane:
         tls = ""
         if conf.tls_cert_file:
             conf.server_credentials()  # checks the files and the key's mode
-            tls = (f"    ssl_certificate {Path(conf.tls_cert_file).expanduser()};\n"
-                   f"    ssl_certificate_key {Path(conf.tls_key_file).expanduser()};")
+            tls = (
+                f"    ssl_certificate {Path(conf.tls_cert_file).expanduser()};\n"
+                f"    ssl_certificate_key {Path(conf.tls_key_file).expanduser()};"
+            )
         http_replicas = conf.http_replicas or [""] * len(conf.replicas)
-        rest = REST.format(python_rest=self.python_rest, rest_address=conf.rest_address, ssl=" ssl" if tls else "",
-                           tls=tls, max_bytes=conf.max_request_bytes, key_header=conf.restricted_header,
-                           infer=REST_INFER.format() if conf.http_replicas else "") if self.python_rest else ""
+        rest = (
+            REST.format(
+                python_rest=self.python_rest,
+                rest_address=conf.rest_address,
+                ssl=" ssl" if tls else "",
+                tls=tls,
+                max_bytes=conf.max_request_bytes,
+                key_header=conf.restricted_header,
+                infer=REST_INFER.format() if conf.http_replicas else "",
+            )
+            if self.python_rest
+            else ""
+        )
         return TEMPLATE.format(
-            modules=conf.nginx_modules_dir, workers=conf.processes, run=self.run_dir, lua=LUA_DIR,
-            ttl=conf.token_cache_seconds, replica_list=", ".join(map(_lua_replica, conf.replicas, http_replicas)),
-            health_interval=conf.health_interval, key_header=GRPC_KEY_PREFIX + conf.restricted_header,
-            http_key_header=conf.restricted_header, rest=rest, status_tables=lua_tables(),
-            python=self.python_address, address=conf.address, ssl=" ssl" if tls else "", tls=tls,
-            max_bytes=conf.max_request_bytes, authorize_socket=self.authorize_socket,
+            modules=conf.nginx_modules_dir,
+            workers=conf.processes,
+            run=self.run_dir,
+            lua=LUA_DIR,
+            ttl=conf.token_cache_seconds,
+            replica_list=", ".join(map(_lua_replica, conf.replicas, http_replicas)),
+            health_interval=conf.health_interval,
+            key_header=GRPC_KEY_PREFIX + conf.restricted_header,
+            http_key_header=conf.restricted_header,
+            rest=rest,
+            status_tables=lua_tables(),
+            python=self.python_address,
+            address=conf.address,
+            ssl=" ssl" if tls else "",
+            tls=tls,
+            max_bytes=conf.max_request_bytes,
+            authorize_socket=self.authorize_socket,
             metrics_socket=self.metrics_socket,
             read_model=str(bool(conf.model_allow)).lower(),
             # started by root, nginx would run its workers as nobody, who cannot use the private run directory
-            user=f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "")
+            user=f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "",
+        )
 
     def _command(self) -> list[str]:
         binary = shutil.which(self.conf.nginx_path)
         if not binary:
-            raise ConfigError(f"InferenceGateway.nginx_path: {self.conf.nginx_path} not found (install nginx and "
-                              "libnginx-mod-http-lua, or set InferenceGateway.data_plane = 'python')")
+            raise ConfigError(
+                f"InferenceGateway.nginx_path: {self.conf.nginx_path} not found (install nginx and "
+                "libnginx-mod-http-lua, or set InferenceGateway.data_plane = 'python')"
+            )
         return [binary, "-p", str(self.run_dir), "-c", str(self.run_dir / "nginx.conf"), "-e", "stderr"]
 
     def _env(self) -> dict:
@@ -335,12 +366,16 @@ class NginxDataPlane:
         config = self.run_dir / "nginx.conf"
         config.write_text(self.config())
         config.chmod(0o600)
-        check = subprocess.run([*self._command(), "-t", "-q"], env=self._env(), capture_output=True, text=True,
-                               check=False)
+        check = subprocess.run(
+            [*self._command(), "-t", "-q"], env=self._env(), capture_output=True, text=True, check=False
+        )
         if check.returncode != 0:
             lines = [line for line in check.stderr.splitlines() if "[emerg]" in line] or check.stderr.splitlines()
-            reason = re.sub(r"^\d+#\d+: ", "", lines[0].split("[emerg]")[-1].strip()) if lines else (
-                f"exit status {check.returncode}")
+            reason = (
+                re.sub(r"^\d+#\d+: ", "", lines[0].split("[emerg]")[-1].strip())
+                if lines
+                else (f"exit status {check.returncode}")
+            )
             self.remove()
             raise ConfigError(f"InferenceGateway.data_plane: nginx cannot start: {reason}")
 
@@ -358,15 +393,25 @@ class NginxDataPlane:
             writer.close()
             return True
 
-        return Child("nginx", self._spawn, lambda proc: wait_until(accepts, proc, timeout, "nginx", interval=0.05),
-                     stop_signal=signal.SIGQUIT, group=True)
+        return Child(
+            "nginx",
+            self._spawn,
+            lambda proc: wait_until(accepts, proc, timeout, "nginx", interval=0.05),
+            stop_signal=signal.SIGQUIT,
+            group=True,
+        )
 
     def _spawn(self) -> subprocess.Popen:
         self.metrics_socket.unlink(missing_ok=True)  # an nginx that exited leaves its socket behind
         # its own process group (so workers a killed master leaves behind can be stopped), and SIGTERM when this
         # process dies: spawned from the event loop's (main) thread, which lives as long as the process
-        return subprocess.Popen(self._command(), env=self._env(), stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        return subprocess.Popen(
+            self._command(),
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
     def remove(self) -> None:
         """Remove the run directory (nginx stopped)."""

@@ -40,8 +40,9 @@ class Workers:
 
     def __init__(self, count: int):
         self.run_dir = Path(tempfile.mkdtemp(prefix="gpulab-infer-"))  # their metrics sockets
-        self.children = [Child(f"gateway process {index}", functools.partial(self._spawn, index))
-                         for index in range(1, count + 1)]
+        self.children = [
+            Child(f"gateway process {index}", functools.partial(self._spawn, index)) for index in range(1, count + 1)
+        ]
 
     def _spawn(self, index: int) -> subprocess.Popen:
         sock = bind_unix_socket(str(self._socket(index)))
@@ -68,8 +69,10 @@ class Workers:
 async def fetch_metrics(path: Path) -> str | None:
     """The metrics text served on the unix socket ``path``, or None when nothing answers there."""
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(path))) as session, session.get(
-                "http://localhost/metrics", timeout=aiohttp.ClientTimeout(total=2)) as response:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(path))) as session,
+            session.get("http://localhost/metrics", timeout=aiohttp.ClientTimeout(total=2)) as response,
+        ):
             response.raise_for_status()
             return await response.text()
     except (aiohttp.ClientError, OSError, TimeoutError):
@@ -98,8 +101,7 @@ def merge_metrics(texts: dict[str, str]) -> bytes:
         for family in text_string_to_metric_families(text):
             merged = families.get(family.name)
             if merged is None:
-                merged = families[family.name] = Metric(family.name, family.documentation, family.type,
-                                                        family.unit)
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             merged.samples += [s._replace(labels={**s.labels, "process": process}) for s in family.samples]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))

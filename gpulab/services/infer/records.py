@@ -33,8 +33,7 @@ class ModelRecords:
         """The models in the repository."""
         if self.repository is None or not self.repository.is_dir():
             return []
-        return sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").exists()
-                      and NAME.match(p.name))
+        return sorted(p.name for p in self.repository.iterdir() if (p / "config.pbtxt").exists() and NAME.match(p.name))
 
     def refusal(self, who: Identity, name: str) -> str | None:
         """Why ``who`` may not load, unload, replace or delete model ``name``; None if they may.

@@ -18,13 +18,23 @@ from ...resilience import OPEN, CircuitBreaker, CircuitOpenError, is_outage, ret
 
 SERVICE = "/inference.GRPCInferenceService/"
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
     # reconnect soon after a replica comes back (gRPC's default backoff grows to 120 s)
-    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-_TRANSPORT = ("failed to connect", "connection refused", "socket closed", "connection reset", "broken pipe",
-              "goaway", "endpoint read failed", "keepalive watchdog")
+_TRANSPORT = (
+    "failed to connect",
+    "connection refused",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "goaway",
+    "endpoint read failed",
+    "keepalive watchdog",
+)
 
 
 def is_transport_error(exc: BaseException) -> bool:
@@ -39,8 +49,9 @@ def not_sent(exc: BaseException) -> bool:
     """The request never reached the replica, so it may go to another one."""
     if isinstance(exc, grpc.aio.AioRpcError):
         details = (exc.details() or "").lower()
-        return exc.code() == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in details
-                                                              or "connection refused" in details)
+        return exc.code() == grpc.StatusCode.UNAVAILABLE and (
+            "failed to connect" in details or "connection refused" in details
+        )
     return isinstance(exc, ConnectionRefusedError | aiohttp.ClientConnectorError)
 
 
@@ -65,11 +76,16 @@ class Replica:
         self.http_address = http_address
         self._session: aiohttp.ClientSession | None = None
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.breaker = CircuitBreaker(f"Triton replica {address}", failure_threshold, recovery_timeout,
-                                      is_failure=is_transport_error)
+        self.breaker = CircuitBreaker(
+            f"Triton replica {address}", failure_threshold, recovery_timeout, is_failure=is_transport_error
+        )
         # its HTTP endpoint fails on its own (a wrong port, HTTP turned off) without taking gRPC calls away
-        self.http_breaker = CircuitBreaker(f"Triton replica {address}'s HTTP endpoint {http_address}",
-                                           failure_threshold, recovery_timeout, is_failure=is_transport_error)
+        self.http_breaker = CircuitBreaker(
+            f"Triton replica {address}'s HTTP endpoint {http_address}",
+            failure_threshold,
+            recovery_timeout,
+            is_failure=is_transport_error,
+        )
         self.healthy = True  # until a check or a call says otherwise
         self.outstanding = 0
         self.requests = 0
@@ -99,7 +115,8 @@ class Replica:
                 retry_in = math.ceil(breaker.snapshot()["retry_in"])
                 return f"{breaker.name} is unavailable (circuit open, retry in {retry_in} s; {self.last_error})"
         return f"{self.breaker.name} is {'up' if self.healthy else 'down'}" + (
-            "" if self.healthy else f" ({self.last_error or 'not checked yet'})")
+            "" if self.healthy else f" ({self.last_error or 'not checked yet'})"
+        )
 
     def _failed(self, exc: BaseException, down: bool = True) -> None:
         if down:
@@ -116,10 +133,15 @@ class Replica:
             socket_path = self.http_address.removeprefix("unix:")
             options = {"limit": 0, "keepalive_timeout": 60}
             self._session = aiohttp.ClientSession(
-                connector=(aiohttp.UnixConnector(socket_path, **options) if socket_path != self.http_address else
-                           aiohttp.TCPConnector(**options)), auto_decompress=False,
+                connector=(
+                    aiohttp.UnixConnector(socket_path, **options)
+                    if socket_path != self.http_address
+                    else aiohttp.TCPConnector(**options)
+                ),
+                auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600),  # as nginx's proxy_read_timeout
-                skip_auto_headers=("User-Agent", "Accept-Encoding"))
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
         return self._session
 
     async def close(self) -> None:
@@ -134,9 +156,9 @@ class Replica:
         url = yarl.URL(f"http://{host}{path}", encoded=True)
 
         async def send() -> HTTPAnswer:
-            async with self.session.request(method, url, data=body, headers=headers,
-                                            allow_redirects=False) as response:
+            async with self.session.request(method, url, data=body, headers=headers, allow_redirects=False) as response:
                 return HTTPAnswer(response.status, response.headers, await response.read())
+
         return await self._counted(send, http=True)
 
     async def _counted(self, send: Callable[[], Awaitable], http: bool = False):
@@ -176,8 +198,16 @@ class ReplicaPool:
     ``metadata``: gRPC metadata every call carries (the platform key); ``http_addresses``: each replica's HTTP
     endpoint, in the order of ``addresses`` (none: no HTTP forwarding), whose calls carry ``http_headers``."""
 
-    def __init__(self, addresses: list[str], metadata, failure_threshold: int = 3, recovery_timeout: float = 5.0,
-                 health_interval: float = 2.0, http_addresses: list[str] = (), http_headers: dict | None = None):
+    def __init__(
+        self,
+        addresses: list[str],
+        metadata,
+        failure_threshold: int = 3,
+        recovery_timeout: float = 5.0,
+        health_interval: float = 2.0,
+        http_addresses: list[str] = (),
+        http_headers: dict | None = None,
+    ):
         http = list(http_addresses) or [""] * len(addresses)
         self.replicas = [Replica(a, failure_threshold, recovery_timeout, h) for a, h in zip(addresses, http)]
         self.metadata = metadata
@@ -213,8 +243,11 @@ class ReplicaPool:
         self._next = (start + 1) % max(count, 1)
         for i in range(count):
             replica = self.replicas[(start + i) % count]
-            if replica.serves(http) and replica not in exclude and (
-                    best is None or replica.outstanding < best.outstanding):
+            if (
+                replica.serves(http)
+                and replica not in exclude
+                and (best is None or replica.outstanding < best.outstanding)
+            ):
                 best = replica
         if best is None:
             raise NoReplicaError(f"no Triton replica available: {self.describe()}")
@@ -244,8 +277,9 @@ class ReplicaPool:
         targets = [r for r in self.replicas if r.available]
         if not targets:
             raise NoReplicaError(f"no Triton replica available: {self.describe()}")
-        results = await asyncio.gather(*(r.call(name, request, metadata, timeout) for r in targets),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(r.call(name, request, metadata, timeout) for r in targets), return_exceptions=True
+        )
         errors = [r for r in results if isinstance(r, BaseException)]
         answered = [e for e in errors if not is_transport_error(e)]
         if answered or len(errors) == len(results):

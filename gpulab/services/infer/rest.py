@@ -63,8 +63,11 @@ class ErrorHandler(JSONAPIMixin, web.RequestHandler):
 
 class NotOffered(ErrorHandler):
     def prepare(self):
-        raise RestError(404, f"{self.request.method} {self.request.path} is not offered by the gpulab inference "
-                        "gateway (Triton's health, metadata, config, statistics and infer endpoints are)")
+        raise RestError(
+            404,
+            f"{self.request.method} {self.request.path} is not offered by the gpulab inference "
+            "gateway (Triton's health, metadata, config, statistics and infer endpoints are)",
+        )
 
 
 @web.stream_request_body
@@ -108,9 +111,12 @@ class RestHandler(ErrorHandler):
             with span or nullcontext():
                 answer = await self.forward(span is not None, how == IDEMPOTENT)
             # Triton 2.51 answers 500 for requests it cannot read: the client's error, answered as one
-            if answer.status == 500 and self.rpc == "ModelInfer" and "Content-Encoding" not in self.request.headers \
-                    and (problem := kserve.request_problem(b"".join(self.chunks),
-                                                           self.request.headers.get(HEADER_LENGTH))):
+            if (
+                answer.status == 500
+                and self.rpc == "ModelInfer"
+                and "Content-Encoding" not in self.request.headers
+                and (problem := kserve.request_problem(b"".join(self.chunks), self.request.headers.get(HEADER_LENGTH)))
+            ):
                 raise RestError(400, problem)
             code = grpc.StatusCode[grpc_name(answer.status)]
             self.set_status(answer.status)
@@ -148,31 +154,34 @@ class RestHandler(ErrorHandler):
     async def forward(self, traced: bool, idempotent: bool):
         pool = self.gateway.pool
         if not pool.http:
-            raise RestError(503, "REST is not configured: InferenceGateway.http_replicas names no Triton HTTP "
-                            "endpoint")
+            raise RestError(503, "REST is not configured: InferenceGateway.http_replicas names no Triton HTTP endpoint")
         headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
         headers.update(pool.http_headers)
         if traced:  # the caller's traceparent, or tracing is on: this call's span goes on
             inject(headers)
         body = b"".join(self.chunks)
         return await pool.forward(
-            lambda r: r.fetch(self.request.method, self.request.uri, body, headers), idempotent,
-            http=True)
+            lambda r: r.fetch(self.request.method, self.request.uri, body, headers), idempotent, http=True
+        )
 
 
 def handlers(gateway: Gateway, max_bytes: int) -> list:
-    routes = [(path, RestHandler, {"gateway": gateway, "method": method, "rpc": rpc, "max_bytes": max_bytes})
-              for path, method, rpc in ROUTES]
+    routes = [
+        (path, RestHandler, {"gateway": gateway, "method": method, "rpc": rpc, "max_bytes": max_bytes})
+        for path, method, rpc in ROUTES
+    ]
     return [*routes, (r".*", NotOffered)]
 
 
-def serve(gateway: Gateway, address: str, max_bytes: int, tls: ssl.SSLContext | None = None,
-          reuse_port: bool = False) -> None:
+def serve(
+    gateway: Gateway, address: str, max_bytes: int, tls: ssl.SSLContext | None = None, reuse_port: bool = False
+) -> None:
     """Serve KServe v2 REST on ``address``: host:port, or ``unix:<path>`` (behind nginx)."""
     if address.startswith("unix:"):
         sockets = [bind_unix_socket(address.removeprefix("unix:"))]
     else:
         host, port = address.rsplit(":", 1)
         sockets = bind_sockets(int(port), host.strip("[]"), reuse_port=reuse_port)
-    HTTPServer(web.Application(handlers(gateway, max_bytes)), ssl_options=tls, xheaders=False,
-               max_body_size=max_bytes).add_sockets(sockets)
+    HTTPServer(
+        web.Application(handlers(gateway, max_bytes)), ssl_options=tls, xheaders=False, max_body_size=max_bytes
+    ).add_sockets(sockets)

@@ -86,7 +86,9 @@ class DropLargeBodies(httputil.HTTPMessageDelegate):
         body = json.dumps(error_body("too_large", too_large(self.length))).encode()
         self.connection.write_headers(
             httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large"),
-            httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))}), body)
+            httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))}),
+            body,
+        )
         self.connection.finish()
         return None
 

@@ -38,8 +38,9 @@ class Attempts:
     def log_path(self, row: JobRow, attempt: int | None = None) -> Path:
         return self.job_dir(row) / f"attempt-{attempt or row.attempt}.log"
 
-    async def launch(self, row: JobRow, attempt: int, token: str | None, gpu_ids: list[int],
-                     attested: NodeState | None) -> Launch:
+    async def launch(
+        self, row: JobRow, attempt: int, token: str | None, gpu_ids: list[int], attested: NodeState | None
+    ) -> Launch:
         """Attempt ``attempt`` of ``row`` as the executor starts it, its directories made (and a cell's source
         written). ``token``: the attempt's job token, or None for an executor whose environments others can
         read (the runner then claims the secrets with the ticket in ``GPULAB_CREDENTIALS_TICKET``); the current
@@ -65,10 +66,22 @@ class Attempts:
             env["GPULAB_ATTESTATION_FINGERPRINT"] = attested.fingerprint
         if traceparent := tracing.inject({}).get("traceparent"):
             env["TRACEPARENT"] = traceparent
-        return Launch(job_id=row.id, attempt=attempt, owner=row.owner, argv=argv,
-                      working_dir=spec.working_dir or str(work_dir), work_dir=work_dir, source=source, env=env,
-                      gpus=row.gpus, cpus=row.cpus, memory=row.memory, pool=row.pool, log_path=self.log_path(row),
-                      gpu_ids=gpu_ids)
+        return Launch(
+            job_id=row.id,
+            attempt=attempt,
+            owner=row.owner,
+            argv=argv,
+            working_dir=spec.working_dir or str(work_dir),
+            work_dir=work_dir,
+            source=source,
+            env=env,
+            gpus=row.gpus,
+            cpus=row.cpus,
+            memory=row.memory,
+            pool=row.pool,
+            log_path=self.log_path(row),
+            gpu_ids=gpu_ids,
+        )
 
     def env(self, row: JobRow, spec: JobSpec) -> dict[str, str]:
         """The attempt's environment but for its token (:meth:`token_env`); the executor adds GPU ids. Secrets

@@ -52,8 +52,12 @@ from .models import (
 from .store import iso as iso_utc
 
 NO_FIELD = frozenset({Reason.RATE_LIMITED, Reason.LOCKED_OUT, Reason.JWKS_UNAVAILABLE, Reason.NRAS_UNAVAILABLE})
-FIELDS = {Reason.NONCE_UNKNOWN: "nonce", Reason.NRAS_REJECTED: "evidence_list", Reason.NOT_NODE_IDENTITY: "node",
-          Reason.NODE_NOT_ENROLLED: "node"}  # else "token"
+FIELDS = {
+    Reason.NONCE_UNKNOWN: "nonce",
+    Reason.NRAS_REJECTED: "evidence_list",
+    Reason.NOT_NODE_IDENTITY: "node",
+    Reason.NODE_NOT_ENROLLED: "node",
+}  # else "token"
 NODE_CREDENTIAL = re.compile(r"(?:token|bearer)\s+(node:\S+)", re.IGNORECASE)
 
 
@@ -65,23 +69,39 @@ def iso(ts: float | None) -> str | None:
 def node_model(state: NodeState, max_age: float, now: float) -> AttestationNode:
     problem = state.problem(max_age, now)
     return AttestationNode(
-        node=state.node, valid=problem is None, problem=problem, user=state.user, verified_at=iso(state.verified_at),
-        expires_at=iso(state.expires_at), fingerprint=state.fingerprint, revoked=state.revoked,
-        last_checked_at=iso(state.last_checked_at), last_reason=state.last_reason,
-        devices=(state.summary or {}).get("devices", {}), nvidia_errors=(state.summary or {}).get("nvidia_errors"),
+        node=state.node,
+        valid=problem is None,
+        problem=problem,
+        user=state.user,
+        verified_at=iso(state.verified_at),
+        expires_at=iso(state.expires_at),
+        fingerprint=state.fingerprint,
+        revoked=state.revoked,
+        last_checked_at=iso(state.last_checked_at),
+        last_reason=state.last_reason,
+        devices=(state.summary or {}).get("devices", {}),
+        nvidia_errors=(state.summary or {}).get("nvidia_errors"),
     )
 
 
 def enrolment_model(e: Enrolment) -> NodeEnrolment:
-    return NodeEnrolment(node=e.node, gpus=e.gpus, ueids=e.ueids, enrolled_at=iso(e.enrolled_at),
-                         enrolled_by=e.enrolled_by)
+    return NodeEnrolment(
+        node=e.node, gpus=e.gpus, ueids=e.ueids, enrolled_at=iso(e.enrolled_at), enrolled_by=e.enrolled_by
+    )
 
 
 def result_model(node: str, verified: Verified) -> AttestationResult:
     return AttestationResult(
-        verdict=True, reason="ok", node=node, fingerprint=verified.fingerprint,
-        claims_version=verified.claims_version, issuer=verified.issuer, kid=verified.kid, jti=verified.jti,
-        issued_at=iso(verified.issued_at), expires_at=iso(verified.expires_at),
+        verdict=True,
+        reason="ok",
+        node=node,
+        fingerprint=verified.fingerprint,
+        claims_version=verified.claims_version,
+        issuer=verified.issuer,
+        kid=verified.kid,
+        jti=verified.jti,
+        issued_at=iso(verified.issued_at),
+        expires_at=iso(verified.expires_at),
         devices=verified.devices,
     )
 
@@ -98,8 +118,9 @@ class AttestationHandler(UserHandler):
         if match is not None:
             node = await asyncio.to_thread(self.attestation.enrolments.authenticate, match[1])
             if node is None:
-                raise APIError(401, "the node credential is not valid (removed or re-enrolled?)",
-                               code="unauthenticated")
+                raise APIError(
+                    401, "the node credential is not valid (removed or re-enrolled?)", code="unauthenticated"
+                )
             self._token_authenticated = True  # no cookie: no XSRF check
             self.current_user = {"kind": "node", "name": f"node:{node}", "node": node, "scopes": [scopes.ATTEST]}
         super().prepare()
@@ -127,16 +148,27 @@ class AttestationHandler(UserHandler):
         field = None if e.reason in NO_FIELD else FIELDS.get(e.reason, "token")
         headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.retry_after is not None else None
         details = {"nvidia_errors": e.nvidia_errors} if e.nvidia_errors else None
-        return APIError(http_status(e.reason), e.detail or e.reason.value, field=field, code=e.reason.value,
-                        headers=headers, details=details)
+        return APIError(
+            http_status(e.reason),
+            e.detail or e.reason.value,
+            field=field,
+            code=e.reason.value,
+            headers=headers,
+            details=details,
+        )
 
 
 class NonceHandler(AttestationHandler):
     async def post(self):
         body = self.parse(NonceRequest)
         try:
-            nonce = await asyncio.to_thread(self.attestation.issue_nonce, caller=self.caller, node=body.node,
-                                            client_ip=self.client_ip, purpose=body.purpose)
+            nonce = await asyncio.to_thread(
+                self.attestation.issue_nonce,
+                caller=self.caller,
+                node=body.node,
+                client_ip=self.client_ip,
+                purpose=body.purpose,
+            )
         except AttestationError as e:
             raise self.refusal(e) from None
         self.write_json(AttestationNonce(nonce=nonce.value, expires_at=iso(nonce.expires_at)))
@@ -146,8 +178,14 @@ class VerifyHandler(AttestationHandler):
     async def post(self):
         body = self.parse(VerifyRequest)
         try:
-            verified = await self.attestation.verify(body.token, nonce=body.nonce, caller=self.caller,
-                                                     node=body.node, client_ip=self.client_ip, purpose=body.purpose)
+            verified = await self.attestation.verify(
+                body.token,
+                nonce=body.nonce,
+                caller=self.caller,
+                node=body.node,
+                client_ip=self.client_ip,
+                purpose=body.purpose,
+            )
         except AttestationError as e:
             raise self.refusal(e) from None
         self.write_json(result_model(body.node, verified))
@@ -158,8 +196,15 @@ class EvidenceHandler(AttestationHandler):
         body = self.parse(EvidenceRequest)
         try:
             verified = await self.attestation.attest_evidence(
-                [e.model_dump() for e in body.evidence_list], nonce=body.nonce, caller=self.caller, node=body.node,
-                client_ip=self.client_ip, device=body.device, arch=body.arch, purpose=body.purpose)
+                [e.model_dump() for e in body.evidence_list],
+                nonce=body.nonce,
+                caller=self.caller,
+                node=body.node,
+                client_ip=self.client_ip,
+                device=body.device,
+                arch=body.arch,
+                purpose=body.purpose,
+            )
         except AttestationError as e:
             raise self.refusal(e) from None
         self.write_json(result_model(body.node, verified))
@@ -191,11 +236,16 @@ class EnrolmentsHandler(EnrolmentAdminHandler):
         body = self.parse(EnrolRequest)
         enrolments = self.attestation.enrolments
         try:
-            credential = await asyncio.to_thread(enrolments.enroll, body.node, by=self.user_name, gpus=body.gpus,
-                                                 ueids=body.ueids)
+            credential = await asyncio.to_thread(
+                enrolments.enroll, body.node, by=self.user_name, gpus=body.gpus, ueids=body.ueids
+            )
         except EnrolmentExists:
-            raise APIError(409, f"node {body.node} is enrolled already; remove it first for a new credential",
-                           field="node", code="conflict") from None
+            raise APIError(
+                409,
+                f"node {body.node} is enrolled already; remove it first for a new credential",
+                field="node",
+                code="conflict",
+            ) from None
         enrolment = enrolment_model(await asyncio.to_thread(enrolments.get, body.node))
         self.write_json(NewNodeEnrolment(**enrolment.model_dump(), credential=credential), 201)
 

@@ -75,11 +75,13 @@ class UserHandler(HubOAuthenticated, BaseHandler):
     def prepare(self):
         super().prepare()
         if self.current_user is None:
-            raise APIError(401, "authentication required: send 'Authorization: token <hub token>'",
-                           code="unauthenticated")
+            raise APIError(
+                401, "authentication required: send 'Authorization: token <hub token>'", code="unauthenticated"
+            )
         if not self.has(self.required_scope):
-            raise APIError(403, f"this needs the {self.required_scope} scope, which {self.user_name} lacks",
-                           code="forbidden")
+            raise APIError(
+                403, f"this needs the {self.required_scope} scope, which {self.user_name} lacks", code="forbidden"
+            )
 
     @property
     def user_name(self) -> str:
@@ -107,15 +109,18 @@ class JobsHandler(UserHandler):
     async def post(self):
         spec = self.parse(JobSpec)
         if spec.resources.gpus > 0 and not self.has(scopes.GPU):
-            raise APIError(403, f"requesting GPUs needs the {scopes.GPU} scope", field="resources.gpus",
-                           code="forbidden")
+            raise APIError(
+                403, f"requesting GPUs needs the {scopes.GPU} scope", field="resources.gpus", code="forbidden"
+            )
         groups = self.current_user.get("groups") or []
         try:
-            row, created = await self.queue.submit(self.user_name, groups, spec, admin=self.is_admin,
-                                                   traceparent=self.request.headers.get("traceparent"))
+            row, created = await self.queue.submit(
+                self.user_name, groups, spec, admin=self.is_admin, traceparent=self.request.headers.get("traceparent")
+            )
         except SubmissionsLimited as e:
-            raise APIError(429, str(e), code="rate_limited",
-                           headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+            raise APIError(
+                429, str(e), code="rate_limited", headers={"Retry-After": str(math.ceil(e.retry_after))}
+            ) from None
         except QueueFull as e:
             raise APIError(429, str(e), code="max_queued") from None
         if created:
@@ -145,8 +150,12 @@ class JobsHandler(UserHandler):
             labels[key] = value
         try:
             rows, cursor = await self.store.db.run(
-                self.store.list_jobs, owner=owner, state=states or None,
-                labels=labels, limit=limit, cursor=self.get_argument("cursor", None),
+                self.store.list_jobs,
+                owner=owner,
+                state=states or None,
+                labels=labels,
+                limit=limit,
+                cursor=self.get_argument("cursor", None),
             )
         except ValueError:
             raise APIError(400, "cursor is not one this API returned", field="cursor") from None
@@ -179,8 +188,9 @@ class CancelHandler(UserHandler):
         try:
             row = await self.queue.cancel(job_id, by=self.user_name)
         except JobStateError:
-            raise APIError(409, f"job {job_id} already finished ({row.state})", field="state",
-                           code="conflict") from None
+            raise APIError(
+                409, f"job {job_id} already finished ({row.state})", field="state", code="conflict"
+            ) from None
         self.write_json(self.queue.job_model(row))
 
 
@@ -200,7 +210,7 @@ class LogsHandler(UserHandler):
             return await self._follow(job_id, offset)
         data = await self.queue.read_logs(row, offset, limit)
         if tail is not None:
-            data = b"\n".join(data.splitlines()[-self._int("tail", 0):])
+            data = b"\n".join(data.splitlines()[-self._int("tail", 0) :])
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.set_header("X-Log-Offset", str(offset + len(data)))
         self.finish(data)
@@ -231,8 +241,10 @@ class LogsHandler(UserHandler):
             closed = None
             if time.monotonic() - opened >= self.queue.log_follow_max:
                 limit = self.queue.log_follow_max
-                closed = ("max_duration",
-                          f"a followed log stays open {limit:g} s (JobQueue.log_follow_max): follow again from here")
+                closed = (
+                    "max_duration",
+                    f"a followed log stays open {limit:g} s (JobQueue.log_follow_max): follow again from here",
+                )
             elif time.monotonic() - checked >= self.queue.log_follow_recheck:
                 checked = time.monotonic()
                 closed = await self._recheck(token, row)

@@ -1,6 +1,5 @@
 """Prometheus metrics of gpulab-jobs, served at ``<prefix>metrics`` to holders of ``read:metrics``."""
 
-
 from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -29,8 +28,9 @@ class MetricsHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
     async def get(self):
         user = self.current_user
         if user is None:
-            raise APIError(401, "send 'Authorization: token <hub token>' with the scope read:metrics",
-                           code="unauthenticated")
+            raise APIError(
+                401, "send 'Authorization: token <hub token>' with the scope read:metrics", code="unauthenticated"
+            )
         if not check_scopes(["read:metrics"], set(user.get("scopes", ()))):
             raise APIError(403, f"{user['name']} lacks the scope read:metrics", code="forbidden")
         store = self.settings["queue"].store

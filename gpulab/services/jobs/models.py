@@ -58,6 +58,7 @@ def too_large(length: int) -> str:
     """The 413's message for a body of ``length`` bytes."""
     return f"request body is {length} bytes; the limit is {MAX_BODY}"
 
+
 Arg = Annotated[str, Field(min_length=1)]
 
 
@@ -70,10 +71,18 @@ class Resources(_Body):
 
     gpus: int = Field(0, ge=0, le=64)
     cpus: float = Field(1.0, ge=0.01, le=MAX_CPUS, allow_inf_nan=False)
-    memory: Annotated[int | None, WithJsonSchema({"anyOf": [
-        {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_MEMORY},
-        {"type": "string", "pattern": rf"^\s*{_MEMORY.pattern}\s*$", "description": "at most 1 PiB"},
-        {"type": "null"}]})] = None
+    memory: Annotated[
+        int | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_MEMORY},
+                    {"type": "string", "pattern": rf"^\s*{_MEMORY.pattern}\s*$", "description": "at most 1 PiB"},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = None
     pool: str = Field("default", min_length=1, max_length=64)
 
     @field_validator("pool")
@@ -104,8 +113,12 @@ class Tracking(_Body):
 
 
 # Exactly one of entrypoint and source, in the schema as in the validator below (null counts as absent)
-EXACTLY_ONE_PROGRAM = {"oneOf": [{"required": ["entrypoint"], "properties": {"entrypoint": {"type": "array"}}},
-                                 {"required": ["source"], "properties": {"source": {"type": "string"}}}]}
+EXACTLY_ONE_PROGRAM = {
+    "oneOf": [
+        {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "array"}}},
+        {"required": ["source"], "properties": {"source": {"type": "string"}}},
+    ]
+}
 
 
 class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
@@ -118,9 +131,14 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    priority: int = Field(0, ge=-100, le=100, description="Orders the submitter's own queued jobs (highest "
-                          "first); among all users' jobs only when an admin submits, so that fair share between "
-                          "users holds.")
+    priority: int = Field(
+        0,
+        ge=-100,
+        le=100,
+        description="Orders the submitter's own queued jobs (highest "
+        "first); among all users' jobs only when an admin submits, so that fair share between "
+        "users holds.",
+    )
     max_runtime: int | None = Field(None, gt=0, le=MAX_RUNTIME)
     retries: int = Field(0, ge=0, le=10)
     tracking: Tracking = Field(default_factory=Tracking)
@@ -391,7 +409,8 @@ class AttestationNode(BaseModel):
     last_reason: str = Field(description='"ok" or the reason code of the last verification')
     devices: dict[str, AttestedDevice]
     nvidia_errors: dict[str, dict[str, Any]] | None = Field(
-        None, description="NRAS's x-nvidia-error-details per device of its last failure verdict (until a success)")
+        None, description="NRAS's x-nvidia-error-details per device of its last failure verdict (until a success)"
+    )
 
 
 class AttestationNodeList(BaseModel):
@@ -406,7 +425,8 @@ class EnrolRequest(_Body):
     node: Node
     gpus: int | None = Field(None, ge=1, le=16, description="How many GPUs (UEIDs pinned on first attestation)")
     ueids: list[Annotated[str, Field(pattern=r"^[0-9]{1,80}$")]] | None = Field(
-        None, min_length=1, max_length=16, description="The GPUs' UEIDs (decimal, as NRAS reports them)")
+        None, min_length=1, max_length=16, description="The GPUs' UEIDs (decimal, as NRAS reports them)"
+    )
 
     @model_validator(mode="after")
     def _one_of(self):

@@ -34,8 +34,21 @@ from .models import (
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest, EnrolRequest)
-RESPONSES = (Job, JobEvent, JobCredentials, JobIdentity, JobList, PoolStatus, Quota, ErrorBody, AttestationNonce,
-             AttestationResult, AttestationNodeList, NewNodeEnrolment, NodeEnrolmentList)
+RESPONSES = (
+    Job,
+    JobEvent,
+    JobCredentials,
+    JobIdentity,
+    JobList,
+    PoolStatus,
+    Quota,
+    ErrorBody,
+    AttestationNonce,
+    AttestationResult,
+    AttestationNodeList,
+    NewNodeEnrolment,
+    NodeEnrolmentList,
+)
 
 
 def component_schemas() -> dict:

@@ -98,24 +98,27 @@ class JobQueue(LoggingConfigurable):
         key_trait=Unicode(),
         help="Group name -> {'max_jobs', 'max_gpus'} over all its members' jobs; keys left out = no limit.",
     ).tag(config=True)
-    max_queued = Integer(1000, help="Queued jobs one user may have; more submissions get 429 until some start "
-                         "or are cancelled.").tag(config=True)
-    submit_rate = Float(5.0, help="Submissions a second one user may make on average; more get 429 with "
-                        "Retry-After.").tag(config=True)
+    max_queued = Integer(
+        1000, help="Queued jobs one user may have; more submissions get 429 until some start or are cancelled."
+    ).tag(config=True)
+    submit_rate = Float(
+        5.0, help="Submissions a second one user may make on average; more get 429 with Retry-After."
+    ).tag(config=True)
     submit_burst = Integer(100, help="Submissions one user may make at once, within submit_rate.").tag(config=True)
-    log_follow_recheck = Float(60.0, help="Seconds between re-checks, with the hub, of the token a followed log "
-                               "(SSE) was opened with; a revoked token or a lost scope ends the stream.").tag(
-        config=True)
-    log_follow_max = Float(24 * 3600.0, help="Seconds a followed log (SSE) stays open; then it ends with event "
-                           "'closed' (code max_duration) and clients follow again from its offset.").tag(config=True)
+    log_follow_recheck = Float(
+        60.0,
+        help="Seconds between re-checks, with the hub, of the token a followed log "
+        "(SSE) was opened with; a revoked token or a lost scope ends the stream.",
+    ).tag(config=True)
+    log_follow_max = Float(
+        24 * 3600.0,
+        help="Seconds a followed log (SSE) stays open; then it ends with event "
+        "'closed' (code max_duration) and clients follow again from its offset.",
+    ).tag(config=True)
     retry_backoff = Float(5.0, help="Delay before retry n is retry_backoff * 2**(n-1) s.").tag(config=True)
     retry_backoff_max = Float(300.0, help="Upper bound of the retry delay (s).").tag(config=True)
-    cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(
-        config=True
-    )
-    data_dir = Unicode(help="Platform data dir; job directories are <data_dir>/jobs/<owner>/<id>.").tag(
-        config=True
-    )
+    cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(config=True)
+    data_dir = Unicode(help="Platform data dir; job directories are <data_dir>/jobs/<owner>/<id>.").tag(config=True)
     mlflow_tracking_uri = Unicode(help="MLFLOW_TRACKING_URI given to jobs (default: the platform's MLflow).").tag(
         config=True
     )
@@ -125,13 +128,10 @@ class JobQueue(LoggingConfigurable):
         "with this service (gpulab sets it when mlflow_tracking_uri is the platform's; never for another server, "
         "which would learn the token).",
     )
-    jobs_api_url = Unicode(help="GPULAB_JOBS_URL given to jobs (this service's API, for the runner).").tag(
-        config=True
-    )
+    jobs_api_url = Unicode(help="GPULAB_JOBS_URL given to jobs (this service's API, for the runner).").tag(config=True)
     wandb_env = Dict(
         value_trait=Unicode(),
-        help="W&B settings given to jobs, e.g. {'WANDB_MODE': 'online', 'WANDB_BASE_URL': ...}; "
-        "default offline.",
+        help="W&B settings given to jobs, e.g. {'WANDB_MODE': 'online', 'WANDB_BASE_URL': ...}; default offline.",
     ).tag(config=True)
     inherit_env = List(
         Unicode(),
@@ -267,11 +267,15 @@ class JobQueue(LoggingConfigurable):
         if not owner or "/" in owner or owner.startswith("."):
             raise ValueError(f"owner {owner!r} cannot name a job directory")
         if wait := self._submissions.take(owner):
-            raise SubmissionsLimited(f"{owner} submits more than {self.submit_rate:g} jobs a second "
-                                     f"(JobQueue.submit_rate, burst {self.submit_burst})", retry_after=wait)
+            raise SubmissionsLimited(
+                f"{owner} submits more than {self.submit_rate:g} jobs a second "
+                f"(JobQueue.submit_rate, burst {self.submit_burst})",
+                retry_after=wait,
+            )
         traceparent = traceparent or tracing.inject({}).get("traceparent")
-        row, created = await self.store.db.run(self.store.create_job, owner, groups, spec, traceparent,
-                                               max_queued=self.max_queued, admin=admin)
+        row, created = await self.store.db.run(
+            self.store.create_job, owner, groups, spec, traceparent, max_queued=self.max_queued, admin=admin
+        )
         if created:
             self.kick()
         return row, created
@@ -305,8 +309,9 @@ class JobQueue(LoggingConfigurable):
         return task
 
     async def _cancel_all(self, owner: str, reason: str) -> None:
-        rows, _ = await self.store.db.run(self.store.list_jobs, owner=owner, state=list(UNFINISHED_STATES),
-                                          limit=100_000)
+        rows, _ = await self.store.db.run(
+            self.store.list_jobs, owner=owner, state=list(UNFINISHED_STATES), limit=100_000
+        )
         results = await asyncio.gather(*(self._cancel(r.id, reason) for r in rows), return_exceptions=True)
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception) and not isinstance(result, JobStateError):
@@ -471,8 +476,9 @@ class JobQueue(LoggingConfigurable):
             if owner in more and owner not in heads:
                 more.discard(owner)
                 room = limits.room(ledger.owners[owner])
-                if room and (rows := await self.store.db.run(self.store.candidates, capacity, ledger, limits, owner,
-                                                             row)):
+                if room and (
+                    rows := await self.store.db.run(self.store.candidates, capacity, ledger, limits, owner, row)
+                ):
                     heads[owner] = deque(rows)
                     if len(rows) == room:
                         more.add(owner)
@@ -557,7 +563,8 @@ class JobQueue(LoggingConfigurable):
         the attempt's ticket, once: the job token is minted now. Raises :class:`ClaimRefused`."""
         row = await self.store.db.run(self.store.get_job, job_id)
         if row.state not in ("dispatching", "running") or not hmac.compare_digest(
-                ticket, self.attempts.ticket(row.id, row.attempt)):
+            ticket, self.attempts.ticket(row.id, row.attempt)
+        ):
             raise ClaimRefused(403, "this ticket is not that of the job's current attempt")
         token = secrets.token_urlsafe(32)
         if not await self.store.db.run(self.store.claim_job_token, row.id, row.attempt, token):

@@ -255,8 +255,13 @@ class JobStore(LoggingConfigurable):
         return Session(self.engine, expire_on_commit=False)
 
     def create_job(
-        self, owner: str, groups: list[str], spec: JobSpec, traceparent: str | None = None,
-        max_queued: int | None = None, admin: bool = False,
+        self,
+        owner: str,
+        groups: list[str],
+        spec: JobSpec,
+        traceparent: str | None = None,
+        max_queued: int | None = None,
+        admin: bool = False,
     ) -> tuple[JobRow, bool]:
         """Insert a queued job; with ``spec.idempotency_key`` an existing job of the owner wins. With
         ``max_queued``, raises ``QueueFull`` when the owner has that many queued jobs (a cap against runaway
@@ -268,8 +273,10 @@ class JobStore(LoggingConfigurable):
         if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
             return existing, False
         if max_queued is not None and self.count_queued(owner) >= max_queued:
-            raise QueueFull(f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
-                            "wait for some to start, or cancel some")
+            raise QueueFull(
+                f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
+                "wait for some to start, or cancel some"
+            )
         now = utcnow()
         row = JobRow(
             id=uuid.uuid4().hex,
@@ -308,8 +315,9 @@ class JobStore(LoggingConfigurable):
 
     def count_queued(self, owner: str) -> int:
         with self._session() as session:
-            return session.scalar(select(func.count()).select_from(JobRow).where(
-                JobRow.owner == owner, JobRow.state == "queued"))
+            return session.scalar(
+                select(func.count()).select_from(JobRow).where(JobRow.owner == owner, JobRow.state == "queued")
+            )
 
     def _by_key(self, owner: str, key: str) -> JobRow | None:
         with self._session() as session:
@@ -379,9 +387,7 @@ class JobStore(LoggingConfigurable):
             ).rowcount
             if changed != 1:
                 raise JobStateError(f"job {job_id} changed state concurrently; not moved to {to_state}")
-            session.add(
-                JobEventRow(job_id=job_id, at=now, from_state=current, to_state=to_state, reason=reason)
-            )
+            session.add(JobEventRow(job_id=job_id, at=now, from_state=current, to_state=to_state, reason=reason))
             return session.get(JobRow, job_id)
 
     def set_waiting_reasons(self, reason_for: Callable[[SimpleNamespace], str | None]) -> None:
@@ -412,9 +418,7 @@ class JobStore(LoggingConfigurable):
     def events(self, job_id: str) -> list[JobEvent]:
         """The job's transitions, oldest first."""
         with self._session() as session:
-            rows = session.scalars(
-                select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
-            )
+            rows = session.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id))
             return [
                 JobEvent(
                     job_id=r.job_id,
@@ -440,9 +444,7 @@ class JobStore(LoggingConfigurable):
         with self._session() as session, session.begin():
             return (
                 session.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id, JobRow.state.in_(ACTIVE_STATES))
-                    .values(**values)
+                    update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(ACTIVE_STATES)).values(**values)
                 ).rowcount
                 == 1
             )
@@ -474,9 +476,16 @@ class JobStore(LoggingConfigurable):
         """Make ``token`` the job token of an active ``attempt`` that has none yet (its credentials were left
         out of its environment); False if the attempt is not active or its token was claimed already."""
         with self._session() as session, session.begin():
-            result = session.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.attempt == attempt, JobRow.state.in_(ACTIVE_STATES),
-                JobRow.job_token_hash.is_(None)).values(job_token_hash=token_hash(token)))
+            result = session.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.attempt == attempt,
+                    JobRow.state.in_(ACTIVE_STATES),
+                    JobRow.job_token_hash.is_(None),
+                )
+                .values(job_token_hash=token_hash(token))
+            )
         return result.rowcount == 1
 
     def active_jobs(self) -> list[JobRow]:
@@ -502,9 +511,7 @@ class JobStore(LoggingConfigurable):
         expression over ``JobRow`` columns giving each row's owner's limit).
         """
         order = (JobRow.priority.desc(), JobRow.created_at, JobRow.id)
-        query = select(*SCHEDULING_COLUMNS).where(
-            *(_due() if due_only else [JobRow.state == "queued"]), *where
-        )
+        query = select(*SCHEDULING_COLUMNS).where(*(_due() if due_only else [JobRow.state == "queued"]), *where)
         if per_owner is not None:
             rank = func.row_number().over(partition_by=JobRow.owner, order_by=order)
             ranked = query.add_columns(rank.label("rank"), cast(per_owner, BigInteger).label("room")).subquery()
@@ -514,8 +521,9 @@ class JobStore(LoggingConfigurable):
         with self._session() as session:
             return list(session.execute(query.order_by(*order)))
 
-    def candidates(self, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limits, owner: str | None = None,
-                   after=None) -> list[Row]:
+    def candidates(
+        self, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limits, owner: str | None = None, after=None
+    ) -> list[Row]:
         """Due queued jobs that fit the pools' free capacity and the user GPU quota, the first
         :meth:`~.policy.Limits.room` of each owner (of ``owner`` only, after the job ``after``, if given).
 
@@ -524,8 +532,11 @@ class JobStore(LoggingConfigurable):
         fits = []
         for name, cap in capacity.items():
             used = ledger.pools[name]
-            cond = [JobRow.pool == name, JobRow.gpus <= cap.gpus - used.gpus,
-                    JobRow.cpus <= cap.cpus - used.cpus + CPU_SLACK]
+            cond = [
+                JobRow.pool == name,
+                JobRow.gpus <= cap.gpus - used.gpus,
+                JobRow.cpus <= cap.cpus - used.cpus + CPU_SLACK,
+            ]
             if cap.memory is not None:
                 cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
             fits.append(and_(*cond))
@@ -540,10 +551,16 @@ class JobStore(LoggingConfigurable):
         else:
             per_owner = limits.room(ledger.owners[owner])
             p, c = after.priority, after.created_at
-            where += [JobRow.owner == owner,
-                      or_(JobRow.priority < p,
-                          and_(JobRow.priority == p,
-                               or_(JobRow.created_at > c, and_(JobRow.created_at == c, JobRow.id > after.id))))]
+            where += [
+                JobRow.owner == owner,
+                or_(
+                    JobRow.priority < p,
+                    and_(
+                        JobRow.priority == p,
+                        or_(JobRow.created_at > c, and_(JobRow.created_at == c, JobRow.id > after.id)),
+                    ),
+                ),
+            ]
         return self.queued_jobs(where=where, per_owner=per_owner)
 
     def usage(self, by: Literal["owner", "pool"]) -> dict[str, Usage]:

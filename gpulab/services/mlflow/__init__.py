@@ -64,15 +64,30 @@ from .identity import (
 
 MAX_BODY = 64 * 2**30  # artifact uploads and downloads are streamed; this only caps their size
 SMALL_BODY = 64 * 1024  # a refused request's body up to this size is read before the refusal is answered
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "transfer-encoding", "upgrade"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+}
 # Hub credentials stay here; Origin too: CSRF is checked here, MLflow would reject the hub's public origin.
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "cookie", "origin", "expect"}
 UPSTREAM_HOST = "mlflow.sock"  # the Host MLflow sees (and allows) on its socket
 JOB_TOKEN_TTL = 30  # seconds a job token, once checked with gpulab-jobs, is taken without asking again
 # the proxy's own refusals in MLflow's error vocabulary (mlflow.protos.databricks_pb2.ErrorCode)
-MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "ENDPOINT_NOT_FOUND",
-                      413: "REQUEST_LIMIT_EXCEEDED", 502: "TEMPORARILY_UNAVAILABLE", 503: "TEMPORARILY_UNAVAILABLE"}
+MLFLOW_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "ENDPOINT_NOT_FOUND",
+    413: "REQUEST_LIMIT_EXCEEDED",
+    502: "TEMPORARILY_UNAVAILABLE",
+    503: "TEMPORARILY_UNAVAILABLE",
+}
 SHARING = {"group": "NO_PERMISSIONS", "everyone": "READ", "private": "NO_PERMISSIONS"}  # -> default_permission
 
 
@@ -101,7 +116,7 @@ class JobTokens:
 
     async def identify(self, credential: str) -> dict | None:
         """``{"name": owner, "job_id": id, "kind": "job"}`` for a valid credential; None otherwise."""
-        job_id, _, token = credential[len(self.PREFIX):].partition(":")
+        job_id, _, token = credential[len(self.PREFIX) :].partition(":")
         if not self.jobs_url or not job_id.isalnum() or not token:
             return None
         key = hashlib.sha256(credential.encode()).digest()
@@ -110,8 +125,11 @@ class JobTokens:
             return hit[1]
         try:
             response = await AsyncHTTPClient().fetch(
-                f"{self.jobs_url}/jobs/{quote(job_id)}/identity", headers={"Authorization": f"job-token {token}"},
-                raise_error=False, request_timeout=10)
+                f"{self.jobs_url}/jobs/{quote(job_id)}/identity",
+                headers={"Authorization": f"job-token {token}"},
+                raise_error=False,
+                request_timeout=10,
+            )
         except OSError as e:  # gpulab-jobs unreachable (HTTP errors are answers, handled below)
             raise APIError(503, f"cannot check the job token with gpulab-jobs: {e}") from None
         if response.code == 599:  # timed out
@@ -163,7 +181,7 @@ class ProxyHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
 
     async def delegation(self, credential: str) -> dict | None:
         """The user a delegate service acts for (``as:<user>:<admin>:<its hub token>``); None if not one."""
-        user, _, rest = credential[len(DELEGATION_PREFIX):].partition(":")
+        user, _, rest = credential[len(DELEGATION_PREFIX) :].partition(":")
         admin, _, token = rest.partition(":")
         if not user or admin not in ("0", "1") or not token:
             return None
@@ -200,11 +218,15 @@ class ProxyHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
                 self.redirect(self.get_login_url())  # a browser: log in via the hub
                 return
             else:
-                refusal = APIError(401, "authentication required: send 'Authorization: token <hub token>' (MLflow's "
-                                        "clients send $MLFLOW_TRACKING_TOKEN so)")
+                refusal = APIError(
+                    401,
+                    "authentication required: send 'Authorization: token <hub token>' (MLflow's "
+                    "clients send $MLFLOW_TRACKING_TOKEN so)",
+                )
             headers = self.request.headers
-            if not self.has_body or ("Transfer-Encoding" not in headers
-                                     and int(headers["Content-Length"]) <= SMALL_BODY):
+            if not self.has_body or (
+                "Transfer-Encoding" not in headers and int(headers["Content-Length"]) <= SMALL_BODY
+            ):
                 # answered once the body (if any) is in: a response finished while tornado still reads the
                 # request closes the connection, and the hub's proxy, sending on it (the body, or its next
                 # request on a kept-alive connection), reports a 503 instead of the refusal
@@ -243,10 +265,17 @@ class ProxyHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
                 await write(chunk)
 
         request = HTTPRequest(
-            self.upstream + self.request.uri, method=self.request.method, headers=headers,
-            body_producer=produce if self.body else None, allow_nonstandard_methods=True,
-            follow_redirects=False, decompress_response=False, connect_timeout=10, request_timeout=24 * 3600,
-            header_callback=self.on_upstream_header, streaming_callback=self.on_upstream_chunk,
+            self.upstream + self.request.uri,
+            method=self.request.method,
+            headers=headers,
+            body_producer=produce if self.body else None,
+            allow_nonstandard_methods=True,
+            follow_redirects=False,
+            decompress_response=False,
+            connect_timeout=10,
+            request_timeout=24 * 3600,
+            header_callback=self.on_upstream_header,
+            streaming_callback=self.on_upstream_chunk,
         )
         return await self.client.fetch(request, raise_error=False)
 
@@ -286,9 +315,27 @@ class ProxyHandler(JSONAPIMixin, HubOAuthenticated, web.RequestHandler):
 def mlflow_command(backend_uri: str, artifacts: str, sock: Path, prefix: str) -> list[str]:
     """``mlflow server`` on the unix socket ``sock`` (uvicorn's ``--uds`` wins over host and port), serving UI
     and API under ``prefix``, with its permissions (:mod:`.auth`)."""
-    return [sys.executable, "-m", "mlflow", "server", "--app-name", "gpulab", "--backend-store-uri", backend_uri,
-            "--artifacts-destination", artifacts, "--serve-artifacts", "--uvicorn-opts", f"--uds {sock}",
-            "--workers", "1", "--static-prefix", prefix.rstrip("/"), "--allowed-hosts", UPSTREAM_HOST]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        "gpulab",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        artifacts,
+        "--serve-artifacts",
+        "--uvicorn-opts",
+        f"--uds {sock}",
+        "--workers",
+        "1",
+        "--static-prefix",
+        prefix.rstrip("/"),
+        "--allowed-hosts",
+        UPSTREAM_HOST,
+    ]
 
 
 def auth_config(path: Path, database_uri: str, sharing: str) -> Path:
@@ -314,10 +361,15 @@ def make_app(sock: Path, prefix: str, jobs_url: str = "", delegates: frozenset =
     # stable across restarts (a browser's cookies stay valid) and secret: derived from the service's hub token
     secret = hashlib.sha256(b"gpulab-mlflow-cookies\0" + auth.api_token.encode()).digest()
     # its own client: hub API calls (HubOAuth's, on the shared AsyncHTTPClient) must not go to the socket
-    client = SimpleAsyncHTTPClient(force_instance=True, resolver=SocketResolver(path=str(sock)), max_clients=64,
-                                   max_body_size=MAX_BODY)
-    proxy = {"upstream": f"http://{UPSTREAM_HOST}", "client": client, "job_tokens": JobTokens(jobs_url),
-             "delegates": delegates}
+    client = SimpleAsyncHTTPClient(
+        force_instance=True, resolver=SocketResolver(path=str(sock)), max_clients=64, max_body_size=MAX_BODY
+    )
+    proxy = {
+        "upstream": f"http://{UPSTREAM_HOST}",
+        "client": client,
+        "job_tokens": JobTokens(jobs_url),
+        "delegates": delegates,
+    }
     return web.Application(
         [(prefix + "oauth_callback", HubOAuthCallbackHandler), (r".*", ProxyHandler, proxy)],
         cookie_secret=secret,
@@ -337,20 +389,26 @@ def main() -> None:
     try:
         [sock] = private_sockets(sock.parent, [sock.name], "GPULAB_MLFLOW_SOCKET")
         sharing = env.get("GPULAB_MLFLOW_SHARING", "group")
-        config = auth_config(sock.parent / "auth.ini", env.get("GPULAB_MLFLOW_AUTH_DB") or
-                             f"sqlite:///{state / 'auth.sqlite'}", sharing)
+        config = auth_config(
+            sock.parent / "auth.ini", env.get("GPULAB_MLFLOW_AUTH_DB") or f"sqlite:///{state / 'auth.sqlite'}", sharing
+        )
     except ConfigError as e:
         sys.exit(f"gpulab.services.mlflow: {e}")
     mlflow_env = {k: v for k, v in env.items() if not k.startswith(("JUPYTERHUB_", "GPULAB_"))}
-    mlflow_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-                      MLFLOW_AUTH_CONFIG_PATH=str(config), GPULAB_MLFLOW_SHARING=sharing,
-                      # MLflow's own admin, made on the first start; nobody signs in as it (the proxy never names it)
-                      MLFLOW_AUTH_ADMIN_PASSWORD=persistent_secret(state / "auth-admin-password"),
-                      MLFLOW_FLASK_SERVER_SECRET_KEY=persistent_secret(state / "flask-secret-key"))
+    mlflow_env.update(
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        MLFLOW_AUTH_CONFIG_PATH=str(config),
+        GPULAB_MLFLOW_SHARING=sharing,
+        # MLflow's own admin, made on the first start; nobody signs in as it (the proxy never names it)
+        MLFLOW_AUTH_ADMIN_PASSWORD=persistent_secret(state / "auth-admin-password"),
+        MLFLOW_FLASK_SERVER_SECRET_KEY=persistent_secret(state / "flask-secret-key"),
+    )
     delegates = frozenset(filter(None, env.get("GPULAB_MLFLOW_DELEGATES", "gpulab-infer").split(",")))
     setup_logging()
-    mlflow = Child("mlflow server", lambda: subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix),
-                                                           env=mlflow_env))
+    mlflow = Child(
+        "mlflow server", lambda: subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix), env=mlflow_env)
+    )
     asyncio.run(serve(mlflow, lambda: make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""), delegates), listen))
 
 

@@ -69,13 +69,13 @@ def _bring_in_line(name: str, admin: bool, groups: set[str] | None) -> None:
     if groups is None:
         return
     held = {r.name: r for r in store.list_user_roles(user.id) if r.name.startswith(GROUP_ROLE_PREFIX)}
-    for group in groups - {n[len(GROUP_ROLE_PREFIX):] for n in held}:
+    for group in groups - {n[len(GROUP_ROLE_PREFIX) :] for n in held}:
         try:
             store.assign_role_to_user(user.id, group_role(group).id)
         except MlflowException:  # assigned meanwhile
             pass
     for role_name, role in held.items():
-        if role_name[len(GROUP_ROLE_PREFIX):] not in groups:
+        if role_name[len(GROUP_ROLE_PREFIX) :] not in groups:
             store.unassign_role_from_user(user.id, role.id)
 
 

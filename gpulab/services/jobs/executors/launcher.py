@@ -78,8 +78,11 @@ class Launcher:
         """A supervisor for ``request`` (``owner``, ``argv``, ``cwd``, ``env``, ``cpus``, ``memory``,
         ``deny_devices``), writing to ``log_fd``; returns its ref."""
         env = dict(request["env"])
-        spec = {"cpus": request.get("cpus"), "memory": request.get("memory"),
-                "deny_devices": request.get("deny_devices", [])}
+        spec = {
+            "cpus": request.get("cpus"),
+            "memory": request.get("memory"),
+            "deny_devices": request.get("deny_devices", []),
+        }
         cwd = request["cwd"]  # a missing one fails the start here; as the account, the job enters it itself
         if self.policy is not None:
             spec["cwd"], cwd = cwd, "/"
@@ -94,8 +97,15 @@ class Launcher:
             env.update(account.env())
             spec["account"] = {"uid": account.uid, "gid": account.gid, "groups": list(account.groups)}
         argv = [sys.executable, "-I", "-m", supervisor.__name__, self.state_dir, json.dumps(spec), *request["argv"]]
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         ref = ref_of(psutil.Process(proc.pid))
         threading.Thread(target=self._reap, args=(proc, ref), daemon=True).start()
         return ref
@@ -112,8 +122,10 @@ class Launcher:
         st = os.fstat(fd)
         kind = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode) and st.st_nlink == 1
         if not kind or st.st_uid not in (self.service_uid, owner_uid):
-            raise LaunchError(f"the job's {'work dir' if directory else 'source'} is not a "
-                              f"{'directory' if directory else 'file'} of the job service's account")
+            raise LaunchError(
+                f"the job's {'work dir' if directory else 'source'} is not a "
+                f"{'directory' if directory else 'file'} of the job service's account"
+            )
 
     def signal(self, ref: str, sig: int) -> bool:
         """Send ``sig`` to the attempt's process group; False when the group is gone."""
@@ -204,8 +216,9 @@ class LauncherClient:
 
     def start(self, request: dict, log_fd: int, work_fd: int | None = None, source_fd: int | None = None) -> str:
         fds = [log_fd, *(fd for fd in (work_fd, source_fd) if fd is not None)]
-        return self._ask("start", {"request": request, "work": work_fd is not None, "source": source_fd is not None},
-                         fds)
+        return self._ask(
+            "start", {"request": request, "work": work_fd is not None, "source": source_fd is not None}, fds
+        )
 
     def signal(self, ref: str, sig: int) -> bool:
         return self._ask("signal", {"ref": ref, "sig": int(sig)})
@@ -244,8 +257,16 @@ def serve(sock: socket.socket, launcher: Launcher) -> None:
             else:
                 raise LaunchError(f"no such request: {op!r}")
             answer = {"result": result}
-        except (LaunchError, accounts.AccountError, OSError, psutil.Error, KeyError, ValueError, StopIteration,
-                TypeError) as e:
+        except (
+            LaunchError,
+            accounts.AccountError,
+            OSError,
+            psutil.Error,
+            KeyError,
+            ValueError,
+            StopIteration,
+            TypeError,
+        ) as e:
             answer = {"error": str(e) or type(e).__name__}
         finally:
             for fd in fds:
@@ -256,12 +277,15 @@ def serve(sock: socket.socket, launcher: Launcher) -> None:
 def split_privileges(state_dir: str, policy: accounts.AccountPolicy, service: accounts.Account) -> LauncherClient:
     """Start the root launcher, then become ``service`` for good (uid, gid, groups, its login variables)."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    config = {"state_dir": state_dir, "service_uid": service.uid, "fd": theirs.fileno(),
-              "policy": vars(policy)}
+    config = {"state_dir": state_dir, "service_uid": service.uid, "fd": theirs.fileno(), "policy": vars(policy)}
     # none of the service's environment (its hub token, the NRAS key): the launcher needs none of it
-    proc = subprocess.Popen([sys.executable, "-I", "-m", __name__, json.dumps(config)], pass_fds=[theirs.fileno()],
-                            env={"PATH": os.environ.get("PATH", os.defpath)}, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads yet)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-m", __name__, json.dumps(config)],
+        pass_fds=[theirs.fileno()],
+        env={"PATH": os.environ.get("PATH", os.defpath)},
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )  # noqa: PLW1509 (no threads yet)
     theirs.close()
     os.setgroups([service.gid, *service.groups])
     os.setgid(service.gid)

@@ -79,20 +79,21 @@ class LocalExecutor(Executor):
     owns_gpu_ids = True
 
     pool = Unicode("default", help="Name of the one pool this machine forms.").tag(config=True)
-    gpus = Integer(
-        None, allow_none=True, help="GPUs to offer (default: counted with NVML or nvidia-smi, else 0)."
-    ).tag(config=True)
+    gpus = Integer(None, allow_none=True, help="GPUs to offer (default: counted with NVML or nvidia-smi, else 0).").tag(
+        config=True
+    )
     cpus = Float(help="CPUs to offer (default: os.cpu_count()).").tag(config=True)
     state_dir = Unicode(
         help="Directory for the attempts' exit-status files (default <data_dir>/jobs/.local-executor)."
     ).tag(config=True)
     gpu_devices = Unicode(
-        cgroups.GPU_DEVICES, help="GPU device nodes: a job may open only its own GPUs' (none without GPUs), where the "
-        "cgroup can be made (v1's devices controller, an eBPF device program on v2)."
+        cgroups.GPU_DEVICES,
+        help="GPU device nodes: a job may open only its own GPUs' (none without GPUs), where the "
+        "cgroup can be made (v1's devices controller, an eBPF device program on v2).",
     ).tag(config=True)
-    node_name = Unicode(
-        help="This machine's node name for attestation gating (default: its hostname)."
-    ).tag(config=True)
+    node_name = Unicode(help="This machine's node name for attestation gating (default: its hostname).").tag(
+        config=True
+    )
 
     @default("cpus")
     def _default_cpus(self):
@@ -130,10 +131,15 @@ class LocalExecutor(Executor):
         return {self.pool: PoolCapacity(self._gpus, self.cpus, psutil.virtual_memory().total)}
 
     async def start(self, launch: Launch) -> Handle:
-        request = {"owner": launch.owner, "argv": launch.argv, "cwd": launch.working_dir,
-                   "env": {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))},
-                   "cpus": launch.cpus, "memory": launch.memory,
-                   "deny_devices": cgroups.gpu_devices_denied(self.gpu_devices, launch.gpu_ids)}
+        request = {
+            "owner": launch.owner,
+            "argv": launch.argv,
+            "cwd": launch.working_dir,
+            "env": {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))},
+            "cpus": launch.cpus,
+            "memory": launch.memory,
+            "deny_devices": cgroups.gpu_devices_denied(self.gpu_devices, launch.gpu_ids),
+        }
         ref = await asyncio.to_thread(self._start, launch, request)
         handle = Handle(executor=self.name, ref=ref, gpu_ids=list(launch.gpu_ids))
         handle_file(launch.log_path).write_text(json.dumps(asdict(handle)))
@@ -200,4 +206,3 @@ class LocalExecutor(Executor):
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
-

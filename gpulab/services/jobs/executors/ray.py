@@ -54,7 +54,9 @@ class RayExecutor(Executor):
 
     address = Unicode("http://127.0.0.1:8265", config=True, help="Ray dashboard URL.")
     pool_resources = Dict(
-        key_trait=Unicode(), value_trait=Unicode(), config=True,
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
         help='Pool name -> Ray custom resource its nodes carry, e.g. {"gpu": "gpu_worker"}.',
     )
     request_timeout = Float(10.0, config=True, help="Seconds for one HTTP request to the dashboard.")
@@ -64,8 +66,7 @@ class RayExecutor(Executor):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.address = self.address.rstrip("/")
-        self.breaker = CircuitBreaker(f"ray at {self.address}", self.failure_threshold,
-                                      self.recovery_timeout)
+        self.breaker = CircuitBreaker(f"ray at {self.address}", self.failure_threshold, self.recovery_timeout)
         self._http: AsyncHTTPClient | None = None
 
     async def _fetch(self, method: str, path: str, body: dict | None, benign_5xx: Benign) -> HTTPResponse:
@@ -74,17 +75,21 @@ class RayExecutor(Executor):
             self._http = AsyncHTTPClient(force_instance=True)
         async with self.breaker:
             response = await self._http.fetch(
-                self.address + path, method=method, raise_error=False,
+                self.address + path,
+                method=method,
+                raise_error=False,
                 body=None if method == "GET" else json.dumps(body or {}),
                 headers={"Content-Type": "application/json"},
-                connect_timeout=self.request_timeout, request_timeout=self.request_timeout,
+                connect_timeout=self.request_timeout,
+                request_timeout=self.request_timeout,
             )
             if response.code >= 500 and not benign_5xx(response):
                 raise HTTPClientError(response.code, _text(response)[-300:], response)
             return response
 
-    async def _request(self, method: str, path: str, body: dict | None = None,
-                       benign_5xx: Benign = _never) -> HTTPResponse:
+    async def _request(
+        self, method: str, path: str, body: dict | None = None, benign_5xx: Benign = _never
+    ) -> HTTPResponse:
         """``_fetch``, retried when idempotent (GET); an outage becomes ``ExecutorUnavailable``."""
         try:
             if method != "GET":
@@ -135,8 +140,11 @@ class RayExecutor(Executor):
             "entrypoint_num_cpus": launch.cpus,
             "entrypoint_num_gpus": launch.gpus,
             "runtime_env": {"env_vars": env},
-            "metadata": {"gpulab_job_id": launch.job_id, "gpulab_owner": launch.owner,
-                         "gpulab_attempt": str(launch.attempt)},
+            "metadata": {
+                "gpulab_job_id": launch.job_id,
+                "gpulab_owner": launch.owner,
+                "gpulab_attempt": str(launch.attempt),
+            },
         }
         if launch.memory:
             body["entrypoint_memory"] = launch.memory
@@ -165,7 +173,8 @@ class RayExecutor(Executor):
             return Outcome("failed", exit_code=exit_code, reason="stopped")
         error_type = job.get("error_type") or ""
         retryable = error_type in RETRYABLE_ERRORS or (
-            error_type != "JOB_ENTRYPOINT_COMMAND_ERROR" and bool(DIED.search(message)))
+            error_type != "JOB_ENTRYPOINT_COMMAND_ERROR" and bool(DIED.search(message))
+        )
         reason = message.splitlines()[0].split(", last available logs")[0] if message else status
         return Outcome("failed", exit_code=exit_code, reason=reason, retryable=retryable)
 
@@ -184,7 +193,7 @@ class RayExecutor(Executor):
         """From ``log_path`` once :meth:`save_logs` wrote it, else from Ray."""
         if (data := read_range(log_path, offset, limit)) is not None:
             return data
-        return (await self._logs(handle) or b"")[offset:offset + limit]
+        return (await self._logs(handle) or b"")[offset : offset + limit]
 
     async def save_logs(self, handle: Handle, log_path: Path) -> None:
         """Write Ray's log of the attempt to ``log_path`` (nothing if Ray cannot give it)."""

@@ -54,12 +54,14 @@ def main(argv: list[str]) -> int:
     cgroup = Cgroup(group_name(ref), limits)
     if error := cgroup.create_or_fall_back():
         devices = "; GPU device nodes are not filtered" if limits.deny_devices else ""
-        print(f"gpulab: no cgroup for this job ({error}); limits apply as rlimits{devices}", file=sys.stderr,
-              flush=True)
+        print(
+            f"gpulab: no cgroup for this job ({error}); limits apply as rlimits{devices}", file=sys.stderr, flush=True
+        )
     reason = ""
     try:
-        rc = subprocess.Popen(job, stdin=subprocess.DEVNULL,
-                              preexec_fn=_child_setup(cgroup, spec.get("account"), spec.get("cwd"))).wait()  # noqa: PLW1509 (one thread)
+        rc = subprocess.Popen(
+            job, stdin=subprocess.DEVNULL, preexec_fn=_child_setup(cgroup, spec.get("account"), spec.get("cwd"))
+        ).wait()  # noqa: PLW1509 (one thread)
     except OSError as e:
         print(f"gpulab: cannot start {job[0]!r}: {e}", file=sys.stderr, flush=True)
         rc = 127

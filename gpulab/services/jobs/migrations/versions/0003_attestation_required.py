@@ -14,9 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column(
-        "jobs", sa.Column("attestation_required", sa.Boolean(), nullable=False, server_default=sa.false())
-    )
+    op.add_column("jobs", sa.Column("attestation_required", sa.Boolean(), nullable=False, server_default=sa.false()))
     jobs = sa.table("jobs", sa.column("spec", sa.JSON()), sa.column("attestation_required", sa.Boolean()))
     op.execute(
         jobs.update().where(jobs.c.spec["attestation"].as_string() == "required").values(attestation_required=True)
