@@ -270,3 +270,23 @@ def test_loop_lag_keeps_the_largest_of_its_window():
     for age, value in ((20, 5.0), (5, 0.1), (4, 0.3), (1, 0.2)):  # the 5 s lag is older than the window
         lag.record(value, now - age)
     assert lag.recent_max() == 0.3
+
+
+async def test_a_child_that_must_keep_trying_is_started_again_after_a_failed_first_start(caplog):
+    codes = iter(["raise SystemExit(4)", "import time; time.sleep(60)"])  # fails once, then serves
+
+    async def alive_after_a_second(proc):
+        await asyncio.sleep(1)
+        if proc.poll() is not None:
+            raise ChildFailed(f"eventually exited with status {proc.returncode}")
+
+    child = Child("eventually", lambda: python(next(codes)), ready=alive_after_a_second)
+    supervisor = Supervisor(logging.getLogger("test.supervisor"), poll_interval=0.05)
+    assert await supervisor.start(child, retry=True) is False
+    assert supervisor.children == [child] and "eventually exited with status 4" in caplog.text
+    watch = asyncio.create_task(supervisor.run())
+    try:
+        await wait_for(lambda: child.proc.poll() is None, timeout=15)  # started again after 1 s
+    finally:
+        watch.cancel()
+        await supervisor.stop(timeout=5)

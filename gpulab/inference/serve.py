@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..service.logs import setup_logging
-from ..service.supervisor import Child, ChildFailed, Supervisor, wait_until
+from ..service.supervisor import Child, Supervisor, wait_until
 from .triton import TritonServer
 
 log = logging.getLogger("gpulab.triton")
@@ -40,12 +40,8 @@ async def serve(server: TritonServer) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    try:
-        await supervisor.start(child)
+    if await supervisor.start(child, retry=True):  # a model that does not load, say: tried again, backing off
         log.info("serving %s on gRPC %s", server.model_repository, server.grpc_address)
-    except ChildFailed as e:  # a model that does not load, say: the supervisor tries again, backing off
-        log.error("%s", e)
-        supervisor.children.append(child)
     watch = asyncio.create_task(supervisor.run())
     await stop.wait()
     watch.cancel()

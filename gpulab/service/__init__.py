@@ -5,5 +5,7 @@
 - :mod:`.handlers`: :class:`~.handlers.JSONAPIMixin`, the one ``write_error`` and JSON/pydantic plumbing of
   tornado handlers (the job service, the inference gateway's APIs, the MLflow proxy, the server extension);
 - :mod:`.http_methods`: the ``Allow`` header of every 405;
-- :mod:`.storage`: how every gpulab database's engine is made, and how time is stored.
+- :mod:`.storage`: how every gpulab database's engine is made, how time is stored, the thread its calls run on;
+- :mod:`.supervisor`: the one way a service keeps its child processes running;
+- :mod:`.logs` and :mod:`.loop_lag`: how every service logs, and the measure of a stalled event loop.
 """

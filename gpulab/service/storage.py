@@ -44,6 +44,3 @@ class DatabaseThread:
     async def run(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
         """``fn(*args, **kwargs)`` on the database's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -52,12 +52,18 @@ class Supervisor:
         self.children: list[Child] = []
         self._stopping = False
 
-    async def start(self, child: Child) -> Child:
-        """Start ``child`` and wait until it is ready; :class:`ChildFailed` if it is not (nothing is left
-        running). Then it is supervised by :meth:`run`."""
-        await self._launch(child)
+    async def start(self, child: Child, retry: bool = False) -> bool:
+        """Start ``child``, wait until it is ready, and supervise it from then on (:meth:`run`). If it does not
+        get ready: :class:`ChildFailed` (nothing is left running), or with ``retry`` the failure is logged, False
+        returned, and :meth:`run` starts it again, backing off, as it would after an exit."""
+        try:
+            await self._launch(child)
+        except ChildFailed as e:
+            if not retry:
+                raise
+            self.log.error("%s", e)
         self.children.append(child)
-        return child
+        return child.proc.poll() is None
 
     async def _launch(self, child: Child) -> None:
         child.proc = child.spawn()

@@ -48,9 +48,6 @@ ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-
 class RestError(APIError):
     """The gateway's own answer on the REST plane, as KServe's ``{"error": "<message>"}``."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(status, message)
-
 
 class ErrorHandler(JSONAPIMixin, web.RequestHandler):
     """KServe's error body for the gateway's own answers."""
