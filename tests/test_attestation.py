@@ -38,6 +38,7 @@ from gpulab.attestation.abuse import AbuseGuard
 from gpulab.attestation.audit import LOGGER_NAME, AuditLog
 from gpulab.attestation.config import check_url
 from gpulab.attestation.jwks import JwksCache, parse_jwks
+from gpulab.attestation.nonces import open_database
 from gpulab.attestation.nras import ENV_VAR, NrasClient, load_api_key
 from gpulab.attestation.policy import Appraiser, Policy
 from gpulab.attestation.reasons import http_status
@@ -47,7 +48,6 @@ from gpulab.config import effective_config
 from gpulab.errors import ConfigError
 from gpulab.net import free_port
 from gpulab.secrets import Secret
-from gpulab.service.storage import make_engine
 from tests.support.attestation import (
     GPU_TEMPLATE,
     NONCE_NOT_MATCHING,
@@ -631,7 +631,7 @@ def test_nonce_consume_is_atomic(db_url, clock):
 def make_service(jwks_server, clock, db_url, nras=None, **extra) -> AttestationService:
     """The service with node gpu-1 enrolled with one GPU (its first attestation pins it)."""
     s = settings(jwks_server.url, **extra)
-    engine = make_engine(db_url)
+    engine = open_database(db_url)
     enrolments = Enrolments(engine, clock=clock)
     enrolments.enroll("gpu-1", by="admin", gpus=1)
     return AttestationService(
@@ -812,7 +812,7 @@ async def test_devices_must_be_the_enrolled_gpus(jwks_server, clock, db_url, min
 
 
 def test_node_credentials_are_stored_hashed(db_url, clock, tmp_path):
-    enrolments = Enrolments(make_engine(db_url), clock=clock)
+    enrolments = Enrolments(open_database(db_url), clock=clock)
     credential = enrolments.enroll("gpu-7", by="admin", gpus=2)
     name, secret = credential.removeprefix("node:").rsplit(":", 1)
     assert (

@@ -19,13 +19,13 @@ import pytest
 import requests
 from jsonschema import ValidationError
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import create_engine, func, select, update
+from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.orm import Session
 from tornado.httpclient import AsyncHTTPClient
 
 from gpulab.events import subscriber
 from gpulab.events.delivery import Deliverer, backoff_delay, deliver_pending
-from gpulab.events.outbox import Base, Delivery, OutboxEvent, UserEvents
+from gpulab.events.outbox import SCHEMA, Base, Delivery, OutboxEvent, UserEvents
 from gpulab.service.storage import utcnow
 from gpulab.tracing import setup_tracing
 
@@ -111,6 +111,8 @@ def db_url(request, tmp_path):
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
     subscriber.Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {SCHEMA.version_table}"))
     engine.dispose()
 
 
@@ -302,6 +304,7 @@ async def test_deliverer_delivers_on_kick(events, recorder):
 
 def test_apply_once_is_idempotent_and_atomic(db_url):
     applied = subscriber.AppliedEvents(db_url)
+    subscriber.Base.metadata.create_all(applied.engine)  # a subscriber's table, in its own migrations
     first = {
         "event_id": "0b6c2f0e-7d4b-4f0a-9a53-0e4f3c2b1a01",
         "type": "user.created",

@@ -5,9 +5,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from sqlalchemy import case, create_engine, inspect, select, text, update
 from sqlalchemy.orm import Session
@@ -15,9 +13,8 @@ from sqlalchemy.orm import Session
 from gpulab.service.storage import utcnow
 from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.store import (
-    MIGRATIONS,
+    SCHEMA,
     VERSION_TABLE,
-    Base,
     JobNotFound,
     JobRow,
     JobStateError,
@@ -37,7 +34,7 @@ def url(request, tmp_path):
     yield url
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS job_events, jobs, {VERSION_TABLE}"))
+        conn.execute(text(f"DROP TABLE IF EXISTS job_events, jobs, applied_events, {VERSION_TABLE}"))
     engine.dispose()
 
 
@@ -57,8 +54,8 @@ def test_migrations_create_the_schema_once(url):
     second = JobStore(url=url)  # upgrading an up-to-date database is a no-op
     with second.engine.connect() as conn:
         assert {"jobs", "job_events", VERSION_TABLE} <= set(inspect(conn).get_table_names())
-        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0004"
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0005"
+        diff = compare_metadata(MigrationContext.configure(conn), list(SCHEMA.metadata))
     assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
     first.engine.dispose()
     second.engine.dispose()
@@ -69,11 +66,7 @@ def test_an_upgrade_keeps_stored_jobs_and_their_own_priority(url):
     admins, _ = store.create_job("carol", [], spec(priority=50), admin=True)
     users, _ = store.create_job("alice", [], spec(priority=50))
     assert (admins.global_priority, users.global_priority) == (50, 0)
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with store.engine.begin() as conn:  # back to the schema of gpulab before global_priority
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0003")
+    SCHEMA.downgrade(store.engine, "0003")  # back to the schema of gpulab before global_priority
     upgrade(store.engine)
     for job_id in (admins.id, users.id):
         row = store.get_job(job_id)

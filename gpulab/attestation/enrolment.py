@@ -63,7 +63,6 @@ class Enrolments:
     def __init__(self, engine: Engine, clock: Callable[[], float] = time.time):
         self.engine = engine
         self.clock = clock
-        Base.metadata.create_all(engine)
 
     def enroll(self, node: str, *, by: str, gpus: int | None = None, ueids: list[str] | None = None) -> str:
         """Enrol ``node`` with ``ueids`` (pinned now) or ``gpus`` (pinned by its first attestation);

@@ -11,17 +11,28 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Engine, Float, String, delete
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from ..service.storage import make_engine
+from ..service.storage import Schema, make_engine
 
 NONCE_BYTES = 32
 
 
 class Base(DeclarativeBase):
-    pass
+    """The attestation database's tables: nonces, node states (:mod:`.state`), enrolments (:mod:`.enrolment`)."""
+
+
+SCHEMA = Schema((Base.metadata,), Path(__file__).with_name("migrations"), "gpulab_attestation_alembic_version")
+
+
+def open_database(url: str) -> Engine:
+    """The attestation database at ``url``, brought to this release's tables by its migrations."""
+    engine = make_engine(url)
+    SCHEMA.upgrade(engine)
+    return engine
 
 
 class NonceRow(Base):
@@ -61,10 +72,9 @@ class NonceStore:
         ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
     ):
-        self.engine = engine or make_engine(db_url)
+        self.engine = engine or open_database(db_url)
         self.ttl = ttl
         self.clock = clock
-        Base.metadata.create_all(self.engine)
 
     def issue(self, *, user: str, node: str, purpose: str) -> IssuedNonce:
         """A new nonce for ``user`` to attest ``node`` for ``purpose``; expired ones are purged."""

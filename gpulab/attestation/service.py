@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 from traitlets.config import Config
 
-from ..service.storage import make_engine
 from .abuse import AbuseGuard
 from .audit import AuditLog
 from .config import Attestation
 from .enrolment import Enrolments
-from .nonces import IssuedNonce, NonceStore
+from .nonces import IssuedNonce, NonceStore, open_database
 from .nras import NrasClient
 from .reasons import SERVER_SIDE, AttestationError, Reason
 from .state import NodeStates
@@ -92,7 +91,7 @@ class AttestationService:
     ) -> "AttestationService":
         """Build from ``gpulab_config.py``; raises ``ConfigError`` on a bad URL, policy or key file."""
         s = Attestation(config=cfg)
-        engine = make_engine(s.db_url)
+        engine = open_database(s.db_url)
         return cls(
             verifier=Verifier.from_settings(s, clock=clock),
             nonces=NonceStore(engine=engine, ttl=s.nonce_ttl, clock=clock),

@@ -71,7 +71,6 @@ class NodeStates:
     def __init__(self, engine: Engine, clock: Callable[[], float] = time.time):
         self.engine = engine
         self.clock = clock
-        Base.metadata.create_all(engine)
 
     def record(self, node: str, user: str, outcome: Verified | Reason, nvidia_errors: dict | None = None) -> None:
         """Store a verification outcome for ``node``: the ``Verified`` result or the rejection reason, with

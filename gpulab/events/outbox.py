@@ -13,19 +13,20 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from jupyter_events import EventLogger
-from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import Column, ForeignKey, Index, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from traitlets import Dict, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from ..service.storage import make_engine, utcnow
+from ..service.storage import Schema, make_engine, utcnow
 from . import SCHEMA_ID, SCHEMA_PATH
 
 
 class Base(DeclarativeBase):
-    """Declarative base of the outbox tables."""
+    """Declarative base of the hub's events database: the outbox, its deliveries, the users' last sent state."""
 
 
 class OutboxEvent(Base):
@@ -53,6 +54,17 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime]
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# the last state sent for each user, so that a hub restart (add_user for every user) emits nothing new
+known_users = Table(
+    "known_users",
+    Base.metadata,
+    Column("name", String(255), primary_key=True),
+    Column("state", Text, nullable=False),
+)
+
+SCHEMA = Schema((Base.metadata,), Path(__file__).with_name("migrations"), "gpulab_events_alembic_version")
 
 
 @dataclass(frozen=True)
@@ -83,14 +95,14 @@ class UserEvents(LoggingConfigurable):
         return EventLogger(parent=self)
 
     def __init__(self, **kwargs):
-        """Register the schema and create the outbox tables if needed."""
+        """Register the event schema and bring the database to this release's tables."""
         super().__init__(**kwargs)
         if not self.url:
             raise ValueError("UserEvents.url (the outbox database URL) must be set")
         if SCHEMA_ID not in self.event_logger.schemas:
             self.event_logger.register_event_schema(SCHEMA_PATH)
         self.engine = make_engine(self.url)
-        Base.metadata.create_all(self.engine)
+        SCHEMA.upgrade(self.engine)
 
     def add_subscriber(self, name: str, url: str, token: str) -> None:
         """Deliver events emitted from now on to ``url``, authenticated with ``token``."""

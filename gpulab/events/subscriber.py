@@ -2,11 +2,12 @@
 
 A hub-managed service mounts :class:`UserEventsHandler`, e.g.::
 
-    applied = AppliedEvents("sqlite:///state.sqlite")
+    applied = AppliedEvents("sqlite:///state.sqlite")  # the service's database, with the table applied_events
     (url_path_join(prefix, "events"), UserEventsHandler,
      {"token": os.environ["JUPYTERHUB_API_TOKEN"], "applied": applied, "apply": sync_user})
 
-where ``sync_user(event, session)`` updates the service's state in ``session``.
+where ``sync_user(event, session)`` updates the service's state in ``session``. The table ``applied_events``
+(:data:`Base`'s) belongs to the service's database and its migrations (gpulab-jobs': revision 0005).
 """
 
 import hmac
@@ -48,8 +49,7 @@ class AppliedEvents:
     """Records applied event ids so redelivered events are applied only once."""
 
     def __init__(self, url: str):
-        self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        self.engine = make_engine(url)  # its table made by the database's migrations
 
     def apply_once(self, event: dict, fn: Apply) -> bool:
         """Run ``fn(event, session)`` and record ``event["event_id"]`` in one transaction.

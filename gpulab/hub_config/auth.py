@@ -21,17 +21,8 @@ from traitlets.config import LoggingConfigurable
 from ..accounts import personal_refusal
 from ..config import Roles
 from ..events.delivery import Deliverer
-from ..events.outbox import UserEvents
-from ..service.storage import make_engine
+from ..events.outbox import UserEvents, known_users
 from .roles import roles_for
-
-_metadata = sa.MetaData()
-known_users = sa.Table(
-    "known_users",
-    _metadata,
-    sa.Column("name", sa.String(255), primary_key=True),
-    sa.Column("state", sa.Text, nullable=False),
-)
 
 
 class UserEventsMixin(LoggingConfigurable):
@@ -49,8 +40,7 @@ class UserEventsMixin(LoggingConfigurable):
         self.events = UserEvents(url=self.events_url, parent=self)
         for sub in self.event_subscribers:
             self.events.add_subscriber(sub["name"], sub["url"], sub["token"])
-        self._engine = make_engine(self.events_url)
-        _metadata.create_all(self._engine)
+        self._engine = self.events.engine
         self._roles_cfg = Roles(parent=self)
         self.deliverer = Deliverer(self.events)
         try:

@@ -1,13 +1,18 @@
-"""What every gpulab database shares: how an engine is made, how time is stored, and the thread its calls run on."""
+"""What every gpulab database shares: how an engine is made, how time is stored, how its schema is migrated, and
+the thread its calls run on."""
 
 import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from alembic import command, context
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, MetaData, create_engine, event
 
 T = TypeVar("T")
 
@@ -31,6 +36,45 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
     return engine
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One gpulab database's tables (``metadata``) and their one migration history (alembic, in ``migrations``,
+    recorded in ``version_table``: a name of its own, so that databases an admin shares between services keep
+    their histories apart). Every gpulab database is created and upgraded by its schema's :meth:`upgrade`, never
+    by ``create_all``: a database made by an earlier release is brought to this one's tables, its rows kept."""
+
+    metadata: tuple[MetaData, ...]
+    migrations: Path
+    version_table: str
+
+    def upgrade(self, engine: Engine, revision: str = "head") -> None:
+        """Bring the database to ``revision``, the newest by default (no alembic.ini needed)."""
+        self._migrate(engine, command.upgrade, revision)
+
+    def downgrade(self, engine: Engine, revision: str) -> None:
+        """Take the database back to ``revision`` (tests of an upgrade from an earlier schema)."""
+        self._migrate(engine, command.downgrade, revision)
+
+    def _migrate(self, engine: Engine, step, revision: str) -> None:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(self.migrations))
+        with engine.begin() as connection:
+            cfg.attributes.update(connection=connection, schema=self)
+            step(cfg, revision)
+
+
+def run_migrations() -> None:
+    """The body of every history's ``env.py``: migrate the connection :meth:`Schema.upgrade` passes."""
+    schema: Schema = context.config.attributes["schema"]
+    context.configure(
+        connection=context.config.attributes["connection"],
+        target_metadata=list(schema.metadata),
+        version_table=schema.version_table,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 class DatabaseThread:

@@ -26,6 +26,7 @@ from sqlalchemy import Text  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column  # noqa: E402
 from tornado.web import Application  # noqa: E402
 
+from gpulab.events import subscriber  # noqa: E402
 from gpulab.events.subscriber import AppliedEvents, UserEventsHandler  # noqa: E402
 from gpulab.tracing import setup_tracing  # noqa: E402
 
@@ -94,7 +95,8 @@ async def main() -> None:
     bind = urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"])
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
     applied = AppliedEvents(f"sqlite:///{os.environ['EVENT_RECORDER_DB']}")
-    Base.metadata.create_all(applied.engine)
+    Base.metadata.create_all(applied.engine)  # a subscriber without migrations: its tables and applied_events
+    subscriber.Base.metadata.create_all(applied.engine)
     app = Application(
         [
             (

@@ -16,8 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -43,8 +41,9 @@ from sqlalchemy.sql import ColumnElement
 from traitlets import Unicode
 from traitlets.config import LoggingConfigurable
 
+from gpulab.events import subscriber as applied_events
 from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
-from gpulab.service.storage import DatabaseThread, make_engine, utcnow
+from gpulab.service.storage import DatabaseThread, Schema, make_engine, utcnow
 
 from .executors.base import PoolCapacity
 from .models import Job, JobEvent, JobSpec, Progress, Resources
@@ -223,13 +222,9 @@ def _due() -> list[ColumnElement]:
     return [JobRow.state == "queued", or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow())]
 
 
-def upgrade(engine) -> None:
-    """Bring the schema to the newest migration (no alembic.ini needed)."""
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+# the jobs database: jobs, their events, and the user events the service has applied
+SCHEMA = Schema((Base.metadata, applied_events.Base.metadata), MIGRATIONS, VERSION_TABLE)
+upgrade = SCHEMA.upgrade
 
 
 class JobStore(LoggingConfigurable):

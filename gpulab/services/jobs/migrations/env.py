@@ -1,14 +1,5 @@
-"""Alembic environment of the jobs tables; run via :func:`gpulab.services.jobs.store.upgrade`,
-which passes an open connection in ``config.attributes["connection"]``."""
+"""Alembic environment of the jobs database; run by :data:`gpulab.services.jobs.store.SCHEMA`."""
 
-from alembic import context
+from gpulab.service.storage import run_migrations
 
-from gpulab.services.jobs.store import VERSION_TABLE, Base
-
-context.configure(
-    connection=context.config.attributes["connection"],
-    target_metadata=Base.metadata,
-    version_table=VERSION_TABLE,
-)
-with context.begin_transaction():
-    context.run_migrations()
+run_migrations()
