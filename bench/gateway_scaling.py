@@ -138,14 +138,20 @@ class Stack:
         env = {
             **os.environ,
             "JUPYTERHUB_API_URL": self.hub_api,
-            "GPULAB_INFER_ADDRESS": address,
-            "GPULAB_INFER_REST_ADDRESS": rest,
-            "GPULAB_TRITON_REPLICAS": self.triton.grpc_address,
-            "GPULAB_TRITON_HTTP_REPLICAS": self.triton.http_url.removeprefix("http://"),
-            "GPULAB_TRITON_KEY": self.triton.restricted_key,
             "GPULAB_CONFIG": str(self.work / "gpulab_config.py"),
             "GPULAB_CONFIG_OVERRIDES": json.dumps(
-                {"InferenceGateway": {"processes": processes, "data_plane": plane, **self.nginx}}
+                {
+                    "InferenceGateway": {
+                        "address": address,
+                        "rest_address": rest,
+                        "replicas": [self.triton.grpc_address],
+                        "http_replicas": [self.triton.http_url.removeprefix("http://")],
+                        "restricted_key": self.triton.restricted_key,
+                        "processes": processes,
+                        "data_plane": plane,
+                        **self.nginx,
+                    }
+                }
             ),
         }
         (self.work / "gpulab_config.py").touch()

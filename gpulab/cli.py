@@ -13,14 +13,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from traitlets.config import Config
-
 from . import nodes, users
 from .accounts import isolation_mode
 from .attestation.collect import collect as attest_collect
 from .config import (
     CONFIGURABLES,
-    check_settings,
     config_path,
     effective_config,
     instances,
@@ -29,6 +26,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .net import port_in_use
+from .secrets import persistent_secret
 
 CONFIG_TEMPLATE = """\
 # gpulab configuration: one file for the hub, the services and the server extension.
@@ -97,7 +95,7 @@ def _stop_group(pgid: int, grace: float = 10.0) -> None:
 
 def up(args) -> int:
     """Start the platform in the foreground; SIGINT/SIGTERM stop everything it started."""
-    from .hub_config import configure
+    from .hub_config import check
 
     started = time.monotonic()
     os.umask(0o077)  # what the platform writes (databases, logs, secrets, job dirs) is its own unless said
@@ -108,7 +106,7 @@ def up(args) -> int:
         os.environ["GPULAB_DATA_DIR"] = overrides["Platform"]["data_dir"]
     path = config_path()
     cfg = load_config(path)
-    check_settings(cfg, [*CONFIGURABLES, *service_configurables()])
+    check(cfg)  # a mistake is one line here; the hub configures itself from the file, once
     platform = instances(cfg)["Platform"]
     data_dir = Path(platform.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -122,9 +120,9 @@ def up(args) -> int:
 
     admin_file = data_dir / "secrets" / "admin-password"
     first_run = not admin_file.exists()
-    configure(Config(), path)  # validates everything; creates secrets and the proxy on first run
-    login = instances(load_config(path))["Login"]
+    login = instances(cfg)["Login"]
     if login.method == "password":
+        persistent_secret(admin_file)  # made here to be shown; the hub reads it
         if first_run:
             print(f"gpulab: admin password (also in {admin_file}): {admin_file.read_text().strip()}", flush=True)
         message = (
@@ -134,6 +132,7 @@ def up(args) -> int:
         message = f"Sign in at {platform.public_url}."
 
     hub_dir = data_dir / "hub"
+    hub_dir.mkdir(exist_ok=True, mode=0o700)
     local_ip = "127.0.0.1" if platform.ip in ("", "0.0.0.0", "::") else platform.ip
     (hub_dir / "cli.json").write_text(
         json.dumps(

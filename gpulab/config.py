@@ -149,6 +149,7 @@ class Roles(Configurable):
 
 
 CONFIGURABLES = [Platform, Login, OIDC, Roles, Attestation]
+OVERRIDES_ENV = "GPULAB_CONFIG_OVERRIDES"  # JSON settings on top of the file: `gpulab up`'s flags, the hub's
 SECRET_NAME_PARTS = ("secret", "password", "token", "key")
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # user:password@ in database URLs
 
@@ -169,7 +170,7 @@ def load_config(path: Path | None = None) -> Config:
             cfg.merge(loader.load_config())
         except Exception as e:  # a user's Python file: any error is a config error
             raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
-    overrides = os.environ.get("GPULAB_CONFIG_OVERRIDES")
+    overrides = os.environ.get(OVERRIDES_ENV)
     if overrides:
         cfg.merge(Config(json.loads(overrides)))
     return cfg
@@ -184,8 +185,9 @@ def service_configurables() -> list[type[Configurable]]:
     from .services.jobs.executors.ray import RayExecutor
     from .services.jobs.queue import JobQueue
     from .services.jobs.store import JobStore
+    from .services.mlflow.config import MLflowService
 
-    return [JobStore, JobQueue, LocalExecutor, RayExecutor, InferenceGateway, TritonServer]
+    return [JobStore, JobQueue, LocalExecutor, RayExecutor, InferenceGateway, TritonServer, MLflowService]
 
 
 def check_settings(cfg: Config, classes: list[type[Configurable]]) -> None:

@@ -32,6 +32,7 @@ from tornado import web
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from gpulab.config import OVERRIDES_ENV
 from gpulab.errors import ConfigError
 from gpulab.inference.triton import model_config, processes_hidden, write_onnx_model
 from gpulab.net import free_port
@@ -94,44 +95,38 @@ c.InferenceGateway.token_cache_seconds = 3
         "name": "gpulab-infer",
         "command": [sys.executable, "-m", "gpulab.services.infer"],
         "info": {"grpc_address": address, "rest_address": rest},
-        "environment": {
-            "GPULAB_INFER_ADDRESS": address,
-            "GPULAB_INFER_REST_ADDRESS": rest,
-            "GPULAB_TRITON_KEY": tritons[0].restricted_key,
-            "GPULAB_TRITON_REPLICAS": ",".join(replicas),
-            "GPULAB_TRITON_HTTP_REPLICAS": ",".join(http_replicas),
-            "GPULAB_MODEL_REPOSITORY": str(models["repo"]),  # the replicas', with its records
-            "GPULAB_CONFIG": str(hub.config_file),
-        },
+        "environment": {"GPULAB_CONFIG": str(hub.config_file)},
     }
+    # what the hub passes its own gateway: settings in $GPULAB_CONFIG_OVERRIDES
+    settings = {
+        "address": address,
+        "rest_address": rest,
+        "restricted_key": tritons[0].restricted_key,
+        "replicas": replicas,
+        "http_replicas": http_replicas,
+        "model_repository": str(models["repo"]),  # the replicas', with its records
+    }
+    service["environment"][OVERRIDES_ENV] = json.dumps({"InferenceGateway": settings})
     # a second gateway on the same replicas, serving TLS only
     tls_address = f"127.0.0.1:{free_port()}"
     hub.tls_cert, tls_key = self_signed(tmp_path_factory.mktemp("tls"))
-    tls = {"InferenceGateway": {"tls_cert_file": str(hub.tls_cert), "tls_key_file": str(tls_key)}}
+    tls = {"tls_cert_file": str(hub.tls_cert), "tls_key_file": str(tls_key)}
+    tls_settings = {**settings, **tls, "address": tls_address, "rest_address": ""}
     tls_service = {
         **service,
         "name": "gpulab-infer-tls",
         "info": {"grpc_address": tls_address},
-        "environment": {
-            **service["environment"],
-            "GPULAB_INFER_ADDRESS": tls_address,
-            "GPULAB_INFER_REST_ADDRESS": "",
-            "GPULAB_CONFIG_OVERRIDES": json.dumps(tls),
-        },
+        "environment": {**service["environment"], OVERRIDES_ENV: json.dumps({"InferenceGateway": tls_settings})},
     }
     # a third on the same replicas: the nginx data plane, 2 workers, serving TLS
     nginx_address, nginx_rest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    nginx = {"InferenceGateway": {**tls["InferenceGateway"], "data_plane": "nginx", "processes": 2}}
+    nginx = {**settings, **tls, "data_plane": "nginx", "processes": 2}
+    nginx.update(address=nginx_address, rest_address=nginx_rest)
     nginx_service = {
         **service,
         "name": "gpulab-infer-nginx",
         "info": {"grpc_address": nginx_address, "rest_address": nginx_rest},
-        "environment": {
-            **service["environment"],
-            "GPULAB_INFER_ADDRESS": nginx_address,
-            "GPULAB_INFER_REST_ADDRESS": nginx_rest,
-            "GPULAB_CONFIG_OVERRIDES": json.dumps(nginx),
-        },
+        "environment": {**service["environment"], OVERRIDES_ENV: json.dumps({"InferenceGateway": nginx})},
     }
     hub.start(config, services=[service, tls_service, nginx_service])
     hub.gateway, hub.tls_gateway = address, tls_address
@@ -767,14 +762,13 @@ async def test_traceparent_and_platform_key_reach_the_replica(hub, plane, tokens
     )
     replica_port = replica.add_insecure_port("127.0.0.1:0")
     await replica.start()
-    from traitlets.config import Config
-
-    cfg = Config()
-    cfg.InferenceGateway.replicas = [f"127.0.0.1:{replica_port}"]
-    cfg.InferenceGateway.restricted_key = "k3y"
-    cfg.InferenceGateway.address = address = f"127.0.0.1:{free_port()}"
-    cfg.InferenceGateway.model_allow = {"other": ["bob"]}  # so nginx reads the model name from each request
-    conf, gateway = build(cfg, hub.url + "/hub/api")
+    conf = InferenceGateway(
+        replicas=[f"127.0.0.1:{replica_port}"],
+        restricted_key="k3y",
+        address=(address := f"127.0.0.1:{free_port()}"),
+        model_allow={"other": ["bob"]},  # so nginx reads the model name from each request
+    )
+    gateway = build(conf, hub.url + "/hub/api")
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((gateway.handler(),))
     nginx = NginxDataPlane(conf) if plane == "nginx" else None
@@ -880,11 +874,17 @@ def start_gateway(hub, tritons, tmp_path, settings: dict) -> tuple[subprocess.Po
         **os.environ,
         "JUPYTERHUB_API_URL": f"{hub.url}/hub/api",
         "JUPYTERHUB_SERVICE_URL": http + "/",
-        "GPULAB_INFER_ADDRESS": address,
-        "GPULAB_TRITON_REPLICAS": ",".join(t.grpc_address for t in tritons),
-        "GPULAB_TRITON_KEY": tritons[0].restricted_key,
         "GPULAB_CONFIG": str(hub.config_file),
-        "GPULAB_CONFIG_OVERRIDES": json.dumps({"InferenceGateway": settings}),
+        OVERRIDES_ENV: json.dumps(
+            {
+                "InferenceGateway": {
+                    "address": address,
+                    "replicas": [t.grpc_address for t in tritons],
+                    "restricted_key": tritons[0].restricted_key,
+                    **settings,
+                }
+            }
+        ),
     }
     with (tmp_path / "gateway.log").open("wb") as log:
         proc = subprocess.Popen(

@@ -6,6 +6,7 @@ permissions per hub user (sharing "group", the default: the creator's hub groups
 """
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from gpulab.config import OVERRIDES_ENV
 from tests.support.gpulab_up import Platform
 from tests.support.login import password_login
 
@@ -30,10 +32,16 @@ def hub(tmp_path_factory):
     service = {
         "name": "mlflow",
         "command": [sys.executable, "-m", "gpulab.services.mlflow"],
-        "environment": {
-            "GPULAB_MLFLOW_BACKEND_URI": f"sqlite:///{work / 'mlflow.db'}",
-            "GPULAB_MLFLOW_ARTIFACTS": str(work / "artifacts"),
-            "GPULAB_MLFLOW_SHARING": "group",
+        "environment": {  # as the hub passes its own MLflow's settings
+            OVERRIDES_ENV: json.dumps(
+                {
+                    "MLflowService": {
+                        "backend_store_uri": f"sqlite:///{work / 'mlflow.db'}",
+                        "artifacts_destination": str(work / "artifacts"),
+                    },
+                    "Platform": {"mlflow_sharing": "group"},
+                }
+            )
         },
     }
     platform = Platform(work / "data", host="127.0.0.11")
@@ -224,5 +232,5 @@ def test_sharing_sets_what_others_may_do(tmp_path, sharing, permission):
     text = auth_config(tmp_path / "auth.ini", "sqlite:///x", sharing).read_text()
     assert f"default_permission = {permission}\n" in text
     assert "authorization_function = gpulab.services.mlflow.auth:authenticate_from_proxy" in text
-    with pytest.raises(ConfigError, match="GPULAB_MLFLOW_SHARING must be one of group, everyone, private"):
+    with pytest.raises(ConfigError, match="Platform.mlflow_sharing must be one of group, everyone, private"):
         auth_config(tmp_path / "auth.ini", "sqlite:///x", "friends")

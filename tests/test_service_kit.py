@@ -8,21 +8,28 @@ the answer a handler's error becomes, not a service. The supervisor runs real pr
 import asyncio
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+import requests
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
+from traitlets.config import Config
 
+from gpulab.config import OVERRIDES_ENV, Platform
+from gpulab.hub_config.services import builtin_services
+from gpulab.inference.triton import TritonServer
 from gpulab.service import errors
 from gpulab.service.errors import STATUSES, APIError
 from gpulab.service.handlers import JSONAPIMixin
@@ -30,6 +37,9 @@ from gpulab.service.loop_lag import LoopLag
 from gpulab.service.supervisor import Child, ChildFailed, Supervisor, wait_until
 from gpulab.services.infer.rest import ErrorHandler
 from gpulab.services.mlflow import ProxyHandler
+from tests.support.gpulab_up import Platform as GpulabUp
+from tests.support.greeter_service import Greeter, GreeterApp
+from tests.support.triton import REPO
 
 
 class Body(BaseModel):
@@ -290,3 +300,135 @@ async def test_a_child_that_must_keep_trying_is_started_again_after_a_failed_fir
     finally:
         watch.cancel()
         await supervisor.stop(timeout=5)
+
+
+# A service process: ServiceApp
+
+
+def test_a_service_reads_the_file_then_the_hubs_settings_then_its_command_line(tmp_path, monkeypatch):
+    config = tmp_path / "gpulab_config.py"
+    config.write_text("c.Greeter.greeting = 'from the file'\nc.Greeter.max_names = 5\nc.Platform.port = 8123\n")
+    monkeypatch.setenv(OVERRIDES_ENV, json.dumps({"Greeter": {"max_names": 7}, "Platform": {"data_dir": "/srv/x"}}))
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "t")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_NAME", "greeter")
+    app = GreeterApp()
+    app.initialize(["--config", str(config), "--Greeter.greeting=from the command line"])
+    greeter = Greeter(parent=app)
+    assert (greeter.greeting, greeter.max_names) == ("from the command line", 7)
+    assert (app.platform.port, app.data_dir) == (8123, Path("/srv/x"))
+    assert (app.hub.name, app.hub.prefix, app.hub.api_token) == ("greeter", "/services/greeter/", "t")
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["--Greeter.max_names=0"], {}, "greeter: error: c.Greeter.max_names: "),
+        ([], {OVERRIDES_ENV: json.dumps({"Greeter": {"max_name": 2}})}, "did you mean max_names?"),
+        ([], {"JUPYTERHUB_SERVICE_URL": ""}, "JUPYTERHUB_SERVICE_URL not set"),
+    ],
+)
+def test_a_service_refuses_a_bad_setting_in_one_line(tmp_path, args, env, expected):
+    full = {**os.environ, "GPULAB_CONFIG": str(tmp_path / "absent.py"), "JUPYTERHUB_API_TOKEN": "t"}
+    full.update({"JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:9/", **env})
+    if OVERRIDES_ENV not in env:
+        full.pop(OVERRIDES_ENV, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.greeter_service", *args],
+        env=full,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_hub_gives_its_services_settings_and_the_admins_win(tmp_path):
+    """What the hub decides for the built-in services travels as their settings (one JSON of the config's own
+    classes and names), never as variables of their own; a setting the admin gave is not overridden."""
+    cfg = Config()
+    cfg.InferenceGateway.rest_address = ""  # no REST port: the admin's choice stands
+    data_dir = tmp_path / "d"
+    services = builtin_services(Platform(config=cfg), cfg, data_dir, tmp_path / "c.py", lambda name: f"t-{name}")
+    by_name = {s["name"]: s for s in services}
+    assert set(by_name) == {"mlflow", "gpulab-jobs", "gpulab-infer", "triton"}
+    settings = {}
+    for name, service in by_name.items():
+        assert set(service["environment"]) == {"GPULAB_CONFIG", OVERRIDES_ENV}, name
+        settings[name] = json.loads(service["environment"][OVERRIDES_ENV])
+        assert settings[name]["Platform"] == {"data_dir": str(data_dir)}
+    mlflow_url = f"{by_name['mlflow']['url']}/services/mlflow"
+    assert settings["gpulab-jobs"]["JobQueue"] == {"mlflow_tracking_uri": mlflow_url, "mlflow_job_token": True}
+    assert settings["mlflow"]["MLflowService"] == {
+        "jobs_api_url": f"{by_name['gpulab-jobs']['url']}/services/gpulab-jobs/api/v1"
+    }
+    gateway = settings["gpulab-infer"]["InferenceGateway"]
+    triton = settings["triton"]["TritonServer"]
+    embedded = TritonServer(socket_dir=triton["socket_dir"])
+    assert (gateway["replicas"], gateway["http_replicas"]) == ([embedded.grpc_address], [embedded.http_address])
+    assert gateway["model_repository"] == triton["model_repository"] == str(data_dir / "models")
+    assert gateway["mlflow_url"] == mlflow_url and gateway["platform_mlflow"] is True
+    assert "rest_address" not in gateway and "rest_address" not in by_name["gpulab-infer"]["info"]
+    assert gateway["address"] == by_name["gpulab-infer"]["info"]["grpc_address"]
+
+    cfg.InferenceGateway.mlflow_url = "http://mlflow.example:5000"  # an MLflow of the admin's takes no hub token
+    cfg.JobQueue.mlflow_tracking_uri = "http://mlflow.example:5000"
+    services = builtin_services(Platform(config=cfg), cfg, data_dir, tmp_path / "c.py", lambda name: f"t-{name}")
+    by_name = {s["name"]: json.loads(s["environment"][OVERRIDES_ENV]) for s in services}
+    assert "JobQueue" not in by_name["gpulab-jobs"]
+    assert not {"mlflow_url", "platform_mlflow"} & set(by_name["gpulab-infer"]["InferenceGateway"])
+
+
+def test_a_fourth_service_is_its_domain_code_its_models_and_a_service_app(tmp_path, loopback):
+    """tests/support/greeter_service.py, run by a real hub: the platform's config file and the hub's settings
+    reach it; hub tokens, scopes, bodies and errors are handled as by every gpulab API."""
+    service = {
+        "name": "greeter",
+        "command": [sys.executable, "-m", "tests.support.greeter_service"],
+        "cwd": str(REPO),
+        "environment": {OVERRIDES_ENV: json.dumps({"Greeter": {"max_names": 2}})},
+    }
+    hub = GpulabUp(tmp_path / "data", host=loopback)
+    config = """
+c.Greeter.greeting = "hej"
+c.Platform.jobs_service = c.Platform.mlflow_service = False
+c.Roles.extra_roles = c.Roles.extra_roles + [
+    {"name": "greeters", "scopes": ["access:services!service=greeter"], "users": ["alice"]}]
+"""
+    hub.start(config, services=[service])
+    try:
+        hub.create_user("alice")
+        token = hub.token("alice", scopes=["access:services!service=greeter"])
+        url = f"{hub.url}/services/greeter/api/v1/greet"
+        deadline = time.monotonic() + 60
+        while (r := requests.post(url, json={"names": ["a"]}, headers=auth(token), timeout=10)).status_code != 200:
+            assert r.status_code in (502, 503) and time.monotonic() < deadline, r.text  # starting
+            time.sleep(0.3)
+        r = requests.post(url, json={"names": ["a", "b"]}, headers=auth(token), timeout=10)
+        assert r.json() == {"from": "alice", "greetings": ["hej, a", "hej, b"]}
+        answers = {
+            "too many": requests.post(url, json={"names": list("abc")}, headers=auth(token), timeout=10),
+            "wrong type": requests.post(url, json={"names": "a"}, headers=auth(token), timeout=10),
+            "not json": requests.post(url, data=b"{", headers=auth(token), timeout=10),
+            "too large": requests.post(url, json={"names": ["x" * 2000]}, headers=auth(token), timeout=10),
+            "no token": requests.post(url, json={"names": ["a"]}, timeout=10),
+        }
+        got = {
+            what: (r.status_code, r.json()["error"]["code"], r.json()["error"].get("field"))
+            for what, r in answers.items()
+        }
+        assert got == {
+            "too many": (422, "invalid", "names"),
+            "wrong type": (422, "invalid", "names"),
+            "not json": (400, "invalid_json", None),
+            "too large": (413, "too_large", None),
+            "no token": (401, "unauthenticated", None),
+        }
+    finally:
+        assert hub.stop() == 0
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"token {token}"}

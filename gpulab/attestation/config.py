@@ -5,7 +5,7 @@ from urllib.parse import urlsplit
 from traitlets import Bool, Float, Integer, List, Set, Unicode, default
 from traitlets.config import Configurable
 
-from ..data_dir import default_data_dir
+from ..data_dir import configured_data_dir
 from ..errors import ConfigError
 
 NRAS_URL = "https://nras.attestation.nvidia.com"
@@ -104,7 +104,7 @@ class Attestation(Configurable):
 
     @default("db_url")
     def _default_db_url(self):
-        return f"sqlite:///{default_data_dir() / 'jobs' / 'attestation.sqlite'}"
+        return f"sqlite:///{configured_data_dir(self.config) / 'jobs' / 'attestation.sqlite'}"
 
     def check(self) -> None:
         """Raise ``ConfigError`` unless the service URLs pass the host allow-list."""

@@ -25,7 +25,7 @@ from ..config import CONFIGURABLES, check_settings, config_path, instances, load
 from ..errors import ConfigError
 from ..net import free_port
 from ..scopes import CLI_SCOPES, CLI_SERVICE, INFER_SERVICE, JOBS_SERVICE, MLFLOW_SERVICE
-from ..secrets import persistent_secret, secret_from
+from ..secrets import Secret, persistent_secret, secret_from
 from ..tracing import setup_tracing
 from .auth import GpulabOIDCAuthenticator, GpulabPasswordAuthenticator
 from .oidc import discover
@@ -55,7 +55,8 @@ def _configure_password_login(c, login, data_dir: Path, isolation: str) -> None:
         a.owner = getpass.getuser()
 
 
-def _configure_oidc_login(c, oidc, platform) -> None:
+def _oidc_client(oidc) -> tuple[Secret, dict]:
+    """The client secret and the provider's endpoints, or a ConfigError naming what is missing."""
     if not oidc.client_id:
         raise ConfigError("OIDC.client_id is not set")
     secret = secret_from(oidc.client_secret_file, "GPULAB_OIDC_CLIENT_SECRET", "OIDC.client_secret_file")
@@ -63,7 +64,11 @@ def _configure_oidc_login(c, oidc, platform) -> None:
         raise ConfigError("OIDC.client_secret_file is not set (nor $GPULAB_OIDC_CLIENT_SECRET)")
     if not (oidc.allowed_groups or oidc.allow_all):
         raise ConfigError("OIDC: set OIDC.allowed_groups, or OIDC.allow_all = True to admit every user")
-    endpoints = discover(oidc)
+    return secret, discover(oidc)
+
+
+def _configure_oidc_login(c, oidc, platform) -> None:
+    secret, endpoints = _oidc_client(oidc)
     c.JupyterHub.authenticator_class = GpulabOIDCAuthenticator
     g = c.GenericOAuthenticator
     g.client_id = oidc.client_id
@@ -99,6 +104,16 @@ def _configure_spawner(c, platform, isolation: str, data_dir: Path) -> None:
         if isolation == "none":
             c.JupyterHub.template_vars = {"announcement": ISOLATION_NONE_BANNER}
         return
+    _check_reachable()
+    c.JupyterHub.spawner_class = AccountSpawner
+    c.AccountSpawner.account_policy = vars(AccountPolicy.from_platform(platform))
+    # hub names that make valid account names, so a user is refused at sign-in rather than at spawn
+    longest = MAX_ACCOUNT_NAME - len(platform.account_prefix)
+    c.Authenticator.username_pattern = ACCOUNT_NAME.pattern.replace("*$", f"{{0,{longest - 1}}}$")
+
+
+def _check_reachable() -> None:
+    """Under isolation 'accounts', users' servers run gpulab's Python as their own accounts: it must reach it."""
     reached = (("the Python interpreter", os.path.realpath(sys.executable)), ("gpulab", Path(__file__).parent))
     for what, path in reached:
         if closed := closed_to_others(path):
@@ -107,11 +122,38 @@ def _configure_spawner(c, platform, isolation: str, data_dir: Path) -> None:
                 f"accounts (mode {closed.stat().st_mode & 0o777:04o}); install gpulab where every account can read "
                 f"it, or run: chmod o+x {closed}"
             )
-    c.JupyterHub.spawner_class = AccountSpawner
-    c.AccountSpawner.account_policy = vars(AccountPolicy.from_platform(platform))
-    # hub names that make valid account names, so a user is refused at sign-in rather than at spawn
-    longest = MAX_ACCOUNT_NAME - len(platform.account_prefix)
-    c.Authenticator.username_pattern = ACCOUNT_NAME.pattern.replace("*$", f"{{0,{longest - 1}}}$")
+
+
+def _service_names(platform) -> set[str]:
+    """The hub-managed services' names, as :func:`configure` will make them."""
+    builtin = {JOBS_SERVICE: platform.jobs_service, MLFLOW_SERVICE: platform.mlflow_service}
+    builtin[INFER_SERVICE] = platform.inference_service
+    return {n for n, on in builtin.items() if on} | {s.get("name") for s in platform.services}
+
+
+def check(cfg) -> None:
+    """Everything :func:`configure` refuses, without its side effects (no port picked, no secret or account
+    made): ``gpulab up`` runs it before it starts the hub, so that a mistake is one line from ``gpulab up``
+    rather than a hub that does not start."""
+    check_settings(cfg, [*CONFIGURABLES, *service_configurables()])  # the services' too
+    conf = instances(cfg)
+    platform, login = conf["Platform"], conf["Login"]
+    if login.method == "oidc":
+        _oidc_client(conf["OIDC"])
+        admin_users, admin_groups = set(), set(conf["OIDC"].admin_groups)
+    else:
+        admin_users, admin_groups = set(login.admin_users), set()
+    load_roles(conf["Roles"], admin_users, admin_groups)
+    if isolation_mode(platform) == "accounts":
+        _check_reachable()
+    subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
+    _check_subscribers(subscribers, _service_names(platform))
+
+
+def _check_subscribers(subscribers: list[str], services) -> None:
+    missing = [n for n in subscribers if n not in services]
+    if missing:
+        raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")
 
 
 def _keep_config_private(config_file: Path, data_dir: Path, services: Account | None) -> None:
@@ -203,14 +245,14 @@ def configure(c, config_file: Path | None = None) -> None:
     def token_for(name: str) -> str:
         return persistent_secret(hub_dir / "services" / f"{name}.token")
 
-    services = builtin_services(platform, data_dir, config_file, token_for, cfg.InferenceGateway)
+    services = builtin_services(platform, cfg, data_dir, config_file, token_for)
     if isolation == "accounts":
         service_account = None
         if any(s["name"] in SERVICE_ACCOUNT_DIRS for s in services):
             service_account = ensure_service_account(AccountPolicy.from_platform(platform))
             run_as_service_account(services, service_account, data_dir)
         _keep_config_private(config_file, data_dir, service_account)
-    services += managed_services(platform, data_dir, token_for)
+    services += managed_services(platform, config_file, token_for)
     services.append({"name": CLI_SERVICE, "api_token": token_for(CLI_SERVICE)})
     subscribers = [JOBS_SERVICE] * platform.jobs_service + list(platform.event_subscribers)
     j.services = services
@@ -226,9 +268,7 @@ def configure(c, config_file: Path | None = None) -> None:
                 "services": [INFER_SERVICE],
             }
         )
-    missing = [n for n in subscribers if n not in by_name]
-    if missing:
-        raise ConfigError(f"Platform.event_subscribers: no service named {', '.join(missing)}")
+    _check_subscribers(subscribers, by_name)
     c.UserEventsMixin.events_url = f"sqlite:///{hub_dir / 'events.sqlite'}"
     c.UserEventsMixin.event_subscribers = [
         {"name": n, "url": by_name[n]["url"].rstrip("/") + f"/services/{n}/events", "token": by_name[n]["api_token"]}

@@ -1,14 +1,20 @@
-"""The one ``write_error`` of every gpulab REST API, and the JSON plumbing its handlers share.
+"""The one ``write_error`` of every gpulab REST API, the JSON plumbing its handlers share, and the base of every
+hub service's handlers.
 
 :class:`JSONAPIMixin` goes first among a handler's bases (before tornado's, JupyterHub's or jupyter_server's
-``RequestHandler``), so that its ``write_error`` is the one that answers.
+``RequestHandler``), so that its ``write_error`` is the one that answers. A hub service's handlers derive from
+:class:`ServiceHandler` (bounded bodies, a span and a metric per request) and, where hub users call them,
+:class:`HubUserHandler` (the hub's token or cookie, one scope, 401 and 403 answered alike everywhere).
 """
 
 import json
 
+from jupyterhub.services.auth import HubOAuthenticated, check_scopes
+from prometheus_client import Histogram
 from pydantic import BaseModel, ValidationError
 from tornado import web
 
+from .. import scopes, tracing
 from . import http_methods
 from .errors import APIError, error_body, reason_code
 
@@ -87,3 +93,63 @@ class JSONAPIMixin:
             raise APIError(
                 422, f"{field}: {message}" if field else message, field=field or None, code="invalid"
             ) from None
+
+
+def too_large(length: int, limit: int) -> str:
+    """The 413's message for a body of ``length`` bytes."""
+    return f"request body is {length} bytes; the limit is {limit}"
+
+
+class ServiceHandler(JSONAPIMixin, web.RequestHandler):
+    """A hub service's REST handler: a body over ``max_body`` is a 413, each request a span of ``log_name``'s
+    tracer and, where the service keeps one, an observation of ``requests_metric`` (a histogram labelled method,
+    handler, status)."""
+
+    max_body = 64 * 1024
+    requests_metric: Histogram | None = None
+
+    def prepare(self):
+        length = int(self.request.headers.get("Content-Length") or len(self.request.body or b""))
+        if length > self.max_body:
+            raise APIError(413, too_large(length, self.max_body), code="too_large")
+        self._span = tracing.tracer(self.log_name).start_span(
+            f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers)
+        )
+
+    def on_finish(self):
+        if self.requests_metric is not None:
+            handler = type(self).__name__.removesuffix("Handler")
+            status = str(self.get_status())
+            self.requests_metric.labels(self.request.method, handler, status).observe(self.request.request_time())
+        if getattr(self, "_span", None) is not None:
+            self._span.set_attribute("http.status_code", self.get_status())
+            self._span.end()
+
+
+class HubUserHandler(HubOAuthenticated, ServiceHandler):
+    """A request from a hub user (``Authorization: token <hub token>`` or the service's OAuth cookie) holding
+    ``required_scope``; the service's ``HubOAuth`` (``JUPYTERHUB_*``) looks the credential up."""
+
+    required_scope: str = ""
+
+    def prepare(self):
+        super().prepare()
+        if self.current_user is None:
+            raise APIError(
+                401, "authentication required: send 'Authorization: token <hub token>'", code="unauthenticated"
+            )
+        if self.required_scope and not self.has(self.required_scope):
+            raise APIError(
+                403, f"this needs the {self.required_scope} scope, which {self.user_name} lacks", code="forbidden"
+            )
+
+    @property
+    def user_name(self) -> str:
+        return self.current_user["name"]
+
+    def has(self, scope: str) -> bool:
+        return bool(check_scopes([scope], set(self.current_user.get("scopes", ()))))
+
+    @property
+    def is_admin(self) -> bool:
+        return self.has(scopes.ADMIN)

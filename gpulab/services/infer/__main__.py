@@ -1,10 +1,3 @@
-import asyncio
-import sys
+from .app import InferApp
 
-from ...errors import ConfigError
-from .app import main
-
-try:
-    asyncio.run(main())
-except ConfigError as e:
-    sys.exit(f"gpulab-infer: {e}")
+InferApp.launch_instance()

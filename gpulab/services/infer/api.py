@@ -5,13 +5,10 @@ gateway); reading needs ``custom:gpulab:infer``, deploying and deleting ``custom
 gateway's per-model allow-lists apply. Errors are ``{"error": {"code", "message", "field"}}``.
 """
 
-from tornado import web
-
-from ... import tracing
 from ...scopes import DEPLOY, INFER
 from ...service.errors import APIError, error_code, http_status
-from ...service.handlers import JSONAPIMixin
-from .deployments import DeployError, Deployments
+from ...service.handlers import ServiceHandler
+from .deployments import Deployments
 from .gateway import Gateway, GatewayError
 
 MAX_BODY = 64 * 1024
@@ -22,20 +19,18 @@ def refusal(e: GatewayError) -> APIError:
     return APIError(http_status(e.code), e.message, code=error_code(e.code))
 
 
-class Handler(JSONAPIMixin, web.RequestHandler):
-    """Authenticated, scope-checked, traced; the gateway's refusals answer as the gRPC side's, as JSON errors."""
+class Handler(ServiceHandler):
+    """Authenticated with the gateway's cached token lookups (the gRPC side's), scope-checked; the gateway's
+    refusals answer as the gRPC side's, as JSON errors."""
 
     log_name = "gpulab-infer"
+    max_body = MAX_BODY
 
     def initialize(self, gateway: Gateway, deployments: Deployments, default_backend: str):
         self.gateway, self.deployments, self.default_backend = gateway, deployments, default_backend
 
     async def prepare(self):
-        self._span = tracing.tracer("gpulab.services.infer").start_span(
-            f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers)
-        )
-        if len(self.request.body or b"") > MAX_BODY:
-            raise DeployError(413, f"request body over {MAX_BODY} bytes", code="too_large")
+        super().prepare()
         if "Authorization" not in self.request.headers:
             raise APIError(401, "send 'Authorization: token <hub token>'", code="unauthenticated")
         try:
@@ -48,11 +43,6 @@ class Handler(JSONAPIMixin, web.RequestHandler):
             self.gateway.authorize(self.who, INFER if self.request.method == "GET" else DEPLOY, model)
         except GatewayError as e:
             raise refusal(e) from None
-
-    def on_finish(self):
-        if getattr(self, "_span", None) is not None:
-            self._span.set_attribute("http.status_code", self.get_status())
-            self._span.end()
 
 
 class ModelsHandler(Handler):

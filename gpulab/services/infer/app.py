@@ -2,18 +2,14 @@
 
 Environment as for any hub-managed service (``JUPYTERHUB_API_URL``, where callers' tokens are looked
 up with the tokens themselves; ``JUPYTERHUB_SERVICE_URL``, where ``/metrics`` and the deploy API
-``<prefix>api/v1/models`` are served), ``GPULAB_INFER_ADDRESS`` (gRPC listen address),
-``GPULAB_INFER_REST_ADDRESS`` (KServe v2 REST listen address), ``GPULAB_TRITON_REPLICAS`` and
-``GPULAB_TRITON_HTTP_REPLICAS`` (their gRPC and HTTP endpoints), ``GPULAB_TRITON_KEY`` (the restricted-protocol key
-of Tritons on TCP ports; the embedded Triton, on unix sockets, needs none),
-``GPULAB_MODEL_REPOSITORY`` (the embedded Triton's model repository) and ``GPULAB_MLFLOW_URL`` (MLflow's
-internal URL), each overridden by ``c.InferenceGateway`` in ``gpulab_config.py``.
+``<prefix>api/v1/models`` are served); settings from ``c.InferenceGateway`` (:mod:`.config`), where the hub
+fills in what the admin left unset: the gRPC and REST addresses, the embedded Triton's sockets and model
+repository (or the key of the admin's Tritons on TCP ports) and the platform MLflow's internal URL.
 """
 
 import asyncio
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,13 +19,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from ...config import load_config
 from ...errors import ConfigError
 from ...inference.triton import GRPC_KEY_PREFIX
+from ...service.app import HubEnvironment, ServiceApp
 from ...service.errors import http_status
-from ...service.logs import setup_logging
 from ...service.supervisor import ChildFailed, Supervisor
-from ...tracing import setup_tracing
 from . import api, rest
 from .auth import HubTokenAuth
 from .config import InferenceGateway
@@ -82,9 +76,8 @@ class MetricsHandler(web.RequestHandler):
         return None
 
 
-def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
+def build(conf: InferenceGateway, api_url: str) -> Gateway:
     """The configured gateway (not yet serving)."""
-    conf = InferenceGateway(config=cfg)
     if not conf.replicas:
         raise ConfigError("InferenceGateway.replicas: no Triton replica configured")
     conf.check_http_replicas()
@@ -103,13 +96,31 @@ def build(cfg, api_url: str) -> tuple[InferenceGateway, Gateway]:
         os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
     records = ModelRecords(Path(conf.model_repository) if conf.model_repository else None)
-    return conf, Gateway(pool, auth, conf.model_allow, trace_all=trace_all, records=records)
+    return Gateway(pool, auth, conf.model_allow, trace_all=trace_all, records=records)
 
 
-async def main() -> None:
-    setup_logging()
-    setup_tracing("gpulab-infer")
-    conf, gateway = build(load_config(), os.environ["JUPYTERHUB_API_URL"])
+class InferApp(ServiceApp):
+    """``python -m gpulab.services.infer``: one process of the gateway (the first, which the hub starts, or an
+    extra one the first starts)."""
+
+    name = "gpulab-infer"
+    description = "The inference gateway in front of Triton."
+    classes = [InferenceGateway]
+
+    def initialize(self, argv=None) -> None:
+        super().initialize(argv)
+        self.hub.require("api_url")
+        self.conf = InferenceGateway(parent=self)
+        if self.conf.platform_mlflow and not self.conf.mlflow_token:  # it takes hub tokens: this service's own
+            self.conf.mlflow_token = self.hub.api_token
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        await serve(self.conf, build(self.conf, self.hub.api_url), self.hub, stopping)
+
+
+async def serve(conf: InferenceGateway, gateway: Gateway, hub: HubEnvironment, stop: asyncio.Event) -> None:
+    """Serve gRPC (and REST) until ``stop`` is set; the first process also the HTTP API (at ``hub``'s service
+    URL), nginx or the extra processes."""
     index = process_index()
     # with nginx in front, the Python gateway serves plaintext on unix sockets only nginx reaches, and nginx holds
     # the address (and TLS)
@@ -141,10 +152,6 @@ async def main() -> None:
         except OSError as e:
             raise ConfigError(f"InferenceGateway.rest_address: cannot listen on {conf.rest_address}: {e}") from None
     gateway.pool.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     tasks, sources, cleanups = [], [], []  # sources: metrics merged into /metrics
     supervisor = Supervisor(log)
     if index:  # an extra process: gRPC, and metrics for the first process to merge
@@ -169,7 +176,7 @@ async def main() -> None:
                 await supervisor.start(child)
             sources.append(workers.metrics)
         tasks.append(asyncio.create_task(supervisor.run()))
-        serve_http(conf, gateway, sources)
+        serve_http(conf, gateway, sources, hub)
     tls = " (TLS)" if conf.tls_cert_file else ""
     if nginx:
         which = f" (nginx data plane, {conf.processes} worker{'s' * (conf.processes > 1)}; Python on {address})"
@@ -187,13 +194,12 @@ async def main() -> None:
     await gateway.pool.close()
 
 
-def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
-    """The first process's HTTP side at $JUPYTERHUB_SERVICE_URL: /metrics (merged with ``sources``) and the
-    deploy API."""
-    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL")
-    if not service_url:
+def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list, hub: HubEnvironment) -> None:
+    """The first process's HTTP side at the hub's service URL (none: not served): /metrics (merged with
+    ``sources``) and the deploy API."""
+    if not hub.service_url:
         return
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-infer/")
+    prefix = hub.prefix
     deployments = Deployments(
         conf.model_repository,
         gateway.pool,
@@ -210,5 +216,5 @@ def serve_http(conf: InferenceGateway, gateway: Gateway, sources: list) -> None:
         registry=gateway.metrics.registry,
         sources=sources,
     )
-    url = urlsplit(service_url)
+    url = urlsplit(hub.service_url)
     app.listen(url.port, url.hostname or "127.0.0.1")

@@ -1,17 +1,16 @@
 """``c.InferenceGateway``: the settings of ``gpulab-infer``, a module of their own so that the hub and
 ``gpulab config`` read (and check) them without the gateway's processes.
 
-Each falls back to what the hub passes the service in its environment (``GPULAB_INFER_ADDRESS``,
-``GPULAB_TRITON_REPLICAS``, ...: the module docstring of :mod:`.app` lists them).
+The hub fills in, for the service it starts, the ones the admin left unset: addresses on free ports, the embedded
+Triton's sockets and repository, the platform MLflow's URL (:func:`gpulab.hub_config.services.inference_services`).
 """
 
-import os
 import shutil
 import ssl
 from pathlib import Path
 
 import grpc
-from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode
 from traitlets.config import Configurable
 
 from ...errors import ConfigError
@@ -22,20 +21,19 @@ from ...secrets import read_secret_file
 class InferenceGateway(Configurable):
     """``c.InferenceGateway.*``: where the gateway listens and which Triton replicas it serves."""
 
-    address = Unicode(help="gRPC listen address host:port (default $GPULAB_INFER_ADDRESS).").tag(config=True)
+    address = Unicode("127.0.0.1:8101", help="gRPC listen address host:port (gpulab up: a free port).").tag(config=True)
     replicas = List(
         Unicode(),
-        help="Triton gRPC endpoints, host:port or unix:<path> (default: $GPULAB_TRITON_REPLICAS, comma-separated).",
+        help="Triton gRPC endpoints, host:port or unix:<path> (gpulab up: the embedded Triton's, unless set).",
     ).tag(config=True)
     rest_address = Unicode(
-        help="KServe v2 REST listen address host:port (default $GPULAB_INFER_REST_ADDRESS; "
-        "empty: no REST port). Needs http_replicas."
+        help="KServe v2 REST listen address host:port (empty: no REST port; gpulab up: a free port where "
+        "http_replicas are known). Needs http_replicas."
     ).tag(config=True)
     http_replicas = List(
         Unicode(),
-        help="The replicas' Triton HTTP endpoints, host:port or unix:<path>, in the "
-        "order of replicas "
-        "(default: $GPULAB_TRITON_HTTP_REPLICAS, comma-separated).",
+        help="The replicas' Triton HTTP endpoints, host:port or unix:<path>, in the order of replicas "
+        "(gpulab up: the embedded Triton's, unless replicas are set).",
     ).tag(config=True)
     restricted_header = Unicode(
         "gpulab-triton-key",
@@ -43,8 +41,8 @@ class InferenceGateway(Configurable):
         "'triton-grpc-protocol-' prefix), as TritonServer.restricted_header.",
     ).tag(config=True)
     restricted_key = Unicode(
-        help="Its secret value (default $GPULAB_TRITON_KEY), sent to every replica: needed by "
-        "Tritons on TCP ports, which any local account can reach."
+        help="Its secret value, sent to every replica: needed by Tritons on TCP ports, which any local account "
+        "can reach (gpulab up: one of its own secrets, where replicas are set)."
     ).tag(config=True)
     model_allow = Dict(
         value_trait=List(Unicode()),
@@ -59,12 +57,17 @@ class InferenceGateway(Configurable):
     failure_threshold = Integer(3, help="Consecutive failures that open a replica's circuit.").tag(config=True)
     recovery_timeout = Float(5.0, help="Seconds an open circuit waits before a probe.").tag(config=True)
     model_repository = Unicode(
-        help="Model repository deploys write to, shared with every replica (default "
-        "$GPULAB_MODEL_REPOSITORY: the embedded Triton's; unset: deploying is refused)."
+        help="Model repository deploys write to, shared with every replica (gpulab up: the embedded "
+        "Triton's; unset: deploying is refused)."
     ).tag(config=True)
-    mlflow_url = Unicode(help="MLflow tracking URL models are fetched from (default $GPULAB_MLFLOW_URL).").tag(
+    mlflow_url = Unicode(help="MLflow tracking URL models are fetched from (gpulab up: the platform's MLflow).").tag(
         config=True
     )
+    platform_mlflow = Bool(
+        False,
+        help="Whether mlflow_url is the platform's MLflow service, which takes hub tokens and knows gpulab's "
+        "users: models are then fetched for the caller, with this service's hub token (set by gpulab up).",
+    ).tag(config=True)
     mlflow_token = Unicode(
         help="MLFLOW_TRACKING_TOKEN sent to mlflow_url (default: this service's hub token, "
         "where mlflow_url is the platform's MLflow, which takes hub tokens)."
@@ -150,40 +153,3 @@ class InferenceGateway(Configurable):
             raise ConfigError(f"InferenceGateway.tls_cert_file: cannot read {self.tls_cert_file}: {e}") from None
         key = read_secret_file(self.tls_key_file, "InferenceGateway.tls_key_file").reveal()
         return grpc.ssl_server_credentials([((key + "\n").encode(), chain)])
-
-    @default("address")
-    def _default_address(self):
-        return os.environ.get("GPULAB_INFER_ADDRESS", "127.0.0.1:8101")
-
-    @default("rest_address")
-    def _default_rest_address(self):
-        return os.environ.get("GPULAB_INFER_REST_ADDRESS", "")
-
-    @default("replicas")
-    def _default_replicas(self):
-        return [r for r in os.environ.get("GPULAB_TRITON_REPLICAS", "").split(",") if r]
-
-    @default("http_replicas")
-    def _default_http_replicas(self):
-        return [r for r in os.environ.get("GPULAB_TRITON_HTTP_REPLICAS", "").split(",") if r]
-
-    @default("restricted_key")
-    def _default_key(self):
-        return os.environ.get("GPULAB_TRITON_KEY", "")
-
-    @default("model_repository")
-    def _default_repository(self):
-        return os.environ.get("GPULAB_MODEL_REPOSITORY", "")
-
-    @default("mlflow_url")
-    def _default_mlflow(self):
-        return os.environ.get("GPULAB_MLFLOW_URL", "")
-
-    @default("mlflow_token")
-    def _default_mlflow_token(self):
-        return os.environ.get("JUPYTERHUB_API_TOKEN", "") if self.platform_mlflow else ""
-
-    @property
-    def platform_mlflow(self) -> bool:
-        """Whether models come from the platform's MLflow, which takes hub tokens and knows gpulab's users."""
-        return bool(self.mlflow_url) and self.mlflow_url == os.environ.get("GPULAB_MLFLOW_URL")

@@ -178,7 +178,9 @@ class Deployments:
         repo = self._repo()
         if not self.mlflow_url:
             raise DeployError(
-                409, "this platform has no MLflow to deploy from (GPULAB_MLFLOW_URL is not set)", code="no_mlflow"
+                409,
+                "this platform has no MLflow to deploy from (InferenceGateway.mlflow_url is not set)",
+                code="no_mlflow",
             )
         async with self._locks[name]:
             self._check_owner(who, name)

@@ -1,3 +1,3 @@
-from .app import run
+from .app import JobsApp
 
-run()
+JobsApp.launch_instance()

@@ -2,9 +2,10 @@
 
 Configured like any hub-managed service (``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_SERVICE_PREFIX``,
 ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``) plus ``gpulab_config.py`` (``c.JobQueue``,
-``c.JobStore``, executor settings, ``c.Attestation``). The attestation service, and with it the NRAS
-API key (``c.Attestation.api_key_file`` or ``$GPULAB_NRAS_API_KEY`` in this service's environment),
-lives here and never in users' servers.
+``c.JobStore``, executor settings, ``c.Attestation``), read once by :class:`JobsApp`; the hub adds where the
+platform's MLflow is (``c.JobQueue.mlflow_tracking_uri``, unless set) in ``$GPULAB_CONFIG_OVERRIDES``. The
+attestation service, and with it the NRAS API key (``c.Attestation.api_key_file`` or ``$GPULAB_NRAS_API_KEY``
+in this service's environment), lives here and never in users' servers.
 
 Under isolation 'accounts' it starts as root (the hub's account), splits off the small root launcher
 that starts jobs as their owners' accounts (:mod:`.executors.launcher`) and runs as the service account
@@ -15,30 +16,26 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import httputil, web
 
 from ... import accounts
 from ...attestation import AttestationService
 from ...attestation.nras import ENV_VAR as NRAS_KEY_VAR
-from ...config import instances, load_config
 from ...errors import ConfigError
 from ...events.subscriber import AppliedEvents, UserEventsHandler
 from ...secrets import read_secret_file
+from ...service.app import ServiceApp
 from ...service.errors import APIError, error_body
-from ...service.logs import setup_logging
-from ...tracing import setup_tracing
+from ...service.handlers import too_large
 from . import attestation_api, handlers, openapi
 from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
+from .executors.ray import RayExecutor
 from .handlers import BaseHandler
 from .metrics import LOOP_LAG, MetricsHandler
-from .models import MAX_BODY, too_large
+from .models import MAX_BODY
 from .queue import JobQueue
 from .store import JobStore
 
@@ -83,7 +80,7 @@ class DropLargeBodies(httputil.HTTPMessageDelegate):
     def finish(self):
         if self.length is None:
             return self.delegate.finish()
-        body = json.dumps(error_body("too_large", too_large(self.length))).encode()
+        body = json.dumps(error_body("too_large", too_large(self.length, MAX_BODY))).encode()
         self.connection.write_headers(
             httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large"),
             httputil.HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(body))}),
@@ -108,113 +105,99 @@ def api_handlers(prefix: str) -> list:
     return [(api + path, handler) for path, handler in handlers.default_handlers + attestation_api.default_handlers]
 
 
-def make_app(queue: JobQueue, prefix: str, events: AppliedEvents, service_token: str) -> web.Application:
-    """The tornado application serving the API under ``prefix``."""
-
-    def apply_event(event: dict, _session) -> None:
-        if event["type"] == "user.deleted":
-            queue.cancel_all_of(event["user"], reason=f"user {event['user']} was deleted")
-
-    routes = api_handlers(prefix) + [
-        (prefix + "oauth_callback", HubOAuthCallbackHandler),
-        (prefix + "metrics", MetricsHandler),
-        (prefix + "events", UserEventsHandler, {"token": service_token, "applied": events, "apply": apply_event}),
-    ]
-    return BoundedApplication(
-        routes,
-        queue=queue,
-        attestation=queue.attestation,  # the handlers' own, beside the queue (which gates jobs on node states)
-        openapi=openapi.load(),
-        cookie_secret=os.urandom(32),
-        default_handler_class=NotFoundHandler,
-    )
-
-
-def split_off_launcher(cfg) -> tuple[LauncherClient | None, str | None]:
-    """Under isolation 'accounts': the root launcher started, and this process the service account for good
-    (``<data dir>/jobs/`` given to it first, with what an earlier run as root left there; what users' accounts
-    own in it stays theirs), and the NRAS key file it read first; (None, None) otherwise. Blocking, before any
-    thread or event loop."""
-    platform = instances(cfg)["Platform"]
-    if accounts.isolation_mode(platform) != "accounts":
-        return None, None
-    if key_file := cfg.Attestation.get("api_key_file"):  # may be root's alone (0600): read it while root
-        os.environ[NRAS_KEY_VAR] = read_secret_file(key_file, "Attestation.api_key_file").reveal()
-        cfg.Attestation.api_key_file = ""
-    policy = accounts.AccountPolicy.from_platform(platform)
-    service = accounts.ensure_service_account(policy)
-    jobs_dir = Path(platform.data_dir).expanduser() / "jobs"
-    accounts.hand_over(jobs_dir, service, mode=JOBS_DIR_MODE, from_root_only=True)
-    state_dir = cfg.LocalExecutor.get("state_dir") or str(jobs_dir / ".local-executor")
-    return split_privileges(state_dir, policy, service), key_file or None
-
-
-def build_queue(cfg, service_url: str, prefix: str, launcher: LauncherClient | None = None) -> JobQueue:
-    """The queue and store from ``gpulab_config.py``, with platform defaults filled in."""
-    platform = instances(cfg)["Platform"]
-    data_dir = Path(platform.data_dir).expanduser()
-    jobs_dir = data_dir / "jobs"
-    jobs_dir.mkdir(parents=True, exist_ok=True, mode=JOBS_DIR_MODE)
-    jobs_dir.chmod(JOBS_DIR_MODE)
-    url = cfg.JobStore.get("url") or f"sqlite:///{data_dir / 'jobs' / 'jobs.sqlite'}"
-    store = JobStore(config=cfg, url=url)
-    queue = JobQueue(config=cfg, store=store, data_dir=str(data_dir))
-    if isinstance(queue.executor, LocalExecutor) and launcher is not None:
-        queue.executor.launcher = launcher
-    if not queue.jobs_api_url:
-        queue.jobs_api_url = service_url.rstrip("/") + prefix + "api/v1"
-    if not queue.mlflow_tracking_uri and os.environ.get("GPULAB_MLFLOW_URL"):
-        queue.mlflow_tracking_uri = os.environ["GPULAB_MLFLOW_URL"]
-        queue.mlflow_job_token = True  # the platform's MLflow: jobs log with their own token
-    return queue
-
-
-def build_attestation(cfg, source: str | None = None) -> AttestationService:
-    """The attestation service from ``c.Attestation``; logs where the NRAS API key came from (never the key):
-    ``source``, the key file read before leaving root, else the service's own setting."""
-    service = AttestationService.from_config(cfg)
-    key = service.nras.api_key
-    log.info("attestation: %s", f"NRAS API key from {source or key.source}" if key else "no NRAS API key configured")
-    return service
-
-
-def run() -> None:
+class JobsApp(ServiceApp):
     """``python -m gpulab.services.jobs``."""
-    setup_logging()
-    try:
-        cfg = load_config()
-        launcher, key_source = split_off_launcher(cfg)
-    except (ConfigError, accounts.AccountError) as e:
-        sys.exit(f"gpulab-jobs: error: {e}")
-    try:
-        asyncio.run(main(cfg, launcher, key_source))
-    finally:
-        if launcher is not None:
-            launcher.close()
 
+    name = "gpulab-jobs"
+    description = "The hub-managed training job service."
+    classes = [JobStore, JobQueue, LocalExecutor, RayExecutor]
 
-async def main(cfg, launcher: LauncherClient | None = None, key_source: str | None = None) -> None:
-    setup_tracing("gpulab-jobs")
-    service_url = os.environ["JUPYTERHUB_SERVICE_URL"]
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpulab-jobs/")
-    token = os.environ["JUPYTERHUB_API_TOKEN"]
-    HubOAuth.instance(api_token=token, cache_max_age=60)
-    try:
-        queue = build_queue(cfg, service_url, prefix, launcher)
-        queue.attestation = build_attestation(cfg, key_source)
-    except ConfigError as e:
-        sys.exit(f"gpulab-jobs: error: {e}")
-    app = make_app(queue, prefix, AppliedEvents(queue.store.url), token)
-    address = urlsplit(service_url)
-    server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=READ_BODIES)
-    await queue.start()
-    lag = asyncio.create_task(LOOP_LAG.run())
+    def initialize(self, argv=None) -> None:
+        super().initialize(argv)
+        self.hub.require("service_url", "api_token")
+        self.launcher, self.key_source = self.split_off_launcher()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    lag.cancel()
-    server.stop()
-    await queue.stop()  # running jobs keep running; the next start re-attaches them
+    def split_off_launcher(self) -> tuple[LauncherClient | None, str | None]:
+        """Under isolation 'accounts': the root launcher started, and this process the service account for good
+        (``<data dir>/jobs/`` given to it first, with what an earlier run as root left there; what users' accounts
+        own in it stays theirs), and the NRAS key file it read first; (None, None) otherwise. Blocking, before any
+        thread or event loop."""
+        if accounts.isolation_mode(self.platform) != "accounts":
+            return None, None
+        attestation = self.config.Attestation
+        if key_file := attestation.get("api_key_file"):  # may be root's alone (0600): read it while root
+            os.environ[NRAS_KEY_VAR] = read_secret_file(key_file, "Attestation.api_key_file").reveal()
+            attestation.api_key_file = ""
+        policy = accounts.AccountPolicy.from_platform(self.platform)
+        try:
+            service = accounts.ensure_service_account(policy)
+        except accounts.AccountError as e:
+            raise ConfigError(f"Platform.service_account: {e}") from None
+        jobs_dir = self.data_dir / "jobs"
+        accounts.hand_over(jobs_dir, service, mode=JOBS_DIR_MODE, from_root_only=True)
+        state_dir = self.config.LocalExecutor.get("state_dir") or str(jobs_dir / ".local-executor")
+        return split_privileges(state_dir, policy, service), key_file or None
+
+    def build_queue(self) -> JobQueue:
+        """The queue and store, with platform defaults filled in."""
+        jobs_dir = self.data_dir / "jobs"
+        jobs_dir.mkdir(parents=True, exist_ok=True, mode=JOBS_DIR_MODE)
+        jobs_dir.chmod(JOBS_DIR_MODE)
+        store = JobStore(parent=self, url=self.config.JobStore.get("url") or f"sqlite:///{jobs_dir / 'jobs.sqlite'}")
+        queue = JobQueue(parent=self, store=store, data_dir=str(self.data_dir))
+        if isinstance(queue.executor, LocalExecutor) and self.launcher is not None:
+            queue.executor.launcher = self.launcher
+        if not queue.jobs_api_url:
+            queue.jobs_api_url = self.hub.service_url.rstrip("/") + self.hub.prefix + "api/v1"
+        return queue
+
+    def build_attestation(self) -> AttestationService:
+        """The attestation service from ``c.Attestation``; logs where the NRAS API key came from (never the key):
+        the key file read before leaving root, else the service's own setting."""
+        service = AttestationService.from_config(self.config)
+        key = service.nras.api_key
+        source = self.key_source or (key.source if key else None)
+        log.info("attestation: %s", f"NRAS API key from {source}" if key else "no NRAS API key configured")
+        return service
+
+    def routes(self, queue: JobQueue) -> list:
+        """The API, the metrics and the hub's user events (a deleted user's jobs are cancelled)."""
+
+        def apply_event(event: dict, _session) -> None:
+            if event["type"] == "user.deleted":
+                queue.cancel_all_of(event["user"], reason=f"user {event['user']} was deleted")
+
+        events = {"token": self.hub.api_token, "applied": AppliedEvents(queue.store.url), "apply": apply_event}
+        prefix = self.hub.prefix
+        return [
+            *api_handlers(prefix),
+            (prefix + "metrics", MetricsHandler),
+            (prefix + "events", UserEventsHandler, events),
+        ]
+
+    def start(self) -> None:
+        try:
+            super().start()
+        finally:
+            if self.launcher is not None:
+                self.launcher.close()
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        queue = self.build_queue()
+        queue.attestation = self.build_attestation()
+        app = self.web_application(
+            self.routes(queue),
+            cls=BoundedApplication,
+            queue=queue,
+            attestation=queue.attestation,  # the handlers' own, beside the queue (which gates jobs on node states)
+            openapi=openapi.load(),
+            default_handler_class=NotFoundHandler,
+        )
+        address = urlsplit(self.hub.service_url)
+        server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=READ_BODIES)
+        await queue.start()
+        lag = asyncio.create_task(LOOP_LAG.run())
+        await stopping.wait()
+        lag.cancel()
+        server.stop()
+        await queue.stop()  # running jobs keep running; the next start re-attaches them

@@ -5,14 +5,14 @@ import json
 import math
 import time
 
-from jupyterhub.services.auth import HubOAuthenticated, check_scopes
+from jupyterhub.services.auth import check_scopes
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ... import scopes, tracing
+from ... import scopes
 from ...job_states import JOB_STATES, TERMINAL_STATES
 from ...service.errors import APIError
-from ...service.handlers import JSONAPIMixin
+from ...service.handlers import HubUserHandler, ServiceHandler
 from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
 from .models import (
@@ -23,7 +23,6 @@ from .models import (
     JobSpec,
     ProgressUpdate,
     TrackingUpdate,
-    too_large,
 )
 from .queue import ClaimRefused, SubmissionsLimited
 from .store import JobNotFound, JobStateError, QueueFull
@@ -31,10 +30,12 @@ from .store import JobNotFound, JobStateError, QueueFull
 MAX_LIST = 500
 
 
-class BaseHandler(JSONAPIMixin, web.RequestHandler):
-    """JSON bodies and errors (:class:`JSONAPIMixin`), body size cap, tracing, request metrics."""
+class BaseHandler(ServiceHandler):
+    """The job service's: its body cap, its request metrics, the queue."""
 
     log_name = "gpulab-jobs"
+    max_body = MAX_BODY
+    requests_metric = REQUESTS
 
     @property
     def queue(self):
@@ -44,21 +45,6 @@ class BaseHandler(JSONAPIMixin, web.RequestHandler):
     def store(self):
         return self.settings["queue"].store
 
-    def prepare(self):
-        length = int(self.request.headers.get("Content-Length") or len(self.request.body or b""))
-        if length > MAX_BODY:
-            raise APIError(413, too_large(length), code="too_large")
-        self._span = tracing.tracer("gpulab.jobs").start_span(
-            f"{self.request.method} {self.request.path}", context=tracing.extract(self.request.headers)
-        )
-
-    def on_finish(self):
-        handler = type(self).__name__.removesuffix("Handler")
-        REQUESTS.labels(self.request.method, handler, str(self.get_status())).observe(self.request.request_time())
-        if getattr(self, "_span", None) is not None:
-            self._span.set_attribute("http.status_code", self.get_status())
-            self._span.end()
-
     def flag(self, name: str) -> bool:
         """A boolean query parameter: true/1 or false/0 (absent: false); anything else is a 400 naming it."""
         value = self.get_argument(name, "false").lower()
@@ -67,32 +53,10 @@ class BaseHandler(JSONAPIMixin, web.RequestHandler):
         return value in ("1", "true")
 
 
-class UserHandler(HubOAuthenticated, BaseHandler):
-    """A request from a hub user (token header or browser cookie) with the gpulab scope ``required_scope``."""
+class UserHandler(HubUserHandler, BaseHandler):
+    """A request from a hub user with the gpulab scope ``required_scope``."""
 
     required_scope = scopes.JOBS
-
-    def prepare(self):
-        super().prepare()
-        if self.current_user is None:
-            raise APIError(
-                401, "authentication required: send 'Authorization: token <hub token>'", code="unauthenticated"
-            )
-        if not self.has(self.required_scope):
-            raise APIError(
-                403, f"this needs the {self.required_scope} scope, which {self.user_name} lacks", code="forbidden"
-            )
-
-    @property
-    def user_name(self) -> str:
-        return self.current_user["name"]
-
-    def has(self, scope: str) -> bool:
-        return bool(check_scopes([scope], set(self.current_user.get("scopes", ()))))
-
-    @property
-    def is_admin(self) -> bool:
-        return self.has(scopes.ADMIN)
 
     async def job(self, job_id: str):
         """The job, if the caller may see it (owner or admin); 404 otherwise."""

@@ -54,11 +54,6 @@ MAX_BODY = 1024 * 1024
 """Bytes of a request body gpulab-jobs takes (larger: 413); the server extension refuses larger ones itself."""
 
 
-def too_large(length: int) -> str:
-    """The 413's message for a body of ``length`` bytes."""
-    return f"request body is {length} bytes; the limit is {MAX_BODY}"
-
-
 Arg = Annotated[str, Field(min_length=1)]
 
 

@@ -20,7 +20,7 @@ from traitlets.config import LoggingConfigurable
 
 from gpulab import tracing
 from gpulab.attestation import AttestationService, NodeState
-from gpulab.data_dir import default_data_dir
+from gpulab.data_dir import configured_data_dir
 from gpulab.job_states import UNFINISHED_STATES
 from gpulab.ratelimit import TokenBuckets
 from gpulab.secrets import JOB_SECRET_ENV
@@ -127,7 +127,7 @@ class JobQueue(LoggingConfigurable):
         help="Give jobs MLFLOW_TRACKING_TOKEN=job:<id>:<job token>, which the platform's MLflow service checks "
         "with this service (gpulab sets it when mlflow_tracking_uri is the platform's; never for another server, "
         "which would learn the token).",
-    )
+    ).tag(config=True)
     jobs_api_url = Unicode(help="GPULAB_JOBS_URL given to jobs (this service's API, for the runner).").tag(config=True)
     wandb_env = Dict(
         value_trait=Unicode(),
@@ -153,7 +153,7 @@ class JobQueue(LoggingConfigurable):
 
     @default("data_dir")
     def _default_data_dir(self):
-        return str(default_data_dir())
+        return str(configured_data_dir(self.config))
 
     @validate("user_quota")
     def _check_user_quota(self, proposal):

@@ -1,24 +1,23 @@
 """MLflow tracking as a hub-managed service, behind hub auth: ``python -m gpulab.services.mlflow``.
 
-Runs ``mlflow server`` on the unix socket ``$GPULAB_MLFLOW_SOCKET`` (default ``run/mlflow.sock`` beside
-the artifacts), in a directory made 0700 so that only this service's account can connect (store
-``$GPULAB_MLFLOW_BACKEND_URI``, served artifacts in ``$GPULAB_MLFLOW_ARTIFACTS``, UI and API under
-``$JUPYTERHUB_SERVICE_PREFIX``), and a streaming reverse proxy to it on ``$JUPYTERHUB_SERVICE_URL``: the
-only way in. The proxy lets through only requests with a credential:
+Runs (:mod:`.app`) ``mlflow server`` on the unix socket ``c.MLflowService.socket``, in a directory made 0700 so
+that only this service's account can connect (store ``backend_store_uri``, served artifacts in
+``artifacts_destination``, UI and API under ``$JUPYTERHUB_SERVICE_PREFIX``), and a streaming reverse proxy to it on
+``$JUPYTERHUB_SERVICE_URL``: the only way in. The proxy lets through only requests with a credential:
 
 - hub-authenticated ones holding ``access:services!service=<name>``: a browser's OAuth cookie (login via
   the hub, callback at ``<prefix>oauth_callback``) or ``Authorization: token|bearer <hub token>`` (the
   MLflow client sends ``$MLFLOW_TRACKING_TOKEN`` that way);
 - a running job's own token, ``Authorization: bearer job:<job id>:<job token>`` (gpulab-jobs gives jobs
-  that as ``MLFLOW_TRACKING_TOKEN``), checked with gpulab-jobs at ``$GPULAB_JOBS_URL``; it stops working
+  that as ``MLFLOW_TRACKING_TOKEN``), checked with gpulab-jobs at ``c.MLflowService.jobs_api_url``; it stops working
   when the attempt ends (within :data:`JOB_TOKEN_TTL` seconds);
-- a delegate service (``$GPULAB_MLFLOW_DELEGATES``, default gpulab-infer) acting for a user,
+- a delegate service (``c.MLflowService.delegates``, default gpulab-infer) acting for a user,
   ``Authorization: bearer as:<user>:<admin 0|1>:<the service's hub token>`` (:mod:`.identity`).
 
 No credential is passed on to MLflow: it gets the caller's name instead (:mod:`.auth`), and decides with its
 own permissions (its basic-auth app, as ``--app-name gpulab``): an experiment or registered model is its
 creator's to change and delete, and readable by the creator's hub groups, by everyone else or by nobody
-(``$GPULAB_MLFLOW_SHARING``: ``c.Platform.mlflow_sharing``); admins may do anything.
+(``c.Platform.mlflow_sharing``); admins may do anything.
 
 Every client, users', jobs' and services', uses the tracking URI ``<service URL><prefix without trailing
 slash>`` (through the hub's proxy or straight to the service URL).
@@ -27,31 +26,22 @@ slash>`` (through the hub's proxy or straight to the service URL).
 import asyncio
 import hashlib
 import json
-import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import Resolver
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from ...errors import ConfigError
-from ...net import private_sockets
-from ...secrets import persistent_secret
 from ...service.errors import APIError
 from ...service.handlers import JSONAPIMixin
-from ...service.logs import setup_logging
-from ...service.supervisor import Child, Supervisor
 from .identity import (
     ADMIN_HEADER,
     ADMIN_USERNAME,
@@ -342,7 +332,7 @@ def auth_config(path: Path, database_uri: str, sharing: str) -> Path:
     """Write MLflow's auth config (``MLFLOW_AUTH_CONFIG_PATH``): permissions in ``database_uri``, identities
     from the proxy, others' access to what a user creates from ``sharing``."""
     if sharing not in SHARING:
-        raise ConfigError(f"GPULAB_MLFLOW_SHARING must be one of {', '.join(SHARING)}, not {sharing!r}")
+        raise ConfigError(f"Platform.mlflow_sharing must be one of {', '.join(SHARING)}, not {sharing!r}")
     path.write_text(f"""[mlflow]
 default_permission = {SHARING[sharing]}
 database_uri = {database_uri}
@@ -374,56 +364,3 @@ def make_app(sock: Path, prefix: str, jobs_url: str = "", delegates: frozenset =
         [(prefix + "oauth_callback", HubOAuthCallbackHandler), (r".*", ProxyHandler, proxy)],
         cookie_secret=secret,
     )
-
-
-def main() -> None:
-    env = os.environ
-    try:
-        backend_uri, artifacts = env["GPULAB_MLFLOW_BACKEND_URI"], env["GPULAB_MLFLOW_ARTIFACTS"]
-        listen = urlsplit(env["JUPYTERHUB_SERVICE_URL"])
-    except KeyError as missing:
-        sys.exit(f"gpulab.services.mlflow: {missing} is not set")
-    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/services/mlflow/")
-    sock = Path(env.get("GPULAB_MLFLOW_SOCKET") or Path(artifacts).parent / "run" / "mlflow.sock")
-    state = Path(artifacts).parent
-    try:
-        [sock] = private_sockets(sock.parent, [sock.name], "GPULAB_MLFLOW_SOCKET")
-        sharing = env.get("GPULAB_MLFLOW_SHARING", "group")
-        config = auth_config(
-            sock.parent / "auth.ini", env.get("GPULAB_MLFLOW_AUTH_DB") or f"sqlite:///{state / 'auth.sqlite'}", sharing
-        )
-    except ConfigError as e:
-        sys.exit(f"gpulab.services.mlflow: {e}")
-    mlflow_env = {k: v for k, v in env.items() if not k.startswith(("JUPYTERHUB_", "GPULAB_"))}
-    mlflow_env.update(
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        MLFLOW_AUTH_CONFIG_PATH=str(config),
-        GPULAB_MLFLOW_SHARING=sharing,
-        # MLflow's own admin, made on the first start; nobody signs in as it (the proxy never names it)
-        MLFLOW_AUTH_ADMIN_PASSWORD=persistent_secret(state / "auth-admin-password"),
-        MLFLOW_FLASK_SERVER_SECRET_KEY=persistent_secret(state / "flask-secret-key"),
-    )
-    delegates = frozenset(filter(None, env.get("GPULAB_MLFLOW_DELEGATES", "gpulab-infer").split(",")))
-    setup_logging()
-    mlflow = Child(
-        "mlflow server", lambda: subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, prefix), env=mlflow_env)
-    )
-    asyncio.run(serve(mlflow, lambda: make_app(sock, prefix, env.get("GPULAB_JOBS_URL", ""), delegates), listen))
-
-
-async def serve(mlflow: Child, make: Callable[[], web.Application], listen) -> None:
-    """The proxy (``make()``: its clients belong to this loop) on ``listen``, and ``mlflow server`` behind it,
-    kept running until SIGTERM or SIGINT; while MLflow starts or restarts the proxy answers 502."""
-    supervisor = Supervisor(logging.getLogger("gpulab.mlflow"))
-    await supervisor.start(mlflow)
-    server = HTTPServer(make(), max_body_size=MAX_BODY, xheaders=True)
-    server.listen(listen.port, listen.hostname)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    watch = asyncio.create_task(supervisor.run())
-    await stop.wait()
-    watch.cancel()
-    server.stop()
-    await supervisor.stop(timeout=20)

@@ -1,5 +1,5 @@
 """``python -m gpulab.services.mlflow``: see :mod:`gpulab.services.mlflow`."""
 
-from . import main
+from .app import MLflowApp
 
-main()
+MLflowApp.launch_instance()

@@ -26,7 +26,7 @@ import psutil
 from traitlets import Float, Integer, Unicode, default
 
 from gpulab import cgroups
-from gpulab.data_dir import default_data_dir
+from gpulab.data_dir import configured_data_dir
 from gpulab.gpus import list_gpus
 
 from .base import Executor, Handle, Launch, Outcome, PoolCapacity
@@ -105,7 +105,7 @@ class LocalExecutor(Executor):
 
     @default("state_dir")
     def _default_state_dir(self):
-        data_dir = getattr(self.parent, "data_dir", "") or default_data_dir()
+        data_dir = getattr(self.parent, "data_dir", "") or configured_data_dir(self.config)
         return str(Path(data_dir) / "jobs" / ".local-executor")
 
     def __init__(self, **kwargs):
