@@ -8,6 +8,7 @@ import pytest
 
 from gpulab.services.jobs.executors.base import PoolCapacity
 from gpulab.services.jobs.policy import BATCH, Ledger, Limits, Usage, blocker, gpu_ids, retry_delay, turn
+from gpulab.services.jobs.views import pool_views, quota_view
 
 T0 = datetime(2026, 12, 1, 12, 0)
 CAPACITY = {"default": PoolCapacity(gpus=2, cpus=4.0, memory=8 * 2**30), "cpu": PoolCapacity(gpus=0, cpus=1.0)}
@@ -130,3 +131,31 @@ def test_room_is_what_max_jobs_leaves_or_a_batch():
 def test_retries_back_off_doubling_to_the_cap_then_stop():
     assert [retry_delay(a, 5, 5.0, 30.0) for a in range(1, 7)] == [5.0, 10.0, 20.0, 30.0, 30.0, None]
     assert retry_delay(1, 0, 5.0, 30.0) is None
+
+
+# the API's views of the queue (views.py), from what the store reports
+
+
+def test_the_quota_view_shows_the_owners_limits_and_each_of_their_groups_with_a_quota():
+    active = [job("alice", gpus=1, groups=["ml"]), job("bob", gpus=2, groups=["ml", "cv"]), job("carol")]
+    quota = quota_view(
+        Usage(jobs=1, gpus=1),
+        {"max_jobs": 8, "max_gpus": None},
+        ["ml", "hr"],  # hr has no quota: not shown
+        {"ml": {"max_gpus": 4}, "cv": {"max_jobs": 1}},  # cv is not alice's
+        active,
+    )
+    assert quota.model_dump() == {
+        "limits": {"max_jobs": 8, "max_gpus": None},
+        "usage": {"jobs": 1, "gpus": 1},
+        "groups": {"ml": {"limits": {"max_jobs": None, "max_gpus": 4}, "usage": {"jobs": 2, "gpus": 3}}},
+    }
+
+
+def test_the_pool_view_lists_the_executors_pools_with_their_use_and_queue():
+    used = {"default": Usage(jobs=1, gpus=1, cpus=2.0), "gone": Usage(jobs=1, gpus=1)}  # a pool no longer offered
+    pools = [p.model_dump() for p in pool_views(CAPACITY, used, {"cpu": 3})]
+    assert pools == [
+        {"name": "cpu", "capacity": {"gpus": 0, "cpus": 1.0}, "used": {"gpus": 0, "cpus": 0.0}, "queued": 3},
+        {"name": "default", "capacity": {"gpus": 2, "cpus": 4.0}, "used": {"gpus": 1, "cpus": 2.0}, "queued": 0},
+    ]

@@ -26,11 +26,11 @@ from gpulab.ratelimit import TokenBuckets
 from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.storage import utcnow
 
-from . import policy
+from . import policy, views
 from .attempts import Attempts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome
 from .executors.local import handle_file
-from .models import Job, JobSpec, PoolResources, PoolStatus, Quota, QuotaLimits, QuotaStatus, QuotaUsage
+from .models import Job, JobSpec, PoolStatus, Quota
 from .policy import Ledger, Usage
 from .store import JobRow, JobStateError, JobStore, token_hash
 
@@ -335,36 +335,12 @@ class JobQueue(LoggingConfigurable):
         """Capacity, use and queue length per pool (raises ``ExecutorUnavailable``)."""
         capacity = await self.executor.capacity()
         used, queued = await self.store.db.run(lambda: (self.store.usage("pool"), self.store.queued_count()))
-        return [
-            PoolStatus(
-                name=name,
-                capacity=PoolResources(gpus=cap.gpus, cpus=cap.cpus),
-                used=PoolResources(gpus=used.get(name, Usage()).gpus, cpus=used.get(name, Usage()).cpus),
-                queued=queued.get(name, 0),
-            )
-            for name, cap in sorted(capacity.items())
-        ]
+        return views.pool_views(capacity, used, queued)
 
     async def quota(self, owner: str, groups: list[str]) -> Quota:
         """The owner's limits and usage, and those of each of ``groups`` with a quota."""
         usage, active = await self.store.db.run(lambda: (self.store.usage("owner"), self.store.active_jobs()))
-        mine = usage.get(owner, Usage())
-        group_status = {}
-        for group in sorted(set(groups) & set(self.group_quotas)):
-            rows = [r for r in active if group in r.groups]
-            group_status[group] = QuotaStatus(
-                limits=self._quota_limits(self.group_quotas[group]),
-                usage=QuotaUsage(jobs=len(rows), gpus=sum(r.gpus for r in rows)),
-            )
-        return Quota(
-            limits=self._quota_limits(self._limits().user),
-            usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus),
-            groups=group_status,
-        )
-
-    @staticmethod
-    def _quota_limits(quota: dict) -> QuotaLimits:
-        return QuotaLimits(max_jobs=quota.get("max_jobs"), max_gpus=quota.get("max_gpus"))
+        return views.quota_view(usage.get(owner, Usage()), self._limits().user, groups, self.group_quotas, active)
 
     # -- scheduling
 
