@@ -1,22 +1,43 @@
-import itertools
 import os
 import secrets
 from pathlib import Path
 
 import pytest
 
+from tests.support.gpulab_up import Platform
+from tests.support.net import next_loopback
+
 OUTPUT_DIR = Path(os.environ.get("GPULAB_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output"))
-
-
-_LOOPBACK = itertools.count()
 
 
 @pytest.fixture
 def loopback() -> str:
-    """A loopback address of this test's own (from 127.0.1.1 on, where no hand-written address lies): servers the
-    test starts bind there on free ports, so that two tests never meet on one address."""
-    n = next(_LOOPBACK)
-    return f"127.0.{1 + n // 254}.{1 + n % 254}"
+    """A loopback address of this test's own: servers the test starts bind there on free ports."""
+    return next_loopback()
+
+
+@pytest.fixture(scope="module")
+def gpulab_up(tmp_path_factory):
+    """A hub with this config, for this module's tests: ``gpulab_up(config, users={"alice": ["ml"]}, services=[...],
+    env={...})`` starts a real `gpulab up` (:class:`tests.support.gpulab_up.Platform`) on a loopback address of its
+    own, with ``env`` in its environment and ``users`` (name -> groups) made; returns it. Every platform started is
+    stopped by PID, its accounts removed, when the module ends (also when its start failed half-way)."""
+    started = []
+
+    def start(config: str = "", *, users: dict | None = None, services=(), env: dict | None = None, name="hub"):
+        hub = Platform(tmp_path_factory.mktemp(name) / "data", host=next_loopback())
+        started.append(hub)
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            hub.start(config, services=services)
+        for user, groups in (users or {}).items():
+            hub.create_user(user, groups=groups)
+        return hub
+
+    yield start
+    for hub in reversed(started):
+        hub.stop()
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from gpulab.services.jobs.openapi import SPEC_PATH
 from tests.support.attestation import NONCE_NOT_MATCHING, EatMinter, attestation_hub_config, served_minter
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
+from tests.support.net import next_loopback
 from tests.support.openapi import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +185,7 @@ def nras(minter):
 def hub(work, minter, nras):
     key_file = work / "nras-api-key"
     write_secret_file(key_file, PLATFORM_KEY)
-    hub = Platform(work / "data", host="127.0.0.21")
+    hub = Platform(work / "data", host=next_loopback())
     config = attestation_hub_config(work, minter, key_file, GATED_NODE, max_failures=50)
     hub.start(config + f'c.Attestation.nras_url = "{nras.url}"\nc.Login.admin_users = {{"carol"}}\n')
     hub.create_user("alice", groups=["ml"])

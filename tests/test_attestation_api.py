@@ -51,21 +51,14 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hub(work, minter):
+def hub(work, minter, gpulab_up):
     key_file = work / "nras-api-key"
     write_secret_file(key_file, FILE_KEY)
-    hub = Platform(work / "data", host="127.0.0.15")
     config = attestation_hub_config(work, minter, key_file, GATED_NODE, MAX_FAILURES)
     config += 'c.Login.admin_users = {"carol"}\n'
-    with pytest.MonkeyPatch.context() as env:  # the key in `gpulab up`'s environment too
-        env.setenv(NRAS_KEY_VAR, ENV_KEY)
-        hub.start(config)
-    hub.create_user("alice", groups=["ml"])
-    hub.create_user("mallory", groups=["ml"])  # a second ordinary user: the attacker
-    hub.create_user("trudy", groups=["ml"])  # another one, locked out by the lockout test
-    hub.create_user("carol")
-    yield hub
-    hub.stop()
+    # mallory: a second ordinary user, the attacker; trudy: another one, locked out by the lockout test
+    users = {"alice": ["ml"], "mallory": ["ml"], "trudy": ["ml"], "carol": []}
+    return gpulab_up(config, users=users, env={NRAS_KEY_VAR: ENV_KEY})  # the key in `gpulab up`'s environment too
 
 
 @pytest.fixture(scope="module")

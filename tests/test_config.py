@@ -11,6 +11,9 @@ from gpulab.config import effective_config, load_config
 from gpulab.errors import ConfigError
 from gpulab.net import free_port, private_sockets
 from gpulab.secrets import Secret, read_secret_file, write_secret_file
+from tests.support.net import next_loopback
+
+HOST = next_loopback()  # where `gpulab up` is asked to listen
 
 
 def run_gpulab(tmp_path, config: str, *args, env=None):
@@ -24,9 +27,9 @@ def run_gpulab(tmp_path, config: str, *args, env=None):
 
 
 def up(tmp_path, config: str, port: int | None = None, env=None):
-    port = port or free_port("127.0.0.6")
+    port = port or free_port(HOST)
     return run_gpulab(
-        tmp_path, config, "up", "--ip", "127.0.0.6", "--port", str(port), "--data-dir", str(tmp_path / "data"), env=env
+        tmp_path, config, "up", "--ip", HOST, "--port", str(port), "--data-dir", str(tmp_path / "data"), env=env
     )
 
 
@@ -85,11 +88,11 @@ def test_unknown_role_in_group_mapping(tmp_path):
 
 def test_port_in_use(tmp_path):
     with socket.socket() as sock:
-        sock.bind(("127.0.0.6", 0))
+        sock.bind((HOST, 0))
         sock.listen()
         port = sock.getsockname()[1]
         line = one_line_error(up(tmp_path, "", port=port))
-    assert f"127.0.0.6:{port} is already in use" in line
+    assert f"{HOST}:{port} is already in use" in line
 
 
 def test_broken_config_file(tmp_path):

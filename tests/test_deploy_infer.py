@@ -26,15 +26,15 @@ from gpulab.inference.kserve import HEADER_LENGTH
 from gpulab.inference.triton import write_onnx_model
 from gpulab.kernels.inference import InferenceClient, InferenceError
 from tests.support.browser import chromium_page, hub_login
-from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
+from tests.support.net import next_loopback
 from tests.support.openapi import Spec
 from tests.support.server_kernel import run_in_server_kernel
 from tests.support.triton import linear_onnx, triton_python
 
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).parent.parent
-HOST = "127.0.0.21"
+HOST = next_loopback()
 CONFIG = """
 c.Platform.inference_service = True
 c.Platform.jobs_service = False
@@ -47,15 +47,12 @@ SERVICE = Spec(ROOT / "gpulab" / "services" / "infer" / "openapi.yaml")
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(gpulab_up):
     triton_python()  # skips without the Triton venv
-    hub = Platform(tmp_path_factory.mktemp("deploy") / "data", host=HOST).start(CONFIG)
-    for user, groups in [("alice", ["deployers"]), ("bob", []), ("carol", ["deployers"])]:
-        hub.create_user(user, groups=groups)
+    hub = gpulab_up(CONFIG, users={"alice": ["deployers"], "bob": [], "carol": ["deployers"]})
     hub.tokens = {user: hub.token(user) for user in ("alice", "bob", "carol")}
     hub.gateway = hub.wait_for_inference(hub.tokens["alice"])
-    yield hub
-    hub.stop()
+    return hub
 
 
 @pytest.fixture(scope="module")

@@ -42,11 +42,12 @@ from gpulab.services.infer.auth import HubTokenAuth, InvalidToken
 from gpulab.services.infer.nginx import NginxDataPlane, serve_authorize
 from gpulab.services.infer.replicas import NoReplicaError, ReplicaPool
 from tests.support.gpulab_up import Platform
+from tests.support.net import next_loopback
 from tests.support.openapi import Spec
 from tests.support.tls import self_signed
 from tests.support.triton import crash, linear_onnx, perf_analyzer, start_tritons
 
-HOST = "127.0.0.20"
+HOST = next_loopback()
 PLANES = ("python", "nginx")
 REST_SPEC = Spec(Path(__file__).parent.parent / "gpulab" / "services" / "infer" / "rest-openapi.yaml")
 

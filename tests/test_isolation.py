@@ -27,6 +27,7 @@ from gpulab.services.jobs.executors import launcher
 from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 from tests.support.login import password_login
+from tests.support.net import next_loopback
 from tests.support.probe import parse, probe_source
 from tests.support.server_kernel import run_in_server_kernel
 
@@ -43,7 +44,7 @@ def hub(tmp_path_factory):
     for name, minor in (("nvidia0", 0), ("nvidiactl", 255)):
         os.mknod(nodes / name, stat.S_IFCHR, os.makedev(195, minor))
         (nodes / name).chmod(0o666)
-    hub = Platform(work / "data", host="127.0.0.24")
+    hub = Platform(work / "data", host=next_loopback())
     hub.gpu_nodes = nodes
     hub.start(
         "c.JobQueue.tick_interval = 0.2\nc.Login.lockout_seconds = 600\nc.Platform.inference_service = True\n"
@@ -220,7 +221,7 @@ def test_kernels_and_jobs_reach_nothing_of_other_users_or_the_platform(hub):
 
 
 def test_without_root_only_the_starting_user_signs_in_and_adding_users_is_refused(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("personal") / "data", host="127.0.0.25")
+    hub = Platform(tmp_path_factory.mktemp("personal") / "data", host=next_loopback())
     owner = f"{hub.account_prefix}owner"
     subprocess.run(["useradd", "--create-home", "--home-dir", str(hub.home_root / owner), owner], check=True)
     try:

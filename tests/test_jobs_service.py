@@ -15,7 +15,6 @@ import requests
 
 from gpulab.kernels.client import GpulabError, JobsClient
 from gpulab.services.jobs.openapi import SPEC_PATH
-from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 from tests.support.openapi import Spec
 
@@ -24,9 +23,7 @@ PY = "import sys, time; "
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    work = tmp_path_factory.mktemp("jobs")
-    hub = Platform(work / "data", host="127.0.0.7")
+def hub(gpulab_up):
     config = """
 c.Platform.mlflow_service = False
 c.Login.admin_users = {"carol"}
@@ -41,14 +38,7 @@ c.JobQueue.submit_rate = 0.5
 c.JobQueue.log_follow_recheck = 1
 c.JobQueue.log_follow_max = 10
 """
-    hub.start(config)
-    hub.create_user("alice", groups=["gpu"])
-    hub.create_user("bob")
-    hub.create_user("carol")
-    hub.create_user("dave")
-    hub.create_user("erin")
-    yield hub
-    hub.stop()
+    return gpulab_up(config, users={"alice": ["gpu"], "bob": [], "carol": [], "dave": [], "erin": []})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 import pytest
 import requests
 
-from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 
 TRAIN = """
@@ -31,14 +30,8 @@ print("trained")
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("tracking") / "data", host="127.0.0.12")
-    hub.start("c.JobQueue.tick_interval = 0.2\n")
-    hub.create_user("alice", groups=["vision"])
-    hub.create_user("bea", groups=["vision"])
-    hub.create_user("carl")
-    yield hub
-    hub.stop()
+def hub(gpulab_up):
+    return gpulab_up("c.JobQueue.tick_interval = 0.2\n", users={"alice": ["vision"], "bea": ["vision"], "carl": []})
 
 
 def test_training_job_is_tracked_in_mlflow_and_wandb(hub, monkeypatch):

@@ -22,12 +22,8 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("magics") / "data", host="127.0.0.8").start(CONFIG)
-    hub.create_user("kim")
-    hub.create_user("lee", groups=["gpu"])
-    yield hub
-    hub.stop()
+def hub(gpulab_up):
+    return gpulab_up(CONFIG, users={"kim": [], "lee": ["gpu"]})
 
 
 def user_env(hub: Platform, user: str) -> dict:

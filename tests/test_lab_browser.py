@@ -10,7 +10,6 @@ import pytest
 import requests
 
 from tests.support.browser import chromium_page, hub_login, new_notebook, run_cell
-from tests.support.gpulab_up import Platform
 
 pytestmark = pytest.mark.browser
 
@@ -25,11 +24,8 @@ CELL = "%%train --name browser-train\nimport gpulab, time; [gpulab.progress(i, 3
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("labext") / "data", host="127.0.0.16")
-    hub.start("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n")
-    yield hub
-    hub.stop()
+def hub(gpulab_up):
+    return gpulab_up("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n")
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0):

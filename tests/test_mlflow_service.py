@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from gpulab.config import OVERRIDES_ENV
 from tests.support.gpulab_up import Platform
 from tests.support.login import password_login
+from tests.support.net import next_loopback
 
 PREFIX = "/services/mlflow"
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
@@ -44,7 +45,7 @@ def hub(tmp_path_factory):
             )
         },
     }
-    platform = Platform(work / "data", host="127.0.0.11")
+    platform = Platform(work / "data", host=next_loopback())
     platform.start('c.Login.admin_users = {"admin", "carol"}', services=[service])
     try:
         for user, groups in [("alice", ["ml"]), ("bob", []), ("carol", []), ("dave", ["ml"])]:

@@ -1,7 +1,7 @@
 """Sign-in through a real OIDC provider, RBAC over the hub and /gpulab/api/v1, and user events.
 
-Real parts: the django-oauth-toolkit provider (127.0.0.2), `gpulab up` with JupyterHub and
-configurable-http-proxy (127.0.0.3), spawned JupyterLab servers, a hub-managed event subscriber.
+Real parts: the django-oauth-toolkit provider, `gpulab up` with JupyterHub and
+configurable-http-proxy (each on a loopback address of its own), spawned JupyterLab servers, a hub-managed event subscriber.
 """
 
 import json
@@ -16,6 +16,7 @@ import requests
 from gpulab.secrets import write_secret_file
 from tests.support.gpulab_up import Platform
 from tests.support.login import oidc_login
+from tests.support.net import next_loopback
 from tests.support.oidc import OIDCProvider
 from tests.support.openapi import Spec
 
@@ -36,8 +37,8 @@ PASSWORD = "correct horse battery"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("oidc")
-    hub = Platform(work / "data", host="127.0.0.3")
-    idp = OIDCProvider.start(work / "idp", host="127.0.0.2", redirect_uris=[f"{hub.url}/hub/oauth_callback"])
+    hub = Platform(work / "data", host=next_loopback())
+    idp = OIDCProvider.start(work / "idp", host=next_loopback(), redirect_uris=[f"{hub.url}/hub/oauth_callback"])
     for name, groups in USERS.items():
         idp.add_user(name, PASSWORD, groups)
     secret_file = work / "oidc-client-secret"

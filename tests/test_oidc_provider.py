@@ -87,7 +87,7 @@ def userinfo(idp: OIDCProvider, access_token: str) -> dict:
 
 def test_discovery(idp):
     doc = requests.get(idp.discovery_url).json()
-    assert doc["issuer"] == idp.issuer == f"http://127.0.0.2:{idp.port}/o"
+    assert doc["issuer"] == idp.issuer == f"http://{idp.host}:{idp.port}/o"
     assert doc["authorization_endpoint"] == f"{idp.issuer}/authorize/"
     assert doc["token_endpoint"] == f"{idp.issuer}/token/"
     assert doc["userinfo_endpoint"] == f"{idp.issuer}/userinfo/"

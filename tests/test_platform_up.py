@@ -12,11 +12,12 @@ import requests
 
 from tests.support.gpulab_up import Platform
 from tests.support.login import api_session_token, password_login, wait_for_lab
+from tests.support.net import next_loopback
 
 
 @pytest.fixture
 def platform(tmp_path):
-    p = Platform(tmp_path / "data", host="127.0.0.4").start("c.Platform.inference_service = True\n")
+    p = Platform(tmp_path / "data", host=next_loopback()).start("c.Platform.inference_service = True\n")
     yield p
     p.stop()
 
@@ -157,11 +158,11 @@ def running(platform, name: str) -> list[psutil.Process]:
 
 
 def test_second_start_reuses_password_without_printing_it(tmp_path):
-    first = Platform(tmp_path / "data", host="127.0.0.4").start()
+    first = Platform(tmp_path / "data", host=next_loopback()).start()
     first.stop()
     password = (first.data_dir / "secrets" / "admin-password").read_text().strip()
     first.log_path.unlink()
-    second = Platform(tmp_path / "data", host="127.0.0.4", admin_token=first.admin_token).start()
+    second = Platform(tmp_path / "data", host=next_loopback(), admin_token=first.admin_token).start()
     try:
         assert password not in second.log_path.read_text()
         password_login(second.url, "admin", password)

@@ -14,29 +14,21 @@ import pytest
 import requests
 from nbclient import NotebookClient
 
-from tests.support.gpulab_up import Platform
-
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("quickstart") / "data", host="127.0.0.10")
-    hub.start("c.JobQueue.tick_interval = 0.2\n")
-    try:
-        hub.create_user("nia")
-        hub.user_token = hub.token("nia")
-        deadline = time.monotonic() + 90
-        while (
-            requests.get(f"{hub.url}/services/mlflow/health", headers=auth(hub.user_token), timeout=10).status_code
-            != 200
-        ):
-            assert time.monotonic() < deadline, f"MLflow not up through the hub:\n{hub.log_tail()}"
-            time.sleep(0.5)
-        yield hub
-    finally:
-        hub.stop()
+def hub(gpulab_up):
+    hub = gpulab_up("c.JobQueue.tick_interval = 0.2\n", users={"nia": []})
+    hub.user_token = hub.token("nia")
+    deadline = time.monotonic() + 90
+    while (
+        requests.get(f"{hub.url}/services/mlflow/health", headers=auth(hub.user_token), timeout=10).status_code != 200
+    ):
+        assert time.monotonic() < deadline, f"MLflow not up through the hub:\n{hub.log_tail()}"
+        time.sleep(0.5)
+    return hub
 
 
 def auth(token: str) -> dict:

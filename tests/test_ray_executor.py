@@ -14,6 +14,7 @@ import requests
 from gpulab.net import free_port
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch
 from gpulab.services.jobs.executors.ray import RayExecutor
+from tests.support.net import next_loopback
 from tests.support.ray_cluster import GPU_RESOURCE, RayCluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -213,7 +214,7 @@ def test_gpu_job_through_the_platform_runs_on_the_gpu_node(cluster, tmp_path):
     from tests.support.gpulab_up import Platform
     from tests.support.jobs import Client
 
-    hub = Platform(tmp_path / "data", host="127.0.0.13")
+    hub = Platform(tmp_path / "data", host=next_loopback())
     hub.start(f"""
 c.Platform.mlflow_service = False
 c.Roles.everyone = ["gpulab-user", "gpulab-gpu"]

@@ -12,7 +12,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gpulab.kernels.client import GpulabError, JobsClient, NotConfigured, default_client, job_spec
 from gpulab.kernels.widgets import JobList, Launcher, Monitor
 from gpulab.tracing import setup_tracing
-from tests.support.gpulab_up import Platform
 
 CONFIG = """
 c.Platform.mlflow_service = False
@@ -29,13 +28,10 @@ PROGRESS_JOB = (
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    hub = Platform(tmp_path_factory.mktemp("widgets") / "data", host="127.0.0.9").start(CONFIG)
-    hub.create_user("gia", groups=["gpu"])
-    hub.create_user("hal")
+def hub(gpulab_up):
+    hub = gpulab_up(CONFIG, users={"gia": ["gpu"], "hal": []})
     hub.tokens = {user: hub.token(user) for user in ("gia", "hal")}
-    yield hub
-    hub.stop()
+    return hub
 
 
 @pytest.fixture

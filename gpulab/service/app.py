@@ -20,7 +20,7 @@ from pathlib import Path
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 from traitlets import Instance, Unicode, default
-from traitlets.config import Application, Config, Configurable
+from traitlets.config import Application, Config
 
 from ..config import CONFIGURABLES, OVERRIDES_ENV, Platform, check_settings, config_path, load_config
 from ..errors import ConfigError
@@ -94,10 +94,6 @@ class ServiceApp(Application):
     @property
     def data_dir(self) -> Path:
         return Path(self.platform.data_dir).expanduser()
-
-    def build(self, cls: type[Configurable], **kwargs) -> Configurable:
-        """An instance of one of ``classes`` with this process's config; its own errors become ConfigErrors."""
-        return cls(parent=self, **kwargs)
 
     def web_application(self, handlers: list, cls: type[web.Application] = web.Application, **settings):
         """The tornado application of a REST service: ``handlers``, and the OAuth callback that browsers signing

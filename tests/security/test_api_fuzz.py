@@ -13,7 +13,6 @@ import pytest
 from gpulab.server_extension import routes
 from gpulab.services.jobs.openapi import SPEC_PATH as JOBS_SPEC
 from tests.security.fuzz import EXAMPLES, schemathesis
-from tests.support.gpulab_up import Platform
 from tests.support.jobs import Client
 
 SERVER_SPEC = Path(routes.__file__).with_name("openapi.yaml")
@@ -21,21 +20,16 @@ JOBS_API = "/services/gpulab-jobs/api/v1"
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    work = tmp_path_factory.mktemp("fuzz")
-    hub = Platform(work / "data", host="127.0.0.26")
-    hub.start("""
+def hub(gpulab_up):
+    config = """
 c.Platform.mlflow_service = False
 c.Roles.everyone = ["gpulab-user"]
 c.JobQueue.tick_interval = 0.5
 c.JobQueue.cancel_grace = 1
 c.JobQueue.log_follow_max = 3
 c.JobQueue.log_follow_recheck = 1
-""")
-    hub.create_user("alice")
-    hub.create_user("bob")
-    yield hub
-    hub.stop()
+"""
+    return gpulab_up(config, users={"alice": [], "bob": []})
 
 
 @pytest.mark.parametrize("user", ["alice", "bob"])

@@ -13,12 +13,13 @@ import requests
 from gpulab.services import infer
 from tests.security.fuzz import EXAMPLES, schemathesis
 from tests.support.gpulab_up import Platform
+from tests.support.net import next_loopback
 from tests.support.triton import linear_onnx, triton_python
 
 pytestmark = pytest.mark.timeout(1200)
 DEPLOY_API = "/services/gpulab-infer/api/v1"
 MODEL = "linear"
-HOSTS = {"auto": "127.0.0.27", "python": "127.0.0.28"}
+HOSTS = {"auto": next_loopback(), "python": next_loopback()}
 SPEC_PATH = Path(infer.__file__).with_name("openapi.yaml")
 REST_SPEC_PATH = Path(infer.__file__).with_name("rest-openapi.yaml")
 

@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tests.support.net import next_loopback
+
 PROVIDER_SCRIPT = Path(__file__).with_name("oidc_provider.py")
 
 
@@ -57,13 +59,15 @@ class OIDCProvider:
     def start(
         cls,
         workdir: Path,
-        host: str = "127.0.0.2",
+        host: str | None = None,
         *,
         redirect_uris: Sequence[str],
         client_id: str = "gpulab-hub",
         timeout: float = 30,
     ) -> OIDCProvider:
-        """Initialise a provider in ``workdir`` on a free port of ``host`` and start serving it."""
+        """Initialise a provider in ``workdir`` on a free port of ``host`` (default: a loopback address of its own)
+        and start serving it."""
+        host = host or next_loopback()
         if not redirect_uris:
             raise ValueError("at least one redirect URI is needed")
         Path(workdir).mkdir(parents=True, exist_ok=True)

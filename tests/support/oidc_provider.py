@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     p.add_argument("--redirect-uri", action="append", required=True)
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("serve")
-    p.add_argument("--host", default="127.0.0.2")
+    p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("user")
