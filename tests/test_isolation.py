@@ -287,11 +287,12 @@ def test_servers_hold_their_limits_and_only_gpu_users_open_gpu_device_nodes(hub)
         output = run_in_server_kernel(hub.spawn(user), hub.token(user), code)
         seen[user] = dict(line.split(" ", 1) for line in output.strip().splitlines())
     print(seen)
-    for user in seen.values():  # the kernel is in its server's group, with the server's limits
+    for name, user in seen.items():  # the kernel is in its server's group, with the server's limits
         assert (cgroup_dir(user, "memory") / "memory.limit_in_bytes").read_text().strip() == str(2 * 1024**3)
         cpu = cgroup_dir(user, "cpu")
         assert (cpu / "cpu.cfs_quota_us").read_text().strip() == str(int(SERVER_CPUS * 100_000)), cpu
-        assert cpu.name == cgroup_dir(user, "devices").name and cpu.name.startswith("server-"), cpu
+        # named after the account, the machine's alone (another platform here has a user of the same hub id)
+        assert cpu.name == cgroup_dir(user, "devices").name == f"server-{hub.account_prefix}{name}-default", cpu
     assert seen["gina"]["nvidia0"] == "EPERM" and seen["gina"]["nvidiactl"] == "EPERM", seen
     assert seen["gina"]["cuda"] == "''", seen
     assert seen["gus"]["nvidia0"] == "ENXIO" and seen["gus"]["nvidiactl"] == "ENXIO", seen
@@ -300,9 +301,20 @@ def test_servers_hold_their_limits_and_only_gpu_users_open_gpu_device_nodes(hub)
     left = subprocess.Popen(["sleep", "600"], user=account, start_new_session=True)  # left behind, outside Jupyter
     group = cgroup_dir(seen["gina"], "memory")
     (group / "cgroup.procs").write_text(str(left.pid))
-    hub.stop_server("gina")
-    assert left.wait(timeout=30) == -9  # killed with the server's group
-    assert not group.exists()
+    # the server of another platform's gina on this machine (her account there has its own prefix): left alone
+    other = group.parent / "server-gtother-gina-default"
+    other.mkdir()
+    theirs = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    (other / "cgroup.procs").write_text(str(theirs.pid))
+    try:
+        hub.stop_server("gina")
+        assert left.wait(timeout=30) == -9  # killed with the server's group
+        assert not group.exists()
+        assert theirs.poll() is None
+    finally:
+        theirs.kill()
+        theirs.wait()
+        other.rmdir()
 
 
 def test_the_job_launcher_does_only_what_attempts_need_as_root(tmp_path):

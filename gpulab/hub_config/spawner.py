@@ -31,7 +31,10 @@ class AccountSpawner(LocalProcessSpawner):
     _gpus = False
 
     def _group_name(self) -> str:
-        return f"server-{self.user.id}-{self.name or 'default'}"
+        """Named after the system account, which is this machine's alone: a hub's user ids are not (two
+        platforms on one machine both have a user 1, and stopping one's server would kill the other's)."""
+        account = accounts.account_name(accounts.AccountPolicy(**self.account_policy), self.user.name)
+        return f"server-{account}-{self.name or 'default'}"
 
     async def start(self):
         policy = accounts.AccountPolicy(**self.account_policy)
@@ -54,7 +57,10 @@ class AccountSpawner(LocalProcessSpawner):
     async def stop(self, now=False):
         await super().stop(now=now)
         # after a hub restart this spawner did not make the group: find it by name (limits do not matter)
-        group = self._cgroup or cgroups.Cgroup(self._group_name(), cgroups.Limits())
+        try:
+            group = self._cgroup or cgroups.Cgroup(self._group_name(), cgroups.Limits())
+        except accounts.AccountError:  # no account, so no server and no group
+            return
         await asyncio.to_thread(group.remove)
         self._cgroup = None
 
