@@ -1287,7 +1287,7 @@ def main() -> int:
         if "pg" in others:
             pg = others["pg"].result()
             res.setdefault("throughput", {})["postgresql"] = throughput(
-                pg, size, "postgresql", pg_store_url, direct=False
+                pg, size, "postgresql", pg_store_url, direct=False, profile=args.profile
             )
     except KeyboardInterrupt:
         log("interrupted; stopping everything")

@@ -265,13 +265,6 @@ class JobStore(LoggingConfigurable):
 
         Returns ``(row, created)``.
         """
-        if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
-            return existing, False
-        if max_queued is not None and self.count_queued(owner) >= max_queued:
-            raise QueueFull(
-                f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
-                "wait for some to start, or cancel some"
-            )
         now = utcnow()
         row = JobRow(
             id=uuid.uuid4().hex,
@@ -297,8 +290,15 @@ class JobStore(LoggingConfigurable):
             updated_at=now,
             traceparent=traceparent,
         )
-        try:
+        try:  # one transaction, on one connection: a submission costs the fewest round trips to the database
             with self._session() as session, session.begin():
+                if spec.idempotency_key and (existing := session.scalar(self._key_query(owner, spec.idempotency_key))):
+                    return existing, False
+                if max_queued is not None and session.scalar(self._queued_query(owner)) >= max_queued:
+                    raise QueueFull(
+                        f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
+                        "wait for some to start, or cancel some"
+                    )
                 session.add(row)
                 session.flush()
                 session.add(JobEventRow(job_id=row.id, at=now, to_state="queued", reason="submitted"))
@@ -308,15 +308,17 @@ class JobStore(LoggingConfigurable):
             raise
         return row, True
 
-    def count_queued(self, owner: str) -> int:
-        with self._session() as session:
-            return session.scalar(
-                select(func.count()).select_from(JobRow).where(JobRow.owner == owner, JobRow.state == "queued")
-            )
+    @staticmethod
+    def _queued_query(owner: str):
+        return select(func.count()).select_from(JobRow).where(JobRow.owner == owner, JobRow.state == "queued")
 
     def _by_key(self, owner: str, key: str) -> JobRow | None:
         with self._session() as session:
-            return session.scalar(select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key))
+            return session.scalar(self._key_query(owner, key))
+
+    @staticmethod
+    def _key_query(owner: str, key: str):
+        return select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)
 
     def get_job(self, job_id: str) -> JobRow:
         with self._session() as session:
