@@ -19,13 +19,15 @@ def loopback() -> str:
 @pytest.fixture(scope="module")
 def gpulab_up(tmp_path_factory):
     """A hub with this config, for this module's tests: ``gpulab_up(config, users={"alice": ["ml"]}, services=[...],
-    env={...})`` starts a real `gpulab up` (:class:`tests.support.gpulab_up.Platform`) on a loopback address of its
-    own, with ``env`` in its environment and ``users`` (name -> groups) made; returns it. Every platform started is
-    stopped by PID, its accounts removed, when the module ends (also when its start failed half-way)."""
+    env={...}, work=...)`` starts a real `gpulab up` (:class:`tests.support.gpulab_up.Platform`) on a loopback
+    address of its own, with ``env`` in its environment, its data dir ``<work>/data`` (``work``: a new directory
+    by default; the platform opens the path to it to users' accounts) and ``users`` (name -> groups) made;
+    returns it. Every platform started is stopped by PID, its accounts removed, when the module ends (also when its
+    start failed half-way)."""
     started = []
 
-    def start(config: str = "", *, users: dict | None = None, services=(), env: dict | None = None, name="hub"):
-        hub = Platform(tmp_path_factory.mktemp(name) / "data", host=next_loopback())
+    def start(config="", *, users: dict | None = None, services=(), env: dict | None = None, work=None, name="hub"):
+        hub = Platform((work or tmp_path_factory.mktemp(name)) / "data", host=next_loopback())
         started.append(hub)
         with pytest.MonkeyPatch.context() as patch:
             for key, value in (env or {}).items():

@@ -58,7 +58,8 @@ def hub(work, minter, gpulab_up):
     config += 'c.Login.admin_users = {"carol"}\n'
     # mallory: a second ordinary user, the attacker; trudy: another one, locked out by the lockout test
     users = {"alice": ["ml"], "mallory": ["ml"], "trudy": ["ml"], "carol": []}
-    return gpulab_up(config, users=users, env={NRAS_KEY_VAR: ENV_KEY})  # the key in `gpulab up`'s environment too
+    # the key in `gpulab up`'s environment too; jobs reach work/mlflow
+    return gpulab_up(config, users=users, env={NRAS_KEY_VAR: ENV_KEY}, work=work)
 
 
 @pytest.fixture(scope="module")
