@@ -4,7 +4,12 @@ In a notebook: ``%load_ext gpulab``, then ``%%train``, ``%jobs``, or ``gpulab.su
 In a job: ``gpulab.progress(step, total, **metrics)``.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("gpulab")  # labextension/package.json's, the one place the version is written
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 
 def progress(step: int, total: int | None = None, **metrics) -> None:

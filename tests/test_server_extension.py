@@ -55,6 +55,18 @@ def test_an_unknown_path_under_the_api_is_a_json_404(no_services, answer):
     assert status == 404 and body["error"]["code"] == "not_found", body
 
 
+@pytest.fixture
+def no_hub_token(monkeypatch):
+    """A job service, but no token to call it with (set before the server starts, which reads them)."""
+    monkeypatch.setenv("GPULAB_JOBS_URL", f"http://127.0.0.1:{free_port()}/services/gpulab-jobs/api/v1")
+    monkeypatch.delenv("JUPYTERHUB_API_TOKEN", raising=False)
+
+
+def test_without_a_hub_token_the_api_says_which_variable_is_missing(no_hub_token, answer):
+    status, body = answer("jobs")
+    assert status == 503 and "JUPYTERHUB_API_TOKEN is not set" in body["error"]["message"], body
+
+
 def test_whoami_names_the_servers_user(no_services, answer):
     status, body = answer("whoami")
     assert status == 200, body
@@ -65,6 +77,7 @@ def test_whoami_names_the_servers_user(no_services, answer):
 def unreachable_jobs(monkeypatch):
     """A job service URL nothing listens at (set before the server starts, which reads it)."""
     monkeypatch.setenv("GPULAB_JOBS_URL", f"http://127.0.0.1:{free_port()}/services/gpulab-jobs/api/v1")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "a-token-nobody-checks")
 
 
 def test_a_body_over_the_limit_is_refused_before_the_service_is_called(unreachable_jobs, answer):

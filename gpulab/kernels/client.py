@@ -16,42 +16,26 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import requests
-from opentelemetry import trace
-
 from .. import scopes, tracing
 from ..job_states import TERMINAL_STATES
+from ..service.client import SERVICES, APIError, GpulabError, HubServiceClient, NotConfigured, env
 
-_HINTS = {
-    (401, None): "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
-    (403, "resources.gpus"): "ask an admin for GPU access, or request no GPUs",
-    (503, None): "try again in a minute; if it persists, tell your admin",
-}
-
-
-class GpulabError(Exception):
-    """A gpulab call failed; the message says what to do."""
-
-
-class NotConfigured(GpulabError):
-    """This process is not running in a gpulab server (an environment variable is missing)."""
-
-
-class APIError(GpulabError):
-    """A gpulab service refused a request: ``status``, and its ``code``, ``message`` and ``field``."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, field: str | None = None):
-        self.status, self.message, self.code, self.field = status, message, code, field
-        hint = _HINTS.get((status, field)) or _HINTS.get((status, None))
-        super().__init__(f"{message}; {hint}" if hint else message)
-
-    @classmethod
-    def from_response(cls, response: requests.Response) -> APIError:
-        try:
-            error = response.json()["error"]
-            return cls(response.status_code, error["message"], error.get("code"), error.get("field"))
-        except (ValueError, KeyError, TypeError):
-            return cls(response.status_code, f"HTTP {response.status_code} from {response.url}")
+__all__ = [  # with the errors of every hub service client, raised here too
+    "APIError",
+    "GpulabError",
+    "NotConfigured",
+    "NoCapacity",
+    "WaitTimeout",
+    "JobFailed",
+    "JobsClient",
+    "Job",
+    "JobTable",
+    "job_spec",
+    "default_client",
+    "submit",
+    "jobs",
+    "job",
+]
 
 
 class NoCapacity(GpulabError):
@@ -73,50 +57,13 @@ class JobFailed(GpulabError):
         super().__init__(message)
 
 
-def _env(name: str, what: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise NotConfigured(f"not running in a gpulab server: {name} is not set ({what})")
-    return value
-
-
-class HubServiceClient:
-    """Requests to one hub service's API (``url``) with the hub token this process holds: authenticated,
-    traced, and its errors raised as :class:`APIError` (a connection failure as :class:`GpulabError`)."""
-
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30):
-        self.url = url.rstrip("/")
-        self.token = token or _env("JUPYTERHUB_API_TOKEN", "your server's hub token")
-        self.timeout = timeout
-        self.session = requests.Session()
-        tracing.setup_tracing("gpulab-kernel")
-
-    def request(self, method: str, url: str, **kwargs) -> requests.Response:
-        """An authenticated, traced request to ``url`` (relative: under the service's API); API errors raise."""
-        url = url if url.startswith("http") else self.url + url
-        with tracing.tracer(__name__).start_as_current_span(
-            f"{method} {url.split('?')[0]}", kind=trace.SpanKind.CLIENT
-        ):
-            headers = tracing.inject({"Authorization": f"token {self.token}"})
-            try:
-                response = self.session.request(
-                    method, url, headers=headers, timeout=kwargs.pop("timeout", self.timeout), **kwargs
-                )
-            except requests.RequestException as exc:
-                raise GpulabError(
-                    f"cannot reach {url.split('?')[0]} ({type(exc).__name__}); "
-                    "is the platform running? Try again, or restart your server"
-                ) from None
-        if response.status_code >= 400:
-            raise APIError.from_response(response)
-        return response
-
-
 class JobsClient(HubServiceClient):
     """Calls to gpulab-jobs (and the hub and MLflow) for the user whose token this process holds."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
-        super().__init__(url or _env("GPULAB_JOBS_URL", "the job service's address"), token, timeout)
+        variable, what = SERVICES["gpulab-jobs"]
+        super().__init__("gpulab-jobs", url or env(variable, what), token, timeout)
+        tracing.setup_tracing("gpulab-kernel")
 
     def submit(self, spec: dict | None = None, **fields) -> Job:
         """Submit a job: a JobSpec dict, or :func:`job_spec` keyword arguments."""
@@ -198,7 +145,7 @@ class JobsClient(HubServiceClient):
 
     def token_scopes(self) -> set[str]:
         """The scopes the token holds (from the hub), with gpulab's subscopes."""
-        hub = _env("JUPYTERHUB_API_URL", "the hub's API address").rstrip("/")
+        hub = env("JUPYTERHUB_API_URL", "the hub's API address").rstrip("/")
         return scopes.expand(self.request("GET", f"{hub}/user").json().get("scopes", []))
 
     def gpu_limit(self, pool: str = "default") -> tuple[int, str]:
@@ -215,7 +162,7 @@ class JobsClient(HubServiceClient):
 
     def mlflow_run(self, run_id: str) -> dict:
         """The MLflow run (``{"info", "data", ...}``), read through the hub."""
-        base = _env("GPULAB_MLFLOW_UI_URL", "MLflow's address").rstrip("/")
+        base = env("GPULAB_MLFLOW_UI_URL", "MLflow's address").rstrip("/")
         return self.request("GET", f"{base}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]
 
 

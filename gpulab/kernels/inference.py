@@ -33,7 +33,7 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
-from .client import GpulabError, HubServiceClient, _env
+from ..service.client import SERVICES, GpulabError, HubServiceClient, env
 
 _HINTS = {
     "UNAUTHENTICATED": "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
@@ -115,10 +115,10 @@ class InferenceClient:
     token this process holds."""
 
     def __init__(self, url: str | None = None, address: str | None = None, token: str | None = None):
-        self.url = (url or _env("GPULAB_INFER_URL", "the inference service's address")).rstrip("/")
-        self.address = address or _env("GPULAB_INFER_ADDRESS", "the inference gateway's gRPC address")
-        self.token = token or _env("JUPYTERHUB_API_TOKEN", "your server's hub token")
-        self.api = HubServiceClient(self.url, self.token)  # gpulab-infer's HTTP API
+        self.api = HubServiceClient("gpulab-infer", url or env(*SERVICES["gpulab-infer"]), token)  # its HTTP API
+        self.url, self.token = self.api.url, self.api.token
+        self.address = address or env("GPULAB_INFER_ADDRESS", "the inference gateway's gRPC address")
+        tracing.setup_tracing("gpulab-kernel")
         self.grpc = self.triton_client()
         self._aio: tuple[asyncio.AbstractEventLoop, triton_aio.InferenceServerClient] | None = None
         self._metadata: dict[tuple[str, str], dict] = {}
@@ -134,7 +134,7 @@ class InferenceClient:
     def rest_client(self) -> triton_http.InferenceServerClient:
         """A new stock ``tritonclient.http`` ``InferenceServerClient`` for the gateway's KServe v2 REST port
         (``$GPULAB_INFER_REST_ADDRESS``) that sends the hub token and ``traceparent`` with every call by itself."""
-        address = _env("GPULAB_INFER_REST_ADDRESS", "the inference gateway's REST address")
+        address = env("GPULAB_INFER_REST_ADDRESS", "the inference gateway's REST address")
         ca = os.environ.get("GPULAB_INFER_TLS_CA")
         client = triton_http.InferenceServerClient(
             address, **({"ssl": True, "ssl_options": {"ca_certs": ca}} if ca else {})

@@ -3,8 +3,8 @@
 import logging
 
 from ..tracing import setup_tracing
-from .jobs_api import ServiceBackend
-from .models_api import InferBackend
+from .jobs_api import configured
+from .models_api import InferChannel
 from .routes import handlers
 
 
@@ -15,8 +15,11 @@ def _jupyter_server_extension_points():
 def _load_jupyter_server_extension(serverapp):
     setup_tracing("gpulab-server")
     _skip_records_no_handler_writes(serverapp.log)
-    serverapp.web_app.settings["gpulab_jobs"] = ServiceBackend.from_env()
-    serverapp.web_app.settings["gpulab_infer"] = InferBackend.from_env()
+    serverapp.web_app.settings.update(
+        gpulab_jobs=configured("gpulab-jobs"),
+        gpulab_infer=configured("gpulab-infer"),
+        gpulab_infer_grpc=InferChannel.from_env(),
+    )
     serverapp.web_app.add_handlers(".*$", handlers(serverapp.base_url))
     serverapp.log.info("gpulab: API at %sgpulab/api/v1/", serverapp.base_url)
 

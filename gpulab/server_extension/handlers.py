@@ -8,6 +8,7 @@ from tornado import web
 
 from .. import tracing
 from ..gpus import list_gpus
+from ..service.client import HubServiceClient
 from ..service.errors import APIError
 from ..service.handlers import JSONAPIMixin
 from .authorizer import RESOURCE_SCOPES, user_scopes
@@ -85,16 +86,18 @@ class StatusHandler(GpulabHandler):
 
     @web.authenticated
     def get(self):
-        jobs = self.settings.get("gpulab_jobs")
+        jobs, infer = (self.settings.get(s) for s in ("gpulab_jobs", "gpulab_infer"))
+        clients = [c for c in (jobs, infer) if isinstance(c, HubServiceClient)]
         gpus = list_gpus()
         self.finish(
             {
                 "user": self.current_user.username,
                 "gpus": gpus or "none",
                 "services": {
-                    "jobs": jobs.url if jobs else None,
+                    "jobs": jobs.url if isinstance(jobs, HubServiceClient) else None,
+                    "infer": infer.url if isinstance(infer, HubServiceClient) else None,
                     "mlflow_ui": os.environ.get("GPULAB_MLFLOW_UI_URL"),
                 },
-                "breakers": [jobs.breaker.snapshot()] if jobs else [],
+                "breakers": [c.breaker.snapshot() for c in clients],
             }
         )

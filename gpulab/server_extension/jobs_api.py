@@ -2,19 +2,16 @@
 
 Requests go to ``gpulab-jobs`` with the server's own hub token (``JUPYTERHUB_API_TOKEN``, which
 carries the user's gpulab scopes) and the client's address in ``X-Forwarded-For``, through one
-circuit breaker. :class:`ServiceProxyHandler` is the forwarding base, also of ``attestation_api.py`` and
-``models_api.py``.
+circuit breaker (:class:`~gpulab.service.client.HubServiceClient`, which kernels use too).
+:class:`ServiceProxyHandler` is the forwarding base, also of ``attestation_api.py`` and ``models_api.py``.
 """
 
-import os
 from urllib.parse import urlencode
 
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .. import tracing
 from ..net import client_ip
-from ..resilience import CircuitBreaker, CircuitOpenError
+from ..service.client import HubServiceClient, NotConfigured, Unreachable
 from ..service.errors import APIError
 from ..services.jobs.models import MAX_BODY
 from .handlers import GpulabHandler
@@ -22,21 +19,20 @@ from .handlers import GpulabHandler
 FORWARDED_HEADERS = ("Content-Type",)
 
 
-class ServiceBackend:
-    """A hub service as this server sees it: its ``name`` (for messages), URL, this server's token, and one
-    circuit breaker. The job service is one; :class:`~.models_api.InferBackend` adds gpulab-infer's gRPC side."""
+def configured(name: str) -> HubServiceClient | str:
+    """The client of hub service ``name`` for this server, or why there is none (told in every 503)."""
+    try:
+        return HubServiceClient.from_env(name, timeout=60)
+    except NotConfigured as e:
+        return f"{name} is not configured for this server ({e})"
 
-    def __init__(self, name: str, url: str, token: str):
-        self.name = name
-        self.url = url.rstrip("/")
-        self.token = token
-        self.breaker = CircuitBreaker(f"{self.name} at {self.url}", failure_threshold=5, recovery_timeout=10)
 
-    @classmethod
-    def from_env(cls) -> "ServiceBackend | None":
-        """gpulab-jobs at ``$GPULAB_JOBS_URL``; None when it is not set."""
-        url = os.environ.get("GPULAB_JOBS_URL")
-        return cls("gpulab-jobs", url, os.environ.get("JUPYTERHUB_API_TOKEN", "")) if url else None
+def client_of(handler, setting: str) -> HubServiceClient:
+    """The server's client in ``settings[setting]``; a 503 saying why when there is none."""
+    client = handler.settings.get(setting)
+    if not isinstance(client, HubServiceClient):
+        raise APIError(503, client or f"{setting} is not set up in this server", code="unavailable")
+    return client
 
 
 class ServiceProxyHandler(GpulabHandler):
@@ -46,43 +42,32 @@ class ServiceProxyHandler(GpulabHandler):
     """
 
     @property
-    def backend(self) -> ServiceBackend:
-        backend = self.settings.get("gpulab_jobs")
-        if backend is None:
-            raise APIError(503, "the job service is not configured (GPULAB_JOBS_URL is not set)", code="unavailable")
-        return backend
+    def service(self) -> HubServiceClient:
+        return client_of(self, "gpulab_jobs")
 
     async def forward(self, path: str, streaming: bool = False) -> None:
-        backend = self.backend
+        service = self.service
         if len(self.request.body or b"") > MAX_BODY:  # refused here: not a failure of the service (breaker)
             raise APIError(
                 413,
-                f"request body is {len(self.request.body)} bytes; {backend.name} takes at most {MAX_BODY}",
+                f"request body is {len(self.request.body)} bytes; {service.name} takes at most {MAX_BODY}",
                 code="too_large",
             )
         query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
-        headers = {
-            "Authorization": f"token {backend.token}",
-            "X-Forwarded-For": client_ip(self.request.remote_ip, self.request.headers.get("X-Forwarded-For")),
-        }
+        headers = {"X-Forwarded-For": client_ip(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"))}
         headers.update({h: self.request.headers[h] for h in FORWARDED_HEADERS if h in self.request.headers})
-        tracing.inject(headers)
-        request = HTTPRequest(
-            f"{backend.url}{path}" + (f"?{query}" if query else ""),
-            method=self.request.method,
-            headers=headers,
-            body=self.request.body if self.request.method == "POST" else None,
-            request_timeout=0 if streaming else 60,
-            streaming_callback=self._stream if streaming else None,
-            header_callback=self._stream_headers if streaming else None,
-        )
         try:
-            async with backend.breaker:
-                response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        except CircuitOpenError as e:
+            response = await service.fetch(
+                self.request.method,
+                path + (f"?{query}" if query else ""),
+                body=self.request.body if self.request.method == "POST" else None,
+                headers=headers,
+                timeout=0 if streaming else None,
+                streaming_callback=self._stream if streaming else None,
+                header_callback=self._stream_headers if streaming else None,
+            )
+        except Unreachable as e:
             raise APIError(503, str(e), code="unavailable") from None
-        except OSError as e:
-            raise APIError(503, f"{backend.name} is unreachable: {e}", code="unavailable") from None
         if streaming:
             self.finish()
             return

@@ -31,32 +31,28 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
+from ..service.client import HubServiceClient
 from ..service.errors import APIError, error_code, http_status
 from .handlers import GpulabHandler
-from .jobs_api import ServiceBackend, ServiceProxyHandler
+from .jobs_api import ServiceProxyHandler, client_of
 
 
-class InferBackend(ServiceBackend):
-    """gpulab-infer as this server sees it: its HTTP API (URL, token, breaker) and gRPC address."""
+class InferChannel:
+    """gpulab-infer's gRPC side as this server sees it (``$GPULAB_INFER_ADDRESS``): one aio client on the server's
+    event loop sending the server's token with every call, and the models' metadata read so far."""
 
-    def __init__(self, url: str, token: str, address: str | None):
-        super().__init__("gpulab-infer", url, token)
+    def __init__(self, address: str | None, token: str):
         self.address = address
+        self.token = token
         self._client: triton_aio.InferenceServerClient | None = None
         self.metadata: dict[tuple[str, str], dict] = {}
 
     @classmethod
-    def from_env(cls) -> "InferBackend | None":
-        url = os.environ.get("GPULAB_INFER_URL")
-        return (
-            cls(url, os.environ.get("JUPYTERHUB_API_TOKEN", ""), os.environ.get("GPULAB_INFER_ADDRESS"))
-            if url
-            else None
-        )
+    def from_env(cls) -> "InferChannel":
+        return cls(os.environ.get("GPULAB_INFER_ADDRESS"), os.environ.get("JUPYTERHUB_API_TOKEN", ""))
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
-        """One aio client on the server's event loop, sending the server's token with every call."""
         if not self.address:
             raise APIError(
                 503, "the inference gateway is not configured (GPULAB_INFER_ADDRESS is not set)", code="unavailable"
@@ -67,21 +63,14 @@ class InferBackend(ServiceBackend):
         return self._client
 
 
-def _backend(handler) -> InferBackend:
-    backend = handler.settings.get("gpulab_infer")
-    if backend is None:
-        raise APIError(503, "the inference service is not configured (GPULAB_INFER_URL is not set)", code="unavailable")
-    return backend
-
-
 class ModelsProxyHandler(ServiceProxyHandler):
     @property
     def auth_resource(self) -> str:
         return "gpulab:infer" if self.request.method == "GET" else "gpulab:deploy"
 
     @property
-    def backend(self) -> InferBackend:
-        return _backend(self)
+    def service(self) -> HubServiceClient:
+        return client_of(self, "gpulab_infer")
 
 
 class ModelsHandler(ModelsProxyHandler):
@@ -111,7 +100,8 @@ class InferHandler(GpulabHandler):
 
     @web.authenticated
     async def post(self, name):
-        backend = _backend(self)
+        client_of(self, "gpulab_infer")  # inference without the service's HTTP API is not set up either
+        backend: InferChannel = self.settings["gpulab_infer_grpc"]
         try:
             body, binary = kserve.split(self.request.body, self.request.headers.get(kserve.HEADER_LENGTH))
         except BadInput as e:

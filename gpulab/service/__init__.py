@@ -7,6 +7,8 @@
 - :mod:`.handlers`: :class:`~.handlers.JSONAPIMixin`, the one ``write_error`` and JSON/pydantic plumbing of
   tornado handlers (the job service, the inference gateway's APIs, the MLflow proxy, the server extension), and
   the base handlers of hub services (:class:`~.handlers.ServiceHandler`, :class:`~.handlers.HubUserHandler`);
+- :mod:`.client`: :class:`~.client.HubServiceClient`, the one client of the hub services, for kernels (blocking)
+  and users' servers (forwarding on the event loop);
 - :mod:`.http_methods`: the ``Allow`` header of every 405;
 - :mod:`.storage`: how every gpulab database's engine is made, how time is stored, its one migration history
   (:class:`~.storage.Schema`), the thread its calls run on;

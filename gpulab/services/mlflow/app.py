@@ -26,30 +26,30 @@ class MLflowApp(ServiceApp):
     classes = [MLflowService]
 
     def initialize(self, argv=None) -> None:
+        """Settings, then the files MLflow needs (its socket's private directory, its auth config and secrets):
+        made once at start-up, before the loop serves."""
         super().initialize(argv)
         self.hub.require("service_url", "api_token")
-        self.settings = MLflowService(parent=self)
-
-    async def serve(self, stopping: asyncio.Event) -> None:
-        s = self.settings
+        self.settings = s = MLflowService(parent=self)
         mlflow_dir = self.data_dir / "mlflow"
         backend_uri = s.backend_store_uri or f"sqlite:///{mlflow_dir / 'mlflow.sqlite'}"
         artifacts = s.artifacts_destination or str(mlflow_dir / "artifacts")
         state = Path(artifacts).parent
         sock = Path(s.socket or state / "run" / "mlflow.sock")
-        [sock] = private_sockets(sock.parent, [sock.name], "MLflowService.socket")
+        [self.socket] = private_sockets(sock.parent, [sock.name], "MLflowService.socket")
         sharing = self.platform.mlflow_sharing.lower()
         auth_db = s.auth_database_uri or f"sqlite:///{state / 'auth.sqlite'}"
-        config = auth_config(sock.parent / "auth.ini", auth_db, sharing)
-        mlflow_env = mlflow_environment(config, state, sharing)
-        mlflow = Child(
-            "mlflow server",
-            lambda: subprocess.Popen(mlflow_command(backend_uri, artifacts, sock, self.hub.prefix), env=mlflow_env),
-        )
+        config = auth_config(self.socket.parent / "auth.ini", auth_db, sharing)
+        self.command = mlflow_command(backend_uri, artifacts, self.socket, self.hub.prefix)
+        self.mlflow_env = mlflow_environment(config, state, sharing)
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        s = self.settings
+        mlflow = Child("mlflow server", lambda: subprocess.Popen(self.command, env=self.mlflow_env))
         supervisor = Supervisor(log)
         await supervisor.start(mlflow)
         # while MLflow starts or restarts the proxy answers 502
-        app = make_app(sock, self.hub.prefix, s.jobs_api_url, frozenset(filter(None, s.delegates)))
+        app = make_app(self.socket, self.hub.prefix, s.jobs_api_url, frozenset(filter(None, s.delegates)))
         server = HTTPServer(app, max_body_size=MAX_BODY, xheaders=True)
         listen = urlsplit(self.hub.service_url)
         server.listen(listen.port, listen.hostname)

@@ -727,8 +727,10 @@ export interface components {
           }[];
       services: {
         jobs?: string | null;
+        infer?: string | null;
         mlflow_ui?: string | null;
       };
+      /** @description The circuit breakers of this server's clients of gpulab-jobs and gpulab-infer. */
       breakers: {
         name: string;
         /** @enum {unknown} */
