@@ -26,6 +26,15 @@ def submit(source: str | None = None, entrypoint: list[str] | None = None, **fie
     return _submit(source, entrypoint, **fields)
 
 
+def submit_notebook(path, parameters: dict | None = None, **fields):
+    """Run the notebook at ``path`` as a job with papermill ``parameters``; returns a :class:`Job` handle whose
+    ``output_notebook`` is where the executed notebook goes (``kernel=``, ``output=``, ``html=True``, and the
+    fields of :func:`submit`)."""
+    from .kernels.client import submit_notebook as _submit_notebook
+
+    return _submit_notebook(path, parameters, **fields)
+
+
 def jobs(state: str | None = None, all: bool = False, limit: int = 50):
     """Your jobs (every user's with ``all=True`` for admins), newest first."""
     from .kernels.client import jobs as _jobs

@@ -6,6 +6,8 @@ server's environment (GPULAB_JOBS_URL, JUPYTERHUB_API_TOKEN with the server toke
 JUPYTERHUB_API_URL), as the server gives its kernels.
 """
 
+import json
+
 import pytest
 
 from gpulab.kernels.client import JobsClient, NoCapacity, job_spec
@@ -90,6 +92,38 @@ def test_preprocess_jobs_run_with_the_rapids_runner(kernel):
     assert cell.reply["status"] == "ok" and not cell.stderr, cell.messages
     log = kernel.run("print(_.logs())").stdout
     assert "gpulab: no GPU found" in log and "cell prepared" in log
+
+
+def test_notebook_runs_a_notebook_with_parameters_typed_as_papermill_types_them(kernel):
+    cells = [
+        {
+            "cell_type": "code",
+            "source": "lr = 0.1\nsteps = 1\nfast = False\ntag = 'x'",
+            "outputs": [],
+            "execution_count": None,
+            "metadata": {"tags": ["parameters"]},
+        },
+        {
+            "cell_type": "code",
+            "source": "print(type(lr).__name__, lr, steps, fast, tag)",
+            "outputs": [],
+            "execution_count": None,
+            "metadata": {},
+        },
+    ]
+    notebook = {"nbformat": 4, "nbformat_minor": 4, "metadata": {}, "cells": cells}
+    (kernel.cwd / "sweep.ipynb").write_text(json.dumps(notebook))
+    result = kernel.run(
+        "job = %notebook --wait --no-monitor sweep.ipynb -p lr 0.01 -p steps 5 -p fast True -p tag run-b\n"
+        "print(job.data['kind'], job.output_notebook)"
+    )
+    assert result.reply["status"] == "ok" and not result.stderr, (result.errors, result.stderr)
+    kind, output = result.stdout.splitlines()[-1].split()  # after --no-monitor's lines
+    assert kind == "notebook" and output.startswith(str(kernel.cwd / "sweep-"))
+    executed = json.loads(open(output).read())
+    assert "float 0.01 5 True run-b" in json.dumps(executed["cells"][-1]["outputs"])
+    missing = one_line_error(kernel.run("%notebook nowhere.ipynb"))
+    assert missing.startswith("%notebook: there is no notebook at ") and missing.endswith("nowhere.ipynb"), missing
 
 
 def test_the_server_token_holds_the_users_gpulab_scopes(kernel):

@@ -31,8 +31,10 @@ __all__ = [  # with the errors of every hub service client, raised here too
     "Job",
     "JobTable",
     "job_spec",
+    "notebook_spec",
     "default_client",
     "submit",
+    "submit_notebook",
     "jobs",
     "job",
 ]
@@ -179,14 +181,20 @@ def job_spec(
     experiment: str | None = None,
     priority: int = 0,
     working_dir: str | None = None,
+    notebook: dict | None = None,
     **extra,
 ) -> dict:
-    """A JobSpec dict: Python ``source`` or an argv ``entrypoint``, run in ``working_dir`` (default: cwd).
+    """A JobSpec dict: Python ``source``, an argv ``entrypoint`` or a ``notebook`` (see :func:`notebook_spec`), run
+    in ``working_dir`` (default: cwd).
 
     ``extra`` fields (``env``, ``labels``, ``max_runtime``, ``retries``, ``idempotency_key``, ...)
     pass through as they are.
     """
-    if (source is None) == (entrypoint is None):
+    if notebook is not None:
+        if source is not None or entrypoint is not None:
+            raise GpulabError("a notebook job runs its notebook: give no source= or entrypoint= with it")
+        kind = "notebook"
+    elif (source is None) == (entrypoint is None):
         raise GpulabError("give exactly one of source= (Python code) or entrypoint= (a command as a list)")
     if name is None and entrypoint is not None:
         script = next((a for a in entrypoint if a.endswith(".py")), entrypoint[0])
@@ -204,10 +212,54 @@ def job_spec(
         "priority": priority,
         **extra,
     }
-    spec["source" if source is not None else "entrypoint"] = source if source is not None else list(entrypoint)
+    if notebook is not None:
+        spec["notebook"] = notebook
+    else:
+        spec["source" if source is not None else "entrypoint"] = source if source is not None else list(entrypoint)
     if experiment:
         spec["tracking"] = {"experiment": experiment}
     return spec
+
+
+def notebook_spec(
+    path: str | os.PathLike,
+    parameters: dict | None = None,
+    *,
+    kernel: str | None = None,
+    output: str | None = None,
+    html: bool = False,
+    name: str | None = None,
+    working_dir: str | None = None,
+    **fields,
+) -> dict:
+    """A JobSpec dict of a notebook job: the notebook at ``path`` as it is now (its outputs cleared: they are not
+    run), run with papermill on ``kernel`` (default: the notebook's) with ``parameters`` injected after its cell
+    tagged ``parameters``, in ``working_dir`` (default: the notebook's folder). The executed notebook goes to
+    ``output`` (default: ``<name>-<job id prefix>.ipynb`` beside it), with an HTML copy if ``html``. ``fields``
+    as for :func:`job_spec` (``gpus``, ``pool``, ``experiment``, ...)."""
+    notebook = Path(path).expanduser().absolute()
+    try:
+        content = json.loads(notebook.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GpulabError(f"there is no notebook at {notebook}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise GpulabError(f"{notebook} is not a notebook (not JSON)") from None
+    if not isinstance(content, dict) or not isinstance(content.get("cells"), list):
+        raise GpulabError(f"{notebook} is not a notebook (no cells)")
+    for cell in content["cells"]:
+        if isinstance(cell, dict) and cell.get("cell_type") == "code":
+            cell.update(outputs=[], execution_count=None)
+    program = {
+        "path": str(notebook),
+        "content": content,
+        "parameters": parameters or {},
+        "kernel": kernel,
+        "output": str(Path(output).expanduser().absolute()) if output else None,
+        "formats": ["ipynb", "html"] if html else ["ipynb"],
+    }
+    return job_spec(
+        name=name or notebook.stem, working_dir=working_dir or str(notebook.parent), notebook=program, **fields
+    )
 
 
 class Job:
@@ -224,6 +276,7 @@ class Job:
     progress = property(lambda self: self.data["progress"])
     mlflow_run_id = property(lambda self: self.data.get("mlflow_run_id"))
     wandb_run_path = property(lambda self: self.data.get("wandb_run_path"))
+    output_notebook = property(lambda self: self.data.get("output_notebook"))
 
     @property
     def done(self) -> bool:
@@ -356,6 +409,12 @@ def default_client() -> JobsClient:
 def submit(source: str | None = None, entrypoint: list[str] | None = None, **fields) -> Job:
     """Submit a job: ``submit(entrypoint=["python", "train.py"], gpus=1, experiment="digits")``."""
     return default_client().submit(job_spec(source, entrypoint, **fields))
+
+
+def submit_notebook(path: str | os.PathLike, parameters: dict | None = None, **fields) -> Job:
+    """Run a notebook as a job: ``submit_notebook("train.ipynb", {"lr": 0.01}, gpus=1)`` (see :func:`notebook_spec`);
+    the job's ``output_notebook`` is where the executed notebook is."""
+    return default_client().submit(notebook_spec(path, parameters, **fields))
 
 
 def jobs(state: str | None = None, all: bool = False, limit: int = 50) -> JobTable:

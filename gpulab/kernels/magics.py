@@ -1,4 +1,4 @@
-"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``,
+"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%notebook``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``,
 ``%deploy``, ``%infer``.
 
 Wrong options and failed calls print one line (argparse style) to stderr and return None:
@@ -16,7 +16,7 @@ from IPython.display import display
 
 from ..inference.triton import BACKENDS
 from ..job_states import JOB_STATES
-from .client import GpulabError, default_client, job_spec
+from .client import GpulabError, default_client, job_spec, notebook_spec
 from .widgets import Monitor
 
 
@@ -73,7 +73,8 @@ def shlex_split(prog: str, line: str) -> list[str]:
         raise _Stop(f"{prog}: error: {exc}") from None
 
 
-def _job_parser(prog: str, cell: bool) -> _Parser:
+def _job_parser(prog: str, cell: bool, program: bool = True) -> _Parser:
+    """The options every job takes; ``program``: and a script with its arguments where there is no cell."""
     parser = _Parser(prog=prog, description="Submit a job; returns its handle and shows its live monitor.")
     parser.add_argument("--gpus", type=int, default=0, metavar="N")
     parser.add_argument("--cpus", type=float, default=1.0, metavar="N")
@@ -84,10 +85,42 @@ def _job_parser(prog: str, cell: bool) -> _Parser:
     parser.add_argument("--priority", type=int, default=0, metavar="P", help="-100..100")
     parser.add_argument("--wait", action="store_true", help="block until the job ends")
     parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not show the monitor")
-    if not cell:
+    if program and not cell:
         parser.add_argument("script", nargs="?", help="a Python file; options go before it")
         parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     return parser
+
+
+def _notebook_parser(prog: str) -> _Parser:
+    parser = _job_parser(prog, cell=False, program=False)
+    parser.description = "Run a notebook as a job with papermill; returns its handle and shows its live monitor."
+    parser.add_argument("notebook", help="the notebook to run (.ipynb)")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter, as papermill's -p: True/False/None, numbers, else a string",
+    )
+    parser.add_argument("--kernel", metavar="K", help="kernel spec (default: the notebook's)")
+    parser.add_argument("--output", metavar="PATH", help="the executed notebook (default: beside it)")
+    parser.add_argument("--html", action="store_true", help="also an HTML copy of the executed notebook")
+    return parser
+
+
+def parameter_value(text: str):
+    """A ``-p`` value as papermill's command line reads one: True, False, None, an int, a float, else the text."""
+    constants = {"True": True, "False": False, "None": None}
+    if text in constants:
+        return constants[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _id_parser(prog: str, **flags) -> _Parser:
@@ -96,6 +129,41 @@ def _id_parser(prog: str, **flags) -> _Parser:
     for flag, kwargs in flags.items():
         parser.add_argument(flag, **kwargs)
     return parser
+
+
+def _fields(args) -> dict:
+    """The job fields of :func:`_job_parser`'s options."""
+    return {
+        "name": args.name,
+        "gpus": args.gpus,
+        "cpus": args.cpus,
+        "memory": args.memory,
+        "pool": args.pool,
+        "experiment": args.experiment,
+        "priority": args.priority,
+    }
+
+
+def _launch(spec: dict, args):
+    """Submit ``spec``, show its monitor (or a line) and, with ``--wait``, wait for its end."""
+    job = default_client().submit(spec)
+    monitor = Monitor(job) if args.monitor else None
+    if monitor:
+        display(monitor)
+    else:
+        print(f"submitted job {job.id} ({job.name}): {job.state}", flush=True)
+    if args.wait:
+        try:
+            job.wait(raise_on_failure=False)
+        except KeyboardInterrupt:
+            print(f"stopped waiting; job {job.id} goes on (%cancel {job.id[:8]} stops it)", file=sys.stderr)
+            return job
+        if monitor:
+            monitor.join(10)  # the monitor shows the final state before the cell ends
+        else:
+            print(f"job {job.id} {job.state}", flush=True)
+        job.wait()  # ended: raises JobFailed unless it succeeded
+    return job
 
 
 @magics_class
@@ -107,17 +175,7 @@ class GpulabMagics(Magics):
         args = parser.parse_args(argv)
         if cell is None and not args.script:
             parser.error(f"give the script to run: {prog} [options] script.py [args...]")
-        fields = {
-            "name": args.name,
-            "kind": kind,
-            "gpus": args.gpus,
-            "cpus": args.cpus,
-            "memory": args.memory,
-            "pool": args.pool,
-            "experiment": args.experiment,
-            "priority": args.priority,
-            "working_dir": os.getcwd(),
-        }
+        fields = {**_fields(args), "kind": kind, "working_dir": os.getcwd()}
         if cell is not None:
             if kind == "preprocess":
                 cell = "from gpulab.kernels.rapids import activate as _a; print(_a()); del _a\n" + cell
@@ -125,24 +183,7 @@ class GpulabMagics(Magics):
         else:
             runner = ["-m", "gpulab.kernels.rapids"] if kind == "preprocess" else []
             spec = job_spec(entrypoint=["python", *runner, args.script, *args.args], **fields)
-        job = default_client().submit(spec)
-        monitor = Monitor(job) if args.monitor else None
-        if monitor:
-            display(monitor)
-        else:
-            print(f"submitted job {job.id} ({job.name}): {job.state}", flush=True)
-        if args.wait:
-            try:
-                job.wait(raise_on_failure=False)
-            except KeyboardInterrupt:
-                print(f"stopped waiting; job {job.id} goes on (%cancel {job.id[:8]} stops it)", file=sys.stderr)
-                return job
-            if monitor:
-                monitor.join(10)  # the monitor shows the final state before the cell ends
-            else:
-                print(f"job {job.id} {job.state}", flush=True)
-            job.wait()  # ended: raises JobFailed unless it succeeded
-        return job
+        return _launch(spec, args)
 
     @line_cell_magic
     @_one_line
@@ -158,6 +199,20 @@ class GpulabMagics(Magics):
     def preprocess(self, prog, argv, cell=None):
         """Submit a preprocessing job (like ``%train``): pandas in it is cudf.pandas when its node has a GPU."""
         return self._submit("preprocess", prog, argv, cell)
+
+    @line_magic
+    @_one_line
+    def notebook(self, prog, argv, cell=None):
+        """Run a notebook as a job: ``%notebook [options] path.ipynb -p lr 0.01 -p epochs 5``, with papermill (the
+        parameters go after its cell tagged ``parameters``), in the notebook's folder. Options as ``%train``, and
+        --kernel K, --output PATH, --html. The executed notebook is ``job.output_notebook``."""
+        args = _notebook_parser(prog).parse_args(argv)
+        fields = _fields(args)
+        parameters = {name: parameter_value(value) for name, value in args.parameter}
+        spec = notebook_spec(
+            args.notebook, parameters, kernel=args.kernel, output=args.output, html=args.html, **fields
+        )
+        return _launch(spec, args)
 
     @line_magic
     @_one_line

@@ -9,16 +9,18 @@ environment"), and the one-time ticket with which an attempt started without its
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import sys
 from pathlib import Path
 
 from gpulab import tracing
 from gpulab.attestation import NodeState
+from gpulab.notebook_job import ENV_VAR as NOTEBOOK_ENV
 from gpulab.secrets import JOB_SECRET_ENV, persistent_secret
 
 from .executors.base import Launch
-from .models import JobSpec
+from .models import JobSpec, NotebookSpec
 from .store import JobRow
 
 
@@ -53,6 +55,10 @@ class Attempts:
             source = job_dir / "source.py"
             await asyncio.to_thread(source.write_text, spec.source)
             argv = [sys.executable, str(source)]
+        elif spec.notebook is not None:  # the snapshot is handed to the job's account as a cell's source is
+            source = job_dir / "notebook.ipynb"
+            await asyncio.to_thread(source.write_text, json.dumps(spec.notebook.content))
+            argv = [sys.executable, "-m", "gpulab.notebook_job", str(source)]
         if self.settings.wrap_with_runner:
             argv = [sys.executable, "-m", "gpulab.runner", "--", *argv]
         env = self.env(row, spec)
@@ -99,6 +105,10 @@ class Attempts:
         )
         if spec.tracking.wandb_project:
             env["WANDB_PROJECT"] = spec.tracking.wandb_project
+        if spec.notebook is not None:
+            env[NOTEBOOK_ENV] = json.dumps(
+                {**notebook_settings(spec.notebook), "output": spec.notebook.output_for(row.id)}
+            )
         if settings.mlflow_tracking_uri:
             env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
         if settings.jobs_api_url:
@@ -126,3 +136,8 @@ def _make_job_dirs(job_dir: Path, work_dir: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o711)  # explicitly: gpulab up's umask is 077
     work_dir.mkdir(exist_ok=True, mode=0o700)
+
+
+def notebook_settings(notebook: NotebookSpec) -> dict:
+    """What :mod:`gpulab.notebook_job` runs with, but the content (its program file)."""
+    return notebook.model_dump(include={"path", "parameters", "kernel", "formats"})

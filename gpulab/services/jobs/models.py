@@ -1,7 +1,9 @@
 """Pydantic bodies of the jobs API: submission (:class:`JobSpec`), responses, errors, attestation."""
 
 import fnmatch
+import json
 import re
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -107,22 +109,85 @@ class Tracking(_Body):
     wandb_project: str | None = Field(None, min_length=1, max_length=200)
 
 
-# Exactly one of entrypoint and source, in the schema as in the validator below (null counts as absent)
+MAX_PARAMETERS = 64
+_PARAMETER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_KERNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ParameterValue = str | int | float | bool | None | list[str | int | float | bool | None]
+
+
+class NotebookSpec(_Body):
+    """A notebook job: ``content``, the notebook as it was when submitted (nbformat 4 JSON, its outputs may be
+    cleared), run top to bottom by papermill on ``kernel`` (default: the notebook's own) with ``parameters``
+    injected after the cell tagged ``parameters``. The executed notebook is written to ``output`` (default:
+    ``<name>-<job id prefix>.ipynb`` beside where the notebook was, ``path``), with an HTML copy where ``formats``
+    asks for one, and logged to the job's MLflow run."""
+
+    path: str = Field(min_length=1, max_length=1024, description="Where the notebook was (absolute).")
+    content: dict[str, Any]
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict, max_length=MAX_PARAMETERS)
+    kernel: str | None = Field(None, description="A kernel spec name, e.g. python3 or gpulab-rapids.")
+    output: str | None = Field(None, max_length=1024, description="Absolute path of the executed notebook.")
+    formats: list[Literal["ipynb", "html"]] = Field(default_factory=lambda: ["ipynb"], min_length=1, max_length=2)
+
+    def output_for(self, job_id: str) -> str:
+        """Where the executed notebook goes: ``output``, else ``<name>-<job id prefix>.ipynb`` beside ``path`` (each
+        job its own file, as papermill users name outputs)."""
+        if self.output:
+            return self.output
+        path = PurePosixPath(self.path)
+        return str(path.with_name(f"{path.stem}-{job_id[:8]}.ipynb"))
+
+    @field_validator("path", "output")
+    @classmethod
+    def _absolute(cls, value):
+        if value is not None and not value.startswith("/"):
+            raise _error("notebook_path", "must be an absolute path")
+        return None if value is None else _no_control(value)
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value):
+        if value.get("nbformat") != 4 or not isinstance(value.get("cells"), list):
+            raise _error("notebook_format", "must be a notebook in nbformat 4 (with 'nbformat': 4 and 'cells')")
+        if len(json.dumps(value).encode()) > MAX_SOURCE_BYTES:
+            raise _error("notebook_too_large", "must be at most 1 MiB as JSON; clear its outputs first")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, value):
+        for name in value:
+            if not _PARAMETER.fullmatch(name):
+                raise _error("parameter_name", "parameter '{name}' is not a Python identifier", name=name[:64])
+        return value
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel(cls, value):
+        if value is not None and not _KERNEL_NAME.fullmatch(value):
+            raise _error("kernel_name", "must be a kernel spec name (letters, digits, . _ -)")
+        return value
+
+
+# Exactly one of entrypoint, source and notebook, in the schema as in the validator below (null counts as absent)
 EXACTLY_ONE_PROGRAM = {
     "oneOf": [
         {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "array"}}},
         {"required": ["source"], "properties": {"source": {"type": "string"}}},
+        {"required": ["notebook"], "properties": {"notebook": {"type": "object"}}},
     ]
 }
 
 
 class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
-    """A job submission: ``entrypoint`` (argv) or ``source`` (Python code), exactly one."""
+    """A job submission: ``entrypoint`` (argv), ``source`` (Python code) or ``notebook``, exactly one; a
+    notebook's kind is ``notebook``."""
 
     name: str = Field(min_length=1, max_length=200)
-    kind: Literal["train", "preprocess"] = "train"
+    kind: Literal["train", "preprocess", "notebook"] = "train"
     entrypoint: list[Arg] | None = Field(None, min_length=1)
     source: str | None = None
+    notebook: NotebookSpec | None = None
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
@@ -197,11 +262,23 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
                 raise _error("label_value", "label '{key}': value longer than 256 characters", key=key)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _notebook_kind(cls, value):
+        if isinstance(value, dict) and value.get("notebook") is not None and "kind" not in value:
+            return {**value, "kind": "notebook"}
+        return value
+
     @model_validator(mode="after")
-    def _entrypoint_xor_source(self):
-        if (self.entrypoint is None) == (self.source is None):
-            field = "source" if self.source is not None else "entrypoint"
-            raise _error("entrypoint_xor_source", "give exactly one of 'entrypoint' or 'source'", field=field)
+    def _one_program(self):
+        given = [f for f in ("entrypoint", "source", "notebook") if getattr(self, f) is not None]
+        if len(given) != 1:
+            field = given[-1] if given else "entrypoint"
+            raise _error(
+                "entrypoint_xor_source", "give exactly one of 'entrypoint', 'source' or 'notebook'", field=field
+            )
+        if (self.kind == "notebook") != (self.notebook is not None):
+            raise _error("notebook_kind", "kind 'notebook' goes with a 'notebook' and only with one", field="kind")
         return self
 
 
@@ -274,6 +351,9 @@ class Job(BaseModel):
         "(attestation: required jobs)"
     )
     attestation_node: str | None = Field(description="The node whose attestation let the latest attempt start")
+    output_notebook: str | None = Field(
+        None, description="A notebook job's executed notebook: its path where the job runs (kept when it fails)"
+    )
 
 
 class JobEvent(BaseModel):

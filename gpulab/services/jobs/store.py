@@ -122,6 +122,7 @@ class JobRow(Base):
         """The API view of this row."""
         progress = self.progress or {}
         step, total = progress.get("step"), progress.get("total")
+        spec = JobSpec.model_validate(self.spec)
         return Job(
             id=self.id,
             owner=self.owner,
@@ -129,7 +130,7 @@ class JobRow(Base):
             kind=self.kind,
             state=self.state,
             state_reason=self.state_reason,
-            spec=JobSpec.model_validate(self.spec),
+            spec=spec,
             priority=self.priority,
             pool=self.pool,
             resources=Resources(gpus=self.gpus, cpus=self.cpus, memory=self.memory, pool=self.pool),
@@ -152,6 +153,7 @@ class JobRow(Base):
             log_size=log_size,
             attestation_fingerprint=self.attestation_fingerprint,
             attestation_node=self.attestation_node,
+            output_notebook=spec.notebook.output_for(self.id) if spec.notebook else None,
         )
 
 
