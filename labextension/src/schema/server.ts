@@ -795,6 +795,43 @@ export interface components {
      */
     JobState: 'queued' | 'dispatching' | 'running' | 'succeeded' | 'failed' | 'cancelled' | 'timed_out';
     /**
+     * NotebookSpec
+     * @description A notebook job: ``content``, the notebook as it was when submitted (nbformat 4 JSON, its outputs may be
+     *     cleared), run top to bottom by papermill on ``kernel`` (default: the notebook's own) with ``parameters``
+     *     injected after the cell tagged ``parameters``. The executed notebook is written to ``output`` (default:
+     *     ``<name>-<job id prefix>.ipynb`` beside where the notebook was, ``path``), with an HTML copy where ``formats``
+     *     asks for one, and logged to the job's MLflow run.
+     */
+    NotebookSpec: {
+      /**
+       * Path
+       * @description Where the notebook was (absolute).
+       */
+      path: string;
+      /** Content */
+      content: {
+        [key: string]: unknown;
+      };
+      /** Parameters */
+      parameters?: {
+        [key: string]: string | number | boolean | (string | number | boolean | null)[] | null;
+      };
+      /**
+       * Kernel
+       * @description A kernel spec name, e.g. python3 or gpulab-rapids.
+       * @default null
+       */
+      kernel: string | null;
+      /**
+       * Output
+       * @description Absolute path of the executed notebook.
+       * @default null
+       */
+      output: string | null;
+      /** Formats */
+      formats?: ('ipynb' | 'html')[];
+    };
+    /**
      * Resources
      * @description What one attempt needs; ``memory`` accepts bytes or "4Gi"/"512Mi"/"2G" and is stored as bytes.
      */
@@ -835,7 +872,8 @@ export interface components {
     };
     /**
      * JobSpec
-     * @description A job submission: ``entrypoint`` (argv) or ``source`` (Python code), exactly one.
+     * @description A job submission: ``entrypoint`` (argv), ``source`` (Python code) or ``notebook``, exactly one; a
+     *     notebook's kind is ``notebook``.
      */
     JobSpec: {
       /** Name */
@@ -845,7 +883,7 @@ export interface components {
        * @default train
        * @enum {string}
        */
-      kind: 'train' | 'preprocess';
+      kind: 'train' | 'preprocess' | 'notebook';
       /**
        * Entrypoint
        * @default null
@@ -856,6 +894,8 @@ export interface components {
        * @default null
        */
       source: string | null;
+      /** @default null */
+      notebook: components['schemas']['NotebookSpec'] | null;
       /**
        * Working Dir
        * @default null
@@ -904,6 +944,9 @@ export interface components {
         }
       | {
           source: string;
+        }
+      | {
+          notebook: Record<string, never>;
         }
     );
     /** Progress */
@@ -985,6 +1028,12 @@ export interface components {
        * @description The node whose attestation let the latest attempt start
        */
       attestation_node: string | null;
+      /**
+       * Output Notebook
+       * @description A notebook job's executed notebook: its path where the job runs (kept when it fails)
+       * @default null
+       */
+      output_notebook: string | null;
     };
     /** JobList */
     JobList: {
