@@ -1009,8 +1009,13 @@ def wait_spread(hub, plane: str, client, token: str, tritons) -> None:
     deadline = time.monotonic() + 15
     while True:
         before = gateway_metrics(hub, plane)
-        for _ in range(10):
-            infer(client, token)
+        try:
+            for _ in range(10):
+                infer(client, token)
+        except InferenceServerException as e:  # every replica may still be marked failed from a restart
+            assert e.status() == "StatusCode.UNAVAILABLE" and time.monotonic() < deadline, str(e)
+            time.sleep(0.5)
+            continue
         after = gateway_metrics(hub, plane)
         idle = [
             t.grpc_address

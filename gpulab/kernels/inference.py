@@ -33,7 +33,7 @@ from ..inference.client import (
     tls_options,
     to_arrays,
 )
-from ..service.client import SERVICES, GpulabError, HubServiceClient, env
+from ..service.client import GpulabError, HubServiceClient, env, service_url
 
 _HINTS = {
     "UNAUTHENTICATED": "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
@@ -115,7 +115,7 @@ class InferenceClient:
     token this process holds."""
 
     def __init__(self, url: str | None = None, address: str | None = None, token: str | None = None):
-        self.api = HubServiceClient("gpulab-infer", url or env(*SERVICES["gpulab-infer"]), token)  # its HTTP API
+        self.api = HubServiceClient("gpulab-infer", url or service_url("gpulab-infer"), token)  # its HTTP API
         self.url, self.token = self.api.url, self.api.token
         self.address = address or env("GPULAB_INFER_ADDRESS", "the inference gateway's gRPC address")
         tracing.setup_tracing("gpulab-kernel")

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 from tornado import web
 
 from ..net import client_ip
-from ..service.client import HubServiceClient, NotConfigured, Unreachable
+from ..service.client import SERVICES, HubServiceClient, NotConfigured, Unreachable
 from ..service.errors import APIError
 from ..services.jobs.models import MAX_BODY
 from .handlers import GpulabHandler
@@ -24,7 +24,7 @@ def configured(name: str) -> HubServiceClient | str:
     try:
         return HubServiceClient.from_env(name, timeout=60)
     except NotConfigured as e:
-        return f"{name} is not configured for this server ({e})"
+        return f"{SERVICES[name][1]} is not configured for this server ({e.variable} is not set)"
 
 
 def client_of(handler, setting: str) -> HubServiceClient:

@@ -21,10 +21,11 @@ from .. import tracing
 from ..resilience import CircuitBreaker, CircuitOpenError
 
 SERVICES = {
-    "gpulab-jobs": ("GPULAB_JOBS_URL", "the job service's address"),
-    "gpulab-infer": ("GPULAB_INFER_URL", "the inference service's address"),
+    "gpulab-jobs": ("GPULAB_JOBS_URL", "the job service"),
+    "gpulab-infer": ("GPULAB_INFER_URL", "the inference service"),
 }
 """Each hub service a user's server and kernels call: the variable the hub sets to its API's URL, and what it is."""
+TOKEN = ("JUPYTERHUB_API_TOKEN", "your server's hub token")
 
 _HINTS = {
     (401, None): "the token in JUPYTERHUB_API_TOKEN was not accepted; restart your server from the hub",
@@ -38,7 +39,11 @@ class GpulabError(Exception):
 
 
 class NotConfigured(GpulabError):
-    """This process is not running in a gpulab server (an environment variable is missing)."""
+    """This process is not running in a gpulab server: ``variable`` is missing from its environment."""
+
+    def __init__(self, variable: str, what: str):
+        self.variable = variable
+        super().__init__(f"not running in a gpulab server: {variable} is not set ({what})")
 
 
 class Unreachable(GpulabError):
@@ -67,8 +72,14 @@ def env(name: str, what: str, environ: Mapping[str, str] = os.environ) -> str:
     """The variable ``name`` that the hub sets in users' servers and kernels; :class:`NotConfigured` without it."""
     value = environ.get(name)
     if not value:
-        raise NotConfigured(f"not running in a gpulab server: {name} is not set ({what})")
+        raise NotConfigured(name, what)
     return value
+
+
+def service_url(name: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The API URL of hub service ``name`` (of :data:`SERVICES`) where the hub says it is."""
+    variable, what = SERVICES[name]
+    return env(variable, f"{what}'s address", environ)
 
 
 class HubServiceClient:
@@ -79,7 +90,7 @@ class HubServiceClient:
     def __init__(self, name: str, url: str, token: str | None = None, timeout: float = 30):
         self.name = name
         self.url = url.rstrip("/")
-        self.token = token or env("JUPYTERHUB_API_TOKEN", "your server's hub token")
+        self.token = token or env(*TOKEN)
         self.timeout = timeout
         self.breaker = CircuitBreaker(f"{name} at {self.url}", failure_threshold=5, recovery_timeout=10)
         self._session: requests.Session | None = None
@@ -87,9 +98,8 @@ class HubServiceClient:
     @classmethod
     def from_env(cls, name: str, environ: Mapping[str, str] = os.environ, **kwargs) -> HubServiceClient:
         """The service ``name`` of :data:`SERVICES` where the hub says it is; :class:`NotConfigured` if it does not."""
-        variable, what = SERVICES[name]
-        url = env(variable, what, environ)
-        return cls(name, url, env("JUPYTERHUB_API_TOKEN", "your server's hub token", environ), **kwargs)
+        url = service_url(name, environ)
+        return cls(name, url, env(*TOKEN, environ), **kwargs)
 
     def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The token, ``extra``, and the current trace context."""
