@@ -49,6 +49,22 @@ def job(job_id: str):
     return _job(job_id)
 
 
+def schedule(cron: str, source: str | None = None, entrypoint: list[str] | None = None, **fields):
+    """Run a job at the times of ``cron`` (in ``timezone=``, default UTC): ``source``, ``entrypoint`` or
+    ``notebook=`` with ``parameters=``; kept and run by the job service whether or not your server is up.
+    Returns a :class:`~gpulab.kernels.schedules.Schedule` (``pause()``, ``resume()``, ``run_now()``, ``runs()``)."""
+    from .kernels.schedules import schedule as _schedule
+
+    return _schedule(cron, source, entrypoint, **fields)
+
+
+def schedules(all: bool = False):
+    """Your schedules (every user's with ``all=True`` for admins), newest first."""
+    from .kernels.schedules import schedules as _schedules
+
+    return _schedules(all=all)
+
+
 def deploy(source: str, name: str, backend: str | None = None):
     """Deploy an MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>`` or a run id) to Triton."""
     from .kernels.inference import deploy as _deploy

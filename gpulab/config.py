@@ -184,10 +184,11 @@ def service_configurables() -> list[type[Configurable]]:
     from .services.jobs.executors.local import LocalExecutor
     from .services.jobs.executors.ray import RayExecutor
     from .services.jobs.queue import JobQueue
+    from .services.jobs.schedules import Scheduler
     from .services.jobs.store import JobStore
     from .services.mlflow.config import MLflowService
 
-    return [JobStore, JobQueue, LocalExecutor, RayExecutor, InferenceGateway, TritonServer, MLflowService]
+    return [JobStore, JobQueue, Scheduler, LocalExecutor, RayExecutor, InferenceGateway, TritonServer, MLflowService]
 
 
 def check_settings(cfg: Config, classes: list[type[Configurable]]) -> None:

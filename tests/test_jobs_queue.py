@@ -19,11 +19,12 @@ from traitlets.config import Config
 
 from gpulab import cgroups
 from gpulab.job_states import TERMINAL_STATES
+from gpulab.services.jobs import dependencies
 from gpulab.services.jobs.executors.base import ExecutorUnavailable, Handle, Launch, Outcome
 from gpulab.services.jobs.executors.local import LocalExecutor
 from gpulab.services.jobs.models import JobSpec
 from gpulab.services.jobs.queue import ClaimRefused, JobQueue
-from gpulab.services.jobs.store import JobStateError, JobStore
+from gpulab.services.jobs.store import BadDependency, JobStateError, JobStore
 
 # A job that records each run, publishes its token and waits for a release file.
 GATED = """
@@ -717,3 +718,59 @@ async def test_a_job_that_cannot_be_handled_fails_alone_and_the_others_run(make_
     assert failed.state == "failed" and "could not handle this job: OverflowError" in failed.state_reason
     good = await submit(q, entrypoint=py("print('ran')"))
     assert (await finished(store, good)).state == "succeeded"
+
+
+# --- dependencies (depends_on) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("condition", "state", "verdict"),
+    [
+        ("afterok", "succeeded", "met"),
+        ("afterok", "failed", "impossible"),
+        ("afterok", "cancelled", "impossible"),
+        ("afternotok", "timed_out", "met"),
+        ("afternotok", "succeeded", "impossible"),
+        ("afterany", "cancelled", "met"),
+        ("afterany", "running", "waiting"),
+        ("afterok", "queued", "waiting"),
+        ("afterany", None, "impossible"),  # the job is gone
+    ],
+)
+def test_dependency_verdicts(condition, state, verdict):
+    assert dependencies.verdict(condition, state) == verdict
+
+
+async def test_a_job_waits_for_its_dependencies_and_is_cancelled_when_one_cannot_be_met(make_queue, store, tmp_path):
+    q = await make_queue()
+    gate = tmp_path / "gate"
+    first = await submit(
+        q,
+        entrypoint=py(
+            "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.02)\nsys.exit(3)", gate
+        ),
+    )
+    on_ok = await submit(q, entrypoint=["true"], depends_on=[{"job": first}])
+    on_fail = await submit(q, entrypoint=["true"], depends_on=[{"job": first, "condition": "afternotok"}])
+    on_end = await submit(q, entrypoint=["true"], depends_on=[{"job": first, "condition": "afterany"}])
+    await until(lambda: store.get_job(first).state == "running", what="the first job to run")
+    await until(lambda: store.get_job(on_ok).state_reason == f"waiting for job {first[:8]} to succeed")
+    assert [store.get_job(j).state for j in (on_ok, on_fail, on_end)] == ["queued"] * 3
+    gate.write_text("go")  # the first job fails
+    cancelled = await finished(store, on_ok)
+    assert cancelled.state == "cancelled"
+    assert cancelled.state_reason == f"dependency {first[:8]} ended failed: afterok cannot be met"
+    assert (await finished(store, on_fail)).state == "succeeded"
+    assert (await finished(store, on_end)).state == "succeeded"
+    assert [e.to_state for e in store.events(on_ok)] == ["queued", "cancelled"]
+
+
+async def test_a_dependency_must_be_one_of_the_owners_jobs(make_queue, store):
+    q = await make_queue(start=False)
+    bobs = await submit(q, owner="bob", entrypoint=["true"])
+    for depends_on in ([{"job": bobs}], [{"job": "0" * 32}]):
+        with pytest.raises(BadDependency) as refused:
+            await submit(q, entrypoint=["true"], depends_on=depends_on)
+        assert refused.value.field == "depends_on.0.job" and "no job" in str(refused.value)
+    with pytest.raises(ValueError, match="names a job more than once"):
+        JobSpec.model_validate({"name": "j", "entrypoint": ["true"], "depends_on": [{"job": bobs}, {"job": bobs}]})

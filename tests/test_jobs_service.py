@@ -398,3 +398,12 @@ def test_the_client_says_why_a_followed_log_stopped(hub, alice):
             pass
     revoke.join()
     assert alice.request("POST", f"/jobs/{job['id']}/cancel").status_code == 200
+
+
+def test_a_dependency_on_another_users_job_is_refused_naming_it(alice, bob):
+    bobs = bob.submit(entrypoint=["true"])
+    body = {"name": "after-bob", "entrypoint": ["true"], "depends_on": [{"job": bobs["id"]}]}
+    r = alice.request("POST", "/jobs", json=body)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "depends_on.0.job", r.text
+    assert "there is no job" in r.json()["error"]["message"]
+    SPEC.validate("/jobs", "POST", 422, r.json())

@@ -126,6 +126,39 @@ def test_notebook_runs_a_notebook_with_parameters_typed_as_papermill_types_them(
     assert missing.startswith("%notebook: there is no notebook at ") and missing.endswith("nowhere.ipynb"), missing
 
 
+def test_after_makes_a_job_wait_for_another(kernel):
+    (kernel.cwd / "fails.py").write_text("import sys, time\ntime.sleep(1)\nsys.exit(1)\n")
+    (kernel.cwd / "cleanup.py").write_text("print('cleaned up')\n")
+    result = kernel.run(
+        "a = %train --no-monitor fails.py\n"
+        "b = %train --no-monitor --after {a.id[:8]}:afternotok cleanup.py\n"
+        "print(b.data['spec']['depends_on'] == [{'job': a.id, 'condition': 'afternotok'}], b.state_reason)\n"
+        "print(b.wait(timeout=60).state, a.refresh().state, 'cleaned up' in b.logs())"
+    )
+    assert result.reply["status"] == "ok" and not result.stderr, (result.errors, result.stderr)
+    lines = result.stdout.splitlines()[-2:]
+    assert lines[0].startswith("True waiting for job ") and lines[0].endswith(" to fail"), lines
+    assert lines[1] == "succeeded failed True", lines
+
+
+def test_schedule_makes_a_schedule_the_service_keeps(kernel):
+    (kernel.cwd / "etl.py").write_text("print('etl ran')\n")
+    made = kernel.run(
+        's = %schedule "30 4 * * *" --timezone America/New_York --overlap queue etl.py --day 1\n'
+        "print(s.data['cron'], s.data['timezone'], s.data['overlap'], s.data['job']['entrypoint'])"
+    )
+    assert made.reply["status"] == "ok" and not made.stderr, (made.errors, made.stderr)
+    assert "30 4 * * * America/New_York queue ['python', 'etl.py', '--day', '1']" in made.stdout
+    run = kernel.run("job = s.run_now()\nprint(job.wait(timeout=60).state, job.data['schedule_id'] == s.id)")
+    assert run.stdout.split() == ["succeeded", "True"], run.messages
+    listed = kernel.run("%schedules")
+    assert "30 4 * * *" in listed.data("text/plain")[0] and "America/New_York" in listed.data("text/html")[0]
+    assert kernel.run("s.pause().state").data("text/plain") == ["'paused'"]
+    kernel.run("s.delete()")
+    assert one_line_error(kernel.run('%schedule "every day" etl.py')).startswith("%schedule: cron: must have five")
+    assert "give a script to run or --notebook" in one_line_error(kernel.run('%schedule "@daily"'))
+
+
 def test_the_server_token_holds_the_users_gpulab_scopes(kernel):
     result = kernel.run(
         "from gpulab.kernels.client import default_client\nc = default_client()\n"

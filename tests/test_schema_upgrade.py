@@ -5,17 +5,18 @@ every table kept. On PostgreSQL the three share one database, as an admin may co
 stay apart (a version table each)."""
 
 import json
+from datetime import datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, select, text
+from sqlalchemy import MetaData, inspect, select, text
 
 from gpulab.attestation import nonces
 from gpulab.attestation.enrolment import Enrolments
 from gpulab.attestation.reasons import Reason
 from gpulab.attestation.state import NodeStates
-from gpulab.events import outbox
+from gpulab.events import outbox, subscriber
 from gpulab.events.subscriber import AppliedEvents
 from gpulab.service.storage import make_engine
 from gpulab.services.jobs import store as jobs
@@ -24,7 +25,7 @@ from gpulab.services.jobs.models import JobSpec
 SCHEMAS = {"jobs": jobs.SCHEMA, "attestation": nonces.SCHEMA, "events": outbox.SCHEMA}
 # what 0.1.0 left: the jobs history at 0004, the other tables without a history
 PREVIOUS = {"jobs": "0004", "attestation": None, "events": None}
-HEAD = {"jobs": "0005", "attestation": "0001", "events": "0001"}
+HEAD = {"jobs": "0006", "attestation": "0001", "events": "0001"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -62,11 +63,12 @@ def version(url: str, name: str) -> str | None:
 
 
 def open_all(urls: dict) -> dict:
-    """Each database as this release opens it (the services' own constructors, which upgrade it)."""
+    """Each database as this release opens it (the services' own constructors, which upgrade it); None where
+    ``urls`` gives none."""
     return {
-        "jobs": jobs.JobStore(url=urls["jobs"]),
-        "attestation": nonces.open_database(urls["attestation"]),
-        "events": outbox.UserEvents(url=urls["events"]),
+        "jobs": urls["jobs"] and jobs.JobStore(url=urls["jobs"]),
+        "attestation": urls["attestation"] and nonces.open_database(urls["attestation"]),
+        "events": urls["events"] and outbox.UserEvents(url=urls["events"]),
     }
 
 
@@ -79,13 +81,43 @@ def test_fresh_databases_get_the_declared_tables(urls):
         getattr(db, "engine", db).dispose()
 
 
+def previous_jobs_database(url: str) -> str:
+    """The jobs database as 0.1.0 left it, its history at 0004 and applied_events made by ``create_all``, with a
+    job, its event and an applied event in it, written as 0.1.0 wrote them; the job's id."""
+    engine = make_engine(url)
+    jobs.SCHEMA.upgrade(engine, PREVIOUS["jobs"])
+    subscriber.Base.metadata.create_all(engine)
+    tables = MetaData()
+    tables.reflect(engine, only=["jobs", "job_events", "applied_events"])
+    at = datetime(2026, 11, 2, 9, 30)
+    spec = JobSpec(name="kept", entrypoint=["python", "t.py"]).model_dump(
+        mode="json", exclude={"notebook", "depends_on"}
+    )
+    job = {
+        **dict(id="a1" * 16, owner="alice", groups=["ml"], name="kept", kind="train", spec=spec, state="queued"),
+        **dict(state_reason="submitted", priority=0, pool="default", gpus=0, cpus=1.0, attempt=0, max_retries=0),
+        **dict(labels={}, created_at=at, updated_at=at, attestation_required=False, global_priority=0),
+    }
+    with engine.begin() as conn:
+        conn.execute(tables.tables["jobs"].insert().values(job))
+        conn.execute(
+            tables.tables["job_events"].insert().values(job_id=job["id"], at=at, to_state="queued", reason="submitted")
+        )
+        conn.execute(tables.tables["applied_events"].insert().values(event_id=EVENT, applied_at=at))
+    engine.dispose()
+    return job["id"]
+
+
+EVENT = "0b6c2f0e-7d4b-4f0a-9a53-0e4f3c2b1a01"
+
+
 def test_the_previous_releases_databases_are_upgraded_with_their_rows(urls):
-    # this release's tables with a row in each, then the histories set back to where 0.1.0 left them: its tables
-    # were these (0005 and the attestation and events histories only adopt them)
-    opened = open_all(urls)
-    store, events = opened["jobs"], opened["events"]
-    job, _ = store.create_job("alice", ["ml"], JobSpec(name="kept", entrypoint=["python", "t.py"]))
-    AppliedEvents(urls["jobs"]).apply_once({"event_id": "0b6c2f0e-7d4b-4f0a-9a53-0e4f3c2b1a01"}, lambda *_: None)
+    # the jobs database as 0.1.0 wrote it; the others, whose tables 0.1.0 made as this release declares them (their
+    # histories only adopt them), with this release's tables and a row in each, then their histories removed
+    job_id = previous_jobs_database(urls["jobs"])
+    assert version(urls["jobs"], "jobs") == PREVIOUS["jobs"]
+    opened = {name: db for name, db in open_all({**urls, "jobs": None}).items() if db is not None}
+    events = opened["events"]
     engine = opened["attestation"]
     nonce = nonces.NonceStore(engine=engine).issue(user="alice", node="gpu-1", purpose="attest")
     Enrolments(engine).enroll("gpu-1", by="admin", gpus=1)
@@ -96,24 +128,23 @@ def test_the_previous_releases_databases_are_upgraded_with_their_rows(urls):
         conn.execute(outbox.known_users.insert().values(name="alice", state=json.dumps({"groups": ["ml"]})))
     for db in opened.values():
         getattr(db, "engine", db).dispose()
-    for name, url in urls.items():
-        engine = make_engine(url)
+    for name in ("attestation", "events"):
+        engine = make_engine(urls[name])
         with engine.begin() as conn:
-            table = SCHEMAS[name].version_table
-            if PREVIOUS[name] is None:
-                conn.execute(text(f"DROP TABLE {table}"))
-            else:
-                conn.execute(text(f"UPDATE {table} SET version_num = :v"), {"v": PREVIOUS[name]})
+            conn.execute(text(f"DROP TABLE {SCHEMAS[name].version_table}"))
         engine.dispose()
-        assert version(url, name) == PREVIOUS[name]
+        assert version(urls[name], name) is None
 
     opened = open_all(urls)
     for name, url in urls.items():
         assert version(url, name) == HEAD[name], name
         assert schema_differences(name, url) == [], name
     store, engine, events = opened["jobs"], opened["attestation"], opened["events"]
-    assert store.get_job(job.id).name == "kept" and [e.to_state for e in store.events(job.id)] == ["queued"]
-    assert not AppliedEvents(urls["jobs"]).apply_once({"event_id": "0b6c2f0e-7d4b-4f0a-9a53-0e4f3c2b1a01"}, None)
+    kept = store.get_job(job_id)
+    assert (kept.name, kept.schedule_id, kept.held_by) == ("kept", None, None)
+    assert kept.to_model().spec.depends_on == []  # a spec written before depends_on reads as it was
+    assert [e.to_state for e in store.events(job_id)] == ["queued"]
+    assert not AppliedEvents(urls["jobs"]).apply_once({"event_id": EVENT}, None)
     assert nonces.NonceStore(engine=engine).consume(nonce.value, user="alice", node="gpu-1", purpose="attest")
     assert [e.node for e in Enrolments(engine).all()] == ["gpu-1"]
     assert NodeStates(engine).get("gpu-1").last_reason == Reason.DEVICE_MISMATCH

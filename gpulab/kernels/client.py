@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import scopes, tracing
 from ..job_states import TERMINAL_STATES
-from ..service.client import SERVICES, APIError, GpulabError, HubServiceClient, NotConfigured, env
+from ..service.client import APIError, GpulabError, HubServiceClient, NotConfigured, env, service_url
 
 __all__ = [  # with the errors of every hub service client, raised here too
     "APIError",
@@ -63,8 +63,7 @@ class JobsClient(HubServiceClient):
     """Calls to gpulab-jobs (and the hub and MLflow) for the user whose token this process holds."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
-        variable, what = SERVICES["gpulab-jobs"]
-        super().__init__("gpulab-jobs", url or env(variable, what), token, timeout)
+        super().__init__("gpulab-jobs", url or service_url("gpulab-jobs"), token, timeout)
         tracing.setup_tracing("gpulab-kernel")
 
     def submit(self, spec: dict | None = None, **fields) -> Job:
@@ -182,10 +181,12 @@ def job_spec(
     priority: int = 0,
     working_dir: str | None = None,
     notebook: dict | None = None,
+    depends_on: list | None = None,
     **extra,
 ) -> dict:
     """A JobSpec dict: Python ``source``, an argv ``entrypoint`` or a ``notebook`` (see :func:`notebook_spec`), run
-    in ``working_dir`` (default: cwd).
+    in ``working_dir`` (default: cwd), after the jobs in ``depends_on`` (:class:`Job`\ s or ids: each must
+    succeed; ``(job, "afternotok")`` or ``(job, "afterany")`` for the other conditions).
 
     ``extra`` fields (``env``, ``labels``, ``max_runtime``, ``retries``, ``idempotency_key``, ...)
     pass through as they are.
@@ -218,7 +219,17 @@ def job_spec(
         spec["source" if source is not None else "entrypoint"] = source if source is not None else list(entrypoint)
     if experiment:
         spec["tracking"] = {"experiment": experiment}
+    if depends_on:
+        spec["depends_on"] = [dependency(d) for d in depends_on]
     return spec
+
+
+def dependency(item) -> dict:
+    """A ``depends_on`` entry from a :class:`Job`, an id, ``(job or id, condition)`` or such a dict."""
+    if isinstance(item, dict):
+        return item
+    job, condition = item if isinstance(item, tuple) else (item, "afterok")
+    return {"job": getattr(job, "id", job), "condition": condition}
 
 
 def notebook_spec(

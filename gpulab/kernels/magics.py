@@ -1,4 +1,4 @@
-"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%notebook``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``,
+"""IPython magics: ``%%train``/``%train``, ``%preprocess``, ``%notebook``, ``%schedule``, ``%schedules``, ``%jobs``, ``%job``, ``%logs``, ``%cancel``,
 ``%deploy``, ``%infer``.
 
 Wrong options and failed calls print one line (argparse style) to stderr and return None:
@@ -73,8 +73,9 @@ def shlex_split(prog: str, line: str) -> list[str]:
         raise _Stop(f"{prog}: error: {exc}") from None
 
 
-def _job_parser(prog: str, cell: bool, program: bool = True) -> _Parser:
-    """The options every job takes; ``program``: and a script with its arguments where there is no cell."""
+def _job_parser(prog: str, cell: bool, program: bool = True, follow: bool = True) -> _Parser:
+    """The options every job takes; ``program``: and a script with its arguments where there is no cell;
+    ``follow``: --wait and --no-monitor."""
     parser = _Parser(prog=prog, description="Submit a job; returns its handle and shows its live monitor.")
     parser.add_argument("--gpus", type=int, default=0, metavar="N")
     parser.add_argument("--cpus", type=float, default=1.0, metavar="N")
@@ -83,8 +84,16 @@ def _job_parser(prog: str, cell: bool, program: bool = True) -> _Parser:
     parser.add_argument("--experiment", metavar="E", help="MLflow experiment (default: the job name)")
     parser.add_argument("--name", metavar="N")
     parser.add_argument("--priority", type=int, default=0, metavar="P", help="-100..100")
-    parser.add_argument("--wait", action="store_true", help="block until the job ends")
-    parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not show the monitor")
+    parser.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        metavar="ID[:COND]",
+        help="start after this job: it must succeed, or :afternotok (fail) or :afterany (end); repeatable",
+    )
+    if follow:
+        parser.add_argument("--wait", action="store_true", help="block until the job ends")
+        parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not show the monitor")
     if program and not cell:
         parser.add_argument("script", nargs="?", help="a Python file; options go before it")
         parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
@@ -134,6 +143,7 @@ def _id_parser(prog: str, **flags) -> _Parser:
 def _fields(args) -> dict:
     """The job fields of :func:`_job_parser`'s options."""
     return {
+        "depends_on": _dependencies(args.after),
         "name": args.name,
         "gpus": args.gpus,
         "cpus": args.cpus,
@@ -142,6 +152,15 @@ def _fields(args) -> dict:
         "experiment": args.experiment,
         "priority": args.priority,
     }
+
+
+def _dependencies(after: list[str]) -> list[tuple[str, str]]:
+    """``--after ID[:CONDITION]`` as (job id, condition); a short id as ``%jobs`` shows it is looked up."""
+    dependencies = []
+    for item in after:
+        job, _, condition = item.partition(":")
+        dependencies.append((default_client().get(job).id, condition or "afterok"))
+    return dependencies
 
 
 def _launch(spec: dict, args):
@@ -213,6 +232,54 @@ class GpulabMagics(Magics):
             args.notebook, parameters, kernel=args.kernel, output=args.output, html=args.html, **fields
         )
         return _launch(spec, args)
+
+    @line_magic
+    @_one_line
+    def schedule(self, prog, argv, cell=None):
+        """Run a job on a schedule, kept by the job service: ``%schedule "0 3 * * *" [--timezone TZ]
+        [--max-concurrent N] [--overlap skip|queue] [--catch-up once|skip] [job options] script.py [args...]``, or
+        ``... --notebook report.ipynb -p day 1``. Returns the schedule."""
+        from .schedules import schedule
+
+        parser = _job_parser(prog, cell=False, follow=False)
+        parser.usage = f'{prog} "CRON" [options] (script.py [args...] | --notebook PATH [-p NAME VALUE]...)'
+        parser.description = (
+            'Run a job at the times of CRON (five fields, quoted: "0 3 * * *", or @hourly, @daily, ...), '
+            "whether or not your server is up."
+        )
+        parser.add_argument("--timezone", default="UTC", metavar="TZ", help="IANA zone, e.g. Europe/Berlin")
+        parser.add_argument("--max-concurrent", type=int, default=1, metavar="N")
+        parser.add_argument("--overlap", choices=("skip", "queue"), default="skip")
+        parser.add_argument("--catch-up", choices=("once", "skip"), default="once")
+        parser.add_argument("--notebook", metavar="PATH", help="run this notebook (papermill) instead of a script")
+        parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+        if not argv or argv[0].startswith("-"):
+            parser.parse_args(argv)  # --help, or what is wrong with the options
+            parser.error('give the cron expression first, quoted: %schedule "0 3 * * *" [options] script.py')
+        cron, args = argv[0], parser.parse_args(argv[1:])
+        if (args.notebook is None) == (args.script is None):
+            parser.error("give a script to run or --notebook PATH (one of them)")
+        settings = {
+            "timezone": args.timezone,
+            "max_concurrent": args.max_concurrent,
+            "overlap": args.overlap,
+            "catch_up": args.catch_up,
+        }
+        if args.notebook:
+            parameters = {name: parameter_value(value) for name, value in args.parameter}
+            return schedule(cron, notebook=args.notebook, parameters=parameters, **settings, **_fields(args))
+        entrypoint = ["python", args.script, *args.args]
+        return schedule(cron, entrypoint=entrypoint, working_dir=os.getcwd(), **settings, **_fields(args))
+
+    @line_magic
+    @_one_line
+    def schedules(self, prog, argv, cell=None):
+        """List your schedules: ``%schedules [--all]`` (``--all``: everyone's, admins only)."""
+        from .schedules import schedules
+
+        parser = _Parser(prog=prog)
+        parser.add_argument("--all", action="store_true")
+        display(schedules(all=parser.parse_args(argv).all))
 
     @line_magic
     @_one_line

@@ -39,14 +39,16 @@ def test_the_job_service_spec_holds_for_every_generated_call(hub, tmp_path, user
 
 
 def test_another_users_job_is_out_of_reach_of_every_generated_call(hub, tmp_path):
-    """Every operation that takes a job id gets alice's running job's, from bob: nothing of it comes back
-    (no_object_of_another_user) and it is still running, not cancelled or deleted, afterwards. (The checks
-    that a job just created can be read and a deleted one cannot assume the id comes from the creation:
-    here it is pinned.)"""
+    """Every operation that takes a job id gets alice's running job's, and every one that takes a schedule id her
+    schedule's, from bob: nothing of them comes back (no_object_of_another_user), the job is still running, not
+    cancelled or deleted, and the schedule is as it was, afterwards. (The checks that an object just created can
+    be read and a deleted one cannot assume the id comes from the creation: here it is pinned.)"""
     alice = Client(hub, "alice")
     job = alice.submit(name="alices", source="import time; time.sleep(600)", max_runtime=900)
     alice.wait(job["id"], states={"running"})
-    config = f'[parameters]\n"path.job_id" = "{job["id"]}"\n'
+    body = {"name": "alices", "cron": "@yearly", "paused": True, "job": {"name": "j", "entrypoint": ["true"]}}
+    schedule = alice.request("POST", "/schedules", json=body).json()
+    config = f'[parameters]\n"path.job_id" = "{job["id"]}"\n"path.schedule_id" = "{schedule["id"]}"\n'
     result = schemathesis(
         JOBS_SPEC,
         hub.url + JOBS_API,
@@ -59,6 +61,7 @@ def test_another_users_job_is_out_of_reach_of_every_generated_call(hub, tmp_path
     assert result["test_cases"]["generated"] >= 10 * EXAMPLES, result["test_cases"]
     after = alice.request("GET", f"/jobs/{job['id']}").json()
     assert after["state"] == "running", after
+    assert alice.request("GET", f"/schedules/{schedule['id']}").json() == schedule
     alice.request("POST", f"/jobs/{job['id']}/cancel")
 
 

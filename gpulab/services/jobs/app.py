@@ -2,7 +2,7 @@
 
 Configured like any hub-managed service (``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_SERVICE_PREFIX``,
 ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``) plus ``gpulab_config.py`` (``c.JobQueue``,
-``c.JobStore``, executor settings, ``c.Attestation``), read once by :class:`JobsApp`; the hub adds where the
+``c.JobStore``, ``c.Scheduler``, executor settings, ``c.Attestation``), read once by :class:`JobsApp`; the hub adds where the
 platform's MLflow is (``c.JobQueue.mlflow_tracking_uri``, unless set) in ``$GPULAB_CONFIG_OVERRIDES``. The
 attestation service, and with it the NRAS API key (``c.Attestation.api_key_file`` or ``$GPULAB_NRAS_API_KEY``
 in this service's environment), lives here and never in users' servers.
@@ -29,7 +29,7 @@ from ...secrets import read_secret_file
 from ...service.app import ServiceApp
 from ...service.errors import APIError, error_body
 from ...service.handlers import too_large
-from . import attestation_api, handlers, openapi
+from . import attestation_api, handlers, openapi, schedules_api
 from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .executors.ray import RayExecutor
@@ -37,6 +37,7 @@ from .handlers import BaseHandler
 from .metrics import LOOP_LAG, MetricsHandler
 from .models import MAX_BODY
 from .queue import JobQueue
+from .schedules import Scheduler
 from .store import JobStore
 
 log = logging.getLogger("gpulab.jobs")
@@ -102,7 +103,8 @@ class NotFoundHandler(BaseHandler):
 def api_handlers(prefix: str) -> list:
     """Routes under ``<prefix>api/v1``: each API module's ``default_handlers``."""
     api = prefix.rstrip("/") + "/api/v1"
-    return [(api + path, handler) for path, handler in handlers.default_handlers + attestation_api.default_handlers]
+    routes = handlers.default_handlers + schedules_api.default_handlers + attestation_api.default_handlers
+    return [(api + path, handler) for path, handler in routes]
 
 
 class JobsApp(ServiceApp):
@@ -110,7 +112,7 @@ class JobsApp(ServiceApp):
 
     name = "gpulab-jobs"
     description = "The hub-managed training job service."
-    classes = [JobStore, JobQueue, LocalExecutor, RayExecutor]
+    classes = [JobStore, JobQueue, Scheduler, LocalExecutor, RayExecutor]
 
     def initialize(self, argv=None) -> None:
         super().initialize(argv)
@@ -185,10 +187,12 @@ class JobsApp(ServiceApp):
     async def serve(self, stopping: asyncio.Event) -> None:
         queue = self.build_queue()
         queue.attestation = self.build_attestation()
+        scheduler = Scheduler(parent=self, queue=queue)
         app = self.web_application(
             self.routes(queue),
             cls=BoundedApplication,
             queue=queue,
+            scheduler=scheduler,
             attestation=queue.attestation,  # the handlers' own, beside the queue (which gates jobs on node states)
             openapi=openapi.load(),
             default_handler_class=NotFoundHandler,
@@ -197,7 +201,9 @@ class JobsApp(ServiceApp):
         server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=READ_BODIES)
         await queue.start()
         lag = asyncio.create_task(LOOP_LAG.run())
+        schedules = asyncio.create_task(scheduler.run(stopping))
         await stopping.wait()
         lag.cancel()
+        await schedules
         server.stop()
         await queue.stop()  # running jobs keep running; the next start re-attaches them

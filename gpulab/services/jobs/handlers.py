@@ -3,6 +3,7 @@
 import asyncio
 import json
 import math
+import re
 import time
 
 from jupyterhub.services.auth import check_scopes
@@ -25,9 +26,10 @@ from .models import (
     TrackingUpdate,
 )
 from .queue import ClaimRefused, SubmissionsLimited
-from .store import JobNotFound, JobStateError, QueueFull
+from .store import BadDependency, JobNotFound, JobStateError, QueueFull
 
 MAX_LIST = 500
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # of jobs and schedules
 
 
 class BaseHandler(ServiceHandler):
@@ -87,6 +89,8 @@ class JobsHandler(UserHandler):
             ) from None
         except QueueFull as e:
             raise APIError(429, str(e), code="max_queued") from None
+        except BadDependency as e:
+            raise APIError(422, f"{e.field}: {e}", field=e.field, code="invalid") from None
         if created:
             SUBMITTED.labels(row.pool).inc()
         self.write_json(self.queue.job_model(row), 201 if created else 200)
@@ -106,6 +110,9 @@ class JobsHandler(UserHandler):
             raise APIError(400, "limit must be an integer", field="limit") from None
         if not 1 <= limit <= MAX_LIST:
             raise APIError(400, f"limit must be between 1 and {MAX_LIST}", field="limit")
+        schedule = self.get_argument("schedule", None)
+        if schedule is not None and not JOB_ID_PATTERN.fullmatch(schedule):
+            raise APIError(400, "schedule must be a schedule's id (32 hex digits)", field="schedule")
         labels = {}
         for item in self.get_arguments("label"):
             key, sep, value = item.partition("=")
@@ -120,6 +127,7 @@ class JobsHandler(UserHandler):
                 labels=labels,
                 limit=limit,
                 cursor=self.get_argument("cursor", None),
+                schedule_id=schedule,
             )
         except ValueError:
             raise APIError(400, "cursor is not one this API returned", field="cursor") from None

@@ -15,6 +15,8 @@ from gpulab.attestation.verifier import AttestedDevice
 from gpulab.job_states import JobState
 from gpulab.text import CONTROL
 
+from . import cron
+
 DENIED_ENV = (
     "JUPYTERHUB_*",
     "GPULAB_*",
@@ -169,6 +171,22 @@ class NotebookSpec(_Body):
         return value
 
 
+MAX_DEPENDENCIES = 32
+
+
+class Dependency(_Body):
+    """A job this one waits for, with Slurm's conditions: ``afterok`` (it succeeded), ``afternotok`` (it failed,
+    was cancelled or timed out), ``afterany`` (it ended). One that can no longer be met cancels the waiting job."""
+
+    job: str = Field(pattern=r"^[0-9a-f]{32}$", description="The id of a job of the same owner.")
+    condition: Literal["afterok", "afternotok", "afterany"] = "afterok"
+
+    def waiting_reason(self) -> str:
+        """A waiting job's reason while this dependency is not met yet."""
+        goal = {"afterok": "to succeed", "afternotok": "to fail", "afterany": "to end"}[self.condition]
+        return f"waiting for job {self.job[:8]} {goal}"
+
+
 # Exactly one of entrypoint, source and notebook, in the schema as in the validator below (null counts as absent)
 EXACTLY_ONE_PROGRAM = {
     "oneOf": [
@@ -205,6 +223,15 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
     labels: dict[str, str] = Field(default_factory=dict, max_length=32)
     attestation: Literal["none", "required"] = "none"
+    depends_on: list[Dependency] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
+
+    @field_validator("depends_on")
+    @classmethod
+    def _distinct(cls, value):
+        jobs = [d.job for d in value]
+        if len(set(jobs)) != len(jobs):
+            raise _error("dependency_repeated", "names a job more than once")
+        return value
 
     @field_validator("name", "idempotency_key")
     @classmethod
@@ -354,6 +381,7 @@ class Job(BaseModel):
     output_notebook: str | None = Field(
         None, description="A notebook job's executed notebook: its path where the job runs (kept when it fails)"
     )
+    schedule_id: str | None = Field(None, description="The schedule whose run this job is")
 
 
 class JobEvent(BaseModel):
@@ -367,6 +395,99 @@ class JobEvent(BaseModel):
 class JobList(BaseModel):
     jobs: list[Job]
     next_cursor: str | None
+
+
+MAX_CONCURRENT_RUNS = 100
+
+
+class _When(_Body):
+    """The checks of a schedule's ``cron`` and ``timezone``, for the bodies that carry them."""
+
+    @field_validator("cron", check_fields=False)
+    @classmethod
+    def _cron(cls, value):
+        if value is not None and (error := cron.cron_error(value)):
+            raise _error("cron", error)
+        return None if value is None else " ".join(value.split())
+
+    @field_validator("timezone", check_fields=False)
+    @classmethod
+    def _timezone(cls, value):
+        if value is not None and (error := cron.timezone_error(value)):
+            raise _error("timezone", error)
+        return value
+
+
+class ScheduleSettings(_When):
+    """What a schedule's runs do when one is due: ``max_concurrent`` runs at once, and a due run past it is
+    skipped or, with ``overlap: queue``, started when one ends (one run waits at most); runs missed while the
+    service was down are run once when it is back (``catch_up: once``) or skipped."""
+
+    max_concurrent: int = Field(1, ge=1, le=MAX_CONCURRENT_RUNS)
+    overlap: Literal["skip", "queue"] = "skip"
+    catch_up: Literal["once", "skip"] = "once"
+
+
+class ScheduleSpec(ScheduleSettings):
+    """``POST /schedules``: run ``job`` (a job submission, as ``POST /jobs`` takes) at the times ``cron`` (five
+    fields, or @hourly/@daily/@weekly/@monthly/@yearly) gives in ``timezone`` (IANA, e.g. Europe/Berlin)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    cron: str = Field(min_length=1, max_length=120)
+    timezone: str = Field("UTC", min_length=1, max_length=64)
+    job: JobSpec
+    paused: bool = False
+
+    @field_validator("job")
+    @classmethod
+    def _no_dependencies(cls, value):
+        if value.depends_on:
+            raise _error("schedule_dependency", "a schedule's runs cannot depend on jobs (each would wait on the same)")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, value):
+        return _no_control(value)
+
+
+class ScheduleUpdate(_When):
+    """``PATCH /schedules/{id}``: pause or resume, or change when and how it runs (its job stays as it is)."""
+
+    paused: bool | None = None
+    cron: str | None = Field(None, min_length=1, max_length=120)
+    timezone: str | None = Field(None, min_length=1, max_length=64)
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_CONCURRENT_RUNS)
+    overlap: Literal["skip", "queue"] | None = None
+    catch_up: Literal["once", "skip"] | None = None
+
+
+class Schedule(BaseModel):
+    """A schedule as the API returns it; times are ISO 8601 UTC strings ("...Z")."""
+
+    id: str
+    owner: str
+    name: str
+    cron: str
+    timezone: str
+    state: Literal["active", "paused"]
+    job: JobSpec
+    max_concurrent: int
+    overlap: Literal["skip", "queue"]
+    catch_up: Literal["once", "skip"]
+    next_run_at: str | None = Field(description="When it runs next (null while paused)")
+    last_run_at: str | None = Field(description="When its latest run was due")
+    last_job_id: str | None
+    pending_run: bool = Field(description="A due run waits for one of the running ones to end (overlap: queue)")
+    runs: int = Field(description="Runs started")
+    skipped: int = Field(description="Due runs skipped: over max_concurrent, or missed while the service was down")
+    last_error: str | None = Field(description="Why the latest due run did not start (the owner's queue was full)")
+    created_at: str
+    updated_at: str
+
+
+class ScheduleList(BaseModel):
+    schedules: list[Schedule]
 
 
 class PoolResources(BaseModel):

@@ -28,18 +28,34 @@ from .models import (
     PoolStatus,
     ProgressUpdate,
     Quota,
+    Schedule,
+    ScheduleList,
+    ScheduleSpec,
+    ScheduleUpdate,
     TrackingUpdate,
     VerifyRequest,
 )
 
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
-REQUESTS = (JobSpec, ProgressUpdate, TrackingUpdate, NonceRequest, VerifyRequest, EvidenceRequest, EnrolRequest)
+REQUESTS = (
+    JobSpec,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ProgressUpdate,
+    TrackingUpdate,
+    NonceRequest,
+    VerifyRequest,
+    EvidenceRequest,
+    EnrolRequest,
+)
 RESPONSES = (
     Job,
     JobEvent,
     JobCredentials,
     JobIdentity,
     JobList,
+    Schedule,
+    ScheduleList,
     PoolStatus,
     Quota,
     ErrorBody,

@@ -26,7 +26,7 @@ from gpulab.ratelimit import TokenBuckets
 from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.storage import utcnow
 
-from . import policy, views
+from . import dependencies, policy, views
 from .attempts import Attempts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome
 from .executors.local import handle_file
@@ -358,6 +358,7 @@ class JobQueue(LoggingConfigurable):
                 except Exception as e:  # one job that cannot be handled must not stop the others
                     self.log.exception("job %s cannot be handled; stopping it", row.id)
                     self._begin_stop(row, "failed", f"gpulab could not handle this job: {type(e).__name__}: {e}")
+            await self.store.db.run(dependencies.resolve, self.store)
             await self._dispatch_queued()
 
     async def _settle(self, row: JobRow, outcome: Outcome) -> None:

@@ -1,4 +1,4 @@
-"""Persistent job state: the ``jobs`` and ``job_events`` tables (SQLite WAL or PostgreSQL).
+"""Persistent job state: the ``jobs``, ``job_events`` and ``schedules`` tables (SQLite WAL or PostgreSQL).
 
 The schema is managed by alembic (``migrations/``); :class:`JobStore` upgrades it on start.
 Times are naive UTC (:func:`gpulab.events.utcnow`). Every state change goes through
@@ -65,6 +65,14 @@ class QueueFull(Exception):
     """The owner has as many queued jobs as they may (``JobQueue.max_queued``)."""
 
 
+class BadDependency(ValueError):
+    """A job the submission depends on is not one of the owner's: ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class Base(DeclarativeBase):
     """Declarative base of the job tables."""
 
@@ -78,6 +86,7 @@ class JobRow(Base):
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_schedule_state", "schedule_id", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -117,6 +126,8 @@ class JobRow(Base):
     # the priority among all users' jobs: the spec's when an admin submitted it, else 0 (ordinary users'
     # priorities order only their own jobs, so fair share cannot be bought with priority 100)
     global_priority: Mapped[int] = mapped_column(default=0)
+    schedule_id: Mapped[str | None] = mapped_column(String(32))  # the schedule whose run it is (it may be gone)
+    held_by: Mapped[str | None] = mapped_column(String(32))  # the dependency a queued job waits for (.dependencies)
 
     def to_model(self, log_size: int = 0) -> Job:
         """The API view of this row."""
@@ -154,7 +165,37 @@ class JobRow(Base):
             attestation_fingerprint=self.attestation_fingerprint,
             attestation_node=self.attestation_node,
             output_notebook=spec.notebook.output_for(self.id) if spec.notebook else None,
+            schedule_id=self.schedule_id,
         )
+
+
+class ScheduleRow(Base):
+    """A schedule: a job template run at the times of a cron expression (see :mod:`.schedules`)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_due", "state", "next_run_at"), Index("ix_schedules_owner", "owner"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    groups: Mapped[list] = mapped_column(JSON)  # the owner's groups and admin-ness when it was made, for its runs
+    admin: Mapped[bool] = mapped_column(default=False)
+    name: Mapped[str] = mapped_column(String(200))
+    cron: Mapped[str] = mapped_column(String(120))
+    timezone: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # active | paused
+    job: Mapped[dict] = mapped_column(JSON)  # the JobSpec of each run
+    max_concurrent: Mapped[int]
+    overlap: Mapped[str] = mapped_column(String(8))
+    catch_up: Mapped[str] = mapped_column(String(8))
+    next_run_at: Mapped[datetime | None]
+    last_run_at: Mapped[datetime | None]
+    last_job_id: Mapped[str | None] = mapped_column(String(32))
+    pending_run: Mapped[bool] = mapped_column(default=False)
+    runs: Mapped[int] = mapped_column(default=0)
+    skipped: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 class JobEventRow(Base):
@@ -220,11 +261,15 @@ REASON_COLUMNS = (
 
 
 def _due() -> list[ColumnElement]:
-    """Conditions of a queued job whose retry backoff has passed."""
-    return [JobRow.state == "queued", or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow())]
+    """Conditions of a queued job whose retry backoff has passed and that waits for no other job."""
+    return [
+        JobRow.state == "queued",
+        JobRow.held_by.is_(None),
+        or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow()),
+    ]
 
 
-# the jobs database: jobs, their events, and the user events the service has applied
+# the jobs database: jobs, their events, schedules, and the user events the service has applied
 SCHEMA = Schema((Base.metadata, applied_events.Base.metadata), MIGRATIONS, VERSION_TABLE)
 upgrade = SCHEMA.upgrade
 
@@ -259,11 +304,13 @@ class JobStore(LoggingConfigurable):
         traceparent: str | None = None,
         max_queued: int | None = None,
         admin: bool = False,
+        schedule_id: str | None = None,
     ) -> tuple[JobRow, bool]:
         """Insert a queued job; with ``spec.idempotency_key`` an existing job of the owner wins. With
         ``max_queued``, raises ``QueueFull`` when the owner has that many queued jobs (a cap against runaway
         loops, not a quota: concurrent submissions may pass it by a few). ``admin``: the submitter is an admin,
-        whose ``priority`` also orders the job among other users' jobs.
+        whose ``priority`` also orders the job among other users' jobs. ``schedule_id``: the schedule whose run
+        it is.
 
         Returns ``(row, created)``.
         """
@@ -291,11 +338,17 @@ class JobStore(LoggingConfigurable):
             created_at=now,
             updated_at=now,
             traceparent=traceparent,
+            schedule_id=schedule_id,
+            held_by=spec.depends_on[0].job if spec.depends_on else None,
         )
+        if spec.depends_on:
+            row.state_reason = spec.depends_on[0].waiting_reason()
         try:  # one transaction, on one connection: a submission costs the fewest round trips to the database
             with self._session() as session, session.begin():
                 if spec.idempotency_key and (existing := session.scalar(self._key_query(owner, spec.idempotency_key))):
                     return existing, False
+                if spec.depends_on:
+                    self._check_dependencies(session, owner, spec)
                 if max_queued is not None and session.scalar(self._queued_query(owner)) >= max_queued:
                     raise QueueFull(
                         f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
@@ -309,6 +362,15 @@ class JobStore(LoggingConfigurable):
                 return existing, False  # a concurrent submission with the same key won
             raise
         return row, True
+
+    @staticmethod
+    def _check_dependencies(session: Session, owner: str, spec: JobSpec) -> None:
+        """Each job ``spec`` depends on is one of the owner's (another user's is refused like one that is not)."""
+        ids = [d.job for d in spec.depends_on]
+        owners = dict(session.execute(select(JobRow.id, JobRow.owner).where(JobRow.id.in_(ids))).all())
+        for i, job_id in enumerate(ids):
+            if owners.get(job_id) != owner:
+                raise BadDependency(f"depends_on.{i}.job", f"there is no job {job_id} of {owner}'s to depend on")
 
     @staticmethod
     def _queued_query(owner: str):
@@ -336,6 +398,7 @@ class JobStore(LoggingConfigurable):
         labels: dict[str, str] | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        schedule_id: str | None = None,
     ) -> tuple[list[JobRow], str | None]:
         """Newest first; returns ``(rows, next_cursor)`` (``None`` on the last page).
 
@@ -348,6 +411,8 @@ class JobStore(LoggingConfigurable):
             query = query.where(JobRow.state.in_([state] if isinstance(state, str) else state))
         for key, value in (labels or {}).items():
             query = query.where(JobRow.labels[key].as_string() == value)
+        if schedule_id:
+            query = query.where(JobRow.schedule_id == schedule_id)
         if cursor:
             created, job_id = _decode_cursor(cursor)
             query = query.where(
@@ -388,6 +453,22 @@ class JobStore(LoggingConfigurable):
                 raise JobStateError(f"job {job_id} changed state concurrently; not moved to {to_state}")
             session.add(JobEventRow(job_id=job_id, at=now, from_state=current, to_state=to_state, reason=reason))
             return session.get(JobRow, job_id)
+
+    def hold(self, job_id: str, dependency: str, reason: str) -> None:
+        """A queued job waits for ``dependency`` (see :mod:`.dependencies`)."""
+        self._update_queued(job_id, held_by=dependency, state_reason=reason)
+
+    def release(self, job_id: str, reason: str) -> None:
+        """A queued job's dependencies are met: it is a candidate again."""
+        self._update_queued(job_id, held_by=None, state_reason=reason)
+
+    def _update_queued(self, job_id: str, **values: Any) -> None:
+        with self._session() as session, session.begin():
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state == "queued")
+                .values(**values, updated_at=utcnow())
+            )
 
     def set_waiting_reasons(self, reason_for: Callable[[SimpleNamespace], str | None]) -> None:
         """Set each due queued job's reason (why it waits) to ``reason_for(job)`` where that is not None

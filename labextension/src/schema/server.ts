@@ -871,6 +871,24 @@ export interface components {
       wandb_project: string | null;
     };
     /**
+     * Dependency
+     * @description A job this one waits for, with Slurm's conditions: ``afterok`` (it succeeded), ``afternotok`` (it failed,
+     *     was cancelled or timed out), ``afterany`` (it ended). One that can no longer be met cancels the waiting job.
+     */
+    Dependency: {
+      /**
+       * Job
+       * @description The id of a job of the same owner.
+       */
+      job: string;
+      /**
+       * Condition
+       * @default afterok
+       * @enum {string}
+       */
+      condition: 'afterok' | 'afternotok' | 'afterany';
+    };
+    /**
      * JobSpec
      * @description A job submission: ``entrypoint`` (argv), ``source`` (Python code) or ``notebook``, exactly one; a
      *     notebook's kind is ``notebook``.
@@ -938,6 +956,8 @@ export interface components {
        * @enum {string}
        */
       attestation: 'none' | 'required';
+      /** Depends On */
+      depends_on?: components['schemas']['Dependency'][];
     } & (
       | {
           entrypoint: unknown[];
@@ -1034,6 +1054,12 @@ export interface components {
        * @default null
        */
       output_notebook: string | null;
+      /**
+       * Schedule Id
+       * @description The schedule whose run this job is
+       * @default null
+       */
+      schedule_id: string | null;
     };
     /** JobList */
     JobList: {
