@@ -65,6 +65,14 @@ def schedules(all: bool = False):
     return _schedules(all=all)
 
 
+def pipeline(pipeline, folder=None):
+    """Submit a pipeline (a dict of ``name`` and ``steps``, or a YAML file's path): every step a job that waits for
+    the steps it ``needs``; returns a :class:`~gpulab.kernels.pipelines.Pipeline` (``status()``, ``wait()``)."""
+    from .kernels.pipelines import submit_pipeline
+
+    return submit_pipeline(pipeline, folder)
+
+
 def deploy(source: str, name: str, backend: str | None = None):
     """Deploy an MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>`` or a run id) to Triton."""
     from .kernels.inference import deploy as _deploy

@@ -1,5 +1,6 @@
 """The ``gpulab`` command: ``gpulab up`` runs the platform, ``gpulab config show`` prints its config,
-``gpulab attest collect`` attests a GPU node, ``gpulab users`` and ``gpulab nodes`` manage who may."""
+``gpulab attest collect`` attests a GPU node, ``gpulab users`` and ``gpulab nodes`` manage who may, and
+``gpulab pipeline submit`` runs a pipeline of jobs (from a user's server or terminal)."""
 
 import argparse
 import getpass
@@ -184,6 +185,26 @@ def config_generate(_args) -> int:
     return 0
 
 
+def pipeline_submit(args) -> int:
+    from .kernels.client import GpulabError
+    from .kernels.pipelines import submit_pipeline
+
+    try:
+        pipeline = submit_pipeline(args.file)
+        print(f"pipeline {pipeline.run}: {len(pipeline.jobs)} steps, files in {pipeline.directory}")
+        for name, job in pipeline.jobs.items():
+            print(f"  {name}: job {job.id} {job.state} ({job.state_reason})")
+        if not args.wait:
+            return 0
+        states = pipeline.wait()
+    except GpulabError as e:
+        print(f"gpulab pipeline: {e}", file=sys.stderr)
+        return 2
+    for name, job in pipeline.jobs.items():
+        print(f"  {name}: {states[name]} ({job.state_reason})")
+    return 0 if all(state == "succeeded" for state in states.values()) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gpulab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +244,12 @@ def main(argv=None) -> int:
         help="collector argv, {nonce} and {device} filled in (default c.Attestation.collector_command); must come last",
     )
     p_collect.set_defaults(func=attest_collect)
+    p_pipeline = sub.add_parser("pipeline", help="pipelines of jobs (in a user's server or terminal)")
+    pipeline_sub = p_pipeline.add_subparsers(dest="pipeline_command", required=True)
+    p_submit = pipeline_sub.add_parser("submit", help="submit a pipeline file: every step a job (docs/jobs.md)")
+    p_submit.add_argument("file", help="the pipeline's YAML file")
+    p_submit.add_argument("--wait", action="store_true", help="wait for every step; exit 1 unless all succeeded")
+    p_submit.set_defaults(func=pipeline_submit)
     users.add_parser(sub)
     nodes.add_parser(sub)
     args = parser.parse_args(argv)

@@ -183,12 +183,16 @@ def service_configurables() -> list[type[Configurable]]:
     from .services.infer.config import InferenceGateway
     from .services.jobs.executors.local import LocalExecutor
     from .services.jobs.executors.ray import RayExecutor
+    from .services.jobs.notifications import Notifier
     from .services.jobs.queue import JobQueue
     from .services.jobs.schedules import Scheduler
     from .services.jobs.store import JobStore
     from .services.mlflow.config import MLflowService
 
-    return [JobStore, JobQueue, Scheduler, LocalExecutor, RayExecutor, InferenceGateway, TritonServer, MLflowService]
+    return [
+        *(JobStore, JobQueue, Scheduler, Notifier, LocalExecutor, RayExecutor),
+        *(InferenceGateway, TritonServer, MLflowService),
+    ]
 
 
 def check_settings(cfg: Config, classes: list[type[Configurable]]) -> None:

@@ -216,13 +216,20 @@ def test_oversized_and_malformed_bodies(alice):
     assert alice.request("GET", "/nope").status_code == 404
 
 
-def test_deleting_a_user_cancels_their_jobs(hub):
+def test_deleting_a_user_cancels_their_jobs_and_removes_their_schedules(hub):
     dave = Client(hub, "dave")
     job = dave.submit(entrypoint=["sleep", "60"])
     dave.wait(job["id"], states=("running",))
+    body = {"name": "nightly", "cron": "0 3 * * *", "job": {"name": "n", "entrypoint": ["true"]}}
+    schedule = dave.request("POST", "/schedules", json=body).json()
     assert hub.api("DELETE", "/users/dave").status_code == 204  # -> user.deleted event
-    carol = Client(hub, "carol")
+    carol = Client(hub, "carol")  # an admin: she may see everyone's
     assert carol.wait(job["id"])["state"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while (r := carol.request("GET", f"/schedules/{schedule['id']}")).status_code == 200:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 404, r.text
 
 
 def test_service_killed_mid_run_is_restarted_and_the_job_finishes_once(hub, alice):

@@ -7,6 +7,10 @@ JUPYTERHUB_API_URL), as the server gives its kernels.
 """
 
 import json
+import os
+import pwd
+import subprocess
+import sys
 
 import pytest
 
@@ -139,6 +143,65 @@ def test_after_makes_a_job_wait_for_another(kernel):
     lines = result.stdout.splitlines()[-2:]
     assert lines[0].startswith("True waiting for job ") and lines[0].endswith(" to fail"), lines
     assert lines[1] == "succeeded failed True", lines
+
+
+PIPELINE = """
+name: digits
+steps:
+  - {name: prep, source: "import os; open(os.environ['PIPELINE_DIR'] + '/rows', 'w').write('100')"}
+  - {name: train, script: train.py, needs: [prep]}
+  - {name: report, source: "print('never')", needs: [train]}
+  - {name: cleanup, source: "print('cleaned up after train')", needs: [train], condition: afternotok}
+  - {name: lint, source: "print('independent')"}
+"""
+
+
+def test_a_pipeline_runs_its_steps_in_order_and_cancels_what_a_failure_leaves_unmet(hub, kernel):
+    """``gpulab pipeline submit --wait`` in kim's folder, as kim's account with her server's environment (as in a
+    terminal of her server), so that the steps, run as kim, share the pipeline directory she made."""
+    (kernel.cwd / "pipeline.yaml").write_text(PIPELINE)
+    (kernel.cwd / "train.py").write_text(
+        "import os, sys\nrows = open(os.environ['PIPELINE_DIR'] + '/rows').read()\n"
+        "print('read', rows, 'rows')\nsys.exit(f'no model converges on {rows} rows')\n"
+    )
+    account = pwd.getpwuid(kernel.cwd.stat().st_uid).pw_name
+    env = {**hub.server_env("kim"), "PATH": os.environ["PATH"], "HOME": str(kernel.cwd)}
+    cli = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            account,
+            "--",
+            sys.executable,
+            "-m",
+            "gpulab",
+            "pipeline",
+            "submit",
+            "--wait",
+            "pipeline.yaml",
+        ],
+        cwd=kernel.cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert cli.returncode == 1, (cli.stdout, cli.stderr)  # not every step succeeded
+    final = dict(line.strip().split(": ", 1) for line in cli.stdout.splitlines()[-5:])
+    assert {name: said.split(" ")[0] for name, said in final.items()} == {
+        "prep": "succeeded",
+        "train": "failed",
+        "report": "cancelled",
+        "cleanup": "succeeded",
+        "lint": "succeeded",
+    }, cli.stdout
+    assert "ended failed: afterok cannot be met" in final["report"], final["report"]
+    run = cli.stdout.split()[1].rstrip(":")
+    assert (kernel.cwd / ".gpulab-pipelines" / run / "rows").read_text() == "100"
+    labelled = JobsClient(env["GPULAB_JOBS_URL"], env["JUPYTERHUB_API_TOKEN"]).request(
+        "GET", "/jobs", params={"label": f"gpulab.pipeline={run}"}
+    )
+    assert sorted(j["labels"]["gpulab.step"] for j in labelled.json()["jobs"]) == sorted(final)
 
 
 def test_schedule_makes_a_schedule_the_service_keeps(kernel):

@@ -50,6 +50,17 @@ def test_without_a_job_service_the_api_says_so(no_services, answer):
     SPEC.validate("/jobs", "get", 503, body)
 
 
+def test_schedules_go_to_the_job_service_too(no_services, answer):
+    for path, method in [
+        (("schedules",), "GET"),
+        (("schedules", "a" * 32), "PATCH"),
+        (("schedules", "a" * 32, "run"), "POST"),
+    ]:
+        status, body = answer(*path, method=method, body="{}" if method != "GET" else None)
+        assert status == 503 and "the job service is not configured" in body["error"]["message"], (path, body)
+    SPEC.validate("/schedules", "get", 503, body)
+
+
 def test_an_unknown_path_under_the_api_is_a_json_404(no_services, answer):
     status, body = answer("no-such-thing")
     assert status == 404 and body["error"]["code"] == "not_found", body

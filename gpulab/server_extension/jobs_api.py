@@ -1,4 +1,5 @@
-"""``/gpulab/api/v1/jobs...`` in the user's server: the job service, acting for this server's user.
+"""``/gpulab/api/v1/jobs...``, ``/schedules...`` and ``/notifications`` in the user's server: the job service, acting for this server's
+user.
 
 Requests go to ``gpulab-jobs`` with the server's own hub token (``JUPYTERHUB_API_TOKEN``, which
 carries the user's gpulab scopes) and the client's address in ``X-Forwarded-For``, through one
@@ -60,7 +61,7 @@ class ServiceProxyHandler(GpulabHandler):
             response = await service.fetch(
                 self.request.method,
                 path + (f"?{query}" if query else ""),
-                body=self.request.body if self.request.method == "POST" else None,
+                body=self.request.body if self.request.method in ("POST", "PATCH", "PUT") else None,
                 headers=headers,
                 timeout=0 if streaming else None,
                 streaming_callback=self._stream if streaming else None,
@@ -127,10 +128,55 @@ class JobCancelHandler(JobsProxyHandler):
         await self.forward(f"/jobs/{job_id}/cancel")
 
 
+class SchedulesHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self):
+        await self.forward("/schedules")
+
+    @web.authenticated
+    async def post(self):
+        await self.forward("/schedules")
+
+
+class ScheduleHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self, schedule_id):
+        await self.forward(f"/schedules/{schedule_id}")
+
+    @web.authenticated
+    async def patch(self, schedule_id):
+        await self.forward(f"/schedules/{schedule_id}")
+
+    @web.authenticated
+    async def delete(self, schedule_id):
+        await self.forward(f"/schedules/{schedule_id}")
+
+
+class ScheduleRunHandler(JobsProxyHandler):
+    @web.authenticated
+    async def post(self, schedule_id):
+        await self.forward(f"/schedules/{schedule_id}/run")
+
+
+class NotificationsHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self):
+        await self.forward("/notifications")
+
+    @web.authenticated
+    async def put(self):
+        await self.forward("/notifications")
+
+
 JOB_ID = r"(?P<job_id>[0-9a-f]{32})"
+SCHEDULE_ID = r"(?P<schedule_id>[0-9a-f]{32})"
 ROUTES = [
     ("/jobs", JobsHandler),
     (f"/jobs/{JOB_ID}", JobHandler),
     (f"/jobs/{JOB_ID}/logs", JobLogsHandler),
     (f"/jobs/{JOB_ID}/cancel", JobCancelHandler),
+    ("/schedules", SchedulesHandler),
+    (f"/schedules/{SCHEDULE_ID}", ScheduleHandler),
+    (f"/schedules/{SCHEDULE_ID}/run", ScheduleRunHandler),
+    ("/notifications", NotificationsHandler),
 ]

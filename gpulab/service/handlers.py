@@ -84,7 +84,10 @@ class JSONAPIMixin:
         return data
 
     def parse(self, model: type[BaseModel]):
-        """The request body as ``model``, or a 4xx naming the first field at fault."""
+        """The request body as ``model``, or a 4xx naming the first field at fault. A PUT or PATCH without a body
+        is a 400: it would set or change nothing (or everything, to its defaults)."""
+        if self.request.method in ("PUT", "PATCH") and not self.request.body:
+            raise APIError(400, f"{self.request.method} needs a JSON body", code="invalid_json")
         data = self.json_body()
         try:
             return model.model_validate(data)

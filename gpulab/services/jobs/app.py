@@ -2,7 +2,7 @@
 
 Configured like any hub-managed service (``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_SERVICE_PREFIX``,
 ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``) plus ``gpulab_config.py`` (``c.JobQueue``,
-``c.JobStore``, ``c.Scheduler``, executor settings, ``c.Attestation``), read once by :class:`JobsApp`; the hub adds where the
+``c.JobStore``, ``c.Scheduler``, ``c.Notifier``, executor settings, ``c.Attestation``), read once by :class:`JobsApp`; the hub adds where the
 platform's MLflow is (``c.JobQueue.mlflow_tracking_uri``, unless set) in ``$GPULAB_CONFIG_OVERRIDES``. The
 attestation service, and with it the NRAS API key (``c.Attestation.api_key_file`` or ``$GPULAB_NRAS_API_KEY``
 in this service's environment), lives here and never in users' servers.
@@ -29,13 +29,14 @@ from ...secrets import read_secret_file
 from ...service.app import ServiceApp
 from ...service.errors import APIError, error_body
 from ...service.handlers import too_large
-from . import attestation_api, handlers, openapi, schedules_api
+from . import attestation_api, handlers, notifications_api, openapi, schedules_api
 from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .executors.ray import RayExecutor
 from .handlers import BaseHandler
 from .metrics import LOOP_LAG, MetricsHandler
 from .models import MAX_BODY
+from .notifications import Notifier
 from .queue import JobQueue
 from .schedules import Scheduler
 from .store import JobStore
@@ -103,7 +104,12 @@ class NotFoundHandler(BaseHandler):
 def api_handlers(prefix: str) -> list:
     """Routes under ``<prefix>api/v1``: each API module's ``default_handlers``."""
     api = prefix.rstrip("/") + "/api/v1"
-    routes = handlers.default_handlers + schedules_api.default_handlers + attestation_api.default_handlers
+    routes = [
+        *handlers.default_handlers,
+        *schedules_api.default_handlers,
+        *notifications_api.default_handlers,
+        *attestation_api.default_handlers,
+    ]
     return [(api + path, handler) for path, handler in routes]
 
 
@@ -112,7 +118,7 @@ class JobsApp(ServiceApp):
 
     name = "gpulab-jobs"
     description = "The hub-managed training job service."
-    classes = [JobStore, JobQueue, Scheduler, LocalExecutor, RayExecutor]
+    classes = [JobStore, JobQueue, Scheduler, Notifier, LocalExecutor, RayExecutor]
 
     def initialize(self, argv=None) -> None:
         super().initialize(argv)
@@ -162,11 +168,16 @@ class JobsApp(ServiceApp):
         log.info("attestation: %s", f"NRAS API key from {source}" if key else "no NRAS API key configured")
         return service
 
-    def routes(self, queue: JobQueue) -> list:
-        """The API, the metrics and the hub's user events (a deleted user's jobs are cancelled)."""
+    def routes(self, queue: JobQueue, scheduler: Scheduler) -> list:
+        """The API, the metrics and the hub's user events (a deleted user's schedules are removed and jobs
+        cancelled)."""
+        forgetting: set[asyncio.Task] = set()
 
         def apply_event(event: dict, _session) -> None:
             if event["type"] == "user.deleted":
+                task = asyncio.ensure_future(scheduler.forget(event["user"]))  # first: no run starts meanwhile
+                forgetting.add(task)
+                task.add_done_callback(forgetting.discard)
                 queue.cancel_all_of(event["user"], reason=f"user {event['user']} was deleted")
 
         events = {"token": self.hub.api_token, "applied": AppliedEvents(queue.store.url), "apply": apply_event}
@@ -188,11 +199,13 @@ class JobsApp(ServiceApp):
         queue = self.build_queue()
         queue.attestation = self.build_attestation()
         scheduler = Scheduler(parent=self, queue=queue)
+        notifier = Notifier(parent=self, store=queue.store, data_dir=str(self.data_dir))
         app = self.web_application(
-            self.routes(queue),
+            self.routes(queue, scheduler),
             cls=BoundedApplication,
             queue=queue,
             scheduler=scheduler,
+            notifier=notifier,
             attestation=queue.attestation,  # the handlers' own, beside the queue (which gates jobs on node states)
             openapi=openapi.load(),
             default_handler_class=NotFoundHandler,
@@ -201,9 +214,9 @@ class JobsApp(ServiceApp):
         server = app.listen(address.port, address.hostname or "127.0.0.1", max_body_size=READ_BODIES)
         await queue.start()
         lag = asyncio.create_task(LOOP_LAG.run())
-        schedules = asyncio.create_task(scheduler.run(stopping))
+        loops = [asyncio.create_task(scheduler.run(stopping)), asyncio.create_task(notifier.run(stopping))]
         await stopping.wait()
         lag.cancel()
-        await schedules
+        await asyncio.gather(*loops)
         server.stop()
         await queue.stop()  # running jobs keep running; the next start re-attaches them

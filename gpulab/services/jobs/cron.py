@@ -42,3 +42,15 @@ def next_run(expression: str, timezone: str, after: datetime) -> datetime:
     start = after.replace(tzinfo=UTC).astimezone(zone)
     due = croniter(expression, start).get_next(datetime)
     return due.astimezone(UTC).replace(tzinfo=None)
+
+
+def runs_until(expression: str, timezone: str, first: datetime, until: datetime, limit: int) -> list[datetime]:
+    """``first`` and the times after it that ``expression`` gives up to ``until`` (naive UTC), at most ``limit``."""
+    from croniter import croniter
+
+    zone = ZoneInfo(timezone)
+    times = [first]
+    series = croniter(expression, first.replace(tzinfo=UTC).astimezone(zone))
+    while len(times) < limit and (later := series.get_next(datetime).astimezone(UTC).replace(tzinfo=None)) <= until:
+        times.append(later)
+    return times

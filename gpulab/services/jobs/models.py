@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from gpulab.attestation.nras import ARCHES, DEVICES
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 from gpulab.attestation.verifier import AttestedDevice
-from gpulab.job_states import JobState
+from gpulab.job_states import TERMINAL_STATES, JobState
 from gpulab.text import CONTROL
 
 from . import cron
@@ -649,3 +649,46 @@ class NewNodeEnrolment(NodeEnrolment):
 
 class NodeEnrolmentList(BaseModel):
     nodes: list[NodeEnrolment]
+
+
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}")
+DEFAULT_NOTIFIED = [JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT]
+
+
+class NotificationPrefs(_Body):
+    """``PUT /notifications``: which final states of your jobs you are told of, and where."""
+
+    states: list[JobState] = Field(default_factory=lambda: list(DEFAULT_NOTIFIED), max_length=4)
+    webhook_url: str | None = Field(None, max_length=2048)
+    email: str | None = Field(None, max_length=320)
+
+    @field_validator("states")
+    @classmethod
+    def _final(cls, value):
+        if not set(value) <= set(TERMINAL_STATES):
+            raise _error("final_states", "only final states are told: " + ", ".join(TERMINAL_STATES))
+        return sorted(set(value))
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, value):
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise _error("url", "must be an http:// or https:// URL")
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value):
+        if value is not None and not _EMAIL.fullmatch(value):
+            raise _error("email", "must be an e-mail address")
+        return value
+
+
+class NotificationSettings(BaseModel):
+    """A user's notification preferences as the API returns them."""
+
+    states: list[JobState]
+    webhook_url: str | None
+    email: str | None
+    pending: int = Field(description="Notifications of yours not delivered yet")
+    failed: int = Field(description="Notifications of yours given up on after Notifier.max_attempts")

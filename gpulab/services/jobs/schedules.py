@@ -63,9 +63,7 @@ def plan(row: ScheduleRow, active_runs: int, now: datetime, misfire_grace: float
     """
     times = []  # the due times that passed, oldest first
     if row.next_run_at is not None and row.next_run_at <= now:
-        times.append(row.next_run_at)
-        while len(times) < MAX_MISSED_COUNTED and (later := cron.next_run(row.cron, row.timezone, times[-1])) <= now:
-            times.append(later)
+        times = cron.runs_until(row.cron, row.timezone, row.next_run_at, now, MAX_MISSED_COUNTED)
     if not times:  # only a pending run: it starts when there is room
         due = row.last_run_at or now
         if active_runs < row.max_concurrent:
@@ -171,6 +169,14 @@ class ScheduleStore:
                 raise ScheduleNotFound(schedule_id)
             session.delete(row)
 
+    def delete_owned(self, owner: str) -> int:
+        """Remove every schedule of ``owner`` (a deleted user); how many there were."""
+        with self._session() as session, session.begin():
+            rows = list(session.scalars(select(ScheduleRow).where(ScheduleRow.owner == owner)))
+            for row in rows:
+                session.delete(row)
+        return len(rows)
+
     def due(self, now: datetime) -> list[ScheduleRow]:
         """Active schedules due by ``now`` or with a run waiting."""
         query = select(ScheduleRow).where(
@@ -241,7 +247,7 @@ def schedule_model(row: ScheduleRow) -> Schedule:
 class Scheduler(LoggingConfigurable):
     """Starts schedules' runs when they are due; runs in the job service, beside its queue."""
 
-    interval = Float(5.0, min=0.1, help="Seconds between checks for due schedules.").tag(config=True)
+    interval = Float(1.0, min=0.1, help="Seconds between checks for due schedules.").tag(config=True)
     misfire_grace = Float(
         300.0,
         min=0,
@@ -284,6 +290,11 @@ class Scheduler(LoggingConfigurable):
             if outcome.action == "skip":
                 self.log.info("schedule %s (%s): skipped the run due at %s", row.id, row.owner, iso(outcome.due))
         return started
+
+    async def forget(self, owner: str) -> None:
+        """A deleted user's schedules are removed, so that none starts another run of theirs."""
+        if removed := await self.queue.store.db.run(self.schedules.delete_owned, owner):
+            self.log.info("removed the %d schedules of %s, a deleted user", removed, owner)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Check every ``interval`` seconds until ``stopping``; a failed check is logged and the next one goes on."""

@@ -198,6 +198,37 @@ class ScheduleRow(Base):
     updated_at: Mapped[datetime]
 
 
+class NotificationPrefsRow(Base):
+    """What a user is told when one of their jobs ends (see :mod:`.notifications`)."""
+
+    __tablename__ = "notification_prefs"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    states: Mapped[list] = mapped_column(JSON)  # the final states told
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    email: Mapped[str | None] = mapped_column(String(320))
+    updated_at: Mapped[datetime]
+
+
+class NotificationRow(Base):
+    """One notification to deliver (an outbox row, written with the job's final transition)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_due", "delivered_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    job_id: Mapped[str] = mapped_column(String(32))
+    channel: Mapped[str] = mapped_column(String(16))  # webhook | email
+    target: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
 class JobEventRow(Base):
     """One state transition of a job."""
 
@@ -292,6 +323,8 @@ class JobStore(LoggingConfigurable):
         self.engine = make_engine(self.url)
         upgrade(self.engine)
         self.db = DatabaseThread("gpulab-jobs-db")  # what the event loop's callers run these methods on
+        # called with (session, job row) in the transaction that ends a job (the notifier's outbox)
+        self.finished_hooks: list[Callable[[Session, JobRow], None]] = []
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -452,7 +485,11 @@ class JobStore(LoggingConfigurable):
             if changed != 1:
                 raise JobStateError(f"job {job_id} changed state concurrently; not moved to {to_state}")
             session.add(JobEventRow(job_id=job_id, at=now, from_state=current, to_state=to_state, reason=reason))
-            return session.get(JobRow, job_id)
+            row = session.get(JobRow, job_id)
+            if to_state in TERMINAL_STATES:
+                for hook in self.finished_hooks:  # in this transaction: told at least once, or not ended
+                    hook(session, row)
+            return row
 
     def hold(self, job_id: str, dependency: str, reason: str) -> None:
         """A queued job waits for ``dependency`` (see :mod:`.dependencies`)."""

@@ -296,6 +296,263 @@ export interface paths {
     patch?: never;
     trace?: never;
   };
+  '/schedules': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    /**
+     * The user's schedules (all=true, admins, everyone's), as the job service's GET /schedules.
+     * @description Needs custom:gpulab:jobs. Acts for this server's user with the server's token.
+     */
+    get: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description The schedules. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['ScheduleList'];
+          };
+        };
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    put?: never;
+    /** Make a schedule (kept and run by the job service, whether or not this server is up). */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['ScheduleSpec'];
+        };
+      };
+      responses: {
+        201: components['responses']['Schedule'];
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        409: components['responses']['JobServiceError'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
+  '/schedules/{schedule_id}': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path: {
+        schedule_id: components['parameters']['ScheduleId'];
+      };
+      cookie?: never;
+    };
+    /** One schedule. */
+    get: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          schedule_id: components['parameters']['ScheduleId'];
+        };
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        200: components['responses']['Schedule'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    put?: never;
+    post?: never;
+    /** Delete the schedule; its runs stay. */
+    delete: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          schedule_id: components['parameters']['ScheduleId'];
+        };
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description Deleted. */
+        204: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content?: never;
+        };
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    options?: never;
+    head?: never;
+    /** Pause or resume the schedule, or change when and how it runs. */
+    patch: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          schedule_id: components['parameters']['ScheduleId'];
+        };
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['ScheduleUpdate'];
+        };
+      };
+      responses: {
+        200: components['responses']['Schedule'];
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    trace?: never;
+  };
+  '/schedules/{schedule_id}/run': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path: {
+        schedule_id: components['parameters']['ScheduleId'];
+      };
+      cookie?: never;
+    };
+    get?: never;
+    put?: never;
+    /** Run the schedule's job now. */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          schedule_id: components['parameters']['ScheduleId'];
+        };
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        201: components['responses']['Job'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        429: components['responses']['Throttled'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
+  '/notifications': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    /** The user's notification preferences, as the job service's GET /notifications. */
+    get: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description The preferences. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['NotificationSettings'];
+          };
+        };
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    /** Set which final states of the user's jobs they are told of, and where (webhook, e-mail). */
+    put: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['NotificationPrefs'];
+        };
+      };
+      responses: {
+        /** @description The preferences as set. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['NotificationSettings'];
+          };
+        };
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    post?: never;
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
   '/attestation/nonce': {
     parameters: {
       query?: never;
@@ -1093,6 +1350,196 @@ export interface components {
       error: components['schemas']['ErrorDetail'];
     };
     /**
+     * Schedule
+     * @description A schedule as the API returns it; times are ISO 8601 UTC strings ("...Z").
+     */
+    Schedule: {
+      /** Id */
+      id: string;
+      /** Owner */
+      owner: string;
+      /** Name */
+      name: string;
+      /** Cron */
+      cron: string;
+      /** Timezone */
+      timezone: string;
+      /**
+       * State
+       * @enum {string}
+       */
+      state: 'active' | 'paused';
+      job: components['schemas']['JobSpec'];
+      /** Max Concurrent */
+      max_concurrent: number;
+      /**
+       * Overlap
+       * @enum {string}
+       */
+      overlap: 'skip' | 'queue';
+      /**
+       * Catch Up
+       * @enum {string}
+       */
+      catch_up: 'once' | 'skip';
+      /**
+       * Next Run At
+       * @description When it runs next (null while paused)
+       */
+      next_run_at: string | null;
+      /**
+       * Last Run At
+       * @description When its latest run was due
+       */
+      last_run_at: string | null;
+      /** Last Job Id */
+      last_job_id: string | null;
+      /**
+       * Pending Run
+       * @description A due run waits for one of the running ones to end (overlap: queue)
+       */
+      pending_run: boolean;
+      /**
+       * Runs
+       * @description Runs started
+       */
+      runs: number;
+      /**
+       * Skipped
+       * @description Due runs skipped: over max_concurrent, or missed while the service was down
+       */
+      skipped: number;
+      /**
+       * Last Error
+       * @description Why the latest due run did not start (the owner's queue was full)
+       */
+      last_error: string | null;
+      /** Created At */
+      created_at: string;
+      /** Updated At */
+      updated_at: string;
+    };
+    /** ScheduleList */
+    ScheduleList: {
+      /** Schedules */
+      schedules: components['schemas']['Schedule'][];
+    };
+    /**
+     * ScheduleSpec
+     * @description ``POST /schedules``: run ``job`` (a job submission, as ``POST /jobs`` takes) at the times ``cron`` (five
+     *     fields, or @hourly/@daily/@weekly/@monthly/@yearly) gives in ``timezone`` (IANA, e.g. Europe/Berlin).
+     */
+    ScheduleSpec: {
+      /**
+       * Max Concurrent
+       * @default 1
+       */
+      max_concurrent: number;
+      /**
+       * Overlap
+       * @default skip
+       * @enum {string}
+       */
+      overlap: 'skip' | 'queue';
+      /**
+       * Catch Up
+       * @default once
+       * @enum {string}
+       */
+      catch_up: 'once' | 'skip';
+      /** Name */
+      name: string;
+      /** Cron */
+      cron: string;
+      /**
+       * Timezone
+       * @default UTC
+       */
+      timezone: string;
+      job: components['schemas']['JobSpec'];
+      /**
+       * Paused
+       * @default false
+       */
+      paused: boolean;
+    };
+    /**
+     * ScheduleUpdate
+     * @description ``PATCH /schedules/{id}``: pause or resume, or change when and how it runs (its job stays as it is).
+     */
+    ScheduleUpdate: {
+      /**
+       * Paused
+       * @default null
+       */
+      paused: boolean | null;
+      /**
+       * Cron
+       * @default null
+       */
+      cron: string | null;
+      /**
+       * Timezone
+       * @default null
+       */
+      timezone: string | null;
+      /**
+       * Max Concurrent
+       * @default null
+       */
+      max_concurrent: number | null;
+      /**
+       * Overlap
+       * @default null
+       */
+      overlap: ('skip' | 'queue') | null;
+      /**
+       * Catch Up
+       * @default null
+       */
+      catch_up: ('once' | 'skip') | null;
+    };
+    /**
+     * NotificationSettings
+     * @description A user's notification preferences as the API returns them.
+     */
+    NotificationSettings: {
+      /** States */
+      states: components['schemas']['JobState'][];
+      /** Webhook Url */
+      webhook_url: string | null;
+      /** Email */
+      email: string | null;
+      /**
+       * Pending
+       * @description Notifications of yours not delivered yet
+       */
+      pending: number;
+      /**
+       * Failed
+       * @description Notifications of yours given up on after Notifier.max_attempts
+       */
+      failed: number;
+    };
+    /**
+     * NotificationPrefs
+     * @description ``PUT /notifications``: which final states of your jobs you are told of, and where.
+     */
+    NotificationPrefs: {
+      /** States */
+      states?: components['schemas']['JobState'][];
+      /**
+       * Webhook Url
+       * @default null
+       */
+      webhook_url: string | null;
+      /**
+       * Email
+       * @default null
+       */
+      email: string | null;
+    };
+    /**
      * NonceRequest
      * @description Body of ``POST /attestation/nonce``.
      */
@@ -1464,9 +1911,19 @@ export interface components {
         'application/json': components['schemas']['Job'];
       };
     };
+    /** @description A schedule. */
+    Schedule: {
+      headers: {
+        [name: string]: unknown;
+      };
+      content: {
+        'application/json': components['schemas']['Schedule'];
+      };
+    };
   };
   parameters: {
     JobId: string;
+    ScheduleId: string;
     ModelName: string;
   };
   requestBodies: never;

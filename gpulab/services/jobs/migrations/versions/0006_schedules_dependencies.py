@@ -1,5 +1,5 @@
-"""schedules, jobs.schedule_id (the schedule whose run a job is) and jobs.held_by (the dependency a queued job
-waits for)
+"""schedules, jobs.schedule_id (the schedule whose run a job is), jobs.held_by (the dependency a queued job
+waits for), notification_prefs and the notifications outbox
 
 Revision ID: 0006
 Revises: 0005
@@ -44,9 +44,34 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("schedule_id", sa.String(32), nullable=True))
     op.create_index("ix_jobs_schedule_state", "jobs", ["schedule_id", "state"])
     op.add_column("jobs", sa.Column("held_by", sa.String(32), nullable=True))
+    op.create_table(
+        "notification_prefs",
+        sa.Column("owner", sa.String(255), primary_key=True),
+        sa.Column("states", sa.JSON(), nullable=False),
+        sa.Column("webhook_url", sa.String(2048), nullable=True),
+        sa.Column("email", sa.String(320), nullable=True),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+    )
+    op.create_table(
+        "notifications",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("owner", sa.String(255), nullable=False),
+        sa.Column("job_id", sa.String(32), nullable=False),
+        sa.Column("channel", sa.String(16), nullable=False),
+        sa.Column("target", sa.String(2048), nullable=False),
+        sa.Column("payload", sa.JSON(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(), nullable=False),
+        sa.Column("delivered_at", sa.DateTime(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+    )
+    op.create_index("ix_notifications_due", "notifications", ["delivered_at", "next_attempt_at"])
 
 
 def downgrade() -> None:
+    op.drop_table("notifications")
+    op.drop_table("notification_prefs")
     op.drop_column("jobs", "held_by")
     op.drop_index("ix_jobs_schedule_state", "jobs")
     op.drop_column("jobs", "schedule_id")

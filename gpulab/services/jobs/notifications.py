@@ -1,0 +1,251 @@
+"""Notifications when a job ends: a webhook (JSON, HMAC-signed) and e-mail over SMTP, per user's preferences.
+
+A user chooses which final states they are told of and where (``PUT /notifications``); when one of their jobs
+ends so, an outbox row per channel is written in the same transaction as the job's final state
+(:attr:`~.store.JobStore.finished_hooks`), so that nothing ending is lost and nothing is told that did not end. The
+:class:`Notifier` (``c.Notifier``) delivers them on its own, at least once, retried with backoff, never in the
+way of the queue.
+
+- **Webhook**: ``POST`` of ``{"event": "job.ended", "job": {...}}`` with ``X-Gpulab-Signature-256: sha256=<HMAC of
+  the body>`` under the platform's secret (``c.Notifier.webhook_secret_file``, 0600, made on first start; the
+  admin gives it to the receivers), ``X-Gpulab-Delivery`` (the outbox row, the same on a retry). Only URLs the
+  admin allows (``c.Notifier.webhook_allowed``, shell patterns; none by default): the service posts from inside
+  the platform, so a user's URL could otherwise reach what only the platform can.
+- **E-mail**: to the address the user gives, through ``c.Notifier.smtp_host`` (none by default: no e-mail).
+"""
+
+import asyncio
+import fnmatch
+import hashlib
+import hmac
+import json
+import smtplib
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from traitlets import Float, Integer, List, Unicode
+from traitlets.config import LoggingConfigurable
+
+from gpulab.secrets import persistent_secret, read_secret_file
+from gpulab.service.storage import utcnow
+
+from .models import DEFAULT_NOTIFIED, NotificationPrefs, NotificationSettings
+from .store import JobRow, JobStore, NotificationPrefsRow, NotificationRow, iso
+
+MAX_BATCH = 50
+
+
+def payload(row: JobRow) -> dict:
+    """What a notification says of the job that ended."""
+    return {
+        "event": "job.ended",
+        "job": {
+            "id": row.id,
+            "name": row.name,
+            "owner": row.owner,
+            "kind": row.kind,
+            "state": row.state,
+            "state_reason": row.state_reason,
+            "exit_code": row.exit_code,
+            "created_at": iso(row.created_at),
+            "finished_at": iso(row.finished_at),
+            "mlflow_run_id": row.mlflow_run_id,
+            "schedule_id": row.schedule_id,
+        },
+    }
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class Notifier(LoggingConfigurable):
+    """Tells users their jobs ended (their preferences in ``notification_prefs``, the outbox in ``notifications``)."""
+
+    webhook_allowed = List(
+        Unicode(),
+        help="Shell patterns of the webhook URLs users may give, e.g. ['https://hooks.example.com/*']; none by "
+        "default (the service posts from inside the platform).",
+    ).tag(config=True)
+    webhook_secret_file = Unicode(
+        help="0600 file with the HMAC secret webhooks are signed with (default <data dir>/jobs/.webhook-secret, "
+        "made on first start).",
+    ).tag(config=True)
+    smtp_host = Unicode("", help="SMTP server for e-mail notifications; empty: no e-mail.").tag(config=True)
+    smtp_port = Integer(25, help="Its port.").tag(config=True)
+    smtp_from = Unicode("gpulab@localhost", help="The sender of notification e-mails.").tag(config=True)
+    interval = Float(1.0, min=0.05, help="Seconds between delivery passes.").tag(config=True)
+    timeout = Float(10.0, min=0.1, help="Seconds a delivery may take.").tag(config=True)
+    max_attempts = Integer(8, min=1, help="Deliveries tried before one is given up on.").tag(config=True)
+    backoff = Float(2.0, min=0.01, help="Seconds before the first retry; doubled each time, at most 300.").tag(
+        config=True
+    )
+
+    def __init__(self, store: JobStore, data_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.store = store
+        self.default_secret_file = Path(data_dir) / "jobs" / ".webhook-secret"
+        self._secret: str | None = None
+        store.finished_hooks.append(self.enqueue)
+
+    @property
+    def secret(self) -> str:
+        """The webhooks' HMAC secret, read (or made) on first use."""
+        if self._secret is None:
+            if self.webhook_secret_file:
+                self._secret = read_secret_file(self.webhook_secret_file, "Notifier.webhook_secret_file").reveal()
+            else:
+                self._secret = persistent_secret(self.default_secret_file)
+        return self._secret
+
+    def allowed(self, url: str) -> bool:
+        return any(fnmatch.fnmatchcase(url, pattern) for pattern in self.webhook_allowed)
+
+    # -- preferences
+
+    def check(self, prefs: NotificationPrefs) -> tuple[str, str] | None:
+        """(field, why) when ``prefs`` asks for what this platform does not do."""
+        if prefs.webhook_url and not self.allowed(prefs.webhook_url):
+            allowed = ", ".join(self.webhook_allowed) or "none"
+            return (
+                "webhook_url",
+                f"this platform posts only to the URLs its admin allows (Notifier.webhook_allowed: {allowed})",
+            )
+        if prefs.email and not self.smtp_host:
+            return "email", "this platform sends no e-mail (Notifier.smtp_host is not set)"
+        return None
+
+    def get(self, owner: str) -> NotificationSettings:
+        with Session(self.store.engine) as session:
+            row = session.get(NotificationPrefsRow, owner)
+            outbox = session.execute(
+                select(NotificationRow.delivered_at, NotificationRow.attempts).where(NotificationRow.owner == owner)
+            ).all()
+        pending = sum(1 for d, a in outbox if d is None and a < self.max_attempts)
+        failed = sum(1 for d, a in outbox if d is None and a >= self.max_attempts)
+        return NotificationSettings(
+            states=row.states if row else DEFAULT_NOTIFIED,
+            webhook_url=row.webhook_url if row else None,
+            email=row.email if row else None,
+            pending=pending,
+            failed=failed,
+        )
+
+    def put(self, owner: str, prefs: NotificationPrefs) -> NotificationSettings:
+        with Session(self.store.engine) as session, session.begin():
+            row = session.get(NotificationPrefsRow, owner) or NotificationPrefsRow(owner=owner)
+            row.states, row.webhook_url, row.email = [str(s) for s in prefs.states], prefs.webhook_url, prefs.email
+            row.updated_at = utcnow()
+            session.add(row)
+        return self.get(owner)
+
+    # -- the outbox
+
+    def enqueue(self, session: Session, row: JobRow) -> None:
+        """In the transaction that ends ``row``: a notification per channel its owner asked for."""
+        prefs = session.get(NotificationPrefsRow, row.owner)
+        if prefs is None or row.state not in prefs.states:
+            return
+        now = utcnow()
+        body = payload(row)
+        for channel, target in (("webhook", prefs.webhook_url), ("email", prefs.email)):
+            if target:
+                session.add(
+                    NotificationRow(
+                        owner=row.owner,
+                        job_id=row.id,
+                        channel=channel,
+                        target=target,
+                        payload=body,
+                        attempts=0,
+                        next_attempt_at=now,
+                        created_at=now,
+                    )
+                )
+
+    def due(self, now: datetime) -> list[NotificationRow]:
+        query = (
+            select(NotificationRow)
+            .where(
+                NotificationRow.delivered_at.is_(None),
+                NotificationRow.attempts < self.max_attempts,
+                NotificationRow.next_attempt_at <= now,
+            )
+            .order_by(NotificationRow.id)
+            .limit(MAX_BATCH)
+        )
+        with Session(self.store.engine, expire_on_commit=False) as session:
+            return list(session.scalars(query))
+
+    def settle(self, row_id: int, error: str | None) -> None:
+        with Session(self.store.engine) as session, session.begin():
+            row = session.get(NotificationRow, row_id)
+            row.attempts += 1
+            if error is None:
+                row.delivered_at = utcnow()
+            else:
+                row.last_error = error[:1000]
+                delay = min(self.backoff * 2 ** (row.attempts - 1), 300.0)
+                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+
+    async def deliver(self, row: NotificationRow) -> str | None:
+        """Send one notification; None when it was delivered, else why not."""
+        try:
+            if row.channel == "webhook":
+                if not self.allowed(row.target):
+                    return f"{row.target} is no longer allowed (Notifier.webhook_allowed)"
+                body = json.dumps(row.payload).encode()
+                headers = {
+                    "Content-Type": "application/json",
+                    "X-Gpulab-Event": "job.ended",
+                    "X-Gpulab-Delivery": str(row.id),
+                    "X-Gpulab-Signature-256": signature(self.secret, body),
+                }
+                request = HTTPRequest(
+                    row.target, "POST", headers, body, request_timeout=self.timeout, follow_redirects=False
+                )
+                await AsyncHTTPClient().fetch(request)
+            else:
+                await asyncio.to_thread(self._send_mail, row)
+        except HTTPClientError as e:
+            return f"HTTP {e.code} from {row.target}"
+        except (OSError, smtplib.SMTPException) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _send_mail(self, row: NotificationRow) -> None:
+        job = row.payload["job"]
+        message = EmailMessage()
+        message["From"], message["To"] = self.smtp_from, row.target
+        message["Subject"] = f"gpulab: job {job['name']} {job['state']}"
+        message.set_content(
+            f"Your job {job['name']} ({job['id']}) {job['state']} at {job['finished_at']}: {job['state_reason']}\n"
+        )
+        with smtplib.SMTP(self.smtp_host, self.smtp_port, timeout=self.timeout) as smtp:
+            smtp.send_message(message)
+
+    async def _one(self, row: NotificationRow) -> None:
+        try:
+            error = await self.deliver(row)
+        except Exception as e:  # counted as a failed attempt, so that one notification cannot stall the rest
+            self.log.exception("notification %d could not be delivered", row.id)
+            error = f"{type(e).__name__}: {e}"
+        if error:
+            self.log.warning("notification %d to %s: %s", row.id, row.owner, error)
+        await self.store.db.run(self.settle, row.id, error)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Deliver what is due every ``interval`` seconds until ``stopping``."""
+        while not stopping.is_set():
+            try:
+                await asyncio.gather(*(self._one(row) for row in await self.store.db.run(self.due, utcnow())))
+            except Exception:
+                self.log.exception("delivering notifications failed; trying again in %g s", self.interval)
+            try:
+                await asyncio.wait_for(stopping.wait(), self.interval)
+            except TimeoutError:
+                pass
