@@ -136,3 +136,88 @@ def test_train_in_lab_shows_the_monitor_until_succeeded(hub, output_dir):
             page.screenshot(path=str(output_dir / "lab-train-failure.png"))
             raise AssertionError(f"browser stopped at {page.url}") from None
         page.screenshot(path=str(output_dir / "lab-train-monitor.png"))
+
+
+PARAMETRISED = {
+    "nbformat": 4,
+    "nbformat_minor": 5,
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "cells": [
+        {
+            "cell_type": "code",
+            "id": "p",
+            "metadata": {"tags": ["parameters"]},
+            "execution_count": None,
+            "outputs": [],
+            "source": "greeting = 'hi'  # what to say\nrepeat = 2\n",
+        },
+        {
+            "cell_type": "code",
+            "id": "s",
+            "metadata": {},
+            "execution_count": None,
+            "outputs": [],
+            "source": "print('said:', greeting * repeat)",
+        },
+    ],
+}
+
+
+def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir):
+    """The notebook's toolbar "Run as job…": the dialog offers the parameters of the cell tagged parameters; a bad
+    value is refused in the dialog, a good one runs the notebook as a job; when it ends a JupyterLab notification
+    says so, and its "Open output" opens the executed notebook with the parameter injected."""
+    with chromium_page() as page:
+        try:
+            hub_login(page, hub, "rita")
+            token = hub.token("rita")
+            r = requests.put(
+                f"{hub.url}/user/rita/api/contents/say.ipynb",
+                json={"type": "notebook", "format": "json", "content": PARAMETRISED},
+                headers={"Authorization": f"token {token}"},
+                timeout=30,
+            )
+            assert r.status_code in (200, 201), r.text
+            page.goto(f"{hub.url}/user/rita/lab/tree/say.ipynb")
+            page.locator(".jp-gpulab-run-as-job").click(timeout=120_000)
+
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_label("Parameter greeting").wait_for(timeout=30_000)
+            assert dialog.get_by_label("Parameter greeting").input_value() == "hi"
+            assert dialog.get_by_label("Parameter repeat").input_value() == "2"
+            dialog.get_by_label("Parameter repeat").fill("three")
+            dialog.get_by_role("button", name="Run").click()
+            page.get_by_role("dialog").get_by_role("alert").filter(
+                has_text='repeat: "three" is not an integer'
+            ).wait_for(timeout=30_000)
+            dialog = page.get_by_role("dialog")
+            assert dialog.get_by_label("Parameter repeat").input_value() == "three"  # the choices are kept
+            dialog.get_by_label("Parameter repeat").fill("3")
+            page.screenshot(path=str(output_dir / "lab-run-as-job-dialog.png"))
+            dialog.get_by_role("button", name="Run").click()
+
+            toast = page.locator(".Toastify__toast", has_text="Job say succeeded")
+            toast.wait_for(timeout=120_000)
+            jobs_api = f"{hub.url}/services/gpulab-jobs/api/v1"
+            [job] = requests.get(f"{jobs_api}/jobs", headers={"Authorization": f"token {token}"}, timeout=30).json()[
+                "jobs"
+            ]
+            assert job["state"] == "succeeded" and job["spec"]["notebook"]["parameters"] == {"repeat": 3}, job
+            page.screenshot(path=str(output_dir / "lab-job-ended-notification.png"))
+
+            toast.get_by_role("button", name="Open output").click()
+            output = job["output_notebook"].rsplit("/", 1)[1]
+            page.locator(f".jp-DocumentWidget[title*='{output}'], .lm-TabBar-tab[title*='{output}']").first.wait_for(
+                timeout=60_000
+            )
+            page.locator(".jp-OutputArea-output", has_text="said: hihihi").wait_for(timeout=60_000)
+
+            # The file browser's context menu offers it for a notebook too.
+            page.locator(".jp-DirListing-item[data-file-type='notebook']", has_text="say.ipynb").click(button="right")
+            page.locator(".lm-Menu-item", has_text="Run as job…").click(timeout=30_000)
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("say.ipynb", exact=True).wait_for(timeout=30_000)
+            dialog.get_by_role("button", name="Cancel").click()
+        except Exception:
+            page.screenshot(path=str(output_dir / "lab-run-as-job-failure.png"))
+            raise

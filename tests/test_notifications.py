@@ -76,7 +76,7 @@ c.Notifier.smtp_port = {mailbox.address[1]}
 c.Notifier.interval = 0.2
 c.Notifier.backoff = 0.3
 """
-    return gpulab_up(config, users={"alice": []})
+    return gpulab_up(config, users={"alice": [], "bob": []})
 
 
 def until(predicate, timeout=30.0, what="it"):
@@ -129,3 +129,82 @@ def test_an_ended_job_is_told_by_a_signed_webhook_retried_and_by_mail(hub, recei
     settings = until(lambda: (s := alice.request("GET", "/notifications").json())["pending"] == 0 and s)
     SPEC.validate("/notifications", "GET", 200, settings)
     assert settings["failed"] == 0
+
+
+def test_jupyterlab_reads_its_feed_from_a_cursor(hub):
+    alice, bob = Client(hub, "alice"), Client(hub, "bob")  # bob never set preferences: told in Lab by default
+    r = bob.request("GET", "/notifications/feed")
+    SPEC.validate("/notifications/feed", "GET", 200, r.json())
+    start = r.json()["cursor"]
+    assert r.json()["notifications"] == []
+    for after in ("-1", "x", str(2**41)):
+        r = bob.request("GET", "/notifications/feed", params={"after": after})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "after", r.text
+        SPEC.validate("/notifications/feed", "GET", 400, r.json())
+
+    failed = bob.submit(name="breaks", entrypoint=["false"])
+    assert bob.wait(failed["id"])["state"] == "failed"
+    feed = until(
+        lambda: (f := bob.request("GET", "/notifications/feed", params={"after": start}).json())["notifications"] and f
+    )
+    SPEC.validate("/notifications/feed", "GET", 200, feed)
+    [entry] = feed["notifications"]
+    assert (entry["job"]["id"], entry["job"]["state"], entry["job"]["name"]) == (failed["id"], "failed", "breaks")
+    assert feed["cursor"] == entry["id"] > start
+    assert bob.request("GET", "/notifications/feed", params={"after": feed["cursor"]}).json() == {
+        "notifications": [],
+        "cursor": feed["cursor"],
+    }
+    # Read again from the same cursor (another Lab of bob's): the same entry; alice's feed has none of bob's jobs.
+    assert bob.request("GET", "/notifications/feed", params={"after": start}).json()["notifications"] == [entry]
+    theirs = alice.request("GET", "/notifications/feed", params={"after": 0}).json()["notifications"]
+    assert all(n["job"]["owner"] == "alice" for n in theirs)
+
+    # Turned off: nothing more in the feed.
+    r = bob.request("PUT", "/notifications", json={"lab": False})
+    assert r.status_code == 200 and r.json()["lab"] is False, r.text
+    quiet = bob.submit(entrypoint=["false"])
+    assert bob.wait(quiet["id"])["state"] == "failed"
+    time.sleep(0.5)
+    assert bob.request("GET", "/notifications/feed", params={"after": feed["cursor"]}).json()["notifications"] == []
+
+
+def test_old_notifications_are_pruned_unless_still_to_deliver(tmp_path):
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from gpulab.service.storage import utcnow
+    from gpulab.services.jobs.notifications import Notifier
+    from gpulab.services.jobs.store import JobStore, NotificationRow
+
+    store = JobStore(url=f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    notifier = Notifier(store, str(tmp_path), retention_days=7, max_attempts=3)
+    now = utcnow()
+    old, new = now - timedelta(days=8), now - timedelta(days=1)
+    rows = {  # name: (created, delivered, attempts)
+        "old delivered": (old, old, 1),
+        "old given up": (old, None, 3),
+        "old still retried": (old, None, 1),
+        "new delivered": (new, new, 1),
+    }
+    with Session(store.engine) as session, session.begin():
+        for name, (created, delivered, attempts) in rows.items():
+            session.add(
+                NotificationRow(
+                    owner="alice",
+                    job_id="a" * 32,
+                    channel="lab",
+                    target=name,
+                    payload={},
+                    attempts=attempts,
+                    next_attempt_at=created,
+                    delivered_at=delivered,
+                    created_at=created,
+                )
+            )
+    assert notifier.prune(now) == 2
+    with Session(store.engine) as session:
+        kept = sorted(r.target for r in session.query(NotificationRow))
+    assert kept == ["new delivered", "old still retried"]
+    store.engine.dispose()

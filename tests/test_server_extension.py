@@ -27,9 +27,9 @@ def answer(jp_fetch, jp_asyncio_loop):
     """``answer(*path, method=..., body=...)``: (status, JSON body) of a call under the API, errors included (on
     the server's own loop: the tests themselves are not coroutines)."""
 
-    async def call(*path, method="GET", body=None):
+    async def call(*path, method="GET", body=None, params=None):
         try:
-            r = await jp_fetch(*API, *path, method=method, body=body)
+            r = await jp_fetch(*API, *path, method=method, body=body, params=params)
         except HTTPClientError as e:
             r = e.response
         return r.code, json.loads(r.body)
@@ -96,3 +96,61 @@ def test_a_body_over_the_limit_is_refused_before_the_service_is_called(unreachab
     assert status == 413 and body["error"]["code"] == "too_large", body
     status, body = answer("jobs", method="POST", body=json.dumps({"name": "j"}))
     assert status == 503 and "gpulab-jobs is unreachable" in body["error"]["message"], body
+
+
+@pytest.fixture
+def parametrised(jp_root_dir):
+    """``work/train.ipynb`` below the server's root, with a cell tagged ``parameters``."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}}
+    )
+    nb.cells = [
+        nbformat.v4.new_code_cell("lr = 0.01  # learning rate\nepochs: int = 5\noptimizer = 'adam'\nstart = now()\n"),
+        nbformat.v4.new_code_cell("print(lr * epochs)"),
+    ]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    (jp_root_dir / "work").mkdir()
+    nbformat.write(nb, jp_root_dir / "work" / "train.ipynb")
+    return "work/train.ipynb"
+
+
+def test_a_notebooks_parameters_are_read_as_papermill_reads_them(no_services, answer, parametrised):
+    status, body = answer("notebooks", "parameters", params={"path": "work/train.ipynb"})
+    assert status == 200, body
+    SPEC.validate("/notebooks/parameters", "get", 200, body)
+    assert body["kernel"] == "python3"
+    found = {p["name"]: (p["type"], p["value"], p["literal"], p["help"]) for p in body["parameters"]}
+    assert found == {
+        "lr": ("float", 0.01, True, "learning rate"),
+        "epochs": ("int", 5, True, ""),
+        "optimizer": ("str", "adam", True, ""),
+        "start": ("", None, False, ""),  # an expression: kept as the notebook has it unless given
+    }
+
+
+def test_notebook_paths_and_kernels_are_checked_before_the_job_service(no_services, answer, parametrised):
+    for path, status, field in [
+        (None, 400, "path"),
+        ("../etc/passwd.ipynb", 422, "path"),
+        ("work/train.py", 422, "path"),
+        ("work/missing.ipynb", 404, "path"),
+    ]:
+        got, body = answer("notebooks", "parameters", params={"path": path} if path else None)
+        assert (got, body["error"]["field"]) == (status, field), (path, body)
+        SPEC.validate("/notebooks/parameters", "get", status, body)
+    for request, status, field in [
+        ({"path": "work/train.ipynb", "kernel": "no-such-kernel"}, 422, "kernel"),
+        ({"path": "work/train.ipynb", "gpus": -1}, 422, "gpus"),
+        ({"path": "work/train.ipynb", "colour": "red"}, 422, "colour"),
+        ({"path": "/abs/train.ipynb"}, 422, "path"),
+    ]:
+        got, body = answer("notebooks", "jobs", method="POST", body=json.dumps(request))
+        assert (got, body["error"]["field"]) == (status, field), (request, body)
+        SPEC.validate("/notebooks/jobs", "post", status, body)
+    # A good request gets as far as the job service, which this server does not have.
+    got, body = answer(
+        "notebooks", "jobs", method="POST", body=json.dumps({"path": parametrised, "parameters": {"lr": 1}})
+    )
+    assert got == 503 and "the job service is not configured" in body["error"]["message"], body

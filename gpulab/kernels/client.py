@@ -185,7 +185,7 @@ def job_spec(
     **extra,
 ) -> dict:
     """A JobSpec dict: Python ``source``, an argv ``entrypoint`` or a ``notebook`` (see :func:`notebook_spec`), run
-    in ``working_dir`` (default: cwd), after the jobs in ``depends_on`` (:class:`Job`\ s or ids: each must
+    in ``working_dir`` (default: cwd), after the jobs in ``depends_on`` (:class:`Job` objects or ids: each must
     succeed; ``(job, "afternotok")`` or ``(job, "afterany")`` for the other conditions).
 
     ``extra`` fields (``env``, ``labels``, ``max_runtime``, ``retries``, ``idempotency_key``, ...)

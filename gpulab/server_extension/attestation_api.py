@@ -4,42 +4,14 @@ Forwarded to ``gpulab-jobs``, which holds the attestation service and the NRAS A
 ever in a user's server, where a kernel could read what the server can.
 """
 
-from tornado import web
-
-from .jobs_api import ServiceProxyHandler
+from .jobs_api import ServiceProxyHandler, forwarding
 
 
 class AttestationProxyHandler(ServiceProxyHandler):
     auth_resource = "gpulab:attest"
 
 
-class NonceHandler(AttestationProxyHandler):
-    @web.authenticated
-    async def post(self):
-        await self.forward("/attestation/nonce")
-
-
-class VerifyHandler(AttestationProxyHandler):
-    @web.authenticated
-    async def post(self):
-        await self.forward("/attestation/verify")
-
-
-class EvidenceHandler(AttestationProxyHandler):
-    @web.authenticated
-    async def post(self):
-        await self.forward("/attestation/evidence")
-
-
-class NodesHandler(AttestationProxyHandler):
-    @web.authenticated
-    async def get(self):
-        await self.forward("/attestation/nodes")
-
-
 ROUTES = [
-    ("/attestation/nonce", NonceHandler),
-    ("/attestation/verify", VerifyHandler),
-    ("/attestation/evidence", EvidenceHandler),
-    ("/attestation/nodes", NodesHandler),
+    (f"/attestation/{action}", forwarding(f"/attestation/{action}", method, base=AttestationProxyHandler))
+    for action, method in (("nonce", "POST"), ("verify", "POST"), ("evidence", "POST"), ("nodes", "GET"))
 ]

@@ -46,13 +46,14 @@ class ServiceProxyHandler(GpulabHandler):
     def service(self) -> HubServiceClient:
         return client_of(self, "gpulab_jobs")
 
-    async def forward(self, path: str, streaming: bool = False) -> None:
+    async def forward(self, path: str, streaming: bool = False, body: bytes | None = None) -> None:
+        """Forward this request to ``path`` of the service, with ``body`` (JSON) instead of the request's if given."""
         service = self.service
-        if len(self.request.body or b"") > MAX_BODY:  # refused here: not a failure of the service (breaker)
+        if body is None and self.request.method in ("POST", "PATCH", "PUT"):
+            body = self.request.body
+        if len(body or b"") > MAX_BODY:  # refused here: not a failure of the service (breaker)
             raise APIError(
-                413,
-                f"request body is {len(self.request.body)} bytes; {service.name} takes at most {MAX_BODY}",
-                code="too_large",
+                413, f"request body is {len(body)} bytes; {service.name} takes at most {MAX_BODY}", code="too_large"
             )
         query = urlencode([(k, v.decode()) for k, vs in self.request.query_arguments.items() for v in vs])
         headers = {"X-Forwarded-For": client_ip(self.request.remote_ip, self.request.headers.get("X-Forwarded-For"))}
@@ -61,7 +62,7 @@ class ServiceProxyHandler(GpulabHandler):
             response = await service.fetch(
                 self.request.method,
                 path + (f"?{query}" if query else ""),
-                body=self.request.body if self.request.method in ("POST", "PATCH", "PUT") else None,
+                body=body,
                 headers=headers,
                 timeout=0 if streaming else None,
                 streaming_callback=self._stream if streaming else None,
@@ -96,24 +97,14 @@ class JobsProxyHandler(ServiceProxyHandler):
     auth_resource = "gpulab:jobs"
 
 
-class JobsHandler(JobsProxyHandler):
-    @web.authenticated
-    async def get(self):
-        await self.forward("/jobs")
+def forwarding(target: str, *methods: str, base: type[ServiceProxyHandler] = JobsProxyHandler) -> type:
+    """A handler of ``methods`` that forwards to ``target``, formatted with the route's named groups."""
 
-    @web.authenticated
-    async def post(self):
-        await self.forward("/jobs")
+    async def handle(self, **path):
+        await self.forward(target.format(**path))
 
-
-class JobHandler(JobsProxyHandler):
-    @web.authenticated
-    async def get(self, job_id):
-        await self.forward(f"/jobs/{job_id}")
-
-    @web.authenticated
-    async def delete(self, job_id):
-        await self.forward(f"/jobs/{job_id}")
+    name = "Forward" + "".join(part.strip("{}").title().replace("_", "") for part in target.split("/"))
+    return type(name, (base,), {method.lower(): web.authenticated(handle) for method in methods})
 
 
 class JobLogsHandler(JobsProxyHandler):
@@ -122,61 +113,16 @@ class JobLogsHandler(JobsProxyHandler):
         await self.forward(f"/jobs/{job_id}/logs", streaming=self.get_argument("follow", "") in ("1", "true"))
 
 
-class JobCancelHandler(JobsProxyHandler):
-    @web.authenticated
-    async def post(self, job_id):
-        await self.forward(f"/jobs/{job_id}/cancel")
-
-
-class SchedulesHandler(JobsProxyHandler):
-    @web.authenticated
-    async def get(self):
-        await self.forward("/schedules")
-
-    @web.authenticated
-    async def post(self):
-        await self.forward("/schedules")
-
-
-class ScheduleHandler(JobsProxyHandler):
-    @web.authenticated
-    async def get(self, schedule_id):
-        await self.forward(f"/schedules/{schedule_id}")
-
-    @web.authenticated
-    async def patch(self, schedule_id):
-        await self.forward(f"/schedules/{schedule_id}")
-
-    @web.authenticated
-    async def delete(self, schedule_id):
-        await self.forward(f"/schedules/{schedule_id}")
-
-
-class ScheduleRunHandler(JobsProxyHandler):
-    @web.authenticated
-    async def post(self, schedule_id):
-        await self.forward(f"/schedules/{schedule_id}/run")
-
-
-class NotificationsHandler(JobsProxyHandler):
-    @web.authenticated
-    async def get(self):
-        await self.forward("/notifications")
-
-    @web.authenticated
-    async def put(self):
-        await self.forward("/notifications")
-
-
 JOB_ID = r"(?P<job_id>[0-9a-f]{32})"
 SCHEDULE_ID = r"(?P<schedule_id>[0-9a-f]{32})"
 ROUTES = [
-    ("/jobs", JobsHandler),
-    (f"/jobs/{JOB_ID}", JobHandler),
+    ("/jobs", forwarding("/jobs", "GET", "POST")),
+    (f"/jobs/{JOB_ID}", forwarding("/jobs/{job_id}", "GET", "DELETE")),
     (f"/jobs/{JOB_ID}/logs", JobLogsHandler),
-    (f"/jobs/{JOB_ID}/cancel", JobCancelHandler),
-    ("/schedules", SchedulesHandler),
-    (f"/schedules/{SCHEDULE_ID}", ScheduleHandler),
-    (f"/schedules/{SCHEDULE_ID}/run", ScheduleRunHandler),
-    ("/notifications", NotificationsHandler),
+    (f"/jobs/{JOB_ID}/cancel", forwarding("/jobs/{job_id}/cancel", "POST")),
+    ("/schedules", forwarding("/schedules", "GET", "POST")),
+    (f"/schedules/{SCHEDULE_ID}", forwarding("/schedules/{schedule_id}", "GET", "PATCH", "DELETE")),
+    (f"/schedules/{SCHEDULE_ID}/run", forwarding("/schedules/{schedule_id}/run", "POST")),
+    ("/notifications", forwarding("/notifications", "GET", "PUT")),
+    ("/notifications/feed", forwarding("/notifications/feed", "GET")),
 ]

@@ -34,7 +34,7 @@ from ..inference.client import (
 from ..service.client import HubServiceClient
 from ..service.errors import APIError, error_code, http_status
 from .handlers import GpulabHandler
-from .jobs_api import ServiceProxyHandler, client_of
+from .jobs_api import ServiceProxyHandler, client_of, forwarding
 
 
 class InferChannel:
@@ -71,26 +71,6 @@ class ModelsProxyHandler(ServiceProxyHandler):
     @property
     def service(self) -> HubServiceClient:
         return client_of(self, "gpulab_infer")
-
-
-class ModelsHandler(ModelsProxyHandler):
-    @web.authenticated
-    async def get(self):
-        await self.forward("/models")
-
-    @web.authenticated
-    async def post(self):
-        await self.forward("/models")
-
-
-class ModelHandler(ModelsProxyHandler):
-    @web.authenticated
-    async def get(self, name):
-        await self.forward(f"/models/{name}")
-
-    @web.authenticated
-    async def delete(self, name):
-        await self.forward(f"/models/{name}")
 
 
 class InferHandler(GpulabHandler):
@@ -172,7 +152,7 @@ class InferHandler(GpulabHandler):
 
 MODEL = r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 ROUTES = [
-    ("/models", ModelsHandler),
-    (f"/models/{MODEL}", ModelHandler),
+    ("/models", forwarding("/models", "GET", "POST", base=ModelsProxyHandler)),
+    (f"/models/{MODEL}", forwarding("/models/{name}", "GET", "DELETE", base=ModelsProxyHandler)),
     (f"/models/{MODEL}/infer", InferHandler),
 ]

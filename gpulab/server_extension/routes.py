@@ -1,6 +1,6 @@
 """The route table of the server extension, under ``<base url>gpulab/api/v1``."""
 
-from . import attestation_api, jobs_api, models_api
+from . import attestation_api, jobs_api, models_api, notebooks_api
 from .handlers import NotFoundHandler, StatusHandler, WhoAmIHandler
 
 API_PREFIX = "gpulab/api/v1"
@@ -10,6 +10,7 @@ ROUTES = [
     *jobs_api.ROUTES,
     *attestation_api.ROUTES,
     *models_api.ROUTES,
+    *notebooks_api.ROUTES,
     ("/.*", NotFoundHandler),
 ]  # last: anything else under the API is a JSON 404, not Jupyter's HTML page
 

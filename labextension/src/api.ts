@@ -13,6 +13,10 @@ export type IModel = Schemas['Model'];
 export type INode = Schemas['AttestationNode'];
 export type IStatus = Schemas['Status'];
 export type IWhoAmI = Schemas['WhoAmI'];
+export type INotebookParameters = Schemas['NotebookParameters'];
+export type INotebookParameter = Schemas['NotebookParameter'];
+export type INotificationFeed = Schemas['NotificationFeed'];
+export type IEndedJob = Schemas['EndedJob'];
 
 export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];
 

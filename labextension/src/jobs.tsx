@@ -5,13 +5,12 @@ import * as React from 'react';
 import { APIError, getJSON, IJob, send, TERMINAL_STATES } from './api';
 import { ago, ErrorLine, plural, usePolling } from './common';
 import { LaunchForm } from './launch';
+import type { IPanelActions } from './panel';
 
 export interface IJobsProps {
   visible: () => boolean;
-  openLogs: (job: IJob) => void;
+  actions: IPanelActions;
   mlflowUrl: string | null;
-  /** The file browser's folder (relative to the server root), where new jobs run. */
-  cwd: () => string;
   canRequestGpus: boolean;
 }
 
@@ -61,7 +60,7 @@ export function JobsView(props: IJobsProps): JSX.Element {
       </div>
       {launching && (
         <LaunchForm
-          cwd={props.cwd}
+          cwd={props.actions.cwd}
           gpus={props.canRequestGpus}
           onLaunched={() => {
             setLaunching(false);
@@ -78,7 +77,7 @@ export function JobsView(props: IJobsProps): JSX.Element {
       {jobs && jobs.length > 0 && (
         <ul className="jp-gpulab-list jp-gpulab-jobs">
           {jobs.map(job => (
-            <JobCard key={job.id} job={job} act={act} openLogs={props.openLogs} mlflowUrl={props.mlflowUrl} />
+            <JobCard key={job.id} job={job} act={act} actions={props.actions} mlflowUrl={props.mlflowUrl} />
           ))}
         </ul>
       )}
@@ -89,7 +88,7 @@ export function JobsView(props: IJobsProps): JSX.Element {
 function JobCard(props: {
   job: IJob;
   act: (what: string, method: 'POST' | 'DELETE', path: string) => void;
-  openLogs: (job: IJob) => void;
+  actions: IPanelActions;
   mlflowUrl: string | null;
 }): JSX.Element {
   const { job, act } = props;
@@ -131,7 +130,16 @@ function JobCard(props: {
               MLflow
             </a>
           )}
-          <button className="jp-gpulab-button" onClick={() => props.openLogs(job)}>
+          {finished && job.output_notebook && (
+            <button
+              className="jp-gpulab-button"
+              title={job.output_notebook}
+              onClick={() => props.actions.openFile(job.output_notebook!)}
+            >
+              Output
+            </button>
+          )}
+          <button className="jp-gpulab-button" onClick={() => props.actions.openLogs(job)}>
             Logs
           </button>
           {finished ? (

@@ -15,22 +15,28 @@ const TABS = [
   { id: 'attestation', label: 'Attestation', scope: 'custom:gpulab:attest' }
 ];
 
+/** What the panel asks of the rest of Lab: given by the plugin. */
+export interface IPanelActions {
+  openLogs: (job: IJob) => void;
+  /** Open a file by its absolute path (or say why it cannot be). */
+  openFile: (path: string) => void;
+  /** The file browser's folder (relative to the server root), where new jobs run. */
+  cwd: () => string;
+}
+
 export class GpulabPanel extends ReactWidget {
-  constructor(
-    private readonly openLogs: (job: IJob) => void,
-    private readonly cwd: () => string
-  ) {
+  constructor(private readonly actions: IPanelActions) {
     super();
     this.id = 'gpulab-panel';
     this.addClass('jp-gpulab-Panel');
   }
 
   render(): JSX.Element {
-    return <Panel visible={() => this.isVisible} openLogs={this.openLogs} cwd={this.cwd} />;
+    return <Panel visible={() => this.isVisible} actions={this.actions} />;
   }
 }
 
-function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void; cwd: () => string }): JSX.Element {
+function Panel(props: { visible: () => boolean; actions: IPanelActions }): JSX.Element {
   const [chosen, setTab] = React.useState('jobs');
   const [who, whoError] = usePolling(
     () => getJSON<IWhoAmI>('whoami'),
@@ -75,9 +81,8 @@ function Panel(props: { visible: () => boolean; openLogs: (job: IJob) => void; c
       {tab === 'jobs' && (
         <JobsView
           visible={props.visible}
-          openLogs={props.openLogs}
+          actions={props.actions}
           mlflowUrl={status?.services.mlflow_ui ?? null}
-          cwd={props.cwd}
           canRequestGpus={!!who?.scopes.includes('custom:gpulab:gpu')}
         />
       )}

@@ -30,6 +30,7 @@ from .store import BadDependency, JobNotFound, JobStateError, QueueFull
 
 MAX_LIST = 500
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # of jobs and schedules
+MAX_INTEGER = 2**40  # beyond any log offset or row id
 
 
 class BaseHandler(ServiceHandler):
@@ -53,6 +54,21 @@ class BaseHandler(ServiceHandler):
         if value not in ("1", "true", "0", "false"):
             raise APIError(400, f"{name} must be true or false", field=name)
         return value in ("1", "true")
+
+    def integer(self, name: str, default: int | None, maximum: int = MAX_INTEGER) -> int | None:
+        """A non-negative integer query parameter (absent: ``default``); anything else is a 400 naming it."""
+        raw = self.get_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw) if len(raw) <= 20 else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise APIError(400, f"{name} must be an integer", field=name)
+        if not 0 <= value <= maximum:
+            raise APIError(400, f"{name} must be between 0 and {maximum}", field=name)
+        return value
 
 
 class UserHandler(HubUserHandler, BaseHandler):
@@ -167,7 +183,6 @@ class CancelHandler(UserHandler):
 
 
 MAX_LOG_READ = 4 * 1024 * 1024  # bytes one log read returns at most
-MAX_LOG_OFFSET = 2**40  # beyond any log a job writes
 
 
 class LogsHandler(UserHandler):
@@ -175,29 +190,17 @@ class LogsHandler(UserHandler):
 
     async def get(self, job_id):
         row = await self.job(job_id)
-        offset = self._int("offset", 0)
-        limit = self._int("limit", 1024 * 1024, MAX_LOG_READ)
+        offset = self.integer("offset", 0)
+        limit = self.integer("limit", 1024 * 1024, MAX_LOG_READ)
         tail = self.get_argument("tail", None)
         if self.flag("follow"):
             return await self._follow(job_id, offset)
         data = await self.queue.read_logs(row, offset, limit)
         if tail is not None:
-            data = b"\n".join(data.splitlines()[-self._int("tail", 0) :])
+            data = b"\n".join(data.splitlines()[-self.integer("tail", 0) :])
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.set_header("X-Log-Offset", str(offset + len(data)))
         self.finish(data)
-
-    def _int(self, name: str, default: int, maximum: int = MAX_LOG_OFFSET) -> int:
-        raw = self.get_argument(name, str(default))
-        try:
-            value = int(raw) if len(raw) <= 20 else None
-        except ValueError:
-            value = None
-        if value is None:
-            raise APIError(400, f"{name} must be an integer", field=name)
-        if not 0 <= value <= maximum:
-            raise APIError(400, f"{name} must be between 0 and {maximum}", field=name)
-        return value
 
     async def _follow(self, job_id: str, offset: int) -> None:
         """SSE: ``log`` events as the log grows, ``end`` when the job ends, or ``closed`` (``code``, ``message``,

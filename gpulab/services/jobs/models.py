@@ -436,7 +436,7 @@ class ScheduleSpec(ScheduleSettings):
     cron: str = Field(min_length=1, max_length=120)
     timezone: str = Field("UTC", min_length=1, max_length=64)
     job: JobSpec
-    paused: bool = False
+    paused: bool = Field(False, strict=True)
 
     @field_validator("job")
     @classmethod
@@ -454,7 +454,7 @@ class ScheduleSpec(ScheduleSettings):
 class ScheduleUpdate(_When):
     """``PATCH /schedules/{id}``: pause or resume, or change when and how it runs (its job stays as it is)."""
 
-    paused: bool | None = None
+    paused: bool | None = Field(None, strict=True)
     cron: str | None = Field(None, min_length=1, max_length=120)
     timezone: str | None = Field(None, min_length=1, max_length=64)
     max_concurrent: int | None = Field(None, ge=1, le=MAX_CONCURRENT_RUNS)
@@ -659,6 +659,7 @@ class NotificationPrefs(_Body):
     """``PUT /notifications``: which final states of your jobs you are told of, and where."""
 
     states: list[JobState] = Field(default_factory=lambda: list(DEFAULT_NOTIFIED), max_length=4)
+    lab: bool = Field(True, strict=True, description="Tell every open JupyterLab of yours (GET /notifications/feed).")
     webhook_url: str | None = Field(None, max_length=2048)
     email: str | None = Field(None, max_length=320)
 
@@ -688,7 +689,40 @@ class NotificationSettings(BaseModel):
     """A user's notification preferences as the API returns them."""
 
     states: list[JobState]
+    lab: bool
     webhook_url: str | None
     email: str | None
     pending: int = Field(description="Notifications of yours not delivered yet")
     failed: int = Field(description="Notifications of yours given up on after Notifier.max_attempts")
+
+
+class EndedJob(BaseModel):
+    """What a notification says of the job that ended (the webhook's ``job``, a feed entry's ``job``)."""
+
+    id: str
+    name: str
+    owner: str
+    kind: str
+    state: JobState
+    state_reason: str
+    exit_code: int | None
+    created_at: str
+    finished_at: str | None
+    mlflow_run_id: str | None
+    schedule_id: str | None
+    output_notebook: str | None = Field(None, description="A notebook job's executed notebook (absolute path).")
+
+
+class FeedEntry(BaseModel):
+    """One job of yours that ended in a state you are told of."""
+
+    id: int = Field(description="Increasing; pass the last one seen as ?after= to get only newer ones.")
+    created_at: str
+    job: EndedJob
+
+
+class NotificationFeed(BaseModel):
+    """``GET /notifications/feed``: what JupyterLab shows as notifications."""
+
+    notifications: list[FeedEntry]
+    cursor: int = Field(description="The id to pass as ?after= next time (the newest one there is, without ?after=).")

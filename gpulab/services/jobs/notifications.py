@@ -12,6 +12,11 @@ way of the queue.
   admin allows (``c.Notifier.webhook_allowed``, shell patterns; none by default): the service posts from inside
   the platform, so a user's URL could otherwise reach what only the platform can.
 - **E-mail**: to the address the user gives, through ``c.Notifier.smtp_host`` (none by default: no e-mail).
+- **JupyterLab** (on unless the user turns it off): a row in the user's feed, ``GET /notifications/feed?after=N``,
+  which every open Lab of theirs reads and shows as a JupyterLab notification. It is written delivered: many Labs
+  (or none) read it, so the feed keeps it for ``c.Notifier.retention_days`` and each Lab remembers where it was.
+
+Delivered rows, and those given up on, are deleted after ``retention_days``.
 """
 
 import asyncio
@@ -24,7 +29,7 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Integer, List, Unicode
@@ -33,10 +38,12 @@ from traitlets.config import LoggingConfigurable
 from gpulab.secrets import persistent_secret, read_secret_file
 from gpulab.service.storage import utcnow
 
-from .models import DEFAULT_NOTIFIED, NotificationPrefs, NotificationSettings
+from .models import DEFAULT_NOTIFIED, FeedEntry, NotificationFeed, NotificationPrefs, NotificationSettings
 from .store import JobRow, JobStore, NotificationPrefsRow, NotificationRow, iso
 
 MAX_BATCH = 50
+MAX_FEED = 50
+PRUNE_EVERY = 600.0  # seconds between deletions of rows past Notifier.retention_days
 
 
 def payload(row: JobRow) -> dict:
@@ -55,6 +62,7 @@ def payload(row: JobRow) -> dict:
             "finished_at": iso(row.finished_at),
             "mlflow_run_id": row.mlflow_run_id,
             "schedule_id": row.schedule_id,
+            "output_notebook": row.output_notebook,
         },
     }
 
@@ -84,12 +92,16 @@ class Notifier(LoggingConfigurable):
     backoff = Float(2.0, min=0.01, help="Seconds before the first retry; doubled each time, at most 300.").tag(
         config=True
     )
+    retention_days = Float(
+        7.0, min=0.0, help="Days the JupyterLab feed keeps a notification, and delivered ones are kept."
+    ).tag(config=True)
 
     def __init__(self, store: JobStore, data_dir: str, **kwargs):
         super().__init__(**kwargs)
         self.store = store
         self.default_secret_file = Path(data_dir) / "jobs" / ".webhook-secret"
         self._secret: str | None = None
+        self._pruned_at = float("-inf")
         store.finished_hooks.append(self.enqueue)
 
     @property
@@ -120,15 +132,14 @@ class Notifier(LoggingConfigurable):
         return None
 
     def get(self, owner: str) -> NotificationSettings:
+        undelivered = select(func.count()).where(NotificationRow.owner == owner, NotificationRow.delivered_at.is_(None))
         with Session(self.store.engine) as session:
             row = session.get(NotificationPrefsRow, owner)
-            outbox = session.execute(
-                select(NotificationRow.delivered_at, NotificationRow.attempts).where(NotificationRow.owner == owner)
-            ).all()
-        pending = sum(1 for d, a in outbox if d is None and a < self.max_attempts)
-        failed = sum(1 for d, a in outbox if d is None and a >= self.max_attempts)
+            pending = session.scalar(undelivered.where(NotificationRow.attempts < self.max_attempts))
+            failed = session.scalar(undelivered.where(NotificationRow.attempts >= self.max_attempts))
         return NotificationSettings(
             states=row.states if row else DEFAULT_NOTIFIED,
+            lab=row.lab if row else True,
             webhook_url=row.webhook_url if row else None,
             email=row.email if row else None,
             pending=pending,
@@ -138,7 +149,8 @@ class Notifier(LoggingConfigurable):
     def put(self, owner: str, prefs: NotificationPrefs) -> NotificationSettings:
         with Session(self.store.engine) as session, session.begin():
             row = session.get(NotificationPrefsRow, owner) or NotificationPrefsRow(owner=owner)
-            row.states, row.webhook_url, row.email = [str(s) for s in prefs.states], prefs.webhook_url, prefs.email
+            row.states, row.lab = [str(s) for s in prefs.states], prefs.lab
+            row.webhook_url, row.email = prefs.webhook_url, prefs.email
             row.updated_at = utcnow()
             session.add(row)
         return self.get(owner)
@@ -147,25 +159,54 @@ class Notifier(LoggingConfigurable):
 
     def enqueue(self, session: Session, row: JobRow) -> None:
         """In the transaction that ends ``row``: a notification per channel its owner asked for."""
-        prefs = session.get(NotificationPrefsRow, row.owner)
-        if prefs is None or row.state not in prefs.states:
+        prefs = session.get(NotificationPrefsRow, row.owner) or NotificationPrefsRow(
+            states=[str(s) for s in DEFAULT_NOTIFIED], lab=True
+        )
+        if row.state not in prefs.states:
             return
         now = utcnow()
         body = payload(row)
-        for channel, target in (("webhook", prefs.webhook_url), ("email", prefs.email)):
-            if target:
-                session.add(
-                    NotificationRow(
-                        owner=row.owner,
-                        job_id=row.id,
-                        channel=channel,
-                        target=target,
-                        payload=body,
-                        attempts=0,
-                        next_attempt_at=now,
-                        created_at=now,
-                    )
+        channels = [(c, target) for c, target in (("webhook", prefs.webhook_url), ("email", prefs.email)) if target]
+        if prefs.lab:
+            channels.append(("lab", ""))
+        for channel, target in channels:
+            session.add(
+                NotificationRow(
+                    owner=row.owner,
+                    job_id=row.id,
+                    channel=channel,
+                    target=target,
+                    payload=body,
+                    attempts=0,
+                    next_attempt_at=now,
+                    delivered_at=now if channel == "lab" else None,  # read from the feed, not sent
+                    created_at=now,
                 )
+            )
+
+    def feed(self, owner: str, after: int | None) -> NotificationFeed:
+        """``owner``'s JupyterLab notifications newer than ``after`` (oldest first); without ``after``, none and
+        the cursor of the newest, so that a Lab opened now starts from now."""
+        mine = (NotificationRow.owner == owner, NotificationRow.channel == "lab")
+        with Session(self.store.engine) as session:
+            if after is None:
+                newest = session.scalar(select(func.max(NotificationRow.id)).where(*mine))
+                return NotificationFeed(notifications=[], cursor=newest or 0)
+            rows = session.scalars(
+                select(NotificationRow)
+                .where(*mine, NotificationRow.id > after)
+                .order_by(NotificationRow.id)
+                .limit(MAX_FEED)
+            ).all()
+        entries = [FeedEntry(id=r.id, created_at=iso(r.created_at), job=r.payload["job"]) for r in rows]
+        return NotificationFeed(notifications=entries, cursor=rows[-1].id if rows else after)
+
+    def prune(self, now: datetime) -> int:
+        """Delete the rows past ``retention_days`` that are delivered or given up on; how many."""
+        with Session(self.store.engine) as session, session.begin():
+            done = or_(NotificationRow.delivered_at.is_not(None), NotificationRow.attempts >= self.max_attempts)
+            old = NotificationRow.created_at < now - timedelta(days=self.retention_days)
+            return session.execute(delete(NotificationRow).where(old, done)).rowcount
 
     def due(self, now: datetime) -> list[NotificationRow]:
         query = (
@@ -240,9 +281,14 @@ class Notifier(LoggingConfigurable):
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver what is due every ``interval`` seconds until ``stopping``."""
+        loop = asyncio.get_running_loop()
         while not stopping.is_set():
             try:
                 await asyncio.gather(*(self._one(row) for row in await self.store.db.run(self.due, utcnow())))
+                if loop.time() - self._pruned_at >= PRUNE_EVERY:
+                    self._pruned_at = loop.time()
+                    if pruned := await self.store.db.run(self.prune, utcnow()):
+                        self.log.info("deleted %d notifications older than %g days", pruned, self.retention_days)
             except Exception:
                 self.log.exception("delivering notifications failed; trying again in %g s", self.interval)
             try:

@@ -22,4 +22,12 @@ class NotificationsHandler(UserHandler):
         self.write_json(await self.store.db.run(self.notifier.put, self.user_name, prefs))
 
 
-default_handlers = [("/notifications", NotificationsHandler)]
+class FeedHandler(UserHandler):
+    """The caller's JupyterLab notifications after ``?after=`` (see :meth:`.Notifier.feed`)."""
+
+    async def get(self):
+        after = self.integer("after", None)
+        self.write_json(await self.store.db.run(self.settings["notifier"].feed, self.user_name, after))
+
+
+default_handlers = [("/notifications", NotificationsHandler), ("/notifications/feed", FeedHandler)]

@@ -46,7 +46,7 @@ from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
 from gpulab.service.storage import DatabaseThread, Schema, make_engine, utcnow
 
 from .executors.base import PoolCapacity
-from .models import Job, JobEvent, JobSpec, Progress, Resources
+from .models import Job, JobEvent, JobSpec, NotebookSpec, Progress, Resources
 from .policy import CPU_SLACK, Ledger, Limits, Usage
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -129,6 +129,12 @@ class JobRow(Base):
     schedule_id: Mapped[str | None] = mapped_column(String(32))  # the schedule whose run it is (it may be gone)
     held_by: Mapped[str | None] = mapped_column(String(32))  # the dependency a queued job waits for (.dependencies)
 
+    @property
+    def output_notebook(self) -> str | None:
+        """Where a notebook job's executed notebook goes (:meth:`.NotebookSpec.output_for`)."""
+        notebook = (self.spec or {}).get("notebook")
+        return NotebookSpec.model_construct(**notebook).output_for(self.id) if notebook else None
+
     def to_model(self, log_size: int = 0) -> Job:
         """The API view of this row."""
         progress = self.progress or {}
@@ -164,7 +170,7 @@ class JobRow(Base):
             log_size=log_size,
             attestation_fingerprint=self.attestation_fingerprint,
             attestation_node=self.attestation_node,
-            output_notebook=spec.notebook.output_for(self.id) if spec.notebook else None,
+            output_notebook=self.output_notebook,
             schedule_id=self.schedule_id,
         )
 
@@ -205,6 +211,7 @@ class NotificationPrefsRow(Base):
 
     owner: Mapped[str] = mapped_column(String(255), primary_key=True)
     states: Mapped[list] = mapped_column(JSON)  # the final states told
+    lab: Mapped[bool] = mapped_column(default=True)  # shown in the owner's JupyterLab (the feed)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     email: Mapped[str | None] = mapped_column(String(320))
     updated_at: Mapped[datetime]
@@ -214,12 +221,15 @@ class NotificationRow(Base):
     """One notification to deliver (an outbox row, written with the job's final transition)."""
 
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_due", "delivered_at", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_notifications_due", "delivered_at", "next_attempt_at"),
+        Index("ix_notifications_feed", "owner", "channel", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     owner: Mapped[str] = mapped_column(String(255))
     job_id: Mapped[str] = mapped_column(String(32))
-    channel: Mapped[str] = mapped_column(String(16))  # webhook | email
+    channel: Mapped[str] = mapped_column(String(16))  # webhook | email | lab (read from the feed)
     target: Mapped[str] = mapped_column(String(2048))
     payload: Mapped[dict] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(default=0)

@@ -553,6 +553,141 @@ export interface paths {
     patch?: never;
     trace?: never;
   };
+  '/notifications/feed': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    /**
+     * The user's JupyterLab notifications after ?after= (jobs that ended in a state they are told of).
+     * @description Without after, none and the cursor of the newest one, so that a Lab opened now starts from now. JupyterLab reads it every few seconds and keeps its cursor per user.
+     */
+    get: {
+      parameters: {
+        query?: {
+          after?: number;
+        };
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description The notifications, oldest first, and the cursor to pass next. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['NotificationFeed'];
+          };
+        };
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    put?: never;
+    post?: never;
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
+  '/notebooks/parameters': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    /**
+     * The parameters of a notebook (its cell tagged parameters, read by papermill) and its kernel.
+     * @description Needs custom:gpulab:jobs. What JupyterLab's Run as job dialog offers to change.
+     */
+    get: {
+      parameters: {
+        query: {
+          /** @description The notebook, relative to the server's root. */
+          path: string;
+        };
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description Its parameters, in the order they are written. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['NotebookParameters'];
+          };
+        };
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        422: components['responses']['JobServiceError'];
+      };
+    };
+    put?: never;
+    post?: never;
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
+  '/notebooks/jobs': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    get?: never;
+    put?: never;
+    /**
+     * Run a notebook of this server as a notebook job, as %notebook does, from the notebook as saved now.
+     * @description Needs custom:gpulab:jobs. Refusals name the field (path, kernel, parameters...); the job service's are passed on.
+     */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['NotebookJobRequest'];
+        };
+      };
+      responses: {
+        201: components['responses']['Job'];
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        429: components['responses']['Throttled'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
   '/attestation/nonce': {
     parameters: {
       query?: never;
@@ -1036,6 +1171,46 @@ export interface components {
         binary_data_output?: boolean;
       };
     };
+    NotebookParameter: {
+      name: string;
+      /** @description The annotation (lr: float = ...), else the default's type (int, float, str, bool, NoneType, list); '' if not a literal. */
+      type: string;
+      /** @description The default as written in the notebook (Python source). */
+      default: string;
+      /** @description The default as a JSON value, where it is a literal; else null. */
+      value: (string | number | boolean | null) | (string | number | boolean | null)[];
+      /** @description Whether value is the default (false: an expression, kept unless given). */
+      literal: boolean;
+      help: string;
+    };
+    NotebookParameters: {
+      path: string;
+      /** @description The notebook's kernel spec name. */
+      kernel: string | null;
+      /** @description Empty when no cell is tagged parameters. */
+      parameters: components['schemas']['NotebookParameter'][];
+    };
+    NotebookJobRequest: {
+      /** @description The notebook, relative to the server's root. */
+      path: string;
+      /** @description Default: the notebook's name. */
+      name?: string | null;
+      /** @description Injected after the cell tagged parameters. */
+      parameters?: {
+        [key: string]: (string | number | boolean | null) | (string | number | boolean | null)[];
+      };
+      /** @description A kernel spec of this server; default the notebook's. */
+      kernel?: string | null;
+      /** @default 0 */
+      gpus: number;
+      /**
+       * @description An HTML copy of the executed notebook too.
+       * @default false
+       */
+      html: boolean;
+      /** @description MLflow experiment; default the job's name. */
+      experiment?: string | null;
+    };
     InferResponse: {
       model_name: string;
       model_version: string;
@@ -1506,6 +1681,8 @@ export interface components {
     NotificationSettings: {
       /** States */
       states: components['schemas']['JobState'][];
+      /** Lab */
+      lab: boolean;
       /** Webhook Url */
       webhook_url: string | null;
       /** Email */
@@ -1529,6 +1706,12 @@ export interface components {
       /** States */
       states?: components['schemas']['JobState'][];
       /**
+       * Lab
+       * @description Tell every open JupyterLab of yours (GET /notifications/feed).
+       * @default true
+       */
+      lab: boolean;
+      /**
        * Webhook Url
        * @default null
        */
@@ -1538,6 +1721,66 @@ export interface components {
        * @default null
        */
       email: string | null;
+    };
+    /**
+     * EndedJob
+     * @description What a notification says of the job that ended (the webhook's ``job``, a feed entry's ``job``).
+     */
+    EndedJob: {
+      /** Id */
+      id: string;
+      /** Name */
+      name: string;
+      /** Owner */
+      owner: string;
+      /** Kind */
+      kind: string;
+      state: components['schemas']['JobState'];
+      /** State Reason */
+      state_reason: string;
+      /** Exit Code */
+      exit_code: number | null;
+      /** Created At */
+      created_at: string;
+      /** Finished At */
+      finished_at: string | null;
+      /** Mlflow Run Id */
+      mlflow_run_id: string | null;
+      /** Schedule Id */
+      schedule_id: string | null;
+      /**
+       * Output Notebook
+       * @description A notebook job's executed notebook (absolute path).
+       * @default null
+       */
+      output_notebook: string | null;
+    };
+    /**
+     * FeedEntry
+     * @description One job of yours that ended in a state you are told of.
+     */
+    FeedEntry: {
+      /**
+       * Id
+       * @description Increasing; pass the last one seen as ?after= to get only newer ones.
+       */
+      id: number;
+      /** Created At */
+      created_at: string;
+      job: components['schemas']['EndedJob'];
+    };
+    /**
+     * NotificationFeed
+     * @description ``GET /notifications/feed``: what JupyterLab shows as notifications.
+     */
+    NotificationFeed: {
+      /** Notifications */
+      notifications: components['schemas']['FeedEntry'][];
+      /**
+       * Cursor
+       * @description The id to pass as ?after= next time (the newest one there is, without ?after=).
+       */
+      cursor: number;
     };
     /**
      * NonceRequest
