@@ -3,6 +3,7 @@ panel lists the user's jobs live, follows a log, cancels, deletes and launches t
 the Models and Attestation tabs; %%train in a notebook on the RAPIDS kernel shows its monitor widget until
 the job succeeds."""
 
+import re
 import sys
 import time
 
@@ -58,7 +59,7 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             page.locator(".jp-SideBar [data-id='gpulab-panel']").click(timeout=60_000)
             panel = page.locator(".jp-gpulab-Panel")
             panel.locator(".jp-gpulab-who", has_text="nora").wait_for(timeout=30_000)
-            assert panel.get_by_role("tab").all_inner_texts() == ["Jobs", "Models", "Attestation"]
+            assert panel.get_by_role("tab").all_inner_texts() == ["Jobs", "Schedules", "Models", "Attestation"]
 
             ticker_row = panel.locator(f"[data-job-id='{ticker}']")
             quick_row = panel.locator(f"[data-job-id='{quick}']")
@@ -218,6 +219,44 @@ def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir
             dialog = page.get_by_role("dialog")
             dialog.get_by_text("say.ipynb", exact=True).wait_for(timeout=30_000)
             dialog.get_by_role("button", name="Cancel").click()
+
+            # On a schedule: a bad cron is refused by the job service, named in the dialog; then it is made and the
+            # Schedules tab pauses and deletes it.
+            page.locator(".lm-TabBar-tabLabel", has_text=re.compile(r"^say\.ipynb$")).click()
+            page.locator(".jp-gpulab-run-as-job:visible").click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_label("When").select_option("schedule")
+            dialog.get_by_label("Cron").fill("every night")
+            dialog.get_by_label("Time zone").fill("Europe/Berlin")
+            dialog.get_by_role("button", name="Run").click()
+            page.get_by_role("dialog").get_by_role("alert").filter(has_text="cron: must have five fields").wait_for(
+                timeout=30_000
+            )
+            page.get_by_role("dialog").get_by_label("Cron").fill("0 3 * * *")
+            page.get_by_role("dialog").get_by_role("button", name="Run").click()
+            page.locator(".Toastify__toast", has_text="Schedule say made: next run").wait_for(timeout=30_000)
+            auth = {"Authorization": f"token {token}"}
+            [schedule] = requests.get(f"{jobs_api}/schedules", headers=auth, timeout=30).json()["schedules"]
+            assert (schedule["cron"], schedule["timezone"], schedule["state"]) == (
+                "0 3 * * *",
+                "Europe/Berlin",
+                "active",
+            )
+            assert schedule["job"]["notebook"]["parameters"] == {}
+
+            page.locator(".jp-SideBar [data-id='gpulab-panel']").click()
+            page.locator(".jp-gpulab-Panel").get_by_role("tab", name="Schedules").click()
+            card = page.locator(f"[data-schedule-id='{schedule['id']}']")
+            card.get_by_role("button", name="Pause").click(timeout=30_000)
+            card.locator(".jp-gpulab-state", has_text="paused").wait_for(timeout=30_000)
+            assert (
+                requests.get(f"{jobs_api}/schedules/{schedule['id']}", headers=auth, timeout=30).json()["state"]
+                == "paused"
+            )
+            page.screenshot(path=str(output_dir / "lab-schedules-tab.png"))
+            card.get_by_role("button", name="Delete").click()
+            card.wait_for(state="detached", timeout=30_000)
+            assert requests.get(f"{jobs_api}/schedules", headers=auth, timeout=30).json()["schedules"] == []
         except Exception:
             page.screenshot(path=str(output_dir / "lab-run-as-job-failure.png"))
             raise

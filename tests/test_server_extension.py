@@ -154,3 +154,18 @@ def test_notebook_paths_and_kernels_are_checked_before_the_job_service(no_servic
         "notebooks", "jobs", method="POST", body=json.dumps({"path": parametrised, "parameters": {"lr": 1}})
     )
     assert got == 503 and "the job service is not configured" in body["error"]["message"], body
+
+
+def test_a_notebook_schedule_is_checked_like_a_notebook_job(no_services, answer, parametrised):
+    for request, status, field in [
+        ({"path": parametrised}, 422, "cron"),  # no cron: a job, not a schedule
+        ({"path": parametrised, "cron": "0 3 * * *", "overlap": "sometimes"}, 422, "overlap"),
+        ({"path": "work/none.ipynb", "cron": "0 3 * * *"}, 404, "path"),
+    ]:
+        got, body = answer("notebooks", "schedules", method="POST", body=json.dumps(request))
+        assert (got, body["error"]["field"]) == (status, field), (request, body)
+        SPEC.validate("/notebooks/schedules", "post", status, body)
+    got, body = answer(
+        "notebooks", "schedules", method="POST", body=json.dumps({"path": parametrised, "cron": "@daily"})
+    )
+    assert got == 503 and "the job service is not configured" in body["error"]["message"], body

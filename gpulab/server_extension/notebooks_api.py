@@ -3,7 +3,8 @@
 - ``GET /notebooks/parameters?path=`` reads the notebook's cell tagged ``parameters`` with papermill's own
   inspection (the names, inferred types, defaults and ``# comments`` papermill users write there) and its kernel.
 - ``POST /notebooks/jobs`` submits it as a notebook job, built by :func:`gpulab.kernels.client.notebook_spec`
-  exactly as ``%notebook`` and ``gpulab.submit_notebook`` build one, from the notebook as it is saved now.
+  exactly as ``%notebook`` and ``gpulab.submit_notebook`` build one, from the notebook as it is saved now;
+  ``POST /notebooks/schedules`` makes a schedule of that job (``cron``, ``timezone``), as ``%schedule`` does.
 
 Paths are relative to the server's root, as JupyterLab's file browser gives them; the server reads them as its
 user, so nothing here reaches what that user could not.
@@ -13,6 +14,7 @@ import ast
 import asyncio
 import json
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from jupyter_client.kernelspec import NoSuchKernel
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +22,7 @@ from tornado import web
 
 from ..kernels.client import GpulabError, notebook_spec
 from ..service.errors import APIError
-from ..services.jobs.models import MAX_PARAMETERS, ParameterValue
+from ..services.jobs.models import MAX_CONCURRENT_RUNS, MAX_PARAMETERS, ParameterValue
 from .jobs_api import JobsProxyHandler
 
 
@@ -51,6 +53,15 @@ class NotebookJobRequest(BaseModel):
     gpus: int = Field(0, ge=0, le=64)
     html: bool = Field(False, strict=True)
     experiment: str | None = Field(None, min_length=1, max_length=200)
+
+
+class NotebookScheduleRequest(NotebookJobRequest):
+    """``POST /notebooks/schedules``: run it at the times of ``cron`` in ``timezone`` (checked by the job service)."""
+
+    cron: str = Field(min_length=1, max_length=120)
+    timezone: str = Field("UTC", min_length=1, max_length=64)
+    max_concurrent: int = Field(1, ge=1, le=MAX_CONCURRENT_RUNS)
+    overlap: Literal["skip", "queue"] = "skip"
 
 
 def literal(source: str) -> tuple[bool, object]:
@@ -122,14 +133,13 @@ class ParametersHandler(NotebookHandler):
 
 
 class SubmitHandler(NotebookHandler):
-    @web.authenticated
-    async def post(self):
-        request = self.parse(NotebookJobRequest)
+    async def job_spec(self, request: NotebookJobRequest) -> dict:
+        """The job of ``request``, as ``%notebook`` makes it; 4xx naming the path or kernel at fault."""
         file = self.notebook(request.path)
         if request.kernel:
             await asyncio.to_thread(self.check_kernel, request.kernel)
         try:
-            spec = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 notebook_spec,
                 file,
                 request.parameters,
@@ -141,7 +151,31 @@ class SubmitHandler(NotebookHandler):
             )
         except GpulabError as e:
             raise APIError(422, f"path: {e}", field="path") from None
+
+    @web.authenticated
+    async def post(self):
+        spec = await self.job_spec(self.parse(NotebookJobRequest))
         await self.forward("/jobs", body=json.dumps(spec).encode())
 
 
-ROUTES = [("/notebooks/parameters", ParametersHandler), ("/notebooks/jobs", SubmitHandler)]
+class ScheduleHandler(SubmitHandler):
+    @web.authenticated
+    async def post(self):
+        request = self.parse(NotebookScheduleRequest)
+        job = await self.job_spec(request)
+        schedule = {
+            "name": job["name"],
+            "cron": request.cron,
+            "timezone": request.timezone,
+            "max_concurrent": request.max_concurrent,
+            "overlap": request.overlap,
+            "job": job,
+        }
+        await self.forward("/schedules", body=json.dumps(schedule).encode())
+
+
+ROUTES = [
+    ("/notebooks/parameters", ParametersHandler),
+    ("/notebooks/jobs", SubmitHandler),
+    ("/notebooks/schedules", ScheduleHandler),
+]

@@ -17,6 +17,7 @@ export type INotebookParameters = Schemas['NotebookParameters'];
 export type INotebookParameter = Schemas['NotebookParameter'];
 export type INotificationFeed = Schemas['NotificationFeed'];
 export type IEndedJob = Schemas['EndedJob'];
+export type ISchedule = Schemas['Schedule'];
 
 export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];
 
@@ -61,8 +62,8 @@ export async function getJSON<T>(path: string): Promise<T> {
   return (await requestAPI<T>(path)).json();
 }
 
-/** POST (or DELETE) and return the JSON answer, if any. */
-export async function send<T>(method: 'POST' | 'DELETE', path: string, body?: unknown): Promise<T | null> {
+/** POST, PATCH or DELETE, and return the JSON answer, if any. */
+export async function send<T>(method: 'POST' | 'PATCH' | 'DELETE', path: string, body?: unknown): Promise<T | null> {
   const init: RequestInit = { method };
   if (body !== undefined) {
     init.body = JSON.stringify(body);

@@ -2,7 +2,7 @@
 
 import * as React from 'react';
 
-import { APIError } from './api';
+import { APIError, send } from './api';
 
 export const POLL_MS = 2000;
 
@@ -41,6 +41,23 @@ export function usePolling<T>(
     };
   }, [...deps, tick]);
   return [value, error, () => setTick(t => t + 1)];
+}
+
+/** A button's call of the API: `[error, act]`; `act` sends, keeps the refusal as "what: why", then refreshes. */
+export type Act = (what: string, method: 'POST' | 'PATCH' | 'DELETE', path: string, body?: unknown) => Promise<void>;
+
+export function useAct(refresh: () => void): [string | null, Act] {
+  const [error, setError] = React.useState<string | null>(null);
+  const act: Act = async (what, method, path, body) => {
+    setError(null);
+    try {
+      await send(method, path, body);
+    } catch (e) {
+      setError(`${what}: ${e instanceof APIError ? e.message : e}`);
+    }
+    refresh();
+  };
+  return [error, act];
 }
 
 export function ErrorLine(props: { error: string | null }): JSX.Element | null {

@@ -2,8 +2,8 @@
 
 import * as React from 'react';
 
-import { APIError, getJSON, IJob, send, TERMINAL_STATES } from './api';
-import { ago, ErrorLine, plural, usePolling } from './common';
+import { getJSON, IJob, TERMINAL_STATES } from './api';
+import { Act, ago, ErrorLine, plural, useAct, usePolling } from './common';
 import { LaunchForm } from './launch';
 import type { IPanelActions } from './panel';
 
@@ -17,7 +17,6 @@ export interface IJobsProps {
 export function JobsView(props: IJobsProps): JSX.Element {
   const [state, setState] = React.useState('');
   const [launching, setLaunching] = React.useState(false);
-  const [error, setError] = React.useState<string | null>(null);
   const query = state ? `jobs?limit=50&state=${state}` : 'jobs?limit=50';
   const [jobs, loadError, refresh] = usePolling(
     async () => (await getJSON<{ jobs: IJob[] }>(query)).jobs,
@@ -25,15 +24,7 @@ export function JobsView(props: IJobsProps): JSX.Element {
     [query]
   );
 
-  const act = async (what: string, method: 'POST' | 'DELETE', path: string) => {
-    setError(null);
-    try {
-      await send(method, path);
-    } catch (e) {
-      setError(`${what}: ${e instanceof APIError ? e.message : e}`);
-    }
-    refresh();
-  };
+  const [error, act] = useAct(refresh);
 
   return (
     <div className="jp-gpulab-section">
@@ -85,12 +76,7 @@ export function JobsView(props: IJobsProps): JSX.Element {
   );
 }
 
-function JobCard(props: {
-  job: IJob;
-  act: (what: string, method: 'POST' | 'DELETE', path: string) => void;
-  actions: IPanelActions;
-  mlflowUrl: string | null;
-}): JSX.Element {
+function JobCard(props: { job: IJob; act: Act; actions: IPanelActions; mlflowUrl: string | null }): JSX.Element {
   const { job, act } = props;
   const finished = TERMINAL_STATES.includes(job.state);
   const { step, total, metrics } = job.progress;

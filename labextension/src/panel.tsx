@@ -8,9 +8,11 @@ import { AttestationView } from './attestation';
 import { ErrorLine, usePolling } from './common';
 import { JobsView } from './jobs';
 import { ModelsView } from './models';
+import { SchedulesView } from './schedules';
 
 const TABS = [
   { id: 'jobs', label: 'Jobs', scope: 'custom:gpulab:jobs' },
+  { id: 'schedules', label: 'Schedules', scope: 'custom:gpulab:jobs' },
   { id: 'models', label: 'Models', scope: 'custom:gpulab:infer' },
   { id: 'attestation', label: 'Attestation', scope: 'custom:gpulab:attest' }
 ];
@@ -86,6 +88,7 @@ function Panel(props: { visible: () => boolean; actions: IPanelActions }): JSX.E
           canRequestGpus={!!who?.scopes.includes('custom:gpulab:gpu')}
         />
       )}
+      {tab === 'schedules' && <SchedulesView visible={props.visible} />}
       {tab === 'models' && <ModelsView visible={props.visible} />}
       {tab === 'attestation' && <AttestationView visible={props.visible} />}
     </div>

@@ -8,7 +8,8 @@ import { KernelSpec } from '@jupyterlab/services';
 import { ReactWidget } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
-import { APIError, getJSON, IJob, INotebookParameter, INotebookParameters, send } from './api';
+import { APIError, getJSON, IJob, INotebookParameter, INotebookParameters, ISchedule, send } from './api';
+import { until } from './schedules';
 
 /** What the dialog asks for; `values` are the parameters as typed (text), sent only where changed. */
 export interface IRunChoices {
@@ -17,6 +18,10 @@ export interface IRunChoices {
   gpus: number;
   html: boolean;
   values: Record<string, string>;
+  /** Now, or at the times of `cron` in `timezone` (a schedule, kept by the job service). */
+  when: 'now' | 'schedule';
+  cron: string;
+  timezone: string;
 }
 
 /** A parameter's text as the dialog shows it: the JSON value of a literal default, else its Python source. */
@@ -152,6 +157,41 @@ function RunJobForm(props: {
           onChange={e => update({ gpus: Number(e.target.value) })}
         />
       </label>
+      <label>
+        When
+        <select
+          className="jp-mod-styled"
+          aria-label="When"
+          value={choices.when}
+          onChange={e => update({ when: e.target.value as IRunChoices['when'] })}
+        >
+          <option value="now">Now</option>
+          <option value="schedule">On a schedule</option>
+        </select>
+      </label>
+      {choices.when === 'schedule' && (
+        <>
+          <label title="Five fields (minute hour day month weekday), or @hourly, @daily, @weekly, @monthly">
+            Cron
+            <input
+              className="jp-mod-styled"
+              aria-label="Cron"
+              value={choices.cron}
+              placeholder="0 3 * * *"
+              onChange={e => update({ cron: e.target.value })}
+            />
+          </label>
+          <label>
+            Time zone
+            <input
+              className="jp-mod-styled"
+              aria-label="Time zone"
+              value={choices.timezone}
+              onChange={e => update({ timezone: e.target.value })}
+            />
+          </label>
+        </>
+      )}
       <label className="jp-gpulab-check">
         <input type="checkbox" checked={choices.html} onChange={e => update({ html: e.target.checked })} /> HTML copy of
         the output notebook
@@ -200,8 +240,8 @@ export interface IRunJobContext {
 }
 
 /**
- * Ask how to run the notebook at `path` (relative to the server root), then submit it; the job, or null when
- * the user cancelled. A refusal (the field and why) reopens the dialog with the choices kept.
+ * Ask how to run the notebook at `path` (relative to the server root), then submit it or make a schedule of it;
+ * the job submitted, or null (a schedule, or the user cancelled). A refusal (the field and why) reopens the dialog with the choices kept.
  */
 export async function runNotebookAsJob(path: string, context: IRunJobContext): Promise<IJob | null> {
   let info: INotebookParameters;
@@ -225,7 +265,10 @@ export async function runNotebookAsJob(path: string, context: IRunJobContext): P
     kernel: notebookKernel,
     gpus: 0,
     html: false,
-    values: Object.fromEntries(info.parameters.map(p => [p.name, shownValue(p)]))
+    values: Object.fromEntries(info.parameters.map(p => [p.name, shownValue(p)])),
+    when: 'now',
+    cron: '',
+    timezone: Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'
   };
   let error: string | null = null;
   for (;;) {
@@ -240,14 +283,27 @@ export async function runNotebookAsJob(path: string, context: IRunJobContext): P
     }
     choices = result.value;
     try {
-      const job = await send<IJob>('POST', 'notebooks/jobs', {
+      const body = {
         path,
         name: choices.name || null,
         kernel: choices.kernel || null,
         gpus: choices.gpus,
         html: choices.html,
         parameters: changedParameters(info.parameters, choices.values)
-      });
+      };
+      if (choices.when === 'schedule') {
+        const schedule = await send<ISchedule>('POST', 'notebooks/schedules', {
+          ...body,
+          cron: choices.cron,
+          timezone: choices.timezone
+        });
+        Notification.info(`Schedule ${schedule!.name} made: next run ${until(schedule!.next_run_at)}`, {
+          autoClose: 5000,
+          actions: [{ label: 'Open the gpulab panel', callback: context.showJobs }]
+        });
+        return null;
+      }
+      const job = await send<IJob>('POST', 'notebooks/jobs', body);
       Notification.info(`Job ${job!.name} submitted`, {
         autoClose: 5000,
         actions: [{ label: 'Show jobs', callback: context.showJobs }]

@@ -688,6 +688,49 @@ export interface paths {
     patch?: never;
     trace?: never;
   };
+  '/notebooks/schedules': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    get?: never;
+    put?: never;
+    /**
+     * Run a notebook of this server on a schedule, as %schedule --notebook does (the notebook as saved now).
+     * @description Needs custom:gpulab:jobs. The schedule is kept and run by the job service, whether or not this server is up; a bad cron or time zone is the job service's 422 naming it.
+     */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['NotebookScheduleRequest'];
+        };
+      };
+      responses: {
+        201: components['responses']['Schedule'];
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        409: components['responses']['JobServiceError'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
   '/attestation/nonce': {
     parameters: {
       query?: never;
@@ -1210,6 +1253,42 @@ export interface components {
       html: boolean;
       /** @description MLflow experiment; default the job's name. */
       experiment?: string | null;
+    };
+    NotebookScheduleRequest: {
+      /** @description The notebook, relative to the server's root. */
+      path: string;
+      /** @description Default: the notebook's name. */
+      name?: string | null;
+      /** @description Injected after the cell tagged parameters. */
+      parameters?: {
+        [key: string]: (string | number | boolean | null) | (string | number | boolean | null)[];
+      };
+      /** @description A kernel spec of this server; default the notebook's. */
+      kernel?: string | null;
+      /** @default 0 */
+      gpus: number;
+      /**
+       * @description An HTML copy of each run's executed notebook too.
+       * @default false
+       */
+      html: boolean;
+      /** @description MLflow experiment; default the job's name. */
+      experiment?: string | null;
+      /** @description Five fields, or @hourly, @daily, @weekly, @monthly, @yearly. */
+      cron: string;
+      /**
+       * @description IANA time zone
+       * @default UTC
+       */
+      timezone: string;
+      /** @default 1 */
+      max_concurrent: number;
+      /**
+       * @description A run due while max_concurrent are running: skipped or queued.
+       * @default skip
+       * @enum {string}
+       */
+      overlap: 'skip' | 'queue';
     };
     InferResponse: {
       model_name: string;
