@@ -88,8 +88,10 @@ def _claim(port: int) -> bool:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether binding ``host:port`` fails because something already listens there."""
+    """Whether binding ``host:port`` fails because something already listens there. With ``SO_REUSEADDR``, as the
+    proxy and tornado bind: connections of a platform just stopped (TIME_WAIT) do not keep the next one out."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as e:
