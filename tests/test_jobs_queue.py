@@ -710,7 +710,7 @@ async def test_a_job_that_cannot_be_handled_fails_alone_and_the_others_run(make_
     bad = await submit(q, entrypoint=py("import time; time.sleep(60)"), max_runtime=60)
     await state_is(store, bad, "running")
     row = store.get_job(bad)
-    with store._session() as session:  # as an older gpulab stored it
+    with store.session() as session:  # as an older gpulab stored it
         stored = session.get(type(row), bad)
         stored.spec = {**stored.spec, "max_runtime": 2**70}
         session.commit()

@@ -15,6 +15,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from gpulab.tracing import inject, tracer
 
+from ..service.periodic import periodic
 from ..service.storage import utcnow
 from .outbox import Delivery, OutboxEvent, Subscriber, UserEvents
 
@@ -144,11 +145,10 @@ class Deliverer:
             self._task = None
 
     async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await deliver_pending(self.outbox, self.http_client)
-            except Exception:
-                self.outbox.log.exception("Delivering user events failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+        await periodic(
+            lambda: deliver_pending(self.outbox, self.http_client),
+            self.interval,
+            self.outbox.log,
+            "delivering user events",
+            wake=self._wake,
+        )

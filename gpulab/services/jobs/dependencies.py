@@ -8,7 +8,6 @@ the reason when one can no longer be met (``dependency 1a2b3c4d ended failed: af
 from typing import Literal
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from gpulab.job_states import TERMINAL_STATES
 
@@ -32,7 +31,7 @@ def verdict(condition: str, state: str | None) -> Literal["met", "waiting", "imp
 def resolve(store: JobStore) -> int:
     """Release the held jobs whose dependencies are all met, cancel those with one that cannot be, and say what
     each of the others waits for; the number released. Blocking: on the store's thread."""
-    with Session(store.engine) as session:
+    with store.session() as session:
         held = session.execute(
             select(JobRow.id, JobRow.spec, JobRow.held_by, JobRow.state_reason)
             .where(JobRow.state == "queued", JobRow.held_by.is_not(None))

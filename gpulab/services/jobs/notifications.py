@@ -36,6 +36,7 @@ from traitlets import Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from gpulab.secrets import persistent_secret, read_secret_file
+from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
 from .models import DEFAULT_NOTIFIED, FeedEntry, NotificationFeed, NotificationPrefs, NotificationSettings
@@ -102,16 +103,20 @@ class Notifier(LoggingConfigurable):
         self.default_secret_file = Path(data_dir) / "jobs" / ".webhook-secret"
         self._secret: str | None = None
         self._pruned_at = float("-inf")
+        if self.webhook_allowed:  # webhooks are possible: a bad secret file stops the start, not a delivery
+            self._secret = self._read_secret()
         store.finished_hooks.append(self.enqueue)
+
+    def _read_secret(self) -> str:
+        if self.webhook_secret_file:
+            return read_secret_file(self.webhook_secret_file, "Notifier.webhook_secret_file").reveal()
+        return persistent_secret(self.default_secret_file)
 
     @property
     def secret(self) -> str:
-        """The webhooks' HMAC secret, read (or made) on first use."""
+        """The webhooks' HMAC secret (read, or made, when the service starts where webhooks are allowed)."""
         if self._secret is None:
-            if self.webhook_secret_file:
-                self._secret = read_secret_file(self.webhook_secret_file, "Notifier.webhook_secret_file").reveal()
-            else:
-                self._secret = persistent_secret(self.default_secret_file)
+            self._secret = self._read_secret()
         return self._secret
 
     def allowed(self, url: str) -> bool:
@@ -133,7 +138,7 @@ class Notifier(LoggingConfigurable):
 
     def get(self, owner: str) -> NotificationSettings:
         undelivered = select(func.count()).where(NotificationRow.owner == owner, NotificationRow.delivered_at.is_(None))
-        with Session(self.store.engine) as session:
+        with self.store.session() as session:
             row = session.get(NotificationPrefsRow, owner)
             pending = session.scalar(undelivered.where(NotificationRow.attempts < self.max_attempts))
             failed = session.scalar(undelivered.where(NotificationRow.attempts >= self.max_attempts))
@@ -147,7 +152,7 @@ class Notifier(LoggingConfigurable):
         )
 
     def put(self, owner: str, prefs: NotificationPrefs) -> NotificationSettings:
-        with Session(self.store.engine) as session, session.begin():
+        with self.store.session() as session, session.begin():
             row = session.get(NotificationPrefsRow, owner) or NotificationPrefsRow(owner=owner)
             row.states, row.lab = [str(s) for s in prefs.states], prefs.lab
             row.webhook_url, row.email = prefs.webhook_url, prefs.email
@@ -188,7 +193,7 @@ class Notifier(LoggingConfigurable):
         """``owner``'s JupyterLab notifications newer than ``after`` (oldest first); without ``after``, none and
         the cursor of the newest, so that a Lab opened now starts from now."""
         mine = (NotificationRow.owner == owner, NotificationRow.channel == "lab")
-        with Session(self.store.engine) as session:
+        with self.store.session() as session:
             if after is None:
                 newest = session.scalar(select(func.max(NotificationRow.id)).where(*mine))
                 return NotificationFeed(notifications=[], cursor=newest or 0)
@@ -203,7 +208,7 @@ class Notifier(LoggingConfigurable):
 
     def prune(self, now: datetime) -> int:
         """Delete the rows past ``retention_days`` that are delivered or given up on; how many."""
-        with Session(self.store.engine) as session, session.begin():
+        with self.store.session() as session, session.begin():
             done = or_(NotificationRow.delivered_at.is_not(None), NotificationRow.attempts >= self.max_attempts)
             old = NotificationRow.created_at < now - timedelta(days=self.retention_days)
             return session.execute(delete(NotificationRow).where(old, done)).rowcount
@@ -219,11 +224,11 @@ class Notifier(LoggingConfigurable):
             .order_by(NotificationRow.id)
             .limit(MAX_BATCH)
         )
-        with Session(self.store.engine, expire_on_commit=False) as session:
+        with self.store.session() as session:
             return list(session.scalars(query))
 
     def settle(self, row_id: int, error: str | None) -> None:
-        with Session(self.store.engine) as session, session.begin():
+        with self.store.session() as session, session.begin():
             row = session.get(NotificationRow, row_id)
             row.attempts += 1
             if error is None:
@@ -281,17 +286,12 @@ class Notifier(LoggingConfigurable):
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Deliver what is due every ``interval`` seconds until ``stopping``."""
-        loop = asyncio.get_running_loop()
-        while not stopping.is_set():
-            try:
-                await asyncio.gather(*(self._one(row) for row in await self.store.db.run(self.due, utcnow())))
-                if loop.time() - self._pruned_at >= PRUNE_EVERY:
-                    self._pruned_at = loop.time()
-                    if pruned := await self.store.db.run(self.prune, utcnow()):
-                        self.log.info("deleted %d notifications older than %g days", pruned, self.retention_days)
-            except Exception:
-                self.log.exception("delivering notifications failed; trying again in %g s", self.interval)
-            try:
-                await asyncio.wait_for(stopping.wait(), self.interval)
-            except TimeoutError:
-                pass
+        await periodic(self._pass, self.interval, self.log, "delivering notifications", stopping=stopping)
+
+    async def _pass(self) -> None:
+        await asyncio.gather(*(self._one(row) for row in await self.store.db.run(self.due, utcnow())))
+        now = asyncio.get_running_loop().time()
+        if now - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = now
+            if pruned := await self.store.db.run(self.prune, utcnow()):
+                self.log.info("deleted %d notifications older than %g days", pruned, self.retention_days)

@@ -24,6 +24,7 @@ from gpulab.data_dir import configured_data_dir
 from gpulab.job_states import UNFINISHED_STATES
 from gpulab.ratelimit import TokenBuckets
 from gpulab.secrets import JOB_SECRET_ENV
+from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
 from . import dependencies, policy, views
@@ -241,15 +242,7 @@ class JobQueue(LoggingConfigurable):
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.tick()
-            except Exception:
-                self.log.exception("job queue tick failed")
-            with suppress(TimeoutError):  # not wait_for: in 3.11 it can swallow stop()'s cancel
-                async with asyncio.timeout(self.tick_interval):
-                    await self._wake.wait()
+        await periodic(self.tick, self.tick_interval, self.log, "job queue tick", wake=self._wake)
 
     # -- API
 

@@ -17,11 +17,11 @@ from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
 from traitlets import Float, Integer
 from traitlets.config import LoggingConfigurable
 
 from gpulab.job_states import UNFINISHED_STATES
+from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
 from . import cron
@@ -91,9 +91,6 @@ class ScheduleStore:
     def __init__(self, store: JobStore):
         self.store = store
 
-    def _session(self) -> Session:
-        return Session(self.store.engine, expire_on_commit=False)
-
     def create(self, owner: str, groups: list[str], admin: bool, spec: ScheduleSpec, max_per_user: int) -> ScheduleRow:
         now = utcnow()
         row = ScheduleRow(
@@ -116,7 +113,7 @@ class ScheduleStore:
             created_at=now,
             updated_at=now,
         )
-        with self._session() as session, session.begin():
+        with self.store.session() as session, session.begin():
             count = select(func.count()).select_from(ScheduleRow).where(ScheduleRow.owner == owner)
             if session.scalar(count) >= max_per_user:
                 raise TooManySchedules(
@@ -127,7 +124,7 @@ class ScheduleStore:
         return row
 
     def get(self, schedule_id: str) -> ScheduleRow:
-        with self._session() as session:
+        with self.store.session() as session:
             row = session.get(ScheduleRow, schedule_id)
         if row is None:
             raise ScheduleNotFound(schedule_id)
@@ -138,14 +135,14 @@ class ScheduleStore:
         query = select(ScheduleRow).order_by(ScheduleRow.created_at.desc(), ScheduleRow.id.desc())
         if owner is not None:
             query = query.where(ScheduleRow.owner == owner)
-        with self._session() as session:
+        with self.store.session() as session:
             return list(session.scalars(query))
 
     def update(self, schedule_id: str, change: ScheduleUpdate) -> ScheduleRow:
         """Apply ``change``; a schedule resumed or given another time is next due at its first time from now
         (what it would have run while paused is not run)."""
         now = utcnow()
-        with self._session() as session, session.begin():
+        with self.store.session() as session, session.begin():
             row = session.get(ScheduleRow, schedule_id, with_for_update=True)
             if row is None:
                 raise ScheduleNotFound(schedule_id)
@@ -163,7 +160,7 @@ class ScheduleStore:
 
     def delete(self, schedule_id: str) -> None:
         """Remove the schedule; its runs stay, as the jobs they are."""
-        with self._session() as session, session.begin():
+        with self.store.session() as session, session.begin():
             row = session.get(ScheduleRow, schedule_id)
             if row is None:
                 raise ScheduleNotFound(schedule_id)
@@ -171,7 +168,7 @@ class ScheduleStore:
 
     def delete_owned(self, owner: str) -> int:
         """Remove every schedule of ``owner`` (a deleted user); how many there were."""
-        with self._session() as session, session.begin():
+        with self.store.session() as session, session.begin():
             rows = list(session.scalars(select(ScheduleRow).where(ScheduleRow.owner == owner)))
             for row in rows:
                 session.delete(row)
@@ -182,18 +179,22 @@ class ScheduleStore:
         query = select(ScheduleRow).where(
             ScheduleRow.state == "active", or_(ScheduleRow.next_run_at <= now, ScheduleRow.pending_run)
         )
-        with self._session() as session:
+        with self.store.session() as session:
             return list(session.scalars(query))
 
-    def active_runs(self, schedule_id: str) -> int:
-        query = select(func.count()).select_from(JobRow)
-        query = query.where(JobRow.schedule_id == schedule_id, JobRow.state.in_(UNFINISHED_STATES))
-        with self._session() as session:
-            return session.scalar(query)
+    def active_runs(self, schedule_ids: list[str]) -> dict[str, int]:
+        """The runs of each schedule not finished yet (a schedule with none is absent), in one query."""
+        query = (
+            select(JobRow.schedule_id, func.count())
+            .where(JobRow.schedule_id.in_(schedule_ids), JobRow.state.in_(UNFINISHED_STATES))
+            .group_by(JobRow.schedule_id)
+        )
+        with self.store.session() as session:
+            return dict(session.execute(query).all())
 
     def record(self, schedule_id: str, outcome: Plan, job_id: str | None, error: str | None) -> None:
         """What became of a due schedule: its next time, counts, and the run started (or why none was)."""
-        with self._session() as session, session.begin():
+        with self.store.session() as session, session.begin():
             row = session.get(ScheduleRow, schedule_id, with_for_update=True)
             if row is None or row.state != "active":  # deleted or paused meanwhile
                 return
@@ -211,7 +212,7 @@ class ScheduleStore:
 
     def ran(self, schedule_id: str, job_id: str) -> None:
         """A run started by hand (run now)."""
-        with self._session() as session, session.begin():
+        with self.store.session() as session, session.begin():
             row = session.get(ScheduleRow, schedule_id, with_for_update=True)
             if row is not None:
                 row.runs += 1
@@ -275,8 +276,10 @@ class Scheduler(LoggingConfigurable):
         """Start (or skip, or hold) the runs due by ``now``; the number started. Blocking: on the store's thread."""
         now = now or utcnow()
         started = 0
-        for row in self.schedules.due(now):
-            outcome = plan(row, self.schedules.active_runs(row.id), now, self.misfire_grace)
+        due = self.schedules.due(now)
+        active = self.schedules.active_runs([row.id for row in due]) if due else {}
+        for row in due:
+            outcome = plan(row, active.get(row.id, 0), now, self.misfire_grace)
             if outcome == Plan("wait", row.last_run_at or now, 0, True, row.next_run_at):
                 continue  # still waiting for room: nothing to write
             job_id = error = None
@@ -298,13 +301,9 @@ class Scheduler(LoggingConfigurable):
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Check every ``interval`` seconds until ``stopping``; a failed check is logged and the next one goes on."""
-        while not stopping.is_set():
-            try:
-                if await self.queue.store.db.run(self.fire_due):
-                    self.queue.kick()
-            except Exception:
-                self.log.exception("checking schedules failed; trying again in %g s", self.interval)
-            try:
-                await asyncio.wait_for(stopping.wait(), self.interval)
-            except TimeoutError:
-                pass
+
+        async def check():
+            if await self.queue.store.db.run(self.fire_due):
+                self.queue.kick()
+
+        await periodic(check, self.interval, self.log, "checking schedules", stopping=stopping)

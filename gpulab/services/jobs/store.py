@@ -336,7 +336,9 @@ class JobStore(LoggingConfigurable):
         # called with (session, job row) in the transaction that ends a job (the notifier's outbox)
         self.finished_hooks: list[Callable[[Session, JobRow], None]] = []
 
-    def _session(self) -> Session:
+    def session(self) -> Session:
+        """A session on the jobs database (rows stay readable after commit): for the store and the parts of the
+        service that keep their own tables in it (schedules, dependencies, notifications)."""
         return Session(self.engine, expire_on_commit=False)
 
     def create_job(
@@ -387,7 +389,7 @@ class JobStore(LoggingConfigurable):
         if spec.depends_on:
             row.state_reason = spec.depends_on[0].waiting_reason()
         try:  # one transaction, on one connection: a submission costs the fewest round trips to the database
-            with self._session() as session, session.begin():
+            with self.session() as session, session.begin():
                 if spec.idempotency_key and (existing := session.scalar(self._key_query(owner, spec.idempotency_key))):
                     return existing, False
                 if spec.depends_on:
@@ -420,7 +422,7 @@ class JobStore(LoggingConfigurable):
         return select(func.count()).select_from(JobRow).where(JobRow.owner == owner, JobRow.state == "queued")
 
     def _by_key(self, owner: str, key: str) -> JobRow | None:
-        with self._session() as session:
+        with self.session() as session:
             return session.scalar(self._key_query(owner, key))
 
     @staticmethod
@@ -428,7 +430,7 @@ class JobStore(LoggingConfigurable):
         return select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key)
 
     def get_job(self, job_id: str) -> JobRow:
-        with self._session() as session:
+        with self.session() as session:
             row = session.get(JobRow, job_id)
         if row is None:
             raise JobNotFound(job_id)
@@ -461,7 +463,7 @@ class JobStore(LoggingConfigurable):
             query = query.where(
                 or_(JobRow.created_at < created, and_(JobRow.created_at == created, JobRow.id < job_id))
             )
-        with self._session() as session:
+        with self.session() as session:
             rows = list(session.scalars(query.limit(limit + 1)))
         if len(rows) > limit:
             return rows[:limit], _encode_cursor(rows[limit - 1])
@@ -483,7 +485,7 @@ class JobStore(LoggingConfigurable):
             values.setdefault("finished_at", now)
         if to_state not in ACTIVE_STATES:
             values["job_token_hash"] = None
-        with self._session() as session, session.begin():
+        with self.session() as session, session.begin():
             current = session.scalar(select(JobRow.state).where(JobRow.id == job_id))
             if current is None:
                 raise JobNotFound(job_id)
@@ -510,7 +512,7 @@ class JobStore(LoggingConfigurable):
         self._update_queued(job_id, held_by=None, state_reason=reason)
 
     def _update_queued(self, job_id: str, **values: Any) -> None:
-        with self._session() as session, session.begin():
+        with self.session() as session, session.begin():
             session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.state == "queued")
@@ -525,7 +527,7 @@ class JobStore(LoggingConfigurable):
         combination of them and the old reason, so the cost is in SQL, not per job.
         """
         key = [*REASON_COLUMNS, JobRow.state_reason]
-        with self._session() as session:
+        with self.session() as session:
             combos = session.execute(select(*key).where(*_due()).group_by(*key)).all()
         changes = []
         for combo in combos:
@@ -538,13 +540,13 @@ class JobStore(LoggingConfigurable):
         if not changes:
             return
         now = utcnow()
-        with self._session() as session, session.begin():
+        with self.session() as session, session.begin():
             for where, reason in changes:
                 session.execute(update(JobRow).where(*_due(), *where).values(state_reason=reason, updated_at=now))
 
     def events(self, job_id: str) -> list[JobEvent]:
         """The job's transitions, oldest first."""
-        with self._session() as session:
+        with self.session() as session:
             rows = session.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id))
             return [
                 JobEvent(
@@ -559,7 +561,7 @@ class JobStore(LoggingConfigurable):
 
     def delete_job(self, job_id: str) -> None:
         """Delete a finished job and its events; :class:`JobStateError` if it is not finished."""
-        with self._session() as session, session.begin():
+        with self.session() as session, session.begin():
             row = session.get(JobRow, job_id)
             if row is None:
                 raise JobNotFound(job_id)
@@ -568,7 +570,7 @@ class JobStore(LoggingConfigurable):
             session.delete(row)
 
     def _update_active(self, job_id: str, **values: Any) -> bool:
-        with self._session() as session, session.begin():
+        with self.session() as session, session.begin():
             return (
                 session.execute(
                     update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(ACTIVE_STATES)).values(**values)
@@ -595,14 +597,14 @@ class JobStore(LoggingConfigurable):
 
     def check_job_token(self, job_id: str, token: str) -> bool:
         """Whether ``token`` is the current attempt's job token (valid only while it is active)."""
-        with self._session() as session:
+        with self.session() as session:
             stored = session.scalar(select(JobRow.job_token_hash).where(JobRow.id == job_id))
         return stored is not None and hmac.compare_digest(stored, token_hash(token))
 
     def claim_job_token(self, job_id: str, attempt: int, token: str) -> bool:
         """Make ``token`` the job token of an active ``attempt`` that has none yet (its credentials were left
         out of its environment); False if the attempt is not active or its token was claimed already."""
-        with self._session() as session, session.begin():
+        with self.session() as session, session.begin():
             result = session.execute(
                 update(JobRow)
                 .where(
@@ -617,12 +619,12 @@ class JobStore(LoggingConfigurable):
 
     def active_jobs(self) -> list[JobRow]:
         """Dispatching and running jobs."""
-        with self._session() as session:
+        with self.session() as session:
             return list(session.scalars(select(JobRow).where(JobRow.state.in_(ACTIVE_STATES))))
 
     def any_queued(self) -> bool:
         """Whether a queued job is due (its retry backoff has passed)."""
-        with self._session() as session:
+        with self.session() as session:
             return session.scalar(select(JobRow.id).where(*_due()).limit(1)) is not None
 
     def queued_jobs(
@@ -645,7 +647,7 @@ class JobStore(LoggingConfigurable):
             columns = [ranked.c[c.key] for c in SCHEDULING_COLUMNS]
             query = select(*columns).where(ranked.c.rank <= ranked.c.room)
             order = (ranked.c.priority.desc(), ranked.c.created_at, ranked.c.id)
-        with self._session() as session:
+        with self.session() as session:
             return list(session.execute(query.order_by(*order)))
 
     def candidates(
@@ -704,7 +706,7 @@ class JobStore(LoggingConfigurable):
             .where(JobRow.state.in_(ACTIVE_STATES))
             .group_by(column)
         )
-        with self._session() as session:
+        with self.session() as session:
             return {
                 key: Usage(int(jobs), int(gpus), float(cpus), int(memory))
                 for key, jobs, gpus, cpus, memory in session.execute(query)
@@ -713,5 +715,5 @@ class JobStore(LoggingConfigurable):
     def queued_count(self) -> dict[str, int]:
         """Queued jobs per pool."""
         query = select(JobRow.pool, func.count()).where(JobRow.state == "queued").group_by(JobRow.pool)
-        with self._session() as session:
+        with self.session() as session:
             return {pool: int(n) for pool, n in session.execute(query)}
