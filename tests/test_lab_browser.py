@@ -59,7 +59,13 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             page.locator(".jp-SideBar [data-id='gpulab-panel']").click(timeout=60_000)
             panel = page.locator(".jp-gpulab-Panel")
             panel.locator(".jp-gpulab-who", has_text="nora").wait_for(timeout=30_000)
-            assert panel.get_by_role("tab").all_inner_texts() == ["Jobs", "Schedules", "Models", "Attestation"]
+            assert panel.get_by_role("tab").all_inner_texts() == [
+                "Jobs",
+                "Schedules",
+                "Pipelines",
+                "Models",
+                "Attestation",
+            ]
 
             ticker_row = panel.locator(f"[data-job-id='{ticker}']")
             quick_row = panel.locator(f"[data-job-id='{quick}']")
@@ -139,6 +145,19 @@ def test_train_in_lab_shows_the_monitor_until_succeeded(hub, output_dir):
         page.screenshot(path=str(output_dir / "lab-train-monitor.png"))
 
 
+def put_file(hub, user: str, path: str, model: dict) -> str:
+    """Write ``path`` in the user's running server through its contents API; the token used, for more calls."""
+    token = hub.token(user)
+    r = requests.put(
+        f"{hub.url}/user/{user}/api/contents/{path}",
+        json=model,
+        headers={"Authorization": f"token {token}"},
+        timeout=30,
+    )
+    assert r.status_code in (200, 201), r.text
+    return token
+
+
 PARAMETRISED = {
     "nbformat": 4,
     "nbformat_minor": 5,
@@ -171,14 +190,7 @@ def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir
     with chromium_page() as page:
         try:
             hub_login(page, hub, "rita")
-            token = hub.token("rita")
-            r = requests.put(
-                f"{hub.url}/user/rita/api/contents/say.ipynb",
-                json={"type": "notebook", "format": "json", "content": PARAMETRISED},
-                headers={"Authorization": f"token {token}"},
-                timeout=30,
-            )
-            assert r.status_code in (200, 201), r.text
+            token = put_file(hub, "rita", "say.ipynb", {"type": "notebook", "format": "json", "content": PARAMETRISED})
             page.goto(f"{hub.url}/user/rita/lab/tree/say.ipynb")
             page.locator(".jp-gpulab-run-as-job").click(timeout=120_000)
 
@@ -259,4 +271,39 @@ def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir
             assert requests.get(f"{jobs_api}/schedules", headers=auth, timeout=30).json()["schedules"] == []
         except Exception:
             page.screenshot(path=str(output_dir / "lab-run-as-job-failure.png"))
+            raise
+
+
+PIPELINE = """name: nightly
+steps:
+  - {name: prep, source: "raise SystemExit('no data today')"}
+  - {name: train, source: "print('training')", needs: [prep]}
+  - {name: report, source: "print('report')"}
+"""
+
+
+def test_run_pipeline_from_the_file_browser_and_see_its_graph(hub, output_dir):
+    """A pipeline file's context menu "Run pipeline": the Pipelines tab draws its steps, the failed one, the one
+    that needed it cancelled, and the independent one that ran."""
+    with chromium_page() as page:
+        try:
+            hub_login(page, hub, "pia")
+            put_file(hub, "pia", "nightly.yaml", {"type": "file", "format": "text", "content": PIPELINE})
+            item = page.locator(".jp-DirListing-item[data-file-type='yaml']", has_text="nightly.yaml")
+            item.click(button="right", timeout=60_000)
+            page.locator(".lm-Menu-item", has_text="Run pipeline").click(timeout=30_000)
+            page.locator(".Toastify__toast", has_text="Pipeline nightly-").wait_for(timeout=60_000)
+
+            page.locator(".jp-SideBar [data-id='gpulab-panel']").click()
+            panel = page.locator(".jp-gpulab-Panel")
+            panel.get_by_role("tab", name="Pipelines").click()
+            graph = panel.locator("svg.jp-gpulab-graph")
+            for step, state in [("prep", "failed"), ("train", "cancelled"), ("report", "succeeded")]:
+                graph.locator(f"g[data-step='{step}'][data-state='{state}']").wait_for(timeout=120_000)
+            assert graph.locator("line.jp-gpulab-graph-edge").count() == 1  # train needs prep
+            reason = graph.locator("g[data-step='train'] title").text_content()
+            assert reason.startswith("train: cancelled (dependency ") and reason.endswith("cannot be met); needs prep")
+            page.screenshot(path=str(output_dir / "lab-pipeline-graph.png"))
+        except Exception:
+            page.screenshot(path=str(output_dir / "lab-pipeline-failure.png"))
             raise

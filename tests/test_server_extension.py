@@ -169,3 +169,22 @@ def test_a_notebook_schedule_is_checked_like_a_notebook_job(no_services, answer,
         "notebooks", "schedules", method="POST", body=json.dumps({"path": parametrised, "cron": "@daily"})
     )
     assert got == 503 and "the job service is not configured" in body["error"]["message"], body
+
+
+def test_a_pipeline_file_is_checked_before_anything_is_submitted(no_services, answer, jp_root_dir):
+    (jp_root_dir / "cycle.yaml").write_text(
+        "name: loop\nsteps:\n  - {name: a, source: 'pass', needs: [b]}\n  - {name: b, source: 'pass', needs: [a]}\n"
+    )
+    (jp_root_dir / "unknown.yml").write_text("steps:\n  - {name: a, source: 'pass', needs: [ghost]}\n")
+    (jp_root_dir / "fine.yaml").write_text("steps:\n  - {name: a, source: 'pass'}\n")
+    for path, status, says in [
+        ("cycle.yaml", 422, "steps a -> b -> a form a cycle"),
+        ("unknown.yml", 422, "step 'a' needs 'ghost', which is not a step of this pipeline"),
+        ("missing.yaml", 404, "there is no file missing.yaml"),
+        ("fine.txt", 422, "must name a pipeline file"),
+    ]:
+        got, body = answer("pipelines", method="POST", body=json.dumps({"path": path}))
+        assert got == status and says in body["error"]["message"], (path, body)
+        SPEC.validate("/pipelines", "post", status, body)
+    got, body = answer("pipelines", method="POST", body=json.dumps({"path": "fine.yaml"}))
+    assert got == 503 and "GPULAB_JOBS_URL is not set" in body["error"]["message"], body

@@ -102,18 +102,23 @@ def inspect(file: Path, relative: str) -> NotebookParameters:
     return NotebookParameters(path=relative, kernel=kernel, parameters=parameters)
 
 
+def server_file(handler, path: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """The file at ``path`` below the server's root, one of ``suffixes``; a 4xx naming ``path`` otherwise."""
+    relative = PurePosixPath(path)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise APIError(422, "path: must be relative to the server's root, without '..'", field="path")
+    if relative.suffix not in suffixes:
+        raise APIError(422, f"path: must name {what}", field="path")
+    file = Path(handler.settings["server_root_dir"]).expanduser() / relative
+    if not file.is_file():
+        raise APIError(404, f"path: there is no file {path}", field="path", code="not_found")
+    return file
+
+
 class NotebookHandler(JobsProxyHandler):
     def notebook(self, path: str) -> Path:
         """The notebook at ``path`` below the server's root; a 4xx naming ``path`` otherwise."""
-        relative = PurePosixPath(path)
-        if relative.is_absolute() or ".." in relative.parts:
-            raise APIError(422, "path: must be relative to the server's root, without '..'", field="path")
-        if relative.suffix != ".ipynb":
-            raise APIError(422, "path: must name a notebook (.ipynb)", field="path")
-        file = Path(self.settings["server_root_dir"]).expanduser() / relative
-        if not file.is_file():
-            raise APIError(404, f"path: there is no notebook {path}", field="path", code="not_found")
-        return file
+        return server_file(self, path, (".ipynb",), "a notebook (.ipynb)")
 
     def check_kernel(self, name: str) -> None:
         try:

@@ -1,6 +1,6 @@
 """The route table of the server extension, under ``<base url>gpulab/api/v1``."""
 
-from . import attestation_api, jobs_api, models_api, notebooks_api
+from . import attestation_api, jobs_api, models_api, notebooks_api, pipelines_api
 from .handlers import NotFoundHandler, StatusHandler, WhoAmIHandler
 
 API_PREFIX = "gpulab/api/v1"
@@ -11,6 +11,7 @@ ROUTES = [
     *attestation_api.ROUTES,
     *models_api.ROUTES,
     *notebooks_api.ROUTES,
+    *pipelines_api.ROUTES,
     ("/.*", NotFoundHandler),
 ]  # last: anything else under the API is a JSON 404, not Jupyter's HTML page
 

@@ -18,6 +18,7 @@ export type INotebookParameter = Schemas['NotebookParameter'];
 export type INotificationFeed = Schemas['NotificationFeed'];
 export type IEndedJob = Schemas['EndedJob'];
 export type ISchedule = Schemas['Schedule'];
+export type IPipelineRun = Schemas['PipelineRun'];
 
 export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];
 

@@ -7,7 +7,7 @@ import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { getJSON, IJob, IWhoAmI } from './api';
+import { APIError, getJSON, IJob, IPipelineRun, IWhoAmI, send } from './api';
 import { jobLogWidget } from './logs';
 import { watchFeed } from './notify';
 import { GpulabPanel } from './panel';
@@ -109,6 +109,32 @@ const plugin: JupyterFrontEndPlugin<void> = {
       command: 'gpulab:run-notebook-as-job',
       args: { fromBrowser: true },
       selector: '.jp-DirListing-item[data-file-type="notebook"]',
+      rank: 11
+    });
+    // Run pipeline: a pipeline file chosen in the file browser, as gpulab pipeline submit runs it.
+    app.commands.addCommand('gpulab:run-pipeline', {
+      label: 'Run pipeline',
+      caption: 'Submit this pipeline file: each step a gpulab job that needs others',
+      icon: gpulabIcon,
+      execute: async () => {
+        const item = browser?.selectedItems().next();
+        if (!item || item.done) {
+          return;
+        }
+        try {
+          const run = await send<IPipelineRun>('POST', 'pipelines', { path: item.value.path });
+          Notification.info(`Pipeline ${run!.pipeline} submitted: ${Object.keys(run!.steps).join(', ')}`, {
+            autoClose: 5000,
+            actions: [{ label: 'Open the gpulab panel', callback: showJobs }]
+          });
+        } catch (e) {
+          Notification.error(`Run pipeline: ${e instanceof APIError ? e.message : e}`, { autoClose: false });
+        }
+      }
+    });
+    app.contextMenu.addItem({
+      command: 'gpulab:run-pipeline',
+      selector: '.jp-DirListing-item[data-file-type="yaml"]',
       rank: 11
     });
     app.docRegistry.addWidgetExtension('Notebook', {

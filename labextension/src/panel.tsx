@@ -8,11 +8,13 @@ import { AttestationView } from './attestation';
 import { ErrorLine, usePolling } from './common';
 import { JobsView } from './jobs';
 import { ModelsView } from './models';
+import { PipelinesView } from './pipelines';
 import { SchedulesView } from './schedules';
 
 const TABS = [
   { id: 'jobs', label: 'Jobs', scope: 'custom:gpulab:jobs' },
   { id: 'schedules', label: 'Schedules', scope: 'custom:gpulab:jobs' },
+  { id: 'pipelines', label: 'Pipelines', scope: 'custom:gpulab:jobs' },
   { id: 'models', label: 'Models', scope: 'custom:gpulab:infer' },
   { id: 'attestation', label: 'Attestation', scope: 'custom:gpulab:attest' }
 ];
@@ -89,6 +91,7 @@ function Panel(props: { visible: () => boolean; actions: IPanelActions }): JSX.E
         />
       )}
       {tab === 'schedules' && <SchedulesView visible={props.visible} />}
+      {tab === 'pipelines' && <PipelinesView visible={props.visible} />}
       {tab === 'models' && <ModelsView visible={props.visible} />}
       {tab === 'attestation' && <AttestationView visible={props.visible} />}
     </div>

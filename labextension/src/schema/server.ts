@@ -731,6 +731,57 @@ export interface paths {
     patch?: never;
     trace?: never;
   };
+  '/pipelines': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    get?: never;
+    put?: never;
+    /**
+     * Submit a pipeline file of this server, as gpulab pipeline submit does (docs/jobs.md "Pipelines").
+     * @description Needs custom:gpulab:jobs. Every step is checked before any is submitted; a cycle, an unknown or repeated step or field is a 422 naming it (field steps); a step the job service refuses cancels those already submitted.
+     */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['PipelineRequest'];
+        };
+      };
+      responses: {
+        /** @description The pipeline's run, its folder and each step's job. */
+        201: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['PipelineRun'];
+          };
+        };
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        429: components['responses']['Throttled'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
   '/attestation/nonce': {
     parameters: {
       query?: never;
@@ -1289,6 +1340,20 @@ export interface components {
        * @enum {string}
        */
       overlap: 'skip' | 'queue';
+    };
+    PipelineRequest: {
+      /** @description The pipeline file (.yaml or .yml), relative to the server's root. */
+      path: string;
+    };
+    PipelineRun: {
+      /** @description The run's id: every step's job is labelled gpulab.pipeline=<it>. */
+      pipeline: string;
+      /** @description $PIPELINE_DIR of every step: where they pass files. */
+      directory: string;
+      /** @description Each step's job, by the step's name. */
+      steps: {
+        [key: string]: components['schemas']['Job'];
+      };
     };
     InferResponse: {
       model_name: string;
