@@ -28,8 +28,9 @@ def submit(source: str | None = None, entrypoint: list[str] | None = None, **fie
 
 def submit_notebook(path, parameters: dict | None = None, **fields):
     """Run the notebook at ``path`` as a job with papermill ``parameters``; returns a :class:`Job` handle whose
-    ``output_notebook`` is where the executed notebook goes (``kernel=``, ``output=``, ``html=True``, and the
-    fields of :func:`submit`)."""
+    ``output_notebook`` is where the executed notebook goes (``kernel=``, ``output=``, ``html=True``,
+    ``files=["data.csv", "utils.py"]`` or ``files="."`` to copy those of its folder with it, and the fields of
+    :func:`submit`)."""
     from .kernels.client import submit_notebook as _submit_notebook
 
     return _submit_notebook(path, parameters, **fields)

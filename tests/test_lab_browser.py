@@ -117,6 +117,21 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             ticker_row.wait_for(timeout=30_000)
             page.screenshot(path=str(output_dir / "lab-gpulab-panel.png"))
 
+            # Notification preferences: a refusal names the field; saved, the API has them.
+            panel.get_by_role("button", name="Notify…").click()
+            prefs = panel.get_by_role("form", name="Notifications")
+            prefs.get_by_label("E-mail").fill("not an address")
+            prefs.get_by_role("button", name="Save").click()
+            prefs.get_by_role("alert").filter(has_text="email").wait_for(timeout=30_000)
+            prefs.get_by_label("E-mail").fill("")
+            prefs.get_by_label("in JupyterLab").uncheck()
+            prefs.get_by_label("cancelled").check()
+            prefs.get_by_role("button", name="Save").click()
+            prefs.wait_for(state="detached", timeout=30_000)
+            saved = requests.get(f"{jobs_api}/notifications", headers=auth, timeout=30).json()
+            assert saved["lab"] is False and saved["email"] is None, saved
+            assert saved["states"] == ["cancelled", "failed", "succeeded", "timed_out"], saved
+
             # This platform runs no inference service: the Models tab says so instead of failing.
             panel.get_by_role("tab", name="Models").click()
             panel.get_by_role("alert").filter(has_text="inference").wait_for(timeout=30_000)
@@ -206,6 +221,7 @@ def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir
             dialog = page.get_by_role("dialog")
             assert dialog.get_by_label("Parameter repeat").input_value() == "three"  # the choices are kept
             dialog.get_by_label("Parameter repeat").fill("3")
+            dialog.get_by_label("Files to include").select_option("folder")
             page.screenshot(path=str(output_dir / "lab-run-as-job-dialog.png"))
             dialog.get_by_role("button", name="Run").click()
 
@@ -216,6 +232,7 @@ def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir
                 "jobs"
             ]
             assert job["state"] == "succeeded" and job["spec"]["notebook"]["parameters"] == {"repeat": 3}, job
+            assert job["spec"]["notebook"]["files"] == ["."] and "/.gpulab-snapshots/say-" in job["spec"]["working_dir"]
             page.screenshot(path=str(output_dir / "lab-job-ended-notification.png"))
 
             toast.get_by_role("button", name="Open output").click()

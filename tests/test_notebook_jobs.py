@@ -3,10 +3,12 @@ papermill on a real ipykernel, the MLflow service. The notebooks are written by 
 user's own, as a user's server would have them."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from gpulab.kernels.client import notebook_spec
+from gpulab.kernels.client import SNAPSHOTS, APIError, GpulabError, JobsClient, SnapshotError, notebook_spec, snapshot
 from gpulab.services.jobs.openapi import SPEC_PATH
 from tests.support.jobs import Client
 from tests.support.openapi import Spec
@@ -156,3 +158,65 @@ def test_a_notebook_goes_with_kind_notebook_only(alice):
     assert r.status_code == 422 and "exactly one of 'entrypoint', 'source' or 'notebook'" in r.text, r.text
     r = alice.request("POST", "/jobs", json={"name": "x", "kind": "notebook", "entrypoint": ["true"]})
     assert r.status_code == 422 and r.json()["error"]["field"] == "kind", r.text
+
+
+READS = notebook(
+    ("code", "import helper\nprint('data=' + open('data.txt').read(), helper.WORD)\nopen('out.txt', 'w').write('x')"),
+)
+
+
+def test_files_snapshotted_with_the_notebook_are_what_the_job_reads(hub, alice):
+    path = write(hub, "alice", READS, "reads.ipynb")
+    folder = path.parent
+    (folder / "data.txt").write_text("v1")
+    (folder / "helper.py").write_text("WORD = 'helped'\n")
+    spec = notebook_spec(path, files=["data.txt", "helper.py"])
+    snapshot = Path(spec["working_dir"])
+    assert snapshot.parent == folder / ".gpulab-snapshots" and sorted(p.name for p in snapshot.iterdir()) == [
+        "data.txt",
+        "helper.py",
+    ]
+    owner = folder.stat()
+    for p in [snapshot.parent, snapshot, *snapshot.iterdir()]:  # as the user's own server would have made it
+        os.chown(p, owner.st_uid, owner.st_gid)
+    (folder / "data.txt").write_text("v2, edited after submitting")
+    job = alice.submit(**spec)
+    assert job["spec"]["notebook"]["files"] == ["data.txt", "helper.py"]
+    done = alice.wait(job["id"], timeout=180)
+    assert done["state"] == "succeeded", alice.logs(job["id"])
+    executed = json.loads(open(done["output_notebook"]).read())
+    assert "data=v1 helped" in outputs(executed["cells"][0])
+    assert (snapshot / "out.txt").exists() and not (folder / "out.txt").exists()  # it ran in the copy
+
+
+def test_a_snapshot_is_bounded_and_names_what_it_cannot_take(tmp_path):
+    (tmp_path / "nb.ipynb").write_text(json.dumps(READS))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"0" * 2048)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "nb-checkpoint.ipynb").write_text("{}")
+    whole = snapshot(tmp_path, ["."], "nb")
+    assert sorted(str(p.relative_to(whole)) for p in whole.rglob("*") if p.is_file()) == ["data/big.bin", "nb.ipynb"]
+    again = snapshot(tmp_path, ["."], "nb")  # the first snapshot is not copied into the second
+    assert not any(SNAPSHOTS in str(p.relative_to(again)) for p in again.rglob("*"))
+    for files, says in [
+        (["../etc/passwd"], "must be relative to the notebook's folder"),
+        (["/etc/passwd"], "must be relative to the notebook's folder"),
+        (["missing.csv"], "there is no missing.csv"),
+    ]:
+        with pytest.raises(SnapshotError, match=says):
+            snapshot(tmp_path, files, "nb")
+    with pytest.raises(SnapshotError, match=r"files: 0.0 MiB is over the snapshot's limit of 0 MiB"):
+        snapshot(tmp_path, ["data"], "nb", max_bytes=1024)
+    with pytest.raises(GpulabError, match="no working_dir= with it"):
+        notebook_spec(tmp_path / "nb.ipynb", files=["data"], working_dir=str(tmp_path))
+
+
+def test_a_refused_notebook_job_leaves_no_snapshot(hub, alice):
+    path = write(hub, "alice", READS, "refused.ipynb")
+    (path.parent / "data.txt").write_text("v1")
+    spec = notebook_spec(path, files=["data.txt"], gpus=1)  # alice may not request GPUs
+    client = JobsClient(url=f"{hub.url}/services/gpulab-jobs/api/v1", token=hub.token("alice"))
+    with pytest.raises(APIError, match="custom:gpulab:gpu"):
+        client.submit(spec)
+    assert list((path.parent / ".gpulab-snapshots").iterdir()) == []

@@ -130,7 +130,7 @@ def test_a_notebooks_parameters_are_read_as_papermill_reads_them(no_services, an
     }
 
 
-def test_notebook_paths_and_kernels_are_checked_before_the_job_service(no_services, answer, parametrised):
+def test_notebook_paths_and_kernels_are_checked_before_the_job_service(no_services, answer, parametrised, jp_root_dir):
     for path, status, field in [
         (None, 400, "path"),
         ("../etc/passwd.ipynb", 422, "path"),
@@ -145,6 +145,8 @@ def test_notebook_paths_and_kernels_are_checked_before_the_job_service(no_servic
         ({"path": "work/train.ipynb", "gpus": -1}, 422, "gpus"),
         ({"path": "work/train.ipynb", "colour": "red"}, 422, "colour"),
         ({"path": "/abs/train.ipynb"}, 422, "path"),
+        ({"path": "work/train.ipynb", "files": ["../secrets"]}, 422, "files"),
+        ({"path": "work/train.ipynb", "files": ["missing.csv"]}, 422, "files"),
     ]:
         got, body = answer("notebooks", "jobs", method="POST", body=json.dumps(request))
         assert (got, body["error"]["field"]) == (status, field), (request, body)

@@ -12,9 +12,11 @@ from __future__ import annotations  # JobsClient.list shadows the builtin in ann
 import html
 import json
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .. import scopes, tracing
 from ..job_states import TERMINAL_STATES
@@ -32,6 +34,9 @@ __all__ = [  # with the errors of every hub service client, raised here too
     "JobTable",
     "job_spec",
     "notebook_spec",
+    "snapshot",
+    "discard_snapshot",
+    "SnapshotError",
     "default_client",
     "submit",
     "submit_notebook",
@@ -69,7 +74,11 @@ class JobsClient(HubServiceClient):
     def submit(self, spec: dict | None = None, **fields) -> Job:
         """Submit a job: a JobSpec dict, or :func:`job_spec` keyword arguments."""
         body = spec if spec is not None else job_spec(**fields)
-        return Job(self, self.request("POST", "/jobs", json=body).json())
+        try:
+            return Job(self, self.request("POST", "/jobs", json=body).json())
+        except GpulabError:
+            discard_snapshot(body)  # refused: its inputs' copy would be left for nothing
+            raise
 
     def list(self, state: str | None = None, all: bool = False, limit: int = 50) -> JobTable:
         """The newest ``limit`` jobs (``all``: every user's, admins only), optionally in one ``state``."""
@@ -232,6 +241,67 @@ def dependency(item) -> dict:
     return {"job": getattr(job, "id", job), "condition": condition}
 
 
+SNAPSHOTS = ".gpulab-snapshots"  # beside the notebook: each job's copy of the files it was given
+SNAPSHOT_MAX_BYTES = 100 * 1024 * 1024
+SNAPSHOT_MAX_FILES = 10_000
+_NOT_SNAPSHOTTED = (SNAPSHOTS, ".gpulab-pipelines", ".ipynb_checkpoints", "__pycache__", ".git")
+
+
+class SnapshotError(GpulabError):
+    """The files to snapshot with a notebook job cannot be: the message says which and why."""
+
+    field = "files"
+
+
+def _snapshot_sources(folder: Path, files: list[str]) -> list[tuple[Path, PurePosixPath]]:
+    """Each file to copy (also those below a chosen folder) with its path relative to ``folder``."""
+    found: list[tuple[Path, PurePosixPath]] = []
+    for name in files:
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise SnapshotError(f"files: {name!r} must be relative to the notebook's folder, without '..'")
+        path = folder / relative
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs if d not in _NOT_SNAPSHOTTED]
+                for n in names:
+                    file = Path(root) / n
+                    found.append((file, PurePosixPath(file.relative_to(folder).as_posix())))
+                    if len(found) > SNAPSHOT_MAX_FILES:
+                        raise SnapshotError(f"files: over {SNAPSHOT_MAX_FILES} files; choose fewer")
+        elif path.is_file():
+            found.append((path, PurePosixPath(path.relative_to(folder).as_posix())))
+        else:
+            raise SnapshotError(f"files: there is no {name} in {folder}")
+    return found
+
+
+def snapshot(folder: Path, files: list[str], name: str, max_bytes: int = SNAPSHOT_MAX_BYTES) -> Path:
+    """Copy ``files`` of ``folder`` (paths relative to it; ``"."``: all of it, but gpulab's own folders and
+    checkpoints) to a new folder ``<folder>/.gpulab-snapshots/<name>-<id>/``, where the job runs: later edits of
+    the originals do not change it, and every retry sees the same inputs. At most ``max_bytes`` in all."""
+    sources = _snapshot_sources(folder, files)
+    total = sum(path.stat().st_size for path, _ in sources)
+    if total > max_bytes:
+        raise SnapshotError(
+            f"files: {total / 2**20:.1f} MiB is over the snapshot's limit of {max_bytes / 2**20:.0f} MiB; "
+            "choose fewer files (or read large data from where it is, by its absolute path)"
+        )
+    target = folder / SNAPSHOTS / f"{name}-{uuid.uuid4().hex[:8]}"
+    target.mkdir(parents=True)
+    for path, relative in dict.fromkeys(sources):
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / relative)
+    return target
+
+
+def discard_snapshot(spec: dict) -> None:
+    """Remove the snapshot :func:`notebook_spec` made for ``spec``, which was not submitted."""
+    working_dir = Path(spec.get("working_dir") or "")
+    if (spec.get("notebook") or {}).get("files") and working_dir.parent.name == SNAPSHOTS:
+        shutil.rmtree(working_dir, ignore_errors=True)
+
+
 def notebook_spec(
     path: str | os.PathLike,
     parameters: dict | None = None,
@@ -241,13 +311,17 @@ def notebook_spec(
     html: bool = False,
     name: str | None = None,
     working_dir: str | None = None,
+    files: list[str] | str | None = None,
     **fields,
 ) -> dict:
     """A JobSpec dict of a notebook job: the notebook at ``path`` as it is now (its outputs cleared: they are not
     run), run with papermill on ``kernel`` (default: the notebook's) with ``parameters`` injected after its cell
     tagged ``parameters``, in ``working_dir`` (default: the notebook's folder). The executed notebook goes to
     ``output`` (default: ``<name>-<job id prefix>.ipynb`` beside it), with an HTML copy if ``html``. ``fields``
-    as for :func:`job_spec` (``gpus``, ``pool``, ``experiment``, ...)."""
+    as for :func:`job_spec` (``gpus``, ``pool``, ``experiment``, ...).
+
+    ``files`` (paths relative to the notebook's folder, ``"."`` for all of it) are copied now with the notebook
+    (:func:`snapshot`), and the job runs in that copy, as jupyter-scheduler's input folders do."""
     notebook = Path(path).expanduser().absolute()
     try:
         content = json.loads(notebook.read_text(encoding="utf-8"))
@@ -260,6 +334,9 @@ def notebook_spec(
     for cell in content["cells"]:
         if isinstance(cell, dict) and cell.get("cell_type") == "code":
             cell.update(outputs=[], execution_count=None)
+    files = [files] if isinstance(files, str) else list(files or [])
+    if files and working_dir:
+        raise GpulabError("a notebook job with files= runs in their snapshot: give no working_dir= with it")
     program = {
         "path": str(notebook),
         "content": content,
@@ -267,7 +344,10 @@ def notebook_spec(
         "kernel": kernel,
         "output": str(Path(output).expanduser().absolute()) if output else None,
         "formats": ["ipynb", "html"] if html else ["ipynb"],
+        "files": files,
     }
+    if files:
+        working_dir = str(snapshot(notebook.parent, files, name or notebook.stem))
     return job_spec(
         name=name or notebook.stem, working_dir=working_dir or str(notebook.parent), notebook=program, **fields
     )

@@ -116,6 +116,13 @@ def _notebook_parser(prog: str) -> _Parser:
     parser.add_argument("--kernel", metavar="K", help="kernel spec (default: the notebook's)")
     parser.add_argument("--output", metavar="PATH", help="the executed notebook (default: beside it)")
     parser.add_argument("--html", action="store_true", help="also an HTML copy of the executed notebook")
+    parser.add_argument(
+        "--files",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file or folder of the notebook's folder to copy with it ('.': all of it); the job runs in the copy",
+    )
     return parser
 
 
@@ -224,12 +231,19 @@ class GpulabMagics(Magics):
     def notebook(self, prog, argv, cell=None):
         """Run a notebook as a job: ``%notebook [options] path.ipynb -p lr 0.01 -p epochs 5``, with papermill (the
         parameters go after its cell tagged ``parameters``), in the notebook's folder. Options as ``%train``, and
-        --kernel K, --output PATH, --html. The executed notebook is ``job.output_notebook``."""
+        --kernel K, --output PATH, --html, --files PATH (copied with it; the job runs in the copy). The executed
+        notebook is ``job.output_notebook``."""
         args = _notebook_parser(prog).parse_args(argv)
         fields = _fields(args)
         parameters = {name: parameter_value(value) for name, value in args.parameter}
         spec = notebook_spec(
-            args.notebook, parameters, kernel=args.kernel, output=args.output, html=args.html, **fields
+            args.notebook,
+            parameters,
+            kernel=args.kernel,
+            output=args.output,
+            html=args.html,
+            files=args.files,
+            **fields,
         )
         return _launch(spec, args)
 

@@ -20,7 +20,7 @@ from jupyter_client.kernelspec import NoSuchKernel
 from pydantic import BaseModel, ConfigDict, Field
 from tornado import web
 
-from ..kernels.client import GpulabError, notebook_spec
+from ..kernels.client import GpulabError, SnapshotError, discard_snapshot, notebook_spec
 from ..service.errors import APIError
 from ..services.jobs.models import MAX_CONCURRENT_RUNS, MAX_PARAMETERS, ParameterValue
 from .jobs_api import JobsProxyHandler
@@ -53,6 +53,11 @@ class NotebookJobRequest(BaseModel):
     gpus: int = Field(0, ge=0, le=64)
     html: bool = Field(False, strict=True)
     experiment: str | None = Field(None, min_length=1, max_length=200)
+    files: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Files or folders of the notebook's folder to copy with it ('.': all of it); it runs in the copy.",
+    )
 
 
 class NotebookScheduleRequest(NotebookJobRequest):
@@ -153,14 +158,27 @@ class SubmitHandler(NotebookHandler):
                 name=request.name,
                 gpus=request.gpus,
                 experiment=request.experiment,
+                files=request.files,
             )
+        except SnapshotError as e:
+            raise APIError(422, str(e), field="files") from None
         except GpulabError as e:
             raise APIError(422, f"path: {e}", field="path") from None
+
+    async def submit(self, path: str, body: dict, spec: dict) -> None:
+        """Forward ``body`` to ``path`` of the job service; a refusal discards the snapshot made for ``spec``."""
+        try:
+            await self.forward(path, body=json.dumps(body).encode())
+        except Exception:
+            await asyncio.to_thread(discard_snapshot, spec)
+            raise
+        if self.get_status() >= 400:
+            await asyncio.to_thread(discard_snapshot, spec)
 
     @web.authenticated
     async def post(self):
         spec = await self.job_spec(self.parse(NotebookJobRequest))
-        await self.forward("/jobs", body=json.dumps(spec).encode())
+        await self.submit("/jobs", spec, spec)
 
 
 class ScheduleHandler(SubmitHandler):
@@ -176,7 +194,7 @@ class ScheduleHandler(SubmitHandler):
             "overlap": request.overlap,
             "job": job,
         }
-        await self.forward("/schedules", body=json.dumps(schedule).encode())
+        await self.submit("/schedules", schedule, job)
 
 
 ROUTES = [

@@ -19,6 +19,7 @@ export type INotificationFeed = Schemas['NotificationFeed'];
 export type IEndedJob = Schemas['EndedJob'];
 export type ISchedule = Schemas['Schedule'];
 export type IPipelineRun = Schemas['PipelineRun'];
+export type INotificationSettings = Schemas['NotificationSettings'];
 
 export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];
 
@@ -63,8 +64,12 @@ export async function getJSON<T>(path: string): Promise<T> {
   return (await requestAPI<T>(path)).json();
 }
 
-/** POST, PATCH or DELETE, and return the JSON answer, if any. */
-export async function send<T>(method: 'POST' | 'PATCH' | 'DELETE', path: string, body?: unknown): Promise<T | null> {
+/** POST, PUT, PATCH or DELETE, and return the JSON answer, if any. */
+export async function send<T>(
+  method: 'POST' | 'PUT' | 'PATCH' | 'DELETE',
+  path: string,
+  body?: unknown
+): Promise<T | null> {
   const init: RequestInit = { method };
   if (body !== undefined) {
     init.body = JSON.stringify(body);

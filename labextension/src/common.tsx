@@ -60,6 +60,15 @@ export function useAct(refresh: () => void): [string | null, Act] {
   return [error, act];
 }
 
+/** An error as the user reads it, the field at fault first where the server named one, and that field. */
+export function fieldError(e: unknown): { message: string; field: string | null } {
+  if (e instanceof APIError) {
+    const message = e.field && !e.message.startsWith(e.field) ? `${e.field}: ${e.message}` : e.message;
+    return { message, field: e.field };
+  }
+  return { message: e instanceof Error ? e.message : String(e), field: null };
+}
+
 export function ErrorLine(props: { error: string | null }): JSX.Element | null {
   return props.error ? (
     <div className="jp-gpulab-error" role="alert">

@@ -7,7 +7,8 @@ import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { APIError, getJSON, IJob, IPipelineRun, IWhoAmI, send } from './api';
+import { getJSON, IJob, IPipelineRun, IWhoAmI, send } from './api';
+import { fieldError } from './common';
 import { jobLogWidget } from './logs';
 import { watchFeed } from './notify';
 import { GpulabPanel } from './panel';
@@ -128,7 +129,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
             actions: [{ label: 'Open the gpulab panel', callback: showJobs }]
           });
         } catch (e) {
-          Notification.error(`Run pipeline: ${e instanceof APIError ? e.message : e}`, { autoClose: false });
+          Notification.error(`Run pipeline: ${fieldError(e).message}`, { autoClose: false });
         }
       }
     });

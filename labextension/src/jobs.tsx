@@ -5,6 +5,7 @@ import * as React from 'react';
 import { getJSON, IJob, TERMINAL_STATES } from './api';
 import { Act, ago, ErrorLine, plural, useAct, usePolling } from './common';
 import { LaunchForm } from './launch';
+import { NotificationForm } from './notifyprefs';
 import type { IPanelActions } from './panel';
 
 export interface IJobsProps {
@@ -17,6 +18,7 @@ export interface IJobsProps {
 export function JobsView(props: IJobsProps): JSX.Element {
   const [state, setState] = React.useState('');
   const [launching, setLaunching] = React.useState(false);
+  const [notifying, setNotifying] = React.useState(false);
   const query = state ? `jobs?limit=50&state=${state}` : 'jobs?limit=50';
   const [jobs, loadError, refresh] = usePolling(
     async () => (await getJSON<{ jobs: IJob[] }>(query)).jobs,
@@ -44,11 +46,20 @@ export function JobsView(props: IJobsProps): JSX.Element {
           <button className="jp-gpulab-button" onClick={() => setLaunching(!launching)} aria-expanded={launching}>
             New job
           </button>
+          <button
+            className="jp-gpulab-button"
+            onClick={() => setNotifying(!notifying)}
+            aria-expanded={notifying}
+            title="When you are told that a job ended, and where"
+          >
+            Notify…
+          </button>
           <button className="jp-gpulab-button" onClick={refresh} title="Refresh now">
             Refresh
           </button>
         </span>
       </div>
+      {notifying && <NotificationForm onSaved={() => setNotifying(false)} />}
       {launching && (
         <LaunchForm
           cwd={props.actions.cwd}

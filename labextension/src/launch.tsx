@@ -3,8 +3,8 @@
 import { PageConfig } from '@jupyterlab/coreutils';
 import * as React from 'react';
 
-import { APIError, IJob, send } from './api';
-import { ErrorLine } from './common';
+import { IJob, send } from './api';
+import { ErrorLine, fieldError } from './common';
 
 export interface ILaunchProps {
   /** The file browser's folder, relative to the server root. */
@@ -87,11 +87,7 @@ export function LaunchForm(props: ILaunchProps): JSX.Element {
       setCommand('');
       props.onLaunched(job!);
     } catch (e) {
-      setError(
-        e instanceof APIError
-          ? { message: e.field ? `${e.field}: ${e.message}` : e.message, field: e.field }
-          : { message: String(e), field: null }
-      );
+      setError(fieldError(e));
     } finally {
       setBusy(false);
     }

@@ -8,7 +8,8 @@ import { KernelSpec } from '@jupyterlab/services';
 import { ReactWidget } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
-import { APIError, getJSON, IJob, INotebookParameter, INotebookParameters, ISchedule, send } from './api';
+import { getJSON, IJob, INotebookParameter, INotebookParameters, ISchedule, send } from './api';
+import { fieldError } from './common';
 import { until } from './schedules';
 
 /** What the dialog asks for; `values` are the parameters as typed (text), sent only where changed. */
@@ -18,6 +19,9 @@ export interface IRunChoices {
   gpus: number;
   html: boolean;
   values: Record<string, string>;
+  /** What of the notebook's folder is copied with it: nothing, all of it, or the comma-separated `files`. */
+  include: 'none' | 'folder' | 'list';
+  files: string;
   /** Now, or at the times of `cron` in `timezone` (a schedule, kept by the job service). */
   when: 'now' | 'schedule';
   cron: string;
@@ -60,6 +64,20 @@ export function parseValue(p: INotebookParameter, text: string): unknown {
     }
   }
   return text;
+}
+
+/** The `files` of a submission: none, `["."]` for the whole folder, or the list typed (comma-separated). */
+export function filesToInclude(choices: Pick<IRunChoices, 'include' | 'files'>): string[] {
+  if (choices.include === 'folder') {
+    return ['.'];
+  }
+  if (choices.include === 'list') {
+    return choices.files
+      .split(',')
+      .map(f => f.trim())
+      .filter(Boolean);
+  }
+  return [];
 }
 
 /** The parameters to inject: those whose text differs from what the dialog showed. */
@@ -192,6 +210,28 @@ function RunJobForm(props: {
           </label>
         </>
       )}
+      <label title="Copied with the notebook when it is submitted; the job runs in the copy (up to 100 MiB)">
+        Files to include
+        <select
+          className="jp-mod-styled"
+          aria-label="Files to include"
+          value={choices.include}
+          onChange={e => update({ include: e.target.value as IRunChoices['include'] })}
+        >
+          <option value="none">None: run in the notebook's folder</option>
+          <option value="folder">The notebook's whole folder</option>
+          <option value="list">These files and folders</option>
+        </select>
+      </label>
+      {choices.include === 'list' && (
+        <input
+          className="jp-mod-styled"
+          aria-label="Files"
+          value={choices.files}
+          placeholder="data/train.csv, utils.py (relative to the notebook's folder)"
+          onChange={e => update({ files: e.target.value })}
+        />
+      )}
       <label className="jp-gpulab-check">
         <input type="checkbox" checked={choices.html} onChange={e => update({ html: e.target.checked })} /> HTML copy of
         the output notebook
@@ -224,14 +264,6 @@ function RunJobForm(props: {
   );
 }
 
-/** An error as the user reads it: the field at fault first, where the server named one. */
-function fieldMessage(e: unknown): string {
-  if (e instanceof APIError && e.field && !e.message.startsWith(e.field)) {
-    return `${e.field}: ${e.message}`;
-  }
-  return e instanceof Error ? e.message : String(e);
-}
-
 /** Where a job's log and output open, and the panel shows: given by the plugin. */
 export interface IRunJobContext {
   kernelspecs: KernelSpec.IManager;
@@ -248,7 +280,7 @@ export async function runNotebookAsJob(path: string, context: IRunJobContext): P
   try {
     info = await getJSON<INotebookParameters>(`notebooks/parameters?path=${encodeURIComponent(path)}`);
   } catch (e) {
-    Notification.error(`Run as job: ${fieldMessage(e)}`);
+    Notification.error(`Run as job: ${fieldError(e).message}`);
     return null;
   }
   await context.kernelspecs.ready;
@@ -266,6 +298,8 @@ export async function runNotebookAsJob(path: string, context: IRunJobContext): P
     gpus: 0,
     html: false,
     values: Object.fromEntries(info.parameters.map(p => [p.name, shownValue(p)])),
+    include: 'none',
+    files: '',
     when: 'now',
     cron: '',
     timezone: Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'
@@ -289,7 +323,8 @@ export async function runNotebookAsJob(path: string, context: IRunJobContext): P
         kernel: choices.kernel || null,
         gpus: choices.gpus,
         html: choices.html,
-        parameters: changedParameters(info.parameters, choices.values)
+        parameters: changedParameters(info.parameters, choices.values),
+        files: filesToInclude(choices)
       };
       if (choices.when === 'schedule') {
         const schedule = await send<ISchedule>('POST', 'notebooks/schedules', {
@@ -310,7 +345,7 @@ export async function runNotebookAsJob(path: string, context: IRunJobContext): P
       });
       return job;
     } catch (e) {
-      error = fieldMessage(e);
+      error = fieldError(e).message;
     }
   }
 }

@@ -130,6 +130,12 @@ class NotebookSpec(_Body):
     kernel: str | None = Field(None, description="A kernel spec name, e.g. python3 or gpulab-rapids.")
     output: str | None = Field(None, max_length=1024, description="Absolute path of the executed notebook.")
     formats: list[Literal["ipynb", "html"]] = Field(default_factory=lambda: ["ipynb"], min_length=1, max_length=2)
+    files: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="The files of the notebook's folder copied with it when submitted (relative; '.': all of it); "
+        "the job runs in that copy (its working_dir).",
+    )
 
     def output_for(self, job_id: str) -> str:
         """Where the executed notebook goes: ``output``, else ``<name>-<job id prefix>.ipynb`` beside ``path`` (each
@@ -161,6 +167,16 @@ class NotebookSpec(_Body):
         for name in value:
             if not _PARAMETER.fullmatch(name):
                 raise _error("parameter_name", "parameter '{name}' is not a Python identifier", name=name[:64])
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value):
+        for name in value:
+            path = PurePosixPath(name)
+            if not name or len(name) > 1024 or path.is_absolute() or ".." in path.parts:
+                raise _error("notebook_files", "each must be relative to the notebook's folder, without '..'")
+            _no_control(name)
         return value
 
     @field_validator("kernel")

@@ -1304,6 +1304,8 @@ export interface components {
       html: boolean;
       /** @description MLflow experiment; default the job's name. */
       experiment?: string | null;
+      /** @description Files or folders of the notebook's folder to copy with it ('.': all of it, up to 100 MiB); the job runs in the copy. */
+      files?: string[];
     };
     NotebookScheduleRequest: {
       /** @description The notebook, relative to the server's root. */
@@ -1325,6 +1327,8 @@ export interface components {
       html: boolean;
       /** @description MLflow experiment; default the job's name. */
       experiment?: string | null;
+      /** @description Files or folders of the notebook's folder to copy with it ('.': all of it, up to 100 MiB); the job runs in the copy. */
+      files?: string[];
       /** @description Five fields, or @hourly, @daily, @weekly, @monthly, @yearly. */
       cron: string;
       /**
@@ -1406,6 +1410,11 @@ export interface components {
       output: string | null;
       /** Formats */
       formats?: ('ipynb' | 'html')[];
+      /**
+       * Files
+       * @description The files of the notebook's folder copied with it when submitted (relative; '.': all of it); the job runs in that copy (its working_dir).
+       */
+      files?: string[];
     };
     /**
      * Resources
