@@ -197,8 +197,9 @@ def test_a_snapshot_is_bounded_and_names_what_it_cannot_take(tmp_path):
     (tmp_path / ".ipynb_checkpoints" / "nb-checkpoint.ipynb").write_text("{}")
     whole = snapshot(tmp_path, ["."], "nb")
     assert sorted(str(p.relative_to(whole)) for p in whole.rglob("*") if p.is_file()) == ["data/big.bin", "nb.ipynb"]
-    again = snapshot(tmp_path, ["."], "nb")  # the first snapshot is not copied into the second
+    again = snapshot(tmp_path, ["."], "../../up/and away")  # the first snapshot is not copied into the second
     assert not any(SNAPSHOTS in str(p.relative_to(again)) for p in again.rglob("*"))
+    assert again.parent == tmp_path / SNAPSHOTS and again.name.startswith("up-and-away-")  # a job's name is no path
     for files, says in [
         (["../etc/passwd"], "must be relative to the notebook's folder"),
         (["/etc/passwd"], "must be relative to the notebook's folder"),

@@ -12,6 +12,7 @@ from __future__ import annotations  # JobsClient.list shadows the builtin in ann
 import html
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -287,7 +288,8 @@ def snapshot(folder: Path, files: list[str], name: str, max_bytes: int = SNAPSHO
             f"files: {total / 2**20:.1f} MiB is over the snapshot's limit of {max_bytes / 2**20:.0f} MiB; "
             "choose fewer files (or read large data from where it is, by its absolute path)"
         )
-    target = folder / SNAPSHOTS / f"{name}-{uuid.uuid4().hex[:8]}"
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-")[:64] or "job"  # a folder name, whatever the job's
+    target = folder / SNAPSHOTS / f"{label}-{uuid.uuid4().hex[:8]}"
     target.mkdir(parents=True)
     for path, relative in dict.fromkeys(sources):
         (target / relative).parent.mkdir(parents=True, exist_ok=True)

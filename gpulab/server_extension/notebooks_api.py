@@ -161,7 +161,7 @@ class SubmitHandler(NotebookHandler):
                 files=request.files,
             )
         except SnapshotError as e:
-            raise APIError(422, str(e), field="files") from None
+            raise APIError(422, str(e), field=e.field) from None
         except GpulabError as e:
             raise APIError(422, f"path: {e}", field="path") from None
 
