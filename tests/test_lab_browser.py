@@ -6,6 +6,7 @@ the job succeeds."""
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -241,6 +242,17 @@ def test_run_as_job_from_the_notebook_toolbar_tells_when_it_ends(hub, output_dir
                 timeout=60_000
             )
             page.locator(".jp-OutputArea-output", has_text="said: hihihi").wait_for(timeout=60_000)
+
+            # Deleting the job through this server removes the copy of the folder made for it.
+            snapshot = Path(job["spec"]["working_dir"])
+            assert (snapshot / "say.ipynb").exists()
+            r = requests.delete(
+                f"{hub.url}/user/rita/gpulab/api/v1/jobs/{job['id']}",
+                headers={"Authorization": f"token {token}"},
+                timeout=30,
+            )
+            assert r.status_code == 204, r.text
+            assert not snapshot.exists() and snapshot.parent.exists()
 
             # The file browser's context menu offers it for a notebook too.
             page.locator(".jp-DirListing-item[data-file-type='notebook']", has_text="say.ipynb").click(button="right")

@@ -7,10 +7,15 @@ circuit breaker (:class:`~gpulab.service.client.HubServiceClient`, which kernels
 :class:`ServiceProxyHandler` is the forwarding base, also of ``attestation_api.py`` and ``models_api.py``.
 """
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
 from tornado import web
+from tornado.httpclient import HTTPResponse
 
+from ..kernels.client import discard_snapshot
 from ..net import client_ip
 from ..service.client import SERVICES, HubServiceClient, NotConfigured, Unreachable
 from ..service.errors import APIError
@@ -46,8 +51,16 @@ class ServiceProxyHandler(GpulabHandler):
     def service(self) -> HubServiceClient:
         return client_of(self, "gpulab_jobs")
 
-    async def forward(self, path: str, streaming: bool = False, body: bytes | None = None) -> None:
-        """Forward this request to ``path`` of the service, with ``body`` (JSON) instead of the request's if given."""
+    async def forward(
+        self,
+        path: str,
+        streaming: bool = False,
+        body: bytes | None = None,
+        answered: Callable[[HTTPResponse], Awaitable[None]] | None = None,
+    ) -> None:
+        """Forward this request to ``path`` of the service, with ``body`` (JSON) instead of the request's if given;
+        ``answered`` is awaited with the service's answer before it is passed on (what follows from it is done by
+        the time the client reads it)."""
         service = self.service
         if body is None and self.request.method in ("POST", "PATCH", "PUT"):
             body = self.request.body
@@ -73,6 +86,8 @@ class ServiceProxyHandler(GpulabHandler):
         if streaming:
             self.finish()
             return
+        if answered is not None:
+            await answered(response)
         self.set_status(response.code)
         if response.code == 204:
             self.finish()
@@ -107,6 +122,26 @@ def forwarding(target: str, *methods: str, base: type[ServiceProxyHandler] = Job
     return type(name, (base,), {method.lower(): web.authenticated(handle) for method in methods})
 
 
+class JobHandler(JobsProxyHandler):
+    @web.authenticated
+    async def get(self, job_id):
+        await self.forward(f"/jobs/{job_id}")
+
+    @web.authenticated
+    async def delete(self, job_id):
+        """Delete the job, then the copy of its files made when it was submitted (this server's user made it)."""
+        try:
+            found = await self.service.fetch("GET", f"/jobs/{job_id}")
+        except Unreachable as e:
+            raise APIError(503, str(e), code="unavailable") from None
+
+        async def deleted(response):
+            if response.code == 204 and found.code == 200:
+                await asyncio.to_thread(discard_snapshot, json.loads(found.body)["spec"])
+
+        await self.forward(f"/jobs/{job_id}", answered=deleted)
+
+
 class JobLogsHandler(JobsProxyHandler):
     @web.authenticated
     async def get(self, job_id):
@@ -117,7 +152,7 @@ JOB_ID = r"(?P<job_id>[0-9a-f]{32})"
 SCHEDULE_ID = r"(?P<schedule_id>[0-9a-f]{32})"
 ROUTES = [
     ("/jobs", forwarding("/jobs", "GET", "POST")),
-    (f"/jobs/{JOB_ID}", forwarding("/jobs/{job_id}", "GET", "DELETE")),
+    (f"/jobs/{JOB_ID}", JobHandler),
     (f"/jobs/{JOB_ID}/logs", JobLogsHandler),
     (f"/jobs/{JOB_ID}/cancel", forwarding("/jobs/{job_id}/cancel", "POST")),
     ("/schedules", forwarding("/schedules", "GET", "POST")),

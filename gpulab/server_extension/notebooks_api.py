@@ -167,13 +167,16 @@ class SubmitHandler(NotebookHandler):
 
     async def submit(self, path: str, body: dict, spec: dict) -> None:
         """Forward ``body`` to ``path`` of the job service; a refusal discards the snapshot made for ``spec``."""
+
+        async def answered(response):
+            if response.code >= 400:
+                await asyncio.to_thread(discard_snapshot, spec)
+
         try:
-            await self.forward(path, body=json.dumps(body).encode())
-        except Exception:
+            await self.forward(path, body=json.dumps(body).encode(), answered=answered)
+        except Exception:  # not sent (too large) or no answer
             await asyncio.to_thread(discard_snapshot, spec)
             raise
-        if self.get_status() >= 400:
-            await asyncio.to_thread(discard_snapshot, spec)
 
     @web.authenticated
     async def post(self):
