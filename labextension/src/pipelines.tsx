@@ -36,19 +36,24 @@ export function pipelinesOf(jobs: IJob[]): IPipeline[] {
   return Array.from(runs, ([run, members]) => {
     const byId = new Map(members.map(j => [j.id, j]));
     const steps = new Map<string, IStep>();
+    const needed = (job: IJob) => (job.spec.depends_on ?? []).map(d => byId.get(d.job)).filter((j): j is IJob => !!j);
+    const depths = new Map<string, number>(); // each job's depth, computed once (a DAG shares its ancestors)
     const depthOf = (job: IJob, seen: Set<string>): number => {
-      const needs = (job.spec.depends_on ?? []).map(d => byId.get(d.job)).filter((j): j is IJob => !!j);
-      if (seen.has(job.id) || needs.length === 0) {
-        return 0;
+      const known = depths.get(job.id);
+      if (known !== undefined) {
+        return known;
       }
-      return 1 + Math.max(...needs.map(n => depthOf(n, new Set([...seen, job.id]))));
+      const needs = needed(job);
+      const depth =
+        seen.has(job.id) || needs.length === 0
+          ? 0
+          : 1 + Math.max(...needs.map(n => depthOf(n, new Set([...seen, job.id]))));
+      depths.set(job.id, depth);
+      return depth;
     };
     for (const job of members) {
       const name = job.labels?.[STEP_LABEL] ?? job.name;
-      const needs = (job.spec.depends_on ?? [])
-        .map(d => byId.get(d.job))
-        .filter((j): j is IJob => !!j)
-        .map(j => j.labels?.[STEP_LABEL] ?? j.name);
+      const needs = needed(job).map(j => j.labels?.[STEP_LABEL] ?? j.name);
       steps.set(name, { name, job, needs, depth: depthOf(job, new Set()) });
     }
     const created = members.map(j => j.created_at).sort()[0];
