@@ -51,8 +51,9 @@ def job(job_id: str):
 
 
 def schedule(cron: str, source: str | None = None, entrypoint: list[str] | None = None, **fields):
-    """Run a job at the times of ``cron`` (in ``timezone=``, default UTC): ``source``, ``entrypoint`` or
-    ``notebook=`` with ``parameters=``; kept and run by the job service whether or not your server is up.
+    """Run a job at the times of ``cron`` (in ``timezone=``, default UTC): ``source``, ``entrypoint``,
+    ``notebook=`` with ``parameters=``, or a ``pipeline=`` (a YAML file's path or its dict); kept and run by the job
+    service whether or not your server is up.
     Returns a :class:`~gpulab.kernels.schedules.Schedule` (``pause()``, ``resume()``, ``run_now()``, ``runs()``)."""
     from .kernels.schedules import schedule as _schedule
 
@@ -68,7 +69,8 @@ def schedules(all: bool = False):
 
 def pipeline(pipeline, folder=None):
     """Submit a pipeline (a dict of ``name`` and ``steps``, or a YAML file's path): every step a job that waits for
-    the steps it ``needs``; returns a :class:`~gpulab.kernels.pipelines.Pipeline` (``status()``, ``wait()``)."""
+    the steps it ``needs``; returns a :class:`~gpulab.kernels.pipelines.Pipeline` (``status()``, ``wait()``,
+    ``cancel()``)."""
     from .kernels.pipelines import submit_pipeline
 
     return submit_pipeline(pipeline, folder)

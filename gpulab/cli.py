@@ -191,18 +191,20 @@ def pipeline_submit(args) -> int:
 
     try:
         pipeline = submit_pipeline(args.file)
-        print(f"pipeline {pipeline.run}: {len(pipeline.jobs)} steps, files in {pipeline.directory}")
-        for name, job in pipeline.jobs.items():
-            print(f"  {name}: job {job.id} {job.state} ({job.state_reason})")
+        print(
+            f"pipeline {pipeline.name} {pipeline.id}: {len(pipeline.data['steps'])} steps, files in {pipeline.directory}"
+        )
+        for step in pipeline.data["steps"]:
+            print(f"  {step['name']}: job {step['job_id']} {step['state']} ({step['state_reason']})")
         if not args.wait:
             return 0
-        states = pipeline.wait()
+        pipeline.wait()
     except GpulabError as e:
         print(f"gpulab pipeline: {e}", file=sys.stderr)
         return 2
-    for name, job in pipeline.jobs.items():
-        print(f"  {name}: {states[name]} ({job.state_reason})")
-    return 0 if all(state == "succeeded" for state in states.values()) else 1
+    for step in pipeline.data["steps"]:
+        print(f"  {step['name']}: {step['state']} ({step['state_reason']})")
+    return 0 if pipeline.state == "succeeded" else 1
 
 
 def main(argv=None) -> int:

@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("usage: python -m gpulab.runner -- <command> [args...]", file=sys.stderr)
         return 2
+    if pipeline_dir := os.environ.get("PIPELINE_DIR"):  # a pipeline's steps share it; the first to start makes it
+        try:
+            os.makedirs(pipeline_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            warn(f"gpulab.runner: could not make the pipeline directory {pipeline_dir} ({e})")
     if working_dir := os.environ.get("GPULAB_WORKING_DIR"):
         os.chdir(working_dir)
     provider = setup_tracing("gpulab-job")

@@ -196,12 +196,13 @@ def test_a_pipeline_runs_its_steps_in_order_and_cancels_what_a_failure_leaves_un
         "lint": "succeeded",
     }, cli.stdout
     assert "ended failed: afterok cannot be met" in final["report"], final["report"]
-    run = cli.stdout.split()[1].rstrip(":")
-    assert (kernel.cwd / ".gpulab-pipelines" / run / "rows").read_text() == "100"
-    labelled = JobsClient(env["GPULAB_JOBS_URL"], env["JUPYTERHUB_API_TOKEN"]).request(
-        "GET", "/jobs", params={"label": f"gpulab.pipeline={run}"}
-    )
+    _, name, pipeline_id = cli.stdout.split()[:3]  # "pipeline <name> <id>: 5 steps, files in <directory>"
+    pipeline_id = pipeline_id.rstrip(":")
+    assert (kernel.cwd / ".gpulab-pipelines" / f"{name}-{pipeline_id[:8]}" / "rows").read_text() == "100"
+    client = JobsClient(env["GPULAB_JOBS_URL"], env["JUPYTERHUB_API_TOKEN"])
+    labelled = client.request("GET", "/jobs", params={"label": f"gpulab.pipeline={pipeline_id}"})
     assert sorted(j["labels"]["gpulab.step"] for j in labelled.json()["jobs"]) == sorted(final)
+    assert client.request("GET", f"/pipelines/{pipeline_id}").json()["state"] == "failed"
 
 
 def test_schedule_makes_a_schedule_the_service_keeps(kernel):

@@ -321,7 +321,7 @@ def test_run_pipeline_from_the_file_browser_and_see_its_graph(hub, output_dir):
             item = page.locator(".jp-DirListing-item[data-file-type='yaml']", has_text="nightly.yaml")
             item.click(button="right", timeout=60_000)
             page.locator(".lm-Menu-item", has_text="Run pipeline").click(timeout=30_000)
-            page.locator(".Toastify__toast", has_text="Pipeline nightly-").wait_for(timeout=60_000)
+            page.locator(".Toastify__toast", has_text="Pipeline nightly submitted").wait_for(timeout=60_000)
 
             page.locator(".jp-SideBar [data-id='gpulab-panel']").click()
             panel = page.locator(".jp-gpulab-Panel")
@@ -332,6 +332,8 @@ def test_run_pipeline_from_the_file_browser_and_see_its_graph(hub, output_dir):
             assert graph.locator("line.jp-gpulab-graph-edge").count() == 1  # train needs prep
             reason = graph.locator("g[data-step='train'] title").text_content()
             assert reason.startswith("train: cancelled (dependency ") and reason.endswith("cannot be met); needs prep")
+            card = panel.locator(".jp-gpulab-pipelines li.jp-gpulab-card").first
+            assert card.locator(".jp-gpulab-state").text_content() == "failed"
             page.screenshot(path=str(output_dir / "lab-pipeline-graph.png"))
         except Exception:
             page.screenshot(path=str(output_dir / "lab-pipeline-failure.png"))

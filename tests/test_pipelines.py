@@ -1,6 +1,7 @@
 """Pipelines as the client reads them: the order of steps and what is refused before anything is submitted.
-A pipeline run end to end (a failing step, the step that needed it cancelled with the reason, the others run) is
-in tests/test_kernel_magics.py, from a kernel in a user's server as users submit them."""
+The job service's side (all steps at once or none, cancel, schedules of pipelines) is in
+tests/test_pipelines_service.py; a pipeline run end to end (a failing step, the step that needed it cancelled with
+the reason, the others run) is in tests/test_kernel_magics.py, from a kernel in a user's server."""
 
 import json
 import subprocess
@@ -8,11 +9,12 @@ import sys
 
 import pytest
 
-from gpulab.kernels.pipelines import PipelineError, order, step_spec, submit_pipeline
+from gpulab import pipeline_graph
+from gpulab.kernels.pipelines import PipelineError, check, pipeline_spec, step_spec, submit_pipeline
 
 
 def names(steps):
-    return [s["name"] for s in order(steps)]
+    return [steps[i]["name"] for i in pipeline_graph.order([(s["name"], s.get("needs", [])) for s in steps])]
 
 
 def test_steps_come_after_what_they_need():
@@ -30,36 +32,38 @@ def test_steps_come_after_what_they_need():
     [
         (
             [{"name": "a", "script": "a.py", "needs": ["b"]}, {"name": "b", "script": "b.py", "needs": ["a"]}],
-            "steps a -> b -> a form a cycle",
+            "steps: a -> b -> a form a cycle",
         ),
-        ([{"name": "a", "script": "a.py", "needs": ["a"]}], "steps a -> a form a cycle"),
-        ([{"name": "a", "script": "a.py", "needs": ["prpe"]}], "step 'a' needs 'prpe', which is not a step"),
-        ([{"name": "a", "script": "a.py"}, {"name": "a", "script": "b.py"}], "steps[1].name: there are two steps"),
-        ([{"script": "a.py"}], "steps[0].name: give each step a name"),
+        ([{"name": "a", "script": "a.py", "needs": ["a"]}], "steps: a -> a form a cycle"),
+        ([{"name": "a", "script": "a.py", "needs": ["prpe"]}], "steps.0.needs: step 'a' needs 'prpe', which is not"),
+        ([{"name": "a", "script": "a.py"}, {"name": "a", "script": "b.py"}], "steps.1.name: there are two steps"),
+        ([{"script": "a.py"}], "steps.0.name: give each step a name"),
         ([{"name": "a", "script": "a.py", "gpu": 1}], "step 'a': 'gpu' is not a step field"),
         ([{"name": "a", "script": "a.py", "condition": "afterfail"}], "step 'a': condition is one of afterok"),
         ([], "steps: give a list of steps"),
+        ([{"name": f"s{i}", "script": "a.py"} for i in range(65)], "steps: 65 steps; a pipeline has at most 64"),
     ],
 )
 def test_bad_pipelines_are_refused_naming_the_step(steps, says):
     with pytest.raises(PipelineError) as refused:
-        order(steps)
+        check(steps)
     assert says in str(refused.value)
 
 
-def test_a_step_is_an_ordinary_job_with_the_pipeline_dir_and_labels(tmp_path):
+def test_a_step_is_an_ordinary_job_run_in_the_pipeline_files_folder(tmp_path):
     (tmp_path / "nb.ipynb").write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": []}))
-    labels = {"gpulab.pipeline": "p-1"}
-    script = step_spec({"name": "s", "script": "t.py", "args": ["--n", 3], "gpus": 1}, tmp_path, tmp_path / "d", labels)
+    script = step_spec({"name": "s", "script": "t.py", "args": ["--n", 3], "gpus": 1, "env": {"A": "1"}}, tmp_path)
     assert script["entrypoint"] == ["python", "t.py", "--n", "3"] and script["resources"]["gpus"] == 1
-    assert script["env"] == {"PIPELINE_DIR": str(tmp_path / "d")} and script["working_dir"] == str(tmp_path)
-    assert script["labels"] == {"gpulab.pipeline": "p-1", "gpulab.step": "s"}
-    notebook = step_spec({"name": "n", "notebook": "nb.ipynb", "parameters": {"x": 1}}, tmp_path, tmp_path, labels)
+    assert script["env"] == {"A": "1"} and script["working_dir"] == str(tmp_path)
+    notebook = step_spec({"name": "n", "notebook": "nb.ipynb", "parameters": {"x": 1}}, tmp_path)
     assert notebook["kind"] == "notebook" and notebook["notebook"]["parameters"] == {"x": 1}
     with pytest.raises(PipelineError, match="step 's': give exactly one of notebook, script"):
-        step_spec({"name": "s", "script": "t.py", "source": "print()"}, tmp_path, tmp_path, labels)
+        step_spec({"name": "s", "script": "t.py", "source": "print()"}, tmp_path)
     with pytest.raises(PipelineError, match="parameters go with a notebook step"):
-        step_spec({"name": "s", "script": "t.py", "parameters": {"x": 1}}, tmp_path, tmp_path, labels)
+        step_spec({"name": "s", "script": "t.py", "parameters": {"x": 1}}, tmp_path)
+    body = pipeline_spec({"name": "p", "steps": [{"name": "s", "script": "t.py", "needs": []}]}, tmp_path)
+    assert body["directory"] == str(tmp_path / ".gpulab-pipelines")
+    assert body["steps"][0]["condition"] == "afterok" and body["steps"][0]["job"]["entrypoint"] == ["python", "t.py"]
 
 
 def test_a_pipeline_with_a_cycle_is_refused_before_anything_is_submitted(tmp_path, monkeypatch):
@@ -74,4 +78,4 @@ def test_a_pipeline_with_a_cycle_is_refused_before_anything_is_submitted(tmp_pat
     cli = subprocess.run(
         [sys.executable, "-m", "gpulab", "pipeline", "submit", str(tmp_path / "p.yaml")], capture_output=True, text=True
     )
-    assert cli.returncode == 2 and cli.stderr.strip() == "gpulab pipeline: steps a -> b -> a form a cycle", cli.stderr
+    assert cli.returncode == 2 and cli.stderr.strip() == "gpulab pipeline: steps: a -> b -> a form a cycle", cli.stderr

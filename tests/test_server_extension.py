@@ -180,7 +180,7 @@ def test_a_pipeline_file_is_checked_before_anything_is_submitted(no_services, an
     (jp_root_dir / "unknown.yml").write_text("steps:\n  - {name: a, source: 'pass', needs: [ghost]}\n")
     (jp_root_dir / "fine.yaml").write_text("steps:\n  - {name: a, source: 'pass'}\n")
     for path, status, says in [
-        ("cycle.yaml", 422, "steps a -> b -> a form a cycle"),
+        ("cycle.yaml", 422, "steps: a -> b -> a form a cycle"),
         ("unknown.yml", 422, "step 'a' needs 'ghost', which is not a step of this pipeline"),
         ("missing.yaml", 404, "there is no file missing.yaml"),
         ("fine.txt", 422, "must name a pipeline file"),

@@ -17,49 +17,44 @@ Python (``gpulab.pipeline({...})``)::
         needs: [train]
         condition: afterany      # run even when train failed (afterok by default; afternotok: only then)
 
-Steps share a directory, ``$PIPELINE_DIR`` in each (``<folder>/.gpulab-pipelines/<name>-<run>``), to pass files;
-relative paths are the pipeline file's folder's. Every step's job is labelled ``gpulab.pipeline=<run>`` and
-``gpulab.step=<name>``; a step whose dependency can no longer be met is cancelled by the job service, with the
-reason. Cycles, unknown or repeated steps and unknown fields are refused before anything is submitted.
+The job service keeps the pipeline: every step is queued at once (or, refused, none), and a step whose dependency
+can no longer be met is cancelled by the service, with the reason. Steps share a directory, ``$PIPELINE_DIR`` in
+each (``<folder>/.gpulab-pipelines/<name>-<run>``), to pass files; relative paths are the pipeline file's folder's.
+Every step's job is labelled ``gpulab.pipeline=<id>`` and ``gpulab.step=<name>``. Cycles, unknown or repeated
+steps and unknown fields are refused here, before anything is sent (and by the service, naming the field).
+A pipeline may also run on a schedule: ``gpulab.schedule("@daily", pipeline="pipeline.yaml")``.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import uuid
+import time
 from pathlib import Path
 
 import yaml
 
-from .client import GpulabError, Job, JobsClient, JobTable, default_client, job_spec, notebook_spec
+from .. import pipeline_graph
+from ..job_states import TERMINAL_STATES
+from .client import GpulabError, Job, JobsClient, JobTable, WaitTimeout, default_client, job_spec, notebook_spec
 
 PROGRAMS = ("notebook", "script", "source", "entrypoint")
 JOB_FIELDS = {"gpus", "cpus", "memory", "pool", "priority", "max_runtime", "retries", "env", "experiment", "labels"}
 STEP_FIELDS = {"name", "needs", "condition", "parameters", "args", "kernel", "html", *PROGRAMS, *JOB_FIELDS}
-MAX_STEPS = 64
-CONDITIONS = ("afterok", "afternotok", "afterany")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+CONDITIONS = pipeline_graph.CONDITIONS
 
 
 class PipelineError(GpulabError):
     """A pipeline that cannot run as written; the message names the step and field."""
 
 
-def order(steps: list[dict]) -> list[dict]:
-    """The steps in an order in which every step comes after those it needs; refuses repeated or unknown names
-    and cycles (naming them), before anything is submitted."""
-    if not isinstance(steps, list) or not steps:
+def check(steps) -> None:
+    """Refuse steps that are not as written above (naming the step and field), or whose graph cannot be ordered."""
+    if not isinstance(steps, list):
         raise PipelineError("steps: give a list of steps")
-    if len(steps) > MAX_STEPS:
-        raise PipelineError(f"steps: {len(steps)} steps; a pipeline has at most {MAX_STEPS}")
-    by_name: dict[str, dict] = {}
     for i, step in enumerate(steps):
-        name = step.get("name") if isinstance(step, dict) else None
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise PipelineError(f"steps[{i}].name: give each step a name (letters, digits, _ . -)")
-        if name in by_name:
-            raise PipelineError(f"steps[{i}].name: there are two steps named {name!r}")
+        if not isinstance(step, dict):
+            raise PipelineError(f"steps.{i}: give a mapping of a step's fields")
+        name = step.get("name")
         if unknown := sorted(set(step) - STEP_FIELDS):
             raise PipelineError(f"step {name!r}: {unknown[0]!r} is not a step field ({', '.join(sorted(STEP_FIELDS))})")
         needs = step.get("needs", [])
@@ -67,41 +62,19 @@ def order(steps: list[dict]) -> list[dict]:
             raise PipelineError(f"step {name!r}: needs is a list of step names")
         if step.get("condition", "afterok") not in CONDITIONS:
             raise PipelineError(f"step {name!r}: condition is one of {', '.join(CONDITIONS)}")
-        by_name[name] = step
-    for name, step in by_name.items():
-        for need in step.get("needs", []):
-            if need not in by_name:
-                raise PipelineError(f"step {name!r} needs {need!r}, which is not a step of this pipeline")
-    done: list[dict] = []
-    state: dict[str, str] = {}  # name -> "visiting" | "done"
-
-    def visit(name: str, path: list[str]) -> None:
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "visiting":
-            cycle = path[path.index(name) :] + [name]
-            raise PipelineError(f"steps {' -> '.join(cycle)} form a cycle")
-        state[name] = "visiting"
-        for need in by_name[name].get("needs", []):
-            visit(need, [*path, name])
-        state[name] = "done"
-        done.append(by_name[name])
-
-    for name in by_name:
-        visit(name, [])
-    return done
+    try:
+        pipeline_graph.order([(step.get("name"), step.get("needs", [])) for step in steps])
+    except pipeline_graph.GraphError as e:
+        raise PipelineError(f"{e.field}: {e}") from None
 
 
-def step_spec(step: dict, folder: Path, pipeline_dir: Path, labels: dict) -> dict:
-    """The job submission of one step, but for its dependencies (the ids of the jobs it needs are known once
-    those are submitted)."""
+def step_spec(step: dict, folder: Path) -> dict:
+    """The job of one step (the service adds what it needs, ``$PIPELINE_DIR`` and the pipeline's labels)."""
     name = step["name"]
     programs = [p for p in PROGRAMS if step.get(p) is not None]
     if len(programs) != 1:
         raise PipelineError(f"step {name!r}: give exactly one of {', '.join(PROGRAMS)}")
-    fields = {k: step[k] for k in JOB_FIELDS & set(step) if k not in ("env", "labels")}
-    fields["env"] = {**step.get("env", {}), "PIPELINE_DIR": str(pipeline_dir)}
-    fields["labels"] = {**step.get("labels", {}), **labels, "gpulab.step": name}
+    fields = {k: step[k] for k in JOB_FIELDS & set(step)}
     fields.update(name=name, working_dir=str(folder))
     program = programs[0]
     if program == "notebook":
@@ -117,38 +90,58 @@ def step_spec(step: dict, folder: Path, pipeline_dir: Path, labels: dict) -> dic
 
 
 class Pipeline:
-    """A submitted pipeline: its run id, folder and the job of each step."""
+    """A submitted pipeline; ``data`` is the service's latest view of it (``state``, each step's job and state)."""
 
-    def __init__(self, client: JobsClient, run: str, directory: Path, jobs: dict[str, Job]):
-        self.client, self.run, self.directory, self.jobs = client, run, directory, jobs
+    def __init__(self, client: JobsClient, data: dict):
+        self.client, self.data = client, data
 
-    def status(self) -> dict[str, str]:
+    id = property(lambda self: self.data["id"])
+    name = property(lambda self: self.data["name"])
+    state = property(lambda self: self.data["state"])
+    directory = property(lambda self: Path(self.data["directory"]))
+
+    def refresh(self) -> Pipeline:
+        self.data = self.client.request("GET", f"/pipelines/{self.id}").json()
+        return self
+
+    def status(self) -> dict[str, str | None]:
         """Each step's state now (``succeeded``, ``failed``, ``cancelled`` when its dependency was not met, ...)."""
-        return {name: job.refresh().state for name, job in self.jobs.items()}
+        return {step["name"]: step["state"] for step in self.refresh().data["steps"]}
 
-    def wait(self, timeout: float | None = None) -> dict[str, str]:
+    @property
+    def jobs(self) -> dict[str, Job]:
+        """Each step's job."""
+        return {step["name"]: self.client.get(step["job_id"]) for step in self.data["steps"]}
+
+    def wait(self, timeout: float | None = None, interval: float = 1.0) -> dict[str, str | None]:
         """Wait until every step has ended; each step's final state."""
-        for job in self.jobs.values():
-            job.wait(timeout=timeout, raise_on_failure=False)
-        return self.status()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            states = self.status()
+            if all(state in TERMINAL_STATES or state is None for state in states.values()):
+                return states
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"pipeline {self.id} has not ended after {timeout:g} s: {states}")
+            time.sleep(interval)
 
-    def cancel(self) -> None:
-        """Cancel every step that has not ended."""
-        for job in self.jobs.values():
-            if not job.refresh().done:
-                job.cancel()
+    def cancel(self) -> Pipeline:
+        """Cancel every step that has not ended (waits until they have stopped)."""
+        self.data = self.client.request(
+            "POST", f"/pipelines/{self.id}/cancel", timeout=max(self.client.timeout, 120)
+        ).json()
+        return self
 
     def table(self) -> JobTable:
-        return JobTable(job.refresh() for job in self.jobs.values())
+        return JobTable(self.jobs.values())
 
     def __repr__(self) -> str:
-        states = ", ".join(f"{name} {job.state}" for name, job in self.jobs.items())
-        return f"<gpulab Pipeline {self.run}: {states}>"
+        states = ", ".join(f"{step['name']} {step['state']}" for step in self.data["steps"])
+        return f"<gpulab Pipeline {self.name} ({self.id[:8]}) {self.state}: {states}>"
 
 
-def submit_pipeline(pipeline: dict | str | os.PathLike, folder: str | os.PathLike | None = None) -> Pipeline:
-    """Submit ``pipeline`` (a dict as the YAML above, or the path of such a file) from ``folder`` (default: the
-    file's folder, or the current one): every step at once, in dependency order."""
+def pipeline_spec(pipeline: dict | str | os.PathLike, folder: str | os.PathLike | None = None) -> dict:
+    """The job service's body for ``pipeline`` (a dict as the YAML above, or the path of such a file) from
+    ``folder`` (default: the file's folder, or the current one); refuses what is not as written above."""
     if not isinstance(pipeline, dict):
         path = Path(pipeline).expanduser().absolute()
         try:
@@ -162,23 +155,27 @@ def submit_pipeline(pipeline: dict | str | os.PathLike, folder: str | os.PathLik
             raise PipelineError(f"{path}: give a mapping with name and steps")
     folder = Path(folder or os.getcwd()).absolute()
     name = pipeline.get("name") or "pipeline"
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not pipeline_graph.STEP_NAME.fullmatch(name):
         raise PipelineError("name: letters, digits, _ . - (at most 63)")
-    steps = order(pipeline.get("steps"))
-    run = f"{name}-{uuid.uuid4().hex[:8]}"
-    directory = folder / ".gpulab-pipelines" / run
-    labels = {"gpulab.pipeline": run}
-    specs = [(step, step_spec(step, folder, directory, labels)) for step in steps]  # all read before any is sent
+    steps = pipeline.get("steps")
+    check(steps)
+    return {
+        "name": name,
+        "directory": str(folder / ".gpulab-pipelines"),
+        "steps": [
+            {
+                "name": step["name"],
+                "needs": step.get("needs", []),
+                "condition": step.get("condition", "afterok"),
+                "job": step_spec(step, folder),
+            }
+            for step in steps
+        ],
+    }
+
+
+def submit_pipeline(pipeline: dict | str | os.PathLike, folder: str | os.PathLike | None = None) -> Pipeline:
+    """Submit ``pipeline`` (see :func:`pipeline_spec`): every step at once, each waiting for those it needs."""
+    body = pipeline_spec(pipeline, folder)
     client = default_client()
-    directory.mkdir(parents=True, exist_ok=True)
-    jobs: dict[str, Job] = {}
-    try:
-        for step, spec in specs:
-            condition = step.get("condition", "afterok")
-            spec["depends_on"] = [{"job": jobs[need].id, "condition": condition} for need in step.get("needs", [])]
-            jobs[step["name"]] = client.submit(spec)
-    except GpulabError:
-        for job in jobs.values():  # a half-submitted pipeline is cancelled, not left to run in part
-            job.cancel()
-        raise
-    return Pipeline(client, run, directory, jobs)
+    return Pipeline(client, client.request("POST", "/pipelines", json=body).json())

@@ -1,5 +1,6 @@
-"""Schedules from Python: ``gpulab.schedule("0 3 * * *", entrypoint=["python", "etl.py"], timezone="Europe/Berlin")``
-or ``gpulab.schedule("@daily", notebook="report.ipynb", parameters={"day": "yesterday"})``; ``gpulab.schedules()``.
+"""Schedules from Python: ``gpulab.schedule("0 3 * * *", entrypoint=["python", "etl.py"], timezone="Europe/Berlin")``,
+``gpulab.schedule("@daily", notebook="report.ipynb", parameters={"day": "yesterday"})`` or
+``gpulab.schedule("@hourly", pipeline="pipeline.yaml")``; ``gpulab.schedules()``.
 
 A schedule is kept by the job service, which starts its runs (ordinary jobs) whether or not your server is up.
 """
@@ -7,8 +8,10 @@ A schedule is kept by the job service, which starts its runs (ordinary jobs) whe
 from __future__ import annotations
 
 import html
+import os
 
 from .client import GpulabError, Job, JobsClient, JobTable, default_client, job_spec, notebook_spec
+from .pipelines import Pipeline, pipeline_spec
 
 
 class Schedule:
@@ -41,9 +44,10 @@ class Schedule:
         """Change ``cron``, ``timezone``, ``max_concurrent``, ``overlap`` or ``catch_up``."""
         return self._update(**settings)
 
-    def run_now(self) -> Job:
-        """A run now, whatever its times and ``max_concurrent`` say."""
-        return Job(self.client, self.client.request("POST", f"/schedules/{self.id}/run").json())
+    def run_now(self) -> Job | Pipeline:
+        """A run now, whatever its times and ``max_concurrent`` say: a job, or a pipeline's."""
+        data = self.client.request("POST", f"/schedules/{self.id}/run").json()
+        return Pipeline(self.client, data) if self.data.get("pipeline") else Job(self.client, data)
 
     def runs(self, limit: int = 50) -> JobTable:
         """Its newest runs."""
@@ -107,6 +111,7 @@ def schedule(
     *,
     notebook: str | None = None,
     parameters: dict | None = None,
+    pipeline: dict | str | os.PathLike | None = None,
     name: str | None = None,
     timezone: str = "UTC",
     max_concurrent: int = 1,
@@ -117,19 +122,25 @@ def schedule(
 ) -> Schedule:
     """Run a job at the times of ``cron`` (five fields, or @hourly/@daily/...) in ``timezone``: Python ``source``, an
     ``entrypoint``, or a ``notebook`` (snapshotted now) with papermill ``parameters``; job ``fields`` as for
-    :func:`gpulab.submit`. ``max_concurrent`` runs at once; a run due past it is skipped or, with ``overlap="queue"``,
-    started when one ends; runs missed while the platform was down run once (``catch_up="once"``) or are skipped."""
-    if notebook is not None:
-        job = notebook_spec(notebook, parameters, **fields)
+    :func:`gpulab.submit`. Or a ``pipeline`` (a YAML file's path or its dict, read now; each run a new pipeline
+    with its own ``$PIPELINE_DIR``). ``max_concurrent`` runs at once; a run due past it is skipped or, with
+    ``overlap="queue"``, started when one ends; runs missed while the platform was down run once
+    (``catch_up="once"``) or are skipped."""
+    if pipeline is not None:
+        if notebook is not None or source is not None or entrypoint is not None or parameters is not None or fields:
+            raise GpulabError("a pipeline's schedule runs its steps: give no job fields with pipeline=")
+        template = {"pipeline": pipeline_spec(pipeline)}
+    elif notebook is not None:
+        template = {"job": notebook_spec(notebook, parameters, **fields)}
     elif parameters is not None:
         raise GpulabError("parameters= go with notebook=")
     else:
-        job = job_spec(source, entrypoint, **fields)
+        template = {"job": job_spec(source, entrypoint, **fields)}
     body = {
-        "name": name or job["name"],
+        "name": name or next(iter(template.values()))["name"],
         "cron": cron,
         "timezone": timezone,
-        "job": job,
+        **template,
         "max_concurrent": max_concurrent,
         "overlap": overlap,
         "catch_up": catch_up,

@@ -18,7 +18,8 @@ export type INotebookParameter = Schemas['NotebookParameter'];
 export type INotificationFeed = Schemas['NotificationFeed'];
 export type IEndedJob = Schemas['EndedJob'];
 export type ISchedule = Schemas['Schedule'];
-export type IPipelineRun = Schemas['PipelineRun'];
+export type IPipeline = Schemas['Pipeline'];
+export type IPipelineStep = Schemas['PipelineStepStatus'];
 export type INotificationSettings = Schemas['NotificationSettings'];
 
 export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];

@@ -7,7 +7,7 @@ import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { getJSON, IJob, IPipelineRun, IWhoAmI, send } from './api';
+import { getJSON, IJob, IPipeline, IWhoAmI, send } from './api';
 import { fieldError } from './common';
 import { jobLogWidget } from './logs';
 import { watchFeed } from './notify';
@@ -123,8 +123,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         try {
-          const run = await send<IPipelineRun>('POST', 'pipelines', { path: item.value.path });
-          Notification.info(`Pipeline ${run!.pipeline} submitted: ${Object.keys(run!.steps).join(', ')}`, {
+          const run = await send<IPipeline>('POST', 'pipelines', { path: item.value.path });
+          Notification.info(`Pipeline ${run!.name} submitted: ${run!.steps.map(s => s.name).join(', ')}`, {
             autoClose: 5000,
             actions: [{ label: 'Open the gpulab panel', callback: showJobs }]
           });

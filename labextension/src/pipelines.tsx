@@ -1,70 +1,43 @@
 /**
- * The Pipelines tab: the user's recent pipeline runs (jobs labelled `gpulab.pipeline`), each drawn as its graph of
- * steps (which ran, which failed, which was cancelled because what it needed did not succeed).
+ * The Pipelines tab: the user's recent pipelines (GET pipelines), each drawn as its graph of steps (which ran,
+ * which failed, which was cancelled because what it needed did not succeed), with Cancel while one runs.
  */
 
 import * as React from 'react';
 
-import { getJSON, IJob } from './api';
-import { ErrorLine, usePolling } from './common';
+import { getJSON, IPipeline, IPipelineStep } from './api';
+import { ago, ErrorLine, useAct, usePolling } from './common';
 
-export const PIPELINE_LABEL = 'gpulab.pipeline';
-export const STEP_LABEL = 'gpulab.step';
-
-export interface IStep {
-  name: string;
-  job: IJob;
-  needs: string[];
+export interface IStep extends IPipelineStep {
   depth: number;
 }
 
-export interface IPipeline {
-  run: string;
-  steps: IStep[];
-  created: string;
+/** Each step with its depth: one more than the deepest step it needs (0 for those that need none). */
+export function layered(pipeline: IPipeline): IStep[] {
+  const byName = new Map(pipeline.steps.map(s => [s.name, s]));
+  const depths = new Map<string, number>(); // computed once each (a DAG shares its ancestors)
+  const depthOf = (name: string, seen: Set<string>): number => {
+    const known = depths.get(name);
+    if (known !== undefined) {
+      return known;
+    }
+    const needs = (byName.get(name)?.needs ?? []).filter(n => byName.has(n) && !seen.has(n));
+    const depth = needs.length === 0 ? 0 : 1 + Math.max(...needs.map(n => depthOf(n, new Set([...seen, name]))));
+    depths.set(name, depth);
+    return depth;
+  };
+  return pipeline.steps.map(step => ({ ...step, depth: depthOf(step.name, new Set()) }));
 }
 
-/** Group jobs into pipeline runs; each step's depth is one more than the deepest step it needs. */
-export function pipelinesOf(jobs: IJob[]): IPipeline[] {
-  const runs = new Map<string, IJob[]>();
-  for (const job of jobs) {
-    const run = job.labels?.[PIPELINE_LABEL];
-    if (run) {
-      runs.set(run, [...(runs.get(run) ?? []), job]);
-    }
-  }
-  return Array.from(runs, ([run, members]) => {
-    const byId = new Map(members.map(j => [j.id, j]));
-    const steps = new Map<string, IStep>();
-    const needed = (job: IJob) => (job.spec.depends_on ?? []).map(d => byId.get(d.job)).filter((j): j is IJob => !!j);
-    const depths = new Map<string, number>(); // each job's depth, computed once (a DAG shares its ancestors)
-    const depthOf = (job: IJob, seen: Set<string>): number => {
-      const known = depths.get(job.id);
-      if (known !== undefined) {
-        return known;
-      }
-      const needs = needed(job);
-      const depth =
-        seen.has(job.id) || needs.length === 0
-          ? 0
-          : 1 + Math.max(...needs.map(n => depthOf(n, new Set([...seen, job.id]))));
-      depths.set(job.id, depth);
-      return depth;
-    };
-    for (const job of members) {
-      const name = job.labels?.[STEP_LABEL] ?? job.name;
-      const needs = needed(job).map(j => j.labels?.[STEP_LABEL] ?? j.name);
-      steps.set(name, { name, job, needs, depth: depthOf(job, new Set()) });
-    }
-    const created = members.map(j => j.created_at).sort()[0];
-    return { run, steps: Array.from(steps.values()), created };
-  }).sort((a, b) => b.created.localeCompare(a.created));
+/** A step's state as shown: a job deleted since has none. */
+function stateOf(step: IPipelineStep): string {
+  return step.state ?? 'deleted';
 }
 
 /** A step's tooltip: its state and reason, and what it needs. */
-export function describe(step: IStep): string {
-  const reason = step.job.state_reason ? ` (${step.job.state_reason})` : '';
-  return `${step.name}: ${step.job.state}${reason}${step.needs.length ? `; needs ${step.needs.join(', ')}` : ''}`;
+export function describe(step: IPipelineStep): string {
+  const reason = step.state_reason ? ` (${step.state_reason})` : '';
+  return `${step.name}: ${stateOf(step)}${reason}${step.needs.length ? `; needs ${step.needs.join(', ')}` : ''}`;
 }
 
 const NODE_W = 100;
@@ -74,8 +47,9 @@ const GAP_Y = 14;
 
 /** One run's steps as a left-to-right graph: a column per depth, an arrow from each step to those that need it. */
 export function PipelineGraph(props: { pipeline: IPipeline }): JSX.Element {
+  const steps = layered(props.pipeline);
   const columns = new Map<number, IStep[]>();
-  for (const step of props.pipeline.steps) {
+  for (const step of steps) {
     columns.set(step.depth, [...(columns.get(step.depth) ?? []), step]);
   }
   const where = new Map<string, { x: number; y: number }>();
@@ -92,7 +66,7 @@ export function PipelineGraph(props: { pipeline: IPipeline }): JSX.Element {
       width={width}
       height={height}
       role="img"
-      aria-label={`Pipeline ${props.pipeline.run}`}
+      aria-label={`Pipeline ${props.pipeline.name}`}
     >
       <defs>
         <marker
@@ -107,7 +81,7 @@ export function PipelineGraph(props: { pipeline: IPipeline }): JSX.Element {
           <path d="M 0 0 L 10 5 L 0 10 z" className="jp-gpulab-graph-arrow" />
         </marker>
       </defs>
-      {props.pipeline.steps.flatMap(step =>
+      {steps.flatMap(step =>
         step.needs.map(need => {
           const from = where.get(need)!;
           const to = where.get(step.name)!;
@@ -124,18 +98,18 @@ export function PipelineGraph(props: { pipeline: IPipeline }): JSX.Element {
           );
         })
       )}
-      {props.pipeline.steps.map(step => {
+      {steps.map(step => {
         const { x, y } = where.get(step.name)!;
         return (
           <g
             key={step.name}
             transform={`translate(${x + 1},${y + 1})`}
             data-step={step.name}
-            data-state={step.job.state}
+            data-state={stateOf(step)}
           >
             <title>{describe(step)}</title>
             <rect
-              className={`jp-gpulab-graph-node jp-gpulab-state-${step.job.state}`}
+              className={`jp-gpulab-graph-node jp-gpulab-state-${stateOf(step)}`}
               width={NODE_W}
               height={NODE_H}
               rx={4}
@@ -144,7 +118,7 @@ export function PipelineGraph(props: { pipeline: IPipeline }): JSX.Element {
               {step.name}
             </text>
             <text x={8} y={29} className="jp-gpulab-graph-state">
-              {step.job.state}
+              {stateOf(step)}
             </text>
           </g>
         );
@@ -154,25 +128,45 @@ export function PipelineGraph(props: { pipeline: IPipeline }): JSX.Element {
 }
 
 export function PipelinesView(props: { visible: () => boolean }): JSX.Element {
-  const [jobs, error] = usePolling(async () => (await getJSON<{ jobs: IJob[] }>('jobs?limit=200')).jobs, props.visible);
-  const pipelines = jobs ? pipelinesOf(jobs) : null;
+  const [pipelines, loadError, refresh] = usePolling(
+    async () => (await getJSON<{ pipelines: IPipeline[] }>('pipelines?limit=50')).pipelines,
+    props.visible
+  );
+  const [error, act] = useAct(refresh);
   return (
     <div className="jp-gpulab-section">
-      <ErrorLine error={error} />
+      <ErrorLine error={error ?? loadError} />
       {pipelines && pipelines.length === 0 && (
         <p className="jp-gpulab-empty">
-          No pipelines among your latest jobs. Run one with "Run pipeline" on a .yaml file, or gpulab pipeline submit.
+          No pipelines yet. Run one with "Run pipeline" on a .yaml file, or gpulab pipeline submit.
         </p>
       )}
       {pipelines && pipelines.length > 0 && (
         <ul className="jp-gpulab-list jp-gpulab-pipelines">
           {pipelines.map(p => (
-            <li key={p.run} className="jp-gpulab-card" data-pipeline={p.run}>
+            <li key={p.id} className="jp-gpulab-card" data-pipeline={p.id} title={`${p.id}\n${p.directory}`}>
               <div className="jp-gpulab-card-head">
-                <span className="jp-gpulab-name">{p.run}</span>
+                <span className="jp-gpulab-name">{p.name}</span>
+                <span className={`jp-gpulab-state jp-gpulab-state-${p.state}`}>{p.state}</span>
               </div>
               <div className="jp-gpulab-graph-box">
                 <PipelineGraph pipeline={p} />
+              </div>
+              <div className="jp-gpulab-card-foot">
+                <span className="jp-gpulab-reason">
+                  {ago(p.created_at)}
+                  {p.schedule_id ? ' · scheduled' : ''}
+                </span>
+                <span className="jp-gpulab-actions">
+                  {(p.state === 'queued' || p.state === 'running') && (
+                    <button
+                      className="jp-gpulab-button"
+                      onClick={() => act(`Cancel ${p.name}`, 'POST', `pipelines/${p.id}/cancel`)}
+                    >
+                      Cancel
+                    </button>
+                  )}
+                </span>
               </div>
             </li>
           ))}

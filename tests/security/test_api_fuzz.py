@@ -39,16 +39,22 @@ def test_the_job_service_spec_holds_for_every_generated_call(hub, tmp_path, user
 
 
 def test_another_users_job_is_out_of_reach_of_every_generated_call(hub, tmp_path):
-    """Every operation that takes a job id gets alice's running job's, and every one that takes a schedule id her
-    schedule's, from bob: nothing of them comes back (no_object_of_another_user), the job is still running, not
-    cancelled or deleted, and the schedule is as it was, afterwards. (The checks that an object just created can
+    """Every operation that takes a job id gets alice's running job's, every one that takes a schedule id her
+    schedule's and every one that takes a pipeline id her pipeline's, from bob: nothing of them comes back
+    (no_object_of_another_user), the job is still running, not cancelled or deleted, the schedule is as it was and
+    the pipeline not cancelled, afterwards. (The checks that an object just created can
     be read and a deleted one cannot assume the id comes from the creation: here it is pinned.)"""
     alice = Client(hub, "alice")
     job = alice.submit(name="alices", source="import time; time.sleep(600)", max_runtime=900)
     alice.wait(job["id"], states={"running"})
     body = {"name": "alices", "cron": "@yearly", "paused": True, "job": {"name": "j", "entrypoint": ["true"]}}
     schedule = alice.request("POST", "/schedules", json=body).json()
-    config = f'[parameters]\n"path.job_id" = "{job["id"]}"\n"path.schedule_id" = "{schedule["id"]}"\n'
+    step = {"name": "wait", "job": {"name": "w", "source": "import time; time.sleep(600)", "max_runtime": 900}}
+    pipeline = alice.request("POST", "/pipelines", json={"name": "p", "directory": "/tmp", "steps": [step]}).json()
+    config = (
+        f'[parameters]\n"path.job_id" = "{job["id"]}"\n"path.schedule_id" = "{schedule["id"]}"\n'
+        f'"path.pipeline_id" = "{pipeline["id"]}"\n'
+    )
     result = schemathesis(
         JOBS_SPEC,
         hub.url + JOBS_API,
@@ -62,7 +68,9 @@ def test_another_users_job_is_out_of_reach_of_every_generated_call(hub, tmp_path
     after = alice.request("GET", f"/jobs/{job['id']}").json()
     assert after["state"] == "running", after
     assert alice.request("GET", f"/schedules/{schedule['id']}").json() == schedule
+    assert alice.request("GET", f"/pipelines/{pipeline['id']}").json()["state"] in ("queued", "running")
     alice.request("POST", f"/jobs/{job['id']}/cancel")
+    alice.request("POST", f"/pipelines/{pipeline['id']}/cancel")
 
 
 @pytest.mark.parametrize("user", ["alice", "bob"])

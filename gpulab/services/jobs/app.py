@@ -29,7 +29,7 @@ from ...secrets import read_secret_file
 from ...service.app import ServiceApp
 from ...service.errors import APIError, error_body
 from ...service.handlers import too_large
-from . import attestation_api, handlers, notifications_api, openapi, schedules_api
+from . import attestation_api, handlers, notifications_api, openapi, pipelines_api, schedules_api
 from .executors.launcher import LauncherClient, split_privileges
 from .executors.local import LocalExecutor
 from .executors.ray import RayExecutor
@@ -107,6 +107,7 @@ def api_handlers(prefix: str) -> list:
     routes = [
         *handlers.default_handlers,
         *schedules_api.default_handlers,
+        *pipelines_api.default_handlers,
         *notifications_api.default_handlers,
         *attestation_api.default_handlers,
     ]

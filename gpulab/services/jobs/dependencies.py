@@ -15,6 +15,13 @@ from .models import JobSpec
 from .store import JobRow, JobStateError, JobStore
 
 MAX_RESOLVED = 1000  # held jobs looked at per pass (the oldest first)
+UNMET = " cannot be met"  # ends the reason of a job cancelled for a dependency
+
+
+def unmet(reason: str) -> bool:
+    """Whether a cancelled job's ``reason`` says it was cancelled for a dependency that could not be met (a
+    pipeline's step skipped as its conditions said), not by someone."""
+    return reason.startswith("dependency ") and reason.endswith(UNMET)
 
 
 def verdict(condition: str, state: str | None) -> Literal["met", "waiting", "impossible"]:
@@ -61,7 +68,7 @@ def resolve(store: JobStore) -> int:
                 state = states.get(dependency.job)
                 why = f"ended {state}" if state else "no longer exists"
                 store.transition(
-                    job.id, "cancelled", f"dependency {dependency.job[:8]} {why}: {dependency.condition} cannot be met"
+                    job.id, "cancelled", f"dependency {dependency.job[:8]} {why}: {dependency.condition}{UNMET}"
                 )
             else:
                 dependency = outcome[1]

@@ -76,24 +76,32 @@ class UserHandler(HubUserHandler, BaseHandler):
 
     required_scope = scopes.JOBS
 
-    async def job(self, job_id: str):
-        """The job, if the caller may see it (owner or admin); 404 otherwise."""
+    async def owned(self, find, object_id: str, what: str):
+        """What ``find(object_id)`` returns (raising ``LookupError`` when there is none: a job, a schedule, a
+        pipeline), if the caller may see it (owner or admin); a 404 naming ``id`` otherwise, the same either way."""
         try:
-            row = await self.store.db.run(self.store.get_job, job_id)
-        except JobNotFound:
+            row = await self.store.db.run(find, object_id)
+        except LookupError:
             row = None
         if row is None or (row.owner != self.user_name and not self.is_admin):
-            raise APIError(404, f"no job {job_id}", field="id", code="not_found")
+            raise APIError(404, f"no {what} {object_id}", field="id", code="not_found")
         return row
+
+    async def job(self, job_id: str):
+        return await self.owned(self.store.get_job, job_id, "job")
+
+    def check_gpus(self, spec: JobSpec, at: str = "") -> None:
+        """A 403 naming the field (``<at>resources.gpus``) when ``spec`` asks for GPUs and the caller may not."""
+        if spec.resources.gpus > 0 and not self.has(scopes.GPU):
+            raise APIError(
+                403, f"requesting GPUs needs the {scopes.GPU} scope", field=f"{at}resources.gpus", code="forbidden"
+            )
 
 
 class JobsHandler(UserHandler):
     async def post(self):
         spec = self.parse(JobSpec)
-        if spec.resources.gpus > 0 and not self.has(scopes.GPU):
-            raise APIError(
-                403, f"requesting GPUs needs the {scopes.GPU} scope", field="resources.gpus", code="forbidden"
-            )
+        self.check_gpus(spec)
         groups = self.current_user.get("groups") or []
         try:
             row, created = await self.queue.submit(

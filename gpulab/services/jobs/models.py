@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gpulab import pipeline_graph
 from gpulab.attestation.nras import ARCHES, DEVICES
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 from gpulab.attestation.verifier import AttestedDevice
@@ -188,6 +189,7 @@ class NotebookSpec(_Body):
 
 
 MAX_DEPENDENCIES = 32
+MAX_LABELS = 32
 
 
 class Dependency(_Body):
@@ -237,7 +239,7 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     retries: int = Field(0, ge=0, le=10)
     tracking: Tracking = Field(default_factory=Tracking)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     attestation: Literal["none", "required"] = "none"
     depends_on: list[Dependency] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
 
@@ -398,6 +400,7 @@ class Job(BaseModel):
         None, description="A notebook job's executed notebook: its path where the job runs (kept when it fails)"
     )
     schedule_id: str | None = Field(None, description="The schedule whose run this job is")
+    pipeline_id: str | None = Field(None, description="The pipeline whose step this job is")
 
 
 class JobEvent(BaseModel):
@@ -411,6 +414,98 @@ class JobEvent(BaseModel):
 class JobList(BaseModel):
     jobs: list[Job]
     next_cursor: str | None
+
+
+MAX_STEP_LABELS = MAX_LABELS - 2  # gpulab.pipeline and gpulab.step
+
+
+class PipelineStep(_Body):
+    """One step of a pipeline: a job (as ``POST /jobs`` takes, but for ``depends_on``) that waits for the steps it
+    ``needs``, with Slurm's ``condition`` (``afterok``: each succeeded; ``afternotok``: each failed; ``afterany``)."""
+
+    name: str = Field(pattern=f"^{pipeline_graph.STEP_NAME.pattern}$")
+    needs: list[str] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
+    condition: Literal["afterok", "afternotok", "afterany"] = "afterok"
+    job: JobSpec
+
+    @field_validator("job")
+    @classmethod
+    def _no_dependencies(cls, value):
+        if value.depends_on:
+            raise _error("step_dependency", "a step waits for the steps it needs, not for depends_on")
+        if value.idempotency_key:
+            raise _error("step_idempotency", "a step has no idempotency_key (the pipeline may have one)")
+        if len(value.labels) > MAX_STEP_LABELS:
+            raise _error("step_labels", f"a step's job has at most {MAX_STEP_LABELS} labels (the pipeline adds two)")
+        return value
+
+
+class PipelineSpec(_Body):
+    """``POST /pipelines``: a small DAG of steps submitted at once (all of them or, refused, none). Each run gets a
+    directory shared by its steps, ``<directory>/<name>-<run id>`` (``$PIPELINE_DIR`` in each, made by the first
+    step that starts); a step whose ``needs`` can no longer be met is cancelled with the reason."""
+
+    name: str = Field(pattern=f"^{pipeline_graph.STEP_NAME.pattern}$")
+    directory: str = Field(min_length=2, max_length=1024, description="Absolute: where each run's directory is made")
+    steps: list[PipelineStep] = Field(min_length=1, max_length=pipeline_graph.MAX_STEPS)
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="A retried submission with the same key returns the pipeline it made",
+    )
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _plain(cls, value):
+        return None if value is None else _no_control(value)
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute(cls, value):
+        if not value.startswith("/"):
+            raise _error("directory", "must be an absolute path")
+        return _no_control(value)
+
+    @model_validator(mode="after")
+    def _graph(self):
+        try:
+            pipeline_graph.order([(step.name, step.needs) for step in self.steps])
+        except pipeline_graph.GraphError as e:
+            raise _error("pipeline_graph", str(e), field=e.field) from None
+        return self
+
+    def ordered(self) -> list[PipelineStep]:
+        """The steps, each after those it needs."""
+        return [self.steps[i] for i in pipeline_graph.order([(s.name, s.needs) for s in self.steps])]
+
+
+class PipelineStepStatus(BaseModel):
+    name: str
+    needs: list[str]
+    condition: Literal["afterok", "afternotok", "afterany"]
+    job_id: str
+    state: JobState | None = Field(description="Its job's state (null: the job was deleted)")
+    state_reason: str | None
+
+
+class Pipeline(BaseModel):
+    """A pipeline run as the API returns it. ``state``: queued (no step started), running (a step has not ended),
+    else succeeded (every step did, or was skipped as its conditions said), failed (a step failed or timed out) or
+    cancelled (a step was cancelled by someone)."""
+
+    id: str
+    owner: str
+    name: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    directory: str = Field(description="The directory its steps share ($PIPELINE_DIR)")
+    schedule_id: str | None = Field(None, description="The schedule whose run it is")
+    steps: list[PipelineStepStatus]
+    created_at: str
+
+
+class PipelineList(BaseModel):
+    pipelines: list[Pipeline]
 
 
 MAX_CONCURRENT_RUNS = 100
@@ -444,20 +539,28 @@ class ScheduleSettings(_When):
     catch_up: Literal["once", "skip"] = "once"
 
 
-class ScheduleSpec(ScheduleSettings):
-    """``POST /schedules``: run ``job`` (a job submission, as ``POST /jobs`` takes) at the times ``cron`` (five
-    fields, or @hourly/@daily/@weekly/@monthly/@yearly) gives in ``timezone`` (IANA, e.g. Europe/Berlin)."""
+class ScheduleSpec(ScheduleSettings, json_schema_extra={"oneOf": [{"required": ["job"]}, {"required": ["pipeline"]}]}):
+    """``POST /schedules``: run ``job`` (a job submission, as ``POST /jobs`` takes) or ``pipeline`` (as ``POST
+    /pipelines`` takes), exactly one, at the times ``cron`` (five fields, or @hourly/@daily/@weekly/@monthly/@yearly)
+    gives in ``timezone`` (IANA, e.g. Europe/Berlin)."""
 
     name: str = Field(min_length=1, max_length=200)
     cron: str = Field(min_length=1, max_length=120)
     timezone: str = Field("UTC", min_length=1, max_length=64)
-    job: JobSpec
+    job: JobSpec | None = None
+    pipeline: PipelineSpec | None = None
     paused: bool = Field(False, strict=True)
+
+    @model_validator(mode="after")
+    def _one_template(self):
+        if (self.job is None) == (self.pipeline is None):
+            raise _error("schedule_template", "give exactly one of 'job' or 'pipeline'", field="job")
+        return self
 
     @field_validator("job")
     @classmethod
     def _no_dependencies(cls, value):
-        if value.depends_on:
+        if value is not None and value.depends_on:
             raise _error("schedule_dependency", "a schedule's runs cannot depend on jobs (each would wait on the same)")
         return value
 
@@ -487,13 +590,15 @@ class Schedule(BaseModel):
     cron: str
     timezone: str
     state: Literal["active", "paused"]
-    job: JobSpec
+    job: JobSpec | None = Field(description="What each run submits (or pipeline)")
+    pipeline: PipelineSpec | None = Field(None, description="The pipeline each run submits (or job)")
     max_concurrent: int
     overlap: Literal["skip", "queue"]
     catch_up: Literal["once", "skip"]
     next_run_at: str | None = Field(description="When it runs next (null while paused)")
     last_run_at: str | None = Field(description="When its latest run was due")
     last_job_id: str | None
+    last_pipeline_id: str | None = Field(None, description="The latest run's pipeline (a pipeline's schedule)")
     pending_run: bool = Field(description="A due run waits for one of the running ones to end (overlap: queue)")
     runs: int = Field(description="Runs started")
     skipped: int = Field(description="Due runs skipped: over max_concurrent, or missed while the service was down")

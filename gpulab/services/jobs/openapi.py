@@ -28,6 +28,9 @@ from .models import (
     NotificationFeed,
     NotificationPrefs,
     NotificationSettings,
+    Pipeline,
+    PipelineList,
+    PipelineSpec,
     PoolStatus,
     ProgressUpdate,
     Quota,
@@ -42,6 +45,7 @@ from .models import (
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 REQUESTS = (
     JobSpec,
+    PipelineSpec,
     ScheduleSpec,
     ScheduleUpdate,
     NotificationPrefs,
@@ -58,6 +62,8 @@ RESPONSES = (
     JobCredentials,
     JobIdentity,
     JobList,
+    Pipeline,
+    PipelineList,
     Schedule,
     ScheduleList,
     NotificationSettings,

@@ -257,6 +257,18 @@ class JobQueue(LoggingConfigurable):
         matched an existing job of the owner, which is returned. Raises ``SubmissionsLimited`` past
         the owner's ``submit_rate``, ``QueueFull`` at ``max_queued``.
         """
+        self.limit_submissions(owner)
+        traceparent = traceparent or tracing.inject({}).get("traceparent")
+        row, created = await self.store.db.run(
+            self.store.create_job, owner, groups, spec, traceparent, max_queued=self.max_queued, admin=admin
+        )
+        if created:
+            self.kick()
+        return row, created
+
+    def limit_submissions(self, owner: str) -> None:
+        """Count a submission of ``owner`` (a job, or a pipeline's steps at once); raises ``SubmissionsLimited``
+        past ``submit_rate``."""
         if not owner or "/" in owner or owner.startswith("."):
             raise ValueError(f"owner {owner!r} cannot name a job directory")
         if wait := self._submissions.take(owner):
@@ -265,13 +277,6 @@ class JobQueue(LoggingConfigurable):
                 f"(JobQueue.submit_rate, burst {self.submit_burst})",
                 retry_after=wait,
             )
-        traceparent = traceparent or tracing.inject({}).get("traceparent")
-        row, created = await self.store.db.run(
-            self.store.create_job, owner, groups, spec, traceparent, max_queued=self.max_queued, admin=admin
-        )
-        if created:
-            self.kick()
-        return row, created
 
     async def cancel(self, job_id: str, by: str) -> JobRow:
         """Cancel a queued job, or stop a running one (SIGTERM, ``cancel_grace``, SIGKILL) and wait.

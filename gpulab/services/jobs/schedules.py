@@ -6,8 +6,9 @@ runs whether or not its owner's server is up (jupyter-scheduler's run in the use
 - :class:`ScheduleStore` holds the ``schedules`` table's queries (the table is in :mod:`.store`, the jobs
   database's one model module);
 - :class:`Scheduler` (``c.Scheduler``) checks every ``interval`` seconds for due schedules and starts their runs
-  as ordinary jobs of the owner (``schedule_id`` links them), each exactly once: a run's idempotency key is its
-  schedule and due time, so a run started just before a crash is not started again after it.
+  as ordinary jobs of the owner (``schedule_id`` links them), or pipelines of such jobs, each exactly once: a
+  run's idempotency key is its schedule and due time, so a run started just before a crash is not started again
+  after it. A pipeline's run is active while one of its steps is.
 """
 
 import asyncio
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import distinct, func, or_, select
 from traitlets import Float, Integer
 from traitlets.config import LoggingConfigurable
 
@@ -25,8 +26,9 @@ from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
 from . import cron
-from .models import JobSpec, Schedule, ScheduleSpec, ScheduleUpdate
-from .store import JobRow, JobStore, QueueFull, ScheduleRow, iso
+from .models import JobSpec, PipelineSpec, Schedule, ScheduleSpec, ScheduleUpdate
+from .pipelines import PipelineStore
+from .store import JobRow, JobStore, PipelineRow, QueueFull, ScheduleRow, iso
 
 MAX_MISSED_COUNTED = 10_000  # due times counted when a schedule was missed for long (every minute for a week)
 
@@ -102,7 +104,8 @@ class ScheduleStore:
             cron=spec.cron,
             timezone=spec.timezone,
             state="paused" if spec.paused else "active",
-            job=spec.job.model_dump(mode="json"),
+            job=spec.job.model_dump(mode="json") if spec.job else None,
+            pipeline=spec.pipeline.model_dump(mode="json") if spec.pipeline else None,
             max_concurrent=spec.max_concurrent,
             overlap=spec.overlap,
             catch_up=spec.catch_up,
@@ -183,16 +186,17 @@ class ScheduleStore:
             return list(session.scalars(query))
 
     def active_runs(self, schedule_ids: list[str]) -> dict[str, int]:
-        """The runs of each schedule not finished yet (a schedule with none is absent), in one query."""
+        """The runs of each schedule not finished yet (a schedule with none is absent), in one query: a job, or
+        a pipeline with a step not finished."""
         query = (
-            select(JobRow.schedule_id, func.count())
+            select(JobRow.schedule_id, func.count(distinct(func.coalesce(JobRow.pipeline_id, JobRow.id))))
             .where(JobRow.schedule_id.in_(schedule_ids), JobRow.state.in_(UNFINISHED_STATES))
             .group_by(JobRow.schedule_id)
         )
         with self.store.session() as session:
             return dict(session.execute(query).all())
 
-    def record(self, schedule_id: str, outcome: Plan, job_id: str | None, error: str | None) -> None:
+    def record(self, schedule_id: str, outcome: Plan, run: JobRow | PipelineRow | None, error: str | None) -> None:
         """What became of a due schedule: its next time, counts, and the run started (or why none was)."""
         with self.store.session() as session, session.begin():
             row = session.get(ScheduleRow, schedule_id, with_for_update=True)
@@ -203,21 +207,27 @@ class ScheduleStore:
             row.pending_run = outcome.pending
             if outcome.action in ("start", "wait"):
                 row.last_run_at = outcome.due  # a waiting run's due time names it when it starts
-            if job_id:
-                row.runs += 1
-                row.last_job_id = job_id
+            if run is not None:
+                _count_run(row, run)
             if outcome.action == "start":
                 row.last_error = error
             row.updated_at = utcnow()
 
-    def ran(self, schedule_id: str, job_id: str) -> None:
+    def ran(self, schedule_id: str, run: JobRow | PipelineRow) -> None:
         """A run started by hand (run now)."""
         with self.store.session() as session, session.begin():
             row = session.get(ScheduleRow, schedule_id, with_for_update=True)
             if row is not None:
-                row.runs += 1
-                row.last_job_id = job_id
+                _count_run(row, run)
                 row.updated_at = utcnow()
+
+
+def _count_run(row: ScheduleRow, run: JobRow | PipelineRow) -> None:
+    row.runs += 1
+    if isinstance(run, PipelineRow):
+        row.last_pipeline_id = run.id
+    else:
+        row.last_job_id = run.id
 
 
 def schedule_model(row: ScheduleRow) -> Schedule:
@@ -229,13 +239,15 @@ def schedule_model(row: ScheduleRow) -> Schedule:
         cron=row.cron,
         timezone=row.timezone,
         state=row.state,
-        job=JobSpec.model_validate(row.job),
+        job=JobSpec.model_validate(row.job) if row.job else None,
+        pipeline=PipelineSpec.model_validate(row.pipeline) if row.pipeline else None,
         max_concurrent=row.max_concurrent,
         overlap=row.overlap,
         catch_up=row.catch_up,
         next_run_at=iso(row.next_run_at),
         last_run_at=iso(row.last_run_at),
         last_job_id=row.last_job_id,
+        last_pipeline_id=row.last_pipeline_id,
         pending_run=row.pending_run,
         runs=row.runs,
         skipped=row.skipped,
@@ -261,12 +273,24 @@ class Scheduler(LoggingConfigurable):
         super().__init__(**kwargs)
         self.queue = queue
         self.schedules = ScheduleStore(queue.store)
+        self.pipelines = PipelineStore(queue.store)
 
-    def start_run(self, row: ScheduleRow, due: datetime, by_hand: bool = False) -> JobRow:
-        """A run of ``row`` due at ``due``, as a job of its owner (once per due time; raises ``QueueFull``)."""
-        spec = JobSpec.model_validate(row.job)
+    def start_run(self, row: ScheduleRow, due: datetime, by_hand: bool = False) -> JobRow | PipelineRow:
+        """A run of ``row`` due at ``due``, as a job or pipeline of its owner (once per due time; raises
+        ``QueueFull``)."""
         key = run_key(row.id, due) + (f":{uuid.uuid4().hex}" if by_hand else "")
-        spec = spec.model_copy(update={"idempotency_key": key})
+        if row.pipeline is not None:
+            pipeline, _ = self.pipelines.create(
+                row.owner,
+                row.groups,
+                row.admin,
+                PipelineSpec.model_validate(row.pipeline),
+                self.queue.max_queued,
+                schedule_id=row.id,
+                idempotency_key=key,
+            )
+            return pipeline
+        spec = JobSpec.model_validate(row.job).model_copy(update={"idempotency_key": key})
         job, _ = self.queue.store.create_job(
             row.owner, row.groups, spec, max_queued=self.queue.max_queued, admin=row.admin, schedule_id=row.id
         )
@@ -282,14 +306,14 @@ class Scheduler(LoggingConfigurable):
             outcome = plan(row, active.get(row.id, 0), now, self.misfire_grace)
             if outcome == Plan("wait", row.last_run_at or now, 0, True, row.next_run_at):
                 continue  # still waiting for room: nothing to write
-            job_id = error = None
+            run = error = None
             if outcome.action == "start":
                 try:
-                    job_id = self.start_run(row, outcome.due).id
+                    run = self.start_run(row, outcome.due)
                     started += 1
                 except QueueFull as e:
                     error = f"the run due at {iso(outcome.due)} was not started: {e}"
-            self.schedules.record(row.id, outcome, job_id, error)
+            self.schedules.record(row.id, outcome, run, error)
             if outcome.action == "skip":
                 self.log.info("schedule %s (%s): skipped the run due at %s", row.id, row.owner, iso(outcome.due))
         return started

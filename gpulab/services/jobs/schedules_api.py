@@ -1,14 +1,14 @@
 """``/api/v1/schedules...`` of gpulab-jobs: make, list, change, pause/resume, run now and delete schedules
 (:mod:`.schedules`), each its owner's (or an admin's); scope ``custom:gpulab:jobs``, as jobs."""
 
-from ... import scopes
 from ...service.errors import APIError
 from ...service.storage import utcnow
 from .handlers import UserHandler
 from .metrics import SUBMITTED
-from .models import ScheduleList, ScheduleSpec, ScheduleUpdate
+from .models import PipelineSpec, ScheduleList, ScheduleSpec, ScheduleUpdate
+from .pipelines_api import count_submitted
 from .schedules import ScheduleNotFound, TooManySchedules, schedule_model
-from .store import QueueFull
+from .store import PipelineRow, QueueFull
 
 
 class ScheduleHandlerBase(UserHandler):
@@ -17,23 +17,16 @@ class ScheduleHandlerBase(UserHandler):
         return self.settings["scheduler"]
 
     async def schedule(self, schedule_id: str):
-        """The schedule, if the caller may see it (owner or admin); 404 otherwise."""
-        try:
-            row = await self.store.db.run(self.scheduler.schedules.get, schedule_id)
-        except ScheduleNotFound:
-            row = None
-        if row is None or (row.owner != self.user_name and not self.is_admin):
-            raise APIError(404, f"no schedule {schedule_id}", field="id", code="not_found")
-        return row
+        return await self.owned(self.scheduler.schedules.get, schedule_id, "schedule")
 
 
 class SchedulesHandler(ScheduleHandlerBase):
     async def post(self):
         spec = self.parse(ScheduleSpec)
-        if spec.job.resources.gpus > 0 and not self.has(scopes.GPU):
-            raise APIError(
-                403, f"requesting GPUs needs the {scopes.GPU} scope", field="job.resources.gpus", code="forbidden"
-            )
+        if spec.job:
+            self.check_gpus(spec.job, "job.")
+        for i, step in enumerate(spec.pipeline.steps if spec.pipeline else []):
+            self.check_gpus(step.job, f"pipeline.steps.{i}.job.")
         groups = self.current_user.get("groups") or []
         try:
             row = await self.store.db.run(
@@ -78,23 +71,27 @@ class ScheduleHandler(ScheduleHandlerBase):
 
 
 class RunNowHandler(ScheduleHandlerBase):
-    """A run now, whatever its times and ``max_concurrent`` say (as a job of the schedule's owner)."""
+    """A run now, whatever its times and ``max_concurrent`` say (as a job, or pipeline, of the schedule's owner)."""
 
     async def post(self, schedule_id):
         row = await self.schedule(schedule_id)
 
         def run_now():
-            job = self.scheduler.start_run(row, utcnow(), by_hand=True)
-            self.scheduler.schedules.ran(row.id, job.id)
-            return job
+            run = self.scheduler.start_run(row, utcnow(), by_hand=True)
+            self.scheduler.schedules.ran(row.id, run)
+            return run, self.scheduler.pipelines.models([run]) if isinstance(run, PipelineRow) else None
 
         try:
-            job = await self.store.db.run(run_now)
+            run, pipeline = await self.store.db.run(run_now)
         except QueueFull as e:
             raise APIError(429, str(e), code="max_queued") from None
-        SUBMITTED.labels(job.pool).inc()
         self.queue.kick()
-        self.write_json(self.queue.job_model(job), 201)
+        if pipeline:
+            count_submitted(PipelineSpec.model_validate(row.pipeline))
+            self.write_json(pipeline[0], 201)
+        else:
+            SUBMITTED.labels(run.pool).inc()
+            self.write_json(self.queue.job_model(run), 201)
 
 
 SCHEDULE = r"/schedules/(?P<schedule_id>[0-9a-f]{32})"

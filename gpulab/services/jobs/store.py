@@ -1,4 +1,4 @@
-"""Persistent job state: the ``jobs``, ``job_events`` and ``schedules`` tables (SQLite WAL or PostgreSQL).
+"""Persistent job state: the ``jobs``, ``job_events``, ``schedules`` and ``pipelines`` tables (SQLite WAL or PostgreSQL).
 
 The schema is managed by alembic (``migrations/``); :class:`JobStore` upgrades it on start.
 Times are naive UTC (:func:`gpulab.events.utcnow`). Every state change goes through
@@ -87,6 +87,7 @@ class JobRow(Base):
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_schedule_state", "schedule_id", "state"),
+        Index("ix_jobs_pipeline", "pipeline_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -128,6 +129,7 @@ class JobRow(Base):
     global_priority: Mapped[int] = mapped_column(default=0)
     schedule_id: Mapped[str | None] = mapped_column(String(32))  # the schedule whose run it is (it may be gone)
     held_by: Mapped[str | None] = mapped_column(String(32))  # the dependency a queued job waits for (.dependencies)
+    pipeline_id: Mapped[str | None] = mapped_column(String(32))  # the pipeline whose step it is
 
     @property
     def output_notebook(self) -> str | None:
@@ -172,6 +174,7 @@ class JobRow(Base):
             attestation_node=self.attestation_node,
             output_notebook=self.output_notebook,
             schedule_id=self.schedule_id,
+            pipeline_id=self.pipeline_id,
         )
 
 
@@ -189,19 +192,40 @@ class ScheduleRow(Base):
     cron: Mapped[str] = mapped_column(String(120))
     timezone: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))  # active | paused
-    job: Mapped[dict] = mapped_column(JSON)  # the JobSpec of each run
+    job: Mapped[dict | None] = mapped_column(JSON)  # the JobSpec of each run, or
+    pipeline: Mapped[dict | None] = mapped_column(JSON)  # the PipelineSpec of each run
     max_concurrent: Mapped[int]
     overlap: Mapped[str] = mapped_column(String(8))
     catch_up: Mapped[str] = mapped_column(String(8))
     next_run_at: Mapped[datetime | None]
     last_run_at: Mapped[datetime | None]
     last_job_id: Mapped[str | None] = mapped_column(String(32))
+    last_pipeline_id: Mapped[str | None] = mapped_column(String(32))
     pending_run: Mapped[bool] = mapped_column(default=False)
     runs: Mapped[int] = mapped_column(default=0)
     skipped: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+
+
+class PipelineRow(Base):
+    """A pipeline run (see :mod:`.pipelines`): its steps, each with the job that runs it (``jobs.pipeline_id``)."""
+
+    __tablename__ = "pipelines"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_pipelines_owner_idempotency_key"),
+        Index("ix_pipelines_owner_created", "owner", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(200))
+    directory: Mapped[str] = mapped_column(Text)  # the run's own, $PIPELINE_DIR
+    steps: Mapped[list] = mapped_column(JSON)  # [{name, needs, condition, job_id}] in the order submitted
+    schedule_id: Mapped[str | None] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
 
 
 class NotificationPrefsRow(Base):
@@ -315,6 +339,39 @@ SCHEMA = Schema((Base.metadata, applied_events.Base.metadata), MIGRATIONS, VERSI
 upgrade = SCHEMA.upgrade
 
 
+def new_job_row(owner: str, groups: list[str], spec: JobSpec, admin: bool = False, **fields: Any) -> JobRow:
+    """A queued job of ``owner`` for ``spec``, not yet added (``fields``: traceparent, schedule_id, pipeline_id,
+    id)."""
+    now = utcnow()
+    row = JobRow(
+        id=uuid.uuid4().hex,
+        owner=owner,
+        groups=sorted(set(groups)),
+        name=spec.name,
+        kind=spec.kind,
+        spec=spec.model_dump(mode="json"),
+        state="queued",
+        state_reason=spec.depends_on[0].waiting_reason() if spec.depends_on else "submitted",
+        priority=spec.priority,
+        pool=spec.resources.pool,
+        gpus=spec.resources.gpus,
+        cpus=spec.resources.cpus,
+        memory=spec.resources.memory,
+        attempt=0,
+        max_retries=spec.retries,
+        idempotency_key=spec.idempotency_key,
+        labels=spec.labels,
+        attestation_required=spec.attestation == "required",
+        global_priority=spec.priority if admin else 0,
+        created_at=now,
+        updated_at=now,
+        held_by=spec.depends_on[0].job if spec.depends_on else None,
+    )
+    for name, value in fields.items():
+        setattr(row, name, value)
+    return row
+
+
 class JobStore(LoggingConfigurable):
     """Jobs and their events in SQL; short transactions, detached rows returned."""
 
@@ -359,54 +416,35 @@ class JobStore(LoggingConfigurable):
 
         Returns ``(row, created)``.
         """
-        now = utcnow()
-        row = JobRow(
-            id=uuid.uuid4().hex,
-            owner=owner,
-            groups=sorted(set(groups)),
-            name=spec.name,
-            kind=spec.kind,
-            spec=spec.model_dump(mode="json"),
-            state="queued",
-            state_reason="submitted",
-            priority=spec.priority,
-            pool=spec.resources.pool,
-            gpus=spec.resources.gpus,
-            cpus=spec.resources.cpus,
-            memory=spec.resources.memory,
-            attempt=0,
-            max_retries=spec.retries,
-            idempotency_key=spec.idempotency_key,
-            labels=spec.labels,
-            attestation_required=spec.attestation == "required",
-            global_priority=spec.priority if admin else 0,
-            created_at=now,
-            updated_at=now,
-            traceparent=traceparent,
-            schedule_id=schedule_id,
-            held_by=spec.depends_on[0].job if spec.depends_on else None,
-        )
-        if spec.depends_on:
-            row.state_reason = spec.depends_on[0].waiting_reason()
+        row = new_job_row(owner, groups, spec, admin=admin, traceparent=traceparent, schedule_id=schedule_id)
         try:  # one transaction, on one connection: a submission costs the fewest round trips to the database
             with self.session() as session, session.begin():
                 if spec.idempotency_key and (existing := session.scalar(self._key_query(owner, spec.idempotency_key))):
                     return existing, False
                 if spec.depends_on:
                     self._check_dependencies(session, owner, spec)
-                if max_queued is not None and session.scalar(self._queued_query(owner)) >= max_queued:
-                    raise QueueFull(
-                        f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
-                        "wait for some to start, or cancel some"
-                    )
-                session.add(row)
-                session.flush()
-                session.add(JobEventRow(job_id=row.id, at=now, to_state="queued", reason="submitted"))
+                self.check_room(session, owner, max_queued, 1)
+                self.add_job(session, row)
         except IntegrityError:
             if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
                 return existing, False  # a concurrent submission with the same key won
             raise
         return row, True
+
+    def check_room(self, session: Session, owner: str, max_queued: int | None, adding: int) -> None:
+        """Raise ``QueueFull`` when ``adding`` more queued jobs would take ``owner`` past ``max_queued``."""
+        if max_queued is not None and session.scalar(self._queued_query(owner)) + adding > max_queued:
+            raise QueueFull(
+                f"{owner} has {max_queued} queued jobs, the most one may have (JobQueue.max_queued): "
+                "wait for some to start, or cancel some"
+            )
+
+    @staticmethod
+    def add_job(session: Session, row: JobRow) -> None:
+        """Insert ``row`` (made by :func:`new_job_row`) with its first event, in ``session``'s transaction."""
+        session.add(row)
+        session.flush()
+        session.add(JobEventRow(job_id=row.id, at=row.created_at, to_state="queued", reason="submitted"))
 
     @staticmethod
     def _check_dependencies(session: Session, owner: str, spec: JobSpec) -> None:

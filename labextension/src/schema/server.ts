@@ -458,7 +458,7 @@ export interface paths {
     };
     get?: never;
     put?: never;
-    /** Run the schedule's job now. */
+    /** Run the schedule's job (or pipeline) now. */
     post: {
       parameters: {
         query?: never;
@@ -470,7 +470,15 @@ export interface paths {
       };
       requestBody?: never;
       responses: {
-        201: components['responses']['Job'];
+        /** @description The run, a job (or a pipeline's schedule's pipeline). */
+        201: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['Job'] | components['schemas']['Pipeline'];
+          };
+        };
         401: components['responses']['Unauthorized'];
         403: components['responses']['Forbidden'];
         404: components['responses']['JobServiceError'];
@@ -738,11 +746,39 @@ export interface paths {
       path?: never;
       cookie?: never;
     };
-    get?: never;
+    /** The user's pipelines, newest first, as the job service's GET /pipelines (schedule=<id>, one schedule's runs; all=true, admins, everyone's). */
+    get: {
+      parameters: {
+        query?: {
+          schedule?: string;
+          limit?: number;
+          all?: boolean;
+        };
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description The pipelines. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['PipelineList'];
+          };
+        };
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        503: components['responses']['Unavailable'];
+      };
+    };
     put?: never;
     /**
      * Submit a pipeline file of this server, as gpulab pipeline submit does (docs/jobs.md "Pipelines").
-     * @description Needs custom:gpulab:jobs. Every step is checked before any is submitted; a cycle, an unknown or repeated step or field is a 422 naming it (field steps); a step the job service refuses cancels those already submitted.
+     * @description Needs custom:gpulab:jobs. Every step is checked here, then the whole pipeline goes to the job service, which queues every step at once or, refusing, none; a cycle, an unknown or repeated step or field is a 422 naming it (field steps).
      */
     post: {
       parameters: {
@@ -757,15 +793,7 @@ export interface paths {
         };
       };
       responses: {
-        /** @description The pipeline's run, its folder and each step's job. */
-        201: {
-          headers: {
-            [name: string]: unknown;
-          };
-          content: {
-            'application/json': components['schemas']['PipelineRun'];
-          };
-        };
+        201: components['responses']['Pipeline'];
         400: components['responses']['JobServiceError'];
         401: components['responses']['Unauthorized'];
         403: components['responses']['Forbidden'];
@@ -773,6 +801,78 @@ export interface paths {
         413: components['responses']['BodyTooLarge'];
         422: components['responses']['JobServiceError'];
         429: components['responses']['Throttled'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
+  '/pipelines/{pipeline_id}': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path: {
+        pipeline_id: components['parameters']['PipelineId'];
+      };
+      cookie?: never;
+    };
+    /** One pipeline. */
+    get: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          pipeline_id: components['parameters']['PipelineId'];
+        };
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        200: components['responses']['Pipeline'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    put?: never;
+    post?: never;
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
+  '/pipelines/{pipeline_id}/cancel': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path: {
+        pipeline_id: components['parameters']['PipelineId'];
+      };
+      cookie?: never;
+    };
+    get?: never;
+    put?: never;
+    /** Cancel every step of the pipeline that has not ended; answers when they have stopped. */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          pipeline_id: components['parameters']['PipelineId'];
+        };
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        200: components['responses']['Pipeline'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
         503: components['responses']['Unavailable'];
       };
     };
@@ -1349,16 +1449,6 @@ export interface components {
       /** @description The pipeline file (.yaml or .yml), relative to the server's root. */
       path: string;
     };
-    PipelineRun: {
-      /** @description The run's id: every step's job is labelled gpulab.pipeline=<it>. */
-      pipeline: string;
-      /** @description $PIPELINE_DIR of every step: where they pass files. */
-      directory: string;
-      /** @description Each step's job, by the step's name. */
-      steps: {
-        [key: string]: components['schemas']['Job'];
-      };
-    };
     InferResponse: {
       model_name: string;
       model_version: string;
@@ -1645,6 +1735,12 @@ export interface components {
        * @default null
        */
       schedule_id: string | null;
+      /**
+       * Pipeline Id
+       * @description The pipeline whose step this job is
+       * @default null
+       */
+      pipeline_id: string | null;
     };
     /** JobList */
     JobList: {
@@ -1678,6 +1774,47 @@ export interface components {
       error: components['schemas']['ErrorDetail'];
     };
     /**
+     * PipelineStep
+     * @description One step of a pipeline: a job (as ``POST /jobs`` takes, but for ``depends_on``) that waits for the steps it
+     *     ``needs``, with Slurm's ``condition`` (``afterok``: each succeeded; ``afternotok``: each failed; ``afterany``).
+     */
+    PipelineStep: {
+      /** Name */
+      name: string;
+      /** Needs */
+      needs?: string[];
+      /**
+       * Condition
+       * @default afterok
+       * @enum {string}
+       */
+      condition: 'afterok' | 'afternotok' | 'afterany';
+      job: components['schemas']['JobSpec'];
+    };
+    /**
+     * PipelineSpec
+     * @description ``POST /pipelines``: a small DAG of steps submitted at once (all of them or, refused, none). Each run gets a
+     *     directory shared by its steps, ``<directory>/<name>-<run id>`` (``$PIPELINE_DIR`` in each, made by the first
+     *     step that starts); a step whose ``needs`` can no longer be met is cancelled with the reason.
+     */
+    PipelineSpec: {
+      /** Name */
+      name: string;
+      /**
+       * Directory
+       * @description Absolute: where each run's directory is made
+       */
+      directory: string;
+      /** Steps */
+      steps: components['schemas']['PipelineStep'][];
+      /**
+       * Idempotency Key
+       * @description A retried submission with the same key returns the pipeline it made
+       * @default null
+       */
+      idempotency_key: string | null;
+    };
+    /**
      * Schedule
      * @description A schedule as the API returns it; times are ISO 8601 UTC strings ("...Z").
      */
@@ -1697,7 +1834,13 @@ export interface components {
        * @enum {string}
        */
       state: 'active' | 'paused';
-      job: components['schemas']['JobSpec'];
+      /** @description What each run submits (or pipeline) */
+      job: components['schemas']['JobSpec'] | null;
+      /**
+       * @description The pipeline each run submits (or job)
+       * @default null
+       */
+      pipeline: components['schemas']['PipelineSpec'] | null;
       /** Max Concurrent */
       max_concurrent: number;
       /**
@@ -1722,6 +1865,12 @@ export interface components {
       last_run_at: string | null;
       /** Last Job Id */
       last_job_id: string | null;
+      /**
+       * Last Pipeline Id
+       * @description The latest run's pipeline (a pipeline's schedule)
+       * @default null
+       */
+      last_pipeline_id: string | null;
       /**
        * Pending Run
        * @description A due run waits for one of the running ones to end (overlap: queue)
@@ -1754,8 +1903,9 @@ export interface components {
     };
     /**
      * ScheduleSpec
-     * @description ``POST /schedules``: run ``job`` (a job submission, as ``POST /jobs`` takes) at the times ``cron`` (five
-     *     fields, or @hourly/@daily/@weekly/@monthly/@yearly) gives in ``timezone`` (IANA, e.g. Europe/Berlin).
+     * @description ``POST /schedules``: run ``job`` (a job submission, as ``POST /jobs`` takes) or ``pipeline`` (as ``POST
+     *     /pipelines`` takes), exactly one, at the times ``cron`` (five fields, or @hourly/@daily/@weekly/@monthly/@yearly)
+     *     gives in ``timezone`` (IANA, e.g. Europe/Berlin).
      */
     ScheduleSpec: {
       /**
@@ -1784,13 +1934,16 @@ export interface components {
        * @default UTC
        */
       timezone: string;
-      job: components['schemas']['JobSpec'];
+      /** @default null */
+      job: components['schemas']['JobSpec'] | null;
+      /** @default null */
+      pipeline: components['schemas']['PipelineSpec'] | null;
       /**
        * Paused
        * @default false
        */
       paused: boolean;
-    };
+    } & (unknown | unknown);
     /**
      * ScheduleUpdate
      * @description ``PATCH /schedules/{id}``: pause or resume, or change when and how it runs (its job stays as it is).
@@ -1826,6 +1979,58 @@ export interface components {
        * @default null
        */
       catch_up: ('once' | 'skip') | null;
+    };
+    /** PipelineStepStatus */
+    PipelineStepStatus: {
+      /** Name */
+      name: string;
+      /** Needs */
+      needs: string[];
+      /**
+       * Condition
+       * @enum {string}
+       */
+      condition: 'afterok' | 'afternotok' | 'afterany';
+      /** Job Id */
+      job_id: string;
+      /** @description Its job's state (null: the job was deleted) */
+      state: components['schemas']['JobState'] | null;
+      /** State Reason */
+      state_reason: string | null;
+    };
+    /**
+     * Pipeline
+     * @description A pipeline run as the API returns it. ``state``: queued (no step started), running (a step has not ended),
+     *     else succeeded (every step did, or was skipped as its conditions said), failed (a step failed or timed out) or
+     *     cancelled (a step was cancelled by someone).
+     */
+    Pipeline: {
+      /** Id */
+      id: string;
+      /** Owner */
+      owner: string;
+      /** Name */
+      name: string;
+      /**
+       * State
+       * @enum {string}
+       */
+      state: 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+      /**
+       * Directory
+       * @description The directory its steps share ($PIPELINE_DIR)
+       */
+      directory: string;
+      /**
+       * Schedule Id
+       * @description The schedule whose run it is
+       * @default null
+       */
+      schedule_id: string | null;
+      /** Steps */
+      steps: components['schemas']['PipelineStepStatus'][];
+      /** Created At */
+      created_at: string;
     };
     /**
      * NotificationSettings
@@ -1934,6 +2139,11 @@ export interface components {
        * @description The id to pass as ?after= next time (the newest one there is, without ?after=).
        */
       cursor: number;
+    };
+    /** PipelineList */
+    PipelineList: {
+      /** Pipelines */
+      pipelines: components['schemas']['Pipeline'][];
     };
     /**
      * NonceRequest
@@ -2316,10 +2526,20 @@ export interface components {
         'application/json': components['schemas']['Schedule'];
       };
     };
+    /** @description A pipeline, its state and each step's job and state. */
+    Pipeline: {
+      headers: {
+        [name: string]: unknown;
+      };
+      content: {
+        'application/json': components['schemas']['Pipeline'];
+      };
+    };
   };
   parameters: {
     JobId: string;
     ScheduleId: string;
+    PipelineId: string;
     ModelName: string;
   };
   requestBodies: never;
