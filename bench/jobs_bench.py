@@ -162,7 +162,7 @@ class Tracker:
         if (took := time.monotonic() - started) > 10:
             log(f"platform {p.url} took {took:.0f}s to stop")
         procs = list(self.procs.get(id(p), {}).values())
-        hubs = [x for x in procs if "jupyterhub" in _cmdline(x)]
+        hubs = [x for x in procs if "jupyterhub" in cmdline(x)]
         terminate([x for x in hubs if alive(x)], 10)
         terminate([x for x in procs if alive(x)], 5)
         pid_file = p.data_dir / "hub" / "jupyterhub-proxy.pid"
@@ -170,7 +170,7 @@ class Tracker:
             proxy = psutil.Process(int(pid_file.read_text().strip()))
         except (OSError, ValueError, psutil.NoSuchProcess):
             return
-        cmd = _cmdline(proxy)
+        cmd = cmdline(proxy)
         if f"--ip {p.host} " in cmd and f"--port {p.port} " in cmd + " ":
             log(f"stopping a proxy the hub restarted while stopping (pid {proxy.pid})")
             terminate([proxy], 5)
@@ -193,7 +193,7 @@ class Tracker:
                 log(f"dropping database {db}: {e}")
 
 
-def _cmdline(proc: psutil.Process) -> str:
+def cmdline(proc: psutil.Process) -> str:
     try:
         return " ".join(proc.cmdline())
     except psutil.Error:
