@@ -313,7 +313,7 @@ steps:
 
 def test_run_pipeline_from_the_file_browser_and_see_its_graph(hub, output_dir):
     """A pipeline file's context menu "Run pipeline": the Pipelines tab draws its steps, the failed one, the one
-    that needed it cancelled, and the independent one that ran."""
+    that needed it cancelled, and the independent one that ran; one notification tells the pipeline ended."""
     with chromium_page() as page:
         try:
             hub_login(page, hub, "pia")
@@ -334,6 +334,10 @@ def test_run_pipeline_from_the_file_browser_and_see_its_graph(hub, output_dir):
             assert reason.startswith("train: cancelled (dependency ") and reason.endswith("cannot be met); needs prep")
             card = panel.locator(".jp-gpulab-pipelines li.jp-gpulab-card").first
             assert card.locator(".jp-gpulab-state").text_content() == "failed"
+            told = page.locator(".Toastify__toast", has_text="Pipeline nightly failed")  # once, not step by step
+            told.wait_for(timeout=30_000)
+            assert "prep failed, train cancelled" in told.text_content()
+            assert page.locator(".Toastify__toast", has_text="Job prep").count() == 0
             page.screenshot(path=str(output_dir / "lab-pipeline-graph.png"))
         except Exception:
             page.screenshot(path=str(output_dir / "lab-pipeline-failure.png"))

@@ -76,7 +76,7 @@ c.Notifier.smtp_port = {mailbox.address[1]}
 c.Notifier.interval = 0.2
 c.Notifier.backoff = 0.3
 """
-    return gpulab_up(config, users={"alice": [], "bob": []})
+    return gpulab_up(config, users={"alice": [], "bob": [], "carol": []})
 
 
 def until(predicate, timeout=30.0, what="it"):
@@ -167,6 +167,32 @@ def test_jupyterlab_reads_its_feed_from_a_cursor(hub):
     assert bob.wait(quiet["id"])["state"] == "failed"
     time.sleep(0.5)
     assert bob.request("GET", "/notifications/feed", params={"after": feed["cursor"]}).json()["notifications"] == []
+
+
+def test_a_pipeline_is_told_once_when_its_last_step_ends_not_step_by_step(hub):
+    carol = Client(hub, "carol")  # told in Lab of succeeded, failed and timed out, by default
+    start = carol.request("GET", "/notifications/feed").json()["cursor"]
+    steps = [
+        {"name": "prep", "job": {"name": "prep", "entrypoint": ["false"]}},
+        {"name": "train", "needs": ["prep"], "job": {"name": "train", "entrypoint": ["true"]}},
+        {"name": "report", "job": {"name": "report", "entrypoint": ["true"]}},
+    ]
+    made = carol.request("POST", "/pipelines", json={"name": "nightly", "directory": "/tmp", "steps": steps}).json()
+    for step in made["steps"]:
+        carol.wait(step["job_id"])
+    feed = until(
+        lambda: (
+            (f := carol.request("GET", "/notifications/feed", params={"after": start}).json())["notifications"] and f
+        )
+    )
+    time.sleep(1)  # what a step alone would have told would be there by now
+    feed = carol.request("GET", "/notifications/feed", params={"after": start}).json()
+    SPEC.validate("/notifications/feed", "GET", 200, feed)
+    [entry] = feed["notifications"]
+    told = entry["pipeline"]
+    assert entry["job"] is None and (told["id"], told["name"], told["state"]) == (made["id"], "nightly", "failed")
+    states = {s["name"]: s["state"] for s in told["steps"]}
+    assert states == {"prep": "failed", "train": "cancelled", "report": "succeeded"} and told["finished_at"]
 
 
 def test_old_notifications_are_pruned_unless_still_to_deliver(tmp_path):

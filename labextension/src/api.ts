@@ -17,6 +17,7 @@ export type INotebookParameters = Schemas['NotebookParameters'];
 export type INotebookParameter = Schemas['NotebookParameter'];
 export type INotificationFeed = Schemas['NotificationFeed'];
 export type IEndedJob = Schemas['EndedJob'];
+export type IEndedPipeline = Schemas['EndedPipeline'];
 export type ISchedule = Schemas['Schedule'];
 export type IPipeline = Schemas['Pipeline'];
 export type IPipelineStep = Schemas['PipelineStepStatus'];

@@ -1,6 +1,6 @@
 /**
- * JupyterLab notifications when a job of the user ends in a state they are told of: the job service keeps a
- * feed per user (`GET notifications/feed?after=N`), which every open Lab reads every few seconds from its
+ * JupyterLab notifications when a job or pipeline of the user ends in a state they are told of: the job service
+ * keeps a feed per user (`GET notifications/feed?after=N`), which every open Lab reads every few seconds from its
  * cursor, kept in this browser so that what ended while Lab was closed is told when it opens again.
  */
 
@@ -8,7 +8,7 @@ import { Notification } from '@jupyterlab/apputils';
 import { PageConfig } from '@jupyterlab/coreutils';
 import { Poll } from '@lumino/polling';
 
-import { getJSON, IEndedJob, INotificationFeed } from './api';
+import { getJSON, IEndedJob, IEndedPipeline, INotificationFeed } from './api';
 
 export const FEED_MS = 5000;
 
@@ -31,6 +31,19 @@ export function tell(job: IEndedJob, actions: IJobActions): void {
   Notification.emit(`Job ${job.name} ${job.state}${reason}`, type, { autoClose: false, actions: buttons });
 }
 
+/** The notification of one ended pipeline: its state, and the steps that did not succeed. */
+export function tellPipeline(pipeline: IEndedPipeline, actions: IJobActions): void {
+  const type = pipeline.state === 'succeeded' ? 'success' : pipeline.state === 'cancelled' ? 'warning' : 'error';
+  const unsuccessful = pipeline.steps
+    .filter(s => s.state !== 'succeeded')
+    .map(s => `${s.name} ${s.state ?? 'deleted'}`);
+  const detail = pipeline.state === 'succeeded' || unsuccessful.length === 0 ? '' : `: ${unsuccessful.join(', ')}`;
+  Notification.emit(`Pipeline ${pipeline.name} ${pipeline.state}${detail}`, type, {
+    autoClose: false,
+    actions: [{ label: 'Open the gpulab panel', callback: actions.showJobs }]
+  });
+}
+
 /** Read the feed every {@link FEED_MS} (less often while the tab is hidden, with backoff on errors). */
 export function watchFeed(actions: IJobActions): Poll {
   const key = `gpulab:notifications:${PageConfig.getOption('hubUser') || 'local'}`;
@@ -42,7 +55,11 @@ export function watchFeed(actions: IJobActions): Poll {
         cursor === null ? 'notifications/feed' : `notifications/feed?after=${cursor}`
       );
       for (const entry of feed.notifications) {
-        tell(entry.job, actions);
+        if (entry.pipeline) {
+          tellPipeline(entry.pipeline, actions);
+        } else if (entry.job) {
+          tell(entry.job, actions);
+        }
       }
       cursor = feed.cursor;
       const seen = Number(window.localStorage.getItem(key) ?? 0);

@@ -834,12 +834,20 @@ class EndedJob(BaseModel):
     output_notebook: str | None = Field(None, description="A notebook job's executed notebook (absolute path).")
 
 
+class EndedPipeline(Pipeline):
+    """What a notification says of a pipeline whose last step ended (the webhook's ``pipeline``, a feed entry's)."""
+
+    finished_at: str
+
+
 class FeedEntry(BaseModel):
-    """One job of yours that ended in a state you are told of."""
+    """One job, or pipeline, of yours that ended in a state you are told of (a pipeline's steps are told as the
+    pipeline, once its last one has ended)."""
 
     id: int = Field(description="Increasing; pass the last one seen as ?after= to get only newer ones.")
     created_at: str
-    job: EndedJob
+    job: EndedJob | None = None
+    pipeline: EndedPipeline | None = None
 
 
 class NotificationFeed(BaseModel):

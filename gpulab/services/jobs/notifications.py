@@ -1,12 +1,16 @@
-"""Notifications when a job ends: a webhook (JSON, HMAC-signed) and e-mail over SMTP, per user's preferences.
+"""Notifications when a job or pipeline ends: a webhook (JSON, HMAC-signed), e-mail over SMTP and JupyterLab, per
+user's preferences.
 
 A user chooses which final states they are told of and where (``PUT /notifications``); when one of their jobs
-ends so, an outbox row per channel is written in the same transaction as the job's final state
+ends so, an outbox row per channel is written in the same transaction as the job's final state. A pipeline's steps
+are not told one by one: the pipeline is, in the transaction that ends its last step, with its own state
+(:func:`.pipelines.ended`)
 (:attr:`~.store.JobStore.finished_hooks`), so that nothing ending is lost and nothing is told that did not end. The
 :class:`Notifier` (``c.Notifier``) delivers them on its own, at least once, retried with backoff, never in the
 way of the queue.
 
-- **Webhook**: ``POST`` of ``{"event": "job.ended", "job": {...}}`` with ``X-Gpulab-Signature-256: sha256=<HMAC of
+- **Webhook**: ``POST`` of ``{"event": "job.ended", "job": {...}}`` (or ``{"event": "pipeline.ended", "pipeline":
+  {...}}``) with ``X-Gpulab-Signature-256: sha256=<HMAC of
   the body>`` under the platform's secret (``c.Notifier.webhook_secret_file``, 0600, made on first start; the
   admin gives it to the receivers), ``X-Gpulab-Delivery`` (the outbox row, the same on a retry). Only URLs the
   admin allows (``c.Notifier.webhook_allowed``, shell patterns; none by default): the service posts from inside
@@ -39,6 +43,7 @@ from gpulab.secrets import persistent_secret, read_secret_file
 from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
+from . import pipelines
 from .models import DEFAULT_NOTIFIED, FeedEntry, NotificationFeed, NotificationPrefs, NotificationSettings
 from .store import JobRow, JobStore, NotificationPrefsRow, NotificationRow, iso
 
@@ -163,14 +168,20 @@ class Notifier(LoggingConfigurable):
     # -- the outbox
 
     def enqueue(self, session: Session, row: JobRow) -> None:
-        """In the transaction that ends ``row``: a notification per channel its owner asked for."""
+        """In the transaction that ends ``row``: a notification per channel its owner asked for, of the job, or of
+        its pipeline when it was the pipeline's last step to end."""
+        if row.pipeline_id:
+            if (pipeline := pipelines.ended(session, row.pipeline_id)) is None:
+                return
+            body, state = {"event": "pipeline.ended", "pipeline": pipeline.model_dump(mode="json")}, pipeline.state
+        else:
+            body, state = payload(row), row.state
         prefs = session.get(NotificationPrefsRow, row.owner) or NotificationPrefsRow(
             states=[str(s) for s in DEFAULT_NOTIFIED], lab=True
         )
-        if row.state not in prefs.states:
+        if state not in prefs.states:
             return
         now = utcnow()
-        body = payload(row)
         channels = [(c, target) for c, target in (("webhook", prefs.webhook_url), ("email", prefs.email)) if target]
         if prefs.lab:
             channels.append(("lab", ""))
@@ -203,7 +214,12 @@ class Notifier(LoggingConfigurable):
                 .order_by(NotificationRow.id)
                 .limit(MAX_FEED)
             ).all()
-        entries = [FeedEntry(id=r.id, created_at=iso(r.created_at), job=r.payload["job"]) for r in rows]
+        entries = [
+            FeedEntry(
+                id=r.id, created_at=iso(r.created_at), job=r.payload.get("job"), pipeline=r.payload.get("pipeline")
+            )
+            for r in rows
+        ]
         return NotificationFeed(notifications=entries, cursor=rows[-1].id if rows else after)
 
     def prune(self, now: datetime) -> int:
@@ -247,7 +263,7 @@ class Notifier(LoggingConfigurable):
                 body = json.dumps(row.payload).encode()
                 headers = {
                     "Content-Type": "application/json",
-                    "X-Gpulab-Event": "job.ended",
+                    "X-Gpulab-Event": row.payload["event"],
                     "X-Gpulab-Delivery": str(row.id),
                     "X-Gpulab-Signature-256": signature(self.secret, body),
                 }
@@ -264,13 +280,19 @@ class Notifier(LoggingConfigurable):
         return None
 
     def _send_mail(self, row: NotificationRow) -> None:
-        job = row.payload["job"]
         message = EmailMessage()
         message["From"], message["To"] = self.smtp_from, row.target
-        message["Subject"] = f"gpulab: job {job['name']} {job['state']}"
-        message.set_content(
-            f"Your job {job['name']} ({job['id']}) {job['state']} at {job['finished_at']}: {job['state_reason']}\n"
-        )
+        if pipeline := row.payload.get("pipeline"):
+            message["Subject"] = f"gpulab: pipeline {pipeline['name']} {pipeline['state']}"
+            steps = "".join(f"  {s['name']}: {s['state']} ({s['state_reason']})\n" for s in pipeline["steps"])
+            text = f"Your pipeline {pipeline['name']} ({pipeline['id']}) {pipeline['state']} at {pipeline['finished_at']}:\n"
+            message.set_content(text + steps)
+        else:
+            job = row.payload["job"]
+            message["Subject"] = f"gpulab: job {job['name']} {job['state']}"
+            message.set_content(
+                f"Your job {job['name']} ({job['id']}) {job['state']} at {job['finished_at']}: {job['state_reason']}\n"
+            )
         with smtplib.SMTP(self.smtp_host, self.smtp_port, timeout=self.timeout) as smtp:
             smtp.send_message(message)
 

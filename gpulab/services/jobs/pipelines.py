@@ -13,12 +13,13 @@ import uuid
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from gpulab.job_states import TERMINAL_STATES
 from gpulab.service.storage import utcnow
 
 from . import dependencies
-from .models import Dependency, Pipeline, PipelineSpec, PipelineStepStatus
+from .models import Dependency, EndedPipeline, Pipeline, PipelineSpec, PipelineStepStatus
 from .store import JobRow, JobStore, PipelineRow, iso, new_job_row
 
 MAX_LIST = 200
@@ -156,3 +157,16 @@ def pipeline_model(row: PipelineRow, jobs: dict[str, tuple[str, str]]) -> Pipeli
         steps=steps,
         created_at=iso(row.created_at),
     )
+
+
+def ended(session: Session, pipeline_id: str) -> EndedPipeline | None:
+    """In the transaction that ends one of its steps: the pipeline, if that was the last of its steps to end, else
+    None. Its row is locked first, so that of two steps ending at once exactly one is the last."""
+    row = session.get(PipelineRow, pipeline_id, with_for_update=True)
+    if row is None:
+        return None
+    query = select(JobRow.id, JobRow.state, JobRow.state_reason).where(JobRow.pipeline_id == pipeline_id)
+    jobs = {job.id: (job.state, job.state_reason) for job in session.execute(query)}
+    if any(state not in TERMINAL_STATES for state, _ in jobs.values()):
+        return None
+    return EndedPipeline(**pipeline_model(row, jobs).model_dump(), finished_at=iso(utcnow()))

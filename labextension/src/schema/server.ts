@@ -2114,8 +2114,43 @@ export interface components {
       output_notebook: string | null;
     };
     /**
+     * EndedPipeline
+     * @description What a notification says of a pipeline whose last step ended (the webhook's ``pipeline``, a feed entry's).
+     */
+    EndedPipeline: {
+      /** Id */
+      id: string;
+      /** Owner */
+      owner: string;
+      /** Name */
+      name: string;
+      /**
+       * State
+       * @enum {string}
+       */
+      state: 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+      /**
+       * Directory
+       * @description The directory its steps share ($PIPELINE_DIR)
+       */
+      directory: string;
+      /**
+       * Schedule Id
+       * @description The schedule whose run it is
+       * @default null
+       */
+      schedule_id: string | null;
+      /** Steps */
+      steps: components['schemas']['PipelineStepStatus'][];
+      /** Created At */
+      created_at: string;
+      /** Finished At */
+      finished_at: string;
+    };
+    /**
      * FeedEntry
-     * @description One job of yours that ended in a state you are told of.
+     * @description One job, or pipeline, of yours that ended in a state you are told of (a pipeline's steps are told as the
+     *     pipeline, once its last one has ended).
      */
     FeedEntry: {
       /**
@@ -2125,7 +2160,10 @@ export interface components {
       id: number;
       /** Created At */
       created_at: string;
-      job: components['schemas']['EndedJob'];
+      /** @default null */
+      job: components['schemas']['EndedJob'] | null;
+      /** @default null */
+      pipeline: components['schemas']['EndedPipeline'] | null;
     };
     /**
      * NotificationFeed
