@@ -15,8 +15,10 @@ CAPACITY = {"default": PoolCapacity(gpus=2, cpus=4.0, memory=8 * 2**30), "cpu": 
 NO_QUOTA = Limits({"max_jobs": None, "max_gpus": None}, {})
 
 
-def job(owner="alice", gpus=0, cpus=1.0, memory=None, pool="default", groups=(), global_priority=0, age=0):
+def job(owner="alice", gpus=0, cpus=1.0, memory=None, pool="default", groups=(), global_priority=0, age=0, array=None):
     return SimpleNamespace(
+        array_id=array[0] if array else None,
+        array_max=array[1] if array else None,
         owner=owner,
         gpus=gpus,
         cpus=cpus,
@@ -33,6 +35,16 @@ def ledger_of(*jobs, gpu_ids_of=None) -> Ledger:
     for j in jobs:
         ledger.charge(j, (gpu_ids_of or {}).get(id(j), ()))
     return ledger
+
+
+def test_a_job_array_runs_at_most_max_concurrent_of_its_jobs_at_once():
+    running = ledger_of(job(array=("a1", 2)), job(array=("a1", 2)), job(array=("b2", None)))
+    assert blocker(job(array=("a1", 2)), CAPACITY, running, NO_QUOTA) == (
+        "waiting: array max_concurrent=2 reached (2 running)"
+    )
+    assert running.full_arrays() == ["a1"]
+    assert blocker(job(array=("b2", None)), CAPACITY, running, NO_QUOTA) is None  # no throttle: only capacity
+    assert blocker(job(array=("c3", 1)), CAPACITY, running, NO_QUOTA) is None  # another array's count is its own
 
 
 def test_a_job_that_fits_has_no_blocker():

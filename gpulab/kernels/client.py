@@ -81,10 +81,17 @@ class JobsClient(HubServiceClient):
             discard_snapshot(body)  # refused: its inputs' copy would be left for nothing
             raise
 
-    def list(self, state: str | None = None, all: bool = False, limit: int = 50) -> JobTable:
-        """The newest ``limit`` jobs (``all``: every user's, admins only), optionally in one ``state``."""
-        params = {"limit": limit, "state": state, "all": "true" if all else None}
+    def list(self, state: str | None = None, all: bool = False, limit: int = 50, array: str | None = None) -> JobTable:
+        """The newest ``limit`` jobs (``all``: every user's, admins only), optionally in one ``state`` or of one
+        job ``array`` (by index)."""
+        params = {"limit": limit, "state": state, "all": "true" if all else None, "array": array}
         data = self.request("GET", "/jobs", params=params).json()
+        jobs = (Job(self, item) for item in data["jobs"])
+        return JobTable(sorted(jobs, key=lambda j: j.data["array"]["index"]) if array else jobs)
+
+    def cancel_array(self, array_id: str) -> JobTable:
+        """Cancel every job of a job array that has not ended (waits until they have stopped)."""
+        data = self.request("POST", f"/arrays/{array_id}/cancel", timeout=max(self.timeout, 120)).json()
         return JobTable(Job(self, item) for item in data["jobs"])
 
     def get(self, job_id: str) -> Job:

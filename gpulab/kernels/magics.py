@@ -91,6 +91,10 @@ def _job_parser(prog: str, cell: bool, program: bool = True, follow: bool = True
         metavar="ID[:COND]",
         help="start after this job: it must succeed, or :afternotok (fail) or :afterany (end); repeatable",
     )
+    parser.add_argument(
+        "--array", type=int, metavar="N", help="a job array of N jobs, each with its GPULAB_ARRAY_INDEX (0..N-1)"
+    )
+    parser.add_argument("--max-concurrent", type=int, metavar="M", help="with --array: at most M of them at once")
     if follow:
         parser.add_argument("--wait", action="store_true", help="block until the job ends")
         parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not show the monitor")
@@ -158,7 +162,17 @@ def _fields(args) -> dict:
         "pool": args.pool,
         "experiment": args.experiment,
         "priority": args.priority,
+        "array": _array(args),
     }
+
+
+def _array(args) -> dict | None:
+    """``--array N [--max-concurrent M]`` as the job's ``array``."""
+    if args.array is None:
+        if args.max_concurrent is not None:
+            raise GpulabError("--max-concurrent goes with --array N")
+        return None
+    return {"count": args.array, "max_concurrent": args.max_concurrent}
 
 
 def _dependencies(after: list[str]) -> list[tuple[str, str]]:
@@ -172,7 +186,17 @@ def _dependencies(after: list[str]) -> list[tuple[str, str]]:
 
 def _launch(spec: dict, args):
     """Submit ``spec``, show its monitor (or a line) and, with ``--wait``, wait for its end."""
-    job = default_client().submit(spec)
+    client = default_client()
+    job = client.submit(spec)
+    if array := job.data.get("array"):  # one submission, many jobs: a line, and with --wait all of them
+        limit = array["max_concurrent"] or "all"
+        print(f"submitted job array {array['id']} ({job.name}): {array['count']} jobs, {limit} at once", flush=True)
+        if args.wait:
+            members = client.list(array=array["id"], limit=array["count"])
+            for member in members:
+                member.wait(raise_on_failure=False)
+            print(members, flush=True)
+        return job
     monitor = Monitor(job) if args.monitor else None
     if monitor:
         display(monitor)

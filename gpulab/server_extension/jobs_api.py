@@ -150,11 +150,13 @@ class JobLogsHandler(JobsProxyHandler):
 
 JOB_ID = r"(?P<job_id>[0-9a-f]{32})"
 SCHEDULE_ID = r"(?P<schedule_id>[0-9a-f]{32})"
+ARRAY_ID = r"(?P<array_id>[0-9a-f]{32})"
 ROUTES = [
     ("/jobs", forwarding("/jobs", "GET", "POST")),
     (f"/jobs/{JOB_ID}", JobHandler),
     (f"/jobs/{JOB_ID}/logs", JobLogsHandler),
     (f"/jobs/{JOB_ID}/cancel", forwarding("/jobs/{job_id}/cancel", "POST")),
+    (f"/arrays/{ARRAY_ID}/cancel", forwarding("/arrays/{array_id}/cancel", "POST")),
     ("/schedules", forwarding("/schedules", "GET", "POST")),
     (f"/schedules/{SCHEDULE_ID}", forwarding("/schedules/{schedule_id}", "GET", "PATCH", "DELETE")),
     (f"/schedules/{SCHEDULE_ID}/run", forwarding("/schedules/{schedule_id}/run", "POST")),

@@ -103,6 +103,12 @@ class Attempts:
             GPULAB_JOB_OWNER=row.owner,
             GPULAB_JOB_DIR=str(self.work_dir(row)),
         )
+        if row.array_id and spec.array:  # as Slurm's SLURM_ARRAY_JOB_ID / _TASK_ID / _TASK_COUNT
+            env.update(
+                GPULAB_ARRAY_ID=row.array_id,
+                GPULAB_ARRAY_INDEX=str(row.array_index),
+                GPULAB_ARRAY_COUNT=str(spec.array.count),
+            )
         if spec.tracking.wandb_project:
             env["WANDB_PROJECT"] = spec.tracking.wandb_project
         if spec.notebook is not None:

@@ -11,12 +11,13 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ... import scopes
-from ...job_states import JOB_STATES, TERMINAL_STATES
+from ...job_states import JOB_STATES, TERMINAL_STATES, UNFINISHED_STATES
 from ...service.errors import APIError
 from ...service.handlers import HubUserHandler, ServiceHandler
 from .executors.base import ExecutorUnavailable
 from .metrics import REQUESTS, SUBMITTED
 from .models import (
+    MAX_ARRAY,
     MAX_BODY,
     JobCredentials,
     JobIdentity,
@@ -29,7 +30,7 @@ from .queue import ClaimRefused, SubmissionsLimited
 from .store import BadDependency, JobNotFound, JobStateError, QueueFull
 
 MAX_LIST = 500
-JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # of jobs and schedules
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # of jobs, schedules, arrays and pipelines
 MAX_INTEGER = 2**40  # beyond any log offset or row id
 
 
@@ -55,8 +56,9 @@ class BaseHandler(ServiceHandler):
             raise APIError(400, f"{name} must be true or false", field=name)
         return value in ("1", "true")
 
-    def integer(self, name: str, default: int | None, maximum: int = MAX_INTEGER) -> int | None:
-        """A non-negative integer query parameter (absent: ``default``); anything else is a 400 naming it."""
+    def integer(self, name: str, default: int | None, maximum: int = MAX_INTEGER, minimum: int = 0) -> int | None:
+        """An integer query parameter from ``minimum`` to ``maximum`` (absent: ``default``); anything else is a 400
+        naming it."""
         raw = self.get_argument(name, None)
         if raw is None:
             return default
@@ -66,8 +68,15 @@ class BaseHandler(ServiceHandler):
             value = None
         if value is None:
             raise APIError(400, f"{name} must be an integer", field=name)
-        if not 0 <= value <= maximum:
-            raise APIError(400, f"{name} must be between 0 and {maximum}", field=name)
+        if not minimum <= value <= maximum:
+            raise APIError(400, f"{name} must be between {minimum} and {maximum}", field=name)
+        return value
+
+    def object_id(self, name: str) -> str | None:
+        """A query parameter naming a job, schedule, array or pipeline by its id (32 hex digits); else a 400."""
+        value = self.get_argument(name, None)
+        if value is not None and not ID_PATTERN.fullmatch(value):
+            raise APIError(400, f"{name} must be an id (32 hex digits)", field=name)
         return value
 
 
@@ -116,7 +125,7 @@ class JobsHandler(UserHandler):
         except BadDependency as e:
             raise APIError(422, f"{e.field}: {e}", field=e.field, code="invalid") from None
         if created:
-            SUBMITTED.labels(row.pool).inc()
+            SUBMITTED.labels(row.pool).inc(spec.array.count if spec.array else 1)
         self.write_json(self.queue.job_model(row), 201 if created else 200)
 
     async def get(self):
@@ -128,15 +137,8 @@ class JobsHandler(UserHandler):
         states = self.get_arguments("state")
         if unknown := [s for s in states if s not in JOB_STATES]:
             raise APIError(400, f"state {unknown[0]!r} is not one of {', '.join(JOB_STATES)}", field="state")
-        try:
-            limit = int(self.get_argument("limit", "50"))
-        except ValueError:
-            raise APIError(400, "limit must be an integer", field="limit") from None
-        if not 1 <= limit <= MAX_LIST:
-            raise APIError(400, f"limit must be between 1 and {MAX_LIST}", field="limit")
-        schedule = self.get_argument("schedule", None)
-        if schedule is not None and not JOB_ID_PATTERN.fullmatch(schedule):
-            raise APIError(400, "schedule must be a schedule's id (32 hex digits)", field="schedule")
+        limit = self.integer("limit", 50, MAX_LIST, minimum=1)
+        schedule, array = self.object_id("schedule"), self.object_id("array")
         labels = {}
         for item in self.get_arguments("label"):
             key, sep, value = item.partition("=")
@@ -152,10 +154,28 @@ class JobsHandler(UserHandler):
                 limit=limit,
                 cursor=self.get_argument("cursor", None),
                 schedule_id=schedule,
+                array_id=array,
             )
         except ValueError:
             raise APIError(400, "cursor is not one this API returned", field="cursor") from None
         self.write_json(JobList(jobs=[self.queue.job_model(r) for r in rows], next_cursor=cursor))
+
+
+class ArrayCancelHandler(UserHandler):
+    """Cancel every job of a job array that has not ended (running ones are stopped as a job's cancel stops
+    them); waits, then answers the array's jobs by index."""
+
+    async def array(self, array_id: str) -> list:
+        rows, _ = await self.store.db.run(self.store.list_jobs, array_id=array_id, limit=MAX_ARRAY)
+        if not rows or (rows[0].owner != self.user_name and not self.is_admin):
+            raise APIError(404, f"no job array {array_id}", field="id", code="not_found")
+        return sorted(rows, key=lambda r: r.array_index)
+
+    async def post(self, array_id):
+        unfinished = [r.id for r in await self.array(array_id) if r.state in UNFINISHED_STATES]
+        await self.queue.cancel_each(unfinished, f"cancelled by {self.user_name}")
+        rows = await self.array(array_id)
+        self.write_json(JobList(jobs=[self.queue.job_model(r) for r in rows], next_cursor=None))
 
 
 class JobHandler(UserHandler):
@@ -365,6 +385,7 @@ default_handlers = [
     (JOB + "/events", JobEventsHandler),
     (JOB + "/logs", LogsHandler),
     (JOB + "/cancel", CancelHandler),
+    (r"/arrays/(?P<array_id>[0-9a-f]{32})/cancel", ArrayCancelHandler),
     (JOB + "/progress", ProgressHandler),
     (JOB + "/heartbeat", HeartbeatHandler),
     (JOB + "/tracking", TrackingHandler),

@@ -205,6 +205,34 @@ class Dependency(_Body):
         return f"waiting for job {self.job[:8]} {goal}"
 
 
+MAX_ARRAY = 500  # jobs of one array: GET /jobs?array= lists them all in one page
+
+
+class ArraySpec(_Body):
+    """A job array, as Slurm's ``--array=0-<count-1>%<max_concurrent>``: ``count`` jobs of the same submission,
+    each with its ``GPULAB_ARRAY_INDEX`` (0..count-1), at most ``max_concurrent`` of them running at once."""
+
+    count: int = Field(ge=1, le=MAX_ARRAY)
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_ARRAY, description="Default: no limit but the quotas'")
+
+    @model_validator(mode="after")
+    def _within(self):
+        if self.max_concurrent is not None and self.max_concurrent > self.count:
+            raise _error("array_max", "max_concurrent is at most count", field="max_concurrent")
+        return self
+
+
+class ArrayMember(BaseModel):
+    """Where a job stands in its array."""
+
+    id: str = Field(
+        description="The array's id: GET /jobs?array=<id> lists its jobs, POST /arrays/<id>/cancel stops them"
+    )
+    index: int
+    count: int
+    max_concurrent: int | None
+
+
 # Exactly one of entrypoint, source and notebook, in the schema as in the validator below (null counts as absent)
 EXACTLY_ONE_PROGRAM = {
     "oneOf": [
@@ -242,6 +270,7 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     attestation: Literal["none", "required"] = "none"
     depends_on: list[Dependency] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
+    array: ArraySpec | None = None
 
     @field_validator("depends_on")
     @classmethod
@@ -401,6 +430,7 @@ class Job(BaseModel):
     )
     schedule_id: str | None = Field(None, description="The schedule whose run this job is")
     pipeline_id: str | None = Field(None, description="The pipeline whose step this job is")
+    array: ArrayMember | None = Field(None, description="Its place in its job array")
 
 
 class JobEvent(BaseModel):
@@ -435,6 +465,8 @@ class PipelineStep(_Body):
             raise _error("step_dependency", "a step waits for the steps it needs, not for depends_on")
         if value.idempotency_key:
             raise _error("step_idempotency", "a step has no idempotency_key (the pipeline may have one)")
+        if value.array:
+            raise _error("step_array", "a step is one job, not an array")
         if len(value.labels) > MAX_STEP_LABELS:
             raise _error("step_labels", f"a step's job has at most {MAX_STEP_LABELS} labels (the pipeline adds two)")
         return value

@@ -1,17 +1,16 @@
 """``/api/v1/pipelines...`` of gpulab-jobs: submit a pipeline (every step at once, or none), list, read and cancel
 pipelines (:mod:`.pipelines`), each its owner's (or an admin's); scope ``custom:gpulab:jobs``, as jobs."""
 
-import asyncio
 import math
 
 from ...job_states import UNFINISHED_STATES
 from ...service.errors import APIError
-from .handlers import JOB_ID_PATTERN, UserHandler
+from .handlers import UserHandler
 from .metrics import SUBMITTED
 from .models import PipelineList, PipelineSpec
 from .pipelines import MAX_LIST, PipelineStore
 from .queue import SubmissionsLimited
-from .store import JobNotFound, JobStateError, QueueFull
+from .store import QueueFull
 
 
 def count_submitted(spec: PipelineSpec) -> None:
@@ -62,9 +61,7 @@ class PipelinesHandler(PipelineHandlerBase):
     async def get(self):
         owner = None if (self.flag("all") and self.is_admin) else self.user_name
         limit = self.integer("limit", 50, MAX_LIST)
-        schedule = self.get_argument("schedule", None)
-        if schedule is not None and not JOB_ID_PATTERN.fullmatch(schedule):
-            raise APIError(400, "schedule must be a schedule's id (32 hex digits)", field="schedule")
+        schedule = self.object_id("schedule")
 
         def listed():
             return self.pipelines.models(self.pipelines.listed(owner, schedule, limit))
@@ -84,12 +81,7 @@ class PipelineCancelHandler(PipelineHandlerBase):
         row = await self.pipeline(pipeline_id)
         (model,) = await self.store.db.run(self.pipelines.models, [row])
         unfinished = [step.job_id for step in model.steps if step.state in UNFINISHED_STATES]
-        results = await asyncio.gather(
-            *(self.queue.cancel(job_id, by=self.user_name) for job_id in reversed(unfinished)), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, JobStateError | JobNotFound):
-                raise result  # ended meanwhile is fine; anything else is ours
+        await self.queue.cancel_each(unfinished[::-1], f"cancelled by {self.user_name}")
         await self.write_pipeline(row)
 
 

@@ -3,7 +3,8 @@ capacity and what active jobs hold, so that every rule is tested on its own (``t
 
 Nothing here reads the database, the executor or the clock: :class:`~.queue.JobQueue` gathers those once per
 scheduling pass, asks this module, and acts. Jobs are anything with the scheduling columns as attributes
-(``owner``, ``groups``, ``pool``, ``gpus``, ``cpus``, ``memory``, ``global_priority``, ``created_at``).
+(``owner``, ``groups``, ``pool``, ``gpus``, ``cpus``, ``memory``, ``global_priority``, ``created_at``, and
+``array_id``/``array_max`` for a job array's throttle).
 """
 
 from collections import defaultdict
@@ -40,6 +41,8 @@ class Ledger:
     groups: defaultdict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
     pools: defaultdict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
     busy_gpus: defaultdict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    arrays: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))  # active jobs per job array
+    array_limits: dict[str, int] = field(default_factory=dict)  # max_concurrent of those arrays that have one
 
     def charge(self, job, gpu_ids=()) -> None:
         self.owners[job.owner].charge(job)
@@ -47,6 +50,14 @@ class Ledger:
         for group in job.groups:
             self.groups[group].charge(job)
         self.busy_gpus[job.pool].update(gpu_ids)
+        if job.array_id:
+            self.arrays[job.array_id] += 1
+            if job.array_max:
+                self.array_limits[job.array_id] = job.array_max
+
+    def full_arrays(self) -> list[str]:
+        """The job arrays running as many jobs as their ``max_concurrent`` lets them."""
+        return [array for array, limit in self.array_limits.items() if self.arrays[array] >= limit]
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,11 @@ class Limits:
 
 
 def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limits) -> str | None:
-    """Why ``job`` cannot start now (its owner's or a group's quota, or its pool's capacity), or None."""
+    """Why ``job`` cannot start now (its array's ``max_concurrent``, its owner's or a group's quota, or its pool's
+    capacity), or None."""
+    array, limit = job.array_id, job.array_max
+    if array and limit and ledger.arrays[array] >= limit:
+        return f"waiting: array max_concurrent={limit} reached ({ledger.arrays[array]} running)"
     scopes = [("", limits.user, ledger.owners[job.owner])]
     scopes += [(f"group '{g}' ", limits.groups[g], ledger.groups[g]) for g in job.groups if g in limits.groups]
     for scope, quota, used in scopes:

@@ -33,7 +33,7 @@ from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome
 from .executors.local import handle_file
 from .models import Job, JobSpec, PoolStatus, Quota
 from .policy import Ledger, Usage
-from .store import JobRow, JobStateError, JobStore, token_hash
+from .store import JobNotFound, JobRow, JobStateError, JobStore, token_hash
 
 EXECUTORS = {
     "local": "gpulab.services.jobs.executors.local.LocalExecutor",
@@ -310,10 +310,15 @@ class JobQueue(LoggingConfigurable):
         rows, _ = await self.store.db.run(
             self.store.list_jobs, owner=owner, state=list(UNFINISHED_STATES), limit=100_000
         )
-        results = await asyncio.gather(*(self._cancel(r.id, reason) for r in rows), return_exceptions=True)
-        for row, result in zip(rows, results, strict=True):
-            if isinstance(result, Exception) and not isinstance(result, JobStateError):
-                self.log.error("could not cancel job %s of %s: %s", row.id, owner, result)
+        await self.cancel_each([r.id for r in rows], reason)
+
+    async def cancel_each(self, job_ids: list[str], reason: str) -> None:
+        """Cancel these jobs together (a pipeline's, an array's, a deleted user's) and wait; one that ended or went
+        meanwhile is left as it is, one that could not be cancelled is logged."""
+        results = await asyncio.gather(*(self._cancel(i, reason) for i in job_ids), return_exceptions=True)
+        for job_id, result in zip(job_ids, results, strict=True):
+            if isinstance(result, Exception) and not isinstance(result, JobStateError | JobNotFound):
+                self.log.error("could not cancel job %s: %s", job_id, result)
 
     def job_model(self, row: JobRow) -> Job:
         """The API view of ``row``; ``log_size`` is that of the latest attempt's log."""

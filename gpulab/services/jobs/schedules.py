@@ -187,9 +187,11 @@ class ScheduleStore:
 
     def active_runs(self, schedule_ids: list[str]) -> dict[str, int]:
         """The runs of each schedule not finished yet (a schedule with none is absent), in one query: a job, or
-        a pipeline with a step not finished."""
+        a pipeline or job array with a job not finished."""
         query = (
-            select(JobRow.schedule_id, func.count(distinct(func.coalesce(JobRow.pipeline_id, JobRow.id))))
+            select(
+                JobRow.schedule_id, func.count(distinct(func.coalesce(JobRow.pipeline_id, JobRow.array_id, JobRow.id)))
+            )
             .where(JobRow.schedule_id.in_(schedule_ids), JobRow.state.in_(UNFINISHED_STATES))
             .group_by(JobRow.schedule_id)
         )

@@ -46,7 +46,7 @@ from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
 from gpulab.service.storage import DatabaseThread, Schema, make_engine, utcnow
 
 from .executors.base import PoolCapacity
-from .models import Job, JobEvent, JobSpec, NotebookSpec, Progress, Resources
+from .models import ArrayMember, Job, JobEvent, JobSpec, NotebookSpec, Progress, Resources
 from .policy import CPU_SLACK, Ledger, Limits, Usage
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -88,6 +88,7 @@ class JobRow(Base):
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_schedule_state", "schedule_id", "state"),
         Index("ix_jobs_pipeline", "pipeline_id"),
+        Index("ix_jobs_array", "array_id", "array_index"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -130,6 +131,9 @@ class JobRow(Base):
     schedule_id: Mapped[str | None] = mapped_column(String(32))  # the schedule whose run it is (it may be gone)
     held_by: Mapped[str | None] = mapped_column(String(32))  # the dependency a queued job waits for (.dependencies)
     pipeline_id: Mapped[str | None] = mapped_column(String(32))  # the pipeline whose step it is
+    array_id: Mapped[str | None] = mapped_column(String(32))  # the job array it is one of (spec["array"])
+    array_index: Mapped[int | None]
+    array_max: Mapped[int | None]  # the array's max_concurrent, for the scheduling pass
 
     @property
     def output_notebook(self) -> str | None:
@@ -175,6 +179,11 @@ class JobRow(Base):
             output_notebook=self.output_notebook,
             schedule_id=self.schedule_id,
             pipeline_id=self.pipeline_id,
+            array=ArrayMember(
+                id=self.array_id, index=self.array_index, count=spec.array.count, max_concurrent=self.array_max
+            )
+            if self.array_id and spec.array
+            else None,
         )
 
 
@@ -310,6 +319,8 @@ SCHEDULING_COLUMNS = (
     JobRow.attempt,
     JobRow.attestation_required,
     JobRow.global_priority,
+    JobRow.array_id,
+    JobRow.array_max,
 )
 """What the scheduler reads of a queued job (no spec, labels or other JSON but the owner's groups)."""
 
@@ -321,6 +332,8 @@ REASON_COLUMNS = (
     JobRow.cpus,
     JobRow.memory,
     JobRow.attestation_required,
+    JobRow.array_id,
+    JobRow.array_max,
 )
 """What a queued job's waiting reason depends on (``groups`` as JSON text, comparable in SQL)."""
 
@@ -414,17 +427,39 @@ class JobStore(LoggingConfigurable):
         whose ``priority`` also orders the job among other users' jobs. ``schedule_id``: the schedule whose run
         it is.
 
+        A job array (``spec.array``) is its ``count`` jobs, added at once (or none) with their ``array_id`` and
+        ``array_index``; the first is returned, and carries the idempotency key.
+
         Returns ``(row, created)``.
         """
         row = new_job_row(owner, groups, spec, admin=admin, traceparent=traceparent, schedule_id=schedule_id)
+        rows = [row]
+        if spec.array:
+            row.array_id, row.array_index, row.array_max = uuid.uuid4().hex, 0, spec.array.max_concurrent
+            for index in range(1, spec.array.count):
+                rows.append(
+                    new_job_row(
+                        owner,
+                        groups,
+                        spec,
+                        admin=admin,
+                        traceparent=traceparent,
+                        schedule_id=schedule_id,
+                        idempotency_key=None,
+                        array_id=row.array_id,
+                        array_index=index,
+                        array_max=row.array_max,
+                    )
+                )
         try:  # one transaction, on one connection: a submission costs the fewest round trips to the database
             with self.session() as session, session.begin():
                 if spec.idempotency_key and (existing := session.scalar(self._key_query(owner, spec.idempotency_key))):
                     return existing, False
                 if spec.depends_on:
                     self._check_dependencies(session, owner, spec)
-                self.check_room(session, owner, max_queued, 1)
-                self.add_job(session, row)
+                self.check_room(session, owner, max_queued, len(rows))
+                for each in rows:
+                    self.add_job(session, each)
         except IntegrityError:
             if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
                 return existing, False  # a concurrent submission with the same key won
@@ -482,6 +517,7 @@ class JobStore(LoggingConfigurable):
         limit: int = 50,
         cursor: str | None = None,
         schedule_id: str | None = None,
+        array_id: str | None = None,
     ) -> tuple[list[JobRow], str | None]:
         """Newest first; returns ``(rows, next_cursor)`` (``None`` on the last page).
 
@@ -496,6 +532,8 @@ class JobStore(LoggingConfigurable):
             query = query.where(JobRow.labels[key].as_string() == value)
         if schedule_id:
             query = query.where(JobRow.schedule_id == schedule_id)
+        if array_id:
+            query = query.where(JobRow.array_id == array_id)
         if cursor:
             created, job_id = _decode_cursor(cursor)
             query = query.where(
@@ -708,6 +746,8 @@ class JobStore(LoggingConfigurable):
                 cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
             fits.append(and_(*cond))
         where = [or_(false(), *fits)]
+        if full := ledger.full_arrays():  # a job array at its max_concurrent: none of its jobs may start
+            where.append(or_(JobRow.array_id.is_(None), JobRow.array_id.not_in(full)))
         max_gpus = limits.user.get("max_gpus")
         if max_gpus is not None:
             gpus_used = {o: u.gpus for o, u in ledger.owners.items() if u.gpus}

@@ -296,6 +296,50 @@ export interface paths {
     patch?: never;
     trace?: never;
   };
+  '/arrays/{array_id}/cancel': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path: {
+        array_id: string;
+      };
+      cookie?: never;
+    };
+    get?: never;
+    put?: never;
+    /** Cancel every job of the job array that has not ended; answers its jobs once they have stopped. */
+    post: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          array_id: string;
+        };
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description The array's jobs, by index. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['JobList'];
+          };
+        };
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
   '/schedules': {
     parameters: {
       query?: never;
@@ -1564,6 +1608,21 @@ export interface components {
       condition: 'afterok' | 'afternotok' | 'afterany';
     };
     /**
+     * ArraySpec
+     * @description A job array, as Slurm's ``--array=0-<count-1>%<max_concurrent>``: ``count`` jobs of the same submission,
+     *     each with its ``GPULAB_ARRAY_INDEX`` (0..count-1), at most ``max_concurrent`` of them running at once.
+     */
+    ArraySpec: {
+      /** Count */
+      count: number;
+      /**
+       * Max Concurrent
+       * @description Default: no limit but the quotas'
+       * @default null
+       */
+      max_concurrent: number | null;
+    };
+    /**
      * JobSpec
      * @description A job submission: ``entrypoint`` (argv), ``source`` (Python code) or ``notebook``, exactly one; a
      *     notebook's kind is ``notebook``.
@@ -1633,6 +1692,8 @@ export interface components {
       attestation: 'none' | 'required';
       /** Depends On */
       depends_on?: components['schemas']['Dependency'][];
+      /** @default null */
+      array: components['schemas']['ArraySpec'] | null;
     } & (
       | {
           entrypoint: unknown[];
@@ -1665,6 +1726,23 @@ export interface components {
       metrics?: {
         [key: string]: unknown;
       };
+    };
+    /**
+     * ArrayMember
+     * @description Where a job stands in its array.
+     */
+    ArrayMember: {
+      /**
+       * Id
+       * @description The array's id: GET /jobs?array=<id> lists its jobs, POST /arrays/<id>/cancel stops them
+       */
+      id: string;
+      /** Index */
+      index: number;
+      /** Count */
+      count: number;
+      /** Max Concurrent */
+      max_concurrent: number | null;
     };
     /**
      * Job
@@ -1741,6 +1819,11 @@ export interface components {
        * @default null
        */
       pipeline_id: string | null;
+      /**
+       * @description Its place in its job array
+       * @default null
+       */
+      array: components['schemas']['ArrayMember'] | null;
     };
     /** JobList */
     JobList: {

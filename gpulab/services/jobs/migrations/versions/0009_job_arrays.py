@@ -1,0 +1,27 @@
+"""jobs.array_id, array_index, array_max: job arrays (``array: {count, max_concurrent}``)
+
+Revision ID: 0009
+Revises: 0008
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("jobs", sa.Column("array_id", sa.String(32), nullable=True))
+    op.add_column("jobs", sa.Column("array_index", sa.Integer(), nullable=True))
+    op.add_column("jobs", sa.Column("array_max", sa.Integer(), nullable=True))
+    op.create_index("ix_jobs_array", "jobs", ["array_id", "array_index"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_array", "jobs")
+    op.drop_column("jobs", "array_max")
+    op.drop_column("jobs", "array_index")
+    op.drop_column("jobs", "array_id")

@@ -1,0 +1,127 @@
+"""Job arrays (Slurm's ``--array``, with its ``%N`` throttle): the store queues every job at once or none, and
+through a real hub the jobs run as their owner's account, each with its index, never more than ``max_concurrent``
+at once; cancelling the array stops them all; another user's array is out of reach."""
+
+from datetime import datetime
+
+import pytest
+
+from gpulab.services.jobs.attempts import Attempts
+from gpulab.services.jobs.models import JobSpec
+from gpulab.services.jobs.openapi import SPEC_PATH
+from gpulab.services.jobs.queue import JobQueue
+from gpulab.services.jobs.store import JobStore, QueueFull
+from tests.support.jobs import Client
+from tests.support.openapi import Spec
+
+SPEC = Spec(SPEC_PATH)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(url=f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+
+
+def test_an_array_is_its_jobs_queued_at_once_or_none(store):
+    spec = JobSpec(name="sweep", entrypoint=["true"], array={"count": 3, "max_concurrent": 2}, idempotency_key="k")
+    first, created = store.create_job("alice", [], spec, max_queued=5)
+    assert created and (first.array_index, first.array_max) == (0, 2)
+    rows, _ = store.list_jobs(array_id=first.array_id)
+    assert sorted(r.array_index for r in rows) == [0, 1, 2] and {r.owner for r in rows} == {"alice"}
+    assert [r.idempotency_key for r in sorted(rows, key=lambda r: r.array_index)] == ["k", None, None]
+    again, created = store.create_job("alice", [], spec, max_queued=5)
+    assert (again.id, created) == (first.id, False)  # the same submission: the same array
+    model = rows[0].to_model()
+    assert model.array.id == first.array_id and (model.array.count, model.array.max_concurrent) == (3, 2)
+    with pytest.raises(QueueFull):  # 3 queued + 3 more > 5: none of them
+        store.create_job("alice", [], JobSpec(name="more", entrypoint=["true"], array={"count": 3}), max_queued=5)
+    assert len(store.list_jobs(owner="alice")[0]) == 3
+
+
+def test_each_job_of_an_array_knows_its_index(store, tmp_path):
+    first, _ = store.create_job("alice", [], JobSpec(name="a", entrypoint=["true"], array={"count": 2}))
+    second = next(r for r in store.list_jobs(array_id=first.array_id)[0] if r.array_index == 1)
+    builder = Attempts(JobQueue(store=store, data_dir=str(tmp_path)))
+    env = builder.env(second, JobSpec.model_validate(second.spec))
+    assert (env["GPULAB_ARRAY_ID"], env["GPULAB_ARRAY_INDEX"], env["GPULAB_ARRAY_COUNT"]) == (first.array_id, "1", "2")
+
+
+# --- through a real hub ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub(gpulab_up):
+    config = "c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n"
+    return gpulab_up(config, users={"alice": [], "bob": []})
+
+
+def iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def test_an_array_never_runs_more_than_max_concurrent_and_each_sees_its_index(hub):
+    alice = Client(hub, "alice")
+    code = "import os, time; print('index', os.environ['GPULAB_ARRAY_INDEX'], 'of', os.environ['GPULAB_ARRAY_COUNT']); time.sleep(1.5)"
+    first = alice.submit(
+        name="sweep",
+        entrypoint=["python", "-c", code],
+        resources={"cpus": 0.1},
+        array={"count": 5, "max_concurrent": 2},
+    )
+    SPEC.validate("/jobs", "POST", 201, first)
+    array = first["array"]
+    assert (array["index"], array["count"], array["max_concurrent"]) == (0, 5, 2)
+    r = alice.request("GET", "/jobs", params={"array": array["id"]})
+    SPEC.validate("/jobs", "GET", 200, r.json())
+    members = r.json()["jobs"]
+    assert sorted(j["array"]["index"] for j in members) == [0, 1, 2, 3, 4]
+    done = [alice.wait(j["id"], timeout=90) for j in members]
+    assert {j["state"] for j in done} == {"succeeded"}, [(j["state"], j["state_reason"]) for j in done]
+    said = sorted(alice.logs(j["id"]).strip() for j in done)
+    assert said == [f"index {i} of 5" for i in range(5)]
+    events = sorted(
+        [(iso(j["started_at"]), 1) for j in done] + [(iso(j["finished_at"]), -1) for j in done], key=lambda e: e
+    )
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2, events
+
+
+def test_a_queued_job_of_a_full_array_says_why_and_cancel_stops_the_array(hub):
+    alice, bob = Client(hub, "alice"), Client(hub, "bob")
+    first = alice.submit(
+        name="long",
+        source="import time; time.sleep(120)",
+        resources={"cpus": 0.1},
+        array={"count": 3, "max_concurrent": 1},
+    )
+    array = first["array"]["id"]
+    alice.wait(first["id"], states={"running"})
+    members = alice.request("GET", "/jobs", params={"array": array}).json()["jobs"]
+    later = next(j for j in members if j["array"]["index"] == 2)
+    assert alice.wait(later["id"], states={"queued"})["state_reason"].startswith("waiting: array max_concurrent=1")
+    r = bob.request("POST", f"/arrays/{array}/cancel")
+    assert r.status_code == 404 and r.json()["error"]["field"] == "id", r.text
+    assert alice.request("GET", f"/jobs/{first['id']}").json()["state"] == "running"
+    r = alice.request("POST", f"/arrays/{array}/cancel")
+    assert r.status_code == 200, r.text
+    SPEC.validate("/arrays/{array_id}/cancel", "POST", 200, r.json())
+    jobs = r.json()["jobs"]
+    assert [j["array"]["index"] for j in jobs] == [0, 1, 2] and {j["state"] for j in jobs} == {"cancelled"}
+
+
+@pytest.mark.parametrize(
+    ("array", "field"),
+    [
+        ({"count": 0}, "array.count"),
+        ({"count": 501}, "array.count"),
+        ({"count": 2, "max_concurrent": 3}, "array"),
+        ({"count": 2, "max_concurrent": 0}, "array.max_concurrent"),
+        ({"count": 2, "every": 1}, "array.every"),
+    ],
+)
+def test_bad_arrays_are_refused_naming_the_field(hub, array, field):
+    r = Client(hub, "alice").request("POST", "/jobs", json={"name": "x", "entrypoint": ["true"], "array": array})
+    assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
