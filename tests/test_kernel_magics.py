@@ -99,6 +99,16 @@ def test_a_job_array_from_train_runs_each_index_and_waits_for_all(kernel):
     assert "--max-concurrent goes with --array N" in refused.stderr, refused.messages
 
 
+def test_a_queued_job_is_held_moved_and_released_from_python(kernel):
+    result = kernel.run(
+        "import gpulab\njob = gpulab.submit(source='print(42)', pool='later')\n"
+        "print(job.hold().data['held'], job.change(pool='default', cpus=0.5).data['resources']['pool'])\n"
+        "print(job.release().wait(timeout=60).state)"
+    )
+    assert result.reply["status"] == "ok" and not result.stderr, result.messages
+    assert result.stdout.split() == ["True", "default", "succeeded"], result.stdout
+
+
 def test_preprocess_jobs_run_with_the_rapids_runner(kernel):
     (kernel.cwd / "prep.py").write_text("import sys, pandas\nprint('prepared', sys.argv[1:])\n")
     result = kernel.run(

@@ -386,6 +386,23 @@ class Job:
         self.data = self.client.request("GET", f"/jobs/{self.id}").json()
         return self
 
+    def change(self, priority: int | None = None, **resources) -> Job:
+        """Change a queued job's ``priority`` or ``resources`` (``gpus=``, ``cpus=``, ``memory=``, ``pool=``; the
+        others stay as they are)."""
+        body = {"priority": priority, "resources": resources or None}
+        return self._patch({k: v for k, v in body.items() if v is not None})
+
+    def hold(self) -> Job:
+        """Keep a queued job from starting until :meth:`release`."""
+        return self._patch({"held": True})
+
+    def release(self) -> Job:
+        return self._patch({"held": False})
+
+    def _patch(self, body: dict) -> Job:
+        self.data = self.client.request("PATCH", f"/jobs/{self.id}", json=body).json()
+        return self
+
     def wait(self, timeout: float | None = None, poll: float = 1.0, raise_on_failure: bool = True) -> Job:
         """Block until the job ends; return it. Raises :class:`JobFailed` unless it succeeded
         (with ``raise_on_failure``), :class:`WaitTimeout` after ``timeout`` s, and

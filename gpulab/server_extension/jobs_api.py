@@ -128,6 +128,10 @@ class JobHandler(JobsProxyHandler):
         await self.forward(f"/jobs/{job_id}")
 
     @web.authenticated
+    async def patch(self, job_id):
+        await self.forward(f"/jobs/{job_id}")
+
+    @web.authenticated
     async def delete(self, job_id):
         """Delete the job, then the copy of its files made when it was submitted (this server's user made it)."""
         try:

@@ -23,6 +23,7 @@ from .models import (
     JobIdentity,
     JobList,
     JobSpec,
+    JobUpdate,
     ProgressUpdate,
     TrackingUpdate,
 )
@@ -99,7 +100,7 @@ class UserHandler(HubUserHandler, BaseHandler):
     async def job(self, job_id: str):
         return await self.owned(self.store.get_job, job_id, "job")
 
-    def check_gpus(self, spec: JobSpec, at: str = "") -> None:
+    def check_gpus(self, spec: JobSpec | JobUpdate, at: str = "") -> None:
         """A 403 naming the field (``<at>resources.gpus``) when ``spec`` asks for GPUs and the caller may not."""
         if spec.resources.gpus > 0 and not self.has(scopes.GPU):
             raise APIError(
@@ -189,6 +190,21 @@ class JobHandler(UserHandler):
         await self.store.db.run(self.store.delete_job, job_id)
         self.set_status(204)
         self.finish()
+
+    async def patch(self, job_id):
+        """Change a queued job: priority, resources, hold or release."""
+        await self.job(job_id)
+        change = self.parse(JobUpdate)
+        if change.resources is not None:
+            self.check_gpus(change)
+        try:
+            row = await self.store.db.run(self.store.change_queued, job_id, self.user_name, self.is_admin, change)
+        except JobStateError as e:
+            raise APIError(409, str(e), field="state", code="conflict") from None
+        except JobNotFound:
+            raise APIError(404, f"no job {job_id}", field="id", code="not_found") from None
+        self.queue.kick()
+        self.write_json(self.queue.job_model(row))
 
 
 class JobEventsHandler(UserHandler):

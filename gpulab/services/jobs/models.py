@@ -356,6 +356,16 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
         return self
 
 
+class JobUpdate(_Body):
+    """``PATCH /jobs/{id}``: change a queued job (one that started keeps what it started with): its ``priority``,
+    its ``resources`` (the fields given; the others stay), or hold it (``held``: no candidate of the scheduling
+    pass until released)."""
+
+    priority: int | None = Field(None, ge=-100, le=100)
+    resources: Resources | None = None
+    held: bool | None = Field(None, strict=True)
+
+
 class Progress(BaseModel):
     step: int | None = None
     total: int | None = None
@@ -431,6 +441,7 @@ class Job(BaseModel):
     schedule_id: str | None = Field(None, description="The schedule whose run this job is")
     pipeline_id: str | None = Field(None, description="The pipeline whose step this job is")
     array: ArrayMember | None = Field(None, description="Its place in its job array")
+    held: bool = Field(False, description="Held (PATCH held): not started until released")
 
 
 class JobEvent(BaseModel):

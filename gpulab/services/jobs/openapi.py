@@ -22,6 +22,7 @@ from .models import (
     JobIdentity,
     JobList,
     JobSpec,
+    JobUpdate,
     NewNodeEnrolment,
     NodeEnrolmentList,
     NonceRequest,
@@ -45,6 +46,7 @@ from .models import (
 SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 REQUESTS = (
     JobSpec,
+    JobUpdate,
     PipelineSpec,
     ScheduleSpec,
     ScheduleUpdate,

@@ -46,7 +46,7 @@ from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
 from gpulab.service.storage import DatabaseThread, Schema, make_engine, utcnow
 
 from .executors.base import PoolCapacity
-from .models import ArrayMember, Job, JobEvent, JobSpec, NotebookSpec, Progress, Resources
+from .models import ArrayMember, Job, JobEvent, JobSpec, JobUpdate, NotebookSpec, Progress, Resources
 from .policy import CPU_SLACK, Ledger, Limits, Usage
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -134,6 +134,7 @@ class JobRow(Base):
     array_id: Mapped[str | None] = mapped_column(String(32))  # the job array it is one of (spec["array"])
     array_index: Mapped[int | None]
     array_max: Mapped[int | None]  # the array's max_concurrent, for the scheduling pass
+    on_hold: Mapped[bool] = mapped_column(default=False)  # held by its owner or an admin: no candidate
 
     @property
     def output_notebook(self) -> str | None:
@@ -184,6 +185,7 @@ class JobRow(Base):
             )
             if self.array_id and spec.array
             else None,
+            held=bool(self.on_hold),
         )
 
 
@@ -343,6 +345,7 @@ def _due() -> list[ColumnElement]:
     return [
         JobRow.state == "queued",
         JobRow.held_by.is_(None),
+        JobRow.on_hold.is_(False),
         or_(JobRow.not_before.is_(None), JobRow.not_before <= utcnow()),
     ]
 
@@ -586,6 +589,41 @@ class JobStore(LoggingConfigurable):
     def release(self, job_id: str, reason: str) -> None:
         """A queued job's dependencies are met: it is a candidate again."""
         self._update_queued(job_id, held_by=None, state_reason=reason)
+
+    def change_queued(self, job_id: str, by: str, admin: bool, change: JobUpdate) -> JobRow:
+        """Apply ``change`` to a queued job (its priority, resources merged field by field, hold), with an event
+        row saying what changed and who changed it; raises ``JobNotFound``, or ``JobStateError`` unless the job is
+        queued (a running job keeps what it started with)."""
+        with self.session() as session, session.begin():
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise JobNotFound(job_id)
+            if row.state != "queued":
+                raise JobStateError(f"job {job_id} is {row.state}: only a queued job can be changed")
+            spec = JobSpec.model_validate(row.spec)
+            said = []
+            if change.priority is not None and change.priority != row.priority:
+                said.append(f"priority {row.priority} -> {change.priority}")
+                row.priority, spec.priority = change.priority, change.priority
+                row.global_priority = change.priority if admin else 0
+            if change.resources is not None:
+                given = change.resources.model_dump(include=change.resources.model_fields_set)
+                resources = Resources.model_validate({**spec.resources.model_dump(), **given})
+                for name in ("gpus", "cpus", "memory", "pool"):
+                    if getattr(resources, name) != getattr(spec.resources, name):
+                        said.append(f"{name} {getattr(spec.resources, name)} -> {getattr(resources, name)}")
+                        setattr(row, name, getattr(resources, name))
+                spec.resources = resources
+            if change.held is not None and change.held != row.on_hold:
+                row.on_hold = change.held
+                said.append("held" if change.held else "released")
+                row.state_reason = f"held by {by}" if change.held else f"released by {by}"
+            if said:
+                now = utcnow()
+                row.spec, row.updated_at = spec.model_dump(mode="json"), now
+                reason = f"changed by {by}: {', '.join(said)}"
+                session.add(JobEventRow(job_id=job_id, at=now, from_state="queued", to_state="queued", reason=reason))
+        return row
 
     def _update_queued(self, job_id: str, **values: Any) -> None:
         with self.session() as session, session.begin():

@@ -211,7 +211,33 @@ export interface paths {
     };
     options?: never;
     head?: never;
-    patch?: never;
+    /** Change a queued job (priority, resources, hold or release), as the job service's PATCH /jobs/{id}. */
+    patch: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path: {
+          job_id: components['parameters']['JobId'];
+        };
+        cookie?: never;
+      };
+      requestBody: {
+        content: {
+          'application/json': components['schemas']['JobUpdate'];
+        };
+      };
+      responses: {
+        200: components['responses']['Job'];
+        400: components['responses']['JobServiceError'];
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        404: components['responses']['JobServiceError'];
+        409: components['responses']['JobServiceError'];
+        413: components['responses']['BodyTooLarge'];
+        422: components['responses']['JobServiceError'];
+        503: components['responses']['Unavailable'];
+      };
+    };
     trace?: never;
   };
   '/jobs/{job_id}/logs': {
@@ -1824,6 +1850,12 @@ export interface components {
        * @default null
        */
       array: components['schemas']['ArrayMember'] | null;
+      /**
+       * Held
+       * @description Held (PATCH held): not started until released
+       * @default false
+       */
+      held: boolean;
     };
     /** JobList */
     JobList: {
@@ -1855,6 +1887,26 @@ export interface components {
     /** ErrorBody */
     ErrorBody: {
       error: components['schemas']['ErrorDetail'];
+    };
+    /**
+     * JobUpdate
+     * @description ``PATCH /jobs/{id}``: change a queued job (one that started keeps what it started with): its ``priority``,
+     *     its ``resources`` (the fields given; the others stay), or hold it (``held``: no candidate of the scheduling
+     *     pass until released).
+     */
+    JobUpdate: {
+      /**
+       * Priority
+       * @default null
+       */
+      priority: number | null;
+      /** @default null */
+      resources: components['schemas']['Resources'] | null;
+      /**
+       * Held
+       * @default null
+       */
+      held: boolean | null;
     };
     /**
      * PipelineStep

@@ -1,4 +1,5 @@
-"""jobs.array_id, array_index, array_max: job arrays (``array: {count, max_concurrent}``)
+"""jobs.array_id, array_index, array_max: job arrays (``array: {count, max_concurrent}``); jobs.on_hold: a
+queued job its owner holds (PATCH /jobs/{id} ``held``)
 
 Revision ID: 0009
 Revises: 0008
@@ -18,9 +19,12 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("array_index", sa.Integer(), nullable=True))
     op.add_column("jobs", sa.Column("array_max", sa.Integer(), nullable=True))
     op.create_index("ix_jobs_array", "jobs", ["array_id", "array_index"])
+    # not batch mode: on SQLite it copies the table, and dropping the old one cascades to job_events
+    op.add_column("jobs", sa.Column("on_hold", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
+    op.drop_column("jobs", "on_hold")
     op.drop_index("ix_jobs_array", "jobs")
     op.drop_column("jobs", "array_max")
     op.drop_column("jobs", "array_index")

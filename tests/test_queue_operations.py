@@ -1,16 +1,18 @@
-"""Job arrays (Slurm's ``--array``, with its ``%N`` throttle): the store queues every job at once or none, and
-through a real hub the jobs run as their owner's account, each with its index, never more than ``max_concurrent``
-at once; cancelling the array stops them all; another user's array is out of reach."""
+"""Queue operations. Job arrays (Slurm's ``--array``, with its ``%N`` throttle): the store queues every job at once
+or none, and through a real hub the jobs run as their owner's account, each with its index, never more than
+``max_concurrent`` at once; cancelling the array stops them all; another user's array is out of reach. Changing a
+queued job (priority, resources) and holding it: each change an event, a held job never started until released."""
 
+import time
 from datetime import datetime
 
 import pytest
 
 from gpulab.services.jobs.attempts import Attempts
-from gpulab.services.jobs.models import JobSpec
+from gpulab.services.jobs.models import JobSpec, JobUpdate, Resources
 from gpulab.services.jobs.openapi import SPEC_PATH
 from gpulab.services.jobs.queue import JobQueue
-from gpulab.services.jobs.store import JobStore, QueueFull
+from gpulab.services.jobs.store import JobStateError, JobStore, QueueFull
 from tests.support.jobs import Client
 from tests.support.openapi import Spec
 
@@ -44,6 +46,24 @@ def test_each_job_of_an_array_knows_its_index(store, tmp_path):
     builder = Attempts(JobQueue(store=store, data_dir=str(tmp_path)))
     env = builder.env(second, JobSpec.model_validate(second.spec))
     assert (env["GPULAB_ARRAY_ID"], env["GPULAB_ARRAY_INDEX"], env["GPULAB_ARRAY_COUNT"]) == (first.array_id, "1", "2")
+
+
+def test_a_queued_job_changes_field_by_field_with_an_event_and_a_started_one_does_not(store):
+    job, _ = store.create_job("alice", [], JobSpec(name="a", entrypoint=["true"], resources={"cpus": 2, "pool": "p"}))
+    change = JobUpdate(priority=10, resources=Resources.model_validate({"gpus": 1}), held=True)
+    changed = store.change_queued(job.id, "alice", False, change)
+    assert (changed.priority, changed.global_priority, changed.gpus, changed.cpus, changed.pool) == (10, 0, 1, 2.0, "p")
+    assert changed.on_hold and changed.state_reason == "held by alice"
+    spec = JobSpec.model_validate(changed.spec)
+    assert (spec.priority, spec.resources.gpus, spec.resources.cpus, spec.resources.pool) == (10, 1, 2.0, "p")
+    [_, event] = store.events(job.id)
+    assert (event.from_state, event.to_state) == ("queued", "queued")
+    assert event.reason == "changed by alice: priority 0 -> 10, gpus 0 -> 1, held"
+    assert store.change_queued(job.id, "bob", True, JobUpdate(priority=10)).global_priority == 0  # no change
+    assert len(store.events(job.id)) == 2  # nothing changed: no event
+    store.transition(job.id, "cancelled", "test")
+    with pytest.raises(JobStateError, match="only a queued job can be changed"):
+        store.change_queued(job.id, "alice", False, JobUpdate(priority=1))
 
 
 # --- through a real hub ----------------------------------------------------------------------------------------
@@ -125,3 +145,39 @@ def test_a_queued_job_of_a_full_array_says_why_and_cancel_stops_the_array(hub):
 def test_bad_arrays_are_refused_naming_the_field(hub, array, field):
     r = Client(hub, "alice").request("POST", "/jobs", json={"name": "x", "entrypoint": ["true"], "array": array})
     assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+
+
+def test_a_held_job_waits_until_released_and_a_change_needs_a_queued_job(hub):
+    alice, bob = Client(hub, "alice"), Client(hub, "bob")
+    # in a pool no executor offers, so that it is surely still queued when held; then moved to one that runs it
+    holder = alice.submit(name="hold", source="import time; time.sleep(120)", resources={"cpus": 0.1, "pool": "later"})
+    r = alice.request("PATCH", f"/jobs/{holder['id']}", json={"held": True, "priority": 5})
+    assert r.status_code == 200, r.text
+    SPEC.validate("/jobs/{job_id}", "PATCH", 200, r.json())
+    assert r.json()["held"] is True and r.json()["priority"] == 5 and r.json()["state_reason"] == "held by alice"
+    r = alice.request("PATCH", f"/jobs/{holder['id']}", json={"resources": {"pool": "default"}})
+    assert r.json()["resources"] == {"gpus": 0, "cpus": 0.1, "memory": None, "pool": "default"}, r.text
+    r = bob.request("PATCH", f"/jobs/{holder['id']}", json={"held": False})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "id", r.text
+    time.sleep(1.5)  # several scheduling passes
+    assert alice.request("GET", f"/jobs/{holder['id']}").json()["state"] == "queued"
+    r = alice.request("PATCH", f"/jobs/{holder['id']}", json={"held": False})
+    assert r.status_code == 200 and r.json()["held"] is False, r.text
+    running = alice.wait(holder["id"], states={"running"})
+    r = alice.request("PATCH", f"/jobs/{holder['id']}", json={"priority": 1})
+    assert r.status_code == 409 and r.json()["error"]["field"] == "state", r.text
+    SPEC.validate("/jobs/{job_id}", "PATCH", 409, r.json())
+    for bad, field in [
+        ({"priority": 101}, "priority"),
+        ({"held": 1}, "held"),
+        ({"resources": {"gpus": -1}}, "resources.gpus"),
+    ]:
+        r = alice.request("PATCH", f"/jobs/{holder['id']}", json=bad)
+        assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    events = alice.request("GET", f"/jobs/{holder['id']}/events").json()["events"]
+    assert [e["reason"] for e in events if e["from_state"] == e["to_state"] == "queued"] == [
+        "changed by alice: priority 0 -> 5, held",
+        "changed by alice: pool later -> default",
+        "changed by alice: released",
+    ]
+    alice.request("POST", f"/jobs/{running['id']}/cancel")
