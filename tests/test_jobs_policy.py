@@ -47,6 +47,13 @@ def test_a_job_array_runs_at_most_max_concurrent_of_its_jobs_at_once():
     assert blocker(job(array=("c3", 1)), CAPACITY, running, NO_QUOTA) is None  # another array's count is its own
 
 
+def test_nothing_new_starts_in_a_draining_pool():
+    draining = {"default": PoolCapacity(gpus=2, cpus=4.0, draining=True)}
+    assert blocker(job(), draining, Ledger(), NO_QUOTA) == (
+        "waiting: pool 'default' is draining (an admin stopped new jobs there)"
+    )
+
+
 def test_a_job_that_fits_has_no_blocker():
     assert blocker(job(gpus=2, cpus=4.0, memory=8 * 2**30), CAPACITY, Ledger(), NO_QUOTA) is None
 
@@ -167,7 +174,8 @@ def test_the_quota_view_shows_the_owners_limits_and_each_of_their_groups_with_a_
 def test_the_pool_view_lists_the_executors_pools_with_their_use_and_queue():
     used = {"default": Usage(jobs=1, gpus=1, cpus=2.0), "gone": Usage(jobs=1, gpus=1)}  # a pool no longer offered
     pools = [p.model_dump() for p in pool_views(CAPACITY, used, {"cpu": 3})]
-    assert pools == [
+    assert [{k: v for k, v in p.items() if k != "draining"} for p in pools] == [
         {"name": "cpu", "capacity": {"gpus": 0, "cpus": 1.0}, "used": {"gpus": 0, "cpus": 0.0}, "queued": 3},
         {"name": "default", "capacity": {"gpus": 2, "cpus": 4.0}, "used": {"gpus": 1, "cpus": 2.0}, "queued": 0},
     ]
+    assert {p["draining"] for p in pools} == {False}

@@ -181,3 +181,29 @@ def test_a_held_job_waits_until_released_and_a_change_needs_a_queued_job(hub):
         "changed by alice: released",
     ]
     alice.request("POST", f"/jobs/{running['id']}/cancel")
+
+
+def test_an_admin_drains_a_pool_and_nothing_new_starts_there_until_undrained(hub):
+    admin, alice = Client(hub, "admin"), Client(hub, "alice")
+    r = alice.request("PUT", "/pools/default", json={"draining": True})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "name", r.text
+    r = admin.request("PUT", "/pools/nowhere", json={"draining": True})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "name", r.text
+    r = admin.request("PUT", "/pools/default", json={"draining": True})
+    assert r.status_code == 200 and r.json()["draining"] is True, r.text
+    SPEC.validate("/pools/{name}", "PUT", 200, r.json())
+    try:
+        job = alice.submit(name="waits", entrypoint=["true"], resources={"cpus": 0.1})
+        queued = alice.wait(job["id"], states={"queued"})
+        time.sleep(1)  # scheduling passes
+        queued = alice.request("GET", f"/jobs/{job['id']}").json()
+        assert (queued["state"], queued["state_reason"]) == (
+            "queued",
+            "waiting: pool 'default' is draining (an admin stopped new jobs there)",
+        )
+        pools = {p["name"]: p for p in alice.request("GET", "/pools").json()["pools"]}
+        assert pools["default"]["draining"] is True
+    finally:
+        r = admin.request("PUT", "/pools/default", json={"draining": False})
+        assert r.status_code == 200 and r.json()["draining"] is False, r.text
+    assert alice.wait(job["id"])["state"] == "succeeded"

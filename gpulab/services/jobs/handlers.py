@@ -24,6 +24,7 @@ from .models import (
     JobList,
     JobSpec,
     JobUpdate,
+    PoolUpdate,
     ProgressUpdate,
     TrackingUpdate,
 )
@@ -312,6 +313,27 @@ class PoolsHandler(UserHandler):
         self.write_json({"pools": [p.model_dump() for p in pools]})
 
 
+class PoolHandler(UserHandler):
+    """Admins drain a pool (nothing new starts there; running jobs finish) or undrain it."""
+
+    async def put(self, name):
+        if not self.is_admin:
+            raise APIError(403, f"draining a pool needs {scopes.ADMIN}", field="name", code="forbidden")
+        change = self.parse(PoolUpdate)
+        try:
+            capacity = await self.queue.capacity()
+        except ExecutorUnavailable as e:
+            raise APIError(503, str(e), code="unavailable") from None
+        if name not in capacity:
+            raise APIError(
+                404, f"no pool '{name}' (pools: {', '.join(sorted(capacity))})", field="name", code="not_found"
+            )
+        await self.store.db.run(self.store.set_draining, name, change.draining, self.user_name)
+        self.queue.kick()
+        pools = await self.queue.pools()
+        self.write_json(next(p for p in pools if p.name == name))
+
+
 class QuotaHandler(UserHandler):
     async def get(self):
         self.write_json(await self.queue.quota(self.user_name, self.current_user.get("groups") or []))
@@ -408,5 +430,6 @@ default_handlers = [
     (JOB + "/identity", IdentityHandler),
     (JOB + "/credentials", CredentialsHandler),
     ("/pools", PoolsHandler),
+    (r"/pools/(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})", PoolHandler),
     ("/quota", QuotaHandler),
 ]

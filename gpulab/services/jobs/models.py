@@ -664,6 +664,13 @@ class PoolStatus(BaseModel):
     capacity: PoolResources
     used: PoolResources
     queued: int
+    draining: bool = Field(False, description="An admin drains it: nothing new starts there, running jobs finish")
+
+
+class PoolUpdate(_Body):
+    """``PUT /pools/{name}`` (admins): drain a pool (nothing new starts there; running jobs finish), or undrain it."""
+
+    draining: bool = Field(strict=True)
 
 
 class QuotaLimits(BaseModel):

@@ -33,6 +33,7 @@ from .models import (
     PipelineList,
     PipelineSpec,
     PoolStatus,
+    PoolUpdate,
     ProgressUpdate,
     Quota,
     Schedule,
@@ -47,6 +48,7 @@ SPEC_PATH = Path(__file__).with_name("openapi.yaml")
 REQUESTS = (
     JobSpec,
     JobUpdate,
+    PoolUpdate,
     PipelineSpec,
     ScheduleSpec,
     ScheduleUpdate,

@@ -91,6 +91,8 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
     cap = capacity.get(job.pool)
     if cap is None:
         return f"waiting: no pool '{job.pool}' (pools: {', '.join(sorted(capacity))})"
+    if cap.draining:
+        return f"waiting: pool '{job.pool}' is draining (an admin stopped new jobs there)"
     used = ledger.pools[job.pool]
     if job.gpus > cap.gpus - used.gpus:
         return f"waiting: no GPU capacity in pool '{job.pool}' ({cap.gpus - used.gpus} of {cap.gpus} free)"

@@ -11,7 +11,7 @@ import json
 import secrets
 from collections import deque
 from contextlib import suppress
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
@@ -29,7 +29,7 @@ from gpulab.service.storage import utcnow
 
 from . import dependencies, policy, views
 from .attempts import Attempts
-from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome
+from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
 from .executors.local import handle_file
 from .models import Job, JobSpec, PoolStatus, Quota
 from .policy import Ledger, Usage
@@ -334,9 +334,15 @@ class JobQueue(LoggingConfigurable):
             return b""
         return await self.executor.read_logs(Handle(**row.handle), self.attempts.log_path(row), offset, limit)
 
+    async def capacity(self) -> dict[str, PoolCapacity]:
+        """The executor's pools, each marked draining where an admin drains it (raises ``ExecutorUnavailable``)."""
+        capacity = await self.executor.capacity()
+        draining = await self.store.db.run(self.store.draining_pools)
+        return {name: replace(cap, draining=name in draining) for name, cap in capacity.items()}
+
     async def pools(self) -> list[PoolStatus]:
         """Capacity, use and queue length per pool (raises ``ExecutorUnavailable``)."""
-        capacity = await self.executor.capacity()
+        capacity = await self.capacity()
         used, queued = await self.store.db.run(lambda: (self.store.usage("pool"), self.store.queued_count()))
         return views.pool_views(capacity, used, queued)
 
@@ -427,7 +433,7 @@ class JobQueue(LoggingConfigurable):
         if not await self.store.db.run(self.store.any_queued):
             return
         try:
-            capacity = await self.executor.capacity()
+            capacity = await self.capacity()
         except ExecutorUnavailable as e:
             why = f"waiting: executor unavailable: {e}"
             await self.store.db.run(self.store.set_waiting_reasons, lambda job: why)

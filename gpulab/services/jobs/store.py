@@ -239,6 +239,17 @@ class PipelineRow(Base):
     created_at: Mapped[datetime]
 
 
+class PoolSettingRow(Base):
+    """What an admin set of a pool the executor offers: ``draining``, nothing new starts there."""
+
+    __tablename__ = "pool_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    draining: Mapped[bool] = mapped_column(default=False)
+    updated_by: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[datetime]
+
+
 class NotificationPrefsRow(Base):
     """What a user is told when one of their jobs ends (see :mod:`.notifications`)."""
 
@@ -625,6 +636,16 @@ class JobStore(LoggingConfigurable):
                 session.add(JobEventRow(job_id=job_id, at=now, from_state="queued", to_state="queued", reason=reason))
         return row
 
+    def draining_pools(self) -> set[str]:
+        with self.session() as session:
+            return set(session.scalars(select(PoolSettingRow.name).where(PoolSettingRow.draining)))
+
+    def set_draining(self, pool: str, draining: bool, by: str) -> None:
+        with self.session() as session, session.begin():
+            row = session.get(PoolSettingRow, pool) or PoolSettingRow(name=pool)
+            row.draining, row.updated_by, row.updated_at = draining, by, utcnow()
+            session.add(row)
+
     def _update_queued(self, job_id: str, **values: Any) -> None:
         with self.session() as session, session.begin():
             session.execute(
@@ -774,6 +795,8 @@ class JobStore(LoggingConfigurable):
         a queue of thousands costs a pass what the jobs that may start cost."""
         fits = []
         for name, cap in capacity.items():
+            if cap.draining:
+                continue
             used = ledger.pools[name]
             cond = [
                 JobRow.pool == name,

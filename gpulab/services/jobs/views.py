@@ -18,6 +18,7 @@ def pool_views(capacity: Mapping[str, PoolCapacity], used: Mapping[str, Usage], 
             capacity=PoolResources(gpus=cap.gpus, cpus=cap.cpus),
             used=PoolResources(gpus=used.get(name, Usage()).gpus, cpus=used.get(name, Usage()).cpus),
             queued=queued.get(name, 0),
+            draining=cap.draining,
         )
         for name, cap in sorted(capacity.items())
     ]

@@ -13,6 +13,7 @@ class PoolCapacity:
     gpus: int
     cpus: float
     memory: int | None = None  # bytes; None = not limited
+    draining: bool = False  # an admin drains it: nothing new starts there (the queue sets it, not the executor)
 
 
 @dataclass
