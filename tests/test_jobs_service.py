@@ -286,6 +286,7 @@ def test_server_extension_acts_for_the_user(hub, alice):
     assert alice.wait(job_id)["state"] == "succeeded"
     r = requests.get(f"{base}/jobs/{job_id}/logs", headers=headers, timeout=30)
     assert r.status_code == 200 and "ext" in r.text
+    assert r.headers["Content-Type"] == "text/plain; charset=utf-8"  # the service's, not jupyter_server's JSON
     r = requests.get(f"{base}/jobs", headers=headers, timeout=30)
     ext.validate("/jobs", "GET", 200, r.json())
     assert job_id in [j["id"] for j in r.json()["jobs"]]

@@ -75,6 +75,22 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             assert "loss=" in ticker_row.locator(".jp-gpulab-progress").inner_text()
             quick_row.locator(".jp-gpulab-state-succeeded").wait_for(timeout=60_000)
 
+            # A queued job (in a pool no executor offers) is held and released from its card.
+            r = requests.post(
+                f"{jobs_api}/jobs",
+                json={"name": "parked", "entrypoint": ["true"], "resources": {"pool": "later"}},
+                headers=auth,
+                timeout=30,
+            )
+            parked = panel.locator(f"[data-job-id='{r.json()['id']}']")
+            parked.get_by_role("button", name="Hold").click(timeout=30_000)
+            parked.locator(".jp-gpulab-reason", has_text="held by nora").wait_for(timeout=30_000)
+            assert job(r.json()["id"]).json()["held"] is True
+            parked.get_by_role("button", name="Release").click()
+            wait_for(lambda: job(r.json()["id"]).json()["held"] is False, "the job to be released")
+            parked.get_by_role("button", name="Cancel").click()
+            wait_for(lambda: job(r.json()["id"]).json()["state"] == "cancelled", "the parked job to be cancelled")
+
             # The log tab follows the running job live.
             ticker_row.get_by_role("button", name="Logs").click()
             log = page.locator(".jp-gpulab-Log")

@@ -84,7 +84,7 @@ class ServiceProxyHandler(GpulabHandler):
         except Unreachable as e:
             raise APIError(503, str(e), code="unavailable") from None
         if streaming:
-            self.finish()
+            self.finish(set_content_type=self._streamed_type)
             return
         if answered is not None:
             await answered(response)
@@ -92,16 +92,20 @@ class ServiceProxyHandler(GpulabHandler):
         if response.code == 204:
             self.finish()
             return
-        for name in ("Content-Type", "X-Log-Offset", "Retry-After"):
+        for name in ("X-Log-Offset", "Retry-After"):
             if name in response.headers:
                 self.set_header(name, response.headers[name])
-        self.finish(response.body)
+        # the service's type, not the JSON type jupyter_server's APIHandler.finish would otherwise set (a log is text)
+        self.finish(response.body, set_content_type=response.headers.get("Content-Type", "application/json"))
+
+    _streamed_type = "application/json"  # until the service's own Content-Type line has come
 
     def _stream_headers(self, line: str) -> None:
         if line.lower().startswith("http/"):
             self.set_status(int(line.split()[1]))
         elif line.lower().startswith("content-type:"):
-            self.set_header("Content-Type", line.split(":", 1)[1].strip())
+            self._streamed_type = line.split(":", 1)[1].strip()
+            self.set_header("Content-Type", self._streamed_type)
 
     def _stream(self, chunk: bytes) -> None:
         self.write(chunk)

@@ -98,7 +98,15 @@ function JobCard(props: { job: IJob; act: Act; actions: IPanelActions; mlflowUrl
   return (
     <li className="jp-gpulab-card" data-job-id={job.id} title={job.id}>
       <div className="jp-gpulab-card-head">
-        <span className="jp-gpulab-name">{job.name}</span>
+        <span className="jp-gpulab-name">
+          {job.name}
+          {job.array && (
+            <span className="jp-gpulab-reason" title={`job array ${job.array.id}`}>
+              {' '}
+              [{job.array.index + 1}/{job.array.count}]
+            </span>
+          )}
+        </span>
         <span className={`jp-gpulab-state jp-gpulab-state-${job.state}`} title={job.state_reason}>
           {job.state}
         </span>
@@ -144,12 +152,25 @@ function JobCard(props: { job: IJob; act: Act; actions: IPanelActions; mlflowUrl
               Delete
             </button>
           ) : (
-            <button
-              className="jp-gpulab-button"
-              onClick={() => act(`Cancel ${job.name}`, 'POST', `jobs/${job.id}/cancel`)}
-            >
-              Cancel
-            </button>
+            <>
+              {job.state === 'queued' && (
+                <button
+                  className="jp-gpulab-button"
+                  title={job.held ? 'Let it start when it can' : 'Keep it from starting until released'}
+                  onClick={() =>
+                    act(`${job.held ? 'Release' : 'Hold'} ${job.name}`, 'PATCH', `jobs/${job.id}`, { held: !job.held })
+                  }
+                >
+                  {job.held ? 'Release' : 'Hold'}
+                </button>
+              )}
+              <button
+                className="jp-gpulab-button"
+                onClick={() => act(`Cancel ${job.name}`, 'POST', `jobs/${job.id}/cancel`)}
+              >
+                Cancel
+              </button>
+            </>
           )}
         </span>
       </div>

@@ -69,8 +69,8 @@ class _Body(BaseModel):
 class Resources(_Body):
     """What one attempt needs; ``memory`` accepts bytes or "4Gi"/"512Mi"/"2G" and is stored as bytes."""
 
-    gpus: int = Field(0, ge=0, le=64)
-    cpus: float = Field(1.0, ge=0.01, le=MAX_CPUS, allow_inf_nan=False)
+    gpus: int = Field(0, ge=0, le=64, strict=True)  # strict: false is no GPU count
+    cpus: float = Field(1.0, ge=0.01, le=MAX_CPUS, allow_inf_nan=False, strict=True)
     memory: Annotated[
         int | None,
         WithJsonSchema(
@@ -361,7 +361,7 @@ class JobUpdate(_Body):
     its ``resources`` (the fields given; the others stay), or hold it (``held``: no candidate of the scheduling
     pass until released)."""
 
-    priority: int | None = Field(None, ge=-100, le=100)
+    priority: int | None = Field(None, ge=-100, le=100, strict=True)
     resources: Resources | None = None
     held: bool | None = Field(None, strict=True)
 
