@@ -5,6 +5,7 @@ import json
 import math
 import re
 import time
+from contextlib import contextmanager
 
 from jupyterhub.services.auth import check_scopes
 from tornado import web
@@ -34,6 +35,20 @@ from .store import BadDependency, JobNotFound, JobStateError, QueueFull
 MAX_LIST = 500
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # of jobs, schedules, arrays and pipelines
 MAX_INTEGER = 2**40  # beyond any log offset or row id
+
+
+@contextmanager
+def submission_limits():
+    """The 429s of a submission past its owner's rate (``JobQueue.submit_rate``, with Retry-After) or queue cap
+    (``JobQueue.max_queued``)."""
+    try:
+        yield
+    except SubmissionsLimited as e:
+        raise APIError(
+            429, str(e), code="rate_limited", headers={"Retry-After": str(math.ceil(e.retry_after))}
+        ) from None
+    except QueueFull as e:
+        raise APIError(429, str(e), code="max_queued") from None
 
 
 class BaseHandler(ServiceHandler):
@@ -115,15 +130,14 @@ class JobsHandler(UserHandler):
         self.check_gpus(spec)
         groups = self.current_user.get("groups") or []
         try:
-            row, created = await self.queue.submit(
-                self.user_name, groups, spec, admin=self.is_admin, traceparent=self.request.headers.get("traceparent")
-            )
-        except SubmissionsLimited as e:
-            raise APIError(
-                429, str(e), code="rate_limited", headers={"Retry-After": str(math.ceil(e.retry_after))}
-            ) from None
-        except QueueFull as e:
-            raise APIError(429, str(e), code="max_queued") from None
+            with submission_limits():
+                row, created = await self.queue.submit(
+                    self.user_name,
+                    groups,
+                    spec,
+                    admin=self.is_admin,
+                    traceparent=self.request.headers.get("traceparent"),
+                )
         except BadDependency as e:
             raise APIError(422, f"{e.field}: {e}", field=e.field, code="invalid") from None
         if created:

@@ -2,12 +2,11 @@
 user's preferences.
 
 A user chooses which final states they are told of and where (``PUT /notifications``); when one of their jobs
-ends so, an outbox row per channel is written in the same transaction as the job's final state. A pipeline's steps
-are not told one by one: the pipeline is, in the transaction that ends its last step, with its own state
-(:func:`.pipelines.ended`)
-(:attr:`~.store.JobStore.finished_hooks`), so that nothing ending is lost and nothing is told that did not end. The
-:class:`Notifier` (``c.Notifier``) delivers them on its own, at least once, retried with backoff, never in the
-way of the queue.
+ends so, an outbox row per channel is written in the same transaction as the job's final state
+(:attr:`~.store.JobStore.finished_hooks`), so that nothing ending is lost and nothing is told that did not end. A
+pipeline's steps are not told one by one: the pipeline is, in the transaction that ends its last step, with its own
+state (:func:`.pipelines.ended`). The :class:`Notifier` (``c.Notifier``) delivers them on its own, at least once,
+retried with backoff, never in the way of the queue.
 
 - **Webhook**: ``POST`` of ``{"event": "job.ended", "job": {...}}`` (or ``{"event": "pipeline.ended", "pipeline":
   {...}}``) with ``X-Gpulab-Signature-256: sha256=<HMAC of

@@ -1,16 +1,11 @@
 """``/api/v1/pipelines...`` of gpulab-jobs: submit a pipeline (every step at once, or none), list, read and cancel
 pipelines (:mod:`.pipelines`), each its owner's (or an admin's); scope ``custom:gpulab:jobs``, as jobs."""
 
-import math
-
 from ...job_states import UNFINISHED_STATES
-from ...service.errors import APIError
-from .handlers import UserHandler
+from .handlers import UserHandler, submission_limits
 from .metrics import SUBMITTED
 from .models import PipelineList, PipelineSpec
 from .pipelines import MAX_LIST, PipelineStore
-from .queue import SubmissionsLimited
-from .store import QueueFull
 
 
 def count_submitted(spec: PipelineSpec) -> None:
@@ -37,7 +32,7 @@ class PipelinesHandler(PipelineHandlerBase):
         spec = self.parse(PipelineSpec)
         for i, step in enumerate(spec.steps):
             self.check_gpus(step.job, f"steps.{i}.job.")
-        try:
+        with submission_limits():
             self.queue.limit_submissions(self.user_name)
             row, created = await self.store.db.run(
                 self.pipelines.create,
@@ -47,12 +42,6 @@ class PipelinesHandler(PipelineHandlerBase):
                 spec,
                 self.queue.max_queued,
             )
-        except SubmissionsLimited as e:
-            raise APIError(
-                429, str(e), code="rate_limited", headers={"Retry-After": str(math.ceil(e.retry_after))}
-            ) from None
-        except QueueFull as e:
-            raise APIError(429, str(e), code="max_queued") from None
         if created:
             count_submitted(spec)
             self.queue.kick()

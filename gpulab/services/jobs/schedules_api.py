@@ -3,12 +3,12 @@
 
 from ...service.errors import APIError
 from ...service.storage import utcnow
-from .handlers import UserHandler
+from .handlers import UserHandler, submission_limits
 from .metrics import SUBMITTED
 from .models import PipelineSpec, ScheduleList, ScheduleSpec, ScheduleUpdate
 from .pipelines_api import count_submitted
 from .schedules import ScheduleNotFound, TooManySchedules, schedule_model
-from .store import PipelineRow, QueueFull
+from .store import PipelineRow
 
 
 class ScheduleHandlerBase(UserHandler):
@@ -81,10 +81,8 @@ class RunNowHandler(ScheduleHandlerBase):
             self.scheduler.schedules.ran(row.id, run)
             return run, self.scheduler.pipelines.models([run]) if isinstance(run, PipelineRow) else None
 
-        try:
+        with submission_limits():
             run, pipeline = await self.store.db.run(run_now)
-        except QueueFull as e:
-            raise APIError(429, str(e), code="max_queued") from None
         self.queue.kick()
         if pipeline:
             count_submitted(PipelineSpec.model_validate(row.pipeline))
