@@ -86,7 +86,7 @@ def test_train_cell_runs_in_the_notebook_dir_and_is_listed(kernel):
 
 def test_a_job_array_from_train_runs_each_index_and_waits_for_all(kernel):
     (kernel.cwd / "shard.py").write_text("import os\nprint('shard', os.environ['GPULAB_ARRAY_INDEX'])\n")
-    result = kernel.run("job = %train --array 3 --max-concurrent 2 --wait shard.py\nprint(job.data['array']['count'])")
+    result = kernel.run("job = %train --array 3%2 --wait shard.py\nprint(job.data['array']['count'])")
     assert result.reply["status"] == "ok" and not result.stderr, result.messages
     assert "submitted job array " in result.stdout and "3 jobs, 2 at once" in result.stdout, result.stdout
     assert result.stdout.count("succeeded") == 3 and result.stdout.strip().endswith("3"), result.stdout
@@ -95,8 +95,8 @@ def test_a_job_array_from_train_runs_each_index_and_waits_for_all(kernel):
         "for j in default_client().list(array=job.data['array']['id']): print(j.logs().strip())"
     )
     assert logs.stdout.split("\n")[:3] == ["shard 0", "shard 1", "shard 2"], logs.stdout
-    refused = kernel.run("%train --max-concurrent 2 shard.py")
-    assert "--max-concurrent goes with --array N" in refused.stderr, refused.messages
+    refused = kernel.run("%train --array 3%x shard.py")
+    assert "--array 3%x: give N or N%M" in refused.stderr, refused.messages
 
 
 def test_a_queued_job_is_held_moved_and_released_from_python(kernel):

@@ -92,9 +92,10 @@ def _job_parser(prog: str, cell: bool, program: bool = True, follow: bool = True
         help="start after this job: it must succeed, or :afternotok (fail) or :afterany (end); repeatable",
     )
     parser.add_argument(
-        "--array", type=int, metavar="N", help="a job array of N jobs, each with its GPULAB_ARRAY_INDEX (0..N-1)"
+        "--array",
+        metavar="N[%M]",
+        help="a job array of N jobs, each with its GPULAB_ARRAY_INDEX (0..N-1), at most M at once (Slurm's %%M)",
     )
-    parser.add_argument("--max-concurrent", type=int, metavar="M", help="with --array: at most M of them at once")
     if follow:
         parser.add_argument("--wait", action="store_true", help="block until the job ends")
         parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not show the monitor")
@@ -167,12 +168,13 @@ def _fields(args) -> dict:
 
 
 def _array(args) -> dict | None:
-    """``--array N [--max-concurrent M]`` as the job's ``array``."""
+    """``--array N[%M]`` as the job's ``array``."""
     if args.array is None:
-        if args.max_concurrent is not None:
-            raise GpulabError("--max-concurrent goes with --array N")
         return None
-    return {"count": args.array, "max_concurrent": args.max_concurrent}
+    count, _, limit = args.array.partition("%")
+    if not count.isdigit() or (limit and not limit.isdigit()):
+        raise GpulabError(f"--array {args.array}: give N or N%M (N jobs, at most M at once), e.g. --array 20%4")
+    return {"count": int(count), "max_concurrent": int(limit) if limit else None}
 
 
 def _dependencies(after: list[str]) -> list[tuple[str, str]]:
