@@ -107,6 +107,10 @@ def test_broken_config_file(tmp_path):
         ("c.JobQueue.user_quota = {'max_jobs': 'eight'}", "c.JobQueue.user_quota: "),
         ("c.JobQueue.user_quota = {'max_job': 8}", "user_quota: 'max_job' is not a quota limit (give max_jobs and/or"),
         ("c.JobQueue.group_quotas = {'ml': {'max_gpus': -1}}", "c.JobQueue.group_quotas: "),
+        (
+            "c.JobQueue.cohorts = {'lab': {'ml': {'default': {'gpus': {'nominal': 2, 'lending_limit': 3}}}}}",
+            "c.JobQueue.cohorts: cohorts['lab']['ml']['default']['gpus']: lending_limit 3 is more than nominal 2",
+        ),
         ("c.InferenceGateway.processes = 'two'", "c.InferenceGateway.processes: "),
         ("c.JobQueue.executor_class = 'slurm'", "c.JobQueue.executor_class: "),
         # a misspelt name would be ignored

@@ -393,6 +393,48 @@ async def test_user_and_group_quotas_keep_jobs_queued(make_queue, store, tmp_pat
         assert (await finished(store, job_id)).state == "succeeded"
 
 
+async def test_a_group_borrows_idle_quota_of_its_cohort_and_the_lender_goes_first_once_it_frees(
+    make_queue, store, tmp_path
+):
+    cohorts = {"lab": {"ml": {"default": {"gpus": 1}}, "cv": {"default": {"gpus": 3}}}}
+    q = await make_queue(queue={"cohorts": cohorts, "user_quota": {"max_gpus": None}}, executor={"gpus": 4})
+    gates = {name: tmp_path / name for name in ("held", "borrowed", "later")}
+    for gate in gates.values():
+        gate.mkdir()
+
+    async def gated(owner, group, gate):
+        return await submit(q, owner, [group], entrypoint=py(GATED, gates[gate]), resources={"gpus": 1})
+
+    running = [
+        await gated("carol", "cv", "held"),
+        await gated("carol", "cv", "held"),
+        await gated("alice", "ml", "held"),
+    ]
+    for job_id in running:
+        await state_is(store, job_id, "running")
+    borrowed = await gated("alice", "ml", "borrowed")
+    await state_is(store, borrowed, "running")  # cv's third GPU, idle
+    numbers = (await q.quota("carol", ["cv"])).cohorts["lab"].groups
+    assert (numbers["ml"]["default"]["gpus"].borrowed, numbers["cv"]["default"]["gpus"].lent) == (1, 1)
+    more = await gated("alice", "ml", "later")
+    lender = await gated("carol", "cv", "later")
+    await until(lambda: store.get_job(lender).state_reason != "submitted")
+    assert store.get_job(lender).state_reason == (
+        "waiting: cohort 'lab' has no gpus left in pool 'default' for group 'cv' within its nominal quota "
+        "(nominal 3, 2 in use)"
+    )
+    assert store.get_job(more).state_reason.startswith("waiting: cohort 'lab' has no gpus left")
+    (gates["borrowed"] / "release").touch()
+    # alice now runs fewer GPUs than carol, and her job is older, but it would borrow: carol's, within cv's nominal
+    # quota, goes first
+    await state_is(store, lender, "running")
+    assert store.get_job(more).state == "queued"
+    for gate in gates.values():
+        (gate / "release").touch()
+    for job_id in (*running, borrowed, more, lender):
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
 async def test_gpu_job_waits_on_a_machine_without_gpus(make_queue, store):
     q = await make_queue()
     assert (await q.executor.capacity())["default"].gpus == 0  # no NVML, no nvidia-smi here

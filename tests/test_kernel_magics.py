@@ -97,6 +97,8 @@ def test_a_job_array_from_train_runs_each_index_and_waits_for_all(kernel):
     assert logs.stdout.split("\n")[:3] == ["shard 0", "shard 1", "shard 2"], logs.stdout
     refused = kernel.run("%train --array 3%x shard.py")
     assert "--array 3%x: give N or N%M" in refused.stderr, refused.messages
+    refused = kernel.run("%train --group research shard.py")  # not one of the user's groups
+    assert "you are not in group 'research'" in refused.stderr, refused.messages
 
 
 def test_a_queued_job_is_held_moved_and_released_from_python(kernel):

@@ -27,7 +27,11 @@ CELL = "%%train --name browser-train\nimport gpulab, time; [gpulab.progress(i, 3
 
 @pytest.fixture(scope="module")
 def hub(gpulab_up):
-    return gpulab_up("c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n")
+    cohorts = {"lab": {"ml": {"default": {"cpus": 8}}, "cv": {"default": {"cpus": {"nominal": 8, "lending_limit": 2}}}}}
+    return gpulab_up(
+        "c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n"
+        f"c.JobQueue.cohorts = {cohorts!r}\nc.JobQueue.cohort_default_group = 'ml'\n"
+    )
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0):
@@ -64,6 +68,7 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
                 "Jobs",
                 "Schedules",
                 "Pipelines",
+                "Quota",
                 "Models",
                 "Attestation",
             ]
@@ -148,6 +153,18 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             saved = requests.get(f"{jobs_api}/notifications", headers=auth, timeout=30).json()
             assert saved["lab"] is False and saved["email"] is None, saved
             assert saved["states"] == ["cancelled", "failed", "succeeded", "timed_out"], saved
+
+            # The Quota tab: nora is in no group, so her jobs use the default group's (ml's) share of cohort lab.
+            panel.get_by_role("tab", name="Quota").click()
+            cohort = panel.locator("table[data-cohort='lab']")
+            cohort.get_by_text("Cohort lab").wait_for(timeout=30_000)
+            assert cohort.locator("tbody tr").count() == 2
+            mine = cohort.locator("tr.jp-mod-current")
+            assert mine.get_attribute("data-group") == "ml"
+            assert mine.locator("td").all_inner_texts()[:2] == ["ml\ncpus in default", "8"]
+            assert "lending limit 2" in cohort.locator("tr[data-group='cv']").get_attribute("title")
+            assert "your jobs use group ml's quota" in panel.locator(".jp-gpulab-quota-mine").inner_text()
+            page.screenshot(path=str(output_dir / "lab-quota-tab.png"))
 
             # This platform runs no inference service: the Models tab says so instead of failing.
             panel.get_by_role("tab", name="Models").click()

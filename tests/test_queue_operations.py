@@ -69,10 +69,15 @@ def test_a_queued_job_changes_field_by_field_with_an_event_and_a_started_one_doe
 # --- through a real hub ----------------------------------------------------------------------------------------
 
 
+COHORTS = {
+    "lab": {"ml": {"default": {"cpus": 0.2}}, "cv": {"default": {"cpus": {"nominal": 0.2, "lending_limit": 0.1}}}}
+}
+
+
 @pytest.fixture(scope="module")
 def hub(gpulab_up):
-    config = "c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\n"
-    return gpulab_up(config, users={"alice": [], "bob": []})
+    config = f"c.Platform.mlflow_service = False\nc.JobQueue.tick_interval = 0.2\nc.JobQueue.cohorts = {COHORTS!r}\n"
+    return gpulab_up(config, users={"alice": [], "bob": [], "carol": ["ml", "hr"]})
 
 
 def iso(value: str) -> datetime:
@@ -207,3 +212,44 @@ def test_an_admin_drains_a_pool_and_nothing_new_starts_there_until_undrained(hub
         r = admin.request("PUT", "/pools/default", json={"draining": False})
         assert r.status_code == 200 and r.json()["draining"] is False, r.text
     assert alice.wait(job["id"])["state"] == "succeeded"
+
+
+def test_a_group_borrows_its_cohorts_idle_quota_up_to_what_others_lend(hub):
+    carol, alice, admin = Client(hub, "carol"), Client(hub, "alice"), Client(hub, "admin")
+    job = {"name": "q", "source": "import time; time.sleep(120)", "resources": {"cpus": 0.1}}
+    for group, status, why in [
+        ("cv", 403, "you are not in group 'cv'"),
+        ("hr", 400, "group 'hr' is in no cohort of JobQueue.cohorts (groups with a cohort quota: cv, ml)"),
+    ]:
+        r = carol.request("POST", "/jobs", json={**job, "group": group})
+        assert r.status_code == status and r.json()["error"]["field"] == "group", r.text
+        assert why in r.json()["error"]["message"]
+    r = carol.request(
+        "POST",
+        "/pipelines",
+        json={"name": "p", "directory": "/tmp", "steps": [{"name": "a", "job": {**job, "group": "cv"}}]},
+    )
+    assert r.status_code == 403 and r.json()["error"]["field"] == "steps.0.job.group", r.text
+    # ml's own 0.2 CPUs, then 0.1 of cv's (which lends at most 0.1); a fourth job finds nothing left to borrow
+    jobs = [carol.submit(**job, group="ml") for _ in range(3)] + [carol.submit(**job)]
+    for started in jobs[:3]:
+        carol.wait(started["id"], states={"running"})
+    waiting = carol.wait(jobs[3]["id"], states={"queued"})
+    deadline = time.monotonic() + 20
+    while not waiting["state_reason"].startswith("waiting: cohort") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        waiting = carol.request("GET", f"/jobs/{jobs[3]['id']}").json()
+    assert waiting["state_reason"] == (
+        "waiting: cohort 'lab' has no cpus left in pool 'default' for group 'ml' to borrow (nominal 0.2, 0.3 in use)"
+    )
+    r = carol.request("GET", "/quota")
+    SPEC.validate("/quota", "GET", 200, r.json())
+    quota = r.json()
+    assert quota["cohort_group"] == "ml" and list(quota["cohorts"]) == ["lab"]
+    cpus = {group: pools["default"]["cpus"] for group, pools in quota["cohorts"]["lab"]["groups"].items()}
+    assert cpus["ml"]["used"] == pytest.approx(0.3) and cpus["ml"]["borrowed"] == pytest.approx(0.1)
+    assert cpus["cv"]["lent"] == pytest.approx(0.1) and cpus["cv"]["lending_limit"] == 0.1
+    assert alice.request("GET", "/quota").json()["cohorts"] == {}  # in no group of a cohort
+    assert list(admin.request("GET", "/quota").json()["cohorts"]) == ["lab"]
+    for each in jobs:
+        carol.request("POST", f"/jobs/{each['id']}/cancel")

@@ -168,6 +168,7 @@ ROUTES = [
     ("/schedules", forwarding("/schedules", "GET", "POST")),
     (f"/schedules/{SCHEDULE_ID}", forwarding("/schedules/{schedule_id}", "GET", "PATCH", "DELETE")),
     (f"/schedules/{SCHEDULE_ID}/run", forwarding("/schedules/{schedule_id}/run", "POST")),
+    ("/quota", forwarding("/quota", "GET")),
     ("/notifications", forwarding("/notifications", "GET", "PUT")),
     ("/notifications/feed", forwarding("/notifications/feed", "GET")),
 ]

@@ -22,6 +22,7 @@ export type ISchedule = Schemas['Schedule'];
 export type IPipeline = Schemas['Pipeline'];
 export type IPipelineStep = Schemas['PipelineStepStatus'];
 export type INotificationSettings = Schemas['NotificationSettings'];
+export type IQuota = Schemas['Quota'];
 
 export const TERMINAL_STATES: JobState[] = ['succeeded', 'failed', 'cancelled', 'timed_out'];
 

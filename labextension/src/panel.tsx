@@ -1,4 +1,5 @@
-/** The gpulab side panel: who and where (GPUs, services), then Jobs, Models and Attestation tabs. */
+/** The gpulab side panel: who and where (GPUs, services), then its tabs (jobs, schedules, pipelines, quota, models,
+ * attestation). */
 
 import { ReactWidget } from '@jupyterlab/ui-components';
 import * as React from 'react';
@@ -9,12 +10,14 @@ import { ErrorLine, usePolling } from './common';
 import { JobsView } from './jobs';
 import { ModelsView } from './models';
 import { PipelinesView } from './pipelines';
+import { QuotaView } from './quota';
 import { SchedulesView } from './schedules';
 
 const TABS = [
   { id: 'jobs', label: 'Jobs', scope: 'custom:gpulab:jobs' },
   { id: 'schedules', label: 'Schedules', scope: 'custom:gpulab:jobs' },
   { id: 'pipelines', label: 'Pipelines', scope: 'custom:gpulab:jobs' },
+  { id: 'quota', label: 'Quota', scope: 'custom:gpulab:jobs' },
   { id: 'models', label: 'Models', scope: 'custom:gpulab:infer' },
   { id: 'attestation', label: 'Attestation', scope: 'custom:gpulab:attest' }
 ];
@@ -92,6 +95,7 @@ function Panel(props: { visible: () => boolean; actions: IPanelActions }): JSX.E
       )}
       {tab === 'schedules' && <SchedulesView visible={props.visible} />}
       {tab === 'pipelines' && <PipelinesView visible={props.visible} />}
+      {tab === 'quota' && <QuotaView visible={props.visible} />}
       {tab === 'models' && <ModelsView visible={props.visible} />}
       {tab === 'attestation' && <AttestationView visible={props.visible} />}
     </div>

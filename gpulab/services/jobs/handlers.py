@@ -116,6 +116,23 @@ class UserHandler(HubUserHandler, BaseHandler):
     async def job(self, job_id: str):
         return await self.owned(self.store.get_job, job_id, "job")
 
+    def check_job(self, spec: JobSpec, at: str = "") -> None:
+        """What the caller may submit: GPUs only with the scope (:meth:`check_gpus`), a ``group`` only of their
+        own groups' and one that is in a cohort; a 4xx naming the field otherwise."""
+        self.check_gpus(spec, at)
+        if spec.group is None:
+            return
+        if spec.group not in (self.current_user.get("groups") or []):
+            raise APIError(403, f"you are not in group '{spec.group}'", field=f"{at}group", code="forbidden")
+        cohorts = self.queue.cohort_quotas
+        if spec.group not in cohorts.cohort_of:
+            known = ", ".join(sorted(cohorts.cohort_of)) or "none are configured"
+            raise APIError(
+                400,
+                f"group '{spec.group}' is in no cohort of JobQueue.cohorts (groups with a cohort quota: {known})",
+                field=f"{at}group",
+            )
+
     def check_gpus(self, spec: JobSpec | JobUpdate, at: str = "") -> None:
         """A 403 naming the field (``<at>resources.gpus``) when ``spec`` asks for GPUs and the caller may not."""
         if spec.resources.gpus > 0 and not self.has(scopes.GPU):
@@ -127,7 +144,7 @@ class UserHandler(HubUserHandler, BaseHandler):
 class JobsHandler(UserHandler):
     async def post(self):
         spec = self.parse(JobSpec)
-        self.check_gpus(spec)
+        self.check_job(spec)
         groups = self.current_user.get("groups") or []
         try:
             with submission_limits():
@@ -350,7 +367,8 @@ class PoolHandler(UserHandler):
 
 class QuotaHandler(UserHandler):
     async def get(self):
-        self.write_json(await self.queue.quota(self.user_name, self.current_user.get("groups") or []))
+        groups = self.current_user.get("groups") or []
+        self.write_json(await self.queue.quota(self.user_name, groups, admin=self.is_admin))
 
 
 class JobCallbackHandler(BaseHandler):

@@ -39,6 +39,21 @@ _UNITS = {None: 1, "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40})
 
 
+def memory_bytes(value: int | str) -> int:
+    """Bytes from a number of them or a size like "4Gi", "512Mi" or "2G" (more than 0, at most 1 PiB); a
+    ``ValueError`` saying what is wrong otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a number of bytes or a string like '4Gi' or '512Mi'")
+    if isinstance(value, str):
+        match = _MEMORY.fullmatch(value.strip())
+        if not match:
+            raise ValueError("must be a number of bytes or a string like '4Gi' or '512Mi'")
+        value = int(float(match[1]) * _UNITS[match[2]])
+    if not 0 < value <= MAX_MEMORY:
+        raise ValueError("must be greater than 0 and at most 1 PiB")
+    return value
+
+
 def _error(code: str, message: str, **ctx) -> PydanticCustomError:
     return PydanticCustomError(code, message, ctx or None)
 
@@ -95,16 +110,10 @@ class Resources(_Body):
     def _memory_bytes(cls, value):
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise _error("memory", "must be a number of bytes or a string like '4Gi' or '512Mi'")
-        if isinstance(value, str):
-            match = _MEMORY.fullmatch(value.strip())
-            if not match:
-                raise _error("memory", "must be a number of bytes or a string like '4Gi' or '512Mi'")
-            value = int(float(match[1]) * _UNITS[match[2]])
-        if not 0 < value <= MAX_MEMORY:
-            raise _error("memory", "must be greater than 0 and at most 1 PiB")
-        return value
+        try:
+            return memory_bytes(value)
+        except ValueError as e:
+            raise _error("memory", str(e)) from None
 
 
 class Tracking(_Body):
@@ -271,6 +280,13 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     attestation: Literal["none", "required"] = "none"
     depends_on: list[Dependency] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
     array: ArraySpec | None = None
+    group: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="The group (one of yours, in a cohort of JobQueue.cohorts) whose quota the job uses; "
+        "default: the first of your groups in a cohort",
+    )
 
     @field_validator("depends_on")
     @classmethod
@@ -692,10 +708,33 @@ class QuotaStatus(BaseModel):
     usage: QuotaUsage
 
 
+class CohortResource(BaseModel):
+    """A group's quota of one resource in one pool of its cohort, and its use (running and dispatching jobs):
+    ``borrowed`` is its use beyond ``nominal``; ``lent``, its share of what other groups borrow from its unused
+    quota. Memory in bytes; a limit of None is no limit."""
+
+    nominal: float
+    borrowing_limit: float | None
+    lending_limit: float | None
+    used: float
+    borrowed: float
+    lent: float
+
+
+class CohortStatus(BaseModel):
+    """A cohort's groups: group -> pool -> resource (gpus, cpus, memory) -> its quota and use."""
+
+    groups: dict[str, dict[str, dict[str, CohortResource]]]
+
+
 class Quota(QuotaStatus):
-    """The owner's quota, and that of each of the owner's groups that has one."""
+    """The owner's quota, that of each of the owner's groups that has one, and the cohorts of the owner's groups
+    (every cohort, for admins) with what each of their groups uses, borrows and lends; ``cohort_group``: the group
+    whose cohort quota the owner's jobs use unless they ask for another (``group``)."""
 
     groups: dict[str, QuotaStatus] = Field(default_factory=dict)
+    cohorts: dict[str, CohortStatus] = Field(default_factory=dict)
+    cohort_group: str | None = None
 
 
 Node = Annotated[str, Field(pattern=f"^{NODE_NAME.pattern}$", description="GPU node name")]

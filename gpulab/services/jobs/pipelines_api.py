@@ -31,7 +31,7 @@ class PipelinesHandler(PipelineHandlerBase):
     async def post(self):
         spec = self.parse(PipelineSpec)
         for i, step in enumerate(spec.steps):
-            self.check_gpus(step.job, f"steps.{i}.job.")
+            self.check_job(step.job, f"steps.{i}.job.")
         with submission_limits():
             self.queue.limit_submissions(self.user_name)
             row, created = await self.store.db.run(

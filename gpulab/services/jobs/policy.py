@@ -3,13 +3,15 @@ capacity and what active jobs hold, so that every rule is tested on its own (``t
 
 Nothing here reads the database, the executor or the clock: :class:`~.queue.JobQueue` gathers those once per
 scheduling pass, asks this module, and acts. Jobs are anything with the scheduling columns as attributes
-(``owner``, ``groups``, ``pool``, ``gpus``, ``cpus``, ``memory``, ``global_priority``, ``created_at``, and
-``array_id``/``array_max`` for a job array's throttle).
+(``owner``, ``groups``, ``pool``, ``gpus``, ``cpus``, ``memory``, ``global_priority``, ``created_at``,
+``array_id``/``array_max`` for a job array's throttle, and ``asked_group`` for the cohort quota it uses, see
+:mod:`.cohorts`).
 """
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .cohorts import Cohorts, CohortUse
 from .executors.base import PoolCapacity
 
 BATCH = 64  # queued jobs read per owner at a time when the user quota has no max_jobs
@@ -34,8 +36,12 @@ class Usage:
 
 @dataclass
 class Ledger:
-    """What active jobs hold during one pass: per owner, group and pool, and the GPU ids in use per pool.
-    It only grows during a pass, so a job that does not fit early in a pass fits nowhere later in it."""
+    """What active jobs hold during one pass: per owner, group and pool, per cohort group (of ``cohorts``), and
+    the GPU ids in use per pool. It only grows during a pass, so a job that does not fit early in a pass fits
+    nowhere later in it."""
+
+    cohorts: Cohorts = field(default_factory=lambda: Cohorts({}))
+    cohort_use: CohortUse = field(default_factory=CohortUse)
 
     owners: defaultdict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
     groups: defaultdict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
@@ -50,10 +56,17 @@ class Ledger:
         for group in job.groups:
             self.groups[group].charge(job)
         self.busy_gpus[job.pool].update(gpu_ids)
+        if group := self.cohorts.group_of(job):
+            self.cohort_use.charge(group, job)
         if job.array_id:
             self.arrays[job.array_id] += 1
             if job.array_max:
                 self.array_limits[job.array_id] = job.array_max
+
+    def borrows(self, job) -> bool:
+        """Whether starting ``job`` would take its cohort group past its nominal quota."""
+        group = self.cohorts.group_of(job)
+        return bool(group) and self.cohorts.borrows(job, group, self.cohort_use)
 
     def full_arrays(self) -> list[str]:
         """The job arrays running as many jobs as their ``max_concurrent`` lets them."""
@@ -75,8 +88,8 @@ class Limits:
 
 
 def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limits) -> str | None:
-    """Why ``job`` cannot start now (its array's ``max_concurrent``, its owner's or a group's quota, or its pool's
-    capacity), or None."""
+    """Why ``job`` cannot start now (its array's ``max_concurrent``, its owner's or a group's quota, its cohort's,
+    or its pool's capacity), or None."""
     array, limit = job.array_id, job.array_max
     if array and limit and ledger.arrays[array] >= limit:
         return f"waiting: array max_concurrent={limit} reached ({ledger.arrays[array]} running)"
@@ -88,6 +101,8 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
             return f"waiting: {scope}quota max_jobs={max_jobs} reached"
         if max_gpus is not None and used.gpus + job.gpus > max_gpus:
             return f"waiting: {scope}quota max_gpus={max_gpus} reached ({used.gpus} in use, job needs {job.gpus})"
+    if (group := ledger.cohorts.group_of(job)) and (why := ledger.cohorts.blocker(job, group, ledger.cohort_use)):
+        return why
     cap = capacity.get(job.pool)
     if cap is None:
         return f"waiting: no pool '{job.pool}' (pools: {', '.join(sorted(capacity))})"
@@ -104,10 +119,11 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
     return None
 
 
-def turn(head, used: Usage) -> tuple:
-    """The order in which owners' head jobs are considered (smallest first): an admin's priority, then fair
-    share (the owner with the fewest running GPUs, then jobs), then age."""
-    return -head.global_priority, used.gpus, used.jobs, head.created_at
+def turn(head, used: Usage, borrows: bool = False) -> tuple:
+    """The order in which owners' head jobs are considered (smallest first): jobs within their cohort group's
+    nominal quota before those that would borrow (Kueue's), then an admin's priority, then fair share (the owner
+    with the fewest running GPUs, then jobs), then age."""
+    return borrows, -head.global_priority, used.gpus, used.jobs, head.created_at
 
 
 def gpu_ids(job, capacity: dict[str, PoolCapacity], ledger: Ledger) -> list[int]:

@@ -29,6 +29,7 @@ from gpulab.service.storage import utcnow
 
 from . import dependencies, policy, views
 from .attempts import Attempts
+from .cohorts import CohortConfigError, Cohorts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
 from .executors.local import handle_file
 from .models import Job, JobSpec, PoolStatus, Quota
@@ -99,6 +100,19 @@ class JobQueue(LoggingConfigurable):
         key_trait=Unicode(),
         help="Group name -> {'max_jobs', 'max_gpus'} over all its members' jobs; keys left out = no limit.",
     ).tag(config=True)
+    cohorts = Dict(
+        key_trait=Unicode(),
+        help="Quotas as cohorts (Kueue's): {cohort: {group: {pool: {resource: quota}}}}, resource gpus, cpus or "
+        "memory, quota its nominal amount or {'nominal': n, 'borrowing_limit': b, 'lending_limit': l}. A group "
+        "uses up to its nominal quota before others' jobs that borrow; it borrows what the cohort's other groups "
+        "do not use (up to its borrowing_limit), and lends its own unused quota (up to its lending_limit). See "
+        "docs/jobs.md 'Cohorts'.",
+    ).tag(config=True)
+    cohort_default_group = Unicode(
+        "",
+        help="The cohort group whose quota jobs use when their owner is in no group of a cohort (empty: such jobs "
+        "are limited by the user and group quotas and the pools' capacity only).",
+    ).tag(config=True)
     max_queued = Integer(
         1000, help="Queued jobs one user may have; more submissions get 429 until some start or are cancelled."
     ).tag(config=True)
@@ -167,6 +181,14 @@ class JobQueue(LoggingConfigurable):
             _known_keys(f"group_quotas[{group!r}]", quota)
         return proposal.value
 
+    @validate("cohorts")
+    def _check_cohorts(self, proposal):
+        try:
+            Cohorts(proposal.value)
+        except CohortConfigError as e:
+            raise TraitError(str(e)) from None
+        return proposal.value
+
     @default("executor")
     def _default_executor(self):
         return self.executor_class(parent=self)
@@ -181,6 +203,10 @@ class JobQueue(LoggingConfigurable):
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
         self.attempts = Attempts(self)  # what each attempt starts with
+        try:
+            self.cohort_quotas = Cohorts(self.cohorts, self.cohort_default_group)
+        except CohortConfigError as e:
+            raise TraitError(f"JobQueue.{e}") from None
 
     # -- lifecycle
 
@@ -346,10 +372,19 @@ class JobQueue(LoggingConfigurable):
         used, queued = await self.store.db.run(lambda: (self.store.usage("pool"), self.store.queued_count()))
         return views.pool_views(capacity, used, queued)
 
-    async def quota(self, owner: str, groups: list[str]) -> Quota:
-        """The owner's limits and usage, and those of each of ``groups`` with a quota."""
+    async def quota(self, owner: str, groups: list[str], admin: bool = False) -> Quota:
+        """The owner's limits and usage, those of each of ``groups`` with a quota, and their cohorts (an admin's:
+        every cohort)."""
         usage, active = await self.store.db.run(lambda: (self.store.usage("owner"), self.store.active_jobs()))
-        return views.quota_view(usage.get(owner, Usage()), self._limits().user, groups, self.group_quotas, active)
+        return views.quota_view(
+            usage.get(owner, Usage()),
+            self._limits().user,
+            groups,
+            self.group_quotas,
+            active,
+            self.cohort_quotas,
+            every_cohort=admin,
+        )
 
     # -- scheduling
 
@@ -438,7 +473,7 @@ class JobQueue(LoggingConfigurable):
             why = f"waiting: executor unavailable: {e}"
             await self.store.db.run(self.store.set_waiting_reasons, lambda job: why)
             return
-        ledger, limits = Ledger(), self._limits()
+        ledger, limits = Ledger(self.cohort_quotas), self._limits()
         for row in await self.store.db.run(self.store.active_jobs):
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
@@ -448,7 +483,7 @@ class JobQueue(LoggingConfigurable):
             heads.setdefault(row.owner, deque()).append(row)
         more.update(o for o, queue in heads.items() if len(queue) == limits.room(ledger.owners[o]))
         while heads:  # each owner's head is their own highest-priority job
-            owner = min(heads, key=lambda o: policy.turn(heads[o][0], ledger.owners[o]))
+            owner = min(heads, key=lambda o: policy.turn(heads[o][0], ledger.owners[o], ledger.borrows(heads[o][0])))
             row = heads[owner].popleft()
             if not heads[owner]:
                 del heads[owner]

@@ -24,9 +24,9 @@ class SchedulesHandler(ScheduleHandlerBase):
     async def post(self):
         spec = self.parse(ScheduleSpec)
         if spec.job:
-            self.check_gpus(spec.job, "job.")
+            self.check_job(spec.job, "job.")
         for i, step in enumerate(spec.pipeline.steps if spec.pipeline else []):
-            self.check_gpus(step.job, f"pipeline.steps.{i}.job.")
+            self.check_job(step.job, f"pipeline.steps.{i}.job.")
         groups = self.current_user.get("groups") or []
         try:
             row = await self.store.db.run(

@@ -135,6 +135,7 @@ class JobRow(Base):
     array_index: Mapped[int | None]
     array_max: Mapped[int | None]  # the array's max_concurrent, for the scheduling pass
     on_hold: Mapped[bool] = mapped_column(default=False)  # held by its owner or an admin: no candidate
+    asked_group: Mapped[str | None] = mapped_column(String(255))  # spec["group"]: whose cohort quota it uses
 
     @property
     def output_notebook(self) -> str | None:
@@ -334,6 +335,7 @@ SCHEDULING_COLUMNS = (
     JobRow.global_priority,
     JobRow.array_id,
     JobRow.array_max,
+    JobRow.asked_group,
 )
 """What the scheduler reads of a queued job (no spec, labels or other JSON but the owner's groups)."""
 
@@ -347,6 +349,7 @@ REASON_COLUMNS = (
     JobRow.attestation_required,
     JobRow.array_id,
     JobRow.array_max,
+    JobRow.asked_group,
 )
 """What a queued job's waiting reason depends on (``groups`` as JSON text, comparable in SQL)."""
 
@@ -393,6 +396,7 @@ def new_job_row(owner: str, groups: list[str], spec: JobSpec, admin: bool = Fals
         created_at=now,
         updated_at=now,
         held_by=spec.depends_on[0].job if spec.depends_on else None,
+        asked_group=spec.group,
     )
     for name, value in fields.items():
         setattr(row, name, value)

@@ -3,9 +3,19 @@ what the store and the executor report; no database or executor calls here. A jo
 :meth:`~.store.JobRow.to_model`."""
 
 from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
 
+from .cohorts import Cohorts, CohortUse
 from .executors.base import PoolCapacity
-from .models import PoolResources, PoolStatus, Quota, QuotaLimits, QuotaStatus, QuotaUsage
+from .models import (
+    CohortStatus,
+    PoolResources,
+    PoolStatus,
+    Quota,
+    QuotaLimits,
+    QuotaStatus,
+    QuotaUsage,
+)
 from .policy import Usage
 from .store import JobRow
 
@@ -25,17 +35,39 @@ def pool_views(capacity: Mapping[str, PoolCapacity], used: Mapping[str, Usage], 
 
 
 def quota_view(
-    mine: Usage, user_limits: dict, groups: Iterable[str], group_quotas: Mapping[str, dict], active: list[JobRow]
+    mine: Usage,
+    user_limits: dict,
+    groups: Iterable[str],
+    group_quotas: Mapping[str, dict],
+    active: list[JobRow],
+    cohorts: Cohorts,
+    every_cohort: bool = False,
 ) -> Quota:
-    """An owner's limits and usage (``mine``), and those of each of their ``groups`` with a quota (from the
-    ``active`` jobs)."""
+    """An owner's limits and usage (``mine``), those of each of their ``groups`` with a quota, and the ``cohorts``
+    of their groups (``every_cohort``: all of them), from the ``active`` jobs."""
+    groups = set(groups)
     group_status = {}
-    for group in sorted(set(groups) & set(group_quotas)):
+    for group in sorted(groups & set(group_quotas)):
         rows = [r for r in active if group in r.groups]
         group_status[group] = QuotaStatus(
             limits=limits_view(group_quotas[group]), usage=QuotaUsage(jobs=len(rows), gpus=sum(r.gpus for r in rows))
         )
-    return Quota(limits=limits_view(user_limits), usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus), groups=group_status)
+    use = CohortUse()
+    for row in active:
+        if group := cohorts.group_of(row):
+            use.charge(group, row)
+    mine_default = cohorts.group_of(SimpleNamespace(asked_group=None, groups=sorted(groups)))
+    shown = cohorts.members if every_cohort else {cohorts.cohort_of[g] for g in groups if g in cohorts.cohort_of}
+    if mine_default:
+        shown = {*shown, cohorts.cohort_of[mine_default]}
+    cohort_status = {cohort: CohortStatus(groups=cohorts.numbers(cohort, use)) for cohort in sorted(shown)}
+    return Quota(
+        limits=limits_view(user_limits),
+        usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus),
+        groups=group_status,
+        cohorts=cohort_status,
+        cohort_group=mine_default,
+    )
 
 
 def limits_view(quota: dict) -> QuotaLimits:

@@ -676,6 +676,45 @@ export interface paths {
     patch?: never;
     trace?: never;
   };
+  '/quota': {
+    parameters: {
+      query?: never;
+      header?: never;
+      path?: never;
+      cookie?: never;
+    };
+    /** The user's quota and use, as the job service's GET /quota (with the cohorts of the user's groups). */
+    get: {
+      parameters: {
+        query?: never;
+        header?: never;
+        path?: never;
+        cookie?: never;
+      };
+      requestBody?: never;
+      responses: {
+        /** @description Limits and use; each cohort's groups with their nominal quota, use, borrowing and lending. */
+        200: {
+          headers: {
+            [name: string]: unknown;
+          };
+          content: {
+            'application/json': components['schemas']['Quota'];
+          };
+        };
+        401: components['responses']['Unauthorized'];
+        403: components['responses']['Forbidden'];
+        503: components['responses']['Unavailable'];
+      };
+    };
+    put?: never;
+    post?: never;
+    delete?: never;
+    options?: never;
+    head?: never;
+    patch?: never;
+    trace?: never;
+  };
   '/notebooks/parameters': {
     parameters: {
       query?: never;
@@ -1720,6 +1759,12 @@ export interface components {
       depends_on?: components['schemas']['Dependency'][];
       /** @default null */
       array: components['schemas']['ArraySpec'] | null;
+      /**
+       * Group
+       * @description The group (one of yours, in a cohort of JobQueue.cohorts) whose quota the job uses; default: the first of your groups in a cohort
+       * @default null
+       */
+      group: string | null;
     } & (
       | {
           entrypoint: unknown[];
@@ -2312,6 +2357,88 @@ export interface components {
        * @description The id to pass as ?after= next time (the newest one there is, without ?after=).
        */
       cursor: number;
+    };
+    /**
+     * QuotaLimits
+     * @description ``None`` = no limit.
+     */
+    QuotaLimits: {
+      /** Max Jobs */
+      max_jobs: number | null;
+      /** Max Gpus */
+      max_gpus: number | null;
+    };
+    /**
+     * QuotaUsage
+     * @description Running and dispatching jobs.
+     */
+    QuotaUsage: {
+      /** Jobs */
+      jobs: number;
+      /** Gpus */
+      gpus: number;
+    };
+    /** QuotaStatus */
+    QuotaStatus: {
+      limits: components['schemas']['QuotaLimits'];
+      usage: components['schemas']['QuotaUsage'];
+    };
+    /**
+     * CohortResource
+     * @description A group's quota of one resource in one pool of its cohort, and its use (running and dispatching jobs):
+     *     ``borrowed`` is its use beyond ``nominal``; ``lent``, its share of what other groups borrow from its unused
+     *     quota. Memory in bytes; a limit of None is no limit.
+     */
+    CohortResource: {
+      /** Nominal */
+      nominal: number;
+      /** Borrowing Limit */
+      borrowing_limit: number | null;
+      /** Lending Limit */
+      lending_limit: number | null;
+      /** Used */
+      used: number;
+      /** Borrowed */
+      borrowed: number;
+      /** Lent */
+      lent: number;
+    };
+    /**
+     * CohortStatus
+     * @description A cohort's groups: group -> pool -> resource (gpus, cpus, memory) -> its quota and use.
+     */
+    CohortStatus: {
+      /** Groups */
+      groups: {
+        [key: string]: {
+          [key: string]: {
+            [key: string]: components['schemas']['CohortResource'];
+          };
+        };
+      };
+    };
+    /**
+     * Quota
+     * @description The owner's quota, that of each of the owner's groups that has one, and the cohorts of the owner's groups
+     *     (every cohort, for admins) with what each of their groups uses, borrows and lends; ``cohort_group``: the group
+     *     whose cohort quota the owner's jobs use unless they ask for another (``group``).
+     */
+    Quota: {
+      limits: components['schemas']['QuotaLimits'];
+      usage: components['schemas']['QuotaUsage'];
+      /** Groups */
+      groups?: {
+        [key: string]: components['schemas']['QuotaStatus'];
+      };
+      /** Cohorts */
+      cohorts?: {
+        [key: string]: components['schemas']['CohortStatus'];
+      };
+      /**
+       * Cohort Group
+       * @default null
+       */
+      cohort_group: string | null;
     };
     /** PipelineList */
     PipelineList: {
