@@ -1,7 +1,7 @@
 """gpulab: a Jupyter-centric platform for GPU machine learning.
 
 In a notebook: ``%load_ext gpulab``, then ``%%train``, ``%jobs``, or ``gpulab.submit(...)``.
-In a job: ``gpulab.progress(step, total, **metrics)``.
+In a job: ``gpulab.progress(step, total, **metrics)``, ``gpulab.checkpoint_dir()``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -17,6 +17,18 @@ def progress(step: int, total: int | None = None, **metrics) -> None:
     from .reporting import progress as report
 
     report(step, total, **metrics)
+
+
+def checkpoint_dir():
+    """The directory to keep a job's checkpoints in, kept across its attempts (``GPULAB_CHECKPOINT_DIR``), made if
+    need be; outside a job, ``./checkpoints``. A preempted attempt gets SIGTERM and ``JobQueue.preemption_grace``
+    seconds to write one; the next sees ``GPULAB_PREEMPTED=1`` and ``GPULAB_RESTART_COUNT``, and resumes from it."""
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ.get("GPULAB_CHECKPOINT_DIR") or "checkpoints")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def submit(source: str | None = None, entrypoint: list[str] | None = None, **fields):

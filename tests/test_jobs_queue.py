@@ -51,6 +51,27 @@ os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(120)
 """
 
+# A preemptible job: counts steps until released, keeps the count in gpulab.checkpoint_dir() on SIGTERM, and
+# starts from the count it finds there.
+CHECKPOINTED = """
+import os, signal, sys, time
+from pathlib import Path
+import gpulab
+checkpoint = gpulab.checkpoint_dir() / "step"
+step = int(checkpoint.read_text()) if checkpoint.exists() else 0
+env = [os.environ[k] for k in ("GPULAB_JOB_ATTEMPT", "GPULAB_RESTART_COUNT", "GPULAB_PREEMPTED")]
+print("attempt %s restart %s preempted %s from %d" % (*env, step), flush=True)
+def save(*_):
+    checkpoint.write_text(str(step))
+    print("checkpoint", step, flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, save)
+while not (Path(sys.argv[1]) / "release").exists():
+    step += 1
+    time.sleep(0.02)
+print("done", flush=True)
+"""
+
 # The service: a queue on the given DB, optionally submitting one job; runs until killed.
 SERVICE = """
 import asyncio, sys
@@ -432,6 +453,63 @@ async def test_a_group_borrows_idle_quota_of_its_cohort_and_the_lender_goes_firs
     for gate in gates.values():
         (gate / "release").touch()
     for job_id in (*running, borrowed, more, lender):
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
+async def test_a_reclaimed_job_checkpoints_on_sigterm_and_resumes_without_using_a_retry(make_queue, store, tmp_path):
+    cohorts = {"lab": {"ml": {"default": {"gpus": 1}}, "cv": {"default": {"gpus": 1}}}}
+    q = await make_queue(
+        queue={"cohorts": cohorts, "preemption_grace": 10.0, "user_quota": {"max_gpus": None}}, executor={"gpus": 2}
+    )
+    for gate in ("own", "borrower", "urgent"):
+        (tmp_path / gate).mkdir()
+    gpu = {"gpus": 1}
+    own = await submit(q, "alice", ["ml"], entrypoint=py(GATED, tmp_path / "own"), resources=gpu, preemptible=True)
+    await state_is(store, own, "running")
+    borrower = await submit(
+        q, "alice", ["ml"], entrypoint=py(CHECKPOINTED, tmp_path / "borrower"), resources=gpu, preemptible=True
+    )
+    await state_is(store, borrower, "running")
+    await until(lambda: q.attempts.log_path(store.get_job(borrower)).exists())
+    await asyncio.sleep(0.5)  # some steps
+    urgent = await submit(q, "carol", ["cv"], entrypoint=py(GATED, tmp_path / "urgent"), resources=gpu)
+    await state_is(store, urgent, "running")  # cv's GPU, taken back from ml's newest job
+    preempted = store.get_job(borrower)
+    assert (preempted.state, preempted.preemptions, preempted.preempted) == ("queued", 1, True)
+    assert store.get_job(own).state == "running"  # the smallest set: one job
+    assert events(store, borrower)[-1] == (
+        "running",
+        "queued",
+        f"preempted by job {urgent}: reclaim of group cv's quota in cohort lab",
+    )
+    first_log = q.attempts.log_path(preempted, 1).read_text()
+    assert first_log.startswith("attempt 1 restart 0 preempted 0 from 0") and "checkpoint " in first_log, first_log
+    saved = int(first_log.split("checkpoint ")[1].split()[0])
+    assert saved > 0
+    (tmp_path / "urgent" / "release").touch()
+    await state_is(store, borrower, "running")
+    (tmp_path / "borrower" / "release").touch()
+    done = await finished(store, borrower)
+    assert (done.state, done.attempt, done.max_retries, done.preemptions) == ("succeeded", 2, 0, 1)
+    second_log = q.attempts.log_path(done, 2).read_text()
+    assert second_log.startswith(f"attempt 2 restart 1 preempted 1 from {saved}"), second_log
+    assert q.job_model(done).preemptions == 1
+    (tmp_path / "own" / "release").touch()
+    assert (await finished(store, own)).state == "succeeded"
+
+
+async def test_an_admins_urgent_job_preempts_a_lower_priority_one_within_the_grace(make_queue, store, tmp_path):
+    q = await make_queue(queue={"preemption_grace": 0.5}, executor={"gpus": 1})
+    low = await submit(q, "alice", entrypoint=py(GATED, tmp_path), resources={"gpus": 1}, preemptible=True)
+    await state_is(store, low, "running")
+    same = await submit(q, "bob", entrypoint=py(GATED, tmp_path), resources={"gpus": 1})
+    await until(lambda: store.get_job(same).state_reason.startswith("waiting"))
+    assert store.get_job(low).state == "running"  # an equal priority preempts nothing
+    urgent = await submit(q, "admin", admin=True, entrypoint=py(GATED, tmp_path), resources={"gpus": 1}, priority=50)
+    await state_is(store, urgent, "running")
+    assert events(store, low)[-1] == ("running", "queued", f"preempted by job {urgent}: priority 50 over 0")
+    (tmp_path / "release").touch()
+    for job_id in (urgent, low, same):
         assert (await finished(store, job_id)).state == "succeeded"
 
 

@@ -82,6 +82,11 @@ def _job_parser(prog: str, cell: bool, program: bool = True, follow: bool = True
     parser.add_argument("--memory", metavar="M", help="e.g. 4Gi")
     parser.add_argument("--pool", default="default", metavar="P")
     parser.add_argument("--group", metavar="G", help="the group (one of yours) whose cohort quota the job uses")
+    parser.add_argument(
+        "--preemptible",
+        action="store_true",
+        help="may be preempted and requeued; checkpoint to gpulab.checkpoint_dir() on SIGTERM",
+    )
     parser.add_argument("--experiment", metavar="E", help="MLflow experiment (default: the job name)")
     parser.add_argument("--name", metavar="N")
     parser.add_argument("--priority", type=int, default=0, metavar="P", help="-100..100")
@@ -166,6 +171,7 @@ def _fields(args) -> dict:
         "priority": args.priority,
         "array": _array(args),
         **({"group": args.group} if args.group else {}),
+        **({"preemptible": True} if args.preemptible else {}),
     }
 
 
@@ -244,7 +250,8 @@ class GpulabMagics(Magics):
     def train(self, prog, argv, cell=None):
         """Submit a training job: ``%%train [options]`` runs the cell's code; ``%train [options] script.py
         [args...]`` runs a file. Both run in the notebook's working directory. Options: --gpus N, --cpus N,
-        --memory M, --pool P, --group G, --experiment E, --name N, --priority P, --wait, --no-monitor.
+        --memory M, --pool P, --group G, --preemptible, --experiment E, --name N, --priority P, --wait,
+        --no-monitor.
         Returns the job (``job = %train ...``)."""
         return self._submit("train", prog, argv, cell)
 

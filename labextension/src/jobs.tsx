@@ -124,6 +124,7 @@ function JobCard(props: { job: IJob; act: Act; actions: IPanelActions; mlflowUrl
       <div className="jp-gpulab-card-foot">
         <span className="jp-gpulab-reason" title={job.created_at}>
           {gpus} · {ago(job.created_at)}
+          {job.preemptions ? ` · preempted ${job.preemptions}×` : ''}
         </span>
         <span className="jp-gpulab-actions">
           {job.mlflow_run_id && props.mlflowUrl && (

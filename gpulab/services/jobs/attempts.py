@@ -102,6 +102,9 @@ class Attempts:
             GPULAB_JOB_NAME=row.name,
             GPULAB_JOB_OWNER=row.owner,
             GPULAB_JOB_DIR=str(self.work_dir(row)),
+            GPULAB_CHECKPOINT_DIR=str(self.work_dir(row) / "checkpoints"),  # kept across attempts
+            GPULAB_RESTART_COUNT=str(max(row.attempt - 1, 0)),  # attempts before this one
+            GPULAB_PREEMPTED="1" if row.preempted else "0",  # the attempt before this one was preempted
         )
         if row.array_id and spec.array:  # as Slurm's SLURM_ARRAY_JOB_ID / _TASK_ID / _TASK_COUNT
             env.update(

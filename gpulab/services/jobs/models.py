@@ -280,6 +280,13 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
     attestation: Literal["none", "required"] = "none"
     depends_on: list[Dependency] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
     array: ArraySpec | None = None
+    preemptible: bool = Field(
+        False,
+        strict=True,
+        description="May be stopped (SIGTERM, JobQueue.preemption_grace s, SIGKILL) and requeued, without using a "
+        "retry, for a job of a group reclaiming its quota or of a higher priority; the next attempt sees "
+        "GPULAB_PREEMPTED=1 and resumes from GPULAB_CHECKPOINT_DIR",
+    )
     group: str | None = Field(
         None,
         min_length=1,
@@ -458,6 +465,7 @@ class Job(BaseModel):
     pipeline_id: str | None = Field(None, description="The pipeline whose step this job is")
     array: ArrayMember | None = Field(None, description="Its place in its job array")
     held: bool = Field(False, description="Held (PATCH held): not started until released")
+    preemptions: int = Field(0, description="Attempts stopped by preemption (and requeued without using a retry)")
 
 
 class JobEvent(BaseModel):

@@ -27,7 +27,7 @@ from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
-from . import dependencies, policy, views
+from . import dependencies, policy, preemption, views
 from .attempts import Attempts
 from .cohorts import CohortConfigError, Cohorts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
@@ -41,6 +41,7 @@ EXECUTORS = {
     "ray": "gpulab.services.jobs.executors.ray.RayExecutor",
 }
 DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
+PREEMPTION_PLANS = 8  # waiting jobs a scheduling pass tries preemption for, in turn order
 QUOTA_KEYS = tuple(DEFAULT_USER_QUOTA)
 
 
@@ -133,6 +134,14 @@ class JobQueue(LoggingConfigurable):
     retry_backoff = Float(5.0, help="Delay before retry n is retry_backoff * 2**(n-1) s.").tag(config=True)
     retry_backoff_max = Float(300.0, help="Upper bound of the retry delay (s).").tag(config=True)
     cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(config=True)
+    preemption_grace = Float(
+        60.0,
+        help="Seconds a preempted attempt has between SIGTERM and SIGKILL to write its checkpoint "
+        "(GPULAB_CHECKPOINT_DIR); it is then requeued without using a retry.",
+    ).tag(config=True)
+    preemption_min_runtime = Float(
+        0.0, help="Seconds a preemptible job runs before it may be preempted (younger ones are exempt)."
+    ).tag(config=True)
     data_dir = Unicode(help="Platform data dir; job directories are <data_dir>/jobs/<owner>/<id>.").tag(config=True)
     mlflow_tracking_uri = Unicode(help="MLFLOW_TRACKING_URI given to jobs (default: the platform's MLflow).").tag(
         config=True
@@ -199,7 +208,8 @@ class JobQueue(LoggingConfigurable):
         self._wake = asyncio.Event()
         self._kick_pending = False
         self._task: asyncio.Task | None = None
-        self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout in progress
+        self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout/preemption in progress
+        self._preempting: set[str] = set()  # the victims of the latest preemption
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
         self.attempts = Attempts(self)  # what each attempt starts with
@@ -423,26 +433,31 @@ class JobQueue(LoggingConfigurable):
             return
         await self._save_logs(row)
         to, why, fields = outcome.state, outcome.reason or outcome.state, {}
-        delay = policy.retry_delay(row.attempt, row.max_retries, self.retry_backoff, self.retry_backoff_max)
+        tries = row.attempt - (row.preemptions or 0)  # a preempted attempt uses no retry
+        delay = policy.retry_delay(tries, row.max_retries, self.retry_backoff, self.retry_backoff_max)
         if to != "succeeded" and delay is not None:
-            to, why = "queued", f"retry {row.attempt + 1}/{row.max_retries + 1} after: {why}"
+            to, why = "queued", f"retry {tries + 1}/{row.max_retries + 1} after: {why}"
             fields = {"not_before": utcnow() + timedelta(seconds=delay)}
         elif to != "succeeded":
             to = "failed"
-        await self.store.db.run(self.store.transition, row.id, to, why, exit_code=outcome.exit_code, **fields)
+        await self.store.db.run(
+            self.store.transition, row.id, to, why, exit_code=outcome.exit_code, preempted=False, **fields
+        )
 
-    def _begin_stop(self, row: JobRow, state: str, reason: str) -> asyncio.Task:
+    def _begin_stop(self, row: JobRow, state: str, reason: str, grace: float | None = None, **fields) -> asyncio.Task:
+        """Stop the attempt (SIGTERM, ``grace`` s, default ``cancel_grace``, SIGKILL), then move the job to
+        ``state`` with ``fields``."""
         if row.id not in self._stopping:
-            task = asyncio.create_task(self._stop(row, state, reason))
+            task = asyncio.create_task(self._stop(row, state, reason, grace, fields))
             task.add_done_callback(self._stop_done)
             self._stopping[row.id] = task
         return self._stopping[row.id]
 
-    async def _stop(self, row: JobRow, state: str, reason: str) -> None:
+    async def _stop(self, row: JobRow, state: str, reason: str, grace: float | None, fields: dict) -> None:
         try:
-            await self.executor.cancel(Handle(**row.handle), self.cancel_grace)
+            await self.executor.cancel(Handle(**row.handle), self.cancel_grace if grace is None else grace)
             await self._save_logs(row)
-            await self.store.db.run(self.store.transition, row.id, state, reason)
+            await self.store.db.run(self.store.transition, row.id, state, reason, **fields)
         finally:
             del self._stopping[row.id]
             self.kick()
@@ -474,8 +489,10 @@ class JobQueue(LoggingConfigurable):
             await self.store.db.run(self.store.set_waiting_reasons, lambda job: why)
             return
         ledger, limits = Ledger(self.cohort_quotas), self._limits()
-        for row in await self.store.db.run(self.store.active_jobs):
+        active = await self.store.db.run(self.store.active_jobs)
+        for row in active:
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
+        started = False
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
@@ -494,6 +511,7 @@ class JobQueue(LoggingConfigurable):
                 gpu_ids = policy.gpu_ids(row, capacity, ledger) if self.executor.owns_gpu_ids and row.gpus else []
                 if await self._dispatch(row, gpu_ids, attested):
                     ledger.charge(row, gpu_ids)
+                    started = True
             if owner in more and owner not in heads:
                 more.discard(owner)
                 room = limits.room(ledger.owners[owner])
@@ -509,6 +527,46 @@ class JobQueue(LoggingConfigurable):
             return blocker or (gate()[1] if job.attestation_required else None)
 
         await self.store.db.run(self.store.set_waiting_reasons, reason)
+        if not started:  # what is active is as read: preempt for a waiting job that preemption lets start
+            await self._preempt(ledger, capacity, limits, active)
+
+    async def _preempt(self, ledger: Ledger, capacity: dict[str, PoolCapacity], limits: policy.Limits, active: list):
+        """Stop the victims (:mod:`.preemption`) of the first owner's head job (of the first
+        :data:`PREEMPTION_PLANS`, in turn order) that preempting lets start, each requeued with ``preempted`` and
+        its reason; one preemption at a time, so that the next pass, once they are gone, starts the job they made
+        room for. Heads blocked by a full pool are no candidates of the pass: they are read here."""
+        if any(victim in self._stopping for victim in self._preempting) or not any(r.preemptible for r in active):
+            return
+        self._preempting.clear()
+        heads = await self.store.db.run(self.store.queued_jobs, True, (), 1)
+        heads.sort(key=lambda head: policy.turn(head, ledger.owners[head.owner], ledger.borrows(head)))
+        now = utcnow()
+        for job in heads[:PREEMPTION_PLANS]:
+            plan = preemption.plan(
+                job,
+                active,
+                capacity,
+                limits,
+                self.cohort_quotas,
+                now,
+                self.preemption_min_runtime,
+                busy=lambda victim: victim.id in self._stopping,
+            )
+            if plan is None:
+                continue
+            for victim in plan.victims:
+                self.log.info("preempting job %s for job %s: %s", victim.id, job.id, plan.reasons[victim.id])
+                self._preempting.add(victim.id)
+                self._begin_stop(
+                    victim,
+                    "queued",
+                    f"preempted by job {job.id}: {plan.reasons[victim.id]}",
+                    grace=self.preemption_grace,
+                    preempted=True,
+                    preemptions=(victim.preemptions or 0) + 1,
+                    not_before=None,
+                )
+            return
 
     def _limits(self) -> policy.Limits:
         """The quotas in force: ``user_quota`` over the defaults (a config may set only some limits)."""

@@ -136,6 +136,9 @@ class JobRow(Base):
     array_max: Mapped[int | None]  # the array's max_concurrent, for the scheduling pass
     on_hold: Mapped[bool] = mapped_column(default=False)  # held by its owner or an admin: no candidate
     asked_group: Mapped[str | None] = mapped_column(String(255))  # spec["group"]: whose cohort quota it uses
+    preemptible: Mapped[bool] = mapped_column(default=False)  # spec["preemptible"]
+    preemptions: Mapped[int] = mapped_column(default=0)  # attempts stopped by preemption (no retry used)
+    preempted: Mapped[bool] = mapped_column(default=False)  # its latest ended attempt was preempted
 
     @property
     def output_notebook(self) -> str | None:
@@ -187,6 +190,7 @@ class JobRow(Base):
             if self.array_id and spec.array
             else None,
             held=bool(self.on_hold),
+            preemptions=self.preemptions or 0,
         )
 
 
@@ -397,6 +401,7 @@ def new_job_row(owner: str, groups: list[str], spec: JobSpec, admin: bool = Fals
         updated_at=now,
         held_by=spec.depends_on[0].job if spec.depends_on else None,
         asked_group=spec.group,
+        preemptible=spec.preemptible,
     )
     for name, value in fields.items():
         setattr(row, name, value)

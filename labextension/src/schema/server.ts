@@ -1760,6 +1760,12 @@ export interface components {
       /** @default null */
       array: components['schemas']['ArraySpec'] | null;
       /**
+       * Preemptible
+       * @description May be stopped (SIGTERM, JobQueue.preemption_grace s, SIGKILL) and requeued, without using a retry, for a job of a group reclaiming its quota or of a higher priority; the next attempt sees GPULAB_PREEMPTED=1 and resumes from GPULAB_CHECKPOINT_DIR
+       * @default false
+       */
+      preemptible: boolean;
+      /**
        * Group
        * @description The group (one of yours, in a cohort of JobQueue.cohorts) whose quota the job uses; default: the first of your groups in a cohort
        * @default null
@@ -1901,6 +1907,12 @@ export interface components {
        * @default false
        */
       held: boolean;
+      /**
+       * Preemptions
+       * @description Attempts stopped by preemption (and requeued without using a retry)
+       * @default 0
+       */
+      preemptions: number;
     };
     /** JobList */
     JobList: {
