@@ -10,6 +10,7 @@ import pytest
 
 from gpulab.services.jobs.cohorts import CohortConfigError, Cohorts, CohortUse, Quota
 from gpulab.services.jobs.executors.base import PoolCapacity
+from gpulab.services.jobs.fair_share import Shares
 from gpulab.services.jobs.policy import Ledger, Limits, Usage, blocker, turn
 from gpulab.services.jobs.views import quota_view
 
@@ -141,11 +142,23 @@ def test_numbers_say_what_each_group_uses_borrows_and_lends():
 
 def test_the_quota_view_shows_the_cohorts_of_the_owners_groups_or_every_cohort_to_admins():
     active = [job("ml", gpus=6, owner="bob"), job("infra", gpus=1, owner="carol"), job(None, gpus=1)]
-    args = (Usage(), {"max_jobs": 8, "max_gpus": None}, ["vision", "hr"], {}, active, Cohorts(RESEARCH))
+    shares = Shares({"user:alice": 7.0, "group:ml": 30.0}, {"ml": 2.0})
+    args = (
+        Usage(),
+        {"max_jobs": 8, "max_gpus": None},
+        ["vision", "hr"],
+        {},
+        active,
+        Cohorts(RESEARCH),
+        shares,
+        "alice",
+    )
     quota = quota_view(*args)
     assert (list(quota.cohorts), quota.cohort_group) == (["research"], "vision")
     gpus = {g: pools["default"]["gpus"] for g, pools in quota.cohorts["research"].groups.items()}
     assert (gpus["ml"].used, gpus["ml"].borrowed, gpus["vision"].used, gpus["vision"].lent) == (6, 2, 0, 1.6)
+    assert quota.decayed_usage == 7.0 and quota.cohorts["research"].decayed_usage["ml"] == 30.0
+    assert quota.cohorts["research"].weights == {"ml": 2.0, "nlp": 1.0, "vision": 1.0}
     assert list(quota_view(*args, every_cohort=True).cohorts) == ["ops", "research"]
     assert quota_view(*args[:2], ["hr"], *args[3:]).cohorts == {}
 

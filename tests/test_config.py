@@ -111,6 +111,7 @@ def test_broken_config_file(tmp_path):
             "c.JobQueue.cohorts = {'lab': {'ml': {'default': {'gpus': {'nominal': 2, 'lending_limit': 3}}}}}",
             "c.JobQueue.cohorts: cohorts['lab']['ml']['default']['gpus']: lending_limit 3 is more than nominal 2",
         ),
+        ("c.JobQueue.usage_weights = {'gpu': 1}", "c.JobQueue.usage_weights: usage_weights: 'gpu' is not a resource"),
         ("c.InferenceGateway.processes = 'two'", "c.InferenceGateway.processes: "),
         ("c.JobQueue.executor_class = 'slurm'", "c.JobQueue.executor_class: "),
         # a misspelt name would be ignored

@@ -8,6 +8,7 @@ import pytest
 
 from gpulab.services.jobs.cohorts import Cohorts
 from gpulab.services.jobs.executors.base import PoolCapacity
+from gpulab.services.jobs.fair_share import Shares
 from gpulab.services.jobs.policy import BATCH, Ledger, Limits, Usage, blocker, gpu_ids, retry_delay, turn
 from gpulab.services.jobs.views import pool_views, quota_view
 
@@ -165,6 +166,8 @@ def test_the_quota_view_shows_the_owners_limits_and_each_of_their_groups_with_a_
         {"ml": {"max_gpus": 4}, "cv": {"max_jobs": 1}},  # cv is not alice's
         active,
         Cohorts({}),
+        Shares(),
+        "alice",
     )
     assert quota.model_dump() == {
         "limits": {"max_jobs": 8, "max_gpus": None},
@@ -172,6 +175,7 @@ def test_the_quota_view_shows_the_owners_limits_and_each_of_their_groups_with_a_
         "groups": {"ml": {"limits": {"max_jobs": None, "max_gpus": 4}, "usage": {"jobs": 2, "gpus": 3}}},
         "cohorts": {},
         "cohort_group": None,
+        "decayed_usage": 0.0,
     }
 
 

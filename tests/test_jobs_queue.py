@@ -513,6 +513,24 @@ async def test_an_admins_urgent_job_preempts_a_lower_priority_one_within_the_gra
         assert (await finished(store, job_id)).state == "succeeded"
 
 
+async def test_past_usage_orders_users_and_running_jobs_are_charged_to_it(make_queue, store, tmp_path):
+    store.charge_usage({"user:alice": 10_000.0}, 7 * 24 * 3600.0)  # alice ran a lot this week
+    q = await make_queue(start=False, queue={"usage_sample_interval": 0.1})
+    alice = await submit(q, "alice", entrypoint=py(GATED, tmp_path), resources={"cpus": 8.0})
+    bob = await submit(q, "bob", entrypoint=py(GATED, tmp_path), resources={"cpus": 8.0})  # younger: one at a time
+    await q.start()
+    await state_is(store, bob, "running")
+    assert store.get_job(alice).state == "queued"
+    charged = store.fair_share_usage(7 * 24 * 3600.0)["user:bob"]
+    assert charged == pytest.approx(8 * 0.1 * 60.0, rel=0.05)  # the entry penalty: 60 s of 8 CPUs at weight 0.1
+    await asyncio.sleep(1.0)
+    await until(lambda: store.fair_share_usage(7 * 24 * 3600.0)["user:bob"] > charged + 0.4)  # sampled while running
+    assert (await q.quota("bob", [])).decayed_usage > charged
+    (tmp_path / "release").touch()
+    for job_id in (alice, bob):
+        assert (await finished(store, job_id)).state == "succeeded"
+
+
 async def test_gpu_job_waits_on_a_machine_without_gpus(make_queue, store):
     q = await make_queue()
     assert (await q.executor.capacity())["default"].gpus == 0  # no NVML, no nvidia-smi here

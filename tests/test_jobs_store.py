@@ -56,7 +56,7 @@ def test_migrations_create_the_schema_once(url):
     second = JobStore(url=url)  # upgrading an up-to-date database is a no-op
     with second.engine.connect() as conn:
         assert {"jobs", "job_events", VERSION_TABLE} <= set(inspect(conn).get_table_names())
-        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0011"
+        assert conn.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}")) == "0012"
         diff = compare_metadata(MigrationContext.configure(conn), list(SCHEMA.metadata))
     assert [d for d in diff if not (d[0] == "remove_table" and d[1].name == VERSION_TABLE)] == []
     first.engine.dispose()

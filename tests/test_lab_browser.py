@@ -164,6 +164,12 @@ def test_side_panel_follows_cancels_and_deletes_jobs(hub, output_dir):
             assert mine.locator("td").all_inner_texts()[:2] == ["ml\ncpus in default", "8"]
             assert "lending limit 2" in cohort.locator("tr[data-group='cv']").get_attribute("title")
             assert "your jobs use group ml's quota" in panel.locator(".jp-gpulab-quota-mine").inner_text()
+            assert (
+                cohort.locator("xpath=..")
+                .locator(".jp-gpulab-fair-share")
+                .inner_text()
+                .startswith("Fair-share usage (h): cv 0, ml ")
+            )
             page.screenshot(path=str(output_dir / "lab-quota-tab.png"))
 
             # This platform runs no inference service: the Models tab says so instead of failing.

@@ -25,7 +25,7 @@ from gpulab.services.jobs.models import JobSpec
 SCHEMAS = {"jobs": jobs.SCHEMA, "attestation": nonces.SCHEMA, "events": outbox.SCHEMA}
 # what 0.1.0 left: the jobs history at 0004, the other tables without a history
 PREVIOUS = {"jobs": "0004", "attestation": None, "events": None}
-HEAD = {"jobs": "0011", "attestation": "0001", "events": "0001"}
+HEAD = {"jobs": "0012", "attestation": "0001", "events": "0001"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

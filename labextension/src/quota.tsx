@@ -1,5 +1,5 @@
 /** The Quota tab: the user's limits and use, and each cohort of their groups (every cohort, for admins) with what
- * each group may use (nominal), uses, borrows from the others and lends to them. */
+ * each group may use (nominal), uses, borrows from the others and lends to them, and its fair-share usage. */
 
 import * as React from 'react';
 
@@ -14,6 +14,8 @@ const amount = (value: number | null, resource: string): string => {
   return `${Number(shown.toFixed(2))}${resource === 'memory' ? 'Gi' : ''}`;
 };
 
+const hours = (seconds: number): string => String(Number((seconds / 3600).toFixed(2)));
+
 export function QuotaView(props: { visible: () => boolean }): JSX.Element {
   const [quota, error] = usePolling(() => getJSON<IQuota>('quota'), props.visible);
   const limit = (value: number | null) => (value === null ? '' : ` of at most ${value}`);
@@ -27,6 +29,10 @@ export function QuotaView(props: { visible: () => boolean }): JSX.Element {
           {limit(quota.limits.max_jobs)} jobs on {quota.usage.gpus}
           {limit(quota.limits.max_gpus)} GPUs
           {quota.cohort_group ? `; your jobs use group ${quota.cohort_group}'s quota` : ''}.
+          <span className="jp-gpulab-reason" title="weighted resource-hours, halved every JobQueue.usage_half_life">
+            {' '}
+            Fair-share usage: {hours(quota.decayed_usage ?? 0)} h.
+          </span>
         </p>
       )}
       {quota && cohorts.length === 0 && <p className="jp-gpulab-empty">None of your groups is in a cohort.</p>}
@@ -79,6 +85,15 @@ export function QuotaView(props: { visible: () => boolean }): JSX.Element {
                 )}
               </tbody>
             </table>
+            <p className="jp-gpulab-reason jp-gpulab-fair-share" title="less usage per weight goes first">
+              Fair-share usage (h):{' '}
+              {Object.entries(status.decayed_usage ?? {})
+                .map(([group, used]) => {
+                  const weight = status.weights?.[group] ?? 1;
+                  return `${group} ${hours(used)}${weight === 1 ? '' : ` (weight ${weight})`}`;
+                })
+                .join(', ')}
+            </p>
           </div>
         ))}
     </div>

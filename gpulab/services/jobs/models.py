@@ -730,9 +730,14 @@ class CohortResource(BaseModel):
 
 
 class CohortStatus(BaseModel):
-    """A cohort's groups: group -> pool -> resource (gpus, cpus, memory) -> its quota and use."""
+    """A cohort's groups: group -> pool -> resource (gpus, cpus, memory) -> its quota and use; and each group's
+    fair share: its past use, decayed (``JobQueue.usage_half_life``), and its weight."""
 
     groups: dict[str, dict[str, dict[str, CohortResource]]]
+    decayed_usage: dict[str, float] = Field(
+        default_factory=dict, description="Group -> weighted resource-seconds, decayed; less goes first"
+    )
+    weights: dict[str, float] = Field(default_factory=dict, description="Group -> fair-share weight")
 
 
 class Quota(QuotaStatus):
@@ -743,6 +748,9 @@ class Quota(QuotaStatus):
     groups: dict[str, QuotaStatus] = Field(default_factory=dict)
     cohorts: dict[str, CohortStatus] = Field(default_factory=dict)
     cohort_group: str | None = None
+    decayed_usage: float = Field(
+        0.0, description="The owner's past use, in weighted resource-seconds decayed with JobQueue.usage_half_life"
+    )
 
 
 Node = Annotated[str, Field(pattern=f"^{NODE_NAME.pattern}$", description="GPU node name")]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .cohorts import Cohorts, CohortUse
 from .executors.base import PoolCapacity
+from .fair_share import Shares
 
 BATCH = 64  # queued jobs read per owner at a time when the user quota has no max_jobs
 CPU_SLACK = 1e-9  # float CPUs: 0.1 * 3 fits in 0.3
@@ -42,6 +43,7 @@ class Ledger:
 
     cohorts: Cohorts = field(default_factory=lambda: Cohorts({}))
     cohort_use: CohortUse = field(default_factory=CohortUse)
+    shares: Shares = field(default_factory=Shares)  # decayed usage from history (fair share)
 
     owners: defaultdict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
     groups: defaultdict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
@@ -67,6 +69,10 @@ class Ledger:
         """Whether starting ``job`` would take its cohort group past its nominal quota."""
         group = self.cohorts.group_of(job)
         return bool(group) and self.cohorts.borrows(job, group, self.cohort_use)
+
+    def share(self, job) -> tuple[float, float]:
+        """``job``'s cohort group's weighted decayed usage, then its owner's (:mod:`.fair_share`)."""
+        return self.shares.of(job.owner, self.cohorts.group_of(job))
 
     def full_arrays(self) -> list[str]:
         """The job arrays running as many jobs as their ``max_concurrent`` lets them."""
@@ -119,11 +125,12 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
     return None
 
 
-def turn(head, used: Usage, borrows: bool = False) -> tuple:
+def turn(head, used: Usage, borrows: bool = False, share: tuple[float, float] = (0.0, 0.0)) -> tuple:
     """The order in which owners' head jobs are considered (smallest first): jobs within their cohort group's
-    nominal quota before those that would borrow (Kueue's), then an admin's priority, then fair share (the owner
-    with the fewest running GPUs, then jobs), then age."""
-    return borrows, -head.global_priority, used.gpus, used.jobs, head.created_at
+    nominal quota before those that would borrow (Kueue's), then an admin's priority, then fair share (``share``:
+    the least decayed usage of the job's cohort group, per its weight, then of its owner; then the fewest running
+    GPUs, then jobs), then age."""
+    return borrows, -head.global_priority, *share, used.gpus, used.jobs, head.created_at
 
 
 def gpu_ids(job, capacity: dict[str, PoolCapacity], ledger: Ledger) -> list[int]:

@@ -27,7 +27,7 @@ from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
-from . import dependencies, policy, preemption, views
+from . import dependencies, fair_share, policy, preemption, views
 from .attempts import Attempts
 from .cohorts import CohortConfigError, Cohorts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
@@ -114,6 +114,29 @@ class JobQueue(LoggingConfigurable):
         help="The cohort group whose quota jobs use when their owner is in no group of a cohort (empty: such jobs "
         "are limited by the user and group quotas and the pools' capacity only).",
     ).tag(config=True)
+    usage_half_life = Float(
+        7 * 24 * 3600.0,
+        help="Seconds in which a user's or group's past use of the cluster counts half as much for fair share.",
+    ).tag(config=True)
+    usage_weights = Dict(
+        fair_share.DEFAULT_WEIGHTS,
+        per_key_traits={k: Float(min=0.0) for k in fair_share.DEFAULT_WEIGHTS},
+        help="What a second of each resource adds to fair-share usage: {'gpus': 1, 'cpus': 0.1, 'memory': 0} "
+        "(memory per GiB); keys left out keep their default.",
+    ).tag(config=True)
+    fair_share_weights = Dict(
+        value_trait=Float(min=0.001),
+        key_trait=Unicode(),
+        help="Cohort group -> its fair-share weight (default 1): a group of weight 2 counts its usage half.",
+    ).tag(config=True)
+    usage_sample_interval = Float(
+        10.0, help="Seconds between charges of running jobs' use to their owners' and groups' fair-share usage."
+    ).tag(config=True)
+    fair_share_entry_penalty = Float(
+        60.0,
+        help="Seconds of its size a job is charged when it starts (Kueue's entry penalty), so that users with "
+        "equal usage take turns within one scheduling pass.",
+    ).tag(config=True)
     max_queued = Integer(
         1000, help="Queued jobs one user may have; more submissions get 429 until some start or are cancelled."
     ).tag(config=True)
@@ -190,6 +213,14 @@ class JobQueue(LoggingConfigurable):
             _known_keys(f"group_quotas[{group!r}]", quota)
         return proposal.value
 
+    @validate("usage_weights")
+    def _check_usage_weights(self, proposal):
+        if unknown := sorted(set(proposal.value) - set(fair_share.DEFAULT_WEIGHTS)):
+            raise TraitError(
+                f"usage_weights: {unknown[0]!r} is not a resource (give {', '.join(fair_share.DEFAULT_WEIGHTS)})"
+            )
+        return proposal.value
+
     @validate("cohorts")
     def _check_cohorts(self, proposal):
         try:
@@ -210,6 +241,7 @@ class JobQueue(LoggingConfigurable):
         self._task: asyncio.Task | None = None
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout/preemption in progress
         self._preempting: set[str] = set()  # the victims of the latest preemption
+        self._sampled_at = utcnow()  # when active jobs' use was last charged to fair share
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
         self.attempts = Attempts(self)  # what each attempt starts with
@@ -385,7 +417,13 @@ class JobQueue(LoggingConfigurable):
     async def quota(self, owner: str, groups: list[str], admin: bool = False) -> Quota:
         """The owner's limits and usage, those of each of ``groups`` with a quota, and their cohorts (an admin's:
         every cohort)."""
-        usage, active = await self.store.db.run(lambda: (self.store.usage("owner"), self.store.active_jobs()))
+        usage, active, history = await self.store.db.run(
+            lambda: (
+                self.store.usage("owner"),
+                self.store.active_jobs(),
+                self.store.fair_share_usage(self.usage_half_life),
+            )
+        )
         return views.quota_view(
             usage.get(owner, Usage()),
             self._limits().user,
@@ -393,6 +431,8 @@ class JobQueue(LoggingConfigurable):
             self.group_quotas,
             active,
             self.cohort_quotas,
+            fair_share.Shares(history, self.fair_share_weights),
+            owner,
             every_cohort=admin,
         )
 
@@ -401,7 +441,9 @@ class JobQueue(LoggingConfigurable):
     async def tick(self) -> None:
         """Poll running attempts, then dispatch what fits; database work runs in a thread."""
         async with self._lock:
-            for row in await self.store.db.run(self.store.active_jobs):
+            active = await self.store.db.run(self.store.active_jobs)
+            await self._sample_usage(active)
+            for row in active:
                 if not row.handle or row.id in self._stopping:
                     continue
                 try:
@@ -414,6 +456,24 @@ class JobQueue(LoggingConfigurable):
                     self._begin_stop(row, "failed", f"gpulab could not handle this job: {type(e).__name__}: {e}")
             await self.store.db.run(dependencies.resolve, self.store)
             await self._dispatch_queued()
+
+    async def _sample_usage(self, active: list[JobRow]) -> None:
+        """Every ``usage_sample_interval``, charge what active jobs held since the last charge to their owners' and
+        cohort groups' fair-share usage."""
+        now = utcnow()
+        elapsed = (now - self._sampled_at).total_seconds()
+        if elapsed < self.usage_sample_interval:
+            return
+        self._sampled_at = now
+
+        def held(row: JobRow) -> float:
+            return min(elapsed, (now - row.started_at).total_seconds()) if row.started_at else 0.0
+
+        amounts = fair_share.charges(active, held, self._usage_weights(), self.cohort_quotas.group_of)
+        await self.store.db.run(self.store.charge_usage, amounts, self.usage_half_life)
+
+    def _usage_weights(self) -> dict[str, float]:
+        return {**fair_share.DEFAULT_WEIGHTS, **self.usage_weights}
 
     async def _settle(self, row: JobRow, outcome: Outcome) -> None:
         """Apply a polled outcome: note a pending attempt's progress or start, enforce ``max_runtime``,
@@ -488,11 +548,13 @@ class JobQueue(LoggingConfigurable):
             why = f"waiting: executor unavailable: {e}"
             await self.store.db.run(self.store.set_waiting_reasons, lambda job: why)
             return
-        ledger, limits = Ledger(self.cohort_quotas), self._limits()
+        usage = await self.store.db.run(self.store.fair_share_usage, self.usage_half_life)
+        ledger = Ledger(self.cohort_quotas, shares=fair_share.Shares(usage, self.fair_share_weights))
+        limits = self._limits()
         active = await self.store.db.run(self.store.active_jobs)
         for row in active:
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
-        started = False
+        started, penalties = False, {}
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
@@ -500,7 +562,7 @@ class JobQueue(LoggingConfigurable):
             heads.setdefault(row.owner, deque()).append(row)
         more.update(o for o, queue in heads.items() if len(queue) == limits.room(ledger.owners[o]))
         while heads:  # each owner's head is their own highest-priority job
-            owner = min(heads, key=lambda o: policy.turn(heads[o][0], ledger.owners[o], ledger.borrows(heads[o][0])))
+            owner = min(heads, key=lambda o: self._turn(heads[o][0], ledger))
             row = heads[owner].popleft()
             if not heads[owner]:
                 del heads[owner]
@@ -512,6 +574,12 @@ class JobQueue(LoggingConfigurable):
                 if await self._dispatch(row, gpu_ids, attested):
                     ledger.charge(row, gpu_ids)
                     started = True
+                    penalty = fair_share.charges(
+                        [row], lambda _: self.fair_share_entry_penalty, self._usage_weights(), ledger.cohorts.group_of
+                    )
+                    ledger.shares.add(penalty)
+                    for key, amount in penalty.items():
+                        penalties[key] = penalties.get(key, 0.0) + amount
             if owner in more and owner not in heads:
                 more.discard(owner)
                 room = limits.room(ledger.owners[owner])
@@ -527,6 +595,7 @@ class JobQueue(LoggingConfigurable):
             return blocker or (gate()[1] if job.attestation_required else None)
 
         await self.store.db.run(self.store.set_waiting_reasons, reason)
+        await self.store.db.run(self.store.charge_usage, penalties, self.usage_half_life)
         if not started:  # what is active is as read: preempt for a waiting job that preemption lets start
             await self._preempt(ledger, capacity, limits, active)
 
@@ -539,7 +608,7 @@ class JobQueue(LoggingConfigurable):
             return
         self._preempting.clear()
         heads = await self.store.db.run(self.store.queued_jobs, True, (), 1)
-        heads.sort(key=lambda head: policy.turn(head, ledger.owners[head.owner], ledger.borrows(head)))
+        heads.sort(key=lambda head: self._turn(head, ledger))
         now = utcnow()
         for job in heads[:PREEMPTION_PLANS]:
             plan = preemption.plan(
@@ -567,6 +636,10 @@ class JobQueue(LoggingConfigurable):
                     not_before=None,
                 )
             return
+
+    @staticmethod
+    def _turn(head, ledger: Ledger) -> tuple:
+        return policy.turn(head, ledger.owners[head.owner], ledger.borrows(head), ledger.share(head))
 
     def _limits(self) -> policy.Limits:
         """The quotas in force: ``user_quota`` over the defaults (a config may set only some limits)."""

@@ -46,6 +46,7 @@ from gpulab.job_states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
 from gpulab.service.storage import DatabaseThread, Schema, make_engine, utcnow
 
 from .executors.base import PoolCapacity
+from .fair_share import decayed
 from .models import ArrayMember, Job, JobEvent, JobSpec, JobUpdate, NotebookSpec, Progress, Resources
 from .policy import CPU_SLACK, Ledger, Limits, Usage
 
@@ -252,6 +253,17 @@ class PoolSettingRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     draining: Mapped[bool] = mapped_column(default=False)
     updated_by: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[datetime]
+
+
+class FairShareRow(Base):
+    """A user's or cohort group's use of the cluster (``user:<name>``, ``group:<name>``), in weighted
+    resource-seconds as of ``updated_at``, decayed when read (:mod:`.fair_share`)."""
+
+    __tablename__ = "fair_share_usage"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime]
 
 
@@ -654,6 +666,29 @@ class JobStore(LoggingConfigurable):
             row = session.get(PoolSettingRow, pool) or PoolSettingRow(name=pool)
             row.draining, row.updated_by, row.updated_at = draining, by, utcnow()
             session.add(row)
+
+    def fair_share_usage(self, half_life: float, keys: Iterable[str] | None = None) -> dict[str, float]:
+        """Decayed usage per key (of ``keys`` only, if given), as of now."""
+        now = utcnow()
+        query = select(FairShareRow)
+        if keys is not None:
+            query = query.where(FairShareRow.key.in_(list(keys)))
+        with self.session() as session:
+            return {r.key: decayed(r.value, r.updated_at, now, half_life) for r in session.scalars(query)}
+
+    def charge_usage(self, amounts: dict[str, float], half_life: float) -> None:
+        """Add ``amounts`` to the stored usage of their keys (decayed to now first), in one transaction."""
+        if not amounts:
+            return
+        now = utcnow()
+        with self.session() as session, session.begin():
+            stored = {r.key: r for r in session.scalars(select(FairShareRow).where(FairShareRow.key.in_(amounts)))}
+            for key, amount in amounts.items():
+                row = stored.get(key)
+                if row is None:
+                    session.add(FairShareRow(key=key, value=amount, updated_at=now))
+                else:
+                    row.value, row.updated_at = decayed(row.value, row.updated_at, now, half_life) + amount, now
 
     def _update_queued(self, job_id: str, **values: Any) -> None:
         with self.session() as session, session.begin():

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from .cohorts import Cohorts, CohortUse
 from .executors.base import PoolCapacity
+from .fair_share import Shares, group_key, user_key
 from .models import (
     CohortStatus,
     PoolResources,
@@ -41,10 +42,12 @@ def quota_view(
     group_quotas: Mapping[str, dict],
     active: list[JobRow],
     cohorts: Cohorts,
+    shares: Shares,
+    owner: str,
     every_cohort: bool = False,
 ) -> Quota:
     """An owner's limits and usage (``mine``), those of each of their ``groups`` with a quota, and the ``cohorts``
-    of their groups (``every_cohort``: all of them), from the ``active`` jobs."""
+    of their groups (``every_cohort``: all of them), from the ``active`` jobs; ``shares``: fair-share usage."""
     groups = set(groups)
     group_status = {}
     for group in sorted(groups & set(group_quotas)):
@@ -60,13 +63,21 @@ def quota_view(
     shown = cohorts.members if every_cohort else {cohorts.cohort_of[g] for g in groups if g in cohorts.cohort_of}
     if mine_default:
         shown = {*shown, cohorts.cohort_of[mine_default]}
-    cohort_status = {cohort: CohortStatus(groups=cohorts.numbers(cohort, use)) for cohort in sorted(shown)}
+    cohort_status = {
+        cohort: CohortStatus(
+            groups=cohorts.numbers(cohort, use),
+            decayed_usage={g: shares.usage.get(group_key(g), 0.0) for g in cohorts.members[cohort]},
+            weights={g: shares.group_weights.get(g, 1.0) for g in cohorts.members[cohort]},
+        )
+        for cohort in sorted(shown)
+    }
     return Quota(
         limits=limits_view(user_limits),
         usage=QuotaUsage(jobs=mine.jobs, gpus=mine.gpus),
         groups=group_status,
         cohorts=cohort_status,
         cohort_group=mine_default,
+        decayed_usage=shares.usage.get(user_key(owner), 0.0),
     )
 
 

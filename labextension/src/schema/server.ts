@@ -2417,7 +2417,8 @@ export interface components {
     };
     /**
      * CohortStatus
-     * @description A cohort's groups: group -> pool -> resource (gpus, cpus, memory) -> its quota and use.
+     * @description A cohort's groups: group -> pool -> resource (gpus, cpus, memory) -> its quota and use; and each group's
+     *     fair share: its past use, decayed (``JobQueue.usage_half_life``), and its weight.
      */
     CohortStatus: {
       /** Groups */
@@ -2427,6 +2428,20 @@ export interface components {
             [key: string]: components['schemas']['CohortResource'];
           };
         };
+      };
+      /**
+       * Decayed Usage
+       * @description Group -> weighted resource-seconds, decayed; less goes first
+       */
+      decayed_usage?: {
+        [key: string]: number;
+      };
+      /**
+       * Weights
+       * @description Group -> fair-share weight
+       */
+      weights?: {
+        [key: string]: number;
       };
     };
     /**
@@ -2451,6 +2466,12 @@ export interface components {
        * @default null
        */
       cohort_group: string | null;
+      /**
+       * Decayed Usage
+       * @description The owner's past use, in weighted resource-seconds decayed with JobQueue.usage_half_life
+       * @default 0
+       */
+      decayed_usage: number;
     };
     /** PipelineList */
     PipelineList: {
