@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -521,7 +521,7 @@ async def test_past_usage_orders_users_and_running_jobs_are_charged_to_it(make_q
     await q.start()
     await state_is(store, bob, "running")
     assert store.get_job(alice).state == "queued"
-    charged = store.fair_share_usage(7 * 24 * 3600.0)["user:bob"]
+    charged = await until(lambda: store.fair_share_usage(7 * 24 * 3600.0).get("user:bob"))  # at the pass's end
     assert charged == pytest.approx(8 * 0.1 * 60.0, rel=0.05)  # the entry penalty: 60 s of 8 CPUs at weight 0.1
     await asyncio.sleep(1.0)
     await until(lambda: store.fair_share_usage(7 * 24 * 3600.0)["user:bob"] > charged + 0.4)  # sampled while running
@@ -529,6 +529,34 @@ async def test_past_usage_orders_users_and_running_jobs_are_charged_to_it(make_q
     (tmp_path / "release").touch()
     for job_id in (alice, bob):
         assert (await finished(store, job_id)).state == "succeeded"
+
+
+async def test_a_large_job_keeps_its_reservation_while_short_jobs_backfill(make_queue, store, tmp_path):
+    q = await make_queue()  # 8 CPUs
+    gates = {name: tmp_path / name for name in ("running", "short")}
+    for gate in gates.values():
+        gate.mkdir()
+    running = await submit(q, entrypoint=py(GATED, gates["running"]), resources={"cpus": 6.0}, max_runtime=600)
+    await state_is(store, running, "running")
+    large = await submit(q, "bob", entrypoint=py(GATED, gates["running"]), resources={"cpus": 8.0})
+    await until(lambda: store.get_job(large).state_reason.startswith("waiting: no CPU"))
+    detail = await q.job_detail(store.get_job(large))
+    reserved_from = store.get_job(running).started_at + timedelta(seconds=600)
+    assert detail.estimated_start == reserved_from.isoformat() + "Z" and detail.queue_position == 1
+    endless = await submit(q, "carol", entrypoint=py(GATED, gates["short"]), resources={"cpus": 2.0})
+    await until(lambda: store.get_job(endless).state_reason.startswith("waiting: backfill"))
+    assert store.get_job(endless).state_reason == (  # 2 CPUs are free, but for longer than until the reservation
+        f"waiting: backfill: pool 'default' is reserved for job {large} (reserved from "
+        f"{reserved_from:%Y-%m-%d %H:%M:%S} UTC); this job would delay it (give it a max_runtime that ends before)"
+    )
+    assert (await q.job_detail(store.get_job(endless))).queue_position == 2
+    short = await submit(q, "dave", entrypoint=py(GATED, gates["short"]), resources={"cpus": 2.0}, max_runtime=60)
+    await state_is(store, short, "running")  # ends before the reserved start: backfilled
+    (gates["short"] / "release").touch()
+    (gates["running"] / "release").touch()
+    for job_id in (running, large, short, endless):
+        assert (await finished(store, job_id)).state == "succeeded"
+    assert store.get_job(large).started_at < store.get_job(endless).started_at  # the reservation went first
 
 
 async def test_gpu_job_waits_on_a_machine_without_gpus(make_queue, store):

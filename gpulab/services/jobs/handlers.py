@@ -213,7 +213,7 @@ class ArrayCancelHandler(UserHandler):
 
 class JobHandler(UserHandler):
     async def get(self, job_id):
-        self.write_json(self.queue.job_model(await self.job(job_id)))
+        self.write_json(await self.queue.job_detail(await self.job(job_id)))
 
     async def delete(self, job_id):
         row = await self.job(job_id)

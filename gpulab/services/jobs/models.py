@@ -466,6 +466,16 @@ class Job(BaseModel):
     array: ArrayMember | None = Field(None, description="Its place in its job array")
     held: bool = Field(False, description="Held (PATCH held): not started until released")
     preemptions: int = Field(0, description="Attempts stopped by preemption (and requeued without using a retry)")
+    queue_position: int | None = Field(
+        None,
+        description="A queued job's place among its pool's due queued jobs by admin priority and age (1: next; "
+        "fair share, quotas and each owner's own priorities can reorder them); GET /jobs/{id} only",
+    )
+    estimated_start: str | None = Field(
+        None,
+        description="When a queued job holding its pool's reservation (backfill) starts at the latest, as the "
+        "running jobs' max_runtime says; None when it cannot be computed; GET /jobs/{id} only",
+    )
 
 
 class JobEvent(BaseModel):

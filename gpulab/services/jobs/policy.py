@@ -114,7 +114,11 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
         return f"waiting: no pool '{job.pool}' (pools: {', '.join(sorted(capacity))})"
     if cap.draining:
         return f"waiting: pool '{job.pool}' is draining (an admin stopped new jobs there)"
-    used = ledger.pools[job.pool]
+    return short_of(job, cap, ledger.pools[job.pool])
+
+
+def short_of(job, cap: PoolCapacity, used: Usage) -> str | None:
+    """What of its pool's capacity ``job`` lacks while ``used`` is taken, or None."""
     if job.gpus > cap.gpus - used.gpus:
         return f"waiting: no GPU capacity in pool '{job.pool}' ({cap.gpus - used.gpus} of {cap.gpus} free)"
     free_cpus = cap.cpus - used.cpus

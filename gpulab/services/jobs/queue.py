@@ -27,14 +27,14 @@ from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
-from . import dependencies, fair_share, policy, preemption, views
+from . import backfill, dependencies, fair_share, policy, preemption, views
 from .attempts import Attempts
 from .cohorts import CohortConfigError, Cohorts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
 from .executors.local import handle_file
 from .models import Job, JobSpec, PoolStatus, Quota
 from .policy import Ledger, Usage
-from .store import JobNotFound, JobRow, JobStateError, JobStore, token_hash
+from .store import JobNotFound, JobRow, JobStateError, JobStore, iso, token_hash
 
 EXECUTORS = {
     "local": "gpulab.services.jobs.executors.local.LocalExecutor",
@@ -242,6 +242,7 @@ class JobQueue(LoggingConfigurable):
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout/preemption in progress
         self._preempting: set[str] = set()  # the victims of the latest preemption
         self._sampled_at = utcnow()  # when active jobs' use was last charged to fair share
+        self.reservations: dict[str, backfill.Reservation] = {}  # job id -> its pool's reservation, as of the last pass
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
         self.attempts = Attempts(self)  # what each attempt starts with
@@ -395,6 +396,16 @@ class JobQueue(LoggingConfigurable):
         except FileNotFoundError:
             size = 0
         return row.to_model(log_size=size)
+
+    async def job_detail(self, row: JobRow) -> Job:
+        """:meth:`job_model`, and for a queued job its queue position and, when it holds its pool's reservation,
+        its estimated start."""
+        model = self.job_model(row)
+        if row.state == "queued":
+            model.queue_position = await self.store.db.run(self.store.queue_position, row)
+            if (held := self.reservations.get(row.id)) and held.start:
+                model.estimated_start = iso(held.start)
+        return model
 
     async def read_logs(self, row: JobRow, offset: int, limit: int) -> bytes:
         """Up to ``limit`` bytes of the latest attempt's log from ``offset``."""
@@ -554,8 +565,12 @@ class JobQueue(LoggingConfigurable):
         active = await self.store.db.run(self.store.active_jobs)
         for row in active:
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
-        started, penalties = False, {}
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
+        now = utcnow()
+        waiting = await self.store.db.run(self.store.waiting_heads, capacity, ledger)  # for the pools' capacity
+        waiting.sort(key=lambda head: self._turn(head, ledger))
+        reservations = self._reserve(waiting, capacity, ledger, limits, active, now)
+        started, blocked, penalties = False, [], {}
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
         for row in await self.store.db.run(self.store.candidates, capacity, ledger, limits):
@@ -567,6 +582,8 @@ class JobQueue(LoggingConfigurable):
             if not heads[owner]:
                 del heads[owner]
             attested, blocker = None, policy.blocker(row, capacity, ledger, limits)
+            if not blocker and (held := reservations.get(row.pool)) and not held.admits(row, now):
+                blocker = held.reason()
             if not blocker and row.attestation_required:
                 attested, blocker = gate()
             if not blocker:
@@ -574,12 +591,9 @@ class JobQueue(LoggingConfigurable):
                 if await self._dispatch(row, gpu_ids, attested):
                     ledger.charge(row, gpu_ids)
                     started = True
-                    penalty = fair_share.charges(
-                        [row], lambda _: self.fair_share_entry_penalty, self._usage_weights(), ledger.cohorts.group_of
-                    )
-                    ledger.shares.add(penalty)
-                    for key, amount in penalty.items():
-                        penalties[key] = penalties.get(key, 0.0) + amount
+                    self._charge_entry(row, ledger, penalties)
+            elif len(blocked) < PREEMPTION_PLANS:
+                blocked.append(row)
             if owner in more and owner not in heads:
                 more.discard(owner)
                 room = limits.room(ledger.owners[owner])
@@ -592,25 +606,48 @@ class JobQueue(LoggingConfigurable):
 
         def reason(job) -> str | None:
             blocker = policy.blocker(job, capacity, ledger, limits)
+            if not blocker and (held := reservations.get(job.pool)) and not held.admits(job, now, take=False):
+                blocker = held.reason()
             return blocker or (gate()[1] if job.attestation_required else None)
 
         await self.store.db.run(self.store.set_waiting_reasons, reason)
         await self.store.db.run(self.store.charge_usage, penalties, self.usage_half_life)
         if not started:  # what is active is as read: preempt for a waiting job that preemption lets start
-            await self._preempt(ledger, capacity, limits, active)
+            waiting = sorted([*blocked, *waiting[:PREEMPTION_PLANS]], key=lambda head: self._turn(head, ledger))
+            self._preempt(waiting[:PREEMPTION_PLANS], capacity, limits, active, now)
 
-    async def _preempt(self, ledger: Ledger, capacity: dict[str, PoolCapacity], limits: policy.Limits, active: list):
-        """Stop the victims (:mod:`.preemption`) of the first owner's head job (of the first
-        :data:`PREEMPTION_PLANS`, in turn order) that preempting lets start, each requeued with ``preempted`` and
-        its reason; one preemption at a time, so that the next pass, once they are gone, starts the job they made
-        room for. Heads blocked by a full pool are no candidates of the pass: they are read here."""
+    def _reserve(self, waiting, capacity, ledger: Ledger, limits, active, now) -> dict[str, backfill.Reservation]:
+        """Per pool, the reservation (:mod:`.backfill`) of the first of ``waiting`` (in turn order) that waits only
+        for the pool's capacity, not a quota; kept for ``GET /jobs/{id}``'s estimated start."""
+        reservations: dict[str, backfill.Reservation] = {}
+        for head in waiting:
+            cap = capacity[head.pool]
+            if head.pool in reservations or policy.blocker(head, capacity, ledger, limits) != policy.short_of(
+                head, cap, ledger.pools[head.pool]
+            ):
+                continue
+            if reservation := backfill.reserve(head, active, cap, now):
+                reservations[head.pool] = reservation
+        self.reservations = {r.job_id: r for r in reservations.values()}
+        return reservations
+
+    def _charge_entry(self, row, ledger: Ledger, penalties: dict[str, float]) -> None:
+        """Charge a job that starts its fair-share entry penalty, in this pass's shares and in ``penalties``."""
+        penalty = fair_share.charges(
+            [row], lambda _: self.fair_share_entry_penalty, self._usage_weights(), ledger.cohorts.group_of
+        )
+        ledger.shares.add(penalty)
+        for key, amount in penalty.items():
+            penalties[key] = penalties.get(key, 0.0) + amount
+
+    def _preempt(self, waiting: list, capacity: dict[str, PoolCapacity], limits: policy.Limits, active: list, now):
+        """Stop the victims (:mod:`.preemption`) of the first of ``waiting`` (in turn order) that preempting lets
+        start, each requeued with ``preempted`` and its reason; one preemption at a time, so that the next pass,
+        once they are gone, starts the job they made room for."""
         if any(victim in self._stopping for victim in self._preempting) or not any(r.preemptible for r in active):
             return
         self._preempting.clear()
-        heads = await self.store.db.run(self.store.queued_jobs, True, (), 1)
-        heads.sort(key=lambda head: self._turn(head, ledger))
-        now = utcnow()
-        for job in heads[:PREEMPTION_PLANS]:
+        for job in waiting:
             plan = preemption.plan(
                 job,
                 active,

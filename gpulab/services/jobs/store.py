@@ -30,6 +30,7 @@ from sqlalchemy import (
     cast,
     false,
     func,
+    not_,
     or_,
     select,
     update,
@@ -140,6 +141,7 @@ class JobRow(Base):
     preemptible: Mapped[bool] = mapped_column(default=False)  # spec["preemptible"]
     preemptions: Mapped[int] = mapped_column(default=0)  # attempts stopped by preemption (no retry used)
     preempted: Mapped[bool] = mapped_column(default=False)  # its latest ended attempt was preempted
+    max_runtime: Mapped[int | None]  # spec["max_runtime"] (s), for backfill
 
     @property
     def output_notebook(self) -> str | None:
@@ -352,6 +354,7 @@ SCHEDULING_COLUMNS = (
     JobRow.array_id,
     JobRow.array_max,
     JobRow.asked_group,
+    JobRow.max_runtime,
 )
 """What the scheduler reads of a queued job (no spec, labels or other JSON but the owner's groups)."""
 
@@ -366,8 +369,27 @@ REASON_COLUMNS = (
     JobRow.array_id,
     JobRow.array_max,
     JobRow.asked_group,
+    JobRow.max_runtime,
 )
 """What a queued job's waiting reason depends on (``groups`` as JSON text, comparable in SQL)."""
+
+
+def _fits(capacity: dict[str, PoolCapacity], ledger: Ledger) -> ColumnElement:
+    """A job fits its pool's free capacity (a pool offered and not draining), as SQL."""
+    fits = []
+    for name, cap in capacity.items():
+        if cap.draining:
+            continue
+        used = ledger.pools[name]
+        cond = [
+            JobRow.pool == name,
+            JobRow.gpus <= cap.gpus - used.gpus,
+            JobRow.cpus <= cap.cpus - used.cpus + CPU_SLACK,
+        ]
+        if cap.memory is not None:
+            cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
+        fits.append(and_(*cond))
+    return or_(false(), *fits)
 
 
 def _due() -> list[ColumnElement]:
@@ -414,6 +436,7 @@ def new_job_row(owner: str, groups: list[str], spec: JobSpec, admin: bool = Fals
         held_by=spec.depends_on[0].job if spec.depends_on else None,
         asked_group=spec.group,
         preemptible=spec.preemptible,
+        max_runtime=spec.max_runtime,
     )
     for name, value in fields.items():
         setattr(row, name, value)
@@ -837,20 +860,7 @@ class JobStore(LoggingConfigurable):
 
         The scheduling pass reads only these: the rules of :func:`~.policy.blocker` that SQL can state, so that
         a queue of thousands costs a pass what the jobs that may start cost."""
-        fits = []
-        for name, cap in capacity.items():
-            if cap.draining:
-                continue
-            used = ledger.pools[name]
-            cond = [
-                JobRow.pool == name,
-                JobRow.gpus <= cap.gpus - used.gpus,
-                JobRow.cpus <= cap.cpus - used.cpus + CPU_SLACK,
-            ]
-            if cap.memory is not None:
-                cond.append(func.coalesce(JobRow.memory, 0) <= cap.memory - used.memory)
-            fits.append(and_(*cond))
-        where = [or_(false(), *fits)]
+        where = [_fits(capacity, ledger)]
         if full := ledger.full_arrays():  # a job array at its max_concurrent: none of its jobs may start
             where.append(or_(JobRow.array_id.is_(None), JobRow.array_id.not_in(full)))
         max_gpus = limits.user.get("max_gpus")
@@ -874,6 +884,26 @@ class JobStore(LoggingConfigurable):
                 ),
             ]
         return self.queued_jobs(where=where, per_owner=per_owner)
+
+    def queue_position(self, row: JobRow) -> int:
+        """1 + the due queued jobs of ``row``'s pool before it by admin priority, then age."""
+        ahead = or_(
+            JobRow.global_priority > row.global_priority,
+            and_(
+                JobRow.global_priority == row.global_priority,
+                or_(JobRow.created_at < row.created_at, and_(JobRow.created_at == row.created_at, JobRow.id < row.id)),
+            ),
+        )
+        with self.session() as session:
+            count = session.scalar(select(func.count()).where(*_due(), JobRow.pool == row.pool, ahead))
+        return 1 + int(count or 0)
+
+    def waiting_heads(self, capacity: dict[str, PoolCapacity], ledger: Ledger) -> list[Row]:
+        """Each owner's first due queued job (by the owner's priority, then age) that its pool, offered and not
+        draining, lacks the free capacity for: who may get a reservation (:mod:`.backfill`) or preempt."""
+        open_pools = [name for name, cap in capacity.items() if not cap.draining]
+        where = [JobRow.pool.in_(open_pools), not_(_fits(capacity, ledger))]
+        return self.queued_jobs(where=where, per_owner=1)
 
     def usage(self, by: Literal["owner", "pool"]) -> dict[str, Usage]:
         """Resources of running + dispatching jobs per owner or per pool."""

@@ -1913,6 +1913,18 @@ export interface components {
        * @default 0
        */
       preemptions: number;
+      /**
+       * Queue Position
+       * @description A queued job's place among its pool's due queued jobs by admin priority and age (1: next; fair share, quotas and each owner's own priorities can reorder them); GET /jobs/{id} only
+       * @default null
+       */
+      queue_position: number | null;
+      /**
+       * Estimated Start
+       * @description When a queued job holding its pool's reservation (backfill) starts at the latest, as the running jobs' max_runtime says; None when it cannot be computed; GET /jobs/{id} only
+       * @default null
+       */
+      estimated_start: string | null;
     };
     /** JobList */
     JobList: {

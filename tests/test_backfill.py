@@ -1,0 +1,104 @@
+"""Backfill with a reservation (gpulab/services/jobs/backfill.py), Slurm's: the reserved start is when enough of
+the running jobs end by their max_runtime; a job starts beside it only if it ends before or fits in what is spare
+then; a start that cannot be estimated lets only the spare through; and, on random workloads, backfill never
+delays a reserved job past the start it was first given."""
+
+import random
+from datetime import datetime, timedelta
+from itertools import count
+from types import SimpleNamespace
+
+import pytest
+
+from gpulab.services.jobs.backfill import reserve
+from gpulab.services.jobs.executors.base import PoolCapacity
+
+NOW = datetime(2026, 12, 7, 12, 0)
+POOL = PoolCapacity(gpus=8, cpus=64.0)
+ids = count()
+
+
+def job(gpus, max_runtime=None, started=None, cpus=1.0):
+    return SimpleNamespace(
+        id=f"j{next(ids)}",
+        pool="default",
+        gpus=gpus,
+        cpus=cpus,
+        memory=None,
+        max_runtime=max_runtime,
+        started_at=None if started is None else NOW - timedelta(seconds=started),
+    )
+
+
+def test_the_reserved_start_is_when_enough_running_jobs_end():
+    running = [job(4, max_runtime=200, started=100), job(3, max_runtime=400, started=100)]
+    big = job(6)
+    held = reserve(big, running, POOL, NOW)
+    assert held.start == NOW + timedelta(seconds=300) and held.job_id == big.id  # both must end: 1 + 4 + 3 free
+    assert held.spare["gpus"] == 2
+
+
+def test_jobs_start_beside_a_reservation_only_if_they_cannot_delay_it():
+    held = reserve(job(6), [job(4, max_runtime=200, started=100), job(3, max_runtime=400, started=100)], POOL, NOW)
+    assert held.admits(job(1, max_runtime=300), NOW)  # ends by the reserved start
+    assert held.spare["gpus"] == 2  # it took nothing of the spare
+    assert held.admits(job(2, max_runtime=3600), NOW)  # runs past it, but fits in the spare, which it takes
+    assert not held.admits(job(1), NOW)  # nothing spare left, and no max_runtime
+    assert not held.admits(job(1, max_runtime=301), NOW)
+    assert held.reason() == (
+        f"waiting: backfill: pool 'default' is reserved for job {held.job_id} (reserved from 2026-12-07 12:05:00 "
+        "UTC); this job would delay it (give it a max_runtime that ends before)"
+    )
+
+
+def test_a_start_that_cannot_be_estimated_lets_only_the_spare_through():
+    held = reserve(job(6), [job(4, started=10), job(3, max_runtime=60, started=10)], POOL, NOW)
+    assert held.start is None and held.spare["gpus"] == 2
+    assert not held.admits(job(3, max_runtime=1), NOW)
+    assert held.admits(job(2, max_runtime=1), NOW)
+    assert "its start cannot be estimated: a job it waits for has no max_runtime" in held.reason()
+
+
+def test_a_job_larger_than_its_pool_gets_no_reservation():
+    assert reserve(job(9), [], POOL, NOW) is None
+    assert reserve(job(0, cpus=65.0), [], POOL, NOW) is None
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_backfill_never_delays_the_reservation(seed):
+    """Jobs arrive in FIFO order onto 8 GPUs; each pass starts the head if it fits, else reserves for it and backfills
+    the rest by the rules. Jobs end at their runtime, at most their max_runtime. A reserved job starts no later than
+    the first start it was given."""
+    rng = random.Random(seed)
+    queue = []
+    for _ in range(40):
+        runtime = rng.randint(1, 30)
+        queue.append(
+            SimpleNamespace(
+                **vars(job(rng.choice([1, 1, 2, 8]), max_runtime=runtime + rng.randint(0, 10))), runtime=runtime
+            )
+        )
+    running, promised, started = [], {}, {}
+    for second in range(2000):
+        now = NOW + timedelta(seconds=second)
+        running = [r for r in running if r.started_at + timedelta(seconds=r.runtime) > now]
+        held = None
+        for candidate in list(queue):
+            free = POOL.gpus - sum(r.gpus for r in running)
+            if candidate.gpus > free:
+                if held is None:
+                    held = reserve(candidate, running, POOL, now)
+                    promised.setdefault(candidate.id, held.start)
+                continue
+            if held is not None and not held.admits(candidate, now):
+                continue
+            candidate.started_at = now
+            started[candidate.id] = now
+            queue.remove(candidate)
+            running.append(candidate)
+        if not queue:
+            break
+    assert not queue, "every job ran"
+    for job_id, start in promised.items():
+        assert started[job_id] <= start, f"job {job_id} started {started[job_id]}, promised {start}"
+    assert len(promised) > 3  # reservations were made, and kept
