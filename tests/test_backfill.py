@@ -10,17 +10,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpulab.services.jobs.backfill import reserve
+from gpulab.services.jobs.backfill import cohort_fits, pool_fits, reserve
+from gpulab.services.jobs.cohorts import Cohorts
 from gpulab.services.jobs.executors.base import PoolCapacity
 
 NOW = datetime(2026, 12, 7, 12, 0)
 POOL = PoolCapacity(gpus=8, cpus=64.0)
+FITS = pool_fits(POOL)
 ids = count()
 
 
-def job(gpus, max_runtime=None, started=None, cpus=1.0):
+def job(gpus, max_runtime=None, started=None, cpus=1.0, group=None):
     return SimpleNamespace(
         id=f"j{next(ids)}",
+        groups=[group] if group else [],
+        asked_group=None,
         pool="default",
         gpus=gpus,
         cpus=cpus,
@@ -33,15 +37,16 @@ def job(gpus, max_runtime=None, started=None, cpus=1.0):
 def test_the_reserved_start_is_when_enough_running_jobs_end():
     running = [job(4, max_runtime=200, started=100), job(3, max_runtime=400, started=100)]
     big = job(6)
-    held = reserve(big, running, POOL, NOW)
+    held = reserve(big, running, FITS, "pool 'default'", NOW)
     assert held.start == NOW + timedelta(seconds=300) and held.job_id == big.id  # both must end: 1 + 4 + 3 free
-    assert held.spare["gpus"] == 2
+    assert held.held == []  # nothing runs then: 2 GPUs are spare beside the big job
 
 
 def test_jobs_start_beside_a_reservation_only_if_they_cannot_delay_it():
-    held = reserve(job(6), [job(4, max_runtime=200, started=100), job(3, max_runtime=400, started=100)], POOL, NOW)
+    running = [job(4, max_runtime=200, started=100), job(3, max_runtime=400, started=100)]
+    held = reserve(job(6), running, FITS, "pool 'default'", NOW)
     assert held.admits(job(1, max_runtime=300), NOW)  # ends by the reserved start
-    assert held.spare["gpus"] == 2  # it took nothing of the spare
+    assert held.held == []  # it took nothing of the spare
     assert held.admits(job(2, max_runtime=3600), NOW)  # runs past it, but fits in the spare, which it takes
     assert not held.admits(job(1), NOW)  # nothing spare left, and no max_runtime
     assert not held.admits(job(1, max_runtime=301), NOW)
@@ -52,16 +57,29 @@ def test_jobs_start_beside_a_reservation_only_if_they_cannot_delay_it():
 
 
 def test_a_start_that_cannot_be_estimated_lets_only_the_spare_through():
-    held = reserve(job(6), [job(4, started=10), job(3, max_runtime=60, started=10)], POOL, NOW)
-    assert held.start is None and held.spare["gpus"] == 2
+    held = reserve(job(6), [job(4, started=10), job(3, max_runtime=60, started=10)], FITS, "pool 'default'", NOW)
+    assert held.start is None and held.held == []
     assert not held.admits(job(3, max_runtime=1), NOW)
     assert held.admits(job(2, max_runtime=1), NOW)
     assert "its start cannot be estimated: a job it waits for has no max_runtime" in held.reason()
 
 
 def test_a_job_larger_than_its_pool_gets_no_reservation():
-    assert reserve(job(9), [], POOL, NOW) is None
-    assert reserve(job(0, cpus=65.0), [], POOL, NOW) is None
+    assert reserve(job(9), [], FITS, "pool 'default'", NOW) is None
+    assert reserve(job(0, cpus=65.0), [], FITS, "pool 'default'", NOW) is None
+
+
+def test_a_cohort_is_reserved_for_a_job_that_waits_for_its_quota():
+    cohorts = Cohorts({"lab": {"ml": {"default": {"gpus": 4}}, "cv": {"default": {"gpus": 4}}}})
+    fits = cohort_fits(cohorts, "lab")
+    running = [job(3, max_runtime=600, started=0, group="cv"), job(4, max_runtime=60, started=0, group="ml")]
+    held = reserve(job(4, group="ml"), running, fits, "cohort 'lab' in pool 'default'", NOW)
+    assert held.start == NOW + timedelta(seconds=60) and held.held == [running[0]]
+    assert held.admits(job(1, max_runtime=30, group="cv"), NOW)  # ends before
+    assert held.admits(job(1, max_runtime=3600, group="cv"), NOW)  # cv's 4th GPU: still fits beside it
+    assert not held.admits(job(1, max_runtime=3600, group="ml"), NOW)
+    assert "cohort 'lab' in pool 'default' is reserved for job" in held.reason()
+    assert reserve(job(9, group="ml"), [], fits, "cohort", NOW) is None  # more than the cohort has
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -87,7 +105,7 @@ def test_backfill_never_delays_the_reservation(seed):
             free = POOL.gpus - sum(r.gpus for r in running)
             if candidate.gpus > free:
                 if held is None:
-                    held = reserve(candidate, running, POOL, now)
+                    held = reserve(candidate, running, FITS, "pool 'default'", now)
                     promised.setdefault(candidate.id, held.start)
                 continue
             if held is not None and not held.admits(candidate, now):

@@ -67,6 +67,18 @@ def test_a_group_uses_its_nominal_quota_and_borrows_what_the_others_leave_idle()
     )
 
 
+def test_cohorts_lending_to_each_other_are_one_root_cohort():
+    cohorts = Cohorts(RESEARCH, lend_between=True)
+    ledger_now = ledger(cohorts)
+    # infra's cohort ops has 2; with lending between cohorts it borrows research's idle quota (4 + 4 + 1)
+    assert cohorts.blocker(job("infra", gpus=11), "infra", ledger_now.cohort_use) is None
+    assert cohorts.blocker(job("infra", gpus=12), "infra", ledger_now.cohort_use) == (
+        "waiting: no cohort has gpus left in pool 'default' for group 'infra' to borrow (nominal 2, 0 in use)"
+    )
+    assert cohorts.lend_to_each_other("infra", "ml") and not Cohorts(RESEARCH).lend_to_each_other("infra", "ml")
+    assert cohorts.fit([job("infra", gpus=11)], "ops") and not Cohorts(RESEARCH).fit([job("infra", gpus=11)], "ops")
+
+
 def test_a_borrowing_limit_caps_what_a_group_takes_beyond_its_nominal_quota():
     assert why(job("vision", gpus=6)) is None
     assert why(job("vision", gpus=1), job("vision", gpus=6)) == (

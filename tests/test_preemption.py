@@ -59,6 +59,15 @@ def test_a_group_reclaims_what_another_group_borrowed_and_only_that():
     assert victims(job("cv", gpus=5, owner="carol"), own + borrowed) == ([], {})
 
 
+def test_with_lending_between_cohorts_a_group_reclaims_from_another_cohort():
+    two = {"a": {"ml": {"default": {"gpus": 4}}}, "b": {"cv": {"default": {"gpus": 4}}}}
+    borrowed = [job("ml", gpus=4, started=9000), job("ml", gpus=2, started=60)]  # 2 of cohort b's
+    capacity = {"default": PoolCapacity(gpus=8, cpus=64.0)}
+    found = plan(job("cv", gpus=4, owner="carol"), borrowed, capacity, NO_QUOTA, Cohorts(two, lend_between=True), NOW)
+    assert found.victims == [borrowed[1]] and found.reasons[borrowed[1].id] == "reclaim of group cv's quota in cohort b"
+    assert plan(job("cv", gpus=4, owner="carol"), borrowed, capacity, NO_QUOTA, Cohorts(two), NOW) is None
+
+
 def test_nothing_is_reclaimed_from_a_group_within_its_nominal_quota():
     running = [job("ml", gpus=4), job("cv", gpus=4)]
     assert victims(job("cv", owner="carol"), running) == ([], {})  # cv is at its own quota: it waits
@@ -88,6 +97,19 @@ def test_lower_priority_within_a_group():
         [],
         {},
     )
+
+
+def test_a_higher_priority_takes_what_other_groups_borrow_not_their_nominal_quota():
+    three = {"lab": {g: {"default": {"gpus": 4}} for g in ("ml", "cv", "nlp")}}  # nlp idle: the others borrow
+    ml = [job("ml", gpus=4, owner="bob", preemptible=False)]
+    # cv borrows 2 of nlp's; its newest job (4 GPUs) would take cv below its nominal 4, so the older 2-GPU one goes
+    cv = [job("cv", gpus=2, owner="carol", started=3600), job("cv", gpus=4, owner="carol", started=60)]
+    urgent = job("ml", gpus=2, owner="dave", admin_priority=50)  # would borrow nlp's other 2; the pool is full
+    chosen, reasons = victims(urgent, ml + cv, gpus=10, config=three)
+    assert chosen == [cv[0]] and reasons[cv[0].id] == "priority 50 over 0, of what group cv borrows"
+    assert victims(job("ml", gpus=2, owner="dave"), ml + cv, gpus=10, config=three) == ([], {})  # same priority
+    within = [job("cv", gpus=4, owner="carol"), *ml]  # cv within its nominal quota: not a victim
+    assert victims(job("ml", gpus=2, owner="dave", admin_priority=50), within, gpus=8, config=three) == ([], {})
 
 
 def test_equal_priority_victims_go_most_recently_started_first():

@@ -1,42 +1,55 @@
-"""Backfill with a reservation, Slurm's: the first job in turn order that waits for its pool's capacity (a large
-job behind a stream of small ones) gets a reservation, the time by which the running jobs it waits for end by
-their ``max_runtime``; other jobs start in that pool only if they cannot delay it. Pure functions of the running
-jobs, the pool's capacity and the clock (``tests/test_backfill.py``).
+"""Backfill with a reservation, Slurm's: the first job in turn order that waits for its pool's capacity, or for its
+cohort's quota (a large job behind a stream of small ones), gets a reservation there: the time by which the
+running jobs it waits for end, by their ``max_runtime``. Other jobs start in that pool (or cohort) only if they
+cannot delay it. Pure functions of the running jobs, what fits the scope and the clock (``tests/test_backfill.py``).
 
 A job may start beside a reservation if it ends before the reserved start (``now + max_runtime <= start``) or
-fits in what the pool has *spare* at the reserved start, beyond what the reserved job needs (jobs started this
-way take from the spare). When a job the reservation waits for has no ``max_runtime``, the start cannot be
-estimated and only the spare rule lets jobs through, so the reserved job is never delayed either way.
+fits beside the reserved job in what will still be held at the reserved start (jobs started this way are then
+counted as held). When a job the reservation waits for has no ``max_runtime``, the start cannot be estimated and
+only the second rule lets jobs through, so the reserved job is never delayed either way.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from .cohorts import Cohorts
 from .executors.base import PoolCapacity
 from .policy import CPU_SLACK
 
 RESOURCES = ("gpus", "cpus", "memory")
+Fits = Callable[[list], bool]  # whether these jobs may hold their resources at once in the scope
 
 
 @dataclass
 class Reservation:
-    """Pool capacity held for ``job_id`` from ``start`` (None: cannot be estimated); ``spare``: what the pool has
-    beyond the job's needs at its start, per resource."""
+    """``scope`` (a pool or a cohort) held for ``job`` from ``start`` (None: cannot be estimated); ``held``: the
+    jobs that will hold resources there at ``start`` (running ones not ended by then, and those backfilled)."""
 
-    job_id: str
-    pool: str
+    job: object
+    scope: str
     start: datetime | None
-    spare: dict[str, float]
+    held: list
+    fits: Fits
+    _fit: dict = field(default_factory=dict)  # what fits beside it, by job shape, until ``held`` grows
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
 
     def admits(self, job, now: datetime, take: bool = True) -> bool:
-        """Whether ``job`` may start now without delaying the reservation; if it fits only in the spare, it takes
-        its share of it (``take``: a job that starts; not when only asking why a job waits)."""
+        """Whether ``job`` may start now without delaying the reservation; a job that will still run at the
+        reserved start is counted as held from then on (``take``: a job that starts; not when only asking why a
+        job waits)."""
         if self.start is not None and job.max_runtime and now + timedelta(seconds=job.max_runtime) <= self.start:
             return True
-        if all(_amount(job, r) <= self.spare[r] + CPU_SLACK for r in RESOURCES):
+        shape = (job.pool, job.gpus, job.cpus, job.memory, tuple(job.groups), job.asked_group)
+        if shape not in self._fit:
+            self._fit[shape] = self.fits([*self.held, self.job, job])
+        if self._fit[shape]:
             if take:
-                for r in RESOURCES:
-                    self.spare[r] -= _amount(job, r)
+                self.held.append(job)
+                self._fit.clear()
             return True
         return False
 
@@ -47,31 +60,38 @@ class Reservation:
             else "its start cannot be estimated: a job it waits for has no max_runtime"
         )
         return (
-            f"waiting: backfill: pool '{self.pool}' is reserved for job {self.job_id} ({when}); this job would "
+            f"waiting: backfill: {self.scope} is reserved for job {self.job_id} ({when}); this job would "
             "delay it (give it a max_runtime that ends before)"
         )
 
 
-def reserve(job, running: list, cap: PoolCapacity, now: datetime) -> Reservation | None:
-    """The reservation of ``job`` in its pool, given the active jobs there (``running``: with ``started_at`` and
-    ``max_runtime``), or None when the pool could never hold it."""
-    need = {r: _amount(job, r) for r in RESOURCES}
-    total = {"gpus": cap.gpus, "cpus": cap.cpus, "memory": cap.memory if cap.memory is not None else float("inf")}
-    if any(need[r] > total[r] + CPU_SLACK for r in RESOURCES):
+def reserve(job, holders: list, fits: Fits, scope: str, now: datetime) -> Reservation | None:
+    """The reservation of ``job`` in ``scope``, given the active jobs there (``holders``: with ``started_at`` and
+    ``max_runtime``), or None when the scope could never hold it."""
+    if not fits([job]):
         return None
-    holding = [r for r in running if r.pool == job.pool]
-    free = {r: total[r] - sum(_amount(h, r) for h in holding) for r in RESOURCES}
-    start: datetime | None = now
-    by_end = sorted(holding, key=lambda h: (_end(h) is None, _end(h) or now, h.id))
-    ended = 0
-    while not all(need[r] <= free[r] + CPU_SLACK for r in RESOURCES):
-        gone = by_end[ended]
-        ended += 1
-        for r in RESOURCES:
-            free[r] += _amount(gone, r)
-        end = _end(gone)
-        start = None if start is None or end is None else max(start, end)
-    return Reservation(job.id, job.pool, start, {r: free[r] - need[r] for r in RESOURCES})
+    by_end = sorted(holders, key=lambda h: (_end(h) is None, _end(h) or now, h.id))
+    low, high = 0, len(by_end)  # the fewest first-ending jobs whose end lets it fit (a bisection: fewer never fit)
+    while low < high:
+        middle = (low + high) // 2
+        if fits([*by_end[middle:], job]):
+            high = middle
+        else:
+            low = middle + 1
+    ends = [_end(h) for h in by_end[:low]]
+    start = None if None in ends else max(ends, default=now)
+    return Reservation(job, scope, max(start, now) if start else start, by_end[low:], fits)
+
+
+def pool_fits(cap: PoolCapacity) -> Fits:
+    """What fits a pool: its capacity of each resource."""
+    total = {"gpus": cap.gpus, "cpus": cap.cpus, "memory": cap.memory if cap.memory is not None else float("inf")}
+    return lambda jobs: all(sum(_amount(j, r) for j in jobs) <= total[r] + CPU_SLACK for r in RESOURCES)
+
+
+def cohort_fits(cohorts: Cohorts, cohort: str) -> Fits:
+    """What fits a cohort: its groups' quotas, borrowing and lending limits (:meth:`.Cohorts.fit`)."""
+    return lambda jobs: cohorts.fit(jobs, cohort)
 
 
 def _end(row) -> datetime | None:

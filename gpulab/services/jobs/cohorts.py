@@ -63,16 +63,19 @@ class CohortUse:
     held: defaultdict[str, defaultdict[Key, float]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(float))
     )
+    drawn: dict = field(default_factory=dict)  # (lenders' scope, key) -> what they draw, until the next charge
 
     def charge(self, group: str, job) -> None:
         for resource in RESOURCES:
             self.held[group][job.pool, resource] += request(job, resource)
+        self.drawn.clear()
 
 
 class Cohorts:
     """The cohorts configured: which cohort a group is in, each group's quotas, and which group a job uses."""
 
-    def __init__(self, config: dict, default_group: str = ""):
+    def __init__(self, config: dict, default_group: str = "", lend_between: bool = False):
+        self.lend_between = lend_between  # cohorts lend one another what none of their groups use
         self.quotas: dict[str, dict[Key, Quota]] = {}
         self.cohort_of: dict[str, str] = {}
         self.members: dict[str, list[str]] = {}
@@ -94,6 +97,8 @@ class Cohorts:
         if default_group and default_group not in self.cohort_of:
             raise CohortConfigError(f"cohort_default_group {default_group!r} is in no cohort (JobQueue.cohorts)")
         self.default_group = default_group or None
+        self._all_groups = sorted(self.cohort_of)
+        self._lendables: dict = {}
 
     def group_of(self, job) -> str | None:
         """The group whose quota the job uses: the one it asked for (``asked_group``, one of its owner's groups),
@@ -123,8 +128,9 @@ class Cohorts:
                 )
             if self._drawn(cohort, key, use, group, want) > self._lendable(cohort, key) + SLACK:
                 mine = "within its nominal quota" if used + want <= quota.nominal + SLACK else "to borrow"
+                where = f"no cohort has {resource}" if self.lend_between else f"cohort '{cohort}' has no {resource}"
                 return (
-                    f"waiting: cohort '{cohort}' has no {resource} left in pool '{job.pool}' for group "
+                    f"waiting: {where} left in pool '{job.pool}' for group "
                     f"'{group}' {mine} (nominal {_amount(quota.nominal, resource)}, {_amount(used, resource)} in use)"
                 )
         return None
@@ -137,21 +143,50 @@ class Cohorts:
                 return True
         return False
 
+    def lenders(self, cohort: str) -> list[str]:
+        """The groups whose unused quota ``cohort``'s groups may borrow: its own, or with ``lend_between`` every
+        cohort's (as if all cohorts were children of one root cohort, Kueue's hierarchical cohorts)."""
+        return self._all_groups if self.lend_between else self.members[cohort]
+
+    def lend_to_each_other(self, group: str, other: str) -> bool:
+        """Whether ``group`` and ``other`` borrow from one another."""
+        return self.lend_between or self.cohort_of[group] == self.cohort_of[other]
+
+    def fit(self, jobs, cohort: str) -> bool:
+        """Whether ``jobs`` (of the groups ``cohort`` borrows from) may all hold their resources at once: no group
+        beyond its ``nominal + borrowing_limit``, no more drawn than those groups lend."""
+        lenders = self.lenders(cohort)
+        use = CohortUse()
+        for job in jobs:
+            if (group := self.group_of(job)) and group in lenders:
+                use.charge(group, job)
+        for key in {key for group in lenders for key in self.quotas[group]}:
+            drawn = 0.0
+            for group in lenders:
+                if (quota := self.quotas[group].get(key)) is not None:
+                    used = use.held[group][key]
+                    if used > quota.ceiling + SLACK:
+                        return False
+                    drawn += max(used - quota.guaranteed, 0.0)
+            if drawn > self._lendable(cohort, key) + SLACK:
+                return False
+        return True
+
     def numbers(self, cohort: str, use: CohortUse) -> dict[str, dict[str, dict[str, CohortResource]]]:
         """Each member's quota, use, borrowing and lending: group -> pool -> resource -> its numbers.
 
         What is borrowed in a (pool, resource) is counted as lent by the members with idle lendable quota there, in
         proportion to it (Kueue does not say which lender lends what; this splits it evenly by what each can)."""
-        members = self.members[cohort]
+        members, lenders = self.members[cohort], self.lenders(cohort)
         keys = {key for group in members for key in self.quotas[group]}
         out: dict = {group: defaultdict(dict) for group in members}
         for key in sorted(keys):
-            quotas = {g: q for g in members if (q := self.quotas[g].get(key)) is not None}
+            quotas = {g: q for g in lenders if (q := self.quotas[g].get(key)) is not None}
             used = {g: use.held[g][key] for g in quotas}
             borrowed = {g: max(used[g] - q.nominal, 0.0) for g, q in quotas.items()}
             idle = {g: max(q.nominal - max(used[g], q.guaranteed), 0.0) for g, q in quotas.items()}
             total_borrowed, total_idle = sum(borrowed.values()), sum(idle.values())
-            for group, quota in quotas.items():
+            for group, quota in ((g, q) for g, q in quotas.items() if g in members):
                 lent = total_borrowed * idle[group] / total_idle if total_idle else 0.0
                 out[group][key[0]][key[1]] = CohortResource(
                     nominal=quota.nominal,
@@ -164,16 +199,28 @@ class Cohorts:
         return {group: dict(pools) for group, pools in out.items()}
 
     def _lendable(self, cohort: str, key: Key) -> float:
-        return sum(q.nominal - q.guaranteed for g in self.members[cohort] if (q := self.quotas[g].get(key)))
+        scope = (self._scope(cohort), key)
+        if scope not in self._lendables:
+            lenders = self.lenders(cohort)
+            self._lendables[scope] = sum(q.nominal - q.guaranteed for g in lenders if (q := self.quotas[g].get(key)))
+        return self._lendables[scope]
 
     def _drawn(self, cohort: str, key: Key, use: CohortUse, group: str, want: float) -> float:
-        """What the members would draw on the cohort's lendable total once ``group`` uses ``want`` more."""
-        drawn = 0.0
-        for member in self.members[cohort]:
-            if (quota := self.quotas[member].get(key)) is not None:
-                used = use.held[member][key] + (want if member == group else 0)
-                drawn += max(used - quota.guaranteed, 0.0)
-        return drawn
+        """What the lenders' groups would draw on their lendable total once ``group`` uses ``want`` more (their
+        total is kept in ``use`` until it changes: a pass asks this for every job it looks at)."""
+        scope = (self._scope(cohort), key)
+        if scope not in use.drawn:
+            use.drawn[scope] = sum(
+                max(use.held[m][key] - q.guaranteed, 0.0)
+                for m in self.lenders(cohort)
+                if (q := self.quotas[m].get(key)) is not None
+            )
+        quota, used = self.quotas[group][key], use.held[group][key]
+        return use.drawn[scope] - max(used - quota.guaranteed, 0.0) + max(used + want - quota.guaranteed, 0.0)
+
+    def _scope(self, cohort: str) -> str | None:
+        """Whose quota ``cohort``'s groups share: the cohort's, or everyone's (None) with ``lend_between``."""
+        return None if self.lend_between else cohort
 
 
 SLACK = 1e-9  # float CPUs: 0.1 * 3 fits in 0.3

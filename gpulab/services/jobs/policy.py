@@ -107,7 +107,7 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
             return f"waiting: {scope}quota max_jobs={max_jobs} reached"
         if max_gpus is not None and used.gpus + job.gpus > max_gpus:
             return f"waiting: {scope}quota max_gpus={max_gpus} reached ({used.gpus} in use, job needs {job.gpus})"
-    if (group := ledger.cohorts.group_of(job)) and (why := ledger.cohorts.blocker(job, group, ledger.cohort_use)):
+    if why := cohort_blocker(job, ledger):
         return why
     cap = capacity.get(job.pool)
     if cap is None:
@@ -115,6 +115,12 @@ def blocker(job, capacity: dict[str, PoolCapacity], ledger: Ledger, limits: Limi
     if cap.draining:
         return f"waiting: pool '{job.pool}' is draining (an admin stopped new jobs there)"
     return short_of(job, cap, ledger.pools[job.pool])
+
+
+def cohort_blocker(job, ledger: Ledger) -> str | None:
+    """Why ``job`` does not fit its cohort group's quota now (:meth:`.Cohorts.blocker`), or None."""
+    group = ledger.cohorts.group_of(job)
+    return ledger.cohorts.blocker(job, group, ledger.cohort_use) if group else None
 
 
 def short_of(job, cap: PoolCapacity, used: Usage) -> str | None:

@@ -8,7 +8,9 @@ seconds. The triggers:
   (victims: jobs of groups using more than their nominal quota, of any priority);
 - **priority** (Kueue's ``LowerPriority``): a job preempts jobs of its own cohort group (or, outside cohorts, of
   its pool) with a lower priority: a lower admin priority (``global_priority``), or the same owner's lower
-  ``priority``, so that no user can preempt another with a number they chose.
+  ``priority``, so that no user can preempt another with a number they chose; and jobs of other groups of its
+  cohort with a lower admin priority, from what those groups borrow (Kueue's ``borrowWithinCohort``), never
+  from their nominal quota.
 
 Victims are taken in Kueue's order, borrowers first, then the lowest priority, then the most recently started,
 until the job fits; then each is given back, newest choice first, if the job still fits without it (the smallest
@@ -61,12 +63,20 @@ def plan(
             within_nominal
             and victim_group is not None
             and victim_group != group
-            and cohorts.cohort_of[victim_group] == cohorts.cohort_of[group]
+            and cohorts.lend_to_each_other(victim_group, group)
             and _borrowing(cohorts, ledger, victim_group, job)
         ):
             reasons[victim.id] = f"reclaim of group {group}'s quota in cohort {cohorts.cohort_of[group]}"
         elif victim_group == group and _lower(victim, job):
             reasons[victim.id] = _priority_reason(job, victim)
+        elif (
+            group is not None
+            and victim_group is not None
+            and cohorts.lend_to_each_other(victim_group, group)
+            and victim.global_priority < job.global_priority
+            and _borrowing(cohorts, ledger, victim_group, job)
+        ):  # Kueue's borrowWithinCohort: LowerPriority, of what other groups borrow
+            reasons[victim.id] = f"{_priority_reason(job, victim)}, of what group {victim_group} borrows"
     if not reasons:
         return None
     borrowing = {g for g in {cohorts.group_of(v) for v in running} if g and _borrowing(cohorts, ledger, g, job)}
@@ -79,8 +89,20 @@ def plan(
         gone = {v.id for v in victims}
         return blocker(job, capacity, _ledger(cohorts, [r for r in running if r.id not in gone]), limits) is None
 
+    def keeps_nominal(victims: list) -> bool:
+        """A borrowing group's job is only a victim of a higher priority from what its group borrows."""
+        gone = {v.id for v in victims}
+        after = _ledger(cohorts, [r for r in running if r.id not in gone])
+        return all(
+            _within_borrowed(cohorts, after, cohorts.group_of(v), job)
+            for v in victims
+            if reasons[v.id].endswith(" borrows")
+        )
+
     chosen = []
     for victim in order:
+        if not keeps_nominal([*chosen, victim]):
+            continue
         chosen.append(victim)
         if fits(chosen):
             break
@@ -119,6 +141,15 @@ def _borrowing(cohorts: Cohorts, ledger: Ledger, group: str, job) -> bool:
         if quota and request(job, resource) and ledger.cohort_use.held[group][job.pool, resource] > quota.nominal:
             return True
     return False
+
+
+def _within_borrowed(cohorts: Cohorts, ledger: Ledger, group: str, job) -> bool:
+    """Whether ``group`` still uses at least its nominal quota of each resource ``job`` needs, in ``job``'s pool."""
+    for resource in RESOURCES:
+        quota = cohorts.quotas[group].get((job.pool, resource))
+        if quota and request(job, resource) and ledger.cohort_use.held[group][job.pool, resource] < quota.nominal:
+            return False
+    return True
 
 
 def _lower(victim, job) -> bool:

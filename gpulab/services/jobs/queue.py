@@ -27,8 +27,9 @@ from gpulab.secrets import JOB_SECRET_ENV
 from gpulab.service.periodic import periodic
 from gpulab.service.storage import utcnow
 
-from . import backfill, dependencies, fair_share, policy, preemption, views
+from . import dependencies, fair_share, policy, preemption, views
 from .attempts import Attempts
+from .backfill import Reservation, cohort_fits, pool_fits, reserve
 from .cohorts import CohortConfigError, Cohorts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
 from .executors.local import handle_file
@@ -109,6 +110,12 @@ class JobQueue(LoggingConfigurable):
         "do not use (up to its borrowing_limit), and lends its own unused quota (up to its lending_limit). See "
         "docs/jobs.md 'Cohorts'.",
     ).tag(config=True)
+    lend_between_cohorts = Bool(
+        False,
+        help="Cohorts lend one another what none of their groups use, as children of one root cohort (Kueue's "
+        "hierarchical cohorts): a group borrows beyond its cohort; what its cohort lent is reclaimed (preemption) "
+        "like a group's. False: each cohort is a slice of the cluster of its own.",
+    ).tag(config=True)
     cohort_default_group = Unicode(
         "",
         help="The cohort group whose quota jobs use when their owner is in no group of a cohort (empty: such jobs "
@@ -157,6 +164,11 @@ class JobQueue(LoggingConfigurable):
     retry_backoff = Float(5.0, help="Delay before retry n is retry_backoff * 2**(n-1) s.").tag(config=True)
     retry_backoff_max = Float(300.0, help="Upper bound of the retry delay (s).").tag(config=True)
     cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(config=True)
+    backfill = Bool(
+        True,
+        help="Backfill with a reservation (Slurm's): the first job waiting for its pool's capacity reserves it, and "
+        "other jobs start there only if they cannot delay it. False: whatever fits starts (best effort).",
+    ).tag(config=True)
     preemption_grace = Float(
         60.0,
         help="Seconds a preempted attempt has between SIGTERM and SIGKILL to write its checkpoint "
@@ -242,12 +254,13 @@ class JobQueue(LoggingConfigurable):
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout/preemption in progress
         self._preempting: set[str] = set()  # the victims of the latest preemption
         self._sampled_at = utcnow()  # when active jobs' use was last charged to fair share
-        self.reservations: dict[str, backfill.Reservation] = {}  # job id -> its pool's reservation, as of the last pass
+        self.reservations: dict[str, Reservation] = {}  # job id -> the reservation it holds, as of the last pass
+        self._holders: dict[tuple, str] = {}  # scope -> the job that holds its reservation (kept across passes)
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
         self.attempts = Attempts(self)  # what each attempt starts with
         try:
-            self.cohort_quotas = Cohorts(self.cohorts, self.cohort_default_group)
+            self.cohort_quotas = Cohorts(self.cohorts, self.cohort_default_group, self.lend_between_cohorts)
         except CohortConfigError as e:
             raise TraitError(f"JobQueue.{e}") from None
 
@@ -567,9 +580,9 @@ class JobQueue(LoggingConfigurable):
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         now = utcnow()
-        waiting = await self.store.db.run(self.store.waiting_heads, capacity, ledger)  # for the pools' capacity
-        waiting.sort(key=lambda head: self._turn(head, ledger))
-        reservations = self._reserve(waiting, capacity, ledger, limits, active, now)
+        waiting = await self.store.db.run(self.store.oldest_waiting, capacity, ledger, PREEMPTION_PLANS)
+        holders = await self.store.db.run(self.store.queued_jobs, True, [JobRow.id.in_(list(self._holders.values()))])
+        reservations = self._reserve(holders, capacity, ledger, limits, active, now)
         started, blocked, penalties = False, [], {}
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
@@ -582,8 +595,10 @@ class JobQueue(LoggingConfigurable):
             if not heads[owner]:
                 del heads[owner]
             attested, blocker = None, policy.blocker(row, capacity, ledger, limits)
-            if not blocker and (held := reservations.get(row.pool)) and not held.admits(row, now):
-                blocker = held.reason()
+            if not blocker:
+                blocker = self._reserved(row, reservations, ledger, now)
+            else:
+                blocked.append((row, blocker))
             if not blocker and row.attestation_required:
                 attested, blocker = gate()
             if not blocker:
@@ -592,8 +607,6 @@ class JobQueue(LoggingConfigurable):
                     ledger.charge(row, gpu_ids)
                     started = True
                     self._charge_entry(row, ledger, penalties)
-            elif len(blocked) < PREEMPTION_PLANS:
-                blocked.append(row)
             if owner in more and owner not in heads:
                 more.discard(owner)
                 room = limits.room(ledger.owners[owner])
@@ -606,30 +619,75 @@ class JobQueue(LoggingConfigurable):
 
         def reason(job) -> str | None:
             blocker = policy.blocker(job, capacity, ledger, limits)
-            if not blocker and (held := reservations.get(job.pool)) and not held.admits(job, now, take=False):
-                blocker = held.reason()
+            blocker = blocker or self._reserved(job, reservations, ledger, now, take=False)
             return blocker or (gate()[1] if job.attestation_required else None)
 
         await self.store.db.run(self.store.set_waiting_reasons, reason)
         await self.store.db.run(self.store.charge_usage, penalties, self.usage_half_life)
+        blocked += [(head, policy.blocker(head, capacity, ledger, limits)) for head in waiting]
+        self._choose_holders(blocked, capacity, ledger)
         if not started:  # what is active is as read: preempt for a waiting job that preemption lets start
-            waiting = sorted([*blocked, *waiting[:PREEMPTION_PLANS]], key=lambda head: self._turn(head, ledger))
-            self._preempt(waiting[:PREEMPTION_PLANS], capacity, limits, active, now)
+            first = sorted((row for row, _ in blocked), key=lambda head: self._turn(head, ledger))
+            self._preempt(first[:PREEMPTION_PLANS], capacity, limits, active, now)
 
-    def _reserve(self, waiting, capacity, ledger: Ledger, limits, active, now) -> dict[str, backfill.Reservation]:
-        """Per pool, the reservation (:mod:`.backfill`) of the first of ``waiting`` (in turn order) that waits only
-        for the pool's capacity, not a quota; kept for ``GET /jobs/{id}``'s estimated start."""
-        reservations: dict[str, backfill.Reservation] = {}
-        for head in waiting:
-            cap = capacity[head.pool]
-            if head.pool in reservations or policy.blocker(head, capacity, ledger, limits) != policy.short_of(
-                head, cap, ledger.pools[head.pool]
-            ):
+    def _reserve(self, holders, capacity, ledger: Ledger, limits, active, now) -> dict[tuple, Reservation]:
+        """The reservations (:mod:`.backfill`) of the pass, by scope (a pool, or a cohort in a pool), for the jobs
+        that hold them (``holders``: as read, still queued) while they still wait for that scope only; kept, by job
+        id, for ``GET /jobs/{id}``'s estimated start."""
+        reservations: dict[tuple, Reservation] = {}
+        self.reservations = {}
+        held = {job_id: scope for scope, job_id in self._holders.items()}
+        self._holders = {}
+        for job in holders if self.backfill else ():
+            scope = self._scope(job, policy.blocker(job, capacity, ledger, limits), capacity, ledger)
+            if scope is None or scope != held.get(job.id):
                 continue
-            if reservation := backfill.reserve(head, active, cap, now):
-                reservations[head.pool] = reservation
-        self.reservations = {r.job_id: r for r in reservations.values()}
+            if scope[0] == "pool":
+                fits, where = pool_fits(capacity[job.pool]), f"pool '{job.pool}'"
+                members = [r for r in active if r.pool == job.pool]
+            else:
+                fits, where = cohort_fits(ledger.cohorts, scope[1]), f"cohort '{scope[1]}' in pool '{job.pool}'"
+                groups = set(ledger.cohorts.lenders(scope[1]))
+                members = [r for r in active if r.pool == job.pool and ledger.cohorts.group_of(r) in groups]
+            if reservation := reserve(job, members, fits, where, now):
+                reservations[scope] = self.reservations[job.id] = reservation
+                self._holders[scope] = job.id
         return reservations
+
+    def _choose_holders(self, blocked: list, capacity, ledger: Ledger) -> None:
+        """For each scope no job holds, the oldest of ``blocked`` (``(job, why it waits)``, seen this pass) that
+        waits for that scope only holds it from the next pass on, until it starts (Slurm reserves for the
+        longest waiting)."""
+        for job, why in sorted(blocked, key=lambda item: (item[0].created_at, item[0].id)) if self.backfill else ():
+            scope = self._scope(job, why, capacity, ledger)
+            if scope is not None and scope not in self._holders:
+                self._holders[scope] = job.id
+
+    @staticmethod
+    def _scope(job, why: str | None, capacity, ledger: Ledger) -> tuple | None:
+        """What ``job`` waits for when ``why`` says it waits for one thing a reservation can hold: its pool's
+        capacity (``("pool", pool)``) or its cohort's quota (``("cohort", cohort, pool)``)."""
+        cap = capacity.get(job.pool)
+        if why is None or cap is None or cap.draining:
+            return None
+        if why == policy.short_of(job, cap, ledger.pools[job.pool]):
+            return "pool", job.pool
+        if why == policy.cohort_blocker(job, ledger):
+            return "cohort", ledger.cohorts.cohort_of[ledger.cohorts.group_of(job)], job.pool
+        return None
+
+    @staticmethod
+    def _reserved(job, reservations: dict, ledger: Ledger, now, take: bool = True) -> str | None:
+        """Why ``job``, which fits, would delay a reservation of its pool or of its cohort there, or None."""
+        group = ledger.cohorts.group_of(job)
+        scopes = [("pool", job.pool)] + ([("cohort", ledger.cohorts.cohort_of[group], job.pool)] if group else [])
+        held = [r for scope in scopes if (r := reservations.get(scope))]
+        for reservation in held:
+            if not reservation.admits(job, now, take=False):
+                return reservation.reason()
+        for reservation in held if take else ():
+            reservation.admits(job, now)
+        return None
 
     def _charge_entry(self, row, ledger: Ledger, penalties: dict[str, float]) -> None:
         """Charge a job that starts its fair-share entry penalty, in this pass's shares and in ``penalties``."""

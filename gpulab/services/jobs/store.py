@@ -898,12 +898,19 @@ class JobStore(LoggingConfigurable):
             count = session.scalar(select(func.count()).where(*_due(), JobRow.pool == row.pool, ahead))
         return 1 + int(count or 0)
 
-    def waiting_heads(self, capacity: dict[str, PoolCapacity], ledger: Ledger) -> list[Row]:
-        """Each owner's first due queued job (by the owner's priority, then age) that its pool, offered and not
-        draining, lacks the free capacity for: who may get a reservation (:mod:`.backfill`) or preempt."""
+    def oldest_waiting(self, capacity: dict[str, PoolCapacity], ledger: Ledger, limit: int) -> list[Row]:
+        """The ``limit`` oldest due queued jobs that their pool, offered and not draining, lacks the free capacity
+        for (no candidates of the pass): who may get a reservation (:mod:`.backfill`) or preempt. Read along the
+        creation-time index, so a deep queue costs no more."""
         open_pools = [name for name, cap in capacity.items() if not cap.draining]
-        where = [JobRow.pool.in_(open_pools), not_(_fits(capacity, ledger))]
-        return self.queued_jobs(where=where, per_owner=1)
+        query = (
+            select(*SCHEDULING_COLUMNS)
+            .where(*_due(), JobRow.pool.in_(open_pools), not_(_fits(capacity, ledger)))
+            .order_by(JobRow.created_at, JobRow.id)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return list(session.execute(query))
 
     def usage(self, by: Literal["owner", "pool"]) -> dict[str, Usage]:
         """Resources of running + dispatching jobs per owner or per pool."""
