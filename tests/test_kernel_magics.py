@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from gpulab.kernels.client import JobsClient, NoCapacity, job_spec
+from gpulab.kernels.pipelines import Pipeline
 from tests.support.gpulab_up import Platform
 from tests.support.kernel import Kernel
 
@@ -229,7 +230,11 @@ def test_a_pipeline_runs_its_steps_in_order_and_cancels_what_a_failure_leaves_un
     client = JobsClient(env["GPULAB_JOBS_URL"], env["JUPYTERHUB_API_TOKEN"])
     labelled = client.request("GET", "/jobs", params={"label": f"gpulab.pipeline={pipeline_id}"})
     assert sorted(j["labels"]["gpulab.step"] for j in labelled.json()["jobs"]) == sorted(final)
-    assert client.request("GET", f"/pipelines/{pipeline_id}").json()["state"] == "failed"
+    pipeline = Pipeline(client, client.request("GET", f"/pipelines/{pipeline_id}").json())
+    assert pipeline.data["state"] == "failed"
+    assert {step: job.state for step, job in pipeline.jobs.items()} == {
+        name: said.split(" ")[0] for name, said in final.items()
+    }
 
 
 def test_schedule_makes_a_schedule_the_service_keeps(kernel):

@@ -110,8 +110,13 @@ class Pipeline:
 
     @property
     def jobs(self) -> dict[str, Job]:
-        """Each step's job."""
-        return {step["name"]: self.client.get(step["job_id"]) for step in self.data["steps"]}
+        """Each step's job (one request: the jobs labelled with this pipeline)."""
+        params = {"label": f"gpulab.pipeline={self.id}", "limit": pipeline_graph.MAX_STEPS}
+        listed = {
+            item["id"]: Job(self.client, item)
+            for item in self.client.request("GET", "/jobs", params=params).json()["jobs"]
+        }
+        return {step["name"]: listed[step["job_id"]] for step in self.data["steps"] if step["job_id"] in listed}
 
     def wait(self, timeout: float | None = None, interval: float = 1.0) -> dict[str, str | None]:
         """Wait until every step has ended; each step's final state."""

@@ -6,6 +6,7 @@ import math
 import re
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 from jupyterhub.services.auth import check_scopes
 from tornado import web
@@ -198,16 +199,18 @@ class ArrayCancelHandler(UserHandler):
     """Cancel every job of a job array that has not ended (running ones are stopped as a job's cancel stops
     them); waits, then answers the array's jobs by index."""
 
-    async def array(self, array_id: str) -> list:
-        rows, _ = await self.store.db.run(self.store.list_jobs, array_id=array_id, limit=MAX_ARRAY)
-        if not rows or (rows[0].owner != self.user_name and not self.is_admin):
-            raise APIError(404, f"no job array {array_id}", field="id", code="not_found")
-        return sorted(rows, key=lambda r: r.array_index)
+    def members(self, array_id: str) -> SimpleNamespace:
+        """The array's jobs by index, with their ``owner`` (``LookupError`` when there are none)."""
+        rows, _ = self.store.list_jobs(array_id=array_id, limit=MAX_ARRAY)
+        if not rows:
+            raise JobNotFound(array_id)
+        return SimpleNamespace(owner=rows[0].owner, rows=sorted(rows, key=lambda r: r.array_index))
 
     async def post(self, array_id):
-        unfinished = [r.id for r in await self.array(array_id) if r.state in UNFINISHED_STATES]
+        array = await self.owned(self.members, array_id, "job array")
+        unfinished = [r.id for r in array.rows if r.state in UNFINISHED_STATES]
         await self.queue.cancel_each(unfinished, f"cancelled by {self.user_name}")
-        rows = await self.array(array_id)
+        rows = (await self.owned(self.members, array_id, "job array")).rows
         self.write_json(JobList(jobs=[self.queue.job_model(r) for r in rows], next_cursor=None))
 
 

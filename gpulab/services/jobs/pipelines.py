@@ -74,6 +74,7 @@ class PipelineStore:
                     return existing, False
                 self.store.check_room(session, owner, max_queued, len(spec.steps))
                 job_ids: dict[str, str] = {}
+                rows = []
                 for step in spec.ordered():
                     job = step.job.model_copy(
                         update={
@@ -82,9 +83,11 @@ class PipelineStore:
                             "depends_on": [Dependency(job=job_ids[n], condition=step.condition) for n in step.needs],
                         }
                     )
-                    row = new_job_row(owner, groups, job, admin, schedule_id=schedule_id, pipeline_id=pipeline_id)
-                    self.store.add_job(session, row)
-                    job_ids[step.name] = row.id
+                    rows.append(
+                        new_job_row(owner, groups, job, admin, schedule_id=schedule_id, pipeline_id=pipeline_id)
+                    )
+                    job_ids[step.name] = rows[-1].id
+                self.store.add_jobs(session, rows)
                 pipeline = PipelineRow(
                     id=pipeline_id,
                     owner=owner,

@@ -516,8 +516,7 @@ class JobStore(LoggingConfigurable):
                 if spec.depends_on:
                     self._check_dependencies(session, owner, spec)
                 self.check_room(session, owner, max_queued, len(rows))
-                for each in rows:
-                    self.add_job(session, each)
+                self.add_jobs(session, rows)
         except IntegrityError:
             if spec.idempotency_key and (existing := self._by_key(owner, spec.idempotency_key)):
                 return existing, False  # a concurrent submission with the same key won
@@ -533,11 +532,14 @@ class JobStore(LoggingConfigurable):
             )
 
     @staticmethod
-    def add_job(session: Session, row: JobRow) -> None:
-        """Insert ``row`` (made by :func:`new_job_row`) with its first event, in ``session``'s transaction."""
-        session.add(row)
+    def add_jobs(session: Session, rows: list[JobRow]) -> None:
+        """Insert ``rows`` (made by :func:`new_job_row`) with their first events, in ``session``'s transaction: the
+        jobs in one flush, then the events that refer to them."""
+        session.add_all(rows)
         session.flush()
-        session.add(JobEventRow(job_id=row.id, at=row.created_at, to_state="queued", reason="submitted"))
+        session.add_all(
+            JobEventRow(job_id=row.id, at=row.created_at, to_state="queued", reason="submitted") for row in rows
+        )
 
     @staticmethod
     def _check_dependencies(session: Session, owner: str, spec: JobSpec) -> None:
