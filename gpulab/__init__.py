@@ -31,6 +31,22 @@ def checkpoint_dir():
     return path
 
 
+def sweep(parameters: dict, source: str | None = None, entrypoint: list[str] | None = None, **fields):
+    """Submit a hyperparameter sweep: ``sweep({"lr": [0.1, 0.01], "depth": {"low": 2, "high": 8, "int": True,
+    "count": 4}}, entrypoint=["python", "train.py"])``, a job per trial (``strategy="random"``, ``trials=N`` for
+    a random search); returns a :class:`~gpulab.kernels.sweeps.Sweep` (``.best("loss")``, ``.cancel()``)."""
+    from .kernels.sweeps import sweep as _sweep
+
+    return _sweep(parameters, source, entrypoint, **fields)
+
+
+def trial_params() -> dict:
+    """In a sweep's trial: its parameters (``{}`` outside one)."""
+    from .kernels.sweeps import trial_params as _params
+
+    return _params()
+
+
 def submit(source: str | None = None, entrypoint: list[str] | None = None, **fields):
     """Submit a job (cell ``source`` or an ``entrypoint`` argv); returns a :class:`Job` handle."""
     from .kernels.client import submit as _submit

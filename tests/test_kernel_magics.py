@@ -102,6 +102,18 @@ def test_a_job_array_from_train_runs_each_index_and_waits_for_all(kernel):
     assert "you are not in group 'research'" in refused.stderr, refused.messages
 
 
+def test_sweep_runs_a_trial_per_combination_and_finds_the_best(kernel):
+    (kernel.cwd / "trial.py").write_text(
+        "import gpulab\np = gpulab.trial_params()\nprint('lr', p['lr'])\ngpulab.progress(1, 1, loss=abs(p['lr'] - 0.01))\n"
+    )
+    result = kernel.run(
+        's = %sweep --param lr=0.1,0.01,0.001 --max-concurrent 2 --cpus 0.2 --wait trial.py\nprint(s.best("loss").data["array"]["params"])'
+    )
+    assert result.reply["status"] == "ok" and not result.stderr, result.messages
+    assert "3 trials, 2 at once" in result.stdout and result.stdout.count("succeeded") == 3, result.stdout
+    assert result.stdout.strip().endswith("{'lr': 0.01}"), result.stdout
+
+
 def test_a_queued_job_is_held_moved_and_released_from_python(kernel):
     result = kernel.run(
         "import gpulab\njob = gpulab.submit(source='print(42)', pool='later')\n"

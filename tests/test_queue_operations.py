@@ -8,6 +8,8 @@ from datetime import datetime
 
 import pytest
 
+from gpulab.kernels.client import Job, JobsClient
+from gpulab.kernels.sweeps import Sweep
 from gpulab.services.jobs.attempts import Attempts
 from gpulab.services.jobs.models import JobSpec, JobUpdate, Resources
 from gpulab.services.jobs.openapi import SPEC_PATH
@@ -253,3 +255,36 @@ def test_a_group_borrows_its_cohorts_idle_quota_up_to_what_others_lend(hub):
     assert list(admin.request("GET", "/quota").json()["cohorts"]) == ["lab"]
     for each in jobs:
         carol.request("POST", f"/jobs/{each['id']}/cancel")
+
+
+def test_a_sweep_runs_a_trial_per_combination_each_with_its_parameters(hub):
+    alice = Client(hub, "alice")
+    code = (
+        "import gpulab; p = gpulab.trial_params(); print('trial', p['lr'], p['batch'])\n"
+        "gpulab.progress(1, 1, loss=p['lr'] * p['batch'])"
+    )
+    sweep = {"parameters": {"lr": [0.1, 0.01], "batch": [16, 64]}, "max_concurrent": 2}
+    first = alice.submit(name="sweep", source=code, resources={"cpus": 0.1}, sweep=sweep)
+    SPEC.validate("/jobs", "POST", 201, first)
+    assert (first["array"]["count"], first["array"]["max_concurrent"]) == (4, 2)
+    members = alice.request("GET", "/jobs", params={"array": first["array"]["id"]}).json()["jobs"]
+    assert [j["array"]["params"] for j in sorted(members, key=lambda j: j["array"]["index"])] == [
+        {"lr": 0.1, "batch": 16},
+        {"lr": 0.1, "batch": 64},
+        {"lr": 0.01, "batch": 16},
+        {"lr": 0.01, "batch": 64},
+    ]
+    done = [alice.wait(j["id"], timeout=90) for j in members]
+    assert {j["state"] for j in done} == {"succeeded"}, [(j["state"], j["state_reason"]) for j in done]
+    assert sorted(alice.logs(j["id"]).strip() for j in done) == sorted(
+        f"trial {p['lr']} {p['batch']}" for p in (j["array"]["params"] for j in done)
+    )
+    # from a notebook: the kernel's Sweep over the same array
+    client = JobsClient(alice.base, hub.token("alice"))
+    handle = Sweep(client, Job(client, first))
+    assert len(handle.wait(timeout=30)) == 4
+    assert handle.best("loss").data["array"]["params"] == {"lr": 0.01, "batch": 16}
+    assert handle.best("loss", "maximize").data["array"]["params"] == {"lr": 0.1, "batch": 64}
+    r = alice.request("POST", "/jobs", json={"name": "x", "entrypoint": ["true"], "sweep": {"parameters": {"lr": []}}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "sweep", r.text
+    assert "parameters.lr: give 1 to 100 values" in r.json()["error"]["message"]

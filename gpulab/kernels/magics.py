@@ -7,6 +7,7 @@ never a traceback.
 
 import argparse
 import functools
+import json
 import os
 import shlex
 import sys
@@ -16,6 +17,7 @@ from IPython.display import display
 
 from ..inference.triton import BACKENDS
 from ..job_states import JOB_STATES
+from . import sweeps
 from .client import GpulabError, default_client, job_spec, notebook_spec
 from .widgets import Monitor
 
@@ -185,6 +187,46 @@ def _array(args) -> dict | None:
     return {"count": int(count), "max_concurrent": int(limit) if limit else None}
 
 
+def _sweep_space(params: list[str], ranges: list[str]) -> dict:
+    """``--param NAME=V1,V2`` (each value JSON if it reads as JSON, else a string) and ``--range
+    NAME=LOW:HIGH[:log][:int][:N]`` as a sweep's parameters."""
+    space: dict = {}
+    for item in params:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise GpulabError(f"--param {item}: give NAME=V1,V2,... e.g. --param lr=0.1,0.01")
+        space[name] = [_value(v) for v in values.split(",")]
+    for item in ranges:
+        name, sep, spec = item.partition("=")
+        parts = spec.split(":")
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except (ValueError, IndexError):
+            raise GpulabError(
+                f"--range {item}: give NAME=LOW:HIGH[:log][:int][:N], e.g. --range lr=1e-4:1e-1:log"
+            ) from None
+        if not sep:
+            raise GpulabError(f"--range {item}: give NAME=LOW:HIGH")
+        space[name] = {"low": low, "high": high}
+        for flag in parts[2:]:
+            if flag in ("log", "int"):
+                space[name][flag] = True
+            elif flag.isdigit():
+                space[name]["count"] = int(flag)
+            else:
+                raise GpulabError(f"--range {item}: {flag!r} is not log, int or a number of points")
+    if not space:
+        raise GpulabError("give the space to search: --param NAME=V1,V2,... or --range NAME=LOW:HIGH")
+    return space
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _dependencies(after: list[str]) -> list[tuple[str, str]]:
     """``--after ID[:CONDITION]`` as (job id, condition); a short id as ``%jobs`` shows it is looked up."""
     dependencies = []
@@ -254,6 +296,43 @@ class GpulabMagics(Magics):
         --no-monitor.
         Returns the job (``job = %train ...``)."""
         return self._submit("train", prog, argv, cell)
+
+    @line_cell_magic
+    @_one_line
+    def sweep(self, prog, argv, cell=None):
+        """Submit a hyperparameter sweep, a job per trial: ``%sweep --param lr=0.1,0.01 --param batch=16,64
+        train.py`` (a grid), ``--range lr=1e-4:1e-1:log`` (``:int``, ``:N`` points in a grid), ``--strategy random
+        --trials 20 [--seed S]``, ``--max-concurrent M``, and the options of ``%train``. Each trial reads its
+        parameters with ``gpulab.trial_params()``. Returns the sweep (``s = %sweep ...``; ``s.best("loss")``)."""
+        parser = _job_parser(prog, cell is not None)
+        parser.description = "Submit a hyperparameter sweep: a job array, a job per trial."
+        parser.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...")
+        parser.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH[:log][:int][:N]")
+        parser.add_argument("--strategy", choices=("grid", "random"), default="grid")
+        parser.add_argument("--trials", type=int, metavar="N", help="random: how many combinations to draw")
+        parser.add_argument("--seed", type=int, metavar="S")
+        parser.add_argument("--max-concurrent", type=int, metavar="M", help="trials running at once at most")
+        args = parser.parse_args(argv)
+        if cell is None and not args.script:
+            parser.error(f"give the script to run: {prog} [options] script.py [args...]")
+        if args.array:
+            parser.error("a sweep is its own job array: give --max-concurrent, not --array")
+        fields = {**_fields(args), "array": None, "kind": "train", "working_dir": os.getcwd()}
+        program = {"source": cell} if cell is not None else {"entrypoint": ["python", args.script, *args.args]}
+        found = sweeps.sweep(
+            _sweep_space(args.param, args.range),
+            strategy=args.strategy,
+            trials=args.trials,
+            seed=args.seed,
+            max_concurrent=args.max_concurrent,
+            **program,
+            **fields,
+        )
+        limit = found.array["max_concurrent"] or "all"
+        print(f"submitted sweep {found.id}: {found.array['count']} trials, {limit} at once", flush=True)
+        if args.wait:
+            print(found.wait(), flush=True)
+        return found
 
     @line_cell_magic
     @_one_line

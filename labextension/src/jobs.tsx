@@ -104,6 +104,12 @@ function JobCard(props: { job: IJob; act: Act; actions: IPanelActions; mlflowUrl
             <span className="jp-gpulab-reason" title={`job array ${job.array.id}`}>
               {' '}
               [{job.array.index + 1}/{job.array.count}]
+              {job.array.params
+                ? ' ' +
+                  Object.entries(job.array.params)
+                    .map(([name, value]) => `${name}=${value}`)
+                    .join(' ')
+                : ''}
             </span>
           )}
         </span>

@@ -112,6 +112,8 @@ class Attempts:
                 GPULAB_ARRAY_INDEX=str(row.array_index),
                 GPULAB_ARRAY_COUNT=str(spec.array.count),
             )
+            if spec.sweep is not None:  # gpulab.trial_params()
+                env["GPULAB_TRIAL_PARAMS"] = json.dumps(spec.sweep.expand()[row.array_index])
         if spec.tracking.wandb_project:
             env["WANDB_PROJECT"] = spec.tracking.wandb_project
         if spec.notebook is not None:

@@ -1,15 +1,17 @@
 """Pydantic bodies of the jobs API: submission (:class:`JobSpec`), responses, errors, attestation."""
 
 import fnmatch
+import functools
 import json
 import re
+import secrets
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gpulab import pipeline_graph
+from gpulab import pipeline_graph, sweeps
 from gpulab.attestation.nras import ARCHES, DEVICES
 from gpulab.attestation.service import NODE_NAME, PURPOSE
 from gpulab.attestation.verifier import AttestedDevice
@@ -214,7 +216,7 @@ class Dependency(_Body):
         return f"waiting for job {self.job[:8]} {goal}"
 
 
-MAX_ARRAY = 500  # jobs of one array: GET /jobs?array= lists them all in one page
+MAX_ARRAY = sweeps.MAX_TRIALS  # jobs of one array (500): GET /jobs?array= lists them all in one page
 
 
 class ArraySpec(_Body):
@@ -231,6 +233,45 @@ class ArraySpec(_Body):
         return self
 
 
+SweepValue = str | int | float | bool | None
+
+
+class SweepSpec(_Body):
+    """A hyperparameter sweep (:mod:`gpulab.sweeps`): the job runs as a job array, one job per trial, each with its
+    parameters in ``GPULAB_TRIAL_PARAMS`` (JSON; ``gpulab.trial_params()``). ``parameters``: name -> a list of
+    values, or a range ``{"low", "high", "log", "int", "count"}`` (``count`` points in a grid). ``grid``: every
+    combination; ``random``: ``trials`` draws with ``seed`` (default: one chosen at submission, then kept)."""
+
+    parameters: dict[str, list[SweepValue] | dict[str, float | int | bool]]
+    strategy: Literal["grid", "random"] = "grid"
+    trials: int | None = Field(None, ge=1, le=MAX_ARRAY)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_ARRAY, description="Trials running at once at most")
+
+    @model_validator(mode="after")
+    def _space(self):
+        try:
+            count = sweeps.check(self.parameters, self.strategy, self.trials)
+        except sweeps.SpaceError as e:
+            raise _error("sweep", f"{e.field}: {e}") from None
+        if self.max_concurrent is not None and self.max_concurrent > count:
+            raise _error("sweep", f"max_concurrent: at most the {count} trials")
+        if self.strategy == "random" and self.seed is None:
+            self.seed = secrets.randbelow(2**32)  # kept with the job: every attempt sees the same trials
+        return self
+
+    def expand(self) -> list[dict]:
+        """Each trial's parameters, by array index (kept for the sweeps seen lately: a listing of an array's jobs
+        asks this of each)."""
+        return _trials(json.dumps(self.model_dump(mode="json")))
+
+
+@functools.lru_cache(maxsize=64)
+def _trials(sweep_json: str) -> list[dict]:
+    sweep = json.loads(sweep_json)
+    return sweeps.expand(sweep["parameters"], sweep["strategy"], sweep["trials"], sweep["seed"])
+
+
 class ArrayMember(BaseModel):
     """Where a job stands in its array."""
 
@@ -240,6 +281,7 @@ class ArrayMember(BaseModel):
     index: int
     count: int
     max_concurrent: int | None
+    params: dict[str, SweepValue] | None = Field(None, description="A sweep's trial: its parameters")
 
 
 # Exactly one of entrypoint, source and notebook, in the schema as in the validator below (null counts as absent)
@@ -287,6 +329,7 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
         "retry, for a job of a group reclaiming its quota or of a higher priority; the next attempt sees "
         "GPULAB_PREEMPTED=1 and resumes from GPULAB_CHECKPOINT_DIR",
     )
+    sweep: SweepSpec | None = Field(None, description="Run as a hyperparameter sweep: a job array, a job a trial")
     group: str | None = Field(
         None,
         min_length=1,
@@ -376,6 +419,11 @@ class JobSpec(_Body, json_schema_extra=EXACTLY_ONE_PROGRAM):
             )
         if (self.kind == "notebook") != (self.notebook is not None):
             raise _error("notebook_kind", "kind 'notebook' goes with a 'notebook' and only with one", field="kind")
+        if self.sweep is not None:  # a sweep is the array of its trials (a stored spec has both, the same)
+            trials = ArraySpec(count=len(self.sweep.expand()), max_concurrent=self.sweep.max_concurrent)
+            if self.array is not None and self.array != trials:
+                raise _error("sweep_xor_array", "give either a sweep or an array: a sweep is its array", field="array")
+            self.array = trials
         return self
 
 

@@ -188,7 +188,11 @@ class JobRow(Base):
             schedule_id=self.schedule_id,
             pipeline_id=self.pipeline_id,
             array=ArrayMember(
-                id=self.array_id, index=self.array_index, count=spec.array.count, max_concurrent=self.array_max
+                id=self.array_id,
+                index=self.array_index,
+                count=spec.array.count,
+                max_concurrent=self.array_max,
+                params=spec.sweep.expand()[self.array_index] if spec.sweep else None,
             )
             if self.array_id and spec.array
             else None,

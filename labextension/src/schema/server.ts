@@ -1688,6 +1688,45 @@ export interface components {
       max_concurrent: number | null;
     };
     /**
+     * SweepSpec
+     * @description A hyperparameter sweep (:mod:`gpulab.sweeps`): the job runs as a job array, one job per trial, each with its
+     *     parameters in ``GPULAB_TRIAL_PARAMS`` (JSON; ``gpulab.trial_params()``). ``parameters``: name -> a list of
+     *     values, or a range ``{"low", "high", "log", "int", "count"}`` (``count`` points in a grid). ``grid``: every
+     *     combination; ``random``: ``trials`` draws with ``seed`` (default: one chosen at submission, then kept).
+     */
+    SweepSpec: {
+      /** Parameters */
+      parameters: {
+        [key: string]:
+          | (string | number | boolean | null)[]
+          | {
+              [key: string]: number | boolean;
+            };
+      };
+      /**
+       * Strategy
+       * @default grid
+       * @enum {string}
+       */
+      strategy: 'grid' | 'random';
+      /**
+       * Trials
+       * @default null
+       */
+      trials: number | null;
+      /**
+       * Seed
+       * @default null
+       */
+      seed: number | null;
+      /**
+       * Max Concurrent
+       * @description Trials running at once at most
+       * @default null
+       */
+      max_concurrent: number | null;
+    };
+    /**
      * JobSpec
      * @description A job submission: ``entrypoint`` (argv), ``source`` (Python code) or ``notebook``, exactly one; a
      *     notebook's kind is ``notebook``.
@@ -1766,6 +1805,11 @@ export interface components {
        */
       preemptible: boolean;
       /**
+       * @description Run as a hyperparameter sweep: a job array, a job a trial
+       * @default null
+       */
+      sweep: components['schemas']['SweepSpec'] | null;
+      /**
        * Group
        * @description The group (one of yours, in a cohort of JobQueue.cohorts) whose quota the job uses; default: the first of your groups in a cohort
        * @default null
@@ -1820,6 +1864,14 @@ export interface components {
       count: number;
       /** Max Concurrent */
       max_concurrent: number | null;
+      /**
+       * Params
+       * @description A sweep's trial: its parameters
+       * @default null
+       */
+      params: {
+        [key: string]: string | number | boolean | null;
+      } | null;
     };
     /**
      * Job
