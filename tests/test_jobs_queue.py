@@ -559,6 +559,31 @@ async def test_a_large_job_keeps_its_reservation_while_short_jobs_backfill(make_
     assert store.get_job(large).started_at < store.get_job(endless).started_at  # the reservation went first
 
 
+async def test_a_job_cancelled_while_it_is_preempted_ends_cancelled(make_queue, store, tmp_path):
+    q = await make_queue(queue={"preemption_grace": 5.0}, executor={"gpus": 1})
+    ready = tmp_path / "ready"
+    stubborn = py(
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); open(sys.argv[1], 'w').close()\n"
+        "time.sleep(60)",
+        ready,
+    )
+    low = await submit(q, "alice", entrypoint=stubborn, resources={"gpus": 1}, preemptible=True)
+    await until(ready.exists)  # it ignores SIGTERM from now on
+    urgent = await submit(q, "admin", admin=True, entrypoint=["true"], resources={"gpus": 1}, priority=50)
+    await until(lambda: low in q._stopping)  # SIGTERM sent, ignored: the grace runs
+    cancelled = await q.cancel(low, "alice")
+    assert (cancelled.state, cancelled.state_reason) == ("cancelled", "cancelled by alice")
+    assert (await finished(store, urgent)).state == "succeeded"
+
+
+async def test_an_attempt_shorter_than_a_sample_is_charged_what_it_held(make_queue, store):
+    q = await make_queue(queue={"usage_sample_interval": 3600.0, "fair_share_entry_penalty": 0.0})
+    quick = await submit(q, entrypoint=py("import time; time.sleep(0.5)"), resources={"cpus": 2.0})
+    assert (await finished(store, quick)).state == "succeeded"
+    charged = store.fair_share_usage(7 * 24 * 3600.0)["user:alice"]
+    assert 2 * 0.1 * 0.4 < charged < 2 * 0.1 * 5  # about half a second of 2 CPUs at weight 0.1
+
+
 async def test_gpu_job_waits_on_a_machine_without_gpus(make_queue, store):
     q = await make_queue()
     assert (await q.executor.capacity())["default"].gpus == 0  # no NVML, no nvidia-smi here

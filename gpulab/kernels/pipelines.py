@@ -111,7 +111,7 @@ class Pipeline:
     @property
     def jobs(self) -> dict[str, Job]:
         """Each step's job (one request: the jobs labelled with this pipeline)."""
-        params = {"label": f"gpulab.pipeline={self.id}", "limit": pipeline_graph.MAX_STEPS}
+        params = {"label": f"gpulab.pipeline={self.id}", "owner": self.data["owner"], "limit": pipeline_graph.MAX_STEPS}
         listed = {
             item["id"]: Job(self.client, item)
             for item in self.client.request("GET", "/jobs", params=params).json()["jobs"]

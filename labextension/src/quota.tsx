@@ -35,7 +35,9 @@ export function QuotaView(props: { visible: () => boolean }): JSX.Element {
           </span>
         </p>
       )}
-      {quota && cohorts.length === 0 && <p className="jp-gpulab-empty">None of your groups is in a cohort.</p>}
+      {quota && cohorts.length === 0 && (
+        <p className="jp-gpulab-empty">No cohorts to show: none of your groups is in one.</p>
+      )}
       {quota &&
         cohorts.map(([cohort, status]) => (
           <div key={cohort} className="jp-gpulab-scroll">

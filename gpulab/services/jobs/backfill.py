@@ -1,6 +1,6 @@
-"""Backfill with a reservation, Slurm's: the first job in turn order that waits for its pool's capacity, or for its
-cohort's quota (a large job behind a stream of small ones), gets a reservation there: the time by which the
-running jobs it waits for end, by their ``max_runtime``. Other jobs start in that pool (or cohort) only if they
+"""Backfill with a reservation, Slurm's: the job that has waited longest for its pool's capacity, or for its cohort's
+quota (a large job behind a stream of small ones), gets a reservation there: the time by which the running jobs
+it waits for end, by their ``max_runtime``. Other jobs start in that pool (or cohort) only if they
 cannot delay it. Pure functions of the running jobs, what fits the scope and the clock (``tests/test_backfill.py``).
 
 A job may start beside a reservation if it ends before the reserved start (``now + max_runtime <= start``) or
@@ -13,11 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from .cohorts import Cohorts
+from .cohorts import RESOURCES, SLACK, Cohorts, request
 from .executors.base import PoolCapacity
-from .policy import CPU_SLACK
 
-RESOURCES = ("gpus", "cpus", "memory")
 Fits = Callable[[list], bool]  # whether these jobs may hold their resources at once in the scope
 
 
@@ -27,7 +25,7 @@ class Reservation:
     jobs that will hold resources there at ``start`` (running ones not ended by then, and those backfilled)."""
 
     job: object
-    scope: str
+    where: str
     start: datetime | None
     held: list
     fits: Fits
@@ -60,14 +58,14 @@ class Reservation:
             else "its start cannot be estimated: a job it waits for has no max_runtime"
         )
         return (
-            f"waiting: backfill: {self.scope} is reserved for job {self.job_id} ({when}); this job would "
+            f"waiting: backfill: {self.where} is reserved for job {self.job_id} ({when}); this job would "
             "delay it (give it a max_runtime that ends before)"
         )
 
 
-def reserve(job, holders: list, fits: Fits, scope: str, now: datetime) -> Reservation | None:
-    """The reservation of ``job`` in ``scope``, given the active jobs there (``holders``: with ``started_at`` and
-    ``max_runtime``), or None when the scope could never hold it."""
+def reserve(job, holders: list, fits: Fits, where: str, now: datetime) -> Reservation | None:
+    """The reservation of ``job`` in a pool or a cohort's quota (named ``where``, what ``fits`` it), given the
+    active jobs there (``holders``: with ``started_at`` and ``max_runtime``), or None when it could never hold it."""
     if not fits([job]):
         return None
     by_end = sorted(holders, key=lambda h: (_end(h) is None, _end(h) or now, h.id))
@@ -80,13 +78,13 @@ def reserve(job, holders: list, fits: Fits, scope: str, now: datetime) -> Reserv
             low = middle + 1
     ends = [_end(h) for h in by_end[:low]]
     start = None if None in ends else max(ends, default=now)
-    return Reservation(job, scope, max(start, now) if start else start, by_end[low:], fits)
+    return Reservation(job, where, max(start, now) if start else start, by_end[low:], fits)
 
 
 def pool_fits(cap: PoolCapacity) -> Fits:
     """What fits a pool: its capacity of each resource."""
     total = {"gpus": cap.gpus, "cpus": cap.cpus, "memory": cap.memory if cap.memory is not None else float("inf")}
-    return lambda jobs: all(sum(_amount(j, r) for j in jobs) <= total[r] + CPU_SLACK for r in RESOURCES)
+    return lambda jobs: all(sum(request(j, r) for j in jobs) <= total[r] + SLACK for r in RESOURCES)
 
 
 def cohort_fits(cohorts: Cohorts, cohort: str) -> Fits:
@@ -99,7 +97,3 @@ def _end(row) -> datetime | None:
     if row.max_runtime is None or row.started_at is None:
         return None
     return row.started_at + timedelta(seconds=row.max_runtime)
-
-
-def _amount(job, resource: str) -> float:
-    return getattr(job, resource) or 0

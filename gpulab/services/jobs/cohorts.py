@@ -105,7 +105,7 @@ class Cohorts:
         else the first of its owner's groups that is in a cohort, else ``cohort_default_group``; None: none."""
         if not self.cohort_of:
             return None
-        if job.asked_group in self.cohort_of:
+        if job.asked_group in self.cohort_of and job.asked_group in job.groups:
             return job.asked_group
         return next((g for g in sorted(job.groups) if g in self.cohort_of), self.default_group)
 
@@ -147,6 +147,11 @@ class Cohorts:
         """The groups whose unused quota ``cohort``'s groups may borrow: its own, or with ``lend_between`` every
         cohort's (as if all cohorts were children of one root cohort, Kueue's hierarchical cohorts)."""
         return self._all_groups if self.lend_between else self.members[cohort]
+
+    def lending_scope(self, group: str) -> str:
+        """The name of the quota ``group`` borrows from: its cohort's, or ``*`` (every cohort's) with
+        ``lend_between``."""
+        return "*" if self.lend_between else self.cohort_of[group]
 
     def lend_to_each_other(self, group: str, other: str) -> bool:
         """Whether ``group`` and ``other`` borrow from one another."""

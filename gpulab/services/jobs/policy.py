@@ -11,12 +11,12 @@ scheduling pass, asks this module, and acts. Jobs are anything with the scheduli
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .cohorts import Cohorts, CohortUse
+from .cohorts import SLACK, Cohorts, CohortUse
 from .executors.base import PoolCapacity
 from .fair_share import Shares
 
 BATCH = 64  # queued jobs read per owner at a time when the user quota has no max_jobs
-CPU_SLACK = 1e-9  # float CPUs: 0.1 * 3 fits in 0.3
+CPU_SLACK = SLACK  # float CPUs: 0.1 * 3 fits in 0.3
 
 
 @dataclass

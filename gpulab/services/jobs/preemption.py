@@ -13,8 +13,8 @@ seconds. The triggers:
   from their nominal quota.
 
 Victims are taken in Kueue's order, borrowers first, then the lowest priority, then the most recently started,
-until the job fits; then each is given back, newest choice first, if the job still fits without it (the smallest
-set that frees enough). A preemption never loops: a reclaiming job is within its group's nominal quota, so it is
+until the job fits; then each is given back, newest choice first, if the job still fits without it (a set none of
+which can be spared). A preemption never loops: a reclaiming job is within its group's nominal quota, so it is
 no borrower to reclaim from, and a victim of a priority preemption has the lower priority.
 """
 
@@ -53,8 +53,8 @@ def plan(
     if blocker(job, capacity, ledger, limits) is None:
         return None
     group = cohorts.group_of(job)
-    within_nominal = group is not None and not ledger.borrows(job)
-    reasons = {}
+    within_nominal = group is not None and _has_quota(cohorts, group, job) and not ledger.borrows(job)
+    reasons, borrowed_from = {}, set()  # victims' reasons; those taken only from what their group borrows
     for victim in running:
         if not _may_preempt(victim, job, now, min_runtime, busy):
             continue
@@ -77,6 +77,7 @@ def plan(
             and _borrowing(cohorts, ledger, victim_group, job)
         ):  # Kueue's borrowWithinCohort: LowerPriority, of what other groups borrow
             reasons[victim.id] = f"{_priority_reason(job, victim)}, of what group {victim_group} borrows"
+            borrowed_from.add(victim.id)
     if not reasons:
         return None
     borrowing = {g for g in {cohorts.group_of(v) for v in running} if g and _borrowing(cohorts, ledger, g, job)}
@@ -93,11 +94,7 @@ def plan(
         """A borrowing group's job is only a victim of a higher priority from what its group borrows."""
         gone = {v.id for v in victims}
         after = _ledger(cohorts, [r for r in running if r.id not in gone])
-        return all(
-            _within_borrowed(cohorts, after, cohorts.group_of(v), job)
-            for v in victims
-            if reasons[v.id].endswith(" borrows")
-        )
+        return all(_within_borrowed(cohorts, after, cohorts.group_of(v), job) for v in victims if v.id in borrowed_from)
 
     chosen = []
     for victim in order:
@@ -141,6 +138,11 @@ def _borrowing(cohorts: Cohorts, ledger: Ledger, group: str, job) -> bool:
         if quota and request(job, resource) and ledger.cohort_use.held[group][job.pool, resource] > quota.nominal:
             return True
     return False
+
+
+def _has_quota(cohorts: Cohorts, group: str, job) -> bool:
+    """Whether ``group`` has a quota of a resource ``job`` needs in ``job``'s pool (else it reclaims nothing)."""
+    return any(request(job, r) and (job.pool, r) in cohorts.quotas[group] for r in RESOURCES)
 
 
 def _within_borrowed(cohorts: Cohorts, ledger: Ledger, group: str, job) -> bool:

@@ -43,6 +43,7 @@ EXECUTORS = {
 }
 DEFAULT_USER_QUOTA = {"max_jobs": 8, "max_gpus": 4}
 PREEMPTION_PLANS = 8  # waiting jobs a scheduling pass tries preemption for, in turn order
+WAITING_READ = 64  # oldest jobs lacking their pool's capacity a pass reads (for reservations and preemption)
 QUOTA_KEYS = tuple(DEFAULT_USER_QUOTA)
 
 
@@ -166,8 +167,9 @@ class JobQueue(LoggingConfigurable):
     cancel_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when stopping an attempt.").tag(config=True)
     backfill = Bool(
         True,
-        help="Backfill with a reservation (Slurm's): the first job waiting for its pool's capacity reserves it, and "
-        "other jobs start there only if they cannot delay it. False: whatever fits starts (best effort).",
+        help="Backfill with a reservation (Slurm's): the job waiting longest for its pool's capacity (or its "
+        "cohort's quota) reserves it, and other jobs start there only if they cannot delay it. False: whatever "
+        "fits starts (best effort).",
     ).tag(config=True)
     preemption_grace = Float(
         60.0,
@@ -253,6 +255,7 @@ class JobQueue(LoggingConfigurable):
         self._task: asyncio.Task | None = None
         self._stopping: dict[str, asyncio.Task] = {}  # job id -> cancel/timeout/preemption in progress
         self._preempting: set[str] = set()  # the victims of the latest preemption
+        self._cancelled: dict[str, str] = {}  # job id -> why: cancelled while another stop was under way
         self._sampled_at = utcnow()  # when active jobs' use was last charged to fair share
         self.reservations: dict[str, Reservation] = {}  # job id -> the reservation it holds, as of the last pass
         self._holders: dict[tuple, str] = {}  # scope -> the job that holds its reservation (kept across passes)
@@ -374,6 +377,8 @@ class JobQueue(LoggingConfigurable):
                 return await self.store.db.run(self.store.transition, job_id, "cancelled", reason)
             if row.state not in ("dispatching", "running"):
                 raise JobStateError(f"job {job_id} is {row.state}: nothing to cancel")
+            if row.id in self._stopping:  # a preemption or timeout is stopping it: it ends cancelled, not requeued
+                self._cancelled[row.id] = reason
             task = self._begin_stop(row, "cancelled", reason)
         await task
         return await self.store.db.run(self.store.get_job, job_id)
@@ -411,8 +416,8 @@ class JobQueue(LoggingConfigurable):
         return row.to_model(log_size=size)
 
     async def job_detail(self, row: JobRow) -> Job:
-        """:meth:`job_model`, and for a queued job its queue position and, when it holds its pool's reservation,
-        its estimated start."""
+        """:meth:`job_model`, and for a queued job its queue position and, when it holds a reservation (of its pool
+        or its cohort's quota), its estimated start."""
         model = self.job_model(row)
         if row.state == "queued":
             model.queue_position = await self.store.db.run(self.store.queue_position, row)
@@ -496,6 +501,15 @@ class JobQueue(LoggingConfigurable):
         amounts = fair_share.charges(active, held, self._usage_weights(), self.cohort_quotas.group_of)
         await self.store.db.run(self.store.charge_usage, amounts, self.usage_half_life)
 
+    async def _charge_rest(self, row: JobRow) -> None:
+        """Charge an attempt that ended what it held since the last sample (or its start), which no sample will."""
+        if row.started_at is None:
+            return
+        since = max(row.started_at, self._sampled_at)
+        seconds = max((utcnow() - since).total_seconds(), 0.0)
+        amounts = fair_share.charges([row], lambda _: seconds, self._usage_weights(), self.cohort_quotas.group_of)
+        await self.store.db.run(self.store.charge_usage, amounts, self.usage_half_life)
+
     def _usage_weights(self) -> dict[str, float]:
         return {**fair_share.DEFAULT_WEIGHTS, **self.usage_weights}
 
@@ -516,6 +530,7 @@ class JobQueue(LoggingConfigurable):
                 self._begin_stop(row, "timed_out", f"max_runtime of {limit}s exceeded")
             return
         await self._save_logs(row)
+        await self._charge_rest(row)
         to, why, fields = outcome.state, outcome.reason or outcome.state, {}
         tries = row.attempt - (row.preemptions or 0)  # a preempted attempt uses no retry
         delay = policy.retry_delay(tries, row.max_retries, self.retry_backoff, self.retry_backoff_max)
@@ -541,6 +556,9 @@ class JobQueue(LoggingConfigurable):
         try:
             await self.executor.cancel(Handle(**row.handle), self.cancel_grace if grace is None else grace)
             await self._save_logs(row)
+            await self._charge_rest(row)
+            if cancelled := self._cancelled.pop(row.id, None):
+                state, reason, fields = "cancelled", cancelled, {}
             await self.store.db.run(self.store.transition, row.id, state, reason, **fields)
         finally:
             del self._stopping[row.id]
@@ -580,7 +598,7 @@ class JobQueue(LoggingConfigurable):
             ledger.charge(row, (row.handle or {}).get("gpu_ids", []))
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         now = utcnow()
-        waiting = await self.store.db.run(self.store.oldest_waiting, capacity, ledger, PREEMPTION_PLANS)
+        waiting = await self.store.db.run(self.store.oldest_waiting, capacity, ledger, WAITING_READ)
         holders = await self.store.db.run(self.store.queued_jobs, True, [JobRow.id.in_(list(self._holders.values()))])
         reservations = self._reserve(holders, capacity, ledger, limits, active, now)
         started, blocked, penalties = False, [], {}
@@ -598,7 +616,7 @@ class JobQueue(LoggingConfigurable):
             if not blocker:
                 blocker = self._reserved(row, reservations, ledger, now)
             else:
-                blocked.append((row, blocker))
+                blocked.append((row, self._scope(row, blocker, capacity, ledger)))
             if not blocker and row.attestation_required:
                 attested, blocker = gate()
             if not blocker:
@@ -624,63 +642,70 @@ class JobQueue(LoggingConfigurable):
 
         await self.store.db.run(self.store.set_waiting_reasons, reason)
         await self.store.db.run(self.store.charge_usage, penalties, self.usage_half_life)
-        blocked += [(head, policy.blocker(head, capacity, ledger, limits)) for head in waiting]
+        blocked += [(h, self._scope(h, policy.blocker(h, capacity, ledger, limits), capacity, ledger)) for h in waiting]
         self._choose_holders(blocked, capacity, ledger)
         if not started:  # what is active is as read: preempt for a waiting job that preemption lets start
             first = sorted((row for row, _ in blocked), key=lambda head: self._turn(head, ledger))
             self._preempt(first[:PREEMPTION_PLANS], capacity, limits, active, now)
 
     def _reserve(self, holders, capacity, ledger: Ledger, limits, active, now) -> dict[tuple, Reservation]:
-        """The reservations (:mod:`.backfill`) of the pass, by scope (a pool, or a cohort in a pool), for the jobs
-        that hold them (``holders``: as read, still queued) while they still wait for that scope only; kept, by job
-        id, for ``GET /jobs/{id}``'s estimated start."""
+        """The reservations (:mod:`.backfill`) of the pass, by scope (a pool, or a cohort's quota in a pool), for
+        the jobs that hold them (``holders``: as read, still queued) while they still wait for that scope only;
+        kept, by job id, for ``GET /jobs/{id}``'s estimated start."""
         reservations: dict[tuple, Reservation] = {}
         self.reservations = {}
-        held = {job_id: scope for scope, job_id in self._holders.items()}
-        self._holders = {}
+        held, self._holders = self._holders, {}
         for job in holders if self.backfill else ():
             scope = self._scope(job, policy.blocker(job, capacity, ledger, limits), capacity, ledger)
-            if scope is None or scope != held.get(job.id):
+            if scope is None or held.get(scope) != job.id:
                 continue
-            if scope[0] == "pool":
-                fits, where = pool_fits(capacity[job.pool]), f"pool '{job.pool}'"
-                members = [r for r in active if r.pool == job.pool]
-            else:
-                fits, where = cohort_fits(ledger.cohorts, scope[1]), f"cohort '{scope[1]}' in pool '{job.pool}'"
-                groups = set(ledger.cohorts.lenders(scope[1]))
-                members = [r for r in active if r.pool == job.pool and ledger.cohorts.group_of(r) in groups]
+            fits, members, where = self._scope_room(job, scope, capacity, ledger, active)
             if reservation := reserve(job, members, fits, where, now):
                 reservations[scope] = self.reservations[job.id] = reservation
                 self._holders[scope] = job.id
         return reservations
 
     def _choose_holders(self, blocked: list, capacity, ledger: Ledger) -> None:
-        """For each scope no job holds, the oldest of ``blocked`` (``(job, why it waits)``, seen this pass) that
-        waits for that scope only holds it from the next pass on, until it starts (Slurm reserves for the
-        longest waiting)."""
-        for job, why in sorted(blocked, key=lambda item: (item[0].created_at, item[0].id)) if self.backfill else ():
-            scope = self._scope(job, why, capacity, ledger)
+        """For each scope no job holds, the oldest of ``blocked`` (``(job, the scope it waits for)``, seen this
+        pass) that the scope could ever hold holds it from the next pass on, until it starts (Slurm reserves for
+        the longest waiting)."""
+        for job, scope in sorted(blocked, key=lambda item: (item[0].created_at, item[0].id)) if self.backfill else ():
             if scope is not None and scope not in self._holders:
-                self._holders[scope] = job.id
+                fits, _, _ = self._scope_room(job, scope, capacity, ledger, [])
+                if fits([job]):
+                    self._holders[scope] = job.id
 
     @staticmethod
     def _scope(job, why: str | None, capacity, ledger: Ledger) -> tuple | None:
-        """What ``job`` waits for when ``why`` says it waits for one thing a reservation can hold: its pool's
-        capacity (``("pool", pool)``) or its cohort's quota (``("cohort", cohort, pool)``)."""
+        """What ``job`` waits for when ``why`` (as of ``ledger``) says it waits for one thing a reservation can
+        hold: its pool's capacity (``("pool", pool)``) or the quota its cohort group borrows from (``("cohort",
+        cohort or "*" when cohorts lend to each other, pool)``)."""
         cap = capacity.get(job.pool)
         if why is None or cap is None or cap.draining:
             return None
         if why == policy.short_of(job, cap, ledger.pools[job.pool]):
             return "pool", job.pool
         if why == policy.cohort_blocker(job, ledger):
-            return "cohort", ledger.cohorts.cohort_of[ledger.cohorts.group_of(job)], job.pool
+            return "cohort", ledger.cohorts.lending_scope(ledger.cohorts.group_of(job)), job.pool
         return None
 
     @staticmethod
+    def _scope_room(job, scope: tuple, capacity, ledger: Ledger, active: list) -> tuple:
+        """What fits ``scope``, the active jobs holding its resources, and its name."""
+        if scope[0] == "pool":
+            return pool_fits(capacity[job.pool]), [r for r in active if r.pool == job.pool], f"pool '{job.pool}'"
+        cohorts = ledger.cohorts
+        cohort = cohorts.cohort_of[cohorts.group_of(job)]
+        lenders = set(cohorts.lenders(cohort))
+        members = [r for r in active if r.pool == job.pool and cohorts.group_of(r) in lenders]
+        where = "the cohorts' quota" if cohorts.lend_between else f"cohort '{cohort}'"
+        return cohort_fits(cohorts, cohort), members, f"{where} in pool '{job.pool}'"
+
+    @staticmethod
     def _reserved(job, reservations: dict, ledger: Ledger, now, take: bool = True) -> str | None:
-        """Why ``job``, which fits, would delay a reservation of its pool or of its cohort there, or None."""
+        """Why ``job``, which fits, would delay a reservation of its pool or of its cohort's quota there, or None."""
         group = ledger.cohorts.group_of(job)
-        scopes = [("pool", job.pool)] + ([("cohort", ledger.cohorts.cohort_of[group], job.pool)] if group else [])
+        scopes = [("pool", job.pool)] + ([("cohort", ledger.cohorts.lending_scope(group), job.pool)] if group else [])
         held = [r for scope in scopes if (r := reservations.get(scope))]
         for reservation in held:
             if not reservation.admits(job, now, take=False):
@@ -775,6 +800,7 @@ class JobQueue(LoggingConfigurable):
             handle=None,
             not_before=None,
             job_token_hash=token_hash(token) if token else None,
+            started_at=None,  # the attempt's own, once running (a requeued job's was the last attempt's)
             **gate,
         )
         parent = tracing.extract({"traceparent": row.traceparent} if row.traceparent else {})

@@ -1973,7 +1973,7 @@ export interface components {
       queue_position: number | null;
       /**
        * Estimated Start
-       * @description When a queued job holding its pool's reservation (backfill) starts at the latest, as the running jobs' max_runtime says; None when it cannot be computed; GET /jobs/{id} only
+       * @description When a queued job holding a reservation (backfill, of its pool or its cohort's quota) starts at the latest, as the running jobs' max_runtime says; None when it cannot be computed; GET /jobs/{id} only
        * @default null
        */
       estimated_start: string | null;
