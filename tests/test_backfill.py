@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpulab.services.jobs.backfill import cohort_fits, pool_fits, reserve
+from gpulab.services.jobs.backfill import Reservations, cohort_fits, pool_fits, reserve
 from gpulab.services.jobs.cohorts import Cohorts
 from gpulab.services.jobs.executors.base import PoolCapacity
+from gpulab.services.jobs.policy import Ledger, Limits
 
 NOW = datetime(2026, 12, 7, 12, 0)
 POOL = PoolCapacity(gpus=8, cpus=64.0)
@@ -23,6 +24,12 @@ ids = count()
 def job(gpus, max_runtime=None, started=None, cpus=1.0, group=None):
     return SimpleNamespace(
         id=f"j{next(ids)}",
+        owner="alice",
+        priority=0,
+        global_priority=0,
+        created_at=NOW,
+        array_id=None,
+        array_max=None,
         groups=[group] if group else [],
         asked_group=None,
         pool="default",
@@ -120,3 +127,24 @@ def test_backfill_never_delays_the_reservation(seed):
     for job_id, start in promised.items():
         assert started[job_id] <= start, f"job {job_id} started {started[job_id]}, promised {start}"
     assert len(promised) > 3  # reservations were made, and kept
+
+
+def test_the_longest_waiting_job_the_pool_could_hold_holds_it_until_it_starts():
+    capacity = {"default": POOL}
+    ledger = Ledger()
+    too_big, older, newer = job(9), job(6), job(6)
+    too_big.created_at, older.created_at, newer.created_at = NOW, NOW + timedelta(seconds=1), NOW + timedelta(seconds=2)
+    reservations = Reservations()
+    scope = ("pool", "default")
+    reservations.choose([(newer, scope), (too_big, scope), (older, scope)], capacity, ledger)
+    assert reservations.holders() == [older.id]  # the oldest could never fit: it holds nothing
+    running = [job(4, max_runtime=100, started=0)]
+    for r in running:
+        ledger.charge(r)
+    limits = Limits({"max_jobs": None, "max_gpus": None}, {})
+    reservations.begin([older], capacity, ledger, limits, running, NOW)
+    assert reservations.held_by(older.id).start == NOW + timedelta(seconds=100)
+    assert reservations.delayed(job(3), ledger, NOW) is not None  # would run past the start, nothing spare
+    assert reservations.delayed(job(2, max_runtime=50), ledger, NOW) is None
+    reservations.begin([], capacity, ledger, limits, running, NOW)  # it started: nobody holds the pool
+    assert reservations.holders() == [] and reservations.held_by(older.id) is None

@@ -539,7 +539,7 @@ async def test_a_large_job_keeps_its_reservation_while_short_jobs_backfill(make_
     running = await submit(q, entrypoint=py(GATED, gates["running"]), resources={"cpus": 6.0}, max_runtime=600)
     await state_is(store, running, "running")
     large = await submit(q, "bob", entrypoint=py(GATED, gates["running"]), resources={"cpus": 8.0})
-    await until(lambda: large in q.reservations)  # from the pass after the one that found it waiting
+    await until(lambda: q.reservations.held_by(large))  # from the pass after the one that found it waiting
     detail = await q.job_detail(store.get_job(large))
     reserved_from = store.get_job(running).started_at + timedelta(seconds=600)
     assert detail.estimated_start == reserved_from.isoformat() + "Z" and detail.queue_position == 1

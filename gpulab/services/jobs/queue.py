@@ -29,7 +29,7 @@ from gpulab.service.storage import utcnow
 
 from . import dependencies, fair_share, policy, preemption, views
 from .attempts import Attempts
-from .backfill import Reservation, cohort_fits, pool_fits, reserve
+from .backfill import Reservations, scope_of
 from .cohorts import CohortConfigError, Cohorts
 from .executors.base import Executor, ExecutorUnavailable, Handle, Outcome, PoolCapacity
 from .executors.local import handle_file
@@ -257,8 +257,7 @@ class JobQueue(LoggingConfigurable):
         self._preempting: set[str] = set()  # the victims of the latest preemption
         self._cancelled: dict[str, str] = {}  # job id -> why: cancelled while another stop was under way
         self._sampled_at = utcnow()  # when active jobs' use was last charged to fair share
-        self.reservations: dict[str, Reservation] = {}  # job id -> the reservation it holds, as of the last pass
-        self._holders: dict[tuple, str] = {}  # scope -> the job that holds its reservation (kept across passes)
+        self.reservations = Reservations()  # backfill: who holds which reservation, across passes
         self._background: set[asyncio.Task] = set()
         self._submissions = TokenBuckets(self.submit_rate, self.submit_burst)  # per owner
         self.attempts = Attempts(self)  # what each attempt starts with
@@ -421,7 +420,7 @@ class JobQueue(LoggingConfigurable):
         model = self.job_model(row)
         if row.state == "queued":
             model.queue_position = await self.store.db.run(self.store.queue_position, row)
-            if (held := self.reservations.get(row.id)) and held.start:
+            if (held := self.reservations.held_by(row.id)) and held.start:
                 model.estimated_start = iso(held.start)
         return model
 
@@ -599,8 +598,9 @@ class JobQueue(LoggingConfigurable):
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         now = utcnow()
         waiting = await self.store.db.run(self.store.oldest_waiting, capacity, ledger, WAITING_READ)
-        holders = await self.store.db.run(self.store.queued_jobs, True, [JobRow.id.in_(list(self._holders.values()))])
-        reservations = self._reserve(holders, capacity, ledger, limits, active, now)
+        holders = await self.store.db.run(self.store.queued_jobs, True, [JobRow.id.in_(self.reservations.holders())])
+        reservations = self.reservations
+        reservations.begin(holders if self.backfill else [], capacity, ledger, limits, active, now)
         started, blocked, penalties = False, [], {}
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far
@@ -614,9 +614,9 @@ class JobQueue(LoggingConfigurable):
                 del heads[owner]
             attested, blocker = None, policy.blocker(row, capacity, ledger, limits)
             if not blocker:
-                blocker = self._reserved(row, reservations, ledger, now)
+                blocker = reservations.delayed(row, ledger, now)
             else:
-                blocked.append((row, self._scope(row, blocker, capacity, ledger)))
+                blocked.append((row, scope_of(row, blocker, capacity, ledger)))
             if not blocker and row.attestation_required:
                 attested, blocker = gate()
             if not blocker:
@@ -637,82 +637,17 @@ class JobQueue(LoggingConfigurable):
 
         def reason(job) -> str | None:
             blocker = policy.blocker(job, capacity, ledger, limits)
-            blocker = blocker or self._reserved(job, reservations, ledger, now, take=False)
+            blocker = blocker or reservations.delayed(job, ledger, now, take=False)
             return blocker or (gate()[1] if job.attestation_required else None)
 
         await self.store.db.run(self.store.set_waiting_reasons, reason)
         await self.store.db.run(self.store.charge_usage, penalties, self.usage_half_life)
-        blocked += [(h, self._scope(h, policy.blocker(h, capacity, ledger, limits), capacity, ledger)) for h in waiting]
-        self._choose_holders(blocked, capacity, ledger)
+        blocked += [(h, scope_of(h, policy.blocker(h, capacity, ledger, limits), capacity, ledger)) for h in waiting]
+        if self.backfill:
+            reservations.choose(blocked, capacity, ledger)
         if not started:  # what is active is as read: preempt for a waiting job that preemption lets start
             first = sorted((row for row, _ in blocked), key=lambda head: self._turn(head, ledger))
             self._preempt(first[:PREEMPTION_PLANS], capacity, limits, active, now)
-
-    def _reserve(self, holders, capacity, ledger: Ledger, limits, active, now) -> dict[tuple, Reservation]:
-        """The reservations (:mod:`.backfill`) of the pass, by scope (a pool, or a cohort's quota in a pool), for
-        the jobs that hold them (``holders``: as read, still queued) while they still wait for that scope only;
-        kept, by job id, for ``GET /jobs/{id}``'s estimated start."""
-        reservations: dict[tuple, Reservation] = {}
-        self.reservations = {}
-        held, self._holders = self._holders, {}
-        for job in holders if self.backfill else ():
-            scope = self._scope(job, policy.blocker(job, capacity, ledger, limits), capacity, ledger)
-            if scope is None or held.get(scope) != job.id:
-                continue
-            fits, members, where = self._scope_room(job, scope, capacity, ledger, active)
-            if reservation := reserve(job, members, fits, where, now):
-                reservations[scope] = self.reservations[job.id] = reservation
-                self._holders[scope] = job.id
-        return reservations
-
-    def _choose_holders(self, blocked: list, capacity, ledger: Ledger) -> None:
-        """For each scope no job holds, the oldest of ``blocked`` (``(job, the scope it waits for)``, seen this
-        pass) that the scope could ever hold holds it from the next pass on, until it starts (Slurm reserves for
-        the longest waiting)."""
-        for job, scope in sorted(blocked, key=lambda item: (item[0].created_at, item[0].id)) if self.backfill else ():
-            if scope is not None and scope not in self._holders:
-                fits, _, _ = self._scope_room(job, scope, capacity, ledger, [])
-                if fits([job]):
-                    self._holders[scope] = job.id
-
-    @staticmethod
-    def _scope(job, why: str | None, capacity, ledger: Ledger) -> tuple | None:
-        """What ``job`` waits for when ``why`` (as of ``ledger``) says it waits for one thing a reservation can
-        hold: its pool's capacity (``("pool", pool)``) or the quota its cohort group borrows from (``("cohort",
-        cohort or "*" when cohorts lend to each other, pool)``)."""
-        cap = capacity.get(job.pool)
-        if why is None or cap is None or cap.draining:
-            return None
-        if why == policy.short_of(job, cap, ledger.pools[job.pool]):
-            return "pool", job.pool
-        if why == policy.cohort_blocker(job, ledger):
-            return "cohort", ledger.cohorts.lending_scope(ledger.cohorts.group_of(job)), job.pool
-        return None
-
-    @staticmethod
-    def _scope_room(job, scope: tuple, capacity, ledger: Ledger, active: list) -> tuple:
-        """What fits ``scope``, the active jobs holding its resources, and its name."""
-        if scope[0] == "pool":
-            return pool_fits(capacity[job.pool]), [r for r in active if r.pool == job.pool], f"pool '{job.pool}'"
-        cohorts = ledger.cohorts
-        cohort = cohorts.cohort_of[cohorts.group_of(job)]
-        lenders = set(cohorts.lenders(cohort))
-        members = [r for r in active if r.pool == job.pool and cohorts.group_of(r) in lenders]
-        where = "the cohorts' quota" if cohorts.lend_between else f"cohort '{cohort}'"
-        return cohort_fits(cohorts, cohort), members, f"{where} in pool '{job.pool}'"
-
-    @staticmethod
-    def _reserved(job, reservations: dict, ledger: Ledger, now, take: bool = True) -> str | None:
-        """Why ``job``, which fits, would delay a reservation of its pool or of its cohort's quota there, or None."""
-        group = ledger.cohorts.group_of(job)
-        scopes = [("pool", job.pool)] + ([("cohort", ledger.cohorts.lending_scope(group), job.pool)] if group else [])
-        held = [r for scope in scopes if (r := reservations.get(scope))]
-        for reservation in held:
-            if not reservation.admits(job, now, take=False):
-                return reservation.reason()
-        for reservation in held if take else ():
-            reservation.admits(job, now)
-        return None
 
     def _charge_entry(self, row, ledger: Ledger, penalties: dict[str, float]) -> None:
         """Charge a job that starts its fair-share entry penalty, in this pass's shares and in ``penalties``."""
