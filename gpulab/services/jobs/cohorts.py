@@ -166,14 +166,9 @@ class Cohorts:
             if (group := self.group_of(job)) and group in lenders:
                 use.charge(group, job)
         for key in {key for group in lenders for key in self.quotas[group]}:
-            drawn = 0.0
-            for group in lenders:
-                if (quota := self.quotas[group].get(key)) is not None:
-                    used = use.held[group][key]
-                    if used > quota.ceiling + SLACK:
-                        return False
-                    drawn += max(used - quota.guaranteed, 0.0)
-            if drawn > self._lendable(cohort, key) + SLACK:
+            if any(use.held[g][key] > q.ceiling + SLACK for g in lenders if (q := self.quotas[g].get(key))):
+                return False
+            if self._total_drawn(cohort, key, use) > self._lendable(cohort, key) + SLACK:
                 return False
         return True
 
@@ -213,6 +208,13 @@ class Cohorts:
     def _drawn(self, cohort: str, key: Key, use: CohortUse, group: str, want: float) -> float:
         """What the lenders' groups would draw on their lendable total once ``group`` uses ``want`` more (their
         total is kept in ``use`` until it changes: a pass asks this for every job it looks at)."""
+        quota, used = self.quotas[group][key], use.held[group][key]
+        drawn = self._total_drawn(cohort, key, use)
+        return drawn - max(used - quota.guaranteed, 0.0) + max(used + want - quota.guaranteed, 0.0)
+
+    def _total_drawn(self, cohort: str, key: Key, use: CohortUse) -> float:
+        """What the groups ``cohort`` borrows from draw on their lendable total: each one's use beyond what it
+        never lends (kept in ``use`` until it changes)."""
         scope = (self._scope(cohort), key)
         if scope not in use.drawn:
             use.drawn[scope] = sum(
@@ -220,8 +222,7 @@ class Cohorts:
                 for m in self.lenders(cohort)
                 if (q := self.quotas[m].get(key)) is not None
             )
-        quota, used = self.quotas[group][key], use.held[group][key]
-        return use.drawn[scope] - max(used - quota.guaranteed, 0.0) + max(used + want - quota.guaranteed, 0.0)
+        return use.drawn[scope]
 
     def _scope(self, cohort: str) -> str | None:
         """Whose quota ``cohort``'s groups share: the cohort's, or everyone's (None) with ``lend_between``."""

@@ -445,11 +445,14 @@ class JobQueue(LoggingConfigurable):
     async def quota(self, owner: str, groups: list[str], admin: bool = False) -> Quota:
         """The owner's limits and usage, those of each of ``groups`` with a quota, and their cohorts (an admin's:
         every cohort)."""
+        cohorts = self.cohort_quotas  # only the shown groups' and the owner's fair-share usage is read
+        shown = views.shown_cohorts(cohorts, groups, admin)
+        keys = [fair_share.user_key(owner)] + [fair_share.group_key(g) for c in shown for g in cohorts.members[c]]
         usage, active, history = await self.store.db.run(
             lambda: (
                 self.store.usage("owner"),
                 self.store.active_jobs(),
-                self.store.fair_share_usage(self.usage_half_life),
+                self.store.fair_share_usage(self.usage_half_life, keys),
             )
         )
         return views.quota_view(
@@ -574,8 +577,10 @@ class JobQueue(LoggingConfigurable):
             self.log.error("stopping a job failed: %s", task.exception())
 
     async def _dispatch_queued(self) -> None:
-        """Dispatch due queued jobs in order (an admin's priority, then fair share, then age; each owner's own
-        jobs by their priority) while they fit, then record why the others wait.
+        """Dispatch due queued jobs in turn order (:func:`~.policy.turn`: within nominal quota before borrowers, an
+        admin's priority, fair share, age; each owner's own jobs by their priority) while they fit and delay no
+        reservation (:class:`~.backfill.Reservations`), record why the others wait, choose the next reservations'
+        holders, and preempt for a waiting job when nothing started.
 
         Only candidates are read: jobs that fit their pool's free capacity and their owner's GPU quota,
         at most as many per owner as the owner's ``max_jobs`` allows (more are read when those run
@@ -598,9 +603,10 @@ class JobQueue(LoggingConfigurable):
         gate = cache(self._attested)  # read once per pass, if an `attestation: required` job needs it
         now = utcnow()
         waiting = await self.store.db.run(self.store.oldest_waiting, capacity, ledger, WAITING_READ)
-        holders = await self.store.db.run(self.store.queued_jobs, True, [JobRow.id.in_(self.reservations.holders())])
-        reservations = self.reservations
-        reservations.begin(holders if self.backfill else [], capacity, ledger, limits, active, now)
+        reservations, holders = self.reservations, []
+        if self.backfill and (held := reservations.holders()):
+            holders = await self.store.db.run(self.store.queued_jobs, True, [JobRow.id.in_(held)])
+        reservations.begin(holders, capacity, ledger, limits, active, now)
         started, blocked, penalties = False, [], {}
         heads: dict[str, deque] = {}
         more = set()  # owners who may have more candidates than read so far

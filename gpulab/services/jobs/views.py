@@ -59,10 +59,8 @@ def quota_view(
     for row in active:
         if group := cohorts.group_of(row):
             use.charge(group, row)
-    mine_default = cohorts.group_of(SimpleNamespace(asked_group=None, groups=sorted(groups)))
-    shown = cohorts.members if every_cohort else {cohorts.cohort_of[g] for g in groups if g in cohorts.cohort_of}
-    if mine_default:
-        shown = {*shown, cohorts.cohort_of[mine_default]}
+    mine_default = default_group(cohorts, groups)
+    shown = shown_cohorts(cohorts, groups, every_cohort)
     cohort_status = {
         cohort: CohortStatus(
             groups=cohorts.numbers(cohort, use),
@@ -79,6 +77,22 @@ def quota_view(
         cohort_group=mine_default,
         decayed_usage=shares.usage.get(user_key(owner), 0.0),
     )
+
+
+def default_group(cohorts: Cohorts, groups: Iterable[str]) -> str | None:
+    """The cohort group whose quota jobs of an owner in ``groups`` use unless they ask for another."""
+    return cohorts.group_of(SimpleNamespace(asked_group=None, groups=sorted(groups)))
+
+
+def shown_cohorts(cohorts: Cohorts, groups: Iterable[str], every_cohort: bool = False) -> set[str]:
+    """The cohorts ``GET /quota`` shows an owner in ``groups``: those of their groups and of their default group
+    (``every_cohort``, an admin's: all)."""
+    if every_cohort:
+        return set(cohorts.members)
+    shown = {cohorts.cohort_of[g] for g in groups if g in cohorts.cohort_of}
+    if mine := default_group(cohorts, groups):
+        shown.add(cohorts.cohort_of[mine])
+    return shown
 
 
 def limits_view(quota: dict) -> QuotaLimits:
